@@ -1,0 +1,1 @@
+"""Shared machinery behind the CogVideoX Cog predictors."""
