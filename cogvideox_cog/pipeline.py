@@ -1,0 +1,244 @@
+"""Build a CogVideoX pipeline with the variant's dtype, scheduler and memory policy, and run it."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cog
+import torch
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXImageToVideoPipeline,
+    CogVideoXPipeline,
+)
+
+from . import inputs
+from .variants import Task, Variant, variant_from_env
+from .video import encode_mp4
+from .weights import ensure_weights
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_ENV = "COGVIDEOX_OFFLOAD"
+OFFLOAD_POLICIES = ("auto", "none", "model", "sequential")
+SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
+
+
+def dynamic_guidance_scale(guidance_scale: float, step: int, num_steps: int) -> float:
+    """CogVideoX's dynamic CFG: guidance rises from 1 to 1 + guidance_scale over the steps."""
+    return 1 + guidance_scale * (1 - math.cos(math.pi * (step / num_steps) ** 5)) / 2
+
+
+class _StepIndexDynamicCfg:
+    """Apply dynamic CFG over the step index.
+
+    diffusers computes it from the timestep value, (N - t) / N with t up to 999, so the scale
+    oscillates instead of rising (diffusers issue 9641). We call diffusers with
+    use_dynamic_cfg=False and answer the `guidance_scale` property, which its loop reads at
+    every step, from the intended schedule.
+    """
+
+    step_index_cfg = False
+
+    @property
+    def guidance_scale(self) -> float:
+        if not self.step_index_cfg or self._current_timestep is None:
+            return self._guidance_scale
+        step = int((self.scheduler.timesteps == self._current_timestep).nonzero()[0, 0])
+        return dynamic_guidance_scale(self._guidance_scale, step, self._num_timesteps)
+
+
+class TextToVideoPipeline(_StepIndexDynamicCfg, CogVideoXPipeline):
+    pass
+
+
+class ImageToVideoPipeline(_StepIndexDynamicCfg, CogVideoXImageToVideoPipeline):
+    pass
+
+
+PIPELINES: dict[Task, type] = {"t2v": TextToVideoPipeline, "i2v": ImageToVideoPipeline}
+
+
+def choose_offload(requested: str, variant: Variant, device: torch.device) -> str:
+    """Resolve COGVIDEOX_OFFLOAD: `auto` keeps everything on the GPU when it fits."""
+    if requested not in OFFLOAD_POLICIES:
+        raise ValueError(f"{OFFLOAD_ENV}={requested!r} is not one of {', '.join(OFFLOAD_POLICIES)}")
+    if device.type != "cuda":
+        if requested not in ("auto", "none"):
+            log.warning(f"{OFFLOAD_ENV}={requested} needs a CUDA GPU; running without offload")
+        return "none"
+    if requested != "auto":
+        return requested
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+    if free_gib >= variant.vram_no_offload_gib:
+        return "none"
+    if free_gib >= variant.vram_model_offload_gib:
+        return "model"
+    return "sequential"
+
+
+def build_pipeline(variant: Variant, weights: Path, device: torch.device, offload: str):
+    # bf16/fp16 matmuls on CPU are slow and CPU runs are tiny test models: keep float32 there.
+    dtype = getattr(torch, variant.dtype) if device.type == "cuda" else torch.float32
+    log.info(f"pipeline: {variant.id} from {weights}, {dtype} on {device}, offload={offload}")
+    pipe = PIPELINES[variant.task].from_pretrained(weights, torch_dtype=dtype)
+    pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
+        pipe.scheduler.config, timestep_spacing="trailing"
+    )
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    # Offload hooks move each component to the GPU when it runs; moving the whole pipeline
+    # there first would defeat them, so exactly one of these places the weights.
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str
+    num_frames: int | None
+    num_inference_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool | None
+    fps: int | None
+    seed: int | None
+    image: Path | None = None
+
+
+class VideoGenerator:
+    """One loaded pipeline and everything needed to turn a request into an mp4."""
+
+    def __init__(self, variant: Variant, pipe, device: torch.device):
+        self.variant, self.pipe, self.device = variant, pipe, device
+        config = pipe.transformer.config
+        scale = pipe.vae_scale_factor_spatial
+        self.native_size = (config.sample_height * scale, config.sample_width * scale)
+        self.size_multiple = scale * config.patch_size
+        self.max_prompt_tokens = variant.max_prompt_tokens or config.max_text_seq_length
+
+    @classmethod
+    def from_env(cls, task: Task) -> VideoGenerator:
+        started = time.monotonic()
+        variant = variant_from_env(task)
+        weights = ensure_weights(variant)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
+        generator = cls(variant, build_pipeline(variant, weights, device, offload), device)
+        log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)
+        return generator
+
+    def generate(self, request: Request) -> Path:
+        # 1. Check every input before any heavy work.
+        variant = self.variant
+        prompt = inputs.check_prompt(request.prompt, required=variant.task == "t2v")
+        num_frames = inputs.check_num_frames(variant, request.num_frames)
+        fps = inputs.check_fps(variant, request.fps)
+        seed = inputs.resolve_seed(request.seed)
+        dynamic_cfg = request.use_dynamic_cfg
+        if dynamic_cfg is None:
+            dynamic_cfg = variant.dynamic_cfg
+        extra = {}
+        height, width = self.native_size
+        if variant.task == "i2v":
+            if request.image is None:
+                raise inputs.InputError("image is required: the first frame of the video.")
+            image = inputs.open_image(request.image)
+            if variant.resolution == "image_aspect":
+                height, width = inputs.image_aspect_size(
+                    image.size, self.native_size, self.size_multiple
+                )
+            extra["image"] = inputs.fit_image(image, height, width)
+            log.info(
+                f"image: {image.width}x{image.height} scaled to cover {width}x{height}, cropped"
+            )
+        for text, name in ((prompt, "prompt"), (request.negative_prompt, "negative_prompt")):
+            tail = inputs.truncated_prompt_tail(
+                self.pipe.tokenizer, text or "", self.max_prompt_tokens
+            )
+            if tail:
+                log.warning(
+                    f"{name} is longer than the text encoder's {self.max_prompt_tokens} tokens; "
+                    f"this part is ignored: {tail!r}"
+                )
+
+        # 2. Denoise and decode.
+        log.info(f"seed: {seed}")
+        scope = cog.current_scope()
+        scope.record_metric("seed", seed)
+        log.info(
+            f"generating {num_frames} frames at {width}x{height}, "
+            f"{request.num_inference_steps} steps, guidance {request.guidance_scale:g}"
+            + (" (dynamic)" if dynamic_cfg else "")
+        )
+        progress = _StepProgress(request.num_inference_steps)
+        self.pipe.step_index_cfg = dynamic_cfg
+        try:
+            frames = self.pipe(
+                prompt=prompt,
+                negative_prompt=request.negative_prompt or None,
+                num_frames=num_frames,
+                height=height,
+                width=width,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                use_dynamic_cfg=False,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                max_sequence_length=self.max_prompt_tokens,
+                output_type="np",
+                callback_on_step_end=progress,
+                **extra,
+            ).frames[0]
+        finally:
+            self.release_memory()
+        decoded = time.monotonic()
+        if len(frames) != num_frames:
+            raise RuntimeError(f"pipeline returned {len(frames)} frames, expected {num_frames}")
+
+        # 3. Encode to a path no other prediction uses.
+        output = Path(tempfile.mkdtemp(prefix="cogvideox-")) / f"{variant.id}-{seed}.mp4"
+        encode_mp4(frames, output, fps=fps)
+        finished = time.monotonic()
+        for name, value in (
+            ("denoise_seconds", progress.last_step - progress.started),
+            ("decode_seconds", decoded - progress.last_step),
+            ("encode_seconds", finished - decoded),
+            ("total_seconds", finished - progress.started),
+        ):
+            scope.record_metric(name, round(value, 3))
+        elapsed = finished - progress.started
+        log.info(f"wrote {output.name}: {num_frames} frames at {fps} fps in {elapsed:.1f} s")
+        return output
+
+    def release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _StepProgress:
+    """callback_on_step_end: one log line per denoising step."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.started = self.last_step = time.monotonic()
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.last_step = time.monotonic()
+        elapsed = self.last_step - self.started
+        log.info(f"step {step + 1}/{self.total}, {elapsed:.1f} s elapsed")
+        return {}

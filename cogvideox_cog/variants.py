@@ -1,0 +1,166 @@
+"""What each CogVideoX release needs that its weights' config cannot tell us.
+
+Everything the config does know (native resolution, text length, latent channels) is read from
+the loaded model instead, so tiny test models and the real weights take the same path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+Task = Literal["t2v", "i2v"]
+SchedulerName = Literal["ddim", "dpm"]
+
+MODEL_ENV = "COGVIDEOX_MODEL"
+DEFAULT_VARIANT = {"t2v": "cogvideox-5b", "i2v": "cogvideox-5b-i2v"}
+
+_REPLICATE_TARS = "https://weights.replicate.delivery/default/THUDM/CogVideo"
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str
+    task: Task
+    hub_repo: str
+    # The tar the original predictors fetched; None where no public tar exists.
+    weights_url: str | None
+    # Trained in bf16: fp16 on the 5B and 1.5 models overflows into NaNs (black videos).
+    dtype: Literal["float16", "bfloat16"]
+    scheduler: SchedulerName
+    dynamic_cfg: bool
+    fps: int
+    # Frame counts are frame_step * N + 1 (the causal VAE compresses time by 4; 1.5 models
+    # also pad latents to patch_size_t), from frame_step + 1 up to max_frames.
+    frame_step: int
+    max_frames: int
+    default_frames: int
+    # "native": only the resolution in the transformer config (learned position embeddings
+    # on the 1.0 I2V model, training resolution elsewhere). "image_aspect": any multiple of
+    # the patch grid with the short side at the native short side and the long side at most
+    # the native long side, chosen to match the input image (CogVideoX1.5-5B-I2V).
+    resolution: Literal["native", "image_aspect"]
+    # Upstream's prompt limit where it differs from the config's max_text_seq_length.
+    max_prompt_tokens: int | None = None
+    # Free GPU memory (GiB) under which `auto` offload steps down to the next policy.
+    # Estimates from the published tables (see README) until measured on our own runs.
+    vram_no_offload_gib: float = 40.0
+    vram_model_offload_gib: float = 20.0
+
+    @property
+    def allowed_frames(self) -> range:
+        return range(self.frame_step + 1, self.max_frames + 1, self.frame_step)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.id: v
+    for v in (
+        Variant(
+            id="cogvideox-2b",
+            task="t2v",
+            hub_repo="THUDM/CogVideoX-2b",
+            weights_url=None,
+            dtype="float16",
+            scheduler="ddim",
+            dynamic_cfg=False,
+            fps=8,
+            frame_step=8,
+            max_frames=49,
+            default_frames=49,
+            resolution="native",
+            vram_no_offload_gib=24.0,
+            vram_model_offload_gib=12.0,
+        ),
+        Variant(
+            id="cogvideox-5b",
+            task="t2v",
+            hub_repo="THUDM/CogVideoX-5b",
+            weights_url=f"{_REPLICATE_TARS}/model_cache.tar",
+            dtype="bfloat16",
+            scheduler="dpm",
+            dynamic_cfg=True,
+            fps=8,
+            frame_step=8,
+            max_frames=49,
+            default_frames=49,
+            resolution="native",
+        ),
+        Variant(
+            id="cogvideox-5b-i2v",
+            task="i2v",
+            hub_repo="THUDM/CogVideoX-5b-I2V",
+            weights_url=f"{_REPLICATE_TARS}/model_cache_i2v.tar",
+            dtype="bfloat16",
+            scheduler="dpm",
+            dynamic_cfg=True,
+            fps=8,
+            frame_step=8,
+            max_frames=49,
+            default_frames=49,
+            resolution="native",
+        ),
+        Variant(
+            id="cogvideox1.5-5b",
+            task="t2v",
+            hub_repo="THUDM/CogVideoX1.5-5B",
+            weights_url=None,
+            dtype="bfloat16",
+            scheduler="dpm",
+            dynamic_cfg=False,
+            fps=16,
+            frame_step=16,
+            max_frames=161,
+            default_frames=81,
+            resolution="native",
+            max_prompt_tokens=224,
+            vram_no_offload_gib=48.0,
+            vram_model_offload_gib=24.0,
+        ),
+        Variant(
+            id="cogvideox1.5-5b-i2v",
+            task="i2v",
+            hub_repo="THUDM/CogVideoX1.5-5B-I2V",
+            weights_url=None,
+            dtype="bfloat16",
+            scheduler="dpm",
+            dynamic_cfg=False,
+            fps=16,
+            frame_step=16,
+            max_frames=161,
+            default_frames=81,
+            resolution="image_aspect",
+            max_prompt_tokens=224,
+            vram_no_offload_gib=48.0,
+            vram_model_offload_gib=24.0,
+        ),
+    )
+}
+
+
+class VariantError(ValueError):
+    pass
+
+
+def get_variant(variant_id: str, task: Task) -> Variant:
+    """Look a variant up and make sure the predictor asking can serve it."""
+    variant = VARIANTS.get(variant_id.strip().lower())
+    if variant is None:
+        raise VariantError(
+            f"{MODEL_ENV}={variant_id!r} is not a known CogVideoX variant; "
+            f"choose one of: {', '.join(VARIANTS)}"
+        )
+    if variant.task != task:
+        matching = [v.id for v in VARIANTS.values() if v.task == task]
+        predictor = (
+            "predict_t2v.py (cog.yaml)" if task == "t2v" else "predict_i2v.py (cog-i2v.yaml)"
+        )
+        raise VariantError(
+            f"{MODEL_ENV}={variant.id!r} is an {variant.task} model, but {predictor} serves "
+            f"{task}; choose one of: {', '.join(matching)}"
+        )
+    return variant
+
+
+def variant_from_env(task: Task) -> Variant:
+    return get_variant(os.environ.get(MODEL_ENV) or DEFAULT_VARIANT[task], task)

@@ -1,0 +1,66 @@
+"""CogVideoX text-to-video: the Cog inputs. The work happens in cogvideox_cog."""
+
+from typing import Optional
+
+from cog import BaseRunner, Input, Path
+
+from cogvideox_cog.logs import setup_logging
+from cogvideox_cog.pipeline import Request, VideoGenerator
+
+
+# Inputs are spelled out literally here and in predict_i2v.py rather than shared: `cog build`
+# reads them by static analysis, which drops bounds and defaults that are not literals.
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        setup_logging()
+        self.generator = VideoGenerator.from_env("t2v")
+
+    def run(
+        self,
+        prompt: str = Input(description="What the video shows. Long prompts work best."),
+        negative_prompt: str = Input(description="What the video should not show.", default=""),
+        num_frames: Optional[int] = Input(
+            description="Frames to generate. CogVideoX 1.0: 8N+1 up to 49 (default 49); "
+            "1.5: 16N+1 up to 161 (default 81). Empty: the model's default.",
+            ge=9,
+            le=161,
+            default=None,
+        ),
+        num_inference_steps: int = Input(
+            description="Denoising steps: more is slower and finer.", ge=1, le=500, default=50
+        ),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance: how closely to follow the prompt.",
+            ge=1.0,
+            le=20.0,
+            default=6.0,
+        ),
+        use_dynamic_cfg: Optional[bool] = Input(
+            description="Raise guidance from 1 to guidance_scale over the steps. Empty: the "
+            "model's default (on for CogVideoX-5B, off for 2B and 1.5).",
+            default=None,
+        ),
+        fps: Optional[int] = Input(
+            description="Frames per second of the mp4. Empty: the model's (8, or 16 for 1.5).",
+            ge=1,
+            le=60,
+            default=None,
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed for a repeatable video. Empty: a random one (logged).",
+            ge=0,
+            le=4294967295,
+            default=None,
+        ),
+    ) -> Path:
+        request = Request(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=use_dynamic_cfg,
+            fps=fps,
+            seed=seed,
+        )
+        return Path(self.generator.generate(request))

@@ -1,0 +1,160 @@
+"""Input rules checked before any heavy work, and the I2V image preparation."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from cogvideox_cog import inputs
+from cogvideox_cog.inputs import InputError
+from cogvideox_cog.variants import VARIANTS
+
+V10 = VARIANTS["cogvideox-5b"]
+V15 = VARIANTS["cogvideox1.5-5b"]
+
+
+def test_empty_num_frames_takes_the_variant_default():
+    assert inputs.check_num_frames(V10, None) == 49
+    assert inputs.check_num_frames(V15, None) == 81
+
+
+@pytest.mark.parametrize(("variant", "frames"), [(V10, 25), (V10, 49), (V15, 17), (V15, 161)])
+def test_frame_counts_on_the_rule_are_accepted(variant, frames):
+    assert inputs.check_num_frames(variant, frames) == frames
+
+
+@pytest.mark.parametrize(("variant", "frames"), [(V10, 48), (V10, 57), (V10, 81), (V15, 49 + 8)])
+def test_frame_counts_off_the_rule_are_refused_listing_allowed_values(variant, frames):
+    with pytest.raises(InputError, match=rf"num_frames={frames} .*{variant.id}.*one of"):
+        inputs.check_num_frames(variant, frames)
+
+
+def test_1_5_frame_error_lists_16n_plus_1_values():
+    with pytest.raises(InputError, match=r"16\*N\+1 frames, one of 17, 33, 49, 65, 81,"):
+        inputs.check_num_frames(V15, 50)
+
+
+def test_empty_fps_takes_the_variant_fps():
+    assert inputs.check_fps(V10, None) == 8
+    assert inputs.check_fps(V15, None) == 16
+    assert inputs.check_fps(V15, 24) == 24
+
+
+def test_blank_prompt_is_refused_for_text_to_video():
+    with pytest.raises(InputError, match="prompt is empty"):
+        inputs.check_prompt("   \n", required=True)
+
+
+def test_blank_prompt_is_allowed_for_image_to_video():
+    assert inputs.check_prompt("  ", required=False) == ""
+
+
+def test_prompt_is_stripped():
+    assert inputs.check_prompt("  a cat \n", required=True) == "a cat"
+
+
+def test_given_seed_is_used_as_is():
+    assert inputs.resolve_seed(1234) == 1234
+
+
+def test_empty_seed_draws_a_32_bit_seed_not_a_16_bit_one():
+    seeds = {inputs.resolve_seed(None) for _ in range(200)}
+    assert all(0 <= s <= inputs.MAX_SEED for s in seeds)
+    assert max(seeds) >= 2**16  # 200 draws below 2**16 from 32 bits: chance 2**-3200
+    assert len(seeds) > 190
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_out_of_range_seed_is_refused(seed):
+    with pytest.raises(InputError, match="seed"):
+        inputs.resolve_seed(seed)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "expected"),
+    [
+        ((1920, 1080), (768, 1360)),  # 16:9 landscape hits the long-side cap
+        ((1080, 1920), (1360, 768)),  # portrait: same rule, turned
+        ((1024, 1024), (768, 768)),  # square: short side on both
+        ((1200, 1000), (768, 928)),  # 6:5 -> 921.6 rounded to the 16 grid
+        ((8000, 500), (768, 1360)),  # extreme panorama is capped, then cropped
+    ],
+)
+def test_image_aspect_size_follows_the_15_i2v_resolution_rule(image_size, expected):
+    height, width = inputs.image_aspect_size(image_size, (768, 1360), 16)
+    assert (height, width) == expected
+    assert height % 16 == 0 and width % 16 == 0
+    assert min(height, width) == 768 and max(height, width) <= 1360
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> io.BytesIO:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    buffer.seek(0)
+    return buffer
+
+
+def test_exif_orientation_is_applied():
+    landscape = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    opened = inputs.open_image(_encode(landscape, "JPEG", exif=exif))
+    assert opened.size == (40, 60)
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    opened = inputs.open_image(_encode(rgba, "PNG"))
+    assert opened.mode == "RGB"
+    assert opened.getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_greyscale_and_palette_images_become_rgb():
+    assert inputs.open_image(_encode(Image.new("L", (8, 8), 90), "PNG")).mode == "RGB"
+    assert inputs.open_image(_encode(Image.new("P", (8, 8), 3), "GIF")).mode == "RGB"
+
+
+def test_a_non_image_file_is_refused_with_the_accepted_formats():
+    with pytest.raises(InputError, match="JPEG, PNG"):
+        inputs.open_image(io.BytesIO(b"%PDF-1.4 not a picture"))
+
+
+def test_a_truncated_image_is_refused():
+    data = _encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG").getvalue()
+    with pytest.raises(InputError, match="damaged or truncated"):
+        inputs.open_image(io.BytesIO(data[: len(data) // 2]))
+
+
+@pytest.mark.parametrize("side", [9000, 20000])
+def test_a_huge_declared_size_is_refused_before_decoding(side):
+    # A small file whose header claims side x side pixels (a decompression bomb).
+    bomb = _encode(Image.new("1", (side, side)), "PNG")
+    with pytest.raises(InputError, match="image is .*the limit is 64 MP"):
+        inputs.open_image(bomb)
+
+
+def test_fit_image_covers_and_centre_crops_without_stretching():
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 50, 100))  # red left quarter is cropped away
+    fitted = inputs.fit_image(image, height=100, width=100)
+    assert fitted.size == (100, 100)
+    assert fitted.getpixel((5, 50))[2] > 200  # left edge is blue, not red
+
+
+class _WordTokenizer:
+    """One token per word plus an end token, the shape of T5's output for this check."""
+
+    def __call__(self, text, **_):
+        return type("Encoding", (), {"input_ids": [*range(len(text.split())), -1]})()
+
+    def decode(self, ids, **_):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def test_prompt_within_the_limit_has_no_truncated_tail():
+    assert inputs.truncated_prompt_tail(_WordTokenizer(), "a b c", max_tokens=4) is None
+
+
+def test_prompt_over_the_limit_reports_the_ignored_words():
+    tail = inputs.truncated_prompt_tail(_WordTokenizer(), "a b c d e", max_tokens=4)
+    assert tail == "w3 w4"
