@@ -129,7 +129,7 @@ def test_a_truncated_image_is_refused():
 def test_a_huge_declared_size_is_refused_before_decoding(side):
     # A small file whose header claims side x side pixels (a decompression bomb).
     bomb = _encode(Image.new("1", (side, side)), "PNG")
-    with pytest.raises(InputError, match="image is .*the limit is 64 MP"):
+    with pytest.raises(InputError, match=r"image is .*the limit is 64 MP"):
         inputs.open_image(bomb)
 
 
