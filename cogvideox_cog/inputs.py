@@ -27,22 +27,22 @@ class InputError(ValueError):
 def check_num_frames(variant: Variant, num_frames: int | None) -> int:
     if num_frames is None:
         return variant.default_frames
-    if num_frames not in variant.allowed_frames:
+    if num_frames != int(num_frames) or int(num_frames) not in variant.allowed_frames:
         allowed = list(variant.allowed_frames)
         raise InputError(
             f"num_frames={num_frames} is not supported by {variant.id}: it takes "
             f"{variant.frame_step}*N+1 frames, one of {', '.join(map(str, allowed))} "
             f"(default {variant.default_frames})."
         )
-    return num_frames
+    return int(num_frames)
 
 
 def check_fps(variant: Variant, fps: int | None) -> int:
     if fps is None:
         return variant.fps
-    if fps < 1:
-        raise InputError(f"fps={fps} must be at least 1 (the model was trained at {variant.fps}).")
-    return fps
+    if fps < 1 or fps != int(fps):
+        raise InputError(f"fps={fps} must be a whole number from 1 (the model's is {variant.fps}).")
+    return int(fps)
 
 
 def check_prompt(prompt: str, *, required: bool) -> str:
@@ -56,18 +56,55 @@ def check_prompt(prompt: str, *, required: bool) -> str:
 def resolve_seed(seed: int | None) -> int:
     if seed is None:
         return secrets.randbits(32)
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed={seed} must be between 0 and {MAX_SEED}, or left empty.")
-    return seed
+    if not 0 <= seed <= MAX_SEED or seed != int(seed):
+        raise InputError(f"seed={seed} must be a whole number from 0 to {MAX_SEED}, or empty.")
+    return int(seed)
 
 
 def truncated_prompt_tail(tokenizer, prompt: str, max_tokens: int) -> str | None:
     """The part of the prompt the text encoder will not see, or None if it all fits."""
-    ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
+    ids = tokenizer(prompt, add_special_tokens=True, truncation=False, verbose=False).input_ids
     if len(ids) <= max_tokens:
         return None
     # The last kept position holds the end-of-sequence token, as in diffusers' own check.
     return tokenizer.decode(ids[max_tokens - 1 : -1], skip_special_tokens=True)
+
+
+RESOLUTION_ENV = "COGVIDEOX_RESOLUTION"
+
+
+def native_resolution(
+    variant: Variant, config, vae_scale: int, override: str | None = None
+) -> tuple[int, int]:
+    """(height, width) to generate at: the variant's or config's, or a deployment's override.
+
+    The override (HEIGHTxWIDTH) must suit the transformer: its learned position embeddings
+    (1.0 I2V) allow only the config's size, and the 1.5 rotary grid only sizes within its bound.
+    """
+    config_size = (config.sample_height * vae_scale, config.sample_width * vae_scale)
+    size = variant.native_size or config_size
+    if not override:
+        return size
+    try:
+        height, width = (int(part) for part in override.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"{RESOLUTION_ENV}={override!r} is not HEIGHTxWIDTH, e.g. 768x1360"
+        ) from None
+    multiple = vae_scale * config.patch_size
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}")
+    if config.use_learned_positional_embeddings and (height, width) != config_size:
+        raise ValueError(
+            f"{RESOLUTION_ENV}={override}: {variant.id} has learned position embeddings and only "
+            f"generates at {config_size[0]}x{config_size[1]}"
+        )
+    if config.patch_size_t is not None and (height > config_size[0] or width > config_size[1]):
+        raise ValueError(
+            f"{RESOLUTION_ENV}={override}: {variant.id} generates at most "
+            f"{config_size[0]}x{config_size[1]}"
+        )
+    return height, width
 
 
 def image_aspect_size(

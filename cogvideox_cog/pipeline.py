@@ -89,7 +89,7 @@ def build_pipeline(variant: Variant, weights: Path, device: torch.device, offloa
     # bf16/fp16 matmuls on CPU are slow and CPU runs are tiny test models: keep float32 there.
     dtype = getattr(torch, variant.dtype) if device.type == "cuda" else torch.float32
     log.info(f"pipeline: {variant.id} from {weights}, {dtype} on {device}, offload={offload}")
-    pipe = PIPELINES[variant.task].from_pretrained(weights, torch_dtype=dtype)
+    pipe = PIPELINES[variant.task].from_pretrained(weights, dtype=dtype)
     pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )
@@ -127,7 +127,9 @@ class VideoGenerator:
         self.variant, self.pipe, self.device = variant, pipe, device
         config = pipe.transformer.config
         scale = pipe.vae_scale_factor_spatial
-        self.native_size = (config.sample_height * scale, config.sample_width * scale)
+        self.native_size = inputs.native_resolution(
+            variant, config, scale, os.environ.get(inputs.RESOLUTION_ENV)
+        )
         self.size_multiple = scale * config.patch_size
         self.max_prompt_tokens = variant.max_prompt_tokens or config.max_text_seq_length
 
@@ -143,8 +145,10 @@ class VideoGenerator:
         return generator
 
     def generate(self, request: Request) -> Path:
-        # 1. Check every input before any heavy work.
+        # 1. Check every input before any heavy work. Cog passes JSON numbers through as
+        # they came (2.0 for an int input), so settle the types first.
         variant = self.variant
+        steps, guidance_scale = int(request.num_inference_steps), float(request.guidance_scale)
         prompt = inputs.check_prompt(request.prompt, required=variant.task == "t2v")
         num_frames = inputs.check_num_frames(variant, request.num_frames)
         fps = inputs.check_fps(variant, request.fps)
@@ -182,10 +186,9 @@ class VideoGenerator:
         scope.record_metric("seed", seed)
         log.info(
             f"generating {num_frames} frames at {width}x{height}, "
-            f"{request.num_inference_steps} steps, guidance {request.guidance_scale:g}"
-            + (" (dynamic)" if dynamic_cfg else "")
+            f"{steps} steps, guidance {guidance_scale:g}" + (" (dynamic)" if dynamic_cfg else "")
         )
-        progress = _StepProgress(request.num_inference_steps)
+        progress = _StepProgress(steps)
         self.pipe.step_index_cfg = dynamic_cfg
         try:
             frames = self.pipe(
@@ -194,8 +197,8 @@ class VideoGenerator:
                 num_frames=num_frames,
                 height=height,
                 width=width,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
                 use_dynamic_cfg=False,
                 generator=torch.Generator("cpu").manual_seed(seed),
                 max_sequence_length=self.max_prompt_tokens,

@@ -15,6 +15,7 @@ SchedulerName = Literal["ddim", "dpm"]
 
 MODEL_ENV = "COGVIDEOX_MODEL"
 DEFAULT_VARIANT = {"t2v": "cogvideox-5b", "i2v": "cogvideox-5b-i2v"}
+TASK_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video"}
 
 _REPLICATE_TARS = "https://weights.replicate.delivery/default/THUDM/CogVideo"
 
@@ -41,6 +42,10 @@ class Variant:
     # the patch grid with the short side at the native short side and the long side at most
     # the native long side, chosen to match the input image (CogVideoX1.5-5B-I2V).
     resolution: Literal["native", "image_aspect"]
+    # (height, width) the model was trained at, where its config does not say: the 1.5
+    # conversions store sample_height = sample_width = 300 latents, a bound for the rotary
+    # grid, so diffusers' default would be 2400 x 2400. None: read it from the config.
+    native_size: tuple[int, int] | None = None
     # Upstream's prompt limit where it differs from the config's max_text_seq_length.
     max_prompt_tokens: int | None = None
     # Free GPU memory (GiB) under which `auto` offload steps down to the next policy.
@@ -113,6 +118,7 @@ VARIANTS: dict[str, Variant] = {
             max_frames=161,
             default_frames=81,
             resolution="native",
+            native_size=(768, 1360),
             max_prompt_tokens=224,
             vram_no_offload_gib=48.0,
             vram_model_offload_gib=24.0,
@@ -130,6 +136,7 @@ VARIANTS: dict[str, Variant] = {
             max_frames=161,
             default_frames=81,
             resolution="image_aspect",
+            native_size=(768, 1360),
             max_prompt_tokens=224,
             vram_no_offload_gib=48.0,
             vram_model_offload_gib=24.0,
@@ -156,8 +163,8 @@ def get_variant(variant_id: str, task: Task) -> Variant:
             "predict_t2v.py (cog.yaml)" if task == "t2v" else "predict_i2v.py (cog-i2v.yaml)"
         )
         raise VariantError(
-            f"{MODEL_ENV}={variant.id!r} is an {variant.task} model, but {predictor} serves "
-            f"{task}; choose one of: {', '.join(matching)}"
+            f"{MODEL_ENV}={variant.id!r} is for {TASK_NAMES[variant.task]}, but {predictor} "
+            f"serves {TASK_NAMES[task]}; choose one of: {', '.join(matching)}"
         )
     return variant
 

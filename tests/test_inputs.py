@@ -158,3 +158,49 @@ def test_prompt_within_the_limit_has_no_truncated_tail():
 def test_prompt_over_the_limit_reports_the_ignored_words():
     tail = inputs.truncated_prompt_tail(_WordTokenizer(), "a b c d e", max_tokens=4)
     assert tail == "w3 w4"
+
+
+class _Config:
+    """The transformer config fields the resolution rules read."""
+
+    def __init__(self, sample=(60, 90), learned=False, patch_size_t=None):
+        self.sample_height, self.sample_width = sample
+        self.use_learned_positional_embeddings = learned
+        self.patch_size_t = patch_size_t
+        self.patch_size = 2
+
+
+def test_1_0_models_generate_at_the_config_resolution():
+    assert inputs.native_resolution(V10, _Config(), 8) == (480, 720)
+
+
+def test_1_5_models_use_the_training_resolution_not_the_config_rotary_bound():
+    bound = _Config(sample=(300, 300), patch_size_t=2)
+    assert inputs.native_resolution(V15, bound, 8) == (768, 1360)
+
+
+def test_resolution_override_is_used_when_the_model_allows_it():
+    bound = _Config(sample=(300, 300), patch_size_t=2)
+    assert inputs.native_resolution(V15, bound, 8, "1360x768") == (1360, 768)
+
+
+def test_resolution_override_must_be_on_the_patch_grid():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        inputs.native_resolution(V10, _Config(), 8, "480x700")
+
+
+def test_resolution_override_must_be_height_x_width():
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        inputs.native_resolution(V10, _Config(), 8, "720p")
+
+
+def test_learned_position_embeddings_allow_only_the_config_resolution():
+    i2v = VARIANTS["cogvideox-5b-i2v"]
+    with pytest.raises(ValueError, match=r"learned position embeddings.*480x720"):
+        inputs.native_resolution(i2v, _Config(learned=True), 8, "720x480")
+
+
+def test_1_5_resolution_override_must_fit_the_rotary_bound():
+    bound = _Config(sample=(12, 12), patch_size_t=2)
+    with pytest.raises(ValueError, match="at most 96x96"):
+        inputs.native_resolution(V15, bound, 8, "48x112")

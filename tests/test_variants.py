@@ -55,13 +55,13 @@ def test_5b_variants_default_to_the_public_tars_of_the_original_predictors():
 
 def test_an_i2v_variant_is_refused_by_the_t2v_predictor_with_the_alternatives():
     with pytest.raises(
-        VariantError, match=r"i2v model.*cogvideox-2b, cogvideox-5b, cogvideox1.5-5b"
+        VariantError, match=r"for image-to-video.*cogvideox-2b, cogvideox-5b, cogvideox1.5-5b"
     ):
         get_variant("cogvideox-5b-i2v", "t2v")
 
 
 def test_a_t2v_variant_is_refused_by_the_i2v_predictor():
-    with pytest.raises(VariantError, match=r"'cogvideox-5b' is an t2v model.*cog-i2v.yaml"):
+    with pytest.raises(VariantError, match=r"'cogvideox-5b' is for text-to-video.*cog-i2v.yaml"):
         get_variant("cogvideox-5b", "i2v")
 
 

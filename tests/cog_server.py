@@ -1,0 +1,293 @@
+"""Drive Cog's real HTTP server (`python -m cog.server.http`, coglet 0.23) from tests.
+
+Behaviour of the server that this harness relies on (cog 0.23.1, no Docker):
+
+- The worker subprocess is spawned as a bare `python` looked up on PATH, so the interpreter's
+  bin directory is put first on PATH. Logs (server, setup and prediction output) go to stderr.
+- GET /health-check: `status` is STARTING, then READY (after setup() returns) or
+  SETUP_FAILED (the process keeps running; `setup.logs` holds the error). BUSY while running.
+- Inputs are validated (422 with `{"detail": [...]}`) only when `.cog/openapi_schema.json`
+  exists in the server's cwd; without it every input is passed through unchecked.
+- One slot: a second request while one runs gets 409. The slot is freed a few milliseconds
+  after a sync response, so back-to-back requests can also see 409; `predict` retries.
+- There is no GET /predictions/{id}: async results arrive only through webhooks.
+- If the worker process dies mid-prediction the response is failed/"Worker crashed", health
+  turns UNHEALTHY and every later request gets 409: the server must be restarted.
+- SIGTERM (or POST /shutdown) exits within ~0.1 s; an in-flight prediction is abandoned.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+class CogServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_uri(data: bytes, mime: str = "application/octet-stream") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def decode_data_uri(uri: str) -> tuple[str, bytes]:
+    """Split a `data:<mime>;base64,<payload>` output into (mime, bytes)."""
+    header, sep, payload = uri.partition(",")
+    if not header.startswith("data:") or not sep:
+        raise ValueError(f"not a data URI: {uri[:60]!r}")
+    mime, _, encoding = header[5:].partition(";")
+    raw = base64.b64decode(payload) if encoding == "base64" else payload.encode()
+    return mime, raw
+
+
+def save_data_uri(uri: str, path: Path) -> Path:
+    path = Path(path)
+    path.write_bytes(decode_data_uri(uri)[1])
+    return path
+
+
+class WebhookReceiver:
+    """Collects the prediction states Cog POSTs to a webhook on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.end_headers()
+                with receiver._cond:
+                    receiver.events.append(json.loads(body))
+                    receiver._cond.notify_all()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/webhook"
+
+    def events_for(self, prediction_id: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e.get("id") == prediction_id]
+
+    def latest_logs(self, prediction_id: str) -> str:
+        events = self.events_for(prediction_id)
+        return (events[-1].get("logs") or "") if events else ""
+
+    def wait_until(self, condition, timeout: float = 600) -> None:
+        """Block until `condition()` holds, re-checking whenever an event arrives."""
+        with self._cond:
+            if not self._cond.wait_for(condition, timeout):
+                raise TimeoutError(f"condition not met within {timeout}s")
+
+    def wait_for(self, prediction_id: str, timeout: float = 600) -> dict[str, Any]:
+        """Block until a terminal state (succeeded/failed/canceled) arrives; return it."""
+
+        def final() -> dict[str, Any] | None:
+            done = [e for e in self.events_for(prediction_id) if e.get("status") in TERMINAL]
+            return done[-1] if done else None
+
+        with self._cond:
+            if not self._cond.wait_for(final, timeout):
+                raise TimeoutError(f"no final webhook for {prediction_id} within {timeout}s")
+            return final()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> WebhookReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CogServer:
+    """One `python -m cog.server.http` process serving `predictor`, e.g. "predict.py:Predictor"."""
+
+    def __init__(
+        self,
+        predictor: str,
+        cwd: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.predictor, self.cwd, self.log_path = predictor, Path(cwd), Path(log_path)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.python = python
+        self.env = {"LOG_FORMAT": "console", "NO_COLOR": "1", **os.environ, **(env or {})}
+        self.env["PATH"] = os.pathsep.join([str(Path(python).parent), self.env.get("PATH", "")])
+        self.env.update(COG_PREDICT_TYPE_STUB=predictor, PORT=str(self.port))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 600) -> CogServer:
+        """Start the server and wait for READY; raise CogServerError with the log tail if not."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [self.python, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise CogServerError(
+                    f"server exited with {self.proc.returncode}\n{self.log_tail()}"
+                )
+            try:
+                health = self.health()
+            except requests.RequestException:
+                health = {}
+            if health.get("status") == "READY":
+                return self
+            if health.get("status") == "SETUP_FAILED":
+                self.stop()
+                raise CogServerError(
+                    f"setup failed: {health['setup'].get('logs')}\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        self.stop()
+        raise CogServerError(f"server not READY within {timeout}s\n{self.log_tail()}")
+
+    def health(self) -> dict[str, Any]:
+        return requests.get(f"{self.url}/health-check", timeout=10).json()
+
+    def status(self) -> str:
+        """Health status (STARTING, READY, BUSY, SETUP_FAILED, UNHEALTHY, ...) or UNREACHABLE."""
+        try:
+            return self.health().get("status", "UNKNOWN")
+        except requests.RequestException:
+            return "UNREACHABLE"
+
+    def request(
+        self, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 600
+    ) -> requests.Response:
+        """Raw POST /predictions (no retries), for tests that look at status codes."""
+        return requests.post(f"{self.url}/predictions", json=body, headers=headers, timeout=timeout)
+
+    def _post(
+        self,
+        body: dict[str, Any],
+        headers: dict[str, str] | None,
+        timeout: float,
+        expect: int,
+        busy_wait: float,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + busy_wait
+        while True:
+            resp = self.request(body, headers, timeout)
+            if resp.status_code != 409 or time.monotonic() >= deadline:
+                break
+            if self.status() not in ("READY", "BUSY"):
+                break  # after a worker crash the slot stays busy (409) for good
+            time.sleep(0.05)
+        if resp.status_code != expect:
+            raise CogServerError(
+                f"expected HTTP {expect}, got {resp.status_code}: {resp.text}"
+                f" (server {self.status()})"
+            )
+        return resp.json()
+
+    def predict(
+        self,
+        inputs: dict[str, Any],
+        timeout: float = 600,
+        prediction_id: str | None = None,
+        expect: int = 200,
+        busy_wait: float = 5.0,
+    ) -> dict[str, Any]:
+        """Run a prediction synchronously and return the response JSON.
+
+        200: {"id", "status", "output", "logs", "metrics"[, "error"]}; 422: {"detail": [...]}.
+        A 409 (slot still busy) is retried for `busy_wait` seconds.
+        """
+        body: dict[str, Any] = {"input": inputs}
+        if prediction_id:
+            body["id"] = prediction_id
+        return self._post(body, None, timeout, expect, busy_wait)
+
+    def predict_async(
+        self,
+        prediction_id: str,
+        inputs: dict[str, Any],
+        webhook: str | None = None,
+        events_filter: list[str] | None = None,
+        expect: int = 202,
+        busy_wait: float = 5.0,
+    ) -> dict[str, Any]:
+        """Start a prediction and return at once ({"id", "status": "starting"} on 202)."""
+        body: dict[str, Any] = {"id": prediction_id, "input": inputs}
+        if webhook:
+            body["webhook"] = webhook
+        if events_filter:
+            body["webhook_events_filter"] = events_filter
+        return self._post(body, {"Prefer": "respond-async"}, 30, expect, busy_wait)
+
+    def cancel(self, prediction_id: str) -> bool:
+        """Cancel a running prediction; False if the server does not know it (404)."""
+        resp = requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=30)
+        return resp.status_code == 200
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while (status := self.status()) != "READY":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server still {status} after {timeout}s")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM the server (it stops its worker); SIGKILL the process group if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> CogServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

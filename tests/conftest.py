@@ -1,0 +1,69 @@
+"""Session fixtures: tiny random CogVideoX weights, served as tars from a loopback HTTP server,
+and a factory for real Cog servers running our predictors on them."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cogvideox_cog.tiny import TINY, save_tiny_weights
+from tests.cog_server import CogServer
+from tests.file_server import FileServer
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny pipeline per (family, task), keyed "1.0-t2v", "1.5-i2v", ..."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        f"{family}-{task}": save_tiny_weights(root / f"{family}-{task}", family, task)
+        for family, task in TINY
+    }
+
+
+@pytest.fixture(scope="session")
+def weights_server(tiny_weights, tmp_path_factory) -> Iterator[FileServer]:
+    """The tiny pipelines as tars (model_index.json at the top, as the real tars), over HTTP."""
+    served = tmp_path_factory.mktemp("served")
+    for name, directory in tiny_weights.items():
+        with tarfile.open(served / f"{name}.tar", "w") as archive:
+            for path in sorted(directory.rglob("*")):
+                archive.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+    server = FileServer(served)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server(weights_server, tmp_path_factory) -> Iterator[Callable[..., CogServer]]:
+    """Start a Cog server for `predictor` on `variant` with tiny weights `tiny` (e.g. "1.0-t2v").
+
+    Each server gets its own empty weights cache, so setup's download runs for real.
+    """
+    servers: list[CogServer] = []
+
+    def start(predictor: str, variant: str, tiny: str, **env: str) -> CogServer:
+        workdir = tmp_path_factory.mktemp(f"server-{variant}")
+        server = CogServer(
+            f"{PROJECT / predictor}:Predictor",
+            cwd=workdir,
+            log_path=workdir / "server.log",
+            env={
+                "PYTHONPATH": str(PROJECT),
+                "COGVIDEOX_MODEL": variant,
+                "COGVIDEOX_WEIGHTS_URL": weights_server.url(f"{tiny}.tar"),
+                "COGVIDEOX_WEIGHTS_DIR": str(workdir / "weights"),
+                **env,
+            },
+        )
+        servers.append(server)
+        return server.start(timeout=300)
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,82 @@
+"""Image-to-video end to end: the real Cog server with an image sent as a data URI or URL."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+from PIL import Image
+
+from cogvideox_cog.tiny import TINY
+from cogvideox_cog.video import probe_mp4
+from tests.cog_server import CogServerError, data_uri, save_data_uri
+from tests.file_server import FileServer
+
+pytestmark = pytest.mark.e2e
+
+TINY_H, TINY_W = TINY[("1.0", "i2v")].height, TINY[("1.0", "i2v")].width
+FAST = {"prompt": "the waves roll in", "num_inference_steps": 2, "num_frames": 9, "seed": 3}
+
+
+def _photo(width: int, height: int, fmt: str = "JPEG") -> bytes:
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _video(response, tmp_path):
+    assert response["status"] == "succeeded", response.get("error")
+    return save_data_uri(response["output"], tmp_path / f"{uuid.uuid4().hex}.mp4")
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server("predict_i2v.py", "cogvideox-5b-i2v", "1.0-i2v")
+
+
+def test_image_is_fitted_to_the_model_resolution(server, tmp_path):
+    response = server.predict({**FAST, "image": data_uri(_photo(300, 300), "image/jpeg")})
+    info = probe_mp4(_video(response, tmp_path))
+    assert (info["width"], info["height"], info["frames"], info["fps"]) == (TINY_W, TINY_H, 9, 8)
+    assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+    assert f"scaled to cover {TINY_W}x{TINY_H}" in response["logs"]
+
+
+def test_image_can_be_an_http_url(server, tmp_path):
+    (tmp_path / "photo.png").write_bytes(_photo(120, 90, "PNG"))
+    files = FileServer(tmp_path)
+    try:
+        response = server.predict({**FAST, "image": files.url("photo.png")})
+    finally:
+        files.stop()
+    assert probe_mp4(_video(response, tmp_path))["frames"] == 9
+
+
+def test_empty_prompt_is_allowed_for_image_to_video(server, tmp_path):
+    response = server.predict({**FAST, "prompt": "", "image": data_uri(_photo(90, 60))})
+    assert probe_mp4(_video(response, tmp_path))["frames"] == 9
+
+
+def test_a_file_that_is_not_an_image_fails_with_the_accepted_formats(server):
+    response = server.predict({**FAST, "image": data_uri(b"just some text", "text/plain")})
+    assert response["status"] == "failed"
+    assert "JPEG, PNG" in response["error"]
+    assert server.status() == "READY"
+
+
+def test_15_i2v_follows_the_image_aspect_ratio(start_server, tmp_path):
+    server = start_server(
+        "predict_i2v.py", "cogvideox1.5-5b-i2v", "1.5-i2v", COGVIDEOX_RESOLUTION="48x80"
+    )
+    portrait = data_uri(_photo(90, 160), "image/jpeg")
+    info = probe_mp4(
+        _video(server.predict({**FAST, "num_frames": 17, "image": portrait}), tmp_path)
+    )
+    assert (info["width"], info["height"], info["frames"], info["fps"]) == (48, 80, 17, 16)
+
+
+def test_a_t2v_variant_fails_setup_of_the_i2v_predictor(start_server):
+    with pytest.raises(CogServerError, match="is for text-to-video"):
+        start_server("predict_i2v.py", "cogvideox-5b", "1.0-t2v")

@@ -1,0 +1,131 @@
+"""Text-to-video end to end: the real Cog server, setup's download, predictions over HTTP."""
+
+from __future__ import annotations
+
+import uuid
+
+import av
+import numpy as np
+import pytest
+
+from cogvideox_cog.tiny import TINY
+from cogvideox_cog.video import probe_mp4
+from tests.cog_server import CogServerError, WebhookReceiver, save_data_uri
+
+pytestmark = pytest.mark.e2e
+
+TINY_H, TINY_W = TINY[("1.0", "t2v")].height, TINY[("1.0", "t2v")].width
+FAST = {"prompt": "a panda plays guitar in a bamboo forest", "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server("predict_t2v.py", "cogvideox-5b", "1.0-t2v")
+
+
+def _video(response, tmp_path):
+    assert response["status"] == "succeeded", response.get("error")
+    return save_data_uri(response["output"], tmp_path / f"{uuid.uuid4().hex}.mp4")
+
+
+def _frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_output_is_a_browser_playable_h264_mp4_with_the_requested_frames(server, tmp_path):
+    video = _video(server.predict({**FAST, "num_frames": 17, "seed": 1}), tmp_path)
+    info = probe_mp4(video)
+    assert (info["codec"], info["pix_fmt"], info["faststart"]) == ("h264", "yuv420p", True)
+    assert info["frames"] == 17
+    assert (info["width"], info["height"]) == (TINY_W, TINY_H)
+
+
+def test_fps_is_the_variants_unless_given(server, tmp_path):
+    default = probe_mp4(_video(server.predict({**FAST, "num_frames": 9}), tmp_path))
+    given = probe_mp4(_video(server.predict({**FAST, "num_frames": 9, "fps": 24}), tmp_path))
+    assert (default["fps"], given["fps"]) == (8, 24)
+
+
+def test_default_frame_count_is_the_variants(server, tmp_path):
+    assert probe_mp4(_video(server.predict(FAST), tmp_path))["frames"] == 49
+
+
+def test_same_seed_gives_identical_frames(server, tmp_path):
+    inputs = {**FAST, "num_frames": 9, "seed": 1234}
+    first = _frames(_video(server.predict(inputs), tmp_path))
+    second = _frames(_video(server.predict(inputs), tmp_path))
+    other = _frames(_video(server.predict({**inputs, "seed": 4321}), tmp_path))
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+def test_seed_is_logged_and_recorded_as_a_metric(server):
+    response = server.predict({**FAST, "num_frames": 9, "seed": 77})
+    assert response["metrics"]["seed"] == 77
+    assert "seed: 77" in response["logs"]
+
+
+def test_empty_seed_draws_a_random_one_and_reports_it(server):
+    first = server.predict({**FAST, "num_frames": 9})["metrics"]["seed"]
+    second = server.predict({**FAST, "num_frames": 9})["metrics"]["seed"]
+    assert first != second
+    assert 0 <= first < 2**32
+
+
+def test_each_denoising_step_is_logged_with_progress(server):
+    logs = server.predict({**FAST, "num_frames": 9, "num_inference_steps": 3})["logs"]
+    for step in (1, 2, 3):
+        assert f"step {step}/3, " in logs
+
+
+def test_timings_are_recorded_as_metrics(server):
+    metrics = server.predict({**FAST, "num_frames": 9})["metrics"]
+    for name in ("denoise_seconds", "decode_seconds", "encode_seconds", "total_seconds"):
+        assert metrics[name] >= 0
+
+
+def test_frame_count_off_the_rule_fails_with_the_allowed_values(server):
+    response = server.predict({**FAST, "num_frames": 20})
+    assert response["status"] == "failed"
+    assert "num_frames=20" in response["error"]
+    assert "9, 17, 25, 33, 41, 49" in response["error"]
+    assert server.status() == "READY"
+
+
+def test_blank_prompt_fails_with_what_to_do(server):
+    response = server.predict({**FAST, "prompt": "   "})
+    assert response["status"] == "failed"
+    assert "prompt is empty" in response["error"]
+
+
+def test_cancel_stops_between_steps_and_the_next_prediction_works(server, tmp_path):
+    with WebhookReceiver() as hooks:
+        server.predict_async(
+            "cancel-me",
+            {**FAST, "num_frames": 49, "num_inference_steps": 500},
+            webhook=hooks.url,
+        )
+        hooks.wait_until(lambda: "step 2/500" in hooks.latest_logs("cancel-me"), timeout=120)
+        assert server.cancel("cancel-me")
+        final = hooks.wait_for("cancel-me", timeout=60)
+    assert final["status"] == "canceled"
+    assert "step 500/500" not in (final.get("logs") or "")
+    server.wait_idle()
+    assert probe_mp4(_video(server.predict({**FAST, "num_frames": 9}), tmp_path))["frames"] == 9
+
+
+def test_a_1_5_variant_takes_16n_plus_1_frames_at_16_fps(start_server, tmp_path):
+    server = start_server(
+        "predict_t2v.py", "cogvideox1.5-5b", "1.5-t2v", COGVIDEOX_RESOLUTION=f"{TINY_H}x{TINY_W}"
+    )
+    info = probe_mp4(_video(server.predict({**FAST, "num_frames": 33}), tmp_path))
+    assert (info["frames"], info["fps"]) == (33, 16)
+    assert (info["width"], info["height"]) == (TINY_W, TINY_H)
+    refused = server.predict({**FAST, "num_frames": 25})
+    assert "16*N+1" in refused["error"]
+
+
+def test_an_i2v_variant_fails_setup_of_the_t2v_predictor(start_server):
+    with pytest.raises(CogServerError, match="is for image-to-video"):
+        start_server("predict_t2v.py", "cogvideox-5b-i2v", "1.0-i2v")
