@@ -1,0 +1,141 @@
+"""The pipeline as the predictors build and run it, in-process on the tiny 1.0 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+from cogvideox_cog.inputs import InputError
+from cogvideox_cog.pipeline import (
+    Request,
+    VideoGenerator,
+    build_pipeline,
+    choose_offload,
+    dynamic_guidance_scale,
+)
+from cogvideox_cog.variants import VARIANTS
+from cogvideox_cog.video import probe_mp4
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_weights) -> VideoGenerator:
+    variant = VARIANTS["cogvideox-5b"]
+    return VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+
+
+def _request(**overrides) -> Request:
+    fields = {
+        "prompt": "a cat walks",
+        "negative_prompt": "",
+        "num_frames": 9,
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "use_dynamic_cfg": None,
+        "fps": None,
+        "seed": 5,
+    }
+    return Request(**{**fields, **overrides})
+
+
+def _scales_used(pipe, steps: int, dynamic: bool) -> list[float]:
+    """The guidance scale diffusers' loop reads at each step (its `guidance_scale` property)."""
+    used = []
+
+    def record(pipe, step, timestep, callback_kwargs):
+        used.append(pipe.guidance_scale)
+        return {}
+
+    pipe.step_index_cfg = dynamic
+    pipe(
+        prompt="a cat walks",
+        num_frames=9,
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+        use_dynamic_cfg=False,
+        output_type="latent",
+        callback_on_step_end=record,
+    )
+    return used
+
+
+def test_dynamic_cfg_scale_at_each_step_follows_the_step_index_schedule(generator):
+    used = _scales_used(generator.pipe, steps=6, dynamic=True)
+    assert used == pytest.approx([dynamic_guidance_scale(6.0, i, 6) for i in range(6)])
+    assert used[0] == 1.0
+
+
+def test_without_dynamic_cfg_every_step_uses_the_given_scale(generator):
+    assert _scales_used(generator.pipe, steps=4, dynamic=False) == [6.0] * 4
+
+
+def test_dynamic_cfg_changes_the_video(generator):
+    on = generator.generate(_request(use_dynamic_cfg=True))
+    off = generator.generate(_request(use_dynamic_cfg=False))
+    assert on.read_bytes() != off.read_bytes()
+
+
+def test_5b_runs_the_dpm_scheduler_with_trailing_timesteps(generator):
+    scheduler = generator.pipe.scheduler
+    assert isinstance(scheduler, CogVideoXDPMScheduler)
+    assert scheduler.config.timestep_spacing == "trailing"
+
+
+def test_2b_runs_the_ddim_scheduler(tiny_weights):
+    pipe = build_pipeline(VARIANTS["cogvideox-2b"], tiny_weights["1.0-t2v"], CPU, "none")
+    assert type(pipe.scheduler) is CogVideoXDDIMScheduler
+
+
+def test_vae_tiling_and_slicing_are_on(generator):
+    assert generator.pipe.vae.use_tiling and generator.pipe.vae.use_slicing
+
+
+def test_cpu_runs_in_float32_whatever_the_variants_gpu_dtype(generator):
+    assert generator.pipe.transformer.dtype == torch.float32
+
+
+def test_two_predictions_never_share_an_output_path(generator):
+    first = generator.generate(_request())
+    second = generator.generate(_request())
+    assert first != second
+    assert first.exists() and second.exists()
+    assert probe_mp4(first)["frames"] == probe_mp4(second)["frames"] == 9
+
+
+def test_whole_number_floats_from_json_are_accepted_as_ints(generator):
+    video = generator.generate(_request(num_frames=9.0, num_inference_steps=2.0, seed=5.0))
+    assert probe_mp4(video)["frames"] == 9
+
+
+def test_bad_input_is_refused_before_the_pipeline_runs(generator, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the pipeline ran")
+
+    monkeypatch.setattr(type(generator.pipe), "__call__", must_not_run)
+    with pytest.raises(InputError, match="num_frames=10"):
+        generator.generate(_request(num_frames=10))
+
+
+def test_prompt_over_the_token_limit_is_truncated_with_a_log_line(generator, caplog):
+    long_prompt = " ".join(["a panda plays guitar"] * 80)
+    generator.generate(_request(prompt=long_prompt))
+    assert "prompt is longer than the text encoder's 226 tokens" in caplog.text
+
+
+def test_offload_is_none_on_cpu_whatever_is_asked():
+    for policy in ("auto", "none", "model", "sequential"):
+        assert choose_offload(policy, VARIANTS["cogvideox-5b"], CPU) == "none"
+
+
+def test_unknown_offload_policy_is_refused():
+    with pytest.raises(ValueError, match="COGVIDEOX_OFFLOAD='fast' is not one of auto, none"):
+        choose_offload("fast", VARIANTS["cogvideox-5b"], CPU)
+
+
+def test_frames_match_the_requested_count_for_every_allowed_1_0_value(generator):
+    for frames in (9, 17, 25):
+        assert probe_mp4(generator.generate(_request(num_frames=frames)))["frames"] == frames

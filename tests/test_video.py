@@ -1,0 +1,159 @@
+"""encode_mp4 writes what every browser plays, exactly as asked; probe_mp4 reads it back."""
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from cogvideox_cog.video import encode_mp4, probe_mp4
+
+WIDTH, HEIGHT = 64, 48  # small keeps the file fast; multiples of 8 as the models produce
+
+
+def _clip(frames: int, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
+    """Gradients with a white square moving left to right: real content, not zeros."""
+    x = np.linspace(0, 255, width)[None, :]
+    y = np.linspace(0, 255, height)[:, None]
+    video = np.empty((frames, height, width, 3), np.uint8)
+    side = min(width, height) // 4
+    top = (height - side) // 2
+    for i in range(frames):
+        video[i, ..., 0] = x
+        video[i, ..., 1] = y
+        video[i, ..., 2] = (x + y + 8 * i) % 256
+        left = (width - side) * i // max(frames - 1, 1)
+        video[i, top : top + side, left : left + side] = 255
+    return video
+
+
+def _decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def clip_mp4(tmp_path_factory) -> Path:
+    return encode_mp4(_clip(9), tmp_path_factory.mktemp("clip") / "clip.mp4", fps=8)
+
+
+def test_codec_is_h264(clip_mp4):
+    assert probe_mp4(clip_mp4)["codec"] == "h264"
+
+
+def test_pixel_format_is_yuv420p(clip_mp4):
+    assert probe_mp4(clip_mp4)["pix_fmt"] == "yuv420p"
+
+
+def test_moov_atom_comes_before_mdat(clip_mp4):
+    assert probe_mp4(clip_mp4)["faststart"] is True
+
+
+def test_probe_reports_a_file_without_faststart(tmp_path):
+    """The faststart check is not vacuous: a plain mp4 muxer puts moov at the end."""
+    plain = tmp_path / "plain.mp4"
+    with av.open(str(plain), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for rgb in _clip(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    assert probe_mp4(plain)["faststart"] is False
+
+
+@pytest.mark.parametrize("frames", [1, 49, 81])
+def test_frame_count_is_exact(tmp_path, frames):
+    out = encode_mp4(_clip(frames), tmp_path / "clip.mp4", fps=16)
+    assert probe_mp4(out)["frames"] == frames
+
+
+@pytest.mark.parametrize("fps", [8, 16, 24])
+def test_fps_is_honoured_and_duration_is_frames_over_fps(tmp_path, fps):
+    """Two contents: x264's frame types decide whether the muxer writes an edit list, which
+    at the default ms timescale made the second clip 17 frames at 16 fps last 1.062 s."""
+    for name, video in {"rgb": _clip(17), "bgr": _clip(17)[..., ::-1]}.items():
+        info = probe_mp4(encode_mp4(video, tmp_path / f"{name}.mp4", fps=fps))
+        assert info["fps"] == fps
+        assert info["duration"] == pytest.approx(17 / fps, abs=1e-9)
+
+
+def test_size_is_honoured_and_portrait_not_swapped(tmp_path):
+    info = probe_mp4(encode_mp4(_clip(5, width=48, height=80), tmp_path / "clip.mp4", fps=8))
+    assert (info["width"], info["height"]) == (48, 80)
+
+
+def test_uint8_float_and_pil_inputs_encode_alike(tmp_path):
+    video = _clip(9)
+    inputs = {
+        "uint8": video,
+        "float": video.astype(np.float32) / 255.0,
+        "pil": [Image.fromarray(frame) for frame in video],
+    }
+    decoded = {
+        name: _decode(encode_mp4(frames, tmp_path / f"{name}.mp4", fps=8))
+        for name, frames in inputs.items()
+    }
+    assert decoded["uint8"].shape == (9, HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(decoded["float"], decoded["uint8"])
+    np.testing.assert_array_equal(decoded["pil"], decoded["uint8"])
+
+
+def test_decoded_pixels_match_the_input(clip_mp4):
+    """Catches swapped channels, transposed frames and colour-matrix mix-ups, not just headers."""
+    error = np.abs(_decode(clip_mp4).astype(int) - _clip(9).astype(int))
+    assert error.mean() < 4
+
+
+@pytest.mark.parametrize(("width", "height"), [(49, 80), (48, 81)])
+def test_odd_size_is_refused_naming_the_size(tmp_path, width, height):
+    with pytest.raises(ValueError, match=rf"{width}x{height} .*even width and height"):
+        encode_mp4(_clip(3, width=width, height=height), tmp_path / "clip.mp4", fps=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_temporary_file_is_left_behind(tmp_path):
+    encode_mp4(_clip(5), tmp_path / "clip.mp4", fps=8)
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def test_existing_file_is_replaced_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"previous video")
+    real_replace = os.replace
+    seen = {}
+
+    def replace(src, dst):
+        seen["old file still whole"] = Path(dst).read_bytes() == b"previous video"
+        seen["new file complete"] = probe_mp4(src)["frames"] == 9
+        seen["same directory"] = Path(src).parent == Path(dst).parent
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    encode_mp4(_clip(9), out, fps=8)
+    assert seen == dict.fromkeys(seen, True) and len(seen) == 3
+    assert probe_mp4(out)["frames"] == 9
+
+
+def test_failed_encode_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"previous video")
+    frames = [Image.fromarray(frame) for frame in _clip(9)]
+    frames[6] = frames[6].resize((WIDTH // 2, HEIGHT // 2))  # fails mid-encode, not up front
+    with pytest.raises(ValueError, match="frame 6 is 32x24 but frame 0 is 64x48"):
+        encode_mp4(frames, out, fps=8)
+    assert out.read_bytes() == b"previous video"
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+@pytest.mark.parametrize("fps", [0, -8, 7.5, True])
+def test_fps_must_be_a_positive_integer(tmp_path, fps):
+    with pytest.raises(ValueError, match="fps must be a positive integer"):
+        encode_mp4(_clip(3), tmp_path / "clip.mp4", fps=fps)
+
+
+def test_no_frames_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no frames"):
+        encode_mp4([], tmp_path / "clip.mp4", fps=8)
+    assert list(tmp_path.iterdir()) == []
