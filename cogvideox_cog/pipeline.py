@@ -85,11 +85,20 @@ def choose_offload(requested: str, variant: Variant, device: torch.device) -> st
     return "sequential"
 
 
-def build_pipeline(variant: Variant, weights: Path, device: torch.device, offload: str):
+def pipeline_dtype(variant: Variant, device: torch.device) -> torch.dtype:
     # bf16/fp16 matmuls on CPU are slow and CPU runs are tiny test models: keep float32 there.
-    dtype = getattr(torch, variant.dtype) if device.type == "cuda" else torch.float32
+    return getattr(torch, variant.dtype) if device.type == "cuda" else torch.float32
+
+
+def build_pipeline(variant: Variant, weights: Path, device: torch.device, offload: str):
+    dtype = pipeline_dtype(variant, device)
     log.info(f"pipeline: {variant.id} from {weights}, {dtype} on {device}, offload={offload}")
     pipe = PIPELINES[variant.task].from_pretrained(weights, dtype=dtype)
+    return configure_pipeline(pipe, variant, device, offload)
+
+
+def configure_pipeline(pipe, variant: Variant, device: torch.device, offload: str):
+    """Scheduler, VAE memory savers and placement: everything after the weights are loaded."""
     pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from itertools import chain
+from numbers import Integral
 from pathlib import Path
 from typing import TypedDict
 
@@ -63,8 +64,9 @@ def encode_mp4(
     such frames or of PIL images (output_type="pil"). The file at `path` is replaced only once
     the new one is complete; a failed encode leaves it as it was.
     """
-    if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
+    if isinstance(fps, bool) or not isinstance(fps, Integral) or fps <= 0:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
+    fps = int(fps)
     path = Path(path)
     converted = _uint8_frames(frames)
     first = next(converted)  # input errors surface here, before any file is created
