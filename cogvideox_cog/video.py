@@ -3,9 +3,9 @@
 Not diffusers.utils.export_to_video (0.42.1): its fps defaults to 10 where CogVideoX is made
 for 8 or 16. With imageio and imageio-ffmpeg installed it pipes frames to an ffmpeg process
 (libx264, yuv420p; its quality=5 becomes crf 25 in imageio-ffmpeg) and, with its
-macro_block_size=16, resizes frames whose sides are not multiples of 16. Without imageio it
+macro_block_size=16, scales frames up to the next multiple of 16. Without imageio it warns and
 falls back to OpenCV's VideoWriter with the "mp4v" fourcc, MPEG-4 Part 2, which browsers do
-not play (and this environment has neither imageio nor OpenCV, so it would raise ImportError).
+not play (this project installs neither imageio nor OpenCV, so here it raises ImportError).
 Neither path moves the moov atom first, both turn floats into bytes with
 (frame * 255).astype(uint8), which truncates, and both write the final path in place.
 diffusers' PyAV-based encode_video is closer, but sets no crf, no +faststart, no colour tags,
@@ -29,9 +29,10 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image
 
-# crf 18 is x264's customary "visually lossless" point; 480x720 CogVideoX clips stay around
-# 0.2-2 MB at it. "medium" is x264's default preset: on a 2-core CPU it encoded 49 480x720
-# frames in ~0.7 s, no slower than "fast" and with smaller files, and a GPU host has more cores.
+# crf 18 is x264's customary "visually lossless" point; 49 480x720 frames of textured, moving
+# content came to 0.2-1.6 MB at it. "medium" is x264's default preset: on a 2-core CPU those
+# frames took 1-2 s, within the noise of "fast", against minutes of generation, so a faster
+# preset would win nothing worth its larger files or lower quality.
 DEFAULT_CRF = 18
 DEFAULT_PRESET = "medium"
 
@@ -39,6 +40,8 @@ Frames = np.ndarray | Sequence[np.ndarray] | Sequence[Image.Image]
 
 
 class Mp4Info(TypedDict):
+    """duration is the track's, in seconds; fps is the stream's average frame rate."""
+
     codec: str
     profile: str | None
     pix_fmt: str | None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cogvideox_cog.openapi import SCHEMA_PATH, write_schema
 from cogvideox_cog.tiny import TINY, save_tiny_weights
 from tests.cog_server import CogServer
 from tests.file_server import FileServer
@@ -49,6 +50,8 @@ def start_server(weights_server, tmp_path_factory) -> Iterator[Callable[..., Cog
 
     def start(predictor: str, variant: str, tiny: str, **env: str) -> CogServer:
         workdir = tmp_path_factory.mktemp(f"server-{variant}")
+        # Validate inputs as a built image does: the schema `cog build` would write.
+        write_schema(f"{PROJECT / predictor}:Predictor", workdir / SCHEMA_PATH)
         server = CogServer(
             f"{PROJECT / predictor}:Predictor",
             cwd=workdir,

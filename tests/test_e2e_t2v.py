@@ -93,6 +93,21 @@ def test_frame_count_off_the_rule_fails_with_the_allowed_values(server):
     assert server.status() == "READY"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("guidance_scale", 50.0), ("num_inference_steps", 0), ("num_frames", 200), ("seed", -1)],
+)
+def test_out_of_range_input_is_refused_by_the_schema_with_422(server, name, value):
+    response = server.predict({**FAST, name: value}, expect=422)
+    assert response["detail"][0]["loc"][-1] == name
+    assert server.status() == "READY"
+
+
+def test_missing_prompt_is_refused_by_the_schema_with_422(server):
+    response = server.predict({"num_inference_steps": 2}, expect=422)
+    assert response["detail"][0]["loc"][-1] == "prompt"
+
+
 def test_blank_prompt_fails_with_what_to_do(server):
     response = server.predict({**FAST, "prompt": "   "})
     assert response["status"] == "failed"

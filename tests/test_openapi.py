@@ -1,0 +1,73 @@
+"""The generated input schema says exactly what the predictors' Input(...) declarations say.
+
+`cog build` reads those declarations statically, so the test does too: it parses the source
+with `ast` and compares every literal bound, default and choice with the schema.
+"""
+
+import ast
+
+import pytest
+
+from cogvideox_cog.openapi import build_schema
+from tests.conftest import PROJECT
+
+PREDICTORS = ["predict_t2v.py", "predict_i2v.py"]
+SCHEMA_KEYS = {"ge": "minimum", "le": "maximum", "default": "default", "choices": "enum"}
+
+
+def _declared_inputs(source_file: str) -> dict[str, dict]:
+    tree = ast.parse((PROJECT / source_file).read_text())
+    run = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "run")
+    declared = {}
+    args = run.args.args[-len(run.args.defaults) :]
+    for arg, default in zip(args, run.args.defaults, strict=True):
+        assert isinstance(default, ast.Call) and default.func.id == "Input", arg.arg
+        # literal_eval fails on anything that is not a literal, as cog build's parser would.
+        declared[arg.arg] = {kw.arg: ast.literal_eval(kw.value) for kw in default.keywords}
+    return declared
+
+
+@pytest.mark.parametrize("source_file", PREDICTORS)
+def test_every_declared_input_is_in_the_schema_in_order(source_file):
+    schema = build_schema(f"{PROJECT / source_file}:Predictor")["components"]["schemas"]["Input"]
+    declared = _declared_inputs(source_file)
+    assert list(schema["properties"]) == list(declared)
+    assert [p["x-order"] for p in schema["properties"].values()] == list(range(len(declared)))
+
+
+@pytest.mark.parametrize("source_file", PREDICTORS)
+def test_every_literal_bound_default_and_choice_is_in_the_schema(source_file):
+    document = build_schema(f"{PROJECT / source_file}:Predictor")
+    properties = document["components"]["schemas"]["Input"]["properties"]
+    for name, keywords in _declared_inputs(source_file).items():
+        prop = properties[name]
+        for keyword, schema_key in SCHEMA_KEYS.items():
+            if keywords.get(keyword) is None:
+                assert schema_key not in prop, (name, schema_key)
+            elif keyword == "choices":
+                enum = document["components"]["schemas"][name]["enum"]
+                assert enum == keywords["choices"], name
+            else:
+                assert prop[schema_key] == keywords[keyword], (name, keyword)
+
+
+@pytest.mark.parametrize("source_file", PREDICTORS)
+def test_inputs_without_default_are_required_and_empty_defaults_nullable(source_file):
+    schema = build_schema(f"{PROJECT / source_file}:Predictor")["components"]["schemas"]["Input"]
+    for name, keywords in _declared_inputs(source_file).items():
+        has_default = "default" in keywords
+        if not has_default:
+            assert name in schema["required"]
+        elif keywords["default"] is None:
+            assert schema["properties"][name].get("nullable") is True, name
+
+
+def test_the_i2v_image_is_a_required_uri():
+    schema = build_schema(f"{PROJECT / 'predict_i2v.py'}:Predictor")["components"]["schemas"]
+    assert schema["Input"]["properties"]["image"]["format"] == "uri"
+    assert "image" in schema["Input"]["required"]
+
+
+def test_output_is_a_single_file_uri():
+    output = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["components"]["schemas"]
+    assert output["Output"] == {"title": "Output", "type": "string", "format": "uri"}
