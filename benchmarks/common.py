@@ -1,0 +1,116 @@
+"""What both benchmark scripts record about the machine and write out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "av",
+    "cog",
+    "coglet",
+    "numpy",
+    "imageio",
+    "imageio-ffmpeg",
+)
+
+
+def command_line() -> str:
+    """The command as typed from the repository root (no absolute path of the script)."""
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(ROOT)
+    return shlex.join(["python3", str(script), *sys.argv[1:]])
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def nvidia_smi() -> dict[str, str] | None:
+    """The first GPU as nvidia-smi reports it; the short query if a field is unknown there."""
+    for fields in (
+        "name,driver_version,memory.total,power.limit,clocks.max.sm,pcie.link.gen.max",
+        "name,driver_version,memory.total",
+    ):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.strip():
+            first = out.strip().splitlines()[0]
+            return dict(zip(fields.split(","), (v.strip() for v in first.split(",")), strict=False))
+    return None
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "command": command_line(),
+        "versions": versions(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "host_memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        # Other work on the host when the measurement started (1, 5, 15 minute averages).
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda_runtime=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nvidia_smi=nvidia_smi(),
+        )
+    return env
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.part")
+    temp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    temp.replace(path)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

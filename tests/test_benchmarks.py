@@ -1,0 +1,98 @@
+"""The GPU benchmark harness, run at tiny size on the CPU: every phase measured, numbers finite."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from benchmarks import pipeline_speed
+
+PHASES = (
+    "text_encode_s",
+    "denoise_s",
+    "vae_decode_s",
+    "postprocess_s",
+    "encode_mp4_s",
+    "other_s",
+    "total_s",
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The harness in this process (torch and diffusers are imported already; a subprocess
+    would spend most of the test importing them again)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = [
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--frames",
+        "9",
+        "--offload",
+        "none",
+        "--tiling",
+        "on,off",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert pipeline_speed.main(argv) == 0
+    return out, printed.getvalue()
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_writes_one_json_per_run_and_a_markdown_table(run):
+    out, stdout = run
+    assert sorted(p.name for p in out.iterdir()) == ["cogvideox-5b-tiny-none.json", "results.md"]
+    table = (out / "results.md").read_text()
+    assert "| cogvideox-5b | tiny | none | 2 | 9x48x80 |" in table
+    # The table is also the last thing printed.
+    assert "| cogvideox-5b | tiny | none | 2 |" in stdout.strip().splitlines()[-1]
+
+
+def test_every_phase_is_measured_and_finite(run):
+    out, _ = run
+    record = json.loads((out / "cogvideox-5b-tiny-none.json").read_text())
+    assert "error" not in record
+    phases = record["phases"]
+    for name in PHASES:
+        assert _finite(phases[name]), (name, phases[name])
+        if name != "other_s":
+            assert phases[name] > 0, name
+    measured = sum(phases[name] for name in PHASES if name != "total_s")
+    assert math.isclose(measured, phases["total_s"], rel_tol=1e-6)
+
+    steps = record["steps_s"]
+    assert len(steps["each"]) == record["steps"] == 2
+    assert all(_finite(s) and s > 0 for s in steps["each"])
+    assert _finite(steps["median"]) and _finite(steps["first"])
+    assert steps["total"] <= phases["denoise_s"] + 1e-9
+    assert record["projection"]["steps"] == 50
+    assert "PROJECTION" in record["projection"]["label"]
+    assert _finite(record["projection"]["total_s"])
+
+    assert record["frames_finite"] is True
+    assert _finite(record["host_peak_rss_gib"]) and record["host_peak_rss_gib"] > 0
+    assert record["gpu_peak"] is None  # CPU run
+    assert record["mp4"]["codec"] == "h264" and record["mp4"]["frames"] == 9
+
+    decodes = {d["tiling"]: d for d in record["decode_again"]}
+    assert set(decodes) == {"on", "off"}
+    for decode in decodes.values():
+        assert "error" not in decode
+        assert _finite(decode["seconds"]) and decode["frames_finite"] is True
+
+    env = record["environment"]
+    assert env["command"] and env["versions"]["torch"] and env["versions"]["diffusers"]
