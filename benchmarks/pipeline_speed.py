@@ -493,6 +493,8 @@ def standalone_decode(pipe, latents: torch.Tensor, mode: str, device: torch.devi
     try:
         if cuda:
             torch.cuda.synchronize(device)
+            # Weights (and latents) already on the GPU: the peak minus this is the decode's own.
+            result["allocated_before_gib"] = torch.cuda.memory_allocated(device) / GIB
         started = time.perf_counter()
         with torch.no_grad():
             frames = pipe.decode_latents(latents)
@@ -656,8 +658,11 @@ def _decode_cell(record: dict, mode: str) -> str:
         if item["tiling"] == mode:
             if "error" in item:
                 return "error"
-            peak = item.get("peak_allocated_gib")
-            return fmt(item["seconds"]) + (f" / {peak:.1f}" if peak is not None else "")
+            peak, before = item.get("peak_allocated_gib"), item.get("allocated_before_gib")
+            if peak is None:
+                return fmt(item["seconds"])
+            extra = f" (+{peak - before:.1f})" if before is not None else ""
+            return f"{fmt(item['seconds'])} / {peak:.1f}{extra}"
     return "-"
 
 
@@ -743,7 +748,8 @@ def write_results(out: Path) -> str:
         "- Phases are timed inside one `VideoGenerator.generate` call; 'first step' includes",
         "  first-call effects (kernel loading; with offload, moving the transformer in).",
         "- 'decode again' decodes the run's final latents once more per VAE tiling mode:",
-        "  seconds / GPU peak allocated during that decode.",
+        "  seconds / GPU peak allocated during that decode (+ above what was allocated before:",
+        "  the decode's own memory; with offload the VAE's weights move in within it).",
         "- 'projected' totals are NOT measured: total minus measured denoising plus",
         "  N x median step.",
         "",

@@ -1,189 +1,447 @@
-"""Fetch and cache a variant's weights in setup().
+"""Fetch, verify and cache a variant's weights in setup(); a cache entry never lies.
 
-A cache entry is published by renaming a fully extracted staging directory that carries a
-completion marker, so a download cut short never looks like weights to a later setup.
+For a source that is not a local directory:
+
+1. A published entry whose completion marker is valid (same source and manifest, every
+   recorded file still there at its recorded size) is used without any network.
+2. Otherwise one process takes the entry's lock; others wait for it and use its result.
+3. The holder downloads into a staging folder next to the entry (resuming an earlier attempt
+   on the same file), verifies it (verify.py), fsyncs it, writes the marker recording what was
+   verified, and renames the folder into place. Nothing else ever creates an entry, so an
+   entry without a valid marker is only ever replaced, never loaded.
 """
 
 from __future__ import annotations
 
-import http.client
+import fcntl
+import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
-import tarfile
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path
-from typing import BinaryIO
 
+from . import download
+from .manifest import BadSource, Manifest, WeightsError, load_manifest
+from .untar import JOURNAL, Journal, extract
 from .variants import MODEL_ENV, Variant
+from .verify import check_contained, verify
+
+__all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights"]
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "COGVIDEOX_WEIGHTS_DIR"
 WEIGHTS_URL_ENV = "COGVIDEOX_WEIGHTS_URL"
+# "0": skip the fsyncs before the marker, for a cache on a disk that does not outlive the
+# machine anyway (a container's own filesystem); the marker then only holds until a power cut.
+FSYNC_ENV = "COGVIDEOX_WEIGHTS_FSYNC"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 COMPLETE_MARKER = ".cogvideox-complete.json"
-MODEL_INDEX = "model_index.json"
-
-READ_TIMEOUT_S = 60
-CHUNK_BYTES = 8 << 20
-PROGRESS_EVERY_S = 10.0
-
-
-class WeightsError(RuntimeError):
-    pass
+MARKER_FORMAT = 2
+HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself
+LOCK_LOG_EVERY_S = 30.0
+# What a hub snapshot needs: the pipeline index and the component folders (no README, media).
+HF_PATTERNS = ["model_index.json", "*/*"]
+_HF_URL = re.compile(r"hf://([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([^\s@]+))?/?")
 
 
 def ensure_weights(variant: Variant) -> Path:
     """Return a directory with the variant's diffusers weights, downloading them if needed."""
-    source = os.environ.get(WEIGHTS_URL_ENV) or variant.weights_url
-    if not source:
+    manifest = load_manifest(variant.id)
+    url = (os.environ.get(WEIGHTS_URL_ENV) or "").strip()
+    if url and manifest.origin == "built-in":
+        manifest = manifest.layout_only()  # its sizes and hashes describe its own sources
+    sources = [url] if url else list(manifest.sources)
+    if not sources:
         raise WeightsError(
-            f"{variant.id} has no public weights tar. Set {WEIGHTS_URL_ENV} to an http(s) URL "
-            f"or local path of a tar, or a local directory, holding the diffusers layout of "
-            f"{variant.hub_repo} (model_index.json at its root), or pick another {MODEL_ENV}."
+            f"{variant.id} has no public weights tar. Set {WEIGHTS_URL_ENV} to "
+            f"hf://{variant.hub_repo} to download it from the Hugging Face Hub, or to an "
+            f"http(s) URL or local path of a tar, or a local directory, holding the diffusers "
+            f"layout of {variant.hub_repo} (model_index.json at its root), or pick another "
+            f"{MODEL_ENV}."
         )
-    local = Path(source).expanduser()
-    if local.is_dir():
-        return _model_root(local, source)
+    local = Path(sources[0]).expanduser()
+    if len(sources) == 1 and local.is_dir():
+        # Used in place, never copied: structure and sizes are checked on every setup, file
+        # hashes are not (that would read every byte of the weights on each start).
+        return verify(local, manifest, sources[0], hash_missing=False, in_place=True).root
 
     cache_root = Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
-    entry = cache_root / _entry_name(variant, source)
-    cached = _published_root(entry, source)
-    if cached is not None:
-        log.info("weights: using cached %s (%s)", cached, source)
-        return cached
-
+    entry = cache_root / _entry_name(variant, sources, manifest)
+    root = _published(entry, sources, manifest)
+    if root is not None:
+        log.info(f"weights: using cached {root}")
+        return root
     cache_root.mkdir(parents=True, exist_ok=True)
-    staging = cache_root / f".{entry.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    started = time.monotonic()
-    try:
-        if local.is_file():
-            log.info("weights: extracting %s", local)
-            with local.open("rb") as stream:
-                _extract_tar_stream(stream, staging)
-        elif source.startswith(("http://", "https://")):
-            _download_tar(source, staging)
-        else:
-            raise WeightsError(
-                f"{WEIGHTS_URL_ENV}={source!r} is neither an http(s) URL nor an existing file or "
-                f"directory."
-            )
-        root = _model_root(staging, source)
-        marker = {
-            "variant": variant.id,
-            "source": source,
-            "root": str(root.relative_to(staging)),
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
-        shutil.rmtree(entry, ignore_errors=True)
-        staging.rename(entry)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("weights: ready in %s after %.1f s", entry, time.monotonic() - started)
-    return entry / marker["root"]
+    with _locked(cache_root / f".{entry.name}.lock"):
+        root = _published(entry, sources, manifest, explain=True)
+        if root is not None:
+            log.info(f"weights: using {root}, completed by another process while we waited")
+            return root
+        root = _reverified(entry, sources, manifest)
+        if root is not None:
+            return root
+        _discard(entry)
+        # Left by a process killed while deleting, or by the per-process staging folders
+        # of earlier versions: never read, only removed.
+        for leftover in cache_root.glob(f".{entry.name}.*-*"):
+            if leftover.is_dir() and (".trash-" in leftover.name or ".partial-" in leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
+        errors = []
+        for number, source in enumerate(sources, 1):
+            try:
+                return _fetch(variant, source, entry, manifest)
+            except WeightsError as error:
+                errors.append(error)
+                if number < len(sources):
+                    log.warning(f"weights: {error}\nweights: trying the next source")
+        if len(errors) == 1:
+            raise errors[0]
+        raise WeightsError("every source failed:\n" + "\n".join(f"- {e}" for e in errors))
 
 
-def _entry_name(variant: Variant, source: str) -> str:
-    if source == variant.weights_url:
+def parse_hf_url(source: str) -> tuple[str, str | None]:
+    """hf://org/repo[@revision] -> ("org/repo", revision or None)."""
+    match = _HF_URL.fullmatch(source)
+    if not match:
+        raise WeightsError(
+            f"{WEIGHTS_URL_ENV}={source!r} is not a Hugging Face Hub source: use "
+            f"hf://org/repo or hf://org/repo@revision (a branch, tag or commit)"
+        )
+    return match[1], match[2]
+
+
+def _entry_name(variant: Variant, sources: list[str], manifest: Manifest) -> str:
+    if manifest.origin == "built-in" and tuple(sources) == manifest.sources:
         return variant.id
-    return f"{variant.id}-{sha256(source.encode()).hexdigest()[:12]}"
+    return f"{variant.id}-{sha256(' '.join(sources).encode()).hexdigest()[:12]}"
 
 
-def _published_root(entry: Path, source: str) -> Path | None:
-    """The model directory of a completed cache entry for this source, else None."""
+def _read_marker(entry: Path) -> dict | None:
     try:
         marker = json.loads((entry / COMPLETE_MARKER).read_text())
+        return marker if isinstance(marker, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def _published(
+    entry: Path, sources: list[str], manifest: Manifest, explain: bool = False
+) -> Path | None:
+    """The model directory of a completed entry that is still what its marker says."""
+    marker = _read_marker(entry)
+    if marker is None:
+        if explain and entry.exists():
+            log.warning(f"weights: {entry} has no completion marker: replacing it")
+        return None
     root = entry / marker.get("root", ".")
-    if marker.get("source") != source or not (root / MODEL_INDEX).is_file():
+    problem = None
+    if marker.get("format") != MARKER_FORMAT or marker.get("manifest") != manifest.digest:
+        problem = "was verified against another manifest"
+    elif marker.get("source") not in sources:
+        problem = f"came from {marker.get('source')}"
+    else:
+        for rel, recorded in marker.get("files", {}).items():
+            path = root / rel
+            size = path.stat().st_size if path.is_file() else None
+            if size != recorded["size"]:
+                now = "is missing" if size is None else f"is {size:,} bytes"
+                problem = f"changed since it was verified: {rel} {now}, was {recorded['size']:,}"
+                break
+    if problem:
+        if explain:
+            log.warning(f"weights: {entry} {problem}")
         return None
     return root
 
 
-def _model_root(directory: Path, source: str) -> Path:
-    """The directory holding model_index.json: the top, or a single folder the tar wrapped."""
-    if (directory / MODEL_INDEX).is_file():
-        return directory
-    children = [p for p in directory.iterdir() if p.is_dir()] if directory.is_dir() else []
-    if len(children) == 1 and (children[0] / MODEL_INDEX).is_file():
-        return children[0]
-    raise WeightsError(
-        f"{source} holds no {MODEL_INDEX} at its top (nor in a single top folder): it is not a "
-        f"diffusers CogVideoX pipeline."
+def _reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | None:
+    """Verify an entry with a stale marker (older format, other manifest) in place.
+
+    Adding hashes to a manifest, or upgrading from an older marker, should not cost a
+    20 GB download when the files on disk are right.
+    """
+    marker = _read_marker(entry)
+    if marker is None or marker.get("source") not in sources:
+        return None
+    if marker.get("format") == MARKER_FORMAT and marker.get("manifest") == manifest.digest:
+        return None  # current and failed its file check: replace it
+    started = time.monotonic()
+    try:
+        verified = verify(entry, manifest, marker["source"])
+    except WeightsError as error:
+        log.warning(f"weights: {entry} no longer passes verification, replacing it: {error}")
+        return None
+    marker.update(_marker_fields(verified, entry, manifest))
+    _write_marker(entry, marker)
+    log.info(f"weights: re-verified {entry} in {time.monotonic() - started:.1f} s")
+    return verified.root
+
+
+def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest) -> Path:
+    staging = entry.parent / f".{entry.name}.staging"
+    phases: dict[str, float] = {}
+    started = time.monotonic()
+    log.info(f"weights: fetching {variant.id} from {source} into {entry}")
+    try:
+        if source.startswith("hf://"):
+            _fetch_hub(source, staging)
+            hashes = {}
+        else:
+            hashes = _fetch_tar(source, staging, manifest)
+        phases["download"] = time.monotonic() - started
+        mark = time.monotonic()
+        verified = verify(staging, manifest, source, hashes)
+        phases["verify"] = time.monotonic() - mark
+    except BadSource:
+        _discard(staging)  # the bytes themselves are wrong: nothing worth resuming
+        raise
+    mark = time.monotonic()
+    marker = {"format": MARKER_FORMAT, "variant": variant.id, "source": source}
+    marker.update(_marker_fields(verified, staging, manifest))
+    marker["seconds"] = {k: round(v, 3) for k, v in phases.items()}
+    _publish(staging, entry, marker)
+    phases["sync and publish"] = time.monotonic() - mark
+    size = verified.size
+    rate = size / max(phases["download"], 1e-9)
+    # cog 0.23's current_scope() is a no-op scope during setup() (metrics exist only per
+    # prediction), so the phase times are logged and kept in the marker instead.
+    log.info(
+        f"weights: {variant.id} ready in {time.monotonic() - started:.1f} s: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+        + f" ({download.human(size)} at {rate / 1e6:.0f} MB/s; checked: "
+        + ", ".join(verified.checks)
+        + ")"
     )
+    return entry / verified.root.relative_to(staging)
 
 
-def _download_tar(url: str, staging: Path) -> None:
-    pget = shutil.which("pget")
-    if pget:
-        log.info("weights: pget -x %s", url)
-        result = subprocess.run([pget, "-x", url, str(staging)], check=False)
-        if result.returncode != 0:
-            raise WeightsError(f"pget failed (exit {result.returncode}) fetching {url}")
+def _fetch_tar(source: str, staging: Path, manifest: Manifest) -> dict[str, str | None]:
+    """Download and extract a tar into `staging`; sha256 of the files hashed on the way."""
+    local = Path(source).expanduser()
+    response = None
+    if local.is_file():
+        stat = local.stat()
+        size, validator = stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"
+    elif source.startswith(("http://", "https://")):
+        pget = shutil.which("pget")
+        if pget:
+            _fetch_pget(pget, source, staging)
+            return {}
+        remote, response = download.probe(source)
+        size, validator = remote.size, remote.validator
+    else:
+        raise WeightsError(
+            f"{WEIGHTS_URL_ENV}={source!r} is neither an http(s) URL, an hf:// repository nor "
+            f"an existing file or directory."
+        )
+    journal = Journal.resume(staging, source, size, validator)
+    if journal is None:
+        _discard(staging)
+        staging.mkdir(parents=True)
+        journal = Journal(source, size, validator)
+    elif not journal.done:
+        log.info(f"weights: resuming at byte {journal.bytes_done:,} of {size or 0:,}")
+    _check_disk(staging.parent, size, journal.bytes_done, source)
+    if not journal.done:
+
+        def open_stream(start: int) -> download.Stream:
+            if local.is_file():
+                return download.open_file(local, start, f"extraction of {local}")
+            return download.open_url(remote, response, start, f"download of {source}")
+
+        hash_files = any(spec.sha256 for spec in manifest.files.values())
+        extract(open_stream, staging, journal, source, hash_files, durable=_durable())
+    elif response is not None:
+        response.close()
+    return {name: f["sha256"] for name, f in journal.files.items()}
+
+
+def _fetch_pget(pget: str, url: str, staging: Path) -> None:
+    """pget -x: Replicate's parallel downloader, extracting as it streams."""
+    remote, response = download.probe(url)  # the size for the disk check; a clear 404
+    if response is not None:
+        response.close()
+    _check_disk(staging.parent, remote.size, 0, url)
+    # pget refuses an existing destination without -f; a fresh folder rather than -f also
+    # keeps an earlier attempt's files out. pget does its own retries (no resume across runs).
+    _discard(staging)
+    log.info(f"weights: pget -x {url}")
+    result = subprocess.run([pget, "-x", url, str(staging)], check=False)
+    if result.returncode != 0:
+        raise WeightsError(
+            f"pget failed (exit {result.returncode}) fetching {url}; its log is above. Run "
+            f"setup again, or take pget off PATH to use the built-in downloader."
+        )
+    check_contained(staging, url)
+
+
+def _fetch_hub(source: str, staging: Path) -> None:
+    """snapshot_download into the staging folder, which it resumes itself."""
+    repo, revision = parse_hf_url(source)
+    import huggingface_hub
+
+    journal = Journal.resume(staging, source, None, revision)
+    if journal is None:
+        _discard(staging)
+        staging.mkdir(parents=True)
+        Journal(source, None, revision).save(staging)
+    backend = "hf_xet" if importlib.util.find_spec("hf_xet") else "HTTP"
+    log.info(f"weights: {repo}@{revision or 'main'} from the Hub ({backend} transfers)")
+    kwargs = {
+        "repo_id": repo,
+        "revision": revision,
+        "local_dir": staging,
+        "allow_patterns": HF_PATTERNS,
+    }
+    try:
+        with _hub_online():
+            plan = huggingface_hub.snapshot_download(**kwargs, dry_run=True)
+            size = sum(f.file_size or 0 for f in plan)
+            _check_disk(staging.parent, size, size - _pending(plan), source)
+            huggingface_hub.snapshot_download(**kwargs)
+    except WeightsError:
+        raise
+    except Exception as error:
+        raise WeightsError(
+            f"could not download {source} from the Hugging Face Hub: {error}. Check the "
+            f"repository name and revision, and HF_TOKEN for a gated or private one; the next "
+            f"setup resumes."
+        ) from error
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub's own download state
+    check_contained(staging, source)
+
+
+def _pending(plan) -> int:
+    return sum(f.file_size or 0 for f in plan if f.will_download)
+
+
+@contextmanager
+def _hub_online() -> Iterator[None]:
+    """Allow huggingface_hub to reach the hub for this one download.
+
+    The package sets HF_HUB_OFFLINE=1 at import so that loading never touches the network.
+    huggingface_hub 2.4 reads that variable once, into constants.HF_HUB_OFFLINE, and checks
+    the constant before every request: lifting the constant (not the variable) for the
+    duration of snapshot_download allows exactly these requests and nothing after.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _check_disk(folder: Path, total: int | None, done: int, source: str) -> None:
+    if total is None:
+        log.warning(f"weights: the size of {source} is unknown: free disk space not checked")
         return
-    log.info("weights: downloading %s (pget not on PATH: built-in downloader)", url)
+    need = max(total - done, 0) + HEADROOM_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise WeightsError(
+            f"not enough disk space in {folder} for the weights from {source}: "
+            f"{need / 1e9:.2f} GB needed ({total / 1e9:.2f} GB in all, {done / 1e9:.2f} GB "
+            f"already downloaded, {HEADROOM_BYTES >> 20} MiB headroom), {free / 1e9:.2f} GB "
+            f"free. Free up space or set {WEIGHTS_DIR_ENV} to a larger volume."
+        )
+
+
+def _marker_fields(verified, folder: Path, manifest: Manifest) -> dict:
+    return {
+        "root": verified.root.relative_to(folder).as_posix(),
+        "manifest": manifest.digest,
+        "manifest_origin": manifest.origin,
+        "checks": verified.checks,
+        "files": verified.files,
+        "bytes": verified.size,
+        "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _write_marker(folder: Path, marker: dict) -> None:
+    temp = folder / f"{COMPLETE_MARKER}.tmp"
+    temp.write_text(json.dumps(marker, indent=2))
+    _fsync(temp)
+    temp.replace(folder / COMPLETE_MARKER)
+    _fsync(folder)
+
+
+def _publish(staging: Path, entry: Path, marker: dict) -> None:
+    """Make the verified staging folder the entry in one rename, durable before it is."""
+    (staging / JOURNAL).unlink(missing_ok=True)
+    # On disk before the marker says so: after a power cut the marker must not outlive data.
+    for folder, _, names in os.walk(staging):
+        for name in names:
+            if not os.path.islink(os.path.join(folder, name)):
+                _fsync(Path(folder, name))
+        _fsync(Path(folder))
+    _write_marker(staging, marker)
+    _discard(entry)
+    staging.rename(entry)
+    _fsync(entry.parent)
+
+
+def _durable() -> bool:
+    return os.environ.get(FSYNC_ENV, "1").strip() != "0"
+
+
+def _fsync(path: Path) -> None:
+    if not _durable():
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with urllib.request.urlopen(url, timeout=READ_TIMEOUT_S) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            counted = _ProgressReader(response, total)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder; renamed aside first, so no half-deleted entry is ever seen."""
+    if not os.path.lexists(path):
+        return
+    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`: one process fetches an entry, the others wait for it.
+
+    fcntl.flock rather than the filelock package: filelock is not one of our pinned
+    dependencies, and this is all it would do here. The kernel releases the lock when its
+    holder exits or dies, so a killed setup never blocks the next one.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        last_log = None
+        while True:
             try:
-                _extract_tar_stream(counted, staging)
-                while counted.read():  # the tar's end padding, so the length check below holds
-                    pass
-            except (OSError, tarfile.TarError, EOFError, http.client.HTTPException) as error:
-                raise WeightsError(
-                    f"download of {url} failed after {counted.received:,} of "
-                    f"{total or 'unknown'} bytes: {error!r}"
-                ) from error
-            if total and counted.received != total:
-                raise WeightsError(
-                    f"download of {url} ended after {counted.received:,} of {total:,} bytes"
-                )
-    except urllib.error.URLError as error:
-        raise WeightsError(f"could not download {url}: {error}") from error
-
-
-def _extract_tar_stream(stream: BinaryIO, staging: Path) -> None:
-    staging.mkdir(parents=True)
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
-            # The "data" filter refuses absolute paths, "..", links leaving the destination
-            # and device files: a tar from the network cannot write outside staging.
-            archive.extractall(staging, filter="data")
-    except tarfile.FilterError as error:
-        raise WeightsError(f"refusing unsafe weights tar: {error}") from error
-
-
-class _ProgressReader:
-    """A file-like wrapper that counts bytes and logs progress now and then, not per chunk."""
-
-    def __init__(self, raw: BinaryIO, total: int):
-        self.raw, self.total, self.received = raw, total, 0
-        self.started = self.last_log = time.monotonic()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(CHUNK_BYTES if size < 0 else size)
-        self.received += len(data)
-        now = time.monotonic()
-        if now - self.last_log >= PROGRESS_EVERY_S:
-            self.last_log = now
-            rate = self.received / max(now - self.started, 1e-9)
-            eta = f", ETA {(self.total - self.received) / rate:.0f} s" if self.total else ""
-            log.info(
-                "weights: %.2f GB of %s at %.0f MB/s%s",
-                self.received / 1e9,
-                f"{self.total / 1e9:.2f} GB" if self.total else "?",
-                rate / 1e6,
-                eta,
-            )
-        return data
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if last_log is None or now - last_log >= LOCK_LOG_EVERY_S:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+                    log.info(f"weights: waiting for another setup to finish ({holder})")
+                    last_log = now
+                time.sleep(0.2)
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%H:%M:%S}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -1,45 +1,173 @@
-"""A real HTTP file server on 127.0.0.1 for weights downloads in tests.
+"""A real HTTP file server on 127.0.0.1 for weights downloads in tests and benchmarks.
 
-Serves files from one directory and counts the body bytes it sent, so tests can tell a
-download that ran from one that reused the cache.
+Serves the files of one directory over HTTP/1.1 with keep-alive and byte ranges (206 with
+Content-Range, as CDNs do), counts the body bytes it sent, logs each request, and injects the
+faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying
+Content-Length, a flipped byte, a stalled transfer, no Range support.
+
+A fault is keyed by file name and applies to the next `times` responses for that file
+(None: to all of them). Offsets are offsets in the file, not in one response's body, so a
+fault stays put whichever range a client asks for.
+
+`python -m tests.file_server DIR` serves DIR in a process of its own and prints its base URL
+(the benchmark uses this, so the server does not share the downloader's interpreter).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import sys
 import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+_BLOCK = 256 << 10
 
 
-class _Handler(SimpleHTTPRequestHandler):
+@dataclass
+class _Fault:
+    kind: str  # "drop", "status", "length", "flip", "stall"
+    offset: int = 0
+    status: int = 0
+    delta: int = 0
+    seconds: float = 0.0
+    times: int | None = None  # responses left to spoil; None: every one
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Several ranged connections at once from one client: the default backlog of 5 drops
+    # some under load, which shows up as resets that are not a fault under test.
+    request_queue_size = 64
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up: fine
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a CDN
+    server: _Server
+
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
-    def copyfile(self, source, outputfile) -> None:
-        server = self.server
-        truncate_at = server.truncate.get(self.path.lstrip("/"))
-        sent = 0
-        while chunk := source.read(64 << 10):
-            if truncate_at is not None and sent + len(chunk) > truncate_at:
-                outputfile.write(chunk[: truncate_at - sent])
-                server.bytes_sent += truncate_at - sent
-                self.close_connection = True
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        owner: FileServer = self.server.owner
+        name = unquote(urlsplit(self.path).path).lstrip("/")
+        path = owner.directory / name
+        owner._log(self.command, name, self.headers.get("Range"))
+        if not name or ".." in Path(name).parts or not path.is_file():
+            self._error(404)
+            return
+        status = owner._take(name, "status")
+        if status is not None:
+            self._error(status.status)
+            return
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        ranged = owner.ranges and self.headers.get("Range")
+        if ranged:
+            match = _RANGE.match(ranged.strip())
+            if not match or (not match[1] and not match[2]):
+                self._error(416, size)
                 return
-            outputfile.write(chunk)
-            sent += len(chunk)
-            server.bytes_sent += len(chunk)
+            if match[1]:
+                start = int(match[1])
+                end = min(int(match[2]), size - 1) if match[2] else size - 1
+            else:  # a suffix range: the last N bytes
+                start = max(size - int(match[2]), 0)
+            if start >= size or start > end:
+                self._error(416, size)
+                return
+        length = end - start + 1
+        lie = owner._take(name, "length")
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(length + (lie.delta if lie else 0)))
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        if owner.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        stat = path.stat()
+        self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{size:x}"')
+        self.send_header("Content-Type", "application/x-tar")
+        self.end_headers()
+        if not body:
+            return
+        if lie:
+            self.close_connection = True  # the body does not match the header: no reuse
+        with path.open("rb") as source:
+            self._send_body(owner, name, source, start, end + 1)
+
+    def _send_body(self, owner: FileServer, name: str, source, start: int, stop: int) -> None:
+        drop = owner._peek(name, "drop", start, stop)
+        stall = owner._peek(name, "stall", start, stop)
+        flip = owner._peek(name, "flip", start, stop)
+        cut = min(f.offset for f in (drop, stall) if f) if (drop or stall) else stop
+        if drop and drop.offset == cut:
+            owner._spend(name, drop)
+        if stall and stall.offset == cut:
+            owner._spend(name, stall)
+        if flip:
+            owner._spend(name, flip)
+        position = start
+        if not flip and cut == stop:
+            # Fast path, as a real file server: the kernel copies the file to the socket.
+            while position < stop:
+                sent = self.connection.sendfile(source, position, stop - position)
+                if not sent:
+                    break
+                position += sent
+                owner._count(sent)
+            return
+        source.seek(start)
+        while position < cut:
+            data = bytearray(source.read(min(_BLOCK, cut - position)))
+            if flip and position <= flip.offset < position + len(data):
+                data[flip.offset - position] ^= 0xFF
+            self.wfile.write(data)
+            position += len(data)
+            owner._count(len(data))
+        if cut < stop:
+            self.wfile.flush()
+            if stall and stall.offset == cut:
+                owner._stopped.wait(stall.seconds)
+            self.close_connection = True  # cut short: the client sees the body end early
+
+    def _error(self, code: int, size: int | None = None) -> None:
+        self.send_response(code)
+        if size is not None:
+            self.send_header("Content-Range", f"bytes */{size}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
 
 class FileServer:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, port: int = 0, ranges: bool = True):
         self.directory = Path(directory)
-        self._httpd = ThreadingHTTPServer(
-            ("127.0.0.1", 0), partial(_Handler, directory=str(self.directory))
+        self.ranges = ranges
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, name, Range header)
+        self._bytes_sent = 0
+        self._faults: dict[str, list[_Fault]] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
-        self._httpd.bytes_sent = 0
-        self._httpd.truncate = {}
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
     def url(self, name: str) -> str:
@@ -48,12 +176,104 @@ class FileServer:
 
     @property
     def bytes_sent(self) -> int:
-        return self._httpd.bytes_sent
+        """Body bytes sent so far, over all files and responses."""
+        return self._bytes_sent
+
+    # Faults. Each applies to the next `times` responses for `name` (None: all of them).
 
     def truncate_after(self, name: str, size: int) -> None:
-        """Close the connection after `size` body bytes of `name` (Content-Length stays full)."""
-        self._httpd.truncate[name] = size
+        """Close every connection before file offset `size` of `name` (Content-Length stays
+        full). A size past the end of the file lifts it."""
+        self.clear(name, "drop")
+        self.drop_at(name, size, times=None)
+
+    def drop_at(self, name: str, offset: int, times: int | None = 1) -> None:
+        """Close the connection instead of sending the byte at `offset`."""
+        self._add(name, _Fault("drop", offset=offset, times=times))
+
+    def fail_with(self, name: str, status: int, times: int | None = 1) -> None:
+        """Answer `status` (e.g. 503) with an empty body."""
+        self._add(name, _Fault("status", status=status, times=times))
+
+    def lie_about_length(self, name: str, delta: int, times: int | None = None) -> None:
+        """Send Content-Length off by `delta` with the true body, then close the connection."""
+        self._add(name, _Fault("length", delta=delta, times=times))
+
+    def flip_byte(self, name: str, offset: int, times: int | None = None) -> None:
+        """Send the byte at `offset` with all its bits flipped."""
+        self._add(name, _Fault("flip", offset=offset, times=times))
+
+    def stall_at(self, name: str, offset: int, seconds: float, times: int | None = 1) -> None:
+        """Stop sending before `offset` for `seconds` (or until stop()), then close."""
+        self._add(name, _Fault("stall", offset=offset, seconds=seconds, times=times))
+
+    def clear(self, name: str | None = None, kind: str | None = None) -> None:
+        with self._lock:
+            for key in [name] if name else list(self._faults):
+                self._faults[key] = [
+                    f for f in self._faults.get(key, []) if kind and f.kind != kind
+                ]
 
     def stop(self) -> None:
+        self._stopped.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    # Bookkeeping for the handler.
+
+    def _add(self, name: str, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.setdefault(name, []).append(fault)
+
+    def _take(self, name: str, kind: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults.get(name, []):
+                if fault.kind == kind and fault.times != 0:
+                    self._spend_locked(fault)
+                    return fault
+        return None
+
+    def _peek(self, name: str, kind: str, start: int, stop: int) -> _Fault | None:
+        with self._lock:
+            hits = [
+                f
+                for f in self._faults.get(name, [])
+                if f.kind == kind and f.times != 0 and start <= f.offset < stop
+            ]
+        return min(hits, key=lambda f: f.offset) if hits else None
+
+    def _spend(self, name: str, fault: _Fault) -> None:
+        with self._lock:
+            self._spend_locked(fault)
+
+    @staticmethod
+    def _spend_locked(fault: _Fault) -> None:
+        if fault.times is not None:
+            fault.times -= 1
+
+    def _count(self, sent: int) -> None:
+        with self._lock:
+            self._bytes_sent += sent
+
+    def _log(self, method: str, name: str, byte_range: str | None) -> None:
+        with self._lock:
+            self.requests.append((method, name, byte_range))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    server = FileServer(args.directory, port=args.port)
+    print(server.url(""), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,45 +1,97 @@
-"""setup()'s weights step: download, extract, cache; a partial copy is never taken for weights."""
+"""setup()'s weights step: verified, atomic, resumable downloads and a cache that never lies.
 
+Every download test runs against a real HTTP server on 127.0.0.1 (tests/file_server.py)
+serving tars of a real tiny diffusers pipeline, and injects one fault at a time. For each,
+setup either recovers with weights identical to the served ones or fails with an error
+naming what failed, and no cache entry is ever marked complete when it is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
 import io
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import textwrap
+import time
+from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from cogvideox_cog import weights
+from cogvideox_cog import download, weights
+from cogvideox_cog.manifest import (
+    MANIFEST_DIR,
+    BadSource,
+    load_manifest,
+    manifest_of_directory,
+    sha256_file,
+)
+from cogvideox_cog.untar import JOURNAL
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.weights import COMPLETE_MARKER, WeightsError, ensure_weights
+from cogvideox_cog.verify import verify
+from cogvideox_cog.weights import COMPLETE_MARKER, WeightsError, ensure_weights, parse_hf_url
 from tests.file_server import FileServer
 
+PROJECT = Path(__file__).resolve().parent.parent
 VARIANT = VARIANTS["cogvideox-5b"]
+BIG = "transformer/diffusion_pytorch_model.safetensors"  # the largest member of the tiny tar
+ABSOLUTE = "/cogvideox-weights-test-absolute.txt"
 
 
-def _pipeline_files() -> dict[str, bytes]:
-    """The shape of a diffusers pipeline folder; the weights step only reads model_index.json."""
-    return {
-        "model_index.json": json.dumps({"_class_name": "CogVideoXPipeline"}).encode(),
-        "transformer/config.json": b"{}",
-        "transformer/diffusion_pytorch_model.safetensors": bytes(range(256)) * 4096,
-    }
+# Fixtures: one tiny pipeline, its tars, a server, an empty cache.
 
 
-def _tar(path: Path, files: dict[str, bytes], prefix: str = "") -> Path:
-    with tarfile.open(path, "w") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(prefix + name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from cogvideox_cog.tiny import save_tiny_weights
+
+    return save_tiny_weights(tmp_path_factory.mktemp("tiny") / "pipeline", "1.0", "t2v")
+
+
+def _tar(path: Path, directory: Path, prefix: str = "", extra=()) -> Path:
+    """`directory` as a tar (model_index.json at the top), plus `extra` (TarInfo, bytes)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        for file in sorted(directory.rglob("*")):
+            archive.add(file, arcname=prefix + str(file.relative_to(directory)), recursive=False)
+        for info, data in extra:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
     return path
 
 
+def _member(name: str, data: bytes | None = b"x", **attrs) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if data is not None else 0
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def _data_offset(tar: Path, name: str) -> tuple[int, int]:
+    """(offset of the member's data in the tar, its size)."""
+    with tarfile.open(tar) as archive:
+        member = archive.getmember(name)
+        return member.offset_data, member.size
+
+
+@pytest.fixture(scope="module")
+def served_dir(tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    _tar(root / "model.tar", tiny)
+    _tar(root / "wrapped.tar", tiny, prefix="model_cache/")
+    return root
+
+
 @pytest.fixture
-def served(tmp_path):
-    root = tmp_path / "served"
-    root.mkdir()
-    _tar(root / "model.tar", _pipeline_files())
-    _tar(root / "wrapped.tar", _pipeline_files(), prefix="model_cache/")
-    server = FileServer(root)
+def served(served_dir):
+    server = FileServer(served_dir)
     yield server
     server.stop()
 
@@ -48,17 +100,48 @@ def served(tmp_path):
 def cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(cache))
-    monkeypatch.delenv("COGVIDEOX_WEIGHTS_URL", raising=False)
-    monkeypatch.setattr(weights.shutil, "which", lambda name: None)  # built-in downloader
+    for name in ("COGVIDEOX_WEIGHTS_URL", "COGVIDEOX_WEIGHTS_MANIFEST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_TIMEOUT", "5")
+    monkeypatch.setattr(weights.shutil, "which", lambda name, **kw: None)  # built-in downloader
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(download, "RETRIES", 3)
     return cache
 
 
-def test_http_tar_is_downloaded_extracted_and_marked_complete(served, cache, monkeypatch):
+def _same_tree(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    theirs = sorted(
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+    return files == theirs and all(
+        sha256_file(a / f).digest() == sha256_file(b / f).digest() for f in files
+    )
+
+
+def _markers(cache: Path) -> list[Path]:
+    """Every completion marker under the cache: where one is, weights are claimed."""
+    return list(cache.rglob(COMPLETE_MARKER)) if cache.exists() else []
+
+
+def _nothing_published(cache: Path) -> bool:
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")] if cache.exists() else []
+    return not entries and not _markers(cache)
+
+
+# The basics: download, reuse, layout.
+
+
+def test_http_tar_is_downloaded_verified_and_marked_complete(served, cache, tiny, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     root = ensure_weights(VARIANT)
-    assert (root / "model_index.json").is_file()
-    assert (root / "transformer/diffusion_pytorch_model.safetensors").stat().st_size == 256 * 4096
-    assert json.loads((root / COMPLETE_MARKER).read_text())["source"] == served.url("model.tar")
+    assert _same_tree(tiny, root)
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    assert marker["source"] == served.url("model.tar")
+    assert {"layout", "configs", "safetensors", "shard indexes"} <= set(marker["checks"])
+    assert marker["files"][BIG]["size"] == (tiny / BIG).stat().st_size
+    assert set(marker["seconds"]) == {"download", "verify"}
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == [root.name]
 
 
 def test_cached_weights_are_reused_without_any_network(served, cache, monkeypatch):
@@ -75,24 +158,7 @@ def test_a_tar_wrapping_one_folder_is_found_inside_it(served, cache, monkeypatch
     root = ensure_weights(VARIANT)
     assert root.name == "model_cache"
     assert (root / "model_index.json").is_file()
-
-
-def test_a_download_cut_short_fails_clearly_and_leaves_nothing_cached(served, cache, monkeypatch):
-    served.truncate_after("model.tar", 300_000)
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
-    cut_short = r"model.tar (failed|ended) after [\d,]+ of [\d,]+ bytes"
-    with pytest.raises(WeightsError, match=cut_short):
-        ensure_weights(VARIANT)
-    assert [p.name for p in cache.iterdir()] == []
-
-
-def test_a_failed_download_is_retried_from_scratch_by_the_next_setup(served, cache, monkeypatch):
-    served.truncate_after("model.tar", 300_000)
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
-    with pytest.raises(WeightsError):
-        ensure_weights(VARIANT)
-    served.truncate_after("model.tar", 10**12)
-    assert (ensure_weights(VARIANT) / "model_index.json").is_file()
+    assert ensure_weights(VARIANT) == root  # and its marker is found again
 
 
 def test_a_missing_url_names_the_url(served, cache, monkeypatch):
@@ -101,35 +167,24 @@ def test_a_missing_url_names_the_url(served, cache, monkeypatch):
         WeightsError, match=r"could not download http://127.0.0.1:\d+/nope.tar.*404"
     ):
         ensure_weights(VARIANT)
-    assert not any(cache.iterdir())
+    assert _nothing_published(cache)
 
 
-def test_an_entry_without_completion_marker_is_not_used(served, cache, monkeypatch):
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
-    root = ensure_weights(VARIANT)
-    (root / COMPLETE_MARKER).unlink()
-    (root / "transformer/diffusion_pytorch_model.safetensors").write_bytes(b"half")
-    sent = served.bytes_sent
-    root = ensure_weights(VARIANT)
-    assert served.bytes_sent > sent
-    assert (root / "transformer/diffusion_pytorch_model.safetensors").stat().st_size == 256 * 4096
-
-
-def test_a_local_tar_is_extracted_into_the_cache(tmp_path, cache, monkeypatch):
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(_tar(tmp_path / "m.tar", _pipeline_files())))
+def test_a_local_tar_is_extracted_into_the_cache(served_dir, cache, tiny, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(served_dir / "model.tar"))
     root = ensure_weights(VARIANT)
     assert root.parent == cache
-    assert (root / "model_index.json").is_file()
+    assert _same_tree(tiny, root)
 
 
-def test_a_local_directory_is_used_in_place(tmp_path, cache, monkeypatch):
-    local = tmp_path / "local"
-    for name, data in _pipeline_files().items():
-        (local / name).parent.mkdir(parents=True, exist_ok=True)
-        (local / name).write_bytes(data)
+def test_a_local_directory_is_used_in_place_and_checked(tiny, tmp_path, cache, monkeypatch):
+    local = shutil.copytree(tiny, tmp_path / "local")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
     assert ensure_weights(VARIANT) == local
     assert not cache.exists()
+    (local / "vae/config.json").unlink()
+    with pytest.raises(WeightsError, match=r"vae/config\.json: missing"):
+        ensure_weights(VARIANT)
 
 
 def test_a_directory_that_is_not_a_pipeline_is_refused(tmp_path, cache, monkeypatch):
@@ -138,19 +193,8 @@ def test_a_directory_that_is_not_a_pipeline_is_refused(tmp_path, cache, monkeypa
         ensure_weights(VARIANT)
 
 
-def test_a_tar_escaping_its_folder_is_refused_and_nothing_is_written_outside(
-    tmp_path, cache, monkeypatch
-):
-    evil = _tar(tmp_path / "evil.tar", {**_pipeline_files(), "../escaped.txt": b"x"})
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(evil))
-    with pytest.raises(WeightsError, match="unsafe weights tar"):
-        ensure_weights(VARIANT)
-    assert not (cache.parent / "escaped.txt").exists()
-    assert not any(cache.iterdir())
-
-
 def test_a_variant_without_public_tar_says_how_to_supply_weights(cache):
-    expected = r"cogvideox-2b has no public weights tar.*THUDM/CogVideoX-2b"
+    expected = r"cogvideox-2b has no public weights tar.*hf://THUDM/CogVideoX-2b"
     with pytest.raises(WeightsError, match=expected):
         ensure_weights(VARIANTS["cogvideox-2b"])
 
@@ -160,3 +204,646 @@ def test_a_changed_source_does_not_reuse_another_sources_cache(served, cache, mo
     first = ensure_weights(VARIANT)
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("wrapped.tar"))
     assert ensure_weights(VARIANT) != first
+
+
+# A cache that never lies.
+
+
+def test_an_entry_without_completion_marker_is_replaced(served, cache, tiny, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    (root / COMPLETE_MARKER).unlink()
+    (root / BIG).write_bytes(b"half")
+    sent = served.bytes_sent
+    root = ensure_weights(VARIANT)
+    assert served.bytes_sent > sent
+    assert _same_tree(tiny, root)
+
+
+def test_leftovers_of_killed_or_older_setups_are_removed(served, cache, tiny, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_FSYNC", "0")  # and the no-fsync path works
+    name = f"cogvideox-5b-{hashlib.sha256(served.url('model.tar').encode()).hexdigest()[:12]}"
+    for leftover in (f".{name}.partial-123", f".{name}.trash-456"):
+        (cache / leftover / "transformer").mkdir(parents=True)
+    root = ensure_weights(VARIANT)
+    assert _same_tree(tiny, root)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([name, f".{name}.lock"])
+
+
+def test_a_file_changed_after_publishing_is_noticed_and_replaced(served, cache, tiny, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    with (root / BIG).open("r+b") as file:
+        file.truncate(100)
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent > sent
+
+
+def test_a_new_manifest_reverifies_in_place_without_downloading(
+    served, served_dir, cache, tiny, tmp_path, monkeypatch
+):
+    """Adding hashes to a manifest (or upgrading the marker format) costs a re-check, not a
+    download; and a published entry that fails the new manifest is replaced."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    root = ensure_weights(VARIANT)
+    sent = served.bytes_sent
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [url])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    assert ensure_weights(VARIANT) == root
+    assert served.bytes_sent == sent
+    assert "sha256" in json.loads((root / COMPLETE_MARKER).read_text())["checks"]
+
+    data = json.loads(manifest.read_text())
+    data["files"]["vae/config.json"]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(BadSource, match=r"vae/config\.json: sha256 \w+, the manifest says 0+"):
+        ensure_weights(VARIANT)
+    assert not _markers(cache)
+
+
+# Faults on the wire: recover, or fail clearly with nothing marked complete.
+
+
+def test_a_connection_dropped_mid_body_is_resumed_where_it_stopped(
+    served, cache, tiny, monkeypatch
+):
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    served.drop_at("model.tar", size // 2, times=2)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent == size + 1  # every byte once (and the 1-byte probe)
+    assert served.requests[-1] == ("GET", "model.tar", f"bytes={size // 2}-{size - 1}")
+
+
+def test_503_a_few_times_then_success(served, cache, tiny, monkeypatch, caplog):
+    served.fail_with("model.tar", 503, times=3)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert "HTTP 503" in caplog.text and "retry 3/3" in caplog.text
+
+
+def test_503_for_good_fails_clearly(served, cache, monkeypatch):
+    served.fail_with("model.tar", 503, times=None)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(WeightsError, match=r"could not download .*model.tar: HTTP 503.*4 attempts"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+@pytest.mark.parametrize("delta", [1000, -1000])
+def test_a_wrong_content_length_fails_clearly(served, cache, monkeypatch, delta):
+    served.lie_about_length("model.tar", delta)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(
+        WeightsError, match=r"model.tar failed after 0 of [\d,]+ bytes: Content-Length"
+    ):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_wrong_content_length_once_is_retried(served, cache, tiny, monkeypatch):
+    served.lie_about_length("model.tar", 1000, times=2)  # the probe and the first range
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
+def test_a_download_cut_short_fails_clearly_and_leaves_nothing_cached(served, cache, monkeypatch):
+    served.truncate_after("model.tar", 300_000)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    cut_short = r"model.tar failed after 300,000 of [\d,]+ bytes: connection closed"
+    with pytest.raises(WeightsError, match=cut_short):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_failed_download_resumes_without_refetching_what_arrived(
+    served, cache, tiny, monkeypatch
+):
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    served.truncate_after("model.tar", 300_000)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(WeightsError):
+        ensure_weights(VARIANT)
+    assert served.bytes_sent == 300_000 + 1
+    served.truncate_after("model.tar", 10**12)
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    # At most the headers of the member that was cut are fetched again.
+    assert size - 300_000 + 1 <= served.bytes_sent - sent <= size - 300_000 + 1 + 1024
+
+
+def test_a_flipped_byte_fails_its_sha256_and_is_not_kept(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    offset, length = _data_offset(Path(served.directory) / "model.tar", BIG)
+    served.flip_byte("model.tar", offset + length - 10, times=None)  # deep in tensor data
+    url = served.url("model.tar")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [url])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    expected = rf"{BIG}: sha256 \w+, the manifest says {sha256_file(tiny / BIG).hexdigest()}"
+    with pytest.raises(BadSource, match=expected):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+    assert not any(cache.glob(".*.staging"))  # corrupt bytes are not resumed
+    served.clear()
+    root = ensure_weights(VARIANT)  # the built-in manifest's sources, replaced by ours
+    assert _same_tree(tiny, root)
+    assert "sha256" in json.loads((root / COMPLETE_MARKER).read_text())["checks"]
+
+
+def test_a_flipped_byte_in_a_safetensors_header_fails_without_a_manifest(
+    served, cache, monkeypatch
+):
+    offset, _ = _data_offset(Path(served.directory) / "model.tar", BIG)
+    served.flip_byte("model.tar", offset + 3)  # the high bytes of the header length
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(BadSource, match=rf"{BIG}: header length [\d,]+ does not fit the file"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_truncated_tar_fails_clearly(served, cache, monkeypatch):
+    tar = Path(served.directory) / "model.tar"
+    offset, length = _data_offset(tar, BIG)
+    (Path(served.directory) / "short.tar").write_bytes(tar.read_bytes()[: offset + length // 2])
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("short.tar"))
+    with pytest.raises(BadSource, match=rf"truncated tar .*short.tar.*in the middle of {BIG}"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_tar_truncated_between_members_fails_clearly(served, cache, monkeypatch):
+    """tarfile's stream mode would accept this silently; the end-of-archive block is required."""
+    tar = Path(served.directory) / "model.tar"
+    offset, _ = _data_offset(tar, "vae/config.json")
+    (Path(served.directory) / "cut.tar").write_bytes(tar.read_bytes()[: offset - 512])
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("cut.tar"))
+    with pytest.raises(BadSource, match=r"truncated tar .*cut.tar"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_stalled_transfer_times_out_and_resumes(served, cache, tiny, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_TIMEOUT", "0.3")
+    served.stall_at("model.tar", 200_000, seconds=30, times=1)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
+def test_a_server_stalled_for_good_fails_with_the_timeout(served, cache, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_TIMEOUT", "0.3")
+    monkeypatch.setattr(download, "RETRIES", 1)
+    served.stall_at("model.tar", 200_000, seconds=30, times=None)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    expected = (
+        r"failed after 200,000 of [\d,]+ bytes: no data for 0.3 s \(COGVIDEOX_WEIGHTS_TIMEOUT\)"
+    )
+    with pytest.raises(WeightsError, match=expected):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_server_without_range_support(served_dir, cache, tiny, monkeypatch, caplog):
+    server = FileServer(served_dir, ranges=False)
+    try:
+        server.drop_at("model.tar", 300_000, times=1)  # and a drop: start over, keep going
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url("model.tar"))
+        assert _same_tree(tiny, ensure_weights(VARIANT))
+        assert all(r[2] is None or r[2] == "bytes=0-0" for r in server.requests)
+        assert "does not support Range requests" in caplog.text
+        assert "fetches the first 300,000 bytes again" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_parallel_ranges_with_faults_in_several_chunks(served, cache, tiny, monkeypatch):
+    monkeypatch.setattr(download, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(download, "READ_BYTES", 16 << 10)
+    monkeypatch.setattr(download, "PUBLISH_BYTES", 16 << 10)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CONNECTIONS", "4")
+    tar = Path(served.directory) / "model.tar"
+    size = tar.stat().st_size
+    offset, length = _data_offset(tar, BIG)
+    for at in (100_000, 333_333, offset + length - 1000):
+        served.drop_at("model.tar", at)
+    served.fail_with("model.tar", 502, times=2)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    ranges = [r[2] for r in served.requests if r[2] != "bytes=0-0"]
+    assert len(ranges) >= size // (64 << 10)
+    # No byte twice (the tar's end padding may be left unfetched once its end is read).
+    assert offset + length < served.bytes_sent <= size + 1
+
+
+def test_progress_is_logged_with_bytes_rate_and_eta(served, cache, monkeypatch, caplog):
+    monkeypatch.setattr(download, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(download, "PUBLISH_BYTES", 64 << 10)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    caplog.set_level("INFO", logger="cogvideox_cog")
+    ensure_weights(VARIANT)
+    assert re.search(r"[\d.]+ MB of [\d.]+ MB \(\d+%\) at \d+ MB/s, ETA \d+ s", caplog.text)
+    assert "ready in" in caplog.text and "verify" in caplog.text
+
+
+def test_a_disk_space_shortfall_fails_before_downloading(served, cache, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 5_000))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    expected = r"not enough disk space in .*: 0\.\d\d GB needed \(0\.00 GB in all.*0\.00 GB free"
+    with pytest.raises(WeightsError, match=expected):
+        ensure_weights(VARIANT)
+    assert served.bytes_sent <= 1  # the probe only
+    assert _nothing_published(cache)
+
+
+# Unsafe tars: refused, nothing written outside the staging folder, nothing kept.
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ([_member("../escaped.txt")], r"'\.\./escaped\.txt' has a '\.\.' component"),
+        ([_member(ABSOLUTE)], rf"'{ABSOLUTE}' has an absolute path"),
+        (
+            [_member("vae/evil", None, type=tarfile.SYMTYPE, linkname="../../../escaped.txt")],
+            r"would link to .*outside the destination",
+        ),
+        (
+            [_member("vae/evil", None, type=tarfile.SYMTYPE, linkname="/etc/passwd")],
+            r"is a link to an absolute path",
+        ),
+        (
+            [_member("evil", None, type=tarfile.LNKTYPE, linkname="../escaped.txt")],
+            r"'\.\./escaped\.txt'|would link to",
+        ),
+        ([_member("dev", None, type=tarfile.CHRTYPE)], r"'dev' is a special file"),
+    ],
+    ids=["dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-out", "device"],
+)
+def test_an_unsafe_tar_is_refused_and_nothing_is_written_outside(
+    tiny, tmp_path, served_dir, cache, monkeypatch, extra, problem
+):
+    evil = _tar(tmp_path / "evil.tar", tiny, extra=extra)
+    server = FileServer(evil.parent)
+    try:
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url("evil.tar"))
+        with pytest.raises(BadSource, match=r"refusing unsafe weights tar .*" + problem):
+            ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert not (tmp_path / "escaped.txt").exists() and not (cache / "escaped.txt").exists()
+    assert not Path(ABSOLUTE).exists()
+    assert _nothing_published(cache)
+    assert not any(cache.glob(".*.staging"))
+
+
+# Two processes, and a process killed mid-download.
+
+
+def _setup_process(env: dict[str, str]) -> subprocess.Popen:
+    code = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+        from cogvideox_cog.variants import VARIANTS
+        from cogvideox_cog.weights import ensure_weights
+        print(ensure_weights(VARIANTS["cogvideox-5b"]))
+        """
+    )
+    path = f"{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    if shutil.which("pget", path=path):
+        pytest.skip("pget is installed: these processes would use it")
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=PROJECT,
+        env={**os.environ, "PATH": path, "PYTHONPATH": str(PROJECT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_concurrent_setups_on_one_cache_download_once(served, cache, tiny):
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    served.stall_at("model.tar", size // 2, seconds=1.5, times=1)  # keep the first one busy
+    env = {
+        "COGVIDEOX_WEIGHTS_URL": served.url("model.tar"),
+        "COGVIDEOX_WEIGHTS_DIR": str(cache),
+        "COGVIDEOX_WEIGHTS_TIMEOUT": "30",
+    }
+    processes = [_setup_process(env) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], results
+    roots = {out.strip() for out, _ in results}
+    assert len(roots) == 1
+    assert _same_tree(tiny, Path(roots.pop()))
+    assert served.bytes_sent == size + 1  # one download: the other process waited and reused it
+    logs = "".join(err for _, err in results)
+    assert "waiting for another setup to finish" in logs
+    assert "completed by another process" in logs
+
+
+def test_a_setup_killed_mid_download_resumes_without_refetching(served, cache, tiny, monkeypatch):
+    tar = Path(served.directory) / "model.tar"
+    size = tar.stat().st_size
+    offset, length = _data_offset(tar, BIG)
+    cut = offset + length // 2
+    served.stall_at("model.tar", cut, seconds=60, times=None)
+    url = served.url("model.tar")
+    process = _setup_process({"COGVIDEOX_WEIGHTS_URL": url, "COGVIDEOX_WEIGHTS_DIR": str(cache)})
+    partial = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        partial = next(cache.glob(f".*.staging/{BIG}"), None)  # written up to the stall?
+        if partial and partial.stat().st_size == length // 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert partial is not None and partial.stat().st_size == length // 2
+    assert json.loads((partial.parents[1] / JOURNAL).read_text())["member"]["name"] == BIG
+    served.clear()
+    sent = served.bytes_sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent - sent == size - cut + 1  # the rest, and the probe's byte
+
+
+# Verification without a manifest entry: structure.
+
+
+def _broken_copy(tiny: Path, tmp_path: Path, damage) -> Path:
+    copy = shutil.copytree(tiny, tmp_path / "copy")
+    damage(copy)
+    return copy
+
+
+def _shard(copy: Path) -> None:
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    index["weight_map"]["b"] = "model-00002-of-00002.safetensors"
+    (copy / "text_encoder/model.safetensors").rename(
+        copy / "text_encoder/model-00001-of-00002.safetensors"
+    )
+    (copy / "text_encoder/model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _safetensors_header_length(copy: Path) -> None:
+    path = copy / "vae/diffusion_pytorch_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[0:8] = (len(data)).to_bytes(8, "little")
+    path.write_bytes(data)
+
+
+def _safetensors_garbled(copy: Path) -> None:
+    path = copy / "vae/diffusion_pytorch_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"\xff\xfe{]"
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda c: (c / "vae/config.json").unlink(), r"vae/config\.json: missing"),
+        (
+            lambda c: (c / "scheduler/scheduler_config.json").write_text("{"),
+            r"scheduler/scheduler_config\.json: unreadable",
+        ),
+        (
+            lambda c: (c / "transformer/diffusion_pytorch_model.safetensors").unlink(),
+            r"transformer/: no weights file",
+        ),
+        (
+            lambda c: os.truncate(c / BIG, (c / BIG).stat().st_size - 1),
+            rf"{BIG}: the header describes [\d,]+ bytes of tensor data, the file holds",
+        ),
+        (_safetensors_header_length, r"vae/diffusion_pytorch_model.safetensors: header length"),
+        (_safetensors_garbled, r"vae/diffusion_pytorch_model.safetensors: .*does not parse"),
+        (_shard, r"model.safetensors.index.json: names shard model-00002-of-00002.safetensors"),
+        (lambda c: (c / "model_index.json").write_text("[1]"), r"model_index.json: unreadable"),
+    ],
+    ids=[
+        "config-missing",
+        "config-garbled",
+        "weights-missing",
+        "safetensors-truncated",
+        "safetensors-header-length",
+        "safetensors-header-garbled",
+        "shard-missing",
+        "model-index-garbled",
+    ],
+)
+def test_verification_names_the_file_and_the_check(tiny, tmp_path, damage, problem):
+    copy = _broken_copy(tiny, tmp_path, damage)
+    with pytest.raises(BadSource, match=problem):
+        verify(copy, load_manifest(VARIANT.id).layout_only(), "test")
+
+
+def test_the_intact_tiny_pipeline_passes_and_a_sharded_one_too(tiny, tmp_path):
+    verified = verify(tiny, load_manifest(VARIANT.id), "test")
+    assert verified.root == tiny and "shard indexes" in verified.checks
+
+    def both_shards(copy):
+        _shard(copy)
+        shutil.copy(
+            copy / "text_encoder/model-00001-of-00002.safetensors",
+            copy / "text_encoder/model-00002-of-00002.safetensors",
+        )
+
+    verify(_broken_copy(tiny, tmp_path, both_shards), load_manifest(VARIANT.id), "test")
+
+
+# Manifests.
+
+
+def test_builtin_manifests_match_the_variants_and_invent_no_hashes():
+    for variant in VARIANTS.values():
+        manifest = load_manifest(variant.id)
+        assert manifest.sources == ((variant.weights_url,) if variant.weights_url else ())
+        assert manifest.hub_repo == variant.hub_repo
+        assert "model_index.json" in manifest.files
+        for component in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+            assert any(name.startswith(f"{component}/") for name in manifest.files)
+        # None are known (no copy of the real weights was at hand): structure is checked.
+        assert all(s.size is None and s.sha256 is None for s in manifest.files.values())
+    assert sorted(p.stem for p in MANIFEST_DIR.glob("*.json")) == sorted(VARIANTS)
+
+
+def test_a_manifest_lists_sources_tried_in_order(served, cache, tiny, tmp_path, monkeypatch):
+    manifest = tmp_path / "manifest.json"
+    data = manifest_of_directory(
+        tiny, VARIANT.id, [served.url("gone.tar"), served.url("model.tar")]
+    )
+    manifest.write_text(json.dumps(data))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    root = ensure_weights(VARIANT)
+    assert json.loads((root / COMPLETE_MARKER).read_text())["source"] == served.url("model.tar")
+
+
+def test_a_manifest_for_another_variant_is_refused(tmp_path, cache, monkeypatch):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"variant": "cogvideox-2b", "files": {}}))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    with pytest.raises(WeightsError, match="describes 'cogvideox-2b', not 'cogvideox-5b'"):
+        ensure_weights(VARIANT)
+
+
+# hf:// sources and pget.
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("hf://THUDM/CogVideoX-5b", ("THUDM/CogVideoX-5b", None)),
+        ("hf://zai-org/CogVideoX1.5-5B@main", ("zai-org/CogVideoX1.5-5B", "main")),
+        ("hf://a/b@refs/pr/3", ("a/b", "refs/pr/3")),
+        (
+            "hf://a/b@" + "0123456789abcdef" * 2 + "01234567",
+            ("a/b", "0123456789abcdef" * 2 + "01234567"),
+        ),
+    ],
+)
+def test_hf_urls_parse(url, parsed):
+    assert parse_hf_url(url) == parsed
+
+
+@pytest.mark.parametrize(
+    "url", ["hf://THUDM", "hf://a/b/c", "hf://a/b@", "hf:///b", "hf://a/b@x y"]
+)
+def test_bad_hf_urls_say_what_is_expected(url, cache, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    with pytest.raises(WeightsError, match=r"use hf://org/repo or hf://org/repo@revision"):
+        ensure_weights(VARIANT)
+
+
+def test_hf_source_downloads_with_the_offline_switch_lifted_for_that_call_only(
+    tiny, cache, monkeypatch
+):
+    """The tests cannot reach the Hugging Face Hub (loopback only), so snapshot_download is
+    replaced by a stand-in that records its arguments and the offline switch, and writes the
+    tiny pipeline where the hub's files would land. Everything around it is the real code."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    def snapshot_download(repo_id, *, revision, local_dir, allow_patterns, dry_run=False):
+        calls.append((repo_id, revision, Path(local_dir).name, allow_patterns, dry_run))
+        calls.append(("offline", constants.HF_HUB_OFFLINE))
+        files = [p for p in tiny.rglob("*") if p.is_file()]
+        if dry_run:
+            return [SimpleNamespace(file_size=p.stat().st_size, will_download=True) for p in files]
+        shutil.copytree(tiny, local_dir, dirs_exist_ok=True)
+        (Path(local_dir) / ".cache/huggingface").mkdir(parents=True)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "hf://zai-org/CogVideoX-5b@v1")
+    root = ensure_weights(VARIANT)
+    staging = calls[0][2]
+    assert calls == [
+        ("zai-org/CogVideoX-5b", "v1", staging, ["model_index.json", "*/*"], True),
+        ("offline", False),
+        ("zai-org/CogVideoX-5b", "v1", staging, ["model_index.json", "*/*"], False),
+        ("offline", False),
+    ]
+    assert staging.endswith(".staging")
+    assert constants.HF_HUB_OFFLINE is True  # lifted for those calls only
+    assert _same_tree(tiny, root) and not (root / ".cache").exists()
+    assert (
+        json.loads((root / COMPLETE_MARKER).read_text())["source"] == "hf://zai-org/CogVideoX-5b@v1"
+    )
+
+
+def test_hf_errors_name_the_repository(cache, monkeypatch):
+    import huggingface_hub
+
+    def snapshot_download(repo_id, **kwargs):
+        raise OSError("401 Client Error: gated repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "hf://THUDM/CogVideoX-5b")
+    with pytest.raises(
+        WeightsError, match=r"could not download hf://THUDM/CogVideoX-5b .*HF_TOKEN"
+    ):
+        ensure_weights(VARIANT)
+
+
+_FAKE_PGET = """\
+import os, sys, tarfile, urllib.request
+# A stand-in for Replicate's pget binary: `pget -x URL DEST` extracts the tar at URL into
+# DEST and, like pget, refuses an existing DEST without -f.
+with open(os.environ["PGET_LOG"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+url, dest = args
+if os.path.exists(dest) and "-f" not in sys.argv:
+    sys.exit(f"destination {dest} exists; use -f to overwrite")
+with urllib.request.urlopen(url) as response:
+    tarfile.open(fileobj=response, mode="r|").extractall(dest, filter="data")
+"""
+
+
+@pytest.fixture
+def fake_pget(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pget = bin_dir / "pget"
+    pget.write_text(f"#!{sys.executable}\n{_FAKE_PGET}")
+    pget.chmod(0o755)
+    monkeypatch.setenv("PGET_LOG", str(tmp_path / "pget.log"))
+    monkeypatch.setattr(weights.shutil, "which", lambda name, **kw: str(pget))
+    return tmp_path / "pget.log"
+
+
+def test_pget_is_used_when_present_and_its_result_is_verified(
+    served, cache, tiny, fake_pget, monkeypatch
+):
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    # An earlier attempt's staging folder: pget would refuse it as its destination.
+    staging = cache / f".cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}.staging"
+    staging.mkdir(parents=True)
+    (staging / "leftover").write_text("x")
+    root = ensure_weights(VARIANT)
+    args = fake_pget.read_text().split()
+    assert args == ["-x", url, str(staging)]
+    assert _same_tree(tiny, root)
+
+
+def test_pget_output_that_fails_verification_is_not_published(
+    served, served_dir, cache, tiny, tmp_path, fake_pget, monkeypatch
+):
+    _tar(served_dir / "broken.tar", _broken_copy(tiny, tmp_path, _shard))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("broken.tar"))
+    with pytest.raises(BadSource, match=r"names shard model-00002-of-00002\.safetensors"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+# Tars as tools write them.
+
+
+def test_a_tar_made_with_tar_dash_c_dot_is_accepted(tiny, tmp_path, cache, monkeypatch):
+    """`tar -C DIR -cf x.tar .` (as the README suggests) names members ./model_index.json."""
+    tar = tmp_path / "dot.tar"
+    subprocess.run(["tar", "-C", str(tiny), "-cf", str(tar), "."], check=True)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_long_names_and_pax_headers_are_read(tiny, tmp_path, cache, monkeypatch, tar_format):
+    copy = shutil.copytree(tiny, tmp_path / "long")
+    (copy / "tokenizer" / ("x" * 150 + ".json")).write_text("{}")  # past ustar's 100 bytes
+    tar = tmp_path / "long.tar"
+    with tarfile.open(tar, "w", format=tar_format, pax_headers={"comment": "global"}) as archive:
+        archive.add(copy, arcname="model_cache")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    assert _same_tree(copy, ensure_weights(VARIANT))

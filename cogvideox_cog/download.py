@@ -1,0 +1,549 @@
+"""Bytes of a weights tar, in order, from an HTTP(S) URL or a local file.
+
+The built-in downloader (used when pget is absent) fetches fixed-size chunks with parallel
+ranged GETs and hands them on in file order, so the tar is extracted as it arrives without
+a copy of it on disk. A chunk cut short is re-requested from the byte where it stopped, with
+backoff, on connection errors, timeouts and 5xx; a server without Range support gets one
+streaming GET. Position is exposed so an interrupted extraction can start a new stream at
+the first byte it has not written (untar.py), and the server's ETag or Last-Modified, so it
+only does that on the same file.
+
+Hand-written on urllib rather than huggingface_hub or requests: huggingface_hub downloads
+whole files into a directory (no streaming into a tar reader), requests is not one of our
+pinned dependencies and its streaming reads copy every block once more; urllib brings
+redirects and the proxy variables, and the socket fills our buffers in place (_read_some).
+Retries are ours for the same reason (urllib3's Retry comes with urllib3's connection pool,
+another unpinned dependency) and because a retry must resume at the byte where it stopped.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .manifest import BadSource, WeightsError
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "COGVIDEOX_WEIGHTS_TIMEOUT"
+CONNECTIONS_ENV = "COGVIDEOX_WEIGHTS_CONNECTIONS"
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_CONNECTIONS = 8
+CHUNK_BYTES = 16 << 20  # one ranged GET; chunks in flight (and buffers): connections + 2
+READ_BYTES = 4 << 20  # at most this much per read
+PUBLISH_BYTES = 1 << 20  # hand bytes on in batches this big while they flow fast
+RETRIES = 5  # consecutive failures without progress before a range is given up
+BACKOFF_S = 1.0  # first wait; doubles per failure, up to BACKOFF_MAX_S
+BACKOFF_MAX_S = 30.0
+PROGRESS_EVERY_S = 15.0
+USER_AGENT = "cogvideox-cog weights downloader"
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+
+
+def connections() -> int:
+    return max(1, int(os.environ.get(CONNECTIONS_ENV) or DEFAULT_CONNECTIONS))
+
+
+class _Retryable(Exception):
+    """A response we cannot use, but the next attempt might."""
+
+
+class _Fatal(Exception):
+    """A response that says retrying is pointless (4xx, the file changed)."""
+
+
+@dataclass
+class RemoteFile:
+    """What one probe learnt about a URL."""
+
+    url: str
+    size: int | None
+    ranges: bool
+    etag: str | None
+    last_modified: str | None
+
+    @property
+    def validator(self) -> str | None:
+        """Identifies this version of the file, so a resumed download does not mix two."""
+        return self.etag or self.last_modified
+
+
+def probe(url: str) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
+    """Learn the size and Range support of `url` with one GET of its first byte.
+
+    A server that ignores Range answers with the whole body; that response is returned open,
+    to be read as the download itself, rather than fetched twice.
+    """
+
+    def attempt():
+        response = _open(url, "bytes=0-0")
+        headers = response.headers
+        validators = {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
+        if response.status == 206:
+            match = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", ""))
+            response.close()  # the byte itself is not needed
+            if match and match[3] != "*":
+                return RemoteFile(url, int(match[3]), True, **validators), None
+            response = _open(url, None)  # a range of unknown total length: stream it
+        length = response.headers.get("Content-Length")
+        size = int(length) if length and length.isdigit() else None
+        return RemoteFile(url, size, False, **validators), response
+
+    return _retrying(f"could not download {url}", attempt)
+
+
+def _open(url: str, byte_range: str | None) -> http.client.HTTPResponse:
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if byte_range:
+        headers["Range"] = byte_range
+    request = urllib.request.Request(url, headers=headers)
+    return urllib.request.urlopen(request, timeout=timeout_s())
+
+
+def _describe(error: BaseException) -> tuple[bool, str, float | None]:
+    """(worth retrying, what happened, seconds the server asked us to wait)."""
+    if isinstance(error, urllib.error.HTTPError):
+        retry_after = error.headers.get("Retry-After") if error.headers else None
+        wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+        retryable = error.code >= 500 or error.code in (408, 425, 429)
+        return retryable, f"HTTP {error.code} {error.reason}", wait
+    if isinstance(error, _Fatal):
+        return False, str(error), None
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return True, f"no data for {timeout_s():g} s ({TIMEOUT_ENV})", None
+    if isinstance(error, urllib.error.URLError):
+        if isinstance(error.reason, (TimeoutError, socket.timeout)):
+            return True, f"no answer in {timeout_s():g} s ({TIMEOUT_ENV})", None
+        return True, f"{error.reason}", None
+    if isinstance(error, (_Retryable, http.client.HTTPException, OSError)):
+        return True, str(error) or type(error).__name__, None
+    return False, repr(error), None
+
+
+def _backoff(failures: int, asked: float | None) -> float:
+    delay = min(BACKOFF_S * 2 ** (failures - 1), BACKOFF_MAX_S)
+    if asked is not None:
+        return min(max(asked, delay), BACKOFF_MAX_S)
+    return delay * random.uniform(0.75, 1.0)  # jitter: parallel ranges do not retry in step
+
+
+def _retrying(what: str, attempt: Callable):
+    """Call attempt() until it returns, retrying what _describe() calls retryable."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except Exception as error:
+            retryable, text, asked = _describe(error)
+            failures += 1
+            if not retryable or failures > RETRIES:
+                tries = f" ({failures} attempts)" if failures > 1 else ""
+                raise WeightsError(f"{what}: {text}{tries}") from error
+            delay = _backoff(failures, asked)
+            log.warning(f"weights: {what}: {text}; retry {failures}/{RETRIES} in {delay:.1f} s")
+            time.sleep(delay)
+
+
+def human(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+class Progress:
+    """Logs bytes, rate and ETA every PROGRESS_EVERY_S, never per chunk.
+
+    Not tqdm: its bar redraws with carriage returns, noise in a server log (see logs.py).
+    """
+
+    def __init__(self, what: str, total: int | None, start: int = 0):
+        self.what, self.total, self.start = what, total, start
+        self.position = start
+        self.started = self.last = time.monotonic()
+
+    def update(self, position: int) -> None:
+        self.position = position
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            log.info(f"weights: {self.what}: {self.line()}")
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def line(self) -> str:
+        done = self.position - self.start
+        rate = done / max(self.seconds, 1e-9)
+        text = human(self.position)
+        if self.total:
+            text += f" of {human(self.total)} ({100 * self.position / self.total:.0f}%)"
+        text += f" at {rate / 1e6:.0f} MB/s"
+        if self.total and rate > 0:
+            text += f", ETA {(self.total - self.position) / rate:.0f} s"
+        return text
+
+
+class Stream:
+    """Bytes of a source in order, from `position` on."""
+
+    position: int
+    total: int | None
+    progress: Progress
+
+    def views(self, n: int) -> Iterator[memoryview]:
+        """The next `n` bytes as views, each valid only until the next one is asked for."""
+        raise NotImplementedError
+
+    def read(self, n: int) -> bytes:
+        return b"".join(bytes(view) for view in self.views(n))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _Chunk:
+    begin: int
+    end: int
+    buffer: bytearray | None
+    filled: int = 0
+    error: WeightsError | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.begin
+
+
+class RangedStream(Stream):
+    """Parallel ranged GETs of fixed-size chunks, handed on in file order.
+
+    Workers fill chunk buffers ahead of the reader, at most `connections + 2` chunks ahead,
+    and publish what they have received as they go, so the reader never waits for a whole
+    chunk and a range that fails for good still delivers every byte before the failure.
+    """
+
+    def __init__(self, remote: RemoteFile, start: int, what: str):
+        assert remote.size is not None
+        self.remote, self.total, self.position = remote, remote.size, start
+        self.progress = Progress(what, remote.size, start)
+        self._first, self._count = start, -(-(remote.size - start) // CHUNK_BYTES)
+        workers = min(connections(), self._count)
+        self._window = workers + 2
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._chunks: dict[int, _Chunk] = {}
+        self._spare: list[bytearray] = []
+        self._claimed = self._head = self._offset = 0
+        self._failed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"weights-range-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def views(self, n: int) -> Iterator[memoryview]:
+        while n > 0:
+            with self._cond:
+                while True:
+                    chunk = self._chunks.get(self._head)
+                    if chunk is not None and (chunk.filled > self._offset or chunk.error):
+                        break
+                    if self._head >= self._count:
+                        raise BadSource(
+                            f"truncated tar {self.remote.url}: it ends at byte "
+                            f"{self.position:,}, but its headers promise more"
+                        )
+                    self._cond.wait()
+                available = chunk.filled - self._offset
+                if available <= 0:
+                    raise chunk.error
+            take = min(n, available)
+            yield memoryview(chunk.buffer)[self._offset : self._offset + take]
+            self._offset += take
+            self.position += take
+            n -= take
+            self.progress.update(self.position)
+            if self._offset == chunk.size:
+                with self._cond:
+                    del self._chunks[self._head]
+                    self._spare.append(chunk.buffer)
+                    self._head += 1
+                    self._offset = 0
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while (
+                    not self._stop.is_set()
+                    and not self._failed
+                    and self._claimed < self._count
+                    and self._claimed >= self._head + self._window
+                ):
+                    self._cond.wait()
+                if self._stop.is_set() or self._failed or self._claimed >= self._count:
+                    return
+                begin = self._first + self._claimed * CHUNK_BYTES
+                chunk = _Chunk(begin, min(begin + CHUNK_BYTES, self.total), None)
+                chunk.buffer = self._spare.pop() if self._spare else None
+                self._chunks[self._claimed] = chunk
+                self._claimed += 1
+            if chunk.buffer is None:
+                chunk.buffer = bytearray(CHUNK_BYTES)
+            try:
+                self._fill(chunk)
+            except BaseException as error:  # never leave the reader waiting on a dead worker
+                if not isinstance(error, WeightsError):
+                    error = WeightsError(f"download of {self.remote.url} failed: {error!r}")
+                with self._cond:
+                    chunk.error = error
+                    self._failed = True  # no new ranges; earlier ones still finish
+                    self._cond.notify_all()
+                return
+
+    def _fill(self, chunk: _Chunk) -> None:
+        view = memoryview(chunk.buffer)
+        failures = 0
+        while chunk.filled < chunk.size and not self._stop.is_set():
+            filled = chunk.filled
+            try:
+                body_end = self._request(chunk, view)
+                if self._stop.is_set():
+                    return
+                if chunk.filled < body_end:  # the body ended before its Content-Range did
+                    raise _Retryable(
+                        f"connection closed after {chunk.filled - filled:,} of "
+                        f"{body_end - filled:,} bytes of the range"
+                    )
+            except Exception as error:
+                if chunk.filled > filled:
+                    failures = 0  # progress: the budget is for failures in a row
+                retryable, text, asked = _describe(error)
+                failures += 1
+                if not retryable or failures > RETRIES:
+                    tries = f" ({failures} attempts)" if failures > 1 else ""
+                    raise WeightsError(
+                        f"download of {self.remote.url} failed after "
+                        f"{chunk.begin + chunk.filled:,} of {self.total:,} bytes: {text}{tries}. "
+                        f"Run setup again to resume, or check the URL and the network."
+                    ) from error
+                delay = _backoff(failures, asked)
+                at = chunk.begin + chunk.filled
+                log.warning(
+                    f"weights: {self.remote.url} at byte {at:,}: {text}; "
+                    f"retry {failures}/{RETRIES} in {delay:.1f} s"
+                )
+                self._stop.wait(delay)
+
+    def _request(self, chunk: _Chunk, view: memoryview) -> int:
+        """One GET of the rest of `chunk`; returns where its body ends in the chunk."""
+        first, last = chunk.begin + chunk.filled, chunk.end - 1
+        with _open(self.remote.url, f"bytes={first}-{last}") as response:
+            if response.status != 206:
+                raise _Fatal(
+                    f"asked for bytes {first}-{last}, got HTTP {response.status} without a "
+                    f"range: the server stopped honouring Range requests"
+                )
+            self._check(response, first, last)
+            body_end = chunk.filled + int(response.headers["Content-Length"])
+            published = filled = chunk.filled
+            try:
+                while filled < body_end and not self._stop.is_set():
+                    want = min(body_end - filled, READ_BYTES)
+                    got = _read_some(response, view[filled : filled + want])
+                    if not got:
+                        break
+                    filled += got
+                    # Batch while bytes flow; publish at once when the socket runs dry.
+                    if filled - published >= PUBLISH_BYTES or got < want:
+                        with self._cond:
+                            chunk.filled = published = filled
+                            self._cond.notify_all()
+            finally:  # what arrived before an error counts: the retry starts after it
+                with self._cond:
+                    chunk.filled = filled
+                    self._cond.notify_all()
+            return body_end
+
+    def _check(self, response: http.client.HTTPResponse, first: int, last: int) -> None:
+        """A 206 must be for the bytes asked, of the same file, and say its length right."""
+        headers = response.headers
+        match = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", ""))
+        if not match or int(match[1]) != first or int(match[2]) > last:
+            raise _Retryable(
+                f"asked for bytes {first}-{last}, got Content-Range "
+                f"{headers.get('Content-Range')!r}"
+            )
+        total = match[3]
+        etag = headers.get("ETag")
+        if (total != "*" and int(total) != self.total) or (
+            self.remote.etag and etag and etag != self.remote.etag
+        ):
+            raise _Fatal(
+                f"the file changed on the server during the download (size {self.total:,}, "
+                f"ETag {self.remote.etag}; now {total}, {etag}); run setup again to start over"
+            )
+        expected = int(match[2]) - first + 1
+        length = headers.get("Content-Length")
+        if length != str(expected):
+            raise _Retryable(
+                f"Content-Length {length} for bytes {first}-{match[2]} ({expected:,} bytes)"
+            )
+
+
+class SequentialStream(Stream):
+    """One reader from `position` to the end: a local file, or a server without Range.
+
+    `opener(position)` returns a binary reader positioned at `position`. For HTTP without
+    Range that means fetching and discarding the bytes before it, so a retry after a dropped
+    connection costs the bytes already received (and the log says so).
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[int], object],
+        start: int,
+        total: int | None,
+        what: str,
+        retry: bool,
+    ):
+        self.opener, self.position, self.total, self.retry = opener, start, total, retry
+        self.what = what
+        self.progress = Progress(what, total, start)
+        self._buffer = bytearray(READ_BYTES)
+        self._reader = None
+
+    def views(self, n: int) -> Iterator[memoryview]:
+        view = memoryview(self._buffer)
+        failures = 0
+        while n > 0:
+            try:
+                want = min(n, READ_BYTES)
+                if self.total is not None:  # never wait for bytes past the end
+                    want = min(want, self.total - self.position)
+                if want <= 0:
+                    raise BadSource(
+                        f"truncated tar: {self.what} ended at byte {self.position:,}, but its "
+                        f"headers promise more"
+                    )
+                if self._reader is None:
+                    self._reader = self.opener(self.position)
+                got = _read_some(self._reader, view[:want])
+                if not got:
+                    raise _Retryable(
+                        f"the data ended after {self.position:,} of "
+                        f"{f'{self.total:,}' if self.total else 'unknown'} bytes"
+                    )
+            except BadSource:
+                self._drop_reader()
+                raise
+            except Exception as error:
+                self._drop_reader()
+                retryable, text, asked = _describe(error)
+                failures += 1
+                if not self.retry or not retryable or failures > RETRIES:
+                    tries = f" ({failures} attempts)" if failures > 1 else ""
+                    raise WeightsError(
+                        f"{self.what} failed after {self.position:,} of "
+                        f"{f'{self.total:,}' if self.total else 'unknown'} bytes: {text}{tries}"
+                    ) from error
+                delay = _backoff(failures, asked)
+                log.warning(
+                    f"weights: {self.what} at byte {self.position:,}: {text}; retry "
+                    f"{failures}/{RETRIES} in {delay:.1f} s (the server has no Range support: "
+                    f"the retry fetches the first {self.position:,} bytes again)"
+                )
+                time.sleep(delay)
+                continue
+            failures = 0
+            yield view[:got]
+            self.position += got
+            n -= got
+            self.progress.update(self.position)
+
+    def close(self) -> None:
+        self._drop_reader()
+
+    def _drop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _read_some(reader, view: memoryview) -> int:
+    """Read what has arrived (at least one byte, at most len(view)), 0 at the end.
+
+    HTTPResponse.readinto waits until the whole view is full, so a timeout or a dropped
+    connection would lose the bytes already in it; the BufferedReader under a plain (not
+    chunked) response reads at most once. Our callers count the body's length themselves.
+    """
+    if isinstance(reader, http.client.HTTPResponse) and not reader.chunked and reader.fp:
+        return reader.fp.readinto1(view)
+    return reader.readinto(view)
+
+
+def open_url(
+    remote: RemoteFile, response: http.client.HTTPResponse | None, start: int, what: str
+) -> Stream:
+    """A stream of a probed URL from byte `start`: parallel ranges where the server allows.
+
+    `response`: the open whole-file response probe() returned for a server without Range.
+    """
+    url = remote.url
+    if remote.ranges:
+        return RangedStream(remote, start, what)
+    log.warning(f"weights: {url} does not support Range requests: one connection, no resume")
+
+    def opener(position: int):
+        nonlocal response
+        reader, response = response or _open(url, None), None
+        if reader.status != 200:
+            raise _Fatal(f"HTTP {reader.status} for the whole file")
+        etag = reader.headers.get("ETag")
+        if remote.etag and etag and etag != remote.etag:
+            raise _Fatal("the file changed on the server during the download; run setup again")
+        skip = bytearray(READ_BYTES)
+        while position > 0:  # no Range: fetch and drop what we already have
+            got = _read_some(reader, memoryview(skip)[: min(position, READ_BYTES)])
+            if not got:
+                raise _Retryable(f"the body ended before byte {position:,}")
+            position -= got
+        return reader
+
+    return SequentialStream(opener, start, remote.size, f"download of {url}", retry=True)
+
+
+def open_file(path: os.PathLike, start: int, what: str) -> Stream:
+    size = os.path.getsize(path)
+
+    def opener(position: int):
+        reader = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the stream)
+        reader.seek(position)
+        return reader
+
+    return SequentialStream(opener, start, size, what, retry=False)

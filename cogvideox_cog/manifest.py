@@ -1,0 +1,137 @@
+"""What complete weights are, per variant: where they come from and which files they hold.
+
+The manifests live in `manifests/<variant>.json` beside this module. Each lists the sources
+tried in order and the files a complete copy must hold, with size and sha256 where known;
+a file without them is checked for presence and structure only (see verify.py).
+COGVIDEOX_WEIGHTS_MANIFEST replaces the built-in manifest with one of your own, e.g. for a
+private mirror whose hashes you know: `python -m cogvideox_cog.manifest DIR` writes one for a
+directory of weights you trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
+MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
+HASH_BLOCK = 8 << 20
+
+
+class WeightsError(RuntimeError):
+    """Complete weights could not be provided; the message says what failed and what to do."""
+
+
+class BadSource(WeightsError):
+    """The source's bytes themselves are wrong (unsafe, corrupt, truncated, failing checks):
+    what was downloaded is discarded rather than resumed."""
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    variant: str
+    hub_repo: str | None = None
+    sources: tuple[str, ...] = ()
+    # Paths relative to the model root (the folder holding model_index.json).
+    files: dict[str, FileSpec] = field(default_factory=dict)
+    origin: str = "built-in"
+
+    @property
+    def digest(self) -> str:
+        """Identifies what a cache entry was verified against (recorded in its marker)."""
+        files = {k: [v.size, v.sha256] for k, v in sorted(self.files.items())}
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def total_size(self) -> int | None:
+        sizes = [spec.size for spec in self.files.values()]
+        return sum(sizes) if sizes and None not in sizes else None
+
+    def layout_only(self) -> Manifest:
+        """The same files without sizes and hashes: what still holds for another source."""
+        files = {name: FileSpec() for name in self.files}
+        return replace(self, files=files, origin=f"{self.origin} (layout only)")
+
+
+def load_manifest(variant: str) -> Manifest:
+    """The manifest for `variant`: COGVIDEOX_WEIGHTS_MANIFEST if set, else the built-in one."""
+    override = os.environ.get(MANIFEST_ENV)
+    path = Path(override).expanduser() if override else MANIFEST_DIR / f"{variant}.json"
+    try:
+        data = json.loads(path.read_text())
+        files = {
+            name: FileSpec(size=spec.get("size"), sha256=(spec.get("sha256") or None))
+            for name, spec in data.get("files", {}).items()
+        }
+        manifest = Manifest(
+            variant=data.get("variant", variant),
+            hub_repo=data.get("hub_repo"),
+            sources=tuple(data.get("sources", ())),
+            files=files,
+            origin=str(path) if override else "built-in",
+        )
+    except FileNotFoundError:
+        if override:
+            raise WeightsError(f"{MANIFEST_ENV}={override}: no such file") from None
+        return Manifest(variant=variant)
+    except (OSError, ValueError, AttributeError, TypeError) as error:
+        where = f"{MANIFEST_ENV}={override}" if override else f"built-in manifest {path.name}"
+        raise WeightsError(f"{where} is not a valid weights manifest: {error}") from error
+    if manifest.variant != variant:
+        raise WeightsError(
+            f"{MANIFEST_ENV}={override} describes {manifest.variant!r}, not {variant!r}"
+        )
+    return manifest
+
+
+def sha256_file(path: Path, prefix: int | None = None) -> hashlib._Hash:
+    """A sha256 of the file (or of its first `prefix` bytes) to finish or compare.
+
+    Not hashlib.file_digest: a resumed download hashes the part already on disk, a prefix.
+    """
+    digest = hashlib.sha256()
+    remaining = path.stat().st_size if prefix is None else prefix
+    with path.open("rb", buffering=0) as file:
+        buffer = bytearray(HASH_BLOCK)
+        view = memoryview(buffer)
+        while remaining > 0:
+            got = file.readinto(view[: min(remaining, HASH_BLOCK)])
+            if not got:
+                break
+            digest.update(view[:got])
+            remaining -= got
+    return digest
+
+
+def manifest_of_directory(root: Path, variant: str, sources: list[str]) -> dict:
+    """A manifest (as JSON data) with the size and sha256 of every file under `root`."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        files[path.relative_to(root).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path).hexdigest(),
+        }
+    return {"variant": variant, "sources": sources, "files": files}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m cogvideox_cog.manifest DIR VARIANT [SOURCE ...]: print a manifest of DIR."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        sys.exit(main.__doc__)
+    data = manifest_of_directory(Path(args[0]), args[1], args[2:])
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Extract a tar as it streams in, safely, and resumably after an interruption.
+
+Every member is checked before anything is written: an absolute path, a '..' component, a
+link leaving the destination or a special file is refused. A journal in the staging folder
+records the member being written and the files finished, so the next attempt starts its
+stream at the first byte not yet on disk instead of at zero.
+
+Hand-written around tarfile rather than `TarFile.extractall(filter="data")`: extractall
+cannot start in the middle of an archive, hash files as they are written or say which
+member a truncated stream cut off, and tarfile's stream mode ends silently when a tar is
+truncated at a member boundary. tarfile still parses every header (pax, GNU long names) and
+its "data" filter still vets every member.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import queue
+import tarfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .download import Stream
+from .manifest import BadSource, WeightsError, sha256_file
+
+JOURNAL = ".cogvideox-progress.json"
+FLUSH_BYTES = 128 << 20  # start writing a file's data to disk every this many bytes
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO = bytes(_BLOCK)
+_MAX_EXTENDED = 1 << 20  # a long name or pax record set; more is a corrupt or hostile tar
+_EXTENDED = {
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+}
+
+
+@dataclass
+class Journal:
+    """How far an extraction got, kept in the staging folder between attempts."""
+
+    source: str
+    size: int | None
+    validator: str | None
+    offset: int = 0  # where the next member's headers start in the tar
+    member: dict | None = None  # the regular file being written: name, data offset, size
+    files: dict[str, dict] = field(default_factory=dict)  # finished: name -> size, sha256
+    global_headers: str = ""  # pax global headers seen so far (base64), rare
+    done: bool = False
+
+    @classmethod
+    def resume(cls, staging: Path, source: str, size: int | None, validator: str | None):
+        """The journal of an earlier attempt at this very file, or None."""
+        try:
+            data = json.loads((staging / JOURNAL).read_text())
+            journal = cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        if (journal.source, journal.size, journal.validator) != (source, size, validator):
+            return None
+        return journal
+
+    def save(self, staging: Path) -> None:
+        temp = staging / f"{JOURNAL}.tmp"
+        temp.write_text(json.dumps(asdict(self)))
+        temp.replace(staging / JOURNAL)
+
+    @property
+    def bytes_done(self) -> int:
+        return self.offset if self.member is None else self.member["data"]
+
+
+def extract(
+    open_stream: Callable[[int], Stream],
+    staging: Path,
+    journal: Journal,
+    source: str,
+    hash_files: bool,
+    durable: bool = True,
+) -> None:
+    """Extract the tar that `open_stream(offset)` yields into `staging`, from the journal on.
+
+    Returns with the journal marked done and, when `durable`, every file on disk.
+    """
+    extractor = _Extractor(staging, journal, source, hash_files)
+    extractor.flusher.enabled = durable
+    try:
+        extractor.run(open_stream)
+    except BaseException:
+        extractor.flusher.finish(report=False)
+        raise
+    extractor.flusher.finish()
+    journal.done, journal.member = True, None
+    journal.save(staging)
+
+
+class _Extractor:
+    def __init__(self, staging: Path, journal: Journal, source: str, hash_files: bool):
+        self.staging, self.journal, self.source = staging, journal, source
+        self.hash_files = hash_files
+        self.dest = os.path.realpath(staging)
+        self.flusher = _Flusher()
+
+    def run(self, open_stream: Callable[[int], Stream]) -> None:
+        journal, member, written = self.journal, self.journal.member, 0
+        if member is not None:  # resume inside this file, after the bytes it already has
+            path = Path(self.dest, member["name"])
+            written = min(path.stat().st_size, member["size"]) if path.is_file() else 0
+        with open_stream(journal.offset if member is None else member["data"] + written) as s:
+            if member is not None:
+                self.write_file(s, member, written)
+            globals_ = base64.b64decode(journal.global_headers)
+            while True:
+                header_at = s.position
+                info, globals_ = _next_member(s, globals_, self.source)
+                if info is None:
+                    return
+                info = _vet(info, self.dest, self.source)
+                if info.isreg():
+                    member = {"name": info.name, "data": s.position, "size": info.size}
+                    journal.offset, journal.member = header_at, member
+                    journal.global_headers = base64.b64encode(globals_).decode()
+                    journal.save(self.staging)
+                    self.write_file(s, member, 0)
+                else:
+                    _skip(s, _padded(info.size) if info.size else 0)
+                    _make_other(info, Path(self.dest, info.name), self.dest)
+
+    def write_file(self, stream: Stream, member: dict, written: int) -> None:
+        """Write a member's data from byte `written` on, then record it in the journal."""
+        path, name, size = Path(self.dest, member["name"]), member["name"], member["size"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            path.unlink()  # never write through a link an earlier member left here
+        digest = None
+        if self.hash_files:
+            digest = sha256_file(path, written) if written else hashlib.sha256()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, written)
+            os.lseek(fd, written, os.SEEK_SET)
+            unflushed = 0
+            for view in _views(stream, size - written, name):
+                if digest is not None:
+                    digest.update(view)
+                unflushed += len(view)
+                while view:
+                    try:
+                        view = view[os.write(fd, view) :]
+                    except OSError as error:
+                        raise WeightsError(
+                            f"could not write {name} into {path.parent}: {error.strerror}. "
+                            f"Free disk space or set COGVIDEOX_WEIGHTS_DIR to another volume; "
+                            f"the next setup resumes."
+                        ) from error
+                if unflushed >= FLUSH_BYTES:
+                    self.flusher.flush(fd)
+                    unflushed = 0
+            self.flusher.flush(fd)
+        finally:
+            os.close(fd)
+        _skip(stream, _padded(size) - size)
+        self.journal.files[name] = {
+            "size": size,
+            "sha256": digest.hexdigest() if digest is not None else None,
+        }
+        self.journal.offset, self.journal.member = stream.position, None
+        self.journal.save(self.staging)
+
+
+def _next_member(stream: Stream, globals_: bytes, source: str):
+    """The next member's TarInfo (None at the end) and the pax global headers so far."""
+    at = stream.position
+    group = bytearray()
+    while True:
+        block = _read_exactly(stream, _BLOCK, source, "a header")
+        if block == _ZERO:
+            if group:
+                raise BadSource(
+                    f"corrupt tar {source}: extended header at byte {at:,} leads nowhere"
+                )
+            return None, globals_
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as error:
+            raise BadSource(
+                f"corrupt tar {source}: bad header at byte {stream.position - _BLOCK:,} "
+                f"({error}); the download is corrupt or not a tar"
+            ) from error
+        if info.type in _EXTENDED and info.size > _MAX_EXTENDED:
+            raise BadSource(f"corrupt tar {source}: a {info.size:,}-byte header at byte {at:,}")
+        extra = (
+            _read_exactly(stream, _padded(info.size), source, "a header")
+            if info.type in _EXTENDED
+            else b""
+        )
+        if info.type == tarfile.XGLTYPE:
+            globals_ += block + extra
+            continue
+        group += block + extra
+        if info.type not in _EXTENDED:
+            break
+    if info.type == tarfile.GNUTYPE_SPARSE:
+        raise BadSource(f"unsupported weights tar {source}: sparse member {info.name!r}")
+    # Let tarfile apply the long names and pax records: parse the header group on its own.
+    try:
+        with tarfile.open(fileobj=io.BytesIO(globals_ + group), mode="r:") as headers:
+            return headers.firstmember, globals_
+    except (tarfile.TarError, ValueError) as error:
+        raise BadSource(f"corrupt tar {source}: bad header at byte {at:,}: {error}") from error
+
+
+def _vet(info: tarfile.TarInfo, dest: str, source: str) -> tarfile.TarInfo:
+    """Refuse a member that would land, or point, outside the destination."""
+    name = info.name
+    problem = None
+    if name.startswith("/") or os.path.isabs(name):
+        problem = f"member {name!r} has an absolute path"
+    elif ".." in PurePosixPath(name).parts:
+        problem = f"member {name!r} has a '..' component"
+    else:
+        try:
+            info = tarfile.data_filter(info, dest)
+        except tarfile.FilterError as error:
+            problem = str(error)
+    if problem:
+        raise BadSource(
+            f"refusing unsafe weights tar {source}: {problem}. Nothing was written outside the "
+            f"staging folder; the tar must be rebuilt without such members."
+        )
+    info.name = os.path.normpath(info.name)
+    return info
+
+
+class _Flusher:
+    """Writes extracted data to disk while the download goes on.
+
+    The weights are fsynced before their completion marker is written (weights.py), so
+    that a power cut cannot leave a marker over data that never reached the disk. Left to
+    the end, that fsync would wait for the whole download to be written out; started as the
+    data arrives, the disk works alongside the network instead of after it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="weights-flush", daemon=True)
+        self._thread.start()
+
+    enabled = True
+
+    def flush(self, fd: int) -> None:
+        if self.enabled:
+            self._queue.put(os.dup(fd))  # a copy: the writer may close its own meanwhile
+
+    def finish(self, report: bool = True) -> None:
+        """Wait until everything asked is on disk."""
+        self._queue.put(None)
+        self._thread.join()
+        if report and self._error is not None:
+            raise WeightsError(f"could not write the weights to disk: {self._error}")
+
+    def _run(self) -> None:
+        while (fd := self._queue.get()) is not None:
+            try:
+                os.fdatasync(fd)
+            except OSError as error:
+                self._error = error
+            finally:
+                os.close(fd)
+
+
+def _views(stream: Stream, n: int, name: str):
+    try:
+        yield from stream.views(n)
+    except WeightsError as error:
+        raise type(error)(f"{error} (in the middle of {name})") from error
+
+
+def _make_other(info: tarfile.TarInfo, path: Path, dest: str) -> None:
+    if info.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    if info.issym():
+        os.symlink(info.linkname, path)
+    elif info.islnk():
+        os.link(Path(dest, os.path.normpath(info.linkname)), path, follow_symlinks=False)
+
+
+def _read_exactly(stream: Stream, n: int, source: str, what: str) -> bytes:
+    data = stream.read(n)
+    if len(data) < n:
+        raise BadSource(f"truncated tar {source}: it ends at byte {stream.position:,} in {what}")
+    return data
+
+
+def _skip(stream: Stream, n: int) -> None:
+    for _ in stream.views(n):
+        pass
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
