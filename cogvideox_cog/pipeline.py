@@ -6,6 +6,8 @@ import gc
 import logging
 import math
 import os
+import secrets
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -77,7 +79,11 @@ def choose_offload(requested: str, variant: Variant, device: torch.device) -> st
         return "none"
     if requested != "auto":
         return requested
-    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+    return offload_for_free_memory(variant, torch.cuda.mem_get_info(device)[0] / 2**30)
+
+
+def offload_for_free_memory(variant: Variant, free_gib: float) -> str:
+    """The fastest policy whose measured peak fits: none, then model, then sequential."""
     if free_gib >= variant.vram_no_offload_gib:
         return "none"
     if free_gib >= variant.vram_model_offload_gib:
@@ -141,6 +147,7 @@ class VideoGenerator:
         )
         self.size_multiple = scale * config.patch_size
         self.max_prompt_tokens = variant.max_prompt_tokens or config.max_text_seq_length
+        self._last_output: Path | None = None
 
     @classmethod
     def from_env(cls, task: Task) -> VideoGenerator:
@@ -221,9 +228,15 @@ class VideoGenerator:
         if len(frames) != num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, expected {num_frames}")
 
-        # 3. Encode to a path no other prediction uses.
-        output = Path(tempfile.mkdtemp(prefix="cogvideox-")) / f"{variant.id}-{seed}.mp4"
-        encode_mp4(frames, output, fps=fps)
+        # 3. Encode to a path no other prediction uses. The file name is unique too: an
+        # upload (--upload-url) keeps only the name, and the same seed may come twice.
+        output_dir = Path(tempfile.mkdtemp(prefix="cogvideox-"))
+        output = output_dir / f"{variant.id}-{seed}-{secrets.token_hex(4)}.mp4"
+        try:
+            encode_mp4(frames, output, fps=fps)
+        except BaseException:  # including a cancel
+            shutil.rmtree(output_dir, ignore_errors=True)
+            raise
         finished = time.monotonic()
         for name, value in (
             ("denoise_seconds", progress.last_step - progress.started),
@@ -235,6 +248,19 @@ class VideoGenerator:
         elapsed = finished - progress.started
         log.info(f"wrote {output.name}: {num_frames} frames at {fps} fps in {elapsed:.1f} s")
         return output
+
+    def predict(self, request: Request) -> Path:
+        """generate() for the Cog predictors: one output on disk at a time.
+
+        Cog reads an output file (and uploads it, with --upload-url) before the prediction
+        completes, and runs one prediction at a time; so the previous prediction's folder is
+        deleted when the next one starts, and a long-running server does not fill /tmp.
+        """
+        if self._last_output is not None:
+            shutil.rmtree(self._last_output.parent, ignore_errors=True)
+            self._last_output = None
+        self._last_output = self.generate(request)
+        return self._last_output
 
     def release_memory(self) -> None:
         gc.collect()

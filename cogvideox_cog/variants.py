@@ -48,10 +48,12 @@ class Variant:
     native_size: tuple[int, int] | None = None
     # Upstream's prompt limit where it differs from the config's max_text_seq_length.
     max_prompt_tokens: int | None = None
-    # Free GPU memory (GiB) under which `auto` offload steps down to the next policy.
-    # Estimates from the published tables (see README) until measured on our own runs.
-    vram_no_offload_gib: float = 40.0
-    vram_model_offload_gib: float = 20.0
+    # Free GPU memory (GiB) from which `auto` keeps the whole pipeline on the GPU, or else uses
+    # model offload; below both, sequential offload. Each is the peak memory the CUDA allocator
+    # reserved at the default frame count and resolution, measured on an H100
+    # (benchmarks/results/gpu/), plus 2 GiB for the CUDA context and fragmentation.
+    vram_no_offload_gib: float = 28.5  # cogvideox-5b: 26.4 GiB reserved without offload
+    vram_model_offload_gib: float = 17.0  # cogvideox-5b: 15.1 GiB reserved with model offload
 
     @property
     def allowed_frames(self) -> range:
@@ -74,8 +76,8 @@ VARIANTS: dict[str, Variant] = {
             max_frames=49,
             default_frames=49,
             resolution="native",
-            vram_no_offload_gib=24.0,
-            vram_model_offload_gib=12.0,
+            vram_no_offload_gib=22.5,  # measured: 20.6 GiB reserved
+            vram_model_offload_gib=13.0,  # measured: 10.9 GiB reserved
         ),
         Variant(
             id="cogvideox-5b",
@@ -120,8 +122,8 @@ VARIANTS: dict[str, Variant] = {
             resolution="native",
             native_size=(768, 1360),
             max_prompt_tokens=224,
-            vram_no_offload_gib=48.0,
-            vram_model_offload_gib=24.0,
+            vram_no_offload_gib=34.0,  # measured: 31.7 GiB reserved at 81 x 768 x 1360
+            vram_model_offload_gib=24.5,  # measured: 22.4 GiB reserved
         ),
         Variant(
             id="cogvideox1.5-5b-i2v",
@@ -138,8 +140,8 @@ VARIANTS: dict[str, Variant] = {
             resolution="image_aspect",
             native_size=(768, 1360),
             max_prompt_tokens=224,
-            vram_no_offload_gib=48.0,
-            vram_model_offload_gib=24.0,
+            vram_no_offload_gib=34.0,  # as the 1.5 t2v model; the I2V one was not measured
+            vram_model_offload_gib=24.5,
         ),
     )
 }

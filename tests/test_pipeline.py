@@ -13,6 +13,7 @@ from cogvideox_cog.pipeline import (
     build_pipeline,
     choose_offload,
     dynamic_guidance_scale,
+    offload_for_free_memory,
 )
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.video import probe_mp4
@@ -139,3 +140,20 @@ def test_unknown_offload_policy_is_refused():
 def test_frames_match_the_requested_count_for_every_allowed_1_0_value(generator):
     for frames in (9, 17, 25):
         assert probe_mp4(generator.generate(_request(num_frames=frames)))["frames"] == frames
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "free_gib", "policy"),
+    [
+        ("cogvideox-5b", 79.0, "none"),  # H100 80 GB
+        ("cogvideox-5b", 23.5, "model"),  # 24 GB card
+        ("cogvideox-5b", 15.0, "sequential"),  # 16 GB card
+        ("cogvideox-2b", 23.5, "none"),
+        ("cogvideox1.5-5b", 31.0, "model"),  # 32 GB card: 1.5 needs model offload
+        ("cogvideox1.5-5b", 23.5, "sequential"),
+    ],
+)
+def test_auto_offload_picks_the_fastest_policy_that_fits_the_measured_peaks(
+    variant_id, free_gib, policy
+):
+    assert offload_for_free_memory(VARIANTS[variant_id], free_gib) == policy
