@@ -68,4 +68,4 @@ class Predictor(BaseRunner):
             seed=seed,
             image=image,
         )
-        return Path(self.generator.generate(request))
+        return Path(self.generator.predict(request))

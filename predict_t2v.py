@@ -63,4 +63,4 @@ class Predictor(BaseRunner):
             fps=fps,
             seed=seed,
         )
-        return Path(self.generator.generate(request))
+        return Path(self.generator.predict(request))

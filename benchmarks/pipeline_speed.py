@@ -533,6 +533,7 @@ def run_one(
         "steps": steps,
         "frames": frames,
         "tiling_in_run": args.tiling[0],
+        "compile": args.compile,
         "environment": env,
     }
     free_memory(device)
@@ -549,7 +550,7 @@ def run_one(
         free_memory(device)
     pipe = TextToVideoPipeline(**components)
     del components
-    pipe = configure_pipeline(pipe, variant, device, offload)
+    pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer=args.compile)
     set_tiling(pipe, args.tiling[0])
     generator = VideoGenerator(variant, pipe, device)
     height, width = generator.native_size
@@ -793,6 +794,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "offload policy only (default; decode activations do not depend on the policy), all, none",
     )
     parser.add_argument("--frames", type=int, default=None, help="default: the variant's")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer (COGVIDEOX_COMPILE=1); the first step compiles",
+    )
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, required=True)

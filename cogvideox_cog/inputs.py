@@ -18,6 +18,10 @@ MAX_SEED = 2**32 - 1
 # with a message instead of decoding a decompression bomb.
 MAX_IMAGE_PIXELS = 64_000_000
 _LIMIT_MP = f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP"
+# The video keeps a centre crop of the image at its own shape (3:2 for 1.0, up to 16:9 for 1.5).
+# At 4:1 that crop still holds over a third of the picture; a 100:1 panorama would leave a
+# sliver stretched over the whole frame, so longer shapes are refused: the user crops instead.
+MAX_ASPECT_RATIO = 4.0
 
 
 class InputError(ValueError):
@@ -122,9 +126,17 @@ def image_aspect_size(
 
 
 def open_image(path: Path | str) -> Image.Image:
-    """Open any common image format upright, on white where it was transparent, as RGB."""
+    """Open any common image format upright, on white where it was transparent, as RGB.
+
+    Size and shape are checked from the header, before any pixel is decoded.
+    """
     try:
         image = Image.open(path)
+    except (FileNotFoundError, IsADirectoryError) as error:
+        # Cog passes an input that is neither a URL nor a data URI through as a bare path.
+        raise InputError(
+            f"image {str(path)[:100]!r} is not an http(s) URL or a data: URI of a picture."
+        ) from error
     except UnidentifiedImageError as error:
         raise InputError(
             "image could not be read as a picture; send a JPEG, PNG, WebP, GIF, BMP or TIFF."
@@ -133,23 +145,33 @@ def open_image(path: Path | str) -> Image.Image:
         raise InputError(
             f"image is too large to decode safely ({error}); the limit is {_LIMIT_MP}."
         ) from error
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise InputError(
-            f"image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is "
-            f"{_LIMIT_MP}. Downscale it first."
-        )
-    try:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return image.convert("RGB")
-    except (OSError, SyntaxError) as error:
-        raise InputError(
-            f"image is damaged or truncated and could not be decoded: {error}"
-        ) from error
+    with image:  # closes the file also when the image is refused
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(
+                f"image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is "
+                f"{_LIMIT_MP}. Downscale it first."
+            )
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InputError(
+                f"image is {width}x{height}, {max(width, height) / min(width, height):.1f}:1; "
+                f"the longer side may be at most {MAX_ASPECT_RATIO:g} times the shorter. The "
+                "video keeps only a centre crop at its own shape (3:2 or 16:9), so crop the "
+                "part you want first."
+            )
+        try:
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("RGBA", "LA") or (
+                upright.mode == "P" and "transparency" in upright.info
+            ):
+                rgba = upright.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                upright = Image.alpha_composite(background, rgba)
+            return upright.convert("RGB")
+        except (OSError, SyntaxError) as error:
+            raise InputError(
+                f"image is damaged or truncated and could not be decoded: {error}"
+            ) from error
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:

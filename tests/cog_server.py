@@ -14,6 +14,45 @@ Behaviour of the server that this harness relies on (cog 0.23.1, no Docker):
 - If the worker process dies mid-prediction the response is failed/"Worker crashed", health
   turns UNHEALTHY and every later request gets 409: the server must be restarted.
 - SIGTERM (or POST /shutdown) exits within ~0.1 s; an in-flight prediction is abandoned.
+
+Inputs, as the schema-validating server sees them:
+
+- A body that is not JSON, or holds NaN, Infinity or a number out of double range
+  (`1e999`), is refused with HTTP 400 and a plain-text "Failed to parse the request body as
+  JSON: ..." before any validation: NaN or infinity can never reach the predictor.
+- Types are strict: "2" or true for an int, "6" for a float, 2.5 for an int all get 422.
+  A whole-number float (2.0) passes as an int.
+- `null` is refused (422 "null is not of type ...") even for inputs the schema marks
+  `nullable` (Optional[...] = None): leave the input out to get its empty default.
+- Unknown input names are stripped silently: the prediction runs without them and only
+  the server log says so (WARN `Stripped unknown input fields ... fields=["name"]`).
+- A URL input that cannot be fetched (404, connection refused) fails the prediction with
+  "Input validation error: <requests error>" before run() is called. cog's downloader
+  leaves an empty temporary file in the worker's TMPDIR behind for each such failure.
+- Errors raised in run() come back as failed predictions with
+  `error = "Prediction failed: Prediction failed: <ExceptionType>: <message>"`.
+
+Async, uploads and cancel:
+
+- `Prefer: respond-async` answers 202 `{"id", "status": "starting"}`. Webhook POSTs carry
+  {id, status, logs, metrics[, output][, error]}: "processing" for the start (empty logs),
+  logs (throttled to one per 500 ms) and output events, then one terminal event
+  (succeeded / failed / canceled). The start event is sent fire-and-forget and does not
+  always arrive (about 1 in 5 in our runs); logs, output and completed ones do.
+  `webhook_events_filter` selects among "start", "output", "logs", "completed".
+- `PUT /predictions/{id}` while that id runs answers 202 with the running prediction's
+  current state (logs so far) and starts nothing, even if the body differs. Any other id,
+  POST or PUT, gets 409 while busy. Once the id has completed, a PUT starts a new one.
+- `POST /predictions/{id}/cancel` answers 200 `{}`, or 404 `{}` for an id that is not
+  running. The worker raises CancelationException at its next bytecode; the health turns
+  READY again about 0.3 s later.
+- With `--upload-url URL`, each output file is PUT to `URL/<file name>` (the basename of
+  the Path run() returned) with `Content-Type` (from the extension) and `X-Prediction-Id`
+  headers. The output becomes the response's `Location` header (else the PUT URL) without
+  its query string. A non-2xx answer fails the prediction with "Failed to upload output:
+  upload returned status ...". Without an upload URL the output is a data URI.
+- For every prediction the server makes `/tmp/coglet/predictions/<id>/{inputs,outputs}`
+  (a fixed path) and never removes them: three empty directories per prediction.
 """
 
 from __future__ import annotations
@@ -127,6 +166,19 @@ class WebhookReceiver:
         self.close()
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise CogServerError(f"no VmRSS for process {pid}")
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of a process (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class CogServer:
     """One `python -m cog.server.http` process serving `predictor`, e.g. "predict.py:Predictor"."""
 
@@ -138,8 +190,11 @@ class CogServer:
         env: dict[str, str] | None = None,
         port: int | None = None,
         python: str = sys.executable,
+        args: list[str] | None = None,
     ) -> None:
+        """`args` go to the server's command line, e.g. ["--upload-url", url]."""
         self.predictor, self.cwd, self.log_path = predictor, Path(cwd), Path(log_path)
+        self.args = list(args or [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
@@ -153,7 +208,7 @@ class CogServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [self.python, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                [self.python, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args],
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -198,6 +253,50 @@ class CogServer:
         """Raw POST /predictions (no retries), for tests that look at status codes."""
         return requests.post(f"{self.url}/predictions", json=body, headers=headers, timeout=timeout)
 
+    def send(
+        self,
+        method: str = "POST",
+        path: str = "/predictions",
+        body: dict[str, Any] | None = None,
+        raw: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 600,
+        busy_wait: float = 5.0,
+    ) -> requests.Response:
+        """Send `body` as JSON (or `raw` as it is), retrying a 409 for `busy_wait` seconds:
+        the slot is freed a few milliseconds after the previous response."""
+        headers = dict(headers or {})
+        if raw is not None:
+            headers.setdefault("Content-Type", "application/json")
+        deadline = time.monotonic() + busy_wait
+        while True:
+            resp = requests.request(
+                method,
+                f"{self.url}{path}",
+                json=body if raw is None else None,
+                data=raw,
+                headers=headers,
+                timeout=timeout,
+            )
+            if resp.status_code != 409 or time.monotonic() >= deadline:
+                return resp
+            if self.status() not in ("READY", "BUSY"):
+                return resp  # after a worker crash the slot stays busy (409) for good
+            time.sleep(0.05)
+
+    def put_async(
+        self, prediction_id: str, body: dict[str, Any], busy_wait: float = 0
+    ) -> requests.Response:
+        """PUT /predictions/{id} with `Prefer: respond-async` (the idempotent create)."""
+        return self.send(
+            "PUT",
+            f"/predictions/{prediction_id}",
+            body,
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+            busy_wait=busy_wait,
+        )
+
     def _post(
         self,
         body: dict[str, Any],
@@ -206,14 +305,7 @@ class CogServer:
         expect: int,
         busy_wait: float,
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + busy_wait
-        while True:
-            resp = self.request(body, headers, timeout)
-            if resp.status_code != 409 or time.monotonic() >= deadline:
-                break
-            if self.status() not in ("READY", "BUSY"):
-                break  # after a worker crash the slot stays busy (409) for good
-            time.sleep(0.05)
+        resp = self.send("POST", "/predictions", body, None, headers, timeout, busy_wait)
         if resp.status_code != expect:
             raise CogServerError(
                 f"expected HTTP {expect}, got {resp.status_code}: {resp.text}"
@@ -267,6 +359,20 @@ class CogServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server still {status} after {timeout}s")
             time.sleep(0.05)
+
+    def worker_pid(self) -> int:
+        """The worker subprocess (the server's only child), where run() executes."""
+        if self.proc is None:
+            raise CogServerError("server not started")
+        # Each thread lists the children it started; the worker is spawned off the main one.
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        pids = [pid for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+        if len(pids) != 1:
+            raise CogServerError(f"expected one worker process, found {pids}")
+        return int(pids[0])
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 60) -> str:
         try:

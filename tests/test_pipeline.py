@@ -157,3 +157,12 @@ def test_auto_offload_picks_the_fastest_policy_that_fits_the_measured_peaks(
     variant_id, free_gib, policy
 ):
     assert offload_for_free_memory(VARIANTS[variant_id], free_gib) == policy
+
+
+def test_compile_is_skipped_on_cpu_with_a_warning(tiny_weights, caplog):
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", compile_transformer=True)
+    assert "COGVIDEOX_COMPILE=1 is for CUDA GPUs" in caplog.text
+    assert not hasattr(pipe.transformer, "_compiled_call_impl") or (
+        pipe.transformer._compiled_call_impl is None
+    )

@@ -1,0 +1,93 @@
+"""HTTP servers on 127.0.0.1 that the Cog server talks to in tests: an upload target.
+
+(The webhook receiver lives in tests/cog_server.py; images are served with tests/file_server.py.)
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Upload:
+    path: str  # the request path, e.g. /uploads/cogvideox-5b-42-1a2b3c4d.mp4
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+class UploadServer:
+    """A PUT target for `--upload-url`, shaped like a signed-URL object store.
+
+    Cog's server (coglet 0.23.1) PUTs each output file to `<upload-url>/<file name>` with
+    `Content-Type` and `X-Prediction-Id` headers, and makes the prediction's output the URL in
+    the response's `Location` header with its query string removed (the request URL when there
+    is no `Location`). This server stores the body, answers 201 with
+    `Location: <base>/files/<id>/<file name>?signature=...` and serves the stored files back
+    on GET, so a test can fetch the output URL the way a client would.
+    `status` makes every PUT fail with that HTTP status instead.
+    """
+
+    def __init__(self, status: int = 201) -> None:
+        self.uploads: list[Upload] = []
+        self.status = status
+        self._files: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                upload = Upload(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                with peer._lock:
+                    peer.uploads.append(upload)
+                    status = peer.status
+                    stored = f"/files/{uuid.uuid4().hex[:8]}/{upload.name}"
+                    if status < 300:
+                        peer._files[stored] = body
+                self.send_response(status)
+                if status < 300:
+                    self.send_header("Location", f"{peer.base}{stored}?signature=secret")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                with peer._lock:
+                    body = peer._files.get(self.path.split("?", 1)[0])
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.url = f"{self.base}/uploads/"
+
+    def uploads_for(self, prediction_id: str) -> list[Upload]:
+        with self._lock:
+            return [u for u in self.uploads if u.headers.get("x-prediction-id") == prediction_id]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> UploadServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
