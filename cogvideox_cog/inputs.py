@@ -6,6 +6,7 @@ Replicate user sees.
 
 from __future__ import annotations
 
+import math
 import secrets
 from pathlib import Path
 
@@ -47,6 +48,22 @@ def check_fps(variant: Variant, fps: int | None) -> int:
     if fps < 1 or fps != int(fps):
         raise InputError(f"fps={fps} must be a whole number from 1 (the model's is {variant.fps}).")
     return int(fps)
+
+
+def check_strength(strength: float | None, default: float, steps: int) -> float:
+    """Video-to-video strength: (0, 1], and at least one denoising step at `steps`."""
+    if strength is None:
+        return default
+    strength = float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength={strength:g} must be above 0 and at most 1.")
+    if int(steps * strength) < 1:
+        raise InputError(
+            f"strength={strength:g} with num_inference_steps={steps} leaves no denoising step "
+            f"(it runs int(steps * strength) of them); raise one of the two, e.g. "
+            f"num_inference_steps={math.ceil(1 / strength)}."
+        )
+    return strength
 
 
 def check_prompt(prompt: str, *, required: bool) -> str:

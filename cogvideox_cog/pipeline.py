@@ -12,19 +12,24 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cog
+import numpy as np
 import torch
 from diffusers import (
     CogVideoXDDIMScheduler,
     CogVideoXDPMScheduler,
     CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
+    CogVideoXVideoToVideoPipeline,
 )
+from PIL import Image
 
 from . import inputs
-from .variants import Task, Variant, variant_from_env
+from .variants import PREDICTOR_FILES, Task, Variant, variant_from_env
 from .video import encode_mp4
+from .video_input import load_video
 from .weights import ensure_weights
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,8 @@ class _StepIndexDynamicCfg:
     diffusers computes it from the timestep value, (N - t) / N with t up to 999, so the scale
     oscillates instead of rising (diffusers issue 9641). We call diffusers with
     use_dynamic_cfg=False and answer the `guidance_scale` property, which its loop reads at
-    every step, from the intended schedule.
+    every step, from the intended schedule. The step counts over the whole schedule: video-to-
+    video runs only its last `strength` part, at the scales a full run has there.
     """
 
     step_index_cfg = False
@@ -56,7 +62,7 @@ class _StepIndexDynamicCfg:
         if not self.step_index_cfg or self._current_timestep is None:
             return self._guidance_scale
         step = int((self.scheduler.timesteps == self._current_timestep).nonzero()[0, 0])
-        return dynamic_guidance_scale(self._guidance_scale, step, self._num_timesteps)
+        return dynamic_guidance_scale(self._guidance_scale, step, len(self.scheduler.timesteps))
 
 
 class TextToVideoPipeline(_StepIndexDynamicCfg, CogVideoXPipeline):
@@ -67,7 +73,19 @@ class ImageToVideoPipeline(_StepIndexDynamicCfg, CogVideoXImageToVideoPipeline):
     pass
 
 
-PIPELINES: dict[Task, type] = {"t2v": TextToVideoPipeline, "i2v": ImageToVideoPipeline}
+class VideoToVideoPipeline(_StepIndexDynamicCfg, CogVideoXVideoToVideoPipeline):
+    pass
+
+
+# What a generator does; video-to-video runs the text-to-video variants' weights.
+Mode = Literal["t2v", "i2v", "v2v"]
+PIPELINES: dict[Mode, type] = {
+    "t2v": TextToVideoPipeline,
+    "i2v": ImageToVideoPipeline,
+    "v2v": VideoToVideoPipeline,
+}
+MODE_TASK: dict[Mode, Task] = {"t2v": "t2v", "i2v": "i2v", "v2v": "t2v"}
+DEFAULT_STRENGTH = 0.8
 
 
 def choose_offload(requested: str, variant: Variant, device: torch.device) -> str:
@@ -103,10 +121,17 @@ def build_pipeline(
     device: torch.device,
     offload: str,
     compile_transformer: bool = False,
+    mode: Mode | None = None,
 ):
+    """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
+    mode = mode or variant.task
+    if MODE_TASK[mode] != variant.task:
+        raise ValueError(f"{variant.id} is a {variant.task} variant and cannot run {mode}")
     dtype = pipeline_dtype(variant, device)
-    log.info(f"pipeline: {variant.id} from {weights}, {dtype} on {device}, offload={offload}")
-    pipe = PIPELINES[variant.task].from_pretrained(weights, dtype=dtype)
+    log.info(
+        f"pipeline: {variant.id} ({mode}) from {weights}, {dtype} on {device}, offload={offload}"
+    )
+    pipe = PIPELINES[mode].from_pretrained(weights, dtype=dtype)
     return configure_pipeline(pipe, variant, device, offload, compile_transformer)
 
 
@@ -149,13 +174,17 @@ class Request:
     fps: int | None
     seed: int | None
     image: Path | None = None
+    # Video-to-video: the input clip, and how much of it is re-noised (None: DEFAULT_STRENGTH).
+    video: Path | None = None
+    strength: float | None = None
 
 
 class VideoGenerator:
     """One loaded pipeline and everything needed to turn a request into an mp4."""
 
-    def __init__(self, variant: Variant, pipe, device: torch.device):
+    def __init__(self, variant: Variant, pipe, device: torch.device, mode: Mode | None = None):
         self.variant, self.pipe, self.device = variant, pipe, device
+        self.mode: Mode = mode or variant.task
         config = pipe.transformer.config
         scale = pipe.vae_scale_factor_spatial
         self.native_size = inputs.native_resolution(
@@ -166,24 +195,40 @@ class VideoGenerator:
         self._last_output: Path | None = None
 
     @classmethod
-    def from_env(cls, task: Task) -> VideoGenerator:
+    def from_env(cls, mode: Mode) -> VideoGenerator:
         started = time.monotonic()
-        variant = variant_from_env(task)
+        variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
         weights = ensure_weights(variant)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
-        pipe = build_pipeline(variant, weights, device, offload, compile_transformer)
-        generator = cls(variant, pipe, device)
+        pipe = build_pipeline(variant, weights, device, offload, compile_transformer, mode)
+        generator = cls(variant, pipe, device, mode)
         if compile_transformer and device.type == "cuda":
             warm_up = time.monotonic()
-            video = generator.generate(Request("warm-up", "", None, 2, 6.0, None, None, 0))
-            shutil.rmtree(video.parent, ignore_errors=True)
+            generator.warm_up()
             log.info(
                 f"setup: transformer compiled and warmed up in {time.monotonic() - warm_up:.0f} s"
             )
         log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)
         return generator
+
+    def warm_up(self) -> None:
+        """One short generation at the default frame count, so the compile happens in setup."""
+        height, width = self.native_size
+        with tempfile.TemporaryDirectory(prefix="cogvideox-warm-up-") as folder:
+            clip = image = None
+            if self.mode == "v2v":
+                frames = np.full((self.variant.default_frames, height, width, 3), 128, np.uint8)
+                clip = encode_mp4(frames, Path(folder) / "warm-up.mp4", fps=self.variant.fps)
+            elif self.mode == "i2v":
+                image = Path(folder) / "warm-up.png"
+                Image.new("RGB", (width, height), (128, 128, 128)).save(image)
+            request = Request(
+                "warm-up", "", None, 2, 6.0, None, None, 0, image=image, video=clip, strength=1.0
+            )
+            video = self.generate(request)
+            shutil.rmtree(video.parent, ignore_errors=True)
 
     def generate(self, request: Request) -> Path:
         # 1. Check every input before any heavy work. Cog passes JSON numbers through as
@@ -211,6 +256,26 @@ class VideoGenerator:
             log.info(
                 f"image: {image.width}x{image.height} scaled to cover {width}x{height}, cropped"
             )
+        denoise_steps = steps
+        if self.mode == "v2v":
+            strength = inputs.check_strength(request.strength, DEFAULT_STRENGTH, steps)
+            # diffusers skips the first (1 - strength) of the schedule: it noises the clip's
+            # latents to the level of the step it starts at and denoises from there.
+            denoise_steps = min(int(steps * strength), steps)
+            if request.video is None:
+                raise inputs.InputError("video is required: the clip to transform.")
+            clip = load_video(
+                request.video, num_frames, variant.fps, height, width, variant.allowed_frames
+            )
+            log.info(clip.summary)
+            log.info(
+                f"strength {strength:g}: the clip is re-noised {strength:.0%} of the way and "
+                f"denoised in {denoise_steps} of {steps} steps"
+            )
+            extra["video"] = self._pad_for_latent_patches(clip.frames)
+            extra["strength"] = strength
+        else:
+            extra["num_frames"] = num_frames
         for text, name in ((prompt, "prompt"), (request.negative_prompt, "negative_prompt")):
             tail = inputs.truncated_prompt_tail(
                 self.pipe.tokenizer, text or "", self.max_prompt_tokens
@@ -229,13 +294,12 @@ class VideoGenerator:
             f"generating {num_frames} frames at {width}x{height}, "
             f"{steps} steps, guidance {guidance_scale:g}" + (" (dynamic)" if dynamic_cfg else "")
         )
-        progress = _StepProgress(steps)
+        progress = _StepProgress(denoise_steps)
         self.pipe.step_index_cfg = dynamic_cfg
         try:
             frames = self.pipe(
                 prompt=prompt,
                 negative_prompt=request.negative_prompt or None,
-                num_frames=num_frames,
                 height=height,
                 width=width,
                 num_inference_steps=steps,
@@ -250,6 +314,8 @@ class VideoGenerator:
         finally:
             self.release_memory()
         decoded = time.monotonic()
+        # Video-to-video makes as many frames as it was given, padding included (see below).
+        frames = frames[:num_frames]
         if len(frames) != num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, expected {num_frames}")
 
@@ -273,6 +339,21 @@ class VideoGenerator:
         elapsed = finished - progress.started
         log.info(f"wrote {output.name}: {num_frames} frames at {fps} fps in {elapsed:.1f} s")
         return output
+
+    def _pad_for_latent_patches(self, frames: list) -> list:
+        """Repeat the last frame until the latent frame count suits the transformer.
+
+        CogVideoXVideoToVideoPipeline makes one output frame per input frame, and for 1.5
+        models (patch_size_t 2) refuses an odd latent count, which every 16N+1 clip has. The
+        text-to-video pipeline pads latents for the same reason; here the clip gets 4 more
+        frames (one latent frame) and the extra output frames are dropped after decoding.
+        """
+        patch_t = self.pipe.transformer.config.patch_size_t
+        temporal = self.pipe.vae_scale_factor_temporal
+        frames = list(frames)
+        while patch_t and ((len(frames) - 1) // temporal + 1) % patch_t:
+            frames += [frames[-1]] * temporal
+        return frames
 
     def predict(self, request: Request) -> Path:
         """generate() for the Cog predictors: one output on disk at a time.

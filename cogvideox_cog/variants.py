@@ -151,8 +151,15 @@ class VariantError(ValueError):
     pass
 
 
-def get_variant(variant_id: str, task: Task) -> Variant:
-    """Look a variant up and make sure the predictor asking can serve it."""
+PREDICTOR_FILES = {
+    "t2v": "predict_t2v.py (cog.yaml)",
+    "i2v": "predict_i2v.py (cog-i2v.yaml)",
+    "v2v": "predict_v2v.py (cog-v2v.yaml)",
+}
+
+
+def get_variant(variant_id: str, task: Task, predictor: str | None = None) -> Variant:
+    """Look a variant up and make sure the predictor asking (default: the task's) can serve it."""
     variant = VARIANTS.get(variant_id.strip().lower())
     if variant is None:
         raise VariantError(
@@ -161,9 +168,7 @@ def get_variant(variant_id: str, task: Task) -> Variant:
         )
     if variant.task != task:
         matching = [v.id for v in VARIANTS.values() if v.task == task]
-        predictor = (
-            "predict_t2v.py (cog.yaml)" if task == "t2v" else "predict_i2v.py (cog-i2v.yaml)"
-        )
+        predictor = predictor or PREDICTOR_FILES[task]
         raise VariantError(
             f"{MODEL_ENV}={variant.id!r} is for {TASK_NAMES[variant.task]}, but {predictor} "
             f"serves {TASK_NAMES[task]}; choose one of: {', '.join(matching)}"
@@ -171,5 +176,5 @@ def get_variant(variant_id: str, task: Task) -> Variant:
     return variant
 
 
-def variant_from_env(task: Task) -> Variant:
-    return get_variant(os.environ.get(MODEL_ENV) or DEFAULT_VARIANT[task], task)
+def variant_from_env(task: Task, predictor: str | None = None) -> Variant:
+    return get_variant(os.environ.get(MODEL_ENV) or DEFAULT_VARIANT[task], task, predictor)

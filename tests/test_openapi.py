@@ -11,7 +11,7 @@ import pytest
 from cogvideox_cog.openapi import build_schema
 from tests.conftest import PROJECT
 
-PREDICTORS = ["predict_t2v.py", "predict_i2v.py"]
+PREDICTORS = ["predict_t2v.py", "predict_i2v.py", "predict_v2v.py"]
 SCHEMA_KEYS = {"ge": "minimum", "le": "maximum", "default": "default", "choices": "enum"}
 
 

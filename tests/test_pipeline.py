@@ -166,3 +166,12 @@ def test_compile_is_skipped_on_cpu_with_a_warning(tiny_weights, caplog):
     assert not hasattr(pipe.transformer, "_compiled_call_impl") or (
         pipe.transformer._compiled_call_impl is None
     )
+
+
+@pytest.mark.parametrize(
+    ("family_task", "variant_id"), [("1.0-t2v", "cogvideox-5b"), ("1.0-i2v", "cogvideox-5b-i2v")]
+)
+def test_setup_warm_up_runs_for_every_mode(tiny_weights, family_task, variant_id):
+    variant = VARIANTS[variant_id]
+    pipe = build_pipeline(variant, tiny_weights[family_task], CPU, "none")
+    VideoGenerator(variant, pipe, CPU).warm_up()

@@ -2,7 +2,13 @@
 
 import pytest
 
-from cogvideox_cog.variants import VARIANTS, VariantError, get_variant, variant_from_env
+from cogvideox_cog.variants import (
+    PREDICTOR_FILES,
+    VARIANTS,
+    VariantError,
+    get_variant,
+    variant_from_env,
+)
 
 
 def test_registry_covers_all_five_releases():
@@ -79,3 +85,8 @@ def test_env_default_is_5b_for_each_task(monkeypatch):
 def test_env_selects_the_variant_case_insensitively(monkeypatch):
     monkeypatch.setenv("COGVIDEOX_MODEL", "CogVideoX1.5-5B")
     assert variant_from_env("t2v").id == "cogvideox1.5-5b"
+
+
+def test_the_v2v_predictor_names_itself_when_refusing_an_i2v_variant():
+    with pytest.raises(VariantError, match=r"predict_v2v.py \(cog-v2v.yaml\) serves text-to-video"):
+        get_variant("cogvideox-5b-i2v", "t2v", PREDICTOR_FILES["v2v"])

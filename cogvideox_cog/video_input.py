@@ -1,0 +1,175 @@
+"""The video-to-video input: decode a clip and turn it into the frames the model takes.
+
+The clip is resampled in time to the model's own frame rate (8 fps for 1.0, 16 for 1.5): frame
+i of the result is the frame on screen at i / fps seconds from the start of the clip, so the
+clip must last (num_frames - 1) / fps seconds. Of a longer clip only that beginning is used
+(and decoded); a shorter one is refused with the largest frame count it can give, rather than
+slowed down or looped behind the user's back.
+Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+from PIL import Image
+
+from .inputs import InputError, fit_image
+
+log = logging.getLogger(__name__)
+
+FORMATS = "mp4, webm, mov or gif"
+# A frame larger than 4K UHD (8.3 MP) with room to spare; bigger ones would cost seconds per
+# frame to decode and scale, for a video generated at 0.35-1 MP.
+MAX_VIDEO_PIXELS = 16_000_000
+# Only the first seconds are decoded, but a clip whose header claims hours is refused up front.
+MAX_VIDEO_SECONDS = 600.0
+# Frames decoded before the needed span is covered: 10 s of 161 frames at 16 fps from a
+# 240 fps clip is 2,400; more points at a broken or hostile stream.
+MAX_DECODED_FRAMES = 5_000
+# Timestamps are rounded on the way into a container; this much slack counts as on time.
+_EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    frames: list[Image.Image]
+    summary: str
+
+
+def load_video(
+    path: Path | str,
+    num_frames: int,
+    fps: int,
+    height: int,
+    width: int,
+    allowed_frames: range | None = None,
+) -> VideoClip:
+    """num_frames RGB frames at fps, each height x width, from the start of the clip at `path`.
+
+    allowed_frames (the variant's frame rule) only improves the message for a clip too short.
+    """
+    try:
+        container = av.open(str(path))
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise InputError(
+            f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
+        ) from error
+    except av.error.FFmpegError as error:
+        raise InputError(f"video could not be read as a video; send an {FORMATS} file.") from error
+    with container:
+        if not container.streams.video:
+            raise InputError(f"video has no video track; send an {FORMATS} file.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        source_width, source_height = stream.codec_context.width, stream.codec_context.height
+        if source_width * source_height > MAX_VIDEO_PIXELS:
+            raise InputError(
+                f"video is {source_width}x{source_height} "
+                f"({source_width * source_height / 1e6:.0f} MP a frame); the limit is "
+                f"{MAX_VIDEO_PIXELS / 1e6:.0f} MP. Downscale it first."
+            )
+        header_seconds = _header_duration(container, stream)
+        if header_seconds is not None and header_seconds > MAX_VIDEO_SECONDS:
+            raise InputError(
+                f"video is {header_seconds:.0f} s long; the limit is {MAX_VIDEO_SECONDS:.0f} s. "
+                f"Only the first {num_frames / fps:.1f} s are used, so trim it first."
+            )
+        source_rate = float(stream.average_rate) if stream.average_rate else None
+        targets = [i / fps for i in range(num_frames)]
+        picked, decoded, start, last_time = _pick_frames(container, stream, targets, source_rate)
+
+    if decoded == 0:
+        raise InputError(f"video has no frames that could be decoded; send an {FORMATS} file.")
+    if len(picked) < num_frames:
+        # The clip shows its last frame until last_time plus one source frame.
+        frame_time = 1 / source_rate if source_rate else 0.0
+        span = last_time - start + frame_time
+        raise InputError(_too_short(decoded, span, num_frames, fps, allowed_frames))
+
+    frames = [fit_image(_rgb(frame), height, width) for frame in picked]
+    shown = header_seconds if header_seconds is not None else last_time - start
+    rate = f"{source_rate:g} fps" if source_rate else "variable fps"
+    summary = (
+        f"video: {shown:.1f} s at {rate}, {decoded} frames decoded -> {num_frames} frames at "
+        f"{fps} fps (its first {(num_frames - 1) / fps:.1f} s), "
+        f"{source_width}x{source_height} -> {width}x{height} (scaled to cover, centre-cropped)"
+    )
+    return VideoClip(frames, summary)
+
+
+def _pick_frames(container, stream, targets: list[float], source_rate: float | None):
+    """For each target time, the last frame shown at or before it; decoding stops when done.
+
+    Returns (frames picked, frames decoded, time of the first frame, time of the last decoded).
+    """
+    picked: list[av.VideoFrame] = []
+    decoded = 0
+    start = last_time = 0.0
+    previous: av.VideoFrame | None = None
+    try:
+        for frame in container.decode(stream):
+            if frame.time is not None:
+                time = float(frame.time)
+            else:
+                time = decoded / source_rate if source_rate else float(decoded)
+            if decoded == 0:
+                start = time
+            decoded += 1
+            if decoded > MAX_DECODED_FRAMES:
+                raise InputError(
+                    f"video needs more than {MAX_DECODED_FRAMES} decoded frames to cover "
+                    f"{targets[-1]:.1f} s; send it at a lower frame rate."
+                )
+            time -= start
+            # Every target before this frame's time is shown by the previous frame.
+            while previous is not None and len(picked) < len(targets):
+                if targets[len(picked)] < time - _EPSILON:
+                    picked.append(previous)
+                else:
+                    break
+            previous, last_time = frame, time + start
+            if len(picked) == len(targets):
+                break
+    except av.error.FFmpegError as error:
+        if decoded == 0:
+            raise InputError(
+                f"video could not be decoded ({error}); send an {FORMATS} file."
+            ) from error
+        log.warning(f"video: decoding stopped after {decoded} frames: {error}")
+    if previous is not None and len(picked) < len(targets):
+        # The last decoded frame is on screen for one source frame after its time.
+        # A target at the very end of the clip (a 1 s clip for 9 frames at 8 fps) takes it too.
+        end = last_time - start + (1 / source_rate if source_rate else 0.0)
+        while len(picked) < len(targets) and targets[len(picked)] < end + _EPSILON:
+            picked.append(previous)
+    return picked, decoded, start, last_time
+
+
+def _too_short(decoded: int, span: float, num_frames: int, fps: int, allowed: range | None) -> str:
+    needed = (num_frames - 1) / fps
+    message = (
+        f"video is too short: {span:.2f} s ({decoded} frames), and {num_frames} frames at "
+        f"{fps} fps need at least {needed:.2f} s."
+    )
+    if decoded < 2:
+        return message + " A single picture is an image: use the image-to-video predictor."
+    fitting = [n for n in (allowed or ()) if (n - 1) / fps < span + _EPSILON]
+    if fitting:
+        return message + f" Send a longer clip, or ask for num_frames={fitting[-1]} or fewer."
+    return message + " Send a longer clip."
+
+
+def _header_duration(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _rgb(frame: av.VideoFrame) -> Image.Image:
+    return frame.to_image().convert("RGB")

@@ -1,0 +1,84 @@
+"""CogVideoX video-to-video on the text-to-video weights: the Cog inputs.
+
+The work happens in cogvideox_cog.
+"""
+
+from typing import Optional
+
+from cog import BaseRunner, Input, Path
+
+from cogvideox_cog.logs import setup_logging
+from cogvideox_cog.pipeline import Request, VideoGenerator
+
+
+# Inputs are spelled out literally here, in predict_t2v.py and predict_i2v.py rather than
+# shared: `cog build` reads them by static analysis, which drops bounds and defaults that are
+# not literals.
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        setup_logging()
+        self.generator = VideoGenerator.from_env("v2v")
+
+    def run(
+        self,
+        video: Path = Input(
+            description="The clip to transform (mp4, webm, mov, gif). Resampled to the model's "
+            "frame rate (8 fps, 16 for 1.5) from its start: it must last (num_frames - 1) / fps "
+            "seconds; the rest is ignored. Scaled to cover the model's resolution, centre-cropped."
+        ),
+        prompt: str = Input(description="What the new video shows. Long prompts work best."),
+        strength: float = Input(
+            description="How much of the clip is re-noised and redrawn: low keeps its look and "
+            "motion, 1.0 ignores it (text-to-video). Runs strength * num_inference_steps steps.",
+            ge=0.05,
+            le=1.0,
+            default=0.8,
+        ),
+        negative_prompt: str = Input(description="What the video should not show.", default=""),
+        num_frames: Optional[int] = Input(
+            description="Frames to generate. CogVideoX 1.0: 8N+1 up to 49 (default 49); "
+            "1.5: 16N+1 up to 161 (default 81). Empty: the model's default.",
+            ge=9,
+            le=161,
+            default=None,
+        ),
+        num_inference_steps: int = Input(
+            description="Denoising steps: more is slower and finer.", ge=1, le=500, default=50
+        ),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance: how closely to follow the prompt.",
+            ge=1.0,
+            le=20.0,
+            default=6.0,
+        ),
+        use_dynamic_cfg: Optional[bool] = Input(
+            description="Raise guidance from 1 to guidance_scale over the steps. Empty: the "
+            "model's default (on for CogVideoX-5B, off for 2B and 1.5).",
+            default=None,
+        ),
+        fps: Optional[int] = Input(
+            description="Frames per second of the mp4. Empty: the model's (8, or 16 for 1.5).",
+            ge=1,
+            le=60,
+            default=None,
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed for a repeatable video. Empty: a random one (logged).",
+            ge=0,
+            le=4294967295,
+            default=None,
+        ),
+    ) -> Path:
+        request = Request(
+            video=video,
+            strength=strength,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=use_dynamic_cfg,
+            fps=fps,
+            seed=seed,
+        )
+        return Path(self.generator.predict(request))

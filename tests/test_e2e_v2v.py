@@ -1,0 +1,68 @@
+"""Video-to-video end to end: the real Cog server with a clip sent as a data URI."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from cogvideox_cog.tiny import TINY
+from cogvideox_cog.video import encode_mp4, probe_mp4
+from tests.cog_server import data_uri, save_data_uri
+
+pytestmark = pytest.mark.e2e
+
+TINY_H, TINY_W = TINY[("1.0", "t2v")].height, TINY[("1.0", "t2v")].width
+FAST = {"prompt": "a panda plays guitar", "num_inference_steps": 4, "num_frames": 9, "seed": 3}
+
+
+def _clip(tmp_path, frames: int, fps: int) -> str:
+    """An mp4 of moving noise, 96x64 (not the model's shape), as a data URI."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (frames, 64, 96, 3), dtype=np.uint8)
+    path = encode_mp4(pixels, tmp_path / f"{uuid.uuid4().hex}.mp4", fps=fps)
+    return data_uri(path.read_bytes(), "video/mp4")
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server("predict_v2v.py", "cogvideox-5b", "1.0-t2v")
+
+
+def test_output_has_the_requested_frames_fps_and_the_model_size(server, tmp_path):
+    response = server.predict(
+        {**FAST, "video": _clip(tmp_path, 36, 30), "strength": 0.5, "fps": 12}
+    )
+    assert response["status"] == "succeeded", response.get("error")
+    info = probe_mp4(save_data_uri(response["output"], tmp_path / "out.mp4"))
+    assert (info["codec"], info["pix_fmt"], info["faststart"]) == ("h264", "yuv420p", True)
+    assert (info["frames"], info["fps"]) == (9, 12)
+    assert (info["width"], info["height"]) == (TINY_W, TINY_H)
+    logs = response["logs"]
+    assert "video: 1.2 s at 30 fps" in logs and f"96x64 -> {TINY_W}x{TINY_H}" in logs
+    # strength 0.5 of 4 steps: 2 denoising steps.
+    assert "step 2/2, " in logs and "step 3/" not in logs
+
+
+def test_a_too_short_clip_fails_with_what_to_do(server, tmp_path):
+    response = server.predict({**FAST, "num_frames": 17, "video": _clip(tmp_path, 10, 8)})
+    assert response["status"] == "failed"
+    assert "too short" in response["error"] and "num_frames=9" in response["error"]
+    assert server.status() == "READY"
+
+
+def test_a_file_that_is_not_a_video_fails_with_the_accepted_formats(server):
+    response = server.predict({**FAST, "video": data_uri(b"just some text", "text/plain")})
+    assert response["status"] == "failed"
+    assert "mp4, webm, mov or gif" in response["error"]
+
+
+def test_strength_out_of_range_is_refused_by_the_schema_with_422(server, tmp_path):
+    response = server.predict({**FAST, "video": _clip(tmp_path, 9, 8), "strength": 0.0}, expect=422)
+    assert response["detail"][0]["loc"][-1] == "strength"
+
+
+def test_the_video_is_required(server):
+    response = server.predict(FAST, expect=422)
+    assert response["detail"][0]["loc"][-1] == "video"

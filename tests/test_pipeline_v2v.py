@@ -1,0 +1,110 @@
+"""Video-to-video in-process on the tiny t2v models: frame counts, strength, refusals."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cogvideox_cog.inputs import InputError
+from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.variants import VARIANTS
+from cogvideox_cog.video import encode_mp4, probe_mp4
+
+CPU = torch.device("cpu")
+
+
+def _generator(tiny_weights, variant_id: str, tiny: str) -> VideoGenerator:
+    variant = VARIANTS[variant_id]
+    pipe = build_pipeline(variant, tiny_weights[tiny], CPU, "none", mode="v2v")
+    return VideoGenerator(variant, pipe, CPU, "v2v")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (48, 48, 80, 3), dtype=np.uint8)  # 2 s at 24 fps
+    return encode_mp4(frames, tmp_path_factory.mktemp("clip") / "clip.mp4", fps=24)
+
+
+def _request(clip, **overrides) -> Request:
+    fields = dict(
+        prompt="a cat walks",
+        negative_prompt="",
+        num_frames=9,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        use_dynamic_cfg=None,
+        fps=None,
+        seed=5,
+        video=clip,
+        strength=0.5,
+    )
+    return Request(**{**fields, **overrides})
+
+
+def test_1_0_gives_the_requested_frames(tiny_weights, clip):
+    generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
+    for frames in (9, 17):
+        info = probe_mp4(generator.generate(_request(clip, num_frames=frames)))
+        assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, 8, 80, 48)
+
+
+def test_1_5_pads_the_clip_for_its_latent_patches_and_drops_the_extra_frames(
+    tiny_weights, clip, monkeypatch
+):
+    monkeypatch.setenv("COGVIDEOX_RESOLUTION", "48x80")
+    generator = _generator(tiny_weights, "cogvideox1.5-5b", "1.5-t2v")
+    info = probe_mp4(generator.generate(_request(clip, num_frames=17)))
+    assert (info["frames"], info["fps"]) == (17, 16)
+
+
+def test_strength_sets_how_many_steps_run_and_dynamic_cfg_follows_the_full_schedule(
+    tiny_weights, clip, caplog
+):
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
+    scales = []
+    original = generator.pipe.__class__.__call__
+
+    def spy(pipe, *args, **kwargs):
+        def record(pipe, step, timestep, callback_kwargs):
+            scales.append(pipe.guidance_scale)
+            return kwargs["callback_on_step_end"](pipe, step, timestep, callback_kwargs)
+
+        return original(pipe, *args, **{**kwargs, "callback_on_step_end": record})
+
+    generator.pipe.__class__.__call__ = spy
+    try:
+        generator.generate(_request(clip, num_inference_steps=10, strength=0.3))
+    finally:
+        generator.pipe.__class__.__call__ = original
+    assert "denoised in 3 of 10 steps" in caplog.text
+    assert len(scales) == 3
+    # Steps 7, 8, 9 of 10: the end of the rising schedule, not its start.
+    expected = [1 + 6.0 * (1 - np.cos(np.pi * (i / 10) ** 5)) / 2 for i in (7, 8, 9)]
+    assert scales == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strength": 0.1, "num_inference_steps": 4}, "leaves no denoising step"),
+        ({"strength": 1.5}, "at most 1"),
+        ({"video": None}, "video is required"),
+        ({"num_frames": 49}, "too short"),
+    ],
+)
+def test_bad_requests_are_refused(tiny_weights, clip, overrides, message):
+    generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
+    with pytest.raises(InputError, match=message):
+        generator.generate(_request(clip, **overrides))
+
+
+def test_an_i2v_variant_cannot_run_video_to_video(tiny_weights):
+    with pytest.raises(ValueError, match="cannot run v2v"):
+        build_pipeline(
+            VARIANTS["cogvideox-5b-i2v"], tiny_weights["1.0-i2v"], CPU, "none", mode="v2v"
+        )

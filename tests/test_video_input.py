@@ -1,0 +1,122 @@
+"""The video-to-video input: decoding, resampling to the model's fps, fitting, and refusals."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from cogvideox_cog import video_input
+from cogvideox_cog.inputs import InputError
+from cogvideox_cog.video_input import load_video
+
+H, W = 48, 80  # the tiny models' resolution
+ALLOWED = range(9, 50, 8)
+
+
+def _write_clip(path, frames: int, fps: int, width: int = 64, height: int = 48) -> str:
+    """A clip whose frame i is a flat grey of level 5 * i: the level says which frame it was."""
+    codec, fmt = {
+        ".mp4": ("libx264", "yuv420p"),
+        ".webm": ("libvpx-vp9", "yuv420p"),
+        ".mov": ("libx264", "yuv420p"),
+        ".gif": ("gif", "rgb8"),
+    }[path.suffix]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, fmt
+        stream.codec_context.time_base = Fraction(1, fps)
+        for index in range(frames):
+            level = min(5 * index, 255)
+            rgb = np.full((height, width, 3), level, np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def _levels(clip) -> list[int]:
+    return [round(np.asarray(frame).mean() / 5) for frame in clip.frames]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mov", ".gif"])
+def test_each_format_is_resampled_to_the_model_fps_from_the_start(tmp_path, suffix):
+    path = _write_clip(tmp_path / f"clip{suffix}", frames=40, fps=24)
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert len(clip.frames) == 9
+    assert all(frame.size == (W, H) and frame.mode == "RGB" for frame in clip.frames)
+    # 24 fps -> 8 fps: every third source frame, from the first.
+    assert _levels(clip) == pytest.approx([0, 3, 6, 9, 12, 15, 18, 21, 24], abs=1)
+
+
+def test_the_summary_says_what_was_done(tmp_path):
+    path = _write_clip(tmp_path / "clip.mp4", frames=36, fps=30, width=96, height=64)
+    summary = load_video(path, num_frames=9, fps=8, height=H, width=W).summary
+    assert summary.startswith("video: 1.2 s at 30 fps")
+    assert "-> 9 frames at 8 fps" in summary
+    assert "96x64 -> 80x48" in summary
+
+
+def test_a_slower_clip_repeats_frames_to_keep_real_time(tmp_path):
+    path = _write_clip(tmp_path / "clip.mp4", frames=6, fps=4)
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert _levels(clip) == pytest.approx([0, 0, 1, 1, 2, 2, 3, 3, 4], abs=1)
+
+
+def test_a_clip_that_lasts_exactly_long_enough_is_taken(tmp_path):
+    # 9 frames at 8 fps span 1 s; a 1 s clip at 24 fps shows its last frame until 1 s.
+    path = _write_clip(tmp_path / "clip.mp4", frames=24, fps=24)
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+
+
+def test_a_too_short_clip_is_refused_with_the_frames_it_can_give(tmp_path):
+    path = _write_clip(tmp_path / "clip.mp4", frames=20, fps=8)  # 2.5 s
+    with pytest.raises(InputError, match=r"too short.*need at least 6.00 s.*num_frames=17"):
+        load_video(path, num_frames=49, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+
+
+def test_a_single_frame_video_is_refused_pointing_to_image_to_video(tmp_path):
+    path = _write_clip(tmp_path / "still.mp4", frames=1, fps=8)
+    with pytest.raises(InputError, match="image-to-video"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+
+
+@pytest.mark.parametrize(
+    ("content", "name"), [(b"", "empty.mp4"), (b"just some text\n" * 20, "notes.mp4")]
+)
+def test_an_empty_or_text_file_is_refused_with_the_formats(tmp_path, content, name):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match="mp4, webm, mov or gif"):
+        load_video(tmp_path / name, num_frames=9, fps=8, height=H, width=W)
+
+
+def test_a_missing_file_says_it_is_not_a_url(tmp_path):
+    with pytest.raises(InputError, match="not an http"):
+        load_video(tmp_path / "nope.mp4", num_frames=9, fps=8, height=H, width=W)
+
+
+def test_a_huge_frame_is_refused_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_input, "MAX_VIDEO_PIXELS", 64 * 48 - 1)
+    path = _write_clip(tmp_path / "clip.mp4", frames=10, fps=8)
+    with pytest.raises(InputError, match="Downscale it first"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
+def test_a_long_clip_is_refused_from_its_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_input, "MAX_VIDEO_SECONDS", 1.0)
+    path = _write_clip(tmp_path / "clip.mp4", frames=24, fps=8)
+    with pytest.raises(InputError, match="the limit is 1 s"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
+def test_decoding_stops_once_the_needed_span_is_covered(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_input, "MAX_DECODED_FRAMES", 30)
+    path = _write_clip(tmp_path / "clip.mp4", frames=200, fps=24)
+    # 9 frames at 8 fps need 25 frames of 24 fps: within the limit, though the clip has 200.
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+    with pytest.raises(InputError, match="more than 30 decoded frames"):
+        load_video(path, num_frames=17, fps=8, height=H, width=W)
