@@ -121,7 +121,10 @@ def test_async_prediction_reports_start_logs_output_and_completion(server, hooks
     progress = events[:-1]
     assert progress and all(e["status"] == "processing" for e in progress)
     assert any("seed: 11" in (e.get("logs") or "") for e in progress)  # a logs event
-    assert any(e.get("output") == [final["output"]] for e in progress)  # the output event
+    # coglet throttles webhooks (one per 0.5 s) and may fold the output event into the final
+    # one, so it cannot be required; when it comes, it carries the uploaded file.
+    outputs = [e["output"] for e in progress if e.get("output")]
+    assert all(output == [final["output"]] for output in outputs)
     # The start event (empty logs) comes first when it comes: coglet 0.23.1 sends it
     # fire-and-forget and about one in five never arrives, so it cannot be required.
     starts = [i for i, e in enumerate(progress) if not e.get("logs")]
