@@ -47,6 +47,7 @@ BACKOFF_S = 1.0  # first wait; doubles per failure, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
 PROGRESS_EVERY_S = 15.0
 USER_AGENT = "cogvideox-cog weights downloader"
+RESUME_HINT = "Run setup again to resume, or check the URL and the network."
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -241,8 +242,9 @@ class RangedStream(Stream):
     chunk and a range that fails for good still delivers every byte before the failure.
     """
 
-    def __init__(self, remote: RemoteFile, start: int, what: str):
+    def __init__(self, remote: RemoteFile, start: int, what: str, hint: str = RESUME_HINT):
         assert remote.size is not None
+        self.hint = hint
         self.remote, self.total, self.position = remote, remote.size, start
         self.progress = Progress(what, remote.size, start)
         self._first, self._count = start, -(-(remote.size - start) // CHUNK_BYTES)
@@ -350,7 +352,7 @@ class RangedStream(Stream):
                     raise WeightsError(
                         f"download of {self.remote.url} failed after "
                         f"{chunk.begin + chunk.filled:,} of {self.total:,} bytes: {text}{tries}. "
-                        f"Run setup again to resume, or check the URL and the network."
+                        + self.hint
                     ) from error
                 delay = _backoff(failures, asked)
                 at = chunk.begin + chunk.filled
@@ -508,7 +510,11 @@ def _read_some(reader, view: memoryview) -> int:
 
 
 def open_url(
-    remote: RemoteFile, response: http.client.HTTPResponse | None, start: int, what: str
+    remote: RemoteFile,
+    response: http.client.HTTPResponse | None,
+    start: int,
+    what: str,
+    hint: str = RESUME_HINT,
 ) -> Stream:
     """A stream of a probed URL from byte `start`: parallel ranges where the server allows.
 
@@ -516,7 +522,7 @@ def open_url(
     """
     url = remote.url
     if remote.ranges:
-        return RangedStream(remote, start, what)
+        return RangedStream(remote, start, what, hint)
     log.warning(f"weights: {url} does not support Range requests: one connection, no resume")
 
     def opener(position: int):

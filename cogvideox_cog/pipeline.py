@@ -27,6 +27,8 @@ from diffusers import (
 from PIL import Image
 
 from . import inputs
+from .lora import LoraSlot
+from .lora_cache import LoraCache, check_lora_url
 from .variants import PREDICTOR_FILES, Task, Variant, variant_from_env
 from .video import encode_mp4
 from .video_input import load_video
@@ -177,6 +179,18 @@ class Request:
     # Video-to-video: the input clip, and how much of it is re-noised (None: DEFAULT_STRENGTH).
     video: Path | None = None
     strength: float | None = None
+    # A fine-tune's LoRA (see lora.py) and its strength; no URL: the base model.
+    lora_url: str | None = None
+    lora_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class RenderedVideo:
+    frames: np.ndarray  # (frames, height, width, 3) floats in [0, 1]
+    fps: int
+    seed: int
+    progress: _StepProgress
+    decoded: float  # time.monotonic() when the VAE finished
 
 
 class VideoGenerator:
@@ -193,6 +207,8 @@ class VideoGenerator:
         self.size_multiple = scale * config.patch_size
         self.max_prompt_tokens = variant.max_prompt_tokens or config.max_text_seq_length
         self._last_output: Path | None = None
+        self.lora = LoraSlot(pipe, variant.id)
+        self.lora_cache = LoraCache.from_env()
 
     @classmethod
     def from_env(cls, mode: Mode) -> VideoGenerator:
@@ -231,6 +247,34 @@ class VideoGenerator:
             shutil.rmtree(video.parent, ignore_errors=True)
 
     def generate(self, request: Request) -> Path:
+        """render(), then the mp4 on a path no other prediction uses."""
+        video = self.render(request)
+        # The file name is unique too: an upload (--upload-url) keeps only the name, and the
+        # same seed may come twice.
+        output_dir = Path(tempfile.mkdtemp(prefix="cogvideox-"))
+        output = output_dir / f"{self.variant.id}-{video.seed}-{secrets.token_hex(4)}.mp4"
+        try:
+            encode_mp4(video.frames, output, fps=video.fps)
+        except BaseException:  # including a cancel
+            shutil.rmtree(output_dir, ignore_errors=True)
+            raise
+        finished = time.monotonic()
+        started, last_step = video.progress.started, video.progress.last_step
+        for name, value in (
+            ("denoise_seconds", last_step - started),
+            ("decode_seconds", video.decoded - last_step),
+            ("encode_seconds", finished - video.decoded),
+            ("total_seconds", finished - started),
+        ):
+            cog.current_scope().record_metric(name, round(value, 3))
+        log.info(
+            f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
+            f"{finished - started:.1f} s"
+        )
+        return output
+
+    def render(self, request: Request) -> RenderedVideo:
+        """Check the request, then denoise and decode: the frames as floats in [0, 1]."""
         # 1. Check every input before any heavy work. Cog passes JSON numbers through as
         # they came (2.0 for an int input), so settle the types first.
         variant = self.variant
@@ -239,6 +283,8 @@ class VideoGenerator:
         num_frames = inputs.check_num_frames(variant, request.num_frames)
         fps = inputs.check_fps(variant, request.fps)
         seed = inputs.resolve_seed(request.seed)
+        lora_url = check_lora_url(request.lora_url) if request.lora_url else None
+        lora_scale = float(request.lora_scale)
         dynamic_cfg = request.use_dynamic_cfg
         if dynamic_cfg is None:
             dynamic_cfg = variant.dynamic_cfg
@@ -286,7 +332,10 @@ class VideoGenerator:
                     f"this part is ignored: {tail!r}"
                 )
 
-        # 2. Denoise and decode.
+        # 2. The LoRA, fetched (or found in the cache) and checked before it touches the model.
+        self.lora.use(self.lora_cache.get(lora_url) if lora_url else None, lora_scale)
+
+        # 3. Denoise and decode.
         log.info(f"seed: {seed}")
         scope = cog.current_scope()
         scope.record_metric("seed", seed)
@@ -318,27 +367,7 @@ class VideoGenerator:
         frames = frames[:num_frames]
         if len(frames) != num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, expected {num_frames}")
-
-        # 3. Encode to a path no other prediction uses. The file name is unique too: an
-        # upload (--upload-url) keeps only the name, and the same seed may come twice.
-        output_dir = Path(tempfile.mkdtemp(prefix="cogvideox-"))
-        output = output_dir / f"{variant.id}-{seed}-{secrets.token_hex(4)}.mp4"
-        try:
-            encode_mp4(frames, output, fps=fps)
-        except BaseException:  # including a cancel
-            shutil.rmtree(output_dir, ignore_errors=True)
-            raise
-        finished = time.monotonic()
-        for name, value in (
-            ("denoise_seconds", progress.last_step - progress.started),
-            ("decode_seconds", decoded - progress.last_step),
-            ("encode_seconds", finished - decoded),
-            ("total_seconds", finished - progress.started),
-        ):
-            scope.record_metric(name, round(value, 3))
-        elapsed = finished - progress.started
-        log.info(f"wrote {output.name}: {num_frames} frames at {fps} fps in {elapsed:.1f} s")
-        return output
+        return RenderedVideo(frames, fps, seed, progress, decoded)
 
     def _pad_for_latent_patches(self, frames: list) -> list:
         """Repeat the last frame until the latent frame count suits the transformer.

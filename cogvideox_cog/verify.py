@@ -102,7 +102,7 @@ def verify(
     problems += _check_components(root)
     for rel in sorted(files):
         if rel.endswith(".safetensors"):
-            problems += [f"{rel}: {p}" for p in _check_safetensors(root / rel)]
+            problems += [f"{rel}: {p}" for p in check_safetensors(root / rel)]
         elif rel.endswith(".index.json"):
             problems += [f"{rel}: {p}" for p in _check_shard_index(root / rel)]
     if manifest.files:
@@ -194,7 +194,7 @@ def _check_components(root: Path) -> list[str]:
     return problems
 
 
-def _check_safetensors(path: Path) -> list[str]:
+def check_safetensors(path: Path) -> list[str]:
     """The header parses and accounts for every byte of the file.
 
     Hand-written rather than safetensors.safe_open, which does the length check too but

@@ -304,7 +304,7 @@ def _fetch_hub(source: str, staging: Path) -> None:
         "allow_patterns": HF_PATTERNS,
     }
     try:
-        with _hub_online():
+        with hub_online():
             plan = huggingface_hub.snapshot_download(**kwargs, dry_run=True)
             size = sum(f.file_size or 0 for f in plan)
             _check_disk(staging.parent, size, size - _pending(plan), source)
@@ -326,7 +326,7 @@ def _pending(plan) -> int:
 
 
 @contextmanager
-def _hub_online() -> Iterator[None]:
+def hub_online() -> Iterator[None]:
     """Allow huggingface_hub to reach the hub for this one download.
 
     The package sets HF_HUB_OFFLINE=1 at import so that loading never touches the network.

@@ -1,0 +1,255 @@
+"""What a LoRA file holds, and keeping exactly one LoRA (or none) on the transformer.
+
+The upstream fine-tuning tools write two layouts (both safetensors, peft `lora_A`/`lora_B`):
+
+- diffusers-trained (`pytorch_lora_weights.safetensors`): keys prefixed `transformer.`. The
+  training scale is alpha / rank; diffusers stores alpha in the file's `lora_adapter_metadata`
+  only when the trainer passed it, and otherwise takes alpha = rank (scale 1.0). We do the
+  same, so lora_scale 1.0 means what training used when alpha was rank (the upstream default).
+- SAT-exported (`tools/export_sat_lora_weight.py`): the same names without the prefix; SAT
+  trains with alpha 1, so the training scale is 1 / rank (upstream's load_cogvideox_lora.py
+  applies it by hand). Unprefixed keys with diffusers metadata (a model's own
+  save_lora_adapter) use the metadata instead.
+
+A LoRA is checked against the transformer's linear layers before anything is changed, so one
+for another variant fails with the mismatch named and the model untouched. Loading goes
+through diffusers (peft layers beside the frozen base weights, never merged into them), which
+also takes offload hooks off and puts them back; unloading restores the plain layers, so a
+prediction without a LoRA is the base model's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+
+from .lora_cache import LoraError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "lora"
+PREFIX = "transformer."
+METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps LoraConfig
+_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+@dataclass
+class LoraWeights:
+    digest: str
+    layout: Literal["diffusers", "SAT"]
+    tensors: dict[str, torch.Tensor]  # module.lora_A.weight -> tensor, without the prefix
+    ranks: dict[str, int]  # module -> rank
+    rank: int  # the most common rank
+    alpha: float
+    alpha_pattern: dict[str, float]
+    alpha_source: str
+
+    @property
+    def trained_scale(self) -> float:
+        return self.alpha / self.rank
+
+    def lora_config(self) -> dict:
+        """peft LoraConfig arguments, keyed as diffusers' loader expects its metadata."""
+        config = {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "rank_pattern": {f"^{m}": r for m, r in self.ranks.items() if r != self.rank},
+            "alpha_pattern": self.alpha_pattern,
+            "target_modules": sorted(self.ranks),
+        }
+        return {PREFIX + key: value for key, value in config.items()}
+
+
+def read_lora(path: Path) -> LoraWeights:
+    """Parse a verified LoRA file (named by its sha256) and settle its layout and alpha."""
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata() or {}
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    if not tensors:
+        raise LoraError("the LoRA file holds no tensors.")
+    text_encoder = [k for k in tensors if k.startswith("text_encoder.")]
+    if text_encoder:
+        raise LoraError(
+            f"the LoRA has text-encoder layers ({text_encoder[0]}, ...); CogVideoX LoRAs train "
+            f"the transformer only, and only those are supported."
+        )
+    prefixed = [k for k in tensors if k.startswith(PREFIX)]
+    if prefixed and len(prefixed) != len(tensors):
+        bare = next(k for k in tensors if not k.startswith(PREFIX))
+        raise LoraError(f"the LoRA mixes keys with and without '{PREFIX}' (e.g. {bare!r}).")
+    layout = "diffusers" if prefixed else "SAT"
+    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+    unexpected = [k for k in tensors if not _KEY.fullmatch(k)]
+    if unexpected:
+        raise LoraError(
+            f"the LoRA has {len(unexpected)} keys that are not peft LoRA weights "
+            f"(<layer>.lora_A.weight / <layer>.lora_B.weight), e.g. {unexpected[:3]}. Kohya "
+            f"(lora_down/lora_up), LyCORIS and DoRA files are not supported."
+        )
+    ranks = _ranks(tensors)
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    config = _adapter_metadata(metadata)
+    if config is not None and "lora_alpha" in config:
+        alpha, alpha_pattern = float(config["lora_alpha"]), dict(config.get("alpha_pattern") or {})
+        source = "the file's metadata"
+    elif layout == "diffusers":
+        alpha = float(rank)
+        alpha_pattern = {f"^{m}": float(r) for m, r in ranks.items() if r != rank}
+        source = "the diffusers convention, alpha = rank"
+    else:
+        alpha, alpha_pattern, source = 1.0, {}, "the SAT convention, alpha = 1"
+    return LoraWeights(path.stem, layout, tensors, ranks, rank, alpha, alpha_pattern, source)
+
+
+def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
+    """The LoraConfig diffusers stored in the file, without the `transformer.` prefix."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        stored = json.loads(metadata[METADATA_KEY])
+    except ValueError as error:
+        raise LoraError(f"the LoRA's {METADATA_KEY} metadata is not JSON ({error}).") from None
+    if not isinstance(stored, dict):
+        raise LoraError(f"the LoRA's {METADATA_KEY} metadata is not a JSON object.")
+    config = {k.removeprefix(PREFIX): v for k, v in stored.items()}
+    alpha = config.get("lora_alpha")
+    if alpha is not None and not (isinstance(alpha, int | float) and math.isfinite(alpha)):
+        raise LoraError(f"the LoRA's metadata has lora_alpha={alpha!r}, not a number.")
+    return config
+
+
+def _ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    sides: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        sides.setdefault(match["module"], {})[match["side"]] = tensor
+    ranks = {}
+    for module, pair in sides.items():
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise LoraError(f"the LoRA has no lora_{missing} weight for {module}.")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoraError(
+                f"the LoRA's {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}: "
+                f"expected (rank, in) and (out, rank)."
+            )
+        for side, tensor in pair.items():
+            if not tensor.is_floating_point():
+                raise LoraError(f"the LoRA's {module}.lora_{side} is {tensor.dtype}, not float.")
+            if not torch.isfinite(tensor).all():
+                raise LoraError(f"the LoRA's {module}.lora_{side} holds NaN or infinite values.")
+        ranks[module] = a.shape[0]
+    return ranks
+
+
+def linear_layers(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """name -> (in_features, out_features) of every plain linear layer."""
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def check_fits(lora: LoraWeights, layers: dict[str, tuple[int, int]], model: str) -> None:
+    """Raise, naming the mismatch, unless every LoRA layer matches one of the model's."""
+    missing = [m for m in lora.ranks if m not in layers]
+    wrong = []
+    for module in lora.ranks:
+        if module in layers:
+            lora_in = lora.tensors[f"{module}.lora_A.weight"].shape[1]
+            lora_out = lora.tensors[f"{module}.lora_B.weight"].shape[0]
+            if (lora_in, lora_out) != layers[module]:
+                wrong.append((module, (lora_in, lora_out), layers[module]))
+    if not missing and not wrong:
+        return
+    problem = f"the LoRA ({lora.layout} layout) does not fit {model}'s transformer: "
+    if missing:
+        problem += f"{len(missing)} of its {len(lora.ranks)} layers are not in the model, e.g. "
+        problem += ", ".join(missing[:3])
+        lora_blocks, model_blocks = _block_count(lora.ranks), _block_count(layers)
+        if lora_blocks > model_blocks:
+            problem += f" (the LoRA has {lora_blocks} transformer blocks, the model {model_blocks})"
+        problem += ". "
+    if wrong:
+        module, (lora_in, lora_out), (model_in, model_out) = wrong[0]
+        problem += (
+            f"{len(wrong)} layers have other sizes, e.g. {module}: {lora_in} -> {lora_out} "
+            f"features in the LoRA, {model_in} -> {model_out} in the model. "
+        )
+    raise LoraError(
+        problem + "It was trained for another model (CogVideoX-2B is 1920 wide with 30 blocks, "
+        "5B 3072 wide with 42). The base model is unchanged."
+    )
+
+
+def _block_count(names) -> int:
+    return 1 + max((int(m[1]) for n in names if (m := _BLOCK.match(n))), default=-1)
+
+
+class LoraSlot:
+    """The pipeline's one LoRA: kept while requests repeat it, replaced or removed otherwise."""
+
+    def __init__(self, pipe, model: str):
+        self.pipe, self.model = pipe, model
+        self.compiled = getattr(pipe.transformer, "_compiled_call_impl", None) is not None
+        self.layers = linear_layers(pipe.transformer)
+        self.loaded: str | None = None  # the digest of the LoRA on the transformer
+
+    def use(self, path: Path | None, scale: float) -> None:
+        """Put the LoRA in `path` on the transformer at `scale` (None: no LoRA)."""
+        if path is None:
+            self.clear()
+            return
+        if path.stem != self.loaded:
+            started = time.monotonic()
+            lora = read_lora(path)
+            check_fits(lora, self.layers, self.model)
+            self.clear()
+            state_dict = {PREFIX + k: v for k, v in lora.tensors.items()}
+            try:
+                self.pipe.load_lora_into_transformer(
+                    state_dict,
+                    transformer=self.pipe.transformer,
+                    adapter_name=ADAPTER_NAME,
+                    metadata=lora.lora_config(),
+                    _pipeline=self.pipe,
+                )
+            except Exception as error:
+                self.clear()
+                raise LoraError(f"the LoRA could not be loaded: {error}") from error
+            self.loaded = lora.digest
+            self.trained_scale = lora.trained_scale
+            log.info(
+                f"lora: loaded {lora.digest[:12]} ({lora.layout} layout, {len(lora.ranks)} layers, "
+                f"rank {lora.rank}, alpha {lora.alpha:g} from {lora.alpha_source}) in "
+                f"{time.monotonic() - started:.1f} s"
+            )
+            if self.compiled:
+                log.warning("lora: the compiled transformer recompiles for the new layers")
+        self.pipe.set_adapters([ADAPTER_NAME], [scale])
+        log.info(
+            f"lora: scale applied = lora_scale {scale:g} x alpha/rank {self.trained_scale:.6g} "
+            f"= {scale * self.trained_scale:.6g}"
+        )
+
+    def clear(self) -> None:
+        """Back to the plain base layers (diffusers removes the peft layers entirely)."""
+        if getattr(self.pipe.transformer, "peft_config", None):
+            self.pipe.unload_lora_weights()
+            if self.loaded is not None:
+                log.info(f"lora: unloaded {self.loaded[:12]}")
+        self.loaded = None
