@@ -68,6 +68,19 @@ class Predictor(BaseRunner):
             le=4294967295,
             default=None,
         ),
+        lora_url: Optional[str] = Input(
+            description="A LoRA fine-tune of this model: an http(s) URL of a .safetensors "
+            "file, hf://org/repo[/file.safetensors], or a tar of a training run's output. "
+            "Cached by content. Empty: the base model.",
+            default=None,
+        ),
+        lora_scale: float = Input(
+            description="LoRA strength: 1.0 is the strength it was trained at (alpha/rank), "
+            "0 the base model. Ignored without lora_url.",
+            ge=-1.0,
+            le=3.0,
+            default=1.0,
+        ),
     ) -> Path:
         request = Request(
             video=video,
@@ -80,5 +93,7 @@ class Predictor(BaseRunner):
             use_dynamic_cfg=use_dynamic_cfg,
             fps=fps,
             seed=seed,
+            lora_url=lora_url,
+            lora_scale=lora_scale,
         )
         return Path(self.generator.predict(request))

@@ -1,0 +1,202 @@
+"""LoRAs on the tiny 1.0 text-to-video model, fetched from a loopback server through the
+generator's own request path: scales, both upstream layouts, switching, and refusals."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from cogvideox_cog.lora import read_lora
+from cogvideox_cog.lora_cache import LoraCache, LoraError
+from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.variants import VARIANTS
+from tests.file_server import FileServer
+from tests.lora_files import (
+    lora_tensors,
+    save_diffusers_lora,
+    save_renamed,
+    save_sat_lora,
+)
+
+CPU = torch.device("cpu")
+RANK = 4
+LORA = "pytorch_lora_weights.safetensors"
+
+
+class _RunsCode:
+    """Unpickling this creates a file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_weights, tmp_path_factory) -> FileServer:
+    """Every LoRA file the tests use, served over loopback HTTP."""
+    root = tmp_path_factory.mktemp("loras")
+    transformer = tiny_weights["1.0-t2v"] / "transformer"
+    a = lora_tensors(transformer, RANK, seed=1)
+    b = lora_tensors(transformer, RANK, seed=2)
+    save_diffusers_lora(a, root / "a")
+    save_diffusers_lora(b, root / "b")
+    save_diffusers_lora(a, root / "a-alpha8", alpha=2 * RANK)
+    save_sat_lora(a, root / "a-sat")
+    wider = lora_tensors(transformer, RANK, seed=3, attention_head_dim=24)  # 48 wide, not 32
+    save_diffusers_lora(wider, root / "wider")
+    deeper = lora_tensors(transformer, RANK, seed=3, num_layers=3)
+    save_diffusers_lora(deeper, root / "deeper")
+    skewed = dict(a)  # lora_B of another rank than its lora_A
+    skewed["transformer_blocks.0.attn1.to_q.lora_B.weight"] = torch.ones(32, RANK + 1)
+    save_renamed(skewed, root / "skewed" / LORA, lambda k: f"transformer.{k}")
+    kohya = {k.replace("lora_A", "lora_down"): v for k, v in a.items()}
+    save_renamed(kohya, root / "kohya" / LORA, lambda k: f"transformer.{k}")
+    nan = {k: v.clone() for k, v in a.items()}
+    next(iter(nan.values()))[0, 0] = float("nan")
+    save_renamed(nan, root / "nan" / LORA, lambda k: f"transformer.{k}")
+    (root / "pickle").mkdir()
+    (root / "pickle" / LORA).write_bytes(pickle.dumps(_RunsCode(root / "UNPICKLED")))
+    torch.save(a, root / "pickle" / "torch-zip.safetensors")
+    server = FileServer(root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_weights, tmp_path_factory) -> VideoGenerator:
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    generator = VideoGenerator(variant, pipe, CPU)
+    generator.lora_cache = LoraCache(tmp_path_factory.mktemp("lora-cache"), 1 << 30, 1 << 30, 60)
+    return generator
+
+
+def _frames(generator: VideoGenerator, url: str | None = None, scale: float = 1.0):
+    request = Request("a cat walks", "", 9, 2, 6.0, None, None, 5, lora_url=url, lora_scale=scale)
+    return generator.render(request).frames
+
+
+def _url(loras: FileServer, folder: str, name: str = LORA) -> str:
+    return loras.url(f"{folder}/{name}")
+
+
+@pytest.fixture(scope="module")
+def base(generator) -> np.ndarray:
+    return _frames(generator)
+
+
+def _peft_layers(transformer) -> int:
+    return sum(isinstance(m, BaseTunerLayer) for m in transformer.modules())
+
+
+def _weights(transformer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in transformer.state_dict().items()}
+
+
+def test_lora_at_scale_zero_gives_the_base_output_exactly(generator, loras, base):
+    np.testing.assert_array_equal(_frames(generator, _url(loras, "a"), 0.0), base)
+
+
+def test_lora_changes_the_output(generator, loras, base):
+    assert np.abs(_frames(generator, _url(loras, "a"), 1.0) - base).max() > 1e-3
+
+
+def test_prediction_without_lora_after_one_with_it_is_the_base_output_exactly(
+    generator, loras, base
+):
+    _frames(generator, _url(loras, "a"), 1.0)
+    np.testing.assert_array_equal(_frames(generator), base)
+    assert _peft_layers(generator.pipe.transformer) == 0
+
+
+def test_a_then_b_then_a_reproduces_a_exactly(generator, loras):
+    first = _frames(generator, _url(loras, "a"))
+    other = _frames(generator, _url(loras, "b"))
+    again = _frames(generator, _url(loras, "a"))
+    np.testing.assert_array_equal(again, first)
+    assert np.abs(other - first).max() > 1e-3
+
+
+def test_sat_layout_at_scale_one_equals_diffusers_layout_at_one_over_rank(generator, loras):
+    """SAT trains with alpha 1: its scale 1.0 is 1/rank of the unscaled product."""
+    sat = _frames(generator, _url(loras, "a-sat"), 1.0)
+    np.testing.assert_array_equal(sat, _frames(generator, _url(loras, "a"), 1 / RANK))
+
+
+def test_alpha_in_the_files_metadata_sets_the_trained_scale(generator, loras):
+    """alpha = 2 x rank in the metadata: scale 1.0 is twice the alpha = rank default."""
+    with_alpha = _frames(generator, _url(loras, "a-alpha8"), 1.0)
+    np.testing.assert_array_equal(with_alpha, _frames(generator, _url(loras, "a"), 2.0))
+
+
+def test_fifty_switches_leave_adapters_and_parameters_unchanged(generator, loras):
+    transformer = generator.pipe.transformer
+    urls = [_url(loras, "a"), _url(loras, "b")]
+    generator.lora.use(generator.lora_cache.get(urls[0]), 1.0)
+    parameters = sum(p.numel() for p in transformer.parameters())
+    layers = _peft_layers(transformer)
+    for switch in range(50):
+        generator.lora.use(generator.lora_cache.get(urls[switch % 2]), 1.0)
+        assert list(transformer.peft_config) == ["lora"]
+    assert sum(p.numel() for p in transformer.parameters()) == parameters
+    assert _peft_layers(transformer) == layers
+    generator.lora.use(None, 1.0)
+    assert not getattr(transformer, "peft_config", None) and _peft_layers(transformer) == 0
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [
+        ("wider", r"does not fit cogvideox-5b.*48 -> 48 features in the LoRA, 32 -> 32"),
+        ("deeper", r"transformer_blocks\.2\..*the LoRA has 3 transformer blocks, the model 2"),
+        ("skewed", r"lora_A \(4, 32\) and lora_B \(32, 5\): expected \(rank, in\)"),
+        ("kohya", r"not peft LoRA weights.*lora_down"),
+        ("nan", r"NaN or infinite"),
+    ],
+)
+def test_mismatched_lora_names_the_mismatch_and_leaves_the_model_untouched(
+    generator, loras, base, folder, message
+):
+    _frames(generator)  # start from the base model
+    before = _weights(generator.pipe.transformer)
+    with pytest.raises(LoraError, match=message):
+        _frames(generator, _url(loras, folder))
+    after = generator.pipe.transformer.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert _peft_layers(generator.pipe.transformer) == 0
+    np.testing.assert_array_equal(_frames(generator), base)
+
+
+def test_lora_mismatch_error_says_the_base_model_is_unchanged(generator, loras):
+    with pytest.raises(LoraError, match=r"another model.*The base model is unchanged"):
+        _frames(generator, _url(loras, "wider"))
+
+
+@pytest.mark.parametrize("name", [LORA, "torch-zip.safetensors"])
+def test_pickle_file_is_refused_without_being_unpickled(generator, loras, name):
+    with pytest.raises(LoraError, match=r"PyTorch pickle checkpoint.*refused"):
+        _frames(generator, _url(loras, "pickle", name))
+    assert not (loras.directory / "UNPICKLED").exists()
+
+
+def test_pickle_file_name_is_refused_before_any_download(generator, loras):
+    requests = len(loras.requests)
+    with pytest.raises(LoraError, match=r"names a PyTorch pickle file"):
+        _frames(generator, _url(loras, "a", "adapter_model.bin"))
+    assert len(loras.requests) == requests
+
+
+def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
+    for folder, layout, alpha in [("a", "diffusers", 4.0), ("a-sat", "SAT", 1.0)]:
+        lora = read_lora(generator.lora_cache.get(_url(loras, folder)))
+        assert (lora.layout, lora.rank, lora.alpha) == (layout, RANK, alpha)
+    with_alpha = read_lora(generator.lora_cache.get(_url(loras, "a-alpha8")))
+    assert (with_alpha.alpha, with_alpha.alpha_source) == (8.0, "the file's metadata")

@@ -1,0 +1,306 @@
+"""Where LoRA files come from: URL forms, downloads over loopback HTTP with faults, tars of
+training runs, size and time limits, and the content-addressed LRU cache."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save, save_file
+
+from cogvideox_cog import download
+from cogvideox_cog.lora_cache import LoraCache, LoraError, check_lora_url, parse_size
+from tests.file_server import FileServer
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def _lora_bytes(seed: int, rank: int = 4) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(
+            rank, 32, generator=generator
+        ),
+        "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(
+            32, rank, generator=generator
+        ),
+    }
+    return save(tensors)
+
+
+def _tar(members: dict[str, bytes], mode: str = "w") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def served(tmp_path) -> tuple[Path, FileServer]:
+    root = tmp_path / "served"
+    root.mkdir()
+    server = FileServer(root)
+    yield root, server
+    server.stop()
+
+
+@pytest.fixture
+def cache(tmp_path) -> LoraCache:
+    return LoraCache(
+        tmp_path / "cache", max_file_bytes=1 << 20, max_cache_bytes=1 << 30, timeout_s=30
+    )
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(download, "RETRIES", 2)
+
+
+def _serve(root: Path, name: str, data: bytes) -> None:
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(data)
+
+
+def _gets(server: FileServer, name: str) -> int:
+    return sum(1 for method, path, _ in server.requests if method == "GET" and path == name)
+
+
+def _left_over(cache: LoraCache) -> list[str]:
+    return sorted(str(p.relative_to(cache.root)) for p in cache.root.rglob("*") if p.is_file())
+
+
+def test_downloaded_lora_is_stored_under_its_sha256(served, cache):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    blob = cache.get(server.url("a.safetensors"))
+    assert blob.name == f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    assert blob.read_bytes() == data
+
+
+def test_same_url_is_downloaded_once(served, cache):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    first = cache.get(server.url("a.safetensors"))
+    gets = _gets(server, "a.safetensors")
+    assert cache.get(server.url("a.safetensors")) == first
+    assert _gets(server, "a.safetensors") == gets
+
+
+def test_two_urls_with_the_same_content_share_one_file(served, cache):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    _serve(root, "copy/a.safetensors", _lora_bytes(1))
+    assert cache.get(server.url("a.safetensors")) == cache.get(server.url("copy/a.safetensors"))
+    assert len(list(cache.blobs.iterdir())) == 1
+
+
+def test_cache_evicts_the_least_recently_used_past_its_bound(served, tmp_path):
+    root, server = served
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(
+        tmp_path / "cache", 1 << 20, max_cache_bytes=2 * size + size // 2, timeout_s=30
+    )
+    a = cache.get(server.url("a.safetensors"))
+    b = cache.get(server.url("b.safetensors"))
+    os.utime(b, (time.time() - 60, time.time() - 60))  # b used a minute ago
+    assert cache.get(server.url("a.safetensors")) == a  # a used now
+    c = cache.get(server.url("c.safetensors"))
+    assert a.exists() and c.exists() and not b.exists()
+    gets = _gets(server, "b.safetensors")
+    assert cache.get(server.url("b.safetensors")).exists()  # fetched again
+    assert _gets(server, "b.safetensors") > gets
+
+
+def test_interrupted_download_resumes_and_gives_the_whole_file(served, cache):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    server.drop_at("a.safetensors", len(data) // 2)
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+
+
+def test_truncated_download_is_never_published(served, cache):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    server.truncate_after("a.safetensors", len(data) // 2)
+    with pytest.raises(LoraError, match=r"could not download the LoRA.*failed after"):
+        cache.get(server.url("a.safetensors"))
+    assert _left_over(cache) == []
+
+
+def test_file_over_the_size_limit_is_refused_before_its_body_is_read(served, tmp_path):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1, rank=64))
+    cache = LoraCache(
+        tmp_path / "cache", max_file_bytes=4096, max_cache_bytes=1 << 30, timeout_s=30
+    )
+    with pytest.raises(LoraError, match=r"over the 0.0 MB limit \(COGVIDEOX_LORA_MAX_SIZE\)"):
+        cache.get(server.url("a.safetensors"))
+    assert server.bytes_sent <= 1  # the probe's first byte at most
+
+
+def test_stalled_download_fails_at_the_timeout(served, tmp_path):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    server.stall_at("a.safetensors", 10, seconds=30, times=None)
+    cache = LoraCache(tmp_path / "cache", 1 << 20, 1 << 30, timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(LoraError, match=r"longer than 1 s \(COGVIDEOX_LORA_TIMEOUT\)"):
+        cache.get(server.url("a.safetensors"))
+    assert time.monotonic() - started < 5
+
+
+def test_tar_of_a_training_run_gives_its_final_lora(served, cache):
+    root, server = served
+    final, checkpoint = _lora_bytes(1), _lora_bytes(2)
+    run = {
+        f"output/checkpoint-500/{LORA}": checkpoint,
+        f"output/{LORA}": final,
+        "output/logs.txt": b"step 1000",
+    }
+    _serve(root, "run.tar", _tar(run))
+    _serve(root, "run.tar.gz", _tar(run, "w:gz"))
+    assert cache.get(server.url("run.tar")).read_bytes() == final
+    assert cache.get(server.url("run.tar.gz")).read_bytes() == final
+
+
+def test_tar_with_one_safetensors_file_of_another_name_gives_it(served, cache):
+    root, server = served
+    _serve(root, "one.tar", _tar({"my-style.safetensors": _lora_bytes(1), "README": b"hi"}))
+    assert cache.get(server.url("one.tar")).read_bytes() == _lora_bytes(1)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"README": b"no weights"}, r"holds no \.safetensors file"),
+        ({"adapter_model.bin": b"\x80\x04"}, r"only pickle files.*adapter_model\.bin"),
+        ({"a.safetensors": b"", "b.safetensors": b""}, r"several \.safetensors files"),
+    ],
+)
+def test_tar_without_one_clear_lora_file_is_refused(served, cache, members, message):
+    root, server = served
+    _serve(root, "x.tar", _tar(members))
+    with pytest.raises(LoraError, match=message):
+        cache.get(server.url("x.tar"))
+    assert not list(cache.blobs.iterdir())
+
+
+def test_web_page_instead_of_a_file_gets_a_hint(served, cache):
+    root, server = served
+    _serve(root, "blob/main/lora.safetensors", b"<!DOCTYPE html><html>login</html>")
+    with pytest.raises(LoraError, match=r"returned a web page.*resolve"):
+        cache.get(server.url("blob/main/lora.safetensors"))
+
+
+def test_truncated_safetensors_file_is_refused(served, cache):
+    root, server = served
+    _serve(root, "cut.safetensors", _lora_bytes(1)[:-10])
+    with pytest.raises(LoraError, match=r"not a valid safetensors file.*truncated"):
+        cache.get(server.url("cut.safetensors"))
+    assert not list(cache.blobs.iterdir())
+
+
+def test_http_error_names_the_status(served, cache):
+    _, server = served
+    with pytest.raises(LoraError, match=r"could not download the LoRA.*HTTP 404"):
+        cache.get(server.url("missing.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/lora.safetensors",
+        "file:///etc/passwd",
+        "lora.safetensors",
+        "hf://just-an-org",
+        "https://example.com/adapter_model.bin",
+        "https://example.com/lora.ckpt?download=1",
+        "hf://org/repo/lora.pt",
+    ],
+)
+def test_unusable_lora_url_is_refused_without_a_download(url):
+    with pytest.raises(LoraError, match=r"lora_url="):
+        check_lora_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "repo", "revision", "filename"),
+    [
+        ("hf://org/repo", "org/repo", None, None),
+        ("hf://org/repo/lora.safetensors", "org/repo", None, "lora.safetensors"),
+        ("hf://org/repo@v2/sub/x.safetensors", "org/repo", "v2", "sub/x.safetensors"),
+    ],
+)
+def test_hf_url_downloads_that_file_through_huggingface_hub(
+    monkeypatch, tmp_path, cache, url, repo, revision, filename
+):
+    """The hub itself is replaced by a function that writes where hf_hub_download would:
+    everything around it (file choice, size check, verification, cache) is the real code."""
+    import huggingface_hub
+
+    data = _lora_bytes(1)
+    calls = []
+
+    def hf_hub_download(repo_id, name, revision=None, local_dir=None):
+        calls.append((repo_id, revision, name))
+        path = Path(local_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return str(path)
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["README.md", "checkpoint-10/" + LORA, LORA, "training.log"]
+
+    class Info:
+        size = len(data)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url: Info())
+    assert cache.get(url).read_bytes() == data
+    assert calls == [(repo, revision, filename or LORA)]
+
+
+def test_sizes_parse_with_binary_suffixes():
+    assert parse_size("2G", "X") == 2 << 30
+    assert parse_size("500M", "X") == 500 << 20
+    assert parse_size("1.5GiB", "X") == 3 << 29
+    assert parse_size("1234", "X") == 1234
+    with pytest.raises(ValueError, match=r"X='lots' is not a size"):
+        parse_size("lots", "X")
+
+
+def test_stale_partial_downloads_are_removed(served, cache):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    stale = cache.partial / "1-2-3"
+    stale.mkdir(parents=True)
+    (stale / "download").write_bytes(b"half")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+    cache.get(server.url("a.safetensors"))
+    assert not stale.exists()
+
+
+def test_safetensors_save_file_is_what_we_call_a_lora_file(tmp_path, served, cache):
+    """A LoRA written by safetensors' own save_file (not through diffusers) is accepted."""
+    root, server = served
+    save_file({"x.lora_A.weight": torch.ones(1, 2)}, root / "plain.safetensors")
+    assert cache.get(server.url("plain.safetensors")).stat().st_size > 0
