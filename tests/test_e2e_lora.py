@@ -75,9 +75,7 @@ def test_sat_exported_lora_is_applied_at_one_over_rank(t2v, loras, tmp_path):
     np.testing.assert_array_equal(_frames(sat, tmp_path), _frames(same, tmp_path))
 
 
-def test_lora_for_another_model_fails_clearly_and_the_server_stays_healthy(
-    t2v, loras, tmp_path
-):
+def test_lora_for_another_model_fails_clearly_and_the_server_stays_healthy(t2v, loras, tmp_path):
     url = loras.url("deeper/pytorch_lora_weights.safetensors")
     response = t2v.predict({**T2V, "lora_url": url})
     assert response["status"] == "failed"
