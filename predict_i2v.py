@@ -69,6 +69,13 @@ class Predictor(BaseRunner):
             le=3.0,
             default=1.0,
         ),
+        speed_mode: str = Input(
+            description="default: the model as trained. fast: reuse attention between steps "
+            "(Pyramid Attention Broadcast). faster: also reuse most negative-prompt passes "
+            "(FasterCache). fast and faster trade some fidelity for speed (see the README).",
+            choices=["default", "fast", "faster"],
+            default="default",
+        ),
     ) -> Path:
         request = Request(
             prompt=prompt,
@@ -81,6 +88,7 @@ class Predictor(BaseRunner):
             seed=seed,
             lora_url=lora_url,
             lora_scale=lora_scale,
+            speed_mode=speed_mode,
             image=image,
         )
         return Path(self.generator.predict(request))

@@ -66,6 +66,13 @@ def check_strength(strength: float | None, default: float, steps: int) -> float:
     return strength
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Cog checks choices against the schema; this covers callers without one."""
+    if value not in choices:
+        raise InputError(f"{name}={value!r} is not one of: {', '.join(choices)}.")
+    return value
+
+
 def check_prompt(prompt: str, *, required: bool) -> str:
     """Strip the prompt; text-to-video without one would sample pure prior, so refuse it."""
     prompt = (prompt or "").strip()

@@ -29,6 +29,7 @@ from PIL import Image
 from . import inputs
 from .lora import LoraSlot
 from .lora_cache import LoraCache, check_lora_url
+from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Task, Variant, variant_from_env
 from .video import encode_mp4
 from .video_input import load_video
@@ -182,6 +183,7 @@ class Request:
     # A fine-tune's LoRA (see lora.py) and its strength; no URL: the base model.
     lora_url: str | None = None
     lora_scale: float = 1.0
+    speed_mode: str = "default"  # see speed.py
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,7 @@ class VideoGenerator:
         seed = inputs.resolve_seed(request.seed)
         lora_url = check_lora_url(request.lora_url) if request.lora_url else None
         lora_scale = float(request.lora_scale)
+        speed_mode = inputs.check_choice("speed_mode", request.speed_mode, SPEED_MODES)
         dynamic_cfg = request.use_dynamic_cfg
         if dynamic_cfg is None:
             dynamic_cfg = variant.dynamic_cfg
@@ -345,21 +348,24 @@ class VideoGenerator:
         )
         progress = _StepProgress(denoise_steps)
         self.pipe.step_index_cfg = dynamic_cfg
+        if speed_mode != "default":
+            log.info(f"speed_mode {speed_mode}: step caching, faster and slightly less faithful")
         try:
-            frames = self.pipe(
-                prompt=prompt,
-                negative_prompt=request.negative_prompt or None,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                use_dynamic_cfg=False,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                max_sequence_length=self.max_prompt_tokens,
-                output_type="np",
-                callback_on_step_end=progress,
-                **extra,
-            ).frames[0]
+            with step_cache(self.pipe, speed_mode, guidance_scale > 1):
+                frames = self.pipe(
+                    prompt=prompt,
+                    negative_prompt=request.negative_prompt or None,
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    use_dynamic_cfg=False,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    max_sequence_length=self.max_prompt_tokens,
+                    output_type="np",
+                    callback_on_step_end=progress,
+                    **extra,
+                ).frames[0]
         finally:
             self.release_memory()
         decoded = time.monotonic()

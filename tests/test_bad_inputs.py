@@ -86,6 +86,9 @@ ROWS = [
     Row("seed-2-32", "t2v", 422, "greater than the maximum of 4294967295", {"seed": 2**32}),
     Row("frames-8", "t2v", 422, "less than the minimum of 9", {"num_frames": 8}),
     Row("frames-162", "i2v", 422, "greater than the maximum of 161", {"num_frames": 162}),
+    Row("lora-scale-high", "t2v", 422, "greater than the maximum of 3", {"lora_scale": 3.5}),
+    Row("lora-scale-low", "i2v", 422, "less than the minimum of -1", {"lora_scale": -2.0}),
+    Row("speed-mode-unknown", "t2v", 422, '"turbo" is not one of', {"speed_mode": "turbo"}),
     # NaN and infinity are not JSON: the server refuses the body before looking at it.
     Row("guidance-nan", "t2v", 400, "Failed to parse the request body as JSON", raw=raw_t2v("NaN")),
     Row("guidance-inf", "t2v", 400, "Failed to parse", raw=raw_t2v("Infinity")),
@@ -119,6 +122,14 @@ ROWS = [
         {"num_frame": 17},
         where="server log",
     ),
+    # LoRAs refused before any download.
+    Row(
+        "lora-s3", "t2v", "failed", "use an http(s) URL of a .safetensors", {"lora_url": "s3://b/x"}
+    ),
+    Row(
+        "lora-pickle", "i2v", "failed", "names a PyTorch pickle file", {"lora_url": "http://h/a.pt"}
+    ),
+    Row("lora-hf-org-only", "t2v", "failed", "use hf://org/repo", {"lora_url": "hf://org"}),
     # Images that cannot be used.
     Row("image-404", "i2v", "failed", "404 Client Error", {"image": "file:missing.png"}),
     Row("image-refused", "i2v", "failed", "Connection refused", {"image": "closed-port:a.png"}),

@@ -144,3 +144,11 @@ def test_a_1_5_variant_takes_16n_plus_1_frames_at_16_fps(start_server, tmp_path)
 def test_an_i2v_variant_fails_setup_of_the_t2v_predictor(start_server):
     with pytest.raises(CogServerError, match="is for image-to-video"):
         start_server("predict_t2v.py", "cogvideox-5b-i2v", "1.0-i2v")
+
+
+@pytest.mark.parametrize("mode", ["fast", "faster"])
+def test_speed_mode_runs_and_is_logged(server, tmp_path, mode):
+    inputs = {**FAST, "num_frames": 9, "num_inference_steps": 6, "seed": 3}
+    response = server.predict({**inputs, "speed_mode": mode})
+    assert probe_mp4(_video(response, tmp_path))["frames"] == 9
+    assert f"speed_mode {mode}: step caching" in response["logs"]

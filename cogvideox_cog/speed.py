@@ -1,0 +1,63 @@
+"""The per-prediction fast paths (`speed_mode`): step caching with diffusers' cache hooks.
+
+Both reuse work from earlier denoising steps instead of recomputing it, so they trade some
+fidelity for speed (README, "Memory and speed", has the measurements):
+
+- "fast": Pyramid Attention Broadcast. In the middle of the schedule (timesteps 800 to 100),
+  each block's attention is computed every second step and reused in between.
+- "faster": FasterCache. From timestep 681 on, attention every second step, the skipped ones
+  extrapolated from the last two; and the unconditional (negative prompt) half of classifier-
+  free guidance computed every fifth step below timestep 781, approximated from the
+  conditional half in between.
+
+Settings are the ones diffusers documents for CogVideoX. The hooks are attached for one
+prediction and removed after it, so "default" never runs through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
+
+SPEED_MODES = ("default", "fast", "faster")
+
+
+def cache_config(mode: str, pipe, classifier_free_guidance: bool):
+    """The diffusers cache config for `mode` (None for "default")."""
+    if mode == "default":
+        return None
+    if mode == "fast":
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep,
+        )
+    if mode == "faster":
+        return FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=lambda: pipe.current_timestep,
+            attention_weight_callback=lambda _: 0.3,
+            unconditional_batch_skip_range=5,
+            unconditional_batch_timestep_skip_range=(-1, 781),
+            tensor_format="BFCHW",
+            # guidance_scale 1 runs one branch: nothing to skip there.
+            is_guidance_distilled=not classifier_free_guidance,
+        )
+    raise ValueError(f"speed_mode={mode!r} is not one of {', '.join(SPEED_MODES)}")
+
+
+@contextmanager
+def step_cache(pipe, mode: str, classifier_free_guidance: bool) -> Iterator[None]:
+    """The transformer with `mode`'s cache hooks for the duration of one prediction."""
+    config = cache_config(mode, pipe, classifier_free_guidance)
+    if config is None:
+        yield
+        return
+    pipe.transformer.enable_cache(config)
+    try:
+        yield
+    finally:
+        pipe.transformer.disable_cache()

@@ -1,0 +1,93 @@
+"""speed_mode on the tiny 1.0 model: the caches skip work, change the video a little, and
+leave no trace on the default path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cogvideox_cog.inputs import InputError
+from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.variants import VARIANTS
+
+CPU = torch.device("cpu")
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_weights) -> VideoGenerator:
+    variant = VARIANTS["cogvideox-5b"]
+    return VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+
+
+def _render(generator, **overrides) -> np.ndarray:
+    fields = dict(prompt="a cat walks", negative_prompt="", num_frames=9)
+    fields |= dict(num_inference_steps=STEPS, guidance_scale=6.0, use_dynamic_cfg=None)
+    fields |= dict(fps=None, seed=5)
+    return generator.render(Request(**{**fields, **overrides})).frames
+
+
+@pytest.fixture(scope="module")
+def default(generator) -> np.ndarray:
+    return _render(generator)
+
+
+def _attention_rows(generator, **overrides) -> tuple[int, int]:
+    """(calls, batch rows) of the first block's attention query projection in one render:
+    what attention was actually computed."""
+    calls = rows = 0
+
+    def count(module, args):
+        nonlocal calls, rows
+        calls, rows = calls + 1, rows + args[0].shape[0]
+
+    handle = generator.pipe.transformer.transformer_blocks[0].attn1.to_q.register_forward_pre_hook(
+        count
+    )
+    try:
+        _render(generator, **overrides)
+    finally:
+        handle.remove()
+    return calls, rows
+
+
+@pytest.mark.parametrize("mode", ["fast", "faster"])
+def test_default_after_a_speed_mode_is_the_default_output_exactly(generator, default, mode):
+    _render(generator, speed_mode=mode)
+    np.testing.assert_array_equal(_render(generator), default)
+    assert not generator.pipe.transformer._diffusers_hook.hooks
+
+
+@pytest.mark.parametrize("mode", ["fast", "faster"])
+def test_speed_mode_changes_the_video(generator, default, mode):
+    assert np.abs(_render(generator, speed_mode=mode) - default).max() > 1e-4
+
+
+def test_default_computes_attention_at_every_step_for_both_guidance_branches(generator):
+    assert _attention_rows(generator) == (STEPS, 2 * STEPS)
+
+
+def test_fast_reuses_attention_in_the_middle_of_the_schedule(generator):
+    calls, rows = _attention_rows(generator, speed_mode="fast")
+    assert calls < STEPS
+    assert rows == 2 * calls  # both branches whenever it is computed
+
+
+def test_faster_also_skips_most_unconditional_branches(generator):
+    fast_calls, _ = _attention_rows(generator, speed_mode="fast")
+    calls, rows = _attention_rows(generator, speed_mode="faster")
+    assert rows < 2 * calls  # some steps ran the conditional branch alone
+    assert rows < 2 * fast_calls
+
+
+def test_faster_without_guidance_runs(generator):
+    frames = _render(generator, speed_mode="faster", guidance_scale=1.0, use_dynamic_cfg=False)
+    assert np.isfinite(frames).all()
+
+
+def test_unknown_speed_mode_is_refused(generator):
+    with pytest.raises(InputError, match=r"speed_mode='turbo' is not one of: default, fast"):
+        _render(generator, speed_mode="turbo")
