@@ -96,3 +96,25 @@ def test_every_phase_is_measured_and_finite(run):
 
     env = record["environment"]
     assert env["command"] and env["versions"]["torch"] and env["versions"]["diffusers"]
+
+
+def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
+    from benchmarks import speed_modes
+
+    argv = ["--size", "tiny", "--steps", "20", "--frames", "9", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert speed_modes.main(argv) == 0
+    record = json.loads((tmp_path / "cogvideox-5b-tiny-20steps.json").read_text())
+    results = {r["mode"]: r for r in record["results"]}
+    assert list(results) == ["default", "fast", "faster"]
+    default = results["default"]
+    assert default["psnr_db_mean"] == math.inf and default["max_abs_diff"] == 0.0
+    assert default["projected_compute_fraction_full_size"] == 1.0
+    for mode in ("fast", "faster"):
+        result = results[mode]
+        assert _finite(result["median_s"]) and _finite(result["psnr_db_worst_frame"])
+        assert result["attention_rows_fraction"] < 1
+        assert result["projected_compute_fraction_full_size"] < 1
+    assert results["faster"]["transformer_rows_fraction"] < 1
+    assert record["full_size_tokens_per_row"] == 226 + 13 * 30 * 45
+    assert (tmp_path / "cogvideox-5b-tiny-20steps.md").read_text().startswith("# speed_mode")

@@ -1,0 +1,263 @@
+"""speed_mode side by side: time, work actually computed, and fidelity against "default".
+
+One pipeline is built (full size with random weights, or the tiny test model) and configured
+by the predictor's own code; every mode then renders the same request with the same seed
+through `VideoGenerator.render` (the prediction minus the mp4 encode, which does not depend on
+the mode), in rotating order, `--repeats` times. Reported per mode:
+
+- seconds (median over repeats) and the ratio to "default", measured in this one run;
+- work counted with forward hooks on the pipeline's own modules: the batch rows each block's
+  attention computed, and the rows the transformer ran (FasterCache runs the conditional half
+  alone on the steps where it reuses the unconditional one); and from those counts a compute
+  fraction, weighting attention and feed-forward rows by their FLOPs at the run's token count
+  (labelled a projection: it is arithmetic on counts, not a measurement);
+- fidelity against the default frames: PSNR per frame (mean and worst) and the largest
+  difference, on the frames as floats in [0, 1].
+
+    python3 benchmarks/speed_modes.py --size full --out results/gpu/speed-modes
+    python3 benchmarks/speed_modes.py --size tiny --steps 50 --out results/cpu/speed-modes
+
+Random weights make noise, not video: the fidelity figures say how far each cache moves the
+output of this network, which on trained weights (smoother between steps) is expected to be
+less. Say so wherever they are quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from benchmarks.common import environment, fmt, markdown_table, write_json
+from benchmarks.pipeline_speed import (
+    PROMPT,
+    TRANSFORMER,
+    free_memory,
+    full_components,
+    tiny_components,
+)
+from cogvideox_cog.pipeline import (
+    Request,
+    TextToVideoPipeline,
+    VideoGenerator,
+    configure_pipeline,
+    pipeline_dtype,
+)
+from cogvideox_cog.speed import SPEED_MODES
+from cogvideox_cog.variants import VARIANTS
+
+log = logging.getLogger("speed_modes")
+
+
+class WorkCounter:
+    """Batch rows through each block's attention and through the transformer, per render."""
+
+    def __init__(self, transformer):
+        self.attention_rows = [0] * len(transformer.transformer_blocks)
+        self.transformer_rows = 0
+        self.tokens = None
+        self.handles = [
+            block.attn1.to_q.register_forward_pre_hook(self._attention(i))
+            for i, block in enumerate(transformer.transformer_blocks)
+        ]
+        # Inside the transformer's forward, after FasterCache has dropped a reused half.
+        self.handles.append(transformer.patch_embed.register_forward_pre_hook(self._transformer))
+
+    def _attention(self, index: int):
+        def hook(module, args):
+            self.attention_rows[index] += args[0].shape[0]
+            self.tokens = args[0].shape[1]
+
+        return hook
+
+    def _transformer(self, module, args):
+        self.transformer_rows += args[0].shape[0]  # the text embeddings, one row per branch
+
+    def reset(self) -> None:
+        self.attention_rows = [0] * len(self.attention_rows)
+        self.transformer_rows = 0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def compute(self, width: int, tokens: int | None = None) -> float:
+        """FLOPs of the blocks' matmuls for the counted rows (attention module: QKV and output
+        projections 8nd^2 plus scores and values 4n^2d; feed-forward 16nd^2), at `tokens` a
+        row (default: this run's)."""
+        n = tokens or self.tokens
+        attention = 8 * n * width**2 + 4 * n**2 * width
+        feed_forward = 16 * n * width**2
+        blocks = len(self.attention_rows)
+        return sum(self.attention_rows) * attention + self.transformer_rows * blocks * feed_forward
+
+
+def full_size(variant) -> tuple[int, int]:
+    """(tokens a row, width) of the real model at its default frames and native size."""
+    config = TRANSFORMER[variant.id]
+    height, width = variant.native_size or (config["sample_height"] * 8, config["sample_width"] * 8)
+    patch_t = config.get("patch_size_t") or 1
+    latent_frames = (variant.default_frames - 1) // 4 + 1
+    latent_frames += -latent_frames % patch_t
+    patches = (latent_frames // patch_t) * (height // 16) * (width // 16)
+    text = variant.max_prompt_tokens or config["max_text_seq_length"]
+    return patches + text, config["num_attention_heads"] * config["attention_head_dim"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="cogvideox-5b")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(SPEED_MODES))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variant = VARIANTS[args.variant]
+    env = environment(device)
+    build = full_components if args.size == "full" else tiny_components
+    pipe = TextToVideoPipeline(**build(variant, device, pipeline_dtype(variant, device)))
+    pipe = configure_pipeline(pipe, variant, device, "none", compile_transformer=args.compile)
+    generator = VideoGenerator(variant, pipe, device)
+    frames = args.frames or variant.default_frames
+    counter = WorkCounter(pipe.transformer)
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    full_tokens, full_width = full_size(variant)
+
+    def render(mode: str):
+        request = Request(PROMPT, "", frames, args.steps, 6.0, None, None, 42, speed_mode=mode)
+        counter.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        video = generator.render(request)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        work = (
+            list(counter.attention_rows),
+            counter.transformer_rows,
+            counter.compute(width),
+            counter.compute(full_width, full_tokens),
+        )
+        return time.perf_counter() - started, video.frames, work
+
+    if args.compile:
+        for mode in modes:  # compile (and recompile per mode) outside the timed runs
+            render(mode)
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    outputs, work = {}, {}
+    for repeat in range(args.repeats):
+        order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
+        for mode in order:
+            took, frames_out, counted = render(mode)
+            seconds[mode].append(took)
+            outputs[mode], work[mode] = frames_out, counted
+            log.info(f"{mode}: {took:.2f} s")
+        free_memory(device)
+    counter.remove()
+
+    reference = outputs["default"]
+    results = []
+    for mode in modes:
+        attention_rows, transformer_rows, flops, full_flops = work[mode]
+        per_frame = [psnr(a, b) for a, b in zip(outputs[mode], reference, strict=True)]
+        results.append(
+            {
+                "mode": mode,
+                "seconds": seconds[mode],
+                "median_s": statistics.median(seconds[mode]),
+                "speedup": statistics.median(seconds["default"]) / statistics.median(seconds[mode]),
+                "attention_rows": sum(attention_rows),
+                "attention_rows_fraction": sum(attention_rows) / sum(work["default"][0]),
+                "transformer_rows": transformer_rows,
+                "transformer_rows_fraction": transformer_rows / work["default"][1],
+                "projected_compute_fraction": flops / work["default"][2],
+                "projected_compute_fraction_full_size": full_flops / work["default"][3],
+                "psnr_db_mean": statistics.fmean(per_frame)
+                if all(map(math.isfinite, per_frame))
+                else math.inf,
+                "psnr_db_worst_frame": min(per_frame),
+                "max_abs_diff": float(np.abs(outputs[mode] - reference).max()),
+            }
+        )
+    height, width_px = generator.native_size
+    record = {
+        "variant": variant.id,
+        "size": args.size,
+        "steps": args.steps,
+        "frames": frames,
+        "resolution": f"{height}x{width_px}",
+        "tokens_per_row": counter.tokens,
+        "full_size_tokens_per_row": full_tokens,
+        "repeats": args.repeats,
+        "compile": args.compile,
+        "environment": env,
+        "results": results,
+    }
+    name = f"{variant.id}-{args.size}-{args.steps}steps"
+    write_json(args.out / f"{name}.json", record)
+    table = markdown_table(
+        [
+            "speed_mode",
+            "median s",
+            "speed-up (measured)",
+            "attention rows",
+            "transformer rows",
+            "compute (projected), this size",
+            "at full size",
+            "PSNR vs default, mean / worst frame",
+            "max diff",
+        ],
+        [
+            [
+                r["mode"],
+                fmt(r["median_s"]),
+                f"{r['speedup']:.2f}x",
+                f"{r['attention_rows_fraction']:.0%}",
+                f"{r['transformer_rows_fraction']:.0%}",
+                f"{r['projected_compute_fraction']:.0%}",
+                f"{r['projected_compute_fraction_full_size']:.0%}",
+                f"{fmt(r['psnr_db_mean'], 1)} / {fmt(r['psnr_db_worst_frame'], 1)} dB",
+                fmt(r["max_abs_diff"], 4),
+            ]
+            for r in results
+        ],
+    )
+    device_name = env.get("gpu") or f"CPU ({env['cpu_count']} cores)"
+    text = (
+        f"# speed_mode: {variant.id}, {args.size} size, {frames} frames at {height}x{width_px}, "
+        f"{args.steps} steps\n\n"
+        f"{device_name}; torch {env['versions']['torch']}, diffusers "
+        f"{env['versions']['diffusers']}. Command:\n\n    {env['command']}\n\n{table}\n\n"
+        f"Rows: batch rows computed, as a share of default's (CFG runs 2 rows a step). "
+        f"Compute: FLOPs of the blocks for those rows at {counter.tokens} tokens a row (this "
+        f"run) and at {full_tokens} ({variant.id} at its default frames and size; the counts "
+        f"depend only on the steps and the schedule), a projection from the counts, not a "
+        f"measurement. Random weights: fidelity is of noise, see the script.\n"
+    )
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
