@@ -175,3 +175,25 @@ def test_setup_warm_up_runs_for_every_mode(tiny_weights, family_task, variant_id
     variant = VARIANTS[variant_id]
     pipe = build_pipeline(variant, tiny_weights[family_task], CPU, "none")
     VideoGenerator(variant, pipe, CPU).warm_up()
+
+
+def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
+    """COGVIDEOX_COMPILE's promise: setup compiles, requests do not, whatever num_frames.
+
+    Compiled here with torch's CPU backend (configure_pipeline compiles on CUDA only); the
+    graphs and their guards are the same logic on a GPU.
+    """
+    from torch._dynamo.utils import counters
+
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    pipe.transformer.compile()
+    generator = VideoGenerator(variant, pipe, CPU)
+    try:
+        generator.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        for num_frames in (17, 33, 49, 9):
+            generator.render(_request(num_frames=num_frames, num_inference_steps=1))
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
