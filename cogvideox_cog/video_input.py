@@ -90,13 +90,18 @@ def load_video(
         span = last_time - start + frame_time
         raise InputError(_too_short(decoded, span, num_frames, fps, allowed_frames))
 
-    frames = [fit_image(_rgb(frame), height, width) for frame in picked]
+    rotation = _rotation(picked[0])
+    frames = [fit_image(_rgb(frame, rotation), height, width) for frame in picked]
+    if rotation in (90, 270):
+        source_width, source_height = source_height, source_width
+    turned = f", turned {rotation} degrees as its display matrix says" if rotation else ""
     shown = header_seconds if header_seconds is not None else last_time - start
     rate = f"{source_rate:g} fps" if source_rate else "variable fps"
     summary = (
         f"video: {shown:.1f} s at {rate}, {decoded} frames decoded -> {num_frames} frames at "
         f"{fps} fps (its first {(num_frames - 1) / fps:.1f} s), "
-        f"{source_width}x{source_height} -> {width}x{height} (scaled to cover, centre-cropped)"
+        f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
+        f"centre-cropped)"
     )
     return VideoClip(frames, summary)
 
@@ -171,5 +176,21 @@ def _header_duration(container, stream) -> float | None:
     return None
 
 
-def _rgb(frame: av.VideoFrame) -> Image.Image:
-    return frame.to_image().convert("RGB")
+# Counterclockwise turns, as the display matrix gives them (VideoFrame.rotation).
+_TURNS = {
+    90: Image.Transpose.ROTATE_90,
+    180: Image.Transpose.ROTATE_180,
+    270: Image.Transpose.ROTATE_270,
+}
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """How far a player turns the frame: phones store portrait clips as landscape frames
+    plus a display matrix. Only quarter turns exist in practice; others are ignored."""
+    degrees = round(frame.rotation or 0) % 360
+    return degrees if degrees in _TURNS else 0
+
+
+def _rgb(frame: av.VideoFrame, rotation: int) -> Image.Image:
+    image = frame.to_image().convert("RGB")
+    return image.transpose(_TURNS[rotation]) if rotation else image

@@ -120,3 +120,36 @@ def test_decoding_stops_once_the_needed_span_is_covered(tmp_path, monkeypatch):
     assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
     with pytest.raises(InputError, match="more than 30 decoded frames"):
         load_video(path, num_frames=17, fps=8, height=H, width=W)
+
+
+def _write_phone_clip(path, rotation: int) -> str:
+    """A landscape-stored clip with a display matrix, as phones record portrait video: white
+    in the left quarter of the stored frame, black elsewhere."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
+        stream.set_display_rotation(rotation)
+        rgb = np.zeros((48, 96, 3), np.uint8)
+        rgb[:, :24] = 255
+        for _ in range(10):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def test_phone_clip_is_turned_upright_as_players_show_it(tmp_path):
+    """Rotation 90 (counterclockwise, as FFmpeg players apply it): the stored frame's left
+    edge ends up at the bottom of a portrait picture."""
+    path = _write_phone_clip(tmp_path / "phone.mp4", rotation=90)
+    clip = load_video(path, num_frames=9, fps=8, height=96, width=48)
+    frame = np.asarray(clip.frames[0]).mean(axis=(1, 2))  # brightness per row
+    assert frame[-10:].min() > 200 and frame[:60].max() < 50
+    assert "48x96, turned 90 degrees as its display matrix says -> 48x96" in clip.summary
+
+
+def test_clip_without_rotation_is_left_as_stored(tmp_path):
+    path = _write_phone_clip(tmp_path / "flat.mp4", rotation=0)
+    clip = load_video(path, num_frames=9, fps=8, height=48, width=96)
+    columns = np.asarray(clip.frames[0]).mean(axis=(0, 2))
+    assert columns[:20].min() > 200 and columns[30:].max() < 50
+    assert "turned" not in clip.summary
