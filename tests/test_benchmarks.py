@@ -118,3 +118,15 @@ def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
     assert results["faster"]["transformer_rows_fraction"] < 1
     assert record["full_size_tokens_per_row"] == 226 + 13 * 30 * 45
     assert (tmp_path / "cogvideox-5b-tiny-20steps.md").read_text().startswith("# speed_mode")
+
+
+def test_speed_modes_medium_model_renders_at_its_own_size(tmp_path):
+    from benchmarks import speed_modes
+
+    argv = ["--size", "medium", "--steps", "2", "--frames", "9", "--modes", "default,faster"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert speed_modes.main([*argv, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cogvideox-5b-medium-2steps.json").read_text())
+    assert record["resolution"] == "96x160"
+    assert record["tokens_per_row"] == 226 + 3 * 6 * 10
+    assert [r["mode"] for r in record["results"]] == ["default", "faster"]
