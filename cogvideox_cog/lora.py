@@ -208,6 +208,7 @@ class LoraSlot:
         self.compiled = getattr(pipe.transformer, "_compiled_call_impl", None) is not None
         self.layers = linear_layers(pipe.transformer)
         self.loaded: str | None = None  # the digest of the LoRA on the transformer
+        self.trained_scale = 1.0  # its alpha / rank
 
     def use(self, path: Path | None, scale: float) -> None:
         """Put the LoRA in `path` on the transformer at `scale` (None: no LoRA)."""
