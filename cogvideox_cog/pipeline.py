@@ -250,14 +250,14 @@ class VideoGenerator:
                     image = Path(folder) / "warm-up.png"
                     Image.new("RGB", (width, height), (128, 128, 128)).save(image)
                 request = Request(
-                    "warm-up",
-                    "",
-                    num_frames,
-                    2,
-                    6.0,
-                    None,
-                    None,
-                    0,
+                    prompt="warm-up",
+                    negative_prompt="",
+                    num_frames=num_frames,
+                    num_inference_steps=2,
+                    guidance_scale=6.0,
+                    use_dynamic_cfg=None,
+                    fps=None,
+                    seed=0,
                     image=image,
                     video=clip,
                     strength=1.0,
