@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cogvideox_cog.video import encode_mp4
 from tests.cog_server import data_uri, save_data_uri
 from tests.file_server import FileServer
 from tests.lora_files import lora_tensors, save_diffusers_lora, save_sat_lora
@@ -102,3 +103,14 @@ def test_image_to_video_takes_a_lora(start_server, loras, tmp_path):
     url = loras.url("i2v/pytorch_lora_weights.safetensors")
     with_lora = _frames(server.predict({**inputs, "lora_url": url}), tmp_path)
     assert not np.array_equal(with_lora, base)
+
+
+def test_video_to_video_takes_a_lora_on_the_text_to_video_weights(start_server, loras, tmp_path):
+    server = start_server("predict_v2v.py", "cogvideox-5b", "1.0-t2v")
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 48, 80, 3), dtype=np.uint8)
+    clip = encode_mp4(pixels, tmp_path / "clip.mp4", fps=8)
+    inputs = {**T2V, "video": data_uri(clip.read_bytes(), "video/mp4"), "strength": 0.6}
+    base = _frames(server.predict(inputs), tmp_path)
+    with_lora = server.predict({**inputs, "lora_url": loras.url("run.tar")})
+    assert not np.array_equal(_frames(with_lora, tmp_path), base)
+    assert "lora: loaded" in with_lora["logs"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cogvideox_cog.inputs import InputError
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
@@ -91,3 +92,25 @@ def test_faster_without_guidance_runs(generator):
 def test_unknown_speed_mode_is_refused(generator):
     with pytest.raises(InputError, match=r"speed_mode='turbo' is not one of: default, fast"):
         _render(generator, speed_mode="turbo")
+
+
+@pytest.mark.parametrize(
+    ("tiny", "variant_id", "num_frames"),
+    [("1.0-i2v", "cogvideox-5b-i2v", 9), ("1.5-t2v", "cogvideox1.5-5b", 17)],
+)
+def test_faster_runs_on_other_variants_and_leaves_default_exact(
+    tiny_weights, monkeypatch, tmp_path, tiny, variant_id, num_frames
+):
+    monkeypatch.setenv("COGVIDEOX_RESOLUTION", "48x80")
+    variant = VARIANTS[variant_id]
+    pipe = build_pipeline(variant, tiny_weights[tiny], CPU, "none")
+    generator = VideoGenerator(variant, pipe, CPU)
+    image = None
+    if variant.task == "i2v":
+        image = tmp_path / "first.png"
+        Image.new("RGB", (80, 48), (90, 30, 20)).save(image)
+    fields = dict(num_frames=num_frames, num_inference_steps=8, image=image)
+    default = _render(generator, **fields)
+    faster = _render(generator, speed_mode="faster", **fields)
+    assert np.isfinite(faster).all() and np.abs(faster - default).max() > 1e-4
+    np.testing.assert_array_equal(_render(generator, **fields), default)
