@@ -240,7 +240,10 @@ class LoraSlot:
                 f"{time.monotonic() - started:.1f} s"
             )
             if self.compiled:
-                log.warning("lora: the compiled transformer recompiles for the new layers")
+                log.warning(
+                    "lora: the compiled transformer compiles again if this is its first LoRA, "
+                    "or the first of this rank and these layers"
+                )
         self.pipe.set_adapters([ADAPTER_NAME], [scale])
         log.info(
             f"lora: scale applied = lora_scale {scale:g} x alpha/rank {self.trained_scale:.6g} "

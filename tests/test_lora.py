@@ -200,3 +200,26 @@ def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
         assert (lora.layout, lora.rank, lora.alpha) == (layout, RANK, alpha)
     with_alpha = read_lora(generator.lora_cache.get(_url(loras, "a-alpha8")))
     assert (with_alpha.alpha, with_alpha.alpha_source) == (8.0, "the file's metadata")
+
+
+def test_compiled_transformer_switches_between_loras_of_one_shape_without_compiling(
+    tiny_weights, loras, tmp_path
+):
+    """COGVIDEOX_COMPILE with LoRAs: the first one compiles, A -> B -> A does not (torch's CPU
+    backend here; configure_pipeline compiles on CUDA only, the guards are the same)."""
+    from torch._dynamo.utils import counters
+
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    pipe.transformer.compile()
+    generator = VideoGenerator(variant, pipe, CPU)
+    generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
+    try:
+        first = _frames(generator, _url(loras, "a"))
+        graphs = counters["stats"]["unique_graphs"]
+        _frames(generator, _url(loras, "b"))
+        again = _frames(generator, _url(loras, "a"))
+        assert counters["stats"]["unique_graphs"] == graphs
+        np.testing.assert_array_equal(again, first)
+    finally:
+        torch._dynamo.reset()
