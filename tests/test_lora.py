@@ -3,6 +3,7 @@ generator's own request path: scales, both upstream layouts, switching, and refu
 
 from __future__ import annotations
 
+import gc
 import pickle
 from pathlib import Path
 
@@ -223,3 +224,24 @@ def test_compiled_transformer_switches_between_loras_of_one_shape_without_compil
         np.testing.assert_array_equal(again, first)
     finally:
         torch._dynamo.reset()
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_switching_loras_does_not_accumulate_tensors(generator, loras):
+    """A, B, none, A, B, none...: the same tensors are alive at the same point of each cycle."""
+    urls = [_url(loras, "a"), _url(loras, "b"), None]
+
+    def cycle() -> list[int]:
+        counts = []
+        for url in urls:
+            generator.lora.use(generator.lora_cache.get(url) if url else None, 1.0)
+            counts.append(_live_tensors())
+        return counts
+
+    first = cycle()
+    for _ in range(8):
+        assert cycle() == first
