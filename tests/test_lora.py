@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ from tests.lora_files import (
 )
 
 CPU = torch.device("cpu")
+# torch.compile on a CPU (inductor) builds C++ kernels.
+needs_cpp_compiler = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")),
+    reason="torch.compile's CPU backend needs a C++ compiler (g++ or clang++), none on PATH",
+)
 RANK = 4
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -203,6 +209,7 @@ def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
     assert (with_alpha.alpha, with_alpha.alpha_source) == (8.0, "the file's metadata")
 
 
+@needs_cpp_compiler
 def test_compiled_transformer_switches_between_loras_of_one_shape_without_compiling(
     tiny_weights, loras, tmp_path
 ):
