@@ -16,6 +16,7 @@ the mode), in rotating order, `--repeats` times. Reported per mode:
 
     python3 benchmarks/speed_modes.py --size full --out results/gpu/speed-modes
     python3 benchmarks/speed_modes.py --size tiny --steps 50 --out results/cpu/speed-modes
+    python3 benchmarks/speed_modes.py --size medium --repeats 4 --out results/cpu/speed-modes
 
 Random weights make noise, not video: the fidelity figures say how far each cache moves the
 output of this network, which on trained weights (smoother between steps) is expected to be
