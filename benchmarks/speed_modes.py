@@ -12,7 +12,17 @@ the mode), in rotating order, `--repeats` times. Reported per mode:
   fraction, weighting attention and feed-forward rows by their FLOPs at the run's token count
   (labelled a projection: it is arithmetic on counts, not a measurement);
 - fidelity against the default frames: PSNR per frame (mean and worst) and the largest
-  difference, on the frames as floats in [0, 1].
+  difference, on the frames as floats in [0, 1];
+- on a GPU, the peak memory allocated while rendering (the caches hold activations).
+
+Every mode first renders a short warm-up, untimed (WARM_UP_STEPS steps at most: through both
+the computing and the reusing branches of the caches): kernel loading, autotuning and, with
+`--compile`, compiling happen there, as they do in a predictor's setup, not in the timed runs.
+
+With `--fp8` (a GPU of compute capability 8.9 or more, torchao) the transformer is quantised
+to dynamic fp8 (benchmarks/common.py) before the modes run, after one timed render of the
+unquantised model in "default" mode: that render is the fidelity reference of every mode,
+so the table shows what fp8 alone and fp8 with each cache cost against the model as trained.
 
     python3 benchmarks/speed_modes.py --size full --out results/gpu/speed-modes
     python3 benchmarks/speed_modes.py --size tiny --steps 50 --out results/cpu/speed-modes
@@ -39,7 +49,14 @@ import numpy as np
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-from benchmarks.common import environment, fmt, markdown_table, write_json
+from benchmarks.common import (
+    environment,
+    fmt,
+    markdown_table,
+    quantize_fp8,
+    require_fp8,
+    write_json,
+)
 from benchmarks.pipeline_speed import (
     PROMPT,
     TRANSFORMER,
@@ -59,6 +76,9 @@ from cogvideox_cog.speed import SPEED_MODES
 from cogvideox_cog.variants import VARIANTS
 
 log = logging.getLogger("speed_modes")
+
+# Enough for both branches of both caches at trailing spacing (timesteps 999, 899, ... 99).
+WARM_UP_STEPS = 10
 
 
 class WorkCounter:
@@ -148,30 +168,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--modes", default=",".join(SPEED_MODES))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="quantise the transformer to fp8")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.fp8:
+        require_fp8(device)
     variant = VARIANTS[args.variant]
     env = environment(device)
     build = {"full": full_components, "medium": medium_components, "tiny": tiny_components}
     pipe = TextToVideoPipeline(**build[args.size](variant, device, pipeline_dtype(variant, device)))
-    pipe = configure_pipeline(pipe, variant, device, "none", compile_transformer=args.compile)
+    compiled = args.compile and device.type == "cuda"  # configure_pipeline's rule
+    pipe = configure_pipeline(
+        pipe, variant, device, "none", compile_transformer=compiled and not args.fp8
+    )
     generator = VideoGenerator(variant, pipe, device)
     frames = args.frames or variant.default_frames
     counter = WorkCounter(pipe.transformer)
     width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
     full_tokens, full_width = full_size(variant)
 
-    def render(mode: str):
-        request = Request(PROMPT, "", frames, args.steps, 6.0, None, None, 42, speed_mode=mode)
+    def render(mode: str, steps: int = args.steps):
+        request = Request(PROMPT, "", frames, steps, 6.0, None, None, 42, speed_mode=mode)
         counter.reset()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         video = generator.render(request)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            peaks[mode] = max(peaks.get(mode, 0.0), torch.cuda.max_memory_allocated(device))
         work = (
             list(counter.attention_rows),
             counter.transformer_rows,
@@ -180,9 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return time.perf_counter() - started, video.frames, work
 
-    if args.compile:
-        for mode in modes:  # compile (and recompile per mode) outside the timed runs
-            render(mode)
+    warm_up_steps = min(WARM_UP_STEPS, args.steps)
+    peaks: dict[str, float] = {}
+    unquantised, unquantised_s = None, None
+    if args.fp8:
+        render("default", warm_up_steps)
+        unquantised_s, unquantised, _ = render("default")
+        log.info(f"default, unquantised (the fidelity reference): {unquantised_s:.2f} s")
+        quantize_fp8(pipe.transformer, device)
+        if compiled:
+            pipe.transformer.compile()  # what configure_pipeline does, after quantising
+    for mode in modes:
+        render(mode, warm_up_steps)
+    peaks.clear()
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     outputs, work = {}, {}
     for repeat in range(args.repeats):
@@ -195,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         free_memory(device)
     counter.remove()
 
-    reference = outputs["default"]
+    reference = outputs["default"] if unquantised is None else unquantised
     results = []
     for mode in modes:
         attention_rows, transformer_rows, flops, full_flops = work[mode]
@@ -217,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 else math.inf,
                 "psnr_db_worst_frame": min(per_frame),
                 "max_abs_diff": float(np.abs(outputs[mode] - reference).max()),
+                "gpu_peak_allocated_gib": round(peaks[mode] / 2**30, 2) if mode in peaks else None,
             }
         )
     height, width_px = generator.native_size
@@ -229,11 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_row": counter.tokens,
         "full_size_tokens_per_row": full_tokens,
         "repeats": args.repeats,
-        "compile": args.compile,
+        "compile": compiled,
+        "fp8": args.fp8,
+        "warm_up_steps": warm_up_steps,
+        # With --fp8: one render of the unquantised model in "default" mode, the reference.
+        "unquantised_default_s": unquantised_s,
         "environment": env,
         "results": results,
     }
     name = f"{variant.id}-{args.size}-{args.steps}steps"
+    name += "-compiled" * compiled + "-fp8" * args.fp8
     write_json(args.out / f"{name}.json", record)
     table = markdown_table(
         [
@@ -246,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "at full size",
             "PSNR vs default, mean / worst frame",
             "max diff",
+            "GPU peak allocated",
         ],
         [
             [
@@ -258,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['projected_compute_fraction_full_size']:.0%}",
                 f"{fmt(r['psnr_db_mean'], 1)} / {fmt(r['psnr_db_worst_frame'], 1)} dB",
                 fmt(r["max_abs_diff"], 4),
+                fmt(r["gpu_peak_allocated_gib"])
+                + " GiB" * (r["gpu_peak_allocated_gib"] is not None),
             ]
             for r in results
         ],
@@ -274,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         f"depend only on the steps and the schedule), a projection from the counts, not a "
         f"measurement. Random weights: fidelity is of noise, see the script.\n"
     )
+    if compiled:
+        text += "\nThe transformer is compiled (torch.compile), every mode warmed up first.\n"
+    if args.fp8:
+        text += (
+            f"\nThe transformer is quantised to dynamic fp8 (torchao) in every row; PSNR and "
+            f"max diff are against the unquantised model in default mode, which took "
+            f"{unquantised_s:.2f} s uncompiled (one render, after a warm-up).\n"
+        )
     (args.out / f"{name}.md").write_text(text)
     print(text)
     return 0

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 
 import pytest
 
@@ -130,3 +131,38 @@ def test_speed_modes_medium_model_renders_at_its_own_size(tmp_path):
     assert record["resolution"] == "96x160"
     assert record["tokens_per_row"] == 226 + 3 * 6 * 10
     assert [r["mode"] for r in record["results"]] == ["default", "faster"]
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")),
+    reason="its compile candidate needs torch.compile's CPU backend, which needs g++ or clang++",
+)
+def test_transformer_step_harness_times_every_candidate_against_the_baseline(tmp_path):
+    from benchmarks import transformer_step
+
+    argv = ["--size", "tiny", "--device", "cpu", "--frames", "9", "--repeats", "1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert transformer_step.main([*argv, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "transformer_step-cogvideox-5b-tiny.json").read_text())
+    rows = {row["candidate"]: row for row in record["rows"]}
+    assert rows["sdpa default"]["rel_l2_vs_default"] == 0.0
+    measured = [row for row in rows.values() if "step_s" in row]
+    names = [row["candidate"] for row in measured]
+    assert any(name.startswith("fused qkv + ") for name in names)
+    assert any(name.startswith("compile + ") for name in names)
+    for row in measured:  # all output-preserving: float rounding at most
+        assert _finite(row["step_s"]) and row["step_s"] > 0
+        assert row["rel_l2_vs_default"] < 1e-4, row
+    assert all("error" in row for row in rows.values() if "step_s" not in row)
+
+
+@pytest.mark.parametrize("script", ["speed_modes", "transformer_step"])
+def test_fp8_is_refused_before_any_work_without_a_gpu_that_has_fp8(script, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{script}").main
+    argv = ["--size", "tiny", "--fp8", "--out", str(tmp_path)]
+    argv += ["--device", "cpu"] if script == "transformer_step" else []
+    with pytest.raises(SystemExit, match=r"compute capability 8\.9"):
+        main(argv)
+    assert not any(tmp_path.iterdir())
