@@ -169,6 +169,8 @@ def open_image(path: Path | str) -> Image.Image:
         raise InputError(
             f"image is too large to decode safely ({error}); the limit is {_LIMIT_MP}."
         ) from error
+    except (OSError, ValueError, SyntaxError) as error:  # a header Pillow cannot parse
+        raise InputError(f"image is damaged and could not be read: {error}") from error
     with image:  # closes the file also when the image is refused
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
@@ -184,18 +186,31 @@ def open_image(path: Path | str) -> Image.Image:
                 "part you want first."
             )
         try:
-            upright = ImageOps.exif_transpose(image)
-            if upright.mode in ("RGBA", "LA") or (
-                upright.mode == "P" and "transparency" in upright.info
-            ):
-                rgba = upright.convert("RGBA")
+            upright = _to_8_bits(ImageOps.exif_transpose(image))
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 upright = Image.alpha_composite(background, rgba)
             return upright.convert("RGB")
-        except (OSError, SyntaxError) as error:
+        except (OSError, SyntaxError, ValueError) as error:
             raise InputError(
                 f"image is damaged or truncated and could not be decoded: {error}"
             ) from error
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits scaled to 8 bits.
+
+    Pillow's convert() clips such pixels to 0..255 instead of scaling them, so a 16-bit grey PNG
+    would become a white frame. Integer images are taken as 16-bit (what PNG and TIFF store),
+    floating-point ones as 0..1 when they stay within it (else 0..255).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    if image.mode == "F":
+        scale = 255.0 if image.getextrema()[1] <= 1.0 else 1.0
+        return image.point(lambda v: v * scale).convert("L")
+    return image
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:

@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -109,6 +110,28 @@ def test_transparent_pixels_become_white():
     assert opened.getpixel((3, 3)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_png_transparency_colour_key_becomes_white(mode):
+    black = Image.new(mode, (8, 8), 0)
+    opened = inputs.open_image(_encode(black, "PNG", transparency=0 if mode == "L" else (0, 0, 0)))
+    assert opened.getpixel((3, 3)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "fmt", "grey"),
+    [
+        (np.full((8, 8), 0x8000, np.uint16), "PNG", 127),  # 16-bit grey PNG, mid-grey
+        (np.full((8, 8), 0x1000, np.uint16), "PNG", 15),  # a dark one: not clipped to white
+        (np.full((8, 8), 40000, np.int32), "TIFF", 155),  # 32-bit integer TIFF, 16-bit values
+        (np.full((8, 8), 0.5, np.float32), "TIFF", 127),  # floating point in 0..1
+    ],
+)
+def test_deep_greyscale_images_are_scaled_to_8_bits_not_clipped(pixels, fmt, grey):
+    opened = inputs.open_image(_encode(Image.fromarray(pixels), fmt))
+    assert opened.mode == "RGB"
+    assert opened.getpixel((3, 3)) == (grey, grey, grey)
+
+
 def test_greyscale_and_palette_images_become_rgb():
     assert inputs.open_image(_encode(Image.new("L", (8, 8), 90), "PNG")).mode == "RGB"
     assert inputs.open_image(_encode(Image.new("P", (8, 8), 3), "GIF")).mode == "RGB"
@@ -123,6 +146,13 @@ def test_a_truncated_image_is_refused():
     data = _encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG").getvalue()
     with pytest.raises(InputError, match="damaged or truncated"):
         inputs.open_image(io.BytesIO(data[: len(data) // 2]))
+
+
+def test_an_image_with_a_damaged_header_is_refused_as_damaged():
+    bmp = bytearray(_encode(Image.new("RGB", (4, 4)), "BMP").getvalue())
+    bmp[28] = 7  # bits per pixel: no such BMP
+    with pytest.raises(InputError, match="image is damaged"):
+        inputs.open_image(io.BytesIO(bytes(bmp)))
 
 
 @pytest.mark.parametrize("side", [9000, 20000])
