@@ -40,7 +40,7 @@ class Predictor(BaseRunner):
             default=6.0,
         ),
         use_dynamic_cfg: Optional[bool] = Input(
-            description="Raise guidance from 1 to guidance_scale over the steps. Empty: the "
+            description="Raise guidance from 1 to 1 + guidance_scale over the steps. Empty: the "
             "model's default (on for CogVideoX-5B-I2V, off for 1.5).",
             default=None,
         ),

@@ -24,6 +24,7 @@ import tarfile
 import threading
 import time
 import urllib.parse
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -300,9 +301,16 @@ class LoraCache:
                 f"{url} returned a web page, not a file. For a file on the Hugging Face Hub use "
                 f"its .../resolve/... link (not .../blob/...) or hf://org/repo/file.safetensors."
             )
+        if kind == "zip":
+            raise LoraError(
+                f"the file at {url} is a zip archive; serve the .safetensors file itself, or a "
+                f"tar (.tar, .tar.gz) of the folder."
+            )
+        with path.open("rb") as file:
+            head = file.read(8)
         raise LoraError(
             f"the file at {url} is neither a .safetensors LoRA nor a tar holding one "
-            f"({size:,} bytes starting {path.read_bytes()[:8]!r})."
+            f"({size:,} bytes starting {head!r})."
         )
 
     def _from_tar(self, url: str, path: Path, dest: Path) -> Path:
@@ -364,19 +372,32 @@ def _pick_lora_file(names: list[str], url: str) -> str:
 
 
 def sniff(path: Path) -> str:
-    """What a file is, from its first bytes: safetensors, tar, pickle, html or unknown."""
+    """What a file is, from its first bytes: safetensors, tar, pickle, zip, html or unknown."""
     with path.open("rb") as file:
         head = file.read(512)
     size = path.stat().st_size
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
         return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "pickle"  # torch.save's zip format, or a bare pickle stream
+    if head.startswith(b"PK\x03\x04"):
+        return "pickle" if _is_torch_zip(path) else "zip"
+    if head[:1] == b"\x80":
+        return "pickle"  # a bare pickle stream (torch.save's legacy format)
     if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:262] == b"ustar":
         return "tar"  # compressed tars are told apart from other archives when opened
     if head.lstrip()[:1] == b"<":
         return "html"
     return "unknown"
+
+
+def _is_torch_zip(path: Path) -> bool:
+    """torch.save's zip format: a folder holding data.pkl (its names are listed, never read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(
+                name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()
+            )
+    except (zipfile.BadZipFile, OSError):
+        return True  # unreadable as a zip: treat it as the checkpoint it claims to be
 
 
 def _sha256(path: Path) -> str:

@@ -301,7 +301,8 @@ class VideoGenerator:
         num_frames = inputs.check_num_frames(variant, request.num_frames)
         fps = inputs.check_fps(variant, request.fps)
         seed = inputs.resolve_seed(request.seed)
-        lora_url = check_lora_url(request.lora_url) if request.lora_url else None
+        lora_url = (request.lora_url or "").strip()
+        lora_url = check_lora_url(lora_url) if lora_url else None
         lora_scale = float(request.lora_scale)
         speed_mode = inputs.check_choice("speed_mode", request.speed_mode, SPEED_MODES)
         dynamic_cfg = request.use_dynamic_cfg

@@ -123,6 +123,11 @@ def test_prediction_without_lora_after_one_with_it_is_the_base_output_exactly(
     assert _peft_layers(generator.pipe.transformer) == 0
 
 
+def test_blank_lora_url_means_the_base_model(generator, loras, base):
+    _frames(generator, _url(loras, "a"), 1.0)
+    np.testing.assert_array_equal(_frames(generator, "  "), base)
+
+
 def test_a_then_b_then_a_reproduces_a_exactly(generator, loras):
     first = _frames(generator, _url(loras, "a"))
     other = _frames(generator, _url(loras, "b"))

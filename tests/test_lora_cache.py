@@ -8,6 +8,7 @@ import io
 import os
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,25 @@ def test_web_page_instead_of_a_file_gets_a_hint(served, cache):
     _serve(root, "blob/main/lora.safetensors", b"<!DOCTYPE html><html>login</html>")
     with pytest.raises(LoraError, match=r"returned a web page.*resolve"):
         cache.get(server.url("blob/main/lora.safetensors"))
+
+
+def test_zip_of_a_lora_is_refused_as_a_zip_not_as_a_pickle(served, cache):
+    root, server = served
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(LORA, _lora_bytes(1))
+    _serve(root, "lora.zip", buffer.getvalue())
+    with pytest.raises(LoraError, match=r"is a zip archive; serve the \.safetensors file itself"):
+        cache.get(server.url("lora.zip"))
+
+
+def test_unknown_file_is_refused_quoting_its_first_bytes(served, cache):
+    root, server = served
+    _serve(root, "lora", b"GIF89a" + bytes(1000))
+    with pytest.raises(
+        LoraError, match=r"neither a \.safetensors LoRA nor a tar.*b'GIF89a\\x00\\x00'"
+    ):
+        cache.get(server.url("lora"))
 
 
 def test_truncated_safetensors_file_is_refused(served, cache):
