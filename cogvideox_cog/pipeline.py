@@ -192,6 +192,7 @@ class RenderedVideo:
     fps: int
     seed: int
     progress: _StepProgress
+    received: float  # time.monotonic() when the request came in
     decoded: float  # time.monotonic() when the VAE finished
 
 
@@ -279,20 +280,22 @@ class VideoGenerator:
         finished = time.monotonic()
         started, last_step = video.progress.started, video.progress.last_step
         for name, value in (
+            ("prepare_seconds", started - video.received),  # inputs decoded, LoRA fetched
             ("denoise_seconds", last_step - started),
             ("decode_seconds", video.decoded - last_step),
             ("encode_seconds", finished - video.decoded),
-            ("total_seconds", finished - started),
+            ("total_seconds", finished - video.received),
         ):
             cog.current_scope().record_metric(name, round(value, 3))
         log.info(
             f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
-            f"{finished - started:.1f} s"
+            f"{finished - video.received:.1f} s"
         )
         return output
 
     def render(self, request: Request) -> RenderedVideo:
         """Check the request, then denoise and decode: the frames as floats in [0, 1]."""
+        received = time.monotonic()
         # 1. Check every input before any heavy work. Cog passes JSON numbers through as
         # they came (2.0 for an int input), so settle the types first.
         variant = self.variant
@@ -334,9 +337,10 @@ class VideoGenerator:
                 request.video, num_frames, variant.fps, height, width, variant.allowed_frames
             )
             log.info(clip.summary)
+            # What runs is whole steps: the clip is re-noised to the level of the first one.
             log.info(
-                f"strength {strength:g}: the clip is re-noised {strength:.0%} of the way and "
-                f"denoised in {denoise_steps} of {steps} steps"
+                f"strength {strength:g}: denoised in the last {denoise_steps} of {steps} steps, "
+                f"the clip re-noised {denoise_steps / steps:.0%} of the way"
             )
             extra["video"] = self._pad_for_latent_patches(clip.frames)
             extra["strength"] = strength
@@ -390,7 +394,7 @@ class VideoGenerator:
         frames = frames[:num_frames]
         if len(frames) != num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, expected {num_frames}")
-        return RenderedVideo(frames, fps, seed, progress, decoded)
+        return RenderedVideo(frames, fps, seed, progress, received, decoded)
 
     def _pad_for_latent_patches(self, frames: list) -> list:
         """Repeat the last frame until the latent frame count suits the transformer.

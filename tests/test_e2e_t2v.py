@@ -81,8 +81,11 @@ def test_each_denoising_step_is_logged_with_progress(server):
 
 def test_timings_are_recorded_as_metrics(server):
     metrics = server.predict({**FAST, "num_frames": 9})["metrics"]
-    for name in ("denoise_seconds", "decode_seconds", "encode_seconds", "total_seconds"):
+    phases = ("prepare_seconds", "denoise_seconds", "decode_seconds", "encode_seconds")
+    for name in (*phases, "total_seconds"):
         assert metrics[name] >= 0
+    # Rounded to the millisecond each.
+    assert abs(sum(metrics[name] for name in phases) - metrics["total_seconds"]) < 0.01
 
 
 def test_frame_count_off_the_rule_fails_with_the_allowed_values(server):

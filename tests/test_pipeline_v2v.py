@@ -81,11 +81,18 @@ def test_strength_sets_how_many_steps_run_and_dynamic_cfg_follows_the_full_sched
         generator.generate(_request(clip, num_inference_steps=10, strength=0.3))
     finally:
         generator.pipe.__class__.__call__ = original
-    assert "denoised in 3 of 10 steps" in caplog.text
+    assert "denoised in the last 3 of 10 steps, the clip re-noised 30% of the way" in caplog.text
     assert len(scales) == 3
     # Steps 7, 8, 9 of 10: the end of the rising schedule, not its start.
     expected = [1 + 6.0 * (1 - np.cos(np.pi * (i / 10) ** 5)) / 2 for i in (7, 8, 9)]
     assert scales == pytest.approx(expected)
+
+
+def test_the_log_gives_the_strength_that_whole_steps_make(tiny_weights, clip, caplog):
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
+    generator.generate(_request(clip, num_inference_steps=2, strength=0.8))
+    assert "strength 0.8: denoised in the last 1 of 2 steps, the clip re-noised 50%" in caplog.text
 
 
 @pytest.mark.parametrize(
