@@ -52,11 +52,6 @@ class Manifest:
         files = {k: [v.size, v.sha256] for k, v in sorted(self.files.items())}
         return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
-    @property
-    def total_size(self) -> int | None:
-        sizes = [spec.size for spec in self.files.values()]
-        return sum(sizes) if sizes and None not in sizes else None
-
     def layout_only(self) -> Manifest:
         """The same files without sizes and hashes: what still holds for another source."""
         files = {name: FileSpec() for name in self.files}

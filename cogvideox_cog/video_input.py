@@ -80,7 +80,9 @@ def load_video(
             )
         source_rate = float(stream.average_rate) if stream.average_rate else None
         targets = [i / fps for i in range(num_frames)]
-        picked, decoded, start, last_time = _pick_frames(container, stream, targets, source_rate)
+        picked, decoded, start, last_time, damage = _pick_frames(
+            container, stream, targets, source_rate
+        )
 
     if decoded == 0:
         raise InputError(f"video has no frames that could be decoded; send an {FORMATS} file.")
@@ -88,6 +90,16 @@ def load_video(
         # The clip shows its last frame until last_time plus one source frame.
         frame_time = 1 / source_rate if source_rate else 0.0
         span = last_time - start + frame_time
+        # Frames missing that the video track's header promises: a cut-off upload, not a
+        # short clip (the container's duration may be an audio track's, so not that).
+        promised = _track_duration(stream)
+        if damage is not None or (promised or 0) > span + frame_time + 0.1:
+            length = f" of the {promised:.2f} s its header gives" if promised else ""
+            raise InputError(
+                f"video is damaged or truncated: only {decoded} frames ({span:.2f} s{length}) "
+                f"could be decoded{f' ({damage})' if damage else ''}. Send the whole file "
+                f"again, or re-encode it."
+            )
         raise InputError(_too_short(decoded, span, num_frames, fps, allowed_frames))
 
     rotation = _rotation(picked[0])
@@ -109,9 +121,11 @@ def load_video(
 def _pick_frames(container, stream, targets: list[float], source_rate: float | None):
     """For each target time, the last frame shown at or before it; decoding stops when done.
 
-    Returns (frames picked, frames decoded, time of the first frame, time of the last decoded).
+    Returns (frames picked, frames decoded, time of the first frame, time of the last decoded,
+    the decoding error that stopped it early or None).
     """
     picked: list[av.VideoFrame] = []
+    damage: str | None = None
     decoded = 0
     start = last_time = 0.0
     previous: av.VideoFrame | None = None
@@ -145,13 +159,14 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
                 f"video could not be decoded ({error}); send an {FORMATS} file."
             ) from error
         log.warning(f"video: decoding stopped after {decoded} frames: {error}")
+        damage = str(error)
     if previous is not None and len(picked) < len(targets):
         # The last decoded frame is on screen for one source frame after its time.
         # A target at the very end of the clip (a 1 s clip for 9 frames at 8 fps) takes it too.
         end = last_time - start + (1 / source_rate if source_rate else 0.0)
         while len(picked) < len(targets) and targets[len(picked)] < end + _EPSILON:
             picked.append(previous)
-    return picked, decoded, start, last_time
+    return picked, decoded, start, last_time, damage
 
 
 def _too_short(decoded: int, span: float, num_frames: int, fps: int, allowed: range | None) -> str:
@@ -169,10 +184,15 @@ def _too_short(decoded: int, span: float, num_frames: int, fps: int, allowed: ra
 
 
 def _header_duration(container, stream) -> float | None:
+    seconds = _track_duration(stream)
+    if seconds is None and container.duration is not None:
+        return container.duration / av.time_base
+    return seconds
+
+
+def _track_duration(stream) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
     return None
 
 

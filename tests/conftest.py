@@ -4,6 +4,7 @@ and a factory for real Cog servers running our predictors on them."""
 from __future__ import annotations
 
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from tests.cog_server import CogServer
 from tests.file_server import FileServer
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytest(tmp_path_factory) -> Iterator[Path]:
+    """What the code under test writes to the temporary directory (each prediction's output
+    folder, the servers' spooled inputs) goes under pytest's own folder, which pytest prunes,
+    not into /tmp for good."""
+    folder = tmp_path_factory.mktemp("tmp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(folder))  # for the Cog servers, started as child processes
+    patch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

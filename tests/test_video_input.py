@@ -10,6 +10,7 @@ import pytest
 
 from cogvideox_cog import video_input
 from cogvideox_cog.inputs import InputError
+from cogvideox_cog.video import encode_mp4
 from cogvideox_cog.video_input import load_video
 
 H, W = 48, 80  # the tiny models' resolution
@@ -77,6 +78,15 @@ def test_a_too_short_clip_is_refused_with_the_frames_it_can_give(tmp_path):
     path = _write_clip(tmp_path / "clip.mp4", frames=20, fps=8)  # 2.5 s
     with pytest.raises(InputError, match=r"too short.*need at least 6.00 s.*num_frames=17"):
         load_video(path, num_frames=49, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+
+
+def test_a_cut_off_upload_is_refused_as_truncated_not_as_too_short(tmp_path):
+    noise = np.random.default_rng(1).integers(0, 256, (60, H, W, 3), dtype=np.uint8)
+    whole = encode_mp4(noise, tmp_path / "whole.mp4", fps=24)  # 2.5 s, its index first
+    data = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"damaged or truncated.*of the 2.50 s its header gives"):
+        load_video(tmp_path / "cut.mp4", num_frames=17, fps=8, height=H, width=W)
 
 
 def test_a_single_frame_video_is_refused_pointing_to_image_to_video(tmp_path):
