@@ -237,19 +237,23 @@ class VideoGenerator:
 
         The first frame count compiles a graph for its shapes; the second makes torch
         recompile with the frame dimension dynamic ("automatic dynamic shapes"), and that
-        graph serves every other count. So: the default count, then the smallest one.
+        graph serves every other count. So: the default count, then the smallest one. Where
+        the video takes the image's aspect ratio (1.5 I2V), the second image is portrait, so
+        height and width become dynamic as well.
         """
         height, width = self.native_size
         default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
+        turn = self.mode == "i2v" and self.variant.resolution == "image_aspect"
         with tempfile.TemporaryDirectory(prefix="cogvideox-warm-up-") as folder:
-            for num_frames in dict.fromkeys((default, smallest)):
+            for second, num_frames in enumerate(dict.fromkeys((default, smallest))):
                 clip = image = None
                 if self.mode == "v2v":
                     frames = np.full((num_frames, height, width, 3), 128, np.uint8)
                     clip = encode_mp4(frames, Path(folder) / "warm-up.mp4", fps=self.variant.fps)
                 elif self.mode == "i2v":
                     image = Path(folder) / "warm-up.png"
-                    Image.new("RGB", (width, height), (128, 128, 128)).save(image)
+                    size = (height, width) if turn and second else (width, height)
+                    Image.new("RGB", size, (128, 128, 128)).save(image)
                 request = Request(
                     prompt="warm-up",
                     negative_prompt="",

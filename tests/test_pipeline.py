@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from PIL import Image
 
 from cogvideox_cog.inputs import InputError
 from cogvideox_cog.pipeline import (
@@ -202,6 +203,31 @@ def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
         graphs = counters["stats"]["unique_graphs"]
         for num_frames in (17, 33, 49, 9):
             generator.render(_request(num_frames=num_frames, num_inference_steps=1))
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+
+
+@needs_cpp_compiler
+def test_after_warm_up_no_image_shape_compiles_again_on_1_5_image_to_video(
+    tiny_weights, tmp_path, monkeypatch
+):
+    """CogVideoX1.5-I2V makes the video at the image's aspect ratio: height and width change
+    per request, and setup's warm-up must leave them dynamic too."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("COGVIDEOX_RESOLUTION", "48x80")
+    variant = VARIANTS["cogvideox1.5-5b-i2v"]
+    pipe = build_pipeline(variant, tiny_weights["1.5-i2v"], CPU, "none", mode="i2v")
+    pipe.transformer.compile()
+    generator = VideoGenerator(variant, pipe, CPU, "i2v")
+    try:
+        generator.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        for (width, height), num_frames in (((90, 60), 17), ((60, 90), 33), ((70, 70), 17)):
+            image = tmp_path / f"{width}x{height}.png"
+            Image.new("RGB", (width, height), (90, 120, 30)).save(image)
+            generator.render(_request(num_frames=num_frames, num_inference_steps=1, image=image))
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()
