@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -325,23 +326,41 @@ def _pending(plan) -> int:
     return sum(f.file_size or 0 for f in plan if f.will_download)
 
 
-@contextmanager
-def hub_online() -> Iterator[None]:
-    """Allow huggingface_hub to reach the hub for this one download.
+class _HubOnline:
+    """Allow huggingface_hub to reach the hub for the downloads inside `with hub_online():`.
 
     The package sets HF_HUB_OFFLINE=1 at import so that loading never touches the network.
     huggingface_hub 2.4 reads that variable once, into constants.HF_HUB_OFFLINE, and checks
-    the constant before every request: lifting the constant (not the variable) for the
-    duration of snapshot_download allows exactly these requests and nothing after.
+    the constant before every request: lifting the constant (not the variable) while a
+    download runs allows exactly its requests and nothing after. Downloads can overlap (a LoRA
+    download that timed out goes on in its thread while the next prediction starts one), so
+    the constant goes back only when the last one ends.
     """
-    from huggingface_hub import constants
 
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.downloads = 0
+        self.saved = True
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        from huggingface_hub import constants
+
+        with self.lock:
+            if self.downloads == 0:
+                self.saved = constants.HF_HUB_OFFLINE
+            self.downloads += 1
+            constants.HF_HUB_OFFLINE = False
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.downloads -= 1
+                if self.downloads == 0:
+                    constants.HF_HUB_OFFLINE = self.saved
+
+
+hub_online = _HubOnline()
 
 
 def _check_disk(folder: Path, total: int | None, done: int, source: str) -> None:

@@ -37,7 +37,13 @@ from cogvideox_cog.manifest import (
 from cogvideox_cog.untar import JOURNAL
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.verify import verify
-from cogvideox_cog.weights import COMPLETE_MARKER, WeightsError, ensure_weights, parse_hf_url
+from cogvideox_cog.weights import (
+    COMPLETE_MARKER,
+    WeightsError,
+    ensure_weights,
+    hub_online,
+    parse_hf_url,
+)
 from tests.file_server import FileServer
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -759,6 +765,20 @@ def test_hf_source_downloads_with_the_offline_switch_lifted_for_that_call_only(
     assert (
         json.loads((root / COMPLETE_MARKER).read_text())["source"] == "hf://zai-org/CogVideoX-5b@v1"
     )
+
+
+def test_overlapping_hub_downloads_keep_the_hub_reachable_until_the_last_ends(monkeypatch):
+    """A LoRA download that timed out goes on in its thread while the next one starts."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    first, second = hub_online(), hub_online()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the older one ends first
+    assert constants.HF_HUB_OFFLINE is False  # the second download is not cut off
+    second.__exit__(None, None, None)
+    assert constants.HF_HUB_OFFLINE is True
 
 
 def test_hf_errors_name_the_repository(cache, monkeypatch):
