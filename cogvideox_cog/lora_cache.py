@@ -113,7 +113,11 @@ class LoraCache:
         url = check_lora_url(url)
         cached = self._lookup(url)
         if cached is not None:
-            os.utime(cached)  # recently used
+            try:
+                os.utime(cached)  # now the most recently used: the last one evicted
+            except FileNotFoundError:  # evicted by another server sharing the folder just now
+                cached = None
+        if cached is not None:
             log.info(f"lora: {url} cached as {cached.stem[:12]}")
             return cached
         for folder in (self.blobs, self.urls, self.partial):

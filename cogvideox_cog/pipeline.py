@@ -355,6 +355,8 @@ class VideoGenerator:
                 self.pipe.tokenizer, text or "", self.max_prompt_tokens
             )
             if tail:
+                if len(tail) > 300:  # a pasted document should not become a megabyte log line
+                    tail = f"{tail[:300]}... ({len(tail):,} characters)"
                 log.warning(
                     f"{name} is longer than the text encoder's {self.max_prompt_tokens} tokens; "
                     f"this part is ignored: {tail!r}"

@@ -135,6 +135,13 @@ def test_prompt_over_the_token_limit_is_truncated_with_a_log_line(generator, cap
     assert "prompt is longer than the text encoder's 226 tokens" in caplog.text
 
 
+def test_a_very_long_prompt_logs_only_the_start_of_what_is_ignored(generator, caplog):
+    long_prompt = "a panda plays guitar " * 5000  # about 100 kB
+    generator.generate(_request(prompt=long_prompt, num_inference_steps=1))
+    line = next(r.message for r in caplog.records if "this part is ignored" in r.message)
+    assert len(line) < 600 and line.endswith("characters)'")
+
+
 def test_offload_is_none_on_cpu_whatever_is_asked():
     for policy in ("auto", "none", "model", "sequential"):
         assert choose_offload(policy, VARIANTS["cogvideox-5b"], CPU) == "none"
