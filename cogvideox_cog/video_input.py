@@ -80,8 +80,14 @@ def load_video(
             )
         source_rate = float(stream.average_rate) if stream.average_rate else None
         targets = [i / fps for i in range(num_frames)]
+        rotations: list[int] = []
+
+        def prepare(frame: av.VideoFrame) -> Image.Image:
+            rotations.append(_rotation(frame))
+            return fit_image(_rgb(frame, rotations[-1]), height, width)
+
         picked, decoded, start, last_time, damage = _pick_frames(
-            container, stream, targets, source_rate
+            container, stream, targets, source_rate, prepare
         )
 
     if decoded == 0:
@@ -102,8 +108,7 @@ def load_video(
             )
         raise InputError(_too_short(decoded, span, num_frames, fps, allowed_frames))
 
-    rotation = _rotation(picked[0])
-    frames = [fit_image(_rgb(frame, rotation), height, width) for frame in picked]
+    rotation = rotations[0]
     if rotation in (90, 270):
         source_width, source_height = source_height, source_width
     turned = f", turned {rotation} degrees as its display matrix says" if rotation else ""
@@ -115,20 +120,30 @@ def load_video(
         f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
         f"centre-cropped)"
     )
-    return VideoClip(frames, summary)
+    return VideoClip(picked, summary)
 
 
-def _pick_frames(container, stream, targets: list[float], source_rate: float | None):
-    """For each target time, the last frame shown at or before it; decoding stops when done.
+def _pick_frames(container, stream, targets: list[float], source_rate: float | None, prepare):
+    """For each target time, the last frame shown at or before it, as prepare(frame) made it
+    (once per frame, so only model-sized pictures are held, not full source frames); decoding
+    stops when done.
 
     Returns (frames picked, frames decoded, time of the first frame, time of the last decoded,
     the decoding error that stopped it early or None).
     """
-    picked: list[av.VideoFrame] = []
+    picked: list[Image.Image] = []
     damage: str | None = None
     decoded = 0
     start = last_time = 0.0
     previous: av.VideoFrame | None = None
+    previous_image: Image.Image | None = None
+
+    def shown() -> Image.Image:
+        nonlocal previous_image
+        if previous_image is None:
+            previous_image = prepare(previous)
+        return previous_image
+
     try:
         for frame in container.decode(stream):
             if frame.time is not None:
@@ -147,10 +162,10 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
             # Every target before this frame's time is shown by the previous frame.
             while previous is not None and len(picked) < len(targets):
                 if targets[len(picked)] < time - _EPSILON:
-                    picked.append(previous)
+                    picked.append(shown())
                 else:
                     break
-            previous, last_time = frame, time + start
+            previous, previous_image, last_time = frame, None, time + start
             if len(picked) == len(targets):
                 break
     except av.error.FFmpegError as error:
@@ -165,7 +180,7 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
         # A target at the very end of the clip (a 1 s clip for 9 frames at 8 fps) takes it too.
         end = last_time - start + (1 / source_rate if source_rate else 0.0)
         while len(picked) < len(targets) and targets[len(picked)] < end + _EPSILON:
-            picked.append(previous)
+            picked.append(shown())
     return picked, decoded, start, last_time, damage
 
 
