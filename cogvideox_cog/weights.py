@@ -431,7 +431,8 @@ def _discard(path: Path) -> None:
     """Remove a folder; renamed aside first, so no half-deleted entry is ever seen."""
     if not os.path.lexists(path):
         return
-    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}")
+    # Unique, not just the pid: containers reuse pids, and a killed delete leaves its trash.
+    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}-{time.time_ns()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 

@@ -237,6 +237,18 @@ def test_leftovers_of_killed_or_older_setups_are_removed(served, cache, tiny, mo
     assert sorted(p.name for p in cache.iterdir()) == sorted([name, f".{name}.lock"])
 
 
+def test_a_damaged_entry_is_replaced_even_beside_trash_left_under_this_pid(
+    served, cache, tiny, monkeypatch
+):
+    """A container's pids repeat: a delete killed in an earlier life left this pid's trash."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    (root / BIG).write_bytes(b"damaged")
+    (cache / f".{root.name}.trash-{os.getpid()}" / "transformer").mkdir(parents=True)
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([root.name, f".{root.name}.lock"])
+
+
 def test_a_file_changed_after_publishing_is_noticed_and_replaced(served, cache, tiny, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     root = ensure_weights(VARIANT)
