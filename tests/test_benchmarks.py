@@ -6,11 +6,11 @@ import contextlib
 import io
 import json
 import math
-import shutil
 
 import pytest
 
 from benchmarks import pipeline_speed
+from tests.markers import needs_cpp_compiler
 
 PHASES = (
     "text_encode_s",
@@ -133,10 +133,7 @@ def test_speed_modes_medium_model_renders_at_its_own_size(tmp_path):
     assert [r["mode"] for r in record["results"]] == ["default", "faster"]
 
 
-@pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("clang++")),
-    reason="its compile candidate needs torch.compile's CPU backend, which needs g++ or clang++",
-)
+@needs_cpp_compiler
 def test_transformer_step_harness_times_every_candidate_against_the_baseline(tmp_path):
     from benchmarks import transformer_step
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,9 @@ from tests.lora_files import (
     save_renamed,
     save_sat_lora,
 )
+from tests.markers import needs_cpp_compiler
 
 CPU = torch.device("cpu")
-# torch.compile on a CPU (inductor) builds C++ kernels.
-needs_cpp_compiler = pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("clang++")),
-    reason="torch.compile's CPU backend needs a C++ compiler (g++ or clang++), none on PATH",
-)
 RANK = 4
 LORA = "pytorch_lora_weights.safetensors"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
@@ -20,13 +18,9 @@ from cogvideox_cog.pipeline import (
 )
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.video import probe_mp4
+from tests.markers import needs_cpp_compiler
 
 CPU = torch.device("cpu")
-# torch.compile on a CPU (inductor) builds C++ kernels.
-needs_cpp_compiler = pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("clang++")),
-    reason="torch.compile's CPU backend needs a C++ compiler (g++ or clang++), none on PATH",
-)
 
 
 @pytest.fixture(scope="module")

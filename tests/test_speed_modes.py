@@ -3,8 +3,6 @@ leave no trace on the default path."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from PIL import Image
 from cogvideox_cog.inputs import InputError
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS
+from tests.markers import needs_cpp_compiler
 
 CPU = torch.device("cpu")
 STEPS = 20
@@ -118,10 +117,7 @@ def test_faster_runs_on_other_variants_and_leaves_default_exact(
     np.testing.assert_array_equal(_render(generator, **fields), default)
 
 
-@pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("clang++")),
-    reason="torch.compile's CPU backend needs a C++ compiler (g++ or clang++), none on PATH",
-)
+@needs_cpp_compiler
 def test_on_a_compiled_transformer_speed_modes_run_eagerly_and_compile_nothing(
     tiny_weights, default
 ):
