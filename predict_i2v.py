@@ -21,8 +21,14 @@ class Predictor(BaseRunner):
             description="First frame of the video (JPEG, PNG, WebP, ...). Scaled to cover the "
             "model's resolution and centre-cropped."
         ),
-        prompt: str = Input(description="How the scene moves. May be empty.", default=""),
-        negative_prompt: str = Input(description="What the video should not show.", default=""),
+        prompt: str = Input(
+            description="How the scene moves. May be empty.",
+            max_length=10000,
+            default="",
+        ),
+        negative_prompt: str = Input(
+            description="What the video should not show.", max_length=10000, default=""
+        ),
         num_frames: Optional[int] = Input(
             description="Frames to generate. CogVideoX 1.0: 8N+1 up to 49 (default 49); "
             "1.5: 16N+1 up to 161 (default 81). Empty: the model's default.",

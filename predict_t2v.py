@@ -17,8 +17,13 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="What the video shows. Long prompts work best."),
-        negative_prompt: str = Input(description="What the video should not show.", default=""),
+        prompt: str = Input(
+            description="What the video shows. Long prompts work best.",
+            max_length=10000,
+        ),
+        negative_prompt: str = Input(
+            description="What the video should not show.", max_length=10000, default=""
+        ),
         num_frames: Optional[int] = Input(
             description="Frames to generate. CogVideoX 1.0: 8N+1 up to 49 (default 49); "
             "1.5: 16N+1 up to 161 (default 81). Empty: the model's default.",
@@ -36,8 +41,9 @@ class Predictor(BaseRunner):
             default=6.0,
         ),
         use_dynamic_cfg: Optional[bool] = Input(
-            description="Raise guidance from 1 to 1 + guidance_scale over the steps. Empty: the "
-            "model's default (on for CogVideoX-5B, off for 2B and 1.5).",
+            description="Dynamic guidance as the model's authors run it: the scale swings "
+            "between 1 and 1 + guidance_scale from step to step. Empty: the model's default "
+            "(on for the 5B and 1.5 models, off for 2B).",
             default=None,
         ),
         fps: Optional[int] = Input(

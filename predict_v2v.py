@@ -26,7 +26,10 @@ class Predictor(BaseRunner):
             "frame rate (8 fps, 16 for 1.5) from its start: it must last (num_frames - 1) / fps "
             "seconds; the rest is ignored. Scaled to cover the model's resolution, centre-cropped."
         ),
-        prompt: str = Input(description="What the new video shows. Long prompts work best."),
+        prompt: str = Input(
+            description="What the new video shows. Long prompts work best.",
+            max_length=10000,
+        ),
         strength: float = Input(
             description="How much of the clip is re-noised and redrawn: low keeps its look and "
             "motion, 1.0 ignores it (text-to-video). Runs strength * num_inference_steps steps.",
@@ -34,7 +37,9 @@ class Predictor(BaseRunner):
             le=1.0,
             default=0.8,
         ),
-        negative_prompt: str = Input(description="What the video should not show.", default=""),
+        negative_prompt: str = Input(
+            description="What the video should not show.", max_length=10000, default=""
+        ),
         num_frames: Optional[int] = Input(
             description="Frames to generate. CogVideoX 1.0: 8N+1 up to 49 (default 49); "
             "1.5: 16N+1 up to 161 (default 81). Empty: the model's default.",
@@ -52,8 +57,9 @@ class Predictor(BaseRunner):
             default=6.0,
         ),
         use_dynamic_cfg: Optional[bool] = Input(
-            description="Raise guidance from 1 to 1 + guidance_scale over the steps. Empty: the "
-            "model's default (on for CogVideoX-5B, off for 2B and 1.5).",
+            description="Dynamic guidance as the model's authors run it: the scale swings "
+            "between 1 and 1 + guidance_scale from step to step. Empty: the model's default "
+            "(on for the 5B and 1.5 models, off for 2B).",
             default=None,
         ),
         fps: Optional[int] = Input(

@@ -36,7 +36,7 @@ from diffusers import CogVideoXPipeline
 from diffusers.utils import export_to_video
 
 from benchmarks.common import environment, markdown_table, write_json
-from cogvideox_cog.pipeline import Request, TextToVideoPipeline, VideoGenerator, configure_pipeline
+from cogvideox_cog.pipeline import PIPELINES, Request, VideoGenerator, configure_pipeline
 from cogvideox_cog.tiny import build_tiny_pipeline
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.video import DEFAULT_CRF, DEFAULT_PRESET, encode_mp4, probe_mp4
@@ -172,7 +172,7 @@ def encoding(shape: tuple[int, int, int], fps: int, repeats: int, workdir: Path)
 def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
     variant = VARIANTS["cogvideox-5b"]
     pipe = configure_pipeline(
-        TextToVideoPipeline(**build_tiny_pipeline("1.0", "t2v").components), variant, CPU, "none"
+        PIPELINES["t2v"](**build_tiny_pipeline("1.0", "t2v").components), variant, CPU, "none"
     )
     generator = VideoGenerator(variant, pipe, CPU)
     height, width = generator.native_size
@@ -241,8 +241,8 @@ def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
         "release_memory": release.summary(),
         "ours_vs_diffusers": _ratios(ours, theirs),
         # What generate adds around the same pipeline call besides its own encoder: input
-        # checks, the prompt-length check (one tokenisation per prompt), the step-index
-        # guidance property, per-step logging, gc + cache release.
+        # checks, the prompt-length check (one tokenisation per prompt), per-step logging,
+        # gc + cache release.
         "wrapper_overhead_wall_s": median(ours.wall)
         - median(pipe_only.wall)
         - median(our_encode.wall),

@@ -3,7 +3,7 @@
 The models are built at full size from the published configs with random weights (speed and
 memory do not depend on the values), so no download is needed: the transformer, the 3D VAE and
 the T5 v1.1 XXL encoder. They then go through exactly what a prediction runs:
-`cogvideox_cog.pipeline.TextToVideoPipeline`, `configure_pipeline` (scheduler swap, VAE tiling
+`cogvideox_cog.pipeline.PIPELINES["t2v"]`, `configure_pipeline` (scheduler swap, VAE tiling
 and slicing, offload policy) and `VideoGenerator.generate` (input checks, denoising, decoding,
 mp4 encoding). Phases are timed by instrumentation only (wrapped methods and a forward hook on
 the pipeline's own objects, with a device synchronisation at each mark), never by re-running
@@ -55,8 +55,8 @@ from benchmarks.common import (
 from cogvideox_cog import pipeline as predictor_pipeline
 from cogvideox_cog.inputs import RESOLUTION_ENV
 from cogvideox_cog.pipeline import (
+    PIPELINES,
     Request,
-    TextToVideoPipeline,
     VideoGenerator,
     configure_pipeline,
     pipeline_dtype,
@@ -548,7 +548,7 @@ def run_one(
             if isinstance(component, torch.nn.Module):
                 component.to("cpu")
         free_memory(device)
-    pipe = TextToVideoPipeline(**components)
+    pipe = PIPELINES["t2v"](**components)
     del components
     pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer=args.compile)
     set_tiling(pipe, args.tiling[0])

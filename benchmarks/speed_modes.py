@@ -66,8 +66,8 @@ from benchmarks.pipeline_speed import (
     tiny_components,
 )
 from cogvideox_cog.pipeline import (
+    PIPELINES,
     Request,
-    TextToVideoPipeline,
     VideoGenerator,
     configure_pipeline,
     pipeline_dtype,
@@ -149,7 +149,7 @@ def full_size(variant) -> tuple[int, int]:
     latent_frames = (variant.default_frames - 1) // 4 + 1
     latent_frames += -latent_frames % patch_t
     patches = (latent_frames // patch_t) * (height // 16) * (width // 16)
-    text = variant.max_prompt_tokens or config["max_text_seq_length"]
+    text = config["max_text_seq_length"]
     return patches + text, config["num_attention_heads"] * config["attention_head_dim"]
 
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = VARIANTS[args.variant]
     env = environment(device)
     build = {"full": full_components, "medium": medium_components, "tiny": tiny_components}
-    pipe = TextToVideoPipeline(**build[args.size](variant, device, pipeline_dtype(variant, device)))
+    pipe = PIPELINES["t2v"](**build[args.size](variant, device, pipeline_dtype(variant, device)))
     compiled = args.compile and device.type == "cuda"  # configure_pipeline's rule
     pipe = configure_pipeline(
         pipe, variant, device, "none", compile_transformer=compiled and not args.fp8

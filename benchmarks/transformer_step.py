@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import environment, quantize_fp8, require_fp8, write_json
 from benchmarks.pipeline_speed import full_components, tiny_components
-from cogvideox_cog.pipeline import TextToVideoPipeline, pipeline_dtype
+from cogvideox_cog.pipeline import PIPELINES, pipeline_dtype
 from cogvideox_cog.variants import VARIANTS
 
 BACKENDS = {
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = VARIANTS[args.variant]
     dtype = pipeline_dtype(variant, device)
     build = full_components if args.size == "full" else tiny_components
-    pipe = TextToVideoPipeline(**build(variant, device, dtype))
+    pipe = PIPELINES["t2v"](**build(variant, device, dtype))
     transformer = pipe.transformer.to(device)
     config = transformer.config
     height, width = config.sample_height * 8, config.sample_width * 8

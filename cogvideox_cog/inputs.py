@@ -15,6 +15,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .variants import Variant
 
 MAX_SEED = 2**32 - 1
+# The text encoder reads 226 tokens: a few hundred words, about 1,000 characters of English.
+# Ten times that is taken (the rest is cut by the encoder, and the log says which words);
+# longer text is refused before it is tokenized, which for a 10 MB prompt took minutes.
+# The predictors declare the same bound as max_length, so Cog's server refuses it first.
+MAX_PROMPT_CHARS = 10_000
 # PIL warns at 89 MP and refuses at twice that; a phone photo is 12-50 MP. Refuse early and
 # with a message instead of decoding a decompression bomb.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -74,11 +79,23 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def check_prompt(prompt: str, *, required: bool) -> str:
-    """Strip the prompt; text-to-video without one would sample pure prior, so refuse it."""
-    prompt = (prompt or "").strip()
-    if required and not prompt:
+    """Text-to-video without a prompt would sample pure prior, so refuse a blank one.
+
+    The prompt goes to the text encoder as it came, as upstream passes it.
+    """
+    prompt = check_text_length("prompt", prompt or "")
+    if required and not prompt.strip():
         raise InputError("prompt is empty: describe the video to generate.")
     return prompt
+
+
+def check_text_length(name: str, text: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(
+            f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted. "
+            "The text encoder reads only the first 226 tokens (about 1,000 characters)."
+        )
+    return text
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -106,32 +123,43 @@ def native_resolution(
 ) -> tuple[int, int]:
     """(height, width) to generate at: the variant's or config's, or a deployment's override.
 
-    The override (HEIGHTxWIDTH) must suit the transformer: its learned position embeddings
-    (1.0 I2V) allow only the config's size, and the 1.5 rotary grid only sizes within its bound.
+    The size must suit the transformer: its learned position embeddings (1.0 I2V) allow only
+    the config's size, and the 1.5 rotary grid only sizes within its bound. Checked here, in
+    setup, so that weights which cannot make the size fail the deployment, not each request.
     """
     config_size = (config.sample_height * vae_scale, config.sample_width * vae_scale)
-    size = variant.native_size or config_size
-    if not override:
-        return size
+    if override:
+        size, source = _parse_resolution(override, vae_scale * config.patch_size), override
+    else:
+        size, source = variant.native_size or config_size, None
+    height, width = size
+    what = f"{RESOLUTION_ENV}={source}" if source else f"{variant.id}'s {height}x{width}"
+    fix = (
+        f"use {variant.id}'s own weights, or set {RESOLUTION_ENV}=HEIGHTxWIDTH within "
+        f"{config_size[0]}x{config_size[1]}"
+    )
+    if config.use_learned_positional_embeddings and size != config_size:
+        raise ValueError(
+            f"{what}: these weights have learned position embeddings and only generate at "
+            f"{config_size[0]}x{config_size[1]}" + ("" if source else f"; {fix}")
+        )
+    if config.patch_size_t is not None and (height > config_size[0] or width > config_size[1]):
+        raise ValueError(
+            f"{what}: these weights generate at most {config_size[0]}x{config_size[1]} (their "
+            f"transformer's sample_height x sample_width); {fix}"
+        )
+    return size
+
+
+def _parse_resolution(override: str, multiple: int) -> tuple[int, int]:
     try:
         height, width = (int(part) for part in override.lower().split("x"))
     except ValueError:
         raise ValueError(
             f"{RESOLUTION_ENV}={override!r} is not HEIGHTxWIDTH, e.g. 768x1360"
         ) from None
-    multiple = vae_scale * config.patch_size
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}")
-    if config.use_learned_positional_embeddings and (height, width) != config_size:
-        raise ValueError(
-            f"{RESOLUTION_ENV}={override}: {variant.id} has learned position embeddings and only "
-            f"generates at {config_size[0]}x{config_size[1]}"
-        )
-    if config.patch_size_t is not None and (height > config_size[0] or width > config_size[1]):
-        raise ValueError(
-            f"{RESOLUTION_ENV}={override}: {variant.id} generates at most "
-            f"{config_size[0]}x{config_size[1]}"
-        )
     return height, width
 
 

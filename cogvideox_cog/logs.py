@@ -19,3 +19,23 @@ def setup_logging() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class _WithoutPromptEcho(logging.Filter):
+    """Drops diffusers' prompt-truncation warning, which copies all the dropped text into the
+    log (megabytes for a pasted document). The generator logs its own line, shortened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The following part of your input was truncated")
+
+
+_WITHOUT_PROMPT_ECHO = _WithoutPromptEcho()
+
+
+def drop_diffusers_prompt_echo() -> None:
+    for module in (
+        "pipeline_cogvideox",
+        "pipeline_cogvideox_image2video",
+        "pipeline_cogvideox_video2video",
+    ):
+        logging.getLogger(f"diffusers.pipelines.cogvideo.{module}").addFilter(_WITHOUT_PROMPT_ECHO)

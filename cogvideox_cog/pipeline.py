@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -27,6 +26,7 @@ from diffusers import (
 from PIL import Image
 
 from . import inputs
+from .logs import drop_diffusers_prompt_echo
 from .lora import LoraSlot
 from .lora_cache import LoraCache, check_lora_url
 from .speed import SPEED_MODES, step_cache
@@ -36,6 +36,7 @@ from .video_input import load_video
 from .weights import ensure_weights
 
 log = logging.getLogger(__name__)
+drop_diffusers_prompt_echo()
 
 OFFLOAD_ENV = "COGVIDEOX_OFFLOAD"
 OFFLOAD_POLICIES = ("auto", "none", "model", "sequential")
@@ -43,49 +44,12 @@ COMPILE_ENV = "COGVIDEOX_COMPILE"
 SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
-def dynamic_guidance_scale(guidance_scale: float, step: int, num_steps: int) -> float:
-    """CogVideoX's dynamic CFG: guidance rises from 1 to 1 + guidance_scale over the steps."""
-    return 1 + guidance_scale * (1 - math.cos(math.pi * (step / num_steps) ** 5)) / 2
-
-
-class _StepIndexDynamicCfg:
-    """Apply dynamic CFG over the step index.
-
-    diffusers computes it from the timestep value, (N - t) / N with t up to 999, so the scale
-    oscillates instead of rising (diffusers issue 9641). We call diffusers with
-    use_dynamic_cfg=False and answer the `guidance_scale` property, which its loop reads at
-    every step, from the intended schedule. The step counts over the whole schedule: video-to-
-    video runs only its last `strength` part, at the scales a full run has there.
-    """
-
-    step_index_cfg = False
-
-    @property
-    def guidance_scale(self) -> float:
-        if not self.step_index_cfg or self._current_timestep is None:
-            return self._guidance_scale
-        step = int((self.scheduler.timesteps == self._current_timestep).nonzero()[0, 0])
-        return dynamic_guidance_scale(self._guidance_scale, step, len(self.scheduler.timesteps))
-
-
-class TextToVideoPipeline(_StepIndexDynamicCfg, CogVideoXPipeline):
-    pass
-
-
-class ImageToVideoPipeline(_StepIndexDynamicCfg, CogVideoXImageToVideoPipeline):
-    pass
-
-
-class VideoToVideoPipeline(_StepIndexDynamicCfg, CogVideoXVideoToVideoPipeline):
-    pass
-
-
 # What a generator does; video-to-video runs the text-to-video variants' weights.
 Mode = Literal["t2v", "i2v", "v2v"]
 PIPELINES: dict[Mode, type] = {
-    "t2v": TextToVideoPipeline,
-    "i2v": ImageToVideoPipeline,
-    "v2v": VideoToVideoPipeline,
+    "t2v": CogVideoXPipeline,
+    "i2v": CogVideoXImageToVideoPipeline,
+    "v2v": CogVideoXVideoToVideoPipeline,
 }
 MODE_TASK: dict[Mode, Task] = {"t2v": "t2v", "i2v": "i2v", "v2v": "t2v"}
 DEFAULT_STRENGTH = 0.8
@@ -208,7 +172,7 @@ class VideoGenerator:
             variant, config, scale, os.environ.get(inputs.RESOLUTION_ENV)
         )
         self.size_multiple = scale * config.patch_size
-        self.max_prompt_tokens = variant.max_prompt_tokens or config.max_text_seq_length
+        self.max_prompt_tokens = config.max_text_seq_length
         self._last_output: Path | None = None
         self.lora = LoraSlot(pipe, variant.id)
         self.lora_cache = LoraCache.from_env()
@@ -305,6 +269,7 @@ class VideoGenerator:
         variant = self.variant
         steps, guidance_scale = int(request.num_inference_steps), float(request.guidance_scale)
         prompt = inputs.check_prompt(request.prompt, required=variant.task == "t2v")
+        negative_prompt = inputs.check_text_length("negative_prompt", request.negative_prompt or "")
         num_frames = inputs.check_num_frames(variant, request.num_frames)
         fps = inputs.check_fps(variant, request.fps)
         seed = inputs.resolve_seed(request.seed)
@@ -350,12 +315,10 @@ class VideoGenerator:
             extra["strength"] = strength
         else:
             extra["num_frames"] = num_frames
-        for text, name in ((prompt, "prompt"), (request.negative_prompt, "negative_prompt")):
-            tail = inputs.truncated_prompt_tail(
-                self.pipe.tokenizer, text or "", self.max_prompt_tokens
-            )
+        for text, name in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
+            tail = inputs.truncated_prompt_tail(self.pipe.tokenizer, text, self.max_prompt_tokens)
             if tail:
-                if len(tail) > 300:  # a pasted document should not become a megabyte log line
+                if len(tail) > 300:  # user text in a log line stays short
                     tail = f"{tail[:300]}... ({len(tail):,} characters)"
                 log.warning(
                     f"{name} is longer than the text encoder's {self.max_prompt_tokens} tokens; "
@@ -370,23 +333,22 @@ class VideoGenerator:
         scope = cog.current_scope()
         scope.record_metric("seed", seed)
         log.info(
-            f"generating {num_frames} frames at {width}x{height}, "
-            f"{steps} steps, guidance {guidance_scale:g}" + (" (dynamic)" if dynamic_cfg else "")
+            f"generating {num_frames} frames at {width}x{height}, {steps} steps, "
+            f"guidance {guidance_scale:g}, {_guidance_schedule(dynamic_cfg, guidance_scale)}"
         )
         progress = _StepProgress(denoise_steps)
-        self.pipe.step_index_cfg = dynamic_cfg
         if speed_mode != "default":
             log.info(f"speed_mode {speed_mode}: step caching, faster and slightly less faithful")
         try:
             with step_cache(self.pipe, speed_mode, guidance_scale > 1):
                 frames = self.pipe(
                     prompt=prompt,
-                    negative_prompt=request.negative_prompt or None,
+                    negative_prompt=negative_prompt or None,
                     height=height,
                     width=width,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
-                    use_dynamic_cfg=False,
+                    use_dynamic_cfg=dynamic_cfg,
                     generator=torch.Generator("cpu").manual_seed(seed),
                     max_sequence_length=self.max_prompt_tokens,
                     output_type="np",
@@ -434,6 +396,17 @@ class VideoGenerator:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _guidance_schedule(dynamic_cfg: bool, guidance_scale: float) -> str:
+    """Which guidance schedule runs, for the log."""
+    if guidance_scale <= 1:
+        return "no classifier-free guidance"
+    if dynamic_cfg:
+        # diffusers' use_dynamic_cfg, as the model's authors call it (cli_demo.py): the cosine
+        # is taken of the timestep value, so the scale swings between 1 and 1 + guidance_scale.
+        return "dynamic (diffusers' timestep schedule, as upstream)"
+    return "constant"
 
 
 class _StepProgress:

@@ -29,6 +29,9 @@ class Variant:
     weights_url: str | None
     # Trained in bf16: fp16 on the 5B and 1.5 models overflows into NaNs (black videos).
     dtype: Literal["float16", "bfloat16"]
+    # The scheduler and dynamic CFG as upstream's inference/cli_demo.py runs the model: DPM with
+    # use_dynamic_cfg=True for every 5B model, 1.0 and 1.5 (the SAT configs agree: DynamicCFG,
+    # scale 6, exp 5); DDIM without it for 2B (cli_demo.py recommends both for 2B).
     scheduler: SchedulerName
     dynamic_cfg: bool
     fps: int
@@ -46,8 +49,6 @@ class Variant:
     # conversions store sample_height = sample_width = 300 latents, a bound for the rotary
     # grid, so diffusers' default would be 2400 x 2400. None: read it from the config.
     native_size: tuple[int, int] | None = None
-    # Upstream's prompt limit where it differs from the config's max_text_seq_length.
-    max_prompt_tokens: int | None = None
     # Free GPU memory (GiB) from which `auto` keeps the whole pipeline on the GPU, or else uses
     # model offload; below both, sequential offload. Each is the peak memory the CUDA allocator
     # reserved at the default frame count and resolution, measured on an H100
@@ -114,14 +115,13 @@ VARIANTS: dict[str, Variant] = {
             weights_url=None,
             dtype="bfloat16",
             scheduler="dpm",
-            dynamic_cfg=False,
+            dynamic_cfg=True,
             fps=16,
             frame_step=16,
             max_frames=161,
             default_frames=81,
             resolution="native",
             native_size=(768, 1360),
-            max_prompt_tokens=224,
             vram_no_offload_gib=34.0,  # measured: 31.7 GiB reserved at 81 x 768 x 1360
             vram_model_offload_gib=24.5,  # measured: 22.4 GiB reserved
         ),
@@ -132,14 +132,13 @@ VARIANTS: dict[str, Variant] = {
             weights_url=None,
             dtype="bfloat16",
             scheduler="dpm",
-            dynamic_cfg=False,
+            dynamic_cfg=True,
             fps=16,
             frame_step=16,
             max_frames=161,
             default_frames=81,
             resolution="image_aspect",
             native_size=(768, 1360),
-            max_prompt_tokens=224,
             vram_no_offload_gib=34.0,  # as the 1.5 t2v model; the I2V one was not measured
             vram_model_offload_gib=24.5,
         ),

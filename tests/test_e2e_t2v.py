@@ -150,6 +150,12 @@ def test_an_i2v_variant_fails_setup_of_the_t2v_predictor(start_server):
         start_server("predict_t2v.py", "cogvideox-5b-i2v", "1.0-i2v")
 
 
+def test_weights_that_cannot_make_the_variants_size_fail_setup_naming_the_override(start_server):
+    """The tiny 1.5 weights bound their rotary grid below 1.5's 768x1360."""
+    with pytest.raises(CogServerError, match="COGVIDEOX_RESOLUTION"):
+        start_server("predict_t2v.py", "cogvideox1.5-5b", "1.5-t2v")
+
+
 @pytest.mark.parametrize("mode", ["fast", "faster"])
 def test_speed_mode_runs_and_is_logged(server, tmp_path, mode):
     inputs = {**FAST, "num_frames": 9, "num_inference_steps": 6, "seed": 3}

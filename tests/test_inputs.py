@@ -47,11 +47,21 @@ def test_blank_prompt_is_refused_for_text_to_video():
 
 
 def test_blank_prompt_is_allowed_for_image_to_video():
-    assert inputs.check_prompt("  ", required=False) == ""
+    assert inputs.check_prompt("  ", required=False) == "  "
 
 
-def test_prompt_is_stripped():
-    assert inputs.check_prompt("  a cat \n", required=True) == "a cat"
+def test_prompt_goes_to_the_encoder_as_given_like_upstream():
+    assert inputs.check_prompt("  a cat \n", required=True) == "  a cat \n"
+
+
+def test_prompt_over_the_character_cap_is_refused_before_tokenizing():
+    with pytest.raises(InputError, match="prompt is 10,001 characters; at most 10,000"):
+        inputs.check_prompt("a" * 10_001, required=True)
+
+
+def test_negative_prompt_over_the_character_cap_is_refused():
+    with pytest.raises(InputError, match="negative_prompt is 20,000 characters"):
+        inputs.check_text_length("negative_prompt", "b" * 20_000)
 
 
 def test_given_seed_is_used_as_is():
@@ -234,3 +244,13 @@ def test_1_5_resolution_override_must_fit_the_rotary_bound():
     bound = _Config(sample=(12, 12), patch_size_t=2)
     with pytest.raises(ValueError, match="at most 96x96"):
         inputs.native_resolution(V15, bound, 8, "48x112")
+
+
+def test_1_5_weights_whose_bound_forbids_the_training_size_fail_naming_the_override():
+    bound = _Config(sample=(12, 12), patch_size_t=2)
+    with pytest.raises(
+        ValueError,
+        match=r"768x1360: these weights generate at most 96x96.*"
+        r"COGVIDEOX_RESOLUTION=HEIGHTxWIDTH",
+    ):
+        inputs.native_resolution(V15, bound, 8)

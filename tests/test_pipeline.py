@@ -13,7 +13,6 @@ from cogvideox_cog.pipeline import (
     VideoGenerator,
     build_pipeline,
     choose_offload,
-    dynamic_guidance_scale,
     offload_for_free_memory,
 )
 from cogvideox_cog.variants import VARIANTS
@@ -43,37 +42,6 @@ def _request(**overrides) -> Request:
         "seed": 5,
     }
     return Request(**{**fields, **overrides})
-
-
-def _scales_used(pipe, steps: int, dynamic: bool) -> list[float]:
-    """The guidance scale diffusers' loop reads at each step (its `guidance_scale` property)."""
-    used = []
-
-    def record(pipe, step, timestep, callback_kwargs):
-        used.append(pipe.guidance_scale)
-        return {}
-
-    pipe.step_index_cfg = dynamic
-    pipe(
-        prompt="a cat walks",
-        num_frames=9,
-        num_inference_steps=steps,
-        guidance_scale=6.0,
-        use_dynamic_cfg=False,
-        output_type="latent",
-        callback_on_step_end=record,
-    )
-    return used
-
-
-def test_dynamic_cfg_scale_at_each_step_follows_the_step_index_schedule(generator):
-    used = _scales_used(generator.pipe, steps=6, dynamic=True)
-    assert used == pytest.approx([dynamic_guidance_scale(6.0, i, 6) for i in range(6)])
-    assert used[0] == 1.0
-
-
-def test_without_dynamic_cfg_every_step_uses_the_given_scale(generator):
-    assert _scales_used(generator.pipe, steps=4, dynamic=False) == [6.0] * 4
 
 
 def test_dynamic_cfg_changes_the_video(generator):
@@ -130,7 +98,7 @@ def test_prompt_over_the_token_limit_is_truncated_with_a_log_line(generator, cap
 
 
 def test_a_very_long_prompt_logs_only_the_start_of_what_is_ignored(generator, caplog):
-    long_prompt = "a panda plays guitar " * 5000  # about 100 kB
+    long_prompt = "a panda plays guitar " * 450  # close to the 10,000-character cap
     generator.generate(_request(prompt=long_prompt, num_inference_steps=1))
     line = next(r.message for r in caplog.records if "this part is ignored" in r.message)
     assert len(line) < 600 and line.endswith("characters)'")

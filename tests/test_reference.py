@@ -1,0 +1,164 @@
+"""Same frames as the model's authors: every variant against diffusers called as upstream does.
+
+The reference is upstream's inference/cli_demo.py: `from_pretrained`, the scheduler swapped
+for CogVideoXDPMScheduler (DDIM for 2B, as its comments recommend) with trailing timesteps,
+VAE slicing and tiling, then the pipeline with `use_dynamic_cfg=True` (False with DDIM) and a
+CPU generator seeded with the seed. Each test renders the same request through the project's
+generator and through that call, on the same tiny weights in float32, and asserts the frames
+are identical. A deliberate departure therefore fails here until someone changes the test.
+
+The one documented departure, the image-to-video fit (cover and centre-crop where diffusers
+stretches), is applied to the reference's image first: the reference gets the image the
+predictor makes, and the last test shows that the fit is a real difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXImageToVideoPipeline,
+    CogVideoXPipeline,
+    CogVideoXVideoToVideoPipeline,
+)
+from PIL import Image
+
+from cogvideox_cog.inputs import fit_image, open_image
+from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.variants import VARIANTS
+from cogvideox_cog.video import encode_mp4
+from cogvideox_cog.video_input import load_video
+
+CPU = torch.device("cpu")
+PROMPT = "a panda plays guitar in a bamboo forest"
+SEED, STEPS, GUIDANCE = 42, 3, 6.0
+TINY_SIZE = "48x80"  # the tiny 1.5 weights bound their rotary grid below 1.5's 768x1360
+
+
+def _ours(variant_id: str, weights, mode: str, **request) -> np.ndarray:
+    variant = VARIANTS[variant_id]
+    pipe = build_pipeline(variant, weights, CPU, "none", mode=mode)
+    fields = dict(
+        prompt=PROMPT,
+        negative_prompt="",
+        num_frames=None,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        use_dynamic_cfg=None,
+        fps=None,
+        seed=SEED,
+    )
+    return VideoGenerator(variant, pipe, CPU, mode).render(Request(**{**fields, **request})).frames
+
+
+def _reference(pipeline_class, weights, ddim: bool = False, **call) -> np.ndarray:
+    """diffusers as inference/cli_demo.py drives it (float32: this runs on a CPU)."""
+    pipe = pipeline_class.from_pretrained(weights, dtype=torch.float32)
+    scheduler = CogVideoXDDIMScheduler if ddim else CogVideoXDPMScheduler
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.vae.enable_slicing()
+    pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt=PROMPT,
+        num_videos_per_prompt=1,
+        num_inference_steps=STEPS,
+        use_dynamic_cfg=not ddim,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+        **call,
+    ).frames[0]
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    """A landscape picture of another shape than the model's, with detail everywhere."""
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("picture") / "picture.png"
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 256, (40, 48, 80, 3), dtype=np.uint8)
+    return encode_mp4(frames, tmp_path_factory.mktemp("clip") / "clip.mp4", fps=16)
+
+
+def test_2b_equals_diffusers_with_ddim_and_constant_guidance(tiny_weights):
+    ours = _ours("cogvideox-2b", tiny_weights["1.0-t2v"], "t2v", num_frames=9)
+    reference = _reference(CogVideoXPipeline, tiny_weights["1.0-t2v"], ddim=True, num_frames=9)
+    assert np.array_equal(ours, reference)
+
+
+def test_5b_equals_diffusers_with_dpm_and_dynamic_cfg(tiny_weights):
+    ours = _ours("cogvideox-5b", tiny_weights["1.0-t2v"], "t2v", num_frames=9)
+    reference = _reference(CogVideoXPipeline, tiny_weights["1.0-t2v"], num_frames=9)
+    assert np.array_equal(ours, reference)
+
+
+def test_5b_image_to_video_equals_diffusers_on_the_fitted_image(tiny_weights, picture):
+    ours = _ours("cogvideox-5b-i2v", tiny_weights["1.0-i2v"], "i2v", num_frames=9, image=picture)
+    height, width = ours.shape[1:3]
+    image = fit_image(open_image(picture), height, width)
+    reference = _reference(
+        CogVideoXImageToVideoPipeline, tiny_weights["1.0-i2v"], image=image, num_frames=9
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_1_5_equals_diffusers_with_dpm_and_dynamic_cfg(tiny_weights, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_RESOLUTION", TINY_SIZE)
+    ours = _ours("cogvideox1.5-5b", tiny_weights["1.5-t2v"], "t2v", num_frames=17)
+    reference = _reference(
+        CogVideoXPipeline, tiny_weights["1.5-t2v"], num_frames=17, height=48, width=80
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_1_5_image_to_video_equals_diffusers_at_the_images_aspect(
+    tiny_weights, picture, monkeypatch
+):
+    monkeypatch.setenv("COGVIDEOX_RESOLUTION", TINY_SIZE)
+    ours = _ours(
+        "cogvideox1.5-5b-i2v", tiny_weights["1.5-i2v"], "i2v", num_frames=17, image=picture
+    )
+    height, width = ours.shape[1:3]
+    image = fit_image(open_image(picture), height, width)
+    reference = _reference(
+        CogVideoXImageToVideoPipeline,
+        tiny_weights["1.5-i2v"],
+        image=image,
+        num_frames=17,
+        height=height,
+        width=width,
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_video_to_video_equals_diffusers_on_the_picked_frames(tiny_weights, clip):
+    ours = _ours(
+        "cogvideox-5b", tiny_weights["1.0-t2v"], "v2v", num_frames=9, video=clip, strength=0.8
+    )
+    frames = load_video(clip, 9, fps=8, height=48, width=80).frames
+    reference = _reference(
+        CogVideoXVideoToVideoPipeline, tiny_weights["1.0-t2v"], video=frames, strength=0.8
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_the_image_fit_is_a_real_departure_from_diffusers_stretch(tiny_weights, picture):
+    """The predictor crops the image to the video's shape; diffusers would stretch it."""
+    ours = _ours("cogvideox-5b-i2v", tiny_weights["1.0-i2v"], "i2v", num_frames=9, image=picture)
+    stretched = _reference(
+        CogVideoXImageToVideoPipeline,
+        tiny_weights["1.0-i2v"],
+        image=open_image(picture),
+        num_frames=9,
+    )
+    assert not np.array_equal(ours, stretched)
