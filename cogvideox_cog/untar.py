@@ -9,7 +9,8 @@ Hand-written around tarfile rather than `TarFile.extractall(filter="data")`: ext
 cannot start in the middle of an archive, hash files as they are written or say which
 member a truncated stream cut off, and tarfile's stream mode ends silently when a tar is
 truncated at a member boundary. tarfile still parses every header (pax, GNU long names) and
-its "data" filter still vets every member.
+its "data" filter vets every member; Pythons before 3.11.4 (Debian 12 ships 3.11.2) lack that
+filter, and there _data_filter below applies the same rules.
 """
 
 from __future__ import annotations
@@ -228,8 +229,8 @@ def _vet(info: tarfile.TarInfo, dest: str, source: str) -> tarfile.TarInfo:
         problem = f"member {name!r} has a '..' component"
     else:
         try:
-            info = tarfile.data_filter(info, dest)
-        except tarfile.FilterError as error:
+            info = _data_filter(info, dest)
+        except _FilterError as error:
             problem = str(error)
     if problem:
         raise BadSource(
@@ -238,6 +239,45 @@ def _vet(info: tarfile.TarInfo, dest: str, source: str) -> tarfile.TarInfo:
         )
     info.name = os.path.normpath(info.name)
     return info
+
+
+class _UnsafeMember(Exception):
+    """A member refused by _own_data_filter (tarfile.FilterError where that exists)."""
+
+
+def _own_data_filter(info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """The refusals of tarfile.data_filter (3.11.4+), with its messages, for older Pythons.
+
+    Only what extraction relies on: paths and link targets stay inside `dest`, no special
+    files. Modes and owners are not taken from the tar anyway (files are written 0644).
+    """
+    name = info.name.lstrip("/" + os.sep)
+    path = os.path.realpath(os.path.join(dest, name))
+    if os.path.commonpath([path, dest]) != dest:
+        raise _UnsafeMember(
+            f"{info.name!r} would be extracted to {path!r}, which is outside the destination"
+        )
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        raise _UnsafeMember(f"{info.name!r} is a special file")
+    if info.issym() or info.islnk():
+        if os.path.isabs(info.linkname):
+            raise _UnsafeMember(f"{info.name!r} is a link to an absolute path")
+        if info.issym():
+            target = os.path.join(dest, os.path.dirname(name), info.linkname)
+        else:
+            target = os.path.join(dest, info.linkname)
+        target = os.path.realpath(target)
+        if os.path.commonpath([target, dest]) != dest:
+            raise _UnsafeMember(
+                f"{info.name!r} would link to {target!r}, which is outside the destination"
+            )
+    return info
+
+
+if hasattr(tarfile, "data_filter"):
+    _data_filter, _FilterError = tarfile.data_filter, tarfile.FilterError
+else:  # Python 3.11.0 to 3.11.3
+    _data_filter, _FilterError = _own_data_filter, _UnsafeMember
 
 
 class _Flusher:

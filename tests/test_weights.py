@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cogvideox_cog import download, weights
+from cogvideox_cog import download, untar, weights
 from cogvideox_cog.manifest import (
     MANIFEST_DIR,
     BadSource,
@@ -503,9 +503,16 @@ def test_a_disk_space_shortfall_fails_before_downloading(served, cache, monkeypa
     ],
     ids=["dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-out", "device"],
 )
+@pytest.mark.parametrize("vetting", ["stdlib", "own"])
 def test_an_unsafe_tar_is_refused_and_nothing_is_written_outside(
-    tiny, tmp_path, served_dir, cache, monkeypatch, extra, problem
+    tiny, tmp_path, served_dir, cache, monkeypatch, extra, problem, vetting
 ):
+    """own: the vetting used where tarfile has no data_filter (Python before 3.11.4)."""
+    if vetting == "stdlib" and not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"tarfile of Python {sys.version.split()[0]} has no data_filter (3.11.4+)")
+    if vetting == "own":
+        monkeypatch.setattr(untar, "_data_filter", untar._own_data_filter)
+        monkeypatch.setattr(untar, "_FilterError", untar._UnsafeMember)
     evil = _tar(tmp_path / "evil.tar", tiny, extra=extra)
     server = FileServer(evil.parent)
     try:
@@ -817,8 +824,10 @@ args = [a for a in sys.argv[1:] if not a.startswith("-")]
 url, dest = args
 if os.path.exists(dest) and "-f" not in sys.argv:
     sys.exit(f"destination {dest} exists; use -f to overwrite")
+# A trusted tar; the "data" filter where this Python has it (3.11.4+).
+safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 with urllib.request.urlopen(url) as response:
-    tarfile.open(fileobj=response, mode="r|").extractall(dest, filter="data")
+    tarfile.open(fileobj=response, mode="r|").extractall(dest, **safe)
 """
 
 
