@@ -58,25 +58,39 @@ class Journal:
     done: bool = False
 
     @classmethod
-    def resume(cls, staging: Path, source: str, size: int | None, validator: str | None):
-        """The journal of an earlier attempt at this very file, or None."""
+    def load(cls, staging: Path) -> Journal | None:
+        """The journal an earlier attempt left in `staging`, or None."""
         try:
-            data = json.loads((staging / JOURNAL).read_text())
-            journal = cls(**data)
+            return cls(**json.loads((staging / JOURNAL).read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if (journal.source, journal.size, journal.validator) != (source, size, validator):
+
+    @classmethod
+    def resume(cls, staging: Path, source: str, size: int | None, validator: str | None):
+        """The journal of an earlier attempt at this very file, or None."""
+        journal = cls.load(staging)
+        if journal is None or not journal.same_file(source, size, validator):
             return None
         return journal
+
+    def same_file(self, source: str, size: int | None, validator: str | None) -> bool:
+        return (self.source, self.size, self.validator) == (source, size, validator)
 
     def save(self, staging: Path) -> None:
         temp = staging / f"{JOURNAL}.tmp"
         temp.write_text(json.dumps(asdict(self)))
         temp.replace(staging / JOURNAL)
 
-    @property
-    def bytes_done(self) -> int:
-        return self.offset if self.member is None else self.member["data"]
+    def resume_at(self, staging: Path) -> int:
+        """The first byte of the tar not yet on disk: after the member being written's bytes."""
+        if self.member is None:
+            return self.offset
+        return self.member["data"] + self.written(staging)
+
+    def written(self, staging: Path) -> int:
+        """Bytes of the member being written that are on disk."""
+        path = Path(os.path.realpath(staging), self.member["name"])
+        return min(path.stat().st_size, self.member["size"]) if path.is_file() else 0
 
 
 def extract(
@@ -111,11 +125,10 @@ class _Extractor:
         self.flusher = _Flusher()
 
     def run(self, open_stream: Callable[[int], Stream]) -> None:
-        journal, member, written = self.journal, self.journal.member, 0
-        if member is not None:  # resume inside this file, after the bytes it already has
-            path = Path(self.dest, member["name"])
-            written = min(path.stat().st_size, member["size"]) if path.is_file() else 0
-        with open_stream(journal.offset if member is None else member["data"] + written) as s:
+        journal, member = self.journal, self.journal.member
+        # Resume inside the member being written, after the bytes it already has.
+        written = journal.written(self.staging) if member is not None else 0
+        with open_stream(journal.resume_at(self.staging)) as s:
             if member is not None:
                 self.write_file(s, member, written)
             globals_ = base64.b64decode(journal.global_headers)
