@@ -82,6 +82,14 @@ class RemoteFile:
         """Identifies this version of the file, so a resumed download does not mix two."""
         return self.etag or self.last_modified
 
+    def changed(self, headers) -> str | None:
+        """How a response's ETag or Last-Modified shows another version of the file, or None."""
+        for name, ours in (("ETag", self.etag), ("Last-Modified", self.last_modified)):
+            theirs = headers.get(name)
+            if ours and theirs and theirs != ours:
+                return f"{name} {ours}, now {theirs}"
+        return None
+
 
 def probe(url: str) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
     """Learn the size and Range support of `url` with one GET of its first byte.
@@ -402,13 +410,13 @@ class RangedStream(Stream):
                 f"{headers.get('Content-Range')!r}"
             )
         total = match[3]
-        etag = headers.get("ETag")
-        if (total != "*" and int(total) != self.total) or (
-            self.remote.etag and etag and etag != self.remote.etag
-        ):
+        changed = self.remote.changed(headers)
+        if total != "*" and int(total) != self.total:
+            changed = f"size {self.total:,}, now {int(total):,}"
+        if changed:
             raise _Fatal(
-                f"the file changed on the server during the download (size {self.total:,}, "
-                f"ETag {self.remote.etag}; now {total}, {etag}); run setup again to start over"
+                f"the file changed on the server during the download ({changed}); run setup "
+                f"again to start over"
             )
         expected = int(match[2]) - first + 1
         length = headers.get("Content-Length")
@@ -530,9 +538,11 @@ def open_url(
         reader, response = response or _open(url, None), None
         if reader.status != 200:
             raise _Fatal(f"HTTP {reader.status} for the whole file")
-        etag = reader.headers.get("ETag")
-        if remote.etag and etag and etag != remote.etag:
-            raise _Fatal("the file changed on the server during the download; run setup again")
+        changed = remote.changed(reader.headers)
+        if changed:
+            raise _Fatal(
+                f"the file changed on the server during the download ({changed}); run setup again"
+            )
         skip = bytearray(READ_BYTES)
         while position > 0:  # no Range: fetch and drop what we already have
             got = _read_some(reader, memoryview(skip)[: min(position, READ_BYTES)])

@@ -6,7 +6,8 @@ its LoRA file), hashed, and published as `blobs/<sha256>.safetensors` with one a
 so a half-downloaded file is never loaded. `urls/` maps each URL to the hash it gave. URLs
 are taken as immutable, as Replicate's own LoRA caches do: publish new weights under a new
 URL (or add a query string) to fetch them again. When the blobs pass the cache's size bound,
-the least recently used ones are evicted.
+the least recently used ones are evicted; downloads in progress count against that bound, and
+one a killed process left behind is removed by the next request (leftovers.py).
 
 Downloads reuse the weights downloader (download.py: ranged parallel GETs, retries with
 backoff, resume) under one overall deadline; hf:// goes through huggingface_hub.
@@ -28,7 +29,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import download
+from . import download, leftovers
 from .inputs import InputError
 from .manifest import WeightsError
 from .verify import check_safetensors
@@ -46,7 +47,7 @@ DEFAULT_TIMEOUT_S = 600.0
 # What diffusers' save_lora_weights writes, and so what upstream's training scripts leave.
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PARTIAL_MAX_AGE_S = 24 * 3600  # staging files this old were left by a killed process
+PARTIAL_MAX_AGE_S = 24 * 3600  # a staging folder without an owner lock (older versions)
 _HF_LORA_URL = re.compile(
     r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@/]+))?"
     r"(?:/(?P<file>[^\s@]*[^\s@/]))?/?"
@@ -111,6 +112,7 @@ class LoraCache:
     def get(self, url: str) -> Path:
         """The verified LoRA file for `url`, from the cache or downloaded now."""
         url = check_lora_url(url)
+        self._remove_dead_partials()
         cached = self._lookup(url)
         if cached is not None:
             try:
@@ -122,7 +124,6 @@ class LoraCache:
             return cached
         for folder in (self.blobs, self.urls, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_partials()
         started = time.monotonic()
         blob = self._with_deadline(url, lambda staging, stop: self._fetch(url, staging, stop))
         self._record(url, blob)
@@ -135,7 +136,8 @@ class LoraCache:
         return blob
 
     def evict(self, keep: Path | None = None) -> None:
-        """Drop least recently used blobs until the cache fits its bound (never `keep`)."""
+        """Drop least recently used blobs until they and the downloads in progress fit the
+        cache's bound (never `keep`)."""
         blobs = []
         for path in self.blobs.glob("*.safetensors"):
             try:
@@ -143,7 +145,8 @@ class LoraCache:
             except FileNotFoundError:  # evicted by another process meanwhile
                 continue
             blobs.append((stat.st_mtime, stat.st_size, path))
-        total = sum(size for _, size, _ in blobs)
+        partial = leftovers.folder_size(self.partial)
+        total = partial + sum(size for _, size, _ in blobs)
         for _, size, path in sorted(blobs):
             if total <= self.max_cache_bytes:
                 break
@@ -151,7 +154,11 @@ class LoraCache:
                 continue
             path.unlink(missing_ok=True)
             total -= size
-            log.info(f"lora: evicted {path.name} ({download.human(size)}), least recently used")
+            downloading = f"; {download.human(partial)} downloading" if partial else ""
+            log.info(
+                f"lora: evicted {path.name} ({download.human(size)}), least recently used"
+                + downloading
+            )
 
     # URL index ------------------------------------------------------------------------------
 
@@ -181,10 +188,10 @@ class LoraCache:
 
         A thread, because a stalled socket read cannot be interrupted otherwise; the main
         thread keeps running bytecode, so a Cog cancel lands at once as well. The staging
-        folder is the worker's alone and removed whatever happens.
+        folder is the worker's alone and removed whatever happens; if the process dies first,
+        by the next request (its owner lock is gone then).
         """
-        staging = self.partial / f"{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
-        staging.mkdir(parents=True)
+        staging = leftovers.claim(self.partial, f"{os.getpid()}-")
         cancelled = threading.Event()
         outcome: dict = {}
 
@@ -194,7 +201,7 @@ class LoraCache:
             except BaseException as error:
                 outcome["error"] = error
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                leftovers.release(staging)
 
         worker = threading.Thread(target=run, name="lora-download", daemon=True)
         worker.start()
@@ -343,10 +350,16 @@ class LoraCache:
             f"CogVideoX is usually well under 1 GB"
         )
 
-    def _remove_stale_partials(self) -> None:
+    def _remove_dead_partials(self) -> None:
+        """Downloads whose process died: at once where they hold an owner lock, else (left by
+        older versions) after a day."""
+        leftovers.remove_dead(self.partial, "")
+        if not self.partial.is_dir():
+            return
         for leftover in self.partial.iterdir():
             try:
-                if time.time() - leftover.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                owned = (leftover / leftovers.LOCK_NAME).exists()
+                if not owned and time.time() - leftover.stat().st_mtime > PARTIAL_MAX_AGE_S:
                     shutil.rmtree(leftover, ignore_errors=True)
             except FileNotFoundError:
                 pass

@@ -6,7 +6,6 @@ import gc
 import logging
 import os
 import secrets
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from . import inputs
+from . import inputs, leftovers
 from .logs import drop_diffusers_prompt_echo
 from .lora import LoraSlot
 from .lora_cache import LoraCache, check_lora_url
@@ -33,7 +32,7 @@ from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Task, Variant, variant_from_env
 from .video import encode_mp4
 from .video_input import load_video
-from .weights import ensure_weights
+from .weights import load_weights
 
 log = logging.getLogger(__name__)
 drop_diffusers_prompt_echo()
@@ -41,6 +40,9 @@ drop_diffusers_prompt_echo()
 OFFLOAD_ENV = "COGVIDEOX_OFFLOAD"
 OFFLOAD_POLICIES = ("auto", "none", "model", "sequential")
 COMPILE_ENV = "COGVIDEOX_COMPILE"
+TEMP_PREFIX = "cogvideox-"  # our folders in TMPDIR: outputs and warm-up inputs
+OUTPUT_PREFIX = TEMP_PREFIX + "output-"
+WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
 SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
@@ -91,21 +93,25 @@ def build_pipeline(
     mode: Mode | None = None,
 ):
     """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
+    pipe = load_pipeline(variant, weights, device, mode)
+    return configure_pipeline(pipe, variant, device, offload, compile_transformer)
+
+
+def load_pipeline(variant: Variant, weights: Path, device: torch.device, mode: Mode | None = None):
+    """The pipeline read from `weights`, not yet placed: the step that fails on bad files."""
     mode = mode or variant.task
     if MODE_TASK[mode] != variant.task:
         raise ValueError(f"{variant.id} is a {variant.task} variant and cannot run {mode}")
     dtype = pipeline_dtype(variant, device)
-    log.info(
-        f"pipeline: {variant.id} ({mode}) from {weights}, {dtype} on {device}, offload={offload}"
-    )
-    pipe = PIPELINES[mode].from_pretrained(weights, dtype=dtype)
-    return configure_pipeline(pipe, variant, device, offload, compile_transformer)
+    log.info(f"pipeline: {variant.id} ({mode}) from {weights}, {dtype} on {device}")
+    return PIPELINES[mode].from_pretrained(weights, dtype=dtype)
 
 
 def configure_pipeline(
     pipe, variant: Variant, device: torch.device, offload: str, compile_transformer: bool = False
 ):
     """Scheduler, VAE memory savers and placement: everything after the weights are loaded."""
+    log.info(f"pipeline: offload={offload}")
     pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )
@@ -181,11 +187,13 @@ class VideoGenerator:
     def from_env(cls, mode: Mode) -> VideoGenerator:
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
-        weights = ensure_weights(variant)
+        # Output and warm-up folders of a worker that was killed (they outlive a restart).
+        leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
-        pipe = build_pipeline(variant, weights, device, offload, compile_transformer, mode)
+        pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
+        pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer)
         generator = cls(variant, pipe, device, mode)
         if compile_transformer and device.type == "cuda":
             warm_up = time.monotonic()
@@ -208,7 +216,8 @@ class VideoGenerator:
         height, width = self.native_size
         default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
         turn = self.mode == "i2v" and self.variant.resolution == "image_aspect"
-        with tempfile.TemporaryDirectory(prefix="cogvideox-warm-up-") as folder:
+        folder = leftovers.claim(Path(tempfile.gettempdir()), WARM_UP_PREFIX)
+        try:
             for second, num_frames in enumerate(dict.fromkeys((default, smallest))):
                 clip = image = None
                 if self.mode == "v2v":
@@ -232,18 +241,20 @@ class VideoGenerator:
                     strength=1.0,
                 )
                 self.render(request)
+        finally:
+            leftovers.release(folder)
 
     def generate(self, request: Request) -> Path:
         """render(), then the mp4 on a path no other prediction uses."""
         video = self.render(request)
         # The file name is unique too: an upload (--upload-url) keeps only the name, and the
         # same seed may come twice.
-        output_dir = Path(tempfile.mkdtemp(prefix="cogvideox-"))
+        output_dir = leftovers.claim(Path(tempfile.gettempdir()), OUTPUT_PREFIX)
         output = output_dir / f"{self.variant.id}-{video.seed}-{secrets.token_hex(4)}.mp4"
         try:
             encode_mp4(video.frames, output, fps=video.fps)
         except BaseException:  # including a cancel
-            shutil.rmtree(output_dir, ignore_errors=True)
+            leftovers.release(output_dir)
             raise
         finished = time.monotonic()
         started, last_step = video.progress.started, video.progress.last_step
@@ -387,7 +398,7 @@ class VideoGenerator:
         deleted when the next one starts, and a long-running server does not fill /tmp.
         """
         if self._last_output is not None:
-            shutil.rmtree(self._last_output.parent, ignore_errors=True)
+            leftovers.release(self._last_output.parent)
             self._last_output = None
         self._last_output = self.generate(request)
         return self._last_output

@@ -9,7 +9,8 @@ Hand-written around tarfile rather than `TarFile.extractall(filter="data")`: ext
 cannot start in the middle of an archive, hash files as they are written or say which
 member a truncated stream cut off, and tarfile's stream mode ends silently when a tar is
 truncated at a member boundary. tarfile still parses every header (pax, GNU long names) and
-its "data" filter still vets every member.
+its "data" filter vets every member; Pythons before 3.11.4 (Debian 12 ships 3.11.2) lack that
+filter, and there _data_filter below applies the same rules.
 """
 
 from __future__ import annotations
@@ -57,25 +58,39 @@ class Journal:
     done: bool = False
 
     @classmethod
-    def resume(cls, staging: Path, source: str, size: int | None, validator: str | None):
-        """The journal of an earlier attempt at this very file, or None."""
+    def load(cls, staging: Path) -> Journal | None:
+        """The journal an earlier attempt left in `staging`, or None."""
         try:
-            data = json.loads((staging / JOURNAL).read_text())
-            journal = cls(**data)
+            return cls(**json.loads((staging / JOURNAL).read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if (journal.source, journal.size, journal.validator) != (source, size, validator):
+
+    @classmethod
+    def resume(cls, staging: Path, source: str, size: int | None, validator: str | None):
+        """The journal of an earlier attempt at this very file, or None."""
+        journal = cls.load(staging)
+        if journal is None or not journal.same_file(source, size, validator):
             return None
         return journal
+
+    def same_file(self, source: str, size: int | None, validator: str | None) -> bool:
+        return (self.source, self.size, self.validator) == (source, size, validator)
 
     def save(self, staging: Path) -> None:
         temp = staging / f"{JOURNAL}.tmp"
         temp.write_text(json.dumps(asdict(self)))
         temp.replace(staging / JOURNAL)
 
-    @property
-    def bytes_done(self) -> int:
-        return self.offset if self.member is None else self.member["data"]
+    def resume_at(self, staging: Path) -> int:
+        """The first byte of the tar not yet on disk: after the member being written's bytes."""
+        if self.member is None:
+            return self.offset
+        return self.member["data"] + self.written(staging)
+
+    def written(self, staging: Path) -> int:
+        """Bytes of the member being written that are on disk."""
+        path = Path(os.path.realpath(staging), self.member["name"])
+        return min(path.stat().st_size, self.member["size"]) if path.is_file() else 0
 
 
 def extract(
@@ -110,11 +125,10 @@ class _Extractor:
         self.flusher = _Flusher()
 
     def run(self, open_stream: Callable[[int], Stream]) -> None:
-        journal, member, written = self.journal, self.journal.member, 0
-        if member is not None:  # resume inside this file, after the bytes it already has
-            path = Path(self.dest, member["name"])
-            written = min(path.stat().st_size, member["size"]) if path.is_file() else 0
-        with open_stream(journal.offset if member is None else member["data"] + written) as s:
+        journal, member = self.journal, self.journal.member
+        # Resume inside the member being written, after the bytes it already has.
+        written = journal.written(self.staging) if member is not None else 0
+        with open_stream(journal.resume_at(self.staging)) as s:
             if member is not None:
                 self.write_file(s, member, written)
             globals_ = base64.b64decode(journal.global_headers)
@@ -228,8 +242,8 @@ def _vet(info: tarfile.TarInfo, dest: str, source: str) -> tarfile.TarInfo:
         problem = f"member {name!r} has a '..' component"
     else:
         try:
-            info = tarfile.data_filter(info, dest)
-        except tarfile.FilterError as error:
+            info = _data_filter(info, dest)
+        except _FilterError as error:
             problem = str(error)
     if problem:
         raise BadSource(
@@ -238,6 +252,45 @@ def _vet(info: tarfile.TarInfo, dest: str, source: str) -> tarfile.TarInfo:
         )
     info.name = os.path.normpath(info.name)
     return info
+
+
+class _UnsafeMember(Exception):
+    """A member refused by _own_data_filter (tarfile.FilterError where that exists)."""
+
+
+def _own_data_filter(info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """The refusals of tarfile.data_filter (3.11.4+), with its messages, for older Pythons.
+
+    Only what extraction relies on: paths and link targets stay inside `dest`, no special
+    files. Modes and owners are not taken from the tar anyway (files are written 0644).
+    """
+    name = info.name.lstrip("/" + os.sep)
+    path = os.path.realpath(os.path.join(dest, name))
+    if os.path.commonpath([path, dest]) != dest:
+        raise _UnsafeMember(
+            f"{info.name!r} would be extracted to {path!r}, which is outside the destination"
+        )
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        raise _UnsafeMember(f"{info.name!r} is a special file")
+    if info.issym() or info.islnk():
+        if os.path.isabs(info.linkname):
+            raise _UnsafeMember(f"{info.name!r} is a link to an absolute path")
+        if info.issym():
+            target = os.path.join(dest, os.path.dirname(name), info.linkname)
+        else:
+            target = os.path.join(dest, info.linkname)
+        target = os.path.realpath(target)
+        if os.path.commonpath([target, dest]) != dest:
+            raise _UnsafeMember(
+                f"{info.name!r} would link to {target!r}, which is outside the destination"
+            )
+    return info
+
+
+if hasattr(tarfile, "data_filter"):
+    _data_filter, _FilterError = tarfile.data_filter, tarfile.FilterError
+else:  # Python 3.11.0 to 3.11.3
+    _data_filter, _FilterError = _own_data_filter, _UnsafeMember
 
 
 class _Flusher:

@@ -3,12 +3,14 @@
 For a source that is not a local directory:
 
 1. A published entry whose completion marker is valid (same source and manifest, every
-   recorded file still there at its recorded size) is used without any network.
+   recorded file still there at its recorded size; with COGVIDEOX_WEIGHTS_CHECK=sha256, at its
+   recorded sha256 too) is used without any network.
 2. Otherwise one process takes the entry's lock; others wait for it and use its result.
 3. The holder downloads into a staging folder next to the entry (resuming an earlier attempt
    on the same file), verifies it (verify.py), fsyncs it, writes the marker recording what was
    verified, and renames the folder into place. Nothing else ever creates an entry, so an
    entry without a valid marker is only ever replaced, never loaded.
+4. A marked entry that fails to load (load_weights) is discarded and fetched again, once.
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path
+from typing import TypeVar
 
 from . import download
-from .manifest import BadSource, Manifest, WeightsError, load_manifest
+from .manifest import BadSource, Manifest, WeightsError, load_manifest, sha256_file
 from .untar import JOURNAL, Journal, extract
 from .variants import MODEL_ENV, Variant
 from .verify import check_contained, verify
 
-__all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights"]
+__all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +50,84 @@ WEIGHTS_URL_ENV = "COGVIDEOX_WEIGHTS_URL"
 # "0": skip the fsyncs before the marker, for a cache on a disk that does not outlive the
 # machine anyway (a container's own filesystem); the marker then only holds until a power cut.
 FSYNC_ENV = "COGVIDEOX_WEIGHTS_FSYNC"
+# "sha256": check every cached file's content against the sha256 its marker recorded, on every
+# setup (reads all the weights); "size" (default): sizes only.
+CHECK_ENV = "COGVIDEOX_WEIGHTS_CHECK"
+CHECKS = ("size", "sha256")
+HASH_THREADS = 4
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 COMPLETE_MARKER = ".cogvideox-complete.json"
 MARKER_FORMAT = 2
 HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself
 LOCK_LOG_EVERY_S = 30.0
+T = TypeVar("T")
 # What a hub snapshot needs: the pipeline index and the component folders (no README, media).
 HF_PATTERNS = ["model_index.json", "*/*"]
 _HF_URL = re.compile(r"hf://([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([^\s@]+))?/?")
 
 
+@dataclass
+class _Resolved:
+    root: Path
+    entry: Path | None = None  # the cache entry it is in (None: a local directory)
+    source: str = ""
+    marker: str | None = None  # the marker's text when the entry was already there
+
+
 def ensure_weights(variant: Variant) -> Path:
     """Return a directory with the variant's diffusers weights, downloading them if needed."""
+    return _ensure(variant).root
+
+
+def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
+    """load(ensure_weights(variant)), healing the cache: a marked entry that fails to load
+    (bit rot or a bad copy that kept its sizes) is discarded and fetched again, once."""
+    resolved = _ensure(variant)
+    try:
+        return load(resolved.root)
+    except MemoryError:
+        raise
+    except Exception as error:
+        if resolved.entry is None:
+            raise  # the user's own folder, used in place: nothing to fetch again
+        _discard_unchanged(resolved)
+        if resolved.marker is None:  # fetched just now: the source itself is bad
+            raise WeightsError(
+                f"the weights just downloaded from {resolved.source} failed to load: "
+                f"{error!r}. They were discarded. Check the source, or set {WEIGHTS_URL_ENV} "
+                f"to another copy."
+            ) from error
+        log.warning(
+            f"weights: {resolved.entry} passed its cache checks but failed to load "
+            f"({error!r}): discarded, fetching it again"
+        )
+    resolved = _ensure(variant)
+    try:
+        return load(resolved.root)
+    except MemoryError:
+        raise
+    except Exception as error:
+        _discard_unchanged(resolved)
+        raise WeightsError(
+            f"the weights from {resolved.source} failed to load again after a fresh download: "
+            f"{error!r}. They were discarded. The source itself is bad or is not "
+            f"{variant.id}: check it, or set {WEIGHTS_URL_ENV} to another copy."
+        ) from error
+
+
+def _discard_unchanged(resolved: _Resolved) -> None:
+    """Discard the entry that failed to load, unless another setup replaced it meanwhile."""
+    assert resolved.entry is not None
+    with _locked(resolved.entry.parent / f".{resolved.entry.name}.lock"):
+        try:
+            marker = (resolved.entry / COMPLETE_MARKER).read_text()
+        except OSError:
+            marker = None
+        if resolved.marker is None or marker == resolved.marker:
+            _discard(resolved.entry)
+
+
+def _ensure(variant: Variant) -> _Resolved:
     manifest = load_manifest(variant.id)
     url = (os.environ.get(WEIGHTS_URL_ENV) or "").strip()
     if url and manifest.origin == "built-in":
@@ -74,23 +145,26 @@ def ensure_weights(variant: Variant) -> Path:
     if len(sources) == 1 and local.is_dir():
         # Used in place, never copied: structure and sizes are checked on every setup, file
         # hashes are not (that would read every byte of the weights on each start).
-        return verify(local, manifest, sources[0], hash_missing=False, in_place=True).root
+        verified = verify(local, manifest, sources[0], hash_missing=False, in_place=True)
+        return _Resolved(verified.root)
 
+    check = content_check()
     cache_root = Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
     entry = cache_root / _entry_name(variant, sources, manifest)
-    root = _published(entry, sources, manifest)
+    hashed: dict = {}  # sha256 computed by the first look, reused by the second
+    root = _published(entry, sources, manifest, check, hashed)
     if root is not None:
         log.info(f"weights: using cached {root}")
-        return root
+        return _cached(root, entry)
     cache_root.mkdir(parents=True, exist_ok=True)
     with _locked(cache_root / f".{entry.name}.lock"):
-        root = _published(entry, sources, manifest, explain=True)
+        root = _published(entry, sources, manifest, check, hashed, explain=True)
         if root is not None:
             log.info(f"weights: using {root}, completed by another process while we waited")
-            return root
+            return _cached(root, entry)
         root = _reverified(entry, sources, manifest)
         if root is not None:
-            return root
+            return _cached(root, entry)
         _discard(entry)
         # Left by a process killed while deleting, or by the per-process staging folders
         # of earlier versions: never read, only removed.
@@ -100,7 +174,7 @@ def ensure_weights(variant: Variant) -> Path:
         errors = []
         for number, source in enumerate(sources, 1):
             try:
-                return _fetch(variant, source, entry, manifest)
+                return _Resolved(_fetch(variant, source, entry, manifest, check), entry, source)
             except WeightsError as error:
                 errors.append(error)
                 if number < len(sources):
@@ -108,6 +182,19 @@ def ensure_weights(variant: Variant) -> Path:
         if len(errors) == 1:
             raise errors[0]
         raise WeightsError("every source failed:\n" + "\n".join(f"- {e}" for e in errors))
+
+
+def content_check() -> str:
+    value = (os.environ.get(CHECK_ENV) or "size").strip().lower()
+    if value not in CHECKS:
+        raise WeightsError(f"{CHECK_ENV}={value!r}: use one of {', '.join(CHECKS)}")
+    return value
+
+
+def _cached(root: Path, entry: Path) -> _Resolved:
+    marker = _read_marker(entry) or {}
+    text = (entry / COMPLETE_MARKER).read_text()
+    return _Resolved(root, entry, marker.get("source", ""), text)
 
 
 def parse_hf_url(source: str) -> tuple[str, str | None]:
@@ -136,7 +223,12 @@ def _read_marker(entry: Path) -> dict | None:
 
 
 def _published(
-    entry: Path, sources: list[str], manifest: Manifest, explain: bool = False
+    entry: Path,
+    sources: list[str],
+    manifest: Manifest,
+    check: str = "size",
+    hashed: dict | None = None,
+    explain: bool = False,
 ) -> Path | None:
     """The model directory of a completed entry that is still what its marker says."""
     marker = _read_marker(entry)
@@ -158,11 +250,49 @@ def _published(
                 now = "is missing" if size is None else f"is {size:,} bytes"
                 problem = f"changed since it was verified: {rel} {now}, was {recorded['size']:,}"
                 break
+    if not problem and check == "sha256":
+        problem = _changed_content(root, marker.get("files", {}), {} if hashed is None else hashed)
     if problem:
         if explain:
             log.warning(f"weights: {entry} {problem}")
         return None
     return root
+
+
+def _changed_content(root: Path, files: dict[str, dict], hashed: dict) -> str | None:
+    """What differs from the sha256 the marker recorded (files hashed in parallel), or None."""
+    recorded = {rel: f["sha256"] for rel, f in files.items() if f.get("sha256")}
+    unknown = len(files) - len(recorded)
+    if unknown:
+        log.warning(
+            f"weights: {unknown} of {len(files)} files in {root} have no recorded sha256 "
+            f"(fetched by pget or from the Hub without {CHECK_ENV}=sha256, or by an older "
+            f"version): only their sizes are checked"
+        )
+    started = time.monotonic()
+
+    def digest(rel: str) -> str:
+        path = root / rel
+        stat = path.stat()
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in hashed:
+            hashed[key] = sha256_file(path).hexdigest()
+        return hashed[key]
+
+    with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1)) as pool:
+        found = dict(zip(recorded, pool.map(digest, recorded), strict=True))
+    size = sum(files[rel]["size"] for rel in recorded)
+    log.info(
+        f"weights: sha256 of {len(recorded)} files ({download.human(size)}) checked in "
+        f"{time.monotonic() - started:.1f} s ({CHECK_ENV}=sha256)"
+    )
+    for rel in sorted(recorded):
+        if found[rel] != recorded[rel]:
+            return (
+                f"changed since it was verified: {rel} has sha256 {found[rel]}, was "
+                f"{recorded[rel]} (same size: its bytes changed on disk)"
+            )
+    return None
 
 
 def _reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | None:
@@ -188,7 +318,7 @@ def _reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | N
     return verified.root
 
 
-def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest) -> Path:
+def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check: str) -> Path:
     staging = entry.parent / f".{entry.name}.staging"
     phases: dict[str, float] = {}
     started = time.monotonic()
@@ -198,10 +328,12 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest) -> Pa
             _fetch_hub(source, staging)
             hashes = {}
         else:
-            hashes = _fetch_tar(source, staging, manifest)
+            hashes = _fetch_tar(source, staging)
         phases["download"] = time.monotonic() - started
         mark = time.monotonic()
         verified = verify(staging, manifest, source, hashes)
+        if check == "sha256":  # pget and the Hub give no hashes: read the files back
+            _hash_unhashed(verified)
         phases["verify"] = time.monotonic() - mark
     except BadSource:
         _discard(staging)  # the bytes themselves are wrong: nothing worth resuming
@@ -226,7 +358,15 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest) -> Pa
     return entry / verified.root.relative_to(staging)
 
 
-def _fetch_tar(source: str, staging: Path, manifest: Manifest) -> dict[str, str | None]:
+def _hash_unhashed(verified) -> None:
+    missing = [rel for rel, f in verified.files.items() if not f["sha256"]]
+    with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda rel: sha256_file(verified.root / rel).hexdigest(), missing)
+        for rel, digest in zip(missing, digests, strict=True):
+            verified.files[rel]["sha256"] = digest
+
+
+def _fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
     """Download and extract a tar into `staging`; sha256 of the files hashed on the way."""
     local = Path(source).expanduser()
     response = None
@@ -245,14 +385,13 @@ def _fetch_tar(source: str, staging: Path, manifest: Manifest) -> dict[str, str 
             f"{WEIGHTS_URL_ENV}={source!r} is neither an http(s) URL, an hf:// repository nor "
             f"an existing file or directory."
         )
-    journal = Journal.resume(staging, source, size, validator)
+    journal = _resumable(staging, source, size, validator)
     if journal is None:
         _discard(staging)
         staging.mkdir(parents=True)
         journal = Journal(source, size, validator)
-    elif not journal.done:
-        log.info(f"weights: resuming at byte {journal.bytes_done:,} of {size or 0:,}")
-    _check_disk(staging.parent, size, journal.bytes_done, source)
+    resume_at = journal.resume_at(staging)
+    _check_disk(staging.parent, size, resume_at, source)
     if not journal.done:
 
         def open_stream(start: int) -> download.Stream:
@@ -260,11 +399,45 @@ def _fetch_tar(source: str, staging: Path, manifest: Manifest) -> dict[str, str 
                 return download.open_file(local, start, f"extraction of {local}")
             return download.open_url(remote, response, start, f"download of {source}")
 
-        hash_files = any(spec.sha256 for spec in manifest.files.values())
-        extract(open_stream, staging, journal, source, hash_files, durable=_durable())
+        # Always hashed: the marker records every file's sha256 for COGVIDEOX_WEIGHTS_CHECK.
+        extract(open_stream, staging, journal, source, hash_files=True, durable=_durable())
     elif response is not None:
         response.close()
     return {name: f["sha256"] for name, f in journal.files.items()}
+
+
+def _resumable(staging: Path, source: str, size: int | None, validator: str | None):
+    """The journal of an earlier attempt to resume, or None (and the log says why not).
+
+    Only bytes proven to be of the same file are kept: without a validator (ETag or
+    Last-Modified) a file that changed on the server since would be published half old, half
+    new, so the download starts again from byte 0.
+    """
+    journal = Journal.load(staging)
+    if journal is None:
+        return None
+    at = journal.resume_at(staging)
+    if not journal.same_file(source, size, validator):
+        if journal.source == source and at:
+            log.warning(
+                f"weights: {source} changed on the server since the last attempt (size "
+                f"{journal.size}, validator {journal.validator}; now {size}, {validator}): "
+                f"starting again from byte 0, not from byte {at:,}"
+            )
+        return None
+    if journal.done:
+        return journal
+    if validator is None:
+        if at:
+            log.warning(
+                f"weights: {source} sends neither ETag nor Last-Modified, so the {at:,} bytes "
+                f"already on disk cannot be proven to be of the file it serves now: starting "
+                f"again from byte 0"
+            )
+        return None
+    rest = f", {size - at:,} still to fetch" if size is not None else ""
+    log.info(f"weights: resuming {source}: {at:,} bytes already on disk{rest}")
+    return journal
 
 
 def _fetch_pget(pget: str, url: str, staging: Path) -> None:

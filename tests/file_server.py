@@ -3,7 +3,9 @@
 Serves the files of one directory over HTTP/1.1 with keep-alive and byte ranges (206 with
 Content-Range, as CDNs do), counts the body bytes it sent, logs each request, and injects the
 faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying
-Content-Length, a flipped byte, a stalled transfer, no Range support.
+Content-Length, a flipped byte, a stalled transfer, no Range support, no validators (neither
+ETag nor Last-Modified, as some hosts), or Last-Modified alone. A test changes a served file by
+replacing it in the directory.
 
 A fault is keyed by file name and applies to the next `times` responses for that file
 (None: to all of them). Offsets are offsets in the file, not in one response's body, so a
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -101,7 +104,10 @@ class _Handler(BaseHTTPRequestHandler):
         if owner.ranges:
             self.send_header("Accept-Ranges", "bytes")
         stat = path.stat()
-        self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{size:x}"')
+        if owner.etag:
+            self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{size:x}"')
+        if owner.last_modified:
+            self.send_header("Last-Modified", formatdate(stat.st_mtime, usegmt=True))
         self.send_header("Content-Type", "application/x-tar")
         self.end_headers()
         if not body:
@@ -155,9 +161,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FileServer:
-    def __init__(self, directory: Path, port: int = 0, ranges: bool = True):
+    def __init__(
+        self,
+        directory: Path,
+        port: int = 0,
+        ranges: bool = True,
+        etag: bool = True,
+        last_modified: bool = False,
+    ):
         self.directory = Path(directory)
-        self.ranges = ranges
+        self.ranges, self.etag, self.last_modified = ranges, etag, last_modified
         self.requests: list[tuple[str, str, str | None]] = []  # (method, name, Range header)
         self._bytes_sent = 0
         self._faults: dict[str, list[_Fault]] = {}

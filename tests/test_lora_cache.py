@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -20,6 +22,7 @@ from cogvideox_cog.lora_cache import LoraCache, LoraError, check_lora_url, parse
 from tests.file_server import FileServer
 
 LORA = "pytorch_lora_weights.safetensors"
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def _lora_bytes(seed: int, rank: int = 4) -> bytes:
@@ -317,6 +320,50 @@ def test_stale_partial_downloads_are_removed(served, cache):
     os.utime(stale, (old, old))
     cache.get(server.url("a.safetensors"))
     assert not stale.exists()
+
+
+_GET_IN_A_PROCESS = (
+    "import sys; from pathlib import Path; from cogvideox_cog.lora_cache import LoraCache; "
+    "LoraCache(Path(sys.argv[1]), 1 << 30, 1 << 30, timeout_s=120).get(sys.argv[2])"
+)
+
+
+def test_a_killed_download_counts_against_the_bound_until_the_next_request_removes_it(
+    served, tmp_path
+):
+    """kill -9 or the OOM killer mid-download: its partial file is neither left for a day nor
+    outside COGVIDEOX_LORA_CACHE_SIZE; a live download's is counted and kept."""
+    root, server = served
+    for name, seed in (("a", 1), ("b", 2)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
+    big = _lora_bytes(3, rank=1024)
+    _serve(root, "big.safetensors", big)
+    server.stall_at("big.safetensors", len(big) // 2, seconds=60, times=None)
+    small = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=2 * small + 1000, timeout_s=30)
+    a = cache.get(server.url("a.safetensors"))
+    os.utime(a, (time.time() - 60, time.time() - 60))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _GET_IN_A_PROCESS, str(cache.root), server.url("big.safetensors")],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            partial = [p for p in cache.partial.rglob("download") if p.stat().st_size]
+            if partial and partial[0].stat().st_size >= len(big) // 4:
+                break
+            time.sleep(0.05)
+        assert partial, "the download in the other process never started"
+        b = cache.get(server.url("b.safetensors"))
+        assert b.exists() and not a.exists()  # a and b fit the bound, not with the download
+        assert partial[0].exists()  # a live download is left alone
+    finally:
+        process.kill()
+        process.wait()
+    assert cache.get(server.url("b.safetensors")) == b  # any request, even a cached one
+    assert list(cache.partial.iterdir()) == []
 
 
 def test_safetensors_save_file_is_what_we_call_a_lora_file(tmp_path, served, cache):

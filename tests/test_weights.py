@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cogvideox_cog import download, weights
+from cogvideox_cog import download, untar, weights
 from cogvideox_cog.manifest import (
     MANIFEST_DIR,
     BadSource,
@@ -257,6 +257,136 @@ def test_a_file_changed_after_publishing_is_noticed_and_replaced(served, cache, 
     sent = served.bytes_sent
     assert _same_tree(tiny, ensure_weights(VARIANT))
     assert served.bytes_sent > sent
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Flip the bits of one byte in place: bit rot, the file keeps its size."""
+    with path.open("r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0xFF]))
+
+
+def test_flipped_bytes_at_the_same_size_are_found_by_the_content_check(
+    served, cache, tiny, monkeypatch, caplog
+):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    recorded = json.loads((root / COMPLETE_MARKER).read_text())["files"]
+    assert all(recorded[rel]["sha256"] == sha256_file(root / rel).hexdigest() for rel in recorded)
+    _flip(root / BIG, (root / BIG).stat().st_size - 10)  # deep in tensor data
+    sent = served.bytes_sent
+    assert ensure_weights(VARIANT) == root  # by default sizes only (README: what is checked)
+    assert served.bytes_sent == sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    caplog.set_level("INFO", logger="cogvideox_cog")
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent > sent
+    assert f"{BIG} has sha256" in caplog.text and "same size: its bytes changed" in caplog.text
+    sent = served.bytes_sent
+    assert ensure_weights(VARIANT) == root  # an intact entry passes the check
+    assert served.bytes_sent == sent
+
+
+def test_an_unknown_content_check_is_refused(cache, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "md5")
+    with pytest.raises(WeightsError, match=r"COGVIDEOX_WEIGHTS_CHECK='md5': use one of size"):
+        ensure_weights(VARIANT)
+
+
+@pytest.fixture
+def generator_env(cache, monkeypatch, tmp_path):
+    """What VideoGenerator.from_env reads, for the tiny pipeline; a TMPDIR of the test's own."""
+    import tempfile
+
+    for name in ("COGVIDEOX_MODEL", "COGVIDEOX_RESOLUTION", "COGVIDEOX_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COGVIDEOX_OFFLOAD", "none")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
+
+
+def _damage_header(path: Path) -> None:
+    """Same size, and verify's structure check still passes: an unknown dtype name."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].replace(b'"dtype":"F32"', b'"dtype":"X32"', 1)
+    assert header != data[8 : 8 + length]
+    path.write_bytes(data[:8] + header + data[8 + length :])
+
+
+def test_a_cached_entry_that_fails_to_load_is_fetched_again_once(
+    served, cache, tiny, generator_env, monkeypatch, caplog
+):
+    from cogvideox_cog.pipeline import VideoGenerator
+
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    _damage_header(root / BIG)
+    sent = served.bytes_sent
+    generator = VideoGenerator.from_env("t2v")
+    assert generator.pipe.transformer is not None
+    assert served.bytes_sent - sent == (Path(served.directory) / "model.tar").stat().st_size + 1
+    assert _same_tree(tiny, root)
+    assert "passed its cache checks but failed to load" in caplog.text
+
+
+def test_weights_that_fail_to_load_again_after_the_refetch_fail_setup_clearly(
+    served_dir, tmp_path, cache, tiny, generator_env, monkeypatch
+):
+    from cogvideox_cog.pipeline import VideoGenerator
+
+    directory = tmp_path / "host"
+    directory.mkdir()
+    tar = Path(shutil.copy(served_dir / "model.tar", directory / "model.tar"))
+    server = FileServer(directory)
+    try:
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url("model.tar"))
+        _damage_header(ensure_weights(VARIANT) / BIG)
+        bad = shutil.copytree(tiny, tmp_path / "bad")  # and the host now serves a bad copy
+        _damage_header(bad / BIG)
+        _tar(directory / "bad.tar", bad)
+        os.replace(directory / "bad.tar", tar)
+        with pytest.raises(WeightsError, match=r"failed to load again after a fresh download"):
+            VideoGenerator.from_env("t2v")
+    finally:
+        server.stop()
+    assert not _markers(cache)  # discarded: the next setup does not trust it
+
+
+def test_setup_removes_the_temporary_folders_of_a_killed_worker(
+    served, cache, generator_env, monkeypatch
+):
+    from cogvideox_cog.pipeline import OUTPUT_PREFIX, VideoGenerator
+
+    code = (
+        "import sys, time; from pathlib import Path; from cogvideox_cog import leftovers; "
+        "print(leftovers.claim(Path(sys.argv[1]), sys.argv[2]), flush=True); time.sleep(60)"
+    )
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(generator_env), OUTPUT_PREFIX],
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    dead, alive = (Path(worker.stdout.readline().strip()) for worker in workers)
+    (dead / "video.mp4").write_bytes(b"x" * 1000)
+    workers[0].kill()
+    workers[0].wait()
+    try:
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+        VideoGenerator.from_env("t2v")
+        assert not dead.exists()
+        assert alive.is_dir()  # its worker still runs
+    finally:
+        workers[1].kill()
+        workers[1].wait()
 
 
 def test_a_new_manifest_reverifies_in_place_without_downloading(
@@ -503,9 +633,16 @@ def test_a_disk_space_shortfall_fails_before_downloading(served, cache, monkeypa
     ],
     ids=["dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-out", "device"],
 )
+@pytest.mark.parametrize("vetting", ["stdlib", "own"])
 def test_an_unsafe_tar_is_refused_and_nothing_is_written_outside(
-    tiny, tmp_path, served_dir, cache, monkeypatch, extra, problem
+    tiny, tmp_path, served_dir, cache, monkeypatch, extra, problem, vetting
 ):
+    """own: the vetting used where tarfile has no data_filter (Python before 3.11.4)."""
+    if vetting == "stdlib" and not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"tarfile of Python {sys.version.split()[0]} has no data_filter (3.11.4+)")
+    if vetting == "own":
+        monkeypatch.setattr(untar, "_data_filter", untar._own_data_filter)
+        monkeypatch.setattr(untar, "_FilterError", untar._UnsafeMember)
     evil = _tar(tmp_path / "evil.tar", tiny, extra=extra)
     server = FileServer(evil.parent)
     try:
@@ -566,13 +703,12 @@ def test_two_concurrent_setups_on_one_cache_download_once(served, cache, tiny):
     assert "completed by another process" in logs
 
 
-def test_a_setup_killed_mid_download_resumes_without_refetching(served, cache, tiny, monkeypatch):
-    tar = Path(served.directory) / "model.tar"
-    size = tar.stat().st_size
-    offset, length = _data_offset(tar, BIG)
+def _kill_setup_mid_file(server: FileServer, cache: Path) -> int:
+    """Run a setup in a process of its own, kill -9 it halfway through BIG; the tar offset."""
+    offset, length = _data_offset(Path(server.directory) / "model.tar", BIG)
     cut = offset + length // 2
-    served.stall_at("model.tar", cut, seconds=60, times=None)
-    url = served.url("model.tar")
+    server.stall_at("model.tar", cut, seconds=60, times=None)
+    url = server.url("model.tar")
     process = _setup_process({"COGVIDEOX_WEIGHTS_URL": url, "COGVIDEOX_WEIGHTS_DIR": str(cache)})
     partial = None
     deadline = time.monotonic() + 60
@@ -585,11 +721,57 @@ def test_a_setup_killed_mid_download_resumes_without_refetching(served, cache, t
     process.communicate()
     assert partial is not None and partial.stat().st_size == length // 2
     assert json.loads((partial.parents[1] / JOURNAL).read_text())["member"]["name"] == BIG
-    served.clear()
+    server.clear()
+    return cut
+
+
+def test_a_setup_killed_mid_download_resumes_without_refetching(
+    served, cache, tiny, monkeypatch, caplog
+):
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    cut = _kill_setup_mid_file(served, cache)
     sent = served.bytes_sent
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    caplog.set_level("INFO", logger="cogvideox_cog")
     assert _same_tree(tiny, ensure_weights(VARIANT))
     assert served.bytes_sent - sent == size - cut + 1  # the rest, and the probe's byte
+    # Where the download really resumed, not where the file being written starts.
+    assert f"{cut:,} bytes already on disk, {size - cut:,} still to fetch" in caplog.text
+
+
+@pytest.mark.parametrize("validator", ["Last-Modified", None])
+def test_a_resume_keeps_only_bytes_proven_to_be_of_the_same_file(
+    served_dir, tmp_path, cache, tiny, monkeypatch, caplog, validator
+):
+    """Without ETag or Last-Modified, a file that changed at the same size between a kill and
+    the next setup would be published half old, half new: such a host is fetched from byte 0."""
+    directory = tmp_path / "host"
+    directory.mkdir()
+    tar = Path(shutil.copy(served_dir / "model.tar", directory / "model.tar"))
+    size = tar.stat().st_size
+    offset, length = _data_offset(tar, BIG)
+    server = FileServer(directory, etag=False, last_modified=validator == "Last-Modified")
+    try:
+        cut = _kill_setup_mid_file(server, cache)
+        expected = (tiny / BIG).read_bytes()
+        if validator is None:  # the file changes on the host, before and after the cut
+            data = bytearray(tar.read_bytes())
+            for at in (length // 4, 3 * length // 4):
+                data[offset + at] ^= 0xFF
+            (directory / "new.tar").write_bytes(data)
+            os.replace(directory / "new.tar", tar)
+            expected = bytes(data[offset : offset + length])
+        sent = server.bytes_sent
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url("model.tar"))
+        root = ensure_weights(VARIANT)
+        assert (root / BIG).read_bytes() == expected
+        if validator is None:
+            assert server.bytes_sent - sent == size + 1  # from byte 0
+            assert "sends neither ETag nor Last-Modified" in caplog.text
+        else:
+            assert server.bytes_sent - sent == size - cut + 1
+    finally:
+        server.stop()
 
 
 # Verification without a manifest entry: structure.
@@ -817,8 +999,10 @@ args = [a for a in sys.argv[1:] if not a.startswith("-")]
 url, dest = args
 if os.path.exists(dest) and "-f" not in sys.argv:
     sys.exit(f"destination {dest} exists; use -f to overwrite")
+# A trusted tar; the "data" filter where this Python has it (3.11.4+).
+safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 with urllib.request.urlopen(url) as response:
-    tarfile.open(fileobj=response, mode="r|").extractall(dest, filter="data")
+    tarfile.open(fileobj=response, mode="r|").extractall(dest, **safe)
 """
 
 
