@@ -1,4 +1,5 @@
-"""What an operator relies on, through the real Cog server: how fast a stopped server exits.
+"""What an operator relies on, through the real Cog server: how fast a stopped server exits,
+and what the health probes (cogvideox_cog.health) say in each state.
 
 In a Cog image the process tree is tini (PID 1) -> `python -m cog.server.http` -> the worker,
 all in one process group. `docker stop` and Kubernetes send SIGTERM to PID 1 only. Every
@@ -10,10 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from cogvideox_cog.openapi import SCHEMA_PATH, write_schema
@@ -170,3 +174,42 @@ def test_sigterm_to_the_server_alone_waits_ten_seconds_and_drops_the_final_webho
     statuses = [event["status"] for event in hooks.events_for("server-stop")]
     assert statuses and not TERMINAL & set(statuses), statuses
     print(f"SIGTERM to the server alone: all exited in {seconds:.2f} s")
+
+
+def _probe(check: str, server: CogServer) -> int:
+    """Run the probe as Docker and Kubernetes do: a command, judged by its exit code."""
+    url = f"{server.url}/health-check"
+    return subprocess.run(
+        [sys.executable, "-m", "cogvideox_cog.health", check, "--url", url],
+        cwd=PROJECT,
+        capture_output=True,
+        timeout=60,
+    ).returncode
+
+
+def test_health_probes_pass_ready_and_busy_and_fail_once_the_worker_is_killed(
+    server_factory, hooks
+):
+    server = server_factory()
+    assert (_probe("live", server), _probe("ready", server)) == (0, 0)
+
+    _start_long(server, hooks, "probe-busy")
+    assert server.status() == "BUSY"
+    assert (_probe("live", server), _probe("ready", server)) == (0, 1)
+
+    # What the OOM killer does: SIGKILL to the worker. The server stays up, says UNHEALTHY
+    # with HTTP 200, and refuses every prediction from then on.
+    os.kill(server.worker_pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.status() != "UNHEALTHY":
+        assert time.monotonic() < deadline, server.status()
+        time.sleep(0.1)
+    response = requests.get(f"{server.url}/health-check", timeout=30)
+    assert response.status_code == 200
+    assert "healthcheck channel closed" in response.json()["user_healthcheck_error"]
+    assert server.proc.poll() is None
+    assert server.send(body={"input": LONG}, busy_wait=0).status_code == 409
+    assert (_probe("live", server), _probe("ready", server)) == (1, 1)
+
+    server.stop()
+    assert (_probe("live", server), _probe("ready", server)) == (1, 1)  # no answer at all
