@@ -13,7 +13,14 @@ Behaviour of the server that this harness relies on (cog 0.23.1, no Docker):
 - There is no GET /predictions/{id}: async results arrive only through webhooks.
 - If the worker process dies mid-prediction the response is failed/"Worker crashed", health
   turns UNHEALTHY and every later request gets 409: the server must be restarted.
-- SIGTERM (or POST /shutdown) exits within ~0.1 s; an in-flight prediction is abandoned.
+- GET /health-check answers HTTP 200 in every state. After the worker dies it says UNHEALTHY
+  with `user_healthcheck_error` "Healthcheck error: protocol error: healthcheck channel closed".
+- SIGTERM (or POST /shutdown) to the server alone: it stops serving at once, sends its worker a
+  shutdown message and exits when the worker has; a worker still inside run() is killed after
+  10 s. The running prediction never gets a final webhook. SIGTERM to the whole process group
+  (what tini does in the image with TINI_KILL_PROCESS_GROUP=1) ends the worker at once: the
+  server exits within about 0.3 s. A Python SIGTERM handler in the worker never runs (its main
+  thread waits inside coglet): it only swallows the signal.
 
 Inputs, as the schema-validating server sees them:
 
@@ -191,10 +198,13 @@ class CogServer:
         port: int | None = None,
         python: str = sys.executable,
         args: list[str] | None = None,
+        launcher: list[str] | None = None,
     ) -> None:
-        """`args` go to the server's command line, e.g. ["--upload-url", url]."""
+        """`args` go to the server's command line, e.g. ["--upload-url", url]; `launcher` runs
+        it, e.g. ["tini", "--"] as the image does (`proc` is then the launcher's process)."""
         self.predictor, self.cwd, self.log_path = predictor, Path(cwd), Path(log_path)
         self.args = list(args or [])
+        self.launcher = list(launcher or [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
@@ -206,9 +216,10 @@ class CogServer:
     def start(self, timeout: float = 600) -> CogServer:
         """Start the server and wait for READY; raise CogServerError with the log tail if not."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [self.python, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [self.python, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args],
+                [*self.launcher, *command],
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

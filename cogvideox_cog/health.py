@@ -1,0 +1,57 @@
+"""Health probes for Docker and Kubernetes: ask Cog's /health-check and judge its `status`.
+
+Cog 0.23.1 answers /health-check with HTTP 200 in every state, UNHEALTHY included: after its
+worker process dies (the OOM killer, a crash) the server stays up, reports UNHEALTHY and fails
+or refuses every prediction. A probe that looks only at the HTTP code (Kubernetes httpGet,
+`curl -f`) passes on such a server for ever, so this one reads the body.
+
+    python -m cogvideox_cog.health live    # 0 while STARTING, READY or BUSY; else 1
+    python -m cogvideox_cog.health ready   # 0 only when READY: a prediction would start now
+
+It imports nothing heavy (no torch): a probe runs every few seconds next to the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+
+# STARTING covers setup(), which downloads the weights on a first start (minutes); a setup
+# that hangs is the startup probe's business, not liveness's.
+ALIVE = frozenset({"STARTING", "READY", "BUSY"})
+# One prediction at a time: a BUSY server answers 409 to the next one.
+ACCEPTING = frozenset({"READY"})
+CHECKS = {"live": ALIVE, "ready": ACCEPTING}
+# Cog gives its worker 10 s to answer the health check it forwards to it; wait a bit longer.
+TIMEOUT_S = 12.0
+
+
+def default_url() -> str:
+    return f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/health-check"
+
+
+def server_status(url: str, timeout: float = TIMEOUT_S) -> str:
+    """The `status` Cog reports, or UNREACHABLE when it does not answer with one."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return str(json.load(response).get("status", "UNREACHABLE"))
+    except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON
+        return "UNREACHABLE"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cogvideox_cog.health", description=__doc__)
+    parser.add_argument("check", choices=sorted(CHECKS))
+    parser.add_argument("--url", default=default_url(), help="default: 127.0.0.1:$PORT")
+    args = parser.parse_args(argv)
+    status = server_status(args.url)
+    healthy = status in CHECKS[args.check]
+    print(f"{args.check}: {status} -> {'ok' if healthy else 'failing'}")
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
