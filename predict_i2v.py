@@ -4,6 +4,7 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
+from cogvideox_cog.input_files import fetched
 from cogvideox_cog.logs import setup_logging
 from cogvideox_cog.pipeline import Request, VideoGenerator
 
@@ -17,9 +18,10 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        image: Path = Input(
-            description="First frame of the video (JPEG, PNG, WebP, ...). Scaled to cover the "
-            "model's resolution and centre-cropped."
+        # A string, not a Path: Cog would download a Path with no size or time limit.
+        image: str = Input(
+            description="First frame of the video: an http(s) URL or a data: URI of a JPEG, "
+            "PNG, WebP, ... Scaled to cover the model's resolution and centre-cropped."
         ),
         prompt: str = Input(
             description="How the scene moves. May be empty.",
@@ -83,18 +85,19 @@ class Predictor(BaseRunner):
             default="default",
         ),
     ) -> Path:
-        request = Request(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            use_dynamic_cfg=use_dynamic_cfg,
-            fps=fps,
-            seed=seed,
-            lora_url=lora_url,
-            lora_scale=lora_scale,
-            speed_mode=speed_mode,
-            image=image,
-        )
-        return Path(self.generator.predict(request))
+        with fetched("image", image, "picture") as image_file:
+            request = Request(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                use_dynamic_cfg=use_dynamic_cfg,
+                fps=fps,
+                seed=seed,
+                lora_url=lora_url,
+                lora_scale=lora_scale,
+                speed_mode=speed_mode,
+                image=image_file,
+            )
+            return Path(self.generator.predict(request))

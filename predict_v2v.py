@@ -7,6 +7,7 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
+from cogvideox_cog.input_files import fetched
 from cogvideox_cog.logs import setup_logging
 from cogvideox_cog.pipeline import Request, VideoGenerator
 
@@ -21,10 +22,12 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        video: Path = Input(
-            description="The clip to transform (mp4, webm, mov, gif). Resampled to the model's "
-            "frame rate (8 fps, 16 for 1.5) from its start: it must last (num_frames - 1) / fps "
-            "seconds; the rest is ignored. Scaled to cover the model's resolution, centre-cropped."
+        # A string, not a Path: Cog would download a Path with no size or time limit.
+        video: str = Input(
+            description="The clip to transform: an http(s) URL or a data: URI of an mp4, webm, "
+            "mov or gif. Resampled to the model's frame rate (8 fps, 16 for 1.5) from its start: "
+            "it must last (num_frames - 1) / fps seconds; the rest is ignored. Scaled to cover "
+            "the model's resolution, centre-cropped."
         ),
         prompt: str = Input(
             description="What the new video shows. Long prompts work best.",
@@ -95,19 +98,20 @@ class Predictor(BaseRunner):
             default="default",
         ),
     ) -> Path:
-        request = Request(
-            video=video,
-            strength=strength,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            use_dynamic_cfg=use_dynamic_cfg,
-            fps=fps,
-            seed=seed,
-            lora_url=lora_url,
-            lora_scale=lora_scale,
-            speed_mode=speed_mode,
-        )
-        return Path(self.generator.predict(request))
+        with fetched("video", video, "video") as video_file:
+            request = Request(
+                video=video_file,
+                strength=strength,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                use_dynamic_cfg=use_dynamic_cfg,
+                fps=fps,
+                seed=seed,
+                lora_url=lora_url,
+                lora_scale=lora_scale,
+                speed_mode=speed_mode,
+            )
+            return Path(self.generator.predict(request))

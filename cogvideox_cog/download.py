@@ -91,7 +91,7 @@ class RemoteFile:
         return None
 
 
-def probe(url: str) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
+def probe(url: str, retries: int = RETRIES) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
     """Learn the size and Range support of `url` with one GET of its first byte.
 
     A server that ignores Range answers with the whole body; that response is returned open,
@@ -99,7 +99,13 @@ def probe(url: str) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
     """
 
     def attempt():
-        response = _open(url, "bytes=0-0")
+        try:
+            response = _open(url, "bytes=0-0")
+        except urllib.error.HTTPError as error:
+            if error.code == 416 and (error.headers or {}).get("Content-Range") == "bytes */0":
+                error.close()
+                return RemoteFile(url, 0, True, None, None), None  # an empty file has no byte 0
+            raise
         headers = response.headers
         validators = {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
         if response.status == 206:
@@ -112,7 +118,7 @@ def probe(url: str) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
         size = int(length) if length and length.isdigit() else None
         return RemoteFile(url, size, False, **validators), response
 
-    return _retrying(f"could not download {url}", attempt)
+    return _retrying(f"could not download {url}", attempt, retries)
 
 
 def _open(url: str, byte_range: str | None) -> http.client.HTTPResponse:
@@ -150,7 +156,7 @@ def _backoff(failures: int, asked: float | None) -> float:
     return delay * random.uniform(0.75, 1.0)  # jitter: parallel ranges do not retry in step
 
 
-def _retrying(what: str, attempt: Callable):
+def _retrying(what: str, attempt: Callable, retries: int = RETRIES):
     """Call attempt() until it returns, retrying what _describe() calls retryable."""
     failures = 0
     while True:
@@ -159,11 +165,11 @@ def _retrying(what: str, attempt: Callable):
         except Exception as error:
             retryable, text, asked = _describe(error)
             failures += 1
-            if not retryable or failures > RETRIES:
+            if not retryable or failures > retries:
                 tries = f" ({failures} attempts)" if failures > 1 else ""
                 raise WeightsError(f"{what}: {text}{tries}") from error
             delay = _backoff(failures, asked)
-            log.warning(f"weights: {what}: {text}; retry {failures}/{RETRIES} in {delay:.1f} s")
+            log.warning(f"weights: {what}: {text}; retry {failures}/{retries} in {delay:.1f} s")
             time.sleep(delay)
 
 
@@ -563,3 +569,87 @@ def open_file(path: os.PathLike, start: int, what: str) -> Stream:
         return reader
 
     return SequentialStream(opener, start, size, what, retry=False)
+
+
+class TooLarge(Exception):
+    """A body over the caller's size cap: its announced size, or (at_least) the bytes read."""
+
+    def __init__(self, size: int, at_least: bool):
+        super().__init__(f"{'more than ' if at_least else ''}{human(size)}")
+        self.size, self.at_least = size, at_least
+
+
+def fetch_capped(
+    url: str,
+    out,
+    max_bytes: int,
+    cancelled: threading.Event,
+    what: str,
+    hint: str = RESUME_HINT,
+    retries: int = RETRIES,
+) -> None:
+    """Write the body of `url` to the binary file `out`, at most `max_bytes` of it.
+
+    A size the server announces over the cap is refused before any byte; a body of unknown
+    length is counted as it comes. Returns early once `cancelled` is set (see with_deadline).
+    Raises TooLarge, or WeightsError when the URL cannot be fetched.
+    """
+    remote, response = probe(url, retries)
+    if remote.size is not None and remote.size > max_bytes:
+        if response is not None:
+            response.close()
+        raise TooLarge(remote.size, at_least=False)
+    if remote.size == 0:
+        return
+    if remote.size is None:  # chunked, no length: one streaming read, capped as it goes
+        assert response is not None  # probe() hands back the open whole-file response
+        written = 0
+        with response as reader:
+            # read1: what has arrived, so a trickle cannot keep this thread past a cancel.
+            while block := reader.read1(READ_BYTES):
+                written += out.write(block)
+                if written > max_bytes:
+                    raise TooLarge(written, at_least=True)
+                if cancelled.is_set():
+                    return
+        return
+    with open_url(remote, response, 0, what, hint) as stream:
+        for view in stream.views(remote.size):
+            out.write(view)
+            if cancelled.is_set():
+                return
+
+
+class DeadlineExceeded(Exception):
+    """with_deadline() stopped waiting (not a socket timeout, which is a TimeoutError)."""
+
+
+def with_deadline(work: Callable[[threading.Event], object], seconds: float, name: str):
+    """work(cancelled) in a thread; DeadlineExceeded once it runs past `seconds`.
+
+    A thread, because a stalled socket read cannot be interrupted otherwise; the calling
+    thread keeps running bytecode, so a Cog cancel lands at once as well. `cancelled` is set
+    when the caller stops waiting, for any reason, so the work can stop at its next block.
+    """
+    cancelled = threading.Event()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work(cancelled)
+        except BaseException as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + seconds
+    try:
+        while worker.is_alive():
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{name} took longer than {seconds:g} s")
+            worker.join(0.1)
+    finally:
+        cancelled.set()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

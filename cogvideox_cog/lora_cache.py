@@ -184,41 +184,26 @@ class LoraCache:
     # Fetching -------------------------------------------------------------------------------
 
     def _with_deadline(self, url: str, work: Callable[[Path, threading.Event], Path]) -> Path:
-        """Run work(staging, cancelled) in a thread, giving up after the timeout.
+        """Run work(staging, cancelled) under the timeout (download.with_deadline).
 
-        A thread, because a stalled socket read cannot be interrupted otherwise; the main
-        thread keeps running bytecode, so a Cog cancel lands at once as well. The staging
-        folder is the worker's alone and removed whatever happens; if the process dies first,
-        by the next request (its owner lock is gone then).
+        The staging folder is the worker's alone and removed whatever happens; if the process
+        dies first, by the next request (its owner lock is gone then).
         """
         staging = leftovers.claim(self.partial, f"{os.getpid()}-")
-        cancelled = threading.Event()
-        outcome: dict = {}
 
-        def run() -> None:
+        def staged(cancelled: threading.Event) -> Path:
             try:
-                outcome["blob"] = work(staging, cancelled)
-            except BaseException as error:
-                outcome["error"] = error
+                return work(staging, cancelled)
             finally:
                 leftovers.release(staging)
 
-        worker = threading.Thread(target=run, name="lora-download", daemon=True)
-        worker.start()
-        deadline = time.monotonic() + self.timeout_s
         try:
-            while worker.is_alive():
-                if time.monotonic() > deadline:
-                    raise LoraError(
-                        f"downloading the LoRA at {url} took longer than {self.timeout_s:g} s "
-                        f"({TIMEOUT_ENV}); check the URL, or host the file closer to the server"
-                    )
-                worker.join(0.1)
-        finally:
-            cancelled.set()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["blob"]
+            return download.with_deadline(staged, self.timeout_s, "lora-download")
+        except download.DeadlineExceeded:
+            raise LoraError(
+                f"downloading the LoRA at {url} took longer than {self.timeout_s:g} s "
+                f"({TIMEOUT_ENV}); check the URL, or host the file closer to the server"
+            ) from None
 
     def _fetch(self, url: str, staging: Path, cancelled: threading.Event) -> Path:
         download_path = staging / "download"
@@ -238,35 +223,14 @@ class LoraCache:
         return blob
 
     def _fetch_http(self, url: str, dest: Path, cancelled: threading.Event) -> None:
+        hint = "Check the URL and the network, and try again."
         try:
-            remote, response = download.probe(url)
+            with dest.open("wb") as out:
+                download.fetch_capped(url, out, self.max_file_bytes, cancelled, f"LoRA {url}", hint)
+        except download.TooLarge as error:
+            raise self._too_big(url, error.size, error.at_least) from None
         except WeightsError as error:
             raise LoraError(f"could not download the LoRA: {error}") from None
-        if remote.size is not None and remote.size > self.max_file_bytes:
-            if response is not None:
-                response.close()
-            raise self._too_big(url, remote.size)
-        written = 0
-        with dest.open("wb") as out:
-            if remote.size is None:  # chunked, no length: one streaming read, capped as it goes
-                assert response is not None  # probe() hands back the open whole-file response
-                with response as reader:
-                    while block := reader.read(download.READ_BYTES):
-                        written += out.write(block)
-                        if written > self.max_file_bytes:
-                            raise self._too_big(url, written, at_least=True)
-                        if cancelled.is_set():
-                            return
-                return
-            hint = "Check the URL and the network, and try again."
-            try:
-                with download.open_url(remote, response, 0, f"LoRA {url}", hint) as stream:
-                    for view in stream.views(remote.size):
-                        out.write(view)
-                        if cancelled.is_set():
-                            return
-            except WeightsError as error:
-                raise LoraError(f"could not download the LoRA: {error}") from None
 
     def _fetch_hub(self, url: str, staging: Path, dest: Path) -> None:
         match = _HF_LORA_URL.fullmatch(url)

@@ -1,10 +1,13 @@
-"""Write the input schema `cog build` would put in `.cog/openapi_schema.json`.
+"""Write the OpenAPI document `cog build` would put in `.cog/openapi_schema.json`.
 
-Cog's server validates inputs only against that file, and only `cog build` (a Go static
-analyser, not available without Docker) writes it. Without it a locally served predictor
-accepts anything. This reads the same declarations through cog's own Python inspector and
-lays them out as the build does, so `script/serve` and the tests refuse bad input exactly
-as a deployed image does.
+Cog's server validates inputs only against that file and serves it as /openapi.json, and only
+`cog build` (a Go static analyser, not available without Docker) writes it. Without it a
+locally served predictor accepts anything and describes no operation. This reads the same
+declarations through cog's own Python inspector and lays out the whole document as the build
+does (its paths, Input, Output and the request, response and error components), so
+`script/serve` and the tests refuse bad input exactly as a deployed image does, and
+schema-driven clients find every operation. One addition: `PUT /predictions/{prediction_id}`,
+which Cog's server answers but the build's document leaves out.
 
 Usage: python -m cogvideox_cog.openapi predict_t2v.py:Predictor [OUTPUT]
 """
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cog
 from cog import _adt
 from cog._inspector import create_predictor
 
@@ -71,6 +75,132 @@ def _input_schema(info: _adt.PredictorInfo) -> tuple[dict[str, Any], dict[str, A
     return schema, enums
 
 
+def _json(schema_ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}
+
+
+_ANY_JSON = {"application/json": {"schema": {}}}
+_VALIDATION_ERROR = {"description": "Validation Error", "content": _json("HTTPValidationError")}
+_PREDICTION_ID = {
+    "required": True,
+    "schema": {"title": "Prediction Id", "type": "string"},
+    "name": "prediction_id",
+    "in": "path",
+}
+
+
+def _components(inputs: dict[str, Any], output: dict[str, Any], enums: dict[str, Any]) -> dict:
+    string = {"type": "string"}
+    timestamp = {"type": "string", "format": "date-time"}
+    return {
+        "Input": inputs,
+        "Output": output,
+        **enums,
+        "PredictionRequest": {
+            "title": "PredictionRequest",
+            "type": "object",
+            "properties": {
+                "id": {"title": "Id", **string},
+                "input": {"$ref": "#/components/schemas/Input"},
+            },
+        },
+        "PredictionResponse": {
+            "title": "PredictionResponse",
+            "type": "object",
+            "properties": {
+                "input": {"$ref": "#/components/schemas/Input"},
+                "output": {"$ref": "#/components/schemas/Output"},
+                "id": {"title": "Id", **string},
+                "version": {"title": "Version", **string},
+                "created_at": {"title": "Created At", **timestamp},
+                "started_at": {"title": "Started At", **timestamp},
+                "completed_at": {"title": "Completed At", **timestamp},
+                "status": {"title": "Status", **string},
+                "error": {"title": "Error", **string},
+                "logs": {"title": "Logs", **string},
+                "metrics": {"title": "Metrics", "type": "object"},
+            },
+        },
+        "Status": {
+            "title": "Status",
+            "description": "An enumeration.",
+            "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
+            "type": "string",
+        },
+        "HTTPValidationError": {
+            "title": "HTTPValidationError",
+            "type": "object",
+            "properties": {
+                "detail": {
+                    "title": "Detail",
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/ValidationError"},
+                }
+            },
+        },
+        "ValidationError": {
+            "title": "ValidationError",
+            "required": ["loc", "msg", "type"],
+            "type": "object",
+            "properties": {
+                "loc": {
+                    "title": "Location",
+                    "type": "array",
+                    "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                },
+                "msg": {"title": "Message", "type": "string"},
+                "type": {"title": "Error Type", "type": "string"},
+            },
+        },
+    }
+
+
+def _paths() -> dict[str, Any]:
+    def get(summary: str, operation_id: str) -> dict[str, Any]:
+        ok = {"description": "Successful Response", "content": _ANY_JSON}
+        return {"get": {"summary": summary, "operationId": operation_id, "responses": {"200": ok}}}
+
+    predicted = {
+        "200": {"description": "Successful Response", "content": _json("PredictionResponse")},
+        "422": _VALIDATION_ERROR,
+    }
+    request = {"content": _json("PredictionRequest")}
+    return {
+        "/": get("Root", "root__get"),
+        "/health-check": get("Healthcheck", "healthcheck_health_check_get"),
+        "/predictions": {
+            "post": {
+                "summary": "Predict",
+                "description": "Run a single prediction on the model",
+                "operationId": "predict_predictions_post",
+                "requestBody": request,
+                "responses": predicted,
+            }
+        },
+        "/predictions/{prediction_id}": {
+            "put": {
+                "summary": "Predict Idempotent",
+                "description": "Run a single prediction on the model, under this id",
+                "operationId": "predict_idempotent_predictions__prediction_id__put",
+                "parameters": [_PREDICTION_ID],
+                "requestBody": request,
+                "responses": predicted,
+            }
+        },
+        "/predictions/{prediction_id}/cancel": {
+            "post": {
+                "summary": "Cancel",
+                "operationId": "cancel_predictions__prediction_id__cancel_post",
+                "parameters": [_PREDICTION_ID],
+                "responses": {
+                    "200": {"description": "Successful Response", "content": _ANY_JSON},
+                    "422": _VALIDATION_ERROR,
+                },
+            }
+        },
+    }
+
+
 def build_schema(predictor_ref: str) -> dict[str, Any]:
     """The OpenAPI document for "path/to/predict.py:ClassName" (its directory is importable)."""
     module_file, class_name = predictor_ref.rsplit(":", 1)
@@ -83,9 +213,9 @@ def build_schema(predictor_ref: str) -> dict[str, Any]:
     inputs, enums = _input_schema(info)
     return {
         "openapi": "3.0.2",
-        "info": {"title": "Cog", "version": "0.1.0"},
-        "paths": {},
-        "components": {"schemas": {"Input": inputs, "Output": info.output.json_type(), **enums}},
+        "info": {"title": "Cog", "version": cog.__version__},
+        "paths": _paths(),
+        "components": {"schemas": _components(inputs, info.output.json_type(), enums)},
     }
 
 

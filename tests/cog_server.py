@@ -33,9 +33,12 @@ Inputs, as the schema-validating server sees them:
   `nullable` (Optional[...] = None): leave the input out to get its empty default.
 - Unknown input names are stripped silently: the prediction runs without them and only
   the server log says so (WARN `Stripped unknown input fields ... fields=["name"]`).
-- A URL input that cannot be fetched (404, connection refused) fails the prediction with
-  "Input validation error: <requests error>" before run() is called. cog's downloader
-  leaves an empty temporary file in the worker's TMPDIR behind for each such failure.
+- A `Path` input given as an http(s) URL or a data: URI is downloaded before run() is
+  called, with no bound on size or time (requests, 10 s per read); any other string reaches
+  run() as it is, a plain str, so a bare path names a file on the server. The predictors
+  here take their files as strings and fetch them themselves (cogvideox_cog/input_files.py).
+- A request body over 100 MiB gets 413 "Failed to buffer the request body: length limit
+  exceeded".
 - Errors raised in run() come back as failed predictions with
   `error = "Prediction failed: Prediction failed: <ExceptionType>: <message>"`.
 

@@ -1,4 +1,5 @@
-"""HTTP servers on 127.0.0.1 that the Cog server talks to in tests: an upload target.
+"""HTTP servers on 127.0.0.1 that the Cog server talks to in tests: an upload target, and a
+sender that never finishes a body.
 
 (The webhook receiver lives in tests/cog_server.py; images are served with tests/file_server.py.)
 """
@@ -91,3 +92,69 @@ class UploadServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EndlessSender:
+    """GET targets whose body never ends in useful time, for the input download bounds.
+
+    `/endless` streams zeros as fast as the client takes them, with no Content-Length, until it
+    hangs up. `/trickle` announces `trickle_size` bytes and sends `rate` bytes a second.
+    `sent` counts body bytes per path; `hung_up[path]` is set once a client closed on it.
+    """
+
+    def __init__(self, rate: int = 64, trickle_size: int = 1 << 20) -> None:
+        self.sent: dict[str, int] = {"/endless": 0, "/trickle": 0}
+        self.hung_up = {path: threading.Event() for path in self.sent}
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path not in peer.sent:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                if path == "/trickle":
+                    self.send_header("Content-Length", str(trickle_size))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                block, pause = (
+                    (b"\0" * (64 << 10), 0.0) if path == "/endless" else (b"\0" * rate, 1.0)
+                )
+                try:
+                    while not peer._stopped.is_set():
+                        self.wfile.write(block)
+                        self.wfile.flush()
+                        with peer._lock:
+                            peer.sent[path] += len(block)
+                        if pause:
+                            peer._stopped.wait(pause)
+                except OSError:  # the client hung up
+                    peer.hung_up[path].set()
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def wait_hung_up(self, path: str, timeout: float) -> bool:
+        """Whether the client hung up on `path` within `timeout` s (seen at the next write)."""
+        return self.hung_up[path].wait(timeout)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -26,10 +27,13 @@ from cogvideox_cog.tiny import TINY
 from cogvideox_cog.video import probe_mp4
 from tests.cog_server import data_uri, fd_count, free_port, save_data_uri
 from tests.file_server import FileServer
+from tests.http_peers import EndlessSender
 
 pytestmark = pytest.mark.e2e
 
 TINY_H, TINY_W = TINY[("1.0", "i2v")].height, TINY[("1.0", "i2v")].width
+# The input download bounds of the servers here: small, so the tests of them are quick.
+INPUT_MAX_SIZE, INPUT_TIMEOUT = "8M", "5"
 DROP = object()  # leave this input out of the request
 LONG_PROMPT = " ".join(["a panda plays an acoustic guitar in a sunlit bamboo forest"] * 30)
 TRUNCATED = "is longer than the text encoder's 226 tokens; this part is ignored:"
@@ -131,11 +135,18 @@ ROWS = [
     ),
     Row("lora-hf-org-only", "t2v", "failed", "use hf://org/repo", {"lora_url": "hf://org"}),
     # Images that cannot be used.
-    Row("image-404", "i2v", "failed", "404 Client Error", {"image": "file:missing.png"}),
+    Row("image-404", "i2v", "failed", "HTTP 404 Not Found", {"image": "file:missing.png"}),
     Row("image-refused", "i2v", "failed", "Connection refused", {"image": "closed-port:a.png"}),
     Row(
         "image-not-a-url", "i2v", "failed", "not an http(s) URL or a data: URI", {"image": "hello"}
     ),
+    # A picture on the server's own disk is not an input: only URLs and data URIs are.
+    Row("image-local-path", "i2v", "failed", "is not an http(s) URL", {"image": "local:photo.jpg"}),
+    Row(
+        "image-file-url", "i2v", "failed", "is not an http(s) URL", {"image": "file-url:photo.jpg"}
+    ),
+    Row("image-data-no-comma", "i2v", "failed", "without a comma", {"image": "data:image/png"}),
+    Row("image-s3", "i2v", "failed", "is not an http(s) URL", {"image": "s3://bucket/photo.jpg"}),
     Row("image-zero-bytes", "i2v", "failed", "send a JPEG, PNG", {"image": "file:zero.png"}),
     Row(
         "image-empty-data-uri",
@@ -209,7 +220,8 @@ def images(tmp_path_factory):
 def _start(start_server, tmp_path_factory, predictor: str, variant: str, tiny: str):
     # A temp folder of its own, to see what the worker leaves behind.
     tmp = tmp_path_factory.mktemp(f"tmp-{predictor}")
-    server = start_server(f"predict_{predictor}.py", variant, tiny, TMPDIR=str(tmp))
+    bounds = {"COGVIDEOX_INPUT_MAX_SIZE": INPUT_MAX_SIZE, "COGVIDEOX_INPUT_TIMEOUT": INPUT_TIMEOUT}
+    server = start_server(f"predict_{predictor}.py", variant, tiny, TMPDIR=str(tmp), **bounds)
     server.tmp = tmp
     server.worker = server.worker_pid()
     return server
@@ -236,9 +248,13 @@ def _body(row: Row, images: FileServer) -> dict[str, Any]:
     image = inputs.get("image")
     if isinstance(image, str) and image.startswith("file:"):
         inputs["image"] = images.url(image.removeprefix("file:"))
+    elif isinstance(image, str) and image.startswith("local:"):
+        inputs["image"] = str(images.directory / image.removeprefix("local:"))
+    elif isinstance(image, str) and image.startswith("file-url:"):
+        inputs["image"] = (images.directory / image.removeprefix("file-url:")).as_uri()
     elif isinstance(image, str) and image.startswith("closed-port:"):
         inputs["image"] = f"http://127.0.0.1:{free_port()}/{image.removeprefix('closed-port:')}"
-    elif isinstance(image, str) and image.startswith("data:") and "," not in image:
+    elif isinstance(image, str) and image.startswith("data:cut"):
         data = (images.directory / image.removeprefix("data:")).read_bytes()
         inputs["image"] = data_uri(data, "image/jpeg")
     return {"id": f"bad-{row.id}-{uuid.uuid4().hex[:6]}", "input": inputs}
@@ -293,15 +309,54 @@ def test_a_misspelt_input_is_dropped_and_its_default_used(t2v, tmp_path):
     assert probe_mp4(video)["frames"] == 49  # the default: num_frame=17 never arrived
 
 
+@pytest.fixture(scope="module")
+def sender():
+    peer = EndlessSender(rate=64)
+    yield peer
+    peer.close()
+
+
+def _refused_in_time(i2v, url: str, says: str, within: float) -> dict[str, Any]:
+    started = time.monotonic()
+    result = i2v.predict({**BASE["i2v"], "image": url})
+    elapsed = time.monotonic() - started
+    assert result["status"] == "failed" and says in result["error"], result.get("error")
+    assert "generating " not in (result.get("logs") or "")
+    assert elapsed < within, elapsed
+    i2v.wait_idle(timeout=30)
+    assert i2v.worker_pid() == i2v.worker
+    return result
+
+
+def test_an_endless_image_url_is_cut_at_the_size_cap(i2v, sender):
+    """Cog's own download of a Path input read such a URL to 4 GiB before run() was called."""
+    _refused_in_time(i2v, sender.url("/endless"), "over the 8.4 MB limit", 30)
+    assert sender.wait_hung_up("/endless", timeout=10)  # the connection was closed
+    # What was sent: the cap plus what the sockets' buffers took, not gigabytes.
+    assert sender.sent["/endless"] < 8.4e6 + (32 << 20)
+
+
+def test_a_trickling_image_url_is_cut_at_the_deadline(i2v, sender):
+    """64 bytes a second: Cog's download of a Path input waited for as long as it lasted."""
+    started = time.monotonic()
+    _refused_in_time(i2v, sender.url("/trickle"), f"took longer than {INPUT_TIMEOUT} s", 20)
+    assert time.monotonic() - started >= float(INPUT_TIMEOUT)
+    assert sender.wait_hung_up("/trickle", timeout=10)
+
+
+def test_a_large_data_uri_is_refused_at_the_size_cap(i2v):
+    uri = data_uri(b"\0" * (9 << 20), "image/png")
+    _refused_in_time(i2v, uri, "over the 8.4 MB limit (COGVIDEOX_INPUT_MAX_SIZE)", 30)
+
+
 def test_refused_images_leave_no_descriptors_or_files_behind(i2v):
     """Runs after the table (file order): about twenty images went through this worker."""
     assert fd_count(i2v.worker) <= i2v.fds + 2
     left = sorted(i2v.tmp.iterdir())
     outputs = [path for path in left if path.name.startswith("cogvideox-")]
     assert len(outputs) <= 1  # only the latest prediction's output folder is kept
-    others = [path for path in left if path not in outputs]
-    # cog leaves an empty temporary file for each image download that failed (404, refused).
-    assert all(path.is_file() and path.stat().st_size == 0 for path in others), others
+    # Every downloaded image is deleted with its prediction, refused or not.
+    assert [path for path in left if path not in outputs] == []
 
 
 def test_text_to_video_keeps_one_output_folder(t2v):

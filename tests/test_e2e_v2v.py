@@ -67,3 +67,14 @@ def test_strength_out_of_range_is_refused_by_the_schema_with_422(server, tmp_pat
 def test_the_video_is_required(server):
     response = server.predict(FAST, expect=422)
     assert response["detail"][0]["loc"][-1] == "video"
+
+
+def test_a_clip_on_the_server_disk_is_not_an_input(server, tmp_path):
+    """A bare path (or file: URL) of a real clip next to the server is refused, not read."""
+    clip = tmp_path / "clip.mp4"
+    encode_mp4(np.zeros((9, 64, 96, 3), dtype=np.uint8), clip, fps=8)
+    for value in (str(clip), clip.as_uri()):
+        response = server.predict({**FAST, "video": value})
+        assert response["status"] == "failed"
+        assert "is not an http(s) URL or a data: URI of a video" in response["error"]
+        server.wait_idle(timeout=10)

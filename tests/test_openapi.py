@@ -62,10 +62,15 @@ def test_inputs_without_default_are_required_and_empty_defaults_nullable(source_
             assert schema["properties"][name].get("nullable") is True, name
 
 
-def test_the_i2v_image_is_a_required_uri():
-    schema = build_schema(f"{PROJECT / 'predict_i2v.py'}:Predictor")["components"]["schemas"]
-    assert schema["Input"]["properties"]["image"]["format"] == "uri"
-    assert "image" in schema["Input"]["required"]
+@pytest.mark.parametrize(
+    "source_file, name", [("predict_i2v.py", "image"), ("predict_v2v.py", "video")]
+)
+def test_the_picture_or_clip_is_a_required_string_not_a_file(source_file, name):
+    """A string, so Cog passes the URL on as it is instead of downloading it unbounded."""
+    schema = build_schema(f"{PROJECT / source_file}:Predictor")["components"]["schemas"]
+    assert schema["Input"]["properties"][name]["type"] == "string"
+    assert "format" not in schema["Input"]["properties"][name]
+    assert name in schema["Input"]["required"]
 
 
 def test_output_is_a_single_file_uri():

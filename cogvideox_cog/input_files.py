@@ -1,0 +1,134 @@
+"""The image and video inputs, fetched here with a size cap and a deadline, not by Cog.
+
+Cog 0.23.1 downloads a `Path` input before run() is called, with no bound on size or time
+(an endless URL fills the disk, a slow one holds the only slot as long as its sender likes),
+and hands any string that is not a URL to run() as a path on the server's own disk. So the
+predictors take these inputs as strings, and this module turns them into files: an http(s)
+URL through the weights downloader (download.py) under COGVIDEOX_INPUT_MAX_SIZE and one
+overall COGVIDEOX_INPUT_TIMEOUT, a data: URI decoded under the same cap; anything else is
+refused. The file is deleted when the prediction is done with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import mimetypes
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import download
+from .inputs import InputError
+from .lora_cache import parse_size
+from .manifest import WeightsError
+
+log = logging.getLogger(__name__)
+
+MAX_SIZE_ENV = "COGVIDEOX_INPUT_MAX_SIZE"
+TIMEOUT_ENV = "COGVIDEOX_INPUT_TIMEOUT"
+# A 64 MP PNG is at most ~200 MB; a 10-minute 4K clip (the video limits) fits in 1 GB.
+DEFAULT_MAX_SIZE = "1G"
+# 1 GB in 120 s is 8 MB/s; inputs on Replicate come from its own file store, far faster.
+DEFAULT_TIMEOUT_S = 120.0
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+
+
+def max_bytes() -> int:
+    return parse_size(os.environ.get(MAX_SIZE_ENV) or DEFAULT_MAX_SIZE, MAX_SIZE_ENV)
+
+
+def timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+
+
+@contextmanager
+def fetched(name: str, value: str, kind: str) -> Iterator[Path]:
+    """The input `name` (an http(s) URL or a data: URI of a `kind`, e.g. "picture") as a
+    file of its own, removed on exit."""
+    value = value.strip()
+    scheme = urllib.parse.urlsplit(value).scheme.lower()
+    if scheme not in ("http", "https", "data"):
+        raise InputError(
+            f"{name} {value[:100]!r} is not an http(s) URL or a data: URI of a {kind}."
+        )
+    handle, temporary = tempfile.mkstemp(prefix=f"cogvideox-{name}-", suffix=_suffix(value))
+    path = Path(temporary)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            if scheme == "data":
+                out.write(_decode_data_uri(name, value))
+            else:
+                _download(name, value, out)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _suffix(value: str) -> str:
+    """The file's extension from the URL or the data: URI's media type: some formats are
+    recognised by name only."""
+    if value[:5].lower() == "data:":
+        media_type = value[5:].split(",", 1)[0].split(";", 1)[0]
+        return mimetypes.guess_extension(media_type.strip().lower()) or ""
+    match = _SUFFIX.search(urllib.parse.urlsplit(value).path)
+    return match[0].lower() if match else ""
+
+
+def _decode_data_uri(name: str, value: str) -> bytes:
+    header, comma, payload = value[5:].partition(",")
+    if not comma:
+        raise InputError(f"{name} is a data: URI without a comma before its data.")
+    cap = max_bytes()
+    if header.lower().endswith(";base64"):
+        if len(payload) // 4 * 3 > cap:
+            raise _too_big(name, len(payload) // 4 * 3, cap)
+        try:
+            return base64.b64decode(urllib.parse.unquote_to_bytes(payload))
+        except (binascii.Error, ValueError) as error:
+            raise InputError(f"{name} is a data: URI whose base64 data is damaged.") from error
+    data = urllib.parse.unquote_to_bytes(payload)
+    if len(data) > cap:
+        raise _too_big(name, len(data), cap)
+    return data
+
+
+def _download(name: str, url: str, out) -> None:
+    cap, seconds = max_bytes(), timeout_s()
+    started = time.monotonic()
+
+    def fetch(cancelled: threading.Event) -> None:
+        # No retries of the first request: a URL that fails now fails the prediction now.
+        # A body cut short is still resumed where it stopped, within the deadline.
+        hint = "Check the URL and try again."
+        download.fetch_capped(url, out, cap, cancelled, f"{name} {url}", hint, retries=0)
+
+    try:
+        download.with_deadline(fetch, seconds, f"{name}-download")
+    except download.TooLarge as error:
+        raise _too_big(name, error.size, cap, error.at_least) from None
+    except download.DeadlineExceeded:
+        raise InputError(
+            f"downloading {name} from {url} took longer than {seconds:g} s ({TIMEOUT_ENV}); "
+            f"host it closer to the server, or send a smaller file."
+        ) from None
+    except WeightsError as error:
+        raise InputError(f"{name}: {error}") from None
+    log.info(
+        f"{name}: {download.human(out.tell())} downloaded in {time.monotonic() - started:.1f} s"
+    )
+
+
+def _too_big(name: str, size: int, cap: int, at_least: bool = False) -> InputError:
+    more = "more than " if at_least else ""
+    return InputError(
+        f"{name} is {more}{download.human(size)}, over the {download.human(cap)} limit "
+        f"({MAX_SIZE_ENV}); send a smaller file."
+    )
