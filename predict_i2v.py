@@ -9,8 +9,9 @@ from cogvideox_cog.logs import setup_logging
 from cogvideox_cog.pipeline import Request, VideoGenerator
 
 
-# Inputs are spelled out literally here and in predict_t2v.py rather than shared: `cog build`
-# reads them by static analysis, which drops bounds and defaults that are not literals.
+# The inputs are literal in each predictor: `cog build` reads each file on its own (an input
+# registry must live in the same file), so the shared ones are written three times and
+# tests/test_predictor_inputs.py fails when they differ.
 class Predictor(BaseRunner):
     def setup(self) -> None:
         setup_logging()
@@ -48,8 +49,9 @@ class Predictor(BaseRunner):
             default=6.0,
         ),
         use_dynamic_cfg: Optional[bool] = Input(
-            description="Raise guidance from 1 to 1 + guidance_scale over the steps. Empty: the "
-            "model's default (on for CogVideoX-5B-I2V, off for 1.5).",
+            description="Dynamic guidance as the model's authors run it: the scale swings "
+            "between 1 and 1 + guidance_scale from step to step. Empty: the model's default "
+            "(on for the 5B and 1.5 models, off for 2B).",
             default=None,
         ),
         fps: Optional[int] = Input(

@@ -12,9 +12,9 @@ from cogvideox_cog.logs import setup_logging
 from cogvideox_cog.pipeline import Request, VideoGenerator
 
 
-# Inputs are spelled out literally here, in predict_t2v.py and predict_i2v.py rather than
-# shared: `cog build` reads them by static analysis, which drops bounds and defaults that are
-# not literals.
+# The inputs are literal in each predictor: `cog build` reads each file on its own (an input
+# registry must live in the same file), so the shared ones are written three times and
+# tests/test_predictor_inputs.py fails when they differ.
 class Predictor(BaseRunner):
     def setup(self) -> None:
         setup_logging()
