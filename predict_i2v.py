@@ -4,8 +4,8 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
-from cogvideox_cog.input_files import fetched
 from cogvideox_cog.logs import setup_logging
+from cogvideox_cog.media.fetch import fetched
 from cogvideox_cog.pipeline import Request, VideoGenerator
 
 

@@ -2,7 +2,7 @@
 
 (a) mp4 encoding of frames shaped like CogVideoX output (49 x 480 x 720 at 8 fps, 81 x 768 x 1360
     at 16 fps; moving gradients, a moving disc and mild noise, as float frames in [0, 1] the way
-    output_type="np" returns them) by our `cogvideox_cog.video.encode_mp4` and by diffusers'
+    output_type="np" returns them) by our `cogvideox_cog.media.mp4.encode_mp4` and by diffusers'
     `export_to_video` (imageio + imageio-ffmpeg, its recommended backend), interleaved, median of
     several repetitions; both files are probed with our `probe_mp4` and compared with the source.
 (b) the per-prediction overhead of the predictor path, `VideoGenerator.generate` on the tiny
@@ -36,10 +36,10 @@ from diffusers import CogVideoXPipeline
 from diffusers.utils import export_to_video
 
 from benchmarks.common import environment, markdown_table, write_json
+from cogvideox_cog.devtools.tiny import build_tiny_pipeline
+from cogvideox_cog.media.mp4 import DEFAULT_CRF, DEFAULT_PRESET, encode_mp4, probe_mp4
 from cogvideox_cog.pipeline import PIPELINES, Request, VideoGenerator, configure_pipeline
-from cogvideox_cog.tiny import build_tiny_pipeline
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.video import DEFAULT_CRF, DEFAULT_PRESET, encode_mp4, probe_mp4
 
 log = logging.getLogger("cpu_figures")
 CPU = torch.device("cpu")
@@ -227,7 +227,7 @@ def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
         release.call(generator.release_memory)
     median = statistics.median
     return {
-        "model": "tiny 1.0 text-to-video (cogvideox_cog.tiny), float32",
+        "model": "tiny 1.0 text-to-video (cogvideox_cog.devtools.tiny), float32",
         "variant_rules": variant.id,
         "steps": steps,
         "frames": frames,

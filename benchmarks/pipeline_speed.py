@@ -13,9 +13,9 @@ latents are decoded again, once per `--tiling` mode, to compare VAE tiling on an
     python3 benchmarks/pipeline_speed.py --variant cogvideox-5b --offload none,model,sequential \
         --tiling on,off --steps 50 --steps-sequential 2 --out results/gpu
 
-`--size tiny` uses the tiny test models of `cogvideox_cog.tiny` instead, so the harness itself
-runs on a CPU in seconds. Each run writes `<variant>-<size>-<offload>.json` into --out, and
-`results.md` there is rewritten from every JSON in the folder.
+`--size tiny` uses the tiny test models of `cogvideox_cog.devtools.tiny` instead, so the
+harness itself runs on a CPU in seconds. Each run writes `<variant>-<size>-<offload>.json` into
+--out, and `results.md` there is rewritten from every JSON in the folder.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ from benchmarks.common import (
     write_json,
 )
 from cogvideox_cog import pipeline as predictor_pipeline
+from cogvideox_cog.devtools.tiny import TINY, build_tiny_pipeline
 from cogvideox_cog.inputs import RESOLUTION_ENV
+from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
     PIPELINES,
     Request,
@@ -61,9 +63,7 @@ from cogvideox_cog.pipeline import (
     configure_pipeline,
     pipeline_dtype,
 )
-from cogvideox_cog.tiny import TINY, build_tiny_pipeline
 from cogvideox_cog.variants import VARIANTS, Variant
-from cogvideox_cog.video import probe_mp4
 
 log = logging.getLogger("pipeline_speed")
 

@@ -35,9 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cogvideox_cog.openapi import SCHEMA_PATH, write_schema  # noqa: E402
-from cogvideox_cog.tiny import TINY, save_tiny_weights  # noqa: E402
-from cogvideox_cog.video import probe_mp4  # noqa: E402
+from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema  # noqa: E402
+from cogvideox_cog.devtools.tiny import TINY, save_tiny_weights  # noqa: E402
+from cogvideox_cog.media.mp4 import probe_mp4  # noqa: E402
 from tests.cog_server import (  # noqa: E402
     CogServer,
     WebhookReceiver,

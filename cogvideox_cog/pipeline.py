@@ -26,12 +26,12 @@ from PIL import Image
 
 from . import inputs, leftovers
 from .logs import drop_diffusers_prompt_echo
-from .lora import LoraSlot
-from .lora_cache import LoraCache, check_lora_url
+from .lora.file import LoraSlot
+from .lora.store import LoraCache, check_lora_url
+from .media.clip import load_video
+from .media.mp4 import encode_mp4
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Task, Variant, variant_from_env
-from .video import encode_mp4
-from .video_input import load_video
 from .weights import load_weights
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cogvideox_cog.openapi import SCHEMA_PATH, write_schema
-from cogvideox_cog.tiny import TINY, save_tiny_weights
+from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
+from cogvideox_cog.devtools.tiny import TINY, save_tiny_weights
 from tests.cog_server import CogServer
 from tests.file_server import FileServer
 

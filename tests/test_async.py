@@ -19,10 +19,10 @@ import requests
 import torch
 
 from cogvideox_cog import pipeline
-from cogvideox_cog.openapi import SCHEMA_PATH, write_schema
+from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
+from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.video import probe_mp4
 from tests.cog_server import CogServer, WebhookReceiver, fd_count, rss_bytes
 from tests.conftest import PROJECT
 from tests.http_peers import UploadServer

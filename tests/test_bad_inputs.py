@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.inputs import MAX_ASPECT_RATIO, InputError, open_image
-from cogvideox_cog.tiny import TINY
-from cogvideox_cog.video import probe_mp4
+from cogvideox_cog.media.mp4 import probe_mp4
 from tests.cog_server import data_uri, fd_count, free_port, save_data_uri
 from tests.file_server import FileServer
 from tests.http_peers import EndlessSender

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from PIL import Image
 
-from cogvideox_cog.tiny import TINY
-from cogvideox_cog.video import probe_mp4
+from cogvideox_cog.devtools.tiny import TINY
+from cogvideox_cog.media.mp4 import probe_mp4
 from tests.cog_server import CogServerError, data_uri, save_data_uri
 from tests.file_server import FileServer
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideox_cog.video import encode_mp4
+from cogvideox_cog.media.mp4 import encode_mp4
 from tests.cog_server import data_uri, save_data_uri
 from tests.file_server import FileServer
 from tests.lora_files import lora_tensors, save_diffusers_lora, save_sat_lora

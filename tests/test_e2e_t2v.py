@@ -8,8 +8,8 @@ import av
 import numpy as np
 import pytest
 
-from cogvideox_cog.tiny import TINY
-from cogvideox_cog.video import probe_mp4
+from cogvideox_cog.devtools.tiny import TINY
+from cogvideox_cog.media.mp4 import probe_mp4
 from tests.cog_server import CogServerError, WebhookReceiver, save_data_uri
 
 pytestmark = pytest.mark.e2e

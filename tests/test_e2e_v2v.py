@@ -7,8 +7,8 @@ import uuid
 import numpy as np
 import pytest
 
-from cogvideox_cog.tiny import TINY
-from cogvideox_cog.video import encode_mp4, probe_mp4
+from cogvideox_cog.devtools.tiny import TINY
+from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 from tests.cog_server import data_uri, save_data_uri
 
 pytestmark = pytest.mark.e2e

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from cogvideox_cog import download
-from cogvideox_cog.lora_cache import LoraCache, LoraError, check_lora_url, parse_size
+from cogvideox_cog.lora.store import LoraCache, LoraError, check_lora_url, parse_size
+from cogvideox_cog.weights import download
 from tests.file_server import FileServer
 
 LORA = "pytorch_lora_weights.safetensors"
@@ -323,7 +323,7 @@ def test_stale_partial_downloads_are_removed(served, cache):
 
 
 _GET_IN_A_PROCESS = (
-    "import sys; from pathlib import Path; from cogvideox_cog.lora_cache import LoraCache; "
+    "import sys; from pathlib import Path; from cogvideox_cog.lora.store import LoraCache; "
     "LoraCache(Path(sys.argv[1]), 1 << 30, 1 << 30, timeout_s=120).get(sys.argv[2])"
 )
 

@@ -8,7 +8,7 @@ import ast
 
 import pytest
 
-from cogvideox_cog.openapi import build_schema
+from cogvideox_cog.devtools.openapi import build_schema
 from tests.conftest import PROJECT
 
 PREDICTORS = ["predict_t2v.py", "predict_i2v.py", "predict_v2v.py"]

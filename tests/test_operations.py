@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from cogvideox_cog.openapi import SCHEMA_PATH, write_schema
+from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
 from tests.cog_server import TERMINAL, CogServer, WebhookReceiver
 from tests.conftest import PROJECT
 

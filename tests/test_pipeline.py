@@ -8,6 +8,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
 from cogvideox_cog.inputs import InputError
+from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
     Request,
     VideoGenerator,
@@ -16,7 +17,6 @@ from cogvideox_cog.pipeline import (
     offload_for_free_memory,
 )
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.video import probe_mp4
 from tests.markers import needs_cpp_compiler
 
 CPU = torch.device("cpu")

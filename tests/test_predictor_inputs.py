@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cogvideox_cog.openapi import build_schema
+from cogvideox_cog.devtools.openapi import build_schema
 
 PROJECT = Path(__file__).resolve().parent.parent
 PREDICTORS = ("t2v", "i2v", "v2v")

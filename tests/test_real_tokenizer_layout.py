@@ -9,9 +9,9 @@ import pytest
 import sentencepiece
 import torch
 
+from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.video import probe_mp4
 
 CORPUS = [
     "a panda in a red jacket plays an acoustic guitar in a sunlit bamboo forest",

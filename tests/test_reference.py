@@ -27,10 +27,10 @@ from diffusers import (
 from PIL import Image
 
 from cogvideox_cog.inputs import fit_image, open_image
+from cogvideox_cog.media.clip import load_video
+from cogvideox_cog.media.mp4 import encode_mp4
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.video import encode_mp4
-from cogvideox_cog.video_input import load_video
 
 CPU = torch.device("cpu")
 PROMPT = "a panda plays guitar in a bamboo forest"

@@ -19,7 +19,7 @@ from xml.etree import ElementTree
 import pytest
 import requests
 
-from cogvideox_cog.openapi import build_schema
+from cogvideox_cog.devtools.openapi import build_schema
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.e2e

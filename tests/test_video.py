@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideox_cog.video import encode_mp4, probe_mp4
+from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 
 WIDTH, HEIGHT = 64, 48  # small keeps the file fast; multiples of 8 as the models produce
 

@@ -8,10 +8,10 @@ import av
 import numpy as np
 import pytest
 
-from cogvideox_cog import video_input
 from cogvideox_cog.inputs import InputError
-from cogvideox_cog.video import encode_mp4
-from cogvideox_cog.video_input import load_video
+from cogvideox_cog.media import clip as video_input
+from cogvideox_cog.media.clip import load_video
+from cogvideox_cog.media.mp4 import encode_mp4
 
 H, W = 48, 80  # the tiny models' resolution
 ALLOWED = range(9, 50, 8)

@@ -26,24 +26,26 @@ from types import SimpleNamespace
 
 import pytest
 
-from cogvideox_cog import download, untar, weights
-from cogvideox_cog.manifest import (
+from cogvideox_cog import weights
+from cogvideox_cog.variants import VARIANTS
+from cogvideox_cog.weights import (
+    COMPLETE_MARKER,
+    WeightsError,
+    download,
+    ensure_weights,
+    hub_online,
+    parse_hf_url,
+    untar,
+)
+from cogvideox_cog.weights.manifest import (
     MANIFEST_DIR,
     BadSource,
     load_manifest,
     manifest_of_directory,
     sha256_file,
 )
-from cogvideox_cog.untar import JOURNAL
-from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.verify import verify
-from cogvideox_cog.weights import (
-    COMPLETE_MARKER,
-    WeightsError,
-    ensure_weights,
-    hub_online,
-    parse_hf_url,
-)
+from cogvideox_cog.weights.untar import JOURNAL
+from cogvideox_cog.weights.verify import verify
 from tests.file_server import FileServer
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -57,7 +59,7 @@ ABSOLUTE = "/cogvideox-weights-test-absolute.txt"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from cogvideox_cog.tiny import save_tiny_weights
+    from cogvideox_cog.devtools.tiny import save_tiny_weights
 
     return save_tiny_weights(tmp_path_factory.mktemp("tiny") / "pipeline", "1.0", "t2v")
 

@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import download
-from .inputs import InputError
-from .lora_cache import parse_size
-from .manifest import WeightsError
+from ..inputs import InputError
+from ..lora.store import parse_size
+from ..weights import download
+from ..weights.manifest import WeightsError
 
 log = logging.getLogger(__name__)
 

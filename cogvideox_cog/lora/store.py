@@ -29,11 +29,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import download, leftovers
-from .inputs import InputError
-from .manifest import WeightsError
-from .verify import check_safetensors
-from .weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, hub_online
+from .. import leftovers
+from ..inputs import InputError
+from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, download, hub_online
+from ..weights.manifest import WeightsError
+from ..weights.verify import check_safetensors
 
 log = logging.getLogger(__name__)
 

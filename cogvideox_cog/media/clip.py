@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 from PIL import Image
 
-from .inputs import InputError, fit_image
+from ..inputs import InputError, fit_image
 
 log = logging.getLogger(__name__)
 

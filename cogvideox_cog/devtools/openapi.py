@@ -9,7 +9,7 @@ does (its paths, Input, Output and the request, response and error components), 
 schema-driven clients find every operation. One addition: `PUT /predictions/{prediction_id}`,
 which Cog's server answers but the build's document leaves out.
 
-Usage: python -m cogvideox_cog.openapi predict_t2v.py:Predictor [OUTPUT]
+Usage: python -m cogvideox_cog.devtools.openapi predict_t2v.py:Predictor [OUTPUT]
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from .variants import Task
+from ..variants import Task
 
 Family = Literal["1.0", "1.5"]
 

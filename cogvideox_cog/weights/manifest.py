@@ -4,7 +4,7 @@ The manifests live in `manifests/<variant>.json` beside this module. Each lists 
 tried in order and the files a complete copy must hold, with size and sha256 where known;
 a file without them is checked for presence and structure only (see verify.py).
 COGVIDEOX_WEIGHTS_MANIFEST replaces the built-in manifest with one of your own, e.g. for a
-private mirror whose hashes you know: `python -m cogvideox_cog.manifest DIR` writes one for a
+private mirror whose hashes you know: `python -m cogvideox_cog.weights.manifest DIR` writes one for a
 directory of weights you trust.
 """
 
@@ -120,7 +120,7 @@ def manifest_of_directory(root: Path, variant: str, sources: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m cogvideox_cog.manifest DIR VARIANT [SOURCE ...]: print a manifest of DIR."""
+    """python -m cogvideox_cog.weights.manifest DIR VARIANT [SOURCE ...]: print a manifest of DIR."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
         sys.exit(main.__doc__)

@@ -38,7 +38,7 @@ from typing import TypeVar
 from . import download
 from .manifest import BadSource, Manifest, WeightsError, load_manifest, sha256_file
 from .untar import JOURNAL, Journal, extract
-from .variants import MODEL_ENV, Variant
+from ..variants import MODEL_ENV, Variant
 from .verify import check_contained, verify
 
 __all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights"]
@@ -55,7 +55,7 @@ FSYNC_ENV = "COGVIDEOX_WEIGHTS_FSYNC"
 CHECK_ENV = "COGVIDEOX_WEIGHTS_CHECK"
 CHECKS = ("size", "sha256")
 HASH_THREADS = 4
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # the project root's
 COMPLETE_MARKER = ".cogvideox-complete.json"
 MARKER_FORMAT = 2
 HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from .lora_cache import LoraError
+from .store import LoraError
 
 log = logging.getLogger(__name__)
 

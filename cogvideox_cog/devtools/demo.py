@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .logs import setup_logging
-from .pipeline import Request, VideoGenerator
-from .variants import MODEL_ENV
-from .video import probe_mp4
-from .weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_URL_ENV
+from ..logs import setup_logging
+from ..media.mp4 import probe_mp4
+from ..pipeline import Request, VideoGenerator
+from ..variants import MODEL_ENV
+from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_URL_ENV
 
 PROMPT = (
     "A panda in a small red jacket plays an acoustic guitar on a wooden stool in a sunlit "

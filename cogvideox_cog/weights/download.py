@@ -91,7 +91,9 @@ class RemoteFile:
         return None
 
 
-def probe(url: str, retries: int = RETRIES) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
+def probe(
+    url: str, retries: int | None = None
+) -> tuple[RemoteFile, http.client.HTTPResponse | None]:
     """Learn the size and Range support of `url` with one GET of its first byte.
 
     A server that ignores Range answers with the whole body; that response is returned open,
@@ -156,8 +158,10 @@ def _backoff(failures: int, asked: float | None) -> float:
     return delay * random.uniform(0.75, 1.0)  # jitter: parallel ranges do not retry in step
 
 
-def _retrying(what: str, attempt: Callable, retries: int = RETRIES):
-    """Call attempt() until it returns, retrying what _describe() calls retryable."""
+def _retrying(what: str, attempt: Callable, retries: int | None = None):
+    """Call attempt() until it returns, retrying what _describe() calls retryable (at most
+    `retries` times in a row; RETRIES when not given, read at the call)."""
+    retries = RETRIES if retries is None else retries
     failures = 0
     while True:
         try:
@@ -586,7 +590,7 @@ def fetch_capped(
     cancelled: threading.Event,
     what: str,
     hint: str = RESUME_HINT,
-    retries: int = RETRIES,
+    retries: int | None = None,
 ) -> None:
     """Write the body of `url` to the binary file `out`, at most `max_bytes` of it.
 
