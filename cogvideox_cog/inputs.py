@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ConfigError, InputError
 from .variants import Variant
 
 MAX_SEED = 2**32 - 1
@@ -28,10 +29,6 @@ _LIMIT_MP = f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP"
 # At 4:1 that crop still holds over a third of the picture; a 100:1 panorama would leave a
 # sliver stretched over the whole frame, so longer shapes are refused: the user crops instead.
 MAX_ASPECT_RATIO = 4.0
-
-
-class InputError(ValueError):
-    """A user input that cannot be served; the message says what to change."""
 
 
 def check_num_frames(variant: Variant, num_frames: int | None) -> int:
@@ -139,12 +136,12 @@ def native_resolution(
         f"{config_size[0]}x{config_size[1]}"
     )
     if config.use_learned_positional_embeddings and size != config_size:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: these weights have learned position embeddings and only generate at "
             f"{config_size[0]}x{config_size[1]}" + ("" if source else f"; {fix}")
         )
     if config.patch_size_t is not None and (height > config_size[0] or width > config_size[1]):
-        raise ValueError(
+        raise ConfigError(
             f"{what}: these weights generate at most {config_size[0]}x{config_size[1]} (their "
             f"transformer's sample_height x sample_width); {fix}"
         )
@@ -155,11 +152,13 @@ def _parse_resolution(override: str, multiple: int) -> tuple[int, int]:
     try:
         height, width = (int(part) for part in override.lower().split("x"))
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"{RESOLUTION_ENV}={override!r} is not HEIGHTxWIDTH, e.g. 768x1360"
         ) from None
     if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}")
+        raise ConfigError(
+            f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}"
+        )
     return height, width
 
 

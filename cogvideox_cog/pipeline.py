@@ -25,6 +25,7 @@ from diffusers import (
 from PIL import Image
 
 from . import inputs, leftovers
+from .errors import ConfigError, InputError
 from .logs import drop_diffusers_prompt_echo
 from .lora.file import LoraSlot
 from .lora.store import LoraCache, check_lora_url
@@ -60,7 +61,9 @@ DEFAULT_STRENGTH = 0.8
 def choose_offload(requested: str, variant: Variant, device: torch.device) -> str:
     """Resolve COGVIDEOX_OFFLOAD: `auto` keeps everything on the GPU when it fits."""
     if requested not in OFFLOAD_POLICIES:
-        raise ValueError(f"{OFFLOAD_ENV}={requested!r} is not one of {', '.join(OFFLOAD_POLICIES)}")
+        raise ConfigError(
+            f"{OFFLOAD_ENV}={requested!r} is not one of {', '.join(OFFLOAD_POLICIES)}"
+        )
     if device.type != "cuda":
         if requested not in ("auto", "none"):
             log.warning(f"{OFFLOAD_ENV}={requested} needs a CUDA GPU; running without offload")
@@ -101,7 +104,7 @@ def load_pipeline(variant: Variant, weights: Path, device: torch.device, mode: M
     """The pipeline read from `weights`, not yet placed: the step that fails on bad files."""
     mode = mode or variant.task
     if MODE_TASK[mode] != variant.task:
-        raise ValueError(f"{variant.id} is a {variant.task} variant and cannot run {mode}")
+        raise ConfigError(f"{variant.id} is a {variant.task} variant and cannot run {mode}")
     dtype = pipeline_dtype(variant, device)
     log.info(f"pipeline: {variant.id} ({mode}) from {weights}, {dtype} on {device}")
     return PIPELINES[mode].from_pretrained(weights, dtype=dtype)
@@ -295,7 +298,7 @@ class VideoGenerator:
         height, width = self.native_size
         if variant.task == "i2v":
             if request.image is None:
-                raise inputs.InputError("image is required: the first frame of the video.")
+                raise InputError("image is required: the first frame of the video.")
             image = inputs.open_image(request.image)
             if variant.resolution == "image_aspect":
                 height, width = inputs.image_aspect_size(
@@ -312,7 +315,7 @@ class VideoGenerator:
             # latents to the level of the step it starts at and denoises from there.
             denoise_steps = min(int(steps * strength), steps)
             if request.video is None:
-                raise inputs.InputError("video is required: the clip to transform.")
+                raise InputError("video is required: the clip to transform.")
             clip = load_video(
                 request.video, num_frames, variant.fps, height, width, variant.allowed_frames
             )

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import VariantError
+
 Task = Literal["t2v", "i2v"]
 SchedulerName = Literal["ddim", "dpm"]
 
@@ -144,10 +146,6 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
-
-
-class VariantError(ValueError):
-    pass
 
 
 PREDICTOR_FILES = {

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cogvideox_cog import inputs
-from cogvideox_cog.inputs import InputError
+from cogvideox_cog.errors import InputError
 from cogvideox_cog.variants import VARIANTS
 
 V10 = VARIANTS["cogvideox-5b"]

@@ -12,8 +12,9 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from cogvideox_cog.errors import LoraError
 from cogvideox_cog.lora.file import read_lora
-from cogvideox_cog.lora.store import LoraCache, LoraError
+from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.file_server import FileServer

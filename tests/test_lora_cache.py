@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from cogvideox_cog.lora.store import LoraCache, LoraError, check_lora_url, parse_size
+from cogvideox_cog.errors import LoraError
+from cogvideox_cog.lora.store import LoraCache, check_lora_url, parse_size
 from cogvideox_cog.weights import download
 from tests.file_server import FileServer
 

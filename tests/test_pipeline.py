@@ -7,7 +7,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
-from cogvideox_cog.inputs import InputError
+from cogvideox_cog.errors import InputError
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
     Request,

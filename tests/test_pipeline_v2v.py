@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogvideox_cog.inputs import InputError
+from cogvideox_cog.errors import InputError
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS

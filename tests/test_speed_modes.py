@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvideox_cog.inputs import InputError
+from cogvideox_cog.errors import InputError
 from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.markers import needs_cpp_compiler

@@ -2,13 +2,8 @@
 
 import pytest
 
-from cogvideox_cog.variants import (
-    PREDICTOR_FILES,
-    VARIANTS,
-    VariantError,
-    get_variant,
-    variant_from_env,
-)
+from cogvideox_cog.errors import VariantError
+from cogvideox_cog.variants import PREDICTOR_FILES, VARIANTS, get_variant, variant_from_env
 
 
 def test_registry_covers_all_five_releases():

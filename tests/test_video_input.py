@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from cogvideox_cog.inputs import InputError
+from cogvideox_cog.errors import InputError
 from cogvideox_cog.media import clip as video_input
 from cogvideox_cog.media.clip import load_video
 from cogvideox_cog.media.mp4 import encode_mp4

@@ -27,10 +27,10 @@ from types import SimpleNamespace
 import pytest
 
 from cogvideox_cog import weights
+from cogvideox_cog.errors import BadSource, WeightsError
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights import (
     COMPLETE_MARKER,
-    WeightsError,
     download,
     ensure_weights,
     hub_online,
@@ -39,7 +39,6 @@ from cogvideox_cog.weights import (
 )
 from cogvideox_cog.weights.manifest import (
     MANIFEST_DIR,
-    BadSource,
     load_manifest,
     manifest_of_directory,
     sha256_file,

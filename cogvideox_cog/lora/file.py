@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from .store import LoraError
+from ..errors import LoraError
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import leftovers
-from ..inputs import InputError
+from ..errors import ConfigError, LoraError, WeightsError
 from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, download, hub_online
-from ..weights.manifest import WeightsError
 from ..weights.verify import check_safetensors
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,7 @@ _HF_LORA_URL = re.compile(
     r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@/]+))?"
     r"(?:/(?P<file>[^\s@]*[^\s@/]))?/?"
 )
+
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _PICKLE_HINT = (
     "pickle checkpoints can run code when loaded and are refused; convert it with "
@@ -60,15 +60,11 @@ _PICKLE_HINT = (
 )
 
 
-class LoraError(InputError):
-    """The LoRA at lora_url cannot be used; the message says why and what to do."""
-
-
 def parse_size(text: str, env: str) -> int:
     """'2G', '500M', '1.5GiB' or a plain byte count -> bytes (binary multiples)."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
-        raise ValueError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
+        raise ConfigError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
     return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 

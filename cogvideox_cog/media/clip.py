@@ -17,7 +17,8 @@ from pathlib import Path
 import av
 from PIL import Image
 
-from ..inputs import InputError, fit_image
+from ..errors import InputError
+from ..inputs import fit_image
 
 log = logging.getLogger(__name__)
 

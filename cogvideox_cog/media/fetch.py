@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..inputs import InputError
+from ..errors import InputError, WeightsError
 from ..lora.store import parse_size
 from ..weights import download
-from ..weights.manifest import WeightsError
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import download
-from .manifest import BadSource, Manifest, WeightsError, load_manifest, sha256_file
+from .manifest import Manifest, load_manifest, sha256_file
 from .untar import JOURNAL, Journal, extract
 from ..variants import MODEL_ENV, Variant
 from .verify import check_contained, verify
+from ..errors import BadSource, WeightsError
 
 __all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights"]
 

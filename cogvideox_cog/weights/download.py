@@ -30,8 +30,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from ..errors import BadSource, WeightsError
 
-from .manifest import BadSource, WeightsError
 
 log = logging.getLogger(__name__)
 

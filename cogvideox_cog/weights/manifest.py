@@ -16,19 +16,11 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from ..errors import WeightsError
 
 MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 HASH_BLOCK = 8 << 20
-
-
-class WeightsError(RuntimeError):
-    """Complete weights could not be provided; the message says what failed and what to do."""
-
-
-class BadSource(WeightsError):
-    """The source's bytes themselves are wrong (unsafe, corrupt, truncated, failing checks):
-    what was downloaded is discarded rather than resumed."""
 
 
 @dataclass(frozen=True)

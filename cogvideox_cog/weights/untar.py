@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .download import Stream
-from .manifest import BadSource, WeightsError, sha256_file
+from .manifest import sha256_file
+from ..errors import BadSource, WeightsError
 
 JOURNAL = ".cogvideox-progress.json"
 FLUSH_BYTES = 128 << 20  # start writing a file's data to disk every this many bytes

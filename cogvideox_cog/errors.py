@@ -1,0 +1,33 @@
+"""Every error the package lets out, each with a message that says what to change.
+
+Who sees them: InputError (and LoraError) fail one prediction, and the user reads the message;
+the others fail setup, and the operator reads it in the setup log. Signals that never leave
+the package (a download over its cap, a deadline) stay beside the code that raises them.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A user input that cannot be served; the message says what to change."""
+
+
+class LoraError(InputError):
+    """The LoRA at lora_url cannot be used; the message says why and what to do."""
+
+
+class ConfigError(ValueError):
+    """A deployment setting (an environment variable) that cannot work; the message names it."""
+
+
+class VariantError(ConfigError):
+    """COGVIDEOX_MODEL names no variant, or one this predictor cannot serve."""
+
+
+class WeightsError(RuntimeError):
+    """Complete weights could not be provided; the message says what failed and what to do."""
+
+
+class BadSource(WeightsError):
+    """The source's bytes themselves are wrong (unsafe, corrupt, truncated, failing checks):
+    what was downloaded is discarded rather than resumed."""
