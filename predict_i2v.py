@@ -4,9 +4,9 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.logs import setup_logging
 from cogvideox_cog.media.fetch import fetched
-from cogvideox_cog.pipeline import Request, VideoGenerator
 
 
 # The inputs are literal in each predictor: `cog build` reads each file on its own (an input

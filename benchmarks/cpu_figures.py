@@ -37,8 +37,9 @@ from diffusers.utils import export_to_video
 
 from benchmarks.common import environment, markdown_table, write_json
 from cogvideox_cog.devtools.tiny import build_tiny_pipeline
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import DEFAULT_CRF, DEFAULT_PRESET, encode_mp4, probe_mp4
-from cogvideox_cog.pipeline import PIPELINES, Request, VideoGenerator, configure_pipeline
+from cogvideox_cog.pipeline import PIPELINES, configure_pipeline
 from cogvideox_cog.variants import VARIANTS
 
 log = logging.getLogger("cpu_figures")
@@ -211,7 +212,7 @@ def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
         return video
 
     def our_prediction():
-        generator.generate(request).unlink()
+        generator.render_mp4(request).unlink()
 
     # One untimed round of each: first-call costs (oneDNN primitives, lazy imports) are not
     # per-prediction overhead.

@@ -52,17 +52,12 @@ from benchmarks.common import (
     markdown_table,
     write_json,
 )
-from cogvideox_cog import pipeline as predictor_pipeline
+from cogvideox_cog import generator as predictor_generator
 from cogvideox_cog.devtools.tiny import TINY, build_tiny_pipeline
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.inputs import RESOLUTION_ENV
 from cogvideox_cog.media.mp4 import probe_mp4
-from cogvideox_cog.pipeline import (
-    PIPELINES,
-    Request,
-    VideoGenerator,
-    configure_pipeline,
-    pipeline_dtype,
-)
+from cogvideox_cog.pipeline import PIPELINES, configure_pipeline, pipeline_dtype
 from cogvideox_cog.variants import VARIANTS, Variant
 
 log = logging.getLogger("pipeline_speed")
@@ -426,8 +421,8 @@ class PhaseProbe:
         hook = pipe.transformer.register_forward_pre_hook(self._before_transformer)
         self._undo.append(hook.remove)
 
-        # generate() calls the module-level encode_mp4 of cogvideox_cog.pipeline.
-        encode = predictor_pipeline.encode_mp4
+        # render_mp4() calls the module-level encode_mp4 of cogvideox_cog.generator.
+        encode = predictor_generator.encode_mp4
 
         @functools.wraps(encode)
         def timed_encode(*args, **kwargs):
@@ -436,8 +431,8 @@ class PhaseProbe:
             self.end("encode_mp4", started)
             return result
 
-        predictor_pipeline.encode_mp4 = timed_encode
-        self._undo.append(lambda: setattr(predictor_pipeline, "encode_mp4", encode))
+        predictor_generator.encode_mp4 = timed_encode
+        self._undo.append(lambda: setattr(predictor_generator, "encode_mp4", encode))
         return self
 
     def remove(self) -> None:
@@ -552,7 +547,7 @@ def run_one(
     del components
     pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer=args.compile)
     set_tiling(pipe, args.tiling[0])
-    generator = VideoGenerator(variant, pipe, device)
+    generator = VideoGenerator(variant, pipe, device, resolution=os.environ.get(RESOLUTION_ENV))
     height, width = generator.native_size
     record.update(height=height, width=width)
     record["setup_seconds"] = time.perf_counter() - setup_started
@@ -585,7 +580,7 @@ def run_one(
     try:
         with HostPeak() as host:
             started = probe.begin()
-            output = generator.generate(request)
+            output = generator.render_mp4(request)
             finished = probe.sync()
             probe._fold()
     finally:

@@ -65,13 +65,8 @@ from benchmarks.pipeline_speed import (
     full_components,
     tiny_components,
 )
-from cogvideox_cog.pipeline import (
-    PIPELINES,
-    Request,
-    VideoGenerator,
-    configure_pipeline,
-    pipeline_dtype,
-)
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import PIPELINES, configure_pipeline, pipeline_dtype
 from cogvideox_cog.speed import SPEED_MODES
 from cogvideox_cog.variants import VARIANTS
 
@@ -196,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        video = generator.render(request)
+        video = generator.render_frames(request)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peaks[mode] = max(peaks.get(mode, 0.0), torch.cuda.max_memory_allocated(device))

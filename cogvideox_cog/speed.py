@@ -28,6 +28,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
 
+from .pipeline import is_compiled
+
 SPEED_MODES = ("default", "fast", "faster")
 
 
@@ -63,7 +65,7 @@ def step_cache(pipe, mode: str, classifier_free_guidance: bool) -> Iterator[None
     if config is None:
         yield
         return
-    compiled = getattr(pipe.transformer, "_compiled_call_impl", None) is not None
+    compiled = is_compiled(pipe.transformer)
     pipe.transformer.enable_cache(config)
     try:
         with torch.compiler.set_stance("force_eager") if compiled else nullcontext():

@@ -18,10 +18,11 @@ import pytest
 import requests
 import torch
 
-from cogvideox_cog import pipeline
+from cogvideox_cog import generator as generator_module
 from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.cog_server import CogServer, WebhookReceiver, fd_count, rss_bytes
 from tests.conftest import PROJECT
@@ -268,18 +269,18 @@ def test_a_canceled_generation_leaves_no_tensor_alive(tiny_weights, monkeypatch)
         variant, build_pipeline(variant, tiny_weights["1.0-t2v"], cpu, "none"), cpu
     )
 
-    class CancelAtStep3(pipeline._StepProgress):
+    class CancelAtStep3(generator_module._StepProgress):
         def __call__(self, pipe, step, timestep, callback_kwargs):
             super().__call__(pipe, step, timestep, callback_kwargs)
             if step == 2:
                 raise cog.CancelationException()
             return {}
 
-    monkeypatch.setattr(pipeline, "_StepProgress", CancelAtStep3)
+    monkeypatch.setattr(generator_module, "_StepProgress", CancelAtStep3)
     request = Request("a cat", "", 49, 50, 6.0, None, None, 1)
     live = []
     for _ in range(4):
         with pytest.raises(cog.CancelationException):
-            generator.generate(request)
+            generator.render_mp4(request)
         live.append(_live_tensors())
     assert live[1:] == [live[0]] * 3, live

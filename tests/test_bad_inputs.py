@@ -24,7 +24,7 @@ from PIL import Image
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.errors import InputError
-from cogvideox_cog.inputs import MAX_ASPECT_RATIO, open_image
+from cogvideox_cog.media.image import MAX_ASPECT_RATIO, open_image
 from cogvideox_cog.media.mp4 import probe_mp4
 from tests.cog_server import data_uri, fd_count, free_port, save_data_uri
 from tests.file_server import FileServer

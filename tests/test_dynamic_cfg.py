@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 
 CPU = torch.device("cpu")
@@ -38,7 +39,7 @@ def _render(generator, **overrides):
         fps=None,
         seed=5,
     )
-    return generator.render(Request(**{**fields, **overrides}))
+    return generator.render_frames(Request(**{**fields, **overrides}))
 
 
 def _scales_per_step(pipe, steps: int) -> tuple[list[float], list[int]]:

@@ -13,9 +13,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from cogvideox_cog.errors import LoraError
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.file import read_lora
 from cogvideox_cog.lora.store import LoraCache
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.file_server import FileServer
 from tests.lora_files import (
@@ -83,7 +84,7 @@ def generator(tiny_weights, tmp_path_factory) -> VideoGenerator:
 
 def _frames(generator: VideoGenerator, url: str | None = None, scale: float = 1.0):
     request = Request("a cat walks", "", 9, 2, 6.0, None, None, 5, lora_url=url, lora_scale=scale)
-    return generator.render(request).frames
+    return generator.render_frames(request).frames
 
 
 def _url(loras: FileServer, folder: str, name: str = LORA) -> str:

@@ -8,14 +8,9 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
 from cogvideox_cog.errors import InputError
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
-from cogvideox_cog.pipeline import (
-    Request,
-    VideoGenerator,
-    build_pipeline,
-    choose_offload,
-    offload_for_free_memory,
-)
+from cogvideox_cog.pipeline import build_pipeline, choose_offload, offload_for_free_memory
 from cogvideox_cog.variants import VARIANTS
 from tests.markers import needs_cpp_compiler
 
@@ -45,8 +40,8 @@ def _request(**overrides) -> Request:
 
 
 def test_dynamic_cfg_changes_the_video(generator):
-    on = generator.generate(_request(use_dynamic_cfg=True))
-    off = generator.generate(_request(use_dynamic_cfg=False))
+    on = generator.render_mp4(_request(use_dynamic_cfg=True))
+    off = generator.render_mp4(_request(use_dynamic_cfg=False))
     assert on.read_bytes() != off.read_bytes()
 
 
@@ -70,15 +65,15 @@ def test_cpu_runs_in_float32_whatever_the_variants_gpu_dtype(generator):
 
 
 def test_two_predictions_never_share_an_output_path(generator):
-    first = generator.generate(_request())
-    second = generator.generate(_request())
+    first = generator.render_mp4(_request())
+    second = generator.render_mp4(_request())
     assert first != second
     assert first.exists() and second.exists()
     assert probe_mp4(first)["frames"] == probe_mp4(second)["frames"] == 9
 
 
 def test_whole_number_floats_from_json_are_accepted_as_ints(generator):
-    video = generator.generate(_request(num_frames=9.0, num_inference_steps=2.0, seed=5.0))
+    video = generator.render_mp4(_request(num_frames=9.0, num_inference_steps=2.0, seed=5.0))
     assert probe_mp4(video)["frames"] == 9
 
 
@@ -88,18 +83,18 @@ def test_bad_input_is_refused_before_the_pipeline_runs(generator, monkeypatch):
 
     monkeypatch.setattr(type(generator.pipe), "__call__", must_not_run)
     with pytest.raises(InputError, match="num_frames=10"):
-        generator.generate(_request(num_frames=10))
+        generator.render_mp4(_request(num_frames=10))
 
 
 def test_prompt_over_the_token_limit_is_truncated_with_a_log_line(generator, caplog):
     long_prompt = " ".join(["a panda plays guitar"] * 80)
-    generator.generate(_request(prompt=long_prompt))
+    generator.render_mp4(_request(prompt=long_prompt))
     assert "prompt is longer than the text encoder's 226 tokens" in caplog.text
 
 
 def test_a_very_long_prompt_logs_only_the_start_of_what_is_ignored(generator, caplog):
     long_prompt = "a panda plays guitar " * 450  # close to the 10,000-character cap
-    generator.generate(_request(prompt=long_prompt, num_inference_steps=1))
+    generator.render_mp4(_request(prompt=long_prompt, num_inference_steps=1))
     line = next(r.message for r in caplog.records if "this part is ignored" in r.message)
     assert len(line) < 600 and line.endswith("characters)'")
 
@@ -116,7 +111,7 @@ def test_unknown_offload_policy_is_refused():
 
 def test_frames_match_the_requested_count_for_every_allowed_1_0_value(generator):
     for frames in (9, 17, 25):
-        assert probe_mp4(generator.generate(_request(num_frames=frames)))["frames"] == frames
+        assert probe_mp4(generator.render_mp4(_request(num_frames=frames)))["frames"] == frames
 
 
 @pytest.mark.parametrize(
@@ -171,7 +166,7 @@ def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
         generator.warm_up()
         graphs = counters["stats"]["unique_graphs"]
         for num_frames in (17, 33, 49, 9):
-            generator.render(_request(num_frames=num_frames, num_inference_steps=1))
+            generator.render_frames(_request(num_frames=num_frames, num_inference_steps=1))
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()
@@ -185,18 +180,19 @@ def test_after_warm_up_no_image_shape_compiles_again_on_1_5_image_to_video(
     per request, and setup's warm-up must leave them dynamic too."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("COGVIDEOX_RESOLUTION", "48x80")
     variant = VARIANTS["cogvideox1.5-5b-i2v"]
     pipe = build_pipeline(variant, tiny_weights["1.5-i2v"], CPU, "none", mode="i2v")
     pipe.transformer.compile()
-    generator = VideoGenerator(variant, pipe, CPU, "i2v")
+    generator = VideoGenerator(variant, pipe, CPU, "i2v", resolution="48x80")
     try:
         generator.warm_up()
         graphs = counters["stats"]["unique_graphs"]
         for (width, height), num_frames in (((90, 60), 17), ((60, 90), 33), ((70, 70), 17)):
             image = tmp_path / f"{width}x{height}.png"
             Image.new("RGB", (width, height), (90, 120, 30)).save(image)
-            generator.render(_request(num_frames=num_frames, num_inference_steps=1, image=image))
+            generator.render_frames(
+                _request(num_frames=num_frames, num_inference_steps=1, image=image)
+            )
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()

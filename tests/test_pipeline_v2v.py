@@ -9,17 +9,18 @@ import pytest
 import torch
 
 from cogvideox_cog.errors import InputError
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 
 CPU = torch.device("cpu")
 
 
-def _generator(tiny_weights, variant_id: str, tiny: str) -> VideoGenerator:
+def _generator(tiny_weights, variant_id: str, tiny: str, resolution=None) -> VideoGenerator:
     variant = VARIANTS[variant_id]
     pipe = build_pipeline(variant, tiny_weights[tiny], CPU, "none", mode="v2v")
-    return VideoGenerator(variant, pipe, CPU, "v2v")
+    return VideoGenerator(variant, pipe, CPU, "v2v", resolution=resolution)
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +49,20 @@ def _request(clip, **overrides) -> Request:
 def test_1_0_gives_the_requested_frames(tiny_weights, clip):
     generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
     for frames in (9, 17):
-        info = probe_mp4(generator.generate(_request(clip, num_frames=frames)))
+        info = probe_mp4(generator.render_mp4(_request(clip, num_frames=frames)))
         assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, 8, 80, 48)
 
 
-def test_1_5_pads_the_clip_for_its_latent_patches_and_drops_the_extra_frames(
-    tiny_weights, clip, monkeypatch
-):
-    monkeypatch.setenv("COGVIDEOX_RESOLUTION", "48x80")
-    generator = _generator(tiny_weights, "cogvideox1.5-5b", "1.5-t2v")
-    info = probe_mp4(generator.generate(_request(clip, num_frames=17)))
+def test_1_5_pads_the_clip_for_its_latent_patches_and_drops_the_extra_frames(tiny_weights, clip):
+    generator = _generator(tiny_weights, "cogvideox1.5-5b", "1.5-t2v", resolution="48x80")
+    info = probe_mp4(generator.render_mp4(_request(clip, num_frames=17)))
     assert (info["frames"], info["fps"]) == (17, 16)
 
 
 def test_strength_sets_how_many_steps_run(tiny_weights, clip, caplog):
     caplog.set_level(logging.INFO, logger="cogvideox_cog")
     generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
-    generator.generate(_request(clip, num_inference_steps=10, strength=0.3))
+    generator.render_mp4(_request(clip, num_inference_steps=10, strength=0.3))
     assert "denoised in the last 3 of 10 steps, the clip re-noised 30% of the way" in caplog.text
     assert "step 3/3" in caplog.text and "step 4/" not in caplog.text
 
@@ -72,7 +70,7 @@ def test_strength_sets_how_many_steps_run(tiny_weights, clip, caplog):
 def test_the_log_gives_the_strength_that_whole_steps_make(tiny_weights, clip, caplog):
     caplog.set_level(logging.INFO, logger="cogvideox_cog")
     generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
-    generator.generate(_request(clip, num_inference_steps=2, strength=0.8))
+    generator.render_mp4(_request(clip, num_inference_steps=2, strength=0.8))
     assert "strength 0.8: denoised in the last 1 of 2 steps, the clip re-noised 50%" in caplog.text
 
 
@@ -88,7 +86,7 @@ def test_the_log_gives_the_strength_that_whole_steps_make(tiny_weights, clip, ca
 def test_bad_requests_are_refused(tiny_weights, clip, overrides, message):
     generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
     with pytest.raises(InputError, match=message):
-        generator.generate(_request(clip, **overrides))
+        generator.render_mp4(_request(clip, **overrides))
 
 
 def test_an_i2v_variant_cannot_run_video_to_video(tiny_weights):

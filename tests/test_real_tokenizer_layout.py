@@ -9,8 +9,9 @@ import pytest
 import sentencepiece
 import torch
 
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 
 CORPUS = [
@@ -51,5 +52,5 @@ def test_a_sentencepiece_tokenizer_as_in_the_real_repos_loads_and_generates(spie
     generator = VideoGenerator(variant, build_pipeline(variant, spiece_weights, cpu, "none"), cpu)
     ids = generator.pipe.tokenizer("a panda plays guitar").input_ids
     assert ids[-1] == 1 and 2 not in ids  # ends with </s>, no unknown pieces
-    video = generator.generate(Request("a panda plays guitar", "", 9, 2, 6.0, None, None, seed=1))
+    video = generator.render_mp4(Request("a panda plays guitar", "", 9, 2, 6.0, None, None, seed=1))
     assert probe_mp4(video)["frames"] == 9

@@ -26,10 +26,11 @@ from diffusers import (
 )
 from PIL import Image
 
-from cogvideox_cog.inputs import fit_image, open_image
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.clip import load_video
+from cogvideox_cog.media.image import fit_image, open_image
 from cogvideox_cog.media.mp4 import encode_mp4
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 
 CPU = torch.device("cpu")
@@ -38,9 +39,10 @@ SEED, STEPS, GUIDANCE = 42, 3, 6.0
 TINY_SIZE = "48x80"  # the tiny 1.5 weights bound their rotary grid below 1.5's 768x1360
 
 
-def _ours(variant_id: str, weights, mode: str, **request) -> np.ndarray:
+def _ours(variant_id: str, weights, mode: str, resolution=None, **request) -> np.ndarray:
     variant = VARIANTS[variant_id]
     pipe = build_pipeline(variant, weights, CPU, "none", mode=mode)
+    generator = VideoGenerator(variant, pipe, CPU, mode, resolution=resolution)
     fields = dict(
         prompt=PROMPT,
         negative_prompt="",
@@ -51,7 +53,7 @@ def _ours(variant_id: str, weights, mode: str, **request) -> np.ndarray:
         fps=None,
         seed=SEED,
     )
-    return VideoGenerator(variant, pipe, CPU, mode).render(Request(**{**fields, **request})).frames
+    return generator.render_frames(Request(**{**fields, **request})).frames
 
 
 def _reference(pipeline_class, weights, ddim: bool = False, **call) -> np.ndarray:
@@ -112,21 +114,24 @@ def test_5b_image_to_video_equals_diffusers_on_the_fitted_image(tiny_weights, pi
     assert np.array_equal(ours, reference)
 
 
-def test_1_5_equals_diffusers_with_dpm_and_dynamic_cfg(tiny_weights, monkeypatch):
-    monkeypatch.setenv("COGVIDEOX_RESOLUTION", TINY_SIZE)
-    ours = _ours("cogvideox1.5-5b", tiny_weights["1.5-t2v"], "t2v", num_frames=17)
+def test_1_5_equals_diffusers_with_dpm_and_dynamic_cfg(tiny_weights):
+    ours = _ours(
+        "cogvideox1.5-5b", tiny_weights["1.5-t2v"], "t2v", resolution=TINY_SIZE, num_frames=17
+    )
     reference = _reference(
         CogVideoXPipeline, tiny_weights["1.5-t2v"], num_frames=17, height=48, width=80
     )
     assert np.array_equal(ours, reference)
 
 
-def test_1_5_image_to_video_equals_diffusers_at_the_images_aspect(
-    tiny_weights, picture, monkeypatch
-):
-    monkeypatch.setenv("COGVIDEOX_RESOLUTION", TINY_SIZE)
+def test_1_5_image_to_video_equals_diffusers_at_the_images_aspect(tiny_weights, picture):
     ours = _ours(
-        "cogvideox1.5-5b-i2v", tiny_weights["1.5-i2v"], "i2v", num_frames=17, image=picture
+        "cogvideox1.5-5b-i2v",
+        tiny_weights["1.5-i2v"],
+        "i2v",
+        resolution=TINY_SIZE,
+        num_frames=17,
+        image=picture,
     )
     height, width = ours.shape[1:3]
     image = fit_image(open_image(picture), height, width)

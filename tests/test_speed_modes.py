@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from cogvideox_cog.errors import InputError
-from cogvideox_cog.pipeline import Request, VideoGenerator, build_pipeline
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.markers import needs_cpp_compiler
 
@@ -29,7 +30,7 @@ def _render(generator, **overrides) -> np.ndarray:
     fields = dict(prompt="a cat walks", negative_prompt="", num_frames=9)
     fields |= dict(num_inference_steps=STEPS, guidance_scale=6.0, use_dynamic_cfg=None)
     fields |= dict(fps=None, seed=5)
-    return generator.render(Request(**{**fields, **overrides})).frames
+    return generator.render_frames(Request(**{**fields, **overrides})).frames
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +101,11 @@ def test_unknown_speed_mode_is_refused(generator):
     [("1.0-i2v", "cogvideox-5b-i2v", 9), ("1.5-t2v", "cogvideox1.5-5b", 17)],
 )
 def test_faster_runs_on_other_variants_and_leaves_default_exact(
-    tiny_weights, monkeypatch, tmp_path, tiny, variant_id, num_frames
+    tiny_weights, tmp_path, tiny, variant_id, num_frames
 ):
-    monkeypatch.setenv("COGVIDEOX_RESOLUTION", "48x80")
     variant = VARIANTS[variant_id]
     pipe = build_pipeline(variant, tiny_weights[tiny], CPU, "none")
-    generator = VideoGenerator(variant, pipe, CPU)
+    generator = VideoGenerator(variant, pipe, CPU, resolution="48x80")
     image = None
     if variant.task == "i2v":
         image = tmp_path / "first.png"

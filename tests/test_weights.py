@@ -322,7 +322,7 @@ def _damage_header(path: Path) -> None:
 def test_a_cached_entry_that_fails_to_load_is_fetched_again_once(
     served, cache, tiny, generator_env, monkeypatch, caplog
 ):
-    from cogvideox_cog.pipeline import VideoGenerator
+    from cogvideox_cog.generator import VideoGenerator
 
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     root = ensure_weights(VARIANT)
@@ -338,7 +338,7 @@ def test_a_cached_entry_that_fails_to_load_is_fetched_again_once(
 def test_weights_that_fail_to_load_again_after_the_refetch_fail_setup_clearly(
     served_dir, tmp_path, cache, tiny, generator_env, monkeypatch
 ):
-    from cogvideox_cog.pipeline import VideoGenerator
+    from cogvideox_cog.generator import VideoGenerator
 
     directory = tmp_path / "host"
     directory.mkdir()
@@ -361,7 +361,7 @@ def test_weights_that_fail_to_load_again_after_the_refetch_fail_setup_clearly(
 def test_setup_removes_the_temporary_folders_of_a_killed_worker(
     served, cache, generator_env, monkeypatch
 ):
-    from cogvideox_cog.pipeline import OUTPUT_PREFIX, VideoGenerator
+    from cogvideox_cog.generator import OUTPUT_PREFIX, VideoGenerator
 
     code = (
         "import sys, time; from pathlib import Path; from cogvideox_cog import leftovers; "

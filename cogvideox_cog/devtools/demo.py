@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..generator import Request, VideoGenerator
 from ..logs import setup_logging
 from ..media.mp4 import probe_mp4
-from ..pipeline import Request, VideoGenerator
 from ..variants import MODEL_ENV
 from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_URL_ENV
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         _use_tiny_model()
     generator = VideoGenerator.from_env("t2v")
-    video = generator.generate(
+    video = generator.render_mp4(
         Request(
             prompt=args.prompt,
             negative_prompt="",

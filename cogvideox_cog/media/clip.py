@@ -18,7 +18,7 @@ import av
 from PIL import Image
 
 from ..errors import InputError
-from ..inputs import fit_image
+from .image import fit_image
 
 log = logging.getLogger(__name__)
 

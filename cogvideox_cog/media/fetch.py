@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputError, WeightsError
-from ..lora.store import parse_size
 from ..weights import download
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
 
 def max_bytes() -> int:
-    return parse_size(os.environ.get(MAX_SIZE_ENV) or DEFAULT_MAX_SIZE, MAX_SIZE_ENV)
+    return download.parse_size(os.environ.get(MAX_SIZE_ENV) or DEFAULT_MAX_SIZE, MAX_SIZE_ENV)
 
 
 def timeout_s() -> float:

@@ -20,11 +20,9 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +33,13 @@ from hashlib import sha256
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import BadSource, WeightsError
+from ..variants import MODEL_ENV, Variant
 from . import download
+from .hub import hub_online, parse_hf_url
 from .manifest import Manifest, load_manifest, sha256_file
 from .untar import JOURNAL, Journal, extract
-from ..variants import MODEL_ENV, Variant
 from .verify import check_contained, verify
-from ..errors import BadSource, WeightsError
 
 __all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights"]
 
@@ -59,12 +58,11 @@ HASH_THREADS = 4
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # the project root's
 COMPLETE_MARKER = ".cogvideox-complete.json"
 MARKER_FORMAT = 2
+# What a hub snapshot needs: the pipeline index and the component folders (no README, media).
+HF_PATTERNS = ["model_index.json", "*/*"]
 HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself
 LOCK_LOG_EVERY_S = 30.0
 T = TypeVar("T")
-# What a hub snapshot needs: the pipeline index and the component folders (no README, media).
-HF_PATTERNS = ["model_index.json", "*/*"]
-_HF_URL = re.compile(r"hf://([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@([^\s@]+))?/?")
 
 
 @dataclass
@@ -196,17 +194,6 @@ def _cached(root: Path, entry: Path) -> _Resolved:
     marker = _read_marker(entry) or {}
     text = (entry / COMPLETE_MARKER).read_text()
     return _Resolved(root, entry, marker.get("source", ""), text)
-
-
-def parse_hf_url(source: str) -> tuple[str, str | None]:
-    """hf://org/repo[@revision] -> ("org/repo", revision or None)."""
-    match = _HF_URL.fullmatch(source)
-    if not match:
-        raise WeightsError(
-            f"{WEIGHTS_URL_ENV}={source!r} is not a Hugging Face Hub source: use "
-            f"hf://org/repo or hf://org/repo@revision (a branch, tag or commit)"
-        )
-    return match[1], match[2]
 
 
 def _entry_name(variant: Variant, sources: list[str], manifest: Manifest) -> str:
@@ -462,7 +449,13 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
 
 def _fetch_hub(source: str, staging: Path) -> None:
     """snapshot_download into the staging folder, which it resumes itself."""
-    repo, revision = parse_hf_url(source)
+    ref = parse_hf_url(source)
+    if ref is None or ref.file is not None:
+        raise WeightsError(
+            f"{WEIGHTS_URL_ENV}={source!r} is not a Hugging Face Hub source: use "
+            f"hf://org/repo or hf://org/repo@revision (a branch, tag or commit)"
+        )
+    repo, revision = ref.repo, ref.revision
     import huggingface_hub
 
     journal = Journal.resume(staging, source, None, revision)
@@ -498,43 +491,6 @@ def _fetch_hub(source: str, staging: Path) -> None:
 
 def _pending(plan) -> int:
     return sum(f.file_size or 0 for f in plan if f.will_download)
-
-
-class _HubOnline:
-    """Allow huggingface_hub to reach the hub for the downloads inside `with hub_online():`.
-
-    The package sets HF_HUB_OFFLINE=1 at import so that loading never touches the network.
-    huggingface_hub 2.4 reads that variable once, into constants.HF_HUB_OFFLINE, and checks
-    the constant before every request: lifting the constant (not the variable) while a
-    download runs allows exactly its requests and nothing after. Downloads can overlap (a LoRA
-    download that timed out goes on in its thread while the next prediction starts one), so
-    the constant goes back only when the last one ends.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.downloads = 0
-        self.saved = True
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        from huggingface_hub import constants
-
-        with self.lock:
-            if self.downloads == 0:
-                self.saved = constants.HF_HUB_OFFLINE
-            self.downloads += 1
-            constants.HF_HUB_OFFLINE = False
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.downloads -= 1
-                if self.downloads == 0:
-                    constants.HF_HUB_OFFLINE = self.saved
-
-
-hub_online = _HubOnline()
 
 
 def _check_disk(folder: Path, total: int | None, done: int, source: str) -> None:

@@ -30,8 +30,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ..errors import BadSource, WeightsError
 
+from ..errors import BadSource, ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ BACKOFF_MAX_S = 30.0
 PROGRESS_EVERY_S = 15.0
 USER_AGENT = "cogvideox-cog weights downloader"
 RESUME_HINT = "Run setup again to resume, or check the URL and the network."
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -179,6 +180,14 @@ def _retrying(what: str, attempt: Callable, retries: int | None = None):
 
 def human(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def parse_size(text: str, env: str) -> int:
+    """'2G', '500M', '1.5GiB' or a plain byte count -> bytes (binary multiples)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ConfigError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 
 class Progress:

@@ -4,8 +4,8 @@ The manifests live in `manifests/<variant>.json` beside this module. Each lists 
 tried in order and the files a complete copy must hold, with size and sha256 where known;
 a file without them is checked for presence and structure only (see verify.py).
 COGVIDEOX_WEIGHTS_MANIFEST replaces the built-in manifest with one of your own, e.g. for a
-private mirror whose hashes you know: `python -m cogvideox_cog.weights.manifest DIR` writes one for a
-directory of weights you trust.
+private mirror whose hashes you know: `python -m cogvideox_cog.weights.manifest DIR` writes one
+for a directory of weights you trust.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 from ..errors import WeightsError
 
 MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
@@ -112,7 +113,10 @@ def manifest_of_directory(root: Path, variant: str, sources: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m cogvideox_cog.weights.manifest DIR VARIANT [SOURCE ...]: print a manifest of DIR."""
+    """Print a manifest of DIR.
+
+    Usage: python -m cogvideox_cog.weights.manifest DIR VARIANT [SOURCE ...]
+    """
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
         sys.exit(main.__doc__)

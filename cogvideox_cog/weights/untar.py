@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..errors import BadSource, WeightsError
 from .download import Stream
 from .manifest import sha256_file
-from ..errors import BadSource, WeightsError
 
 JOURNAL = ".cogvideox-progress.json"
 FLUSH_BYTES = 128 << 20  # start writing a file's data to disk every this many bytes

@@ -16,8 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import Manifest, sha256_file
 from ..errors import BadSource, WeightsError
+from .manifest import Manifest, sha256_file
 
 MODEL_INDEX = "model_index.json"
 HIDDEN_PREFIX = ".cogvideox-"  # our marker and journal, never part of the weights

@@ -1,0 +1,428 @@
+"""A request in, an mp4 out: prepare (check and condition) -> denoise -> decode -> encode.
+
+`VideoGenerator` holds one configured pipeline (pipeline.py) and turns a `Request` into
+frames (`render_frames`), into an mp4 on a path of its own (`render_mp4`), or, for the Cog
+predictors, into the one mp4 kept on disk (`predict`). Every input is checked in `prepare`,
+before the LoRA is fetched or the model runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cog
+import numpy as np
+import torch
+from PIL import Image
+
+from . import inputs, leftovers
+from .errors import InputError
+from .lora.fetch import check_lora_url
+from .lora.slot import LoraSlot
+from .lora.store import LoraCache
+from .media.clip import load_video
+from .media.image import fit_image, open_image
+from .media.mp4 import encode_mp4
+from .pipeline import (
+    COMPILE_ENV,
+    MODE_TASK,
+    OFFLOAD_ENV,
+    Mode,
+    choose_offload,
+    configure_pipeline,
+    load_pipeline,
+)
+from .speed import SPEED_MODES, step_cache
+from .variants import PREDICTOR_FILES, Variant, variant_from_env
+from .weights import load_weights
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = "cogvideox-"  # our folders in TMPDIR: outputs and warm-up inputs
+OUTPUT_PREFIX = TEMP_PREFIX + "output-"
+WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
+DEFAULT_STRENGTH = 0.8
+LOGGED_TEXT_CHARS = 300  # user text in a log line stays short
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str
+    num_frames: int | None
+    num_inference_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool | None
+    fps: int | None
+    seed: int | None
+    image: Path | None = None
+    # Video-to-video: the input clip, and how much of it is re-noised (None: DEFAULT_STRENGTH).
+    video: Path | None = None
+    strength: float | None = None
+    # A fine-tune's LoRA (see lora/) and its strength; no URL: the base model.
+    lora_url: str | None = None
+    lora_scale: float = 1.0
+    speed_mode: str = "default"  # see speed.py
+
+
+@dataclass
+class Plan:
+    """A checked request: what the denoise needs, with nothing left to validate."""
+
+    prompt: str
+    negative_prompt: str
+    num_frames: int
+    fps: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    dynamic_cfg: bool
+    speed_mode: str
+    lora_url: str | None
+    lora_scale: float
+    height: int
+    width: int
+    received: float  # time.monotonic() when the request came in
+    denoise_steps: int = 0  # fewer than steps for video-to-video
+    # The pipeline's conditioning arguments: num_frames, or image, or video and strength.
+    conditioning: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderedVideo:
+    frames: np.ndarray  # (frames, height, width, 3) floats in [0, 1]
+    fps: int
+    seed: int
+    progress: _StepProgress
+    received: float  # time.monotonic() when the request came in
+    decoded: float  # time.monotonic() when the VAE finished
+
+
+class VideoGenerator:
+    """One loaded pipeline and everything needed to turn a request into an mp4.
+
+    resolution: a deployment's HEIGHTxWIDTH (COGVIDEOX_RESOLUTION), None for the variant's.
+    lora_cache: where lora_url files are kept; None serves the base model only.
+    """
+
+    def __init__(
+        self,
+        variant: Variant,
+        pipe,
+        device: torch.device,
+        mode: Mode | None = None,
+        *,
+        resolution: str | None = None,
+        lora_cache: LoraCache | None = None,
+    ):
+        self.variant, self.pipe, self.device = variant, pipe, device
+        self.mode: Mode = mode or variant.task
+        config = pipe.transformer.config
+        scale = pipe.vae_scale_factor_spatial
+        self.native_size = inputs.native_resolution(variant, config, scale, resolution)
+        self.size_multiple = scale * config.patch_size
+        self.max_prompt_tokens = config.max_text_seq_length
+        self._last_output: Path | None = None
+        self.lora = LoraSlot(pipe, variant.id)
+        self.lora_cache = lora_cache
+
+    @classmethod
+    def from_env(cls, mode: Mode) -> VideoGenerator:
+        """The generator a deployment's environment describes, weights fetched if needed."""
+        started = time.monotonic()
+        variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
+        # Output and warm-up folders of a worker that was killed (they outlive a restart).
+        leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
+        compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
+        pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
+        pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer)
+        generator = cls(
+            variant,
+            pipe,
+            device,
+            mode,
+            resolution=os.environ.get(inputs.RESOLUTION_ENV),
+            lora_cache=LoraCache.from_env(),
+        )
+        if compile_transformer and device.type == "cuda":
+            warm_up = time.monotonic()
+            generator.warm_up()
+            log.info(
+                f"setup: transformer compiled and warmed up in {time.monotonic() - warm_up:.0f} s"
+            )
+        log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)
+        return generator
+
+    def warm_up(self) -> None:
+        """Short generations, so that compiling happens in setup and never in a request.
+
+        The first frame count compiles a graph for its shapes; the second makes torch
+        recompile with the frame dimension dynamic ("automatic dynamic shapes"), and that
+        graph serves every other count. So: the default count, then the smallest one. Where
+        the video takes the image's aspect ratio (1.5 I2V), the second image is portrait, so
+        height and width become dynamic as well.
+        """
+        default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
+        folder = leftovers.claim(Path(tempfile.gettempdir()), WARM_UP_PREFIX)
+        try:
+            for second, num_frames in enumerate(dict.fromkeys((default, smallest))):
+                self.render_frames(self._warm_up_request(folder, num_frames, portrait=second))
+        finally:
+            leftovers.release(folder)
+
+    def _warm_up_request(self, folder: Path, num_frames: int, portrait: bool) -> Request:
+        height, width = self.native_size
+        clip = image = None
+        if self.mode == "v2v":
+            frames = np.full((num_frames, height, width, 3), 128, np.uint8)
+            clip = encode_mp4(frames, folder / "warm-up.mp4", fps=self.variant.fps)
+        elif self.mode == "i2v":
+            image = folder / "warm-up.png"
+            turn = portrait and self.variant.resolution == "image_aspect"
+            Image.new("RGB", (height, width) if turn else (width, height), (128,) * 3).save(image)
+        return Request(
+            prompt="warm-up",
+            negative_prompt="",
+            num_frames=num_frames,
+            num_inference_steps=2,
+            guidance_scale=6.0,
+            use_dynamic_cfg=None,
+            fps=None,
+            seed=0,
+            image=image,
+            video=clip,
+            strength=1.0,
+        )
+
+    def predict(self, request: Request) -> Path:
+        """render_mp4() for the Cog predictors: one output on disk at a time.
+
+        Cog reads an output file (and uploads it, with --upload-url) before the prediction
+        completes, and runs one prediction at a time; so the previous prediction's folder is
+        deleted when the next one starts, and a long-running server does not fill /tmp.
+        """
+        if self._last_output is not None:
+            leftovers.release(self._last_output.parent)
+            self._last_output = None
+        self._last_output = self.render_mp4(request)
+        return self._last_output
+
+    def render_mp4(self, request: Request) -> Path:
+        """render_frames(), then the mp4 on a path no other prediction uses."""
+        video = self.render_frames(request)
+        # The file name is unique too: an upload (--upload-url) keeps only the name, and the
+        # same seed may come twice.
+        output_dir = leftovers.claim(Path(tempfile.gettempdir()), OUTPUT_PREFIX)
+        output = output_dir / f"{self.variant.id}-{video.seed}-{secrets.token_hex(4)}.mp4"
+        try:
+            encode_mp4(video.frames, output, fps=video.fps)
+        except BaseException:  # including a cancel
+            leftovers.release(output_dir)
+            raise
+        finished = time.monotonic()
+        _record_timings(video, finished)
+        log.info(
+            f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
+            f"{finished - video.received:.1f} s"
+        )
+        return output
+
+    def render_frames(self, request: Request) -> RenderedVideo:
+        """Check the request, then denoise and decode: the frames as floats in [0, 1]."""
+        plan = self.prepare(request)
+        # The LoRA, fetched (or found in the cache) and checked before it touches the model.
+        lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
+        self.lora.use(lora, plan.lora_scale)
+        progress = _StepProgress(plan.denoise_steps)
+        frames = self.denoise_and_decode(plan, progress)
+        decoded = time.monotonic()
+        # Video-to-video makes as many frames as it was given, padding included.
+        frames = frames[: plan.num_frames]
+        if len(frames) != plan.num_frames:
+            raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
+        return RenderedVideo(frames, plan.fps, plan.seed, progress, plan.received, decoded)
+
+    def prepare(self, request: Request) -> Plan:
+        """Every input checked, the image or clip read and fitted: a Plan, or an InputError.
+
+        Cog passes JSON numbers through as they came (2.0 for an int input), so the types are
+        settled here too.
+        """
+        received = time.monotonic()
+        variant = self.variant
+        lora_url = (request.lora_url or "").strip()
+        dynamic_cfg = request.use_dynamic_cfg
+        plan = Plan(
+            prompt=inputs.check_prompt(request.prompt, required=variant.task == "t2v"),
+            negative_prompt=inputs.check_text_length(
+                "negative_prompt", request.negative_prompt or ""
+            ),
+            num_frames=inputs.check_num_frames(variant, request.num_frames),
+            fps=inputs.check_fps(variant, request.fps),
+            seed=inputs.resolve_seed(request.seed),
+            steps=int(request.num_inference_steps),
+            guidance_scale=float(request.guidance_scale),
+            dynamic_cfg=variant.dynamic_cfg if dynamic_cfg is None else dynamic_cfg,
+            speed_mode=inputs.check_choice("speed_mode", request.speed_mode, SPEED_MODES),
+            lora_url=check_lora_url(lora_url) if lora_url else None,
+            lora_scale=float(request.lora_scale),
+            height=self.native_size[0],
+            width=self.native_size[1],
+            received=received,
+        )
+        plan.denoise_steps = plan.steps
+        if self.mode == "i2v":
+            self._condition_on_image(plan, request.image)
+        elif self.mode == "v2v":
+            self._condition_on_clip(plan, request.video, request.strength)
+        else:
+            plan.conditioning["num_frames"] = plan.num_frames
+        self._log_ignored_text(plan)
+        return plan
+
+    def _condition_on_image(self, plan: Plan, path: Path | None) -> None:
+        if path is None:
+            raise InputError("image is required: the first frame of the video.")
+        image = open_image(path)
+        if self.variant.resolution == "image_aspect":
+            plan.height, plan.width = inputs.image_aspect_size(
+                image.size, self.native_size, self.size_multiple
+            )
+        plan.conditioning["image"] = fit_image(image, plan.height, plan.width)
+        plan.conditioning["num_frames"] = plan.num_frames
+        log.info(
+            f"image: {image.width}x{image.height} scaled to cover {plan.width}x{plan.height}, "
+            "cropped"
+        )
+
+    def _condition_on_clip(self, plan: Plan, path: Path | None, strength: float | None) -> None:
+        strength = inputs.check_strength(strength, DEFAULT_STRENGTH, plan.steps)
+        # diffusers skips the first (1 - strength) of the schedule: it noises the clip's
+        # latents to the level of the step it starts at and denoises from there.
+        plan.denoise_steps = min(int(plan.steps * strength), plan.steps)
+        if path is None:
+            raise InputError("video is required: the clip to transform.")
+        variant = self.variant
+        clip = load_video(
+            path, plan.num_frames, variant.fps, plan.height, plan.width, variant.allowed_frames
+        )
+        log.info(clip.summary)
+        # What runs is whole steps: the clip is re-noised to the level of the first one.
+        log.info(
+            f"strength {strength:g}: denoised in the last {plan.denoise_steps} of {plan.steps} "
+            f"steps, the clip re-noised {plan.denoise_steps / plan.steps:.0%} of the way"
+        )
+        plan.conditioning["video"] = self._pad_for_latent_patches(clip.frames)
+        plan.conditioning["strength"] = strength
+
+    def _log_ignored_text(self, plan: Plan) -> None:
+        """Say which words the text encoder will not see (it reads max_prompt_tokens)."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(plan, name)
+            tail = inputs.truncated_prompt_tail(self.pipe.tokenizer, text, self.max_prompt_tokens)
+            if tail:
+                if len(tail) > LOGGED_TEXT_CHARS:
+                    tail = f"{tail[:LOGGED_TEXT_CHARS]}... ({len(tail):,} characters)"
+                log.warning(
+                    f"{name} is longer than the text encoder's {self.max_prompt_tokens} tokens; "
+                    f"this part is ignored: {tail!r}"
+                )
+
+    def denoise_and_decode(self, plan: Plan, progress: _StepProgress) -> np.ndarray:
+        """The diffusers pipeline, called as upstream's cli_demo.py calls it (see docs)."""
+        log.info(f"seed: {plan.seed}")
+        cog.current_scope().record_metric("seed", plan.seed)
+        schedule = _guidance_schedule(plan.dynamic_cfg, plan.guidance_scale)
+        log.info(
+            f"generating {plan.num_frames} frames at {plan.width}x{plan.height}, {plan.steps} "
+            f"steps, guidance {plan.guidance_scale:g}, {schedule}"
+        )
+        if plan.speed_mode != "default":
+            log.info(
+                f"speed_mode {plan.speed_mode}: step caching, faster and slightly less faithful"
+            )
+        try:
+            with step_cache(self.pipe, plan.speed_mode, plan.guidance_scale > 1):
+                return self.pipe(
+                    prompt=plan.prompt,
+                    negative_prompt=plan.negative_prompt or None,
+                    height=plan.height,
+                    width=plan.width,
+                    num_inference_steps=plan.steps,
+                    guidance_scale=plan.guidance_scale,
+                    use_dynamic_cfg=plan.dynamic_cfg,
+                    generator=torch.Generator("cpu").manual_seed(plan.seed),
+                    max_sequence_length=self.max_prompt_tokens,
+                    output_type="np",
+                    callback_on_step_end=progress,
+                    **plan.conditioning,
+                ).frames[0]
+        finally:
+            self.release_memory()
+
+    def _pad_for_latent_patches(self, frames: list) -> list:
+        """Repeat the last frame until the latent frame count suits the transformer.
+
+        CogVideoXVideoToVideoPipeline makes one output frame per input frame, and for 1.5
+        models (patch_size_t 2) refuses an odd latent count, which every 16N+1 clip has. The
+        text-to-video pipeline pads latents for the same reason; here the clip gets 4 more
+        frames (one latent frame) and the extra output frames are dropped after decoding.
+        """
+        patch_t = self.pipe.transformer.config.patch_size_t
+        temporal = self.pipe.vae_scale_factor_temporal
+        frames = list(frames)
+        while patch_t and ((len(frames) - 1) // temporal + 1) % patch_t:
+            frames += [frames[-1]] * temporal
+        return frames
+
+    def release_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _record_timings(video: RenderedVideo, finished: float) -> None:
+    """The prediction's phase times, as Cog metrics."""
+    started, last_step = video.progress.started, video.progress.last_step
+    for name, value in (
+        ("prepare_seconds", started - video.received),  # inputs decoded, LoRA fetched
+        ("denoise_seconds", last_step - started),
+        ("decode_seconds", video.decoded - last_step),
+        ("encode_seconds", finished - video.decoded),
+        ("total_seconds", finished - video.received),
+    ):
+        cog.current_scope().record_metric(name, round(value, 3))
+
+
+def _guidance_schedule(dynamic_cfg: bool, guidance_scale: float) -> str:
+    """Which guidance schedule runs, for the log."""
+    if guidance_scale <= 1:
+        return "no classifier-free guidance"
+    if dynamic_cfg:
+        # diffusers' use_dynamic_cfg, as the model's authors call it (cli_demo.py): the cosine
+        # is taken of the timestep value, so the scale swings between 1 and 1 + guidance_scale.
+        return "dynamic (diffusers' timestep schedule, as upstream)"
+    return "constant"
+
+
+class _StepProgress:
+    """callback_on_step_end: one log line per denoising step."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.started = self.last_step = time.monotonic()
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.last_step = time.monotonic()
+        elapsed = self.last_step - self.started
+        log.info(f"step {step + 1}/{self.total}, {elapsed:.1f} s elapsed")
+        return {}

@@ -1,0 +1,221 @@
+"""Fetching a LoRA: what a lora_url may be, its download, and the LoRA file inside it.
+
+An http(s) URL goes through the weights downloader (weights/download.py: ranged parallel GETs,
+retries with backoff) under a size cap; hf:// goes through huggingface_hub. What arrives is
+identified by its first bytes: a safetensors file is used as it is, a tar (a training run's
+output folder) is searched for its LoRA file, which is copied out as data; a pickle is refused
+without being read, and a web page or a zip gets a message that says what to send instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import threading
+import urllib.parse
+import zipfile
+from pathlib import Path
+
+from ..errors import LoraError, WeightsError
+from ..weights import download
+from ..weights.hub import hub_online, parse_hf_url
+from ..weights.verify import check_safetensors
+
+log = logging.getLogger(__name__)
+
+# What diffusers' save_lora_weights writes, and so what upstream's training scripts leave.
+LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_SIZE_ENV = "COGVIDEOX_LORA_MAX_SIZE"
+_PICKLE_HINT = (
+    "pickle checkpoints can run code when loaded and are refused; convert it with "
+    "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')` "
+    "on a machine you trust"
+)
+
+
+def check_lora_url(url: str) -> str:
+    """Refuse what can be refused without a download: the scheme, a pickle's file name."""
+    url = url.strip()
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == "hf":
+        if parse_hf_url(url, with_file=True) is None:
+            raise LoraError(
+                f"lora_url={url!r}: use hf://org/repo, hf://org/repo/file.safetensors or "
+                f"hf://org/repo@revision/file.safetensors"
+            )
+    elif scheme not in ("http", "https"):
+        raise LoraError(
+            f"lora_url={url!r}: use an http(s) URL of a .safetensors file or of a tar of a "
+            f"training run's output, or hf://org/repo[/file.safetensors]"
+        )
+    if urllib.parse.urlsplit(url).path.lower().endswith(PICKLE_SUFFIXES):
+        raise LoraError(f"lora_url={url!r} names a PyTorch pickle file: {_PICKLE_HINT}.")
+    return url
+
+
+def fetch_lora(url: str, staging: Path, cancelled: threading.Event, max_bytes: int) -> Path:
+    """Download `url` into `staging` and return the checked safetensors LoRA file in it."""
+    download_path = staging / "download"
+    if url.startswith("hf://"):
+        _fetch_hub(url, staging, download_path, max_bytes)
+    else:
+        _fetch_http(url, download_path, cancelled, max_bytes)
+    if cancelled.is_set():
+        raise LoraError("download cancelled")
+    lora = _lora_file(url, download_path, staging, max_bytes)
+    problems = check_safetensors(lora)
+    if problems:
+        raise LoraError(f"the LoRA at {url} is not a valid safetensors file: {problems[0]}")
+    return lora
+
+
+def _fetch_http(url: str, dest: Path, cancelled: threading.Event, max_bytes: int) -> None:
+    hint = "Check the URL and the network, and try again."
+    try:
+        with dest.open("wb") as out:
+            download.fetch_capped(url, out, max_bytes, cancelled, f"LoRA {url}", hint)
+    except download.TooLarge as error:
+        raise _too_big(url, error.size, max_bytes, error.at_least) from None
+    except WeightsError as error:
+        raise LoraError(f"could not download the LoRA: {error}") from None
+
+
+def _fetch_hub(url: str, staging: Path, dest: Path, max_bytes: int) -> None:
+    ref = parse_hf_url(url, with_file=True)
+    repo, revision, filename = ref.repo, ref.revision, ref.file
+    import huggingface_hub
+
+    try:
+        with hub_online():
+            api = huggingface_hub.HfApi()
+            if filename is None:
+                filename = _pick_lora_file(api.list_repo_files(repo, revision=revision), url)
+            info = huggingface_hub.get_hf_file_metadata(
+                huggingface_hub.hf_hub_url(repo, filename, revision=revision)
+            )
+            if info.size is not None and info.size > max_bytes:
+                raise _too_big(url, info.size, max_bytes)
+            path = huggingface_hub.hf_hub_download(
+                repo, filename, revision=revision, local_dir=staging / "hub"
+            )
+    except LoraError:
+        raise
+    except Exception as error:
+        raise LoraError(
+            f"could not download the LoRA {url} from the Hugging Face Hub: {error}. Check "
+            f"the repository, file and revision, and HF_TOKEN for a private repository."
+        ) from None
+    os.replace(path, dest)
+
+
+def _lora_file(url: str, path: Path, staging: Path, max_bytes: int) -> Path:
+    """The downloaded file itself, or the LoRA file inside a downloaded tar."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _too_big(url, size, max_bytes)
+    kind = sniff(path)
+    if kind == "safetensors":
+        return path
+    if kind == "tar":
+        return _from_tar(url, path, staging / "member.safetensors", max_bytes)
+    if kind == "pickle":
+        raise LoraError(f"the file at {url} is a PyTorch pickle checkpoint: {_PICKLE_HINT}.")
+    if kind == "html":
+        raise LoraError(
+            f"{url} returned a web page, not a file. For a file on the Hugging Face Hub use "
+            f"its .../resolve/... link (not .../blob/...) or hf://org/repo/file.safetensors."
+        )
+    if kind == "zip":
+        raise LoraError(
+            f"the file at {url} is a zip archive; serve the .safetensors file itself, or a "
+            f"tar (.tar, .tar.gz) of the folder."
+        )
+    with path.open("rb") as file:
+        head = file.read(8)
+    raise LoraError(
+        f"the file at {url} is neither a .safetensors LoRA nor a tar holding one "
+        f"({size:,} bytes starting {head!r})."
+    )
+
+
+def _from_tar(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
+    """Copy the LoRA member out of a tar: read as data, never extracted by its name."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            name = _pick_lora_file([m.name for m in members], url)
+            member = next(m for m in members if m.name == name)
+            if member.size > max_bytes:
+                raise _too_big(f"{url} ({name}, max_bytes)", member.size)
+            with archive.extractfile(member) as source, dest.open("wb") as out:
+                shutil.copyfileobj(source, out, download.READ_BYTES)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise LoraError(f"the tar at {url} cannot be read: {error}") from None
+    if sniff(dest) == "pickle":
+        raise LoraError(f"{name} in {url} is a PyTorch pickle checkpoint: {_PICKLE_HINT}.")
+    log.info(f"lora: using {name} from the tar at {url}")
+    return dest
+
+
+def _too_big(what: str, size: int, max_bytes: int, at_least: bool = False) -> LoraError:
+    more = "more than " if at_least else ""
+    return LoraError(
+        f"the LoRA at {what} is {more}{download.human(size)}, over the "
+        f"{download.human(max_bytes)} limit ({MAX_SIZE_ENV}); a LoRA for "
+        f"CogVideoX is usually well under 1 GB"
+    )
+
+
+def _pick_lora_file(names: list[str], url: str) -> str:
+    """pytorch_lora_weights.safetensors nearest the top (a run's final weights, not a
+    checkpoint-N/ copy), else the only .safetensors file."""
+    named = [n for n in names if n.rsplit("/", 1)[-1] == LORA_FILE_NAME]
+    if named:
+        depth = min(n.strip("/").count("/") for n in named)
+        top = [n for n in named if n.strip("/").count("/") == depth]
+        if len(top) == 1:
+            return top[0]
+        raise LoraError(f"{url} holds several {LORA_FILE_NAME} at the same depth: {top[:5]}")
+    candidates = [n for n in names if n.lower().endswith(".safetensors")]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        found = f" (only pickle files: {pickles[:5]}; {_PICKLE_HINT})" if pickles else ""
+        raise LoraError(f"{url} holds no .safetensors file{found}.")
+    raise LoraError(
+        f"{url} holds several .safetensors files and no {LORA_FILE_NAME}: {candidates[:5]}; "
+        f"name the file in the URL."
+    )
+
+
+def sniff(path: Path) -> str:
+    """What a file is, from its first bytes: safetensors, tar, pickle, zip, html or unknown."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    size = path.stat().st_size
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "pickle" if _is_torch_zip(path) else "zip"
+    if head[:1] == b"\x80":
+        return "pickle"  # a bare pickle stream (torch.save's legacy format)
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:262] == b"ustar":
+        return "tar"  # compressed tars are told apart from other archives when opened
+    if head.lstrip()[:1] == b"<":
+        return "html"
+    return "unknown"
+
+
+def _is_torch_zip(path: Path) -> bool:
+    """torch.save's zip format: a folder holding data.pkl (its names are listed, never read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(
+                name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()
+            )
+    except (zipfile.BadZipFile, OSError):
+        return True  # unreadable as a zip: treat it as the checkpoint it claims to be

@@ -1,0 +1,80 @@
+"""Keeping exactly one LoRA (or none) on the transformer, as requests ask.
+
+Loading goes through diffusers (peft layers beside the frozen base weights, never merged into
+them), which also takes offload hooks off and puts them back; unloading restores the plain
+layers, so a prediction without a LoRA is the base model's exactly. A LoRA repeated by the
+next request stays loaded; only its scale is set again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..errors import LoraError
+from ..pipeline import is_compiled
+from .file import PREFIX, check_fits, linear_layers, read_lora
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "lora"
+
+
+class LoraSlot:
+    """The pipeline's one LoRA: kept while requests repeat it, replaced or removed otherwise."""
+
+    def __init__(self, pipe, model: str):
+        self.pipe, self.model = pipe, model
+        self.compiled = is_compiled(pipe.transformer)
+        self.layers = linear_layers(pipe.transformer)
+        self.loaded: str | None = None  # the digest of the LoRA on the transformer
+        self.trained_scale = 1.0  # its alpha / rank
+
+    def use(self, path: Path | None, scale: float) -> None:
+        """Put the LoRA in `path` on the transformer at `scale` (None: no LoRA)."""
+        if path is None:
+            self.clear()
+            return
+        if path.stem != self.loaded:
+            started = time.monotonic()
+            lora = read_lora(path)
+            check_fits(lora, self.layers, self.model)
+            self.clear()
+            state_dict = {PREFIX + k: v for k, v in lora.tensors.items()}
+            try:
+                self.pipe.load_lora_into_transformer(
+                    state_dict,
+                    transformer=self.pipe.transformer,
+                    adapter_name=ADAPTER_NAME,
+                    metadata=lora.lora_config(),
+                    _pipeline=self.pipe,
+                )
+            except Exception as error:
+                self.clear()
+                raise LoraError(f"the LoRA could not be loaded: {error}") from error
+            self.loaded = lora.digest
+            self.trained_scale = lora.trained_scale
+            log.info(
+                f"lora: loaded {lora.digest[:12]} ({lora.layout} layout, {len(lora.ranks)} layers, "
+                f"rank {lora.rank}, alpha {lora.alpha:g} from {lora.alpha_source}) in "
+                f"{time.monotonic() - started:.1f} s"
+            )
+            if self.compiled:
+                log.warning(
+                    "lora: the compiled transformer compiles again if this is its first LoRA, "
+                    "or the first of this rank and these layers"
+                )
+        self.pipe.set_adapters([ADAPTER_NAME], [scale])
+        log.info(
+            f"lora: scale applied = lora_scale {scale:g} x alpha/rank {self.trained_scale:.6g} "
+            f"= {scale * self.trained_scale:.6g}"
+        )
+
+    def clear(self) -> None:
+        """Back to the plain base layers (diffusers removes the peft layers entirely)."""
+        if getattr(self.pipe.transformer, "peft_config", None):
+            self.pipe.unload_lora_weights()
+            if self.loaded is not None:
+                log.info(f"lora: unloaded {self.loaded[:12]}")
+        self.loaded = None

@@ -1,0 +1,91 @@
+"""The image-to-video image: opened upright and safely, then fitted to the video's size.
+
+Every error names the image and says what to send instead: the message is all a Replicate user
+sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+# PIL warns at 89 MP and refuses at twice that; a phone photo is 12-50 MP. Refuse early and
+# with a message instead of decoding a decompression bomb.
+MAX_IMAGE_PIXELS = 64_000_000
+_LIMIT_MP = f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP"
+# The video keeps a centre crop of the image at its own shape (3:2 for 1.0, up to 16:9 for 1.5).
+# At 4:1 that crop still holds over a third of the picture; a 100:1 panorama would leave a
+# sliver stretched over the whole frame, so longer shapes are refused: the user crops instead.
+MAX_ASPECT_RATIO = 4.0
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Open any common image format upright, on white where it was transparent, as RGB.
+
+    Size and shape are checked from the header, before any pixel is decoded.
+    """
+    try:
+        image = Image.open(path)
+    except (FileNotFoundError, IsADirectoryError) as error:
+        # Cog passes an input that is neither a URL nor a data URI through as a bare path.
+        raise InputError(
+            f"image {str(path)[:100]!r} is not an http(s) URL or a data: URI of a picture."
+        ) from error
+    except UnidentifiedImageError as error:
+        raise InputError(
+            "image could not be read as a picture; send a JPEG, PNG, WebP, GIF, BMP or TIFF."
+        ) from error
+    except Image.DecompressionBombError as error:
+        raise InputError(
+            f"image is too large to decode safely ({error}); the limit is {_LIMIT_MP}."
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:  # a header Pillow cannot parse
+        raise InputError(f"image is damaged and could not be read: {error}") from error
+    with image:  # closes the file also when the image is refused
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(
+                f"image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is "
+                f"{_LIMIT_MP}. Downscale it first."
+            )
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InputError(
+                f"image is {width}x{height}, {max(width, height) / min(width, height):.1f}:1; "
+                f"the longer side may be at most {MAX_ASPECT_RATIO:g} times the shorter. The "
+                "video keeps only a centre crop at its own shape (3:2 or 16:9), so crop the "
+                "part you want first."
+            )
+        try:
+            upright = _to_8_bits(ImageOps.exif_transpose(image))
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                upright = Image.alpha_composite(background, rgba)
+            return upright.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InputError(
+                f"image is damaged or truncated and could not be decoded: {error}"
+            ) from error
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits scaled to 8 bits.
+
+    Pillow's convert() clips such pixels to 0..255 instead of scaling them, so a 16-bit grey PNG
+    would become a white frame. Integer images are taken as 16-bit (what PNG and TIFF store),
+    floating-point ones as 0..1 when they stay within it (else 0..255).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    if image.mode == "F":
+        scale = 255.0 if image.getextrema()[1] <= 1.0 else 1.0
+        return image.point(lambda v: v * scale).convert("L")
+    return image
+
+
+def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale to cover (height, width) and crop the centre: no stretching, no borders."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)

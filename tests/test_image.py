@@ -1,0 +1,93 @@
+"""The image-to-video image: opened upright and safely, fitted without stretching."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cogvideox_cog.errors import InputError
+from cogvideox_cog.media.image import fit_image, open_image
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> io.BytesIO:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    buffer.seek(0)
+    return buffer
+
+
+def test_exif_orientation_is_applied():
+    landscape = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    opened = open_image(_encode(landscape, "JPEG", exif=exif))
+    assert opened.size == (40, 60)
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    opened = open_image(_encode(rgba, "PNG"))
+    assert opened.mode == "RGB"
+    assert opened.getpixel((3, 3)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_png_transparency_colour_key_becomes_white(mode):
+    black = Image.new(mode, (8, 8), 0)
+    opened = open_image(_encode(black, "PNG", transparency=0 if mode == "L" else (0, 0, 0)))
+    assert opened.getpixel((3, 3)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "fmt", "grey"),
+    [
+        (np.full((8, 8), 0x8000, np.uint16), "PNG", 127),  # 16-bit grey PNG, mid-grey
+        (np.full((8, 8), 0x1000, np.uint16), "PNG", 15),  # a dark one: not clipped to white
+        (np.full((8, 8), 40000, np.int32), "TIFF", 155),  # 32-bit integer TIFF, 16-bit values
+        (np.full((8, 8), 0.5, np.float32), "TIFF", 127),  # floating point in 0..1
+    ],
+)
+def test_deep_greyscale_images_are_scaled_to_8_bits_not_clipped(pixels, fmt, grey):
+    opened = open_image(_encode(Image.fromarray(pixels), fmt))
+    assert opened.mode == "RGB"
+    assert opened.getpixel((3, 3)) == (grey, grey, grey)
+
+
+def test_greyscale_and_palette_images_become_rgb():
+    assert open_image(_encode(Image.new("L", (8, 8), 90), "PNG")).mode == "RGB"
+    assert open_image(_encode(Image.new("P", (8, 8), 3), "GIF")).mode == "RGB"
+
+
+def test_a_non_image_file_is_refused_with_the_accepted_formats():
+    with pytest.raises(InputError, match="JPEG, PNG"):
+        open_image(io.BytesIO(b"%PDF-1.4 not a picture"))
+
+
+def test_a_truncated_image_is_refused():
+    data = _encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG").getvalue()
+    with pytest.raises(InputError, match="damaged or truncated"):
+        open_image(io.BytesIO(data[: len(data) // 2]))
+
+
+def test_an_image_with_a_damaged_header_is_refused_as_damaged():
+    bmp = bytearray(_encode(Image.new("RGB", (4, 4)), "BMP").getvalue())
+    bmp[28] = 7  # bits per pixel: no such BMP
+    with pytest.raises(InputError, match="image is damaged"):
+        open_image(io.BytesIO(bytes(bmp)))
+
+
+@pytest.mark.parametrize("side", [9000, 20000])
+def test_a_huge_declared_size_is_refused_before_decoding(side):
+    # A small file whose header claims side x side pixels (a decompression bomb).
+    bomb = _encode(Image.new("1", (side, side)), "PNG")
+    with pytest.raises(InputError, match=r"image is .*the limit is 64 MP"):
+        open_image(bomb)
+
+
+def test_fit_image_covers_and_centre_crops_without_stretching():
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 50, 100))  # red left quarter is cropped away
+    fitted = fit_image(image, height=100, width=100)
+    assert fitted.size == (100, 100)
+    assert fitted.getpixel((5, 50))[2] > 200  # left edge is blue, not red
