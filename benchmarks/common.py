@@ -1,8 +1,10 @@
-"""What both benchmark scripts record about the machine and write out."""
+"""What the benchmark scripts share: the machine they record, the request they render, how
+they synchronise and free the device, and how they write results out."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -41,9 +43,10 @@ def command_line() -> str:
     return shlex.join(["python3", str(script), *sys.argv[1:]])
 
 
-def versions() -> dict[str, str | None]:
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Python's version, then each package's installed version (None where it is missing)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -95,6 +98,38 @@ def environment(device: torch.device) -> dict:
             nvidia_smi=nvidia_smi(),
         )
     return env
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it times that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and, on a GPU, release cached blocks and restart the peak statistics, so
+    one run's leftovers count neither in the next run's memory nor in its peaks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def request_fields(prompt: str, frames: int, steps: int, seed: int, **extra) -> dict:
+    """The fields of the request the harnesses render, for `Request(**...)`: the predictor's
+    defaults (guidance 6, no negative prompt, the variant's dynamic CFG and fps) at a fixed
+    seed, so that every run and every side of a comparison computes the same video."""
+    return dict(
+        prompt=prompt,
+        negative_prompt="",
+        num_frames=frames,
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+        use_dynamic_cfg=None,
+        fps=None,
+        seed=seed,
+        **extra,
+    )
 
 
 def write_json(path: Path, data: dict) -> None:

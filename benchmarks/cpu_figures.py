@@ -35,7 +35,7 @@ import torch
 from diffusers import CogVideoXPipeline
 from diffusers.utils import export_to_video
 
-from benchmarks.common import environment, markdown_table, write_json
+from benchmarks.common import environment, markdown_table, request_fields, write_json
 from cogvideox_cog.devtools.tiny import build_tiny_pipeline
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import DEFAULT_CRF, DEFAULT_PRESET, encode_mp4, probe_mp4
@@ -170,26 +170,19 @@ def encoding(shape: tuple[int, int, int], fps: int, repeats: int, workdir: Path)
     return result
 
 
-def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
+def predictor_and_direct(steps: int, frames: int, workdir: Path):
+    """Our predictor on the tiny model, and the same modules called as a diffusers user would
+    call them (the same scheduler and VAE settings): one function for each path's prediction,
+    one for the bare pipeline call; and the predictor, for its size and release_memory."""
     variant = VARIANTS["cogvideox-5b"]
     pipe = configure_pipeline(
         PIPELINES["t2v"](**build_tiny_pipeline("1.0", "t2v").components), variant, CPU, "none"
     )
     generator = VideoGenerator(variant, pipe, CPU)
     height, width = generator.native_size
-    # The same modules, scheduler and VAE settings, called as a diffusers user would call them.
     direct = CogVideoXPipeline(**pipe.components)
     direct.set_progress_bar_config(disable=True)
-    request = Request(
-        prompt=PROMPT,
-        negative_prompt="",
-        num_frames=frames,
-        num_inference_steps=steps,
-        guidance_scale=6.0,
-        use_dynamic_cfg=None,
-        fps=None,
-        seed=7,
-    )
+    request = Request(**request_fields(PROMPT, frames, steps, 7))
 
     def call_direct():
         return direct(
@@ -214,6 +207,16 @@ def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
     def our_prediction():
         generator.render_mp4(request).unlink()
 
+    return generator, our_prediction, direct_prediction, call_direct
+
+
+def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
+    """Our prediction against the diffusers one, back to back in every repetition, and the
+    pieces (the pipeline call, our encoder, release_memory) that account for the difference."""
+    generator, our_prediction, direct_prediction, call_direct = predictor_and_direct(
+        steps, frames, workdir
+    )
+    variant = generator.variant
     # One untimed round of each: first-call costs (oneDNN primitives, lazy imports) are not
     # per-prediction overhead.
     our_prediction()
@@ -224,9 +227,10 @@ def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
         video = theirs.call(direct_prediction)
         pipe_only.call(call_direct)
         our_encode.call(encode_mp4, video, workdir / "ours.mp4", fps=variant.fps)
-        # generate() ends with release_memory(): gc.collect() (+ empty_cache on a GPU).
+        # render_mp4() ends with release_memory(): gc.collect() (+ empty_cache on a GPU).
         release.call(generator.release_memory)
     median = statistics.median
+    height, width = generator.native_size
     return {
         "model": "tiny 1.0 text-to-video (cogvideox_cog.devtools.tiny), float32",
         "variant_rules": variant.id,
@@ -281,9 +285,15 @@ def markdown(result: dict) -> str:
         "",
         "## mp4 encoding",
         "",
+        encoding_table(result["encoding"]),
+        *overhead_section(result["overhead"]),
     ]
+    return "\n".join(lines)
+
+
+def encoding_table(encodings: list[dict]) -> str:
     rows = []
-    for item in result["encoding"]:
+    for item in encodings:
         for name in ENCODERS:
             e = item[name]
             rows.append(
@@ -299,9 +309,12 @@ def markdown(result: dict) -> str:
                 ]
             )
     header = ["frames", "encoder", "wall s", "CPU s", "MB", "codec", "faststart", "PSNR dB"]
-    lines.append(markdown_table([*header, "vs diffusers"], rows))
-    o = result["overhead"]
-    lines += [
+    return markdown_table([*header, "vs diffusers"], rows)
+
+
+def overhead_section(o: dict) -> list[str]:
+    """The predictor-overhead section's lines: a heading, the table and the ratios."""
+    return [
         "",
         f"## Predictor overhead ({o['model']}, {o['steps']} steps, {o['frames']} frames at "
         f"{o['width']}x{o['height']}, {o['repeats']} repetitions)",
@@ -331,7 +344,6 @@ def markdown(result: dict) -> str:
         f"Ours / diffusers: {_ratio_cell(o['ours_vs_diffusers'])}.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import itertools
 import json
 import logging
@@ -49,7 +48,10 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from benchmarks.common import (
     environment,
     fmt,
+    free_memory,
     markdown_table,
+    request_fields,
+    synchronize,
     write_json,
 )
 from cogvideox_cog import generator as predictor_generator
@@ -353,8 +355,7 @@ class PhaseProbe:
 
     # -- device helpers
     def sync(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter()
 
     def _fold(self) -> tuple[int, int]:
@@ -465,13 +466,6 @@ class PhaseProbe:
 # One run
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def set_tiling(pipe, mode: str) -> None:
     if mode == "on":
         pipe.vae.enable_tiling()
@@ -493,8 +487,7 @@ def standalone_decode(pipe, latents: torch.Tensor, mode: str, device: torch.devi
         started = time.perf_counter()
         with torch.no_grad():
             frames = pipe.decode_latents(latents)
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         result["seconds"] = time.perf_counter() - started
         result["frames_finite"] = bool(torch.isfinite(frames).all())
         del frames
@@ -511,28 +504,8 @@ def standalone_decode(pipe, latents: torch.Tensor, mode: str, device: torch.devi
     return result
 
 
-def run_one(
-    args, variant: Variant, offload: str, device: torch.device, env: dict, decode_again: bool
-) -> dict:
-    steps = (
-        args.steps_sequential if offload == "sequential" and args.steps_sequential else (args.steps)
-    )
-    frames = args.frames or variant.default_frames
-    dtype = pipeline_dtype(variant, device)
-    record: dict = {
-        "variant": variant.id,
-        "size": args.size,
-        "offload": offload,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "steps": steps,
-        "frames": frames,
-        "tiling_in_run": args.tiling[0],
-        "compile": args.compile,
-        "environment": env,
-    }
-    free_memory(device)
-    setup_started = time.perf_counter()
+def build_components(args, variant: Variant, offload: str, device: torch.device, dtype) -> dict:
+    """The --size components, on the host for an offload policy."""
     build = full_components if args.size == "full" else tiny_components
     components = build(variant, device, dtype)
     if offload != "none":
@@ -543,6 +516,16 @@ def run_one(
             if isinstance(component, torch.nn.Module):
                 component.to("cpu")
         free_memory(device)
+    return components
+
+
+def set_up(args, variant: Variant, offload: str, device: torch.device, record: dict):
+    """What a predictor's setup does, timed: the pipeline built and configured, VAE tiling set
+    to the run's mode, and with --compile on a GPU the compile warm-up. Adds the size, the
+    setup and warm-up seconds and the GPU memory resident before the run to `record`."""
+    free_memory(device)
+    setup_started = time.perf_counter()
+    components = build_components(args, variant, offload, device, pipeline_dtype(variant, device))
     pipe = PIPELINES["t2v"](**components)
     del components
     pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer=args.compile)
@@ -561,21 +544,12 @@ def run_one(
         torch.cuda.synchronize(device)
         record["resident_gib_before_run"] = torch.cuda.memory_allocated(device) / GIB
     free_memory(device)
-    log.info(
-        f"{variant.id} offload={offload}: {steps} steps, {frames} frames at {width}x{height}, "
-        f"{record['dtype']}, VAE tiling {args.tiling[0]} (setup {record['setup_seconds']:.1f} s)"
-    )
+    return pipe, generator
 
-    request = Request(
-        prompt=PROMPT,
-        negative_prompt="",
-        num_frames=frames,
-        num_inference_steps=steps,
-        guidance_scale=6.0,
-        use_dynamic_cfg=None,
-        fps=None,
-        seed=42,
-    )
+
+def measure_prediction(pipe, generator: VideoGenerator, device: torch.device, request: Request):
+    """One `generate` call with every phase marked and the host's peak memory taken: the probe
+    (its marks, peaks and the final latents), the host peak, the mp4 and the total seconds."""
     probe = PhaseProbe(pipe, device).install()
     try:
         with HostPeak() as host:
@@ -585,8 +559,12 @@ def run_one(
             probe._fold()
     finally:
         probe.remove()
-    total = finished - started
+    return probe, host, output, finished - started
 
+
+def phase_figures(probe: PhaseProbe, total: float, steps: int, project_steps: int) -> dict:
+    """Seconds per phase (the rest as "other") and per denoising step; with a step count other
+    than `project_steps`, the total projected to that many steps, labelled as such."""
     step_seconds = probe.step_seconds
     phases = {
         "text_encode_s": probe.times.get("text_encode"),
@@ -597,8 +575,8 @@ def run_one(
         "total_s": total,
     }
     phases["other_s"] = total - sum(v for k, v in phases.items() if k != "total_s" and v)
-    record["phases"] = phases
-    record["steps_s"] = {
+    figures: dict = {"phases": phases}
+    figures["steps_s"] = {
         "each": step_seconds,
         "first": step_seconds[0] if step_seconds else None,
         "median": statistics.median(step_seconds) if step_seconds else None,
@@ -607,30 +585,64 @@ def run_one(
         else None,
         "total": sum(step_seconds),
     }
-    if steps != args.project_steps and step_seconds:
-        median = record["steps_s"]["median"]
-        record["projection"] = {
+    if steps != project_steps and step_seconds:
+        median = figures["steps_s"]["median"]
+        figures["projection"] = {
             "label": (
                 f"PROJECTION, not measured: total minus measured denoising plus "
-                f"{args.project_steps} x median step"
+                f"{project_steps} x median step"
             ),
-            "steps": args.project_steps,
-            "total_s": total - phases["denoise_s"] + args.project_steps * median,
+            "steps": project_steps,
+            "total_s": total - phases["denoise_s"] + project_steps * median,
         }
-    record["frames_finite"] = probe.frames_finite
-    record["gpu_peak"] = (
-        {
-            "allocated_gib": probe.overall[0] / GIB,
-            "reserved_gib": probe.overall[1] / GIB,
-            "by_phase": probe.peaks,
-        }
-        if device.type == "cuda"
-        else None
+    return figures
+
+
+def output_figures(probe: PhaseProbe, host: HostPeak, output: Path, device: torch.device) -> dict:
+    """Whether the frames were finite, the GPU and host peaks, and what the mp4 holds."""
+    gpu_peak = {
+        "allocated_gib": probe.overall[0] / GIB,
+        "reserved_gib": probe.overall[1] / GIB,
+        "by_phase": probe.peaks,
+    }
+    return {
+        "frames_finite": probe.frames_finite,
+        "gpu_peak": gpu_peak if device.type == "cuda" else None,
+        "host_peak_rss_gib": host.peak / GIB,
+        "host_peak_method": host.method,
+        "mp4": {**probe_mp4(output), "bytes": output.stat().st_size},
+    }
+
+
+def run_one(
+    args, variant: Variant, offload: str, device: torch.device, env: dict, decode_again: bool
+) -> dict:
+    steps = (
+        args.steps_sequential if offload == "sequential" and args.steps_sequential else (args.steps)
     )
-    record["host_peak_rss_gib"] = host.peak / GIB
-    record["host_peak_method"] = host.method
-    info = probe_mp4(output)
-    record["mp4"] = {**info, "bytes": output.stat().st_size}
+    frames = args.frames or variant.default_frames
+    record: dict = {
+        "variant": variant.id,
+        "size": args.size,
+        "offload": offload,
+        "device": str(device),
+        "dtype": str(pipeline_dtype(variant, device)).removeprefix("torch."),
+        "steps": steps,
+        "frames": frames,
+        "tiling_in_run": args.tiling[0],
+        "compile": args.compile,
+        "environment": env,
+    }
+    pipe, generator = set_up(args, variant, offload, device, record)
+    log.info(
+        f"{variant.id} offload={offload}: {steps} steps, {frames} frames at "
+        f"{record['width']}x{record['height']}, {record['dtype']}, VAE tiling {args.tiling[0]} "
+        f"(setup {record['setup_seconds']:.1f} s)"
+    )
+    request = Request(**request_fields(PROMPT, frames, steps, 42))
+    probe, host, output, total = measure_prediction(pipe, generator, device, request)
+    record.update(phase_figures(probe, total, steps, args.project_steps))
+    record.update(output_figures(probe, host, output, device))
     shutil.rmtree(output.parent, ignore_errors=True)
 
     # Labelled extra: the run's latents decoded again per tiling mode.

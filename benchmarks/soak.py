@@ -29,12 +29,12 @@ import sys
 import tempfile
 import time
 import uuid
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import versions  # noqa: E402
 from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema  # noqa: E402
 from cogvideox_cog.devtools.tiny import TINY, save_tiny_weights  # noqa: E402
 from cogvideox_cog.media.mp4 import probe_mp4  # noqa: E402
@@ -216,19 +216,13 @@ def machine() -> dict:
         for line in Path("/proc/meminfo").read_text().splitlines()
         if line.startswith("MemTotal:")
     )
-    versions = {"python": platform.python_version()}
-    for name in ("cog", "coglet", "torch", "diffusers", "transformers", "av"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(memory_kib / 2**20, 1),
         "gpu": None,
         "platform": platform.platform(),
-        "versions": versions,
+        "versions": versions(("cog", "coglet", "torch", "diffusers", "transformers", "av")),
     }
 
 
@@ -272,6 +266,7 @@ def soak(args: argparse.Namespace) -> dict:
 
 
 def drive(args, server: CogServer, hooks: WebhookReceiver, tmpdir: Path, prefix: str) -> dict:
+    """The planned requests one after the other, each followed by a look at the worker."""
     worker = server.worker_pid()
     steps = plan(args.predictions, random.Random(args.seed))
     samples, errors = [], []
@@ -280,24 +275,11 @@ def drive(args, server: CogServer, hooks: WebhookReceiver, tmpdir: Path, prefix:
     for index, step in enumerate(steps):
         prediction_id = f"{prefix}{index:03d}"
         began = time.monotonic()
-        if step["kind"] == "cancel":
-            problem = run_cancel(server, hooks, prediction_id)
-        else:
-            response = server.send(body={"id": prediction_id, "input": step["inputs"]})
-            if step["kind"] == "valid":
-                problem = check_valid(response, step["inputs"])
-            else:
-                problem = check_invalid(response, step)
+        problem = send(server, hooks, step, prediction_id)
         server.wait_idle(timeout=60)
         counts[step["kind"]] += 1
-        health = server.status()
-        if health != "READY":
-            problem = problem or f"server {health}"
-        if server.worker_pid() != worker:
-            problem = problem or "the worker process changed"
-        disk = disk_state(tmpdir, prefix)
-        if disk["output_dirs"] > 1 or disk["other_tmp_entries"]:
-            problem = problem or f"left on disk: {disk}"
+        afterwards, disk = check_after(server, worker, tmpdir, prefix)
+        problem = problem or afterwards
         sample = {
             "index": index,
             "kind": step["kind"],
@@ -314,14 +296,41 @@ def drive(args, server: CogServer, hooks: WebhookReceiver, tmpdir: Path, prefix:
         elif index % 20 == 19:
             print(f"{index + 1}/{len(steps)}: rss {sample['rss_mib']} MiB, fds {sample['fds']}")
     elapsed = time.monotonic() - started
+    return summarise(args, samples, errors, counts, elapsed, disk_state(tmpdir, prefix))
 
-    rss = [s["rss_mib"] for s in samples]
-    fds = [s["fds"] for s in samples]
+
+def send(server: CogServer, hooks: WebhookReceiver, step: dict, prediction_id: str) -> str | None:
+    """One planned request sent and its answer checked: None if it is right, else what is wrong."""
+    if step["kind"] == "cancel":
+        return run_cancel(server, hooks, prediction_id)
+    response = server.send(body={"id": prediction_id, "input": step["inputs"]})
+    if step["kind"] == "valid":
+        return check_valid(response, step["inputs"])
+    return check_invalid(response, step)
+
+
+def check_after(server: CogServer, worker: int, tmpdir: Path, prefix: str):
+    """After a request: the first thing wrong with the server, its worker process or what is
+    left on disk (None if nothing), and the disk state."""
+    problem = None
+    health = server.status()
+    if health != "READY":
+        problem = f"server {health}"
+    if server.worker_pid() != worker:
+        problem = problem or "the worker process changed"
+    disk = disk_state(tmpdir, prefix)
+    if disk["output_dirs"] > 1 or disk["other_tmp_entries"]:
+        problem = problem or f"left on disk: {disk}"
+    return problem, disk
+
+
+def memory_figures(rss: list[float]) -> dict:
+    """The worker's RSS: the trend after the warm-up (late window's median against the early
+    one's), the ceiling any sample reached, and the least-squares slope."""
     settled = rss[WARM_UP:]
     early = statistics.median(settled[:WINDOW])
     late = statistics.median(settled[-WINDOW:])
-    disk = disk_state(tmpdir, prefix)
-    memory = {
+    return {
         "first_mib": rss[0],
         "warm_up_requests": WARM_UP,
         "window": WINDOW,
@@ -336,6 +345,12 @@ def drive(args, server: CogServer, hooks: WebhookReceiver, tmpdir: Path, prefix:
         "final_mib": rss[-1],
         "slope_mib_per_100_after_warm_up": round(slope_mib_per_100(settled), 2),
     }
+
+
+def summarise(args, samples: list[dict], errors: list[dict], counts, elapsed, disk) -> dict:
+    """The result: memory, descriptors and disk over the run, and each check passed or not."""
+    fds = [s["fds"] for s in samples]
+    memory = memory_figures([s["rss_mib"] for s in samples])
     descriptors = {
         "first": fds[0],
         "after_warm_up": fds[WARM_UP],
@@ -357,7 +372,7 @@ def drive(args, server: CogServer, hooks: WebhookReceiver, tmpdir: Path, prefix:
         "machine": machine(),
         "model": "tiny random CogVideoX-5B (1.0 t2v), 48x80, float32 on CPU",
         "worker_env": args.worker_env,
-        "predictions": len(steps),
+        "predictions": len(samples),
         "counts": counts,
         "seconds": round(elapsed, 1),
         "seconds_per_request_median": round(statistics.median(s["seconds"] for s in samples), 3),
@@ -371,12 +386,9 @@ def drive(args, server: CogServer, hooks: WebhookReceiver, tmpdir: Path, prefix:
     }
 
 
-def markdown(result: dict) -> str:
-    m, d, env = result["memory"], result["descriptors"], result["machine"]
-    disk, counts, versions = result["disk_at_end"], result["counts"], env["versions"]
-    checks = "\n".join(
-        f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in result["checks"].items()
-    )
+def worker_table(result: dict) -> str:
+    """The worker's memory, descriptors and leftovers, as the rows of a Markdown table."""
+    m, d, disk = result["memory"], result["descriptors"], result["disk_at_end"]
     rows = [
         ("RSS after the 1st request", f"{m['first_mib']} MiB"),
         (
@@ -411,8 +423,13 @@ def markdown(result: dict) -> str:
             f"{disk['coglet_prediction_dirs']} (files in them: {disk['coglet_files']})",
         ),
     ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    errors = "\n".join(f"- #{e['index']} ({e['kind']}): {e['problem']}" for e in result["errors"])
+    return "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def what_ran(result: dict) -> str:
+    """The Markdown report's opening: the command, the machine, the model and the requests."""
+    env, counts = result["machine"], result["counts"]
+    versions = env["versions"]
     return f"""# Soak: {result["predictions"]} sequential predictions through the Cog server
 
 Command (from the repository root):
@@ -434,7 +451,16 @@ seeds, negative prompts, a few prompts over the token limit), {counts["invalid"]
 (422 from the schema, or failed by the frame and prompt rules) and {counts["cancel"]} async
 ones (49 frames, 500 steps) canceled once their second step was logged. Every valid output
 was decoded and checked (H.264, frame count, fps, size, seed); after every request the server
-had to be READY with the same worker process.
+had to be READY with the same worker process."""
+
+
+def markdown(result: dict) -> str:
+    m = result["memory"]
+    checks = "\n".join(
+        f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in result["checks"].items()
+    )
+    errors = "\n".join(f"- #{e['index']} ({e['kind']}): {e['problem']}" for e in result["errors"])
+    return f"""{what_ran(result)}
 
 | check | passed |
 |---|---|
@@ -442,7 +468,7 @@ had to be READY with the same worker process.
 
 | worker | value |
 |---|---|
-{table}
+{worker_table(result)}
 
 Total {result["seconds"]} s; median {result["seconds_per_request_median"]:.2f} s a request.
 

@@ -52,16 +52,18 @@ from diffusers import CogVideoXTransformer3DModel
 from benchmarks.common import (
     environment,
     fmt,
+    free_memory,
     markdown_table,
     quantize_fp8,
+    request_fields,
     require_fp8,
+    synchronize,
     write_json,
 )
 from benchmarks.pipeline_speed import (
     PROMPT,
     TRANSFORMER,
     _randomise,
-    free_memory,
     full_components,
     tiny_components,
 )
@@ -153,8 +155,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="cogvideox-5b")
     parser.add_argument("--size", choices=("full", "medium", "tiny"), default="full")
@@ -165,116 +166,117 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="quantise the transformer to fp8")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    modes = args.modes.split(",")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.fp8:
-        require_fp8(device)
-    variant = VARIANTS[args.variant]
-    env = environment(device)
+    return parser.parse_args(argv)
+
+
+def build_generator(args, variant, device: torch.device) -> tuple[VideoGenerator, bool]:
+    """The pipeline at --size, configured by the predictor's own code; and whether its
+    transformer is compiled (with --fp8, only after quantising: see quantise_after_reference)."""
     build = {"full": full_components, "medium": medium_components, "tiny": tiny_components}
     pipe = PIPELINES["t2v"](**build[args.size](variant, device, pipeline_dtype(variant, device)))
     compiled = args.compile and device.type == "cuda"  # configure_pipeline's rule
     pipe = configure_pipeline(
         pipe, variant, device, "none", compile_transformer=compiled and not args.fp8
     )
-    generator = VideoGenerator(variant, pipe, device)
-    frames = args.frames or variant.default_frames
-    counter = WorkCounter(pipe.transformer)
-    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
-    full_tokens, full_width = full_size(variant)
+    return VideoGenerator(variant, pipe, device), compiled
 
-    def render(mode: str, steps: int = args.steps):
-        request = Request(PROMPT, "", frames, steps, 6.0, None, None, 42, speed_mode=mode)
-        counter.reset()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+
+class Renderer:
+    """Renders the one request of this benchmark in any mode, with the work it computed counted
+    and, on a GPU, the peak memory of each mode kept (the largest over its renders)."""
+
+    def __init__(self, generator: VideoGenerator, frames: int, full_size: tuple[int, int]):
+        self.generator, self.device, self.frames = generator, generator.device, frames
+        self.counter = WorkCounter(generator.pipe.transformer)
+        config = generator.pipe.transformer.config
+        self.width = config.num_attention_heads * config.attention_head_dim
+        self.full_tokens, self.full_width = full_size
+        self.peaks: dict[str, float] = {}
+
+    def render(self, mode: str, steps: int):
+        """Seconds, the frames, and the work: (attention rows per block, transformer rows,
+        FLOPs at this run's size, FLOPs at full size)."""
+        request = Request(**request_fields(PROMPT, self.frames, steps, 42, speed_mode=mode))
+        self.counter.reset()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
-        video = generator.render_frames(request)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peaks[mode] = max(peaks.get(mode, 0.0), torch.cuda.max_memory_allocated(device))
+        video = self.generator.render_frames(request)
+        if cuda:
+            synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peaks[mode] = max(self.peaks.get(mode, 0.0), peak)
         work = (
-            list(counter.attention_rows),
-            counter.transformer_rows,
-            counter.compute(width),
-            counter.compute(full_width, full_tokens),
+            list(self.counter.attention_rows),
+            self.counter.transformer_rows,
+            self.counter.compute(self.width),
+            self.counter.compute(self.full_width, self.full_tokens),
         )
         return time.perf_counter() - started, video.frames, work
 
-    warm_up_steps = min(WARM_UP_STEPS, args.steps)
-    peaks: dict[str, float] = {}
-    unquantised, unquantised_s = None, None
-    if args.fp8:
-        render("default", warm_up_steps)
-        unquantised_s, unquantised, _ = render("default")
-        log.info(f"default, unquantised (the fidelity reference): {unquantised_s:.2f} s")
-        quantize_fp8(pipe.transformer, device)
-        if compiled:
-            pipe.transformer.compile()  # what configure_pipeline does, after quantising
+
+def quantise_after_reference(renderer: Renderer, args, compiled: bool, warm_up_steps: int):
+    """With --fp8: one warmed-up render of the unquantised model in "default" mode (the fidelity
+    reference of every mode), then the transformer quantised, and compiled after that as
+    configure_pipeline would. Returns the reference frames and its seconds."""
+    renderer.render("default", warm_up_steps)
+    seconds, frames, _ = renderer.render("default", args.steps)
+    log.info(f"default, unquantised (the fidelity reference): {seconds:.2f} s")
+    transformer = renderer.generator.pipe.transformer
+    quantize_fp8(transformer, renderer.device)
+    if compiled:
+        transformer.compile()  # what configure_pipeline does, after quantising
+    return frames, seconds
+
+
+def time_modes(renderer: Renderer, modes: list[str], steps: int, warm_up_steps: int, repeats: int):
+    """Every mode warmed up untimed, then `repeats` timed renders each, the order rotating by
+    one mode a repeat so that drift in the machine's speed does not favour one mode. Returns
+    the seconds of every render, and the last render's frames and work per mode."""
     for mode in modes:
-        render(mode, warm_up_steps)
-    peaks.clear()
+        renderer.render(mode, warm_up_steps)
+    renderer.peaks.clear()
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     outputs, work = {}, {}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
         for mode in order:
-            took, frames_out, counted = render(mode)
+            took, frames_out, counted = renderer.render(mode, steps)
             seconds[mode].append(took)
             outputs[mode], work[mode] = frames_out, counted
             log.info(f"{mode}: {took:.2f} s")
-        free_memory(device)
-    counter.remove()
+        free_memory(renderer.device)
+    return seconds, outputs, work
 
-    reference = outputs["default"] if unquantised is None else unquantised
-    results = []
-    for mode in modes:
-        attention_rows, transformer_rows, flops, full_flops = work[mode]
-        per_frame = [psnr(a, b) for a, b in zip(outputs[mode], reference, strict=True)]
-        results.append(
-            {
-                "mode": mode,
-                "seconds": seconds[mode],
-                "median_s": statistics.median(seconds[mode]),
-                "speedup": statistics.median(seconds["default"]) / statistics.median(seconds[mode]),
-                "attention_rows": sum(attention_rows),
-                "attention_rows_fraction": sum(attention_rows) / sum(work["default"][0]),
-                "transformer_rows": transformer_rows,
-                "transformer_rows_fraction": transformer_rows / work["default"][1],
-                "projected_compute_fraction": flops / work["default"][2],
-                "projected_compute_fraction_full_size": full_flops / work["default"][3],
-                "psnr_db_mean": statistics.fmean(per_frame)
-                if all(map(math.isfinite, per_frame))
-                else math.inf,
-                "psnr_db_worst_frame": min(per_frame),
-                "max_abs_diff": float(np.abs(outputs[mode] - reference).max()),
-                "gpu_peak_allocated_gib": round(peaks[mode] / 2**30, 2) if mode in peaks else None,
-            }
-        )
-    height, width_px = generator.native_size
-    record = {
-        "variant": variant.id,
-        "size": args.size,
-        "steps": args.steps,
-        "frames": frames,
-        "resolution": f"{height}x{width_px}",
-        "tokens_per_row": counter.tokens,
-        "full_size_tokens_per_row": full_tokens,
-        "repeats": args.repeats,
-        "compile": compiled,
-        "fp8": args.fp8,
-        "warm_up_steps": warm_up_steps,
-        # With --fp8: one render of the unquantised model in "default" mode, the reference.
-        "unquantised_default_s": unquantised_s,
-        "environment": env,
-        "results": results,
+
+def compare_with_default(mode: str, seconds, outputs, work, reference, peaks) -> dict:
+    """One mode against "default": speed-up, work fractions and fidelity to the reference."""
+    attention_rows, transformer_rows, flops, full_flops = work[mode]
+    per_frame = [psnr(a, b) for a, b in zip(outputs[mode], reference, strict=True)]
+    return {
+        "mode": mode,
+        "seconds": seconds[mode],
+        "median_s": statistics.median(seconds[mode]),
+        "speedup": statistics.median(seconds["default"]) / statistics.median(seconds[mode]),
+        "attention_rows": sum(attention_rows),
+        "attention_rows_fraction": sum(attention_rows) / sum(work["default"][0]),
+        "transformer_rows": transformer_rows,
+        "transformer_rows_fraction": transformer_rows / work["default"][1],
+        "projected_compute_fraction": flops / work["default"][2],
+        "projected_compute_fraction_full_size": full_flops / work["default"][3],
+        "psnr_db_mean": statistics.fmean(per_frame)
+        if all(map(math.isfinite, per_frame))
+        else math.inf,
+        "psnr_db_worst_frame": min(per_frame),
+        "max_abs_diff": float(np.abs(outputs[mode] - reference).max()),
+        "gpu_peak_allocated_gib": round(peaks[mode] / 2**30, 2) if mode in peaks else None,
     }
-    name = f"{variant.id}-{args.size}-{args.steps}steps"
-    name += "-compiled" * compiled + "-fp8" * args.fp8
-    write_json(args.out / f"{name}.json", record)
-    table = markdown_table(
+
+
+def results_table(results: list[dict]) -> str:
+    return markdown_table(
         [
             "speed_mode",
             "median s",
@@ -304,26 +306,84 @@ def main(argv: list[str] | None = None) -> int:
             for r in results
         ],
     )
+
+
+def report(record: dict) -> str:
+    """The Markdown summary of a run, from its record alone."""
+    env, variant_id = record["environment"], record["variant"]
     device_name = env.get("gpu") or f"CPU ({env['cpu_count']} cores)"
     text = (
-        f"# speed_mode: {variant.id}, {args.size} size, {frames} frames at {height}x{width_px}, "
-        f"{args.steps} steps\n\n"
+        f"# speed_mode: {variant_id}, {record['size']} size, {record['frames']} frames at "
+        f"{record['resolution']}, {record['steps']} steps\n\n"
         f"{device_name}; torch {env['versions']['torch']}, diffusers "
-        f"{env['versions']['diffusers']}. Command:\n\n    {env['command']}\n\n{table}\n\n"
+        f"{env['versions']['diffusers']}. Command:\n\n    {env['command']}\n\n"
+        f"{results_table(record['results'])}\n\n"
         f"Rows: batch rows computed, as a share of default's (CFG runs 2 rows a step). "
-        f"Compute: FLOPs of the blocks for those rows at {counter.tokens} tokens a row (this "
-        f"run) and at {full_tokens} ({variant.id} at its default frames and size; the counts "
-        f"depend only on the steps and the schedule), a projection from the counts, not a "
-        f"measurement. Random weights: fidelity is of noise, see the script.\n"
+        f"Compute: FLOPs of the blocks for those rows at {record['tokens_per_row']} tokens a row "
+        f"(this run) and at {record['full_size_tokens_per_row']} ({variant_id} at its default "
+        f"frames and size; the counts depend only on the steps and the schedule), a projection "
+        f"from the counts, not a measurement. Random weights: fidelity is of noise, see the "
+        f"script.\n"
     )
-    if compiled:
+    if record["compile"]:
         text += "\nThe transformer is compiled (torch.compile), every mode warmed up first.\n"
-    if args.fp8:
+    if record["fp8"]:
         text += (
             f"\nThe transformer is quantised to dynamic fp8 (torchao) in every row; PSNR and "
             f"max diff are against the unquantised model in default mode, which took "
-            f"{unquantised_s:.2f} s uncompiled (one render, after a warm-up).\n"
+            f"{record['unquantised_default_s']:.2f} s uncompiled (one render, after a warm-up).\n"
         )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    modes = args.modes.split(",")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.fp8:
+        require_fp8(device)
+    variant = VARIANTS[args.variant]
+    env = environment(device)
+    generator, compiled = build_generator(args, variant, device)
+    frames = args.frames or variant.default_frames
+    renderer = Renderer(generator, frames, full_size(variant))
+    warm_up_steps = min(WARM_UP_STEPS, args.steps)
+    unquantised, unquantised_s = None, None
+    if args.fp8:
+        unquantised, unquantised_s = quantise_after_reference(
+            renderer, args, compiled, warm_up_steps
+        )
+    seconds, outputs, work = time_modes(renderer, modes, args.steps, warm_up_steps, args.repeats)
+    renderer.counter.remove()
+
+    reference = outputs["default"] if unquantised is None else unquantised
+    results = [
+        compare_with_default(mode, seconds, outputs, work, reference, renderer.peaks)
+        for mode in modes
+    ]
+    height, width_px = generator.native_size
+    record = {
+        "variant": variant.id,
+        "size": args.size,
+        "steps": args.steps,
+        "frames": frames,
+        "resolution": f"{height}x{width_px}",
+        "tokens_per_row": renderer.counter.tokens,
+        "full_size_tokens_per_row": renderer.full_tokens,
+        "repeats": args.repeats,
+        "compile": compiled,
+        "fp8": args.fp8,
+        "warm_up_steps": warm_up_steps,
+        # With --fp8: one render of the unquantised model in "default" mode, the reference.
+        "unquantised_default_s": unquantised_s,
+        "environment": env,
+        "results": results,
+    }
+    name = f"{variant.id}-{args.size}-{args.steps}steps"
+    name += "-compiled" * compiled + "-fp8" * args.fp8
+    write_json(args.out / f"{name}.json", record)
+    text = report(record)
     (args.out / f"{name}.md").write_text(text)
     print(text)
     return 0

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import environment, quantize_fp8, require_fp8, write_json
+from benchmarks.common import environment, quantize_fp8, require_fp8, synchronize, write_json
 from benchmarks.pipeline_speed import full_components, tiny_components
 from cogvideox_cog.pipeline import PIPELINES, pipeline_dtype
 from cogvideox_cog.variants import VARIANTS
@@ -60,11 +60,6 @@ def step_inputs(pipe, frames: int, height: int, width: int, device, dtype) -> di
     }
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(transformer, inputs: dict, backend, warmup: int, repeats: int, device):
     """Median seconds of `repeats` steps after `warmup` untimed ones, and the last output."""
     context = sdpa_kernel(backend) if backend is not None else nullcontext()
@@ -83,7 +78,7 @@ def time_steps(transformer, inputs: dict, backend, warmup: int, repeats: int, de
     return statistics.median(times), out.float()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="cogvideox-5b")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
@@ -92,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fp8", action="store_true", help="also torchao dynamic fp8")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    if args.fp8:
-        require_fp8(device)
-    variant = VARIANTS[args.variant]
+
+def build_step(args, variant, device: torch.device):
+    """The transformer at --size on `device`, the inputs of one CFG step at the variant's
+    frames and size (the model's sample size at tiny size), and that shape (frames, h, w)."""
     dtype = pipeline_dtype(variant, device)
     build = full_components if args.size == "full" else tiny_components
     pipe = PIPELINES["t2v"](**build(variant, device, dtype))
@@ -108,60 +103,97 @@ def main(argv: list[str] | None = None) -> int:
         height, width = variant.native_size
     frames = args.frames or variant.default_frames
     inputs = step_inputs(pipe, frames, height, width, device, dtype)
-    rows = []
+    return transformer, inputs, (frames, height, width)
 
-    def record(name, seconds, out, reference, extra=None):
+
+class Candidates:
+    """Times each candidate on the same step and records it against the baseline's output."""
+
+    def __init__(self, transformer, inputs: dict, repeats: int, device: torch.device):
+        self.transformer, self.inputs = transformer, inputs
+        self.repeats, self.device = repeats, device
+        self.rows: list[dict] = []
+        self.reference = None
+        self.best = self.best_backend = None
+
+    def record(self, name: str, seconds: float, out, extra: dict | None = None) -> None:
+        reference = self.reference
         error = 0.0 if reference is None else float((out - reference).norm() / reference.norm())
         row = {"candidate": name, "step_s": round(seconds, 4), "rel_l2_vs_default": error}
-        if device.type == "cuda":  # weights plus what the timed steps held at most
-            row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if self.device.type == "cuda":  # weights plus what the timed steps held at most
+            peak = torch.cuda.max_memory_allocated(self.device)
+            row["peak_allocated_gib"] = round(peak / 2**30, 2)
         row.update(extra or {})
-        rows.append(row)
+        self.rows.append(row)
         print(f"{name:32s} {seconds:8.4f} s/step  rel.err {error:.2e}", flush=True)
 
-    baseline_s, reference = time_steps(transformer, inputs, None, 2, args.repeats, device)
-    record("sdpa default", baseline_s, reference, None)
-    for name, backend in list(BACKENDS.items())[1:]:
-        try:
-            seconds, out = time_steps(transformer, inputs, backend, 1, args.repeats, device)
-            record(f"sdpa {name}", seconds, out, reference)
-        except RuntimeError as error:  # a backend this device or shape does not have
-            rows.append({"candidate": f"sdpa {name}", "error": str(error)[:300]})
-            print(f"sdpa {name}: {str(error)[:200]}", flush=True)
+    def time(self, model, backend, warmup: int = 1):
+        return time_steps(model, self.inputs, backend, warmup, self.repeats, self.device)
 
-    best = min((r for r in rows if "step_s" in r), key=lambda r: r["step_s"])
-    best_backend = BACKENDS[best["candidate"].split()[-1]]
+    def attention_backends(self) -> None:
+        """The baseline (the backend torch picks), then each forced backend this device has;
+        the fastest is the one every later candidate runs with."""
+        baseline_s, out = self.time(self.transformer, None, warmup=2)
+        self.record("sdpa default", baseline_s, out)
+        self.reference = out
+        for name, backend in list(BACKENDS.items())[1:]:
+            try:
+                seconds, out = self.time(self.transformer, backend)
+                self.record(f"sdpa {name}", seconds, out)
+            except RuntimeError as error:  # a backend this device or shape does not have
+                self.rows.append({"candidate": f"sdpa {name}", "error": str(error)[:300]})
+                print(f"sdpa {name}: {str(error)[:200]}", flush=True)
+        self.best = min((r for r in self.rows if "step_s" in r), key=lambda r: r["step_s"])
+        self.best_backend = BACKENDS[self.best["candidate"].split()[-1]]
 
-    transformer.fuse_qkv_projections()
-    seconds, out = time_steps(transformer, inputs, best_backend, 1, args.repeats, device)
-    record(f"fused qkv + {best['candidate']}", seconds, out, reference)
-    transformer.unfuse_qkv_projections()
+    def fused_qkv(self) -> None:
+        self.transformer.fuse_qkv_projections()
+        seconds, out = self.time(self.transformer, self.best_backend)
+        self.record(f"fused qkv + {self.best['candidate']}", seconds, out)
+        self.transformer.unfuse_qkv_projections()
 
-    def record_compiled(name: str) -> None:
+    def compiled(self, prefix: str = "") -> None:
+        """torch.compile from scratch: the first call's seconds as compile_s, then the step."""
         torch._dynamo.reset()  # a fresh compile, timed from scratch
         started = time.perf_counter()
-        compiled = torch.compile(transformer)
-        with torch.no_grad(), sdpa_kernel(best_backend) if best_backend else nullcontext():
-            compiled(**inputs)
-        synchronize(device)
+        compiled = torch.compile(self.transformer)
+        context = sdpa_kernel(self.best_backend) if self.best_backend else nullcontext()
+        with torch.no_grad(), context:
+            compiled(**self.inputs)
+        synchronize(self.device)
         compile_s = time.perf_counter() - started
-        seconds, out = time_steps(compiled, inputs, best_backend, 1, args.repeats, device)
+        seconds, out = self.time(compiled, self.best_backend)
         extra = {"compile_s": round(compile_s, 1)}
-        record(f"{name}compile + {best['candidate']}", seconds, out, reference, extra)
+        self.record(f"{prefix}compile + {self.best['candidate']}", seconds, out, extra)
 
-    record_compiled("")
+    def fp8(self) -> None:
+        """The transformer quantised to fp8 for good, eager then compiled."""
+        quantize_fp8(self.transformer, self.device)
+        seconds, out = self.time(self.transformer, self.best_backend)
+        self.record(f"fp8 + {self.best['candidate']}", seconds, out)
+        self.compiled("fp8 + ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
     if args.fp8:
-        quantize_fp8(transformer, device)
-        seconds, out = time_steps(transformer, inputs, best_backend, 1, args.repeats, device)
-        record(f"fp8 + {best['candidate']}", seconds, out, reference)
-        record_compiled("fp8 + ")
+        require_fp8(device)
+    variant = VARIANTS[args.variant]
+    transformer, inputs, (frames, height, width) = build_step(args, variant, device)
+    candidates = Candidates(transformer, inputs, args.repeats, device)
+    candidates.attention_backends()
+    candidates.fused_qkv()
+    candidates.compiled()
+    if args.fp8:
+        candidates.fp8()
 
     result = {
         "variant": variant.id,
         "size": args.size,
         "shape": f"{frames}x{height}x{width}, CFG batch 2",
         "environment": environment(device),
-        "rows": rows,
+        "rows": candidates.rows,
     }
     name = f"transformer_step-{variant.id}" + ("" if args.size == "full" else f"-{args.size}")
     write_json(args.out / f"{name}{'-fp8' if args.fp8 else ''}.json", result)

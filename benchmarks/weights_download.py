@@ -212,7 +212,7 @@ def run_ours(url: str, cache: Path, manifest: Path | None, fsync: bool = True) -
     return {"seconds": seconds, "phases": phases}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=3.0, help="size of the synthetic tar")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
@@ -220,17 +220,20 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("pget", path=f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"):
         raise SystemExit("pget is on PATH: this benchmark measures the built-in downloader")
+    return args
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="weights-bench-"))
+
+def serve_tar(work: Path, gb: float) -> tuple[subprocess.Popen, str, Path, int]:
+    """The synthetic tar and its sha256 manifest written, and the tar served over loopback:
+    the server, the tar's URL, the manifest and the tar's size."""
     served = work / "served"
     served.mkdir(parents=True, exist_ok=True)
     tar = served / "weights.tar"
-    print(f"writing a {args.gb:g} GB synthetic tar ...", flush=True)
-    files = make_tar(tar, int(args.gb * 1e9))
+    print(f"writing a {gb:g} GB synthetic tar ...", flush=True)
+    files = make_tar(tar, int(gb * 1e9))
     manifest = work / "manifest.json"
     manifest.write_text(json.dumps({"variant": "cogvideox-5b", "files": files}))
     size = tar.stat().st_size  # and in the page cache, from writing it
-
     server = subprocess.Popen(
         [sys.executable, "-m", "tests.file_server", str(served)],
         cwd=ROOT,
@@ -238,38 +241,52 @@ def main() -> None:
         text=True,
     )
     url = server.stdout.readline().strip() + "weights.tar"
-    sides = {
+    return server, url, manifest, size
+
+
+def sides_for(url: str, manifest: Path) -> dict:
+    """Each side by its name in the results: a function of the folder it extracts into."""
+    return {
         "curl | tar -x": lambda out: run_curl(url, out, sync=False),
         "curl | tar -x, then fsync": lambda out: run_curl(url, out, sync=True),
         "built-in, structure checks": lambda out: run_ours(url, out, None),
         "built-in, sha256 manifest": lambda out: run_ours(url, out, manifest),
         "built-in, structure checks, no fsync": lambda out: run_ours(url, out, None, False),
     }
-    runs: list[dict] = []
-    try:
-        for round_ in range(args.rounds):
-            for side, run in sides.items():
-                out = work / "out"
-                shutil.rmtree(out, ignore_errors=True)
-                load = os.getloadavg()[0]
-                result = run(out)
-                result.update(side=side, round=round_ + 1, load_1min_before=round(load, 2))
-                runs.append(result)
-                print(f"{side:28s} round {round_ + 1}: {result['seconds']:6.2f} s", flush=True)
-                shutil.rmtree(out, ignore_errors=True)
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
-    medians = {
+
+def run_rounds(sides: dict, rounds: int, work: Path) -> list[dict]:
+    """Every side once a round, in the same order, each into a fresh folder."""
+    runs: list[dict] = []
+    for round_ in range(rounds):
+        for side, run in sides.items():
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            load = os.getloadavg()[0]
+            result = run(out)
+            result.update(side=side, round=round_ + 1, load_1min_before=round(load, 2))
+            runs.append(result)
+            print(f"{side:28s} round {round_ + 1}: {result['seconds']:6.2f} s", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
+def medians_by_side(runs: list[dict]) -> dict[str, float]:
+    """Median seconds per side, in the order the sides ran."""
+    sides = dict.fromkeys(r["side"] for r in runs)
+    return {
         side: statistics.median(r["seconds"] for r in runs if r["side"] == side) for side in sides
     }
+
+
+def summarise(runs: list[dict], size: int) -> dict:
+    """Medians per side, their rates and ratios to curl | tar, and what verification costs."""
+    medians = medians_by_side(runs)
     base = medians["curl | tar -x"]
     ours = [r for r in runs if r["side"].startswith("built-in") and "no fsync" not in r["side"]]
     verify_s = statistics.median(r["phases"].get("verify", 0.0) for r in ours)
     publish_s = statistics.median(r["phases"].get("sync and publish", 0.0) for r in ours)
-    summary = {
+    return {
         "tar_bytes": size,
         "median_seconds": {k: round(v, 2) for k, v in medians.items()},
         "median_mb_per_s": {k: round(size / v / 1e6) for k, v in medians.items()},
@@ -282,27 +299,30 @@ def main() -> None:
             "fsync and publish": round(publish_s, 2),
         },
     }
-    data = {
-        "command": command_line(),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "note": "2 cores shared with other work running at the same time (see the load "
-            "average before each run); loopback, so no network latency or bandwidth limit: "
-            "this measures the CPU and disk cost of each side, not a real network.",
-            "curl": subprocess.run(
-                ["curl", "--version"], capture_output=True, text=True
-            ).stdout.splitlines()[0],
-            "tar": subprocess.run(
-                ["tar", "--version"], capture_output=True, text=True
-            ).stdout.splitlines()[0],
-        },
-        "summary": summary,
-        "runs": runs,
+
+
+def _first_line(command: list[str]) -> str:
+    return subprocess.run(command, capture_output=True, text=True).stdout.splitlines()[0]
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "note": "2 cores shared with other work running at the same time (see the load "
+        "average before each run); loopback, so no network latency or bandwidth limit: "
+        "this measures the CPU and disk cost of each side, not a real network.",
+        "curl": _first_line(["curl", "--version"]),
+        "tar": _first_line(["tar", "--version"]),
     }
-    write_json(RESULTS / "weights_download.json", data)
+
+
+def report(data: dict, rounds: int) -> tuple[str, str]:
+    """The Markdown report of `data` (the JSON written), and its table alone."""
+    summary, runs = data["summary"], data["runs"]
+    size, medians = summary["tar_bytes"], medians_by_side(runs)
+    base = medians["curl | tar -x"]
     rows = [
         [
             side.replace("|", "\\|"),
@@ -311,20 +331,44 @@ def main() -> None:
             f"{medians[side] / base:.2f}x",
             ", ".join(f"{r['seconds']:.2f}" for r in runs if r["side"] == side),
         ]
-        for side in sides
+        for side in medians
     ]
     table = markdown_table(["side", "median s", "MB/s", "vs curl \\| tar", "runs (s)"], rows)
     overhead = "\n".join(
         f"- {k}: {v} s" for k, v in summary["verification_overhead_seconds"].items()
     )
-    (RESULTS / "weights_download.md").write_text(
+    text = (
         f"# Weights download: built-in downloader vs curl | tar\n\n"
         f"Command (from the repository root): `{data['command']}`\n\n"
         f"{data['date']}, {size / 1e9:.2f} GB synthetic tar over loopback, "
-        f"{args.rounds} rounds alternating the sides. {data['machine']['note']}\n\n"
+        f"{rounds} rounds alternating the sides. {data['machine']['note']}\n\n"
         f"{table}\n\nVerification overhead (medians of our runs):\n\n{overhead}\n\n"
         f"{READING}\n"
     )
+    return text, table
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="weights-bench-"))
+    server, url, manifest, size = serve_tar(work, args.gb)
+    try:
+        runs = run_rounds(sides_for(url, manifest), args.rounds, work)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+    data = {
+        "command": command_line(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "summary": summarise(runs, size),
+        "runs": runs,
+    }
+    write_json(RESULTS / "weights_download.json", data)
+    text, table = report(data, args.rounds)
+    (RESULTS / "weights_download.md").write_text(text)
     print(table)
 
 
