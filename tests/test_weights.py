@@ -910,7 +910,8 @@ def test_a_manifest_for_another_variant_is_refused(tmp_path, cache, monkeypatch)
     ],
 )
 def test_hf_urls_parse(url, parsed):
-    assert parse_hf_url(url) == parsed
+    ref = parse_hf_url(url)
+    assert (ref.repo, ref.revision, ref.file) == (*parsed, None)
 
 
 @pytest.mark.parametrize(

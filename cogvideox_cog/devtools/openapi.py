@@ -89,70 +89,71 @@ _PREDICTION_ID = {
 }
 
 
+_STRING = {"type": "string"}
+_TIMESTAMP = {"type": "string", "format": "date-time"}
+# The components every Cog predictor's document has, whatever its inputs.
+_PREDICTION_COMPONENTS: dict[str, Any] = {
+    "PredictionRequest": {
+        "title": "PredictionRequest",
+        "type": "object",
+        "properties": {
+            "id": {"title": "Id", **_STRING},
+            "input": {"$ref": "#/components/schemas/Input"},
+        },
+    },
+    "PredictionResponse": {
+        "title": "PredictionResponse",
+        "type": "object",
+        "properties": {
+            "input": {"$ref": "#/components/schemas/Input"},
+            "output": {"$ref": "#/components/schemas/Output"},
+            "id": {"title": "Id", **_STRING},
+            "version": {"title": "Version", **_STRING},
+            "created_at": {"title": "Created At", **_TIMESTAMP},
+            "started_at": {"title": "Started At", **_TIMESTAMP},
+            "completed_at": {"title": "Completed At", **_TIMESTAMP},
+            "status": {"title": "Status", **_STRING},
+            "error": {"title": "Error", **_STRING},
+            "logs": {"title": "Logs", **_STRING},
+            "metrics": {"title": "Metrics", "type": "object"},
+        },
+    },
+    "Status": {
+        "title": "Status",
+        "description": "An enumeration.",
+        "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
+        "type": "string",
+    },
+    "HTTPValidationError": {
+        "title": "HTTPValidationError",
+        "type": "object",
+        "properties": {
+            "detail": {
+                "title": "Detail",
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/ValidationError"},
+            }
+        },
+    },
+    "ValidationError": {
+        "title": "ValidationError",
+        "required": ["loc", "msg", "type"],
+        "type": "object",
+        "properties": {
+            "loc": {
+                "title": "Location",
+                "type": "array",
+                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            },
+            "msg": {"title": "Message", "type": "string"},
+            "type": {"title": "Error Type", "type": "string"},
+        },
+    },
+}
+
+
 def _components(inputs: dict[str, Any], output: dict[str, Any], enums: dict[str, Any]) -> dict:
-    string = {"type": "string"}
-    timestamp = {"type": "string", "format": "date-time"}
-    return {
-        "Input": inputs,
-        "Output": output,
-        **enums,
-        "PredictionRequest": {
-            "title": "PredictionRequest",
-            "type": "object",
-            "properties": {
-                "id": {"title": "Id", **string},
-                "input": {"$ref": "#/components/schemas/Input"},
-            },
-        },
-        "PredictionResponse": {
-            "title": "PredictionResponse",
-            "type": "object",
-            "properties": {
-                "input": {"$ref": "#/components/schemas/Input"},
-                "output": {"$ref": "#/components/schemas/Output"},
-                "id": {"title": "Id", **string},
-                "version": {"title": "Version", **string},
-                "created_at": {"title": "Created At", **timestamp},
-                "started_at": {"title": "Started At", **timestamp},
-                "completed_at": {"title": "Completed At", **timestamp},
-                "status": {"title": "Status", **string},
-                "error": {"title": "Error", **string},
-                "logs": {"title": "Logs", **string},
-                "metrics": {"title": "Metrics", "type": "object"},
-            },
-        },
-        "Status": {
-            "title": "Status",
-            "description": "An enumeration.",
-            "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
-            "type": "string",
-        },
-        "HTTPValidationError": {
-            "title": "HTTPValidationError",
-            "type": "object",
-            "properties": {
-                "detail": {
-                    "title": "Detail",
-                    "type": "array",
-                    "items": {"$ref": "#/components/schemas/ValidationError"},
-                }
-            },
-        },
-        "ValidationError": {
-            "title": "ValidationError",
-            "required": ["loc", "msg", "type"],
-            "type": "object",
-            "properties": {
-                "loc": {
-                    "title": "Location",
-                    "type": "array",
-                    "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                },
-                "msg": {"title": "Message", "type": "string"},
-                "type": {"title": "Error Type", "type": "string"},
-            },
-        },
-    }
+    return {"Input": inputs, "Output": output, **enums, **_PREDICTION_COMPONENTS}
 
 
 def _paths() -> dict[str, Any]:

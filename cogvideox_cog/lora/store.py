@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import leftovers
 from ..errors import LoraError
+from ..files import replace_atomically
 from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, download
 from ..weights.manifest import sha256_file
 from .fetch import MAX_SIZE_ENV, check_lora_url, fetch_lora
@@ -128,10 +129,8 @@ class LoraCache:
         return blob
 
     def _record(self, url: str, blob: Path) -> None:
-        index = self._index_path(url)
-        temporary = index.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"url": url, "sha256": blob.stem, "fetched": time.time()}))
-        os.replace(temporary, index)
+        entry = {"url": url, "sha256": blob.stem, "fetched": time.time()}
+        replace_atomically(self._index_path(url), json.dumps(entry))
 
     # Fetching -------------------------------------------------------------------------------
 

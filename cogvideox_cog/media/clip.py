@@ -53,32 +53,9 @@ def load_video(
 
     allowed_frames (the variant's frame rule) only improves the message for a clip too short.
     """
-    try:
-        container = av.open(str(path))
-    except (FileNotFoundError, IsADirectoryError) as error:
-        raise InputError(
-            f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
-        ) from error
-    except av.error.FFmpegError as error:
-        raise InputError(f"video could not be read as a video; send an {FORMATS} file.") from error
+    container = _open(path)
     with container:
-        if not container.streams.video:
-            raise InputError(f"video has no video track; send an {FORMATS} file.")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        source_width, source_height = stream.codec_context.width, stream.codec_context.height
-        if source_width * source_height > MAX_VIDEO_PIXELS:
-            raise InputError(
-                f"video is {source_width}x{source_height} "
-                f"({source_width * source_height / 1e6:.0f} MP a frame); the limit is "
-                f"{MAX_VIDEO_PIXELS / 1e6:.0f} MP. Downscale it first."
-            )
-        header_seconds = _header_duration(container, stream)
-        if header_seconds is not None and header_seconds > MAX_VIDEO_SECONDS:
-            raise InputError(
-                f"video is {header_seconds:.0f} s long; the limit is {MAX_VIDEO_SECONDS:.0f} s. "
-                f"Only the first {num_frames / fps:.1f} s are used, so trim it first."
-            )
+        stream = _checked_stream(container, num_frames, fps)
         source_rate = float(stream.average_rate) if stream.average_rate else None
         targets = [i / fps for i in range(num_frames)]
         rotations: list[int] = []
@@ -90,25 +67,10 @@ def load_video(
         picked, decoded, start, last_time, damage = _pick_frames(
             container, stream, targets, source_rate, prepare
         )
-
-    if decoded == 0:
-        raise InputError(f"video has no frames that could be decoded; send an {FORMATS} file.")
+        header_seconds = _header_duration(container, stream)
     if len(picked) < num_frames:
-        # The clip shows its last frame until last_time plus one source frame.
-        frame_time = 1 / source_rate if source_rate else 0.0
-        span = last_time - start + frame_time
-        # Frames missing that the video track's header promises: a cut-off upload, not a
-        # short clip (the container's duration may be an audio track's, so not that).
-        promised = _track_duration(stream)
-        if damage is not None or (promised or 0) > span + frame_time + 0.1:
-            length = f" of the {promised:.2f} s its header gives" if promised else ""
-            raise InputError(
-                f"video is damaged or truncated: only {decoded} frames ({span:.2f} s{length}) "
-                f"could be decoded{f' ({damage})' if damage else ''}. Send the whole file "
-                f"again, or re-encode it."
-            )
-        raise InputError(_too_short(decoded, span, num_frames, fps, allowed_frames))
-
+        _refuse_short(stream, decoded, start, last_time, damage, num_frames, fps, allowed_frames)
+    source_width, source_height = stream.codec_context.width, stream.codec_context.height
     rotation = rotations[0]
     if rotation in (90, 270):
         source_width, source_height = source_height, source_width
@@ -122,6 +84,62 @@ def load_video(
         f"centre-cropped)"
     )
     return VideoClip(picked, summary)
+
+
+def _open(path: Path | str):
+    try:
+        return av.open(str(path))
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise InputError(
+            f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
+        ) from error
+    except av.error.FFmpegError as error:
+        raise InputError(f"video could not be read as a video; send an {FORMATS} file.") from error
+
+
+def _checked_stream(container, num_frames: int, fps: int):
+    """The video track, refused from its header when its frames or its length are too big."""
+    if not container.streams.video:
+        raise InputError(f"video has no video track; send an {FORMATS} file.")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    source_width, source_height = stream.codec_context.width, stream.codec_context.height
+    if source_width * source_height > MAX_VIDEO_PIXELS:
+        raise InputError(
+            f"video is {source_width}x{source_height} "
+            f"({source_width * source_height / 1e6:.0f} MP a frame); the limit is "
+            f"{MAX_VIDEO_PIXELS / 1e6:.0f} MP. Downscale it first."
+        )
+    header_seconds = _header_duration(container, stream)
+    if header_seconds is not None and header_seconds > MAX_VIDEO_SECONDS:
+        raise InputError(
+            f"video is {header_seconds:.0f} s long; the limit is {MAX_VIDEO_SECONDS:.0f} s. "
+            f"Only the first {num_frames / fps:.1f} s are used, so trim it first."
+        )
+    return stream
+
+
+def _refuse_short(
+    stream, decoded, start, last_time, damage, num_frames, fps, allowed_frames
+) -> None:
+    """Fewer frames than asked for: a damaged file, or a clip too short (say which)."""
+    if decoded == 0:
+        raise InputError(f"video has no frames that could be decoded; send an {FORMATS} file.")
+    source_rate = float(stream.average_rate) if stream.average_rate else None
+    # The clip shows its last frame until last_time plus one source frame.
+    frame_time = 1 / source_rate if source_rate else 0.0
+    span = last_time - start + frame_time
+    # Frames missing that the video track's header promises: a cut-off upload, not a
+    # short clip (the container's duration may be an audio track's, so not that).
+    promised = _track_duration(stream)
+    if damage is not None or (promised or 0) > span + frame_time + 0.1:
+        length = f" of the {promised:.2f} s its header gives" if promised else ""
+        raise InputError(
+            f"video is damaged or truncated: only {decoded} frames ({span:.2f} s{length}) "
+            f"could be decoded{f' ({damage})' if damage else ''}. Send the whole file "
+            f"again, or re-encode it."
+        )
+    raise InputError(_too_short(decoded, span, num_frames, fps, allowed_frames))
 
 
 def _pick_frames(container, stream, targets: list[float], source_rate: float | None, prepare):

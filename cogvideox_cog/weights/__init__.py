@@ -15,53 +15,38 @@ For a source that is not a local directory:
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from hashlib import sha256
 from pathlib import Path
 from typing import TypeVar
 
 from ..errors import BadSource, WeightsError
 from ..variants import MODEL_ENV, Variant
-from . import download
+from . import cache, download
+from .cache import CHECK_ENV, COMPLETE_MARKER, WEIGHTS_DIR_ENV
 from .hub import hub_online, parse_hf_url
 from .manifest import Manifest, load_manifest, sha256_file
-from .untar import JOURNAL, Journal, extract
+from .untar import Journal, extract
 from .verify import check_contained, verify
 
 __all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights"]
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR_ENV = "COGVIDEOX_WEIGHTS_DIR"
 WEIGHTS_URL_ENV = "COGVIDEOX_WEIGHTS_URL"
-# "0": skip the fsyncs before the marker, for a cache on a disk that does not outlive the
-# machine anyway (a container's own filesystem); the marker then only holds until a power cut.
-FSYNC_ENV = "COGVIDEOX_WEIGHTS_FSYNC"
 # "sha256": check every cached file's content against the sha256 its marker recorded, on every
 # setup (reads all the weights); "size" (default): sizes only.
-CHECK_ENV = "COGVIDEOX_WEIGHTS_CHECK"
 CHECKS = ("size", "sha256")
-HASH_THREADS = 4
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # the project root's
-COMPLETE_MARKER = ".cogvideox-complete.json"
-MARKER_FORMAT = 2
 # What a hub snapshot needs: the pipeline index and the component folders (no README, media).
 HF_PATTERNS = ["model_index.json", "*/*"]
-HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself
-LOCK_LOG_EVERY_S = 30.0
 T = TypeVar("T")
 
 
@@ -117,13 +102,13 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
 def _discard_unchanged(resolved: _Resolved) -> None:
     """Discard the entry that failed to load, unless another setup replaced it meanwhile."""
     assert resolved.entry is not None
-    with _locked(resolved.entry.parent / f".{resolved.entry.name}.lock"):
+    with cache.locked(resolved.entry.parent / f".{resolved.entry.name}.lock"):
         try:
             marker = (resolved.entry / COMPLETE_MARKER).read_text()
         except OSError:
             marker = None
         if resolved.marker is None or marker == resolved.marker:
-            _discard(resolved.entry)
+            cache.discard(resolved.entry)
 
 
 def _ensure(variant: Variant) -> _Resolved:
@@ -149,22 +134,22 @@ def _ensure(variant: Variant) -> _Resolved:
 
     check = content_check()
     cache_root = Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
-    entry = cache_root / _entry_name(variant, sources, manifest)
+    entry = cache_root / cache.entry_name(variant, sources, manifest)
     hashed: dict = {}  # sha256 computed by the first look, reused by the second
-    root = _published(entry, sources, manifest, check, hashed)
+    root = cache.published(entry, sources, manifest, check, hashed)
     if root is not None:
         log.info(f"weights: using cached {root}")
         return _cached(root, entry)
     cache_root.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_root / f".{entry.name}.lock"):
-        root = _published(entry, sources, manifest, check, hashed, explain=True)
+    with cache.locked(cache_root / f".{entry.name}.lock"):
+        root = cache.published(entry, sources, manifest, check, hashed, explain=True)
         if root is not None:
             log.info(f"weights: using {root}, completed by another process while we waited")
             return _cached(root, entry)
-        root = _reverified(entry, sources, manifest)
+        root = cache.reverified(entry, sources, manifest)
         if root is not None:
             return _cached(root, entry)
-        _discard(entry)
+        cache.discard(entry)
         # Left by a process killed while deleting, or by the per-process staging folders
         # of earlier versions: never read, only removed.
         for leftover in cache_root.glob(f".{entry.name}.*-*"):
@@ -191,119 +176,9 @@ def content_check() -> str:
 
 
 def _cached(root: Path, entry: Path) -> _Resolved:
-    marker = _read_marker(entry) or {}
+    marker = cache.read_marker(entry) or {}
     text = (entry / COMPLETE_MARKER).read_text()
     return _Resolved(root, entry, marker.get("source", ""), text)
-
-
-def _entry_name(variant: Variant, sources: list[str], manifest: Manifest) -> str:
-    if manifest.origin == "built-in" and tuple(sources) == manifest.sources:
-        return variant.id
-    return f"{variant.id}-{sha256(' '.join(sources).encode()).hexdigest()[:12]}"
-
-
-def _read_marker(entry: Path) -> dict | None:
-    try:
-        marker = json.loads((entry / COMPLETE_MARKER).read_text())
-        return marker if isinstance(marker, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _published(
-    entry: Path,
-    sources: list[str],
-    manifest: Manifest,
-    check: str = "size",
-    hashed: dict | None = None,
-    explain: bool = False,
-) -> Path | None:
-    """The model directory of a completed entry that is still what its marker says."""
-    marker = _read_marker(entry)
-    if marker is None:
-        if explain and entry.exists():
-            log.warning(f"weights: {entry} has no completion marker: replacing it")
-        return None
-    root = entry / marker.get("root", ".")
-    problem = None
-    if marker.get("format") != MARKER_FORMAT or marker.get("manifest") != manifest.digest:
-        problem = "was verified against another manifest"
-    elif marker.get("source") not in sources:
-        problem = f"came from {marker.get('source')}"
-    else:
-        for rel, recorded in marker.get("files", {}).items():
-            path = root / rel
-            size = path.stat().st_size if path.is_file() else None
-            if size != recorded["size"]:
-                now = "is missing" if size is None else f"is {size:,} bytes"
-                problem = f"changed since it was verified: {rel} {now}, was {recorded['size']:,}"
-                break
-    if not problem and check == "sha256":
-        problem = _changed_content(root, marker.get("files", {}), {} if hashed is None else hashed)
-    if problem:
-        if explain:
-            log.warning(f"weights: {entry} {problem}")
-        return None
-    return root
-
-
-def _changed_content(root: Path, files: dict[str, dict], hashed: dict) -> str | None:
-    """What differs from the sha256 the marker recorded (files hashed in parallel), or None."""
-    recorded = {rel: f["sha256"] for rel, f in files.items() if f.get("sha256")}
-    unknown = len(files) - len(recorded)
-    if unknown:
-        log.warning(
-            f"weights: {unknown} of {len(files)} files in {root} have no recorded sha256 "
-            f"(fetched by pget or from the Hub without {CHECK_ENV}=sha256, or by an older "
-            f"version): only their sizes are checked"
-        )
-    started = time.monotonic()
-
-    def digest(rel: str) -> str:
-        path = root / rel
-        stat = path.stat()
-        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if key not in hashed:
-            hashed[key] = sha256_file(path).hexdigest()
-        return hashed[key]
-
-    with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1)) as pool:
-        found = dict(zip(recorded, pool.map(digest, recorded), strict=True))
-    size = sum(files[rel]["size"] for rel in recorded)
-    log.info(
-        f"weights: sha256 of {len(recorded)} files ({download.human(size)}) checked in "
-        f"{time.monotonic() - started:.1f} s ({CHECK_ENV}=sha256)"
-    )
-    for rel in sorted(recorded):
-        if found[rel] != recorded[rel]:
-            return (
-                f"changed since it was verified: {rel} has sha256 {found[rel]}, was "
-                f"{recorded[rel]} (same size: its bytes changed on disk)"
-            )
-    return None
-
-
-def _reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | None:
-    """Verify an entry with a stale marker (older format, other manifest) in place.
-
-    Adding hashes to a manifest, or upgrading from an older marker, should not cost a
-    20 GB download when the files on disk are right.
-    """
-    marker = _read_marker(entry)
-    if marker is None or marker.get("source") not in sources:
-        return None
-    if marker.get("format") == MARKER_FORMAT and marker.get("manifest") == manifest.digest:
-        return None  # current and failed its file check: replace it
-    started = time.monotonic()
-    try:
-        verified = verify(entry, manifest, marker["source"])
-    except WeightsError as error:
-        log.warning(f"weights: {entry} no longer passes verification, replacing it: {error}")
-        return None
-    marker.update(_marker_fields(verified, entry, manifest))
-    _write_marker(entry, marker)
-    log.info(f"weights: re-verified {entry} in {time.monotonic() - started:.1f} s")
-    return verified.root
 
 
 def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check: str) -> Path:
@@ -324,13 +199,13 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
             _hash_unhashed(verified)
         phases["verify"] = time.monotonic() - mark
     except BadSource:
-        _discard(staging)  # the bytes themselves are wrong: nothing worth resuming
+        cache.discard(staging)  # the bytes themselves are wrong: nothing worth resuming
         raise
     mark = time.monotonic()
-    marker = {"format": MARKER_FORMAT, "variant": variant.id, "source": source}
-    marker.update(_marker_fields(verified, staging, manifest))
+    marker = {"format": cache.MARKER_FORMAT, "variant": variant.id, "source": source}
+    marker.update(cache.marker_fields(verified, staging, manifest))
     marker["seconds"] = {k: round(v, 3) for k, v in phases.items()}
-    _publish(staging, entry, marker)
+    cache.publish(staging, entry, marker)
     phases["sync and publish"] = time.monotonic() - mark
     size = verified.size
     rate = size / max(phases["download"], 1e-9)
@@ -348,7 +223,7 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
 
 def _hash_unhashed(verified) -> None:
     missing = [rel for rel, f in verified.files.items() if not f["sha256"]]
-    with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(cache.HASH_THREADS, os.cpu_count() or 1)) as pool:
         digests = pool.map(lambda rel: sha256_file(verified.root / rel).hexdigest(), missing)
         for rel, digest in zip(missing, digests, strict=True):
             verified.files[rel]["sha256"] = digest
@@ -375,11 +250,11 @@ def _fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
         )
     journal = _resumable(staging, source, size, validator)
     if journal is None:
-        _discard(staging)
+        cache.discard(staging)
         staging.mkdir(parents=True)
         journal = Journal(source, size, validator)
     resume_at = journal.resume_at(staging)
-    _check_disk(staging.parent, size, resume_at, source)
+    cache.check_disk(staging.parent, size, resume_at, source)
     if not journal.done:
 
         def open_stream(start: int) -> download.Stream:
@@ -388,7 +263,7 @@ def _fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
             return download.open_url(remote, response, start, f"download of {source}")
 
         # Always hashed: the marker records every file's sha256 for COGVIDEOX_WEIGHTS_CHECK.
-        extract(open_stream, staging, journal, source, hash_files=True, durable=_durable())
+        extract(open_stream, staging, journal, source, hash_files=True, durable=cache.durable())
     elif response is not None:
         response.close()
     return {name: f["sha256"] for name, f in journal.files.items()}
@@ -433,10 +308,10 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     remote, response = download.probe(url)  # the size for the disk check; a clear 404
     if response is not None:
         response.close()
-    _check_disk(staging.parent, remote.size, 0, url)
+    cache.check_disk(staging.parent, remote.size, 0, url)
     # pget refuses an existing destination without -f; a fresh folder rather than -f also
     # keeps an earlier attempt's files out. pget does its own retries (no resume across runs).
-    _discard(staging)
+    cache.discard(staging)
     log.info(f"weights: pget -x {url}")
     result = subprocess.run([pget, "-x", url, str(staging)], check=False)
     if result.returncode != 0:
@@ -460,7 +335,7 @@ def _fetch_hub(source: str, staging: Path) -> None:
 
     journal = Journal.resume(staging, source, None, revision)
     if journal is None:
-        _discard(staging)
+        cache.discard(staging)
         staging.mkdir(parents=True)
         Journal(source, None, revision).save(staging)
     backend = "hf_xet" if importlib.util.find_spec("hf_xet") else "HTTP"
@@ -475,7 +350,7 @@ def _fetch_hub(source: str, staging: Path) -> None:
         with hub_online():
             plan = huggingface_hub.snapshot_download(**kwargs, dry_run=True)
             size = sum(f.file_size or 0 for f in plan)
-            _check_disk(staging.parent, size, size - _pending(plan), source)
+            cache.check_disk(staging.parent, size, size - _pending(plan), source)
             huggingface_hub.snapshot_download(**kwargs)
     except WeightsError:
         raise
@@ -493,105 +368,3 @@ def _pending(plan) -> int:
     return sum(f.file_size or 0 for f in plan if f.will_download)
 
 
-def _check_disk(folder: Path, total: int | None, done: int, source: str) -> None:
-    if total is None:
-        log.warning(f"weights: the size of {source} is unknown: free disk space not checked")
-        return
-    need = max(total - done, 0) + HEADROOM_BYTES
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise WeightsError(
-            f"not enough disk space in {folder} for the weights from {source}: "
-            f"{need / 1e9:.2f} GB needed ({total / 1e9:.2f} GB in all, {done / 1e9:.2f} GB "
-            f"already downloaded, {HEADROOM_BYTES >> 20} MiB headroom), {free / 1e9:.2f} GB "
-            f"free. Free up space or set {WEIGHTS_DIR_ENV} to a larger volume."
-        )
-
-
-def _marker_fields(verified, folder: Path, manifest: Manifest) -> dict:
-    return {
-        "root": verified.root.relative_to(folder).as_posix(),
-        "manifest": manifest.digest,
-        "manifest_origin": manifest.origin,
-        "checks": verified.checks,
-        "files": verified.files,
-        "bytes": verified.size,
-        "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-def _write_marker(folder: Path, marker: dict) -> None:
-    temp = folder / f"{COMPLETE_MARKER}.tmp"
-    temp.write_text(json.dumps(marker, indent=2))
-    _fsync(temp)
-    temp.replace(folder / COMPLETE_MARKER)
-    _fsync(folder)
-
-
-def _publish(staging: Path, entry: Path, marker: dict) -> None:
-    """Make the verified staging folder the entry in one rename, durable before it is."""
-    (staging / JOURNAL).unlink(missing_ok=True)
-    # On disk before the marker says so: after a power cut the marker must not outlive data.
-    for folder, _, names in os.walk(staging):
-        for name in names:
-            if not os.path.islink(os.path.join(folder, name)):
-                _fsync(Path(folder, name))
-        _fsync(Path(folder))
-    _write_marker(staging, marker)
-    _discard(entry)
-    staging.rename(entry)
-    _fsync(entry.parent)
-
-
-def _durable() -> bool:
-    return os.environ.get(FSYNC_ENV, "1").strip() != "0"
-
-
-def _fsync(path: Path) -> None:
-    if not _durable():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _discard(path: Path) -> None:
-    """Remove a folder; renamed aside first, so no half-deleted entry is ever seen."""
-    if not os.path.lexists(path):
-        return
-    # Unique, not just the pid: containers reuse pids, and a killed delete leaves its trash.
-    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}-{time.time_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path`: one process fetches an entry, the others wait for it.
-
-    fcntl.flock rather than the filelock package: filelock is not one of our pinned
-    dependencies, and this is all it would do here. The kernel releases the lock when its
-    holder exits or dies, so a killed setup never blocks the next one.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        last_log = None
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                now = time.monotonic()
-                if last_log is None or now - last_log >= LOCK_LOG_EVERY_S:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-                    log.info(f"weights: waiting for another setup to finish ({holder})")
-                    last_log = now
-                time.sleep(0.2)
-        holder = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%H:%M:%S}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock

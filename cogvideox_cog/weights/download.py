@@ -159,23 +159,50 @@ def _backoff(failures: int, asked: float | None) -> float:
     return delay * random.uniform(0.75, 1.0)  # jitter: parallel ranges do not retry in step
 
 
+class _Retries:
+    """The one retry policy of every loop here: failures in a row, each retryable one waited
+    out with backoff and logged; past the budget, or not retryable, a WeightsError.
+
+    retries: the budget (RETRIES when not given, read when the loop starts).
+    """
+
+    def __init__(self, retries: int | None = None, wait: Callable[[float], object] = time.sleep):
+        self.budget = RETRIES if retries is None else retries
+        self.failures = 0
+        self.wait = wait
+
+    def succeeded(self) -> None:
+        self.failures = 0  # progress: the budget is for failures in a row
+
+    def failed(
+        self,
+        error: Exception,
+        where: str,
+        message: Callable[[str], str],
+        note: str = "",
+        allowed: bool = True,
+    ) -> None:
+        """Wait before the next attempt, or raise WeightsError(message(reason))."""
+        retryable, text, asked = _describe(error)
+        self.failures += 1
+        if not allowed or not retryable or self.failures > self.budget:
+            tries = f" ({self.failures} attempts)" if self.failures > 1 else ""
+            raise WeightsError(message(f"{text}{tries}")) from error
+        delay = _backoff(self.failures, asked)
+        log.warning(
+            f"weights: {where}: {text}; retry {self.failures}/{self.budget} in {delay:.1f} s" + note
+        )
+        self.wait(delay)
+
+
 def _retrying(what: str, attempt: Callable, retries: int | None = None):
-    """Call attempt() until it returns, retrying what _describe() calls retryable (at most
-    `retries` times in a row; RETRIES when not given, read at the call)."""
-    retries = RETRIES if retries is None else retries
-    failures = 0
+    """Call attempt() until it returns, retrying what _describe() calls retryable."""
+    policy = _Retries(retries)
     while True:
         try:
             return attempt()
         except Exception as error:
-            retryable, text, asked = _describe(error)
-            failures += 1
-            if not retryable or failures > retries:
-                tries = f" ({failures} attempts)" if failures > 1 else ""
-                raise WeightsError(f"{what}: {text}{tries}") from error
-            delay = _backoff(failures, asked)
-            log.warning(f"weights: {what}: {text}; retry {failures}/{retries} in {delay:.1f} s")
-            time.sleep(delay)
+            policy.failed(error, what, lambda reason: f"{what}: {reason}")
 
 
 def human(size: int) -> str:
@@ -357,7 +384,7 @@ class RangedStream(Stream):
 
     def _fill(self, chunk: _Chunk) -> None:
         view = memoryview(chunk.buffer)
-        failures = 0
+        policy = _Retries(wait=self._stop.wait)
         while chunk.filled < chunk.size and not self._stop.is_set():
             filled = chunk.filled
             try:
@@ -371,23 +398,16 @@ class RangedStream(Stream):
                     )
             except Exception as error:
                 if chunk.filled > filled:
-                    failures = 0  # progress: the budget is for failures in a row
-                retryable, text, asked = _describe(error)
-                failures += 1
-                if not retryable or failures > RETRIES:
-                    tries = f" ({failures} attempts)" if failures > 1 else ""
-                    raise WeightsError(
-                        f"download of {self.remote.url} failed after "
-                        f"{chunk.begin + chunk.filled:,} of {self.total:,} bytes: {text}{tries}. "
-                        + self.hint
-                    ) from error
-                delay = _backoff(failures, asked)
+                    policy.succeeded()
                 at = chunk.begin + chunk.filled
-                log.warning(
-                    f"weights: {self.remote.url} at byte {at:,}: {text}; "
-                    f"retry {failures}/{RETRIES} in {delay:.1f} s"
+                policy.failed(
+                    error,
+                    f"{self.remote.url} at byte {at:,}",
+                    lambda reason, at=at: (
+                        f"download of {self.remote.url} failed after {at:,} of "
+                        f"{self.total:,} bytes: {reason}. " + self.hint
+                    ),
                 )
-                self._stop.wait(delay)
 
     def _request(self, chunk: _Chunk, view: memoryview) -> int:
         """One GET of the rest of `chunk`; returns where its body ends in the chunk."""
@@ -469,7 +489,7 @@ class SequentialStream(Stream):
 
     def views(self, n: int) -> Iterator[memoryview]:
         view = memoryview(self._buffer)
-        failures = 0
+        policy = _Retries()
         while n > 0:
             try:
                 want = min(n, READ_BYTES)
@@ -493,23 +513,19 @@ class SequentialStream(Stream):
                 raise
             except Exception as error:
                 self._drop_reader()
-                retryable, text, asked = _describe(error)
-                failures += 1
-                if not self.retry or not retryable or failures > RETRIES:
-                    tries = f" ({failures} attempts)" if failures > 1 else ""
-                    raise WeightsError(
-                        f"{self.what} failed after {self.position:,} of "
-                        f"{f'{self.total:,}' if self.total else 'unknown'} bytes: {text}{tries}"
-                    ) from error
-                delay = _backoff(failures, asked)
-                log.warning(
-                    f"weights: {self.what} at byte {self.position:,}: {text}; retry "
-                    f"{failures}/{RETRIES} in {delay:.1f} s (the server has no Range support: "
-                    f"the retry fetches the first {self.position:,} bytes again)"
+                total = f"{self.total:,}" if self.total else "unknown"
+                policy.failed(
+                    error,
+                    f"{self.what} at byte {self.position:,}",
+                    lambda reason, total=total: (
+                        f"{self.what} failed after {self.position:,} of {total} bytes: {reason}"
+                    ),
+                    note=f" (the server has no Range support: the retry fetches the first "
+                    f"{self.position:,} bytes again)",
+                    allowed=self.retry,
                 )
-                time.sleep(delay)
                 continue
-            failures = 0
+            policy.succeeded()
             yield view[:got]
             self.position += got
             n -= got

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import BadSource, WeightsError
+from ..files import replace_atomically
 from .download import Stream
 from .manifest import sha256_file
 
@@ -78,9 +79,7 @@ class Journal:
         return (self.source, self.size, self.validator) == (source, size, validator)
 
     def save(self, staging: Path) -> None:
-        temp = staging / f"{JOURNAL}.tmp"
-        temp.write_text(json.dumps(asdict(self)))
-        temp.replace(staging / JOURNAL)
+        replace_atomically(staging / JOURNAL, json.dumps(asdict(self)))
 
     def resume_at(self, staging: Path) -> int:
         """The first byte of the tar not yet on disk: after the member being written's bytes."""

@@ -93,14 +93,13 @@ def verify(
     of the user's, used where it is (the error then says to fix it, not that it is dropped).
     """
     root = find_model_root(directory, source)
-    problems: list[str] = []
     checks = ["layout", "configs", "safetensors", "shard indexes"]
     files = _files(root)
     for path, digest in (hashes or {}).items():
         rel = Path(os.path.relpath(Path(directory, path), root)).as_posix()
         if rel in files and digest:
             files[rel]["sha256"] = digest
-    problems += _check_components(root)
+    problems = _check_components(root)
     for rel in sorted(files):
         if rel.endswith(".safetensors"):
             problems += [f"{rel}: {p}" for p in check_safetensors(root / rel)]
@@ -112,6 +111,17 @@ def verify(
         checks.append("sizes")
     if any(spec.sha256 for spec in manifest.files.values()):
         checks.append("sha256" if hash_missing else "sha256 (where computed)")
+    problems += _check_against_manifest(root, files, manifest, hash_missing)
+    if problems:
+        raise _failed(directory, source, problems, in_place)
+    return Verified(root=root, checks=checks, files=files)
+
+
+def _check_against_manifest(
+    root: Path, files: dict[str, dict], manifest: Manifest, hash_missing: bool
+) -> list[str]:
+    """Each file the manifest lists: present, of its size, and of its sha256 where given."""
+    problems = []
     for rel, spec in sorted(manifest.files.items()):
         found = files.get(rel)
         if found is None:
@@ -127,18 +137,20 @@ def verify(
                 problems.append(
                     f"{rel}: sha256 {found['sha256']}, the manifest says {spec.sha256.lower()}"
                 )
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:12])
-        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        advice = (
-            f"Fix {directory}, or set COGVIDEOX_WEIGHTS_URL to another copy."
-            if in_place
-            else "They were not published; the next setup downloads them again. If this keeps "
-            "happening the source itself is bad: check it, or set COGVIDEOX_WEIGHTS_URL to "
-            "another copy."
-        )
-        raise BadSource(f"weights from {source} failed verification:\n{shown}{more}\n{advice}")
-    return Verified(root=root, checks=checks, files=files)
+    return problems
+
+
+def _failed(directory: Path, source: str, problems: list[str], in_place: bool) -> BadSource:
+    shown = "\n".join(f"  - {p}" for p in problems[:12])
+    more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+    advice = (
+        f"Fix {directory}, or set COGVIDEOX_WEIGHTS_URL to another copy."
+        if in_place
+        else "They were not published; the next setup downloads them again. If this keeps "
+        "happening the source itself is bad: check it, or set COGVIDEOX_WEIGHTS_URL to "
+        "another copy."
+    )
+    return BadSource(f"weights from {source} failed verification:\n{shown}{more}\n{advice}")
 
 
 def _files(root: Path) -> dict[str, dict]:

@@ -1,0 +1,256 @@
+"""The weights cache on disk: entries, their completion markers, and publishing one safely.
+
+An entry is a folder named after the variant and a digest of its sources and manifest. It is
+published by one rename of a verified, fsynced staging folder that already holds its marker;
+a marked entry is checked against its marker (sizes, and with COGVIDEOX_WEIGHTS_CHECK=sha256
+the content) before each use. Writers take the entry's lock; a discarded entry goes to trash
+first, so a reader never sees it half deleted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from hashlib import sha256
+from pathlib import Path
+
+from ..errors import WeightsError
+from ..files import replace_atomically
+from ..variants import Variant
+from . import download
+from .manifest import Manifest, sha256_file
+from .untar import JOURNAL
+from .verify import verify
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "COGVIDEOX_WEIGHTS_DIR"
+CHECK_ENV = "COGVIDEOX_WEIGHTS_CHECK"
+
+# "0": skip the fsyncs before the marker, for a cache on a disk that does not outlive the
+# machine anyway (a container's own filesystem); the marker then only holds until a power cut.
+FSYNC_ENV = "COGVIDEOX_WEIGHTS_FSYNC"
+COMPLETE_MARKER = ".cogvideox-complete.json"
+MARKER_FORMAT = 2
+HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself
+LOCK_LOG_EVERY_S = 30.0
+HASH_THREADS = 4
+
+
+def entry_name(variant: Variant, sources: list[str], manifest: Manifest) -> str:
+    if manifest.origin == "built-in" and tuple(sources) == manifest.sources:
+        return variant.id
+    return f"{variant.id}-{sha256(' '.join(sources).encode()).hexdigest()[:12]}"
+
+
+def read_marker(entry: Path) -> dict | None:
+    try:
+        marker = json.loads((entry / COMPLETE_MARKER).read_text())
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def published(
+    entry: Path,
+    sources: list[str],
+    manifest: Manifest,
+    check: str = "size",
+    hashed: dict | None = None,
+    explain: bool = False,
+) -> Path | None:
+    """The model directory of a completed entry that is still what its marker says."""
+    marker = read_marker(entry)
+    if marker is None:
+        if explain and entry.exists():
+            log.warning(f"weights: {entry} has no completion marker: replacing it")
+        return None
+    root = entry / marker.get("root", ".")
+    problem = None
+    if marker.get("format") != MARKER_FORMAT or marker.get("manifest") != manifest.digest:
+        problem = "was verified against another manifest"
+    elif marker.get("source") not in sources:
+        problem = f"came from {marker.get('source')}"
+    else:
+        for rel, recorded in marker.get("files", {}).items():
+            path = root / rel
+            size = path.stat().st_size if path.is_file() else None
+            if size != recorded["size"]:
+                now = "is missing" if size is None else f"is {size:,} bytes"
+                problem = f"changed since it was verified: {rel} {now}, was {recorded['size']:,}"
+                break
+    if not problem and check == "sha256":
+        problem = _changed_content(root, marker.get("files", {}), {} if hashed is None else hashed)
+    if problem:
+        if explain:
+            log.warning(f"weights: {entry} {problem}")
+        return None
+    return root
+
+
+def _changed_content(root: Path, files: dict[str, dict], hashed: dict) -> str | None:
+    """What differs from the sha256 the marker recorded (files hashed in parallel), or None."""
+    recorded = {rel: f["sha256"] for rel, f in files.items() if f.get("sha256")}
+    unknown = len(files) - len(recorded)
+    if unknown:
+        log.warning(
+            f"weights: {unknown} of {len(files)} files in {root} have no recorded sha256 "
+            f"(fetched by pget or from the Hub without {CHECK_ENV}=sha256, or by an older "
+            f"version): only their sizes are checked"
+        )
+    started = time.monotonic()
+
+    def digest(rel: str) -> str:
+        path = root / rel
+        stat = path.stat()
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in hashed:
+            hashed[key] = sha256_file(path).hexdigest()
+        return hashed[key]
+
+    with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1)) as pool:
+        found = dict(zip(recorded, pool.map(digest, recorded), strict=True))
+    size = sum(files[rel]["size"] for rel in recorded)
+    log.info(
+        f"weights: sha256 of {len(recorded)} files ({download.human(size)}) checked in "
+        f"{time.monotonic() - started:.1f} s ({CHECK_ENV}=sha256)"
+    )
+    for rel in sorted(recorded):
+        if found[rel] != recorded[rel]:
+            return (
+                f"changed since it was verified: {rel} has sha256 {found[rel]}, was "
+                f"{recorded[rel]} (same size: its bytes changed on disk)"
+            )
+    return None
+
+
+def reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | None:
+    """Verify an entry with a stale marker (older format, other manifest) in place.
+
+    Adding hashes to a manifest, or upgrading from an older marker, should not cost a
+    20 GB download when the files on disk are right.
+    """
+    marker = read_marker(entry)
+    if marker is None or marker.get("source") not in sources:
+        return None
+    if marker.get("format") == MARKER_FORMAT and marker.get("manifest") == manifest.digest:
+        return None  # current and failed its file check: replace it
+    started = time.monotonic()
+    try:
+        verified = verify(entry, manifest, marker["source"])
+    except WeightsError as error:
+        log.warning(f"weights: {entry} no longer passes verification, replacing it: {error}")
+        return None
+    marker.update(marker_fields(verified, entry, manifest))
+    write_marker(entry, marker)
+    log.info(f"weights: re-verified {entry} in {time.monotonic() - started:.1f} s")
+    return verified.root
+
+
+def check_disk(folder: Path, total: int | None, done: int, source: str) -> None:
+    if total is None:
+        log.warning(f"weights: the size of {source} is unknown: free disk space not checked")
+        return
+    need = max(total - done, 0) + HEADROOM_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise WeightsError(
+            f"not enough disk space in {folder} for the weights from {source}: "
+            f"{need / 1e9:.2f} GB needed ({total / 1e9:.2f} GB in all, {done / 1e9:.2f} GB "
+            f"already downloaded, {HEADROOM_BYTES >> 20} MiB headroom), {free / 1e9:.2f} GB "
+            f"free. Free up space or set {WEIGHTS_DIR_ENV} to a larger volume."
+        )
+
+
+def marker_fields(verified, folder: Path, manifest: Manifest) -> dict:
+    return {
+        "root": verified.root.relative_to(folder).as_posix(),
+        "manifest": manifest.digest,
+        "manifest_origin": manifest.origin,
+        "checks": verified.checks,
+        "files": verified.files,
+        "bytes": verified.size,
+        "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_marker(folder: Path, marker: dict) -> None:
+    replace_atomically(folder / COMPLETE_MARKER, json.dumps(marker, indent=2), fsync=fsync)
+
+
+def publish(staging: Path, entry: Path, marker: dict) -> None:
+    """Make the verified staging folder the entry in one rename, durable before it is."""
+    (staging / JOURNAL).unlink(missing_ok=True)
+    # On disk before the marker says so: after a power cut the marker must not outlive data.
+    for folder, _, names in os.walk(staging):
+        for name in names:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync(Path(folder, name))
+        fsync(Path(folder))
+    write_marker(staging, marker)
+    discard(entry)
+    staging.rename(entry)
+    fsync(entry.parent)
+
+
+def durable() -> bool:
+    return os.environ.get(FSYNC_ENV, "1").strip() != "0"
+
+
+def fsync(path: Path) -> None:
+    if not durable():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(path: Path) -> None:
+    """Remove a folder; renamed aside first, so no half-deleted entry is ever seen."""
+    if not os.path.lexists(path):
+        return
+    # Unique, not just the pid: containers reuse pids, and a killed delete leaves its trash.
+    trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}-{time.time_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`: one process fetches an entry, the others wait for it.
+
+    fcntl.flock rather than the filelock package: filelock is not one of our pinned
+    dependencies, and this is all it would do here. The kernel releases the lock when its
+    holder exits or dies, so a killed setup never blocks the next one.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        last_log = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if last_log is None or now - last_log >= LOCK_LOG_EVERY_S:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+                    log.info(f"weights: waiting for another setup to finish ({holder})")
+                    last_log = now
+                time.sleep(0.2)
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%H:%M:%S}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
