@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fp8", action="store_true", help="also torchao dynamic fp8")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the compile candidate (compile_setup.py)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
 
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     candidates = Candidates(transformer, inputs, args.repeats, device)
     candidates.attention_backends()
     candidates.fused_qkv()
-    candidates.compiled()
+    if not args.no_compile:
+        candidates.compiled()
     if args.fp8:
         candidates.fp8()
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import inputs, leftovers
+from . import compile_cache, inputs, leftovers
 from .errors import InputError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
@@ -41,7 +41,7 @@ from .pipeline import (
 )
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
-from .weights import load_weights
+from .weights import load_weights, weights_root
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class VideoGenerator:
         )
         if compile_transformer and device.type == "cuda":
             warm_up = time.monotonic()
-            generator.warm_up()
+            compile_cache.warm_up_with_cache(generator, weights_root())
             log.info(
                 f"setup: transformer compiled and warmed up in {time.monotonic() - warm_up:.0f} s"
             )
@@ -171,13 +171,25 @@ class VideoGenerator:
         the video takes the image's aspect ratio (1.5 I2V), the second image is portrait, so
         height and width become dynamic as well.
         """
-        default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
         folder = leftovers.claim(Path(tempfile.gettempdir()), WARM_UP_PREFIX)
         try:
-            for second, num_frames in enumerate(dict.fromkeys((default, smallest))):
+            for second, num_frames in enumerate(self._warm_up_frames()):
                 self.render_frames(self._warm_up_request(folder, num_frames, portrait=second))
         finally:
             leftovers.release(folder)
+
+    def _warm_up_frames(self) -> list[int]:
+        default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
+        return list(dict.fromkeys((default, smallest)))
+
+    def warm_up_shapes(self) -> list[tuple[int, int, int]]:
+        """(frames, height, width) of each warm-up render: part of the compile cache's key."""
+        height, width = self.native_size
+        turn = self.mode == "i2v" and self.variant.resolution == "image_aspect"
+        return [
+            (frames, width, height) if second and turn else (frames, height, width)
+            for second, frames in enumerate(self._warm_up_frames())
+        ]
 
     def _warm_up_request(self, folder: Path, num_frames: int, portrait: bool) -> Request:
         height, width = self.native_size

@@ -163,3 +163,55 @@ def test_fp8_is_refused_before_any_work_without_a_gpu_that_has_fp8(script, tmp_p
     with pytest.raises(SystemExit, match=r"compute capability 8\.9"):
         main(argv)
     assert not any(tmp_path.iterdir())
+
+
+@needs_cpp_compiler
+def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_records(tmp_path):
+    """benchmarks/gpu_run.sh --tiny: every step succeeds, the warm start compiles nothing, and
+    summary.json has the new records next to the ones it had."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    earlier = {"gpu": "NVIDIA H200", "variant": "cogvideox-5b", "num_frames": 49}
+    earlier |= {"height": 480, "width": 720, "steps": 50, "speed_mode": "default"}
+    earlier |= {"compiled": False, "offload": "none", "measured": True, "total_seconds": 99.5}
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps([earlier]))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, SUMMARY=str(summary))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_run.sh", "--tiny", str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout + (out / "run.log").read_text()
+    assert "FAILED" not in (out / "run.log").read_text()
+    warm = json.loads((out / "compile-cogvideox-5b-tiny-warm.json").read_text())
+    cold = json.loads((out / "compile-cogvideox-5b-tiny-cold.json").read_text())
+    assert cold["graphs_compiled_in_setup"] > 0
+    assert warm["graphs_compiled_in_setup"] == 0 and warm["graphs_compiled_in_request"] == 0
+    profile = json.loads((out / "profile-cogvideox-5b-tiny.json").read_text())
+    assert math.isclose(sum(profile["fraction_by_class"].values()), 1, abs_tol=1e-3)
+
+    records = json.loads(summary.read_text())
+    assert earlier in records
+    committed = json.loads((root / "benchmarks/results/gpu/summary.json").read_text())
+    assert all(record in records for record in committed)
+    fields = {"gpu", "variant", "num_frames", "height", "width", "steps", "speed_mode"}
+    fields |= {"compiled", "total_seconds", "measured"}
+    for record in records:
+        assert fields <= set(record) and _finite(record["total_seconds"]), record
+    new = [r for r in records if r["gpu"] == "cpu"]
+    assert {(r.get("start"), r["speed_mode"], r["compiled"]) for r in new} == {
+        ("uncompiled", "default", False),
+        ("cold", "default", True),
+        ("warm", "default", True),
+        (None, "default", False),
+        (None, "faster", False),
+    }

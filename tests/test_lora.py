@@ -16,7 +16,7 @@ from cogvideox_cog.errors import LoraError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.file import read_lora
 from cogvideox_cog.lora.store import LoraCache
-from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.variants import VARIANTS
 from tests.file_server import FileServer
 from tests.lora_files import (
@@ -221,7 +221,7 @@ def test_compiled_transformer_switches_between_loras_of_one_shape_without_compil
 
     variant = VARIANTS["cogvideox-5b"]
     pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
-    pipe.transformer.compile()
+    compile_transformer(pipe.transformer)
     generator = VideoGenerator(variant, pipe, CPU)
     generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
     try:

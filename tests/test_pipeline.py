@@ -10,7 +10,12 @@ from PIL import Image
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
-from cogvideox_cog.pipeline import build_pipeline, choose_offload, offload_for_free_memory
+from cogvideox_cog.pipeline import (
+    build_pipeline,
+    choose_offload,
+    compile_transformer,
+    offload_for_free_memory,
+)
 from cogvideox_cog.variants import VARIANTS
 from tests.markers import needs_cpp_compiler
 
@@ -160,7 +165,7 @@ def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
 
     variant = VARIANTS["cogvideox-5b"]
     pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
-    pipe.transformer.compile()
+    compile_transformer(pipe.transformer)
     generator = VideoGenerator(variant, pipe, CPU)
     try:
         generator.warm_up()
@@ -182,7 +187,7 @@ def test_after_warm_up_no_image_shape_compiles_again_on_1_5_image_to_video(
 
     variant = VARIANTS["cogvideox1.5-5b-i2v"]
     pipe = build_pipeline(variant, tiny_weights["1.5-i2v"], CPU, "none", mode="i2v")
-    pipe.transformer.compile()
+    compile_transformer(pipe.transformer)
     generator = VideoGenerator(variant, pipe, CPU, "i2v", resolution="48x80")
     try:
         generator.warm_up()

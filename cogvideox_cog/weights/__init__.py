@@ -36,7 +36,7 @@ from .manifest import Manifest, load_manifest, sha256_file
 from .untar import Journal, extract
 from .verify import check_contained, verify
 
-__all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights"]
+__all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights", "weights_root"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _ensure(variant: Variant) -> _Resolved:
         return _Resolved(verified.root)
 
     check = content_check()
-    cache_root = Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
+    cache_root = weights_root()
     entry = cache_root / cache.entry_name(variant, sources, manifest)
     hashed: dict = {}  # sha256 computed by the first look, reused by the second
     root = cache.published(entry, sources, manifest, check, hashed)
@@ -166,6 +166,11 @@ def _ensure(variant: Variant) -> _Resolved:
         if len(errors) == 1:
             raise errors[0]
         raise WeightsError("every source failed:\n" + "\n".join(f"- {e}" for e in errors))
+
+
+def weights_root() -> Path:
+    """The weights cache folder (COGVIDEOX_WEIGHTS_DIR); the compile cache lives there too."""
+    return Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
 
 
 def content_check() -> str:

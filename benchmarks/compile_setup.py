@@ -1,0 +1,123 @@
+"""Setup and step time of one start: uncompiled, compiled from nothing, or compiled with the
+compile cache that an earlier start left in the weights folder.
+
+    python3 benchmarks/compile_setup.py --start cold --out DIR      # then warm, then uncompiled
+
+Each start is meant to be its own process with its own empty TORCHINDUCTOR_CACHE_DIR (as a new
+container has; gpu_run.sh does this), so "warm" can only find what the compile cache file
+holds. A start builds the random-weight models (pipeline_speed's full or tiny components),
+configures them as setup does (regional compile where compiled), runs setup's warm-up with the
+compile cache (compile_cache.warm_up_with_cache; uncompiled starts skip it, as setup does),
+then renders one request of --steps steps. Writes DIR/compile-<variant>-<size>-<start>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import itertools
+
+import torch
+
+from benchmarks.common import environment, request_fields, synchronize, write_json
+from benchmarks.pipeline_speed import full_components, tiny_components
+from cogvideox_cog import compile_cache
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import (
+    PIPELINES,
+    compile_transformer,
+    configure_pipeline,
+    pipeline_dtype,
+)
+from cogvideox_cog.variants import VARIANTS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--start", choices=("uncompiled", "cold", "warm"), required=True)
+    parser.add_argument("--variant", default="cogvideox-5b")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def start(args, device: torch.device) -> tuple[VideoGenerator, dict]:
+    """Build, configure, compile and warm up as setup does; the seconds of each part."""
+    variant = VARIANTS[args.variant]
+    started = time.perf_counter()
+    build = full_components if args.size == "full" else tiny_components
+    pipe = PIPELINES["t2v"](**build(variant, device, pipeline_dtype(variant, device)))
+    pipe = configure_pipeline(pipe, variant, device, "none")
+    synchronize(device)
+    built = time.perf_counter()
+    generator = VideoGenerator(variant, pipe, device)
+    compiled = 0
+    if args.start != "uncompiled":
+        compile_transformer(pipe.transformer)  # what configure_pipeline does on CUDA
+        compiled = compile_cache.warm_up_with_cache(generator, args.out / "weights")
+    synchronize(device)
+    ready = time.perf_counter()
+    times = {
+        "build_s": built - started,
+        "warm_up_s": ready - built,
+        "setup_s": ready - started,
+        "graphs_compiled_in_setup": compiled,
+    }
+    return generator, times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator, times = start(args, device)
+    frames = args.frames or generator.variant.default_frames
+    stamps: list[float] = []
+
+    def step_end(pipe, step, timestep, kwargs):
+        synchronize(device)
+        stamps.append(time.perf_counter())
+        return {}
+
+    def loop_start(*_) -> None:  # the first transformer call: the start of step 1
+        if not stamps:
+            stamps.append(time.perf_counter())
+
+    generator.pipe.transformer.register_forward_pre_hook(loop_start)
+    before = compile_cache.compiled_graphs()
+    request = Request(**request_fields("a cat", frames, args.steps, 42))
+    plan = generator.prepare(request)
+    started = time.perf_counter()
+    generator.denoise_and_decode(plan, step_end)
+    total = time.perf_counter() - started
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    height, width = generator.native_size
+    record = {
+        "variant": args.variant,
+        "size": args.size,
+        "start": args.start,
+        "compiled": args.start != "uncompiled",
+        "num_frames": frames,
+        "height": height,
+        "width": width,
+        "steps": args.steps,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()},
+        "render_s": round(total, 3),
+        "step_median_s": round(statistics.median(steps[1:] or steps), 4),
+        "graphs_compiled_in_request": compile_cache.compiled_graphs() - before,
+        "environment": environment(device),
+    }
+    write_json(args.out / f"compile-{args.variant}-{args.size}-{args.start}.json", record)
+    print({k: v for k, v in record.items() if k != "environment"}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

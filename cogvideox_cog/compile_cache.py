@@ -1,0 +1,132 @@
+"""torch.compile's output kept beside the weights, so a start on the same volume loads the
+compiled kernels instead of compiling them again.
+
+Why: compiling the transformer costs minutes on a GPU (140 s a graph for 5B on an H100,
+benchmarks/results/gpu/cogvideox-5b-compiled/), and a worker pays it on every start. torch can
+serialise what it compiled (its "mega-cache": inductor's FX graph cache with the GPU kernels,
+AOTAutograd's cache, autotuning results, `torch.compiler.save_cache_artifacts`) and put it
+into a fresh process's caches (`load_cache_artifacts`). Dynamo still traces the Python on the
+next start; inductor then finds every graph in its cache and compiles none.
+
+The file is named by a digest of what the kernels depend on: the GPU (or "cpu"), torch and
+diffusers versions, variant, mode and the warm-up shapes; its first line holds that key in
+full, and a file whose key differs (copied, renamed) is not loaded. A file that fails to load
+is logged and ignored: setup then compiles as if it were not there, and writes it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+from torch._dynamo.utils import counters
+
+from .files import replace_atomically
+
+log = logging.getLogger(__name__)
+
+FOLDER = "compile-cache"  # under the weights cache folder
+MAGIC = b"cogvideox-compile-cache 1\n"
+
+
+def cache_key(device: torch.device, variant_id: str, mode: str, shapes: list) -> dict:
+    """What the compiled kernels depend on, beyond the model code torch checks itself."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "variant": variant_id,
+        "mode": mode,
+        "warm_up_shapes": [list(shape) for shape in shapes],
+    }
+
+
+def artifact_path(folder: Path, key: dict) -> Path:
+    text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return folder / FOLDER / f"{key['variant']}-{key['mode']}-{digest}.bin"
+
+
+def load(path: Path, key: dict) -> bool:
+    """Put the file's artifacts into torch's caches; False (and a log line) if there are none
+    to use. Never raises: a bad file only costs the compile it would have saved."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        log.info(f"compile cache: none yet for this GPU and torch ({path.name}): compiling")
+        return False
+    except OSError as error:
+        log.warning(f"compile cache: cannot read {path}: {error}; compiling")
+        return False
+    header, _, rest = data.partition(b"\n")
+    stored, _, payload = rest.partition(b"\n")
+    try:
+        foreign = header + b"\n" != MAGIC or json.loads(stored) != key
+    except ValueError:
+        foreign = True
+    if foreign:
+        log.warning(f"compile cache: {path} is not a compile cache for this key; ignored")
+        return False
+    started = time.monotonic()
+    try:
+        info = torch.compiler.load_cache_artifacts(payload)
+    except Exception as error:  # a torn or corrupt file: whatever torch raises on it
+        log.warning(f"compile cache: {path} did not load ({error!r}); ignored")
+        return False
+    if info is None:
+        log.warning(f"compile cache: {path} holds nothing torch can load; ignored")
+        return False
+    log.info(
+        f"compile cache: loaded {len(info.inductor_artifacts)} compiled graphs from "
+        f"{path.name} in {time.monotonic() - started:.1f} s"
+    )
+    return True
+
+
+def save(path: Path, key: dict) -> bool:
+    """Write what torch compiled (or found) in this process; False if nothing or no write."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        log.info("compile cache: nothing compiled to save")
+        return False
+    payload, info = saved
+    data = MAGIC + json.dumps(key, sort_keys=True).encode() + b"\n" + payload
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, data)
+    except OSError as error:  # a read-only or full volume: the next start compiles again
+        log.warning(f"compile cache: cannot write {path}: {error}")
+        return False
+    log.info(
+        f"compile cache: saved {len(info.inductor_artifacts)} compiled graphs to {path} "
+        f"({len(data) / 2**20:.1f} MiB)"
+    )
+    return True
+
+
+def compiled_graphs() -> int:
+    """Graphs inductor compiled in this process so far (its FX graph cache misses)."""
+    return counters["inductor"]["fxgraph_cache_miss"]
+
+
+def warm_up_with_cache(generator, weights_root: Path) -> int:
+    """generator.warm_up() with the compile cache: load it first; save it if the warm-up had
+    to compile anything. Returns the number of graphs compiled (0: all were loaded)."""
+    key = cache_key(
+        generator.device, generator.variant.id, generator.mode, generator.warm_up_shapes()
+    )
+    path = artifact_path(weights_root, key)
+    loaded = load(path, key)
+    before = compiled_graphs()
+    generator.warm_up()
+    compiled = compiled_graphs() - before
+    log.info(f"compile cache: warm-up compiled {compiled} graphs")
+    if compiled or not loaded:
+        save(path, key)
+    return compiled

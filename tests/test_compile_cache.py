@@ -1,0 +1,154 @@
+"""The compile cache (compile_cache.py): a second start on the same volume compiles nothing.
+
+Each start is a fresh Python process with an empty inductor cache folder of its own, as a new
+container has: what it finds compiled can only have come from the file in the weights folder.
+Compiled with torch's CPU backend (setup compiles on CUDA only; the caching is the same code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cogvideox_cog import compile_cache
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.variants import VARIANTS
+from tests.markers import needs_cpp_compiler
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+VARIANT = "cogvideox-5b"
+REQUEST = dict(
+    prompt="a cat",
+    negative_prompt="",
+    num_frames=17,
+    num_inference_steps=1,
+    guidance_scale=6.0,
+    use_dynamic_cfg=None,
+    fps=None,
+    seed=3,
+)
+
+# One setup as from_env runs it on a GPU (regional compile, then the cached warm-up), then one
+# request at a frame count the warm-up did not render.
+START = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from cogvideox_cog import compile_cache
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline, compile_transformer
+from cogvideox_cog.variants import VARIANTS
+variant, weights, root, out, request = sys.argv[1:6]
+variant = VARIANTS[variant]
+pipe = build_pipeline(variant, Path(weights), torch.device("cpu"), "none")
+compile_transformer(pipe.transformer)
+generator = VideoGenerator(variant, pipe, torch.device("cpu"))
+warm_up = compile_cache.warm_up_with_cache(generator, Path(root))
+before = compile_cache.compiled_graphs()
+frames = generator.render_frames(Request(**json.loads(request))).frames
+np.save(out, frames)
+print(json.dumps({"warm_up": warm_up, "request": compile_cache.compiled_graphs() - before}))
+"""
+
+
+def _start(weights: Path, root: Path, tmp_path: Path, name: str) -> tuple[dict, np.ndarray]:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{name}"))
+    out = tmp_path / f"{name}.npy"
+    argv = [
+        sys.executable,
+        "-c",
+        START,
+        VARIANT,
+        str(weights),
+        str(root),
+        str(out),
+        json.dumps(REQUEST),
+    ]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+@needs_cpp_compiler
+def test_second_start_on_the_same_volume_loads_instead_of_compiling(tiny_weights, tmp_path):
+    weights, root = tiny_weights["1.0-t2v"], tmp_path / "weights"
+    first, first_frames = _start(weights, root, tmp_path, "first")
+    assert first["warm_up"] > 0 and first["request"] == 0
+    saved = list((root / compile_cache.FOLDER).iterdir())
+    assert [p.suffix for p in saved] == [".bin"], saved
+
+    second, second_frames = _start(weights, root, tmp_path, "second")
+    assert second == {"warm_up": 0, "request": 0}
+    np.testing.assert_array_equal(second_frames, first_frames)
+    pipe = build_pipeline(VARIANTS[VARIANT], weights, CPU, "none")
+    uncompiled = VideoGenerator(VARIANTS[VARIANT], pipe, CPU).render_frames(Request(**REQUEST))
+    np.testing.assert_allclose(second_frames, uncompiled.frames, atol=1e-5)
+
+
+def _key() -> dict:
+    return compile_cache.cache_key(CPU, VARIANT, "t2v", [(49, 480, 720), (9, 480, 720)])
+
+
+def test_the_key_names_gpu_torch_variant_mode_and_shapes(tmp_path):
+    key = _key()
+    assert key["gpu"] == "cpu" and key["torch"] == torch.__version__
+    path = compile_cache.artifact_path(tmp_path, key)
+    others = [
+        {**key, "gpu": "NVIDIA H100 80GB HBM3"},
+        {**key, "torch": "0.0"},
+        {**key, "variant": "cogvideox-2b"},
+        {**key, "mode": "v2v"},
+        {**key, "warm_up_shapes": [[49, 480, 720]]},
+    ]
+    assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 6
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        compile_cache.MAGIC + json.dumps(_key(), sort_keys=True).encode() + b"\nnot torch's",
+        compile_cache.MAGIC + b'{"gpu": "another"}\n',
+        b"\x00\x01 truncated",
+        b"",
+    ],
+    ids=["corrupt payload", "foreign key", "not ours", "empty"],
+)
+def test_a_bad_cache_file_is_ignored_with_a_log_line(tmp_path, caplog, content):
+    key = _key()
+    path = compile_cache.artifact_path(tmp_path, key)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+        assert compile_cache.load(path, key) is False
+    assert any(str(path) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_no_file_yet_means_compiling(tmp_path, caplog):
+    key = _key()
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+        assert compile_cache.load(compile_cache.artifact_path(tmp_path, key), key) is False
+    assert "none yet" in caplog.text
+
+
+@needs_cpp_compiler
+def test_an_unwritable_volume_only_costs_the_next_start_a_compile(tmp_path, caplog):
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    path = compile_cache.artifact_path(blocked, _key())
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+            assert compile_cache.save(path, _key()) is False
+    finally:
+        torch._dynamo.reset()
+    assert "cannot write" in caplog.text and not path.exists()
