@@ -54,30 +54,44 @@ def weights_server(tiny_weights, tmp_path_factory) -> Iterator[FileServer]:
     server.stop()
 
 
+def tiny_server(
+    predictor: str,
+    variant: str,
+    weights_url: str,
+    workdir: Path,
+    args: list[str] | None = None,
+    launcher: list[str] | None = None,
+    **env: str,
+) -> CogServer:
+    """A Cog server (not started) for `predictor` on `variant`, its weights from
+    `weights_url`, with an empty weights cache of its own in `workdir`, so setup's download
+    runs for real. Inputs are validated as a built image does: the schema `cog build` would
+    write is put where Cog reads it."""
+    write_schema(f"{PROJECT / predictor}:Predictor", workdir / SCHEMA_PATH)
+    return CogServer(
+        f"{PROJECT / predictor}:Predictor",
+        cwd=workdir,
+        log_path=workdir / "server.log",
+        args=args,
+        launcher=launcher,
+        env={
+            "PYTHONPATH": str(PROJECT),
+            "COGVIDEOX_MODEL": variant,
+            "COGVIDEOX_WEIGHTS_URL": weights_url,
+            "COGVIDEOX_WEIGHTS_DIR": str(workdir / "weights"),
+            **env,
+        },
+    )
+
+
 @pytest.fixture(scope="module")
 def start_server(weights_server, tmp_path_factory) -> Iterator[Callable[..., CogServer]]:
-    """Start a Cog server for `predictor` on `variant` with tiny weights `tiny` (e.g. "1.0-t2v").
-
-    Each server gets its own empty weights cache, so setup's download runs for real.
-    """
+    """Start a Cog server for `predictor` on `variant` with tiny weights `tiny` (e.g. "1.0-t2v")."""
     servers: list[CogServer] = []
 
     def start(predictor: str, variant: str, tiny: str, **env: str) -> CogServer:
         workdir = tmp_path_factory.mktemp(f"server-{variant}")
-        # Validate inputs as a built image does: the schema `cog build` would write.
-        write_schema(f"{PROJECT / predictor}:Predictor", workdir / SCHEMA_PATH)
-        server = CogServer(
-            f"{PROJECT / predictor}:Predictor",
-            cwd=workdir,
-            log_path=workdir / "server.log",
-            env={
-                "PYTHONPATH": str(PROJECT),
-                "COGVIDEOX_MODEL": variant,
-                "COGVIDEOX_WEIGHTS_URL": weights_server.url(f"{tiny}.tar"),
-                "COGVIDEOX_WEIGHTS_DIR": str(workdir / "weights"),
-                **env,
-            },
-        )
+        server = tiny_server(predictor, variant, weights_server.url(f"{tiny}.tar"), workdir, **env)
         servers.append(server)
         return server.start(timeout=300)
 

@@ -19,13 +19,12 @@ import requests
 import torch
 
 from cogvideox_cog import generator as generator_module
-from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.cog_server import CogServer, WebhookReceiver, fd_count, rss_bytes
-from tests.conftest import PROJECT
+from tests.conftest import tiny_server
 from tests.http_peers import UploadServer
 
 pytestmark = pytest.mark.e2e
@@ -50,21 +49,13 @@ def hooks():
 
 @pytest.fixture(scope="module")
 def server(weights_server, uploads, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("server-async")
-    predictor = f"{PROJECT / 'predict_t2v.py'}:Predictor"
-    write_schema(predictor, workdir / SCHEMA_PATH)
-    server = CogServer(
-        predictor,
-        cwd=workdir,
-        log_path=workdir / "server.log",
-        env={
-            "PYTHONPATH": str(PROJECT),
-            "COGVIDEOX_MODEL": "cogvideox-5b",
-            "COGVIDEOX_WEIGHTS_URL": weights_server.url("1.0-t2v.tar"),
-            "COGVIDEOX_WEIGHTS_DIR": str(workdir / "weights"),
-            "COGVIDEOX_RESOLUTION": f"{HEIGHT}x{WIDTH}",
-        },
+    server = tiny_server(
+        "predict_t2v.py",
+        "cogvideox-5b",
+        weights_server.url("1.0-t2v.tar"),
+        tmp_path_factory.mktemp("server-async"),
         args=["--upload-url", uploads.url],
+        COGVIDEOX_RESOLUTION=f"{HEIGHT}x{WIDTH}",
     )
     server.start(timeout=300)
     yield server

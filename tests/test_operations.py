@@ -20,9 +20,8 @@ import pytest
 import requests
 import yaml
 
-from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
 from tests.cog_server import TERMINAL, CogServer, WebhookReceiver
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, tiny_server
 
 pytestmark = pytest.mark.e2e
 
@@ -44,22 +43,13 @@ def server_factory(weights_server, tmp_path_factory):
     servers: list[CogServer] = []
 
     def start(launcher: list[str] | None = None, **env: str) -> CogServer:
-        workdir = tmp_path_factory.mktemp("server-ops")
-        predictor = f"{PROJECT / 'predict_t2v.py'}:Predictor"
-        write_schema(predictor, workdir / SCHEMA_PATH)
-        server = CogServer(
-            predictor,
-            cwd=workdir,
-            log_path=workdir / "server.log",
-            env={
-                "PYTHONPATH": str(PROJECT),
-                "COGVIDEOX_MODEL": "cogvideox-5b",
-                "COGVIDEOX_WEIGHTS_URL": weights_server.url("1.0-t2v.tar"),
-                "COGVIDEOX_WEIGHTS_DIR": str(workdir / "weights"),
-                "COGVIDEOX_RESOLUTION": "160x240",
-                **env,
-            },
+        server = tiny_server(
+            "predict_t2v.py",
+            "cogvideox-5b",
+            weights_server.url("1.0-t2v.tar"),
+            tmp_path_factory.mktemp("server-ops"),
             launcher=launcher,
+            **{"COGVIDEOX_RESOLUTION": "160x240", **env},
         )
         servers.append(server)
         return server.start(timeout=300)
