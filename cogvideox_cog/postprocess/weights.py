@@ -33,7 +33,7 @@ from ..weights.manifest import sha256_file
 log = logging.getLogger(__name__)
 
 FOLDER = "postprocess"  # under the weights cache root
-MAX_BYTES = 2 << 30  # the released files are 17 MB (RIFE 4.26) and 67 MB (x4plus)
+MAX_BYTES = 2 << 30  # the released files are tens of MB; anything this large is not one
 M = TypeVar("M")
 
 
