@@ -13,7 +13,7 @@ import pytest
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import probe_mp4
-from tests.cog_server import CogServerError, save_data_uri
+from tests.cog_server import CogServerError, WebhookReceiver, save_data_uri
 
 pytestmark = pytest.mark.e2e
 
@@ -88,6 +88,21 @@ def test_none_gives_the_same_frames_as_leaving_the_inputs_out(t2v, tmp_path):
     )
     assert np.array_equal(plain, none)
     assert plain.shape == (9, TINY_H, TINY_W, 3)
+
+
+def test_cancel_stops_interpolation_between_frame_pairs(t2v, tmp_path):
+    long = {**FAST, "num_frames": 49, "upscale": "4x", "interpolate": "4x"}
+    with WebhookReceiver() as hooks:
+        t2v.predict_async("cancel-interpolation", long, webhook=hooks.url)
+        hooks.wait_until(
+            lambda: "interpolate 4x:" in hooks.latest_logs("cancel-interpolation"), timeout=120
+        )
+        assert t2v.cancel("cancel-interpolation")
+        final = hooks.wait_for("cancel-interpolation", timeout=60)
+    assert final["status"] == "canceled"
+    assert "interpolate: 193 frames in" not in (final.get("logs") or "")
+    t2v.wait_idle()
+    assert probe_mp4(_video(t2v.predict(FAST), tmp_path))["frames"] == 9
 
 
 def test_weights_that_are_not_the_architecture_fail_setup_naming_the_variable(

@@ -3,10 +3,13 @@ sizes, tiling, the choices a deployment offers, and how their weights are fetche
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
+from cogvideox_cog import postprocess
 from cogvideox_cog.devtools.tiny_postprocess import (
     save_tiny_realesrgan,
     save_tiny_rife,
@@ -87,6 +90,16 @@ def test_upscale_2x_is_the_4x_models_output_area_resized():
     assert np.abs(two.astype(int) - expected.numpy().astype(int)).max() <= 1
 
 
+def test_a_native_2x_model_upscales_2x_and_refuses_4x():
+    two = rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=2)
+    assert rrdbnet.rrdbnet_for(two.state_dict()).scale == 2
+    postprocessor = Postprocessor(upscaler=two.eval(), device=CPU)
+    frames, _ = postprocessor.apply(_frames(1), 8, postprocessor.check("none", "2x"))
+    assert frames.shape == (1, HEIGHT * 2, WIDTH * 2, 3)
+    with pytest.raises(InputError, match="upscales 2x at most"):
+        postprocessor.check("none", "4x")
+
+
 def test_tiles_with_enough_overlap_give_the_untiled_result():
     """The tiny model sees about 20 input pixels around each one; 24 of overlap covers that."""
     model, image = tiny_rrdbnet(), torch.rand(1, 3, HEIGHT, WIDTH)
@@ -109,6 +122,13 @@ def test_both_steps_upscale_then_interpolate(postprocessor):
     frames, fps = postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2))
     assert frames.shape == (3, HEIGHT * 2, WIDTH * 2, 3)
     assert fps == 16
+
+
+def test_a_long_step_logs_where_it_is(postprocessor, monkeypatch, caplog):
+    monkeypatch.setattr(postprocess, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        postprocessor.apply(_frames(3), 8, Steps(interpolate=2))
+    assert "interpolate: 1/2 frame pairs, " in caplog.text
 
 
 def test_no_step_leaves_the_frames_untouched(postprocessor):

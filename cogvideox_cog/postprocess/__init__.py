@@ -36,6 +36,7 @@ UPSCALE_SHA256_ENV = "COGVIDEOX_UPSCALE_SHA256"
 # Practical-RIFE publishes its weights on Google Drive only; vs-rife (MIT) hosts the same
 # flownet.pkl files as release assets with stable URLs.
 DEFAULT_RIFE_URL = "https://github.com/HolyWu/vs-rife/releases/download/model/flownet_v4.26.pkl"
+PROGRESS_EVERY_S = 2.0  # a progress line at most this often, so the log keeps moving
 DEFAULT_ESRGAN_URL = (
     "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
 )
@@ -112,7 +113,14 @@ class Postprocessor:
             f"(Real-ESRGAN x{self.upscaler.scale}, {tiles} tile(s) a frame)"
         )
         try:
-            frames = rrdbnet.upscale(self.upscaler, frames, factor, self.device, self.dtype)
+            frames = rrdbnet.upscale(
+                self.upscaler,
+                frames,
+                factor,
+                self.device,
+                self.dtype,
+                on_frame=_Progress("upscale", "frames"),
+            )
         finally:
             self._release_memory()
         _record("upscale_seconds", started, f"upscale: {out_w}x{out_h}")
@@ -126,7 +134,14 @@ class Postprocessor:
             "(RIFE)"
         )
         try:
-            frames = rife.interpolate(self.interpolator, frames, factor, self.device, self.dtype)
+            frames = rife.interpolate(
+                self.interpolator,
+                frames,
+                factor,
+                self.device,
+                self.dtype,
+                on_pair=_Progress("interpolate", "frame pairs"),
+            )
         finally:
             self._release_memory()
         _record("interpolate_seconds", started, f"interpolate: {count} frames")
@@ -135,6 +150,20 @@ class Postprocessor:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class _Progress:
+    """A log line every PROGRESS_EVERY_S: where a long step is, and that it is alive."""
+
+    def __init__(self, step: str, unit: str):
+        self.step, self.unit = step, unit
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S and done < total:
+            self.last = now
+            log.info(f"{self.step}: {done}/{total} {self.unit}, {now - self.started:.1f} s elapsed")
 
 
 def _record(metric: str, started: float, what: str) -> None:
