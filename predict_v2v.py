@@ -97,6 +97,20 @@ class Predictor(BaseRunner):
             choices=["default", "fast", "faster"],
             default="default",
         ),
+        interpolate: str = Input(
+            description="Smoother motion: RIFE adds 1 (2x) or 3 (4x) frames between each pair "
+            "and raises the fps as much, so the video lasts as long: 49 frames at 8 fps become "
+            "97 at 16 fps or 193 at 32 fps. Only where the deployment enables it.",
+            choices=["none", "2x", "4x"],
+            default="none",
+        ),
+        upscale: str = Input(
+            description="Larger, sharper frames: Real-ESRGAN super-resolution to 2x or 4x the "
+            "width and height (720x480 becomes 1440x960 or 2880x1920). Only where the "
+            "deployment enables it.",
+            choices=["none", "2x", "4x"],
+            default="none",
+        ),
     ) -> Path:
         with fetched("video", video, "video") as video_file:
             request = Request(
@@ -113,5 +127,7 @@ class Predictor(BaseRunner):
                 lora_url=lora_url,
                 lora_scale=lora_scale,
                 speed_mode=speed_mode,
+                interpolate=interpolate,
+                upscale=upscale,
             )
             return Path(self.generator.predict(request))

@@ -42,6 +42,7 @@ from .pipeline import (
     configure_pipeline,
     load_pipeline,
 )
+from .postprocess import Postprocessor, Steps
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import load_weights, weights_root
@@ -73,6 +74,9 @@ class Request:
     lora_url: str | None = None
     lora_scale: float = 1.0
     speed_mode: str = "default"  # see speed.py
+    # After decoding (postprocess/): "none", "2x" or "4x" each.
+    interpolate: str = "none"
+    upscale: str = "none"
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Plan:
     width: int
     received: float  # time.monotonic() when the request came in
     denoise_steps: int = 0  # fewer than steps for video-to-video
+    postprocess: Steps = field(default_factory=Steps)  # upscale, interpolate; 1: off
     # The pipeline's conditioning arguments: num_frames, or image, or video and strength.
     conditioning: dict = field(default_factory=dict)
 
@@ -106,6 +111,7 @@ class RenderedVideo:
     progress: _StepProgress
     received: float  # time.monotonic() when the request came in
     decoded: float  # time.monotonic() when the VAE finished
+    postprocessed: float  # time.monotonic() when upscale and interpolate finished
 
 
 class VideoGenerator:
@@ -113,6 +119,7 @@ class VideoGenerator:
 
     resolution: a deployment's HEIGHTxWIDTH (COGVIDEOX_RESOLUTION), None for the variant's.
     lora_cache: where lora_url files are kept; None serves the base model only.
+    postprocessor: the enabled upscale and interpolate models; None offers neither.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class VideoGenerator:
         *,
         resolution: str | None = None,
         lora_cache: LoraCache | None = None,
+        postprocessor: Postprocessor | None = None,
     ):
         self.variant, self.pipe, self.device = variant, pipe, device
         self.mode: Mode = mode or variant.task
@@ -136,6 +144,7 @@ class VideoGenerator:
         self._negative: tuple[str, torch.Tensor] | None = None  # (text, embedding)
         self.lora = LoraSlot(pipe, variant.id)
         self.lora_cache = lora_cache
+        self.postprocessor = postprocessor or Postprocessor()
 
     @classmethod
     def from_env(cls, mode: Mode) -> VideoGenerator:
@@ -148,6 +157,8 @@ class VideoGenerator:
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
         vae_tiling = choose_vae_tiling(os.environ.get(VAE_TILING_ENV, "on"), variant, device)
+        # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
+        postprocessor = Postprocessor.from_env(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
         pipe = configure_pipeline(
             pipe, variant, device, offload, compile_transformer, vae_tiling=vae_tiling
@@ -159,6 +170,7 @@ class VideoGenerator:
             mode,
             resolution=os.environ.get(inputs.RESOLUTION_ENV),
             lora_cache=LoraCache.from_env(),
+            postprocessor=postprocessor,
         )
         if compile_transformer and device.type == "cuda":
             warm_up = time.monotonic()
@@ -256,7 +268,8 @@ class VideoGenerator:
         return output
 
     def render_frames(self, request: Request) -> RenderedVideo:
-        """Check the request, then denoise and decode: the frames as floats in [0, 1]."""
+        """Check the request, denoise and decode, upscale and interpolate if asked: the
+        frames as floats in [0, 1] (uint8 once post-processed)."""
         plan = self.prepare(request)
         # The LoRA, fetched (or found in the cache) and checked before it touches the model.
         lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
@@ -268,7 +281,10 @@ class VideoGenerator:
         frames = frames[: plan.num_frames]
         if len(frames) != plan.num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
-        return RenderedVideo(frames, plan.fps, plan.seed, progress, plan.received, decoded)
+        frames, fps = self.postprocessor.apply(frames, plan.fps, plan.postprocess)
+        return RenderedVideo(
+            frames, fps, plan.seed, progress, plan.received, decoded, time.monotonic()
+        )
 
     def prepare(self, request: Request) -> Plan:
         """Every input checked, the image or clip read and fitted: a Plan, or an InputError.
@@ -294,6 +310,7 @@ class VideoGenerator:
             speed_mode=inputs.check_choice("speed_mode", request.speed_mode, SPEED_MODES),
             lora_url=check_lora_url(lora_url) if lora_url else None,
             lora_scale=float(request.lora_scale),
+            postprocess=self.postprocessor.check(request.interpolate, request.upscale),
             height=self.native_size[0],
             width=self.native_size[1],
             received=received,
@@ -435,7 +452,7 @@ def _record_timings(video: RenderedVideo, finished: float) -> None:
         ("prepare_seconds", started - video.received),  # inputs decoded, LoRA fetched
         ("denoise_seconds", last_step - started),
         ("decode_seconds", video.decoded - last_step),
-        ("encode_seconds", finished - video.decoded),
+        ("encode_seconds", finished - video.postprocessed),
         ("total_seconds", finished - video.received),
     ):
         cog.current_scope().record_metric(name, round(value, 3))

@@ -12,6 +12,7 @@ import pytest
 
 from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
 from cogvideox_cog.devtools.tiny import TINY, save_tiny_weights
+from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, save_tiny_rife
 from tests.cog_server import CogServer
 from tests.file_server import FileServer
 
@@ -43,8 +44,11 @@ def tiny_weights(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def weights_server(tiny_weights, tmp_path_factory) -> Iterator[FileServer]:
-    """The tiny pipelines as tars (model_index.json at the top, as the real tars), over HTTP."""
+    """The tiny pipelines as tars (model_index.json at the top, as the real tars), and tiny
+    RIFE (rife.pkl) and Real-ESRGAN (realesrgan.pth) files, over HTTP."""
     served = tmp_path_factory.mktemp("served")
+    save_tiny_rife(served / "rife.pkl")
+    save_tiny_realesrgan(served / "realesrgan.pth")
     for name, directory in tiny_weights.items():
         with tarfile.open(served / f"{name}.tar", "w") as archive:
             for path in sorted(directory.rglob("*")):

@@ -81,3 +81,15 @@ def test_15_i2v_follows_the_image_aspect_ratio(start_server, tmp_path):
 def test_a_t2v_variant_fails_setup_of_the_i2v_predictor(start_server):
     with pytest.raises(CogServerError, match="is for text-to-video"):
         start_server("predict_i2v.py", "cogvideox-5b", "1.0-t2v")
+
+
+def test_interpolate_where_the_deployment_did_not_enable_it_is_refused_naming_the_variable(
+    server,
+):
+    image = data_uri(_photo(80, 48, "PNG"), "image/png")
+    response = server.predict({**FAST, "image": image, "interpolate": "2x"})
+    assert response["status"] == "failed"
+    assert "COGVIDEOX_INTERPOLATE=1" in response["error"]
+    assert "step 1/" not in (response.get("logs") or "")  # refused before any work
+    server.wait_idle(timeout=10)
+    assert server.status() == "READY"

@@ -78,3 +78,14 @@ def test_a_clip_on_the_server_disk_is_not_an_input(server, tmp_path):
         assert response["status"] == "failed"
         assert "is not an http(s) URL or a data: URI of a video" in response["error"]
         server.wait_idle(timeout=10)
+
+
+def test_upscale_where_the_deployment_did_not_enable_it_is_refused_naming_the_variable(
+    server, tmp_path
+):
+    response = server.predict({**FAST, "video": _clip(tmp_path, 9, 8), "upscale": "4x"})
+    assert response["status"] == "failed"
+    assert "COGVIDEOX_UPSCALE=1" in response["error"]
+    assert "step 1/" not in (response.get("logs") or "")  # refused before any work
+    server.wait_idle(timeout=10)
+    assert server.status() == "READY"

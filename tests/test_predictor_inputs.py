@@ -22,6 +22,8 @@ SHARED = (
     "lora_url",
     "lora_scale",
     "speed_mode",
+    "interpolate",
+    "upscale",
 )
 OWN = {"t2v": {"prompt"}, "i2v": {"prompt", "image"}, "v2v": {"prompt", "video", "strength"}}
 

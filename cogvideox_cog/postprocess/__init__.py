@@ -1,0 +1,221 @@
+"""Optional steps between the VAE decode and the mp4: upscale (Real-ESRGAN), then interpolate
+(RIFE), each enabled by the deployment and asked for by the request.
+
+A deployment enables a step with COGVIDEOX_UPSCALE=1 or COGVIDEOX_INTERPOLATE=1; only then
+does setup fetch and load its weights, so images without them pay nothing. A request that
+asks for a step the deployment did not enable is refused before any work, naming the variable.
+
+Upscale comes first, as in upstream's composite demo: Real-ESRGAN costs far more per frame
+than RIFE, so it runs on the generated frames, not on two or four times as many.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import cog
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InputError
+from . import rife, rrdbnet
+from .weights import ModelSource, load_model
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("none", "2x", "4x")
+INTERPOLATE_ENV = "COGVIDEOX_INTERPOLATE"
+INTERPOLATE_URL_ENV = "COGVIDEOX_INTERPOLATE_URL"
+INTERPOLATE_SHA256_ENV = "COGVIDEOX_INTERPOLATE_SHA256"
+UPSCALE_ENV = "COGVIDEOX_UPSCALE"
+UPSCALE_URL_ENV = "COGVIDEOX_UPSCALE_URL"
+UPSCALE_SHA256_ENV = "COGVIDEOX_UPSCALE_SHA256"
+# Practical-RIFE publishes its weights on Google Drive only; vs-rife (MIT) hosts the same
+# flownet.pkl files as release assets with stable URLs.
+DEFAULT_RIFE_URL = "https://github.com/HolyWu/vs-rife/releases/download/model/flownet_v4.26.pkl"
+PROGRESS_EVERY_S = 2.0  # a progress line at most this often, so the log keeps moving
+DEFAULT_ESRGAN_URL = (
+    "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
+)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What one request asked for, checked: 1 means the step does not run."""
+
+    interpolate: int = 1
+    upscale: int = 1
+
+
+class Postprocessor:
+    """The loaded models of the enabled steps (None: not enabled) and where they run."""
+
+    def __init__(
+        self,
+        interpolator: rife.IFNet | None = None,
+        upscaler: rrdbnet.RRDBNet | None = None,
+        device: torch.device | None = None,
+    ):
+        self.interpolator, self.upscaler = interpolator, upscaler
+        self.device = device or torch.device("cpu")
+        # fp16 on a GPU, as both models are run upstream; fp32 on a CPU (no fast fp16 there).
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        for model in (interpolator, upscaler):
+            if model is not None:
+                model.eval().to(self.device, self.dtype)
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Postprocessor:
+        interpolator = upscaler = None
+        if _enabled(INTERPOLATE_ENV):
+            source = _source("RIFE", INTERPOLATE_URL_ENV, INTERPOLATE_SHA256_ENV, DEFAULT_RIFE_URL)
+            interpolator = load_model(source, _build_ifnet)
+            log.info(f"setup: interpolate enabled, RIFE IFNet 4.25/4.26 from {source.url}")
+        if _enabled(UPSCALE_ENV):
+            source = _source("Real-ESRGAN", UPSCALE_URL_ENV, UPSCALE_SHA256_ENV, DEFAULT_ESRGAN_URL)
+            upscaler = load_model(source, _build_rrdbnet)
+            log.info(
+                f"setup: upscale enabled, Real-ESRGAN RRDBNet x{upscaler.scale} from {source.url}"
+            )
+        return cls(interpolator, upscaler, device)
+
+    def check(self, interpolate: str, upscale: str) -> Steps:
+        """The request's choices as factors; InputError for an unknown or disabled one."""
+        steps = Steps(
+            interpolate=_factor("interpolate", interpolate, self.interpolator, INTERPOLATE_ENV),
+            upscale=_factor("upscale", upscale, self.upscaler, UPSCALE_ENV),
+        )
+        if self.upscaler is not None and steps.upscale > self.upscaler.scale:
+            raise InputError(
+                f"upscale={upscale!r}: this deployment's Real-ESRGAN model upscales "
+                f"{self.upscaler.scale}x at most."
+            )
+        return steps
+
+    def apply(self, frames: np.ndarray, fps: int, steps: Steps) -> tuple[np.ndarray, int]:
+        """The frames and fps after the requested steps; unchanged when none is asked for."""
+        if steps.upscale > 1:
+            frames = self._upscale(frames, steps.upscale)
+        if steps.interpolate > 1:
+            frames, fps = self._interpolate(frames, fps, steps.interpolate)
+        return frames, fps
+
+    def _upscale(self, frames: np.ndarray, factor: int) -> np.ndarray:
+        started = time.monotonic()
+        count, height, width = frames.shape[:3]
+        out_h, out_w = rrdbnet.upscaled_size(height, width, factor)
+        tiles = rrdbnet.tiles_per_frame(height, width)
+        log.info(
+            f"upscale {factor}x: {count} frames, {width}x{height} -> {out_w}x{out_h} "
+            f"(Real-ESRGAN x{self.upscaler.scale}, {tiles} tile(s) a frame)"
+        )
+        try:
+            frames = rrdbnet.upscale(
+                self.upscaler,
+                frames,
+                factor,
+                self.device,
+                self.dtype,
+                on_frame=_Progress("upscale", "frames"),
+            )
+        finally:
+            self._release_memory()
+        _record("upscale_seconds", started, f"upscale: {out_w}x{out_h}")
+        return frames
+
+    def _interpolate(self, frames: np.ndarray, fps: int, factor: int) -> tuple[np.ndarray, int]:
+        started = time.monotonic()
+        count = rife.interpolated_count(len(frames), factor)
+        log.info(
+            f"interpolate {factor}x: {len(frames)} -> {count} frames, {fps} -> {fps * factor} fps "
+            "(RIFE)"
+        )
+        try:
+            frames = rife.interpolate(
+                self.interpolator,
+                frames,
+                factor,
+                self.device,
+                self.dtype,
+                on_pair=_Progress("interpolate", "frame pairs"),
+            )
+        finally:
+            self._release_memory()
+        _record("interpolate_seconds", started, f"interpolate: {count} frames")
+        return frames, fps * factor
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _Progress:
+    """A log line every PROGRESS_EVERY_S: where a long step is, and that it is alive."""
+
+    def __init__(self, step: str, unit: str):
+        self.step, self.unit = step, unit
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S and done < total:
+            self.last = now
+            log.info(f"{self.step}: {done}/{total} {self.unit}, {now - self.started:.1f} s elapsed")
+
+
+def _record(metric: str, started: float, what: str) -> None:
+    seconds = time.monotonic() - started
+    cog.current_scope().record_metric(metric, round(seconds, 3))
+    log.info(f"{what} in {seconds:.1f} s")
+
+
+def _factor(name: str, value: str, model, env: str) -> int:
+    if value not in CHOICES:
+        raise InputError(f"{name}={value!r} is not one of: {', '.join(CHOICES)}.")
+    if value == "none":
+        return 1
+    if model is None:
+        raise InputError(
+            f"{name}={value!r}: this deployment does not offer {name}. Its operator enables it "
+            f"with {env}=1 (the weights are fetched in setup)."
+        )
+    return int(value.removesuffix("x"))
+
+
+def _enabled(env: str) -> bool:
+    value = (os.environ.get(env) or "0").strip()
+    if value not in ("0", "1"):
+        raise ConfigError(f"{env}={value!r}: use 1 to enable, 0 (the default) to leave it off")
+    return value == "1"
+
+
+def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
+    url = (os.environ.get(url_env) or "").strip() or default
+    sha256 = (os.environ.get(sha256_env) or "").strip() or None
+    return ModelSource(name, url, sha256, url_env, sha256_env)
+
+
+def _build_ifnet(state: dict[str, torch.Tensor]) -> rife.IFNet:
+    model = rife.IFNet(rife.widths_of(state))
+    _load_strict(model, state)
+    return model
+
+
+def _build_rrdbnet(state: dict[str, torch.Tensor]) -> rrdbnet.RRDBNet:
+    model = rrdbnet.rrdbnet_for(state)
+    _load_strict(model, state)
+    return model
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every parameter of the model from the file; extra entries (a training run's teacher
+    block, say) are ignored and counted in the log."""
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        shown = ", ".join(result.missing_keys[:3])
+        raise ValueError(f"{len(result.missing_keys)} parameters missing, e.g. {shown}")
+    if result.unexpected_keys:
+        log.info(f"setup: {len(result.unexpected_keys)} unused entries in the weights file")

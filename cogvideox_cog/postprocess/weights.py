@@ -1,0 +1,174 @@
+"""One post-processing model file in the weights cache: fetched once, verified, then loaded.
+
+The same rules as the CogVideoX weights (weights/): a download goes to a staging folder, is
+checked (its sha256 when the deployment pins one; in any case that it reads as a plain state
+dict the network accepts), fsynced, marked complete and renamed into place under the entry's
+lock. A cached entry is used when its marker matches the source and the file's size (and
+sha256 with COGVIDEOX_WEIGHTS_CHECK=sha256); one that fails to load is fetched again, once.
+
+Files are read as data only: safetensors, or torch.load(weights_only=True), which refuses
+anything but tensors and plain containers, so a crafted pickle cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import BadSource, WeightsError
+from ..weights import cache, content_check, download, weights_root
+from ..weights.manifest import sha256_file
+
+log = logging.getLogger(__name__)
+
+FOLDER = "postprocess"  # under the weights cache root
+MAX_BYTES = 2 << 30  # the released files are tens of MB; anything this large is not one
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `name` for messages and the cache, the env that set it."""
+
+    name: str
+    url: str
+    sha256: str | None
+    url_env: str
+    sha256_env: str
+
+
+def load_model(source: ModelSource, build: Callable[[dict[str, torch.Tensor]], M]) -> M:
+    """build(state dict of the cached file); fetched first if needed, again once if it fails."""
+    path, fresh = _ensure(source)
+    try:
+        return build(read_state_dict(path))
+    except Exception as error:
+        cache.discard(path.parent)
+        if fresh:
+            raise _bad(source, error) from error
+        log.warning(f"{source.name}: the cached {path} failed to load ({error!r}): fetching again")
+    path, _ = _ensure(source)
+    try:
+        return build(read_state_dict(path))
+    except Exception as error:
+        cache.discard(path.parent)
+        raise _bad(source, error) from error
+
+
+def _bad(source: ModelSource, error: Exception) -> WeightsError:
+    return WeightsError(
+        f"{source.name} weights from {source.url} are not usable: {error}. They were "
+        f"discarded. Set {source.url_env} to a plain state dict (safetensors, or a .pth/.pkl "
+        f"of tensors only) of this architecture."
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name, unwrapped from BasicSR's "params_ema"/"params" and DDP's "module."."""
+    if zipfile.is_zipfile(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"not a plain state dict (weights_only=True refused it: {error})"
+            ) from None
+    else:
+        try:
+            state = load_file(path)
+        except Exception as error:
+            raise ValueError(f"neither a torch zip file nor safetensors ({error})") from None
+    if isinstance(state, dict):
+        state = state.get("params_ema", state.get("params", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("the file holds no state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _ensure(source: ModelSource) -> tuple[Path, bool]:
+    """(the cached file, whether it was fetched just now)."""
+    name = Path(source.url.split("?")[0]).name or "model"
+    digest = hashlib.sha256(f"{source.url} {source.sha256}".encode()).hexdigest()[:12]
+    root = weights_root() / FOLDER
+    entry = root / f"{source.name.lower()}-{digest}"
+    if _published(entry, name, source):
+        log.info(f"{source.name}: using cached {entry / name}")
+        return entry / name, False
+    root.mkdir(parents=True, exist_ok=True)
+    with cache.locked(root / f".{entry.name}.lock"):
+        if _published(entry, name, source):
+            return entry / name, False
+        cache.discard(entry)
+        staging = root / f".{entry.name}.staging"
+        cache.discard(staging)
+        staging.mkdir()
+        started = time.monotonic()
+        try:
+            found = _fetch(source, staging / name)
+        except BaseException:
+            cache.discard(staging)
+            raise
+        size = (staging / name).stat().st_size
+        marker = {
+            "format": cache.MARKER_FORMAT,
+            "source": source.url,
+            "files": {name: {"size": size, "sha256": found}},
+        }
+        cache.publish(staging, entry, marker)
+        log.info(
+            f"{source.name}: {download.human(size)} from {source.url} ready in "
+            f"{time.monotonic() - started:.1f} s (sha256 {found})"
+        )
+    return entry / name, True
+
+
+def _published(entry: Path, name: str, source: ModelSource) -> bool:
+    marker = cache.read_marker(entry)
+    if not marker or marker.get("source") != source.url:
+        return False
+    recorded = marker.get("files", {}).get(name, {})
+    path = entry / name
+    if not path.is_file() or path.stat().st_size != recorded.get("size"):
+        return False
+    if content_check() == "sha256" or source.sha256:
+        return sha256_file(path).hexdigest() == (source.sha256 or recorded.get("sha256"))
+    return True
+
+
+def _fetch(source: ModelSource, dest: Path) -> str:
+    """Download (or copy a local file) to `dest`; its sha256, checked against a pinned one."""
+    local = Path(source.url).expanduser()
+    if local.is_file():
+        shutil.copyfile(local, dest)
+    elif source.url.startswith(("http://", "https://")):
+        try:
+            with dest.open("wb") as out:
+                download.fetch_capped(
+                    source.url, out, MAX_BYTES, threading.Event(), f"{source.name} weights"
+                )
+        except download.TooLarge as error:
+            raise BadSource(
+                f"{source.name} weights at {source.url} are {error}, over "
+                f"{download.human(MAX_BYTES)}: not a frame model; check {source.url_env}"
+            ) from None
+    else:
+        raise WeightsError(
+            f"{source.url_env}={source.url!r} is neither an http(s) URL nor an existing file."
+        )
+    found = sha256_file(dest).hexdigest()
+    if source.sha256 and found != source.sha256.lower():
+        raise BadSource(
+            f"{source.name} weights from {source.url} have sha256 {found}, not the "
+            f"{source.sha256} that {source.sha256_env} pins: discarded."
+        )
+    return found

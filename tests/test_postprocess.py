@@ -1,0 +1,221 @@
+"""Upscale and interpolate on tiny random models of the real architectures: frame counts, fps,
+sizes, tiling, the choices a deployment offers, and how their weights are fetched and read."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cogvideox_cog import postprocess
+from cogvideox_cog.devtools.tiny_postprocess import (
+    save_tiny_realesrgan,
+    save_tiny_rife,
+    tiny_ifnet,
+    tiny_rrdbnet,
+)
+from cogvideox_cog.errors import InputError, WeightsError
+from cogvideox_cog.postprocess import (
+    UPSCALE_URL_ENV,
+    Postprocessor,
+    Steps,
+    _build_ifnet,
+    _build_rrdbnet,
+    _source,
+    rife,
+    rrdbnet,
+)
+from cogvideox_cog.postprocess.weights import load_model, read_state_dict
+
+CPU = torch.device("cpu")
+HEIGHT, WIDTH = 32, 48  # even, not square, small
+
+
+@pytest.fixture(scope="module")
+def postprocessor() -> Postprocessor:
+    return Postprocessor(tiny_ifnet(), tiny_rrdbnet(), CPU)
+
+
+def _frames(count: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    return np.random.default_rng(0).random((count, height, width, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize(("factor", "expected"), [(2, 5), (4, 9)])
+def test_interpolation_adds_factor_minus_one_frames_between_each_pair(
+    postprocessor, factor, expected
+):
+    frames, _ = postprocessor.apply(_frames(3), 8, Steps(interpolate=factor))
+    assert frames.shape == (expected, HEIGHT, WIDTH, 3)
+    assert rife.interpolated_count(49, factor) == {2: 97, 4: 193}[factor]
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_interpolation_multiplies_the_fps_so_the_duration_stays(postprocessor, factor):
+    _, fps = postprocessor.apply(_frames(2), 10, Steps(interpolate=factor))
+    assert fps == 10 * factor
+
+
+def test_interpolation_keeps_the_generated_frames_as_the_encoder_would_round_them(
+    postprocessor,
+):
+    source = _frames(3)
+    frames, _ = postprocessor.apply(source, 8, Steps(interpolate=4))
+    rounded = np.rint(source * 255).astype(np.uint8)
+    np.testing.assert_array_equal(frames[[0, 4, 8]], rounded)
+
+
+def test_interpolation_between_two_equal_still_frames_is_that_frame(postprocessor):
+    """Whatever flow the random network estimates, warping a flat image gives it back."""
+    still = np.full((2, HEIGHT, WIDTH, 3), 0.4, np.float32)
+    frames, _ = postprocessor.apply(still, 8, Steps(interpolate=2))
+    assert np.abs(frames[1].astype(int) - round(0.4 * 255)).max() <= 1
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_upscale_multiplies_width_and_height(postprocessor, factor):
+    frames, fps = postprocessor.apply(_frames(2), 8, Steps(upscale=factor))
+    assert frames.shape == (2, HEIGHT * factor, WIDTH * factor, 3)
+    assert (frames.dtype, fps) == (np.uint8, 8)
+
+
+def test_upscale_2x_is_the_4x_models_output_area_resized():
+    model, frame = tiny_rrdbnet(), _frames(1)
+    two = rrdbnet.upscale(model, frame, 2, CPU, torch.float32)
+    with torch.inference_mode():
+        four = model(torch.from_numpy(frame).permute(0, 3, 1, 2))
+    resized = torch.nn.functional.interpolate(four, scale_factor=0.5, mode="area")
+    expected = torch.round(resized.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.abs(two.astype(int) - expected.numpy().astype(int)).max() <= 1
+
+
+def test_a_native_2x_model_upscales_2x_and_refuses_4x():
+    two = rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=2)
+    assert rrdbnet.rrdbnet_for(two.state_dict()).scale == 2
+    postprocessor = Postprocessor(upscaler=two.eval(), device=CPU)
+    frames, _ = postprocessor.apply(_frames(1), 8, postprocessor.check("none", "2x"))
+    assert frames.shape == (1, HEIGHT * 2, WIDTH * 2, 3)
+    with pytest.raises(InputError, match="upscales 2x at most"):
+        postprocessor.check("none", "4x")
+
+
+def test_tiles_with_enough_overlap_give_the_untiled_result():
+    """The tiny model sees about 20 input pixels around each one; 24 of overlap covers that."""
+    model, image = tiny_rrdbnet(), torch.rand(1, 3, HEIGHT, WIDTH)
+    with torch.inference_mode():
+        whole = model(image)
+    tiled = rrdbnet.upscale_tiled(model, image, tile=16, overlap=24)
+    assert torch.allclose(tiled, whole, atol=1e-5)
+
+
+def test_tiles_without_overlap_show_seams():
+    """The comparison above can fail: without overlap, tile borders miss their neighbours."""
+    model, image = tiny_rrdbnet(), torch.rand(1, 3, HEIGHT, WIDTH)
+    with torch.inference_mode():
+        whole = model(image)
+    seams = rrdbnet.upscale_tiled(model, image, tile=16, overlap=0)
+    assert not torch.allclose(seams, whole, atol=1e-3)
+
+
+def test_both_steps_upscale_then_interpolate(postprocessor):
+    frames, fps = postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2))
+    assert frames.shape == (3, HEIGHT * 2, WIDTH * 2, 3)
+    assert fps == 16
+
+
+def test_a_long_step_logs_where_it_is(postprocessor, monkeypatch, caplog):
+    monkeypatch.setattr(postprocess, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        postprocessor.apply(_frames(3), 8, Steps(interpolate=2))
+    assert "interpolate: 1/2 frame pairs, " in caplog.text
+
+
+def test_no_step_leaves_the_frames_untouched(postprocessor):
+    source = _frames(2)
+    frames, fps = postprocessor.apply(source, 8, Steps())
+    assert frames is source and fps == 8
+
+
+def test_a_step_the_deployment_did_not_enable_is_refused_naming_its_variable():
+    bare = Postprocessor()
+    with pytest.raises(InputError, match="COGVIDEOX_INTERPOLATE=1"):
+        bare.check("2x", "none")
+    with pytest.raises(InputError, match="COGVIDEOX_UPSCALE=1"):
+        bare.check("none", "4x")
+
+
+def test_none_is_always_accepted_and_choices_become_factors(postprocessor):
+    assert Postprocessor().check("none", "none") == Steps(1, 1)
+    assert postprocessor.check("4x", "2x") == Steps(interpolate=4, upscale=2)
+
+
+def test_an_unknown_choice_is_refused_with_the_choices(postprocessor):
+    with pytest.raises(InputError, match="interpolate='3x' is not one of: none, 2x, 4x"):
+        postprocessor.check("3x", "none")
+
+
+def test_the_released_layouts_are_read(tmp_path):
+    rife_state = read_state_dict(save_tiny_rife(tmp_path / "flownet.pkl"))
+    esrgan_state = read_state_dict(save_tiny_realesrgan(tmp_path / "x4plus.pth"))
+    assert "block0.conv0.0.0.weight" in rife_state  # "module." stripped
+    assert "conv_first.weight" in esrgan_state  # "params_ema" unwrapped
+    assert rife.widths_of(rife_state) == (16, 16, 8, 8, 8)
+    assert rrdbnet.rrdbnet_for(esrgan_state).scale == 4
+
+
+def test_safetensors_weights_are_read(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(tiny_rrdbnet().state_dict(), tmp_path / "x4.safetensors")
+    state = read_state_dict(tmp_path / "x4.safetensors")
+    assert _build_rrdbnet(state).scale == 4
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"conv_first.weight": _RunsCode()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        read_state_dict(path)
+    assert "unpickled" not in capsys.readouterr().out
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    state = read_state_dict(save_tiny_rife(tmp_path / "flownet.pkl"))
+    with pytest.raises(KeyError):
+        _build_rrdbnet(state)
+
+
+def test_setup_caches_the_file_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    (tmp_path / "x4.pth").unlink()  # a second setup needs only the cache
+    assert load_model(source, _build_rrdbnet).scale == 4
+    assert len(list((tmp_path / "cache" / "postprocess").glob("*/x4.pth"))) == 1
+
+
+def test_bad_weights_fail_setup_and_leave_nothing_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "flownet.pkl"
+    bad.write_bytes(b"<html>not found</html>")
+    monkeypatch.setenv("COGVIDEOX_INTERPOLATE_URL", str(bad))
+    source = _source("RIFE", "COGVIDEOX_INTERPOLATE_URL", "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match="COGVIDEOX_INTERPOLATE_URL"):
+        load_model(source, _build_ifnet)
+    assert not list((tmp_path / "cache" / "postprocess").glob("rife-*/*"))
+
+
+def test_a_pinned_sha256_that_differs_fails_setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", "0" * 64)
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
+    with pytest.raises(WeightsError, match="COGVIDEOX_UPSCALE_SHA256"):
+        load_model(source, _build_rrdbnet)
