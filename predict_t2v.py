@@ -22,6 +22,13 @@ class Predictor(BaseRunner):
             description="What the video shows. Long prompts work best.",
             max_length=10000,
         ),
+        enhance_prompt: bool = Input(
+            description="First rewrite the prompt with a language model into the long, detailed "
+            "description CogVideoX was trained on; the video is made from the rewrite, which is "
+            "logged and returned as metrics.enhanced_prompt. Only on deployments that enable "
+            "it.",
+            default=False,
+        ),
         negative_prompt: str = Input(
             description="What the video should not show.", max_length=10000, default=""
         ),
@@ -82,6 +89,7 @@ class Predictor(BaseRunner):
     ) -> Path:
         request = Request(
             prompt=prompt,
+            enhance_prompt=enhance_prompt,
             negative_prompt=negative_prompt,
             num_frames=num_frames,
             num_inference_steps=num_inference_steps,

@@ -33,6 +33,13 @@ class Predictor(BaseRunner):
             description="What the new video shows. Long prompts work best.",
             max_length=10000,
         ),
+        enhance_prompt: bool = Input(
+            description="First rewrite the prompt with a language model into the long, detailed "
+            "description CogVideoX was trained on; the video is made from the rewrite, which is "
+            "logged and returned as metrics.enhanced_prompt. Only on deployments that enable "
+            "it.",
+            default=False,
+        ),
         strength: float = Input(
             description="How much of the clip is re-noised and redrawn: low keeps its look and "
             "motion, 1.0 ignores it (text-to-video). Runs strength * num_inference_steps steps.",
@@ -103,6 +110,7 @@ class Predictor(BaseRunner):
                 video=video_file,
                 strength=strength,
                 prompt=prompt,
+                enhance_prompt=enhance_prompt,
                 negative_prompt=negative_prompt,
                 num_frames=num_frames,
                 num_inference_steps=num_inference_steps,

@@ -39,6 +39,7 @@ from .pipeline import (
     configure_pipeline,
     load_pipeline,
 )
+from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, enhancer_from_env
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import load_weights, weights_root
@@ -70,6 +71,8 @@ class Request:
     lora_url: str | None = None
     lora_scale: float = 1.0
     speed_mode: str = "default"  # see speed.py
+    # Rewrite the prompt with the deployment's language model first (see prompts/).
+    enhance_prompt: bool = False
 
 
 @dataclass
@@ -110,6 +113,7 @@ class VideoGenerator:
 
     resolution: a deployment's HEIGHTxWIDTH (COGVIDEOX_RESOLUTION), None for the variant's.
     lora_cache: where lora_url files are kept; None serves the base model only.
+    enhancer: rewrites prompts for enhance_prompt; None: the deployment has no backend.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class VideoGenerator:
         *,
         resolution: str | None = None,
         lora_cache: LoraCache | None = None,
+        enhancer: PromptEnhancer | None = None,
     ):
         self.variant, self.pipe, self.device = variant, pipe, device
         self.mode: Mode = mode or variant.task
@@ -132,6 +137,7 @@ class VideoGenerator:
         self._last_output: Path | None = None
         self.lora = LoraSlot(pipe, variant.id)
         self.lora_cache = lora_cache
+        self.enhancer = enhancer
 
     @classmethod
     def from_env(cls, mode: Mode) -> VideoGenerator:
@@ -152,6 +158,9 @@ class VideoGenerator:
             mode,
             resolution=os.environ.get(inputs.RESOLUTION_ENV),
             lora_cache=LoraCache.from_env(),
+            enhancer=enhancer_from_env(
+                device, variant.vram_no_offload_gib if offload == "none" else None
+            ),
         )
         if compile_transformer and device.type == "cuda":
             warm_up = time.monotonic()
@@ -271,6 +280,12 @@ class VideoGenerator:
         """
         received = time.monotonic()
         variant = self.variant
+        if request.enhance_prompt and self.enhancer is None:
+            raise InputError(
+                f"enhance_prompt is not available on this deployment: it has no language "
+                f"model to rewrite prompts ({ENHANCE_ENV} is off). Send enhance_prompt=false, "
+                f"or write the long, detailed prompt yourself."
+            )
         lora_url = (request.lora_url or "").strip()
         dynamic_cfg = request.use_dynamic_cfg
         plan = Plan(
@@ -298,8 +313,24 @@ class VideoGenerator:
             self._condition_on_clip(plan, request.video, request.strength)
         else:
             plan.conditioning["num_frames"] = plan.num_frames
+        if request.enhance_prompt:
+            plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed)
         self._log_ignored_text(plan)
         return plan
+
+    def _enhanced_prompt(self, prompt: str, seed: int) -> str:
+        """The language model's rewrite, checked as a user's prompt is (after every other
+        input, so a bad one costs no rewrite)."""
+        assert self.enhancer is not None
+        if not prompt.strip():
+            raise InputError(
+                "enhance_prompt needs a prompt to rewrite: the prompt is empty. Describe the "
+                "motion, or send enhance_prompt=false."
+            )
+        rewrite = self.enhancer.enhance(
+            prompt, task=self.mode, seed=seed, max_tokens=self.max_prompt_tokens
+        )
+        return inputs.check_prompt(rewrite, required=True)
 
     def _condition_on_image(self, plan: Plan, path: Path | None) -> None:
         if path is None:

@@ -12,6 +12,7 @@ from cogvideox_cog.devtools.openapi import build_schema
 PROJECT = Path(__file__).resolve().parent.parent
 PREDICTORS = ("t2v", "i2v", "v2v")
 SHARED = (
+    "enhance_prompt",
     "negative_prompt",
     "num_frames",
     "num_inference_steps",
