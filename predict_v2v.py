@@ -5,7 +5,7 @@ The work happens in cogvideox_cog.
 
 from typing import Optional
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.logs import setup_logging
@@ -39,6 +39,11 @@ class Predictor(BaseRunner):
             "logged and returned as metrics.enhanced_prompt. Only on deployments that enable "
             "it.",
             default=False,
+        ),
+        enhance_prompt_api_key: Optional[Secret] = Input(
+            description="Your key for the deployment's prompt-rewriting endpoint, where it asks "
+            "for one: sent only to that endpoint, never logged. Empty: the deployment's own key.",
+            default=None,
         ),
         strength: float = Input(
             description="How much of the clip is re-noised and redrawn: low keeps its look and "
@@ -111,6 +116,7 @@ class Predictor(BaseRunner):
                 strength=strength,
                 prompt=prompt,
                 enhance_prompt=enhance_prompt,
+                enhance_prompt_api_key=enhance_prompt_api_key,
                 negative_prompt=negative_prompt,
                 num_frames=num_frames,
                 num_inference_steps=num_inference_steps,

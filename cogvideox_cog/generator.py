@@ -71,8 +71,10 @@ class Request:
     lora_url: str | None = None
     lora_scale: float = 1.0
     speed_mode: str = "default"  # see speed.py
-    # Rewrite the prompt with the deployment's language model first (see prompts/).
+    # Rewrite the prompt with the deployment's language model first (see prompts/), with the
+    # user's key for its endpoint if given (a cog.Secret: its repr shows no key).
     enhance_prompt: bool = False
+    enhance_prompt_api_key: cog.Secret | None = None
 
 
 @dataclass
@@ -314,11 +316,13 @@ class VideoGenerator:
         else:
             plan.conditioning["num_frames"] = plan.num_frames
         if request.enhance_prompt:
-            plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed)
+            key = request.enhance_prompt_api_key
+            api_key = key.get_secret_value() if key is not None else None
+            plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed, api_key)
         self._log_ignored_text(plan)
         return plan
 
-    def _enhanced_prompt(self, prompt: str, seed: int) -> str:
+    def _enhanced_prompt(self, prompt: str, seed: int, api_key: str | None) -> str:
         """The language model's rewrite, checked as a user's prompt is (after every other
         input, so a bad one costs no rewrite)."""
         assert self.enhancer is not None
@@ -328,7 +332,7 @@ class VideoGenerator:
                 "motion, or send enhance_prompt=false."
             )
         rewrite = self.enhancer.enhance(
-            prompt, task=self.mode, seed=seed, max_tokens=self.max_prompt_tokens
+            prompt, task=self.mode, seed=seed, max_tokens=self.max_prompt_tokens, api_key=api_key
         )
         return inputs.check_prompt(rewrite, required=True)
 

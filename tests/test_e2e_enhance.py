@@ -73,6 +73,14 @@ def test_the_same_seed_and_inputs_ask_the_endpoint_the_same_question(server, cha
     assert chat.requests[0]["headers"]["authorization"] == "Bearer sk-e2e"
 
 
+def test_the_users_key_goes_to_the_endpoint_instead_of_the_deployments(server, chat):
+    chat.fault = "500"
+    response = server.predict({**FAST, "enhance_prompt": True, "enhance_prompt_api_key": "sk-u"})
+    server.wait_idle(timeout=10)
+    assert chat.requests[0]["headers"]["authorization"] == "Bearer sk-u"
+    assert "sk-u" not in (response.get("logs") or "") + response["error"]
+
+
 def test_without_enhance_prompt_the_endpoint_is_not_asked(server, chat):
     response = server.predict(FAST)
     assert response["status"] == "succeeded"
