@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ENHANCE_ENV = "COGVIDEOX_ENHANCE_PROMPT"
 BACKENDS = ("off", "local", "openai")
 WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"
-# Apache-2.0, 3.1 GB in bf16, a chat template and no "thinking" preamble: docs/prompts.md.
+# Apache-2.0, 3.1 GB in bf16, a chat template and no "thinking" preamble: docs/inputs.md.
 DEFAULT_WEIGHTS = "hf://Qwen/Qwen2.5-1.5B-Instruct"
 MODEL_ENV = "COGVIDEOX_ENHANCE_MODEL"
 DEFAULT_MODEL = "gpt-4o-mini"

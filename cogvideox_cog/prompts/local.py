@@ -53,6 +53,13 @@ class LocalRewriter:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        # Greedy, in place of the checkpoint's sampling settings (which generate() would
+        # otherwise merge in, and warn about, on every call).
+        model.generation_config = GenerationConfig(
+            do_sample=False,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         resident = device.type == "cpu" or (
             video_peak_gib is not None and _fits_beside(model, device, video_peak_gib)
         )
@@ -71,20 +78,15 @@ class LocalRewriter:
         inputs = self.tokenizer.apply_chat_template(
             chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max_tokens,
-            max_time=self.timeout,
-            eos_token_id=self.model.generation_config.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
         started = time.monotonic()
         with self._on_device(), torch.inference_mode():
             output = self.model.generate(
-                **{k: v.to(self.device) for k, v in inputs.items()}, generation_config=config
+                **{k: v.to(self.device) for k, v in inputs.items()},
+                max_new_tokens=max_tokens,
+                max_time=self.timeout,
             )
         new = output[0, inputs["input_ids"].shape[1] :].tolist()
-        finished = bool(new) and new[-1] in _ids(config.eos_token_id)
+        finished = bool(new) and new[-1] in _ids(self.model.generation_config.eos_token_id)
         if not finished and len(new) < max_tokens and time.monotonic() - started >= self.timeout:
             raise EnhanceError(f"{self.name} did not finish within {self.timeout:g} s")
         text = self.tokenizer.decode(new, skip_special_tokens=True)
