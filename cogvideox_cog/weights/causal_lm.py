@@ -19,7 +19,7 @@ from ..errors import BadSource, WeightsError
 from . import cache, content_check, fetch_hub, fetch_tar, weights_root
 from .hub import parse_hf_url
 from .manifest import Manifest, sha256_file
-from .verify import HIDDEN_PREFIX, Verified, check_contained, check_safetensors, check_shard_index
+from .verify import Verified, check_contained, check_safetensors, check_shard_index
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def verify_causal_lm(
     files = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        # Not our marker and journal, nor the hub's download state (.cache/).
-        if path.is_file() and not any(part.startswith((HIDDEN_PREFIX, ".")) for part in rel.parts):
+        # Not our marker and journal (.cogvideox-*), nor the hub's download state (.cache/).
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
             files[rel.as_posix()] = {"size": path.stat().st_size, "sha256": None}
     for path, digest in (hashes or {}).items():
         try:
