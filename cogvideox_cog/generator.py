@@ -39,7 +39,7 @@ from .pipeline import (
     configure_pipeline,
     load_pipeline,
 )
-from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, enhancer_from_env
+from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import load_weights, weights_root
@@ -146,6 +146,7 @@ class VideoGenerator:
         """The generator a deployment's environment describes, weights fetched if needed."""
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
+        enhance = config_from_env()  # checked before any download
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,8 +161,8 @@ class VideoGenerator:
             mode,
             resolution=os.environ.get(inputs.RESOLUTION_ENV),
             lora_cache=LoraCache.from_env(),
-            enhancer=enhancer_from_env(
-                device, variant.vram_no_offload_gib if offload == "none" else None
+            enhancer=load_enhancer(
+                enhance, device, variant.vram_no_offload_gib if offload == "none" else None
             ),
         )
         if compile_transformer and device.type == "cuda":

@@ -12,9 +12,16 @@ import torch
 
 from cogvideox_cog.devtools.tiny_llm import save_tiny_causal_lm
 from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError
+from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.prompts import enhance
 from cogvideox_cog.prompts.endpoint import EndpointRewriter
-from cogvideox_cog.prompts.enhance import PromptEnhancer, enhancer_from_env, tidy, whole_sentences
+from cogvideox_cog.prompts.enhance import (
+    PromptEnhancer,
+    config_from_env,
+    load_enhancer,
+    tidy,
+    whole_sentences,
+)
 from cogvideox_cog.prompts.instruction import messages
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
@@ -125,20 +132,29 @@ def test_an_unreachable_endpoint_fails_saying_so(chat):
 
 def test_enhancement_is_off_unless_the_deployment_enables_it(monkeypatch):
     monkeypatch.delenv(enhance.ENHANCE_ENV, raising=False)
-    assert enhancer_from_env(CPU, None) is None
+    assert config_from_env() is None
 
 
 def test_an_unknown_backend_fails_setup_naming_the_choices(monkeypatch):
     monkeypatch.setenv(enhance.ENHANCE_ENV, "gpt")
     with pytest.raises(ConfigError, match="off, local, openai"):
-        enhancer_from_env(CPU, None)
+        config_from_env()
 
 
 def test_a_timeout_that_is_not_seconds_fails_setup(monkeypatch):
     monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
     monkeypatch.setenv(enhance.TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match=enhance.TIMEOUT_ENV):
-        enhancer_from_env(CPU, None)
+        config_from_env()
+
+
+def test_a_bad_setting_fails_setup_before_the_video_weights_are_fetched(monkeypatch, tmp_path):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "gpt")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "http://127.0.0.1:9/never.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=enhance.ENHANCE_ENV):
+        VideoGenerator.from_env("t2v")
+    assert list(tmp_path.iterdir()) == []
 
 
 # The local backend and its weights
@@ -167,7 +183,7 @@ def local(llm_server, tmp_path_factory):
     patch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))
     patch.setenv(enhance.ENHANCE_ENV, "local")
     patch.setenv(enhance.WEIGHTS_ENV, llm_server.url("llm.tar"))
-    yield enhancer_from_env(CPU, None)
+    yield load_enhancer(config_from_env(), CPU, None)
     patch.undo()
 
 

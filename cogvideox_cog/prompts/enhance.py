@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 
 import cog
 import torch
@@ -94,32 +95,52 @@ def whole_sentences(text: str) -> str:
     return text[: ends[-1]] if ends else text
 
 
-def enhancer_from_env(device: torch.device, video_peak_gib: float | None) -> PromptEnhancer | None:
-    """The deployment's backend, loaded now (in setup, after the video model); None when
-    enhancement is off.
+@dataclass(frozen=True)
+class EnhanceConfig:
+    """The deployment's COGVIDEOX_ENHANCE_* settings, checked. Read at the start of setup, so
+    a mistyped setting fails before the video weights are downloaded."""
 
-    video_peak_gib: the video model's GPU memory peak when it runs without offload (a local
-    model may then stay on the GPU if there is room for both); None under offload.
-    """
+    backend: str  # "local" or "openai"
+    timeout: float
+    weights: str = ""  # local: the checkpoint's source
+    endpoint: EndpointRewriter | None = None  # openai: built, nothing contacted
+
+
+def config_from_env() -> EnhanceConfig | None:
+    """The checked settings; None when enhancement is off. ConfigError names a bad one."""
     backend = (os.environ.get(ENHANCE_ENV) or "off").strip().lower()
     if backend not in BACKENDS:
         raise ConfigError(f"{ENHANCE_ENV}={backend!r}: use one of {', '.join(BACKENDS)}.")
     if backend == "off":
         return None
     timeout = _timeout()
-    if backend == "openai":
-        base_url = (os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).strip()
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
-        model = (os.environ.get(MODEL_ENV) or DEFAULT_MODEL).strip()
-        key = os.environ.get(API_KEY_ENV) or None
-        rewriter = EndpointRewriter(base_url, model, key, timeout)
-        log.info(f"setup: prompt enhancer {rewriter.name}")
-        return PromptEnhancer(rewriter)
-    source = (os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS).strip()
-    directory = ensure_causal_lm(source, WEIGHTS_ENV)
+    if backend == "local":
+        weights = (os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS).strip()
+        return EnhanceConfig(backend, timeout, weights=weights)
+    base_url = (os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).strip()
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
+    model = (os.environ.get(MODEL_ENV) or DEFAULT_MODEL).strip()
+    endpoint = EndpointRewriter(base_url, model, os.environ.get(API_KEY_ENV) or None, timeout)
+    return EnhanceConfig(backend, timeout, endpoint=endpoint)
+
+
+def load_enhancer(
+    config: EnhanceConfig | None, device: torch.device, video_peak_gib: float | None
+) -> PromptEnhancer | None:
+    """The backend ready to rewrite (in setup, after the video model); None when off.
+
+    video_peak_gib: the video model's GPU memory peak when it runs without offload (a local
+    model may then stay on the GPU if there is room for both); None under offload.
+    """
+    if config is None:
+        return None
+    if config.endpoint is not None:
+        log.info(f"setup: prompt enhancer {config.endpoint.name}")
+        return PromptEnhancer(config.endpoint)
+    directory = ensure_causal_lm(config.weights, WEIGHTS_ENV)
     rewriter = LocalRewriter.load(
-        directory, source, device, video_peak_gib=video_peak_gib, timeout=timeout
+        directory, config.weights, device, video_peak_gib=video_peak_gib, timeout=config.timeout
     )
     return PromptEnhancer(rewriter)
 
