@@ -16,7 +16,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2T
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# Qwen2.5's template without its tool-calling branches: ChatML turns, and the assistant's
+# Qwen2.5's template without its tool-calling branches: ChatML turns, and the reply's
 # turn opened when add_generation_prompt is set.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
