@@ -7,7 +7,8 @@ A record: {gpu, variant, num_frames, height, width, steps, speed_mode, compiled,
 total_seconds, measured} plus offload and the file it came from; `measured` is false for a
 projection (pipeline_speed's 50-step total from fewer steps). Records already in the summary
 stay unless a new one has the same key, so earlier GPU runs are never lost. Reads
-pipeline_speed.py, compile_setup.py and speed_modes.py JSON files; other files are skipped.
+pipeline_speed.py, compile_setup.py, speed_modes.py and projections.py JSON files; other
+files are skipped.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def records_of(data: dict, source: str) -> list[dict]:
             | {"total_seconds": data["render_s"], "setup_seconds": data["setup_s"]}
             | {"start": data["start"]}
         ]
+    if "projections" in data:  # projections.py: already records
+        return [r | {"source": source} for r in data["projections"]]
     if "results" in data and "resolution" in data:  # speed_modes.py: median render per mode
         height, width = map(int, data["resolution"].split("x"))
         return [

@@ -8,6 +8,7 @@ before the LoRA is fetched or the model runs.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -34,8 +35,10 @@ from .pipeline import (
     COMPILE_ENV,
     MODE_TASK,
     OFFLOAD_ENV,
+    VAE_TILING_ENV,
     Mode,
     choose_offload,
+    choose_vae_tiling,
     configure_pipeline,
     load_pipeline,
 )
@@ -137,6 +140,7 @@ class VideoGenerator:
         self.size_multiple = scale * config.patch_size
         self.max_prompt_tokens = config.max_text_seq_length
         self._last_output: Path | None = None
+        self._negative: tuple[str, torch.Tensor] | None = None  # (text, embedding)
         self.lora = LoraSlot(pipe, variant.id)
         self.lora_cache = lora_cache
         self.enhancer = enhancer
@@ -152,8 +156,11 @@ class VideoGenerator:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
+        vae_tiling = choose_vae_tiling(os.environ.get(VAE_TILING_ENV, "on"), variant, device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
-        pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer)
+        pipe = configure_pipeline(
+            pipe, variant, device, offload, compile_transformer, vae_tiling=vae_tiling
+        )
         generator = cls(
             variant,
             pipe,
@@ -401,8 +408,7 @@ class VideoGenerator:
         try:
             with step_cache(self.pipe, plan.speed_mode, plan.guidance_scale > 1):
                 return self.pipe(
-                    prompt=plan.prompt,
-                    negative_prompt=plan.negative_prompt or None,
+                    **self._text_embeddings(plan),
                     height=plan.height,
                     width=plan.width,
                     num_inference_steps=plan.steps,
@@ -416,6 +422,26 @@ class VideoGenerator:
                 ).frames[0]
         finally:
             self.release_memory()
+
+    @torch.no_grad()
+    def _text_embeddings(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """The prompts encoded as the pipeline would encode them, the negative one kept.
+
+        Most requests share a negative prompt (the empty one), so its embedding is computed
+        once and reused while it stays the same; diffusers encodes each prompt on its own,
+        so the tensors are the ones it would compute.
+        """
+        encode = functools.partial(
+            self.pipe.encode_prompt,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_prompt_tokens,
+        )
+        embeddings = {"prompt_embeds": encode(plan.prompt)[0]}
+        if plan.guidance_scale > 1:
+            if self._negative is None or self._negative[0] != plan.negative_prompt:
+                self._negative = (plan.negative_prompt, encode(plan.negative_prompt)[0])
+            embeddings["negative_prompt_embeds"] = self._negative[1]
+        return embeddings
 
     def _pad_for_latent_patches(self, frames: list) -> list:
         """Repeat the last frame until the latent frame count suits the transformer.

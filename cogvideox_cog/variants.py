@@ -57,6 +57,9 @@ class Variant:
     # (benchmarks/results/gpu/), plus 2 GiB for the CUDA context and fragmentation.
     vram_no_offload_gib: float = 28.5  # cogvideox-5b: 26.4 GiB reserved without offload
     vram_model_offload_gib: float = 17.0  # cogvideox-5b: 15.1 GiB reserved with model offload
+    # What decoding the default video without VAE tiling adds to the GPU peak, for
+    # COGVIDEOX_VAE_TILING=auto; None where it was not measured (auto keeps tiling there).
+    vae_untiled_extra_gib: float | None = None
 
     @property
     def allowed_frames(self) -> range:
@@ -81,6 +84,7 @@ VARIANTS: dict[str, Variant] = {
             resolution="native",
             vram_no_offload_gib=22.5,  # measured: 20.6 GiB reserved
             vram_model_offload_gib=13.0,  # measured: 10.9 GiB reserved
+            vae_untiled_extra_gib=11.0,  # measured: 29.4 GiB allocated untiled, 18.4 tiled
         ),
         Variant(
             id="cogvideox-5b",
@@ -95,6 +99,7 @@ VARIANTS: dict[str, Variant] = {
             max_frames=49,
             default_frames=49,
             resolution="native",
+            vae_untiled_extra_gib=11.0,  # measured: 34.4 GiB allocated untiled, 23.5 tiled
         ),
         Variant(
             id="cogvideox-5b-i2v",
@@ -109,6 +114,7 @@ VARIANTS: dict[str, Variant] = {
             max_frames=49,
             default_frames=49,
             resolution="native",
+            vae_untiled_extra_gib=11.0,  # the same VAE and video size as cogvideox-5b
         ),
         Variant(
             id="cogvideox1.5-5b",

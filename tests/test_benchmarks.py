@@ -215,3 +215,18 @@ def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_reco
         (None, "default", False),
         (None, "faster", False),
     }
+
+
+def test_projected_times_are_summary_records_marked_not_measured(tmp_path):
+    from benchmarks import projections, summary
+
+    projections.main(["--out", str(tmp_path / "projected")])
+    records = summary.merge(tmp_path / "summary.json", [tmp_path / "projected"])
+    assert {(r["speed_mode"], r["compiled"]) for r in records} == {
+        ("default", True),
+        ("fast", False),
+        ("faster", False),
+    }
+    assert all(r["measured"] is False and r["basis"] for r in records)
+    by_mode = {r["speed_mode"]: r["total_seconds"] for r in records}
+    assert by_mode["faster"] < by_mode["fast"] < 103  # the measured eager default

@@ -13,8 +13,10 @@ from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
     build_pipeline,
     choose_offload,
+    choose_vae_tiling,
     compile_transformer,
     offload_for_free_memory,
+    tiling_for_free_memory,
 )
 from cogvideox_cog.variants import VARIANTS
 from tests.markers import needs_cpp_compiler
@@ -65,8 +67,62 @@ def test_vae_tiling_and_slicing_are_on(generator):
     assert generator.pipe.vae.use_tiling and generator.pipe.vae.use_slicing
 
 
+def test_vae_tiling_is_on_unless_asked_off_as_upstream_runs_it():
+    variant = VARIANTS["cogvideox-5b"]
+    assert choose_vae_tiling("on", variant, CPU) is True
+    assert choose_vae_tiling("off", variant, CPU) is False
+    assert choose_vae_tiling("auto", variant, CPU) is True  # no GPU memory to spare
+
+
+def test_unknown_vae_tiling_policy_is_refused():
+    with pytest.raises(ValueError, match="COGVIDEOX_VAE_TILING='yes' is not one of on, off"):
+        choose_vae_tiling("yes", VARIANTS["cogvideox-5b"], CPU)
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "free_gib", "tiled"),
+    [
+        ("cogvideox-5b", 79.0, False),  # H100 80 GB: 28.5 + 11 GiB fit
+        ("cogvideox-5b", 39.0, True),
+        ("cogvideox-2b", 34.0, False),
+        ("cogvideox1.5-5b", 139.0, True),  # untiled 1.5 decode never measured: keep tiles
+    ],
+)
+def test_auto_vae_tiling_untiles_only_where_the_measured_peak_fits(variant_id, free_gib, tiled):
+    assert tiling_for_free_memory(VARIANTS[variant_id], free_gib) is tiled
+
+
+def test_untiled_decode_departs_from_the_reference_tiled_frames(generator):
+    """Why `on` stays the default: untiled frames are not the ones upstream renders."""
+    vae = generator.pipe.vae
+    latents = torch.randn(1, vae.config.latent_channels, 3, 16, 20, generator=torch.Generator())
+    with torch.no_grad():
+        tiled = vae.decode(latents).sample
+        vae.disable_tiling()
+        try:
+            untiled = vae.decode(latents).sample
+        finally:
+            vae.enable_tiling()
+    assert tiled.shape == untiled.shape == (1, 3, 9, 128, 160)
+    assert (tiled - untiled).abs().max() > 1e-3
+
+
 def test_cpu_runs_in_float32_whatever_the_variants_gpu_dtype(generator):
     assert generator.pipe.transformer.dtype == torch.float32
+
+
+def test_the_negative_prompt_is_encoded_once_while_it_stays_the_same(generator):
+    calls = []
+    hook = generator.pipe.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        counts = []
+        for negative in ("dark", "dark", "blurry", "blurry"):
+            calls.clear()
+            generator.render_frames(_request(negative_prompt=negative, num_inference_steps=1))
+            counts.append(len(calls))
+    finally:
+        hook.remove()
+    assert counts == [2, 1, 2, 1]  # prompt and negative, then the prompt alone
 
 
 def test_two_predictions_never_share_an_output_path(generator):
