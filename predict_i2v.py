@@ -2,7 +2,7 @@
 
 from typing import Optional
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.logs import setup_logging
@@ -28,6 +28,18 @@ class Predictor(BaseRunner):
             description="How the scene moves. May be empty.",
             max_length=10000,
             default="",
+        ),
+        enhance_prompt: bool = Input(
+            description="First rewrite the prompt with a language model into the long, detailed "
+            "description CogVideoX was trained on; the video is made from the rewrite, which is "
+            "logged and returned as metrics.enhanced_prompt. Only on deployments that enable "
+            "it.",
+            default=False,
+        ),
+        enhance_prompt_api_key: Optional[Secret] = Input(
+            description="Your key for the deployment's prompt-rewriting endpoint, where it asks "
+            "for one: sent only to that endpoint, never logged. Empty: the deployment's own key.",
+            default=None,
         ),
         negative_prompt: str = Input(
             description="What the video should not show.", max_length=10000, default=""
@@ -104,6 +116,8 @@ class Predictor(BaseRunner):
         with fetched("image", image, "picture") as image_file:
             request = Request(
                 prompt=prompt,
+                enhance_prompt=enhance_prompt,
+                enhance_prompt_api_key=enhance_prompt_api_key,
                 negative_prompt=negative_prompt,
                 num_frames=num_frames,
                 num_inference_steps=num_inference_steps,

@@ -1,8 +1,9 @@
 """Every error the package lets out, each with a message that says what to change.
 
-Who sees them: InputError (and LoraError) fail one prediction, and the user reads the message;
-the others fail setup, and the operator reads it in the setup log. Signals that never leave
-the package (a download over its cap, a deadline) stay beside the code that raises them.
+Who sees them: InputError (and LoraError) and EnhanceError fail one prediction, and the user
+reads the message; the others fail setup, and the operator reads it in the setup log.
+Signals that never leave the package (a download over its cap, a deadline) stay beside the
+code that raises them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ class InputError(ValueError):
 
 class LoraError(InputError):
     """The LoRA at lora_url cannot be used; the message says why and what to do."""
+
+
+class EnhanceError(RuntimeError):
+    """enhance_prompt's language model gave no usable rewrite (timeout, HTTP error, garbage,
+    empty text). It fails the one prediction, before any denoising: the video is never made
+    from a prompt other than the one the request and its seed determine."""
 
 
 class ConfigError(ValueError):

@@ -43,6 +43,7 @@ from .pipeline import (
     load_pipeline,
 )
 from .postprocess import Postprocessor, Steps
+from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import load_weights, weights_root
@@ -77,6 +78,10 @@ class Request:
     # After decoding (postprocess/): "none", "2x" or "4x" each.
     interpolate: str = "none"
     upscale: str = "none"
+    # Rewrite the prompt with the deployment's language model first (see prompts/), with the
+    # user's key for its endpoint if given (a cog.Secret: its repr shows no key).
+    enhance_prompt: bool = False
+    enhance_prompt_api_key: cog.Secret | None = None
 
 
 @dataclass
@@ -120,6 +125,7 @@ class VideoGenerator:
     resolution: a deployment's HEIGHTxWIDTH (COGVIDEOX_RESOLUTION), None for the variant's.
     lora_cache: where lora_url files are kept; None serves the base model only.
     postprocessor: the enabled upscale and interpolate models; None offers neither.
+    enhancer: rewrites prompts for enhance_prompt; None: the deployment has no backend.
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class VideoGenerator:
         resolution: str | None = None,
         lora_cache: LoraCache | None = None,
         postprocessor: Postprocessor | None = None,
+        enhancer: PromptEnhancer | None = None,
     ):
         self.variant, self.pipe, self.device = variant, pipe, device
         self.mode: Mode = mode or variant.task
@@ -145,12 +152,14 @@ class VideoGenerator:
         self.lora = LoraSlot(pipe, variant.id)
         self.lora_cache = lora_cache
         self.postprocessor = postprocessor or Postprocessor()
+        self.enhancer = enhancer
 
     @classmethod
     def from_env(cls, mode: Mode) -> VideoGenerator:
         """The generator a deployment's environment describes, weights fetched if needed."""
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
+        enhance = config_from_env()  # checked before any download
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +180,9 @@ class VideoGenerator:
             resolution=os.environ.get(inputs.RESOLUTION_ENV),
             lora_cache=LoraCache.from_env(),
             postprocessor=postprocessor,
+            enhancer=load_enhancer(
+                enhance, device, variant.vram_no_offload_gib if offload == "none" else None
+            ),
         )
         if compile_transformer and device.type == "cuda":
             warm_up = time.monotonic()
@@ -294,6 +306,12 @@ class VideoGenerator:
         """
         received = time.monotonic()
         variant = self.variant
+        if request.enhance_prompt and self.enhancer is None:
+            raise InputError(
+                f"enhance_prompt is not available on this deployment: it has no language "
+                f"model to rewrite prompts ({ENHANCE_ENV} is off). Send enhance_prompt=false, "
+                f"or write the long, detailed prompt yourself."
+            )
         lora_url = (request.lora_url or "").strip()
         dynamic_cfg = request.use_dynamic_cfg
         plan = Plan(
@@ -322,8 +340,26 @@ class VideoGenerator:
             self._condition_on_clip(plan, request.video, request.strength)
         else:
             plan.conditioning["num_frames"] = plan.num_frames
+        if request.enhance_prompt:
+            key = request.enhance_prompt_api_key
+            api_key = key.get_secret_value() if key is not None else None
+            plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed, api_key)
         self._log_ignored_text(plan)
         return plan
+
+    def _enhanced_prompt(self, prompt: str, seed: int, api_key: str | None) -> str:
+        """The language model's rewrite, checked as a user's prompt is (after every other
+        input, so a bad one costs no rewrite)."""
+        assert self.enhancer is not None
+        if not prompt.strip():
+            raise InputError(
+                "enhance_prompt needs a prompt to rewrite: the prompt is empty. Describe the "
+                "motion, or send enhance_prompt=false."
+            )
+        rewrite = self.enhancer.enhance(
+            prompt, task=self.mode, seed=seed, max_tokens=self.max_prompt_tokens, api_key=api_key
+        )
+        return inputs.check_prompt(rewrite, required=True)
 
     def _condition_on_image(self, plan: Plan, path: Path | None) -> None:
         if path is None:

@@ -109,6 +109,15 @@ ROWS = [
     Row("prompt-empty", "t2v", "failed", "prompt is empty: describe the video", {"prompt": ""}),
     Row("prompt-blank", "t2v", "failed", "prompt is empty", {"prompt": " \t\n "}),
     Row("i2v-prompt-blank", "i2v", "succeeded", "generating 9 frames", {"prompt": "  "}),
+    # enhance_prompt where the deployment has no language model (the default).
+    Row("enhance-string", "t2v", 422, 'not of type "boolean"', {"enhance_prompt": "yes"}),
+    Row(
+        "enhance-no-backend",
+        "i2v",
+        "failed",
+        "enhance_prompt is not available on this deployment",
+        {"enhance_prompt": True},
+    ),
     # Over the token limit: not an error; it runs and the log says what was dropped.
     Row("prompt-too-long", "t2v", "succeeded", f"prompt {TRUNCATED}", {"prompt": LONG_PROMPT}),
     Row(

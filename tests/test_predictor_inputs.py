@@ -12,6 +12,8 @@ from cogvideox_cog.devtools.openapi import build_schema
 PROJECT = Path(__file__).resolve().parent.parent
 PREDICTORS = ("t2v", "i2v", "v2v")
 SHARED = (
+    "enhance_prompt",
+    "enhance_prompt_api_key",
     "negative_prompt",
     "num_frames",
     "num_inference_steps",

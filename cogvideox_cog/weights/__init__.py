@@ -46,7 +46,7 @@ WEIGHTS_URL_ENV = "COGVIDEOX_WEIGHTS_URL"
 CHECKS = ("size", "sha256")
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # the project root's
 # What a hub snapshot needs: the pipeline index and the component folders (no README, media).
-HF_PATTERNS = ["model_index.json", "*/*"]
+HF_PATTERNS = ("model_index.json", "*/*")
 T = TypeVar("T")
 
 
@@ -193,10 +193,10 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
     log.info(f"weights: fetching {variant.id} from {source} into {entry}")
     try:
         if source.startswith("hf://"):
-            _fetch_hub(source, staging)
+            fetch_hub(source, staging)
             hashes = {}
         else:
-            hashes = _fetch_tar(source, staging)
+            hashes = fetch_tar(source, staging)
         phases["download"] = time.monotonic() - started
         mark = time.monotonic()
         verified = verify(staging, manifest, source, hashes)
@@ -234,8 +234,11 @@ def _hash_unhashed(verified) -> None:
             verified.files[rel]["sha256"] = digest
 
 
-def _fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
-    """Download and extract a tar into `staging`; sha256 of the files hashed on the way."""
+def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
+    """Download and extract a tar into `staging`; sha256 of the files hashed on the way.
+
+    Also used for the prompt-enhancement model (weights/causal_lm.py).
+    """
     local = Path(source).expanduser()
     response = None
     if local.is_file():
@@ -327,8 +330,9 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     check_contained(staging, url)
 
 
-def _fetch_hub(source: str, staging: Path) -> None:
-    """snapshot_download into the staging folder, which it resumes itself."""
+def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERNS) -> None:
+    """snapshot_download of the files matching `patterns` into the staging folder, which it
+    resumes itself."""
     ref = parse_hf_url(source)
     if ref is None or ref.file is not None:
         raise WeightsError(
@@ -349,7 +353,7 @@ def _fetch_hub(source: str, staging: Path) -> None:
         "repo_id": repo,
         "revision": revision,
         "local_dir": staging,
-        "allow_patterns": HF_PATTERNS,
+        "allow_patterns": list(patterns),
     }
     try:
         with hub_online():

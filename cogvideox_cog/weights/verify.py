@@ -104,7 +104,7 @@ def verify(
         if rel.endswith(".safetensors"):
             problems += [f"{rel}: {p}" for p in check_safetensors(root / rel)]
         elif rel.endswith(".index.json"):
-            problems += [f"{rel}: {p}" for p in _check_shard_index(root / rel)]
+            problems += [f"{rel}: {p}" for p in check_shard_index(root / rel)]
     if manifest.files:
         checks.append("manifest files")
     if any(spec.size is not None for spec in manifest.files.values()):
@@ -243,7 +243,7 @@ def check_safetensors(path: Path) -> list[str]:
     return problems
 
 
-def _check_shard_index(path: Path) -> list[str]:
+def check_shard_index(path: Path) -> list[str]:
     try:
         shards = set(json.loads(path.read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

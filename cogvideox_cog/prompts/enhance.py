@@ -1,0 +1,156 @@
+"""enhance_prompt: the deployment's rewriting backend, and one bounded, logged rewrite.
+
+The backend is chosen by COGVIDEOX_ENHANCE_PROMPT in setup: `off` (default), `local` (a
+small instruct model from the weights cache, local.py) or `openai` (an OpenAI-compatible
+endpoint, endpoint.py). A rewrite is capped at the text encoder's token count (it reads no
+more), tidied into one paragraph, logged shortened and recorded whole as the prediction's
+`enhanced_prompt` metric. A failed rewrite fails the prediction (EnhanceError) rather than
+falling back to the user's prompt: the video a seed gives must not depend on whether an
+endpoint was up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import cog
+import torch
+
+from ..errors import ConfigError, EnhanceError
+from ..weights.causal_lm import ensure_causal_lm
+from .endpoint import EndpointRewriter
+from .instruction import messages
+from .local import LocalRewriter
+from .rewriter import Rewriter
+
+log = logging.getLogger(__name__)
+
+ENHANCE_ENV = "COGVIDEOX_ENHANCE_PROMPT"
+BACKENDS = ("off", "local", "openai")
+WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"
+# Apache-2.0, 3.1 GB in bf16, a chat template and no "thinking" preamble: docs/inputs.md.
+DEFAULT_WEIGHTS = "hf://Qwen/Qwen2.5-1.5B-Instruct"
+MODEL_ENV = "COGVIDEOX_ENHANCE_MODEL"
+DEFAULT_MODEL = "gpt-4o-mini"
+BASE_URL_ENV = "COGVIDEOX_ENHANCE_BASE_URL"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+API_KEY_ENV = "COGVIDEOX_ENHANCE_API_KEY"
+TIMEOUT_ENV = "COGVIDEOX_ENHANCE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 30.0
+LOGGED_CHARS = 300  # of the rewrite in its log line; the metric holds all of it
+
+
+class PromptEnhancer:
+    """Rewrites prompts with one backend, within `max_tokens` of the text encoder's."""
+
+    def __init__(self, rewriter: Rewriter):
+        self.rewriter = rewriter
+
+    def enhance(
+        self, prompt: str, *, task: str, seed: int, max_tokens: int, api_key: str | None = None
+    ) -> str:
+        """The rewrite of `prompt`, tidied; EnhanceError if the backend gives none."""
+        started = time.monotonic()
+        reply = self.rewriter.rewrite(
+            messages(prompt, task), seed=seed, max_tokens=max_tokens, api_key=api_key
+        )
+        text = tidy(reply.text)
+        if reply.cut:
+            text = whole_sentences(text)
+            log.warning(
+                f"enhanced prompt: the rewrite reached the cap of {max_tokens} tokens (what "
+                f"the text encoder reads); kept up to its last full sentence"
+            )
+        if not text:
+            raise EnhanceError(f"{self.rewriter.name} gave an empty rewrite")
+        seconds = time.monotonic() - started
+        shown = (
+            text
+            if len(text) <= LOGGED_CHARS
+            else f"{text[:LOGGED_CHARS]}... ({len(text):,} characters)"
+        )
+        log.info(f"enhanced prompt by {self.rewriter.name} in {seconds:.1f} s: {shown!r}")
+        scope = cog.current_scope()
+        scope.record_metric("enhanced_prompt", text)
+        scope.record_metric("enhance_seconds", round(seconds, 3))
+        return text
+
+
+def tidy(text: str) -> str:
+    """One paragraph: whitespace collapsed, quotes the model wrapped it in removed."""
+    text = " ".join(text.split())
+    for opening, closing in ('""', "''", "\u201c\u201d"):
+        if len(text) > 1 and text[0] == opening and text[-1] == closing:
+            text = text[1:-1].strip()
+    return text
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to its last full stop, question or exclamation mark; all of it if none."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[: ends[-1]] if ends else text
+
+
+@dataclass(frozen=True)
+class EnhanceConfig:
+    """The deployment's COGVIDEOX_ENHANCE_* settings, checked. Read at the start of setup, so
+    a mistyped setting fails before the video weights are downloaded."""
+
+    backend: str  # "local" or "openai"
+    timeout: float
+    weights: str = ""  # local: the checkpoint's source
+    endpoint: EndpointRewriter | None = None  # openai: built, nothing contacted
+
+
+def config_from_env() -> EnhanceConfig | None:
+    """The checked settings; None when enhancement is off. ConfigError names a bad one."""
+    backend = (os.environ.get(ENHANCE_ENV) or "off").strip().lower()
+    if backend not in BACKENDS:
+        raise ConfigError(f"{ENHANCE_ENV}={backend!r}: use one of {', '.join(BACKENDS)}.")
+    if backend == "off":
+        return None
+    timeout = _timeout()
+    if backend == "local":
+        weights = (os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS).strip()
+        return EnhanceConfig(backend, timeout, weights=weights)
+    base_url = (os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).strip()
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
+    model = (os.environ.get(MODEL_ENV) or DEFAULT_MODEL).strip()
+    endpoint = EndpointRewriter(base_url, model, os.environ.get(API_KEY_ENV) or None, timeout)
+    return EnhanceConfig(backend, timeout, endpoint=endpoint)
+
+
+def load_enhancer(
+    config: EnhanceConfig | None, device: torch.device, video_peak_gib: float | None
+) -> PromptEnhancer | None:
+    """The backend ready to rewrite (in setup, after the video model); None when off.
+
+    video_peak_gib: the video model's GPU memory peak when it runs without offload (a local
+    model may then stay on the GPU if there is room for both); None under offload.
+    """
+    if config is None:
+        return None
+    if config.endpoint is not None:
+        log.info(f"setup: prompt enhancer {config.endpoint.name}")
+        return PromptEnhancer(config.endpoint)
+    directory = ensure_causal_lm(config.weights, WEIGHTS_ENV)
+    rewriter = LocalRewriter.load(
+        directory, config.weights, device, video_peak_gib=video_peak_gib, timeout=config.timeout
+    )
+    return PromptEnhancer(rewriter)
+
+
+def _timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT_S)
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = 0.0
+    if not 0 < timeout <= 600:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: give seconds, above 0 and at most 600.")
+    return timeout

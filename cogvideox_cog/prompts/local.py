@@ -1,0 +1,120 @@
+"""Rewrite with a small instruct model loaded in setup from the weights cache.
+
+Greedy decoding, with a generation config of our own (the checkpoint's may ask for
+sampling), so the same prompt always gives the same rewrite on the same machine. Where the
+video model shares the GPU under offload, the language model waits in CPU memory and visits
+the GPU only for its rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from ..errors import EnhanceError
+from .rewriter import Reply
+
+log = logging.getLogger(__name__)
+
+
+class LocalRewriter:
+    """A transformers causal LM with a chat template.
+
+    resident: stays on `device` between rewrites (the GPU has room beside the video model);
+    otherwise it is kept on the CPU and moved to `device` for each rewrite.
+    """
+
+    def __init__(
+        self, model, tokenizer, name: str, device: torch.device, *, resident: bool, timeout: float
+    ):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device, self.resident, self.timeout = device, resident, timeout
+
+    @classmethod
+    def load(
+        cls,
+        directory: Path,
+        name: str,
+        device: torch.device,
+        *,
+        video_peak_gib: float | None,
+        timeout: float,
+    ) -> LocalRewriter:
+        """Load from `directory`. On a GPU it stays resident when the video model runs
+        without offload (`video_peak_gib`: its measured peak, the variant's
+        vram_no_offload_gib) and the GPU still has that peak's room beside it."""
+        started = time.monotonic()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        # Greedy, in place of the checkpoint's sampling settings (which generate() would
+        # otherwise merge in, and warn about, on every call).
+        model.generation_config = GenerationConfig(
+            do_sample=False,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        resident = device.type == "cpu" or (
+            video_peak_gib is not None and _fits_beside(model, device, video_peak_gib)
+        )
+        if resident:
+            model.to(device)
+        where = f"on {device.type}" if resident else f"in CPU memory, moved to {device.type} to run"
+        log.info(
+            f"setup: prompt enhancer {name} loaded in {time.monotonic() - started:.1f} s, {where}"
+        )
+        return cls(model, tokenizer, name, device, resident=resident, timeout=timeout)
+
+    def rewrite(
+        self, chat: list[dict[str, str]], *, seed: int, max_tokens: int, api_key: str | None
+    ) -> Reply:
+        """Greedy: `seed` changes nothing here, and `api_key` is for endpoints."""
+        inputs = self.tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        started = time.monotonic()
+        with self._on_device(), torch.inference_mode():
+            output = self.model.generate(
+                **{k: v.to(self.device) for k, v in inputs.items()},
+                max_new_tokens=max_tokens,
+                max_time=self.timeout,
+            )
+        new = output[0, inputs["input_ids"].shape[1] :].tolist()
+        finished = bool(new) and new[-1] in _ids(self.model.generation_config.eos_token_id)
+        if not finished and len(new) < max_tokens and time.monotonic() - started >= self.timeout:
+            raise EnhanceError(f"{self.name} did not finish within {self.timeout:g} s")
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Reply(text, cut=not finished and len(new) >= max_tokens)
+
+    @contextmanager
+    def _on_device(self) -> Iterator[None]:
+        if self.resident or self.device.type == "cpu":
+            yield
+            return
+        self.model.to(self.device)
+        try:
+            yield
+        finally:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+
+def _fits_beside(model, device: torch.device, video_peak_gib: float) -> bool:
+    """Whether the model can stay on the GPU and leave the loaded video model the rest of
+    its denoising peak (the peak, minus what it has reserved already)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = torch.cuda.mem_get_info(device)[0]
+    still_needed = video_peak_gib * 2**30 - torch.cuda.memory_reserved(device)
+    return free - weights >= still_needed
+
+
+def _ids(eos: int | list[int] | None) -> set[int]:
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)

@@ -1,0 +1,153 @@
+"""The prompt-enhancement language model's weights: fetched, verified and cached in setup.
+
+The same cache as the video weights (an entry published by one rename, with a completion
+marker checked on every setup, under the entry's lock) and the same sources: hf://org/repo
+[@revision], an http(s) URL or path of a tar, or a local directory used in place. Only the
+verification differs: a transformers checkpoint has config.json and a tokenizer at its top,
+not a diffusers model_index.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from hashlib import sha256
+from pathlib import Path
+
+from ..errors import BadSource, WeightsError
+from . import cache, content_check, fetch_hub, fetch_tar, weights_root
+from .hub import parse_hf_url
+from .manifest import Manifest, sha256_file
+from .verify import Verified, check_contained, check_safetensors, check_shard_index
+
+log = logging.getLogger(__name__)
+
+# What a hub snapshot of an instruct model needs: config, tokenizer, chat template, weights.
+HF_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "*.safetensors",
+    "*.safetensors.index.json",
+)
+CHECKS = ["layout", "config", "tokenizer", "safetensors", "shard indexes"]
+
+
+def ensure_causal_lm(source: str, setting: str) -> Path:
+    """A directory holding the checkpoint at `source` (named by the env var `setting` in
+    errors), downloaded into the weights cache and verified if it is not there yet."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return verify_causal_lm(local, source).root
+    if not (parse_hf_url(source) or source.startswith(("http://", "https://"))):
+        if not local.is_file():
+            raise WeightsError(
+                f"{setting}={source!r} is neither hf://org/repo[@revision], an http(s) URL, "
+                f"nor an existing tar or directory."
+            )
+    manifest = Manifest(variant="prompt-enhancer")  # nothing known beyond the layout
+    check = content_check()
+    root_dir = weights_root()
+    entry = root_dir / f"prompt-enhancer-{sha256(source.encode()).hexdigest()[:12]}"
+    root = cache.published(entry, [source], manifest, check)
+    if root is not None:
+        log.info(f"prompt enhancer: using cached {root}")
+        return root
+    root_dir.mkdir(parents=True, exist_ok=True)
+    with cache.locked(root_dir / f".{entry.name}.lock"):
+        root = cache.published(entry, [source], manifest, check, explain=True)
+        if root is not None:
+            return root
+        cache.discard(entry)
+        return _fetch(source, entry, manifest, check)
+
+
+def _fetch(source: str, entry: Path, manifest: Manifest, check: str) -> Path:
+    staging = entry.parent / f".{entry.name}.staging"
+    started = time.monotonic()
+    log.info(f"prompt enhancer: fetching {source} into {entry}")
+    try:
+        if source.startswith("hf://"):
+            fetch_hub(source, staging, HF_PATTERNS)
+            hashes = {}
+        else:
+            hashes = fetch_tar(source, staging)
+        verified = verify_causal_lm(staging, source, hashes)
+    except BadSource:
+        cache.discard(staging)
+        raise
+    if check == "sha256":
+        for rel, found in verified.files.items():
+            found["sha256"] = found["sha256"] or sha256_file(verified.root / rel).hexdigest()
+    marker = {"format": cache.MARKER_FORMAT, "variant": entry.name, "source": source}
+    marker.update(cache.marker_fields(verified, staging, manifest))
+    cache.publish(staging, entry, marker)
+    log.info(
+        f"prompt enhancer: {source} ready in {time.monotonic() - started:.1f} s "
+        f"({verified.size / 1e9:.2f} GB; checked: {', '.join(verified.checks)})"
+    )
+    return entry / verified.root.relative_to(staging)
+
+
+def verify_causal_lm(
+    directory: Path, source: str, hashes: dict[str, str | None] | None = None
+) -> Verified:
+    """Check a transformers causal-LM checkpoint: config, tokenizer, whole safetensors."""
+    check_contained(directory, source)
+    root = _model_root(directory)
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        # Not our marker and journal (.cogvideox-*), nor the hub's download state (.cache/).
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files[rel.as_posix()] = {"size": path.stat().st_size, "sha256": None}
+    for path, digest in (hashes or {}).items():
+        try:
+            rel = (directory / path).relative_to(root).as_posix()
+        except ValueError:
+            continue
+        if digest and rel in files:
+            files[rel]["sha256"] = digest
+    problems = _layout_problems(root, files)
+    for rel in sorted(files):
+        if rel.endswith(".safetensors"):
+            problems += [f"{rel}: {p}" for p in check_safetensors(root / rel)]
+        elif rel.endswith(".index.json"):
+            problems += [f"{rel}: {p}" for p in check_shard_index(root / rel)]
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:12])
+        raise BadSource(f"{source} is not a complete transformers checkpoint:\n{shown}")
+    return Verified(root=root, checks=list(CHECKS), files=files)
+
+
+def _model_root(directory: Path) -> Path:
+    """The folder holding config.json: the top, or a single folder a tar wrapped it in."""
+    if (directory / "config.json").is_file():
+        return directory
+    children = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if len(children) == 1 and (children[0] / "config.json").is_file():
+        return children[0]
+    return directory  # _layout_problems names what is missing
+
+
+def _layout_problems(root: Path, files: dict[str, dict]) -> list[str]:
+    problems = []
+    try:
+        config = json.loads((root / "config.json").read_text())
+        if not isinstance(config, dict) or "model_type" not in config:
+            problems.append("config.json: no model_type (not a transformers config)")
+    except FileNotFoundError:
+        problems.append("config.json: missing")
+    except (OSError, ValueError) as error:
+        problems.append(f"config.json: unreadable ({error})")
+    tokenizer = {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(files)
+    if not tokenizer:
+        problems.append("no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if not any(rel.endswith(".safetensors") for rel in files):
+        problems.append("no weights (.safetensors)")
+    return problems

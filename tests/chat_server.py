@@ -1,0 +1,106 @@
+"""An OpenAI-compatible chat-completions server on 127.0.0.1, for enhance_prompt's endpoint
+backend: it answers as such endpoints do, or fails as they do.
+
+POST /v1/chat/completions answers with `rewrite_of(prompt)` for the last user message, in
+the chat-completions shape (choices[0].message.content, finish_reason "stop"). `fault`
+makes every answer fail instead: "slow" (answers after `delay` s), "500", "garbage" (a 200
+whose body is not JSON), "empty" (content ""), "cut" (finish_reason "length").
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+FAULTS = ("slow", "500", "garbage", "empty", "cut")
+
+
+def rewrite_of(prompt: str) -> str:
+    """What this server's "model" writes for a prompt: longer, and recognisably from it."""
+    return (
+        f"A detailed, cinematic shot of {prompt}. Soft morning light falls across the scene, "
+        f"and the camera slowly moves closer."
+    )
+
+
+class ChatServer:
+    def __init__(self, fault: str | None = None, delay: float = 3.0) -> None:
+        self.fault, self.delay = fault, delay
+        self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"} per POST
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with peer._lock:
+                    peer.requests.append({"path": self.path, "headers": headers, "body": raw})
+                    fault = peer.fault
+                if self.path != "/v1/chat/completions":
+                    self._send(404, b'{"error": {"message": "no such route"}}')
+                elif fault == "500":
+                    self._send(500, b'{"error": {"message": "the model crashed"}}')
+                elif fault == "garbage":
+                    self._send(200, b"<html>502 Bad Gateway</html>")
+                else:
+                    if fault == "slow":
+                        peer._stopped.wait(peer.delay)
+                    self._send(200, json.dumps(peer._answer(json.loads(raw), fault)).encode())
+
+            def _send(self, status: int, body: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the client gave up (a timeout)
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def _answer(self, request: dict, fault: str | None) -> dict:
+        prompt = [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
+        content = "" if fault == "empty" else rewrite_of(prompt)
+        if fault == "cut":
+            content += " Then the cat turns its head toward the"
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "length" if fault == "cut" else "stop",
+                }
+            ],
+        }
+
+    def bodies(self) -> list[dict]:
+        """The JSON bodies of the chat requests received so far."""
+        with self._lock:
+            return [json.loads(r["body"]) for r in self.requests]
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> ChatServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

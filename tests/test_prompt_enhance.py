@@ -1,0 +1,218 @@
+"""enhance_prompt's backends and rules, without a Cog server: the endpoint backend against a
+real chat-completions server on 127.0.0.1 and its failures, the local backend on a tiny
+random Qwen2 fetched through the weights cache, and the rewrite's bounds."""
+
+from __future__ import annotations
+
+import tarfile
+import time
+
+import pytest
+import torch
+
+from cogvideox_cog.devtools.tiny_llm import save_tiny_causal_lm
+from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError
+from cogvideox_cog.generator import VideoGenerator
+from cogvideox_cog.prompts import enhance
+from cogvideox_cog.prompts.endpoint import EndpointRewriter
+from cogvideox_cog.prompts.enhance import (
+    PromptEnhancer,
+    config_from_env,
+    load_enhancer,
+    tidy,
+    whole_sentences,
+)
+from cogvideox_cog.prompts.instruction import messages
+from cogvideox_cog.weights.cache import COMPLETE_MARKER
+from cogvideox_cog.weights.causal_lm import ensure_causal_lm
+from tests.chat_server import ChatServer, rewrite_of
+from tests.file_server import FileServer
+
+PROMPT = "a cat playing piano"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def chat():
+    with ChatServer(delay=3.0) as server:
+        yield server
+
+
+@pytest.fixture
+def endpoint(chat):
+    chat.fault = None
+    chat.requests.clear()
+    return PromptEnhancer(EndpointRewriter(chat.base_url, "writer-1", "sk-test", timeout=0.5))
+
+
+# The rewrite's form
+
+
+def test_tidy_makes_one_paragraph_without_wrapping_quotes():
+    assert tidy('  "A cat sits.\n\nIt  plays."  ') == "A cat sits. It plays."
+
+
+def test_whole_sentences_drops_an_unfinished_last_sentence():
+    assert whole_sentences("A cat sits. It plays the") == "A cat sits."
+
+
+def test_whole_sentences_keeps_text_without_a_full_stop():
+    assert whole_sentences("a cat sits on a") == "a cat sits on a"
+
+
+def test_the_chat_ends_with_the_users_prompt_after_the_instruction():
+    chat = messages(f"  {PROMPT} ", "t2v")
+    assert chat[0]["role"] == "system" and "CogVideoX" in chat[0]["content"]
+    assert chat[-1] == {"role": "user", "content": PROMPT}
+
+
+def test_image_to_video_asks_for_motion_and_gives_no_example_of_looks():
+    chat = messages(PROMPT, "i2v")
+    assert "cannot see" in chat[0]["content"]
+    assert [m["role"] for m in chat] == ["system", "user"]
+
+
+# The endpoint backend
+
+
+def test_the_endpoint_is_asked_deterministically_with_the_seed_and_the_cap(endpoint, chat):
+    rewrite = endpoint.enhance(PROMPT, task="t2v", seed=42, max_tokens=226)
+    assert rewrite == rewrite_of(PROMPT)
+    (body,) = chat.bodies()
+    assert (body["model"], body["temperature"], body["seed"], body["max_tokens"]) == (
+        "writer-1",
+        0,
+        42,
+        226,
+    )
+    assert chat.requests[0]["headers"]["authorization"] == "Bearer sk-test"
+
+
+def test_a_slow_endpoint_fails_at_the_timeout(endpoint, chat):
+    chat.fault = "slow"
+    started = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"did not answer within 0.5 s"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert time.monotonic() - started < 2.5
+
+
+def test_an_http_500_fails_with_the_endpoints_message(endpoint, chat):
+    chat.fault = "500"
+    with pytest.raises(EnhanceError, match=r"answered HTTP 500: .*the model crashed"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_answer_that_is_not_json_fails_saying_so(endpoint, chat):
+    chat.fault = "garbage"
+    with pytest.raises(EnhanceError, match=r"something other than JSON: .*Bad Gateway"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_empty_answer_fails(endpoint, chat):
+    chat.fault = "empty"
+    with pytest.raises(EnhanceError, match="answered with no text"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_answer_cut_at_the_cap_keeps_its_full_sentences(endpoint, chat):
+    chat.fault = "cut"
+    assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
+
+
+def test_an_unreachable_endpoint_fails_saying_so(chat):
+    gone = ChatServer()
+    gone.close()
+    rewriter = EndpointRewriter(gone.base_url, "writer-1", None, timeout=0.5)
+    with pytest.raises(EnhanceError, match="could not be reached"):
+        PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+# Choosing the backend
+
+
+def test_enhancement_is_off_unless_the_deployment_enables_it(monkeypatch):
+    monkeypatch.delenv(enhance.ENHANCE_ENV, raising=False)
+    assert config_from_env() is None
+
+
+def test_an_unknown_backend_fails_setup_naming_the_choices(monkeypatch):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "gpt")
+    with pytest.raises(ConfigError, match="off, local, openai"):
+        config_from_env()
+
+
+def test_a_timeout_that_is_not_seconds_fails_setup(monkeypatch):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(enhance.TIMEOUT_ENV, "soon")
+    with pytest.raises(ConfigError, match=enhance.TIMEOUT_ENV):
+        config_from_env()
+
+
+def test_a_bad_setting_fails_setup_before_the_video_weights_are_fetched(monkeypatch, tmp_path):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "gpt")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "http://127.0.0.1:9/never.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=enhance.ENHANCE_ENV):
+        VideoGenerator.from_env("t2v")
+    assert list(tmp_path.iterdir()) == []
+
+
+# The local backend and its weights
+
+
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory):
+    """The tiny Qwen2 checkpoint as a tar (a wrapping folder, as hand-made tars have)."""
+    model = save_tiny_causal_lm(tmp_path_factory.mktemp("llm") / "tiny-qwen2")
+    served = tmp_path_factory.mktemp("served-llm")
+    with tarfile.open(served / "llm.tar", "w") as archive:
+        archive.add(model, arcname="tiny-qwen2")
+    with tarfile.open(served / "no-weights.tar", "w") as archive:
+        for path in model.iterdir():
+            if path.suffix != ".safetensors":
+                archive.add(path, arcname=path.name)
+    server = FileServer(served)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local(llm_server, tmp_path_factory):
+    """The local backend as setup builds it: fetched into an empty weights cache, loaded."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))
+    patch.setenv(enhance.ENHANCE_ENV, "local")
+    patch.setenv(enhance.WEIGHTS_ENV, llm_server.url("llm.tar"))
+    yield load_enhancer(config_from_env(), CPU, None)
+    patch.undo()
+
+
+def test_the_local_model_is_cached_with_a_completion_marker_and_reused(local, llm_server):
+    fetches = len(llm_server.requests)
+    root = ensure_causal_lm(llm_server.url("llm.tar"), enhance.WEIGHTS_ENV)
+    assert (root.parent / COMPLETE_MARKER).is_file()
+    assert (root / "config.json").is_file()
+    assert len(llm_server.requests) == fetches  # no download the second time
+
+
+def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(BadSource, match=r"no weights \(.safetensors\)"):
+        ensure_causal_lm(llm_server.url("no-weights.tar"), enhance.WEIGHTS_ENV)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("prompt-enhancer")]
+
+
+def test_the_local_rewrite_is_the_same_whatever_the_random_state(local):
+    torch.manual_seed(1)
+    first = local.enhance(PROMPT, task="t2v", seed=1, max_tokens=8)
+    torch.manual_seed(2)
+    second = local.enhance(PROMPT, task="t2v", seed=1, max_tokens=8)
+    assert first == second
+    assert first
+
+
+def test_the_local_rewrite_stops_at_the_token_cap(local):
+    rewriter = local.rewriter
+    reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert reply.cut
+    assert len(rewriter.tokenizer(reply.text, add_special_tokens=False).input_ids) <= 5
