@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from . import compile_cache, inputs, leftovers
+from .attention import ATTENTION_BACKEND_ENV, attention_backend
 from .errors import InputError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
@@ -157,8 +158,9 @@ class VideoGenerator:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
+        attention = attention_backend(os.environ.get(ATTENTION_BACKEND_ENV))
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
-        pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer)
+        pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer, attention)
         generator = cls(
             variant,
             pipe,

@@ -18,6 +18,7 @@ from diffusers import (
     CogVideoXVideoToVideoPipeline,
 )
 
+from .attention import AttentionBackendName, use_dispatching_attention
 from .errors import ConfigError
 from .logs import drop_diffusers_prompt_echo
 from .variants import Task, Variant
@@ -77,10 +78,11 @@ def build_pipeline(
     offload: str,
     compile_transformer: bool = False,
     mode: Mode | None = None,
+    attention: AttentionBackendName | None = None,
 ):
     """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
     pipe = load_pipeline(variant, weights, device, mode)
-    return configure_pipeline(pipe, variant, device, offload, compile_transformer)
+    return configure_pipeline(pipe, variant, device, offload, compile_transformer, attention)
 
 
 def load_pipeline(variant: Variant, weights: Path, device: torch.device, mode: Mode | None = None):
@@ -94,10 +96,17 @@ def load_pipeline(variant: Variant, weights: Path, device: torch.device, mode: M
 
 
 def configure_pipeline(
-    pipe, variant: Variant, device: torch.device, offload: str, compile_transformer: bool = False
+    pipe,
+    variant: Variant,
+    device: torch.device,
+    offload: str,
+    compile_transformer: bool = False,
+    attention: AttentionBackendName | None = None,
 ):
-    """Scheduler, VAE memory savers and placement: everything after the weights are loaded."""
-    log.info(f"pipeline: offload={offload}")
+    """Scheduler, VAE memory savers, attention and placement: everything after the weights
+    are loaded. attention: the attention backend (attention.py; None: torch's SDPA)."""
+    log.info(f"pipeline: offload={offload}, attention={attention.value if attention else 'native'}")
+    use_dispatching_attention(pipe.transformer, attention)
     pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )
