@@ -128,11 +128,23 @@ class RankGroup:
             raise
         except BaseException:  # Cog's CancelationException, raised in this thread
             self._cancel.set()
-            stopped = self._outcomes(bound=CANCEL_BOUND_S)
-            steps = sorted({o.step + 1 for o in stopped.values() if isinstance(o, Canceled)})
-            log.info(f"canceled: {len(stopped)} ranks stopped, after step {steps}")
+            self._await_stop()
             raise
         return _output(outcomes)
+
+    def _await_stop(self) -> None:
+        """Wait until every rank has stopped the canceled request, whatever else Cog raises
+        meanwhile (a second cancel): the next request must find them all idle."""
+        while True:
+            try:
+                stopped = self._outcomes(bound=CANCEL_BOUND_S)
+                break
+            except RankGroupError:
+                raise
+            except BaseException:
+                continue
+        steps = sorted({o.step + 1 for o in stopped.values() if isinstance(o, Canceled)})
+        log.info(f"canceled: {len(stopped)} ranks stopped, after step {steps}")
 
     def _outcomes(self, bound: float | None = None) -> dict[int, Outcome]:
         """Each rank's outcome of the request, relaying rank 0's log lines and metrics."""
@@ -179,17 +191,17 @@ class RankGroup:
         if self.failure is None:
             self.failure = failure
         log.error(f"GPU group stopped: {failure}")
-        self.close()
+        self.close(ask=False)  # they may be waiting for a dead rank in a collective
         raise RankGroupError(failure)
 
-    def close(self) -> None:
-        """Stop the ranks: asked first, then terminated, then killed."""
+    def close(self, ask: bool = True) -> None:
+        """Stop the ranks: asked first (unless ask is False), then terminated, then killed."""
         self._closing = True
         for conn, process in zip(self._conns, self._processes, strict=True):
-            if process.is_alive():
+            if ask and process.is_alive():
                 with contextlib.suppress(OSError):  # it ended meanwhile
                     conn.send(None)
-        deadline = time.monotonic() + STOP_S
+        deadline = time.monotonic() + (STOP_S if ask else 0.0)
         for process in self._processes:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
@@ -245,7 +257,7 @@ class _Inbox:
         self._on_exit = on_exit
         self._items: collections.deque = collections.deque()
         self._arrived = threading.Event()
-        self._processes = processes
+        self._processes, self._conns = processes, conns
         self._watched: dict = {conn: rank for rank, conn in enumerate(conns)}
         self._watched.update({p.sentinel: rank for rank, p in enumerate(processes)})
         self._closed = False
@@ -255,20 +267,30 @@ class _Inbox:
     def _read(self) -> None:
         while self._watched and not self._closed:
             for source in wait(list(self._watched), timeout=0.5):
+                if source not in self._watched:  # a pipe already drained below
+                    continue
                 rank = self._watched[source]
                 if isinstance(source, Connection):
-                    try:
-                        message = source.recv()
-                    except (EOFError, OSError):  # the rank ended: its sentinel says how
-                        del self._watched[source]
-                        continue
-                else:
-                    del self._watched[source]
-                    self._processes[rank].join(timeout=1)
-                    message = RankExited(rank, self._processes[rank].exitcode)
-                    self._on_exit(message)
-                self._items.append(message)
-                self._arrived.set()
+                    self._receive(source)
+                    continue
+                del self._watched[source]
+                # What the rank sent before it ended (its SetupFailed, say) comes first.
+                while self._conns[rank] in self._watched and self._conns[rank].poll(0):
+                    self._receive(self._conns[rank])
+                self._processes[rank].join(timeout=1)
+                exited = RankExited(rank, self._processes[rank].exitcode)
+                self._on_exit(exited)
+                self._put(exited)
+
+    def _receive(self, conn: Connection) -> None:
+        try:
+            self._put(conn.recv())
+        except (EOFError, OSError):  # the rank ended: its sentinel says how
+            del self._watched[conn]
+
+    def _put(self, item) -> None:
+        self._items.append(item)
+        self._arrived.set()
 
     def next(self, timeout: float | None):
         """The oldest item not yet done(), waiting up to `timeout` seconds; None if none."""

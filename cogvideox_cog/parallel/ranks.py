@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
 import sys
@@ -28,6 +26,7 @@ from ..errors import LoraError
 from ..generator import VideoGenerator
 from ..logs import disable_progress_bars
 from ..pipeline import Mode
+from .lifetime import exit_with_parent
 from .protocol import Canceled, Done, Failed, LogLine, Metric, Outcome, Ready, Render, SetupFailed
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def serve(
     """The rank process's main: set up, say Ready (or SetupFailed), then render until told
     to stop. It then ends at once: nothing is left to save, and the interpreter's own
     teardown of torch and the model takes seconds (12 s seen on a loaded 2-core machine)."""
-    _exit_with_parent()
+    exit_with_parent()
     sender = _Sender(conn)
     _forward_logs(sender, rank)
     try:
@@ -192,20 +191,6 @@ def _forward_logs(sender: _Sender, rank: int) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-def _exit_with_parent() -> None:
-    """End this process when the Cog worker that started it ends, however it ends (a SIGKILL
-    included): multiprocessing's parent sentinel is a pipe that closes with the parent."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _describe(error: BaseException) -> str:
