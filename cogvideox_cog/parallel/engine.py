@@ -123,9 +123,9 @@ class ContextParallel:
     (gloo on CPU, nccl on CUDA); every rank calls pipe(...) with identical arguments.
 
     Construction is collective (it builds the process groups): every rank constructs it,
-    in the same order relative to other collectives. Ranks that a layout leaves idle run
-    the whole pipeline on their own, so they return the same video (to float rounding)
-    without taking part in the other ranks' communication.
+    in the same order relative to other collectives. Where the layout is smaller than the
+    world (it always divides it), the other ranks are replicas: groups of their own running
+    the same layout, so they return the same video, bit for bit, and never wait.
     """
 
     def __init__(self, pipe, world_size: int):
@@ -147,11 +147,7 @@ class ContextParallel:
         self._meshes: dict[Layout, DeviceMesh] = {}
         self._configs: dict[Layout, ParallelConfig | None] = {}
         for layout in dict.fromkeys(self.layouts.values()):
-            mesh = DeviceMesh(
-                device_type,
-                torch.arange(layout.world_size).view(layout.cfg, 1, layout.ulysses),
-                mesh_dim_names=("cfg", "ring", "ulysses"),
-            )
+            mesh = _replicated_mesh(layout, world_size, device_type)
             self._meshes[layout] = mesh
             self._configs[layout] = self._sequence_config(layout, mesh, transformer.device)
         self._armed = _Armed()
@@ -159,10 +155,10 @@ class ContextParallel:
         self._register_hooks(transformer)
 
     def _sequence_config(self, layout: Layout, mesh: DeviceMesh, device) -> ParallelConfig | None:
-        if layout.ulysses == 1 or self.rank >= layout.world_size:
+        if layout.ulysses == 1:
             return None
         config = ContextParallelConfig(ulysses_degree=layout.ulysses)
-        config.setup(self.rank, layout.world_size, device, mesh)
+        config.setup(self.rank, self.world_size, device, mesh)
         return ParallelConfig(context_parallel_config=config)
 
     @staticmethod
@@ -199,8 +195,7 @@ class ContextParallel:
             # rows would idle then, so the sequence takes all the ranks instead.
             layout = self.layouts[False]
             log.info(f"speed_mode faster skips guidance halves: layout {layout} instead")
-        active = self.rank < layout.world_size
-        if active and layout.world_size > 1:
+        if layout.world_size > 1:
             self._armed.layout, self._armed.mesh = layout, self._meshes[layout]
             self._processor._parallel_config = self._configs[layout]
         try:
@@ -209,6 +204,13 @@ class ContextParallel:
             self._armed.layout = self._armed.mesh = self._armed.shards = None
             self._processor._parallel_config = None
             self._processor.key_mask = None
+
+
+def _replicated_mesh(layout: Layout, world_size: int, device_type: str) -> DeviceMesh:
+    """The (replica, cfg, ring, ulysses) mesh of all ranks: ranks beyond the layout's size form
+    further replicas, each computing the same video with the same layout."""
+    ranks = torch.arange(world_size).view(-1, layout.cfg, 1, layout.ulysses)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=("replica", "cfg", "ring", "ulysses"))
 
 
 def _skips_unconditional_batches(transformer) -> bool:

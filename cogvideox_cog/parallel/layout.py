@@ -38,9 +38,10 @@ def choose_layout(
     """The layout for `world_size` ranks: CFG-2 when there is guidance, Ulysses for the rest.
 
     1 -> single; 2 -> CFG-2 (Ulysses-2 without guidance); 4 -> CFG-2 x Ulysses-2;
-    8 -> CFG-2 x Ulysses-4. Other counts get the largest layout whose size divides them and
-    the remaining ranks idle (logged). `heads`, the transformer's attention heads, bounds
-    Ulysses: each rank computes whole heads, so the degree must divide it (2B has 30).
+    8 -> CFG-2 x Ulysses-4. Other counts get the largest layout whose size divides them; the
+    remaining ranks repeat the same work (replicas, logged). `heads`, the transformer's
+    attention heads, bounds Ulysses: each rank computes whole heads, so the degree must
+    divide it (2B has 30).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, not {world_size}")
@@ -53,9 +54,9 @@ def choose_layout(
     # The most ranks at work; among equals, the CFG split (the cheaper communication).
     best = max(candidates, key=lambda layout: (layout.world_size, layout.cfg))
     if best.world_size < world_size:
-        idle = world_size - best.world_size
+        spare = world_size - best.world_size
         log.warning(
-            f"{world_size} ranks: layout {best} uses {best.world_size}, {idle} idle "
-            f"(they compute the same video on their own and return it)"
+            f"{world_size} ranks: layout {best} uses {best.world_size}; the other {spare} "
+            "compute the same video as replicas, no faster"
         )
     return best
