@@ -37,6 +37,8 @@ SEED = 5
 QUICK = {"prompt": "a panda plays guitar", "num_inference_steps": 2, "num_frames": 9}
 LONG = {"prompt": "a panda plays guitar", "num_inference_steps": 500, "num_frames": 49}
 TWO_RANKS = {"COGVIDEOX_GPUS": "2"}
+# Two ranks split the guidance batch (CFG-2) or, without guidance, the tokens (Ulysses-2).
+LAYOUTS = {6.0: "CFG-2", 1.0: "Ulysses-2"}
 # "Within a second or two" of the cancel, on a loaded 2-core machine.
 READY_AFTER_CANCEL_S = 3.0
 # A dead rank fails the prediction as soon as it is seen, not at a timeout.
@@ -65,10 +67,19 @@ def server(weights_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quick_prediction(server) -> dict:
-    response = server.predict({**QUICK, "seed": SEED}, prediction_id="two-ranks-quick")
-    assert response["status"] == "succeeded", response.get("error")
-    return response
+def quick_predictions(server) -> dict[float, dict]:
+    """One short prediction per layout two ranks have: by guidance scale."""
+    responses = {}
+    for guidance in LAYOUTS:
+        inputs = {**QUICK, "seed": SEED, "guidance_scale": guidance}
+        responses[guidance] = server.predict(inputs, prediction_id=f"two-ranks-{guidance:g}")
+        assert responses[guidance]["status"] == "succeeded", responses[guidance].get("error")
+    return responses
+
+
+@pytest.fixture(scope="module")
+def quick_prediction(quick_predictions) -> dict:
+    return quick_predictions[6.0]
 
 
 def _frames(path: Path) -> np.ndarray:
@@ -76,13 +87,13 @@ def _frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def _one_process_frames(weights: Path) -> np.ndarray:
+def _one_process_frames(weights: Path, guidance: float) -> np.ndarray:
     """The same request rendered by today's path: one VideoGenerator, in this process."""
     cpu = torch.device("cpu")
     variant = VARIANTS["cogvideox-5b"]
     pipe = build_pipeline(variant, weights, cpu, "none")
     generator = VideoGenerator(variant, pipe, cpu)
-    request = Request(QUICK["prompt"], "", QUICK["num_frames"], 2, 6.0, None, None, SEED)
+    request = Request(QUICK["prompt"], "", QUICK["num_frames"], 2, guidance, None, None, SEED)
     return _frames(generator.render_mp4(request))
 
 
@@ -122,9 +133,14 @@ def _start_long(server: CogServer, hooks: WebhookReceiver, prediction_id: str) -
     raise TimeoutError(f"{prediction_id} logged no steps: {server.log_tail()}")
 
 
-def test_two_ranks_give_the_frames_of_one_process(quick_prediction, tiny_weights, tmp_path):
-    served = _frames(save_data_uri(quick_prediction["output"], tmp_path / "two-ranks.mp4"))
-    expected = _one_process_frames(tiny_weights["1.0-t2v"])
+@pytest.mark.parametrize("guidance", LAYOUTS)
+def test_two_ranks_give_the_frames_of_one_process_in_each_layout(
+    quick_predictions, guidance, tiny_weights, tmp_path
+):
+    response = quick_predictions[guidance]
+    assert f"layout: {LAYOUTS[guidance]}" in response["logs"]
+    served = _frames(save_data_uri(response["output"], tmp_path / "two-ranks.mp4"))
+    expected = _one_process_frames(tiny_weights["1.0-t2v"], guidance)
     assert served.shape == expected.shape == (QUICK["num_frames"], HEIGHT, WIDTH, 3)
     difference = np.abs(served.astype(int) - expected.astype(int))
     assert difference.max() == 0, f"max {difference.max()}, mean {difference.mean():.4f}"
