@@ -22,10 +22,11 @@ from multiprocessing.synchronize import Event
 import torch
 import torch.distributed as dist
 
-from ..errors import LoraError
+from ..errors import InputError, LoraError
 from ..generator import VideoGenerator
 from ..logs import disable_progress_bars
 from ..pipeline import Mode
+from .engine import ContextParallel
 from .lifetime import exit_with_parent
 from .protocol import Canceled, Done, Failed, LogLine, Metric, Outcome, Ready, Render, SetupFailed
 
@@ -53,6 +54,7 @@ def serve(
     try:
         generator = _set_up(rank, world_size, mode, port, cancel, sender)
     except BaseException as error:
+        log.exception("setup failed")  # the traceback, into the setup logs
         sender.send(SetupFailed(rank, _describe(error)))
         _exit(1)
     sender.send(Ready(rank))
@@ -95,8 +97,6 @@ def _set_up(
         device_id=device if cuda else None,
     )
     generator = VideoGenerator.from_env(mode, device=device, warm_up=False)
-    from .engine import ContextParallel
-
     generator.engine = ContextParallel(generator.pipe, world_size)
     generator.on_step = AgreedCancel(cancel, device)
     generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
@@ -114,7 +114,10 @@ def _render(generator: VideoGenerator, rank: int, command: Render) -> Outcome:
         return Done(rank, None)
     except StepCanceled as canceled:
         return Canceled(rank, canceled.step)
+    except InputError as error:  # the user's to fix: the message says what
+        return Failed(rank, _portable(error))
     except Exception as error:
+        log.exception("prediction failed")  # the traceback, into the logs
         return Failed(rank, _portable(error))
 
 
