@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cogvideox_cog.errors import InputError
 from cogvideox_cog.lora.slot import LoraSlot
 from cogvideox_cog.parallel.engine import ContextParallel
 from cogvideox_cog.pipeline import build_pipeline
@@ -54,6 +55,7 @@ class Rendered:
     latents: np.ndarray  # after the last step
     layout: str
     attention_inputs: list[tuple[int, int, int]]  # (batch, video tokens, text tokens)
+    refusal: str | None = None  # an InputError's message, where the case was refused
 
 
 def render(case: Case, world_size: int | None = None, decode: bool = True) -> Rendered:
@@ -103,7 +105,11 @@ def _rank_main(rank: int, world_size: int, port: int, cases: dict[str, Case], ou
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=2))
     try:
         for name, case in cases.items():
-            _write(out / f"{name}-{rank}", render(case, world_size, decode=rank == 0))
+            try:
+                rendered = render(case, world_size, decode=rank == 0)
+            except InputError as error:
+                rendered = Rendered(None, np.zeros(0), "refused", [], refusal=str(error))
+            _write(out / f"{name}-{rank}", rendered)
     finally:
         dist.destroy_process_group()
 
@@ -112,7 +118,11 @@ def _write(stem: Path, rendered: Rendered) -> None:
     np.save(_beside(stem, ".latents.npy"), rendered.latents)
     if rendered.frames is not None:
         np.save(_beside(stem, ".frames.npy"), rendered.frames)
-    facts = {"layout": rendered.layout, "attention_inputs": rendered.attention_inputs}
+    facts = {
+        "layout": rendered.layout,
+        "attention_inputs": rendered.attention_inputs,
+        "refusal": rendered.refusal,
+    }
     _beside(stem, ".json").write_text(json.dumps(facts))
 
 
@@ -124,6 +134,7 @@ def _read(stem: Path) -> Rendered:
         latents=np.load(_beside(stem, ".latents.npy")),
         layout=facts["layout"],
         attention_inputs=[tuple(shape) for shape in facts["attention_inputs"]],
+        refusal=facts["refusal"],
     )
 
 

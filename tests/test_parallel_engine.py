@@ -114,12 +114,19 @@ def lora(tiny_weights, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lora_on_proj_out(tiny_weights, tmp_path_factory):
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+    tensors = lora_tensors(tiny_weights["1.0-t2v"] / "transformer", 4, 2, targets=targets)
+    return save_diffusers_lora(tensors, tmp_path_factory.mktemp("lora-proj-out"))
+
+
+@pytest.fixture(scope="module")
 def four_heads(tmp_path_factory):
     return save_tiny_weights(tmp_path_factory.mktemp("heads") / "1.0-t2v", "1.0", "t2v", heads=4)
 
 
 @pytest.fixture(scope="module")
-def cases(tiny_weights, picture, clip, lora, four_heads) -> dict[str, Case]:
+def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> dict[str, Case]:
     w = tiny_weights
     size_15 = {"height": 48, "width": 80}
     return {
@@ -133,17 +140,24 @@ def cases(tiny_weights, picture, clip, lora, four_heads) -> dict[str, Case]:
         "1.5-unguided-even": Case(
             "cogvideox1.5-5b",
             w["1.5-t2v"],
-            call={"num_frames": 25, **size_15},
+            call={"num_frames": 9, **size_15},
             guidance_scale=UNGUIDED,
         ),
         "1.5-i2v": Case(
             "cogvideox1.5-5b-i2v",
             w["1.5-i2v"],
             "i2v",
-            {"num_frames": 17, "image": picture, **size_15},
+            {"num_frames": 9, "image": picture, **size_15},
         ),
         "v2v": Case("cogvideox-5b", w["1.0-t2v"], "v2v", {"video": clip, "strength": 1.0}),
         "lora": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, lora=lora),
+        "lora-on-proj-out": Case(
+            "cogvideox-5b",
+            w["1.0-t2v"],
+            call={"num_frames": 9},
+            guidance_scale=UNGUIDED,
+            lora=lora_on_proj_out,
+        ),
         "fast": Case(
             "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, steps=4, speed_mode="fast"
         ),
@@ -156,7 +170,16 @@ def cases(tiny_weights, picture, clip, lora, four_heads) -> dict[str, Case]:
     }
 
 
-TWO_RANKS = ("5b", "5b-i2v", "v2v", "5b-unguided", "1.5-unguided-even", "fast", "faster")
+TWO_RANKS = (
+    "5b",
+    "5b-i2v",
+    "v2v",
+    "5b-unguided",
+    "1.5-unguided-even",
+    "fast",
+    "faster",
+    "lora-on-proj-out",
+)
 FOUR_RANKS = ("5b", "1.5-i2v", "lora", "5b-unguided", "4-heads-unguided")
 
 
@@ -229,7 +252,7 @@ def test_ulysses_2_renders_the_frames_of_one_process_from_an_odd_token_count(
 
 
 def test_ulysses_2_renders_the_1_5_frames_of_one_process(two_ranks, one_process):
-    # 226 text + 60 video tokens (7 latent frames padded to 8 by the pipeline): no padding.
+    # 226 text + 30 video tokens (3 latent frames padded to 4 by the pipeline): no padding.
     reference = one_process("1.5-unguided-even")
     _check(two_ranks["1.5-unguided-even"], reference, Layout(cfg=1, ulysses=2))
 
@@ -265,6 +288,13 @@ def test_cfg_2_x_ulysses_2_renders_the_1_5_image_to_video_frames_of_one_process(
 def test_a_lora_renders_the_frames_of_one_process_on_cfg_2_x_ulysses_2(four_ranks, one_process):
     _check(four_ranks["lora"], one_process("lora"), Layout(cfg=2, ulysses=2))
     assert not np.allclose(one_process("lora").frames, one_process("5b").frames)
+
+
+def test_a_lora_on_proj_out_is_refused_where_the_sequence_is_split(two_ranks):
+    # Its LoRA branch would see one rank's tokens after the gather made the output whole.
+    for rank in two_ranks["lora-on-proj-out"]:
+        assert "this LoRA adapts proj_out" in rank.refusal
+        assert "COGVIDEOX_GPUS=1" in rank.refusal
 
 
 def test_ulysses_4_renders_the_frames_of_one_process_from_uneven_text_shards(

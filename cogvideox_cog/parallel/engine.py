@@ -39,6 +39,7 @@ from diffusers.models._modeling_parallel import ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..attention import DispatchingCogVideoXAttnProcessor, use_dispatching_attention
+from ..errors import InputError
 from .layout import Layout, choose_layout
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,14 @@ class ContextParallel:
             # rows would idle then, so the sequence takes all the ranks instead.
             layout = self.layouts[False]
             log.info(f"speed_mode faster skips guidance halves: layout {layout} instead")
+        if layout.ulysses > 1 and hasattr(self.pipe.transformer.proj_out, "base_layer"):
+            # peft wraps proj_out: its LoRA branch would see this rank's tokens while the
+            # gather hook, on the wrapped layer, has already made the output whole.
+            raise InputError(
+                "this LoRA adapts proj_out, the layer where the GPUs' shares of the video "
+                "are put together, so it cannot run split across GPUs: use a LoRA that "
+                "leaves proj_out alone, or serve it with COGVIDEOX_GPUS=1"
+            )
         if layout.world_size > 1:
             self._armed.layout, self._armed.mesh = layout, self._meshes[layout]
             self._processor._parallel_config = self._configs[layout]
@@ -262,8 +271,9 @@ class _GuidanceBatch(ModelHook):
         batch = _argument(module, args, kwargs, "hidden_states")[0].shape[0]
         if batch % 2:
             raise RuntimeError(
-                f"the CFG split got a batch of {batch}: the guidance batch of negative and "
-                "positive prompt was expected"
+                f"the CFG split got a batch of {batch}, not the guidance batch (negative and "
+                "positive prompt): enter speed_mode's step_cache before ContextParallel.run, "
+                "so that run() sees FasterCache and splits the sequence instead"
             )
         rank = self.armed.cfg_rank
         for name in self._BATCHED:
