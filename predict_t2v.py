@@ -4,8 +4,9 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path, Secret
 
-from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.generator import Request
 from cogvideox_cog.logs import setup_logging
+from cogvideox_cog.parallel.gpus import start_generator
 
 
 # The inputs are literal in each predictor: `cog build` reads each file on its own (an input
@@ -14,7 +15,10 @@ from cogvideox_cog.logs import setup_logging
 class Predictor(BaseRunner):
     def setup(self) -> None:
         setup_logging()
-        self.generator = VideoGenerator.from_env("t2v")
+        self.generator = start_generator("t2v")  # one GPU, or a rank per GPU
+
+    def healthcheck(self) -> bool:
+        return self.generator.healthcheck()
 
     def run(
         self,

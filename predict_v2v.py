@@ -7,9 +7,10 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path, Secret
 
-from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.generator import Request
 from cogvideox_cog.logs import setup_logging
 from cogvideox_cog.media.fetch import fetched
+from cogvideox_cog.parallel.gpus import start_generator
 
 
 # The inputs are literal in each predictor: `cog build` reads each file on its own (an input
@@ -18,7 +19,10 @@ from cogvideox_cog.media.fetch import fetched
 class Predictor(BaseRunner):
     def setup(self) -> None:
         setup_logging()
-        self.generator = VideoGenerator.from_env("v2v")
+        self.generator = start_generator("v2v")  # one GPU, or a rank per GPU
+
+    def healthcheck(self) -> bool:
+        return self.generator.healthcheck()
 
     def run(
         self,

@@ -38,3 +38,8 @@ class WeightsError(RuntimeError):
 class BadSource(WeightsError):
     """The source's bytes themselves are wrong (unsafe, corrupt, truncated, failing checks):
     what was downloaded is discarded rather than resumed."""
+
+
+class RankGroupError(RuntimeError):
+    """The rank processes of a multi-GPU predictor cannot serve (one failed in setup, died or
+    is stuck); the message names the rank and says why."""

@@ -15,6 +15,8 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 
 from . import compile_cache, inputs, leftovers
+from .attention import ATTENTION_BACKEND_ENV, attention_backend
 from .errors import InputError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
@@ -153,24 +156,37 @@ class VideoGenerator:
         self.lora_cache = lora_cache
         self.postprocessor = postprocessor or Postprocessor()
         self.enhancer = enhancer
+        # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
+        self.engine = None  # parallel.engine.ContextParallel: splits each denoise over ranks
+        self.on_step: Callable[[int], None] | None = None  # after each step's log line
+        self.record_metric: Callable[[str, float], None] = _record_cog_metric
 
     @classmethod
-    def from_env(cls, mode: Mode) -> VideoGenerator:
-        """The generator a deployment's environment describes, weights fetched if needed."""
+    def from_env(
+        cls, mode: Mode, device: torch.device | None = None, warm_up: bool = True
+    ) -> VideoGenerator:
+        """The generator a deployment's environment describes, weights fetched if needed.
+
+        device: the first CUDA GPU, else the CPU, unless given (a rank's own GPU).
+        warm_up: False leaves compile_warm_up() to the caller (a rank installs its engine
+        first, so that the warm-up compiles the split model).
+        """
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
         enhance = config_from_env()  # checked before any download
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
         vae_tiling = choose_vae_tiling(os.environ.get(VAE_TILING_ENV, "on"), variant, device)
+        attention = attention_backend(os.environ.get(ATTENTION_BACKEND_ENV))
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
         postprocessor = Postprocessor.from_env(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
         pipe = configure_pipeline(
-            pipe, variant, device, offload, compile_transformer, vae_tiling=vae_tiling
+            pipe, variant, device, offload, compile_transformer, attention, vae_tiling=vae_tiling
         )
         generator = cls(
             variant,
@@ -184,14 +200,18 @@ class VideoGenerator:
                 enhance, device, variant.vram_no_offload_gib if offload == "none" else None
             ),
         )
-        if compile_transformer and device.type == "cuda":
-            warm_up = time.monotonic()
-            compile_cache.warm_up_with_cache(generator, weights_root())
-            log.info(
-                f"setup: transformer compiled and warmed up in {time.monotonic() - warm_up:.0f} s"
-            )
+        if warm_up:
+            generator.compile_warm_up()
         log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)
         return generator
+
+    def compile_warm_up(self) -> None:
+        """warm_up() with the compile cache, when the transformer was compiled (CUDA only)."""
+        if os.environ.get(COMPILE_ENV, "0") != "1" or self.device.type != "cuda":
+            return
+        started = time.monotonic()
+        compile_cache.warm_up_with_cache(self, weights_root())
+        log.info(f"setup: transformer compiled and warmed up in {time.monotonic() - started:.0f} s")
 
     def warm_up(self) -> None:
         """Short generations, so that compiling happens in setup and never in a request.
@@ -246,6 +266,11 @@ class VideoGenerator:
             strength=1.0,
         )
 
+    def healthcheck(self) -> bool:
+        """Cog's health check. In one process nothing can fail apart from the worker itself,
+        which Cog watches on its own."""
+        return True
+
     def predict(self, request: Request) -> Path:
         """render_mp4() for the Cog predictors: one output on disk at a time.
 
@@ -272,7 +297,7 @@ class VideoGenerator:
             leftovers.release(output_dir)
             raise
         finished = time.monotonic()
-        _record_timings(video, finished)
+        _record_timings(video, finished, self.record_metric)
         log.info(
             f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
             f"{finished - video.received:.1f} s"
@@ -282,11 +307,7 @@ class VideoGenerator:
     def render_frames(self, request: Request) -> RenderedVideo:
         """Check the request, denoise and decode, upscale and interpolate if asked: the
         frames as floats in [0, 1] (uint8 once post-processed)."""
-        plan = self.prepare(request)
-        # The LoRA, fetched (or found in the cache) and checked before it touches the model.
-        lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
-        self.lora.use(lora, plan.lora_scale)
-        progress = _StepProgress(plan.denoise_steps)
+        plan, progress = self._prepare_model(request)
         frames = self.denoise_and_decode(plan, progress)
         decoded = time.monotonic()
         # Video-to-video makes as many frames as it was given, padding included.
@@ -297,6 +318,20 @@ class VideoGenerator:
         return RenderedVideo(
             frames, fps, plan.seed, progress, plan.received, decoded, time.monotonic()
         )
+
+    def denoise_only(self, request: Request) -> None:
+        """render_frames() without the VAE decode, for a rank that does not write the video:
+        it takes its part in every step, and rank 0 alone decodes the (identical) latents."""
+        plan, progress = self._prepare_model(request)
+        self.denoise_and_decode(plan, progress, output_type="latent")
+
+    def _prepare_model(self, request: Request) -> tuple[Plan, _StepProgress]:
+        """The checked plan, its LoRA on the model, and a progress callback for its steps."""
+        plan = self.prepare(request)
+        # The LoRA, fetched (or found in the cache) and checked before it touches the model.
+        lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
+        self.lora.use(lora, plan.lora_scale)
+        return plan, _StepProgress(plan.denoise_steps, self.on_step)
 
     def prepare(self, request: Request) -> Plan:
         """Every input checked, the image or clip read and fitted: a Plan, or an InputError.
@@ -409,10 +444,12 @@ class VideoGenerator:
                     f"this part is ignored: {tail!r}"
                 )
 
-    def denoise_and_decode(self, plan: Plan, progress: _StepProgress) -> np.ndarray:
+    def denoise_and_decode(
+        self, plan: Plan, progress: _StepProgress, output_type: str = "np"
+    ) -> np.ndarray:
         """The diffusers pipeline, called as upstream's cli_demo.py calls it (see docs)."""
         log.info(f"seed: {plan.seed}")
-        cog.current_scope().record_metric("seed", plan.seed)
+        self.record_metric("seed", plan.seed)
         schedule = _guidance_schedule(plan.dynamic_cfg, plan.guidance_scale)
         log.info(
             f"generating {plan.num_frames} frames at {plan.width}x{plan.height}, {plan.steps} "
@@ -423,7 +460,10 @@ class VideoGenerator:
                 f"speed_mode {plan.speed_mode}: step caching, faster and slightly less faithful"
             )
         try:
-            with step_cache(self.pipe, plan.speed_mode, plan.guidance_scale > 1):
+            with (
+                self._split_over_ranks(plan.guidance_scale > 1),
+                step_cache(self.pipe, plan.speed_mode, plan.guidance_scale > 1),
+            ):
                 return self.pipe(
                     **self._text_embeddings(plan),
                     height=plan.height,
@@ -433,7 +473,7 @@ class VideoGenerator:
                     use_dynamic_cfg=plan.dynamic_cfg,
                     generator=torch.Generator("cpu").manual_seed(plan.seed),
                     max_sequence_length=self.max_prompt_tokens,
-                    output_type="np",
+                    output_type=output_type,
                     callback_on_step_end=progress,
                     **plan.conditioning,
                 ).frames[0]
@@ -460,6 +500,16 @@ class VideoGenerator:
             embeddings["negative_prompt_embeds"] = self._negative[1]
         return embeddings
 
+    @contextmanager
+    def _split_over_ranks(self, classifier_free_guidance: bool) -> Iterator[None]:
+        """The engine's split for one pipeline call, on a rank of a multi-GPU group."""
+        if self.engine is None:
+            yield
+            return
+        with self.engine.run(classifier_free_guidance) as layout:
+            log.info(f"layout: {layout}")
+            yield
+
     def _pad_for_latent_patches(self, frames: list) -> list:
         """Repeat the last frame until the latent frame count suits the transformer.
 
@@ -481,8 +531,14 @@ class VideoGenerator:
             torch.cuda.empty_cache()
 
 
-def _record_timings(video: RenderedVideo, finished: float) -> None:
-    """The prediction's phase times, as Cog metrics."""
+def _record_cog_metric(name: str, value: float) -> None:
+    cog.current_scope().record_metric(name, value)
+
+
+def _record_timings(
+    video: RenderedVideo, finished: float, record: Callable[[str, float], None]
+) -> None:
+    """The prediction's phase times, as metrics."""
     started, last_step = video.progress.started, video.progress.last_step
     for name, value in (
         ("prepare_seconds", started - video.received),  # inputs decoded, LoRA fetched
@@ -491,7 +547,7 @@ def _record_timings(video: RenderedVideo, finished: float) -> None:
         ("encode_seconds", finished - video.postprocessed),
         ("total_seconds", finished - video.received),
     ):
-        cog.current_scope().record_metric(name, round(value, 3))
+        record(name, round(value, 3))
 
 
 def _guidance_schedule(dynamic_cfg: bool, guidance_scale: float) -> str:
@@ -506,14 +562,17 @@ def _guidance_schedule(dynamic_cfg: bool, guidance_scale: float) -> str:
 
 
 class _StepProgress:
-    """callback_on_step_end: one log line per denoising step."""
+    """callback_on_step_end: one log line per denoising step, then `on_step(step)` (a rank's
+    cancel check, which may raise to stop the pipeline)."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, on_step: Callable[[int], None] | None = None):
+        self.total, self.on_step = total, on_step
         self.started = self.last_step = time.monotonic()
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self.last_step = time.monotonic()
         elapsed = self.last_step - self.started
         log.info(f"step {step + 1}/{self.total}, {elapsed:.1f} s elapsed")
+        if self.on_step is not None:
+            self.on_step(step)
         return {}

@@ -8,9 +8,7 @@ import transformers
 
 
 def setup_logging() -> None:
-    # Loading bars redraw with carriage returns: noise in a server log, nothing for a reader.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
     logger = logging.getLogger("cogvideox_cog")
     if logger.handlers:
         return
@@ -19,6 +17,12 @@ def setup_logging() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def disable_progress_bars() -> None:
+    """Loading bars redraw with carriage returns: noise in a server log, nothing for a reader."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 class _WithoutPromptEcho(logging.Filter):

@@ -18,6 +18,7 @@ from diffusers import (
     CogVideoXVideoToVideoPipeline,
 )
 
+from .attention import AttentionBackendName, use_dispatching_attention
 from .errors import ConfigError
 from .logs import drop_diffusers_prompt_echo
 from .variants import Task, Variant
@@ -104,11 +105,14 @@ def build_pipeline(
     offload: str,
     compile_transformer: bool = False,
     mode: Mode | None = None,
+    attention: AttentionBackendName | None = None,
     vae_tiling: bool = True,
 ):
     """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
     pipe = load_pipeline(variant, weights, device, mode)
-    return configure_pipeline(pipe, variant, device, offload, compile_transformer, vae_tiling)
+    return configure_pipeline(
+        pipe, variant, device, offload, compile_transformer, attention, vae_tiling=vae_tiling
+    )
 
 
 def load_pipeline(variant: Variant, weights: Path, device: torch.device, mode: Mode | None = None):
@@ -127,10 +131,16 @@ def configure_pipeline(
     device: torch.device,
     offload: str,
     compile_transformer: bool = False,
+    attention: AttentionBackendName | None = None,
     vae_tiling: bool = True,
 ):
-    """Scheduler, VAE memory savers and placement: everything after the weights are loaded."""
-    log.info(f"pipeline: offload={offload}, VAE tiling {'on' if vae_tiling else 'off'}")
+    """Scheduler, VAE memory savers, attention and placement: everything after the weights
+    are loaded. attention: the attention backend (attention.py; None: torch's SDPA)."""
+    log.info(
+        f"pipeline: offload={offload}, attention={attention.value if attention else 'native'}, "
+        f"VAE tiling {'on' if vae_tiling else 'off'}"
+    )
+    use_dispatching_attention(pipe.transformer, attention)
     pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )

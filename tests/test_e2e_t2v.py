@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import av
 import numpy as np
@@ -162,3 +163,11 @@ def test_speed_mode_runs_and_is_logged(server, tmp_path, mode):
     response = server.predict({**inputs, "speed_mode": mode})
     assert probe_mp4(_video(response, tmp_path))["frames"] == 9
     assert f"speed_mode {mode}: step caching" in response["logs"]
+
+
+def test_one_process_renders_in_the_worker_itself_with_no_rank_processes(server):
+    """Without CUDA and without COGVIDEOX_GPUS, today's path: the model in Cog's worker."""
+    assert server.predict({**FAST, "num_frames": 9})["status"] == "succeeded"
+    tasks = Path(f"/proc/{server.worker_pid()}/task").iterdir()
+    assert [pid for task in tasks for pid in (task / "children").read_text().split()] == []
+    assert "ranks ready" not in server.log_text()

@@ -151,8 +151,11 @@ def _vae(family: Family) -> AutoencoderKLCogVideoX:
     ).eval()
 
 
-def _transformer(family: Family, task: Task, spec: TinySpec) -> CogVideoXTransformer3DModel:
-    """CogVideoX-5b / -5b-I2V / 1.5-5B / 1.5-5B-I2V shaped: same flags, 2 layers, 32 wide.
+def _transformer(
+    family: Family, task: Task, spec: TinySpec, heads: int = 2
+) -> CogVideoXTransformer3DModel:
+    """CogVideoX-5b / -5b-I2V / 1.5-5B / 1.5-5B-I2V shaped: same flags, 2 layers, 32 wide
+    (16 per head: more heads, wider).
 
     attention_head_dim 16 is the smallest the 3D rotary embedding splits evenly
     (t, h, w = 4, 6, 6 of 16, as 16, 24, 24 of 64).
@@ -168,7 +171,7 @@ def _transformer(family: Family, task: Task, spec: TinySpec) -> CogVideoXTransfo
         if task == "i2v":
             extra["ofs_embed_dim"] = _TIME_DIM
     return CogVideoXTransformer3DModel(
-        num_attention_heads=2,
+        num_attention_heads=heads,
         attention_head_dim=16,
         # I2V concatenates the first frame's latents on the channel axis.
         in_channels=_LATENT_CHANNELS * (2 if task == "i2v" else 1),
@@ -203,9 +206,11 @@ def _scheduler() -> CogVideoXDPMScheduler:
 
 
 def build_tiny_pipeline(
-    family: Family, task: Task, seed: int = 0
+    family: Family, task: Task, seed: int = 0, heads: int = 2
 ) -> CogVideoXPipeline | CogVideoXImageToVideoPipeline:
     """A float32 tiny random pipeline of the given release family ("1.0" or "1.5") and task.
+
+    heads: the transformer's attention heads (sequence parallelism over N ranks needs N).
 
     The same seed gives the same weights, byte for byte, whatever the global RNG state was
     (it is left untouched), so a saved tiny model is reproducible.
@@ -218,7 +223,7 @@ def build_tiny_pipeline(
         torch.manual_seed(seed)
         text_encoder = _text_encoder(len(tokenizer))
         vae = _vae(family)
-        transformer = _transformer(family, task, spec)
+        transformer = _transformer(family, task, spec, heads)
     pipeline_class = CogVideoXPipeline if task == "t2v" else CogVideoXImageToVideoPipeline
     return pipeline_class(
         tokenizer=tokenizer,
@@ -229,9 +234,12 @@ def build_tiny_pipeline(
     )
 
 
-def save_tiny_weights(dest_dir: str | Path, family: Family, task: Task, seed: int = 0) -> Path:
+def save_tiny_weights(
+    dest_dir: str | Path, family: Family, task: Task, seed: int = 0, heads: int = 2
+) -> Path:
     """Write a tiny pipeline as the hub repos are laid out (model_index.json, transformer/,
     vae/, text_encoder/, tokenizer/, scheduler/; safetensors) and return the directory."""
     dest = Path(dest_dir)
-    build_tiny_pipeline(family, task, seed).save_pretrained(dest, safe_serialization=True)
+    pipeline = build_tiny_pipeline(family, task, seed, heads)
+    pipeline.save_pretrained(dest, safe_serialization=True)
     return dest

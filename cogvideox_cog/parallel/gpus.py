@@ -1,0 +1,49 @@
+"""COGVIDEOX_GPUS: how many processes render one video, and the generator that follows.
+
+One (the default without CUDA, or with one GPU) is today's path: the model in the Cog worker
+itself, no other process. More starts a RankGroup (group.py): one rank process per GPU,
+each with a full model copy, splitting every denoising step. On a machine without CUDA,
+COGVIDEOX_GPUS=N runs N CPU processes over gloo, for tests and development.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ConfigError
+from ..generator import VideoGenerator
+from ..pipeline import Mode
+
+GPUS_ENV = "COGVIDEOX_GPUS"
+
+
+def gpus_from_env(visible_cuda: int) -> int:
+    """The number of ranks: COGVIDEOX_GPUS, else every visible CUDA GPU (1 without CUDA)."""
+    value = (os.environ.get(GPUS_ENV) or "").strip()
+    if not value:
+        return max(visible_cuda, 1)
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{GPUS_ENV}={value!r}: give a whole number of GPUs, 1 or more")
+    if visible_cuda and count > visible_cuda:
+        raise ConfigError(
+            f"{GPUS_ENV}={count}, but {visible_cuda} CUDA GPU(s) are visible: run the "
+            f"container with more (docker run --gpus all) or lower {GPUS_ENV}"
+        )
+    return count
+
+
+def start_generator(mode: Mode):
+    """What a predictor's setup() keeps: a VideoGenerator, or a RankGroup over several GPUs.
+    Both have predict(request) -> Path and healthy() -> bool."""
+    count = gpus_from_env(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if count == 1:
+        return VideoGenerator.from_env(mode)
+    from .group import RankGroup
+
+    return RankGroup.start(mode, count)

@@ -1,0 +1,307 @@
+"""The Cog process's side of a multi-GPU predictor: it starts one rank process per GPU,
+hands each request to all of them, and reports what rank 0 says. It loads no model itself.
+
+- Setup: the weights are made ready once here (one download), then each rank loads them
+  from the cache; any rank's failure fails setup with that rank's error.
+- A request: rank 0's log lines and metrics are logged and recorded here, in the thread Cog
+  runs the prediction in, so the prediction carries them as on one GPU.
+- Cancel: Cog raises its CancelationException in that thread; the group sets the ranks'
+  shared flag, waits until every rank has stopped (after the same step), and re-raises.
+- A rank that exits fails the running prediction at once, the other ranks are stopped, and
+  healthcheck() fails from then on, so the orchestrator replaces the container.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import cog
+
+from .. import inputs
+from ..errors import InputError, RankGroupError
+from ..generator import Request
+from ..pipeline import MODE_TASK, Mode
+from ..variants import PREDICTOR_FILES, variant_from_env
+from ..weights import ensure_weights
+from . import ranks
+from .protocol import (
+    Canceled,
+    Done,
+    Failed,
+    LogLine,
+    Metric,
+    Outcome,
+    RankExited,
+    Ready,
+    Render,
+    SetupFailed,
+)
+
+log = logging.getLogger(__name__)
+relayed = logging.getLogger("cogvideox_cog")  # rank 0's lines, logged as it logged them
+
+POLL_S = 0.05  # the prediction thread waits in slices this long, so that a cancel lands
+CANCEL_BOUND_S = 30.0  # every rank stops after its current step; one that does not is stuck
+FAILURE_GRACE_S = 10.0  # after one rank fails, the others report too, or are stuck
+STOP_S = 5.0  # a rank asked to stop exits within this, or is killed
+
+
+class RankGroup:
+    """N rank processes (ranks.py) serving one video each request, with VideoGenerator's
+    predict(request) -> Path."""
+
+    def __init__(self, mode: Mode, world_size: int):
+        self.mode, self.world_size = mode, world_size
+        self.failure: str | None = None  # why the group cannot serve any more
+        self._closing = False
+        context = multiprocessing.get_context("spawn")
+        self._cancel = context.Event()
+        self._processes: list[multiprocessing.Process] = []
+        self._conns: list[Connection] = []
+        port = _free_port()
+        for rank in range(world_size):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=ranks.serve,
+                args=(rank, world_size, mode, port, theirs, self._cancel),
+                name=f"cogvideox-rank-{rank}",
+            )
+            process.start()
+            theirs.close()
+            self._processes.append(process)
+            self._conns.append(ours)
+        atexit.register(self.close)
+        self._inbox = _Inbox(self._processes, self._conns, self._rank_ended)
+
+    @classmethod
+    def start(cls, mode: Mode, world_size: int) -> RankGroup:
+        """Weights ready, ranks started and loaded: a group that serves, or RankGroupError."""
+        started = time.monotonic()
+        variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
+        ensure_weights(variant)  # here, once: the ranks then find them in the cache
+        log.info(f"setup: starting {world_size} rank processes")
+        group = cls(mode, world_size)
+        group._await_ready()
+        pids = ", ".join(str(process.pid) for process in group._processes)
+        log.info(
+            f"setup: {world_size} ranks ready in {time.monotonic() - started:.1f} s (pids {pids})"
+        )
+        return group
+
+    def _await_ready(self) -> None:
+        ready: set[int] = set()
+        while len(ready) < self.world_size:
+            message = self._inbox.next(timeout=None)
+            if isinstance(message, LogLine):
+                relayed.log(message.level, message.text)
+            elif isinstance(message, Ready):
+                ready.add(message.rank)
+            elif isinstance(message, SetupFailed):
+                self._break(f"rank {message.rank} failed in setup: {message.error}")
+            elif isinstance(message, RankExited):
+                self._break(f"rank {message.rank} {_exit_text(message)} during setup")
+            self._inbox.done()
+
+    def predict(self, request: Request) -> Path:
+        """Every rank renders the request; rank 0's mp4 (one kept on disk, as on one GPU)."""
+        if self.failure is not None:
+            raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
+        request = replace(request, seed=inputs.resolve_seed(request.seed))
+        self._cancel.clear()
+        for conn in self._conns:
+            conn.send(Render(request))
+        try:
+            outcomes = self._outcomes()
+        except RankGroupError:
+            raise
+        except BaseException:  # Cog's CancelationException, raised in this thread
+            self._cancel.set()
+            self._await_stop()
+            raise
+        return _output(outcomes)
+
+    def _await_stop(self) -> None:
+        """Wait until every rank has stopped the canceled request, whatever else Cog raises
+        meanwhile (a second cancel): the next request must find them all idle."""
+        while True:
+            try:
+                stopped = self._outcomes(bound=CANCEL_BOUND_S)
+                break
+            except RankGroupError:
+                raise
+            except BaseException:
+                continue
+        steps = sorted({o.step + 1 for o in stopped.values() if isinstance(o, Canceled)})
+        log.info(f"canceled: {len(stopped)} ranks stopped, after step {steps}")
+
+    def _outcomes(self, bound: float | None = None) -> dict[int, Outcome]:
+        """Each rank's outcome of the request, relaying rank 0's log lines and metrics."""
+        outcomes: dict[int, Outcome] = {}
+        deadline = None if bound is None else time.monotonic() + bound
+        while len(outcomes) < self.world_size:
+            if deadline is not None and time.monotonic() > deadline:
+                missing = sorted(set(range(self.world_size)) - set(outcomes))
+                self._break(f"ranks {missing} did not finish within {bound:.0f} s: stuck")
+            message = self._inbox.next(timeout=POLL_S)
+            if message is None:
+                continue
+            if isinstance(message, LogLine):
+                relayed.log(message.level, message.text)
+            elif isinstance(message, Metric):
+                cog.current_scope().record_metric(message.name, message.value)
+            elif isinstance(message, RankExited):
+                self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
+            elif isinstance(message, Done | Canceled | Failed):
+                outcomes[message.rank] = message
+                if isinstance(message, Failed) and deadline is None:
+                    # The others fail alike on a bad input; if only this one failed, they
+                    # wait for it in a collective: stop them, or give up on them.
+                    self._cancel.set()
+                    bound, deadline = FAILURE_GRACE_S, time.monotonic() + FAILURE_GRACE_S
+            self._inbox.done()
+        return outcomes
+
+    def healthcheck(self) -> bool:
+        """Cog's health check: True, or RankGroupError saying which rank ended and how (Cog
+        then reports UNHEALTHY with that text)."""
+        if self.failure is not None:
+            raise RankGroupError(self.failure)
+        return True
+
+    def _rank_ended(self, exited: RankExited) -> None:
+        """From the inbox's thread, whenever a rank process ends: idle or busy, the group
+        cannot serve without it."""
+        if self.failure is None and not self._closing:
+            self.failure = f"rank {exited.rank} {_exit_text(exited)}"
+
+    def _break(self, failure: str) -> None:
+        """The group cannot serve any more: stop every rank and say why."""
+        if self.failure is None:
+            self.failure = failure
+        log.error(f"GPU group stopped: {failure}")
+        self.close(ask=False)  # they may be waiting for a dead rank in a collective
+        raise RankGroupError(failure)
+
+    def close(self, ask: bool = True) -> None:
+        """Stop the ranks: asked first (unless ask is False), then terminated, then killed."""
+        self._closing = True
+        for conn, process in zip(self._conns, self._processes, strict=True):
+            if ask and process.is_alive():
+                with contextlib.suppress(OSError):  # it ended meanwhile
+                    conn.send(None)
+        deadline = time.monotonic() + (STOP_S if ask else 0.0)
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.terminate()
+                process.join(1)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._inbox.close()
+
+
+def _output(outcomes: dict[int, Outcome]) -> Path:
+    failed = [outcomes[r] for r in sorted(outcomes) if isinstance(outcomes[r], Failed)]
+    if failed:
+        first = failed[0]
+        if isinstance(first.error, InputError) or first.rank == 0:
+            raise first.error
+        raise RuntimeError(f"rank {first.rank}: {type(first.error).__name__}: {first.error}")
+    done = outcomes[0]
+    if not isinstance(done, Done) or done.output is None:
+        raise RuntimeError(f"rank 0 reported {done} instead of a video")
+    return done.output
+
+
+def _exit_text(exited: RankExited) -> str:
+    code = exited.exitcode
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Inbox:
+    """Every rank's messages and exits, read by one thread into one queue.
+
+    The prediction thread never reads a pipe itself: Cog cancels by raising an exception in
+    that thread at any bytecode, which could cut a message in half. It takes the next item
+    with next(), handles it, then calls done(): a cancel in between handles an item twice
+    (a log line twice) rather than losing it.
+    """
+
+    def __init__(
+        self,
+        processes: list[multiprocessing.Process],
+        conns: list[Connection],
+        on_exit: Callable[[RankExited], None],
+    ):
+        self._on_exit = on_exit
+        self._items: collections.deque = collections.deque()
+        self._arrived = threading.Event()
+        self._processes, self._conns = processes, conns
+        self._watched: dict = {conn: rank for rank, conn in enumerate(conns)}
+        self._watched.update({p.sentinel: rank for rank, p in enumerate(processes)})
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, name="rank-inbox", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while self._watched and not self._closed:
+            for source in wait(list(self._watched), timeout=0.5):
+                if source not in self._watched:  # a pipe already drained below
+                    continue
+                rank = self._watched[source]
+                if isinstance(source, Connection):
+                    self._receive(source)
+                    continue
+                del self._watched[source]
+                # What the rank sent before it ended (its SetupFailed, say) comes first.
+                while self._conns[rank] in self._watched and self._conns[rank].poll(0):
+                    self._receive(self._conns[rank])
+                self._processes[rank].join(timeout=1)
+                exited = RankExited(rank, self._processes[rank].exitcode)
+                self._on_exit(exited)
+                self._put(exited)
+
+    def _receive(self, conn: Connection) -> None:
+        try:
+            self._put(conn.recv())
+        except (EOFError, OSError):  # the rank ended: its sentinel says how
+            del self._watched[conn]
+
+    def _put(self, item) -> None:
+        self._items.append(item)
+        self._arrived.set()
+
+    def next(self, timeout: float | None):
+        """The oldest item not yet done(), waiting up to `timeout` seconds; None if none."""
+        if not self._items:
+            self._arrived.clear()
+            if not self._items:
+                self._arrived.wait(timeout)
+        return self._items[0] if self._items else None
+
+    def done(self) -> None:
+        self._items.popleft()
+
+    def close(self) -> None:
+        self._closed = True

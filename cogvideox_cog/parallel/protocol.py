@@ -1,0 +1,68 @@
+"""What the Cog process and its rank processes say to each other, over one pipe per rank.
+
+Coordinator -> rank: a Render, or None to stop. Rank -> coordinator: Ready or SetupFailed
+once; then, per Render, LogLine and Metric messages (rank 0 only) and one outcome: Done,
+Canceled or Failed. RankExited is the coordinator's own note that a rank process ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..generator import Request
+
+
+@dataclass(frozen=True)
+class Render:
+    request: Request  # its seed already drawn, so that every rank draws the same noise
+
+
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+
+
+@dataclass(frozen=True)
+class SetupFailed:
+    rank: int
+    error: str  # "ExceptionType: message"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Done:
+    rank: int
+    output: Path | None  # rank 0's mp4; None on the others
+
+
+@dataclass(frozen=True)
+class Canceled:
+    rank: int
+    step: int  # the step after which every rank stopped (0-based)
+
+
+@dataclass(frozen=True)
+class Failed:
+    rank: int
+    error: Exception  # the exception itself where it pickles, else a RuntimeError saying it
+
+
+@dataclass(frozen=True)
+class RankExited:
+    rank: int
+    exitcode: int | None
+
+
+Outcome = Done | Canceled | Failed

@@ -1,0 +1,209 @@
+"""One rank process: a full model on its own GPU (or CPU), driven over a pipe by group.py.
+
+Every rank runs the same VideoGenerator code on the same request: prepare (so a bad input
+fails on every rank with the same InputError), then the denoise, split by the engine
+(engine.py). Rank 0 alone decodes and writes the mp4, and its log lines and metrics go back
+to the Cog process, which logs them in the prediction. A cancel is a shared flag that every
+rank reads after each step; the ranks agree on it with an all_reduce, so all of them stop
+after the same step and none is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import sys
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError, LoraError
+from ..generator import VideoGenerator
+from ..logs import disable_progress_bars
+from ..pipeline import Mode
+from .engine import ContextParallel
+from .lifetime import exit_with_parent
+from .protocol import Canceled, Done, Failed, LogLine, Metric, Outcome, Ready, Render, SetupFailed
+
+log = logging.getLogger(__name__)
+
+
+class StepCanceled(BaseException):
+    """Raised in the step callback, on every rank at the same step, to stop the pipeline.
+    A BaseException, as Cog's own CancelationException, so no `except Exception` eats it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"canceled after step {step + 1}")
+        self.step = step
+
+
+def serve(
+    rank: int, world_size: int, mode: Mode, port: int, conn: Connection, cancel: Event
+) -> None:
+    """The rank process's main: set up, say Ready (or SetupFailed), then render until told
+    to stop. It then ends at once: nothing is left to save, and the interpreter's own
+    teardown of torch and the model takes seconds (12 s seen on a loaded 2-core machine)."""
+    exit_with_parent()
+    sender = _Sender(conn)
+    _forward_logs(sender, rank)
+    try:
+        generator = _set_up(rank, world_size, mode, port, cancel, sender)
+    except BaseException as error:
+        log.exception("setup failed")  # the traceback, into the setup logs
+        sender.send(SetupFailed(rank, _describe(error)))
+        _exit(1)
+    sender.send(Ready(rank))
+    while True:
+        try:
+            command = conn.recv()
+        except EOFError:  # the Cog process is gone
+            _exit(1)
+        if command is None:
+            _exit(0)
+        sender.send(_render(generator, rank, command))
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _set_up(
+    rank: int, world_size: int, mode: Mode, port: int, cancel: Event, sender: _Sender
+) -> VideoGenerator:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:  # N ranks share the machine's cores rather than each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        rank=rank,
+        world_size=world_size,
+        device_id=device if cuda else None,
+    )
+    generator = VideoGenerator.from_env(mode, device=device, warm_up=False)
+    generator.engine = ContextParallel(generator.pipe, world_size)
+    generator.on_step = AgreedCancel(cancel, device)
+    generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
+    generator.compile_warm_up()  # with the engine in place: it compiles the split model
+    if rank == 0:
+        generator.record_metric = lambda name, value: sender.send(Metric(name, value))
+    return generator
+
+
+def _render(generator: VideoGenerator, rank: int, command: Render) -> Outcome:
+    try:
+        if rank == 0:
+            return Done(rank, generator.predict(command.request))
+        generator.denoise_only(command.request)
+        return Done(rank, None)
+    except StepCanceled as canceled:
+        return Canceled(rank, canceled.step)
+    except InputError as error:  # the user's to fix: the message says what
+        return Failed(rank, _portable(error))
+    except Exception as error:
+        log.exception("prediction failed")  # the traceback, into the logs
+        return Failed(rank, _portable(error))
+
+
+class AgreedCancel:
+    """The step callback's cancel check: every rank stops after the same step as soon as any
+    rank sees the flag. One all_reduce of one number per step."""
+
+    def __init__(self, flag: Event, device: torch.device):
+        self.flag, self.device = flag, device
+
+    def __call__(self, step: int) -> None:
+        wanted = torch.tensor([int(self.flag.is_set())], device=self.device)
+        dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
+        if wanted.item():
+            raise StepCanceled(step)
+
+
+class LoraFetchedOnce:
+    """The LoRA cache as the ranks share it: rank 0 fetches (one download), then tells the
+    others, which read the file from the cache; if rank 0 fails, all fail, none waits."""
+
+    def __init__(self, cache, rank: int, device: torch.device):
+        self.cache, self.rank, self.device = cache, rank, device
+
+    def get(self, url: str):
+        if self.rank != 0:
+            if not self._rank_0_says(False):
+                raise LoraError(f"rank 0 could not fetch lora_url {url}: see its error")
+            return self.cache.get(url)
+        try:
+            path = self.cache.get(url)
+        except BaseException:
+            self._rank_0_says(False)
+            raise
+        self._rank_0_says(True)
+        return path
+
+    def _rank_0_says(self, fetched: bool) -> bool:
+        flag = torch.tensor([int(fetched)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+class _Sender:
+    """conn.send for several threads (the main one and logging from any)."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def send(self, message) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+class _ForwardHandler(logging.Handler):
+    def __init__(self, sender: _Sender, prefix: str):
+        super().__init__()
+        self.sender, self.prefix = sender, prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # OSError: the pipe is gone, the Cog process ended (this process follows it).
+        with contextlib.suppress(OSError, ValueError):
+            self.sender.send(LogLine(record.levelno, self.prefix + self.format(record)))
+
+
+def _forward_logs(sender: _Sender, rank: int) -> None:
+    """The package's log lines go to the Cog process: all of rank 0's, so that a prediction's
+    logs read as on one GPU; the other ranks' warnings and errors, marked with their rank."""
+    handler = _ForwardHandler(sender, "" if rank == 0 else f"rank {rank}: ")
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    disable_progress_bars()
+    logger = logging.getLogger("cogvideox_cog")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _portable(error: Exception) -> Exception:
+    """The error itself if it survives the pipe, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(_describe(error))

@@ -1,0 +1,148 @@
+"""Rank processes for the parallel engine tests: the same tiny pipelines on N gloo processes.
+
+`run_ranks` spawns N processes (torch.multiprocessing, gloo on 127.0.0.1); each builds every
+case's pipeline from the same saved tiny weights, installs ContextParallel and renders the
+case as the process model will: every rank runs the pipeline, rank 0 alone decodes. `render`
+is the same rendering on one process without the engine: the reference.
+
+Besides the frames, each rank reports the last step's latents (to show that all ranks agree)
+and the shapes its first attention layer was given (to show that the work was split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cogvideox_cog.errors import InputError
+from cogvideox_cog.lora.slot import LoraSlot
+from cogvideox_cog.parallel.engine import ContextParallel
+from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.speed import step_cache
+from cogvideox_cog.variants import VARIANTS
+
+CPU = torch.device("cpu")
+SEED = 7
+
+
+@dataclass(frozen=True)
+class Case:
+    """One rendering: a variant's tiny weights, a mode and the pipeline's arguments."""
+
+    variant: str  # a VARIANTS id, e.g. "cogvideox-5b"
+    weights: Path
+    mode: str = "t2v"  # t2v, i2v or v2v
+    call: dict = field(default_factory=dict)  # num_frames, image, video, height, width...
+    guidance_scale: float = 6.0
+    steps: int = 2
+    speed_mode: str = "default"
+    lora: Path | None = None
+
+
+@dataclass
+class Rendered:
+    frames: np.ndarray | None  # None where the rank did not decode
+    latents: np.ndarray  # after the last step
+    layout: str
+    attention_inputs: list[tuple[int, int, int]]  # (batch, video tokens, text tokens)
+    refusal: str | None = None  # an InputError's message, where the case was refused
+
+
+def render(case: Case, world_size: int | None = None, decode: bool = True) -> Rendered:
+    """The case on this process; with `world_size`, as one rank of the engine."""
+    variant = VARIANTS[case.variant]
+    pipe = build_pipeline(variant, case.weights, CPU, "none", mode=case.mode)
+    engine = ContextParallel(pipe, world_size) if world_size else None
+    if case.lora is not None:
+        LoraSlot(pipe, variant.id).use(case.lora, 0.8)
+    seen = []
+    pipe.transformer.transformer_blocks[0].attn1.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(_token_counts(kwargs)), with_kwargs=True
+    )
+    last = {}
+    guidance = case.guidance_scale > 1
+    running = engine.run(guidance) if engine else nullcontext("single process")
+    with step_cache(pipe, case.speed_mode, guidance), running as layout:
+        output = pipe(
+            prompt="a panda plays guitar in a bamboo forest",
+            negative_prompt="blurry",
+            num_inference_steps=case.steps,
+            guidance_scale=case.guidance_scale,
+            use_dynamic_cfg=variant.dynamic_cfg,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="np" if decode else "latent",
+            callback_on_step_end=lambda _p, _s, _t, tensors: last.update(tensors) or {},
+            **case.call,
+        )
+    frames = output.frames[0] if decode else None
+    return Rendered(frames, last["latents"].numpy(), str(layout), seen)
+
+
+def _token_counts(kwargs: dict) -> tuple[int, int, int]:
+    video, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+    return video.shape[0], video.shape[1], text.shape[1]
+
+
+def run_ranks(world_size: int, cases: dict[str, Case], out: Path) -> dict[str, list[Rendered]]:
+    """Render every case on `world_size` rank processes: {name: [Rendered per rank]}."""
+    mp.spawn(_rank_main, args=(world_size, _free_port(), cases, out), nprocs=world_size)
+    return {name: [_read(out / f"{name}-{rank}") for rank in range(world_size)] for name in cases}
+
+
+def _rank_main(rank: int, world_size: int, port: int, cases: dict[str, Case], out: Path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=2))
+    try:
+        for name, case in cases.items():
+            try:
+                rendered = render(case, world_size, decode=rank == 0)
+            except InputError as error:
+                rendered = Rendered(None, np.zeros(0), "refused", [], refusal=str(error))
+            _write(out / f"{name}-{rank}", rendered)
+    finally:
+        dist.destroy_process_group()
+
+
+def _write(stem: Path, rendered: Rendered) -> None:
+    np.save(_beside(stem, ".latents.npy"), rendered.latents)
+    if rendered.frames is not None:
+        np.save(_beside(stem, ".frames.npy"), rendered.frames)
+    facts = {
+        "layout": rendered.layout,
+        "attention_inputs": rendered.attention_inputs,
+        "refusal": rendered.refusal,
+    }
+    _beside(stem, ".json").write_text(json.dumps(facts))
+
+
+def _read(stem: Path) -> Rendered:
+    frames = _beside(stem, ".frames.npy")
+    facts = json.loads(_beside(stem, ".json").read_text())
+    return Rendered(
+        frames=np.load(frames) if frames.exists() else None,
+        latents=np.load(_beside(stem, ".latents.npy")),
+        layout=facts["layout"],
+        attention_inputs=[tuple(shape) for shape in facts["attention_inputs"]],
+        refusal=facts["refusal"],
+    )
+
+
+def _beside(stem: Path, suffix: str) -> Path:
+    return stem.parent / (stem.name + suffix)  # case names may hold dots ("1.5-i2v")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

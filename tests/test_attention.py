@@ -1,0 +1,61 @@
+"""The dispatching attention processor: diffusers' CogVideoX attention, kernel by name.
+
+Whole pipelines with it are compared with diffusers in tests/test_reference.py; here, one
+transformer forward, and the COGVIDEOX_ATTENTION_BACKEND rules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+from cogvideox_cog.attention import (
+    AttentionBackendName,
+    DispatchingCogVideoXAttnProcessor,
+    attention_backend,
+    use_dispatching_attention,
+)
+from cogvideox_cog.devtools.tiny import build_tiny_pipeline
+from cogvideox_cog.errors import ConfigError
+
+
+@pytest.mark.parametrize("family", ["1.0", "1.5"])
+def test_the_dispatching_processor_computes_diffusers_bits(family):
+    transformer = build_tiny_pipeline(family, "t2v").transformer
+    generator = torch.Generator().manual_seed(0)
+    frames = 2 if family == "1.5" else 1  # 1.5 patches 2 frames at a time: 15 tokens either way
+    inputs = dict(
+        hidden_states=torch.randn(2, frames, 4, 6, 10, generator=generator),
+        encoder_hidden_states=torch.randn(2, 226, 32, generator=generator),
+        timestep=torch.tensor([999, 999]),
+        image_rotary_emb=tuple(torch.randn(15, 16, generator=generator) for _ in range(2)),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        theirs = transformer(**inputs)[0]
+        use_dispatching_attention(transformer)
+        ours = transformer(**inputs)[0]
+    processors = transformer.attn_processors.values()
+    assert all(isinstance(p, DispatchingCogVideoXAttnProcessor) for p in processors)
+    assert torch.equal(ours, theirs)
+
+
+def test_the_default_backend_is_torchs_sdpa():
+    assert attention_backend(None) == attention_backend("") == AttentionBackendName.NATIVE
+
+
+def test_an_unknown_backend_fails_setup_naming_the_variable_and_the_choices():
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_ATTENTION_BACKEND='flashy' .* native"):
+        attention_backend("flashy")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_a_backend_without_its_package_fails_setup_saying_what_to_install():
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_ATTENTION_BACKEND='flash' .*flash-attn"):
+        attention_backend("flash")

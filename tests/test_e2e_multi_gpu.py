@@ -1,0 +1,242 @@
+"""Several GPUs, one video, through the real Cog server: COGVIDEOX_GPUS=2 on a CPU-only
+machine runs two rank processes over gloo, exactly as two GPUs run over NCCL.
+
+One text-to-video server for the module, on the tiny model at its own 48x80: 500 steps of 49
+frames last long enough to cancel, or kill a rank, in the middle of a prediction. The last
+test that uses it kills one of its ranks: the server is of no use after it, by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from cogvideox_cog.devtools.tiny import TINY
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.variants import VARIANTS
+from tests.cog_server import CogServer, CogServerError, WebhookReceiver, save_data_uri
+from tests.conftest import PROJECT, tiny_server
+
+pytestmark = pytest.mark.e2e
+
+HEIGHT, WIDTH = TINY[("1.0", "t2v")].height, TINY[("1.0", "t2v")].width
+SEED = 5
+QUICK = {"prompt": "a panda plays guitar", "num_inference_steps": 2, "num_frames": 9}
+LONG = {"prompt": "a panda plays guitar", "num_inference_steps": 500, "num_frames": 49}
+TWO_RANKS = {"COGVIDEOX_GPUS": "2"}
+# Two ranks split the guidance batch (CFG-2) or, without guidance, the tokens (Ulysses-2).
+LAYOUTS = {6.0: "CFG-2", 1.0: "Ulysses-2"}
+# "Within a second or two" of the cancel, on a loaded 2-core machine.
+READY_AFTER_CANCEL_S = 3.0
+# A dead rank fails the prediction as soon as it is seen, not at a timeout.
+FAILED_AFTER_KILL_S = 3.0
+IDLE_TICKS = 5  # of CPU time in half a second (100 ticks a second on Linux)
+
+
+@pytest.fixture(scope="module")
+def hooks():
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def server(weights_server, tmp_path_factory):
+    server = tiny_server(
+        "predict_t2v.py",
+        "cogvideox-5b",
+        weights_server.url("1.0-t2v.tar"),
+        tmp_path_factory.mktemp("server-two-ranks"),
+        **TWO_RANKS,
+    )
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def quick_predictions(server) -> dict[float, dict]:
+    """One short prediction per layout two ranks have: by guidance scale."""
+    responses = {}
+    for guidance in LAYOUTS:
+        inputs = {**QUICK, "seed": SEED, "guidance_scale": guidance}
+        responses[guidance] = server.predict(inputs, prediction_id=f"two-ranks-{guidance:g}")
+        assert responses[guidance]["status"] == "succeeded", responses[guidance].get("error")
+    return responses
+
+
+@pytest.fixture(scope="module")
+def quick_prediction(quick_predictions) -> dict:
+    return quick_predictions[6.0]
+
+
+def _frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _one_process_frames(weights: Path, guidance: float) -> np.ndarray:
+    """The same request rendered by today's path: one VideoGenerator, in this process."""
+    cpu = torch.device("cpu")
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, weights, cpu, "none")
+    generator = VideoGenerator(variant, pipe, cpu)
+    request = Request(QUICK["prompt"], "", QUICK["num_frames"], 2, guidance, None, None, SEED)
+    return _frames(generator.render_mp4(request))
+
+
+def _steps(logs: str | None) -> int:
+    return sum(line.startswith("step ") for line in (logs or "").splitlines())
+
+
+def _rank_pids(server: CogServer) -> list[int]:
+    """The rank processes' pids, in rank order, as setup logged them."""
+    found = re.search(r"ranks ready in [\d.]+ s \(pids ([\d, ]+)\)", server.log_text())
+    assert found, server.log_tail()
+    return [int(pid) for pid in found.group(1).split(", ")]
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User and system time a process has used so far (Linux /proc), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _start_long(server: CogServer, hooks: WebhookReceiver, prediction_id: str) -> None:
+    """Start a 500-step prediction and return once its third step is logged."""
+    body = {"input": LONG, "webhook": hooks.url}
+    assert server.put_async(prediction_id, body, busy_wait=10).status_code == 202
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if _steps(server.put_async(prediction_id, body).json().get("logs")) >= 3:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{prediction_id} logged no steps: {server.log_tail()}")
+
+
+@pytest.mark.parametrize("guidance", LAYOUTS)
+def test_two_ranks_give_the_frames_of_one_process_in_each_layout(
+    quick_predictions, guidance, tiny_weights, tmp_path
+):
+    response = quick_predictions[guidance]
+    assert f"layout: {LAYOUTS[guidance]}" in response["logs"]
+    served = _frames(save_data_uri(response["output"], tmp_path / "two-ranks.mp4"))
+    expected = _one_process_frames(tiny_weights["1.0-t2v"], guidance)
+    assert served.shape == expected.shape == (QUICK["num_frames"], HEIGHT, WIDTH, 3)
+    difference = np.abs(served.astype(int) - expected.astype(int))
+    assert difference.max() == 0, f"max {difference.max()}, mean {difference.mean():.4f}"
+
+
+def test_the_prediction_logs_each_step_once_with_the_metrics_of_one_process(quick_prediction):
+    logs = quick_prediction["logs"]
+    assert [line for line in logs.splitlines() if line.startswith("step ")] == [
+        line for line in logs.splitlines() if re.fullmatch(r"step [12]/2, [\d.]+ s elapsed", line)
+    ]
+    assert _steps(logs) == 2 and f"seed: {SEED}" in logs and "wrote " in logs
+    metrics = quick_prediction["metrics"]
+    assert metrics["seed"] == SEED
+    timings = ("prepare", "denoise", "decode", "encode", "total")
+    assert all(metrics[f"{phase}_seconds"] >= 0 for phase in timings), metrics
+
+
+def test_a_bad_input_fails_with_the_input_error_of_one_process(server):
+    response = server.predict({**QUICK, "num_frames": 20})
+    assert response["status"] == "failed"
+    assert "InputError: num_frames=20" in response["error"]
+    server.wait_idle()
+
+
+def test_cancel_stops_every_rank_after_the_same_step_and_the_server_is_ready_again(server, hooks):
+    ranks = _rank_pids(server)
+    _start_long(server, hooks, "two-ranks-cancel")
+    canceled = time.monotonic()
+    assert server.cancel("two-ranks-cancel")
+    server.wait_idle(timeout=30)
+    ready_after = time.monotonic() - canceled
+    final = hooks.wait_for("two-ranks-cancel", timeout=30)
+    assert final["status"] == "canceled"
+    assert ready_after < READY_AFTER_CANCEL_S, f"READY {ready_after:.1f} s after the cancel"
+    # Each rank reported the step it stopped after: one step for all of them.
+    stopped = re.search(r"canceled: 2 ranks stopped, after step \[(\d+)\]", server.log_text())
+    assert stopped, server.log_tail()
+    assert 3 <= int(stopped.group(1)) < 50
+    # And they are idle: no rank keeps computing the canceled video (a computing rank uses
+    # about 50 ticks in half a second; an idle one, its background threads, 0 or 1).
+    before = [_cpu_ticks(pid) for pid in ranks]
+    time.sleep(0.5)
+    used = [ticks - start for ticks, start in zip(map(_cpu_ticks, ranks), before, strict=True)]
+    assert max(used) < IDLE_TICKS, used
+
+
+def test_a_killed_rank_fails_the_prediction_at_once_and_the_server_turns_unhealthy(server, hooks):
+    ranks = _rank_pids(server)
+    _start_long(server, hooks, "two-ranks-kill")
+    killed = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    final = hooks.wait_for("two-ranks-kill", timeout=60)
+    failed_after = time.monotonic() - killed
+    assert final["status"] == "failed"
+    assert "rank 1 was killed by SIGKILL during a prediction" in final["error"]
+    assert failed_after < FAILED_AFTER_KILL_S, f"failed {failed_after:.1f} s after the kill"
+    assert not _running(ranks[0])  # the other rank is stopped too
+
+    health = server.health()
+    assert health["status"] == "UNHEALTHY", health
+    assert "rank 1 was killed by SIGKILL" in health["user_healthcheck_error"]
+    probe = [sys.executable, "-m", "cogvideox_cog.health", "ready", "--url"]
+    assert subprocess.run([*probe, f"{server.url}/health-check"], cwd=PROJECT).returncode == 1
+
+    started = time.monotonic()
+    after = server.predict(QUICK)
+    assert after["status"] == "failed"
+    assert "cannot predict: rank 1 was killed by SIGKILL" in after["error"]
+    assert time.monotonic() - started < 2.0
+
+
+def _weights_a_rank_cannot_load(tiny: Path, folder: Path) -> Path:
+    """The tiny weights as a tar whose transformer config asks for twice the attention heads
+    its tensors hold: every file is complete and well formed, so the Cog process's download
+    and checks pass, and only loading the model, which the ranks alone do, fails."""
+    config_path = "transformer/config.json"
+    config = json.loads((tiny / config_path).read_text())
+    config["num_attention_heads"] *= 2
+    archive_path = folder / "mismatched.tar"
+    with tarfile.open(archive_path, "w") as archive:
+        for path in sorted(tiny.rglob("*")):
+            name = str(path.relative_to(tiny))
+            if name != config_path:
+                archive.add(path, arcname=name, recursive=False)
+        changed = folder / "config.json"
+        changed.write_text(json.dumps(config))
+        archive.add(changed, arcname=config_path)
+    return archive_path
+
+
+def test_a_rank_failing_in_setup_fails_setup_with_that_ranks_error(tiny_weights, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server-bad-rank")
+    weights = _weights_a_rank_cannot_load(tiny_weights["1.0-t2v"], folder)
+    server = tiny_server("predict_t2v.py", "cogvideox-5b", str(weights), folder, **TWO_RANKS)
+    with pytest.raises(CogServerError) as failed:
+        server.start(timeout=300)
+    message = str(failed.value)
+    assert message.startswith("setup failed: ")
+    assert re.search(r"rank [01] failed in setup: WeightsError: .*failed to load", message)

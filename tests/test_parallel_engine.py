@@ -1,0 +1,314 @@
+"""Several processes render the frames of one: the context-parallel engine on gloo.
+
+One spawn of rank processes per rank count renders several cases (tests/parallel_ranks.py);
+each test compares one case's rank-0 frames with the same case rendered here on one process
+without the engine, and checks from the shapes the first attention layer was given that the
+work was really split (a layout that computed everything everywhere would pass the first
+check alone). The tiny models have 2 attention heads, so Ulysses goes up to 2 ranks on them;
+a 4-head copy of the 5B-shaped model covers Ulysses-4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cogvideox_cog.devtools.tiny import save_tiny_weights
+from cogvideox_cog.parallel.engine import SequenceShards
+from cogvideox_cog.parallel.layout import Layout, choose_layout
+from tests.lora_files import lora_tensors, save_diffusers_lora
+from tests.parallel_ranks import Case, Rendered, render, run_ranks
+
+TOLERANCE = 1e-5  # float32 sums in another order
+_FLOAT = torch.zeros(1)
+GUIDED, UNGUIDED = 6.0, 1.0
+
+
+# ---- choose_layout ---------------------------------------------------------------------
+
+
+def test_one_rank_runs_alone():
+    assert choose_layout(1, classifier_free_guidance=True) == Layout(cfg=1, ulysses=1)
+
+
+def test_two_ranks_split_the_guidance_batch():
+    assert choose_layout(2, classifier_free_guidance=True) == Layout(cfg=2, ulysses=1)
+
+
+def test_two_ranks_split_the_sequence_without_guidance():
+    assert choose_layout(2, classifier_free_guidance=False) == Layout(cfg=1, ulysses=2)
+
+
+def test_four_ranks_split_the_batch_then_the_sequence():
+    assert choose_layout(4, classifier_free_guidance=True) == Layout(cfg=2, ulysses=2)
+
+
+def test_eight_ranks_are_cfg_2_by_ulysses_4():
+    layout = choose_layout(8, classifier_free_guidance=True, heads=48)
+    assert (layout, str(layout)) == (Layout(cfg=2, ulysses=4), "CFG-2 x Ulysses-4")
+
+
+def test_without_guidance_every_rank_splits_the_sequence():
+    assert choose_layout(8, classifier_free_guidance=False, heads=48) == Layout(1, 8)
+
+
+def test_ulysses_never_splits_heads_unevenly():
+    # CogVideoX-2B has 30 heads: 4 ranks without guidance cannot each take a quarter.
+    assert choose_layout(4, classifier_free_guidance=False, heads=30) == Layout(1, 2)
+
+
+def test_other_counts_take_the_largest_layout_that_divides_them(caplog):
+    assert choose_layout(6, classifier_free_guidance=True, heads=48) == Layout(2, 3)
+    assert choose_layout(7, classifier_free_guidance=True, heads=48) == Layout(1, 1)
+    assert "the other 6 compute the same video as replicas" in caplog.text
+
+
+def test_a_layout_names_its_splits():
+    assert [str(Layout(1, 1)), str(Layout(2, 1)), str(Layout(1, 2))] == [
+        "single process",
+        "CFG-2",
+        "Ulysses-2",
+    ]
+
+
+# ---- sequence shards -------------------------------------------------------------------
+
+
+def test_shards_of_the_5b_sequence_are_equal_without_padding_on_four_ranks():
+    shards = SequenceShards.plan(text_tokens=226, video_tokens=17_550, ranks=4)
+    assert shards.text == [57, 57, 56, 56] and shards.padding == 0
+    assert {t + v for t, v in zip(shards.text, shards.video, strict=True)} == {4444}
+
+
+def test_an_odd_total_pads_the_video_and_masks_only_the_padding():
+    shards = SequenceShards.plan(text_tokens=226, video_tokens=45, ranks=2)
+    assert (shards.text, shards.video, shards.padding) == ([113, 113], [23, 23], 1)
+    assert shards.key_mask(0, _FLOAT) is None or not shards.key_mask(0, _FLOAT).isinf().any()
+    last = shards.key_mask(1, _FLOAT).flatten()
+    assert last.isinf().nonzero().flatten().tolist() == [135]
+
+
+# ---- frames on several processes ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def picture():
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    rng = np.random.default_rng(4)
+    return [Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)) for _ in range(9)]
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_weights, tmp_path_factory):
+    tensors = lora_tensors(tiny_weights["1.0-t2v"] / "transformer", rank=4, seed=1)
+    return save_diffusers_lora(tensors, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def lora_on_proj_out(tiny_weights, tmp_path_factory):
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+    tensors = lora_tensors(tiny_weights["1.0-t2v"] / "transformer", 4, 2, targets=targets)
+    return save_diffusers_lora(tensors, tmp_path_factory.mktemp("lora-proj-out"))
+
+
+@pytest.fixture(scope="module")
+def four_heads(tmp_path_factory):
+    return save_tiny_weights(tmp_path_factory.mktemp("heads") / "1.0-t2v", "1.0", "t2v", heads=4)
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> dict[str, Case]:
+    w = tiny_weights
+    size_15 = {"height": 48, "width": 80}
+    return {
+        "5b": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}),
+        "5b-unguided": Case(
+            "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, guidance_scale=UNGUIDED
+        ),
+        "5b-i2v": Case(
+            "cogvideox-5b-i2v", w["1.0-i2v"], "i2v", {"num_frames": 9, "image": picture}
+        ),
+        "1.5-unguided-even": Case(
+            "cogvideox1.5-5b",
+            w["1.5-t2v"],
+            call={"num_frames": 9, **size_15},
+            guidance_scale=UNGUIDED,
+        ),
+        "1.5-i2v": Case(
+            "cogvideox1.5-5b-i2v",
+            w["1.5-i2v"],
+            "i2v",
+            {"num_frames": 9, "image": picture, **size_15},
+        ),
+        "v2v": Case("cogvideox-5b", w["1.0-t2v"], "v2v", {"video": clip, "strength": 1.0}),
+        "lora": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, lora=lora),
+        "lora-on-proj-out": Case(
+            "cogvideox-5b",
+            w["1.0-t2v"],
+            call={"num_frames": 9},
+            guidance_scale=UNGUIDED,
+            lora=lora_on_proj_out,
+        ),
+        "fast": Case(
+            "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, steps=4, speed_mode="fast"
+        ),
+        "faster": Case(
+            "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, steps=6, speed_mode="faster"
+        ),
+        "4-heads-unguided": Case(
+            "cogvideox-5b", four_heads, call={"num_frames": 9}, guidance_scale=UNGUIDED
+        ),
+    }
+
+
+TWO_RANKS = (
+    "5b",
+    "5b-i2v",
+    "v2v",
+    "5b-unguided",
+    "1.5-unguided-even",
+    "fast",
+    "faster",
+    "lora-on-proj-out",
+)
+FOUR_RANKS = ("5b", "1.5-i2v", "lora", "5b-unguided", "4-heads-unguided")
+
+
+@pytest.fixture(scope="module")
+def one_process(cases):
+    """Each case rendered here without the engine, once (on one thread, as each rank)."""
+    rendered: dict[str, Rendered] = {}
+    threads = torch.get_num_threads()
+
+    def get(name: str) -> Rendered:
+        if name not in rendered:
+            torch.set_num_threads(1)
+            try:
+                rendered[name] = render(cases[name])
+            finally:
+                torch.set_num_threads(threads)
+        return rendered[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cases, tmp_path_factory):
+    return run_ranks(2, {name: cases[name] for name in TWO_RANKS}, tmp_path_factory.mktemp("2"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(cases, tmp_path_factory):
+    return run_ranks(4, {name: cases[name] for name in FOUR_RANKS}, tmp_path_factory.mktemp("4"))
+
+
+def _assert_same_frames(ranks: list[Rendered], reference: Rendered) -> None:
+    difference = np.abs(ranks[0].frames - reference.frames).max()
+    assert difference <= TOLERANCE, f"rank 0's frames differ by up to {difference:.3g}"
+
+
+def _assert_split(rank: Rendered, reference: Rendered, layout: Layout) -> None:
+    """The rank's first attention layer saw its share: a 1/cfg of the batch and a 1/ulysses
+    of the tokens (rounded up: padding)."""
+    batch, video, text = reference.attention_inputs[0]
+    expected = (batch // layout.cfg, math.ceil((video + text) / layout.ulysses))
+    got_batch, got_video, got_text = rank.attention_inputs[0]
+    assert (got_batch, got_video + got_text) == expected
+
+
+def _check(ranks: list[Rendered], reference: Rendered, layout: Layout) -> None:
+    assert ranks[0].layout == str(layout)
+    _assert_same_frames(ranks, reference)
+    for rank in ranks[: layout.world_size]:
+        _assert_split(rank, reference, layout)
+
+
+def test_cfg_2_renders_the_5b_frames_of_one_process(two_ranks, one_process):
+    _check(two_ranks["5b"], one_process("5b"), Layout(cfg=2, ulysses=1))
+
+
+def test_cfg_2_renders_the_5b_image_to_video_frames_of_one_process(two_ranks, one_process):
+    _check(two_ranks["5b-i2v"], one_process("5b-i2v"), Layout(cfg=2, ulysses=1))
+
+
+def test_cfg_2_renders_the_video_to_video_frames_of_one_process(two_ranks, one_process):
+    _check(two_ranks["v2v"], one_process("v2v"), Layout(cfg=2, ulysses=1))
+
+
+def test_ulysses_2_renders_the_frames_of_one_process_from_an_odd_token_count(
+    two_ranks, one_process
+):
+    # 226 text + 45 video tokens: one token of padding, masked.
+    _check(two_ranks["5b-unguided"], one_process("5b-unguided"), Layout(cfg=1, ulysses=2))
+
+
+def test_ulysses_2_renders_the_1_5_frames_of_one_process(two_ranks, one_process):
+    # 226 text + 30 video tokens (3 latent frames padded to 4 by the pipeline): no padding.
+    reference = one_process("1.5-unguided-even")
+    _check(two_ranks["1.5-unguided-even"], reference, Layout(cfg=1, ulysses=2))
+
+
+def test_every_rank_ends_with_the_same_latents(two_ranks, four_ranks):
+    for ranks in (two_ranks["5b"], two_ranks["5b-unguided"], four_ranks["1.5-i2v"]):
+        for rank in ranks[1:]:
+            assert np.array_equal(rank.latents, ranks[0].latents)
+
+
+def test_speed_mode_fast_on_cfg_2_renders_the_frames_of_one_process(two_ranks, one_process):
+    _check(two_ranks["fast"], one_process("fast"), Layout(cfg=2, ulysses=1))
+
+
+def test_speed_mode_faster_splits_the_sequence_instead_of_the_guidance_batch(
+    two_ranks, one_process
+):
+    # FasterCache computes the negative prompt's half only every few steps: a CFG split
+    # would leave a rank idle then, so both ranks take the sequence.
+    _check(two_ranks["faster"], one_process("faster"), Layout(cfg=1, ulysses=2))
+
+
+def test_cfg_2_x_ulysses_2_renders_the_5b_frames_of_one_process(four_ranks, one_process):
+    _check(four_ranks["5b"], one_process("5b"), Layout(cfg=2, ulysses=2))
+
+
+def test_cfg_2_x_ulysses_2_renders_the_1_5_image_to_video_frames_of_one_process(
+    four_ranks, one_process
+):
+    _check(four_ranks["1.5-i2v"], one_process("1.5-i2v"), Layout(cfg=2, ulysses=2))
+
+
+def test_a_lora_renders_the_frames_of_one_process_on_cfg_2_x_ulysses_2(four_ranks, one_process):
+    _check(four_ranks["lora"], one_process("lora"), Layout(cfg=2, ulysses=2))
+    assert not np.allclose(one_process("lora").frames, one_process("5b").frames)
+
+
+def test_a_lora_on_proj_out_is_refused_where_the_sequence_is_split(two_ranks):
+    # Its LoRA branch would see one rank's tokens after the gather made the output whole.
+    for rank in two_ranks["lora-on-proj-out"]:
+        assert "this LoRA adapts proj_out" in rank.refusal
+        assert "COGVIDEOX_GPUS=1" in rank.refusal
+
+
+def test_ulysses_4_renders_the_frames_of_one_process_from_uneven_text_shards(
+    four_ranks, one_process
+):
+    # 226 text tokens over 4 ranks: 57, 57, 56, 56, the video filling each rank up to 68.
+    reference = one_process("4-heads-unguided")
+    _check(four_ranks["4-heads-unguided"], reference, Layout(cfg=1, ulysses=4))
+
+
+def test_ranks_beyond_the_layout_render_the_same_video_as_a_replica(four_ranks, one_process):
+    # Without guidance, 2 heads allow Ulysses-2 only: ranks 2 and 3 run it a second time.
+    ranks, reference = four_ranks["5b-unguided"], one_process("5b-unguided")
+    _check(ranks, reference, Layout(cfg=1, ulysses=2))
+    for replica in ranks[2:]:
+        _assert_split(replica, reference, Layout(cfg=1, ulysses=2))
+        assert np.array_equal(replica.latents, ranks[0].latents)
