@@ -159,17 +159,26 @@ class VideoGenerator:
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine = None  # parallel.engine.ContextParallel: splits each denoise over ranks
         self.on_step: Callable[[int], None] | None = None  # after each step's log line
+        # After each post-processed frame or pair: rank 0's own cancel check (no other rank
+        # takes part in post-processing, so none is agreed with).
+        self.on_postprocess_progress: Callable[[], None] | None = None
         self.record_metric: Callable[[str, float], None] = _record_cog_metric
 
     @classmethod
     def from_env(
-        cls, mode: Mode, device: torch.device | None = None, warm_up: bool = True
+        cls,
+        mode: Mode,
+        device: torch.device | None = None,
+        warm_up: bool = True,
+        rewrites_prompts: bool = True,
     ) -> VideoGenerator:
         """The generator a deployment's environment describes, weights fetched if needed.
 
         device: the first CUDA GPU, else the CPU, unless given (a rank's own GPU).
         warm_up: False leaves compile_warm_up() to the caller (a rank installs its engine
         first, so that the warm-up compiles the split model).
+        rewrites_prompts: False loads no enhance_prompt model (a rank that receives rank 0's
+        rewrite instead).
         """
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
@@ -197,7 +206,9 @@ class VideoGenerator:
             lora_cache=LoraCache.from_env(),
             postprocessor=postprocessor,
             enhancer=load_enhancer(
-                enhance, device, variant.vram_no_offload_gib if offload == "none" else None
+                enhance if rewrites_prompts else None,
+                device,
+                variant.vram_no_offload_gib if offload == "none" else None,
             ),
         )
         if warm_up:
@@ -314,7 +325,9 @@ class VideoGenerator:
         frames = frames[: plan.num_frames]
         if len(frames) != plan.num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
-        frames, fps = self.postprocessor.apply(frames, plan.fps, plan.postprocess)
+        frames, fps = self.postprocessor.apply(
+            frames, plan.fps, plan.postprocess, self.record_metric, self.on_postprocess_progress
+        )
         return RenderedVideo(
             frames, fps, plan.seed, progress, plan.received, decoded, time.monotonic()
         )
@@ -392,7 +405,12 @@ class VideoGenerator:
                 "motion, or send enhance_prompt=false."
             )
         rewrite = self.enhancer.enhance(
-            prompt, task=self.mode, seed=seed, max_tokens=self.max_prompt_tokens, api_key=api_key
+            prompt,
+            task=self.mode,
+            seed=seed,
+            max_tokens=self.max_prompt_tokens,
+            api_key=api_key,
+            record_metric=self.record_metric,
         )
         return inputs.check_prompt(rewrite, required=True)
 

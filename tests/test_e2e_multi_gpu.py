@@ -25,8 +25,10 @@ import torch
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
+from tests.chat_server import ChatServer, rewrite_of
 from tests.cog_server import CogServer, CogServerError, WebhookReceiver, save_data_uri
 from tests.conftest import PROJECT, tiny_server
 
@@ -53,13 +55,28 @@ def hooks():
 
 
 @pytest.fixture(scope="module")
-def server(weights_server, tmp_path_factory):
+def chat():
+    with ChatServer(delay=3.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(weights_server, chat, tmp_path_factory):
+    """Two ranks, with every optional step a deployment can enable: prompt rewriting by an
+    endpoint, upscale and interpolate (none changes a request that does not ask for it)."""
     server = tiny_server(
         "predict_t2v.py",
         "cogvideox-5b",
         weights_server.url("1.0-t2v.tar"),
         tmp_path_factory.mktemp("server-two-ranks"),
         **TWO_RANKS,
+        COGVIDEOX_ENHANCE_PROMPT="openai",
+        COGVIDEOX_ENHANCE_BASE_URL=chat.base_url,
+        COGVIDEOX_ENHANCE_TIMEOUT="5",
+        COGVIDEOX_UPSCALE="1",
+        COGVIDEOX_UPSCALE_URL=weights_server.url("realesrgan.pth"),
+        COGVIDEOX_INTERPOLATE="1",
+        COGVIDEOX_INTERPOLATE_URL=weights_server.url("rife.pkl"),
     )
     server.start(timeout=300)
     yield server
@@ -156,6 +173,28 @@ def test_the_prediction_logs_each_step_once_with_the_metrics_of_one_process(quic
     assert metrics["seed"] == SEED
     timings = ("prepare", "denoise", "decode", "encode", "total")
     assert all(metrics[f"{phase}_seconds"] >= 0 for phase in timings), metrics
+
+
+def test_two_ranks_ask_the_endpoint_once_and_render_its_rewrite(server, chat, tmp_path):
+    chat.requests.clear()
+    enhanced = server.predict({**QUICK, "seed": SEED, "enhance_prompt": True})
+    assert enhanced["status"] == "succeeded", enhanced.get("error")
+    assert len(chat.requests) == 1  # rank 0 asked; rank 1 received its text
+    assert enhanced["metrics"]["enhanced_prompt"] == rewrite_of(QUICK["prompt"])
+    written = server.predict({**QUICK, "seed": SEED, "prompt": rewrite_of(QUICK["prompt"])})
+    assert written["status"] == "succeeded", written.get("error")
+    assert np.array_equal(
+        _frames(save_data_uri(enhanced["output"], tmp_path / "enhanced.mp4")),
+        _frames(save_data_uri(written["output"], tmp_path / "written.mp4")),
+    )
+
+
+def test_rank_0_upscales_and_interpolates_and_reports_their_seconds(server, tmp_path):
+    response = server.predict({**QUICK, "seed": SEED, "upscale": "2x", "interpolate": "2x"})
+    assert response["status"] == "succeeded", response.get("error")
+    video = probe_mp4(save_data_uri(response["output"], tmp_path / "post.mp4"))
+    assert (video["frames"], video["width"], video["height"]) == (17, 2 * WIDTH, 2 * HEIGHT)
+    assert {"upscale_seconds", "interpolate_seconds"} <= set(response["metrics"])
 
 
 def test_a_bad_input_fails_with_the_input_error_of_one_process(server):

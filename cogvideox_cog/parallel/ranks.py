@@ -22,10 +22,11 @@ from multiprocessing.synchronize import Event
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError, LoraError
+from ..errors import EnhanceError, InputError, LoraError
 from ..generator import VideoGenerator
 from ..logs import disable_progress_bars
 from ..pipeline import Mode
+from ..prompts.enhance import config_from_env
 from .engine import ContextParallel
 from .lifetime import exit_with_parent
 from .protocol import Canceled, Done, Failed, LogLine, Metric, Outcome, Ready, Render, SetupFailed
@@ -38,8 +39,8 @@ class StepCanceled(BaseException):
     A BaseException, as Cog's own CancelationException, so no `except Exception` eats it."""
 
     def __init__(self, step: int):
-        super().__init__(f"canceled after step {step + 1}")
-        self.step = step
+        super().__init__(f"canceled after step {step + 1}" if step >= 0 else "canceled")
+        self.step = step  # -1: while post-processing, after the last step
 
 
 def serve(
@@ -96,13 +97,18 @@ def _set_up(
         world_size=world_size,
         device_id=device if cuda else None,
     )
-    generator = VideoGenerator.from_env(mode, device=device, warm_up=False)
+    generator = VideoGenerator.from_env(
+        mode, device=device, warm_up=False, rewrites_prompts=rank == 0
+    )
     generator.engine = ContextParallel(generator.pipe, world_size)
     generator.on_step = AgreedCancel(cancel, device)
     generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
+    if config_from_env() is not None:  # the same setting on every rank
+        generator.enhancer = RewrittenOnce(generator.enhancer, rank)
     generator.compile_warm_up()  # with the engine in place: it compiles the split model
     if rank == 0:
         generator.record_metric = lambda name, value: sender.send(Metric(name, value))
+        generator.on_postprocess_progress = OwnCancel(cancel)
     return generator
 
 
@@ -133,6 +139,40 @@ class AgreedCancel:
         dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
         if wanted.item():
             raise StepCanceled(step)
+
+
+class OwnCancel:
+    """Rank 0's cancel check while it post-processes alone (the other ranks are done, so
+    nothing is agreed): it stops between two frames or frame pairs."""
+
+    def __init__(self, flag: Event):
+        self.flag = flag
+
+    def __call__(self) -> None:
+        if self.flag.is_set():
+            raise StepCanceled(-1)
+
+
+class RewrittenOnce:
+    """enhance_prompt across ranks: rank 0 rewrites (one call to the model or endpoint, whose
+    answers need not repeat) and sends the text to the others, so every rank encodes the same
+    prompt; if rank 0 fails, all fail, none waits."""
+
+    def __init__(self, enhancer, rank: int):
+        self.enhancer, self.rank = enhancer, rank
+
+    def enhance(self, prompt: str, **kwargs) -> str:
+        box: list[str | None] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = self.enhancer.enhance(prompt, **kwargs)
+            finally:
+                dist.broadcast_object_list(box, src=0)
+            return box[0]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            raise EnhanceError("rank 0 could not rewrite the prompt: see its error")
+        return box[0]
 
 
 class LoraFetchedOnce:

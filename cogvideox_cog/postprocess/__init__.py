@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cog
@@ -95,15 +96,28 @@ class Postprocessor:
             )
         return steps
 
-    def apply(self, frames: np.ndarray, fps: int, steps: Steps) -> tuple[np.ndarray, int]:
-        """The frames and fps after the requested steps; unchanged when none is asked for."""
+    def apply(
+        self,
+        frames: np.ndarray,
+        fps: int,
+        steps: Steps,
+        record_metric: Callable[[str, float], None] | None = None,
+        on_progress: Callable[[], None] | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """The frames and fps after the requested steps; unchanged when none is asked for.
+
+        record_metric: where the seconds go (Cog's metrics unless given: a rank sends them to
+        the Cog process). on_progress: called after each frame or pair (a rank's cancel
+        check, which may raise).
+        """
+        record = record_metric or _cog_metric
         if steps.upscale > 1:
-            frames = self._upscale(frames, steps.upscale)
+            frames = self._upscale(frames, steps.upscale, record, on_progress)
         if steps.interpolate > 1:
-            frames, fps = self._interpolate(frames, fps, steps.interpolate)
+            frames, fps = self._interpolate(frames, fps, steps.interpolate, record, on_progress)
         return frames, fps
 
-    def _upscale(self, frames: np.ndarray, factor: int) -> np.ndarray:
+    def _upscale(self, frames: np.ndarray, factor: int, record, on_progress) -> np.ndarray:
         started = time.monotonic()
         count, height, width = frames.shape[:3]
         out_h, out_w = rrdbnet.upscaled_size(height, width, factor)
@@ -119,14 +133,16 @@ class Postprocessor:
                 factor,
                 self.device,
                 self.dtype,
-                on_frame=_Progress("upscale", "frames"),
+                on_frame=_Progress("upscale", "frames", on_progress),
             )
         finally:
             self._release_memory()
-        _record("upscale_seconds", started, f"upscale: {out_w}x{out_h}")
+        _record(record, "upscale_seconds", started, f"upscale: {out_w}x{out_h}")
         return frames
 
-    def _interpolate(self, frames: np.ndarray, fps: int, factor: int) -> tuple[np.ndarray, int]:
+    def _interpolate(
+        self, frames: np.ndarray, fps: int, factor: int, record, on_progress
+    ) -> tuple[np.ndarray, int]:
         started = time.monotonic()
         count = rife.interpolated_count(len(frames), factor)
         log.info(
@@ -140,11 +156,11 @@ class Postprocessor:
                 factor,
                 self.device,
                 self.dtype,
-                on_pair=_Progress("interpolate", "frame pairs"),
+                on_pair=_Progress("interpolate", "frame pairs", on_progress),
             )
         finally:
             self._release_memory()
-        _record("interpolate_seconds", started, f"interpolate: {count} frames")
+        _record(record, "interpolate_seconds", started, f"interpolate: {count} frames")
         return frames, fps * factor
 
     def _release_memory(self) -> None:
@@ -155,21 +171,27 @@ class Postprocessor:
 class _Progress:
     """A log line every PROGRESS_EVERY_S: where a long step is, and that it is alive."""
 
-    def __init__(self, step: str, unit: str):
-        self.step, self.unit = step, unit
+    def __init__(self, step: str, unit: str, on_progress: Callable[[], None] | None = None):
+        self.step, self.unit, self.on_progress = step, unit, on_progress
         self.started = self.last = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_S and done < total:
             self.last = now
             log.info(f"{self.step}: {done}/{total} {self.unit}, {now - self.started:.1f} s elapsed")
 
 
-def _record(metric: str, started: float, what: str) -> None:
+def _record(record: Callable[[str, float], None], metric: str, started: float, what: str) -> None:
     seconds = time.monotonic() - started
-    cog.current_scope().record_metric(metric, round(seconds, 3))
+    record(metric, round(seconds, 3))
     log.info(f"{what} in {seconds:.1f} s")
+
+
+def _cog_metric(name: str, value: float) -> None:
+    cog.current_scope().record_metric(name, value)
 
 
 def _factor(name: str, value: str, model, env: str) -> int:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cog
@@ -51,9 +52,17 @@ class PromptEnhancer:
         self.rewriter = rewriter
 
     def enhance(
-        self, prompt: str, *, task: str, seed: int, max_tokens: int, api_key: str | None = None
+        self,
+        prompt: str,
+        *,
+        task: str,
+        seed: int,
+        max_tokens: int,
+        api_key: str | None = None,
+        record_metric: Callable[[str, object], None] | None = None,
     ) -> str:
-        """The rewrite of `prompt`, tidied; EnhanceError if the backend gives none."""
+        """The rewrite of `prompt`, tidied; EnhanceError if the backend gives none.
+        record_metric: where the rewrite and its seconds go (Cog's metrics unless given)."""
         started = time.monotonic()
         reply = self.rewriter.rewrite(
             messages(prompt, task), seed=seed, max_tokens=max_tokens, api_key=api_key
@@ -74,9 +83,9 @@ class PromptEnhancer:
             else f"{text[:LOGGED_CHARS]}... ({len(text):,} characters)"
         )
         log.info(f"enhanced prompt by {self.rewriter.name} in {seconds:.1f} s: {shown!r}")
-        scope = cog.current_scope()
-        scope.record_metric("enhanced_prompt", text)
-        scope.record_metric("enhance_seconds", round(seconds, 3))
+        record = record_metric or cog.current_scope().record_metric
+        record("enhanced_prompt", text)
+        record("enhance_seconds", round(seconds, 3))
         return text
 
 
