@@ -14,8 +14,8 @@ mesh, `dispatch_attention_fn`'s Ulysses attention, and its hook classes (`ModelH
   all-to-all needs equal shards). Where the total does not divide, the video is padded at
   its end and the padding masked out of attention as keys; its outputs are dropped.
 - A CFG split (not in diffusers). The two halves of the guidance batch (negative, positive
-  prompt) go to the two rows of a (cfg, ring, ulysses) mesh; the noise prediction is
-  gathered along the batch at the transformer's output.
+  prompt) go to the two rows of a (replica, cfg, ring, ulysses) mesh; the noise prediction
+  is gathered along the batch at the transformer's output.
 
 Ring attention is not offered: it needs flash or cuDNN attention, which CPUs lack, so it
 could not be tested here. `enable_parallelism` is not called: it computes

@@ -3,7 +3,7 @@
 Classifier-free guidance runs the transformer on a batch of two (negative and positive
 prompt) whose halves never interact: splitting it over two ranks costs one gather of the
 noise prediction per step, the cheapest split there is, so it comes first. The remaining
-factor splits the token sequence (Ulysses attention: two all-to-alls per attention layer).
+factor splits the token sequence (Ulysses attention: four all-to-alls per attention layer).
 """
 
 from __future__ import annotations
