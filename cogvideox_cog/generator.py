@@ -478,9 +478,11 @@ class VideoGenerator:
                 f"speed_mode {plan.speed_mode}: step caching, faster and slightly less faithful"
             )
         try:
+            # The cache hooks first: the engine reads them to choose a layout (FasterCache
+            # skips the guidance batch's negative half, so it cannot be split by CFG).
             with (
-                self._split_over_ranks(plan.guidance_scale > 1),
                 step_cache(self.pipe, plan.speed_mode, plan.guidance_scale > 1),
+                self._split_over_ranks(plan.guidance_scale > 1),
             ):
                 return self.pipe(
                     **self._text_embeddings(plan),

@@ -104,13 +104,23 @@ def _frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def _one_process_frames(weights: Path, guidance: float) -> np.ndarray:
+def _one_process_frames(weights: Path, guidance: float, speed_mode="default") -> np.ndarray:
     """The same request rendered by today's path: one VideoGenerator, in this process."""
     cpu = torch.device("cpu")
     variant = VARIANTS["cogvideox-5b"]
     pipe = build_pipeline(variant, weights, cpu, "none")
     generator = VideoGenerator(variant, pipe, cpu)
-    request = Request(QUICK["prompt"], "", QUICK["num_frames"], 2, guidance, None, None, SEED)
+    request = Request(
+        QUICK["prompt"],
+        "",
+        QUICK["num_frames"],
+        2,
+        guidance,
+        None,
+        None,
+        SEED,
+        speed_mode=speed_mode,
+    )
     return _frames(generator.render_mp4(request))
 
 
@@ -195,6 +205,16 @@ def test_rank_0_upscales_and_interpolates_and_reports_their_seconds(server, tmp_
     video = probe_mp4(save_data_uri(response["output"], tmp_path / "post.mp4"))
     assert (video["frames"], video["width"], video["height"]) == (17, 2 * WIDTH, 2 * HEIGHT)
     assert {"upscale_seconds", "interpolate_seconds"} <= set(response["metrics"])
+
+
+def test_faster_with_guidance_runs_on_two_ranks_as_on_one_process(server, tiny_weights, tmp_path):
+    """FasterCache skips the negative half of guidance: the ranks split tokens instead."""
+    response = server.predict({**QUICK, "seed": SEED, "speed_mode": "faster"})
+    assert response["status"] == "succeeded", response.get("error")
+    assert "layout: Ulysses-2" in response["logs"]
+    frames = _frames(save_data_uri(response["output"], tmp_path / "faster.mp4"))
+    expected = _one_process_frames(tiny_weights["1.0-t2v"], 6.0, speed_mode="faster")
+    assert np.array_equal(frames, expected)
 
 
 def test_a_bad_input_fails_with_the_input_error_of_one_process(server):
