@@ -1,5 +1,7 @@
 """enhance_prompt end to end: the real Cog server on a tiny text-to-video model, its prompts
-rewritten by a chat-completions endpoint on 127.0.0.1 that answers or fails."""
+rewritten by a chat-completions endpoint on 127.0.0.1 that answers or fails. Image-to-video
+and video-to-video, each asking with its own instruction: tests/test_e2e_i2v.py and
+test_e2e_v2v.py; refused where the deployment has no backend: tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 

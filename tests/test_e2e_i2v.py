@@ -1,4 +1,8 @@
-"""Image-to-video end to end: the real Cog server with an image sent as a data URI or URL."""
+"""Image-to-video end to end: the real Cog server with an image sent as a data URI or URL.
+
+Its deployment enables upscale and enhance_prompt (an OpenAI-compatible endpoint on 127.0.0.1)
+but not interpolate, so one server shows both: the enabled inputs working, the other refused.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from PIL import Image
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import probe_mp4
+from cogvideox_cog.prompts.instruction import instruction
+from tests.chat_server import ChatServer, rewrite_of
 from tests.cog_server import CogServerError, data_uri, save_data_uri
 from tests.file_server import FileServer
 
@@ -32,8 +38,29 @@ def _video(response, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server("predict_i2v.py", "cogvideox-5b-i2v", "1.0-i2v")
+def chat_endpoint():
+    with ChatServer() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def chat(chat_endpoint):
+    """The endpoint, with no request received yet."""
+    chat_endpoint.requests.clear()
+    return chat_endpoint
+
+
+@pytest.fixture(scope="module")
+def server(start_server, weights_server, chat_endpoint):
+    return start_server(
+        "predict_i2v.py",
+        "cogvideox-5b-i2v",
+        "1.0-i2v",
+        COGVIDEOX_UPSCALE="1",
+        COGVIDEOX_UPSCALE_URL=weights_server.url("realesrgan.pth"),
+        COGVIDEOX_ENHANCE_PROMPT="openai",
+        COGVIDEOX_ENHANCE_BASE_URL=chat_endpoint.base_url,
+    )
 
 
 def test_image_is_fitted_to_the_model_resolution(server, tmp_path):
@@ -93,3 +120,30 @@ def test_interpolate_where_the_deployment_did_not_enable_it_is_refused_naming_th
     assert "step 1/" not in (response.get("logs") or "")  # refused before any work
     server.wait_idle(timeout=10)
     assert server.status() == "READY"
+
+
+def test_upscale_2x_doubles_the_width_and_height_and_keeps_the_frames(server, tmp_path):
+    image = data_uri(_photo(TINY_W, TINY_H, "PNG"), "image/png")
+    response = server.predict({**FAST, "image": image, "upscale": "2x"})
+    info = probe_mp4(_video(response, tmp_path))
+    assert (info["width"], info["height"], info["frames"]) == (TINY_W * 2, TINY_H * 2, 9)
+    assert response["metrics"]["upscale_seconds"] > 0
+
+
+def test_enhance_prompt_asks_the_endpoint_once_with_the_image_to_video_instruction(server, chat):
+    image = data_uri(_photo(TINY_W, TINY_H, "PNG"), "image/png")
+    response = server.predict({**FAST, "image": image, "enhance_prompt": True})
+    assert response["status"] == "succeeded", response.get("error")
+    assert response["metrics"]["enhanced_prompt"] == rewrite_of(FAST["prompt"])
+    (sent,) = chat.bodies()
+    assert sent["messages"][0]["content"] == instruction("i2v")
+    assert sent["messages"][-1]["content"] == FAST["prompt"]
+
+
+def test_enhance_prompt_with_an_empty_prompt_is_refused_without_asking_the_endpoint(server, chat):
+    image = data_uri(_photo(TINY_W, TINY_H, "PNG"), "image/png")
+    response = server.predict({**FAST, "prompt": "", "image": image, "enhance_prompt": True})
+    assert response["status"] == "failed"
+    assert "enhance_prompt needs a prompt to rewrite" in response["error"]
+    assert chat.requests == []
+    server.wait_idle(timeout=10)

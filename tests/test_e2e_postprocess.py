@@ -1,7 +1,7 @@
 """upscale and interpolate end to end: a real Cog server whose setup fetches tiny random RIFE
 and Real-ESRGAN files over HTTP; the mp4's frames, fps and size are what docs/postprocessing.md
-says. Refusals where a step is not enabled: tests/test_e2e_i2v.py and test_e2e_v2v.py; i2v
-and v2v with the steps: tests/test_postprocess_predictors.py."""
+says. Image-to-video upscaled and video-to-video interpolated, and each refusing the step its
+deployment did not enable: tests/test_e2e_i2v.py and test_e2e_v2v.py."""
 
 from __future__ import annotations
 

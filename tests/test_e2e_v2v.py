@@ -1,4 +1,9 @@
-"""Video-to-video end to end: the real Cog server with a clip sent as a data URI."""
+"""Video-to-video end to end: the real Cog server with a clip sent as a data URI.
+
+Its deployment enables interpolate and enhance_prompt (an OpenAI-compatible endpoint on
+127.0.0.1) but not upscale, so one server shows both: the enabled inputs working, the other
+refused.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import pytest
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
+from cogvideox_cog.prompts.instruction import instruction
+from tests.chat_server import ChatServer, rewrite_of
 from tests.cog_server import data_uri, save_data_uri
 
 pytestmark = pytest.mark.e2e
@@ -26,8 +33,29 @@ def _clip(tmp_path, frames: int, fps: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server("predict_v2v.py", "cogvideox-5b", "1.0-t2v")
+def chat_endpoint():
+    with ChatServer() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def chat(chat_endpoint):
+    """The endpoint, with no request received yet."""
+    chat_endpoint.requests.clear()
+    return chat_endpoint
+
+
+@pytest.fixture(scope="module")
+def server(start_server, weights_server, chat_endpoint):
+    return start_server(
+        "predict_v2v.py",
+        "cogvideox-5b",
+        "1.0-t2v",
+        COGVIDEOX_INTERPOLATE="1",
+        COGVIDEOX_INTERPOLATE_URL=weights_server.url("rife.pkl"),
+        COGVIDEOX_ENHANCE_PROMPT="openai",
+        COGVIDEOX_ENHANCE_BASE_URL=chat_endpoint.base_url,
+    )
 
 
 def test_output_has_the_requested_frames_fps_and_the_model_size(server, tmp_path):
@@ -89,3 +117,23 @@ def test_upscale_where_the_deployment_did_not_enable_it_is_refused_naming_the_va
     assert "step 1/" not in (response.get("logs") or "")  # refused before any work
     server.wait_idle(timeout=10)
     assert server.status() == "READY"
+
+
+def test_interpolate_2x_gives_twice_the_frames_less_one_at_twice_the_fps(server, tmp_path):
+    response = server.predict({**FAST, "video": _clip(tmp_path, 9, 8), "interpolate": "2x"})
+    assert response["status"] == "succeeded", response.get("error")
+    info = probe_mp4(save_data_uri(response["output"], tmp_path / "out.mp4"))
+    assert (info["frames"], info["fps"]) == ((9 - 1) * 2 + 1, 8 * 2)
+    assert (info["width"], info["height"]) == (TINY_W, TINY_H)
+    assert response["metrics"]["interpolate_seconds"] > 0
+
+
+def test_enhance_prompt_asks_the_endpoint_once_with_the_video_to_video_instruction(
+    server, chat, tmp_path
+):
+    response = server.predict({**FAST, "video": _clip(tmp_path, 9, 8), "enhance_prompt": True})
+    assert response["status"] == "succeeded", response.get("error")
+    assert response["metrics"]["enhanced_prompt"] == rewrite_of(FAST["prompt"])
+    (sent,) = chat.bodies()
+    assert sent["messages"][0]["content"] == instruction("v2v")
+    assert sent["messages"][-1]["content"] == FAST["prompt"]
