@@ -164,16 +164,17 @@ def configure_pipeline(
     return pipe
 
 
-def compile_transformer(transformer: torch.nn.Module) -> None:
+def compile_transformer(transformer: torch.nn.Module, backend: str = "inductor") -> None:
     """Regional compilation: each CogVideoXBlock compiled in place, the rest left eager.
 
     The blocks share one forward and, with their weights as graph inputs, one compiled graph:
     compiling costs one block's graph instead of the whole model's (140 s a graph for all of
     5B on an H100). In place, so offload hooks and the pipeline keep the same modules.
     Compiling happens on the first calls: warm_up(), with the compile cache (compile_cache.py).
+    backend: torch.compile's; tests of recompiles pass a cheaper one (guards are dynamo's).
     """
     transformer._repeated_blocks = ["CogVideoXBlock"]  # diffusers does not set it for CogVideoX
-    transformer.compile_repeated_blocks()
+    transformer.compile_repeated_blocks(backend=backend)
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

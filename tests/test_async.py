@@ -245,8 +245,11 @@ def _live_tensors() -> tuple[int, int]:
         warnings.simplefilter("ignore")  # isinstance() pokes deprecated torch module attributes
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+                try:
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                except RuntimeError:  # a fake tensor left by an earlier compile: no memory
+                    continue
     return len(storages), sum(storages.values())
 
 

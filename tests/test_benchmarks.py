@@ -168,7 +168,8 @@ def test_fp8_is_refused_before_any_work_without_a_gpu_that_has_fp8(script, tmp_p
 @needs_cpp_compiler
 def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_records(tmp_path):
     """benchmarks/gpu_run.sh --tiny: every step succeeds, the warm start compiles nothing, and
-    summary.json has the new records next to the ones it had."""
+    summary.json has the new records next to the ones it had. (At tiny size the warm start
+    shares the cold one's inductor folder; the cache file alone: test_compile_cache.py.)"""
     import os
     import subprocess
     import sys

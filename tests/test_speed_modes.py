@@ -12,7 +12,7 @@ from cogvideox_cog.errors import InputError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.variants import VARIANTS
-from tests.markers import needs_cpp_compiler
+from tests.markers import GUARDS_BACKEND
 
 CPU = torch.device("cpu")
 STEPS = 20
@@ -117,7 +117,6 @@ def test_faster_runs_on_other_variants_and_leaves_default_exact(
     np.testing.assert_array_equal(_render(generator, **fields), default)
 
 
-@needs_cpp_compiler
 def test_on_a_compiled_transformer_speed_modes_run_eagerly_and_compile_nothing(
     tiny_weights, default
 ):
@@ -129,7 +128,7 @@ def test_on_a_compiled_transformer_speed_modes_run_eagerly_and_compile_nothing(
     pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
     uncompiled = VideoGenerator(variant, pipe, CPU)
     eager = {mode: _render(uncompiled, speed_mode=mode) for mode in ("fast", "faster")}
-    compile_transformer(pipe.transformer)
+    compile_transformer(pipe.transformer, GUARDS_BACKEND)
     generator = VideoGenerator(variant, pipe, CPU)
     try:
         _render(generator)  # compiles the default path, as setup's warm-up does
