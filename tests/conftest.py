@@ -13,6 +13,7 @@ import pytest
 from cogvideox_cog.devtools.openapi import SCHEMA_PATH, write_schema
 from cogvideox_cog.devtools.tiny import TINY, save_tiny_weights
 from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, save_tiny_rife
+from tests.chat_server import ChatServer
 from tests.cog_server import CogServer
 from tests.file_server import FileServer
 
@@ -102,3 +103,39 @@ def start_server(weights_server, tmp_path_factory) -> Iterator[Callable[..., Cog
     yield start
     for server in servers:
         server.stop()
+
+
+def optional_steps(
+    weights_server: FileServer,
+    *,
+    upscale: bool = False,
+    interpolate: bool = False,
+    endpoint: ChatServer | None = None,
+) -> dict[str, str]:
+    """The environment that enables a deployment's optional steps: upscale and interpolate
+    with the tiny models from `weights_server`, prompt rewriting by `endpoint`."""
+    env = {}
+    if upscale:
+        env |= {"COGVIDEOX_UPSCALE": "1"}
+        env |= {"COGVIDEOX_UPSCALE_URL": weights_server.url("realesrgan.pth")}
+    if interpolate:
+        env |= {"COGVIDEOX_INTERPOLATE": "1"}
+        env |= {"COGVIDEOX_INTERPOLATE_URL": weights_server.url("rife.pkl")}
+    if endpoint is not None:
+        env |= {"COGVIDEOX_ENHANCE_PROMPT": "openai"}
+        env |= {"COGVIDEOX_ENHANCE_BASE_URL": endpoint.base_url}
+    return env
+
+
+@pytest.fixture(scope="module")
+def chat_endpoint() -> Iterator[ChatServer]:
+    """A chat-completions endpoint on 127.0.0.1 for one test module's server."""
+    with ChatServer() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def chat(chat_endpoint) -> ChatServer:
+    """The endpoint, with no request received yet."""
+    chat_endpoint.requests.clear()
+    return chat_endpoint

@@ -15,8 +15,9 @@ from PIL import Image
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.prompts.instruction import instruction
-from tests.chat_server import ChatServer, rewrite_of
+from tests.chat_server import rewrite_of
 from tests.cog_server import CogServerError, data_uri, save_data_uri
+from tests.conftest import optional_steps
 from tests.file_server import FileServer
 
 pytestmark = pytest.mark.e2e
@@ -38,28 +39,12 @@ def _video(response, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def chat_endpoint():
-    with ChatServer() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def chat(chat_endpoint):
-    """The endpoint, with no request received yet."""
-    chat_endpoint.requests.clear()
-    return chat_endpoint
-
-
-@pytest.fixture(scope="module")
 def server(start_server, weights_server, chat_endpoint):
     return start_server(
         "predict_i2v.py",
         "cogvideox-5b-i2v",
         "1.0-i2v",
-        COGVIDEOX_UPSCALE="1",
-        COGVIDEOX_UPSCALE_URL=weights_server.url("realesrgan.pth"),
-        COGVIDEOX_ENHANCE_PROMPT="openai",
-        COGVIDEOX_ENHANCE_BASE_URL=chat_endpoint.base_url,
+        **optional_steps(weights_server, upscale=True, endpoint=chat_endpoint),
     )
 
 

@@ -30,7 +30,7 @@ from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.chat_server import ChatServer, rewrite_of
 from tests.cog_server import CogServer, CogServerError, WebhookReceiver, save_data_uri
-from tests.conftest import PROJECT, tiny_server
+from tests.conftest import PROJECT, optional_steps, tiny_server
 
 pytestmark = pytest.mark.e2e
 
@@ -70,13 +70,8 @@ def server(weights_server, chat, tmp_path_factory):
         weights_server.url("1.0-t2v.tar"),
         tmp_path_factory.mktemp("server-two-ranks"),
         **TWO_RANKS,
-        COGVIDEOX_ENHANCE_PROMPT="openai",
-        COGVIDEOX_ENHANCE_BASE_URL=chat.base_url,
+        **optional_steps(weights_server, upscale=True, interpolate=True, endpoint=chat),
         COGVIDEOX_ENHANCE_TIMEOUT="5",
-        COGVIDEOX_UPSCALE="1",
-        COGVIDEOX_UPSCALE_URL=weights_server.url("realesrgan.pth"),
-        COGVIDEOX_INTERPOLATE="1",
-        COGVIDEOX_INTERPOLATE_URL=weights_server.url("rife.pkl"),
     )
     server.start(timeout=300)
     yield server

@@ -14,6 +14,7 @@ import pytest
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import probe_mp4
 from tests.cog_server import CogServerError, WebhookReceiver, save_data_uri
+from tests.conftest import optional_steps
 
 pytestmark = pytest.mark.e2e
 
@@ -21,20 +22,9 @@ TINY_H, TINY_W = TINY[("1.0", "t2v")].height, TINY[("1.0", "t2v")].width
 FAST = {"prompt": "a panda plays guitar", "num_inference_steps": 2, "num_frames": 9, "seed": 5}
 
 
-def _enabled(weights_server, interpolate: bool, upscale: bool) -> dict[str, str]:
-    env = {}
-    if interpolate:
-        env |= {"COGVIDEOX_INTERPOLATE": "1"}
-        env |= {"COGVIDEOX_INTERPOLATE_URL": weights_server.url("rife.pkl")}
-    if upscale:
-        env |= {"COGVIDEOX_UPSCALE": "1"}
-        env |= {"COGVIDEOX_UPSCALE_URL": weights_server.url("realesrgan.pth")}
-    return env
-
-
 @pytest.fixture(scope="module")
 def t2v(start_server, weights_server):
-    env = _enabled(weights_server, interpolate=True, upscale=True)
+    env = optional_steps(weights_server, interpolate=True, upscale=True)
     return start_server("predict_t2v.py", "cogvideox-5b", "1.0-t2v", **env)
 
 

@@ -15,8 +15,9 @@ import pytest
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 from cogvideox_cog.prompts.instruction import instruction
-from tests.chat_server import ChatServer, rewrite_of
+from tests.chat_server import rewrite_of
 from tests.cog_server import data_uri, save_data_uri
+from tests.conftest import optional_steps
 
 pytestmark = pytest.mark.e2e
 
@@ -33,28 +34,12 @@ def _clip(tmp_path, frames: int, fps: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def chat_endpoint():
-    with ChatServer() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def chat(chat_endpoint):
-    """The endpoint, with no request received yet."""
-    chat_endpoint.requests.clear()
-    return chat_endpoint
-
-
-@pytest.fixture(scope="module")
 def server(start_server, weights_server, chat_endpoint):
     return start_server(
         "predict_v2v.py",
         "cogvideox-5b",
         "1.0-t2v",
-        COGVIDEOX_INTERPOLATE="1",
-        COGVIDEOX_INTERPOLATE_URL=weights_server.url("rife.pkl"),
-        COGVIDEOX_ENHANCE_PROMPT="openai",
-        COGVIDEOX_ENHANCE_BASE_URL=chat_endpoint.base_url,
+        **optional_steps(weights_server, interpolate=True, endpoint=chat_endpoint),
     )
 
 
