@@ -14,7 +14,8 @@ Behaviour of the server that this harness relies on (cog 0.23.1, no Docker):
 - If the worker process dies mid-prediction the response is failed/"Worker crashed", health
   turns UNHEALTHY and every later request gets 409: the server must be restarted.
 - GET /health-check answers HTTP 200 in every state. After the worker dies it says UNHEALTHY
-  with `user_healthcheck_error` "Healthcheck error: protocol error: healthcheck channel closed".
+  with `user_healthcheck_error` "Healthcheck error: protocol error: healthcheck channel closed"
+  (or "... healthcheck response channel dropped", when the check was in flight as it died).
 - SIGTERM (or POST /shutdown) to the server alone: it stops serving at once, sends its worker a
   shutdown message and exits when the worker has; a worker still inside run() is killed after
   10 s. The running prediction never gets a final webhook. SIGTERM to the whole process group

@@ -196,7 +196,10 @@ def test_health_probes_pass_ready_and_busy_and_fail_once_the_worker_is_killed(
         time.sleep(0.1)
     response = requests.get(f"{server.url}/health-check", timeout=30)
     assert response.status_code == 200
-    assert "healthcheck channel closed" in response.json()["user_healthcheck_error"]
+    # Coglet words it by where its health check was when the worker died (a race).
+    error = response.json()["user_healthcheck_error"]
+    assert error.startswith("Healthcheck error: protocol error: healthcheck"), error
+    assert error.endswith(("channel closed", "response channel dropped")), error
     assert server.proc.poll() is None
     assert server.send(body={"input": LONG}, busy_wait=0).status_code == 409
     assert (_probe("live", server), _probe("ready", server)) == (1, 1)
