@@ -59,7 +59,7 @@ from cogvideox_cog.devtools.tiny import TINY, build_tiny_pipeline
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.inputs import RESOLUTION_ENV
 from cogvideox_cog.media.mp4 import probe_mp4
-from cogvideox_cog.pipeline import PIPELINES, configure_pipeline, pipeline_dtype
+from cogvideox_cog.pipeline import PIPELINES, choose_compile, configure_pipeline, pipeline_dtype
 from cogvideox_cog.variants import VARIANTS, Variant
 
 log = logging.getLogger("pipeline_speed")
@@ -528,13 +528,14 @@ def set_up(args, variant: Variant, offload: str, device: torch.device, record: d
     components = build_components(args, variant, offload, device, pipeline_dtype(variant, device))
     pipe = PIPELINES["t2v"](**components)
     del components
-    pipe = configure_pipeline(pipe, variant, device, offload, compile_transformer=args.compile)
+    compiled = choose_compile("1" if args.compile else "0", device)  # the predictors' rule
+    pipe = configure_pipeline(pipe, variant, device, offload, compiled=compiled)
     set_tiling(pipe, args.tiling[0])
     generator = VideoGenerator(variant, pipe, device, resolution=os.environ.get(RESOLUTION_ENV))
     height, width = generator.native_size
     record.update(height=height, width=width)
     record["setup_seconds"] = time.perf_counter() - setup_started
-    if args.compile and device.type == "cuda":
+    if compiled:
         # As VideoGenerator.from_env: the compiling happens in setup, so the run is warm.
         warm_up_started = time.perf_counter()
         generator.warm_up()

@@ -68,7 +68,7 @@ from benchmarks.pipeline_speed import (
     tiny_components,
 )
 from cogvideox_cog.generator import Request, VideoGenerator
-from cogvideox_cog.pipeline import PIPELINES, configure_pipeline, pipeline_dtype
+from cogvideox_cog.pipeline import PIPELINES, choose_compile, configure_pipeline, pipeline_dtype
 from cogvideox_cog.speed import SPEED_MODES
 from cogvideox_cog.variants import VARIANTS
 
@@ -174,10 +174,8 @@ def build_generator(args, variant, device: torch.device) -> tuple[VideoGenerator
     transformer is compiled (with --fp8, only after quantising: see quantise_after_reference)."""
     build = {"full": full_components, "medium": medium_components, "tiny": tiny_components}
     pipe = PIPELINES["t2v"](**build[args.size](variant, device, pipeline_dtype(variant, device)))
-    compiled = args.compile and device.type == "cuda"  # configure_pipeline's rule
-    pipe = configure_pipeline(
-        pipe, variant, device, "none", compile_transformer=compiled and not args.fp8
-    )
+    compiled = choose_compile("1" if args.compile else "0", device)  # the predictors' rule
+    pipe = configure_pipeline(pipe, variant, device, "none", compiled=compiled and not args.fp8)
     return VideoGenerator(variant, pipe, device), compiled
 
 

@@ -40,9 +40,11 @@ from .pipeline import (
     OFFLOAD_ENV,
     VAE_TILING_ENV,
     Mode,
+    choose_compile,
     choose_offload,
     choose_vae_tiling,
     configure_pipeline,
+    is_compiled,
     load_pipeline,
 )
 from .postprocess import Postprocessor, Steps
@@ -188,14 +190,14 @@ class VideoGenerator:
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
-        compile_transformer = os.environ.get(COMPILE_ENV, "0") == "1"
+        compiled = choose_compile(os.environ.get(COMPILE_ENV, "0"), device)
         vae_tiling = choose_vae_tiling(os.environ.get(VAE_TILING_ENV, "on"), variant, device)
         attention = attention_backend(os.environ.get(ATTENTION_BACKEND_ENV))
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
         postprocessor = Postprocessor.from_env(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
         pipe = configure_pipeline(
-            pipe, variant, device, offload, compile_transformer, attention, vae_tiling=vae_tiling
+            pipe, variant, device, offload, compiled, attention, vae_tiling=vae_tiling
         )
         generator = cls(
             variant,
@@ -217,8 +219,8 @@ class VideoGenerator:
         return generator
 
     def compile_warm_up(self) -> None:
-        """warm_up() with the compile cache, when the transformer was compiled (CUDA only)."""
-        if os.environ.get(COMPILE_ENV, "0") != "1" or self.device.type != "cuda":
+        """warm_up() with the compile cache, when the transformer was compiled."""
+        if not is_compiled(self.pipe.transformer):
             return
         started = time.monotonic()
         compile_cache.warm_up_with_cache(self, weights_root())

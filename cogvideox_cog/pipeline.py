@@ -93,6 +93,17 @@ def tiling_for_free_memory(variant: Variant, free_gib: float) -> bool:
     return extra is None or free_gib < variant.vram_no_offload_gib + extra
 
 
+def choose_compile(requested: str, device: torch.device) -> bool:
+    """Resolve COGVIDEOX_COMPILE: `1` compiles the transformer, on CUDA only (a CPU runs the
+    tiny test models, where inductor's C++ builds would cost minutes for nothing)."""
+    if requested not in ("0", "1"):
+        raise ConfigError(f"{COMPILE_ENV}={requested!r} is not 0 or 1")
+    if requested == "1" and device.type != "cuda":
+        log.warning(f"{COMPILE_ENV}=1 is for CUDA GPUs; running uncompiled on {device}")
+        return False
+    return requested == "1"
+
+
 def pipeline_dtype(variant: Variant, device: torch.device) -> torch.dtype:
     # bf16/fp16 matmuls on CPU are slow and CPU runs are tiny test models: keep float32 there.
     return getattr(torch, variant.dtype) if device.type == "cuda" else torch.float32
@@ -103,7 +114,7 @@ def build_pipeline(
     weights: Path,
     device: torch.device,
     offload: str,
-    compile_transformer: bool = False,
+    compiled: bool = False,
     mode: Mode | None = None,
     attention: AttentionBackendName | None = None,
     vae_tiling: bool = True,
@@ -111,7 +122,7 @@ def build_pipeline(
     """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
     pipe = load_pipeline(variant, weights, device, mode)
     return configure_pipeline(
-        pipe, variant, device, offload, compile_transformer, attention, vae_tiling=vae_tiling
+        pipe, variant, device, offload, compiled, attention, vae_tiling=vae_tiling
     )
 
 
@@ -130,12 +141,13 @@ def configure_pipeline(
     variant: Variant,
     device: torch.device,
     offload: str,
-    compile_transformer: bool = False,
+    compiled: bool = False,
     attention: AttentionBackendName | None = None,
     vae_tiling: bool = True,
 ):
     """Scheduler, VAE memory savers, attention and placement: everything after the weights
-    are loaded. attention: the attention backend (attention.py; None: torch's SDPA)."""
+    are loaded. compiled: compile the transformer (choose_compile() decides where that pays).
+    attention: the attention backend (attention.py; None: torch's SDPA)."""
     log.info(
         f"pipeline: offload={offload}, attention={attention.value if attention else 'native'}, "
         f"VAE tiling {'on' if vae_tiling else 'off'}"
@@ -156,11 +168,8 @@ def configure_pipeline(
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
-    if compile_transformer:
-        if device.type != "cuda":
-            log.warning(f"{COMPILE_ENV}=1 is for CUDA GPUs; running uncompiled on {device}")
-        else:
-            compile_transformer(pipe.transformer)
+    if compiled:
+        compile_transformer(pipe.transformer)
     return pipe
 
 

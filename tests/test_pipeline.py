@@ -7,14 +7,16 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
-from cogvideox_cog.errors import InputError
+from cogvideox_cog.errors import ConfigError, InputError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
     build_pipeline,
+    choose_compile,
     choose_offload,
     choose_vae_tiling,
     compile_transformer,
+    is_compiled,
     offload_for_free_memory,
     tiling_for_free_memory,
 )
@@ -192,12 +194,30 @@ def test_auto_offload_picks_the_fastest_policy_that_fits_the_measured_peaks(
     assert offload_for_free_memory(VARIANTS[variant_id], free_gib) == policy
 
 
-def test_compile_is_skipped_on_cpu_with_a_warning(tiny_weights, caplog):
-    variant = VARIANTS["cogvideox-5b"]
-    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", compile_transformer=True)
+def test_compile_is_skipped_on_cpu_with_a_warning(caplog):
+    assert choose_compile("1", CPU) is False
     assert "COGVIDEOX_COMPILE=1 is for CUDA GPUs" in caplog.text
-    assert not hasattr(pipe.transformer, "_compiled_call_impl") or (
-        pipe.transformer._compiled_call_impl is None
+
+
+def test_compile_is_chosen_on_cuda_only_when_asked():
+    cuda = torch.device("cuda")
+    assert (choose_compile("1", cuda), choose_compile("0", cuda)) == (True, False)
+
+
+def test_an_unknown_compile_value_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="COGVIDEOX_COMPILE='yes' is not 0 or 1"):
+        choose_compile("yes", CPU)
+
+
+def test_a_pipeline_configured_compiled_has_its_blocks_compiled(tiny_weights):
+    """The branch a GPU takes, run here: compiling is lazy, so nothing is built until a call."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", compiled=True)
+    blocks = pipe.transformer.transformer_blocks
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert is_compiled(pipe.transformer)
+    assert not is_compiled(
+        build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none").transformer
     )
 
 
@@ -213,8 +233,8 @@ def test_setup_warm_up_runs_for_every_mode(tiny_weights, family_task, variant_id
 def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
     """COGVIDEOX_COMPILE's promise: setup compiles, requests do not, whatever num_frames.
 
-    Compiled here on a CPU with aot_eager (configure_pipeline compiles on CUDA only, with
-    inductor); the graphs and their guards are dynamo's, the same for every backend.
+    Compiled here on a CPU with aot_eager (predictors compile on CUDA only, with inductor);
+    the graphs and their guards are dynamo's, the same for every backend.
     """
     from torch._dynamo.utils import counters
 
