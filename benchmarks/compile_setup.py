@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="the weights folder that holds the compile cache (default: OUT/weights)",
+    )
     return parser.parse_args(argv)
 
 
@@ -61,8 +67,8 @@ def start(args, device: torch.device) -> tuple[VideoGenerator, dict]:
     generator = VideoGenerator(variant, pipe, device)
     compiled = 0
     if args.start != "uncompiled":
-        compile_transformer(pipe.transformer)  # what configure_pipeline does on CUDA
-        compiled = compile_cache.warm_up_with_cache(generator, args.out / "weights")
+        compile_transformer(pipe.transformer)  # what configure_pipeline(compiled=True) does
+        compiled = compile_cache.warm_up_with_cache(generator, args.weights or args.out / "weights")
     synchronize(device)
     ready = time.perf_counter()
     times = {

@@ -1,65 +1,104 @@
 #!/usr/bin/env bash
 # Every GPU measurement still missing, in priority order, into one folder: raw logs, each
-# harness's JSON, and benchmarks/results/gpu/summary.json merged with the earlier records.
+# harness's JSON, and summary.json (the committed records merged with the new ones).
 #
-#   benchmarks/gpu_run.sh OUT            # full size, CUDA: about 9 minutes on an H100/H200
-#   benchmarks/gpu_run.sh --tiny OUT     # tiny models on a CPU (tests/test_benchmarks.py)
+#   benchmarks/gpu_run.sh OUT                          # full size, CUDA: under 9 minutes
+#   benchmarks/gpu_run.sh --archive FILE.tar.gz OUT    # the same, OUT packed into FILE too
+#                                                      # (outside OUT): one file to carry away
+#   benchmarks/gpu_run.sh --tiny OUT                   # tiny models on a CPU (tests)
+#
+# WHEELS=DIR installs DIR's wheels first, into a scratch folder put first on PYTHONPATH (a GPU
+# machine without internet access: benchmarks/download_wheels.sh fills DIR). BUDGET_S (540 at
+# full size) bounds the whole run: a step gets the time left minus what the summary needs, and
+# one that cannot start with enough is skipped, so the summary and archive are always written.
 #
 # Budget at full size (cogvideox-5b, 49 x 480 x 720; estimates from the committed H100 runs:
-# about 30 s to build the random models, 1.9 s an eager step, 1.5 s a compiled one, 5 s a VAE
-# decode, 140 s a whole-model compile; regional compile expected well under that):
-#   1. step profile, 1 warm-up + 2 steps, op-class breakdown              ~1.0 min
-#   2. uncompiled start, 5 steps                                          ~1.0 min
-#   3. cold compiled start (regional compile + warm-up, cache saved), 5   ~2.5 min
-#   4. warm compiled start (cache loaded), one full 50-step render        ~2.0 min
-#   5. attention kernels and fused QKV, one step each, no compile         ~1.0 min
-#   6. speed modes default and faster, 50 steps each after a 10-step warm-up ~2.5 min
-#      (faster is the fastest mode; its 50-step render is the other full one)
-# Each step is its own process; a failing step is logged and the rest still run. Steps 2-4
-# each get an empty TORCHINDUCTOR_CACHE_DIR, as a new container has (at full size).
+# 1.9 s an eager step, 1.5 s a compiled one, 5 s a VAE decode, seconds to build the random
+# models, about 15 s to start a process; regional compile expected well under the 140 s a
+# whole-model graph took):
+#   1. step profile, eager: 1 warm-up + 2 steps, op-class breakdown      ~0.5 min
+#   2. cold compiled start (regional compile + warm-up, cache saved), 5   ~2.5 min
+#   3. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.0 min
+#   4. step profile, compiled (the cold start's inductor folder)          ~0.5 min
+#   5. speed modes default and faster, 50 steps each after 4 warm-up     ~3.0 min
+#      steps: the two full renders, and faster's fidelity against default
+#   6. attention kernels and fused QKV, one step each, no compile         ~1.0 min
+# Each step is its own process; a failing step is logged and the rest still run. The compiled
+# starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new container has, outside OUT (thousands of
+# files), in SCRATCH (a new temporary folder unless given).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-size=full steps=5 full_steps=50 frames=() device=(--device cuda) python=${PYTHON:-python3}
-if [ "${1:-}" = "--tiny" ]; then
-  size=tiny steps=2 full_steps=2 frames=(--frames 9) device=(--device cpu); shift
+size=full steps=5 full_steps=50 warm_up_steps=4 frames=() device=(--device cuda)
+budget=${BUDGET_S:-540} archive="" python=${PYTHON:-python3}
+while [ $# -gt 1 ]; do
+  case $1 in
+    --tiny) size=tiny steps=2 full_steps=2 warm_up_steps=1 frames=(--frames 9)
+            device=(--device cpu) budget=${BUDGET_S:-1100}; shift ;;
+    --archive) archive=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+out=${1:?usage: benchmarks/gpu_run.sh [--tiny] [--archive FILE.tar.gz] OUT}
+summary=${SUMMARY:-$out/summary.json}
+if [ -n "${SCRATCH:-}" ]; then
+  scratch=$SCRATCH
+else
+  scratch=$(mktemp -d) && trap 'rm -rf "$scratch"' EXIT
 fi
-out=${1:?usage: benchmarks/gpu_run.sh [--tiny] OUT}
-summary=${SUMMARY:-benchmarks/results/gpu/summary.json}
-[ "$size" = tiny ] && summary=${SUMMARY:-$out/summary.json}  # CPU figures stay out of it
-mkdir -p "$out"
+mkdir -p "$out" "$scratch"
+reserve=30  # seconds kept for the summary and the archive
 failed=0
+
+if [ -n "${WHEELS:-}" ]; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$scratch/site" "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# The committed records first, so that OUT/summary.json is the whole table to commit back.
+[ -e "$summary" ] || cp benchmarks/results/gpu/summary.json "$summary"
+
 step() {  # name, then the command; its output goes to $out/<name>.log
   local name=$1; shift
+  local left=$((budget - reserve - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: SKIPPED, ${left} s of the budget left" | tee -a "$out/run.log"
+    failed=1; return
+  fi
   echo "== $name: $*" | tee -a "$out/run.log"
   local started=$SECONDS
-  if PYTHONUNBUFFERED=1 "$@" >"$out/$name.log" 2>&1; then
+  if PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" "$@" >"$out/$name.log" 2>&1; then
     echo "== $name: done in $((SECONDS - started)) s" | tee -a "$out/run.log"
   else
     echo "== $name: FAILED after $((SECONDS - started)) s (see $name.log)" | tee -a "$out/run.log"
     failed=1
   fi
 }
-fresh_inductor() { rm -rf "$out/inductor-$1"; echo "$out/inductor-$1"; }
+fresh_inductor() { rm -rf "$scratch/inductor-$1"; echo "$scratch/inductor-$1"; }
 # At tiny size (on a CPU, in CI) the warm start reuses the cold start's inductor folder: from
 # the compile cache alone a CPU still rebuilds its C++ kernels, a minute or more, and that the
 # cache alone serves a fresh start is what tests/test_compile_cache.py shows.
 inductor_for() {
-  if [ "$size" = tiny ] && [ "$1" = warm ]; then echo "$out/inductor-cold"; else fresh_inductor "$1"; fi
+  if [ "$size" = tiny ] && [ "$1" = warm ]; then echo "$scratch/inductor-cold"; else fresh_inductor "$1"; fi
 }
 common=(--variant cogvideox-5b --size "$size")
 
 step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" \
   --out "$out"
-for start in uncompiled cold warm; do
-  n=$steps; [ "$start" = warm ] && n=$full_steps
+for start in cold warm; do
   step "compile-$start" env TORCHINDUCTOR_CACHE_DIR="$(inductor_for "$start")" \
-    "$python" benchmarks/compile_setup.py "${common[@]}" --start "$start" --steps "$n" \
-    "${frames[@]}" --out "$out"
+    "$python" benchmarks/compile_setup.py "${common[@]}" --start "$start" --steps "$steps" \
+    "${frames[@]}" --weights "$scratch/weights" --out "$out"
 done
+step profile-compiled env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor-cold" \
+  "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" --compile \
+  --out "$out"
+step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes default,faster \
+  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
 step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \
   "${frames[@]}" --repeats 3 --no-compile --out "$out"
-step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes default,faster \
-  --steps "$full_steps" "${frames[@]}" --out "$out"
-step summary "$python" benchmarks/summary.py --summary "$summary" "$out" \
-  benchmarks/results/gpu/*/
+budget=$((SECONDS + reserve)) reserve=0  # the summary always runs, in the time kept for it
+step summary "$python" benchmarks/summary.py --summary "$summary" "$out"
+if [ -n "$archive" ]; then
+  tar -czf "$archive" -C "$out" . && echo "== archive: $archive" | tee -a "$out/run.log"
+fi
 exit $failed

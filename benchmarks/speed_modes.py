@@ -15,8 +15,8 @@ the mode), in rotating order, `--repeats` times. Reported per mode:
   difference, on the frames as floats in [0, 1];
 - on a GPU, the peak memory allocated while rendering (the caches hold activations).
 
-Every mode first renders a short warm-up, untimed (WARM_UP_STEPS steps at most: through both
-the computing and the reusing branches of the caches): kernel loading, autotuning and, with
+Every mode first renders a short warm-up, untimed (`--warm-up-steps`, 10 by default: through
+both the computing and the reusing branches of the caches): kernel loading, autotuning and, with
 `--compile`, compiling happen there, as they do in a predictor's setup, not in the timed runs.
 
 With `--fp8` (a GPU of compute capability 8.9 or more, torchao) the transformer is quantised
@@ -68,7 +68,13 @@ from benchmarks.pipeline_speed import (
     tiny_components,
 )
 from cogvideox_cog.generator import Request, VideoGenerator
-from cogvideox_cog.pipeline import PIPELINES, choose_compile, configure_pipeline, pipeline_dtype
+from cogvideox_cog.pipeline import (
+    PIPELINES,
+    choose_compile,
+    compile_transformer,
+    configure_pipeline,
+    pipeline_dtype,
+)
 from cogvideox_cog.speed import SPEED_MODES
 from cogvideox_cog.variants import VARIANTS
 
@@ -163,6 +169,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--modes", default=",".join(SPEED_MODES))
+    parser.add_argument(
+        "--warm-up-steps",
+        type=int,
+        default=WARM_UP_STEPS,
+        help="steps of each mode's untimed warm-up (fewer do for an uncompiled run)",
+    )
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="quantise the transformer to fp8")
     parser.add_argument("--out", type=Path, required=True)
@@ -225,7 +237,7 @@ def quantise_after_reference(renderer: Renderer, args, compiled: bool, warm_up_s
     transformer = renderer.generator.pipe.transformer
     quantize_fp8(transformer, renderer.device)
     if compiled:
-        transformer.compile()  # what configure_pipeline does, after quantising
+        compile_transformer(transformer)  # what configure_pipeline does, after quantising
     return frames, seconds
 
 
@@ -346,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     generator, compiled = build_generator(args, variant, device)
     frames = args.frames or variant.default_frames
     renderer = Renderer(generator, frames, full_size(variant))
-    warm_up_steps = min(WARM_UP_STEPS, args.steps)
+    warm_up_steps = min(args.warm_up_steps, args.steps)
     unquantised, unquantised_s = None, None
     if args.fp8:
         unquantised, unquantised_s = quantise_after_reference(

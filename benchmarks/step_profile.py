@@ -2,10 +2,14 @@
 time summed into attention, matmul, norm/elementwise and other.
 
     python3 benchmarks/step_profile.py --variant cogvideox-5b --out DIR
+    python3 benchmarks/step_profile.py --variant cogvideox-5b --compile --out DIR
 
 Says which speed-up can pay: attention kernels, fp8 matmuls, or fusing the elementwise ops
-(compile). Device time on a GPU, CPU time on a CPU. Writes DIR/profile-<variant>-<size>.json
-and the profiler's top-30 table as DIR/profile-<variant>-<size>.txt.
+(compile). Device time on a GPU, CPU time on a CPU. Writes
+DIR/profile-<variant>-<size>[-compiled].json and the profiler's top-30 table as
+DIR/profile-<variant>-<size>[-compiled].txt. `--compile` compiles the blocks as setup does
+(regional) on the warm-up step; with the inductor folder of an earlier compiled start, that
+step finds its graphs cached.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import environment, synchronize, write_json
 from benchmarks.transformer_step import build_step
+from cogvideox_cog.pipeline import compile_transformer
 from cogvideox_cog.variants import VARIANTS
 
 CLASSES = (  # first match wins: op or kernel name fragments, lower case
@@ -48,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--steps", type=int, default=2, help="profiled steps, after one warm-up")
+    parser.add_argument("--compile", action="store_true", help="compile the blocks first")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     transformer, inputs, shape = build_step(args, VARIANTS[args.variant], device)
+    if args.compile:
+        compile_transformer(transformer)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
     with torch.no_grad():
@@ -69,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if own > 0 and not event.key.startswith("ProfilerStep"):
             seconds[op_class(event.key)] += own / 1e6 / args.steps
     total = sum(seconds.values())
-    name = f"profile-{args.variant}-{args.size}"
+    name = f"profile-{args.variant}-{args.size}" + "-compiled" * args.compile
     write_json(
         args.out / f"{name}.json",
         {
             "variant": args.variant,
             "size": args.size,
+            "compiled": args.compile,
             "shape": "x".join(map(str, shape)) + ", CFG batch 2",
             "time": "device" if cuda else "cpu",
             "step_s_by_class": {k: round(v, 5) for k, v in seconds.items()},

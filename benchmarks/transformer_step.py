@@ -154,6 +154,12 @@ class Candidates:
         seconds, out = self.time(self.transformer, self.best_backend)
         self.record(f"fused qkv + {self.best['candidate']}", seconds, out)
         self.transformer.unfuse_qkv_projections()
+        # diffusers restores the processors but keeps the fused weights (2.4 GB for 5B):
+        # dropped here, so that the later candidates' peak memory does not count them.
+        for module in self.transformer.modules():
+            if getattr(module, "fused_projections", False):
+                del module.to_qkv
+                module.fused_projections = False
 
     def compiled(self, prefix: str = "") -> None:
         """torch.compile from scratch: the first call's seconds as compile_s, then the step."""

@@ -169,10 +169,12 @@ def test_fp8_is_refused_before_any_work_without_a_gpu_that_has_fp8(script, tmp_p
 def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_records(tmp_path):
     """benchmarks/gpu_run.sh --tiny: every step succeeds, the warm start compiles nothing, and
     summary.json has the new records next to the ones it had. (At tiny size the warm start
-    shares the cold one's inductor folder; the cache file alone: test_compile_cache.py.)"""
+    shares the cold one's inductor folder; the cache file alone: test_compile_cache.py.) The
+    archive holds every result and none of the caches (a GPU machine returns few files)."""
     import os
     import subprocess
     import sys
+    import tarfile
     from pathlib import Path
 
     earlier = {"gpu": "NVIDIA H200", "variant": "cogvideox-5b", "num_frames": 49}
@@ -180,11 +182,11 @@ def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_reco
     earlier |= {"compiled": False, "offload": "none", "measured": True, "total_seconds": 99.5}
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps([earlier]))
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, SUMMARY=str(summary))
+    out, archive, scratch = tmp_path / "out", tmp_path / "run.tar.gz", tmp_path / "scratch"
+    env = dict(os.environ, PYTHON=sys.executable, SUMMARY=str(summary), SCRATCH=str(scratch))
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        ["bash", "benchmarks/gpu_run.sh", "--tiny", str(out)],
+        ["bash", "benchmarks/gpu_run.sh", "--tiny", "--archive", str(archive), str(out)],
         cwd=root,
         env=env,
         capture_output=True,
@@ -197,25 +199,79 @@ def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_reco
     cold = json.loads((out / "compile-cogvideox-5b-tiny-cold.json").read_text())
     assert cold["graphs_compiled_in_setup"] > 0
     assert warm["graphs_compiled_in_setup"] == 0 and warm["graphs_compiled_in_request"] == 0
-    profile = json.loads((out / "profile-cogvideox-5b-tiny.json").read_text())
-    assert math.isclose(sum(profile["fraction_by_class"].values()), 1, abs_tol=1e-3)
+    for name in ("profile-cogvideox-5b-tiny", "profile-cogvideox-5b-tiny-compiled"):
+        profile = json.loads((out / f"{name}.json").read_text())
+        assert math.isclose(sum(profile["fraction_by_class"].values()), 1, abs_tol=1e-3)
 
     records = json.loads(summary.read_text())
     assert earlier in records
-    committed = json.loads((root / "benchmarks/results/gpu/summary.json").read_text())
-    assert all(record in records for record in committed)
     fields = {"gpu", "variant", "num_frames", "height", "width", "steps", "speed_mode"}
     fields |= {"compiled", "total_seconds", "measured"}
     for record in records:
         assert fields <= set(record) and _finite(record["total_seconds"]), record
     new = [r for r in records if r["gpu"] == "cpu"]
     assert {(r.get("start"), r["speed_mode"], r["compiled"]) for r in new} == {
-        ("uncompiled", "default", False),
         ("cold", "default", True),
         ("warm", "default", True),
         (None, "default", False),
         (None, "faster", False),
     }
+    with tarfile.open(archive) as packed:
+        names = {Path(name).name for name in packed.getnames()}
+    assert {"run.log", "speed-modes.log", "compile-cogvideox-5b-tiny-warm.json"} <= names
+    assert not any(name.startswith("inductor") or name == "weights" for name in names)
+
+
+def test_gpu_run_summary_starts_from_the_committed_records(tmp_path):
+    """Without SUMMARY, OUT/summary.json is the committed table plus the run's records: the
+    file to copy back. A run with no time left skips every step and still writes it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    env = dict(os.environ, BUDGET_S="0", SCRATCH=str(tmp_path / "scratch"))
+    env["PYTHON"] = sys.executable
+    env.pop("SUMMARY", None)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_run.sh", "--tiny", str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert (out / "run.log").read_text().count("SKIPPED") == 6
+    committed = json.loads((root / "benchmarks/results/gpu/summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text()) == committed
+
+
+def test_the_offline_wheels_are_the_versions_the_project_runs():
+    """download_wheels.sh's pins: each one requirements*.txt pins, or the development
+    environment has (cog's own dependencies). torchao is for fp8 on a GPU only, not installed
+    here, and so unchecked."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "benchmarks/download_wheels.sh").read_text()
+    pins = dict(re.findall(r"([\w-]+)==([\w.]+)", script.split("PINNED=(")[1].split(")")[0]))
+    required = {}
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        required |= dict(re.findall(r"^([\w-]+)==([\w.]+)", (root / name).read_text(), re.M))
+    assert len(pins) == 10
+    for package, pinned in pins.items():
+        if package == "torchao":
+            continue
+        try:
+            expected = required.get(package) or version(package)
+        except PackageNotFoundError:
+            pytest.fail(f"{package} is neither pinned nor installed")
+        assert pinned == expected, package
 
 
 def test_projected_times_are_summary_records_marked_not_measured(tmp_path):
