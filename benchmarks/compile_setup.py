@@ -9,6 +9,9 @@ holds. A start builds the random-weight models (pipeline_speed's full or tiny co
 configures them as setup does (regional compile where compiled), runs setup's warm-up with the
 compile cache (compile_cache.warm_up_with_cache; uncompiled starts skip it, as setup does),
 then renders one request of --steps steps. Writes DIR/compile-<variant>-<size>-<start>.json.
+With --profile-steps N, N more transformer steps at the request's shape run under the profiler
+(step_profile.py's classes): DIR/profile-<variant>-<size>-<start>.json and .txt, the profile
+of the step exactly as that start runs it (compiled, for cold and warm).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 
 from benchmarks.common import environment, request_fields, synchronize, write_json
 from benchmarks.pipeline_speed import full_components, tiny_components
+from benchmarks.step_profile import profile_steps, write_profile
+from benchmarks.transformer_step import step_inputs
 from cogvideox_cog import compile_cache
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.pipeline import (
@@ -45,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--profile-steps", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--weights",
@@ -122,7 +128,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out / f"compile-{args.variant}-{args.size}-{args.start}.json", record)
     print({k: v for k, v in record.items() if k != "environment"}, flush=True)
+    if args.profile_steps:
+        profile(generator, args, frames, (height, width), device)
     return 0
+
+
+def profile(generator: VideoGenerator, args, frames: int, size: tuple[int, int], device) -> None:
+    pipe = generator.pipe
+    height, width = size
+    inputs = step_inputs(pipe, frames, height, width, device, pipe.transformer.dtype)
+    seconds, table = profile_steps(pipe.transformer, inputs, args.profile_steps, device)
+    record = {
+        "variant": args.variant,
+        "size": args.size,
+        "compiled": args.start != "uncompiled",
+        "shape": f"{frames}x{height}x{width}, CFG batch 2",
+        "after": f"compile_setup.py --start {args.start}",
+    }
+    name = f"profile-{args.variant}-{args.size}-{args.start}"
+    write_profile(args.out, name, record, seconds, table, device)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@
 #   1. step profile, eager: 1 warm-up + 2 steps, op-class breakdown      ~0.5 min
 #   2. cold compiled start (regional compile + warm-up, cache saved), 5   ~2.5 min
 #   3. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.0 min
-#   4. step profile, compiled (the cold start's inductor folder)          ~0.5 min
-#   5. speed modes default and faster, 50 steps each after 4 warm-up     ~3.0 min
+#      steps, then 2 compiled steps profiled
+#   4. speed modes default and faster, 50 steps each after 4 warm-up     ~3.0 min
 #      steps: the two full renders, and faster's fidelity against default
-#   6. attention kernels and fused QKV, one step each, no compile         ~1.0 min
+#   5. attention kernels and fused QKV, one step each, no compile         ~1.0 min
 # Each step is its own process; a failing step is logged and the rest still run. The compiled
 # starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new container has, outside OUT (thousands of
 # files), in SCRATCH (a new temporary folder unless given).
@@ -84,14 +84,12 @@ common=(--variant cogvideox-5b --size "$size")
 
 step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" \
   --out "$out"
-for start in cold warm; do
-  step "compile-$start" env TORCHINDUCTOR_CACHE_DIR="$(inductor_for "$start")" \
-    "$python" benchmarks/compile_setup.py "${common[@]}" --start "$start" --steps "$steps" \
-    "${frames[@]}" --weights "$scratch/weights" --out "$out"
-done
-step profile-compiled env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor-cold" \
-  "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" --compile \
-  --out "$out"
+step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
+  "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
+  "${frames[@]}" --weights "$scratch/weights" --out "$out"
+step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
+  "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
+  "${frames[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
 step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes default,faster \
   --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
 step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \

@@ -2,14 +2,12 @@
 time summed into attention, matmul, norm/elementwise and other.
 
     python3 benchmarks/step_profile.py --variant cogvideox-5b --out DIR
-    python3 benchmarks/step_profile.py --variant cogvideox-5b --compile --out DIR
 
 Says which speed-up can pay: attention kernels, fp8 matmuls, or fusing the elementwise ops
 (compile). Device time on a GPU, CPU time on a CPU. Writes
-DIR/profile-<variant>-<size>[-compiled].json and the profiler's top-30 table as
-DIR/profile-<variant>-<size>[-compiled].txt. `--compile` compiles the blocks as setup does
-(regional) on the warm-up step; with the inductor folder of an earlier compiled start, that
-step finds its graphs cached.
+DIR/profile-<variant>-<size>.json and the profiler's top-30 table as
+DIR/profile-<variant>-<size>.txt. The compiled step's profile comes from a compiled start:
+compile_setup.py --profile-steps.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import environment, synchronize, write_json
 from benchmarks.transformer_step import build_step
-from cogvideox_cog.pipeline import compile_transformer
 from cogvideox_cog.variants import VARIANTS
 
 CLASSES = (  # first match wins: op or kernel name fragments, lower case
@@ -46,27 +43,16 @@ def op_class(name: str) -> str:
     return "other"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="cogvideox-5b")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=2, help="profiled steps, after one warm-up")
-    parser.add_argument("--compile", action="store_true", help="compile the blocks first")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    transformer, inputs, shape = build_step(args, VARIANTS[args.variant], device)
-    if args.compile:
-        compile_transformer(transformer)
+def profile_steps(transformer, inputs: dict, steps: int, device: torch.device) -> tuple:
+    """One untimed step, then `steps` under the profiler: each op class's own seconds per
+    step, and the profiler's top-30 table."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
     with torch.no_grad():
         transformer(**inputs)
         synchronize(device)
         with profile(activities=activities) as prof:
-            for _ in range(args.steps):
+            for _ in range(steps):
                 transformer(**inputs)
             synchronize(device)
     events = prof.key_averages()
@@ -75,25 +61,47 @@ def main(argv: list[str] | None = None) -> int:
     for event in events:
         own = getattr(event, attribute, 0) or 0
         if own > 0 and not event.key.startswith("ProfilerStep"):
-            seconds[op_class(event.key)] += own / 1e6 / args.steps
+            seconds[op_class(event.key)] += own / 1e6 / steps
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return seconds, events.table(sort_by=sort_by, row_limit=30)
+
+
+def write_profile(out: Path, name: str, record: dict, seconds: dict, table: str, device) -> None:
+    """DIR/<name>.json (the record, time by class and fraction) and DIR/<name>.txt (table)."""
     total = sum(seconds.values())
-    name = f"profile-{args.variant}-{args.size}" + "-compiled" * args.compile
     write_json(
-        args.out / f"{name}.json",
-        {
-            "variant": args.variant,
-            "size": args.size,
-            "compiled": args.compile,
-            "shape": "x".join(map(str, shape)) + ", CFG batch 2",
-            "time": "device" if cuda else "cpu",
+        out / f"{name}.json",
+        record
+        | {
+            "time": "device" if device.type == "cuda" else "cpu",
             "step_s_by_class": {k: round(v, 5) for k, v in seconds.items()},
             "fraction_by_class": {k: round(v / total, 4) for k, v in seconds.items()},
             "environment": environment(device),
         },
     )
-    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    (args.out / f"{name}.txt").write_text(events.table(sort_by=sort_by, row_limit=30))
+    (out / f"{name}.txt").write_text(table)
     print({k: f"{v / total:.0%}" for k, v in seconds.items()}, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="cogvideox-5b")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps, after one warm-up")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    transformer, inputs, shape = build_step(args, VARIANTS[args.variant], device)
+    seconds, table = profile_steps(transformer, inputs, args.steps, device)
+    record = {
+        "variant": args.variant,
+        "size": args.size,
+        "compiled": False,
+        "shape": "x".join(map(str, shape)) + ", CFG batch 2",
+    }
+    write_profile(args.out, f"profile-{args.variant}-{args.size}", record, seconds, table, device)
     return 0
 
 
