@@ -23,13 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.lora.slot import LoraSlot
 from cogvideox_cog.parallel.engine import ContextParallel
-from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.speed import step_cache
 from cogvideox_cog.variants import VARIANTS
+from tests.markers import GUARDS_BACKEND
 
 CPU = torch.device("cpu")
 SEED = 7
@@ -47,6 +49,7 @@ class Case:
     steps: int = 2
     speed_mode: str = "default"
     lora: Path | None = None
+    compiled: bool = False  # the blocks compiled (aot_eager) before the engine, as setup does
 
 
 @dataclass
@@ -56,12 +59,15 @@ class Rendered:
     layout: str
     attention_inputs: list[tuple[int, int, int]]  # (batch, video tokens, text tokens)
     refusal: str | None = None  # an InputError's message, where the case was refused
+    graph_breaks: int = 0  # dynamo's, this process so far (compiled cases)
 
 
 def render(case: Case, world_size: int | None = None, decode: bool = True) -> Rendered:
     """The case on this process; with `world_size`, as one rank of the engine."""
     variant = VARIANTS[case.variant]
     pipe = build_pipeline(variant, case.weights, CPU, "none", mode=case.mode)
+    if case.compiled:
+        compile_transformer(pipe.transformer, GUARDS_BACKEND)
     engine = ContextParallel(pipe, world_size) if world_size else None
     if case.lora is not None:
         LoraSlot(pipe, variant.id).use(case.lora, 0.8)
@@ -85,7 +91,8 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
             **case.call,
         )
     frames = output.frames[0] if decode else None
-    return Rendered(frames, last["latents"].numpy(), str(layout), seen)
+    breaks = sum(counters["graph_break"].values())
+    return Rendered(frames, last["latents"].numpy(), str(layout), seen, graph_breaks=breaks)
 
 
 def _token_counts(kwargs: dict) -> tuple[int, int, int]:
@@ -122,6 +129,7 @@ def _write(stem: Path, rendered: Rendered) -> None:
         "layout": rendered.layout,
         "attention_inputs": rendered.attention_inputs,
         "refusal": rendered.refusal,
+        "graph_breaks": rendered.graph_breaks,
     }
     _beside(stem, ".json").write_text(json.dumps(facts))
 
@@ -135,6 +143,7 @@ def _read(stem: Path) -> Rendered:
         layout=facts["layout"],
         attention_inputs=[tuple(shape) for shape in facts["attention_inputs"]],
         refusal=facts["refusal"],
+        graph_breaks=facts["graph_breaks"],
     )
 
 

@@ -134,6 +134,13 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
         "5b-unguided": Case(
             "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, guidance_scale=UNGUIDED
         ),
+        "5b-unguided-compiled": Case(
+            "cogvideox-5b",
+            w["1.0-t2v"],
+            call={"num_frames": 9},
+            guidance_scale=UNGUIDED,
+            compiled=True,
+        ),
         "5b-i2v": Case(
             "cogvideox-5b-i2v", w["1.0-i2v"], "i2v", {"num_frames": 9, "image": picture}
         ),
@@ -175,6 +182,7 @@ TWO_RANKS = (
     "5b-i2v",
     "v2v",
     "5b-unguided",
+    "5b-unguided-compiled",
     "1.5-unguided-even",
     "fast",
     "faster",
@@ -249,6 +257,20 @@ def test_ulysses_2_renders_the_frames_of_one_process_from_an_odd_token_count(
 ):
     # 226 text + 45 video tokens: one token of padding, masked.
     _check(two_ranks["5b-unguided"], one_process("5b-unguided"), Layout(cfg=1, ulysses=2))
+
+
+def test_compiled_blocks_split_the_sequence_and_render_the_frames_of_one_process(
+    two_ranks, one_process
+):
+    """COGVIDEOX_COMPILE=1 with ranks: setup compiles the blocks, then the engine's hooks and
+    Ulysses' all-to-all run inside the compiled blocks. The reference is uncompiled."""
+    _check(two_ranks["5b-unguided-compiled"], one_process("5b-unguided"), Layout(cfg=1, ulysses=2))
+
+
+def test_compiled_blocks_take_the_engine_hooks_without_a_graph_break(two_ranks):
+    # The first block's split hook runs inside its compiled graph; a break would split that
+    # graph and leave the hook's Python between the pieces (it did: inspect.signature).
+    assert [rank.graph_breaks for rank in two_ranks["5b-unguided-compiled"]] == [0, 0]
 
 
 def test_ulysses_2_renders_the_1_5_frames_of_one_process(two_ranks, one_process):

@@ -229,20 +229,29 @@ def _skips_unconditional_batches(transformer) -> bool:
     return hook is not None and not hook.is_guidance_distilled
 
 
-def _argument(module, args: list, kwargs: dict, name: str):
-    """A forward argument by name (None if not passed), and a setter for its place."""
-    parameters = list(inspect.signature(type(module).forward).parameters)[1:]  # no self
-    index = parameters.index(name)
-    positional = name not in kwargs and index < len(args)
-    value = args[index] if positional else kwargs.get(name)
+class _ArgumentsHook(ModelHook):
+    """A hook that reads and replaces its module's forward arguments by name.
 
-    def replace(new):
-        if positional:
-            args[index] = new
-        else:
-            kwargs[name] = new
+    The names are read from the signature once, when the hook is registered: inspect is not
+    traceable, so reading them per call would break the graph of a compiled block."""
 
-    return value, replace
+    def initialize_hook(self, module):
+        self.parameters = list(inspect.signature(type(module).forward).parameters)[1:]  # no self
+        return module
+
+    def argument(self, args: list, kwargs: dict, name: str):
+        """A forward argument by name (None if not passed), and a setter for its place."""
+        index = self.parameters.index(name)
+        positional = name not in kwargs and index < len(args)
+        value = args[index] if positional else kwargs.get(name)
+
+        def replace(new):
+            if positional:
+                args[index] = new
+            else:
+                kwargs[name] = new
+
+        return value, replace
 
 
 def _all_gather(tensor: torch.Tensor, dim: int, group) -> list[torch.Tensor]:
@@ -253,7 +262,7 @@ def _all_gather(tensor: torch.Tensor, dim: int, group) -> list[torch.Tensor]:
     return parts
 
 
-class _GuidanceBatch(ModelHook):
+class _GuidanceBatch(_ArgumentsHook):
     """On the transformer: each CFG row computes its half of the guidance batch; the noise
     prediction is gathered along the batch."""
 
@@ -268,7 +277,7 @@ class _GuidanceBatch(ModelHook):
         if layout is None or layout.cfg == 1:
             return args, kwargs
         args = list(args)
-        batch = _argument(module, args, kwargs, "hidden_states")[0].shape[0]
+        batch = self.argument(args, kwargs, "hidden_states")[0].shape[0]
         if batch % 2:
             raise RuntimeError(
                 f"the CFG split got a batch of {batch}, not the guidance batch (negative and "
@@ -277,7 +286,7 @@ class _GuidanceBatch(ModelHook):
             )
         rank = self.armed.cfg_rank
         for name in self._BATCHED:
-            value, replace = _argument(module, args, kwargs, name)
+            value, replace = self.argument(args, kwargs, name)
             if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
                 replace(value.chunk(2)[rank])
         return tuple(args), kwargs
@@ -295,7 +304,7 @@ class _GuidanceBatch(ModelHook):
         return output
 
 
-class _SequenceInput(ModelHook):
+class _SequenceInput(_ArgumentsHook):
     """On the transformer: plans the shards for this call's shapes, splits the rotary tables
     (each block receives them from the transformer's forward) and sets the key mask."""
 
@@ -308,13 +317,13 @@ class _SequenceInput(ModelHook):
         if layout is None or layout.ulysses == 1:
             return args, kwargs
         args = list(args)
-        latents = _argument(module, args, kwargs, "hidden_states")[0]
-        text = _argument(module, args, kwargs, "encoder_hidden_states")[0]
+        latents = self.argument(args, kwargs, "hidden_states")[0]
+        text = self.argument(args, kwargs, "encoder_hidden_states")[0]
         shards = SequenceShards.plan(text.shape[1], _video_tokens(module, latents), layout.ulysses)
         self.armed.shards = shards
         rank = self.armed.ulysses_rank
         self.processor.key_mask = shards.key_mask(rank, text)
-        rotary, replace = _argument(module, args, kwargs, "image_rotary_emb")
+        rotary, replace = self.argument(args, kwargs, "image_rotary_emb")
         if rotary is not None:
             replace(tuple(shards.split_video(table, 0, rank) for table in rotary))
         return tuple(args), kwargs
@@ -329,7 +338,7 @@ def _video_tokens(transformer, latents: torch.Tensor) -> int:
     return frames * (height // config.patch_size) * (width // config.patch_size)
 
 
-class _SequenceSplit(ModelHook):
+class _SequenceSplit(_ArgumentsHook):
     """On the first block: this rank's text and video tokens."""
 
     def __init__(self, armed: _Armed):
@@ -342,8 +351,8 @@ class _SequenceSplit(ModelHook):
             return args, kwargs
         args = list(args)
         rank = self.armed.ulysses_rank
-        video, replace_video = _argument(module, args, kwargs, "hidden_states")
-        text, replace_text = _argument(module, args, kwargs, "encoder_hidden_states")
+        video, replace_video = self.argument(args, kwargs, "hidden_states")
+        text, replace_text = self.argument(args, kwargs, "encoder_hidden_states")
         expected = sum(shards.video) - shards.padding
         if video.shape[1] != expected or text.shape[1] != sum(shards.text):
             raise RuntimeError(
