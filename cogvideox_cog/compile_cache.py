@@ -34,8 +34,9 @@ FOLDER = "compile-cache"  # under the weights cache folder
 MAGIC = b"cogvideox-compile-cache 1\n"
 
 
-def cache_key(device: torch.device, variant_id: str, mode: str, shapes: list) -> dict:
-    """What the compiled kernels depend on, beyond the model code torch checks itself."""
+def cache_key(device: torch.device, variant_id: str, mode: str, warm_up: list) -> dict:
+    """What the compiled kernels depend on, beyond the model code torch checks itself.
+    warm_up: the warm-up renders (VideoGenerator.warm_up_key)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "gpu": gpu,
@@ -43,7 +44,7 @@ def cache_key(device: torch.device, variant_id: str, mode: str, shapes: list) ->
         "diffusers": diffusers.__version__,
         "variant": variant_id,
         "mode": mode,
-        "warm_up_shapes": [list(shape) for shape in shapes],
+        "warm_up": [list(render) for render in warm_up],
     }
 
 
@@ -118,9 +119,7 @@ def compiled_graphs() -> int:
 def warm_up_with_cache(generator, weights_root: Path) -> int:
     """generator.warm_up() with the compile cache: load it first; save it if the warm-up had
     to compile anything. Returns the number of graphs compiled (0: all were loaded)."""
-    key = cache_key(
-        generator.device, generator.variant.id, generator.mode, generator.warm_up_shapes()
-    )
+    key = cache_key(generator.device, generator.variant.id, generator.mode, generator.warm_up_key())
     path = artifact_path(weights_root, key)
     loaded = load(path, key)
     before = compiled_graphs()

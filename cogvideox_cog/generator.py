@@ -233,29 +233,56 @@ class VideoGenerator:
         recompile with the frame dimension dynamic ("automatic dynamic shapes"), and that
         graph serves every other count. So: the default count, then the smallest one. Where
         the video takes the image's aspect ratio (1.5 I2V), the second image is portrait, so
-        height and width become dynamic as well.
+        height and width become dynamic as well. Then one render at guidance 1 (a batch of
+        one: torch specialises sizes 0 and 1, so the dynamic graph does not serve it), and
+        the speed modes' compiled parts: "faster" at both counts, with steps enough to run
+        its attention on the guidance batch and on the conditional half alone ("fast" runs
+        the same parts on the guidance batch).
         """
         folder = leftovers.claim(Path(tempfile.gettempdir()), WARM_UP_PREFIX)
         try:
-            for second, num_frames in enumerate(self._warm_up_frames()):
-                self.render_frames(self._warm_up_request(folder, num_frames, portrait=second))
+            for render in self.warm_up_renders():
+                self.render_frames(self._warm_up_request(folder, **render))
         finally:
             leftovers.release(folder)
 
-    def _warm_up_frames(self) -> list[int]:
+    def warm_up_renders(self) -> list[dict]:
+        """What warm_up() renders: part of the compile cache's key."""
         default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
-        return list(dict.fromkeys((default, smallest)))
+        counts = list(dict.fromkeys((default, smallest)))
+        plan = [{"num_frames": n, "portrait": second} for second, n in enumerate(counts)]
+        plan.append({"num_frames": smallest, "portrait": False, "guidance_scale": 1.0})
+        plan += [
+            {"num_frames": n, "portrait": second, "speed_mode": "faster", "steps": 4}
+            for second, n in enumerate(counts)
+        ]
+        return plan
 
-    def warm_up_shapes(self) -> list[tuple[int, int, int]]:
-        """(frames, height, width) of each warm-up render: part of the compile cache's key."""
+    def warm_up_key(self) -> list[list]:
+        """Each warm-up render as [frames, height, width, guidance, speed_mode, steps]: part of
+        the compile cache's key."""
         height, width = self.native_size
         turn = self.mode == "i2v" and self.variant.resolution == "image_aspect"
         return [
-            (frames, width, height) if second and turn else (frames, height, width)
-            for second, frames in enumerate(self._warm_up_frames())
+            [
+                r["num_frames"],
+                *((width, height) if r["portrait"] and turn else (height, width)),
+                r.get("guidance_scale", 6.0),
+                r.get("speed_mode", "default"),
+                r.get("steps", 2),
+            ]
+            for r in self.warm_up_renders()
         ]
 
-    def _warm_up_request(self, folder: Path, num_frames: int, portrait: bool) -> Request:
+    def _warm_up_request(
+        self,
+        folder: Path,
+        num_frames: int,
+        portrait: bool,
+        guidance_scale: float = 6.0,
+        speed_mode: str = "default",
+        steps: int = 2,
+    ) -> Request:
         height, width = self.native_size
         clip = image = None
         if self.mode == "v2v":
@@ -269,14 +296,15 @@ class VideoGenerator:
             prompt="warm-up",
             negative_prompt="",
             num_frames=num_frames,
-            num_inference_steps=2,
-            guidance_scale=6.0,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
             use_dynamic_cfg=None,
             fps=None,
             seed=0,
             image=image,
             video=clip,
             strength=1.0,
+            speed_mode=speed_mode,
         )
 
     def healthcheck(self) -> bool:

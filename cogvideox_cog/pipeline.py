@@ -6,6 +6,8 @@ Everything here happens in setup; generator.py runs the pipeline per request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -174,16 +176,42 @@ def configure_pipeline(
 
 
 def compile_transformer(transformer: torch.nn.Module, backend: str = "inductor") -> None:
-    """Regional compilation: each CogVideoXBlock compiled in place, the rest left eager.
+    """Regional compilation: each CogVideoXBlock compiled in place, the rest left eager; and
+    each block's parts (norms, attention, feed-forward) compiled a second time, for the
+    speed modes.
 
     The blocks share one forward and, with their weights as graph inputs, one compiled graph:
     compiling costs one block's graph instead of the whole model's (140 s a graph for all of
     5B on an H100). In place, so offload hooks and the pipeline keep the same modules.
+
+    The parts are what `speed_mode` runs: its cache hooks sit on each block's attention and
+    keep Python state that would split a compiled block into pieces compiled inside requests.
+    So under those hooks the block runs eagerly (speed.step_cache) and calls its compiled
+    parts; the hooks wrap the parts' compiled forward, registered here first. A compiled
+    block inlines its parts, so the default path keeps its one graph.
+
     Compiling happens on the first calls: warm_up(), with the compile cache (compile_cache.py).
     backend: torch.compile's; tests of recompiles pass a cheaper one (guards are dynamo's).
     """
     transformer._repeated_blocks = ["CogVideoXBlock"]  # diffusers does not set it for CogVideoX
     transformer.compile_repeated_blocks(backend=backend)
+    for block in transformer.transformer_blocks:
+        for part in (block.norm1, block.attn1, block.norm2, block.ff):
+            part.forward = torch.compile(part.forward, backend=backend)
+
+
+@contextmanager
+def blocks_run_eagerly(transformer: torch.nn.Module) -> Iterator[None]:
+    """The compiled blocks set aside for a while: each block runs its Python forward, which
+    calls its compiled parts (compile_transformer)."""
+    kept = [(block, block._compiled_call_impl) for block in transformer.transformer_blocks]
+    for block, _ in kept:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, compiled in kept:
+            block._compiled_call_impl = compiled
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

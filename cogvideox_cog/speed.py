@@ -13,11 +13,11 @@ fidelity for speed (README, "Memory and speed", has the measurements):
 Settings are the ones diffusers documents for CogVideoX. The hooks are attached for one
 prediction and removed after it, so "default" never runs through them.
 
-A compiled transformer (COGVIDEOX_COMPILE=1) runs these modes eagerly: the hooks' Python
-state splits the traced graph into pieces, each compiled on first use, and that would happen
-in requests (measured on the tiny model with torch's CPU backend: after setup's warm-up, the
-first "fast" prediction compiled 12 graphs and the first at another frame count 8 more;
-"faster" 51 and 14).
+With a compiled transformer (COGVIDEOX_COMPILE=1) these modes run each block eagerly and its
+parts compiled (pipeline.compile_transformer): the hooks' Python state would split a compiled
+block into pieces, each compiled on first use, inside requests (measured on the tiny model:
+the first "fast" prediction compiled 12 graphs, the first at another frame count 8 more;
+"faster" 51 and 14). The parts are compiled in setup's warm-up instead.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-import torch
 from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
 
-from .pipeline import is_compiled
+from .pipeline import blocks_run_eagerly, is_compiled
 
 SPEED_MODES = ("default", "fast", "faster")
 
@@ -68,7 +67,7 @@ def step_cache(pipe, mode: str, classifier_free_guidance: bool) -> Iterator[None
     compiled = is_compiled(pipe.transformer)
     pipe.transformer.enable_cache(config)
     try:
-        with torch.compiler.set_stance("force_eager") if compiled else nullcontext():
+        with blocks_run_eagerly(pipe.transformer) if compiled else nullcontext():
             yield
     finally:
         pipe.transformer.disable_cache()

@@ -283,7 +283,10 @@ def test_projected_times_are_summary_records_marked_not_measured(tmp_path):
         ("default", True),
         ("fast", False),
         ("faster", False),
+        ("fast", True),
+        ("faster", True),
     }
     assert all(r["measured"] is False and r["basis"] for r in records)
-    by_mode = {r["speed_mode"]: r["total_seconds"] for r in records}
-    assert by_mode["faster"] < by_mode["fast"] < 103  # the measured eager default
+    seconds = {(r["speed_mode"], r["compiled"]): r["total_seconds"] for r in records}
+    assert seconds["faster", False] < seconds["fast", False] < 103  # the measured eager default
+    assert seconds["faster", True] < seconds["fast", True] < seconds["default", True]

@@ -39,7 +39,10 @@ REQUEST = dict(
 )
 
 # One setup as from_env runs it on a GPU (regional compile, then the cached warm-up), then one
-# request at a frame count the warm-up did not render.
+# request at a frame count the warm-up did not render. The warm-up keeps its first two renders
+# (the default count, then the smallest): inductor builds C++ for every graph on a CPU, and
+# what the whole warm-up covers is tested in test_pipeline.py; here, that what it compiled
+# is saved and loaded.
 START = """
 import json, sys
 from pathlib import Path
@@ -53,6 +56,8 @@ variant = VARIANTS[variant]
 pipe = build_pipeline(variant, Path(weights), torch.device("cpu"), "none")
 compile_transformer(pipe.transformer)
 generator = VideoGenerator(variant, pipe, torch.device("cpu"))
+renders = generator.warm_up_renders()[:2]
+generator.warm_up_renders = lambda: renders
 warm_up = compile_cache.warm_up_with_cache(generator, Path(root))
 before = compile_cache.compiled_graphs()
 frames = generator.render_frames(Request(**json.loads(request))).frames
@@ -96,10 +101,11 @@ def test_second_start_on_the_same_volume_loads_instead_of_compiling(tiny_weights
 
 
 def _key() -> dict:
-    return compile_cache.cache_key(CPU, VARIANT, "t2v", [(49, 480, 720), (9, 480, 720)])
+    renders = [[49, 480, 720, 6.0, "default", 2], [9, 480, 720, 1.0, "default", 2]]
+    return compile_cache.cache_key(CPU, VARIANT, "t2v", renders)
 
 
-def test_the_key_names_gpu_torch_variant_mode_and_shapes(tmp_path):
+def test_the_key_names_gpu_torch_variant_mode_and_warm_up(tmp_path):
     key = _key()
     assert key["gpu"] == "cpu" and key["torch"] == torch.__version__
     path = compile_cache.artifact_path(tmp_path, key)
@@ -108,7 +114,7 @@ def test_the_key_names_gpu_torch_variant_mode_and_shapes(tmp_path):
         {**key, "torch": "0.0"},
         {**key, "variant": "cogvideox-2b"},
         {**key, "mode": "v2v"},
-        {**key, "warm_up_shapes": [[49, 480, 720]]},
+        {**key, "warm_up": [[49, 480, 720, 6.0, "default", 2]]},
     ]
     assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 6
 

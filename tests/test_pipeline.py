@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
@@ -230,8 +231,9 @@ def test_setup_warm_up_runs_for_every_mode(tiny_weights, family_task, variant_id
     VideoGenerator(variant, pipe, CPU).warm_up()
 
 
-def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
-    """COGVIDEOX_COMPILE's promise: setup compiles, requests do not, whatever num_frames.
+@pytest.fixture(scope="module")
+def warmed_up(tiny_weights):
+    """A compiled transformer after setup's warm-up, and the graphs dynamo then held.
 
     Compiled here on a CPU with aot_eager (predictors compile on CUDA only, with inductor);
     the graphs and their guards are dynamo's, the same for every backend.
@@ -244,12 +246,57 @@ def test_after_warm_up_no_frame_count_compiles_again(tiny_weights):
     generator = VideoGenerator(variant, pipe, CPU)
     try:
         generator.warm_up()
-        graphs = counters["stats"]["unique_graphs"]
-        for num_frames in (17, 33, 49, 9):
-            generator.render_frames(_request(num_frames=num_frames, num_inference_steps=1))
-        assert counters["stats"]["unique_graphs"] == graphs
+        yield generator, counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_after_warm_up_no_frame_count_compiles_again(warmed_up):
+    """COGVIDEOX_COMPILE's promise: setup compiles, requests do not, whatever num_frames."""
+    generator, graphs = warmed_up
+    for num_frames in (17, 33, 49, 9):
+        generator.render_frames(_request(num_frames=num_frames, num_inference_steps=1))
+    assert _graphs() == graphs
+
+
+def test_after_warm_up_guidance_1_compiles_nothing(warmed_up):
+    # A batch of one, where guidance makes two: torch specialises size 1, so the warm-up
+    # renders one such request too.
+    generator, graphs = warmed_up
+    for num_frames in (17, 49):
+        request = _request(num_frames=num_frames, num_inference_steps=1, guidance_scale=1.0)
+        generator.render_frames(request)
+    assert _graphs() == graphs
+
+
+def test_after_warm_up_no_speed_mode_compiles_in_a_request(warmed_up):
+    """The speed modes run their blocks eagerly and call the compiled parts, which setup
+    compiled: every frame count, with and without guidance."""
+    generator, graphs = warmed_up
+    for mode in ("faster", "fast"):
+        for num_frames, guidance in ((17, 6.0), (33, 6.0), (9, 1.0), (49, 1.0)):
+            fields = dict(num_frames=num_frames, guidance_scale=guidance, num_inference_steps=12)
+            generator.render_frames(_request(speed_mode=mode, **fields))
+    generator.render_frames(_request(num_frames=25))
+    assert _graphs() == graphs
+
+
+@pytest.mark.parametrize("mode", ["fast", "faster"])
+def test_on_a_compiled_transformer_speed_modes_give_their_eager_frames(
+    warmed_up, tiny_weights, mode
+):
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    request = _request(speed_mode=mode, num_inference_steps=12)
+    eager = VideoGenerator(variant, pipe, CPU).render_frames(request).frames
+    compiled = warmed_up[0].render_frames(request).frames
+    np.testing.assert_allclose(compiled, eager, atol=1e-5)
 
 
 def test_after_warm_up_no_image_shape_compiles_again_on_1_5_image_to_video(

@@ -10,9 +10,8 @@ from PIL import Image
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.generator import Request, VideoGenerator
-from cogvideox_cog.pipeline import build_pipeline, compile_transformer
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
-from tests.markers import GUARDS_BACKEND
 
 CPU = torch.device("cpu")
 STEPS = 20
@@ -115,27 +114,3 @@ def test_faster_runs_on_other_variants_and_leaves_default_exact(
     faster = _render(generator, speed_mode="faster", **fields)
     assert np.isfinite(faster).all() and np.abs(faster - default).max() > 1e-4
     np.testing.assert_array_equal(_render(generator, **fields), default)
-
-
-def test_on_a_compiled_transformer_speed_modes_run_eagerly_and_compile_nothing(
-    tiny_weights, default
-):
-    """Compiling the cache hooks' pieces would happen in requests: the modes run eagerly,
-    giving what they give uncompiled, and the compiled default path stays as setup left it."""
-    from torch._dynamo.utils import counters
-
-    variant = VARIANTS["cogvideox-5b"]
-    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
-    uncompiled = VideoGenerator(variant, pipe, CPU)
-    eager = {mode: _render(uncompiled, speed_mode=mode) for mode in ("fast", "faster")}
-    compile_transformer(pipe.transformer, GUARDS_BACKEND)
-    generator = VideoGenerator(variant, pipe, CPU)
-    try:
-        _render(generator)  # compiles the default path, as setup's warm-up does
-        graphs = counters["stats"]["unique_graphs"]
-        for mode in ("fast", "faster"):
-            np.testing.assert_array_equal(_render(generator, speed_mode=mode), eager[mode])
-        np.testing.assert_allclose(_render(generator), default, atol=1e-5)
-        assert counters["stats"]["unique_graphs"] == graphs
-    finally:
-        torch._dynamo.reset()
