@@ -17,11 +17,14 @@
 # models, about 15 s to start a process; regional compile expected well under the 140 s a
 # whole-model graph took):
 #   1. step profile, eager: 1 warm-up + 2 steps, op-class breakdown      ~0.5 min
-#   2. cold compiled start (regional compile + warm-up, cache saved), 5   ~2.5 min
-#   3. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.0 min
-#      steps, then 2 compiled steps profiled
-#   4. speed modes default and faster, 50 steps each after 4 warm-up     ~3.0 min
+#   2. speed modes default and faster, 50 steps each after 4 warm-up     ~3.0 min
 #      steps: the two full renders, and faster's fidelity against default
+#   3. cold compiled start: regional compile of the blocks and of their  ~3 min (unknown)
+#      parts, a warm-up of 5 renders (2 default, 1 at guidance 1, 2 faster),
+#      compile cache saved; then 5 steps. The least known: after the
+#      speed modes, so that a long compile cannot cost their figures
+#   4. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.0 min
+#      steps, then 2 compiled steps profiled
 #   5. attention kernels and fused QKV, one step each, no compile         ~1.0 min
 # Each step is its own process; a failing step is logged and the rest still run. The compiled
 # starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new container has, outside OUT (thousands of
@@ -84,14 +87,14 @@ common=(--variant cogvideox-5b --size "$size")
 
 step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" \
   --out "$out"
+step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes default,faster \
+  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
 step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
   "${frames[@]}" --weights "$scratch/weights" --out "$out"
 step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
   "${frames[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
-step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes default,faster \
-  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
 step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \
   "${frames[@]}" --repeats 3 --no-compile --out "$out"
 budget=$((SECONDS + reserve)) reserve=0  # the summary always runs, in the time kept for it
