@@ -51,6 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--profile-steps", type=int, default=0)
+    parser.add_argument(
+        "--warm-up-renders",
+        type=int,
+        default=None,
+        help="only the first N of setup's warm-up renders (a CPU run: inductor builds C++ "
+        "for every graph); default: all, as setup",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--weights",
@@ -72,6 +79,9 @@ def start(args, device: torch.device) -> tuple[VideoGenerator, dict]:
     built = time.perf_counter()
     generator = VideoGenerator(variant, pipe, device)
     compiled = 0
+    if args.warm_up_renders is not None:
+        renders = generator.warm_up_renders()[: args.warm_up_renders]
+        generator.warm_up_renders = lambda: renders
     if args.start != "uncompiled":
         compile_transformer(pipe.transformer)  # what configure_pipeline(compiled=True) does
         compiled = compile_cache.warm_up_with_cache(generator, args.weights or args.out / "weights")
