@@ -260,7 +260,7 @@ def _graphs() -> int:
 def test_after_warm_up_no_frame_count_compiles_again(warmed_up):
     """COGVIDEOX_COMPILE's promise: setup compiles, requests do not, whatever num_frames."""
     generator, graphs = warmed_up
-    for num_frames in (17, 33, 49, 9):
+    for num_frames in (17, 33):  # the warm-up rendered 49 and 9
         generator.render_frames(_request(num_frames=num_frames, num_inference_steps=1))
     assert _graphs() == graphs
 
@@ -269,19 +269,19 @@ def test_after_warm_up_guidance_1_compiles_nothing(warmed_up):
     # A batch of one, where guidance makes two: torch specialises size 1, so the warm-up
     # renders one such request too.
     generator, graphs = warmed_up
-    for num_frames in (17, 49):
-        request = _request(num_frames=num_frames, num_inference_steps=1, guidance_scale=1.0)
-        generator.render_frames(request)
+    request = _request(num_frames=17, num_inference_steps=1, guidance_scale=1.0)
+    generator.render_frames(request)
     assert _graphs() == graphs
 
 
 def test_after_warm_up_no_speed_mode_compiles_in_a_request(warmed_up):
     """The speed modes run their blocks eagerly and call the compiled parts, which setup
-    compiled: every frame count, with and without guidance."""
+    compiled: other frame counts, with and without guidance."""
     generator, graphs = warmed_up
+    # 4 steps (timesteps 999, 749, 499, 249) pass both modes' computing and reusing branches.
     for mode in ("faster", "fast"):
-        for num_frames, guidance in ((17, 6.0), (33, 6.0), (9, 1.0), (49, 1.0)):
-            fields = dict(num_frames=num_frames, guidance_scale=guidance, num_inference_steps=12)
+        for num_frames, guidance in ((17, 6.0), (33, 1.0)):
+            fields = dict(num_frames=num_frames, guidance_scale=guidance, num_inference_steps=4)
             generator.render_frames(_request(speed_mode=mode, **fields))
     generator.render_frames(_request(num_frames=25))
     assert _graphs() == graphs
@@ -293,7 +293,7 @@ def test_on_a_compiled_transformer_speed_modes_give_their_eager_frames(
 ):
     variant = VARIANTS["cogvideox-5b"]
     pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
-    request = _request(speed_mode=mode, num_inference_steps=12)
+    request = _request(speed_mode=mode, num_inference_steps=4)
     eager = VideoGenerator(variant, pipe, CPU).render_frames(request).frames
     compiled = warmed_up[0].render_frames(request).frames
     np.testing.assert_allclose(compiled, eager, atol=1e-5)
