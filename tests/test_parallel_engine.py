@@ -11,6 +11,7 @@ a 4-head copy of the 5B-shaped model covers Ulysses-4.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -129,18 +130,11 @@ def four_heads(tmp_path_factory):
 def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> dict[str, Case]:
     w = tiny_weights
     size_15 = {"height": 48, "width": 80}
+    unguided = Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, guidance_scale=UNGUIDED)
     return {
         "5b": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}),
-        "5b-unguided": Case(
-            "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, guidance_scale=UNGUIDED
-        ),
-        "5b-unguided-compiled": Case(
-            "cogvideox-5b",
-            w["1.0-t2v"],
-            call={"num_frames": 9},
-            guidance_scale=UNGUIDED,
-            compiled=True,
-        ),
+        "5b-unguided": unguided,
+        "5b-unguided-compiled": replace(unguided, compiled=True),
         "5b-i2v": Case(
             "cogvideox-5b-i2v", w["1.0-i2v"], "i2v", {"num_frames": 9, "image": picture}
         ),
@@ -158,13 +152,7 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
         ),
         "v2v": Case("cogvideox-5b", w["1.0-t2v"], "v2v", {"video": clip, "strength": 1.0}),
         "lora": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, lora=lora),
-        "lora-on-proj-out": Case(
-            "cogvideox-5b",
-            w["1.0-t2v"],
-            call={"num_frames": 9},
-            guidance_scale=UNGUIDED,
-            lora=lora_on_proj_out,
-        ),
+        "lora-on-proj-out": replace(unguided, lora=lora_on_proj_out),
         "fast": Case(
             "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, steps=4, speed_mode="fast"
         ),
