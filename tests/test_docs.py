@@ -1,4 +1,6 @@
-"""The documentation's relative links resolve: files exist and anchors name real headings.
+"""The documentation's relative links resolve, and its tables render as tables.
+
+Links: files exist and anchors name real headings.
 
 Checked: README.md, CHANGELOG.md and docs/*.md. A link is a Markdown inline link or image
 (`[text](target)`), a reference definition (`[id]: target`) or an HTML `href`/`src`. Links
@@ -6,6 +8,10 @@ inside code (fenced blocks, inline spans) are text, not links. Web links (`https
 `mailto:`, ...) are not fetched. An anchor (`#part`) must match a heading of the target
 Markdown file as GitHub names it (lowercase, punctuation dropped, each space a hyphen, `-1`,
 `-2` ... for repeats) or an explicit `<a id="...">`.
+
+Tables (GitHub's rules): a table runs from its header and `|---|` line to the first blank
+line, so a paragraph written right under it becomes a row; every row must have the header's
+number of cells (unescaped `|`, code spans included, split cells).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ _HTML_LINK = re.compile(r"""<[a-z]+\s[^>]*?\b(?:href|src)\s*=\s*["']([^"']*)["']
 _HTML_ANCHOR = re.compile(r"""<a\s[^>]*?\b(?:id|name)\s*=\s*["']([^"']+)["']""", re.I)
 _HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+_TABLE_DELIMITER = re.compile(r"^ {0,3}\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
+_CELL_BORDER = re.compile(r"(?<!\\)\|")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,33 @@ def check(files: list[Path], root: Path = ROOT) -> list[Problem]:
     return problems
 
 
+def cell_count(row: str) -> int:
+    row = row.strip().removeprefix("|")
+    if row.endswith("|") and not row.endswith("\\|"):
+        row = row[:-1]
+    return len(_CELL_BORDER.split(row))
+
+
+def table_problems(source: Path, root: Path = ROOT) -> list[Problem]:
+    """Rows whose cell count differs from their table's header, outside code blocks."""
+    raw = source.read_text(encoding="utf-8").splitlines()
+    shown = prose("\n".join(raw)).splitlines()
+    problems, width = [], None
+    for index, (line, visible) in enumerate(zip(raw, shown, strict=True)):
+        if width is None:
+            header = shown[index - 1] if index else ""
+            if "|" in visible and "|" in header and _TABLE_DELIMITER.match(visible):
+                width = cell_count(raw[index - 1])
+            continue
+        if not visible.strip():
+            width = None
+        elif cell_count(line) != width:
+            where = f"{source.relative_to(root)}:{index + 1}"
+            why = f"{cell_count(line)} cells in a table of {width} (a blank line ends a table)"
+            problems.append(Problem("table", where, line.strip()[:60], why))
+    return problems
+
+
 def _report(problems: list[Problem]) -> str:
     return "\n".join(str(p) for p in problems)
 
@@ -159,6 +194,11 @@ def test_every_relative_link_in_the_docs_points_to_a_file_that_exists():
 
 def test_every_anchor_in_the_docs_points_to_a_heading_that_exists():
     problems = [p for p in check(doc_files()) if p.kind == "anchor"]
+    assert not problems, _report(problems)
+
+
+def test_every_table_row_in_the_docs_has_its_headers_cells():
+    problems = [p for source in doc_files() for p in table_problems(source)]
     assert not problems, _report(problems)
 
 
@@ -270,3 +310,16 @@ def test_headings_become_anchors_by_githubs_rules(heading, expected):
 def test_a_repeated_heading_gets_a_numbered_anchor_and_html_ids_count():
     text = '# Notes\n## Notes\n## Notes\n<a id="files-in"></a>Text\n```\n# not a heading\n```\n'
     assert anchors(text) == {"notes", "notes-1", "notes-2", "files-in"}
+
+
+def test_a_paragraph_written_right_under_a_table_is_reported(tmp_path):
+    text = "| a | b |\n|---|---|\n| 1 | 2 |\nA paragraph.\n\n| c |\n|---|\n| 3 |\n"
+    [page] = _tree(tmp_path, {"page.md": text})
+    problems = table_problems(page, tmp_path)
+    assert [(p.where, p.target) for p in problems] == [("page.md:4", "A paragraph.")]
+
+
+def test_table_cells_count_escaped_pipes_as_text_and_skip_code_blocks(tmp_path):
+    text = "| a | b |\n|:--|--:|\n| x \\| y | 2 |\n\n```\n| a | b |\n|---|---|\n| 1 |\n```\n"
+    [page] = _tree(tmp_path, {"page.md": text})
+    assert table_problems(page, tmp_path) == []
