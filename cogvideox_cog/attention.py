@@ -10,7 +10,8 @@ It is installed on every pipeline, so one attention code path serves one GPU and
 
 COGVIDEOX_ATTENTION_BACKEND picks the kernel (a diffusers backend name). Backends other than
 "native" (cuDNN, flash, sage...) are for GPUs and are not measured by this project; an
-unknown name or a backend whose package is missing fails setup.
+unknown name or a backend whose package is missing fails setup, and so does any but "native"
+with several GPUs (`check_splittable`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,24 @@ def attention_backend(name: str | None) -> AttentionBackendName:
             f"{ATTENTION_BACKEND_ENV}={name!r} cannot be used here: {error}"
         ) from None
     return backend
+
+
+def check_splittable(backend: AttentionBackendName | None) -> None:
+    """Refuse a backend that cannot run the context-parallel engine's attention.
+
+    Over several GPUs the engine runs diffusers' Ulysses attention and, where the tokens do
+    not divide evenly, masks padded keys with an additive mask. torch's SDPA ("native", which
+    picks cuDNN or flash itself where they apply) does both. Other backends either ignore the
+    split, so each rank attends to its own tokens only (wrong frames, no error), or refuse
+    the mask, so every padded request fails (diffusers 0.42.1's registry and kernels).
+    """
+    name = backend.value if backend else DEFAULT_BACKEND
+    if name != DEFAULT_BACKEND:
+        raise ConfigError(
+            f"{ATTENTION_BACKEND_ENV}={name!r} cannot split attention over several GPUs; "
+            f"leave it unset (torch's SDPA, which picks cuDNN or flash attention itself) or "
+            f"run on one GPU"
+        )
 
 
 class DispatchingCogVideoXAttnProcessor:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cog
 import numpy as np
@@ -52,6 +53,9 @@ from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import load_weights, weights_root
+
+if TYPE_CHECKING:
+    from .parallel.engine import ContextParallel
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +163,7 @@ class VideoGenerator:
         self.postprocessor = postprocessor or Postprocessor()
         self.enhancer = enhancer
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
-        self.engine = None  # parallel.engine.ContextParallel: splits each denoise over ranks
+        self.engine: ContextParallel | None = None  # splits each denoise over ranks
         self.on_step: Callable[[int], None] | None = None  # after each step's log line
         # After each post-processed frame or pair: rank 0's own cancel check (no other rank
         # takes part in post-processing, so none is agreed with).
@@ -173,14 +177,16 @@ class VideoGenerator:
         device: torch.device | None = None,
         warm_up: bool = True,
         rewrites_prompts: bool = True,
+        engine: ContextParallel | None = None,
     ) -> VideoGenerator:
         """The generator a deployment's environment describes, weights fetched if needed.
 
         device: the first CUDA GPU, else the CPU, unless given (a rank's own GPU).
-        warm_up: False leaves compile_warm_up() to the caller (a rank installs its engine
-        first, so that the warm-up compiles the split model).
+        warm_up: False leaves compile_warm_up() to the caller (a rank first puts in its
+        cancel check and the LoRA and prompt it shares with the other ranks).
         rewrites_prompts: False loads no enhance_prompt model (a rank that receives rank 0's
         rewrite instead).
+        engine: a rank's ContextParallel, installed before the weights are placed.
         """
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
@@ -197,7 +203,14 @@ class VideoGenerator:
         postprocessor = Postprocessor.from_env(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
         pipe = configure_pipeline(
-            pipe, variant, device, offload, compiled, attention, vae_tiling=vae_tiling
+            pipe,
+            variant,
+            device,
+            offload,
+            compiled,
+            attention,
+            vae_tiling=vae_tiling,
+            before_placing=engine.install if engine else None,
         )
         generator = cls(
             variant,
@@ -213,6 +226,7 @@ class VideoGenerator:
                 variant.vram_no_offload_gib if offload == "none" else None,
             ),
         )
+        generator.engine = engine
         if warm_up:
             generator.compile_warm_up()
         log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)

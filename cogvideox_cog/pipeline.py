@@ -6,10 +6,10 @@ Everything here happens in setup; generator.py runs the pipeline per request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import (
@@ -120,11 +120,19 @@ def build_pipeline(
     mode: Mode | None = None,
     attention: AttentionBackendName | None = None,
     vae_tiling: bool = True,
+    before_placing: Callable[[Any], None] | None = None,
 ):
     """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
     pipe = load_pipeline(variant, weights, device, mode)
     return configure_pipeline(
-        pipe, variant, device, offload, compiled, attention, vae_tiling=vae_tiling
+        pipe,
+        variant,
+        device,
+        offload,
+        compiled,
+        attention,
+        vae_tiling=vae_tiling,
+        before_placing=before_placing,
     )
 
 
@@ -146,10 +154,13 @@ def configure_pipeline(
     compiled: bool = False,
     attention: AttentionBackendName | None = None,
     vae_tiling: bool = True,
+    before_placing: Callable[[Any], None] | None = None,
 ):
     """Scheduler, VAE memory savers, attention and placement: everything after the weights
     are loaded. compiled: compile the transformer (choose_compile() decides where that pays).
-    attention: the attention backend (attention.py; None: torch's SDPA)."""
+    attention: the attention backend (attention.py; None: torch's SDPA).
+    before_placing: called with the pipeline just before its weights are placed, for hooks
+    that must stay under offload's (a rank's engine: see parallel.engine.ContextParallel)."""
     log.info(
         f"pipeline: offload={offload}, attention={attention.value if attention else 'native'}, "
         f"VAE tiling {'on' if vae_tiling else 'off'}"
@@ -162,6 +173,8 @@ def configure_pipeline(
         pipe.vae.enable_tiling()
     pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
+    if before_placing is not None:
+        before_placing(pipe)
     # Offload hooks move each component to the GPU when it runs; moving the whole pipeline
     # there first would defeat them, so exactly one of these places the weights.
     if offload == "model":

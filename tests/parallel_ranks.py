@@ -49,7 +49,9 @@ class Case:
     steps: int = 2
     speed_mode: str = "default"
     lora: Path | None = None
-    compiled: bool = False  # the blocks compiled (aot_eager) before the engine, as setup does
+    compiled: bool = False  # the blocks compiled (aot_eager), as setup does
+    offload: str = "none"  # "model": accelerate's hooks, on the CPU as on a GPU
+    renders: int = 1  # the pipeline renders this many times; the last one is returned
 
 
 @dataclass
@@ -65,10 +67,14 @@ class Rendered:
 def render(case: Case, world_size: int | None = None, decode: bool = True) -> Rendered:
     """The case on this process; with `world_size`, as one rank of the engine."""
     variant = VARIANTS[case.variant]
-    pipe = build_pipeline(variant, case.weights, CPU, "none", mode=case.mode)
+    # Set up in setup's order: the engine before the weights are placed, then compiling.
+    engine = ContextParallel(world_size) if world_size else None
+    installing = engine.install if engine else None
+    pipe = build_pipeline(
+        variant, case.weights, CPU, case.offload, mode=case.mode, before_placing=installing
+    )
     if case.compiled:
         compile_transformer(pipe.transformer, GUARDS_BACKEND)
-    engine = ContextParallel(pipe, world_size) if world_size else None
     if case.lora is not None:
         LoraSlot(pipe, variant.id).use(case.lora, 0.8)
     seen = []
@@ -77,19 +83,21 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
     )
     last = {}
     guidance = case.guidance_scale > 1
-    running = engine.run(guidance) if engine else nullcontext("single process")
-    with step_cache(pipe, case.speed_mode, guidance), running as layout:
-        output = pipe(
-            prompt="a panda plays guitar in a bamboo forest",
-            negative_prompt="blurry",
-            num_inference_steps=case.steps,
-            guidance_scale=case.guidance_scale,
-            use_dynamic_cfg=variant.dynamic_cfg,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type="np" if decode else "latent",
-            callback_on_step_end=lambda _p, _s, _t, tensors: last.update(tensors) or {},
-            **case.call,
-        )
+    for _ in range(case.renders):
+        seen.clear()
+        running = engine.run(guidance) if engine else nullcontext("single process")
+        with step_cache(pipe, case.speed_mode, guidance), running as layout:
+            output = pipe(
+                prompt="a panda plays guitar in a bamboo forest",
+                negative_prompt="blurry",
+                num_inference_steps=case.steps,
+                guidance_scale=case.guidance_scale,
+                use_dynamic_cfg=variant.dynamic_cfg,
+                generator=torch.Generator("cpu").manual_seed(SEED),
+                output_type="np" if decode else "latent",
+                callback_on_step_end=lambda _p, _s, _t, tensors: last.update(tensors) or {},
+                **case.call,
+            )
     frames = output.frames[0] if decode else None
     breaks = sum(counters["graph_break"].values())
     return Rendered(frames, last["latents"].numpy(), str(layout), seen, graph_breaks=breaks)

@@ -16,6 +16,7 @@ from cogvideox_cog.attention import (
     AttentionBackendName,
     DispatchingCogVideoXAttnProcessor,
     attention_backend,
+    check_splittable,
     use_dispatching_attention,
 )
 from cogvideox_cog.devtools.tiny import build_tiny_pipeline
@@ -59,3 +60,14 @@ def test_an_unknown_backend_fails_setup_naming_the_variable_and_the_choices():
 def test_a_backend_without_its_package_fails_setup_saying_what_to_install():
     with pytest.raises(ConfigError, match=r"COGVIDEOX_ATTENTION_BACKEND='flash' .*flash-attn"):
         attention_backend("flash")
+
+
+@pytest.mark.parametrize("name", [None, "native"])
+def test_torchs_sdpa_can_split_attention_over_several_gpus(name):
+    check_splittable(attention_backend(name))
+
+
+@pytest.mark.parametrize("name", ["_native_math", "_native_efficient", "flex"])
+def test_a_backend_that_ignores_ulysses_or_refuses_masks_cannot_split_attention(name):
+    with pytest.raises(ConfigError, match=rf"COGVIDEOX_ATTENTION_BACKEND='{name}' cannot split"):
+        check_splittable(attention_backend(name))

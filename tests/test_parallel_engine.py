@@ -153,6 +153,7 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
         "v2v": Case("cogvideox-5b", w["1.0-t2v"], "v2v", {"video": clip, "strength": 1.0}),
         "lora": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, lora=lora),
         "lora-on-proj-out": replace(unguided, lora=lora_on_proj_out),
+        "5b-unguided-offloaded": replace(unguided, offload="model", renders=2),
         "fast": Case(
             "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, steps=4, speed_mode="fast"
         ),
@@ -175,6 +176,7 @@ TWO_RANKS = (
     "fast",
     "faster",
     "lora-on-proj-out",
+    "5b-unguided-offloaded",
 )
 FOUR_RANKS = ("5b", "1.5-i2v", "lora", "5b-unguided", "4-heads-unguided")
 
@@ -259,6 +261,16 @@ def test_compiled_blocks_take_the_engine_hooks_without_a_graph_break(two_ranks):
     # The first block's split hook runs inside its compiled graph; a break would split that
     # graph and leave the hook's Python between the pieces (it did: inspect.signature).
     assert [rank.graph_breaks for rank in two_ranks["5b-unguided-compiled"]] == [0, 0]
+
+
+def test_with_model_offload_the_split_outlasts_the_first_render(two_ranks, one_process):
+    """diffusers takes accelerate's offload hooks off and puts them back after every render
+    (and around a LoRA load, which on a CPU it cannot: it asks for an accelerator), and
+    accelerate drops the hooks registered over its own. The engine's, installed before the
+    weights are placed, lie beneath: the second render still splits (when the engine came
+    after offload, every rank rendered the whole video from the second render on)."""
+    name = "5b-unguided-offloaded"
+    _check(two_ranks[name], one_process(name), Layout(cfg=1, ulysses=2))
 
 
 def test_ulysses_2_renders_the_1_5_frames_of_one_process(two_ranks, one_process):

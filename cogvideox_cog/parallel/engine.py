@@ -38,7 +38,11 @@ from diffusers.hooks.faster_cache import _FASTER_CACHE_DENOISER_HOOK
 from diffusers.models._modeling_parallel import ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..attention import DispatchingCogVideoXAttnProcessor, use_dispatching_attention
+from ..attention import (
+    DispatchingCogVideoXAttnProcessor,
+    check_splittable,
+    use_dispatching_attention,
+)
 from ..errors import InputError
 from .layout import Layout, choose_layout
 
@@ -120,39 +124,55 @@ class _Armed:
 
 
 class ContextParallel:
-    """Installed once per rank on a loaded pipeline, after torch.distributed is initialised
-    (gloo on CPU, nccl on CUDA); every rank calls pipe(...) with identical arguments.
+    """Made once per rank after torch.distributed is initialised (gloo on CPU, nccl on CUDA),
+    and installed on the pipeline before its weights are placed; every rank then calls
+    pipe(...) with identical arguments.
 
-    Construction is collective (it builds the process groups): every rank constructs it,
-    in the same order relative to other collectives. Where the layout is smaller than the
-    world (it always divides it), the other ranks are replicas: groups of their own running
-    the same layout, so they return the same video, bit for bit, and never wait.
+    Installing is collective (it builds the process groups): every rank installs, in the
+    same order relative to other collectives. Where the layout is smaller than the world (it
+    always divides it), the other ranks are replicas: groups of their own running the same
+    layout, so they return the same video, bit for bit, and never wait.
+
+    Before placing, because of CPU offload: diffusers takes accelerate's offload hooks off
+    and puts them back after every pipeline call and around every LoRA load, and accelerate
+    then restores the forward it had wrapped, which drops any hook registered over it. The
+    engine's hooks, registered first, are that forward, so they stay.
     """
 
-    def __init__(self, pipe, world_size: int):
+    def __init__(self, world_size: int):
         if not dist.is_initialized():
             raise RuntimeError("ContextParallel needs torch.distributed initialised first")
         if dist.get_world_size() != world_size:
             raise ValueError(
                 f"world_size {world_size} is not torch.distributed's {dist.get_world_size()}"
             )
-        self.pipe, self.world_size, self.rank = pipe, world_size, dist.get_rank()
-        transformer = pipe.transformer
+        self.world_size, self.rank = world_size, dist.get_rank()
+        self.pipe = None
+
+    def install(self, pipe) -> None:
+        """Layouts, process groups and hooks for this pipeline (configure_pipeline's
+        `before_placing`)."""
+        if self.pipe is not None:
+            raise RuntimeError("this engine is installed already")
+        self.pipe, transformer = pipe, pipe.transformer
         heads = transformer.config.num_attention_heads
         self.layouts = {
-            guidance: choose_layout(world_size, guidance, heads) for guidance in (True, False)
+            guidance: choose_layout(self.world_size, guidance, heads) for guidance in (True, False)
         }
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        nccl = dist.get_backend() == "nccl"
+        device_type = "cuda" if nccl else "cpu"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         # DeviceMesh and ContextParallelConfig.setup create process groups: every rank
         # builds every layout's mesh, in the same order.
         self._meshes: dict[Layout, DeviceMesh] = {}
         self._configs: dict[Layout, ParallelConfig | None] = {}
         for layout in dict.fromkeys(self.layouts.values()):
-            mesh = _replicated_mesh(layout, world_size, device_type)
+            mesh = _replicated_mesh(layout, self.world_size, device_type)
             self._meshes[layout] = mesh
-            self._configs[layout] = self._sequence_config(layout, mesh, transformer.device)
+            self._configs[layout] = self._sequence_config(layout, mesh, device)
         self._armed = _Armed()
         self._processor = self._ensure_dispatching_attention(transformer)
+        check_splittable(self._processor._attention_backend)
         self._register_hooks(transformer)
 
     def _sequence_config(self, layout: Layout, mesh: DeviceMesh, device) -> ParallelConfig | None:

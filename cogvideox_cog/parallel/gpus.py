@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..attention import ATTENTION_BACKEND_ENV, attention_backend, check_splittable
 from ..errors import ConfigError
 from ..generator import VideoGenerator
 from ..pipeline import Mode
@@ -44,6 +45,8 @@ def start_generator(mode: Mode):
     count = gpus_from_env(torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if count == 1:
         return VideoGenerator.from_env(mode)
+    # Before any rank process starts: each would fail the same way, after loading a model.
+    check_splittable(attention_backend(os.environ.get(ATTENTION_BACKEND_ENV)))
     from .group import RankGroup
 
     return RankGroup.start(mode, count)

@@ -16,6 +16,7 @@ import os
 import pickle
 import sys
 import threading
+from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from ..errors import EnhanceError, InputError, LoraError
 from ..generator import VideoGenerator
 from ..logs import disable_progress_bars
+from ..lora.store import timeout_from_env as lora_timeout_from_env
 from ..pipeline import Mode
 from ..prompts.enhance import config_from_env
 from .engine import ContextParallel
@@ -32,6 +34,9 @@ from .lifetime import exit_with_parent
 from .protocol import Canceled, Done, Failed, LogLine, Metric, Outcome, Ready, Render, SetupFailed
 
 log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT_FLOOR = timedelta(minutes=30)  # gloo's default
+COLLECTIVE_TIMEOUT_MARGIN = timedelta(minutes=5)  # rank 0's checks around the download
 
 
 class StepCanceled(BaseException):
@@ -96,11 +101,15 @@ def _set_up(
         rank=rank,
         world_size=world_size,
         device_id=device if cuda else None,
+        timeout=collective_timeout(),
     )
     generator = VideoGenerator.from_env(
-        mode, device=device, warm_up=False, rewrites_prompts=rank == 0
+        mode,
+        device=device,
+        warm_up=False,
+        rewrites_prompts=rank == 0,
+        engine=ContextParallel(world_size),
     )
-    generator.engine = ContextParallel(generator.pipe, world_size)
     generator.on_step = AgreedCancel(cancel, device)
     generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
     if config_from_env() is not None:  # the same setting on every rank
@@ -110,6 +119,21 @@ def _set_up(
         generator.record_metric = lambda name, value: sender.send(Metric(name, value))
         generator.on_postprocess_progress = OwnCancel(cancel)
     return generator
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank may wait inside one collective before torch aborts the process.
+
+    The longest wait that is not a fault: the other ranks at rank 0's broadcast while it
+    downloads a LoRA (COGVIDEOX_LORA_TIMEOUT) and rewrites the prompt
+    (COGVIDEOX_ENHANCE_TIMEOUT, twice: an endpoint's connection and its answer each have
+    it). NCCL's default, 10 minutes, is the LoRA download's own default, so NCCL's watchdog
+    would kill the waiting ranks before rank 0 reported a slow URL; gloo's 30 minutes is
+    kept as the floor. A rank that dies is noticed at once anyway (its process ends).
+    """
+    enhance = config_from_env()
+    alone = lora_timeout_from_env() + (2 * enhance.timeout if enhance else 0.0)
+    return max(COLLECTIVE_TIMEOUT_FLOOR, timedelta(seconds=alone) + COLLECTIVE_TIMEOUT_MARGIN)
 
 
 def _render(generator: VideoGenerator, rank: int, command: Render) -> Outcome:
