@@ -168,6 +168,28 @@ def test_offload_is_none_on_cpu_whatever_is_asked():
         assert choose_offload(policy, VARIANTS["cogvideox-5b"], CPU) == "none"
 
 
+def test_model_offload_renders_the_placed_models_frames_prediction_after_prediction(
+    generator, tiny_weights
+):
+    """diffusers takes accelerate's offload hooks off and puts them back after every call, and
+    the speed modes' hooks come and go per prediction over them. Offload runs on a CPU when
+    given the device, as configure_pipeline gives it (the policy itself is CUDA-only)."""
+    variant = VARIANTS["cogvideox-5b"]
+    offloaded = VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model"), CPU
+    )
+    assert hasattr(offloaded.pipe.transformer, "_hf_hook")
+    for request in (
+        _request(),
+        _request(speed_mode="faster", num_inference_steps=6),
+        _request(speed_mode="fast", num_inference_steps=4),
+        _request(guidance_scale=1.0),
+        _request(),
+    ):
+        expected = generator.render_frames(request).frames
+        np.testing.assert_allclose(offloaded.render_frames(request).frames, expected, atol=1e-5)
+
+
 def test_unknown_offload_policy_is_refused():
     with pytest.raises(ValueError, match="COGVIDEOX_OFFLOAD='fast' is not one of auto, none"):
         choose_offload("fast", VARIANTS["cogvideox-5b"], CPU)
