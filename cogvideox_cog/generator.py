@@ -32,6 +32,7 @@ from .errors import InputError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
 from .lora.store import LoraCache
+from .media import fetch
 from .media.clip import load_video
 from .media.image import fit_image, open_image
 from .media.mp4 import encode_mp4
@@ -191,6 +192,8 @@ class VideoGenerator:
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
         enhance = config_from_env()  # checked before any download
+        if mode != "t2v":
+            fetch.check_settings()  # image and video inputs are fetched by URL
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         if device is None:

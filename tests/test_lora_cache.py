@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from cogvideox_cog.errors import ConfigError, LoraError
+from cogvideox_cog.errors import LoraError
 from cogvideox_cog.lora.fetch import check_lora_url
-from cogvideox_cog.lora.store import TIMEOUT_ENV, LoraCache, timeout_from_env
+from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.weights import download
 from cogvideox_cog.weights.download import parse_size
 from tests.file_server import FileServer
@@ -374,10 +374,3 @@ def test_safetensors_save_file_is_what_we_call_a_lora_file(tmp_path, served, cac
     root, server = served
     save_file({"x.lora_A.weight": torch.ones(1, 2)}, root / "plain.safetensors")
     assert cache.get(server.url("plain.safetensors")).stat().st_size > 0
-
-
-@pytest.mark.parametrize("value", ["0", "-5", "ten", "nan", "inf"])
-def test_a_download_timeout_that_is_not_positive_seconds_fails_setup(monkeypatch, value):
-    monkeypatch.setenv(TIMEOUT_ENV, value)
-    with pytest.raises(ConfigError, match=f"{TIMEOUT_ENV}='{value}'"):
-        timeout_from_env()

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import leftovers
-from ..errors import ConfigError, LoraError
+from ..errors import LoraError
 from ..files import replace_atomically
 from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, download
 from ..weights.manifest import sha256_file
@@ -43,16 +43,9 @@ DEFAULT_TIMEOUT_S = 600.0
 PARTIAL_MAX_AGE_S = 24 * 3600  # a staging folder without an owner lock (older versions)
 
 
-def timeout_from_env() -> float:
-    """COGVIDEOX_LORA_TIMEOUT: seconds a LoRA download may take, checked at setup."""
-    raw = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT_S)
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: give the seconds a LoRA download may take")
-    return seconds
+def timeout_s() -> float:
+    """COGVIDEOX_LORA_TIMEOUT: seconds a LoRA download may take in all."""
+    return download.seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 class LoraCache:
@@ -71,7 +64,7 @@ class LoraCache:
             download.parse_size(
                 os.environ.get(CACHE_SIZE_ENV) or DEFAULT_CACHE_SIZE, CACHE_SIZE_ENV
             ),
-            timeout_from_env(),
+            timeout_s(),
         )
 
     def get(self, url: str) -> Path:

@@ -44,7 +44,14 @@ def max_bytes() -> int:
 
 
 def timeout_s() -> float:
-    return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+    return download.seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def check_settings() -> None:
+    """COGVIDEOX_INPUT_MAX_SIZE and COGVIDEOX_INPUT_TIMEOUT, in setup rather than in the
+    first request that fetches an input (ConfigError)."""
+    max_bytes()
+    timeout_s()
 
 
 @contextmanager

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..errors import EnhanceError, InputError, LoraError
 from ..generator import VideoGenerator
 from ..logs import disable_progress_bars
-from ..lora.store import timeout_from_env as lora_timeout_from_env
+from ..lora import store as lora_store
 from ..pipeline import Mode
 from ..prompts.enhance import config_from_env
 from .engine import ContextParallel
@@ -132,7 +132,7 @@ def collective_timeout() -> timedelta:
     kept as the floor. A rank that dies is noticed at once anyway (its process ends).
     """
     enhance = config_from_env()
-    alone = lora_timeout_from_env() + (2 * enhance.timeout if enhance else 0.0)
+    alone = lora_store.timeout_s() + (2 * enhance.timeout if enhance else 0.0)
     return max(COLLECTIVE_TIMEOUT_FLOOR, timedelta(seconds=alone) + COLLECTIVE_TIMEOUT_MARGIN)
 
 

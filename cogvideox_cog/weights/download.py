@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import math
 import os
 import random
 import re
@@ -53,11 +54,36 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 def timeout_s() -> float:
-    return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def connections() -> int:
-    return max(1, int(os.environ.get(CONNECTIONS_ENV) or DEFAULT_CONNECTIONS))
+    return count_from_env(CONNECTIONS_ENV, DEFAULT_CONNECTIONS)
+
+
+def seconds_from_env(env: str, default: float) -> float:
+    """A positive number of seconds from `env` (`default` when unset or empty), else a
+    ConfigError naming it: the settings' one rule for timeouts."""
+    raw = (os.environ.get(env) or "").strip() or f"{default:g}"
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0")
+    return seconds
+
+
+def count_from_env(env: str, default: int) -> int:
+    """A whole number, 1 or more, from `env` (`default` when unset or empty)."""
+    raw = (os.environ.get(env) or "").strip() or str(default)
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{env}={raw!r}: give a whole number, 1 or more")
+    return count
 
 
 class _Retryable(Exception):

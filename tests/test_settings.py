@@ -1,0 +1,61 @@
+"""Numeric COGVIDEOX_* settings: a bad value fails setup with a ConfigError naming it, never a
+ValueError in the middle of a download or a request."""
+
+from __future__ import annotations
+
+import pytest
+
+from cogvideox_cog.errors import ConfigError
+from cogvideox_cog.generator import VideoGenerator
+from cogvideox_cog.lora import store as lora_store
+from cogvideox_cog.media import fetch
+from cogvideox_cog.variants import VARIANTS
+from cogvideox_cog.weights import WEIGHTS_URL_ENV, download, ensure_weights
+
+SECONDS = [
+    (download.TIMEOUT_ENV, download.timeout_s),
+    (fetch.TIMEOUT_ENV, fetch.timeout_s),
+    (lora_store.TIMEOUT_ENV, lora_store.timeout_s),
+]
+
+
+@pytest.mark.parametrize(("env", "read"), SECONDS)
+@pytest.mark.parametrize("value", ["0", "-5", "ten", "nan", "inf"])
+def test_a_timeout_that_is_not_positive_seconds_is_refused_naming_the_variable(
+    monkeypatch, env, read, value
+):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=f"{env}='{value}': give a number of seconds"):
+        read()
+
+
+@pytest.mark.parametrize(("env", "read"), SECONDS)
+def test_an_unset_or_empty_timeout_is_the_default_and_a_given_one_is_taken(monkeypatch, env, read):
+    monkeypatch.setenv(env, "")
+    default = read()
+    monkeypatch.setenv(env, " 2.5 ")
+    assert default > 0 and read() == 2.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"])
+def test_download_connections_must_be_a_whole_number_from_1(monkeypatch, value):
+    monkeypatch.setenv(download.CONNECTIONS_ENV, value)
+    with pytest.raises(ConfigError, match=f"{download.CONNECTIONS_ENV}='{value}'"):
+        download.connections()
+
+
+@pytest.mark.parametrize("mode", ["i2v", "v2v"])
+def test_a_predictor_that_fetches_inputs_checks_their_limits_in_setup(monkeypatch, mode):
+    monkeypatch.setenv(fetch.TIMEOUT_ENV, "soon")
+    with pytest.raises(ConfigError, match=f"{fetch.TIMEOUT_ENV}='soon'"):
+        VideoGenerator.from_env(mode)
+
+
+def test_the_downloaders_settings_are_checked_even_when_nothing_is_downloaded(
+    monkeypatch, tiny_weights
+):
+    monkeypatch.setenv(WEIGHTS_URL_ENV, str(tiny_weights["1.0-t2v"]))  # used in place
+    assert ensure_weights(VARIANTS["cogvideox-5b"]) == tiny_weights["1.0-t2v"]
+    monkeypatch.setenv(download.CONNECTIONS_ENV, "0")
+    with pytest.raises(ConfigError, match=download.CONNECTIONS_ENV):
+        ensure_weights(VARIANTS["cogvideox-5b"])
