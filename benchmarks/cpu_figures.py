@@ -5,7 +5,7 @@
     output_type="np" returns them) by our `cogvideox_cog.media.mp4.encode_mp4` and by diffusers'
     `export_to_video` (imageio + imageio-ffmpeg, its recommended backend), interleaved, median of
     several repetitions; both files are probed with our `probe_mp4` and compared with the source.
-(b) the per-prediction overhead of the predictor path, `VideoGenerator.generate` on the tiny
+(b) the per-prediction overhead of the predictor path, `VideoGenerator.render_mp4` on the tiny
     1.0 text-to-video model, against calling the same diffusers pipeline directly with the same
     arguments (output_type="np") followed by `export_to_video`, with one torch thread.
 
@@ -322,7 +322,10 @@ def overhead_section(o: dict) -> list[str]:
         markdown_table(
             ["path", "wall s", "CPU s"],
             [
-                ["`VideoGenerator.generate` (ours, with encode_mp4)", *_times(o["ours_generate"])],
+                [
+                    "`VideoGenerator.render_mp4` (ours, with encode_mp4)",
+                    *_times(o["ours_generate"]),
+                ],
                 [
                     "diffusers pipeline call + `export_to_video`",
                     *_times(o["diffusers_pipeline_and_export_to_video"]),

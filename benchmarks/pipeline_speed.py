@@ -4,7 +4,7 @@ The models are built at full size from the published configs with random weights
 memory do not depend on the values), so no download is needed: the transformer, the 3D VAE and
 the T5 v1.1 XXL encoder. They then go through exactly what a prediction runs:
 `cogvideox_cog.pipeline.PIPELINES["t2v"]`, `configure_pipeline` (scheduler swap, VAE tiling
-and slicing, offload policy) and `VideoGenerator.generate` (input checks, denoising, decoding,
+and slicing, offload policy) and `VideoGenerator.render_mp4` (input checks, denoising, decoding,
 mp4 encoding). Phases are timed by instrumentation only (wrapped methods and a forward hook on
 the pipeline's own objects, with a device synchronisation at each mark), never by re-running
 parts of the pipeline by hand. The one exception is labelled: after each prediction the final
@@ -336,7 +336,7 @@ class PhaseProbe:
     Marks: encode_prompt (text encoding), the transformer's forward pre-hook (the first one opens
     the denoising loop), scheduler.step (each return closes a step), decode_latents (VAE decode),
     video_processor.postprocess_video (tensor to numpy frames) and the encode_mp4 that
-    VideoGenerator.generate calls. Each mark synchronises the device first. GPU peaks are taken
+    VideoGenerator.render_mp4 calls. Each mark synchronises the device first. GPU peaks are taken
     per phase by resetting the peak statistics at each phase boundary and folding each phase's
     peak into the overall one.
     """
@@ -549,7 +549,7 @@ def set_up(args, variant: Variant, offload: str, device: torch.device, record: d
 
 
 def measure_prediction(pipe, generator: VideoGenerator, device: torch.device, request: Request):
-    """One `generate` call with every phase marked and the host's peak memory taken: the probe
+    """One `render_mp4` call with every phase marked and the host's peak memory taken: the probe
     (its marks, peaks and the final latents), the host peak, the mp4 and the total seconds."""
     probe = PhaseProbe(pipe, device).install()
     try:
@@ -762,7 +762,7 @@ def write_results(out: Path) -> str:
         f"- Command: `{env['command']}`",
         "- Random weights at the published shapes ('full') or the tiny test models ('tiny');",
         "  times in seconds, memory in GiB (2^30 bytes).",
-        "- Phases are timed inside one `VideoGenerator.generate` call; 'first step' includes",
+        "- Phases are timed inside one `VideoGenerator.render_mp4` call; 'first step' includes",
         "  first-call effects (kernel loading; with offload, moving the transformer in).",
         "- 'decode again' decodes the run's final latents once more per VAE tiling mode:",
         "  seconds / GPU peak allocated during that decode (+ above what was allocated before:",

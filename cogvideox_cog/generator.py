@@ -194,14 +194,15 @@ class VideoGenerator:
         enhance = config_from_env()  # checked before any download
         if mode != "t2v":
             fetch.check_settings()  # image and video inputs are fetched by URL
-        # Output and warm-up folders of a worker that was killed (they outlive a restart).
-        leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
+        lora_cache = LoraCache.from_env()
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
         compiled = choose_compile(os.environ.get(COMPILE_ENV, "0"), device)
         vae_tiling = choose_vae_tiling(os.environ.get(VAE_TILING_ENV, "on"), variant, device)
         attention = attention_backend(os.environ.get(ATTENTION_BACKEND_ENV))
+        # Output and warm-up folders of a worker that was killed (they outlive a restart).
+        leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
         postprocessor = Postprocessor.from_env(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
@@ -221,7 +222,7 @@ class VideoGenerator:
             device,
             mode,
             resolution=os.environ.get(inputs.RESOLUTION_ENV),
-            lora_cache=LoraCache.from_env(),
+            lora_cache=lora_cache,
             postprocessor=postprocessor,
             enhancer=load_enhancer(
                 enhance if rewrites_prompts else None,

@@ -10,7 +10,7 @@ from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.weights import WEIGHTS_URL_ENV, download, ensure_weights
+from cogvideox_cog.weights import WEIGHTS_URL_ENV, cache, download, ensure_weights
 
 SECONDS = [
     (download.TIMEOUT_ENV, download.timeout_s),
@@ -51,11 +51,22 @@ def test_a_predictor_that_fetches_inputs_checks_their_limits_in_setup(monkeypatc
         VideoGenerator.from_env(mode)
 
 
+@pytest.mark.parametrize(
+    ("env", "value"), [(download.CONNECTIONS_ENV, "0"), (cache.FSYNC_ENV, "no")]
+)
 def test_the_downloaders_settings_are_checked_even_when_nothing_is_downloaded(
-    monkeypatch, tiny_weights
+    monkeypatch, tiny_weights, env, value
 ):
     monkeypatch.setenv(WEIGHTS_URL_ENV, str(tiny_weights["1.0-t2v"]))  # used in place
     assert ensure_weights(VARIANTS["cogvideox-5b"]) == tiny_weights["1.0-t2v"]
-    monkeypatch.setenv(download.CONNECTIONS_ENV, "0")
-    with pytest.raises(ConfigError, match=download.CONNECTIONS_ENV):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=f"{env}='{value}'"):
         ensure_weights(VARIANTS["cogvideox-5b"])
+
+
+def test_lora_settings_are_checked_before_the_weights(monkeypatch):
+    # The weights source is unreachable: reaching it would fail otherwise, and later.
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")
+    monkeypatch.setenv(lora_store.CACHE_SIZE_ENV, "lots")
+    with pytest.raises(ConfigError, match=f"{lora_store.CACHE_SIZE_ENV}='lots'"):
+        VideoGenerator.from_env("t2v")

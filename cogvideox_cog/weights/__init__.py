@@ -115,6 +115,7 @@ def _ensure(variant: Variant) -> _Resolved:
     # The downloader's settings, checked on every start, not only on one that downloads.
     download.timeout_s()
     download.connections()
+    cache.durable()
     manifest = load_manifest(variant.id)
     url = (os.environ.get(WEIGHTS_URL_ENV) or "").strip()
     if url and manifest.origin == "built-in":

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path
 
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 from ..files import replace_atomically
 from ..variants import Variant
 from . import download
@@ -203,7 +203,10 @@ def publish(staging: Path, entry: Path, marker: dict) -> None:
 
 
 def durable() -> bool:
-    return os.environ.get(FSYNC_ENV, "1").strip() != "0"
+    value = (os.environ.get(FSYNC_ENV) or "1").strip()
+    if value not in ("0", "1"):
+        raise ConfigError(f"{FSYNC_ENV}={value!r}: use 1 (the default) or 0 to skip the fsyncs")
+    return value == "1"
 
 
 def fsync(path: Path) -> None:
