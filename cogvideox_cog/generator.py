@@ -129,6 +129,17 @@ class RenderedVideo:
     postprocessed: float  # time.monotonic() when upscale and interpolate finished
 
 
+@dataclass(frozen=True)
+class WarmUpRender:
+    """One render of setup's warm-up: a short request at these settings."""
+
+    num_frames: int
+    portrait: bool = False  # the image turned, where the video takes its aspect (1.5 I2V)
+    guidance_scale: float = 6.0
+    speed_mode: str = "default"
+    steps: int = 2
+
+
 class VideoGenerator:
     """One loaded pipeline and everything needed to turn a request into an mp4.
 
@@ -263,18 +274,18 @@ class VideoGenerator:
                 # The VAE is not compiled: one decode loads its kernels, the rest would only
                 # cost setup time (4 s each for 5B on an H100).
                 run = self.render_frames if index == 0 else self.denoise_only
-                run(self._warm_up_request(folder, **render))
+                run(self._warm_up_request(folder, render))
         finally:
             leftovers.release(folder)
 
-    def warm_up_renders(self) -> list[dict]:
+    def warm_up_renders(self) -> list[WarmUpRender]:
         """What warm_up() renders: part of the compile cache's key."""
         default, smallest = self.variant.default_frames, self.variant.allowed_frames[0]
         counts = list(dict.fromkeys((default, smallest)))
-        plan = [{"num_frames": n, "portrait": second} for second, n in enumerate(counts)]
-        plan.append({"num_frames": smallest, "portrait": False, "guidance_scale": 1.0})
+        plan = [WarmUpRender(n, portrait=second) for second, n in enumerate(counts)]
+        plan.append(WarmUpRender(smallest, guidance_scale=1.0))
         plan += [
-            {"num_frames": n, "portrait": second, "speed_mode": "faster", "steps": 4}
+            WarmUpRender(n, portrait=second, speed_mode="faster", steps=4)
             for second, n in enumerate(counts)
         ]
         return plan
@@ -286,24 +297,17 @@ class VideoGenerator:
         turn = self.mode == "i2v" and self.variant.resolution == "image_aspect"
         return [
             [
-                r["num_frames"],
-                *((width, height) if r["portrait"] and turn else (height, width)),
-                r.get("guidance_scale", 6.0),
-                r.get("speed_mode", "default"),
-                r.get("steps", 2),
+                r.num_frames,
+                *((width, height) if r.portrait and turn else (height, width)),
+                r.guidance_scale,
+                r.speed_mode,
+                r.steps,
             ]
             for r in self.warm_up_renders()
         ]
 
-    def _warm_up_request(
-        self,
-        folder: Path,
-        num_frames: int,
-        portrait: bool,
-        guidance_scale: float = 6.0,
-        speed_mode: str = "default",
-        steps: int = 2,
-    ) -> Request:
+    def _warm_up_request(self, folder: Path, render: WarmUpRender) -> Request:
+        num_frames = render.num_frames
         height, width = self.native_size
         clip = image = None
         if self.mode == "v2v":
@@ -311,21 +315,21 @@ class VideoGenerator:
             clip = encode_mp4(frames, folder / "warm-up.mp4", fps=self.variant.fps)
         elif self.mode == "i2v":
             image = folder / "warm-up.png"
-            turn = portrait and self.variant.resolution == "image_aspect"
+            turn = render.portrait and self.variant.resolution == "image_aspect"
             Image.new("RGB", (height, width) if turn else (width, height), (128,) * 3).save(image)
         return Request(
             prompt="warm-up",
             negative_prompt="",
             num_frames=num_frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
+            num_inference_steps=render.steps,
+            guidance_scale=render.guidance_scale,
             use_dynamic_cfg=None,
             fps=None,
             seed=0,
             image=image,
             video=clip,
             strength=1.0,
-            speed_mode=speed_mode,
+            speed_mode=render.speed_mode,
         )
 
     def healthcheck(self) -> bool:

@@ -16,21 +16,16 @@ from ..attention import ATTENTION_BACKEND_ENV, attention_backend, check_splittab
 from ..errors import ConfigError
 from ..generator import VideoGenerator
 from ..pipeline import Mode
+from ..weights.download import count_from_env
 
 GPUS_ENV = "COGVIDEOX_GPUS"
 
 
 def gpus_from_env(visible_cuda: int) -> int:
     """The number of ranks: COGVIDEOX_GPUS, else every visible CUDA GPU (1 without CUDA)."""
-    value = (os.environ.get(GPUS_ENV) or "").strip()
-    if not value:
+    if not (os.environ.get(GPUS_ENV) or "").strip():
         return max(visible_cuda, 1)
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ConfigError(f"{GPUS_ENV}={value!r}: give a whole number of GPUs, 1 or more")
+    count = count_from_env(GPUS_ENV, 1)
     if visible_cuda and count > visible_cuda:
         raise ConfigError(
             f"{GPUS_ENV}={count}, but {visible_cuda} CUDA GPU(s) are visible: run the "
