@@ -658,6 +658,74 @@ def test_an_unsafe_tar_is_refused_and_nothing_is_written_outside(
     assert not any(cache.glob(".*.staging"))
 
 
+def _serve_tar(tar: Path, monkeypatch) -> FileServer:
+    server = FileServer(tar.parent)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url(tar.name))
+    return server
+
+
+@pytest.mark.parametrize("vetting", ["stdlib", "own"])
+def test_a_hard_link_through_a_symlink_cannot_reach_outside(
+    tiny, tmp_path, cache, monkeypatch, vetting
+):
+    """The vetting resolves `d/../..` through the symlink d (inside); the link must too."""
+    if vetting == "stdlib" and not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"tarfile of Python {sys.version.split()[0]} has no data_filter (3.11.4+)")
+    if vetting == "own":
+        monkeypatch.setattr(untar, "_data_filter", untar._own_data_filter)
+        monkeypatch.setattr(untar, "_FilterError", untar._UnsafeMember)
+    cache.mkdir()
+    victim = cache / "victim.txt"  # beside the staging folder: one '..' too far
+    victim.write_text("original")
+    extra = [
+        _member("a/b", None, type=tarfile.DIRTYPE),
+        _member("d", None, type=tarfile.SYMTYPE, linkname="a/b"),
+        _member("h", None, type=tarfile.LNKTYPE, linkname="d/../../victim.txt"),
+        _member("h", b"overwritten"),
+    ]
+    server = _serve_tar(_tar(tmp_path / "evil.tar", tiny, extra=extra), monkeypatch)
+    try:
+        with pytest.raises(BadSource, match=r"hard link 'h' to .* does not name a file"):
+            ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert victim.read_text() == "original"
+    assert not _markers(cache)
+
+
+def test_a_member_named_again_replaces_a_hard_link_instead_of_writing_through_it(
+    tiny, tmp_path, cache, monkeypatch
+):
+    extra = [
+        _member("extra.txt", None, type=tarfile.LNKTYPE, linkname="model_index.json"),
+        _member("extra.txt", b"not the model index"),
+    ]
+    server = _serve_tar(_tar(tmp_path / "relinked.tar", tiny, extra=extra), monkeypatch)
+    try:
+        root = ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert (root / "model_index.json").read_bytes() == (tiny / "model_index.json").read_bytes()
+    assert (root / "extra.txt").read_bytes() == b"not the model index"
+
+
+def test_a_symlink_redirected_by_a_later_member_is_refused(tiny, tmp_path, cache, monkeypatch):
+    """x is inside when it is extracted (y is deep then); y made '.' afterwards points x
+    outside, so the finished extraction is checked too."""
+    extra = [
+        _member("y", None, type=tarfile.SYMTYPE, linkname="a/b/c/d"),
+        _member("x", None, type=tarfile.SYMTYPE, linkname="y/../../../../escaped.txt"),
+        _member("y", None, type=tarfile.SYMTYPE, linkname="."),
+    ]
+    server = _serve_tar(_tar(tmp_path / "evil.tar", tiny, extra=extra), monkeypatch)
+    try:
+        with pytest.raises(BadSource, match=r"x links to .*escaped\.txt, outside the weights"):
+            ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert _nothing_published(cache)
+
+
 # Two processes, and a process killed mid-download.
 
 

@@ -278,6 +278,8 @@ def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
         extract(open_stream, staging, journal, source, hash_files=True, durable=cache.durable())
     elif response is not None:
         response.close()
+    # Each member was vetted as it came, but a later symlink can redirect an earlier one.
+    check_contained(staging, source)
     return {name: f["sha256"] for name, f in journal.files.items()}
 
 

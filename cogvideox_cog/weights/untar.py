@@ -146,14 +146,16 @@ class _Extractor:
                     self.write_file(s, member, 0)
                 else:
                     _skip(s, _padded(info.size) if info.size else 0)
-                    _make_other(info, Path(self.dest, info.name), self.dest)
+                    _make_other(info, Path(self.dest, info.name), self.dest, self.source)
 
     def write_file(self, stream: Stream, member: dict, written: int) -> None:
         """Write a member's data from byte `written` on, then record it in the journal."""
         path, name, size = Path(self.dest, member["name"]), member["name"], member["size"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            path.unlink()  # never write through a link an earlier member left here
+        if not written and os.path.lexists(path):
+            # A member named again replaces the earlier one, as tar does; writing into it
+            # would write through a symlink or into every name a hard link shares.
+            _remove(path, name, self.source)
         digest = None
         if self.hash_files:
             digest = sha256_file(path, written) if written else hashlib.sha256()
@@ -338,17 +340,31 @@ def _views(stream: Stream, n: int, name: str):
         raise type(error)(f"{error} (in the middle of {name})") from error
 
 
-def _make_other(info: tarfile.TarInfo, path: Path, dest: str) -> None:
+def _make_other(info: tarfile.TarInfo, path: Path, dest: str, source: str) -> None:
     if info.isdir():
         path.mkdir(parents=True, exist_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink() or path.is_file():
-        path.unlink()
+    if os.path.lexists(path):
+        _remove(path, info.name, source)
     if info.issym():
         os.symlink(info.linkname, path)
     elif info.islnk():
-        os.link(Path(dest, os.path.normpath(info.linkname)), path, follow_symlinks=False)
+        # The file the vetting checked: the target with every symlink on its way resolved,
+        # as the kernel would (a normpath of the name would drop a '..' after a symlink).
+        target = os.path.realpath(os.path.join(dest, info.linkname))
+        if os.path.commonpath([target, dest]) != dest or not os.path.isfile(target):
+            raise BadSource(
+                f"refusing unsafe weights tar {source}: hard link {info.name!r} to "
+                f"{info.linkname!r} does not name a file extracted before it"
+            )
+        os.link(target, path, follow_symlinks=False)
+
+
+def _remove(path: Path, name: str, source: str) -> None:
+    if path.is_dir() and not path.is_symlink():
+        raise BadSource(f"corrupt tar {source}: member {name!r} replaces a folder")
+    path.unlink()
 
 
 def _read_exactly(stream: Stream, n: int, source: str, what: str) -> bytes:
