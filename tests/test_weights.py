@@ -358,6 +358,38 @@ def test_weights_that_fail_to_load_again_after_the_refetch_fail_setup_clearly(
     assert not _markers(cache)  # discarded: the next setup does not trust it
 
 
+def _fails_with(error: Exception):
+    def load(root: Path):
+        raise error
+
+    return load
+
+
+def test_an_intact_cached_entry_that_fails_to_load_is_kept(served, cache, monkeypatch):
+    """Every file still has its recorded sha256: a new copy would fail the same way."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    sent = served.bytes_sent
+    expected = r"failed to load: KeyError\('norm'\)\. They were kept: every file still has"
+    with pytest.raises(WeightsError, match=expected):
+        weights.load_weights(VARIANT, _fails_with(KeyError("norm")))
+    assert served.bytes_sent == sent
+    assert _markers(cache) == [root / COMPLETE_MARKER]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "just-downloaded"])
+def test_weights_are_kept_when_loading_fails_on_a_missing_package(
+    served, cache, monkeypatch, cached
+):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    if cached:
+        ensure_weights(VARIANT)
+    missing = ImportError("T5Tokenizer requires the SentencePiece library")
+    with pytest.raises(WeightsError, match=r"They were kept: an ImportError is about the"):
+        weights.load_weights(VARIANT, _fails_with(missing))
+    assert len(_markers(cache)) == 1
+
+
 def test_setup_removes_the_temporary_folders_of_a_killed_worker(
     served, cache, generator_env, monkeypatch
 ):
@@ -412,6 +444,65 @@ def test_a_new_manifest_reverifies_in_place_without_downloading(
     with pytest.raises(BadSource, match=r"vae/config\.json: sha256 \w+, the manifest says 0+"):
         ensure_weights(VARIANT)
     assert not _markers(cache)
+
+
+def _stale_marker(root: Path) -> None:
+    """As a marker written against an earlier manifest looks."""
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    marker["manifest"] = "an-earlier-manifest"
+    (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+
+
+def test_reverifying_keeps_the_hashes_the_old_marker_recorded(served, cache, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    recorded = json.loads((root / COMPLETE_MARKER).read_text())["files"]
+    _stale_marker(root)
+    assert ensure_weights(VARIANT) == root
+    assert json.loads((root / COMPLETE_MARKER).read_text())["files"] == recorded
+
+
+@pytest.mark.parametrize("check", ["size", "sha256"])
+def test_reverifying_replaces_an_entry_that_changed_since_its_old_marker(
+    served, cache, tiny, monkeypatch, check
+):
+    """A truncated file is caught by its recorded size; a flipped byte by its recorded
+    sha256 (COGVIDEOX_WEIGHTS_CHECK=sha256): neither is taken over into the new marker."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", check)
+    root = ensure_weights(VARIANT)
+    if check == "size":
+        with (root / "tokenizer/tokenizer.json").open("r+b") as file:
+            file.truncate(1000)  # no check reads it: only the recorded size knows
+    else:
+        _flip(root / BIG, (root / BIG).stat().st_size - 10)
+    _stale_marker(root)
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent > sent
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: m.update(files=[]),
+        lambda m: m["files"].update({"model_index.json": 7}),
+        lambda m: m["files"]["model_index.json"].update(size="7"),
+        lambda m: m.update(root="/"),
+    ],
+    ids=["files-a-list", "entry-a-number", "size-a-string", "absolute-root"],
+)
+def test_a_marker_of_the_wrong_shape_is_replaced_like_a_missing_one(
+    served, cache, tiny, monkeypatch, damage
+):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    damage(marker)
+    (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent > sent
 
 
 # Faults on the wire: recover, or fail clearly with nothing marked complete.

@@ -10,7 +10,9 @@ For a source that is not a local directory:
    on the same file), verifies it (verify.py), fsyncs it, writes the marker recording what was
    verified, and renames the folder into place. Nothing else ever creates an entry, so an
    entry without a valid marker is only ever replaced, never loaded.
-4. A marked entry that fails to load (load_weights) is discarded and fetched again, once.
+4. A marked entry that fails to load (load_weights) is discarded and fetched again, once,
+   unless its files still have the sha256 its marker recorded: then the fault is elsewhere
+   (an ImportError, a diffusers that cannot read them) and the weights are kept.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
     except Exception as error:
         if resolved.entry is None:
             raise  # the user's own folder, used in place: nothing to fetch again
+        _keep_if_not_the_files(resolved, error)
         _discard_unchanged(resolved)
         if resolved.marker is None:  # fetched just now: the source itself is bad
             raise WeightsError(
@@ -91,12 +94,33 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
     except MemoryError:
         raise
     except Exception as error:
+        _keep_if_not_the_files(resolved, error)
         _discard_unchanged(resolved)
         raise WeightsError(
             f"the weights from {resolved.source} failed to load again after a fresh download: "
             f"{error!r}. They were discarded. The source itself is bad or is not "
             f"{variant.id}: check it, or set {WEIGHTS_URL_ENV} to another copy."
         ) from error
+
+
+def _keep_if_not_the_files(resolved: _Resolved, error: Exception) -> None:
+    """Raise, keeping the entry, when the load failed for a reason other than its bytes.
+
+    Discarding a 20 GB entry that is fine costs a download, and on a volume seeded for an
+    offline machine the weights themselves, for an error a new copy cannot fix.
+    """
+    assert resolved.entry is not None
+    if isinstance(error, ImportError):
+        why = "an ImportError is about the installed packages, not the weights"
+    elif resolved.marker is not None and cache.intact(resolved.entry):
+        why = "every file still has the sha256 recorded when it was downloaded"
+    else:
+        return
+    raise WeightsError(
+        f"the weights in {resolved.entry} failed to load: {error!r}. They were kept: {why}. "
+        f"Check the installed packages, and that the weights are a diffusers pipeline this "
+        f"version of diffusers reads."
+    ) from error
 
 
 def _discard_unchanged(resolved: _Resolved) -> None:
@@ -150,7 +174,7 @@ def _ensure(variant: Variant) -> _Resolved:
         if root is not None:
             log.info(f"weights: using {root}, completed by another process while we waited")
             return _cached(root, entry)
-        root = cache.reverified(entry, sources, manifest)
+        root = cache.reverified(entry, sources, manifest, check)
         if root is not None:
             return _cached(root, entry)
         cache.discard(entry)

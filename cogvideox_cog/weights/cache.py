@@ -53,11 +53,27 @@ def entry_name(variant: Variant, sources: list[str], manifest: Manifest) -> str:
 
 
 def read_marker(entry: Path) -> dict | None:
+    """The entry's marker, or None when it has none or one not of our making (the entry is
+    then replaced like an unmarked one)."""
     try:
         marker = json.loads((entry / COMPLETE_MARKER).read_text())
-        return marker if isinstance(marker, dict) else None
     except (OSError, ValueError):
         return None
+    return marker if _well_formed(marker) else None
+
+
+def _well_formed(marker) -> bool:
+    if not isinstance(marker, dict) or not isinstance(marker.get("files", {}), dict):
+        return False
+    root = marker.get("root", ".")
+    if not isinstance(root, str) or root.startswith("/") or ".." in Path(root).parts:
+        return False
+    return all(
+        isinstance(f, dict)
+        and type(f.get("size")) is int
+        and (f.get("sha256") is None or isinstance(f.get("sha256"), str))
+        for f in marker.get("files", {}).values()
+    )
 
 
 def published(
@@ -81,20 +97,35 @@ def published(
     elif marker.get("source") not in sources:
         problem = f"came from {marker.get('source')}"
     else:
-        for rel, recorded in marker.get("files", {}).items():
-            path = root / rel
-            size = path.stat().st_size if path.is_file() else None
-            if size != recorded["size"]:
-                now = "is missing" if size is None else f"is {size:,} bytes"
-                problem = f"changed since it was verified: {rel} {now}, was {recorded['size']:,}"
-                break
-    if not problem and check == "sha256":
-        problem = _changed_content(root, marker.get("files", {}), {} if hashed is None else hashed)
+        problem = _changed(root, marker.get("files", {}), check, hashed)
     if problem:
         if explain:
             log.warning(f"weights: {entry} {problem}")
         return None
     return root
+
+
+def _changed(root: Path, files: dict[str, dict], check: str, hashed: dict | None) -> str | None:
+    """What differs from the sizes (and with check "sha256", the content) a marker recorded."""
+    for rel, recorded in files.items():
+        path = root / rel
+        size = path.stat().st_size if path.is_file() else None
+        if size != recorded["size"]:
+            now = "is missing" if size is None else f"is {size:,} bytes"
+            return f"changed since it was verified: {rel} {now}, was {recorded['size']:,}"
+    if check == "sha256":
+        return _changed_content(root, files, {} if hashed is None else hashed)
+    return None
+
+
+def intact(entry: Path) -> bool:
+    """Whether every file of the entry still has the sha256 its marker recorded (False when
+    the marker lacks one): if so, what failed to load was not the bytes on disk."""
+    marker = read_marker(entry)
+    files = (marker or {}).get("files", {})
+    if not files or not all(f.get("sha256") for f in files.values()):
+        return False
+    return _changed(entry / marker.get("root", "."), files, "sha256", None) is None
 
 
 def _changed_content(root: Path, files: dict[str, dict], hashed: dict) -> str | None:
@@ -133,11 +164,15 @@ def _changed_content(root: Path, files: dict[str, dict], hashed: dict) -> str | 
     return None
 
 
-def reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | None:
+def reverified(
+    entry: Path, sources: list[str], manifest: Manifest, check: str = "size"
+) -> Path | None:
     """Verify an entry with a stale marker (older format, other manifest) in place.
 
     Adding hashes to a manifest, or upgrading from an older marker, should not cost a
-    20 GB download when the files on disk are right.
+    20 GB download when the files on disk are right. What the old marker recorded still
+    holds them to account: its sizes (and with check "sha256" its hashes) must still match,
+    and its hashes are carried into the new marker.
     """
     marker = read_marker(entry)
     if marker is None or marker.get("source") not in sources:
@@ -145,8 +180,14 @@ def reverified(entry: Path, sources: list[str], manifest: Manifest) -> Path | No
     if marker.get("format") == MARKER_FORMAT and marker.get("manifest") == manifest.digest:
         return None  # current and failed its file check: replace it
     started = time.monotonic()
+    root, files = marker.get("root", "."), marker.get("files", {})
+    problem = _changed(entry / root, files, check, None)
+    if problem:
+        log.warning(f"weights: {entry} {problem}: replacing it")
+        return None
+    hashes = {(Path(root) / rel).as_posix(): f.get("sha256") for rel, f in files.items()}
     try:
-        verified = verify(entry, manifest, marker["source"])
+        verified = verify(entry, manifest, marker["source"], hashes)
     except WeightsError as error:
         log.warning(f"weights: {entry} no longer passes verification, replacing it: {error}")
         return None
