@@ -104,6 +104,18 @@ def test_same_url_is_downloaded_once(served, cache):
     assert _gets(server, "a.safetensors") == gets
 
 
+def test_a_cached_file_cut_short_on_disk_is_fetched_again(served, cache):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    blob = cache.get(server.url("a.safetensors"))
+    with blob.open("r+b") as file:
+        file.truncate(len(data) // 2)
+    sent = server.bytes_sent
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+    assert server.bytes_sent - sent >= len(data)
+
+
 def test_two_urls_with_the_same_content_share_one_file(served, cache):
     root, server = served
     _serve(root, "a.safetensors", _lora_bytes(1))
@@ -232,6 +244,16 @@ def test_unknown_file_is_refused_quoting_its_first_bytes(served, cache):
         LoraError, match=r"neither a \.safetensors LoRA nor a tar.*b'GIF89a\\x00\\x00'"
     ):
         cache.get(server.url("lora"))
+
+
+def test_an_oversized_lora_inside_a_compressed_tar_is_refused_by_its_size(served, tmp_path):
+    root, server = served
+    zeros = {"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(64, 32)}  # compresses
+    _serve(root, "run.tar.gz", _tar({LORA: save(zeros)}, "w:gz"))
+    assert (root / "run.tar.gz").stat().st_size < 4096 < len(save(zeros))
+    cache = LoraCache(tmp_path / "cache", 4096, 1 << 30, timeout_s=30)
+    with pytest.raises(LoraError, match=rf"run\.tar\.gz \({LORA}\) is .* over the"):
+        cache.get(server.url("run.tar.gz"))
 
 
 def test_truncated_safetensors_file_is_refused(served, cache):

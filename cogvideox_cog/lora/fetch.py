@@ -149,7 +149,7 @@ def _from_tar(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
             name = _pick_lora_file([m.name for m in members], url)
             member = next(m for m in members if m.name == name)
             if member.size > max_bytes:
-                raise _too_big(f"{url} ({name}, max_bytes)", member.size)
+                raise _too_big(f"{url} ({name})", member.size, max_bytes)
             with archive.extractfile(member) as source, dest.open("wb") as out:
                 shutil.copyfileobj(source, out, download.READ_BYTES)
     except (tarfile.TarError, EOFError, OSError) as error:

@@ -28,8 +28,9 @@ from pathlib import Path
 from .. import leftovers
 from ..errors import LoraError
 from ..files import replace_atomically
-from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, download
+from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, cache, download
 from ..weights.manifest import sha256_file
+from ..weights.verify import check_safetensors
 from .fetch import MAX_SIZE_ENV, check_lora_url, fetch_lora
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,13 @@ class LoraCache:
         blob = self.blobs / f"{entry.get('sha256')}.safetensors"
         if entry.get("url") != url or not blob.is_file():
             return None  # evicted: fetch again
+        # The header check of every download, again (it reads the header only): a blob cut
+        # short on disk would otherwise fail every request for this URL and never be evicted.
+        problems = check_safetensors(blob)
+        if problems:
+            log.warning(f"lora: cached {blob.name} is damaged ({problems[0]}): fetching again")
+            blob.unlink(missing_ok=True)
+            return None
         return blob
 
     def _record(self, url: str, blob: Path) -> None:
@@ -164,7 +172,9 @@ class LoraCache:
     def _fetch(self, url: str, staging: Path, cancelled: threading.Event) -> Path:
         lora = fetch_lora(url, staging, cancelled, self.max_file_bytes)
         blob = self.blobs / f"{sha256_file(lora).hexdigest()}.safetensors"
+        cache.fsync(lora)  # on disk before its name says it is whole
         os.replace(lora, blob)  # the same content from two URLs is the same blob
+        cache.fsync(self.blobs)
         return blob
 
     def _remove_dead_partials(self) -> None:
