@@ -1,5 +1,6 @@
 """CogVideoX image-to-video: the Cog inputs. The work happens in cogvideox_cog."""
 
+from dataclasses import replace
 from typing import Optional
 
 from cog import BaseRunner, Input, Path, Secret
@@ -117,23 +118,23 @@ class Predictor(BaseRunner):
             default="none",
         ),
     ) -> Path:
+        request = Request(
+            prompt=prompt,
+            enhance_prompt=enhance_prompt,
+            enhance_prompt_api_key=enhance_prompt_api_key,
+            negative_prompt=negative_prompt,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=use_dynamic_cfg,
+            fps=fps,
+            seed=seed,
+            lora_url=lora_url,
+            lora_scale=lora_scale,
+            speed_mode=speed_mode,
+            interpolate=interpolate,
+            upscale=upscale,
+        )
+        self.generator.check(request)  # before the image is fetched
         with fetched("image", image, "picture") as image_file:
-            request = Request(
-                prompt=prompt,
-                enhance_prompt=enhance_prompt,
-                enhance_prompt_api_key=enhance_prompt_api_key,
-                negative_prompt=negative_prompt,
-                num_frames=num_frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                use_dynamic_cfg=use_dynamic_cfg,
-                fps=fps,
-                seed=seed,
-                lora_url=lora_url,
-                lora_scale=lora_scale,
-                speed_mode=speed_mode,
-                interpolate=interpolate,
-                upscale=upscale,
-                image=image_file,
-            )
-            return Path(self.generator.predict(request))
+            return Path(self.generator.predict(replace(request, image=image_file)))

@@ -3,6 +3,7 @@
 The work happens in cogvideox_cog.
 """
 
+from dataclasses import replace
 from typing import Optional
 
 from cog import BaseRunner, Input, Path, Secret
@@ -128,24 +129,24 @@ class Predictor(BaseRunner):
             default="none",
         ),
     ) -> Path:
+        request = Request(
+            strength=strength,
+            prompt=prompt,
+            enhance_prompt=enhance_prompt,
+            enhance_prompt_api_key=enhance_prompt_api_key,
+            negative_prompt=negative_prompt,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=use_dynamic_cfg,
+            fps=fps,
+            seed=seed,
+            lora_url=lora_url,
+            lora_scale=lora_scale,
+            speed_mode=speed_mode,
+            interpolate=interpolate,
+            upscale=upscale,
+        )
+        self.generator.check(request)  # before the video is fetched
         with fetched("video", video, "video") as video_file:
-            request = Request(
-                video=video_file,
-                strength=strength,
-                prompt=prompt,
-                enhance_prompt=enhance_prompt,
-                enhance_prompt_api_key=enhance_prompt_api_key,
-                negative_prompt=negative_prompt,
-                num_frames=num_frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                use_dynamic_cfg=use_dynamic_cfg,
-                fps=fps,
-                seed=seed,
-                lora_url=lora_url,
-                lora_scale=lora_scale,
-                speed_mode=speed_mode,
-                interpolate=interpolate,
-                upscale=upscale,
-            )
-            return Path(self.generator.predict(request))
+            return Path(self.generator.predict(replace(request, video=video_file)))

@@ -401,13 +401,30 @@ class VideoGenerator:
         self.lora.use(lora, plan.lora_scale)
         return plan, _StepProgress(plan.denoise_steps, self.on_step)
 
-    def prepare(self, request: Request) -> Plan:
-        """Every input checked, the image or clip read and fitted: a Plan, or an InputError.
+    def check(self, request: Request) -> None:
+        """The checks that need neither the image or clip nor a language model: InputError,
+        before a predictor spends up to COGVIDEOX_INPUT_TIMEOUT fetching either."""
+        self._checked(request, time.monotonic())
 
-        Cog passes JSON numbers through as they came (2.0 for an int input), so the types are
-        settled here too.
-        """
-        received = time.monotonic()
+    def prepare(self, request: Request) -> Plan:
+        """Every input checked, the image or clip read and fitted: a Plan, or an InputError."""
+        plan = self._checked(request, time.monotonic())
+        if self.mode == "i2v":
+            self._condition_on_image(plan, request.image)
+        elif self.mode == "v2v":
+            self._condition_on_clip(plan, request.video)
+        else:
+            plan.conditioning["num_frames"] = plan.num_frames
+        if request.enhance_prompt:
+            key = request.enhance_prompt_api_key
+            api_key = key.get_secret_value() if key is not None else None
+            plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed, api_key)
+        self._log_ignored_text(plan)
+        return plan
+
+    def _checked(self, request: Request, received: float) -> Plan:
+        """The Plan of everything but the image or clip and the rewrite. Cog passes JSON
+        numbers through as they came (2.0 for an int input), so the types are settled here."""
         variant = self.variant
         if request.enhance_prompt and self.enhancer is None:
             raise InputError(
@@ -437,17 +454,12 @@ class VideoGenerator:
             received=received,
         )
         plan.denoise_steps = plan.steps
-        if self.mode == "i2v":
-            self._condition_on_image(plan, request.image)
-        elif self.mode == "v2v":
-            self._condition_on_clip(plan, request.video, request.strength)
-        else:
-            plan.conditioning["num_frames"] = plan.num_frames
-        if request.enhance_prompt:
-            key = request.enhance_prompt_api_key
-            api_key = key.get_secret_value() if key is not None else None
-            plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed, api_key)
-        self._log_ignored_text(plan)
+        if self.mode == "v2v":
+            strength = inputs.check_strength(request.strength, DEFAULT_STRENGTH, plan.steps)
+            plan.conditioning["strength"] = strength
+            # diffusers skips the first (1 - strength) of the schedule: it noises the clip's
+            # latents to the level of the step it starts at and denoises from there.
+            plan.denoise_steps = min(int(plan.steps * strength), plan.steps)
         return plan
 
     def _enhanced_prompt(self, prompt: str, seed: int, api_key: str | None) -> str:
@@ -484,11 +496,7 @@ class VideoGenerator:
             "cropped"
         )
 
-    def _condition_on_clip(self, plan: Plan, path: Path | None, strength: float | None) -> None:
-        strength = inputs.check_strength(strength, DEFAULT_STRENGTH, plan.steps)
-        # diffusers skips the first (1 - strength) of the schedule: it noises the clip's
-        # latents to the level of the step it starts at and denoises from there.
-        plan.denoise_steps = min(int(plan.steps * strength), plan.steps)
+    def _condition_on_clip(self, plan: Plan, path: Path | None) -> None:
         if path is None:
             raise InputError("video is required: the clip to transform.")
         variant = self.variant
@@ -498,11 +506,11 @@ class VideoGenerator:
         log.info(clip.summary)
         # What runs is whole steps: the clip is re-noised to the level of the first one.
         log.info(
-            f"strength {strength:g}: denoised in the last {plan.denoise_steps} of {plan.steps} "
-            f"steps, the clip re-noised {plan.denoise_steps / plan.steps:.0%} of the way"
+            f"strength {plan.conditioning['strength']:g}: denoised in the last "
+            f"{plan.denoise_steps} of {plan.steps} steps, the clip re-noised "
+            f"{plan.denoise_steps / plan.steps:.0%} of the way"
         )
         plan.conditioning["video"] = self._pad_for_latent_patches(clip.frames)
-        plan.conditioning["strength"] = strength
 
     def _log_ignored_text(self, plan: Plan) -> None:
         """Say which words the text encoder will not see (it reads max_prompt_tokens)."""

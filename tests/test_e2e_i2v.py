@@ -66,6 +66,23 @@ def test_image_can_be_an_http_url(server, tmp_path):
     assert probe_mp4(_video(response, tmp_path))["frames"] == 9
 
 
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [({"num_frames": 10}, "num_frames"), ({"interpolate": "2x"}, "interpolate")],
+    ids=["frames-rule", "step-not-enabled"],
+)
+def test_the_other_inputs_are_checked_before_the_image_is_fetched(server, tmp_path, bad, problem):
+    (tmp_path / "photo.png").write_bytes(_photo(120, 90, "PNG"))
+    files = FileServer(tmp_path)
+    try:
+        response = server.predict({**FAST, **bad, "image": files.url("photo.png")})
+    finally:
+        files.stop()
+    assert response["status"] == "failed" and problem in response["error"]
+    assert files.requests == []
+    server.wait_idle(timeout=10)
+
+
 def test_empty_prompt_is_allowed_for_image_to_video(server, tmp_path):
     response = server.predict({**FAST, "prompt": "", "image": data_uri(_photo(90, 60))})
     assert probe_mp4(_video(response, tmp_path))["frames"] == 9

@@ -22,6 +22,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.generator import Request, VideoGenerator
@@ -31,6 +32,7 @@ from cogvideox_cog.variants import VARIANTS
 from tests.chat_server import ChatServer, rewrite_of
 from tests.cog_server import CogServer, CogServerError, WebhookReceiver, save_data_uri
 from tests.conftest import PROJECT, optional_steps, tiny_server
+from tests.file_server import FileServer
 
 pytestmark = pytest.mark.e2e
 
@@ -294,3 +296,45 @@ def test_a_rank_failing_in_setup_fails_setup_with_that_ranks_error(tiny_weights,
     message = str(failed.value)
     assert message.startswith("setup failed: ")
     assert re.search(r"rank [01] failed in setup: WeightsError: .*failed to load", message)
+
+
+# Image-to-video: rank 0 checks the inputs before the Cog process fetches the image.
+
+
+@pytest.fixture(scope="module")
+def i2v_server(weights_server, tmp_path_factory):
+    server = tiny_server(
+        "predict_i2v.py",
+        "cogvideox-5b-i2v",
+        weights_server.url("1.0-i2v.tar"),
+        tmp_path_factory.mktemp("server-two-ranks-i2v"),
+        **TWO_RANKS,
+    )
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def photo_server(tmp_path):
+    Image.linear_gradient("L").resize((120, 90)).convert("RGB").save(tmp_path / "photo.png")
+    files = FileServer(tmp_path)
+    yield files
+    files.stop()
+
+
+def test_two_ranks_refuse_a_bad_input_before_the_image_is_fetched(i2v_server, photo_server):
+    response = i2v_server.predict(
+        {**QUICK, "num_frames": 20, "image": photo_server.url("photo.png")}
+    )
+    assert response["status"] == "failed"
+    assert "InputError: num_frames=20" in response["error"]
+    assert photo_server.requests == []
+    i2v_server.wait_idle()
+
+
+def test_two_ranks_render_an_image_to_video_after_its_check(i2v_server, photo_server, tmp_path):
+    response = i2v_server.predict({**QUICK, "image": photo_server.url("photo.png")})
+    assert response["status"] == "succeeded", response.get("error")
+    assert probe_mp4(save_data_uri(response["output"], tmp_path / "i2v.mp4"))["frames"] == 9
+    assert photo_server.requests  # fetched once the check passed

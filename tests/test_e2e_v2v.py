@@ -18,6 +18,7 @@ from cogvideox_cog.prompts.instruction import instruction
 from tests.chat_server import rewrite_of
 from tests.cog_server import data_uri, save_data_uri
 from tests.conftest import optional_steps
+from tests.file_server import FileServer
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +42,17 @@ def server(start_server, weights_server, chat_endpoint):
         "1.0-t2v",
         **optional_steps(weights_server, interpolate=True, endpoint=chat_endpoint),
     )
+
+
+def test_strength_is_checked_before_the_clip_is_fetched(server, tmp_path):
+    files = FileServer(tmp_path)
+    try:
+        response = server.predict({**FAST, "strength": 0.1, "video": files.url("clip.mp4")})
+    finally:
+        files.stop()
+    assert response["status"] == "failed" and "leaves no denoising step" in response["error"]
+    assert files.requests == []
+    server.wait_idle(timeout=10)
 
 
 def test_output_has_the_requested_frames_fps_and_the_model_size(server, tmp_path):

@@ -38,6 +38,7 @@ from ..weights import ensure_weights
 from . import ranks
 from .protocol import (
     Canceled,
+    Check,
     Done,
     Failed,
     LogLine,
@@ -114,6 +115,21 @@ class RankGroup:
                 self._break(f"rank {message.rank} {_exit_text(message)} during setup")
             self._inbox.done()
 
+    def check(self, request: Request) -> None:
+        """VideoGenerator.check, run by rank 0: the checks need its model's settings."""
+        if self.failure is not None:
+            raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
+        self._conns[0].send(Check(request))
+        try:
+            answer = self._outcomes(answering=1)[0]
+        except RankGroupError:
+            raise
+        except BaseException:  # a cancel: read the answer, or the next request takes it
+            self._outcomes(bound=CANCEL_BOUND_S, answering=1)
+            raise
+        if isinstance(answer, Failed):
+            raise _error(answer)
+
     def predict(self, request: Request) -> Path:
         """Every rank renders the request; rank 0's mp4 (one kept on disk, as on one GPU)."""
         if self.failure is not None:
@@ -146,11 +162,15 @@ class RankGroup:
         steps = sorted({o.step + 1 for o in stopped.values() if isinstance(o, Canceled)})
         log.info(f"canceled: {len(stopped)} ranks stopped, after step {steps}")
 
-    def _outcomes(self, bound: float | None = None) -> dict[int, Outcome]:
-        """Each rank's outcome of the request, relaying rank 0's log lines and metrics."""
+    def _outcomes(
+        self, bound: float | None = None, answering: int | None = None
+    ) -> dict[int, Outcome]:
+        """Each rank's outcome of the request (of the first `answering` ranks'), relaying
+        rank 0's log lines and metrics."""
         outcomes: dict[int, Outcome] = {}
         deadline = None if bound is None else time.monotonic() + bound
-        while len(outcomes) < self.world_size:
+        answering = answering or self.world_size
+        while len(outcomes) < answering:
             if deadline is not None and time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
                 self._break(f"ranks {missing} did not finish within {bound:.0f} s: stuck")
@@ -165,7 +185,7 @@ class RankGroup:
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
             elif isinstance(message, Done | Canceled | Failed):
                 outcomes[message.rank] = message
-                if isinstance(message, Failed) and deadline is None:
+                if isinstance(message, Failed) and deadline is None and len(outcomes) < answering:
                     # The others fail alike on a bad input; if only this one failed, they
                     # wait for it in a collective: stop them, or give up on them.
                     self._cancel.set()
@@ -216,14 +236,18 @@ class RankGroup:
 def _output(outcomes: dict[int, Outcome]) -> Path:
     failed = [outcomes[r] for r in sorted(outcomes) if isinstance(outcomes[r], Failed)]
     if failed:
-        first = failed[0]
-        if isinstance(first.error, InputError) or first.rank == 0:
-            raise first.error
-        raise RuntimeError(f"rank {first.rank}: {type(first.error).__name__}: {first.error}")
+        raise _error(failed[0])
     done = outcomes[0]
     if not isinstance(done, Done) or done.output is None:
         raise RuntimeError(f"rank 0 reported {done} instead of a video")
     return done.output
+
+
+def _error(failed: Failed) -> Exception:
+    """What the user sees: the error itself where it is theirs or rank 0's."""
+    if isinstance(failed.error, InputError) or failed.rank == 0:
+        return failed.error
+    return RuntimeError(f"rank {failed.rank}: {type(failed.error).__name__}: {failed.error}")
 
 
 def _exit_text(exited: RankExited) -> str:

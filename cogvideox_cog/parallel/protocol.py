@@ -1,8 +1,9 @@
 """What the Cog process and its rank processes say to each other, over one pipe per rank.
 
-Coordinator -> rank: a Render, or None to stop. Rank -> coordinator: Ready or SetupFailed
-once; then, per Render, LogLine and Metric messages (rank 0 only) and one outcome: Done,
-Canceled or Failed. RankExited is the coordinator's own note that a rank process ended.
+Coordinator -> rank: a Render, a Check (rank 0 only), or None to stop. Rank -> coordinator:
+Ready or SetupFailed once; then, per Render, LogLine and Metric messages (rank 0 only) and
+one outcome: Done, Canceled or Failed; per Check, Done or Failed. RankExited is the
+coordinator's own note that a rank process ended.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from ..generator import Request
 @dataclass(frozen=True)
 class Render:
     request: Request  # its seed already drawn, so that every rank draws the same noise
+
+
+@dataclass(frozen=True)
+class Check:
+    request: Request  # without its image or clip: those are fetched once it passes
 
 
 @dataclass(frozen=True)

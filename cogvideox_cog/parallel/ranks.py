@@ -31,7 +31,18 @@ from ..pipeline import Mode
 from ..prompts.enhance import config_from_env
 from .engine import ContextParallel
 from .lifetime import exit_with_parent
-from .protocol import Canceled, Done, Failed, LogLine, Metric, Outcome, Ready, Render, SetupFailed
+from .protocol import (
+    Canceled,
+    Check,
+    Done,
+    Failed,
+    LogLine,
+    Metric,
+    Outcome,
+    Ready,
+    Render,
+    SetupFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +82,10 @@ def serve(
             _exit(1)
         if command is None:
             _exit(0)
-        sender.send(_render(generator, rank, command))
+        if isinstance(command, Check):
+            sender.send(_check(generator, rank, command))
+        else:
+            sender.send(_render(generator, rank, command))
 
 
 def _exit(code: int) -> None:
@@ -134,6 +148,17 @@ def collective_timeout() -> timedelta:
     enhance = config_from_env()
     alone = lora_store.timeout_s() + (2 * enhance.timeout if enhance else 0.0)
     return max(COLLECTIVE_TIMEOUT_FLOOR, timedelta(seconds=alone) + COLLECTIVE_TIMEOUT_MARGIN)
+
+
+def _check(generator: VideoGenerator, rank: int, command: Check) -> Outcome:
+    try:
+        generator.check(command.request)
+        return Done(rank, None)
+    except InputError as error:
+        return Failed(rank, _portable(error))
+    except Exception as error:
+        log.exception("checking the request failed")
+        return Failed(rank, _portable(error))
 
 
 def _render(generator: VideoGenerator, rank: int, command: Render) -> Outcome:
