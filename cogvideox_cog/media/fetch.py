@@ -110,10 +110,10 @@ def _download(name: str, url: str, out) -> None:
     started = time.monotonic()
 
     def fetch(cancelled: threading.Event) -> None:
-        # No retries of the first request: a URL that fails now fails the prediction now.
-        # A body cut short is still resumed where it stopped, within the deadline.
+        # One retry at most, in a row: a URL that fails twice fails the prediction within a
+        # second or two, and a body cut short is still resumed where it stopped.
         hint = "Check the URL and try again."
-        download.fetch_capped(url, out, cap, cancelled, f"{name} {url}", hint, retries=0)
+        download.fetch_capped(url, out, cap, cancelled, f"{name} {url}", hint, retries=1)
 
     try:
         download.with_deadline(fetch, seconds, f"{name}-download")

@@ -322,9 +322,16 @@ class RangedStream(Stream):
     chunk and a range that fails for good still delivers every byte before the failure.
     """
 
-    def __init__(self, remote: RemoteFile, start: int, what: str, hint: str = RESUME_HINT):
+    def __init__(
+        self,
+        remote: RemoteFile,
+        start: int,
+        what: str,
+        hint: str = RESUME_HINT,
+        retries: int | None = None,
+    ):
         assert remote.size is not None
-        self.hint = hint
+        self.hint, self.retries = hint, retries
         self.remote, self.total, self.position = remote, remote.size, start
         self.progress = Progress(what, remote.size, start)
         self._first, self._count = start, -(-(remote.size - start) // CHUNK_BYTES)
@@ -410,7 +417,7 @@ class RangedStream(Stream):
 
     def _fill(self, chunk: _Chunk) -> None:
         view = memoryview(chunk.buffer)
-        policy = _Retries(wait=self._stop.wait)
+        policy = _Retries(self.retries, wait=self._stop.wait)
         while chunk.filled < chunk.size and not self._stop.is_set():
             filled = chunk.filled
             try:
@@ -480,8 +487,7 @@ class RangedStream(Stream):
             changed = f"size {self.total:,}, now {int(total):,}"
         if changed:
             raise _Fatal(
-                f"the file changed on the server during the download ({changed}); run setup "
-                f"again to start over"
+                f"the file changed on the server during the download ({changed})"
             )
         expected = int(match[2]) - first + 1
         length = headers.get("Content-Length")
@@ -506,16 +512,17 @@ class SequentialStream(Stream):
         total: int | None,
         what: str,
         retry: bool,
+        retries: int | None = None,
     ):
         self.opener, self.position, self.total, self.retry = opener, start, total, retry
-        self.what = what
+        self.what, self.retries = what, retries
         self.progress = Progress(what, total, start)
         self._buffer = bytearray(READ_BYTES)
         self._reader = None
 
     def views(self, n: int) -> Iterator[memoryview]:
         view = memoryview(self._buffer)
-        policy = _Retries()
+        policy = _Retries(self.retries)
         while n > 0:
             try:
                 want = min(n, READ_BYTES)
@@ -584,14 +591,16 @@ def open_url(
     start: int,
     what: str,
     hint: str = RESUME_HINT,
+    retries: int | None = None,
 ) -> Stream:
     """A stream of a probed URL from byte `start`: parallel ranges where the server allows.
 
     `response`: the open whole-file response probe() returned for a server without Range.
+    `retries`: failures in a row allowed (RETRIES when not given).
     """
     url = remote.url
     if remote.ranges:
-        return RangedStream(remote, start, what, hint)
+        return RangedStream(remote, start, what, hint, retries)
     log.warning(f"weights: {url} does not support Range requests: one connection, no resume")
 
     def opener(position: int):
@@ -602,7 +611,7 @@ def open_url(
         changed = remote.changed(reader.headers)
         if changed:
             raise _Fatal(
-                f"the file changed on the server during the download ({changed}); run setup again"
+                f"the file changed on the server during the download ({changed})"
             )
         skip = bytearray(READ_BYTES)
         while position > 0:  # no Range: fetch and drop what we already have
@@ -612,7 +621,9 @@ def open_url(
             position -= got
         return reader
 
-    return SequentialStream(opener, start, remote.size, f"download of {url}", retry=True)
+    return SequentialStream(
+        opener, start, remote.size, f"download of {url}", retry=True, retries=retries
+    )
 
 
 def open_file(path: os.PathLike, start: int, what: str) -> Stream:
@@ -647,6 +658,7 @@ def fetch_capped(
 
     A size the server announces over the cap is refused before any byte; a body of unknown
     length is counted as it comes. Returns early once `cancelled` is set (see with_deadline).
+    `retries`: failures in a row allowed, of the first request and of the body alike.
     Raises TooLarge, or WeightsError when the URL cannot be fetched.
     """
     remote, response = probe(url, retries)
@@ -668,7 +680,7 @@ def fetch_capped(
                 if cancelled.is_set():
                     return
         return
-    with open_url(remote, response, 0, what, hint) as stream:
+    with open_url(remote, response, 0, what, hint, retries) as stream:
         for view in stream.views(remote.size):
             out.write(view)
             if cancelled.is_set():
