@@ -466,7 +466,7 @@ class VideoGenerator:
         """The language model's rewrite, checked as a user's prompt is (after every other
         input, so a bad one costs no rewrite)."""
         assert self.enhancer is not None
-        if not prompt.strip():
+        if inputs.is_blank(prompt):
             raise InputError(
                 "enhance_prompt needs a prompt to rewrite: the prompt is empty. Describe the "
                 "motion, or send enhance_prompt=false."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 
 from .errors import ConfigError, InputError
 from .variants import Variant
@@ -70,9 +71,14 @@ def check_prompt(prompt: str, *, required: bool) -> str:
     The prompt goes to the text encoder as it came, as upstream passes it.
     """
     prompt = check_text_length("prompt", prompt or "")
-    if required and not prompt.strip():
+    if required and is_blank(prompt):
         raise InputError("prompt is empty: describe the video to generate.")
     return prompt
+
+
+def is_blank(text: str) -> bool:
+    """Nothing a reader would see: spaces, and invisible characters such as U+200B."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def check_text_length(name: str, text: str) -> str:

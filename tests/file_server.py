@@ -35,8 +35,9 @@ _BLOCK = 256 << 10
 
 @dataclass
 class _Fault:
-    kind: str  # "drop", "status", "length", "flip", "stall"
+    kind: str  # "drop", "status", "length", "flip", "stall", "redirect"
     offset: int = 0
+    location: str = ""
     status: int = 0
     delta: int = 0
     seconds: float = 0.0
@@ -78,6 +79,13 @@ class _Handler(BaseHTTPRequestHandler):
         status = owner._take(name, "status")
         if status is not None:
             self._error(status.status)
+            return
+        redirect = owner._take(name, "redirect")
+        if redirect is not None:
+            self.send_response(302)
+            self.send_header("Location", redirect.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         size = path.stat().st_size
         start, end = 0, size - 1
@@ -207,6 +215,10 @@ class FileServer:
     def fail_with(self, name: str, status: int, times: int | None = 1) -> None:
         """Answer `status` (e.g. 503) with an empty body."""
         self._add(name, _Fault("status", status=status, times=times))
+
+    def redirect(self, name: str, location: str, times: int | None = None) -> None:
+        """Answer 302 to `location`."""
+        self._add(name, _Fault("redirect", location=location, times=times))
 
     def lie_about_length(self, name: str, delta: int, times: int | None = None) -> None:
         """Send Content-Length off by `delta` with the true body, then close the connection."""

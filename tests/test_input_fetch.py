@@ -42,3 +42,30 @@ def test_a_url_that_keeps_failing_fails_after_one_retry(files, where):
     ):
         pass
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1", r"the image URL is not a valid URL \(Invalid IPv6 URL\)"),
+        ("http://127.0.0.1:port/x.png", r"the image URL is not a valid URL"),
+        ("http://user:secret@127.0.0.1/x.png", r"the image URL holds a user name or password"),
+        ("http:///x.png", r"the image URL has no host"),
+    ],
+    ids=["bracket", "port", "credentials", "no-host"],
+)
+def test_a_url_urllib_cannot_fetch_is_refused_before_any_request(url, problem):
+    with pytest.raises(InputError, match=problem) as refused, fetched("image", url, "picture"):
+        pass
+    assert "secret" not in str(refused.value)
+
+
+def test_a_redirect_away_from_http_is_refused_at_once(files):
+    files.redirect("photo.png", "ftp://127.0.0.1:9/photo.png")
+    started = time.monotonic()
+    with (
+        pytest.raises(InputError, match=r"a redirect to ftp:, not http\(s\)"),
+        fetched("image", files.url("photo.png"), "picture"),
+    ):
+        pass
+    assert time.monotonic() - started < 2

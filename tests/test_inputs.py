@@ -37,9 +37,14 @@ def test_empty_fps_takes_the_variant_fps():
     assert inputs.check_fps(V15, 24) == 24
 
 
-def test_blank_prompt_is_refused_for_text_to_video():
+@pytest.mark.parametrize("blank", ["   \n", "\u200b\u200b", "\ufeff \u2060", "\x00\t"])
+def test_blank_prompt_is_refused_for_text_to_video(blank):
     with pytest.raises(InputError, match="prompt is empty"):
-        inputs.check_prompt("   \n", required=True)
+        inputs.check_prompt(blank, required=True)
+
+
+def test_a_prompt_of_any_visible_script_is_not_blank():
+    assert inputs.check_prompt("\u732b", required=True) == "\u732b"
 
 
 def test_blank_prompt_is_allowed_for_image_to_video():

@@ -287,6 +287,17 @@ def test_unusable_lora_url_is_refused_without_a_download(url):
         check_lora_url(url)
 
 
+def test_a_lora_url_urllib_cannot_fetch_is_refused_without_echoing_it_whole():
+    with pytest.raises(LoraError, match=r"the lora_url is not a valid URL"):
+        check_lora_url("http://[::1")
+    with pytest.raises(LoraError, match=r"holds a user name or password") as refused:
+        check_lora_url("https://user:secret@127.0.0.1/lora.safetensors")
+    assert "secret" not in str(refused.value)
+    with pytest.raises(LoraError, match=r"\(200,006 characters\)") as refused:
+        check_lora_url("ftp://" + "a" * 200_000)
+    assert len(str(refused.value)) < 500
+
+
 @pytest.mark.parametrize(
     ("url", "repo", "revision", "filename"),
     [

@@ -39,20 +39,23 @@ _PICKLE_HINT = (
 def check_lora_url(url: str) -> str:
     """Refuse what can be refused without a download: the scheme, a pickle's file name."""
     url = url.strip()
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    shown = repr(url) if len(url) <= 200 else f"{url[:200]!r}... ({len(url):,} characters)"
+    scheme = download.scheme_of(url)
     if scheme == "hf":
         if parse_hf_url(url, with_file=True) is None:
             raise LoraError(
-                f"lora_url={url!r}: use hf://org/repo, hf://org/repo/file.safetensors or "
+                f"lora_url={shown}: use hf://org/repo, hf://org/repo/file.safetensors or "
                 f"hf://org/repo@revision/file.safetensors"
             )
     elif scheme not in ("http", "https"):
         raise LoraError(
-            f"lora_url={url!r}: use an http(s) URL of a .safetensors file or of a tar of a "
+            f"lora_url={shown}: use an http(s) URL of a .safetensors file or of a tar of a "
             f"training run's output, or hf://org/repo[/file.safetensors]"
         )
+    elif problem := download.url_problem(url):
+        raise LoraError(f"the lora_url {problem}.")
     if urllib.parse.urlsplit(url).path.lower().endswith(PICKLE_SUFFIXES):
-        raise LoraError(f"lora_url={url!r} names a PyTorch pickle file: {_PICKLE_HINT}.")
+        raise LoraError(f"lora_url={shown} names a PyTorch pickle file: {_PICKLE_HINT}.")
     return url
 
 

@@ -59,11 +59,14 @@ def fetched(name: str, value: str, kind: str) -> Iterator[Path]:
     """The input `name` (an http(s) URL or a data: URI of a `kind`, e.g. "picture") as a
     file of its own, removed on exit."""
     value = value.strip()
-    scheme = urllib.parse.urlsplit(value).scheme.lower()
+    scheme = download.scheme_of(value)
     if scheme not in ("http", "https", "data"):
         raise InputError(
             f"{name} {value[:100]!r} is not an http(s) URL or a data: URI of a {kind}."
         )
+    problem = download.url_problem(value) if scheme != "data" else None
+    if problem:
+        raise InputError(f"the {name} URL {problem}.")
     handle, temporary = tempfile.mkstemp(prefix=f"cogvideox-{name}-", suffix=_suffix(value))
     path = Path(temporary)
     try:

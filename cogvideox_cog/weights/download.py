@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ PROGRESS_EVERY_S = 15.0
 USER_AGENT = "cogvideox-cog weights downloader"
 RESUME_HINT = "Run setup again to resume, or check the URL and the network."
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -150,12 +152,49 @@ def probe(
     return _retrying(f"could not download {url}", attempt, retries)
 
 
+def scheme_of(url: str) -> str:
+    """The URL's scheme, lower case ("" for none), where urlsplit would raise on the rest."""
+    match = _SCHEME.match(url)
+    return match[1].lower() if match else ""
+
+
+def url_problem(url: str) -> str | None:
+    """Why urllib cannot fetch this http(s) URL as written, or None. Said before any request,
+    so that the error names the URL's fault rather than a socket's (and echoes no password)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as error:
+        return f"is not a valid URL ({error})"
+    if "@" in parts.netloc:
+        return (
+            "holds a user name or password, which cannot be sent: use a signed URL instead "
+            "(its token in the query string)"
+        )
+    if not parts.hostname:
+        return "has no host"
+    return None
+
+
+class _RedirectsWithinHttp(urllib.request.HTTPRedirectHandler):
+    """urllib also follows a redirect to ftp://, which would hang until the deadline."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise _Fatal(f"HTTP {code}: a redirect to {scheme}:, not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_RedirectsWithinHttp)
+
+
 def _open(url: str, byte_range: str | None) -> http.client.HTTPResponse:
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if byte_range:
         headers["Range"] = byte_range
     request = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(request, timeout=timeout_s())
+    return _OPENER.open(request, timeout=timeout_s())
 
 
 def _describe(error: BaseException) -> tuple[bool, str, float | None]:
