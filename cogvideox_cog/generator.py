@@ -53,7 +53,7 @@ from .postprocess import Postprocessor, Steps
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
-from .weights import load_weights, weights_root
+from .weights import check_settings, load_weights, weights_root
 
 if TYPE_CHECKING:
     from .parallel.engine import ContextParallel
@@ -206,6 +206,7 @@ class VideoGenerator:
         if mode != "t2v":
             fetch.check_settings()  # image and video inputs are fetched by URL
         lora_cache = LoraCache.from_env()
+        check_settings(variant)
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)

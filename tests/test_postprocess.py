@@ -16,7 +16,7 @@ from cogvideox_cog.devtools.tiny_postprocess import (
     tiny_ifnet,
     tiny_rrdbnet,
 )
-from cogvideox_cog.errors import InputError, WeightsError
+from cogvideox_cog.errors import ConfigError, InputError, WeightsError
 from cogvideox_cog.postprocess import (
     UPSCALE_URL_ENV,
     Postprocessor,
@@ -28,6 +28,7 @@ from cogvideox_cog.postprocess import (
     rrdbnet,
 )
 from cogvideox_cog.postprocess.weights import load_model, read_state_dict
+from cogvideox_cog.weights.manifest import sha256_file
 
 CPU = torch.device("cpu")
 HEIGHT, WIDTH = 32, 48  # even, not square, small
@@ -219,3 +220,21 @@ def test_a_pinned_sha256_that_differs_fails_setup(tmp_path, monkeypatch):
     source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
     with pytest.raises(WeightsError, match="COGVIDEOX_UPSCALE_SHA256"):
         load_model(source, _build_rrdbnet)
+
+
+def test_a_pinned_sha256_in_capitals_is_the_same_pin(tmp_path, monkeypatch):
+    """Tools on Windows print sha256 in capitals; the pin must still match the cache."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    weights = save_tiny_realesrgan(tmp_path / "x4.pth")
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(weights))
+    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", sha256_file(weights).hexdigest().upper())
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    weights.unlink()  # a second setup needs only the cache
+    assert load_model(source, _build_rrdbnet).scale == 4
+
+
+def test_a_pinned_sha256_that_is_not_one_is_refused(monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", "abc123")
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_UPSCALE_SHA256='abc123': give the file"):
+        _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")

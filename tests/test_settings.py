@@ -10,7 +10,7 @@ from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
 from cogvideox_cog.variants import VARIANTS
-from cogvideox_cog.weights import WEIGHTS_URL_ENV, cache, download, ensure_weights
+from cogvideox_cog.weights import WEIGHTS_URL_ENV, cache, download, ensure_weights, weights_root
 
 SECONDS = [
     (download.TIMEOUT_ENV, download.timeout_s),
@@ -37,8 +37,8 @@ def test_an_unset_or_empty_timeout_is_the_default_and_a_given_one_is_taken(monke
     assert default > 0 and read() == 2.5
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"])
-def test_download_connections_must_be_a_whole_number_from_1(monkeypatch, value):
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "65"])
+def test_download_connections_must_be_a_whole_number_from_1_to_64(monkeypatch, value):
     monkeypatch.setenv(download.CONNECTIONS_ENV, value)
     with pytest.raises(ConfigError, match=f"{download.CONNECTIONS_ENV}='{value}'"):
         download.connections()
@@ -52,7 +52,8 @@ def test_a_predictor_that_fetches_inputs_checks_their_limits_in_setup(monkeypatc
 
 
 @pytest.mark.parametrize(
-    ("env", "value"), [(download.CONNECTIONS_ENV, "0"), (cache.FSYNC_ENV, "no")]
+    ("env", "value"),
+    [(download.CONNECTIONS_ENV, "0"), (cache.FSYNC_ENV, "no"), (cache.CHECK_ENV, "sha265")],
 )
 def test_the_downloaders_settings_are_checked_even_when_nothing_is_downloaded(
     monkeypatch, tiny_weights, env, value
@@ -70,3 +71,11 @@ def test_lora_settings_are_checked_before_the_weights(monkeypatch):
     monkeypatch.setenv(lora_store.CACHE_SIZE_ENV, "lots")
     with pytest.raises(ConfigError, match=f"{lora_store.CACHE_SIZE_ENV}='lots'"):
         VideoGenerator.from_env("t2v")
+
+
+def test_spaces_around_a_cache_folder_are_not_part_of_its_name(monkeypatch, tmp_path):
+    """A trailing space would name another, empty, cache: 20 GB downloaded again."""
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, f" {tmp_path} ")
+    monkeypatch.setenv(lora_store.LORA_DIR_ENV, f"{tmp_path / 'loras'}\n")
+    assert weights_root() == tmp_path
+    assert lora_store.LoraCache.from_env().root == tmp_path / "loras"

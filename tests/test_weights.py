@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 
 from cogvideox_cog import weights
-from cogvideox_cog.errors import BadSource, WeightsError
+from cogvideox_cog.errors import BadSource, ConfigError, WeightsError
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights import (
     COMPLETE_MARKER,
@@ -37,6 +37,7 @@ from cogvideox_cog.weights import (
     parse_hf_url,
     untar,
 )
+from cogvideox_cog.weights import cache as cache_module
 from cogvideox_cog.weights.manifest import (
     MANIFEST_DIR,
     load_manifest,
@@ -290,9 +291,36 @@ def test_flipped_bytes_at_the_same_size_are_found_by_the_content_check(
     assert served.bytes_sent == sent
 
 
+def test_a_read_only_cache_that_needs_a_download_says_so_and_why(
+    served, cache, monkeypatch, caplog
+):
+    """As root (the Cog image's user) a read-only mount is the kernel's EROFS, which only
+    os.access reports before a write: it stands in here for such a mount."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    with (root / BIG).open("r+b") as file:
+        file.truncate(100)
+    real_access = os.access
+    monkeypatch.setattr(
+        weights.os, "access", lambda p, mode: Path(p) != cache and real_access(p, mode)
+    )
+    with pytest.raises(WeightsError, match=r"weights cache .* is not writable.*Mount it"):
+        ensure_weights(VARIANT)
+    assert f"changed since it was verified: {BIG} is 100 bytes" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root opens any file read-write")
+def test_a_lock_file_left_by_another_user_still_locks(tmp_path):
+    lock = tmp_path / ".entry.lock"
+    lock.write_text("pid 1 on another host")
+    lock.chmod(0o444)
+    with cache_module.locked(lock):
+        assert lock.read_text() == "pid 1 on another host"
+
+
 def test_an_unknown_content_check_is_refused(cache, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "md5")
-    with pytest.raises(WeightsError, match=r"COGVIDEOX_WEIGHTS_CHECK='md5': use one of size"):
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_WEIGHTS_CHECK='md5': use one of size"):
         ensure_weights(VARIANT)
 
 
@@ -1050,6 +1078,25 @@ def test_a_manifest_for_another_variant_is_refused(tmp_path, cache, monkeypatch)
     manifest.write_text(json.dumps({"variant": "cogvideox-2b", "files": {}}))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
     with pytest.raises(WeightsError, match="describes 'cogvideox-2b', not 'cogvideox-5b'"):
+        ensure_weights(VARIANT)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"files": {"a.json": {"size": "12"}}}, r"a\.json: size '12' is not a number of bytes"),
+        ({"files": {"a.json": {"sha256": "abc"}}}, r"a\.json: sha256 'abc' is not 64 hex"),
+        ({"sources": "https://host/w.tar"}, r'"sources" must be a list of URLs'),
+    ],
+    ids=["size-a-string", "short-sha256", "sources-a-string"],
+)
+def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(
+    tmp_path, cache, monkeypatch, data, problem
+):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"variant": VARIANT.id, **data}))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    with pytest.raises(WeightsError, match=r"is not a valid weights manifest: " + problem):
         ensure_weights(VARIANT)
 
 

@@ -18,7 +18,7 @@ from ..generator import Request, VideoGenerator
 from ..logs import setup_logging
 from ..media.mp4 import probe_mp4
 from ..variants import MODEL_ENV
-from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_URL_ENV
+from ..weights import WEIGHTS_URL_ENV, weights_root
 
 PROMPT = (
     "A panda in a small red jacket plays an acoustic guitar on a wooden stool in a sunlit "
@@ -29,7 +29,7 @@ PROMPT = (
 def _use_tiny_model() -> None:
     from .tiny import save_tiny_weights
 
-    tiny = Path(os.environ.get("COGVIDEOX_WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR) / "tiny-demo"
+    tiny = weights_root() / "tiny-demo"
     if not (tiny / "model_index.json").is_file():
         staging = tiny.with_name(f".{tiny.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)

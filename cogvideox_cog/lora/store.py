@@ -28,7 +28,7 @@ from pathlib import Path
 from .. import leftovers
 from ..errors import LoraError
 from ..files import replace_atomically
-from ..weights import DEFAULT_WEIGHTS_DIR, WEIGHTS_DIR_ENV, cache, download
+from ..weights import cache, download, weights_root
 from ..weights.manifest import sha256_file
 from ..weights.verify import check_safetensors
 from .fetch import MAX_SIZE_ENV, check_lora_url, fetch_lora
@@ -58,9 +58,8 @@ class LoraCache:
 
     @classmethod
     def from_env(cls) -> LoraCache:
-        weights_dir = Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
         return cls(
-            Path(os.environ.get(LORA_DIR_ENV) or weights_dir / "loras"),
+            download.folder_from_env(LORA_DIR_ENV, weights_root() / "loras"),
             download.parse_size(os.environ.get(MAX_SIZE_ENV) or DEFAULT_MAX_SIZE, MAX_SIZE_ENV),
             download.parse_size(
                 os.environ.get(CACHE_SIZE_ENV) or DEFAULT_CACHE_SIZE, CACHE_SIZE_ENV

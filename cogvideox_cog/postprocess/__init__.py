@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,8 +217,10 @@ def _enabled(env: str) -> bool:
 
 def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
     url = (os.environ.get(url_env) or "").strip() or default
-    sha256 = (os.environ.get(sha256_env) or "").strip() or None
-    return ModelSource(name, url, sha256, url_env, sha256_env)
+    raw = (os.environ.get(sha256_env) or "").strip()
+    if raw and not re.fullmatch(r"[0-9a-fA-F]{64}", raw):
+        raise ConfigError(f"{sha256_env}={raw!r}: give the file's sha256, 64 hex digits")
+    return ModelSource(name, url, raw.lower() or None, url_env, sha256_env)
 
 
 def _build_ifnet(state: dict[str, torch.Tensor]) -> rife.IFNet:

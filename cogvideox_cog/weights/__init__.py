@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import BadSource, WeightsError
+from ..errors import BadSource, ConfigError, WeightsError
 from ..variants import MODEL_ENV, Variant
 from . import cache, download
 from .cache import CHECK_ENV, COMPLETE_MARKER, WEIGHTS_DIR_ENV
@@ -38,7 +38,14 @@ from .manifest import Manifest, load_manifest, sha256_file
 from .untar import Journal, extract
 from .verify import check_contained, verify
 
-__all__ = ["COMPLETE_MARKER", "WeightsError", "ensure_weights", "load_weights", "weights_root"]
+__all__ = [
+    "COMPLETE_MARKER",
+    "WeightsError",
+    "check_settings",
+    "ensure_weights",
+    "load_weights",
+    "weights_root",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +142,19 @@ def _discard_unchanged(resolved: _Resolved) -> None:
             cache.discard(resolved.entry)
 
 
-def _ensure(variant: Variant) -> _Resolved:
-    # The downloader's settings, checked on every start, not only on one that downloads.
+def check_settings(variant: Variant) -> Manifest:
+    """The variant's manifest, once every weights setting (downloader, cache, content check,
+    manifest) has been checked: on every start, not only on one that downloads, and before
+    anything is fetched. ConfigError or WeightsError naming the variable."""
     download.timeout_s()
     download.connections()
     cache.durable()
-    manifest = load_manifest(variant.id)
+    content_check()
+    return load_manifest(variant.id)
+
+
+def _ensure(variant: Variant) -> _Resolved:
+    manifest = check_settings(variant)
     url = (os.environ.get(WEIGHTS_URL_ENV) or "").strip()
     if url and manifest.origin == "built-in":
         manifest = manifest.layout_only()  # its sizes and hashes describe its own sources
@@ -168,6 +182,13 @@ def _ensure(variant: Variant) -> _Resolved:
     if root is not None:
         log.info(f"weights: using cached {root}")
         return _cached(root, entry)
+    if not _writable(cache_root):
+        cache.published(entry, sources, manifest, check, hashed, explain=True)  # logs why
+        raise WeightsError(
+            f"the weights cache {cache_root} is not writable, and the weights must be fetched "
+            f"into it (the log above says why, if an entry is there). Mount it read-write, or "
+            f"set {cache.WEIGHTS_DIR_ENV} to a writable folder."
+        )
     cache_root.mkdir(parents=True, exist_ok=True)
     with cache.locked(cache_root / f".{entry.name}.lock"):
         root = cache.published(entry, sources, manifest, check, hashed, explain=True)
@@ -196,15 +217,22 @@ def _ensure(variant: Variant) -> _Resolved:
         raise WeightsError("every source failed:\n" + "\n".join(f"- {e}" for e in errors))
 
 
+def _writable(folder: Path) -> bool:
+    """Whether `folder` (or the parent it would be made in) can be written: a read-only
+    volume otherwise fails at the lock with a bare PermissionError."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return os.access(existing, os.W_OK | os.X_OK)
+
+
 def weights_root() -> Path:
     """The weights cache folder (COGVIDEOX_WEIGHTS_DIR); the compile cache lives there too."""
-    return Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
+    return download.folder_from_env(WEIGHTS_DIR_ENV, DEFAULT_WEIGHTS_DIR)
 
 
 def content_check() -> str:
     value = (os.environ.get(CHECK_ENV) or "size").strip().lower()
     if value not in CHECKS:
-        raise WeightsError(f"{CHECK_ENV}={value!r}: use one of {', '.join(CHECKS)}")
+        raise ConfigError(f"{CHECK_ENV}={value!r}: use one of {', '.join(CHECKS)}")
     return value
 
 

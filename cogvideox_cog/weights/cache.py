@@ -278,7 +278,12 @@ def locked(path: Path) -> Iterator[None]:
     dependencies, and this is all it would do here. The kernel releases the lock when its
     holder exits or dies, so a killed setup never blocks the next one.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        writable = True
+    except PermissionError:  # left by a setup under another user id: flock needs no write
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        writable = False
     try:
         last_log = None
         while True:
@@ -292,9 +297,10 @@ def locked(path: Path) -> Iterator[None]:
                     log.info(f"weights: waiting for another setup to finish ({holder})")
                     last_log = now
                 time.sleep(0.2)
-        holder = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%H:%M:%S}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        if writable:
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%H:%M:%S}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

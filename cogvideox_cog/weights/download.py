@@ -32,6 +32,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import BadSource, ConfigError, WeightsError
 
@@ -41,6 +42,7 @@ TIMEOUT_ENV = "COGVIDEOX_WEIGHTS_TIMEOUT"
 CONNECTIONS_ENV = "COGVIDEOX_WEIGHTS_CONNECTIONS"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_CONNECTIONS = 8
+MAX_CONNECTIONS = 64  # each holds a CHUNK_BYTES buffer: 64 are about 1 GiB of memory
 CHUNK_BYTES = 16 << 20  # one ranged GET; chunks in flight (and buffers): connections + 2
 READ_BYTES = 4 << 20  # at most this much per read
 PUBLISH_BYTES = 1 << 20  # hand bytes on in batches this big while they flow fast
@@ -60,7 +62,13 @@ def timeout_s() -> float:
 
 
 def connections() -> int:
-    return count_from_env(CONNECTIONS_ENV, DEFAULT_CONNECTIONS)
+    return count_from_env(CONNECTIONS_ENV, DEFAULT_CONNECTIONS, most=MAX_CONNECTIONS)
+
+
+def folder_from_env(env: str, default: os.PathLike | str) -> Path:
+    """A folder from `env` (`default` when unset or blank), without spaces around it: a
+    trailing space would name another, empty, cache and download everything again."""
+    return Path((os.environ.get(env) or "").strip() or default)
 
 
 def seconds_from_env(env: str, default: float) -> float:
@@ -76,15 +84,17 @@ def seconds_from_env(env: str, default: float) -> float:
     return seconds
 
 
-def count_from_env(env: str, default: int) -> int:
-    """A whole number, 1 or more, from `env` (`default` when unset or empty)."""
+def count_from_env(env: str, default: int, most: int | None = None) -> int:
+    """A whole number, 1 or more (and at most `most`), from `env` (`default` when unset or
+    empty)."""
     raw = (os.environ.get(env) or "").strip() or str(default)
     try:
         count = int(raw)
     except ValueError:
         count = 0
-    if count < 1:
-        raise ConfigError(f"{env}={raw!r}: give a whole number, 1 or more")
+    if count < 1 or (most is not None and count > most):
+        limit = f"from 1 to {most}" if most is not None else "1 or more"
+        raise ConfigError(f"{env}={raw!r}: give a whole number {limit}")
     return count
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..errors import WeightsError
 MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 HASH_BLOCK = 8 << 20
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,15 @@ def load_manifest(variant: str) -> Manifest:
     try:
         data = json.loads(path.read_text())
         files = {
-            name: FileSpec(size=spec.get("size"), sha256=(spec.get("sha256") or None))
-            for name, spec in data.get("files", {}).items()
+            name: _file_spec(name, spec) for name, spec in data.get("files", {}).items()
         }
+        sources = data.get("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise ValueError('"sources" must be a list of URLs')
         manifest = Manifest(
             variant=data.get("variant", variant),
             hub_repo=data.get("hub_repo"),
-            sources=tuple(data.get("sources", ())),
+            sources=tuple(sources),
             files=files,
             origin=str(path) if override else "built-in",
         )
@@ -80,6 +84,15 @@ def load_manifest(variant: str) -> Manifest:
             f"{MANIFEST_ENV}={override} describes {manifest.variant!r}, not {variant!r}"
         )
     return manifest
+
+
+def _file_spec(name: str, spec) -> FileSpec:
+    size, sha256 = spec.get("size"), spec.get("sha256") or None
+    if size is not None and (type(size) is not int or size < 0):
+        raise ValueError(f"{name}: size {size!r} is not a number of bytes")
+    if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+        raise ValueError(f"{name}: sha256 {sha256!r} is not 64 hex digits")
+    return FileSpec(size=size, sha256=sha256)
 
 
 def sha256_file(path: Path, prefix: int | None = None) -> hashlib._Hash:
