@@ -163,3 +163,12 @@ def test_clip_without_rotation_is_left_as_stored(tmp_path):
     columns = np.asarray(clip.frames[0]).mean(axis=(0, 2))
     assert columns[:20].min() > 200 and columns[30:].max() < 50
     assert "turned" not in clip.summary
+
+
+def test_a_playlist_naming_other_files_is_not_read_as_a_video(tmp_path):
+    """FFmpeg's concat demuxer would decode the clip the upload names, from the server's disk."""
+    _write_clip(tmp_path / "on-the-server.mp4", frames=12, fps=8)
+    playlist = tmp_path / "upload.mp4"
+    playlist.write_text("ffconcat version 1.0\nfile on-the-server.mp4\n")
+    with pytest.raises(InputError, match="could not be read as a video"):
+        load_video(playlist, num_frames=9, fps=8, height=H, width=W)

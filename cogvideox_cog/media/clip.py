@@ -23,6 +23,9 @@ from .image import fit_image
 log = logging.getLogger(__name__)
 
 FORMATS = "mp4, webm, mov or gif"
+# The container formats FFmpeg may read a clip as. Not every one it knows: its playlist and
+# list demuxers (ffconcat, HLS) open further files named inside the upload.
+DEMUXERS = "mov,mp4,matroska,webm,gif,avi,flv,mpegts,mpeg,ogg,asf,m4v,h264,hevc,mjpeg"
 # A frame larger than 4K UHD (8.3 MP) with room to spare; bigger ones would cost seconds per
 # frame to decode and scale, for a video generated at 0.35-1 MP.
 MAX_VIDEO_PIXELS = 16_000_000
@@ -88,7 +91,7 @@ def load_video(
 
 def _open(path: Path | str):
     try:
-        return av.open(str(path))
+        return av.open(str(path), options={"format_whitelist": DEMUXERS})
     except (FileNotFoundError, IsADirectoryError) as error:
         raise InputError(
             f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
