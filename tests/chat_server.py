@@ -4,7 +4,10 @@ backend: it answers as such endpoints do, or fails as they do.
 POST /v1/chat/completions answers with `rewrite_of(prompt)` for the last user message, in
 the chat-completions shape (choices[0].message.content, finish_reason "stop"). `fault`
 makes every answer fail instead: "slow" (answers after `delay` s), "500", "garbage" (a 200
-whose body is not JSON), "empty" (content ""), "cut" (finish_reason "length").
+whose body is not JSON), "empty" (content ""), "cut" (finish_reason "length"), "redirect"
+(302 to another address), "trickle" (headers a byte every 0.2 s), "deep" (JSON nested past
+Python's recursion limit), "long" (a 12,000-character rewrite, max_tokens ignored),
+"invisible" (zero-width spaces), "echo" (401 quoting the request's Authorization header).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("slow", "500", "garbage", "empty", "cut")
+FAULTS = (
+    "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
+    "echo",
+)  # fmt: skip
 
 
 def rewrite_of(prompt: str) -> str:
@@ -47,14 +53,35 @@ class ChatServer:
                     self._send(500, b'{"error": {"message": "the model crashed"}}')
                 elif fault == "garbage":
                     self._send(200, b"<html>502 Bad Gateway</html>")
+                elif fault == "redirect":
+                    self._send(302, b"", {"Location": "http://127.0.0.1:9/v1/chat/completions"})
+                elif fault == "echo":
+                    quoted = json.dumps({"error": f"bad key in {headers['authorization']}"})
+                    self._send(401, quoted.encode())
+                elif fault == "deep":
+                    self._send(200, b"[" * 100_000 + b"]" * 100_000)
+                elif fault == "trickle":
+                    self._trickle(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
                 else:
                     if fault == "slow":
                         peer._stopped.wait(peer.delay)
                     self._send(200, json.dumps(peer._answer(json.loads(raw), fault)).encode())
 
-            def _send(self, status: int, body: bytes) -> None:
+            def _trickle(self, head: bytes) -> None:
+                for byte in head:
+                    if peer._stopped.wait(0.2):
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+
+            def _send(self, status: int, body: bytes, extra: dict | None = None) -> None:
                 try:
                     self.send_response(status)
+                    for name, value in (extra or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
@@ -73,6 +100,10 @@ class ChatServer:
     def _answer(self, request: dict, fault: str | None) -> dict:
         prompt = [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
         content = "" if fault == "empty" else rewrite_of(prompt)
+        if fault == "long":
+            content = (rewrite_of(prompt) + " ") * 100
+        elif fault == "invisible":
+            content = "\u200b\u200b"
         if fault == "cut":
             content += " Then the cat turns its head toward the"
         return {

@@ -127,6 +127,64 @@ def test_an_unreachable_endpoint_fails_saying_so(chat):
         PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
 
 
+def test_a_redirect_is_not_followed_so_the_key_stays_with_the_endpoint(endpoint, chat):
+    chat.fault = "redirect"
+    with pytest.raises(EnhanceError, match=r"answered HTTP 302, a redirect, which is not"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_headers_trickled_in_fail_at_the_timeout_in_all(endpoint, chat):
+    """Each byte within the socket timeout: only a deadline over the whole exchange ends it."""
+    chat.fault = "trickle"
+    started = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"did not answer within 0.5 s"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("deep", r"something other than JSON"),
+        ("long", r"a rewrite of 12,\d{3} characters, over the 10,000 .*ignored max_tokens"),
+        ("invisible", r"gave an empty rewrite"),
+    ],
+)
+def test_an_unusable_answer_is_the_endpoints_fault_not_the_users(endpoint, chat, fault, problem):
+    chat.fault = fault
+    with pytest.raises(EnhanceError, match=problem):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_error_that_quotes_the_key_does_not_show_it(endpoint, chat):
+    chat.fault = "echo"
+    with pytest.raises(EnhanceError, match=r"HTTP 401") as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key="sk-user-9")
+    assert "sk-user-9" not in str(failed.value) and "[the key]" in str(failed.value)
+
+
+@pytest.mark.parametrize("key", ["sk-user-9\n", " sk-user-9 "])
+def test_a_pasted_key_with_spaces_around_it_is_sent_without_them(endpoint, chat, key):
+    endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key=key)
+    assert chat.requests[-1]["headers"]["authorization"] == "Bearer sk-user-9"
+
+
+@pytest.mark.parametrize("key", ["sk-user\n-9", "sk-us\u00e9r-9"])
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(endpoint, chat, key):
+    with pytest.raises(EnhanceError, match=r"enhance_prompt_api_key holds a character") as bad:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key=key)
+    assert "sk-" not in str(bad.value)
+    assert not chat.requests
+
+
+def test_the_deployments_key_is_checked_in_setup(monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_ENHANCE_PROMPT", "openai")
+    monkeypatch.setenv("COGVIDEOX_ENHANCE_API_KEY", "sk-op\nerator")
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_API_KEY holds a character") as bad:
+        config_from_env()
+    assert "erator" not in str(bad.value)
+
+
 # Choosing the backend
 
 

@@ -8,15 +8,40 @@ same; none promises it). urllib, not an SDK: one JSON request needs no new depen
 from __future__ import annotations
 
 import json
-import time
+import threading
 import urllib.error
 import urllib.request
 
 from ..errors import EnhanceError
+from ..weights.download import DeadlineExceeded, with_deadline
 from .rewriter import Reply
 
 ERROR_BODY_CHARS = 300  # of an endpoint's error answer, in our message
+BASE_URL_HINT = "COGVIDEOX_ENHANCE_BASE_URL"
 MAX_ANSWER_BYTES = 1 << 20  # a chat answer of a few hundred tokens is a few kB
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the key to another address, and urllib turns a POST into a GET
+    without the prompt: the 3xx answer is reported instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def check_api_key(key: str, name: str) -> str:
+    """`key` without spaces around it; EnhanceError (naming `name`, never the key) when an HTTP
+    header cannot carry it (a line break inside, a letter outside ASCII)."""
+    key = key.strip()
+    if not all("!" <= c <= "~" for c in key):
+        raise EnhanceError(
+            f"{name} holds a character an HTTP header cannot carry (a space or line break "
+            f"inside it, or a letter outside ASCII): send the key alone, as issued."
+        )
+    return key
 
 
 class EndpointRewriter:
@@ -38,6 +63,8 @@ class EndpointRewriter:
             "max_tokens": max_tokens,
             "n": 1,
         }
+        if api_key:
+            api_key = check_api_key(api_key, "enhance_prompt_api_key")
         answer = _choice(self._post(body, api_key or self.api_key))
         message = answer.get("message")
         text = message.get("content") if isinstance(message, dict) else None
@@ -48,6 +75,8 @@ class EndpointRewriter:
         return Reply(text, cut=answer.get("finish_reason") == "length")
 
     def _post(self, body: dict, api_key: str | None) -> dict:
+        """The endpoint's JSON answer, all of it within the timeout (connecting, headers and
+        body; a per-read socket timeout alone lets a trickle last for ever)."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -55,9 +84,30 @@ class EndpointRewriter:
             self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = self._read(response)
+            raw = with_deadline(lambda stop: self._exchange(request, stop), self.timeout, "enhance")
+        except DeadlineExceeded:
+            raise EnhanceError(f"{self.name} did not answer within {self.timeout:g} s") from None
+        except EnhanceError as error:
+            raise EnhanceError(_redacted(str(error), api_key)) from None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            shown = raw[:ERROR_BODY_CHARS].decode(errors="replace")
+            raise EnhanceError(
+                f"{self.name} answered with something other than JSON: {shown!r}"
+            ) from None
+
+    def _exchange(self, request: urllib.request.Request, stop: threading.Event) -> bytes:
+        try:
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                return self._read(response, stop)
         except urllib.error.HTTPError as error:
+            if 300 <= error.code < 400:
+                raise EnhanceError(
+                    f"{self.name} answered HTTP {error.code}, a redirect, which is not followed "
+                    f"(it would take the key elsewhere): set {BASE_URL_HINT} to the address it "
+                    f"redirects to"
+                ) from None
             detail = error.read(ERROR_BODY_CHARS).decode(errors="replace").strip()
             raise EnhanceError(f"{self.name} answered HTTP {error.code}: {detail}") from None
         except TimeoutError:
@@ -69,25 +119,24 @@ class EndpointRewriter:
                     f"{self.name} did not answer within {self.timeout:g} s"
                 ) from None
             raise EnhanceError(f"{self.name} could not be reached: {reason}") from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            shown = raw[:ERROR_BODY_CHARS].decode(errors="replace")
-            raise EnhanceError(
-                f"{self.name} answered with something other than JSON: {shown!r}"
-            ) from None
+        except ValueError as error:  # http.client's refusal of a header or URL
+            raise EnhanceError(f"{self.name} could not be asked: {error}") from None
 
-    def _read(self, response) -> bytes:
-        """The body, within the timeout in all (not per read) and MAX_ANSWER_BYTES."""
-        deadline = time.monotonic() + self.timeout
+    def _read(self, response, stop: threading.Event) -> bytes:
+        """The body, at most MAX_ANSWER_BYTES; stops when the deadline has passed."""
         raw = b""
         while chunk := response.read1(64 << 10):
             raw += chunk
             if len(raw) > MAX_ANSWER_BYTES:
                 raise EnhanceError(f"{self.name} answered with over {MAX_ANSWER_BYTES:,} bytes")
-            if time.monotonic() > deadline:
-                raise TimeoutError
+            if stop.is_set():
+                return b""
         return raw
+
+
+def _redacted(text: str, api_key: str | None) -> str:
+    """An endpoint may echo the request's Authorization header in its error."""
+    return text.replace(api_key, "[the key]") if api_key else text
 
 
 def _choice(answer) -> dict:

@@ -22,8 +22,9 @@ import cog
 import torch
 
 from ..errors import ConfigError, EnhanceError
+from ..inputs import MAX_PROMPT_CHARS, is_blank
 from ..weights.causal_lm import ensure_causal_lm
-from .endpoint import EndpointRewriter
+from .endpoint import EndpointRewriter, check_api_key
 from .instruction import messages
 from .local import LocalRewriter
 from .rewriter import Rewriter
@@ -74,8 +75,13 @@ class PromptEnhancer:
                 f"enhanced prompt: the rewrite reached the cap of {max_tokens} tokens (what "
                 f"the text encoder reads); kept up to its last full sentence"
             )
-        if not text:
+        if is_blank(text):
             raise EnhanceError(f"{self.rewriter.name} gave an empty rewrite")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise EnhanceError(
+                f"{self.rewriter.name} gave a rewrite of {len(text):,} characters, over the "
+                f"{MAX_PROMPT_CHARS:,} a prompt may have (it ignored max_tokens={max_tokens})"
+            )
         seconds = time.monotonic() - started
         shown = (
             text
@@ -130,7 +136,13 @@ def config_from_env() -> EnhanceConfig | None:
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
     model = (os.environ.get(MODEL_ENV) or DEFAULT_MODEL).strip()
-    endpoint = EndpointRewriter(base_url, model, os.environ.get(API_KEY_ENV) or None, timeout)
+    key = (os.environ.get(API_KEY_ENV) or "").strip() or None
+    if key is not None:
+        try:
+            check_api_key(key, API_KEY_ENV)
+        except EnhanceError as error:
+            raise ConfigError(str(error)) from None
+    endpoint = EndpointRewriter(base_url, model, key, timeout)
     return EnhanceConfig(backend, timeout, endpoint=endpoint)
 
 
