@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend
-from .errors import InputError
+from .errors import InputError, LoraError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
 from .lora.store import LoraCache
@@ -381,6 +381,13 @@ class VideoGenerator:
         frames = frames[: plan.num_frames]
         if len(frames) != plan.num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
+        if not np.isfinite(frames).all():  # they would encode as black: say so instead
+            if plan.lora_url:
+                raise LoraError(
+                    f"the video came out as NaN: the LoRA's weights overflow at lora_scale "
+                    f"{plan.lora_scale:g}. Try a smaller lora_scale, or check the LoRA."
+                )
+            raise RuntimeError("the pipeline returned NaN frames")
         frames, fps = self.postprocessor.apply(
             frames, plan.fps, plan.postprocess, self.record_metric, self.on_postprocess_progress
         )

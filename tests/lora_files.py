@@ -38,7 +38,10 @@ def lora_tensors(
 
 
 def save_diffusers_lora(
-    tensors: dict[str, torch.Tensor], folder: Path, alpha: float | None = None
+    tensors: dict[str, torch.Tensor],
+    folder: Path,
+    alpha: float | None = None,
+    use_rslora: bool = False,
 ) -> Path:
     """pytorch_lora_weights.safetensors as diffusers' training scripts save it; with `alpha`,
     the LoraConfig metadata that save_lora_weights records when it is given one."""
@@ -46,7 +49,9 @@ def save_diffusers_lora(
     metadata = None
     if alpha is not None:
         modules = sorted({k.split(".lora_")[0] for k in tensors})
-        metadata = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules).to_dict()
+        metadata = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=modules, use_rslora=use_rslora
+        ).to_dict()
         metadata = json.loads(json.dumps(metadata, default=list))  # sets -> lists
     CogVideoXPipeline.save_lora_weights(
         folder,

@@ -4,6 +4,7 @@ generator's own request path: scales, both upstream layouts, switching, and refu
 from __future__ import annotations
 
 import gc
+import json
 import pickle
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 
 from cogvideox_cog.errors import LoraError
 from cogvideox_cog.generator import Request, VideoGenerator
-from cogvideox_cog.lora.file import read_lora
+from cogvideox_cog.lora.file import METADATA_KEY, read_lora
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.variants import VARIANTS
@@ -52,6 +54,7 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
     save_diffusers_lora(a, root / "a")
     save_diffusers_lora(b, root / "b")
     save_diffusers_lora(a, root / "a-alpha8", alpha=2 * RANK)
+    save_diffusers_lora(a, root / "a-rslora", alpha=2 * RANK, use_rslora=True)
     save_sat_lora(a, root / "a-sat")
     wider = lora_tensors(transformer, RANK, seed=3, attention_head_dim=24)  # 48 wide, not 32
     save_diffusers_lora(wider, root / "wider")
@@ -62,6 +65,8 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
     save_renamed(skewed, root / "skewed" / LORA, lambda k: f"transformer.{k}")
     kohya = {k.replace("lora_A", "lora_down"): v for k, v in a.items()}
     save_renamed(kohya, root / "kohya" / LORA, lambda k: f"transformer.{k}")
+    huge = {k: v * 1e30 for k, v in a.items()}  # finite, but its products overflow
+    save_renamed(huge, root / "huge" / LORA, lambda k: f"transformer.{k}")
     nan = {k: v.clone() for k, v in a.items()}
     next(iter(nan.values()))[0, 0] = float("nan")
     save_renamed(nan, root / "nan" / LORA, lambda k: f"transformer.{k}")
@@ -145,6 +150,12 @@ def test_alpha_in_the_files_metadata_sets_the_trained_scale(generator, loras):
     np.testing.assert_array_equal(with_alpha, _frames(generator, _url(loras, "a"), 2.0))
 
 
+def test_a_rank_stabilised_lora_is_scaled_by_alpha_over_the_root_of_its_rank(generator, loras):
+    """peft's use_rslora, as diffusers applies it: alpha 8 at rank 4 is 8 / 2, not 8 / 4."""
+    rslora = _frames(generator, _url(loras, "a-rslora"), 1.0)
+    np.testing.assert_array_equal(rslora, _frames(generator, _url(loras, "a"), 4.0))
+
+
 def test_fifty_switches_leave_adapters_and_parameters_unchanged(generator, loras):
     transformer = generator.pipe.transformer
     urls = [_url(loras, "a"), _url(loras, "b")]
@@ -201,6 +212,29 @@ def test_pickle_file_name_is_refused_before_any_download(generator, loras):
     with pytest.raises(LoraError, match=r"names a PyTorch pickle file"):
         _frames(generator, _url(loras, "a", "adapter_model.bin"))
     assert len(loras.requests) == requests
+
+
+def test_a_lora_that_overflows_fails_instead_of_giving_a_black_video(generator, loras, base):
+    with pytest.raises(LoraError, match=r"came out as NaN: .* at lora_scale 1"):
+        _frames(generator, _url(loras, "huge"))
+    np.testing.assert_array_equal(_frames(generator), base)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"lora_alpha": 4, "alpha_pattern": [1, 2]},
+        {"lora_alpha": 4, "alpha_pattern": {"^transformer_blocks.0": "NaN"}},
+        {"lora_alpha": 4, "use_rslora": "yes"},
+    ],
+    ids=["pattern-a-list", "pattern-not-a-number", "rslora-not-a-bool"],
+)
+def test_lora_metadata_of_the_wrong_shape_is_refused(generator, loras, tmp_path, config):
+    tensors = load_file(generator.lora_cache.get(_url(loras, "a")))
+    path = tmp_path / LORA
+    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(config)})
+    with pytest.raises(LoraError, match=r"the LoRA's metadata has "):
+        read_lora(path)
 
 
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):

@@ -49,10 +49,11 @@ class LoraWeights:
     alpha: float
     alpha_pattern: dict[str, float]
     alpha_source: str
+    use_rslora: bool = False  # rank-stabilised: alpha / sqrt(rank) (peft's use_rslora)
 
     @property
     def trained_scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def lora_config(self) -> dict:
         """peft LoraConfig arguments, keyed as diffusers' loader expects its metadata."""
@@ -62,6 +63,7 @@ class LoraWeights:
             "rank_pattern": {f"^{m}": r for m, r in self.ranks.items() if r != self.rank},
             "alpha_pattern": self.alpha_pattern,
             "target_modules": sorted(self.ranks),
+            "use_rslora": self.use_rslora,
         }
         return {PREFIX + key: value for key, value in config.items()}
 
@@ -97,7 +99,7 @@ def read_lora(path: Path) -> LoraWeights:
     rank = Counter(ranks.values()).most_common(1)[0][0]
     config = _adapter_metadata(metadata)
     if config is not None and "lora_alpha" in config:
-        alpha, alpha_pattern = float(config["lora_alpha"]), dict(config.get("alpha_pattern") or {})
+        alpha, alpha_pattern = float(config["lora_alpha"]), config.get("alpha_pattern") or {}
         source = "the file's metadata"
     elif layout == "diffusers":
         alpha = float(rank)
@@ -105,7 +107,10 @@ def read_lora(path: Path) -> LoraWeights:
         source = "the diffusers convention, alpha = rank"
     else:
         alpha, alpha_pattern, source = 1.0, {}, "the SAT convention, alpha = 1"
-    return LoraWeights(path.stem, layout, tensors, ranks, rank, alpha, alpha_pattern, source)
+    rslora = bool(config and config.get("use_rslora"))
+    return LoraWeights(
+        path.stem, layout, tensors, ranks, rank, alpha, alpha_pattern, source, rslora
+    )
 
 
 def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
@@ -120,9 +125,21 @@ def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
         raise LoraError(f"the LoRA's {METADATA_KEY} metadata is not a JSON object.")
     config = {k.removeprefix(PREFIX): v for k, v in stored.items()}
     alpha = config.get("lora_alpha")
-    if alpha is not None and not (isinstance(alpha, int | float) and math.isfinite(alpha)):
+    if alpha is not None and not _finite(alpha):
         raise LoraError(f"the LoRA's metadata has lora_alpha={alpha!r}, not a number.")
+    pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_finite(v) for v in pattern.values()):
+        raise LoraError(
+            f"the LoRA's metadata has alpha_pattern={str(pattern)[:200]}: expected a JSON "
+            f"object of layer patterns to numbers."
+        )
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise LoraError(f"the LoRA's metadata has use_rslora={config['use_rslora']!r}.")
     return config
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

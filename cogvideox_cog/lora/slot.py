@@ -29,7 +29,8 @@ class LoraSlot:
         self.compiled = is_compiled(pipe.transformer)
         self.layers = linear_layers(pipe.transformer)
         self.loaded: str | None = None  # the digest of the LoRA on the transformer
-        self.trained_scale = 1.0  # its alpha / rank
+        self.trained_scale = 1.0  # its alpha / rank (alpha / sqrt(rank) for rsLoRA)
+        self.trained_rule = "alpha/rank"
 
     def use(self, path: Path | None, scale: float) -> None:
         """Put the LoRA in `path` on the transformer at `scale` (None: no LoRA)."""
@@ -55,6 +56,7 @@ class LoraSlot:
                 raise LoraError(f"the LoRA could not be loaded: {error}") from error
             self.loaded = lora.digest
             self.trained_scale = lora.trained_scale
+            self.trained_rule = "alpha/sqrt(rank)" if lora.use_rslora else "alpha/rank"
             log.info(
                 f"lora: loaded {lora.digest[:12]} ({lora.layout} layout, {len(lora.ranks)} layers, "
                 f"rank {lora.rank}, alpha {lora.alpha:g} from {lora.alpha_source}) in "
@@ -67,8 +69,8 @@ class LoraSlot:
                 )
         self.pipe.set_adapters([ADAPTER_NAME], [scale])
         log.info(
-            f"lora: scale applied = lora_scale {scale:g} x alpha/rank {self.trained_scale:.6g} "
-            f"= {scale * self.trained_scale:.6g}"
+            f"lora: scale applied = lora_scale {scale:g} x {self.trained_rule} "
+            f"{self.trained_scale:.6g} = {scale * self.trained_scale:.6g}"
         )
 
     def clear(self) -> None:
