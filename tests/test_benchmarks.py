@@ -102,7 +102,8 @@ def test_every_phase_is_measured_and_finite(run):
 def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
     from benchmarks import speed_modes
 
-    argv = ["--size", "tiny", "--steps", "20", "--frames", "9", "--out", str(tmp_path)]
+    argv = ["--size", "tiny", "--steps", "20", "--warm-up-steps", "1", "--frames", "9"]
+    argv += ["--out", str(tmp_path)]
     with contextlib.redirect_stdout(io.StringIO()):
         assert speed_modes.main(argv) == 0
     record = json.loads((tmp_path / "cogvideox-5b-tiny-20steps.json").read_text())
@@ -124,7 +125,8 @@ def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
 def test_speed_modes_medium_model_renders_at_its_own_size(tmp_path):
     from benchmarks import speed_modes
 
-    argv = ["--size", "medium", "--steps", "2", "--frames", "9", "--modes", "default,faster"]
+    argv = ["--size", "medium", "--steps", "2", "--warm-up-steps", "1", "--frames", "9"]
+    argv += ["--modes", "default,faster"]
     with contextlib.redirect_stdout(io.StringIO()):
         assert speed_modes.main([*argv, "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "cogvideox-5b-medium-2steps.json").read_text())
