@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..weights.manifest import SHA256_HEX
 from . import rife, rrdbnet
 from .weights import ModelSource, load_model
 
@@ -218,7 +218,7 @@ def _enabled(env: str) -> bool:
 def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
     url = (os.environ.get(url_env) or "").strip() or default
     raw = (os.environ.get(sha256_env) or "").strip()
-    if raw and not re.fullmatch(r"[0-9a-fA-F]{64}", raw):
+    if raw and not SHA256_HEX.fullmatch(raw):
         raise ConfigError(f"{sha256_env}={raw!r}: give the file's sha256, 64 hex digits")
     return ModelSource(name, url, raw.lower() or None, url_env, sha256_env)
 

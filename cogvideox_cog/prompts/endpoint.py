@@ -17,7 +17,7 @@ from ..weights.download import DeadlineExceeded, with_deadline
 from .rewriter import Reply
 
 ERROR_BODY_CHARS = 300  # of an endpoint's error answer, in our message
-BASE_URL_HINT = "COGVIDEOX_ENHANCE_BASE_URL"
+BASE_URL_ENV = "COGVIDEOX_ENHANCE_BASE_URL"  # where the endpoint is (read in enhance.py)
 MAX_ANSWER_BYTES = 1 << 20  # a chat answer of a few hundred tokens is a few kB
 
 
@@ -105,7 +105,7 @@ class EndpointRewriter:
             if 300 <= error.code < 400:
                 raise EnhanceError(
                     f"{self.name} answered HTTP {error.code}, a redirect, which is not followed "
-                    f"(it would take the key elsewhere): set {BASE_URL_HINT} to the address it "
+                    f"(it would take the key elsewhere): set {BASE_URL_ENV} to the address it "
                     f"redirects to"
                 ) from None
             detail = error.read(ERROR_BODY_CHARS).decode(errors="replace").strip()

@@ -24,7 +24,7 @@ import torch
 from ..errors import ConfigError, EnhanceError
 from ..inputs import MAX_PROMPT_CHARS, is_blank
 from ..weights.causal_lm import ensure_causal_lm
-from .endpoint import EndpointRewriter, check_api_key
+from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
 from .instruction import messages
 from .local import LocalRewriter
 from .rewriter import Rewriter
@@ -38,7 +38,6 @@ WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"
 DEFAULT_WEIGHTS = "hf://Qwen/Qwen2.5-1.5B-Instruct"
 MODEL_ENV = "COGVIDEOX_ENHANCE_MODEL"
 DEFAULT_MODEL = "gpt-4o-mini"
-BASE_URL_ENV = "COGVIDEOX_ENHANCE_BASE_URL"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 API_KEY_ENV = "COGVIDEOX_ENHANCE_API_KEY"
 TIMEOUT_ENV = "COGVIDEOX_ENHANCE_TIMEOUT"

@@ -23,7 +23,7 @@ from ..errors import WeightsError
 MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 HASH_BLOCK = 8 << 20
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")  # a sha256 as written: 64 hex digits
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _file_spec(name: str, spec) -> FileSpec:
     size, sha256 = spec.get("size"), spec.get("sha256") or None
     if size is not None and (type(size) is not int or size < 0):
         raise ValueError(f"{name}: size {size!r} is not a number of bytes")
-    if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256)):
         raise ValueError(f"{name}: sha256 {sha256!r} is not 64 hex digits")
     return FileSpec(size=size, sha256=sha256)
 
