@@ -12,6 +12,9 @@ Markdown file as GitHub names it (lowercase, punctuation dropped, each space a h
 Tables (GitHub's rules): a table runs from its header and `|---|` line to the first blank
 line, so a paragraph written right under it becomes a row; every row must have the header's
 number of cells (unescaped `|`, code spans included, split cells).
+
+Cog commands: no page but the changelog says `cog predict`, which Cog 0.20 deprecated for
+`cog run`.
 """
 
 from __future__ import annotations
@@ -208,6 +211,27 @@ def test_the_readme_links_every_docs_page():
     assert not pages - linked, f"not linked from README.md: {sorted(pages - linked)}"
 
 
+# Cog 0.20 renamed `cog predict` to `cog run` (the yaml files' `run:` key came with it); the
+# old command still works but warns that it is deprecated. The changelog records history.
+_DEPRECATED_COG_PREDICT = re.compile(r"\bcog\s+(?:-f\s+\S+\s+)?predict\b")
+
+
+def deprecated_cog_commands(source: Path, root: Path = ROOT) -> list[Problem]:
+    """Every `cog predict` in a page, code blocks included: they are what users copy."""
+    problems = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        for match in _DEPRECATED_COG_PREDICT.finditer(line):
+            where = f"{source.relative_to(root)}:{number}"
+            problems.append(Problem("cog", where, match[0], "deprecated: use cog run"))
+    return problems
+
+
+def test_the_docs_run_models_with_cog_run_not_the_deprecated_cog_predict():
+    pages = [p for p in doc_files() if p.name != "CHANGELOG.md"]
+    problems = [p for page in pages for p in deprecated_cog_commands(page)]
+    assert not problems, _report(problems)
+
+
 def test_the_readme_stays_a_short_read():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move details to docs/"
@@ -310,6 +334,13 @@ def test_headings_become_anchors_by_githubs_rules(heading, expected):
 def test_a_repeated_heading_gets_a_numbered_anchor_and_html_ids_count():
     text = '# Notes\n## Notes\n## Notes\n<a id="files-in"></a>Text\n```\n# not a heading\n```\n'
     assert anchors(text) == {"notes", "notes-1", "notes-2", "files-in"}
+
+
+def test_cog_predict_is_reported_in_prose_and_code_but_cog_run_is_not(tmp_path):
+    text = "Run `cog predict -i x=1`.\n```\ncog -f cog-i2v.yaml predict\ncog run -i x=1\n```\n"
+    [page] = _tree(tmp_path, {"page.md": text})
+    problems = deprecated_cog_commands(page, tmp_path)
+    assert [p.where for p in problems] == ["page.md:1", "page.md:3"]
 
 
 def test_a_paragraph_written_right_under_a_table_is_reported(tmp_path):
