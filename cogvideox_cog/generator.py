@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import os
 import secrets
 import tempfile
 import time
@@ -51,6 +50,7 @@ from .pipeline import (
 )
 from .postprocess import Postprocessor, Steps
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
+from .settings import setting
 from .speed import SPEED_MODES, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import check_settings, load_weights, weights_root
@@ -209,10 +209,10 @@ class VideoGenerator:
         check_settings(variant)
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        offload = choose_offload(os.environ.get(OFFLOAD_ENV, "auto"), variant, device)
-        compiled = choose_compile(os.environ.get(COMPILE_ENV, "0"), device)
-        vae_tiling = choose_vae_tiling(os.environ.get(VAE_TILING_ENV, "on"), variant, device)
-        attention = attention_backend(os.environ.get(ATTENTION_BACKEND_ENV))
+        offload = choose_offload(setting(OFFLOAD_ENV, "auto"), variant, device)
+        compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
+        vae_tiling = choose_vae_tiling(setting(VAE_TILING_ENV, "on"), variant, device)
+        attention = attention_backend(setting(ATTENTION_BACKEND_ENV))
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
@@ -233,7 +233,7 @@ class VideoGenerator:
             pipe,
             device,
             mode,
-            resolution=os.environ.get(inputs.RESOLUTION_ENV),
+            resolution=setting(inputs.RESOLUTION_ENV) or None,
             lora_cache=lora_cache,
             postprocessor=postprocessor,
             enhancer=load_enhancer(

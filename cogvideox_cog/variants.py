@@ -6,11 +6,11 @@ the loaded model instead, so tiny test models and the real weights take the same
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 from .errors import VariantError
+from .settings import setting
 
 Task = Literal["t2v", "i2v"]
 SchedulerName = Literal["ddim", "dpm"]
@@ -180,4 +180,4 @@ def get_variant(variant_id: str, task: Task, predictor: str | None = None) -> Va
 
 
 def variant_from_env(task: Task, predictor: str | None = None) -> Variant:
-    return get_variant(os.environ.get(MODEL_ENV) or DEFAULT_VARIANT[task], task, predictor)
+    return get_variant(setting(MODEL_ENV, DEFAULT_VARIANT[task]), task, predictor)

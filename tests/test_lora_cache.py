@@ -20,8 +20,8 @@ from safetensors.torch import save, save_file
 from cogvideox_cog.errors import LoraError
 from cogvideox_cog.lora.fetch import check_lora_url
 from cogvideox_cog.lora.store import LoraCache
+from cogvideox_cog.settings import parse_size
 from cogvideox_cog.weights import download
-from cogvideox_cog.weights.download import parse_size
 from tests.file_server import FileServer
 
 LORA = "pytorch_lora_weights.safetensors"

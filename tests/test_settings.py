@@ -1,15 +1,22 @@
-"""Numeric COGVIDEOX_* settings: a bad value fails setup with a ConfigError naming it, never a
-ValueError in the middle of a download or a request."""
+"""COGVIDEOX_* settings: a bad value fails setup with a ConfigError naming it, never a
+ValueError in the middle of a download or a request; a blank one is the default, and spaces
+around any value are dropped."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
 from cogvideox_cog.errors import ConfigError
 from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
-from cogvideox_cog.variants import VARIANTS
+from cogvideox_cog.parallel.gpus import gpus_from_env
+from cogvideox_cog.pipeline import COMPILE_ENV, OFFLOAD_ENV, VAE_TILING_ENV
+from cogvideox_cog.variants import MODEL_ENV, VARIANTS
 from cogvideox_cog.weights import WEIGHTS_URL_ENV, cache, download, ensure_weights, weights_root
 
 SECONDS = [
@@ -79,3 +86,32 @@ def test_spaces_around_a_cache_folder_are_not_part_of_its_name(monkeypatch, tmp_
     monkeypatch.setenv(lora_store.LORA_DIR_ENV, f"{tmp_path / 'loras'}\n")
     assert weights_root() == tmp_path
     assert lora_store.LoraCache.from_env().root == tmp_path / "loras"
+
+
+def documented_settings() -> list[str]:
+    table = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    return re.findall(r"^\| `(COGVIDEOX_[A-Z0-9_]+)` \|", table, flags=re.MULTILINE)
+
+
+def test_every_setting_left_blank_is_its_default(monkeypatch, tiny_weights, tmp_path):
+    """Orchestrators write `value: ""` to leave a variable unset; that must not fail setup."""
+    assert len(documented_settings()) > 20
+    for env in documented_settings():
+        monkeypatch.setenv(env, " ")
+    monkeypatch.setenv(WEIGHTS_URL_ENV, str(tiny_weights["1.0-t2v"]))
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
+    generator = VideoGenerator.from_env("v2v")  # also reads the input-fetch settings
+    assert generator.variant.id == "cogvideox-5b" and generator.pipe.vae.use_tiling
+    assert gpus_from_env(visible_cuda=0) == 1
+
+
+def test_spaces_around_a_choice_are_dropped(monkeypatch, tiny_weights, tmp_path):
+    monkeypatch.setenv(WEIGHTS_URL_ENV, str(tiny_weights["1.0-t2v"]))
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(MODEL_ENV, " cogvideox-5b ")
+    monkeypatch.setenv(OFFLOAD_ENV, " none ")
+    monkeypatch.setenv(COMPILE_ENV, "0\n")
+    monkeypatch.setenv(VAE_TILING_ENV, " off ")
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, " native ")
+    generator = VideoGenerator.from_env("t2v")
+    assert not generator.pipe.vae.use_tiling

@@ -28,6 +28,7 @@ from pathlib import Path
 from .. import leftovers
 from ..errors import LoraError
 from ..files import replace_atomically
+from ..settings import folder_from_env, seconds_from_env, size_from_env
 from ..weights import cache, download, weights_root
 from ..weights.manifest import sha256_file
 from ..weights.verify import check_safetensors
@@ -46,7 +47,7 @@ PARTIAL_MAX_AGE_S = 24 * 3600  # a staging folder without an owner lock (older v
 
 def timeout_s() -> float:
     """COGVIDEOX_LORA_TIMEOUT: seconds a LoRA download may take in all."""
-    return download.seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 class LoraCache:
@@ -59,11 +60,9 @@ class LoraCache:
     @classmethod
     def from_env(cls) -> LoraCache:
         return cls(
-            download.folder_from_env(LORA_DIR_ENV, weights_root() / "loras"),
-            download.parse_size(os.environ.get(MAX_SIZE_ENV) or DEFAULT_MAX_SIZE, MAX_SIZE_ENV),
-            download.parse_size(
-                os.environ.get(CACHE_SIZE_ENV) or DEFAULT_CACHE_SIZE, CACHE_SIZE_ENV
-            ),
+            folder_from_env(LORA_DIR_ENV, weights_root() / "loras"),
+            size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE),
+            size_from_env(CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE),
             timeout_s(),
         )
 

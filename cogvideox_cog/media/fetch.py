@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputError, WeightsError
+from ..settings import seconds_from_env, size_from_env
 from ..weights import download
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
 
 def max_bytes() -> int:
-    return download.parse_size(os.environ.get(MAX_SIZE_ENV) or DEFAULT_MAX_SIZE, MAX_SIZE_ENV)
+    return size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE)
 
 
 def timeout_s() -> float:
-    return download.seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def check_settings() -> None:

@@ -8,22 +8,20 @@ COGVIDEOX_GPUS=N runs N CPU processes over gloo, for tests and development.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..attention import ATTENTION_BACKEND_ENV, attention_backend, check_splittable
 from ..errors import ConfigError
 from ..generator import VideoGenerator
 from ..pipeline import Mode
-from ..weights.download import count_from_env
+from ..settings import count_from_env, setting
 
 GPUS_ENV = "COGVIDEOX_GPUS"
 
 
 def gpus_from_env(visible_cuda: int) -> int:
     """The number of ranks: COGVIDEOX_GPUS, else every visible CUDA GPU (1 without CUDA)."""
-    if not (os.environ.get(GPUS_ENV) or "").strip():
+    if not setting(GPUS_ENV):
         return max(visible_cuda, 1)
     count = count_from_env(GPUS_ENV, 1)
     if visible_cuda and count > visible_cuda:
@@ -41,7 +39,7 @@ def start_generator(mode: Mode):
     if count == 1:
         return VideoGenerator.from_env(mode)
     # Before any rank process starts: each would fail the same way, after loading a model.
-    check_splittable(attention_backend(os.environ.get(ATTENTION_BACKEND_ENV)))
+    check_splittable(attention_backend(setting(ATTENTION_BACKEND_ENV)))
     from .group import RankGroup
 
     return RankGroup.start(mode, count)

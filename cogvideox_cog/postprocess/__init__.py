@@ -12,7 +12,6 @@ than RIFE, so it runs on the generated frames, not on two or four times as many.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..settings import setting
 from ..weights.manifest import SHA256_HEX
 from . import rife, rrdbnet
 from .weights import ModelSource, load_model
@@ -209,15 +209,15 @@ def _factor(name: str, value: str, model, env: str) -> int:
 
 
 def _enabled(env: str) -> bool:
-    value = (os.environ.get(env) or "0").strip()
+    value = setting(env, "0")
     if value not in ("0", "1"):
         raise ConfigError(f"{env}={value!r}: use 1 to enable, 0 (the default) to leave it off")
     return value == "1"
 
 
 def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
-    url = (os.environ.get(url_env) or "").strip() or default
-    raw = (os.environ.get(sha256_env) or "").strip()
+    url = setting(url_env, default)
+    raw = setting(sha256_env)
     if raw and not SHA256_HEX.fullmatch(raw):
         raise ConfigError(f"{sha256_env}={raw!r}: give the file's sha256, 64 hex digits")
     return ModelSource(name, url, raw.lower() or None, url_env, sha256_env)

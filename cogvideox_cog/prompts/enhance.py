@@ -12,7 +12,6 @@ endpoint was up.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import torch
 
 from ..errors import ConfigError, EnhanceError
 from ..inputs import MAX_PROMPT_CHARS, is_blank
+from ..settings import setting
 from ..weights.causal_lm import ensure_causal_lm
 from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
 from .instruction import messages
@@ -122,20 +122,20 @@ class EnhanceConfig:
 
 def config_from_env() -> EnhanceConfig | None:
     """The checked settings; None when enhancement is off. ConfigError names a bad one."""
-    backend = (os.environ.get(ENHANCE_ENV) or "off").strip().lower()
+    backend = setting(ENHANCE_ENV, "off").lower()
     if backend not in BACKENDS:
         raise ConfigError(f"{ENHANCE_ENV}={backend!r}: use one of {', '.join(BACKENDS)}.")
     if backend == "off":
         return None
     timeout = _timeout()
     if backend == "local":
-        weights = (os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS).strip()
+        weights = setting(WEIGHTS_ENV, DEFAULT_WEIGHTS)
         return EnhanceConfig(backend, timeout, weights=weights)
-    base_url = (os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).strip()
+    base_url = setting(BASE_URL_ENV, DEFAULT_BASE_URL)
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
-    model = (os.environ.get(MODEL_ENV) or DEFAULT_MODEL).strip()
-    key = (os.environ.get(API_KEY_ENV) or "").strip() or None
+    model = setting(MODEL_ENV, DEFAULT_MODEL)
+    key = setting(API_KEY_ENV) or None
     if key is not None:
         try:
             check_api_key(key, API_KEY_ENV)
@@ -166,7 +166,7 @@ def load_enhancer(
 
 
 def _timeout() -> float:
-    raw = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT_S)
+    raw = setting(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         timeout = float(raw)
     except ValueError:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import BadSource, ConfigError, WeightsError
+from ..settings import folder_from_env, setting
 from ..variants import MODEL_ENV, Variant
 from . import cache, download
 from .cache import CHECK_ENV, COMPLETE_MARKER, WEIGHTS_DIR_ENV
@@ -155,7 +156,7 @@ def check_settings(variant: Variant) -> Manifest:
 
 def _ensure(variant: Variant) -> _Resolved:
     manifest = check_settings(variant)
-    url = (os.environ.get(WEIGHTS_URL_ENV) or "").strip()
+    url = setting(WEIGHTS_URL_ENV)
     if url and manifest.origin == "built-in":
         manifest = manifest.layout_only()  # its sizes and hashes describe its own sources
     sources = [url] if url else list(manifest.sources)
@@ -226,11 +227,11 @@ def _writable(folder: Path) -> bool:
 
 def weights_root() -> Path:
     """The weights cache folder (COGVIDEOX_WEIGHTS_DIR); the compile cache lives there too."""
-    return download.folder_from_env(WEIGHTS_DIR_ENV, DEFAULT_WEIGHTS_DIR)
+    return folder_from_env(WEIGHTS_DIR_ENV, DEFAULT_WEIGHTS_DIR)
 
 
 def content_check() -> str:
-    value = (os.environ.get(CHECK_ENV) or "size").strip().lower()
+    value = setting(CHECK_ENV, "size").lower()
     if value not in CHECKS:
         raise ConfigError(f"{CHECK_ENV}={value!r}: use one of {', '.join(CHECKS)}")
     return value

@@ -24,6 +24,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from ..errors import ConfigError, WeightsError
+from ..settings import setting
 from ..files import replace_atomically
 from ..variants import Variant
 from . import download
@@ -244,7 +245,7 @@ def publish(staging: Path, entry: Path, marker: dict) -> None:
 
 
 def durable() -> bool:
-    value = (os.environ.get(FSYNC_ENV) or "1").strip()
+    value = setting(FSYNC_ENV, "1")
     if value not in ("0", "1"):
         raise ConfigError(f"{FSYNC_ENV}={value!r}: use 1 (the default) or 0 to skip the fsyncs")
     return value == "1"

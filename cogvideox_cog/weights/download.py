@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import math
 import os
 import random
 import re
@@ -32,9 +31,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import BadSource, ConfigError, WeightsError
+from ..errors import BadSource, WeightsError
+from ..settings import count_from_env, seconds_from_env
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,6 @@ BACKOFF_MAX_S = 30.0
 PROGRESS_EVERY_S = 15.0
 USER_AGENT = "cogvideox-cog weights downloader"
 RESUME_HINT = "Run setup again to resume, or check the URL and the network."
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -63,39 +61,6 @@ def timeout_s() -> float:
 
 def connections() -> int:
     return count_from_env(CONNECTIONS_ENV, DEFAULT_CONNECTIONS, most=MAX_CONNECTIONS)
-
-
-def folder_from_env(env: str, default: os.PathLike | str) -> Path:
-    """A folder from `env` (`default` when unset or blank), without spaces around it: a
-    trailing space would name another, empty, cache and download everything again."""
-    return Path((os.environ.get(env) or "").strip() or default)
-
-
-def seconds_from_env(env: str, default: float) -> float:
-    """A positive number of seconds from `env` (`default` when unset or empty), else a
-    ConfigError naming it: the settings' one rule for timeouts."""
-    raw = (os.environ.get(env) or "").strip() or f"{default:g}"
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0")
-    return seconds
-
-
-def count_from_env(env: str, default: int, most: int | None = None) -> int:
-    """A whole number, 1 or more (and at most `most`), from `env` (`default` when unset or
-    empty)."""
-    raw = (os.environ.get(env) or "").strip() or str(default)
-    try:
-        count = int(raw)
-    except ValueError:
-        count = 0
-    if count < 1 or (most is not None and count > most):
-        limit = f"from 1 to {most}" if most is not None else "1 or more"
-        raise ConfigError(f"{env}={raw!r}: give a whole number {limit}")
-    return count
 
 
 class _Retryable(Exception):
@@ -282,14 +247,6 @@ def _retrying(what: str, attempt: Callable, retries: int | None = None):
 
 def human(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-
-
-def parse_size(text: str, env: str) -> int:
-    """'2G', '500M', '1.5GiB' or a plain byte count -> bytes (binary multiples)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise ConfigError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
-    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 
 class Progress:
@@ -535,9 +492,7 @@ class RangedStream(Stream):
         if total != "*" and int(total) != self.total:
             changed = f"size {self.total:,}, now {int(total):,}"
         if changed:
-            raise _Fatal(
-                f"the file changed on the server during the download ({changed})"
-            )
+            raise _Fatal(f"the file changed on the server during the download ({changed})")
         expected = int(match[2]) - first + 1
         length = headers.get("Content-Length")
         if length != str(expected):
@@ -659,9 +614,7 @@ def open_url(
             raise _Fatal(f"HTTP {reader.status} for the whole file")
         changed = remote.changed(reader.headers)
         if changed:
-            raise _Fatal(
-                f"the file changed on the server during the download ({changed})"
-            )
+            raise _Fatal(f"the file changed on the server during the download ({changed})")
         skip = bytearray(READ_BYTES)
         while position > 0:  # no Range: fetch and drop what we already have
             got = _read_some(reader, memoryview(skip)[: min(position, READ_BYTES)])

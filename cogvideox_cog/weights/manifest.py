@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import WeightsError
+from ..settings import setting
 
 MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
@@ -55,13 +55,11 @@ class Manifest:
 
 def load_manifest(variant: str) -> Manifest:
     """The manifest for `variant`: COGVIDEOX_WEIGHTS_MANIFEST if set, else the built-in one."""
-    override = os.environ.get(MANIFEST_ENV)
+    override = setting(MANIFEST_ENV)
     path = Path(override).expanduser() if override else MANIFEST_DIR / f"{variant}.json"
     try:
         data = json.loads(path.read_text())
-        files = {
-            name: _file_spec(name, spec) for name, spec in data.get("files", {}).items()
-        }
+        files = {name: _file_spec(name, spec) for name, spec in data.get("files", {}).items()}
         sources = data.get("sources", [])
         if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
             raise ValueError('"sources" must be a list of URLs')

@@ -1,0 +1,66 @@
+"""The rules every COGVIDEOX_* variable follows, in one place.
+
+Spaces around a value are dropped and an empty value means the default, for every setting:
+orchestrators write `value: ""` to leave one unset, and a stray space (`-e X=" 1"`, a
+trailing blank in a yaml file) must not fail setup, nor name another folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+from .errors import ConfigError
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
+
+
+def setting(env: str, default: str = "") -> str:
+    """`env`'s value without surrounding spaces; `default` when it is unset or blank."""
+    return (os.environ.get(env) or "").strip() or default
+
+
+def folder_from_env(env: str, default: os.PathLike | str) -> Path:
+    """A folder from `env`: a trailing space would name another, empty, cache and download
+    everything again."""
+    return Path(setting(env) or default)
+
+
+def seconds_from_env(env: str, default: float) -> float:
+    """A positive number of seconds from `env`, else a ConfigError naming it."""
+    raw = setting(env, f"{default:g}")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0")
+    return seconds
+
+
+def count_from_env(env: str, default: int, most: int | None = None) -> int:
+    """A whole number, 1 or more (and at most `most`), from `env`."""
+    raw = setting(env, str(default))
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1 or (most is not None and count > most):
+        limit = f"from 1 to {most}" if most is not None else "1 or more"
+        raise ConfigError(f"{env}={raw!r}: give a whole number {limit}")
+    return count
+
+
+def size_from_env(env: str, default: str) -> int:
+    """A size in bytes from `env` (see parse_size)."""
+    return parse_size(setting(env, default), env)
+
+
+def parse_size(text: str, env: str) -> int:
+    """'2G', '500M', '1.5GiB' or a plain byte count -> bytes (binary multiples)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ConfigError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
