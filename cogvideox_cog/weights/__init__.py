@@ -434,5 +434,3 @@ def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERN
 
 def _pending(plan) -> int:
     return sum(f.file_size or 0 for f in plan if f.will_download)
-
-

@@ -24,8 +24,8 @@ from hashlib import sha256
 from pathlib import Path
 
 from ..errors import ConfigError, WeightsError
-from ..settings import setting
 from ..files import replace_atomically
+from ..settings import setting
 from ..variants import Variant
 from . import download
 from .manifest import Manifest, sha256_file
@@ -299,7 +299,8 @@ def locked(path: Path) -> Iterator[None]:
                     last_log = now
                 time.sleep(0.2)
         if writable:
-            holder = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(UTC):%H:%M:%S}"
+            since = datetime.now(UTC)
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {since:%H:%M:%S}"
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder.encode(), 0)
         yield

@@ -44,12 +44,12 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
     local = Path(source).expanduser()
     if local.is_dir():
         return verify_causal_lm(local, source).root
-    if not (parse_hf_url(source) or source.startswith(("http://", "https://"))):
-        if not local.is_file():
-            raise WeightsError(
-                f"{setting}={source!r} is neither hf://org/repo[@revision], an http(s) URL, "
-                f"nor an existing tar or directory."
-            )
+    remote = parse_hf_url(source) or source.startswith(("http://", "https://"))
+    if not remote and not local.is_file():
+        raise WeightsError(
+            f"{setting}={source!r} is neither hf://org/repo[@revision], an http(s) URL, "
+            f"nor an existing tar or directory."
+        )
     manifest = Manifest(variant="prompt-enhancer")  # nothing known beyond the layout
     check = content_check()
     root_dir = weights_root()

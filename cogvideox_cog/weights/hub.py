@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 _REPO = r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
 _SNAPSHOT = re.compile(rf"hf://{_REPO}(?:@(?P<revision>[^\s@]+))?/?")
-_FILE = re.compile(
-    rf"hf://{_REPO}(?:@(?P<revision>[^\s@/]+))?(?:/(?P<file>[^\s@]*[^\s@/]))?/?"
-)
+_FILE = re.compile(rf"hf://{_REPO}(?:@(?P<revision>[^\s@/]+))?(?:/(?P<file>[^\s@]*[^\s@/]))?/?")
 
 
 @dataclass(frozen=True)
