@@ -243,6 +243,29 @@ def test_cancel_stops_every_rank_after_the_same_step_and_the_server_is_ready_aga
     assert max(used) < IDLE_TICKS, used
 
 
+def test_cancel_during_rank_0s_prompt_rewrite_stops_every_rank_at_once(server, hooks, chat):
+    """The other ranks wait at rank 0's broadcast while it asks the endpoint: no step comes
+    to stop them, so rank 0 stops its wait for the answer (COGVIDEOX_ENHANCE_TIMEOUT, 5 s)."""
+    chat.fault, chat.delay = "slow", 30.0
+    try:
+        chat.requests.clear()
+        body = {"input": {**QUICK, "enhance_prompt": True}, "webhook": hooks.url}
+        assert server.put_async("two-ranks-cancel-rewrite", body, busy_wait=10).status_code == 202
+        deadline = time.monotonic() + 30
+        while not chat.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert chat.requests, server.log_tail()
+        canceled = time.monotonic()
+        assert server.cancel("two-ranks-cancel-rewrite")
+        server.wait_idle(timeout=30)
+        ready_after = time.monotonic() - canceled
+    finally:
+        chat.fault, chat.delay = None, 3.0
+    assert hooks.wait_for("two-ranks-cancel-rewrite", timeout=30)["status"] == "canceled"
+    assert ready_after < READY_AFTER_CANCEL_S, f"READY {ready_after:.1f} s after the cancel"
+    assert "canceled: 2 ranks stopped, after step [0]" in server.log_text()
+
+
 def test_a_killed_rank_fails_the_prediction_at_once_and_the_server_turns_unhealthy(server, hooks):
     ranks = _rank_pids(server)
     _start_long(server, hooks, "two-ranks-kill")

@@ -29,6 +29,7 @@ from ..logs import disable_progress_bars
 from ..lora import store as lora_store
 from ..pipeline import Mode
 from ..prompts.enhance import config_from_env
+from ..weights.download import stop_waiting_when
 from .engine import ContextParallel
 from .lifetime import exit_with_parent
 from .protocol import (
@@ -85,7 +86,7 @@ def serve(
         if isinstance(command, Check):
             sender.send(_check(generator, rank, command))
         else:
-            sender.send(_render(generator, rank, command))
+            sender.send(_render(generator, rank, command, cancel))
 
 
 def _exit(code: int) -> None:
@@ -161,10 +162,13 @@ def _check(generator: VideoGenerator, rank: int, command: Check) -> Outcome:
         return Failed(rank, _portable(error))
 
 
-def _render(generator: VideoGenerator, rank: int, command: Render) -> Outcome:
+def _render(generator: VideoGenerator, rank: int, command: Render, cancel: Event) -> Outcome:
     try:
         if rank == 0:
-            return Done(rank, generator.predict(command.request))
+            # Its LoRA download and prompt rewrite, which the others wait for, stop at the
+            # cancel as on one GPU: no step would come to stop them until they end.
+            with stop_waiting_when(OwnCancel(cancel)):
+                return Done(rank, generator.predict(command.request))
         generator.denoise_only(command.request)
         return Done(rank, None)
     except StepCanceled as canceled:
@@ -202,52 +206,69 @@ class OwnCancel:
             raise StepCanceled(-1)
 
 
+CANCELED = "canceled"  # what rank 0 tells the others when a cancel stopped its own work
+
+
 class RewrittenOnce:
     """enhance_prompt across ranks: rank 0 rewrites (one call to the model or endpoint, whose
     answers need not repeat) and sends the text to the others, so every rank encodes the same
-    prompt; if rank 0 fails, all fail, none waits."""
+    prompt; if rank 0 fails, all fail, and if it is canceled, all are; none waits."""
 
     def __init__(self, enhancer, rank: int):
         self.enhancer, self.rank = enhancer, rank
 
     def enhance(self, prompt: str, **kwargs) -> str:
-        box: list[str | None] = [None]
+        box: list[tuple[str, str] | None] = [None]  # ("text", rewrite) or (CANCELED, "")
         if self.rank == 0:
             try:
-                box[0] = self.enhancer.enhance(prompt, **kwargs)
+                box[0] = ("text", self.enhancer.enhance(prompt, **kwargs))
+            except StepCanceled:
+                box[0] = (CANCELED, "")
+                raise
             finally:
                 dist.broadcast_object_list(box, src=0)
-            return box[0]
+            return box[0][1]
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             raise EnhanceError("rank 0 could not rewrite the prompt: see its error")
-        return box[0]
+        if box[0][0] == CANCELED:
+            raise StepCanceled(-1)
+        return box[0][1]
 
 
 class LoraFetchedOnce:
     """The LoRA cache as the ranks share it: rank 0 fetches (one download), then tells the
-    others, which read the file from the cache; if rank 0 fails, all fail, none waits."""
+    others, which read the file from the cache; if rank 0 fails, all fail, and if it is
+    canceled, all are; none waits."""
+
+    FAILED, FETCHED, CANCELED = 0, 1, 2
 
     def __init__(self, cache, rank: int, device: torch.device):
         self.cache, self.rank, self.device = cache, rank, device
 
     def get(self, url: str):
         if self.rank != 0:
-            if not self._rank_0_says(False):
+            said = self._rank_0_says(self.FAILED)
+            if said == self.CANCELED:
+                raise StepCanceled(-1)
+            if said != self.FETCHED:
                 raise LoraError(f"rank 0 could not fetch lora_url {url}: see its error")
             return self.cache.get(url)
         try:
             path = self.cache.get(url)
-        except BaseException:
-            self._rank_0_says(False)
+        except StepCanceled:
+            self._rank_0_says(self.CANCELED)
             raise
-        self._rank_0_says(True)
+        except BaseException:
+            self._rank_0_says(self.FAILED)
+            raise
+        self._rank_0_says(self.FETCHED)
         return path
 
-    def _rank_0_says(self, fetched: bool) -> bool:
-        flag = torch.tensor([int(fetched)], device=self.device)
+    def _rank_0_says(self, outcome: int) -> int:
+        flag = torch.tensor([outcome], device=self.device)
         dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        return int(flag.item())
 
 
 class _Sender:

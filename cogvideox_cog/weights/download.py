@@ -30,6 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import BadSource, WeightsError
@@ -693,13 +694,31 @@ class DeadlineExceeded(Exception):
     """with_deadline() stopped waiting (not a socket timeout, which is a TimeoutError)."""
 
 
+_waiting = threading.local()  # stop_waiting_when's check, per thread
+
+
+@contextmanager
+def stop_waiting_when(check: Callable[[], None]) -> Iterator[None]:
+    """Within the block, with_deadline in this thread also calls check() while it waits, and
+    what check raises stops the wait as a Cog cancel does: a rank process's cancel, which is
+    a flag that no exception in this thread carries."""
+    previous = getattr(_waiting, "check", None)
+    _waiting.check = check
+    try:
+        yield
+    finally:
+        _waiting.check = previous
+
+
 def with_deadline(work: Callable[[threading.Event], object], seconds: float, name: str):
     """work(cancelled) in a thread; DeadlineExceeded once it runs past `seconds`.
 
     A thread, because a stalled socket read cannot be interrupted otherwise; the calling
-    thread keeps running bytecode, so a Cog cancel lands at once as well. `cancelled` is set
-    when the caller stops waiting, for any reason, so the work can stop at its next block.
+    thread keeps running bytecode, so a Cog cancel lands at once as well (and the check of
+    stop_waiting_when runs). `cancelled` is set when the caller stops waiting, for any
+    reason, so the work can stop at its next block.
     """
+    check = getattr(_waiting, "check", None)
     cancelled = threading.Event()
     outcome: dict = {}
 
@@ -716,6 +735,8 @@ def with_deadline(work: Callable[[threading.Event], object], seconds: float, nam
         while worker.is_alive():
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(f"{name} took longer than {seconds:g} s")
+            if check is not None:
+                check()
             worker.join(0.1)
     finally:
         cancelled.set()
