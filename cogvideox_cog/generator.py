@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = "cogvideox-"  # our folders in TMPDIR: outputs and warm-up inputs
+TEMP_PREFIX = "cogvideox-"  # our folders in TMPDIR: outputs, inputs and warm-up inputs
 OUTPUT_PREFIX = TEMP_PREFIX + "output-"
 WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
 DEFAULT_STRENGTH = 0.8

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from cogvideox_cog import leftovers
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media.fetch import fetched
 from tests.file_server import FileServer
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -69,3 +75,26 @@ def test_a_redirect_away_from_http_is_refused_at_once(files):
     ):
         pass
     assert time.monotonic() - started < 2
+
+
+def test_an_input_left_by_a_killed_worker_is_removed_by_the_next_setup(tmp_path):
+    from cogvideox_cog.generator import TEMP_PREFIX
+
+    code = (
+        "import sys, time; from cogvideox_cog.media.fetch import fetched\n"
+        "with fetched('image', 'data:image/png;base64,' + 'A' * 400, 'picture') as path:\n"
+        "    print(path, flush=True); time.sleep(60)\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=PROJECT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        path = Path(worker.stdout.readline().strip())
+        assert path.is_file() and path.is_relative_to(tmp_path)
+    finally:
+        worker.kill()
+        worker.wait()
+    # What setup does first (VideoGenerator.from_env).
+    leftovers.remove_dead(tmp_path, TEMP_PREFIX)
+    assert list(tmp_path.iterdir()) == []

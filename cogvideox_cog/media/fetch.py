@@ -6,7 +6,9 @@ and hands any string that is not a URL to run() as a path on the server's own di
 predictors take these inputs as strings, and this module turns them into files: an http(s)
 URL through the weights downloader (download.py) under COGVIDEOX_INPUT_MAX_SIZE and one
 overall COGVIDEOX_INPUT_TIMEOUT, a data: URI decoded under the same cap; anything else is
-refused. The file is deleted when the prediction is done with it.
+refused. The file is deleted when the prediction is done with it; it lies in a folder of
+its own, claimed as the output folders are (leftovers.py), so one that a killed worker left
+behind is removed by the next setup.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import leftovers
 from ..errors import InputError, WeightsError
 from ..settings import seconds_from_env, size_from_env
 from ..weights import download
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_SIZE_ENV = "COGVIDEOX_INPUT_MAX_SIZE"
 TIMEOUT_ENV = "COGVIDEOX_INPUT_TIMEOUT"
+INPUT_PREFIX = "cogvideox-input-"  # a folder in TMPDIR per fetched input
 # A 64 MP PNG is at most ~200 MB; a 10-minute 4K clip (the video limits) fits in 1 GB.
 DEFAULT_MAX_SIZE = "1G"
 # 1 GB in 120 s is 8 MB/s; inputs on Replicate come from its own file store, far faster.
@@ -68,17 +72,17 @@ def fetched(name: str, value: str, kind: str) -> Iterator[Path]:
     problem = download.url_problem(value) if scheme != "data" else None
     if problem:
         raise InputError(f"the {name} URL {problem}.")
-    handle, temporary = tempfile.mkstemp(prefix=f"cogvideox-{name}-", suffix=_suffix(value))
-    path = Path(temporary)
+    folder = leftovers.claim(Path(tempfile.gettempdir()), INPUT_PREFIX)
+    path = folder / f"{name}{_suffix(value)}"
     try:
-        with os.fdopen(handle, "wb") as out:
+        with path.open("wb") as out:
             if scheme == "data":
                 out.write(_decode_data_uri(name, value))
             else:
                 _download(name, value, out)
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        leftovers.release(folder)
 
 
 def _suffix(value: str) -> str:
