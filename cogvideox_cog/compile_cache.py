@@ -9,7 +9,8 @@ into a fresh process's caches (`load_cache_artifacts`). Dynamo still traces the 
 next start; inductor then finds every graph in its cache and compiles none.
 
 The file is named by a digest of what the kernels depend on: the GPU (or "cpu"), torch and
-diffusers versions, variant, mode and the warm-up shapes; its first line holds that key in
+diffusers versions, variant, mode, the number of GPUs a video is split over and the warm-up
+shapes; its first line holds that key in
 full, and a file whose key differs (copied, renamed) is not loaded. A file that fails to load
 is logged and ignored: setup then compiles as if it were not there, and writes it again.
 """
@@ -34,9 +35,14 @@ FOLDER = "compile-cache"  # under the weights cache folder
 MAGIC = b"cogvideox-compile-cache 1\n"
 
 
-def cache_key(device: torch.device, variant_id: str, mode: str, warm_up: list) -> dict:
+def cache_key(
+    device: torch.device, variant_id: str, mode: str, warm_up: list, ranks: int = 1
+) -> dict:
     """What the compiled kernels depend on, beyond the model code torch checks itself.
-    warm_up: the warm-up renders (VideoGenerator.warm_up_key)."""
+    warm_up: the warm-up renders (VideoGenerator.warm_up_key). ranks: the GPUs a video is
+    split over (parallel/), whose graphs differ from one GPU's; a file holds only the graphs
+    its writer used, so two deployments sharing a key would overwrite each other's and each
+    start would compile again."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "gpu": gpu,
@@ -44,6 +50,7 @@ def cache_key(device: torch.device, variant_id: str, mode: str, warm_up: list) -
         "diffusers": diffusers.__version__,
         "variant": variant_id,
         "mode": mode,
+        "ranks": ranks,
         "warm_up": [list(render) for render in warm_up],
     }
 
@@ -119,7 +126,10 @@ def compiled_graphs() -> int:
 def warm_up_with_cache(generator, weights_root: Path) -> int:
     """generator.warm_up() with the compile cache: load it first; save it if the warm-up had
     to compile anything. Returns the number of graphs compiled (0: all were loaded)."""
-    key = cache_key(generator.device, generator.variant.id, generator.mode, generator.warm_up_key())
+    ranks = generator.engine.world_size if generator.engine is not None else 1
+    key = cache_key(
+        generator.device, generator.variant.id, generator.mode, generator.warm_up_key(), ranks
+    )
     path = artifact_path(weights_root, key)
     loaded = load(path, key)
     before = compiled_graphs()

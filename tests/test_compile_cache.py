@@ -132,6 +132,18 @@ def test_the_key_names_gpu_torch_variant_mode_and_warm_up(tmp_path):
     assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 6
 
 
+def test_a_video_split_over_several_gpus_has_a_cache_file_of_its_own(tmp_path):
+    """Its graphs differ from one GPU's, and a file keeps only its writer's graphs: one file
+    for both would be rewritten by each start, and the other deployment's next start would
+    compile again."""
+    renders = _key()["warm_up"]
+    one = compile_cache.cache_key(CPU, VARIANT, "t2v", renders)
+    split = compile_cache.cache_key(CPU, VARIANT, "t2v", renders, ranks=2)
+    assert compile_cache.artifact_path(tmp_path, one) != compile_cache.artifact_path(
+        tmp_path, split
+    )
+
+
 @pytest.mark.parametrize(
     "content",
     [
