@@ -9,10 +9,10 @@ into a fresh process's caches (`load_cache_artifacts`). Dynamo still traces the 
 next start; inductor then finds every graph in its cache and compiles none.
 
 The file is named by a digest of what the kernels depend on: the GPU (or "cpu"), torch and
-diffusers versions, variant, mode, the number of GPUs a video is split over and the warm-up
-shapes; its first line holds that key in
-full, and a file whose key differs (copied, renamed) is not loaded. A file that fails to load
-is logged and ignored: setup then compiles as if it were not there, and writes it again.
+diffusers versions, variant, mode, attention backend, the number of GPUs a video is split
+over and the warm-up shapes; its first line holds that key in full, and a file whose key
+differs (copied, renamed) is not loaded. A file that fails to load is logged and ignored:
+setup then compiles as if it were not there, and writes it again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import diffusers
 import torch
 from torch._dynamo.utils import counters
 
+from .attention import ATTENTION_BACKEND_ENV, DEFAULT_BACKEND, attention_backend
 from .files import replace_atomically
+from .settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,18 @@ MAGIC = b"cogvideox-compile-cache 1\n"
 
 
 def cache_key(
-    device: torch.device, variant_id: str, mode: str, warm_up: list, ranks: int = 1
+    device: torch.device,
+    variant_id: str,
+    mode: str,
+    warm_up: list,
+    ranks: int = 1,
+    attention: str = DEFAULT_BACKEND,
 ) -> dict:
     """What the compiled kernels depend on, beyond the model code torch checks itself.
     warm_up: the warm-up renders (VideoGenerator.warm_up_key). ranks: the GPUs a video is
-    split over (parallel/), whose graphs differ from one GPU's; a file holds only the graphs
-    its writer used, so two deployments sharing a key would overwrite each other's and each
-    start would compile again."""
+    split over (parallel/). Deployments that differ in any of these compile other graphs,
+    and a file holds only the graphs its writer used: sharing one, each start would
+    overwrite the other's and compile again."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "gpu": gpu,
@@ -51,6 +58,7 @@ def cache_key(
         "variant": variant_id,
         "mode": mode,
         "ranks": ranks,
+        "attention": attention,
         "warm_up": [list(render) for render in warm_up],
     }
 
@@ -126,9 +134,13 @@ def compiled_graphs() -> int:
 def warm_up_with_cache(generator, weights_root: Path) -> int:
     """generator.warm_up() with the compile cache: load it first; save it if the warm-up had
     to compile anything. Returns the number of graphs compiled (0: all were loaded)."""
-    ranks = generator.engine.world_size if generator.engine is not None else 1
     key = cache_key(
-        generator.device, generator.variant.id, generator.mode, generator.warm_up_key(), ranks
+        generator.device,
+        generator.variant.id,
+        generator.mode,
+        generator.warm_up_key(),
+        ranks=generator.engine.world_size if generator.engine is not None else 1,
+        attention=attention_backend(setting(ATTENTION_BACKEND_ENV)).value,
     )
     path = artifact_path(weights_root, key)
     loaded = load(path, key)

@@ -118,7 +118,7 @@ def _key() -> dict:
     return compile_cache.cache_key(CPU, VARIANT, "t2v", renders)
 
 
-def test_the_key_names_gpu_torch_variant_mode_and_warm_up(tmp_path):
+def test_the_key_names_gpu_torch_variant_mode_attention_and_warm_up(tmp_path):
     key = _key()
     assert key["gpu"] == "cpu" and key["torch"] == torch.__version__
     path = compile_cache.artifact_path(tmp_path, key)
@@ -127,9 +127,10 @@ def test_the_key_names_gpu_torch_variant_mode_and_warm_up(tmp_path):
         {**key, "torch": "0.0"},
         {**key, "variant": "cogvideox-2b"},
         {**key, "mode": "v2v"},
+        {**key, "attention": "_native_cudnn"},
         {**key, "warm_up": [[49, 480, 720, 6.0, "default", 2]]},
     ]
-    assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 6
+    assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 7
 
 
 def test_a_video_split_over_several_gpus_has_a_cache_file_of_its_own(tmp_path):

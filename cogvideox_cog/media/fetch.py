@@ -17,7 +17,6 @@ import base64
 import binascii
 import logging
 import mimetypes
-import os
 import re
 import tempfile
 import threading
