@@ -14,7 +14,10 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE | re.ASCII)
+# Plain decimals only: int() and float() also take "1_6", "+2", "1e3" and other scripts' digits.
+_COUNT = re.compile(r"\d+", re.ASCII)
+_SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+", re.ASCII)
 
 
 def setting(env: str, default: str = "") -> str:
@@ -31,10 +34,7 @@ def folder_from_env(env: str, default: os.PathLike | str) -> Path:
 def seconds_from_env(env: str, default: float) -> float:
     """A positive number of seconds from `env`, else a ConfigError naming it."""
     raw = setting(env, f"{default:g}")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
+    seconds = float(raw) if _SECONDS.fullmatch(raw) else math.nan
     if not 0 < seconds < math.inf:
         raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0")
     return seconds
@@ -43,10 +43,7 @@ def seconds_from_env(env: str, default: float) -> float:
 def count_from_env(env: str, default: int, most: int | None = None) -> int:
     """A whole number, 1 or more (and at most `most`), from `env`."""
     raw = setting(env, str(default))
-    try:
-        count = int(raw)
-    except ValueError:
-        count = 0
+    count = int(raw) if _COUNT.fullmatch(raw) else 0
     if count < 1 or (most is not None and count > most):
         limit = f"from 1 to {most}" if most is not None else "1 or more"
         raise ConfigError(f"{env}={raw!r}: give a whole number {limit}")

@@ -27,7 +27,7 @@ SECONDS = [
 
 
 @pytest.mark.parametrize(("env", "read"), SECONDS)
-@pytest.mark.parametrize("value", ["0", "-5", "ten", "nan", "inf"])
+@pytest.mark.parametrize("value", ["0", "-5", "ten", "nan", "inf", "1e3", "1_0", "\u0665"])
 def test_a_timeout_that_is_not_positive_seconds_is_refused_naming_the_variable(
     monkeypatch, env, read, value
 ):
@@ -44,10 +44,10 @@ def test_an_unset_or_empty_timeout_is_the_default_and_a_given_one_is_taken(monke
     assert default > 0 and read() == 2.5
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "65"])
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "65", "1_6", "+2", "\uff18"])
 def test_download_connections_must_be_a_whole_number_from_1_to_64(monkeypatch, value):
     monkeypatch.setenv(download.CONNECTIONS_ENV, value)
-    with pytest.raises(ConfigError, match=f"{download.CONNECTIONS_ENV}='{value}'"):
+    with pytest.raises(ConfigError, match=re.escape(f"{download.CONNECTIONS_ENV}='{value}'")):
         download.connections()
 
 
