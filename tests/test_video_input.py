@@ -172,3 +172,25 @@ def test_a_playlist_naming_other_files_is_not_read_as_a_video(tmp_path):
     playlist.write_text("ffconcat version 1.0\nfile on-the-server.mp4\n")
     with pytest.raises(InputError, match="could not be read as a video"):
         load_video(playlist, num_frames=9, fps=8, height=H, width=W)
+
+
+def test_a_song_with_cover_art_is_refused_as_having_no_video_track(tmp_path):
+    """An m4a's artwork is a one-frame video stream (attached picture), not a clip."""
+    path = tmp_path / "song.m4a"
+    with av.open(str(path), "w", format="mp4") as container:
+        audio = container.add_stream("aac", rate=8000)
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        for index in range(16):  # 2 s of silence
+            samples = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+            )
+            samples.sample_rate, samples.pts = 8000, index * 1024
+            container.mux(audio.encode(samples))
+        container.mux(audio.encode())
+        picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 99, np.uint8), format="rgb24")
+        container.mux(cover.encode(picture))
+        container.mux(cover.encode())
+    with pytest.raises(InputError, match=r"video has no video track \(only a cover picture\)"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)

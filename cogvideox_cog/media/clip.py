@@ -102,9 +102,16 @@ def _open(path: Path | str):
 
 def _checked_stream(container, num_frames: int, fps: int):
     """The video track, refused from its header when its frames or its length are too big."""
-    if not container.streams.video:
-        raise InputError(f"video has no video track; send an {FORMATS} file.")
-    stream = container.streams.video[0]
+    # A cover picture (an m4a's artwork) is a video stream of one frame, not a clip.
+    tracks = [
+        stream
+        for stream in container.streams.video
+        if not stream.disposition & av.stream.Disposition.attached_pic
+    ]
+    if not tracks:
+        cover = " (only a cover picture)" if container.streams.video else ""
+        raise InputError(f"video has no video track{cover}; send an {FORMATS} file.")
+    stream = tracks[0]
     stream.thread_type = "AUTO"
     source_width, source_height = stream.codec_context.width, stream.codec_context.height
     if source_width * source_height > MAX_VIDEO_PIXELS:
