@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -87,6 +88,15 @@ def test_a_cut_off_upload_is_refused_as_truncated_not_as_too_short(tmp_path):
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=r"damaged or truncated.*of the 2.50 s its header gives"):
         load_video(tmp_path / "cut.mp4", num_frames=17, fps=8, height=H, width=W)
+
+
+def test_a_cut_off_upload_with_its_index_last_is_refused_as_truncated(tmp_path):
+    """Phones and cameras write the mp4's index (moov) last: a cut-off one has none."""
+    data = Path(_write_clip(tmp_path / "whole.mp4", frames=40, fps=8)).read_bytes()
+    assert data.rindex(b"moov") > data.index(b"mdat")
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"damaged or truncated: .* Send the whole file again"):
+        load_video(tmp_path / "cut.mp4", num_frames=9, fps=8, height=H, width=W)
 
 
 def test_a_single_frame_video_is_refused_pointing_to_image_to_video(tmp_path):

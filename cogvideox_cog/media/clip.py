@@ -97,7 +97,36 @@ def _open(path: Path | str):
             f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
         ) from error
     except av.error.FFmpegError as error:
+        needed = _mp4_cut_off_at(path)
+        if needed is not None:
+            raise InputError(
+                f"video is damaged or truncated: it is an mp4 or mov file of "
+                f"{Path(path).stat().st_size:,} bytes whose parts run to at least {needed:,}, "
+                f"so its end, with the index of its frames, is missing. Send the whole file "
+                f"again."
+            ) from error
         raise InputError(f"video could not be read as a video; send an {FORMATS} file.") from error
+
+
+def _mp4_cut_off_at(path: Path | str) -> int | None:
+    """The least size of an mp4 or mov whose top-level boxes run past the end of the file, or
+    None if it is none such. Phones and cameras write the index (the moov box) last, so a
+    cut-off upload has none, and FFmpeg cannot tell it from a file of another kind."""
+    with open(path, "rb") as file:
+        size = file.seek(0, 2)
+        offset = 0
+        while offset + 8 <= size:
+            file.seek(offset)
+            header = file.read(16)
+            box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if offset == 0 and kind != b"ftyp":
+                return None
+            if box_size == 1 and len(header) == 16:  # a 64-bit size follows the type
+                box_size = int.from_bytes(header[8:], "big")
+            if box_size < 8:  # 0: the box runs to the end of the file, as it may
+                return None
+            offset += box_size
+    return offset if offset > size else None
 
 
 def _checked_stream(container, num_frames: int, fps: int):
