@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -98,3 +99,12 @@ def test_an_input_left_by_a_killed_worker_is_removed_by_the_next_setup(tmp_path)
     # What setup does first (VideoGenerator.from_env).
     leftovers.remove_dead(tmp_path, TEMP_PREFIX)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_uri_in_url_safe_base64_without_padding_is_decoded():
+    """base64url (RFC 4648 section 5), as JWT-style encoders write it: - and _, no = at the end."""
+    data = bytes(range(256)) * 3 + b"\xfb\xff"  # its encoding holds both - and _
+    payload = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    assert "-" in payload and "_" in payload and len(payload) % 4
+    with fetched("image", f"data:image/png;base64,{payload}", "picture") as path:
+        assert path.read_bytes() == data

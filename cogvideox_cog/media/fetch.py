@@ -41,6 +41,8 @@ DEFAULT_MAX_SIZE = "1G"
 # 1 GB in 120 s is 8 MB/s; inputs on Replicate come from its own file store, far faster.
 DEFAULT_TIMEOUT_S = 120.0
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+_URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 
 
 def max_bytes() -> int:
@@ -102,8 +104,12 @@ def _decode_data_uri(name: str, value: str) -> bytes:
     if header.lower().endswith(";base64"):
         if len(payload) // 4 * 3 > cap:
             raise _too_big(name, len(payload) // 4 * 3, cap)
+        # Spaces and line breaks are dropped; the URL-safe alphabet (RFC 4648 section 5) and
+        # missing padding, as base64url encoders write it, are taken too.
+        data = urllib.parse.unquote_to_bytes(payload).translate(_URL_SAFE_TO_STANDARD)
+        data = _NOT_BASE64.sub(b"", data)
         try:
-            return base64.b64decode(urllib.parse.unquote_to_bytes(payload))
+            return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
         except (binascii.Error, ValueError) as error:
             raise InputError(f"{name} is a data: URI whose base64 data is damaged.") from error
     data = urllib.parse.unquote_to_bytes(payload)
