@@ -1,6 +1,8 @@
 """The image-to-video image: opened upright and safely, fitted without stretching."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -37,6 +39,48 @@ def test_a_png_transparency_colour_key_becomes_white(mode):
     black = Image.new(mode, (8, 8), 0)
     opened = open_image(_encode(black, "PNG", transparency=0 if mode == "L" else (0, 0, 0)))
     assert opened.getpixel((3, 3)) == (255, 255, 255)
+
+
+def _png_16_bits(colour_type: int, key: bytes, rows: list[bytes]) -> io.BytesIO:
+    """A 16-bit PNG with a tRNS colour key, written by hand: Pillow cannot write 16-bit RGB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(
+        ">IIBBBBB",
+        len(rows[0]) // (6 if colour_type == 2 else 2),
+        len(rows),
+        16,
+        colour_type,
+        0,
+        0,
+        0,
+    )
+    pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+    return io.BytesIO(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", key)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("colour_type", "key", "other", "shown"),
+    [
+        (0, struct.pack(">H", 0x1000), struct.pack(">H", 0x8000), (127, 127, 127)),  # grey
+        (2, struct.pack(">HHH", 0xFFFF, 0x8000, 0), struct.pack(">HHH", 0, 0, 0xFFFF), (0, 0, 255)),
+    ],
+    ids=["grey", "rgb"],
+)
+def test_a_16_bit_png_transparency_colour_key_becomes_white(colour_type, key, other, shown):
+    opened = open_image(_png_16_bits(colour_type, key, [key * 4 + other * 4] * 8))
+    assert opened.getpixel((1, 3)) == (255, 255, 255)  # the key's colour: transparent
+    assert opened.getpixel((6, 3)) == shown
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
@@ -58,8 +59,10 @@ def open_image(path: Path | str) -> Image.Image:
                 "video keeps only a centre crop at its own shape (3:2 or 16:9), so crop the "
                 "part you want first."
             )
+        key = _16_bit_png_key(image)  # before decoding, which forgets the file's layout
         try:
-            upright = _to_8_bits(ImageOps.exif_transpose(image))
+            upright = ImageOps.exif_transpose(image)
+            upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -84,6 +87,31 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
         scale = 255.0 if image.getextrema()[1] <= 1.0 else 1.0
         return image.point(lambda v: v * scale).convert("L")
     return image
+
+
+def _16_bit_png_key(image: Image.Image) -> int | tuple[int, ...] | None:
+    """A 16-bit PNG's transparency colour key (tRNS), or None.
+
+    Pillow reads such a PNG's pixels as 8-bit RGB or 16-bit grey but keeps the key in 16 bits,
+    so convert() matches no RGB pixel to it, and the grey key is lost with the scaling to 8 bits.
+    """
+    if image.format != "PNG" or not image.tile or image.tile[0].args not in ("RGB;16B", "I;16B"):
+        return None
+    return image.info.get("transparency")
+
+
+def _key_as_alpha(image: Image.Image, key: int | tuple[int, ...]) -> Image.Image:
+    """The image in 8 bits with alpha, transparent where its pixels equal the 16-bit key (RGB
+    pixels, read as their high bytes, are matched on those)."""
+    pixels = np.asarray(image)
+    if image.mode == "RGB":
+        transparent = (pixels == np.asarray(key) >> 8).all(axis=-1)
+    else:
+        transparent = pixels == key
+    coloured = _to_8_bits(image)
+    coloured = coloured.convert("RGBA" if coloured.mode == "RGB" else "LA")
+    coloured.putalpha(Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8)))
+    return coloured
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
