@@ -8,6 +8,7 @@ import json
 import pickle
 from pathlib import Path
 
+import cog
 import numpy as np
 import pytest
 import torch
@@ -217,6 +218,29 @@ def test_pickle_file_name_is_refused_before_any_download(generator, loras):
 def test_a_lora_that_overflows_fails_instead_of_giving_a_black_video(generator, loras, base):
     with pytest.raises(LoraError, match=r"came out as NaN: .* at lora_scale 1"):
         _frames(generator, _url(loras, "huge"))
+    np.testing.assert_array_equal(_frames(generator), base)
+
+
+def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, loras, base):
+    """The riskiest predictions one worker can run before it: a LoRA under speed_mode faster
+    canceled between steps, guidance 1, dynamic CFG, another seed and negative prompt. Then
+    the base request again: the same frames, bit for bit. (After a LoRA that overflows:
+    test_a_lora_that_overflows_fails_instead_of_giving_a_black_video.)"""
+
+    def cancel_at_step_2(step: int) -> None:
+        if step == 2:
+            raise cog.CancelationException()
+
+    lora = {"lora_url": _url(loras, "a"), "lora_scale": 2.0}
+    canceled = Request("a dog runs", "", 9, 6, 6.0, None, None, 7, **lora, speed_mode="faster")
+    generator.on_step = cancel_at_step_2
+    try:
+        with pytest.raises(cog.CancelationException):
+            generator.render_frames(canceled)
+    finally:
+        generator.on_step = None
+    generator.render_frames(Request("a dog runs", "", 9, 2, 1.0, False, None, 9))
+    generator.render_frames(Request("a dog runs", "blurry", 9, 2, 6.0, True, None, 9))
     np.testing.assert_array_equal(_frames(generator), base)
 
 
