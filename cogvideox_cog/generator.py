@@ -51,7 +51,7 @@ from .pipeline import (
 from .postprocess import Postprocessor, Steps
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .settings import setting
-from .speed import SPEED_MODES, step_cache
+from .speed import SPEED_MODES, starting_timestep, step_cache
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import check_settings, load_weights, weights_root
 
@@ -552,7 +552,12 @@ class VideoGenerator:
             # The cache hooks first: the engine reads them to choose a layout (FasterCache
             # skips the guidance batch's negative half, so it cannot be split by CFG).
             with (
-                step_cache(self.pipe, plan.speed_mode, plan.guidance_scale > 1),
+                step_cache(
+                    self.pipe,
+                    plan.speed_mode,
+                    plan.guidance_scale > 1,
+                    starting_timestep(self.pipe.scheduler, plan.steps, plan.denoise_steps),
+                ),
                 self._split_over_ranks(plan.guidance_scale > 1),
             ):
                 return self.pipe(

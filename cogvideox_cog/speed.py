@@ -10,8 +10,12 @@ fidelity for speed (README, "Memory and speed", has the measurements):
   free guidance computed every fifth step below timestep 781, approximated from the
   conditional half in between.
 
-Settings are the ones diffusers documents for CogVideoX. The hooks are attached for one
-prediction and removed after it, so "default" never runs through them.
+Settings are the ones diffusers documents for CogVideoX, but for one departure: FasterCache
+approximates a skipped step from the steps before it, and diffusers fails (a TypeError) when
+the very first step falls in its range, as video-to-video's does when its strength starts
+the schedule below 681. Its range then starts after the first step; a schedule that starts
+at 999 (text- and image-to-video) is unchanged. The hooks are attached for one prediction
+and removed after it, so "default" never runs through them.
 
 With a compiled transformer (COGVIDEOX_COMPILE=1) these modes run each block eagerly and its
 parts compiled (pipeline.compile_transformer): the hooks' Python state would split a compiled
@@ -32,8 +36,19 @@ from .pipeline import blocks_run_eagerly, is_compiled
 SPEED_MODES = ("default", "fast", "faster")
 
 
-def cache_config(mode: str, pipe, classifier_free_guidance: bool):
-    """The diffusers cache config for `mode` (None for "default")."""
+def starting_timestep(scheduler, steps: int, denoise_steps: int) -> int:
+    """The timestep a pipeline call starts at: video-to-video runs only the last
+    `denoise_steps` of a `steps` schedule (diffusers' get_timesteps)."""
+    fresh = type(scheduler).from_config(scheduler.config)  # the pipeline's own is left as is
+    fresh.set_timesteps(steps)
+    return int(fresh.timesteps[(steps - denoise_steps) * fresh.order])
+
+
+def cache_config(
+    mode: str, pipe, classifier_free_guidance: bool, first_timestep: int | None = None
+):
+    """The diffusers cache config for `mode` (None for "default"). first_timestep: where
+    this prediction's schedule starts (starting_timestep()); None: a whole schedule."""
     if mode == "default":
         return None
     if mode == "fast":
@@ -43,9 +58,11 @@ def cache_config(mode: str, pipe, classifier_free_guidance: bool):
             current_timestep_callback=lambda: pipe.current_timestep,
         )
     if mode == "faster":
+        # The first step outside the range: one at the range's upper end is (it is exclusive).
+        upper = 681 if first_timestep is None else min(681, first_timestep)
         return FasterCacheConfig(
             spatial_attention_block_skip_range=2,
-            spatial_attention_timestep_skip_range=(-1, 681),
+            spatial_attention_timestep_skip_range=(-1, upper),
             current_timestep_callback=lambda: pipe.current_timestep,
             attention_weight_callback=lambda _: 0.3,
             unconditional_batch_skip_range=5,
@@ -58,9 +75,11 @@ def cache_config(mode: str, pipe, classifier_free_guidance: bool):
 
 
 @contextmanager
-def step_cache(pipe, mode: str, classifier_free_guidance: bool) -> Iterator[None]:
+def step_cache(
+    pipe, mode: str, classifier_free_guidance: bool, first_timestep: int | None = None
+) -> Iterator[None]:
     """The transformer with `mode`'s cache hooks for the duration of one prediction."""
-    config = cache_config(mode, pipe, classifier_free_guidance)
+    config = cache_config(mode, pipe, classifier_free_guidance, first_timestep)
     if config is None:
         yield
         return

@@ -12,6 +12,7 @@ from cogvideox_cog.errors import InputError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.speed import cache_config, starting_timestep
 from cogvideox_cog.variants import VARIANTS
 
 CPU = torch.device("cpu")
@@ -94,3 +95,37 @@ def test_an_i2v_variant_cannot_run_video_to_video(tiny_weights):
         build_pipeline(
             VARIANTS["cogvideox-5b-i2v"], tiny_weights["1.0-i2v"], CPU, "none", mode="v2v"
         )
+
+
+def test_faster_without_guidance_runs_when_the_strength_starts_below_its_cache_range(
+    tiny_weights, clip
+):
+    """FasterCache has nothing to reuse at the first step: diffusers raised a TypeError when
+    that step fell in its attention range (below timestep 681, here from 8 steps at 0.5)."""
+    generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
+    request = _request(
+        clip, num_inference_steps=8, guidance_scale=1.0, use_dynamic_cfg=False, speed_mode="faster"
+    )
+    assert np.isfinite(generator.render_frames(request).frames).all()
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(8, 0.5), (50, 0.8), (4, 1.0)])
+def test_the_starting_timestep_is_where_diffusers_starts_the_clip(tiny_weights, steps, strength):
+    pipe = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v").pipe
+    pipe.scheduler.set_timesteps(steps)
+    timesteps, denoise_steps = pipe.get_timesteps(steps, pipe.scheduler.timesteps, strength, CPU)
+    assert starting_timestep(pipe.scheduler, steps, denoise_steps) == int(timesteps[0])
+
+
+def test_faster_starts_its_cache_range_below_a_late_first_step_only():
+    pipe = object()
+    whole = cache_config("faster", pipe, False)
+    assert whole.spatial_attention_timestep_skip_range == (-1, 681)
+    assert cache_config("faster", pipe, False, 999).spatial_attention_timestep_skip_range == (
+        -1,
+        681,
+    )
+    assert cache_config("faster", pipe, False, 499).spatial_attention_timestep_skip_range == (
+        -1,
+        499,
+    )
