@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 relayed = logging.getLogger("cogvideox_cog")  # rank 0's lines, logged as it logged them
 
 POLL_S = 0.05  # the prediction thread waits in slices this long, so that a cancel lands
-CANCEL_BOUND_S = 30.0  # every rank stops after its current step; one that does not is stuck
+# Every rank stops after its current step; one that does not is stuck (but rank 0 alone, after
+# the others: _working_alone).
+CANCEL_BOUND_S = 30.0
 FAILURE_GRACE_S = 10.0  # after one rank fails, the others report too, or are stuck
 STOP_S = 5.0  # a rank asked to stop exits within this, or is killed
 
@@ -173,7 +175,8 @@ class RankGroup:
         while len(outcomes) < answering:
             if deadline is not None and time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
-                self._break(f"ranks {missing} did not finish within {bound:.0f} s: stuck")
+                if not _working_alone(missing, outcomes):
+                    self._break(f"ranks {missing} did not finish within {bound:.0f} s: stuck")
             message = self._inbox.next(timeout=POLL_S)
             if message is None:
                 continue
@@ -231,6 +234,13 @@ class RankGroup:
                 process.kill()
                 process.join()
         self._inbox.close()
+
+
+def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:
+    """Whether only rank 0 is still at the request, the others done or canceled with it:
+    then it decodes, post-processes or encodes on its own, past every collective, so it is
+    slow (a large upscaled video), not stuck, and is waited for as one GPU would be."""
+    return missing == [0] and all(isinstance(o, Done | Canceled) for o in outcomes.values())
 
 
 def _output(outcomes: dict[int, Outcome]) -> Path:
