@@ -126,6 +126,13 @@ def test_a_huge_frame_is_refused_before_decoding(tmp_path, monkeypatch):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_a_clip_longer_than_4_to_1_is_refused_as_images_are(tmp_path):
+    """Its centre crop at the model's shape would be a sliver stretched over the frame."""
+    path = _write_clip(tmp_path / "strip.mp4", frames=12, fps=8, width=256, height=16)
+    with pytest.raises(InputError, match=r"256x16, 16\.0:1; the longer side may be at most 4"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
 def test_a_long_clip_is_refused_from_its_header(tmp_path, monkeypatch):
     monkeypatch.setattr(video_input, "MAX_VIDEO_SECONDS", 1.0)
     path = _write_clip(tmp_path / "clip.mp4", frames=24, fps=8)

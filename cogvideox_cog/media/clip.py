@@ -18,7 +18,7 @@ import av
 from PIL import Image
 
 from ..errors import InputError
-from .image import fit_image
+from .image import MAX_ASPECT_RATIO, fit_image
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,13 @@ def _checked_stream(container, num_frames: int, fps: int):
             f"video is {source_width}x{source_height} "
             f"({source_width * source_height / 1e6:.0f} MP a frame); the limit is "
             f"{MAX_VIDEO_PIXELS / 1e6:.0f} MP. Downscale it first."
+        )
+    if max(source_width, source_height) > MAX_ASPECT_RATIO * min(source_width, source_height):
+        ratio = max(source_width, source_height) / min(source_width, source_height)
+        raise InputError(
+            f"video is {source_width}x{source_height}, {ratio:.1f}:1; the longer side may be "
+            f"at most {MAX_ASPECT_RATIO:g} times the shorter. The video made keeps only a "
+            f"centre crop at its own shape (3:2 or 16:9), so crop the part you want first."
         )
     header_seconds = _header_duration(container, stream)
     if header_seconds is not None and header_seconds > MAX_VIDEO_SECONDS:
