@@ -155,6 +155,35 @@ def test_transformer_step_harness_times_every_candidate_against_the_baseline(tmp
     assert all("error" in row for row in rows.values() if "step_s" not in row)
 
 
+def test_step_profile_counts_each_gpu_kernel_once_under_the_op_that_launched_it():
+    """On a GPU the profiler lists a kernel under its own name and in its op's self device
+    time: the classes are summed over the ops, and a kernel no op launched is other."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.step_profile import seconds_by_class
+
+    def event(key, device_us, device_type=DeviceType.CPU):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us)
+
+    events = [
+        event("aten::addmm", 600),
+        event("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", 600, DeviceType.CUDA),
+        event("aten::_scaled_dot_product_cudnn_attention", 300),
+        event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300, DeviceType.CUDA),
+        event("triton_poi_fused_add_mul_0", 80),
+        event("triton_poi_fused_add_mul_0", 80, DeviceType.CUDA),
+        event("aten::linear", 0),
+        event("cudaLaunchKernel", 0),
+        event("Memset (Device)", 20, DeviceType.CUDA),  # launched by no op here
+    ]
+    seconds = seconds_by_class(events, steps=2, cuda=True)
+    assert seconds == pytest.approx(
+        {"attention": 150e-6, "matmul": 300e-6, "norm/elementwise": 40e-6, "other": 10e-6}
+    )
+
+
 @pytest.mark.parametrize("script", ["speed_modes", "transformer_step"])
 def test_fp8_is_refused_before_any_work_without_a_gpu_that_has_fp8(script, tmp_path):
     import importlib
