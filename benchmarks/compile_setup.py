@@ -8,7 +8,8 @@ container has; gpu_run.sh does this), so "warm" can only find what the compile c
 holds. A start builds the random-weight models (pipeline_speed's full or tiny components),
 configures them as setup does (regional compile where compiled), runs setup's warm-up with the
 compile cache (compile_cache.warm_up_with_cache; uncompiled starts skip it, as setup does),
-then renders one request of --steps steps. Writes DIR/compile-<variant>-<size>-<start>.json.
+then renders one request of --steps steps. Writes DIR/compile-<variant>-<size>-<start>.json:
+first with the setup figures alone ("render_s": null), then whole once the render is done.
 With --profile-steps N, N more transformer steps at the request's shape run under the profiler
 (step_profile.py's classes): DIR/profile-<variant>-<size>-<start>.json and .txt, the profile
 of the step exactly as that start runs it (compiled, for cold and warm).
@@ -17,6 +18,7 @@ of the step exactly as that start runs it (compiled, for cold and warm).
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -98,9 +100,29 @@ def start(args, device: torch.device) -> tuple[VideoGenerator, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Setup's own progress (each warm-up render's steps, the graphs compiled, the cache saved),
+    # timestamped: a start stopped by a time limit still shows how far it got.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator, times = start(args, device)
     frames = args.frames or generator.variant.default_frames
+    height, width = generator.native_size
+    record = {
+        "variant": args.variant,
+        "size": args.size,
+        "start": args.start,
+        "compiled": args.start != "uncompiled",
+        "num_frames": frames,
+        "height": height,
+        "width": width,
+        "steps": args.steps,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()},
+        "render_s": None,  # until the render below is done
+    }
+    path = args.out / f"compile-{args.variant}-{args.size}-{args.start}.json"
+    write_json(path, record | {"environment": environment(device)})
     stamps: list[float] = []
 
     def step_end(pipe, step, timestep, kwargs):
@@ -120,23 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     generator.denoise_and_decode(plan, step_end)
     total = time.perf_counter() - started
     steps = [b - a for a, b in itertools.pairwise(stamps)]
-    height, width = generator.native_size
-    record = {
-        "variant": args.variant,
-        "size": args.size,
-        "start": args.start,
-        "compiled": args.start != "uncompiled",
-        "num_frames": frames,
-        "height": height,
-        "width": width,
-        "steps": args.steps,
-        **{k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()},
+    record |= {
         "render_s": round(total, 3),
         "step_median_s": round(statistics.median(steps[1:] or steps), 4),
         "graphs_compiled_in_request": compile_cache.compiled_graphs() - before,
         "environment": environment(device),
     }
-    write_json(args.out / f"compile-{args.variant}-{args.size}-{args.start}.json", record)
+    write_json(path, record)
     print({k: v for k, v in record.items() if k != "environment"}, flush=True)
     if args.profile_steps:
         profile(generator, args, frames, (height, width), device)

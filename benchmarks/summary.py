@@ -57,6 +57,8 @@ def records_of(data: dict, source: str) -> list[dict]:
             found[-1]["measured"] = False
         return [{"measured": True} | r for r in found]
     if "start" in data:  # compile_setup.py: the render after setup, denoise and decode
+        if data.get("render_s") is None:  # a start stopped before its render: no total
+            return []
         return [
             base
             | {k: data[k] for k in ("num_frames", "height", "width", "steps", "compiled")}

@@ -321,3 +321,15 @@ def test_projected_times_are_summary_records_marked_not_measured(tmp_path):
     seconds = {(r["speed_mode"], r["compiled"]): r["total_seconds"] for r in records}
     assert seconds["faster", False] < seconds["fast", False] < 103  # the measured eager default
     assert seconds["faster", True] < seconds["fast", True] < seconds["default", True]
+
+
+def test_summary_skips_a_compiled_start_stopped_before_its_render(tmp_path):
+    """compile_setup.py writes its setup figures before rendering: a start stopped by the time
+    limit leaves that file, which has no total for the summary."""
+    from benchmarks import summary
+
+    partial = {"variant": "cogvideox-5b", "size": "full", "start": "cold", "compiled": True}
+    partial |= {"num_frames": 49, "height": 480, "width": 720, "steps": 5, "setup_s": 250.0}
+    partial |= {"render_s": None, "environment": {"gpu": "NVIDIA H200"}}
+    (tmp_path / "compile-cogvideox-5b-full-cold.json").write_text(json.dumps(partial))
+    assert summary.merge(tmp_path / "summary.json", [tmp_path]) == []
