@@ -53,10 +53,15 @@ mkdir -p "$out" "$scratch"
 reserve=30  # seconds kept for the summary and the archive
 failed=0
 
+# Wheels that do not install leave every step skipped, and the reason in the archive.
 if [ -n "${WHEELS:-}" ]; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$scratch/site" "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+  if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$scratch/site" "$WHEELS"/*.whl >"$out/wheels.log" 2>&1; then
+    export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "== wheels: FAILED to install $WHEELS (see wheels.log)" | tee -a "$out/run.log"
+    budget=0 failed=1
+  fi
 fi
 # The committed records first, so that OUT/summary.json is the whole table to commit back.
 [ -e "$summary" ] || cp benchmarks/results/gpu/summary.json "$summary"

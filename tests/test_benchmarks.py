@@ -333,3 +333,33 @@ def test_summary_skips_a_compiled_start_stopped_before_its_render(tmp_path):
     partial |= {"render_s": None, "environment": {"gpu": "NVIDIA H200"}}
     (tmp_path / "compile-cogvideox-5b-full-cold.json").write_text(json.dumps(partial))
     assert summary.merge(tmp_path / "summary.json", [tmp_path]) == []
+
+
+def test_gpu_run_whose_wheels_do_not_install_still_writes_the_archive(tmp_path):
+    """A GPU machine returns only the archive: wheels that fail to install skip every step,
+    and the archive still holds pip's reason and the summary."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out, archive, wheels = tmp_path / "out", tmp_path / "run.tar.gz", tmp_path / "wheels"
+    wheels.mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, WHEELS=str(wheels))
+    env |= {"SCRATCH": str(tmp_path / "scratch"), "SUMMARY": str(tmp_path / "summary.json")}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_run.sh", "--tiny", "--archive", str(archive), str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    log = (out / "run.log").read_text()
+    assert "wheels: FAILED" in log and log.count("SKIPPED") == 5
+    with tarfile.open(archive) as packed:
+        names = {Path(name).name for name in packed.getnames()}
+    assert {"run.log", "wheels.log", "summary.log"} <= names
