@@ -112,10 +112,11 @@ def build_step(args, variant, device: torch.device):
 class Candidates:
     """Times each candidate on the same step and records it against the baseline's output."""
 
-    def __init__(self, transformer, inputs: dict, repeats: int, device: torch.device):
+    def __init__(self, transformer, inputs: dict, repeats: int, device: torch.device, save=None):
         self.transformer, self.inputs = transformer, inputs
         self.repeats, self.device = repeats, device
         self.rows: list[dict] = []
+        self.save = save or (lambda rows: None)  # called with the rows after each one
         self.reference = None
         self.best = self.best_backend = None
 
@@ -128,6 +129,7 @@ class Candidates:
             row["peak_allocated_gib"] = round(peak / 2**30, 2)
         row.update(extra or {})
         self.rows.append(row)
+        self.save(self.rows)
         print(f"{name:32s} {seconds:8.4f} s/step  rel.err {error:.2e}", flush=True)
 
     def time(self, model, backend, warmup: int = 1):
@@ -145,6 +147,7 @@ class Candidates:
                 self.record(f"sdpa {name}", seconds, out)
             except RuntimeError as error:  # a backend this device or shape does not have
                 self.rows.append({"candidate": f"sdpa {name}", "error": str(error)[:300]})
+                self.save(self.rows)
                 print(f"sdpa {name}: {str(error)[:200]}", flush=True)
         self.best = min((r for r in self.rows if "step_s" in r), key=lambda r: r["step_s"])
         self.best_backend = BACKENDS[self.best["candidate"].split()[-1]]
@@ -190,23 +193,25 @@ def main(argv: list[str] | None = None) -> int:
         require_fp8(device)
     variant = VARIANTS[args.variant]
     transformer, inputs, (frames, height, width) = build_step(args, variant, device)
-    candidates = Candidates(transformer, inputs, args.repeats, device)
+    result = {
+        "variant": variant.id,
+        "size": args.size,
+        "shape": f"{frames}x{height}x{width}, CFG batch 2",
+        "environment": environment(device),
+    }
+    name = f"transformer_step-{variant.id}" + ("" if args.size == "full" else f"-{args.size}")
+    path = args.out / f"{name}{'-fp8' if args.fp8 else ''}.json"
+
+    def save(rows: list[dict]) -> None:  # after every candidate: a run stopped by a time
+        write_json(path, result | {"rows": rows})  # limit keeps the ones it timed
+
+    candidates = Candidates(transformer, inputs, args.repeats, device, save)
     candidates.attention_backends()
     candidates.fused_qkv()
     if not args.no_compile:
         candidates.compiled()
     if args.fp8:
         candidates.fp8()
-
-    result = {
-        "variant": variant.id,
-        "size": args.size,
-        "shape": f"{frames}x{height}x{width}, CFG batch 2",
-        "environment": environment(device),
-        "rows": candidates.rows,
-    }
-    name = f"transformer_step-{variant.id}" + ("" if args.size == "full" else f"-{args.size}")
-    write_json(args.out / f"{name}{'-fp8' if args.fp8 else ''}.json", result)
     return 0
 
 
