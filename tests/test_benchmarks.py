@@ -6,12 +6,18 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
 from benchmarks import pipeline_speed
 from tests.markers import needs_cpp_compiler
 
+ROOT = Path(__file__).resolve().parent.parent
 PHASES = (
     "text_encode_s",
     "denoise_s",
@@ -196,34 +202,36 @@ def test_fp8_is_refused_before_any_work_without_a_gpu_that_has_fp8(script, tmp_p
     assert not any(tmp_path.iterdir())
 
 
+def _gpu_run_tiny(out: Path, scratch: Path, timeout: float, archive: Path | None = None, **env):
+    """benchmarks/gpu_run.sh --tiny [--archive ARCHIVE] OUT with this interpreter; env: more
+    variables (SUMMARY, WHEELS, BUDGET_S), none inherited but the process's own."""
+    variables = {name: value for name, value in os.environ.items() if name != "SUMMARY"}
+    variables |= {"PYTHON": sys.executable, "SCRATCH": str(scratch)}
+    variables |= {name: str(value) for name, value in env.items()}
+    archiving = ["--archive", str(archive)] if archive else []
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_run.sh", "--tiny", *archiving, str(out)],
+        cwd=ROOT,
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @needs_cpp_compiler
 def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_records(tmp_path):
     """benchmarks/gpu_run.sh --tiny: every step succeeds, the warm start compiles nothing, and
     summary.json has the new records next to the ones it had. (At tiny size the warm start
     shares the cold one's inductor folder; the cache file alone: test_compile_cache.py.) The
     archive holds every result and none of the caches (a GPU machine returns few files)."""
-    import os
-    import subprocess
-    import sys
-    import tarfile
-    from pathlib import Path
-
     earlier = {"gpu": "NVIDIA H200", "variant": "cogvideox-5b", "num_frames": 49}
     earlier |= {"height": 480, "width": 720, "steps": 50, "speed_mode": "default"}
     earlier |= {"compiled": False, "offload": "none", "measured": True, "total_seconds": 99.5}
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps([earlier]))
-    out, archive, scratch = tmp_path / "out", tmp_path / "run.tar.gz", tmp_path / "scratch"
-    env = dict(os.environ, PYTHON=sys.executable, SUMMARY=str(summary), SCRATCH=str(scratch))
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu_run.sh", "--tiny", "--archive", str(archive), str(out)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    out, archive = tmp_path / "out", tmp_path / "run.tar.gz"
+    done = _gpu_run_tiny(out, tmp_path / "scratch", 1200, archive, SUMMARY=summary)
     assert done.returncode == 0, done.stdout + (out / "run.log").read_text()
     assert "FAILED" not in (out / "run.log").read_text()
     warm = json.loads((out / "compile-cogvideox-5b-tiny-warm.json").read_text())
@@ -256,27 +264,11 @@ def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_reco
 def test_gpu_run_summary_starts_from_the_committed_records(tmp_path):
     """Without SUMMARY, OUT/summary.json is the committed table plus the run's records: the
     file to copy back. A run with no time left skips every step and still writes it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
     out = tmp_path / "out"
-    env = dict(os.environ, BUDGET_S="0", SCRATCH=str(tmp_path / "scratch"))
-    env["PYTHON"] = sys.executable
-    env.pop("SUMMARY", None)
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu_run.sh", "--tiny", str(out)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _gpu_run_tiny(out, tmp_path / "scratch", 120, BUDGET_S=0)
     assert done.returncode == 1
     assert (out / "run.log").read_text().count("SKIPPED") == 5
-    committed = json.loads((root / "benchmarks/results/gpu/summary.json").read_text())
+    committed = json.loads((ROOT / "benchmarks/results/gpu/summary.json").read_text())
     assert json.loads((out / "summary.json").read_text()) == committed
 
 
@@ -286,14 +278,12 @@ def test_the_offline_wheels_are_the_versions_the_project_runs():
     here, and so unchecked."""
     import re
     from importlib.metadata import PackageNotFoundError, version
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    script = (root / "benchmarks/download_wheels.sh").read_text()
+    script = (ROOT / "benchmarks/download_wheels.sh").read_text()
     pins = dict(re.findall(r"([\w-]+)==([\w.]+)", script.split("PINNED=(")[1].split(")")[0]))
     required = {}
     for name in ("requirements.txt", "requirements-dev.txt"):
-        required |= dict(re.findall(r"^([\w-]+)==([\w.]+)", (root / name).read_text(), re.M))
+        required |= dict(re.findall(r"^([\w-]+)==([\w.]+)", (ROOT / name).read_text(), re.M))
     assert len(pins) == 10
     for package, pinned in pins.items():
         if package == "torchao":
@@ -338,25 +328,10 @@ def test_summary_skips_a_compiled_start_stopped_before_its_render(tmp_path):
 def test_gpu_run_whose_wheels_do_not_install_still_writes_the_archive(tmp_path):
     """A GPU machine returns only the archive: wheels that fail to install skip every step,
     and the archive still holds pip's reason and the summary."""
-    import os
-    import subprocess
-    import sys
-    import tarfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
     out, archive, wheels = tmp_path / "out", tmp_path / "run.tar.gz", tmp_path / "wheels"
     wheels.mkdir()
-    env = dict(os.environ, PYTHON=sys.executable, WHEELS=str(wheels))
-    env |= {"SCRATCH": str(tmp_path / "scratch"), "SUMMARY": str(tmp_path / "summary.json")}
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu_run.sh", "--tiny", "--archive", str(archive), str(out)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    summary = tmp_path / "summary.json"
+    done = _gpu_run_tiny(out, tmp_path / "scratch", 120, archive, SUMMARY=summary, WHEELS=wheels)
     assert done.returncode == 1
     log = (out / "run.log").read_text()
     assert "wheels: FAILED" in log and log.count("SKIPPED") == 5
