@@ -26,7 +26,9 @@
 #   4. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.0 min
 #      steps, then 2 compiled steps profiled
 #   5. attention kernels and fused QKV, one step each, no compile         ~1.0 min
-# Each step is its own process; a failing step is logged and the rest still run. The compiled
+# Each step is its own process; a failing step is logged and the rest still run. ONLY="NAME..."
+# runs those steps alone (profile, speed-modes, compile-cold, compile-warm, attention; the
+# summary always runs): the same OUT and SCRATCH over two calls split the run in two. The compiled
 # starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new container has, outside OUT (thousands of
 # files), in SCRATCH (a new temporary folder unless given).
 set -uo pipefail
@@ -68,6 +70,9 @@ fi
 
 step() {  # name, then the command; its output goes to $out/<name>.log
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [ "$name" != summary ] && [[ " $ONLY " != *" $name "* ]]; then
+    echo "== $name: not in ONLY" | tee -a "$out/run.log"; return
+  fi
   local left=$((budget - reserve - SECONDS))
   if [ "$left" -lt 20 ]; then
     echo "== $name: SKIPPED, ${left} s of the budget left" | tee -a "$out/run.log"

@@ -272,6 +272,17 @@ def test_gpu_run_summary_starts_from_the_committed_records(tmp_path):
     assert json.loads((out / "summary.json").read_text()) == committed
 
 
+def test_gpu_run_runs_only_the_steps_named_in_only(tmp_path):
+    """ONLY splits a run over two calls (a GPU machine's one command is time-limited); no
+    step is named here, so none runs, and the summary still does."""
+    out = tmp_path / "out"
+    summary = tmp_path / "summary.json"
+    done = _gpu_run_tiny(out, tmp_path / "scratch", 120, ONLY="none-of-them", SUMMARY=summary)
+    assert done.returncode == 0, done.stdout
+    log = (out / "run.log").read_text()
+    assert log.count("not in ONLY") == 5 and "== summary: done" in log
+
+
 def test_the_offline_wheels_are_the_versions_the_project_runs():
     """download_wheels.sh's pins: each one requirements*.txt pins, or the development
     environment has (cog's own dependencies). torchao is for fp8 on a GPU only, not installed
