@@ -238,3 +238,71 @@ def test_a_pinned_sha256_that_is_not_one_is_refused(monkeypatch):
     monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", "abc123")
     with pytest.raises(ConfigError, match=r"COGVIDEOX_UPSCALE_SHA256='abc123': give the file"):
         _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
+
+
+def _released_esrgan_layout(scale: int) -> dict[str, tuple[int, ...]]:
+    """BasicSR's RRDBNet(num_feat=64, num_block=23, num_grow_ch=32): RealESRGAN_x4plus/x2plus."""
+    layout = {"conv_first.weight": (64, 3 * (4 // scale) ** 2, 3, 3), "conv_first.bias": (64,)}
+    for block in range(23):
+        for rdb in (1, 2, 3):
+            for conv in range(1, 6):
+                out = 64 if conv == 5 else 32
+                name = f"body.{block}.rdb{rdb}.conv{conv}"
+                layout[f"{name}.weight"] = (out, 64 + 32 * (conv - 1), 3, 3)
+                layout[f"{name}.bias"] = (out,)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        layout[f"{name}.weight"], layout[f"{name}.bias"] = (64, 64, 3, 3), (64,)
+    layout["conv_last.weight"], layout["conv_last.bias"] = (3, 64, 3, 3), (3,)
+    return layout
+
+
+def _released_rife_layout() -> dict[str, tuple[int, ...]]:
+    """Practical-RIFE v4.25/v4.26 IFNet: a Head of 16 channels giving 4, five IFBlocks."""
+    layout = {}
+    for i, (cin, cout) in enumerate(((3, 16), (16, 16), (16, 16))):
+        layout[f"encode.cnn{i}.weight"], layout[f"encode.cnn{i}.bias"] = (cout, cin, 3, 3), (cout,)
+    layout["encode.cnn3.weight"], layout["encode.cnn3.bias"] = (16, 4, 4, 4), (4,)  # transposed
+    for i, (inputs, c) in enumerate(((15, 192), (28, 128), (28, 96), (28, 64), (28, 32))):
+        block = f"block{i}"
+        layout[f"{block}.conv0.0.0.weight"] = (c // 2, inputs, 3, 3)
+        layout[f"{block}.conv0.0.0.bias"] = (c // 2,)
+        layout[f"{block}.conv0.1.0.weight"], layout[f"{block}.conv0.1.0.bias"] = (
+            (c, c // 2, 3, 3),
+            (c,),
+        )
+        for k in range(8):
+            layout[f"{block}.convblock.{k}.conv.weight"] = (c, c, 3, 3)
+            layout[f"{block}.convblock.{k}.conv.bias"] = (c,)
+            layout[f"{block}.convblock.{k}.beta"] = (1, c, 1, 1)
+        layout[f"{block}.lastconv.0.weight"], layout[f"{block}.lastconv.0.bias"] = (
+            (c, 52, 4, 4),
+            (52,),
+        )
+    return layout
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("scale", [4, 2])
+def test_the_released_realesrgan_layout_is_the_full_size_model(scale):
+    """Every name and shape of RealESRGAN_x4plus.pth (16,697,987 parameters) or x2plus."""
+    layout = _released_esrgan_layout(scale)
+    with torch.device("meta"):
+        model = rrdbnet.rrdbnet_for({k: torch.empty(s) for k, s in layout.items()})
+    assert model.scale == scale
+    assert _shapes(model) == layout
+    if scale == 4:
+        assert sum(np.prod(shape) for shape in layout.values()) == 16_697_987
+
+
+def test_the_released_rife_layout_is_the_full_size_model():
+    """Every name and shape of flownet.pkl v4.25/v4.26, less its "module." prefix."""
+    layout = _released_rife_layout()
+    state = {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
+    assert rife.widths_of(state) == rife.RELEASE_WIDTHS
+    with torch.device("meta"):
+        model = rife.IFNet(rife.widths_of(state))
+    assert _shapes(model) == layout
+    assert sum(np.prod(shape) for shape in layout.values()) == 5_664_776
