@@ -27,9 +27,8 @@ import diffusers
 import torch
 from torch._dynamo.utils import counters
 
-from .attention import ATTENTION_BACKEND_ENV, DEFAULT_BACKEND, attention_backend
+from .attention import DEFAULT_BACKEND
 from .files import replace_atomically
-from .settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,14 @@ def cache_key(
         "attention": attention,
         "warm_up": [list(render) for render in warm_up],
     }
+
+
+def attention_of(transformer) -> str:
+    """The attention backend setup gave every attention layer (attention.py's processor;
+    None there, or another processor, is torch's SDPA), read from the model itself."""
+    processor = next(iter(transformer.attn_processors.values()))
+    backend = getattr(processor, "_attention_backend", None)
+    return backend.value if backend is not None else DEFAULT_BACKEND
 
 
 def artifact_path(folder: Path, key: dict) -> Path:
@@ -140,7 +147,7 @@ def warm_up_with_cache(generator, weights_root: Path) -> int:
         generator.mode,
         generator.warm_up_key(),
         ranks=generator.engine.world_size if generator.engine is not None else 1,
-        attention=attention_backend(setting(ATTENTION_BACKEND_ENV)).value,
+        attention=attention_of(generator.pipe.transformer),
     )
     path = artifact_path(weights_root, key)
     loaded = load(path, key)

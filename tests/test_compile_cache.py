@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from cogvideox_cog import compile_cache
+from cogvideox_cog.attention import AttentionBackendName
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
@@ -53,6 +54,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 from cogvideox_cog import compile_cache
+from cogvideox_cog.attention import AttentionBackendName
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.variants import VARIANTS
@@ -131,6 +133,15 @@ def test_the_key_names_gpu_torch_variant_mode_attention_and_warm_up(tmp_path):
         {**key, "warm_up": [[49, 480, 720, 6.0, "default", 2]]},
     ]
     assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 7
+
+
+def test_the_key_takes_the_attention_backend_the_model_runs(tiny_weights):
+    weights, variant = tiny_weights["1.0-t2v"], VARIANTS[VARIANT]
+    math = AttentionBackendName._NATIVE_MATH
+    native = build_pipeline(variant, weights, CPU, "none").transformer
+    other = build_pipeline(variant, weights, CPU, "none", attention=math).transformer
+    assert compile_cache.attention_of(native) == "native"
+    assert compile_cache.attention_of(other) == "_native_math"
 
 
 def test_a_video_split_over_several_gpus_has_a_cache_file_of_its_own(tmp_path):
