@@ -9,6 +9,7 @@ two cores) that "stops within a step" is measurable from outside.
 from __future__ import annotations
 
 import gc
+import re
 import time
 import warnings
 from pathlib import Path
@@ -136,6 +137,23 @@ def test_a_webhook_events_filter_sends_only_the_completed_event(server, hooks):
     assert hooks.events_for("hooks-filtered") == [final]
     assert final["status"] == "failed"
     assert "num_frames=20" in final["error"]
+
+
+def test_the_api_docs_list_every_path_the_server_names(server):
+    """`GET /` names the server's paths; each one it answers is a row of the endpoint table
+    in docs/http-api.md (coglet's `/docs`, which answers 404, is mentioned in the text)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text()
+    documented = set(re.findall(r"^\| `(?:GET|POST|PUT) ([^`]+)` \|", text, re.MULTILINE))
+    named = requests.get(f"{server.url}/", timeout=30).json()
+    paths = {value for key, value in named.items() if key.endswith("_url")}
+    assert {"/shutdown", "/predictions", "/docs"} <= paths
+    answered = {
+        path.replace("{prediction_id}", "{id}")
+        for path in paths
+        if requests.get(f"{server.url}{path}", timeout=30).status_code != 404
+    }
+    assert answered | {"/"} <= documented, answered - documented
+    assert "`/docs`" in text
 
 
 def test_put_with_a_running_id_starts_nothing_and_other_requests_get_409(server, hooks):
