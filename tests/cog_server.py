@@ -54,6 +54,10 @@ Async, uploads and cancel:
 - `PUT /predictions/{id}` while that id runs answers 202 with the running prediction's
   current state (logs so far) and starts nothing, even if the body differs. Any other id,
   POST or PUT, gets 409 while busy. Once the id has completed, a PUT starts a new one.
+- The final webhook is sent again while the receiver answers 5xx, times out (about 30 s) or
+  cannot be reached: 13 attempts in all, 0.2 s apart and twice as long each time (at most
+  102.4 s), about 7 minutes. A 4xx answer ends it. Other events are sent once. The server is
+  READY while it retries.
 - `POST /predictions/{id}/cancel` answers 200 `{}`, or 404 `{}` for an id that is not
   running. The worker raises CancelationException at its next bytecode; the health turns
   READY again about 0.3 s later.
@@ -121,17 +125,23 @@ class WebhookReceiver:
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        # Per prediction id: the HTTP statuses to answer its next final bodies with, in
+        # order (then 200), for tests of a receiver that fails.
+        self.final_answers: dict[str, list[int]] = {}
         self._cond = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                self.send_response(200)
-                self.end_headers()
+                event = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
                 with receiver._cond:
-                    receiver.events.append(json.loads(body))
+                    receiver.events.append(event)
+                    answers = receiver.final_answers.get(event.get("id"), [])
+                    status = answers.pop(0) if answers and event.get("status") in TERMINAL else 200
                     receiver._cond.notify_all()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args) -> None:
                 pass

@@ -24,7 +24,7 @@ from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
-from tests.cog_server import CogServer, WebhookReceiver, fd_count, rss_bytes
+from tests.cog_server import TERMINAL, CogServer, WebhookReceiver, fd_count, rss_bytes
 from tests.conftest import tiny_server
 from tests.http_peers import UploadServer
 
@@ -137,6 +137,50 @@ def test_a_webhook_events_filter_sends_only_the_completed_event(server, hooks):
     assert hooks.events_for("hooks-filtered") == [final]
     assert final["status"] == "failed"
     assert "num_frames=20" in final["error"]
+
+
+def test_a_put_of_a_finished_id_runs_the_prediction_again(server, hooks):
+    """The idempotent create holds only while the id runs: docs/http-api.md tells clients not
+    to retry a PUT whose final webhook came. A frame count off the rule fails at once, so each
+    run costs no denoising."""
+    body = {"input": {**QUICK, "num_frames": 20}, "webhook": hooks.url}
+    for run in (1, 2):
+        assert server.put_async("idem-finished", body, busy_wait=10).status_code == 202
+        hooks.wait_until(lambda run=run: len(_finals(hooks, "idem-finished")) == run, timeout=60)
+        server.wait_idle()
+    assert [e["status"] for e in _finals(hooks, "idem-finished")] == ["failed", "failed"]
+    assert server.log_text().count("Starting prediction prediction_id=idem-finished") == 2
+
+
+def _finals(hooks: WebhookReceiver, prediction_id: str) -> list[dict]:
+    return [e for e in hooks.events_for(prediction_id) if e["status"] in TERMINAL]
+
+
+def test_a_final_webhook_answered_5xx_comes_again_while_the_server_serves_on(server, hooks):
+    hooks.final_answers["hook-5xx"] = [500] * 4
+    failing = {**QUICK, "num_frames": 20}  # fails at once, with no denoising
+    server.predict_async("hook-5xx", failing, hooks.url, events_filter=["completed"])
+    hooks.wait_until(lambda: len(_finals(hooks, "hook-5xx")) >= 1, timeout=60)
+    # While the final body is retried, the server is free: the next prediction runs.
+    server.wait_idle()
+    assert server.predict(failing, prediction_id="during-retries")["status"] == "failed"
+    # 4 answers of 500, then a 200: the same final body 5 times (0.2 + 0.4 + 0.8 + 1.6 s).
+    hooks.wait_until(lambda: len(_finals(hooks, "hook-5xx")) == 5, timeout=30)
+    finals = _finals(hooks, "hook-5xx")
+    assert finals == [finals[0]] * 5 and finals[0]["status"] == "failed"
+    time.sleep(3.5)  # past the next retry, had there been one
+    assert len(hooks.events_for("hook-5xx")) == 5
+
+
+def test_a_final_webhook_answered_4xx_is_not_sent_again(server, hooks):
+    hooks.final_answers["hook-4xx"] = [400]
+    server.predict_async(
+        "hook-4xx", {**QUICK, "num_frames": 20}, hooks.url, events_filter=["completed"]
+    )
+    hooks.wait_for("hook-4xx", timeout=60)
+    time.sleep(1.5)  # past two retries (0.2 s, then 0.4 s), had there been any
+    assert len(hooks.events_for("hook-4xx")) == 1
+    server.wait_idle()
 
 
 def test_the_api_docs_list_every_path_the_server_names(server):
