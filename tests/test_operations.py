@@ -206,3 +206,29 @@ def test_health_probes_pass_ready_and_busy_and_fail_once_the_worker_is_killed(
 
     server.stop()
     assert (_probe("live", server), _probe("ready", server)) == (1, 1)  # no answer at all
+
+
+def test_an_id_is_a_path_and_one_naming_a_file_wedges_the_server(server_factory, tmp_path):
+    """Cog 0.23.1 makes a folder per prediction id in its predictions folder, joining the id
+    in unchecked: `..` in an id climbs out of it, and an id that names a file leaves the slot
+    taken for good (docs/http-api.md: choose ids with care). Enough `..` reach `/` from any
+    depth, so the ids below name `tmp_path` wherever Cog's folder is."""
+    server = server_factory()
+    up = "/".join([".."] * 32)
+    failing = {"prompt": "a panda", "num_frames": 20}  # fails at once, with no denoising
+
+    escaped = tmp_path / "escaped"
+    response = server.predict(failing, prediction_id=f"{up}{escaped}")
+    assert response["status"] == "failed" and "num_frames=20" in response["error"]
+    assert sorted(p.name for p in escaped.iterdir()) == ["inputs", "outputs"]
+    server.wait_idle()
+
+    existing = tmp_path / "a-file"
+    existing.write_text("not a folder")
+    response = server.predict(failing, prediction_id=f"{up}{existing}")
+    assert response["status"] == "failed"
+    assert response["error"].startswith("Failed to create output dir: Not a directory")
+    time.sleep(2)
+    assert server.status() == "BUSY"
+    assert server.send(body={"input": failing}, busy_wait=0).status_code == 409
+    assert (_probe("live", server), _probe("ready", server)) == (0, 1)
