@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -727,6 +728,33 @@ def test_a_disk_space_shortfall_fails_before_downloading(served, cache, monkeypa
         ensure_weights(VARIANT)
     assert served.bytes_sent <= 1  # the probe only
     assert _nothing_published(cache)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_disk_that_fills_up_mid_download_fails_clearly_and_resumes(
+    served, cache, tiny, monkeypatch
+):
+    """The progress journal is the first write after a member's data: with the disk full
+    there, setup must say so (and resume later), not end on a bare OSError."""
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    offset, length = _data_offset(Path(served.directory) / "model.tar", BIG)
+    served.truncate_after("model.tar", offset + length // 2)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(WeightsError, match="connection closed"):
+        ensure_weights(VARIANT)
+    served.clear()
+    staging = next(cache.glob(".*.staging"))
+    # The journal's next temporary file (files.replace_atomically names it after this
+    # process and thread) is /dev/full: writing it fails with ENOSPC, as on a full disk.
+    full = staging / f"{JOURNAL}.{os.getpid()}-{threading.get_ident()}.tmp"
+    full.symlink_to("/dev/full")
+    with pytest.raises(WeightsError, match=r"No space left on device.*the next setup resumes"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+    full.unlink(missing_ok=True)  # the failed write removed it already
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent - sent < size - offset  # resumed, not fetched again
 
 
 # Unsafe tars: refused, nothing written outside the staging folder, nothing kept.

@@ -108,13 +108,21 @@ def extract(
     extractor = _Extractor(staging, journal, source, hash_files)
     extractor.flusher.enabled = durable
     try:
-        extractor.run(open_stream)
-    except BaseException:
-        extractor.flusher.finish(report=False)
-        raise
-    extractor.flusher.finish()
-    journal.done, journal.member = True, None
-    journal.save(staging)
+        try:
+            extractor.run(open_stream)
+        except BaseException:
+            extractor.flusher.finish(report=False)
+            raise
+        extractor.flusher.finish()
+        journal.done, journal.member = True, None
+        journal.save(staging)
+    except OSError as error:
+        # The streams raise WeightsError: an OSError here is the staging folder's (a full
+        # disk while the journal, a folder or a link is written).
+        raise WeightsError(
+            f"could not write the weights into {staging}: {error.strerror or error}. Free "
+            f"disk space or set COGVIDEOX_WEIGHTS_DIR to another volume; the next setup resumes."
+        ) from error
 
 
 class _Extractor:
