@@ -677,6 +677,24 @@ def test_a_server_stalled_for_good_fails_with_the_timeout(served, cache, monkeyp
     assert _nothing_published(cache)
 
 
+def test_a_presigned_urls_query_string_is_never_logged(served, cache, monkeypatch, caplog):
+    """A presigned URL's query string is its credential: logs and errors show the rest."""
+    caplog.set_level("INFO", logger="cogvideox_cog")
+    served.fail_with("model.tar", 503, times=1)
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    served.truncate_after("model.tar", size // 2)
+    secret = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=0123456789abcdef"
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url(f"model.tar?{secret}"))
+    with pytest.raises(WeightsError) as failed:
+        ensure_weights(VARIANT)
+    shown = f"{served.url('model.tar')}?<query hidden>"
+    assert f"download of {shown} failed after {size // 2:,}" in str(failed.value)
+    assert f"fetching cogvideox-5b from {shown}" in caplog.text
+    assert "retry 1/3" in caplog.text
+    assert "X-Amz" not in caplog.text + str(failed.value)
+    assert all(r[1] == "model.tar" for r in served.requests)  # the server saw the whole URL
+
+
 def test_a_server_without_range_support(served_dir, cache, tiny, monkeypatch, caplog):
     server = FileServer(served_dir, ranges=False)
     try:

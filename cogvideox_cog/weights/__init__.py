@@ -88,7 +88,8 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
         _discard_unchanged(resolved)
         if resolved.marker is None:  # fetched just now: the source itself is bad
             raise WeightsError(
-                f"the weights just downloaded from {resolved.source} failed to load: "
+                f"the weights just downloaded from {download.shown(resolved.source)} failed to "
+                f"load: "
                 f"{error!r}. They were discarded. Check the source, or set {WEIGHTS_URL_ENV} "
                 f"to another copy."
             ) from error
@@ -105,7 +106,8 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
         _keep_if_not_the_files(resolved, error)
         _discard_unchanged(resolved)
         raise WeightsError(
-            f"the weights from {resolved.source} failed to load again after a fresh download: "
+            f"the weights from {download.shown(resolved.source)} failed to load again after a "
+            f"fresh download: "
             f"{error!r}. They were discarded. The source itself is bad or is not "
             f"{variant.id}: check it, or set {WEIGHTS_URL_ENV} to another copy."
         ) from error
@@ -247,7 +249,8 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
     staging = entry.parent / f".{entry.name}.staging"
     phases: dict[str, float] = {}
     started = time.monotonic()
-    log.info(f"weights: fetching {variant.id} from {source} into {entry}")
+    shown = download.shown(source)
+    log.info(f"weights: fetching {variant.id} from {shown} into {entry}")
     try:
         if source.startswith("hf://"):
             fetch_hub(source, staging)
@@ -256,7 +259,7 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
             hashes = fetch_tar(source, staging)
         phases["download"] = time.monotonic() - started
         mark = time.monotonic()
-        verified = verify(staging, manifest, source, hashes)
+        verified = verify(staging, manifest, shown, hashes)
         if check == "sha256":  # pget and the Hub give no hashes: read the files back
             _hash_unhashed(verified)
         phases["verify"] = time.monotonic() - mark
@@ -298,6 +301,7 @@ def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
     """
     local = Path(source).expanduser()
     response = None
+    shown = download.shown(source)
     if local.is_file():
         stat = local.stat()
         size, validator = stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"
@@ -313,30 +317,30 @@ def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
             f"{WEIGHTS_URL_ENV}={source!r} is neither an http(s) URL, an hf:// repository nor "
             f"an existing file or directory."
         )
-    journal = _resumable(staging, source, size, validator)
+    journal = _resumable(staging, source, size, validator, shown)
     if journal is None:
         cache.discard(staging)
         staging.mkdir(parents=True)
         journal = Journal(source, size, validator)
     resume_at = journal.resume_at(staging)
-    cache.check_disk(staging.parent, size, resume_at, source)
+    cache.check_disk(staging.parent, size, resume_at, shown)
     if not journal.done:
 
         def open_stream(start: int) -> download.Stream:
             if local.is_file():
                 return download.open_file(local, start, f"extraction of {local}")
-            return download.open_url(remote, response, start, f"download of {source}")
+            return download.open_url(remote, response, start, f"download of {shown}")
 
         # Always hashed: the marker records every file's sha256 for COGVIDEOX_WEIGHTS_CHECK.
-        extract(open_stream, staging, journal, source, hash_files=True, durable=cache.durable())
+        extract(open_stream, staging, journal, shown, hash_files=True, durable=cache.durable())
     elif response is not None:
         response.close()
     # Each member was vetted as it came, but a later symlink can redirect an earlier one.
-    check_contained(staging, source)
+    check_contained(staging, shown)
     return {name: f["sha256"] for name, f in journal.files.items()}
 
 
-def _resumable(staging: Path, source: str, size: int | None, validator: str | None):
+def _resumable(staging: Path, source: str, size: int | None, validator: str | None, shown: str):
     """The journal of an earlier attempt to resume, or None (and the log says why not).
 
     Only bytes proven to be of the same file are kept: without a validator (ETag or
@@ -350,7 +354,7 @@ def _resumable(staging: Path, source: str, size: int | None, validator: str | No
     if not journal.same_file(source, size, validator):
         if journal.source == source and at:
             log.warning(
-                f"weights: {source} changed on the server since the last attempt (size "
+                f"weights: {shown} changed on the server since the last attempt (size "
                 f"{journal.size}, validator {journal.validator}; now {size}, {validator}): "
                 f"starting again from byte 0, not from byte {at:,}"
             )
@@ -360,13 +364,13 @@ def _resumable(staging: Path, source: str, size: int | None, validator: str | No
     if validator is None:
         if at:
             log.warning(
-                f"weights: {source} sends neither ETag nor Last-Modified, so the {at:,} bytes "
+                f"weights: {shown} sends neither ETag nor Last-Modified, so the {at:,} bytes "
                 f"already on disk cannot be proven to be of the file it serves now: starting "
                 f"again from byte 0"
             )
         return None
     rest = f", {size - at:,} still to fetch" if size is not None else ""
-    log.info(f"weights: resuming {source}: {at:,} bytes already on disk{rest}")
+    log.info(f"weights: resuming {shown}: {at:,} bytes already on disk{rest}")
     return journal
 
 
@@ -375,18 +379,19 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     remote, response = download.probe(url)  # the size for the disk check; a clear 404
     if response is not None:
         response.close()
-    cache.check_disk(staging.parent, remote.size, 0, url)
+    cache.check_disk(staging.parent, remote.size, 0, download.shown(url))
     # pget refuses an existing destination without -f; a fresh folder rather than -f also
     # keeps an earlier attempt's files out. pget does its own retries (no resume across runs).
     cache.discard(staging)
-    log.info(f"weights: pget -x {url}")
+    log.info(f"weights: pget -x {download.shown(url)}")
     result = subprocess.run([pget, "-x", url, str(staging)], check=False)
     if result.returncode != 0:
         raise WeightsError(
-            f"pget failed (exit {result.returncode}) fetching {url}; its log is above. Run "
+            f"pget failed (exit {result.returncode}) fetching {download.shown(url)}; its log "
+            f"is above. Run "
             f"setup again, or take pget off PATH to use the built-in downloader."
         )
-    check_contained(staging, url)
+    check_contained(staging, download.shown(url))
 
 
 def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERNS) -> None:

@@ -96,7 +96,7 @@ def published(
     if marker.get("format") != MARKER_FORMAT or marker.get("manifest") != manifest.digest:
         problem = "was verified against another manifest"
     elif marker.get("source") not in sources:
-        problem = f"came from {marker.get('source')}"
+        problem = f"came from {download.shown(str(marker.get('source')))}"
     else:
         problem = _changed(root, marker.get("files", {}), check, hashed)
     if problem:

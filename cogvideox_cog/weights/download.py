@@ -83,6 +83,10 @@ class RemoteFile:
     last_modified: str | None
 
     @property
+    def shown(self) -> str:
+        return shown(self.url)
+
+    @property
     def validator(self) -> str | None:
         """Identifies this version of the file, so a resumed download does not mix two."""
         return self.etag or self.last_modified
@@ -125,13 +129,27 @@ def probe(
         size = int(length) if length and length.isdigit() else None
         return RemoteFile(url, size, False, **validators), response
 
-    return _retrying(f"could not download {url}", attempt, retries)
+    return _retrying(f"could not download {shown(url)}", attempt, retries)
 
 
 def scheme_of(url: str) -> str:
     """The URL's scheme, lower case ("" for none), where urlsplit would raise on the rest."""
     match = _SCHEME.match(url)
     return match[1].lower() if match else ""
+
+
+def shown(url: str) -> str:
+    """`url` as logs and errors show it: an http(s) URL without its query string (where a
+    presigned URL carries its signature) and without a user name or password."""
+    if scheme_of(url) not in ("http", "https"):
+        return url  # a local path, hf://
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        parts = urllib.parse.SplitResult(url[: url.find(":")], "", "", "", "")
+    host = parts.netloc.rpartition("@")[2]
+    hidden = "?<query hidden>" if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) + hidden
 
 
 def url_problem(url: str) -> str | None:
@@ -366,7 +384,7 @@ class RangedStream(Stream):
                         break
                     if self._head >= self._count:
                         raise BadSource(
-                            f"truncated tar {self.remote.url}: it ends at byte "
+                            f"truncated tar {self.remote.shown}: it ends at byte "
                             f"{self.position:,}, but its headers promise more"
                         )
                     self._cond.wait()
@@ -415,7 +433,7 @@ class RangedStream(Stream):
                 self._fill(chunk)
             except BaseException as error:  # never leave the reader waiting on a dead worker
                 if not isinstance(error, WeightsError):
-                    error = WeightsError(f"download of {self.remote.url} failed: {error!r}")
+                    error = WeightsError(f"download of {self.remote.shown} failed: {error!r}")
                 with self._cond:
                     chunk.error = error
                     self._failed = True  # no new ranges; earlier ones still finish
@@ -442,9 +460,9 @@ class RangedStream(Stream):
                 at = chunk.begin + chunk.filled
                 policy.failed(
                     error,
-                    f"{self.remote.url} at byte {at:,}",
+                    f"{self.remote.shown} at byte {at:,}",
                     lambda reason, at=at: (
-                        f"download of {self.remote.url} failed after {at:,} of "
+                        f"download of {self.remote.shown} failed after {at:,} of "
                         f"{self.total:,} bytes: {reason}. " + self.hint
                     ),
                 )
@@ -606,7 +624,9 @@ def open_url(
     url = remote.url
     if remote.ranges:
         return RangedStream(remote, start, what, hint, retries)
-    log.warning(f"weights: {url} does not support Range requests: one connection, no resume")
+    log.warning(
+        f"weights: {remote.shown} does not support Range requests: one connection, no resume"
+    )
 
     def opener(position: int):
         nonlocal response
@@ -625,7 +645,7 @@ def open_url(
         return reader
 
     return SequentialStream(
-        opener, start, remote.size, f"download of {url}", retry=True, retries=retries
+        opener, start, remote.size, f"download of {remote.shown}", retry=True, retries=retries
     )
 
 
