@@ -695,6 +695,29 @@ def test_a_presigned_urls_query_string_is_never_logged(served, cache, monkeypatc
     assert all(r[1] == "model.tar" for r in served.requests)  # the server saw the whole URL
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://user:hunter2@{host}/model.tar", "holds a user name or password"),
+        ("http://127.0.0.1:99999/model.tar", "is not a valid URL"),
+        ("http:///model.tar", "has no host"),
+        ("http://{host}/model tar", "can't contain control characters"),
+    ],
+    ids=["password", "port", "no-host", "space"],
+)
+def test_a_weights_url_that_cannot_work_fails_at_once(
+    served, cache, monkeypatch, caplog, url, problem
+):
+    """Not retried with backoff as a network fault, and the password never echoed."""
+    host = served.url("").split("/")[2]  # 127.0.0.1:port
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url.format(host=host))
+    with pytest.raises(WeightsError, match=re.escape(problem)) as failed:
+        ensure_weights(VARIANT)
+    assert "retry" not in caplog.text and "attempts" not in str(failed.value)
+    assert "hunter2" not in caplog.text + str(failed.value)
+    assert served.requests == []
+
+
 def test_a_server_without_range_support(served_dir, cache, tiny, monkeypatch, caplog):
     server = FileServer(served_dir, ranges=False)
     try:

@@ -306,6 +306,8 @@ def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
         stat = local.stat()
         size, validator = stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"
     elif source.startswith(("http://", "https://")):
+        if problem := download.url_problem(source):
+            raise WeightsError(f"the weights URL {shown} {problem}.")
         pget = shutil.which("pget")
         if pget:
             _fetch_pget(pget, source, staging)

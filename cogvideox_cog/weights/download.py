@@ -198,7 +198,7 @@ def _describe(error: BaseException) -> tuple[bool, str, float | None]:
         wait = float(retry_after) if retry_after and retry_after.isdigit() else None
         retryable = error.code >= 500 or error.code in (408, 425, 429)
         return retryable, f"HTTP {error.code} {error.reason}", wait
-    if isinstance(error, _Fatal):
+    if isinstance(error, (_Fatal, http.client.InvalidURL)):  # InvalidURL: the URL's own fault
         return False, str(error), None
     if isinstance(error, (TimeoutError, socket.timeout)):
         return True, f"no data for {timeout_s():g} s ({TIMEOUT_ENV})", None
