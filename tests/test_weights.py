@@ -1340,3 +1340,47 @@ def test_long_names_and_pax_headers_are_read(tiny, tmp_path, cache, monkeypatch,
         archive.add(copy, arcname="model_cache")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
     assert _same_tree(copy, ensure_weights(VARIANT))
+
+
+def _aligned_sparse_member(tiny: Path, tar: Path) -> None:
+    """A pax sparse member (format 0.1) whose real size is its data plus the next member:
+    read as a plain file of that size, it swallowed extra.txt and the entry was published
+    without it, with holes.bin holding extra.txt's header."""
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as archive:
+        archive.add(tiny, arcname=".")
+        info, data = _member("./holes.bin", b"d" * 512)
+        info.pax_headers = {
+            "GNU.sparse.name": "./holes.bin",
+            "GNU.sparse.size": str(512 + 1024),  # its data, then extra.txt's header and data
+            "GNU.sparse.numblocks": "1",
+            "GNU.sparse.map": "0,512",
+        }
+        archive.addfile(info, io.BytesIO(data))
+        info, data = _member("extra.txt", b"extra")
+        archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("version", ["0.0", "0.1", "1.0", "aligned"])
+def test_a_tar_with_a_pax_sparse_member_is_refused_naming_it(
+    tiny, tmp_path, cache, monkeypatch, version
+):
+    """GNU tar --sparse --format=posix: was a "truncated" or "corrupt" tar, or worse, a
+    stream that lost its place and took the next members for this one's data."""
+    tar = tmp_path / "sparse.tar"
+    if version == "aligned":
+        _aligned_sparse_member(tiny, tar)
+    else:
+        version_text = subprocess.run(["tar", "--version"], capture_output=True, text=True)
+        if "GNU tar" not in version_text.stdout:
+            pytest.skip("needs GNU tar")
+        copy = shutil.copytree(tiny, tmp_path / "sparse")
+        with (copy / "holes.bin").open("wb") as file:  # a hole, then data, then a hole
+            file.seek(1 << 20)
+            file.write(b"data")
+            file.truncate(2 << 20)
+        command = ["tar", "-C", str(copy), "--sparse", f"--sparse-version={version}"]
+        subprocess.run([*command, "--format=posix", "-cf", str(tar), "."], check=True)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    with pytest.raises(BadSource, match=r"sparse member '\./holes\.bin'\. Rebuild .* --sparse"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import queue
+import re
 import tarfile
 import threading
 from collections.abc import Callable
@@ -37,6 +38,8 @@ FLUSH_BYTES = 128 << 20  # start writing a file's data to disk every this many b
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO = bytes(_BLOCK)
 _MAX_EXTENDED = 1 << 20  # a long name or pax record set; more is a corrupt or hostile tar
+_PAX_SPARSE = re.compile(rb"\d+ GNU\.sparse\.")  # a pax record of GNU tar's sparse formats
+_PAX_SPARSE_NAME = re.compile(rb"\d+ GNU\.sparse\.name=([^\n]*)\n")
 _EXTENDED = {
     tarfile.GNUTYPE_LONGNAME,
     tarfile.GNUTYPE_LONGLINK,
@@ -232,8 +235,16 @@ def _next_member(stream: Stream, globals_: bytes, source: str):
         group += block + extra
         if info.type not in _EXTENDED:
             break
-    if info.type == tarfile.GNUTYPE_SPARSE:
-        raise BadSource(f"unsupported weights tar {source}: sparse member {info.name!r}")
+    if info.type == tarfile.GNUTYPE_SPARSE or _PAX_SPARSE.search(group):
+        # In pax format (GNU tar --sparse --format=posix) a sparse member is a regular file
+        # whose data holds only the parts that are not holes; tarfile cannot say how many
+        # bytes that is before reading them, so the stream would lose its place.
+        named = _PAX_SPARSE_NAME.search(group)
+        name = named[1].decode("utf-8", "surrogateescape") if named else info.name
+        raise BadSource(
+            f"unsupported weights tar {source}: sparse member {name!r}. Rebuild the tar "
+            f"without --sparse (-S)."
+        )
     # Let tarfile apply the long names and pax records: parse the header group on its own.
     try:
         with tarfile.open(fileobj=io.BytesIO(globals_ + group), mode="r:") as headers:
