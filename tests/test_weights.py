@@ -798,6 +798,29 @@ def test_a_disk_that_fills_up_mid_download_fails_clearly_and_resumes(
     assert served.bytes_sent - sent < size - offset  # resumed, not fetched again
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_complete_download_that_fails_to_publish_is_not_fetched_again(
+    served, cache, tiny, monkeypatch
+):
+    """Publishing syncs every file before the marker: a setup killed then, or failing on a
+    disk full at the marker, must leave the complete download for the next setup."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    staging = cache / f".{entry.name}.staging"
+    weights.fetch_tar(url, staging)  # what setup downloads and extracts before publishing
+    # The marker's temporary file (named after this process and thread) is /dev/full.
+    full = staging / f"{COMPLETE_MARKER}.{os.getpid()}-{threading.get_ident()}.tmp"
+    full.symlink_to("/dev/full")
+    with pytest.raises(OSError, match="No space left on device"):
+        cache_module.publish(staging, entry, {"source": url})
+    assert _nothing_published(cache)
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent - sent == 1  # the probe: published, not downloaded again
+    assert not list(cache.rglob(JOURNAL))
+
+
 # Unsafe tars: refused, nothing written outside the staging folder, nothing kept.
 
 
@@ -1301,7 +1324,8 @@ def test_pget_is_used_when_present_and_its_result_is_verified(
     url = served.url("model.tar")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
     # An earlier attempt's staging folder: pget would refuse it as its destination.
-    staging = cache / f".cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}.staging"
+    entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    staging = cache / f".{entry.name}.staging"
     staging.mkdir(parents=True)
     (staging / "leftover").write_text("x")
     root = ensure_weights(VARIANT)

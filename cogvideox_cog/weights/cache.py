@@ -230,8 +230,12 @@ def write_marker(folder: Path, marker: dict) -> None:
 
 
 def publish(staging: Path, entry: Path, marker: dict) -> None:
-    """Make the verified staging folder the entry in one rename, durable before it is."""
-    (staging / JOURNAL).unlink(missing_ok=True)
+    """Make the verified staging folder the entry in one rename, durable before it is.
+
+    The journal stays until the rename: a setup killed or failing before it (while the
+    files are synced, on a disk full at the marker) leaves a staging folder whose journal
+    says it is complete, and the next setup publishes it instead of downloading it again.
+    """
     # On disk before the marker says so: after a power cut the marker must not outlive data.
     for folder, _, names in os.walk(staging):
         for name in names:
@@ -242,6 +246,7 @@ def publish(staging: Path, entry: Path, marker: dict) -> None:
     discard(entry)
     staging.rename(entry)
     fsync(entry.parent)
+    (entry / JOURNAL).unlink(missing_ok=True)  # hidden, never listed: harmless if left
 
 
 def durable() -> bool:
