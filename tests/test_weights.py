@@ -1408,3 +1408,16 @@ def test_a_tar_with_a_pax_sparse_member_is_refused_naming_it(
     with pytest.raises(BadSource, match=r"sparse member '\./holes\.bin'\. Rebuild .* --sparse"):
         ensure_weights(VARIANT)
     assert _nothing_published(cache)
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_a_compressed_tar_is_refused_saying_so(tiny, tmp_path, cache, monkeypatch, compression):
+    """Was "bad header at byte 0 (invalid header); the download is corrupt or not a tar"."""
+    tar = tmp_path / f"model.tar.{compression}"
+    with tarfile.open(tar, f"w:{compression}") as archive:
+        archive.add(tiny, arcname=".")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    name = {"gz": "gzip", "bz2": "bzip2", "xz": "xz"}[compression]
+    with pytest.raises(BadSource, match=rf"is {name}-compressed, not a plain tar.*Decompress"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)

@@ -218,6 +218,13 @@ def _next_member(stream: Stream, globals_: bytes, source: str):
         try:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as error:
+            compressed = _compression(block) if stream.position == _BLOCK else None
+            if compressed:
+                raise BadSource(
+                    f"{source} is {compressed}-compressed, not a plain tar (or its server sent "
+                    f"it with Content-Encoding: {compressed}). Decompress it and use the .tar, "
+                    f"or serve it without Content-Encoding."
+                ) from error
             raise BadSource(
                 f"corrupt tar {source}: bad header at byte {stream.position - _BLOCK:,} "
                 f"({error}); the download is corrupt or not a tar"
@@ -251,6 +258,20 @@ def _next_member(stream: Stream, globals_: bytes, source: str):
             return headers.firstmember, globals_
     except (tarfile.TarError, ValueError) as error:
         raise BadSource(f"corrupt tar {source}: bad header at byte {at:,}: {error}") from error
+
+
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+}
+
+
+def _compression(block: bytes) -> str | None:
+    """The compression whose magic number starts `block`, or None."""
+    return next((name for magic, name in _MAGIC.items() if block.startswith(magic)), None)
 
 
 def _vet(info: tarfile.TarInfo, dest: str, source: str) -> tarfile.TarInfo:
