@@ -89,9 +89,8 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
         if resolved.marker is None:  # fetched just now: the source itself is bad
             raise WeightsError(
                 f"the weights just downloaded from {download.shown(resolved.source)} failed to "
-                f"load: "
-                f"{error!r}. They were discarded. Check the source, or set {WEIGHTS_URL_ENV} "
-                f"to another copy."
+                f"load: {error!r}. They were discarded. Check the source, or set "
+                f"{WEIGHTS_URL_ENV} to another copy."
             ) from error
         log.warning(
             f"weights: {resolved.entry} passed its cache checks but failed to load "
@@ -107,9 +106,8 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
         _discard_unchanged(resolved)
         raise WeightsError(
             f"the weights from {download.shown(resolved.source)} failed to load again after a "
-            f"fresh download: "
-            f"{error!r}. They were discarded. The source itself is bad or is not "
-            f"{variant.id}: check it, or set {WEIGHTS_URL_ENV} to another copy."
+            f"fresh download: {error!r}. They were discarded. The source itself is bad or is "
+            f"not {variant.id}: check it, or set {WEIGHTS_URL_ENV} to another copy."
         ) from error
 
 
@@ -390,8 +388,7 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     if result.returncode != 0:
         raise WeightsError(
             f"pget failed (exit {result.returncode}) fetching {download.shown(url)}; its log "
-            f"is above. Run "
-            f"setup again, or take pget off PATH to use the built-in downloader."
+            f"is above. Run setup again, or take pget off PATH to use the built-in downloader."
         )
     check_contained(staging, download.shown(url))
 
