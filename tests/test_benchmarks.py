@@ -349,3 +349,37 @@ def test_gpu_run_whose_wheels_do_not_install_still_writes_the_archive(tmp_path):
     with tarfile.open(archive) as packed:
         names = {Path(name).name for name in packed.getnames()}
     assert {"run.log", "wheels.log", "summary.log"} <= names
+
+
+def test_soak_basic_mix_is_the_one_the_committed_run_sent():
+    import random
+
+    from benchmarks import soak
+
+    committed = json.loads((ROOT / "benchmarks/results/soak/soak.json").read_text())
+    steps = soak.plan(committed["predictions"], random.Random(0))
+    counts = {kind: sum(s["kind"] == kind for s in steps) for kind in committed["counts"]}
+    assert counts == committed["counts"]
+    assert [s["kind"] for s in steps] == [s["kind"] for s in committed["samples"]]
+
+
+@pytest.mark.parametrize(("task", "count"), [("t2v", 120), ("i2v", 70), ("v2v", 80)])
+def test_soak_full_mix_sends_every_failure_cancel_and_probe_kind(task, count):
+    import random
+
+    from benchmarks import soak
+
+    steps = soak.plan_full(count, random.Random(0), task)
+    sent = [s["inputs"] for s in steps if s["kind"] == "invalid"]
+    for change, *_ in soak.invalid_full(task):
+        assert any(change.items() <= inputs.items() for inputs in sent), change
+    assert {s["variant"] for s in steps if s["kind"] == "cancel"} == set(soak.CANCELS)
+    assert {s["probe"] for s in steps if s["kind"] == "probe"} == {"probe-base", "probe-lora"}
+    valid = [s["inputs"] for s in steps if s["kind"] == "valid"]
+    for feature in ("lora_url", "speed_mode", "upscale", "interpolate", "enhance_prompt"):
+        assert any(feature in inputs for inputs in valid), feature
+    media = soak.TASKS[task].media
+    if media:
+        assert {i[media] for i in valid} == {"media:data", "media:url"}
+    for inputs in valid:  # video-to-video: at least one denoising step
+        assert int(inputs["num_inference_steps"] * inputs.get("strength", 1.0)) >= 1
