@@ -64,6 +64,10 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
     skewed = dict(a)  # lora_B of another rank than its lora_A
     skewed["transformer_blocks.0.attn1.to_q.lora_B.weight"] = torch.ones(32, RANK + 1)
     save_renamed(skewed, root / "skewed" / LORA, lambda k: f"transformer.{k}")
+    # PEFT's save_pretrained names: the model's layers under its wrapper's prefix
+    save_renamed(a, root / "peft-prefixed" / LORA, lambda k: f"base_model.model.{k}")
+    conv = lora_tensors(transformer, RANK, seed=4, targets=["patch_embed.proj"])  # a Conv2d
+    save_diffusers_lora(conv, root / "conv")
     kohya = {k.replace("lora_A", "lora_down"): v for k, v in a.items()}
     save_renamed(kohya, root / "kohya" / LORA, lambda k: f"transformer.{k}")
     huge = {k: v * 1e30 for k, v in a.items()}  # finite, but its products overflow
@@ -179,6 +183,8 @@ def test_fifty_switches_leave_adapters_and_parameters_unchanged(generator, loras
         ("deeper", r"transformer_blocks\.2\..*the LoRA has 3 transformer blocks, the model 2"),
         ("skewed", r"lora_A \(4, 32\) and lora_B \(32, 5\): expected \(rank, in\)"),
         ("kohya", r"not peft LoRA weights.*lora_down"),
+        ("peft-prefixed", r"names start with 'base_model\.model\.' .*save_lora_weights"),
+        ("conv", r"patch_embed\.proj is a convolution's LoRA.*only LoRAs of the .* linear"),
         ("nan", r"NaN or infinite"),
     ],
 )

@@ -153,6 +153,11 @@ def _ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
             missing = ({"A", "B"} - set(pair)).pop()
             raise LoraError(f"the LoRA has no lora_{missing} weight for {module}.")
         a, b = pair["A"], pair["B"]
+        if a.ndim > 2 and b.ndim > 2:
+            raise LoraError(
+                f"the LoRA's {module} is a convolution's LoRA (lora_A {tuple(a.shape)}, lora_B "
+                f"{tuple(b.shape)}); only LoRAs of the transformer's linear layers are supported."
+            )
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise LoraError(
                 f"the LoRA's {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}: "
@@ -188,6 +193,15 @@ def check_fits(lora: LoraWeights, layers: dict[str, tuple[int, int]], model: str
                 wrong.append((module, (lora_in, lora_out), layers[module]))
     if not missing and not wrong:
         return
+    wrapper = _wrapper_prefix(lora.ranks, layers)
+    if wrapper:
+        raise LoraError(
+            f"the LoRA's layer names start with {wrapper!r} (e.g. {next(iter(lora.ranks))}), "
+            f"which the model's do not: a layout written by another tool (PEFT's save_pretrained "
+            f"writes 'base_model.model.', ComfyUI 'diffusion_model.'). Save it as the fine-tuning "
+            f"scripts do, with diffusers' save_lora_weights (keys 'transformer.<layer>.lora_A"
+            f".weight'). The base model is unchanged."
+        )
     problem = f"the LoRA ({lora.layout} layout) does not fit {model}'s transformer: "
     if missing:
         problem += f"{len(missing)} of its {len(lora.ranks)} layers are not in the model, e.g. "
@@ -206,6 +220,20 @@ def check_fits(lora: LoraWeights, layers: dict[str, tuple[int, int]], model: str
         problem + "It was trained for another model (CogVideoX-2B is 1920 wide with 30 blocks, "
         "5B 3072 wide with 42). The base model is unchanged."
     )
+
+
+def _wrapper_prefix(modules, layers) -> str | None:
+    """The prefix that every LoRA layer name has before a layer of the model, if there is one
+    (names wrapped by another tool); None when the names are the model's or fit no layer."""
+    first = next(iter(modules))
+    parts = first.split(".")
+    for cut in range(1, len(parts)):
+        if ".".join(parts[cut:]) in layers:
+            prefix = ".".join(parts[:cut]) + "."
+            if all(m.startswith(prefix) and m.removeprefix(prefix) in layers for m in modules):
+                return prefix
+            return None
+    return None
 
 
 def _block_count(names) -> int:
