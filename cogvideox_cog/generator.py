@@ -116,6 +116,9 @@ class Plan:
     postprocess: Steps = field(default_factory=Steps)  # upscale, interpolate; 1: off
     # The pipeline's conditioning arguments: num_frames, or image, or video and strength.
     conditioning: dict = field(default_factory=dict)
+    # Latent frames the clip was padded with for the transformer (1.5 video-to-video), dropped
+    # before decoding.
+    padding_latents: int = 0
 
 
 @dataclass(frozen=True)
@@ -377,8 +380,6 @@ class VideoGenerator:
         plan, progress = self._prepare_model(request)
         frames = self.denoise_and_decode(plan, progress)
         decoded = time.monotonic()
-        # Video-to-video makes as many frames as it was given, padding included.
-        frames = frames[: plan.num_frames]
         if len(frames) != plan.num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
         if not np.isfinite(frames).all():  # they would encode as black: say so instead
@@ -518,7 +519,7 @@ class VideoGenerator:
             f"{plan.denoise_steps} of {plan.steps} steps, the clip re-noised "
             f"{plan.denoise_steps / plan.steps:.0%} of the way"
         )
-        plan.conditioning["video"] = self._pad_for_latent_patches(clip.frames)
+        plan.conditioning["video"], plan.padding_latents = self._pad_for_latent_patches(clip.frames)
 
     def _log_ignored_text(self, plan: Plan) -> None:
         """Say which words the text encoder will not see (it reads max_prompt_tokens)."""
@@ -548,6 +549,9 @@ class VideoGenerator:
             log.info(
                 f"speed_mode {plan.speed_mode}: step caching, faster and slightly less faithful"
             )
+        # A padded clip's padding is dropped from the latents, so the VAE decodes the clip's own
+        # (an odd count: see _pad_for_latent_patches).
+        padded = plan.padding_latents > 0 and output_type != "latent"
         try:
             # The cache hooks first: the engine reads them to choose a layout (FasterCache
             # skips the guidance batch's negative half, so it cannot be split by CFG).
@@ -560,7 +564,7 @@ class VideoGenerator:
                 ),
                 self._split_over_ranks(plan.guidance_scale > 1),
             ):
-                return self.pipe(
+                output = self.pipe(
                     **self._text_embeddings(plan),
                     height=plan.height,
                     width=plan.width,
@@ -569,12 +573,21 @@ class VideoGenerator:
                     use_dynamic_cfg=plan.dynamic_cfg,
                     generator=torch.Generator("cpu").manual_seed(plan.seed),
                     max_sequence_length=self.max_prompt_tokens,
-                    output_type=output_type,
+                    output_type="latent" if padded else output_type,
                     callback_on_step_end=progress,
                     **plan.conditioning,
-                ).frames[0]
+                ).frames
+            if padded:
+                output = self._decode(output[:, : -plan.padding_latents], output_type)
+            return output[0]
         finally:
             self.release_memory()
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        """The pipeline's own last steps on `latents`: the VAE decode, then the frames."""
+        video = self.pipe.decode_latents(latents)
+        return self.pipe.video_processor.postprocess_video(video=video, output_type=output_type)
 
     @torch.no_grad()
     def _text_embeddings(self, plan: Plan) -> dict[str, torch.Tensor]:
@@ -606,20 +619,23 @@ class VideoGenerator:
             log.info(f"layout: {layout}")
             yield
 
-    def _pad_for_latent_patches(self, frames: list) -> list:
-        """Repeat the last frame until the latent frame count suits the transformer.
+    def _pad_for_latent_patches(self, frames: list) -> tuple[list, int]:
+        """The clip with its last frame repeated until the latent frame count suits the
+        transformer, and how many latent frames that added.
 
-        CogVideoXVideoToVideoPipeline makes one output frame per input frame, and for 1.5
-        models (patch_size_t 2) refuses an odd latent count, which every 16N+1 clip has. The
-        text-to-video pipeline pads latents for the same reason; here the clip gets 4 more
-        frames (one latent frame) and the extra output frames are dropped after decoding.
+        For 1.5 models (patch_size_t 2) CogVideoXVideoToVideoPipeline refuses an odd latent
+        count, which every 16N+1 clip has; here the clip gets 4 more frames (one latent frame).
+        As diffusers' text- and image-to-video pipelines do with theirs, that latent frame is
+        dropped before decoding: the VAE turns an even count into 4 frames each, the first
+        (one frame of the clip) included, so the video would run 3 frames late.
         """
         patch_t = self.pipe.transformer.config.patch_size_t
         temporal = self.pipe.vae_scale_factor_temporal
-        frames = list(frames)
+        frames, added = list(frames), 0
         while patch_t and ((len(frames) - 1) // temporal + 1) % patch_t:
             frames += [frames[-1]] * temporal
-        return frames
+            added += 1
+        return frames, added
 
     def release_memory(self) -> None:
         gc.collect()

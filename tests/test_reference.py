@@ -56,23 +56,27 @@ def _ours(variant_id: str, weights, mode: str, resolution=None, **request) -> np
     return generator.render_frames(Request(**{**fields, **request})).frames
 
 
-def _reference(pipeline_class, weights, ddim: bool = False, **call) -> np.ndarray:
-    """diffusers as inference/cli_demo.py drives it (float32: this runs on a CPU)."""
+def _reference_pipe(pipeline_class, weights, ddim: bool = False):
+    """The pipeline as inference/cli_demo.py sets it up (float32: this runs on a CPU)."""
     pipe = pipeline_class.from_pretrained(weights, dtype=torch.float32)
     scheduler = CogVideoXDDIMScheduler if ddim else CogVideoXDPMScheduler
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     pipe.vae.enable_slicing()
     pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
-    return pipe(
+    return pipe
+
+
+def _reference(pipeline_class, weights, ddim: bool = False, **call) -> np.ndarray:
+    """diffusers as inference/cli_demo.py drives it; the first video of the batch."""
+    return _reference_pipe(pipeline_class, weights, ddim)(
         prompt=PROMPT,
         num_videos_per_prompt=1,
         num_inference_steps=STEPS,
         use_dynamic_cfg=not ddim,
         guidance_scale=GUIDANCE,
         generator=torch.Generator().manual_seed(SEED),
-        output_type="np",
-        **call,
+        **{"output_type": "np", **call},
     ).frames[0]
 
 
@@ -154,6 +158,39 @@ def test_video_to_video_equals_diffusers_on_the_picked_frames(tiny_weights, clip
     reference = _reference(
         CogVideoXVideoToVideoPipeline, tiny_weights["1.0-t2v"], video=frames, strength=0.8
     )
+    assert np.array_equal(ours, reference)
+
+
+def test_1_5_video_to_video_decodes_the_clip_without_its_padding(tiny_weights, clip):
+    """diffusers' video-to-video pipeline refuses a 16N+1 clip on 1.5 (an odd latent count).
+    The clip gets one latent frame of padding, which is dropped before decoding, as the 1.5
+    text-to-video pipeline drops its own: decoded with it, 17 frames came out as 24, 3 late."""
+    weights = tiny_weights["1.5-t2v"]
+    ours = _ours(
+        "cogvideox1.5-5b",
+        weights,
+        "v2v",
+        resolution=TINY_SIZE,
+        num_frames=17,
+        video=clip,
+        strength=0.8,
+    )
+    frames = load_video(clip, 17, fps=16, height=48, width=80).frames
+    padded = frames + [frames[-1]] * 4
+    latents = _reference(
+        CogVideoXVideoToVideoPipeline,
+        weights,
+        video=padded,
+        strength=0.8,
+        height=48,
+        width=80,
+        output_type="latent",
+    )
+    pipe = _reference_pipe(CogVideoXVideoToVideoPipeline, weights)
+    with torch.no_grad():
+        video = pipe.decode_latents(latents[None, :-1])
+    reference = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+    assert reference.shape == ours.shape == (17, 48, 80, 3)
     assert np.array_equal(ours, reference)
 
 
