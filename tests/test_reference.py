@@ -69,7 +69,11 @@ def _reference_pipe(pipeline_class, weights, ddim: bool = False):
 
 def _reference(pipeline_class, weights, ddim: bool = False, **call) -> np.ndarray:
     """diffusers as inference/cli_demo.py drives it; the first video of the batch."""
-    return _reference_pipe(pipeline_class, weights, ddim)(
+    return _call_reference(_reference_pipe(pipeline_class, weights, ddim), ddim, **call)
+
+
+def _call_reference(pipe, ddim: bool = False, **call) -> np.ndarray:
+    return pipe(
         prompt=PROMPT,
         num_videos_per_prompt=1,
         num_inference_steps=STEPS,
@@ -177,16 +181,10 @@ def test_1_5_video_to_video_decodes_the_clip_without_its_padding(tiny_weights, c
     )
     frames = load_video(clip, 17, fps=16, height=48, width=80).frames
     padded = frames + [frames[-1]] * 4
-    latents = _reference(
-        CogVideoXVideoToVideoPipeline,
-        weights,
-        video=padded,
-        strength=0.8,
-        height=48,
-        width=80,
-        output_type="latent",
-    )
     pipe = _reference_pipe(CogVideoXVideoToVideoPipeline, weights)
+    latents = _call_reference(
+        pipe, video=padded, strength=0.8, height=48, width=80, output_type="latent"
+    )
     with torch.no_grad():
         video = pipe.decode_latents(latents[None, :-1])
     reference = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
