@@ -7,12 +7,30 @@ trailing blank in a yaml file) must not fail setup, nor name another folder.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import re
 from pathlib import Path
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "COGVIDEOX_"
+# Every setting (docs/configuration.md's table; tests/test_settings.py keeps the three agreeing).
+NAMES = frozenset(
+    PREFIX + name
+    for name in (
+        "ATTENTION_BACKEND COMPILE ENHANCE_API_KEY ENHANCE_BASE_URL ENHANCE_MODEL ENHANCE_PROMPT "
+        "ENHANCE_TIMEOUT ENHANCE_WEIGHTS_URL GPUS INPUT_MAX_SIZE INPUT_TIMEOUT INTERPOLATE "
+        "INTERPOLATE_SHA256 INTERPOLATE_URL LORA_CACHE_SIZE LORA_DIR LORA_MAX_SIZE LORA_TIMEOUT "
+        "MODEL OFFLOAD RESOLUTION UPSCALE UPSCALE_SHA256 UPSCALE_URL VAE_TILING WEIGHTS_CHECK "
+        "WEIGHTS_CONNECTIONS WEIGHTS_DIR WEIGHTS_FSYNC WEIGHTS_MANIFEST WEIGHTS_TIMEOUT "
+        "WEIGHTS_URL"
+    ).split()
+)
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE | re.ASCII)
 # Plain decimals only: int() and float() also take "1_6", "+2", "1e3" and other scripts' digits.
@@ -61,3 +79,21 @@ def parse_size(text: str, env: str) -> int:
     if not match:
         raise ConfigError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
     return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
+def warn_unknown_settings() -> list[str]:
+    """Log each COGVIDEOX_* variable that is not a setting, with the one it may mean.
+
+    A misspelt setting is otherwise ignored without a word: `COGVIDEOX_OFLOAD=none` leaves
+    offload on `auto`. A warning, not a failure: a deployment may still carry a variable that
+    a later version dropped. Returns the unknown names, sorted.
+    """
+    unknown = sorted(name for name in os.environ if name.startswith(PREFIX) and name not in NAMES)
+    for name in unknown:
+        close = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.8)
+        meant = f" Did you mean {close[0]}?" if close else ""
+        log.warning(
+            f"{name} is not a setting of these predictors and is ignored.{meant} The settings "
+            f"are in docs/configuration.md."
+        )
+    return unknown

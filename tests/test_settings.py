@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from cogvideox_cog import settings
 from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
 from cogvideox_cog.errors import ConfigError
 from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
-from cogvideox_cog.parallel.gpus import gpus_from_env
+from cogvideox_cog.parallel.gpus import gpus_from_env, start_generator
 from cogvideox_cog.pipeline import COMPILE_ENV, OFFLOAD_ENV, VAE_TILING_ENV
 from cogvideox_cog.variants import MODEL_ENV, VARIANTS
 from cogvideox_cog.weights import WEIGHTS_URL_ENV, cache, download, ensure_weights, weights_root
@@ -115,3 +116,38 @@ def test_spaces_around_a_choice_are_dropped(monkeypatch, tiny_weights, tmp_path)
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, " native ")
     generator = VideoGenerator.from_env("t2v")
     assert not generator.pipe.vae.use_tiling
+
+
+def test_the_settings_are_the_names_the_code_reads_and_the_docs_table_lists():
+    root = Path(__file__).parent.parent
+    sources = [*root.joinpath("cogvideox_cog").rglob("*.py"), *root.glob("predict_*.py")]
+    read = {
+        name
+        for source in sources
+        if source.name != "settings.py"
+        for name in re.findall(r"\"(COGVIDEOX_[A-Z0-9_]+)\"", source.read_text())
+    }
+    assert read == settings.NAMES == set(documented_settings())
+
+
+def test_a_misspelt_setting_is_named_at_setup_with_the_one_it_may_mean(monkeypatch, caplog):
+    monkeypatch.setenv("COGVIDEOX_OFLOAD", "none")
+    monkeypatch.setenv("COGVIDEOX_SOMETHING_ELSE", "1")
+    monkeypatch.setenv(MODEL_ENV, "cogvideox-6b")  # setup then fails before any weights
+    with pytest.raises(ConfigError, match="cogvideox-6b"):
+        start_generator("t2v")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        m.startswith("COGVIDEOX_OFLOAD is not a setting") and "Did you mean COGVIDEOX_OFFLOAD?" in m
+        for m in warnings
+    )
+    assert any(
+        m.startswith("COGVIDEOX_SOMETHING_ELSE is not a setting") and "Did you mean" not in m
+        for m in warnings
+    )
+
+
+def test_known_settings_raise_no_warning(monkeypatch):
+    for env in settings.NAMES:
+        monkeypatch.setenv(env, "")
+    assert settings.warn_unknown_settings() == []

@@ -14,7 +14,7 @@ from ..attention import ATTENTION_BACKEND_ENV, attention_backend, check_splittab
 from ..errors import ConfigError
 from ..generator import VideoGenerator
 from ..pipeline import Mode
-from ..settings import count_from_env, setting
+from ..settings import count_from_env, setting, warn_unknown_settings
 
 GPUS_ENV = "COGVIDEOX_GPUS"
 
@@ -35,6 +35,7 @@ def gpus_from_env(visible_cuda: int) -> int:
 def start_generator(mode: Mode):
     """What a predictor's setup() keeps: a VideoGenerator, or a RankGroup over several GPUs.
     Both have predict(request) -> Path and healthy() -> bool."""
+    warn_unknown_settings()
     count = gpus_from_env(torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if count == 1:
         return VideoGenerator.from_env(mode)
