@@ -695,6 +695,50 @@ def test_a_presigned_urls_query_string_is_never_logged(served, cache, monkeypatc
     assert all(r[1] == "model.tar" for r in served.requests)  # the server saw the whole URL
 
 
+def test_a_renewed_presigned_url_finds_the_weights_already_fetched(served, cache, monkeypatch):
+    """A presigned URL expires (S3's within 7 days); its renewal names the same file."""
+    signed = "X-Amz-Date=20261130T000000Z&X-Amz-Expires=604800&X-Amz-Signature={}"
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url(f"model.tar?v=2&{signed.format('aa')}"))
+    first = ensure_weights(VARIANT)
+    marker = json.loads((first / COMPLETE_MARKER).read_text())
+    assert marker["source"] == served.url("model.tar?v=2")  # no signature kept on the volume
+    sent = served.bytes_sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url(f"model.tar?v=2&{signed.format('bb')}"))
+    assert ensure_weights(VARIANT) == first
+    assert served.bytes_sent == sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url(f"model.tar?v=3&{signed.format('bb')}"))
+    assert ensure_weights(VARIANT) != first  # another query names another file
+
+
+@pytest.mark.parametrize(
+    ("url", "identity"),
+    [
+        (
+            "https://b.s3.amazonaws.com/w.tar?X-Amz-Credential=K&x-amz-signature=S",
+            "https://b.s3.amazonaws.com/w.tar",
+        ),
+        (
+            "https://storage.googleapis.com/b/w.tar?X-Goog-Signature=S&X-Goog-Expires=9",
+            "https://storage.googleapis.com/b/w.tar",
+        ),
+        (
+            "https://d.cloudfront.net/w.tar?Expires=9&Signature=S&Key-Pair-Id=K",
+            "https://d.cloudfront.net/w.tar",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/w.tar?sv=2024&se=2026&sp=r&sig=S&v=1",
+            "https://a.blob.core.windows.net/c/w.tar?v=1",
+        ),
+        ("https://example.com/w.tar?sp=1&st=2", "https://example.com/w.tar?sp=1&st=2"),
+        ("https://example.com/w.tar?a=%2F&b", "https://example.com/w.tar?a=%2F&b"),
+        ("/srv/w.tar", "/srv/w.tar"),
+    ],
+    ids=["s3", "gcs", "cloudfront", "azure", "no-signature", "untouched", "path"],
+)
+def test_a_urls_identity_drops_only_what_signs_it(url, identity):
+    assert download.identity(url) == identity
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [

@@ -177,14 +177,16 @@ def _ensure(variant: Variant) -> _Resolved:
 
     check = content_check()
     cache_root = weights_root()
-    entry = cache_root / cache.entry_name(variant, sources, manifest)
+    # The cache knows a source by its identity: a presigned URL renewed is the same file.
+    keys = [download.identity(source) for source in sources]
+    entry = cache_root / cache.entry_name(variant, keys, manifest)
     hashed: dict = {}  # sha256 computed by the first look, reused by the second
-    root = cache.published(entry, sources, manifest, check, hashed)
+    root = cache.published(entry, keys, manifest, check, hashed)
     if root is not None:
         log.info(f"weights: using cached {root}")
         return _cached(root, entry)
     if not _writable(cache_root):
-        cache.published(entry, sources, manifest, check, hashed, explain=True)  # logs why
+        cache.published(entry, keys, manifest, check, hashed, explain=True)  # logs why
         raise WeightsError(
             f"the weights cache {cache_root} is not writable, and the weights must be fetched "
             f"into it (the log above says why, if an entry is there). Mount it read-write, or "
@@ -192,11 +194,11 @@ def _ensure(variant: Variant) -> _Resolved:
         )
     cache_root.mkdir(parents=True, exist_ok=True)
     with cache.locked(cache_root / f".{entry.name}.lock"):
-        root = cache.published(entry, sources, manifest, check, hashed, explain=True)
+        root = cache.published(entry, keys, manifest, check, hashed, explain=True)
         if root is not None:
             log.info(f"weights: using {root}, completed by another process while we waited")
             return _cached(root, entry)
-        root = cache.reverified(entry, sources, manifest, check)
+        root = cache.reverified(entry, keys, manifest, check)
         if root is not None:
             return _cached(root, entry)
         cache.discard(entry)
@@ -265,7 +267,8 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
         cache.discard(staging)  # the bytes themselves are wrong: nothing worth resuming
         raise
     mark = time.monotonic()
-    marker = {"format": cache.MARKER_FORMAT, "variant": variant.id, "source": source}
+    marker = {"format": cache.MARKER_FORMAT, "variant": variant.id}
+    marker["source"] = download.identity(source)  # never a presigned URL's signature
     marker.update(cache.marker_fields(verified, staging, manifest))
     marker["seconds"] = {k: round(v, 3) for k, v in phases.items()}
     cache.publish(staging, entry, marker)
@@ -317,11 +320,12 @@ def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
             f"{WEIGHTS_URL_ENV}={source!r} is neither an http(s) URL, an hf:// repository nor "
             f"an existing file or directory."
         )
-    journal = _resumable(staging, source, size, validator, shown)
+    key = download.identity(source)  # a renewed presigned URL resumes the same download
+    journal = _resumable(staging, key, size, validator, shown)
     if journal is None:
         cache.discard(staging)
         staging.mkdir(parents=True)
-        journal = Journal(source, size, validator)
+        journal = Journal(key, size, validator)
     resume_at = journal.resume_at(staging)
     cache.check_disk(staging.parent, size, resume_at, shown)
     if not journal.done:

@@ -152,6 +152,42 @@ def shown(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) + hidden
 
 
+# Query parameters that sign a URL or bound its life rather than name the file: S3's and
+# GCS's presigned URLs (X-Amz-*, X-Goog-* and the older AWSAccessKeyId, GoogleAccessId,
+# Signature, Expires), CloudFront's (Key-Pair-Id, Policy); Azure's SAS token when it has `sig`.
+_SIGNING = re.compile(
+    r"x-amz-.*|x-goog-.*|awsaccesskeyid|googleaccessid|signature|expires|key-pair-id|policy",
+    re.IGNORECASE,
+)
+_AZURE_SAS = frozenset(
+    "sv ss srt sp se st spr sig sr si sip skoid sktid skt ske sks skv saoid suoid scid sdd ses "
+    "rscc rscd rsce rscl rsct".split()
+)
+
+
+def identity(url: str) -> str:
+    """What names the file behind `url`, for the cache: an http(s) URL without the query
+    parameters that sign it. A presigned URL expires (S3's within 7 days) and is renewed with
+    a new signature for the same file; keyed on the whole URL, each renewal downloaded the
+    weights again beside the old copy. Other URLs are returned unchanged."""
+    if scheme_of(url) not in ("http", "https"):
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return url
+    azure = any(name == "sig" for name, _ in query)
+    kept = [
+        (name, value)
+        for name, value in query
+        if not (_SIGNING.fullmatch(name) or (azure and name in _AZURE_SAS))
+    ]
+    if len(kept) == len(query):
+        return url
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
+
+
 def url_problem(url: str) -> str | None:
     """Why urllib cannot fetch this http(s) URL as written, or None. Said before any request,
     so that the error names the URL's fault rather than a socket's (and echoes no password)."""
