@@ -135,3 +135,67 @@ def test_fit_image_covers_and_centre_crops_without_stretching():
     fitted = fit_image(image, height=100, width=100)
     assert fitted.size == (100, 100)
     assert fitted.getpixel((5, 50))[2] > 200  # left edge is blue, not red
+
+
+def _adobe_rgb_profile() -> bytes:
+    """Adobe RGB (1998) as an ICC v2 matrix profile, written by hand: Pillow makes only sRGB."""
+
+    def s15(*values: float) -> bytes:
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    white = s15(0.9642, 1.0, 0.82491)  # D50, the profile connection space's white
+    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, 563) + bytes(2)  # 563/256 = 2.2
+    name = b"Adobe RGB (1998)\0"
+    tags = [
+        (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(79)),
+        (b"wtpt", b"XYZ " + bytes(4) + white),
+        (b"rXYZ", b"XYZ " + bytes(4) + s15(0.60974, 0.31111, 0.01947)),
+        (b"gXYZ", b"XYZ " + bytes(4) + s15(0.20528, 0.62567, 0.06087)),
+        (b"bXYZ", b"XYZ " + bytes(4) + s15(0.14919, 0.06322, 0.74457)),
+        (b"rTRC", gamma),
+        (b"gTRC", gamma),
+        (b"bTRC", gamma),
+    ]
+    table, data = struct.pack(">I", len(tags)), b""
+    offset = 128 + 4 + 12 * len(tags)
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (
+        struct.pack(">I", 128 + len(table) + len(data))
+        + bytes(4)
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acsp"
+        + bytes(28)
+        + white
+        + bytes(48)
+    )
+    return header + table + data
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_embedded_colour_profile_is_converted_to_srgb(fmt):
+    # Adobe RGB (200, 100, 50) is (227, 100, 42) in sRGB: a camera's orange, read as sRGB,
+    # would lose a tenth of its red.
+    stored = Image.new("RGB", (8, 8), (200, 100, 50))
+    kwargs = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    opened = open_image(_encode(stored, fmt, icc_profile=_adobe_rgb_profile(), **kwargs))
+    assert np.abs(np.subtract(opened.getpixel((4, 4)), (227, 100, 42))).max() <= 1
+
+
+def test_a_transparent_image_with_a_colour_profile_is_still_flattened_onto_white():
+    rgba = Image.new("RGBA", (8, 8), (200, 100, 50, 0))
+    rgba.putpixel((0, 0), (200, 100, 50, 255))
+    opened = open_image(_encode(rgba, "PNG", icc_profile=_adobe_rgb_profile()))
+    assert opened.getpixel((4, 4)) == (255, 255, 255)
+    assert np.abs(np.subtract(opened.getpixel((0, 0)), (227, 100, 42))).max() <= 1
+
+
+def test_an_unusable_colour_profile_leaves_the_colours_as_stored(caplog):
+    stored = Image.new("RGB", (8, 8), (200, 100, 50))
+    opened = open_image(_encode(stored, "PNG", icc_profile=b"not a profile" * 20))
+    assert opened.getpixel((4, 4)) == (200, 100, 50)
+    assert "colour profile could not be used" in caplog.text

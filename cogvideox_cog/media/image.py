@@ -6,12 +6,16 @@ sees.
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 # PIL warns at 89 MP and refuses at twice that; a phone photo is 12-50 MP. Refuse early and
 # with a message instead of decoding a decompression bomb.
@@ -21,10 +25,12 @@ _LIMIT_MP = f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP"
 # At 4:1 that crop still holds over a third of the picture; a 100:1 panorama would leave a
 # sliver stretched over the whole frame, so longer shapes are refused: the user crops instead.
 MAX_ASPECT_RATIO = 4.0
+# What the model's frames are in, and what a browser shows an untagged picture as.
+_SRGB = ImageCms.createProfile("sRGB")
 
 
 def open_image(path: Path | str) -> Image.Image:
-    """Open any common image format upright, on white where it was transparent, as RGB.
+    """Open any common image format upright, on white where it was transparent, as sRGB.
 
     Size and shape are checked from the header, before any pixel is decoded.
     """
@@ -60,6 +66,7 @@ def open_image(path: Path | str) -> Image.Image:
                 "part you want first."
             )
         key = _16_bit_png_key(image)  # before decoding, which forgets the file's layout
+        icc = image.info.get("icc_profile")
         try:
             upright = ImageOps.exif_transpose(image)
             upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
@@ -67,11 +74,34 @@ def open_image(path: Path | str) -> Image.Image:
                 rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 upright = Image.alpha_composite(background, rgba)
-            return upright.convert("RGB")
+            return _to_srgb(upright.convert("RGB"), icc)
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(
                 f"image is damaged or truncated and could not be decoded: {error}"
             ) from error
+
+
+def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """The RGB image converted to sRGB from the colour profile its file embeds.
+
+    Phones save photos in Display P3 and cameras offer Adobe RGB; read as sRGB, as Pillow's
+    convert() and diffusers' load_image do, their colours come out duller and shifted (a P3
+    green of (60, 170, 80) is (0, 173, 68) in sRGB). Images without a profile, or with an sRGB
+    one, are left as they are; so is one whose profile cannot be used (the log says so).
+    """
+    if not icc:
+        return image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = ImageCms.getProfileDescription(profile).strip()
+        if profile.profile.xcolor_space.strip() != "RGB" or "srgb" in name.lower():
+            return image
+        converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+    except (OSError, ImageCms.PyCMSError) as error:
+        log.warning(f"image: its colour profile could not be used ({error}); read as sRGB")
+        return image
+    log.info(f"image: converted from its colour profile {name[:60]!r} to sRGB")
+    return converted
 
 
 def _to_8_bits(image: Image.Image) -> Image.Image:
