@@ -6,6 +6,8 @@ clip must last (num_frames - 1) / fps seconds. Of a longer clip only that beginn
 (and decoded); a shorter one is refused with the largest frame count it can give, rather than
 slowed down or looped behind the user's back.
 Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is.
+Its colours are read with the matrix and range the clip is tagged with (BT.601 when untagged,
+as FFmpeg does). HDR is not tone-mapped; the summary says so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+from av.video.reformatter import ColorTrc
 from PIL import Image
 
 from ..errors import InputError
@@ -36,6 +39,9 @@ MAX_VIDEO_SECONDS = 600.0
 MAX_DECODED_FRAMES = 5_000
 # Timestamps are rounded on the way into a container; this much slack counts as on time.
 _EPSILON = 1e-3
+# The transfer functions of HDR video: PQ (HDR10, Dolby Vision) and HLG (what phones record
+# as HDR). Read into 8-bit RGB without tone mapping, their pictures come out dim and washed out.
+_HDR = {ColorTrc.SMPTE2084: "PQ", ColorTrc.ARIB_STD_B67: "HLG"}
 
 
 @dataclass(frozen=True)
@@ -62,9 +68,11 @@ def load_video(
         source_rate = float(stream.average_rate) if stream.average_rate else None
         targets = [i / fps for i in range(num_frames)]
         rotations: list[int] = []
+        transfers: list[int] = []
 
         def prepare(frame: av.VideoFrame) -> Image.Image:
             rotations.append(_rotation(frame))
+            transfers.append(frame.color_trc)
             return fit_image(_rgb(frame, rotations[-1]), height, width)
 
         picked, decoded, start, last_time, damage = _pick_frames(
@@ -86,6 +94,12 @@ def load_video(
         f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
         f"centre-cropped)"
     )
+    hdr = _HDR.get(transfers[0])
+    if hdr:
+        summary += (
+            f"; it is HDR ({hdr}), read without tone mapping, so its colours come out dim and "
+            f"washed out: convert it to SDR first"
+        )
     return VideoClip(picked, summary)
 
 
