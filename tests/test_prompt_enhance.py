@@ -52,6 +52,24 @@ def test_tidy_makes_one_paragraph_without_wrapping_quotes():
     assert tidy('  "A cat sits.\n\nIt  plays."  ') == "A cat sits. It plays."
 
 
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        '"Open" glows in red neon above a bar, under a sign that reads "Closed"',
+        "\u201cOpen\u201d glows in red neon above a bar, under a sign reading \u201cClosed\u201d",
+        "'Open' glows in red neon above a bar's door, under a sign that reads 'Closed'",
+    ],
+)
+def test_tidy_keeps_quotations_that_open_and_close_the_rewrite(rewrite):
+    assert tidy(rewrite) == rewrite
+
+
+def test_tidy_removes_single_quotes_around_a_rewrite_with_apostrophes():
+    assert (
+        tidy("'A cat's paw rests on the piano's keys.'") == "A cat's paw rests on the piano's keys."
+    )
+
+
 def test_whole_sentences_drops_an_unfinished_last_sentence():
     assert whole_sentences("A cat sits. It plays the") == "A cat sits."
 

@@ -98,9 +98,20 @@ def tidy(text: str) -> str:
     """One paragraph: whitespace collapsed, quotes the model wrapped it in removed."""
     text = " ".join(text.split())
     for opening, closing in ('""', "''", "\u201c\u201d"):
-        if len(text) > 1 and text[0] == opening and text[-1] == closing:
+        if _wrapped_in(text, opening, closing):
             text = text[1:-1].strip()
     return text
+
+
+def _wrapped_in(text: str, opening: str, closing: str) -> bool:
+    """Whether the first and last characters are one pair of quotes around all of `text`,
+    not the ends of two quotations inside it (`"Open" glows above a door marked "Closed"`)."""
+    if len(text) < 2 or text[0] != opening or text[-1] != closing:
+        return False
+    inside = text[1:-1]
+    if opening == "'":
+        inside = re.sub(r"(?<=\w)'(?=\w)", "", inside)  # apostrophes: "the cat's paw"
+    return opening not in inside and closing not in inside
 
 
 def whole_sentences(text: str) -> str:
