@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from cogvideox_cog.devtools.tiny_llm import save_tiny_causal_lm
+from cogvideox_cog.devtools.tiny_llm import CHAT_TEMPLATE, build_tiny_tokenizer, save_tiny_causal_lm
 from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError
 from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.prompts import enhance
@@ -23,6 +23,7 @@ from cogvideox_cog.prompts.enhance import (
     whole_sentences,
 )
 from cogvideox_cog.prompts.instruction import messages
+from cogvideox_cog.prompts.local import LocalRewriter
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
 from tests.chat_server import ChatServer, rewrite_of
@@ -276,6 +277,16 @@ def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypat
     with pytest.raises(BadSource, match=r"no weights \(.safetensors\)"):
         ensure_causal_lm(llm_server.url("no-weights.tar"), enhance.WEIGHTS_ENV)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("prompt-enhancer")]
+
+
+def test_a_checkpoint_whose_chat_template_refuses_a_system_message_fails_setup(tmp_path):
+    model = save_tiny_causal_lm(tmp_path / "no-system")
+    tokenizer = build_tiny_tokenizer()  # as Gemma's template does:
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role') }}"
+    tokenizer.chat_template = refuse + "{% endif %}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_WEIGHTS_URL: .*System role"):
+        LocalRewriter.load(model, "no-system", CPU, video_peak_gib=None, timeout=5)
 
 
 def test_the_local_rewrite_is_the_same_whatever_the_random_state(local):

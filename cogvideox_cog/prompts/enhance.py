@@ -26,14 +26,13 @@ from ..settings import setting
 from ..weights.causal_lm import ensure_causal_lm
 from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
 from .instruction import messages
-from .local import LocalRewriter
+from .local import WEIGHTS_ENV, LocalRewriter
 from .rewriter import Rewriter
 
 log = logging.getLogger(__name__)
 
 ENHANCE_ENV = "COGVIDEOX_ENHANCE_PROMPT"
 BACKENDS = ("off", "local", "openai")
-WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"
 # Apache-2.0, 3.1 GB in bf16, a chat template and no "thinking" preamble: docs/inputs.md.
 DEFAULT_WEIGHTS = "hf://Qwen/Qwen2.5-1.5B-Instruct"
 MODEL_ENV = "COGVIDEOX_ENHANCE_MODEL"

@@ -15,12 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ..errors import EnhanceError
+from ..errors import ConfigError, EnhanceError
+from .instruction import messages
 from .rewriter import Reply
 
 log = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"  # where the checkpoint is (read in enhance.py)
 
 
 class LocalRewriter:
@@ -52,6 +56,7 @@ class LocalRewriter:
         started = time.monotonic()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        _check_chat_template(tokenizer, name)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
         # Greedy, in place of the checkpoint's sampling settings (which generate() would
         # otherwise merge in, and warn about, on every call).
@@ -103,6 +108,22 @@ class LocalRewriter:
         finally:
             self.model.to("cpu")
             torch.cuda.empty_cache()
+
+
+def _check_chat_template(tokenizer, name: str) -> None:
+    """ConfigError, in setup, when the checkpoint's chat template cannot render the chat every
+    rewrite sends (a system message first): some refuse a system role (Gemma's), some
+    checkpoints have no template; either would fail every request instead."""
+    try:
+        tokenizer.apply_chat_template(
+            messages("a cat playing piano", "t2v"), add_generation_prompt=True, tokenize=False
+        )
+    except (TemplateError, ValueError) as error:
+        raise ConfigError(
+            f"{WEIGHTS_ENV}: {name} cannot be asked for a rewrite: its chat template fails on "
+            f"a chat that starts with a system message ({error}). Use a chat model whose "
+            f"template takes a system message, such as the default."
+        ) from None
 
 
 def _fits_beside(model, device: torch.device, video_peak_gib: float) -> bool:
