@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from av.video.reformatter import ColorPrimaries, Colorspace, ColorTrc
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media import clip as video_input
@@ -235,3 +235,38 @@ def test_an_hdr_clip_is_said_to_be_read_without_tone_mapping(tmp_path, trc, name
     assert f"it is HDR ({name}), read without tone mapping" in summary
     sdr = load_video(_write_clip(tmp_path / "sdr.mp4", frames=10, fps=8), 9, 8, H, W).summary
     assert "HDR" not in sdr
+
+
+# Saturated colours tell the matrices apart (by up to 25 of 255 levels); greys do not.
+PATCHES = [(200, 30, 30), (30, 180, 40), (40, 60, 220), (250, 220, 20)]
+
+
+@pytest.mark.parametrize(
+    ("colorspace", "color_range"),
+    [("ITU709", "MPEG"), ("ITU709", "JPEG"), ("ITU601", "MPEG"), ("BT2020", "MPEG")],
+    ids=["bt709-limited", "bt709-full", "bt601-limited", "bt2020-limited"],
+)
+def test_a_clip_is_read_with_the_colour_matrix_and_range_it_is_tagged_with(
+    tmp_path, colorspace, color_range
+):
+    """Phones write BT.709 (full range, some of them); a reader that took every clip as BT.601
+    limited, or ignored the range, would shift saturated colours by 20 levels and more."""
+    path = str(tmp_path / "tagged.mp4")
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    for index, colour in enumerate(PATCHES):
+        rgb[:, 16 * index : 16 * (index + 1)] = colour
+    space, value_range = getattr(Colorspace, colorspace), getattr(ColorRange, color_range)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.colorspace, stream.codec_context.color_range = space, value_range
+        for index in range(10):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=space, dst_color_range=value_range
+            )
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    first = np.asarray(load_video(path, num_frames=9, fps=8, height=48, width=64).frames[0])
+    centres = [first[24, 16 * index + 8].astype(int) for index in range(len(PATCHES))]
+    assert np.abs(np.array(centres) - np.array(PATCHES)).max() <= 3, centres
