@@ -315,5 +315,5 @@ def test_switching_loras_does_not_accumulate_tensors(generator, loras):
         return counts
 
     first = cycle()
-    for _ in range(8):
+    for _ in range(3):  # a leak of one tensor a cycle already shows in the second
         assert cycle() == first
