@@ -380,21 +380,22 @@ def _resumable(staging: Path, source: str, size: int | None, validator: str | No
 
 def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     """pget -x: Replicate's parallel downloader, extracting as it streams."""
+    shown = download.shown(url)
     remote, response = download.probe(url)  # the size for the disk check; a clear 404
     if response is not None:
         response.close()
-    cache.check_disk(staging.parent, remote.size, 0, download.shown(url))
+    cache.check_disk(staging.parent, remote.size, 0, shown)
     # pget refuses an existing destination without -f; a fresh folder rather than -f also
     # keeps an earlier attempt's files out. pget does its own retries (no resume across runs).
     cache.discard(staging)
-    log.info(f"weights: pget -x {download.shown(url)}")
+    log.info(f"weights: pget -x {shown}")
     result = subprocess.run([pget, "-x", url, str(staging)], check=False)
     if result.returncode != 0:
         raise WeightsError(
-            f"pget failed (exit {result.returncode}) fetching {download.shown(url)}; its log "
+            f"pget failed (exit {result.returncode}) fetching {shown}; its log "
             f"is above. Run setup again, or take pget off PATH to use the built-in downloader."
         )
-    check_contained(staging, download.shown(url))
+    check_contained(staging, shown)
 
 
 def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERNS) -> None:
