@@ -5,7 +5,7 @@ Content-Range, as CDNs do), counts the body bytes it sent, logs each request, an
 faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying
 Content-Length, a flipped byte, a stalled transfer, no Range support, no validators (neither
 ETag nor Last-Modified, as some hosts), or Last-Modified alone. A test changes a served file by
-replacing it in the directory.
+replacing it in the directory, or mid-download with `replace_after`.
 
 A fault is keyed by file name and applies to the next `times` responses for that file
 (None: to all of them). Offsets are offsets in the file, not in one response's body, so a
@@ -112,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
         if owner.ranges:
             self.send_header("Accept-Ranges", "bytes")
         stat = path.stat()
+        if owner._replaced_now(name):  # after this response's own headers are known
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
         if owner.etag:
             self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{size:x}"')
         if owner.last_modified:
@@ -182,6 +184,7 @@ class FileServer:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, name, Range header)
         self._bytes_sent = 0
         self._faults: dict[str, list[_Fault]] = {}
+        self._replace_after: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._httpd = _Server(("127.0.0.1", port), _Handler)
@@ -232,6 +235,12 @@ class FileServer:
         """Stop sending before `offset` for `seconds` (or until stop()), then close."""
         self._add(name, _Fault("stall", offset=offset, seconds=seconds, times=times))
 
+    def replace_after(self, name: str, responses: int) -> None:
+        """Re-upload `name` (same bytes, a new modification time: a new ETag and Last-Modified)
+        while its `responses`-th response is sent; that response still describes the old one."""
+        with self._lock:
+            self._replace_after[name] = responses
+
     def clear(self, name: str | None = None, kind: str | None = None) -> None:
         with self._lock:
             for key in [name] if name else list(self._faults):
@@ -275,6 +284,13 @@ class FileServer:
     def _spend_locked(fault: _Fault) -> None:
         if fault.times is not None:
             fault.times -= 1
+
+    def _replaced_now(self, name: str) -> bool:
+        with self._lock:
+            left = self._replace_after.pop(name, 0) - 1
+            if left > 0:
+                self._replace_after[name] = left
+            return left == 0
 
     def _count(self, sent: int) -> None:
         with self._lock:

@@ -1098,6 +1098,32 @@ def test_a_resume_keeps_only_bytes_proven_to_be_of_the_same_file(
         server.stop()
 
 
+def test_a_file_replaced_mid_download_fails_and_the_next_setup_starts_over(
+    served_dir, tmp_path, cache, tiny, monkeypatch, caplog
+):
+    """The bytes on disk belong to the old file, so the error must not promise a resume."""
+    directory = tmp_path / "host"
+    directory.mkdir()
+    size = Path(shutil.copy(served_dir / "model.tar", directory / "model.tar")).stat().st_size
+    server = FileServer(directory)
+    try:
+        server.drop_at("model.tar", size // 2)
+        server.replace_after("model.tar", responses=2)  # the probe, then the range cut short
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url("model.tar"))
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_CONNECTIONS", "1")
+        with pytest.raises(
+            WeightsError, match="changed on the server during the download"
+        ) as error:
+            ensure_weights(VARIANT)
+        assert "from the start" in str(error.value) and "resume" not in str(error.value)
+        sent = server.bytes_sent
+        assert _same_tree(tiny, ensure_weights(VARIANT))
+        assert server.bytes_sent - sent == size + 1  # from byte 0, as the error said
+        assert f"starting again from byte 0, not from byte {size // 2:,}" in caplog.text
+    finally:
+        server.stop()
+
+
 # Verification without a manifest entry: structure.
 
 

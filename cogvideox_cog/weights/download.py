@@ -52,6 +52,8 @@ BACKOFF_MAX_S = 30.0
 PROGRESS_EVERY_S = 15.0
 USER_AGENT = "cogvideox-cog weights downloader"
 RESUME_HINT = "Run setup again to resume, or check the URL and the network."
+# The bytes on disk are of the old file, and the next setup's probe sees the new validator.
+RESTART_HINT = "Run setup again: it downloads the new file from the start."
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -70,6 +72,13 @@ class _Retryable(Exception):
 
 class _Fatal(Exception):
     """A response that says retrying is pointless (4xx, the file changed)."""
+
+
+class _Changed(_Fatal):
+    """The server now serves another version of the file than the one being downloaded."""
+
+    def __init__(self, how: str):
+        super().__init__(f"the file changed on the server during the download ({how})")
 
 
 @dataclass
@@ -497,11 +506,18 @@ class RangedStream(Stream):
                 policy.failed(
                     error,
                     f"{self.remote.shown} at byte {at:,}",
-                    lambda reason, at=at: (
+                    lambda reason, at=at, error=error: (
                         f"download of {self.remote.shown} failed after {at:,} of "
-                        f"{self.total:,} bytes: {reason}. " + self.hint
+                        f"{self.total:,} bytes: {reason}. " + self._hint(error)
                     ),
                 )
+
+    def _hint(self, error: Exception) -> str:
+        """The weights' resume hint is wrong once the file changed: what is on disk belongs to
+        the old one. A caller's own hint (try the request again) stays right."""
+        if isinstance(error, _Changed) and self.hint == RESUME_HINT:
+            return RESTART_HINT
+        return self.hint
 
     def _request(self, chunk: _Chunk, view: memoryview) -> int:
         """One GET of the rest of `chunk`; returns where its body ends in the chunk."""
@@ -547,7 +563,7 @@ class RangedStream(Stream):
         if total != "*" and int(total) != self.total:
             changed = f"size {self.total:,}, now {int(total):,}"
         if changed:
-            raise _Fatal(f"the file changed on the server during the download ({changed})")
+            raise _Changed(changed)
         expected = int(match[2]) - first + 1
         length = headers.get("Content-Length")
         if length != str(expected):
@@ -671,7 +687,7 @@ def open_url(
             raise _Fatal(f"HTTP {reader.status} for the whole file")
         changed = remote.changed(reader.headers)
         if changed:
-            raise _Fatal(f"the file changed on the server during the download ({changed})")
+            raise _Changed(changed)
         skip = bytearray(READ_BYTES)
         while position > 0:  # no Range: fetch and drop what we already have
             got = _read_some(reader, memoryview(skip)[: min(position, READ_BYTES)])
