@@ -15,10 +15,16 @@ number of cells (unescaped `|`, code spans included, split cells).
 
 Cog commands: no page but the changelog says `cog predict`, which Cog 0.20 deprecated for
 `cog run`.
+
+Inputs: every input a predictor declares has a row in docs/inputs.md's table, and every row of
+an inputs table (there and in README.md: a table whose first header cell is `input`) names a
+declared input and states its bounds (`ge`-`le`, or `ge` to `le`) and choices. The predictors
+are read as source, as `cog build` reads them, so torch is not imported.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -232,6 +238,103 @@ def test_the_docs_run_models_with_cog_run_not_the_deprecated_cog_predict():
     assert not problems, _report(problems)
 
 
+# The inputs tables against the predictors' declarations.
+
+INPUT_TABLES = ("docs/inputs.md", "README.md")
+_INPUT_HEADER = re.compile(r"^ {0,3}\|\s*input\s*\|")
+_INPUT_NAME = re.compile(r"`([a-z_]+)`")
+
+
+def declared_inputs(sources: list[str]) -> dict[str, dict]:
+    """Each input of the predictors' `run()`: the `ge`, `le` and `choices` its Input() gives."""
+    declared: dict[str, dict] = {}
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if not (isinstance(node, ast.FunctionDef) and node.name == "run"):
+                continue
+            arguments = node.args.args[len(node.args.args) - len(node.args.defaults) :]
+            for argument, default in zip(arguments, node.args.defaults, strict=True):
+                if isinstance(default, ast.Call) and getattr(default.func, "id", "") == "Input":
+                    declared[argument.arg] = {
+                        k.arg: ast.literal_eval(k.value)
+                        for k in default.keywords
+                        if k.arg in ("ge", "le", "choices")
+                    }
+    return declared
+
+
+def predictor_inputs(root: Path = ROOT) -> dict[str, dict]:
+    return declared_inputs([p.read_text() for p in sorted(root.glob("predict_*.py"))])
+
+
+def input_rows(markdown: str) -> dict[str, str]:
+    """Input name -> its row, from every table whose first header cell is `input`."""
+    rows: dict[str, str] = {}
+    in_table = False
+    for line, visible in zip(markdown.split("\n"), prose(markdown).split("\n"), strict=True):
+        if _INPUT_HEADER.match(visible):
+            in_table = True
+        elif not visible.strip():
+            in_table = False
+        elif in_table and not _TABLE_DELIMITER.match(visible):
+            first_cell = line.strip().removeprefix("|").split("|")[0]
+            rows.update((name, line) for name in _INPUT_NAME.findall(first_cell))
+    return rows
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def bound_problems(declared: dict[str, dict], rows: dict[str, str]) -> list[str]:
+    """Rows of inputs with `ge` and `le` that state neither `ge-le` nor `ge to le`."""
+    problems = []
+    for name, row in rows.items():
+        rules = declared.get(name, {})
+        if "ge" in rules and "le" in rules:
+            low, high = _number(rules["ge"]), _number(rules["le"])
+            if f"{low}-{high}" not in row and f"{low} to {high}" not in row:
+                problems.append(f"{name}: the row does not say {low}-{high}: {row.strip()}")
+    return problems
+
+
+def choice_problems(declared: dict[str, dict], rows: dict[str, str]) -> list[str]:
+    """Rows of inputs with choices that leave one of them out."""
+    return [
+        f"{name}: the row does not list `{choice}`: {row.strip()}"
+        for name, row in rows.items()
+        for choice in declared.get(name, {}).get("choices", [])
+        if f"`{choice}`" not in row
+    ]
+
+
+def _input_rows_of(page: str) -> dict[str, str]:
+    return input_rows((ROOT / page).read_text(encoding="utf-8"))
+
+
+def test_every_predictor_input_has_a_row_in_the_inputs_page():
+    missing = set(predictor_inputs()) - set(_input_rows_of("docs/inputs.md"))
+    assert not missing, f"not in docs/inputs.md's table: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("page", INPUT_TABLES)
+def test_every_input_row_names_an_input_the_predictors_declare(page):
+    unknown = set(_input_rows_of(page)) - set(predictor_inputs())
+    assert not unknown, f"{page} documents inputs no predictor has: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("page", INPUT_TABLES)
+def test_every_input_row_states_the_bounds_the_predictors_declare(page):
+    problems = bound_problems(predictor_inputs(), _input_rows_of(page))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", INPUT_TABLES)
+def test_every_input_row_lists_the_choices_the_predictors_declare(page):
+    problems = choice_problems(predictor_inputs(), _input_rows_of(page))
+    assert not problems, "\n".join(problems)
+
+
 def test_the_readme_stays_a_short_read():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move details to docs/"
@@ -354,3 +457,49 @@ def test_table_cells_count_escaped_pipes_as_text_and_skip_code_blocks(tmp_path):
     text = "| a | b |\n|:--|--:|\n| x \\| y | 2 |\n\n```\n| a | b |\n|---|---|\n| 1 |\n```\n"
     [page] = _tree(tmp_path, {"page.md": text})
     assert table_problems(page, tmp_path) == []
+
+
+_PREDICTOR = """
+class Predictor:
+    def run(
+        self,
+        steps: int = Input(description="Steps.", ge=1, le=500, default=50),
+        scale: float = Input(description="Scale.", ge=-1.0, le=0.5, default=0.0),
+        mode: str = Input(description="Mode.", choices=["slow", "fast"], default="slow"),
+        prompt: str = Input(description="Prompt."),
+    ) -> str:
+        return prompt
+"""
+
+
+def test_inputs_are_read_from_the_predictor_source_with_their_bounds_and_choices():
+    assert declared_inputs([_PREDICTOR]) == {
+        "steps": {"ge": 1, "le": 500},
+        "scale": {"ge": -1.0, "le": 0.5},
+        "mode": {"choices": ["slow", "fast"]},
+        "prompt": {},
+    }
+
+
+def test_an_input_row_with_other_bounds_is_reported():
+    table = (
+        "| input | type |\n|---|---|\n| `steps` | int 1-50 |\n| `scale` | float -1 to 0.5 |\n"
+        "| `prompt` | string |\n"
+    )
+    problems = bound_problems(declared_inputs([_PREDICTOR]), input_rows(table))
+    assert [p.split(":")[0] for p in problems] == ["steps"]
+
+
+def test_an_input_row_without_one_of_the_choices_is_reported():
+    table = "| input | type |\n|---|---|\n| `mode` | `slow` or fast |\n"
+    problems = choice_problems(declared_inputs([_PREDICTOR]), input_rows(table))
+    assert problems == ["mode: the row does not list `fast`: | `mode` | `slow` or fast |"]
+
+
+def test_input_rows_come_only_from_tables_headed_input_and_outside_code():
+    text = (
+        "| input | type |\n|---|---|\n| `steps`, `scale` | int |\n\n"
+        "| metric | what |\n|---|---|\n| `seed` | x |\n\n"
+        "```\n| input | type |\n|---|---|\n| `mode` | x |\n```\n"
+    )
+    assert set(input_rows(text)) == {"steps", "scale"}
