@@ -74,7 +74,7 @@ def choose_vae_tiling(requested: str, variant: Variant, device: torch.device) ->
     """Resolve COGVIDEOX_VAE_TILING: whether the VAE decodes in tiles.
 
     `on` is upstream's choice (cli_demo.py tiles) and the default, so the frames are the
-    reference ones. Decoding whole frames is faster (5B: 2.34 s against 4.15 s on an H100)
+    reference ones. Decoding whole frames is faster (5B: 2.34 s against 3.46 s on an H100)
     but needs 11 GiB more, and the frames differ slightly where the tiles were blended, so
     `auto` untiles only where that peak was measured and fits the free memory.
     """

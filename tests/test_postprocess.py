@@ -28,7 +28,9 @@ from cogvideox_cog.postprocess import (
     rrdbnet,
 )
 from cogvideox_cog.postprocess.weights import load_model, read_state_dict
+from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.manifest import sha256_file
+from tests.file_server import FileServer
 
 CPU = torch.device("cpu")
 HEIGHT, WIDTH = 32, 48  # even, not square, small
@@ -200,6 +202,32 @@ def test_setup_caches_the_file_and_reuses_it(tmp_path, monkeypatch):
     (tmp_path / "x4.pth").unlink()  # a second setup needs only the cache
     assert load_model(source, _build_rrdbnet).scale == 4
     assert len(list((tmp_path / "cache" / "postprocess").glob("*/x4.pth"))) == 1
+
+
+def test_a_renewed_presigned_url_reuses_the_cached_file_and_logs_no_signature(
+    tmp_path, monkeypatch, caplog
+):
+    """A presigned URL expires (S3's within 7 days); renewed, it names the same file."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    host = tmp_path / "host"
+    host.mkdir()
+    save_tiny_realesrgan(host / "x4.pth")
+    server = FileServer(host)
+    try:
+        signed = server.url("x4.pth") + "?X-Amz-Expires=604800&X-Amz-Signature="
+        monkeypatch.setenv(UPSCALE_URL_ENV, signed + "sig-one")
+        load_model(_source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused"), _build_rrdbnet)
+        fetched = len(server.requests)
+        monkeypatch.setenv(UPSCALE_URL_ENV, signed + "sig-two")
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused")
+        assert load_model(source, _build_rrdbnet).scale == 4
+        assert len(server.requests) == fetched  # from the cache
+    finally:
+        server.stop()
+    [entry] = (tmp_path / "cache" / "postprocess").glob("real-esrgan-*")
+    assert "X-Amz-Signature" not in (entry / COMPLETE_MARKER).read_text()
+    assert "sig-one" not in caplog.text
 
 
 def test_bad_weights_fail_setup_and_leave_nothing_cached(tmp_path, monkeypatch):

@@ -234,6 +234,22 @@ def test_a_bad_setting_fails_setup_before_the_video_weights_are_fetched(monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "source", ["s3://bucket/qwen.tar", "hf://Qwen", "https://user:secret@example.com/qwen.tar"]
+)
+def test_a_local_model_source_that_cannot_work_fails_setup_before_the_video_weights(
+    monkeypatch, tmp_path, source
+):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "local")
+    monkeypatch.setenv(enhance.WEIGHTS_ENV, source)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "http://127.0.0.1:9/never.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=enhance.WEIGHTS_ENV) as error:
+        VideoGenerator.from_env("t2v")
+    assert "secret" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # The local backend and its weights
 
 
@@ -270,6 +286,17 @@ def test_the_local_model_is_cached_with_a_completion_marker_and_reused(local, ll
     assert (root.parent / COMPLETE_MARKER).is_file()
     assert (root / "config.json").is_file()
     assert len(llm_server.requests) == fetches  # no download the second time
+
+
+def test_a_renewed_presigned_url_reuses_the_cached_model(llm_server, tmp_path, monkeypatch):
+    """A presigned URL expires (S3's within 7 days); renewed, it names the same checkpoint."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    signed = llm_server.url("llm.tar") + "?X-Amz-Expires=604800&X-Amz-Signature="
+    first = ensure_causal_lm(signed + "sig-one", enhance.WEIGHTS_ENV)
+    fetches = len(llm_server.requests)
+    assert ensure_causal_lm(signed + "sig-two", enhance.WEIGHTS_ENV) == first
+    assert len(llm_server.requests) == fetches
+    assert "X-Amz-Signature" not in (first.parent / COMPLETE_MARKER).read_text()
 
 
 def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypatch):

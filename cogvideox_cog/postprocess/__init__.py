@@ -72,15 +72,19 @@ class Postprocessor:
     @classmethod
     def from_env(cls, device: torch.device) -> Postprocessor:
         interpolator = upscaler = None
+        # Every setting is read before the first download: a mistyped one fails at once.
+        rife = esrgan = None
         if _enabled(INTERPOLATE_ENV):
-            source = _source("RIFE", INTERPOLATE_URL_ENV, INTERPOLATE_SHA256_ENV, DEFAULT_RIFE_URL)
-            interpolator = load_model(source, _build_ifnet)
-            log.info(f"setup: interpolate enabled, RIFE IFNet 4.25/4.26 from {source.url}")
+            rife = _source("RIFE", INTERPOLATE_URL_ENV, INTERPOLATE_SHA256_ENV, DEFAULT_RIFE_URL)
         if _enabled(UPSCALE_ENV):
-            source = _source("Real-ESRGAN", UPSCALE_URL_ENV, UPSCALE_SHA256_ENV, DEFAULT_ESRGAN_URL)
-            upscaler = load_model(source, _build_rrdbnet)
+            esrgan = _source("Real-ESRGAN", UPSCALE_URL_ENV, UPSCALE_SHA256_ENV, DEFAULT_ESRGAN_URL)
+        if rife:
+            interpolator = load_model(rife, _build_ifnet)
+            log.info(f"setup: interpolate enabled, RIFE IFNet 4.25/4.26 from {rife.shown}")
+        if esrgan:
+            upscaler = load_model(esrgan, _build_rrdbnet)
             log.info(
-                f"setup: upscale enabled, Real-ESRGAN RRDBNet x{upscaler.scale} from {source.url}"
+                f"setup: upscale enabled, Real-ESRGAN RRDBNet x{upscaler.scale} from {esrgan.shown}"
             )
         return cls(interpolator, upscaler, device)
 

@@ -47,6 +47,16 @@ class ModelSource:
     url_env: str
     sha256_env: str
 
+    @property
+    def shown(self) -> str:
+        """The URL as logs and errors show it: no query string, no user:password."""
+        return download.shown(self.url)
+
+    @property
+    def key(self) -> str:
+        """What names the file in the cache: a renewed presigned URL is the same file."""
+        return download.identity(self.url)
+
 
 def load_model(source: ModelSource, build: Callable[[dict[str, torch.Tensor]], M]) -> M:
     """build(state dict of the cached file); fetched first if needed, again once if it fails."""
@@ -68,7 +78,7 @@ def load_model(source: ModelSource, build: Callable[[dict[str, torch.Tensor]], M
 
 def _bad(source: ModelSource, error: Exception) -> WeightsError:
     return WeightsError(
-        f"{source.name} weights from {source.url} are not usable: {error}. They were "
+        f"{source.name} weights from {source.shown} are not usable: {error}. They were "
         f"discarded. Set {source.url_env} to a plain state dict (safetensors, or a .pth/.pkl "
         f"of tensors only) of this architecture."
     )
@@ -98,7 +108,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _ensure(source: ModelSource) -> tuple[Path, bool]:
     """(the cached file, whether it was fetched just now)."""
     name = Path(source.url.split("?")[0]).name or "model"
-    digest = hashlib.sha256(f"{source.url} {source.sha256}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{source.key} {source.sha256}".encode()).hexdigest()[:12]
     root = weights_root() / FOLDER
     entry = root / f"{source.name.lower()}-{digest}"
     if _published(entry, name, source):
@@ -121,12 +131,12 @@ def _ensure(source: ModelSource) -> tuple[Path, bool]:
         size = (staging / name).stat().st_size
         marker = {
             "format": cache.MARKER_FORMAT,
-            "source": source.url,
+            "source": source.key,  # never a presigned URL's signature
             "files": {name: {"size": size, "sha256": found}},
         }
         cache.publish(staging, entry, marker)
         log.info(
-            f"{source.name}: {download.human(size)} from {source.url} ready in "
+            f"{source.name}: {download.human(size)} from {source.shown} ready in "
             f"{time.monotonic() - started:.1f} s (sha256 {found})"
         )
     return entry / name, True
@@ -134,7 +144,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool]:
 
 def _published(entry: Path, name: str, source: ModelSource) -> bool:
     marker = cache.read_marker(entry)
-    if not marker or marker.get("source") != source.url:
+    if not marker or marker.get("source") != source.key:
         return False
     recorded = marker.get("files", {}).get(name, {})
     path = entry / name
@@ -158,7 +168,7 @@ def _fetch(source: ModelSource, dest: Path) -> str:
                 )
         except download.TooLarge as error:
             raise BadSource(
-                f"{source.name} weights at {source.url} are {error}, over "
+                f"{source.name} weights at {source.shown} are {error}, over "
                 f"{download.human(MAX_BYTES)}: not a frame model; check {source.url_env}"
             ) from None
     else:
@@ -168,7 +178,7 @@ def _fetch(source: ModelSource, dest: Path) -> str:
     found = sha256_file(dest).hexdigest()
     if source.sha256 and found != source.sha256.lower():
         raise BadSource(
-            f"{source.name} weights from {source.url} have sha256 {found}, not the "
+            f"{source.name} weights from {source.shown} have sha256 {found}, not the "
             f"{source.sha256} that {source.sha256_env} pins: discarded."
         )
     return found

@@ -23,7 +23,8 @@ import torch
 from ..errors import ConfigError, EnhanceError
 from ..inputs import MAX_PROMPT_CHARS, is_blank
 from ..settings import setting
-from ..weights.causal_lm import ensure_causal_lm
+from ..weights import download
+from ..weights.causal_lm import ensure_causal_lm, source_problem
 from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
 from .instruction import messages
 from .local import WEIGHTS_ENV, LocalRewriter
@@ -140,6 +141,8 @@ def config_from_env() -> EnhanceConfig | None:
     timeout = _timeout()
     if backend == "local":
         weights = setting(WEIGHTS_ENV, DEFAULT_WEIGHTS)
+        if problem := source_problem(weights):
+            raise ConfigError(f"{WEIGHTS_ENV}={download.shown(weights)!r} {problem}.")
         return EnhanceConfig(backend, timeout, weights=weights)
     base_url = setting(BASE_URL_ENV, DEFAULT_BASE_URL)
     if not base_url.startswith(("http://", "https://")):

@@ -16,7 +16,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from ..errors import BadSource, WeightsError
-from . import cache, content_check, fetch_hub, fetch_tar, weights_root
+from . import cache, content_check, download, fetch_hub, fetch_tar, weights_root
 from .hub import parse_hf_url
 from .manifest import Manifest, sha256_file
 from .verify import Verified, check_contained, check_safetensors, check_shard_index
@@ -38,29 +38,38 @@ HF_PATTERNS = (
 CHECKS = ["layout", "config", "tokenizer", "safetensors", "shard indexes"]
 
 
+def source_problem(source: str) -> str | None:
+    """Why `source` cannot name a checkpoint, or None. Also asked when setup starts, so a
+    mistyped setting fails before the video weights' download, not after it."""
+    if Path(source).expanduser().exists():
+        return None
+    if source.startswith("hf://"):
+        return None if parse_hf_url(source) else "is not hf://org/repo[@revision]"
+    if source.startswith(("http://", "https://")):
+        return download.url_problem(source)
+    return "is neither hf://org/repo[@revision], an http(s) URL, nor an existing tar or directory"
+
+
 def ensure_causal_lm(source: str, setting: str) -> Path:
     """A directory holding the checkpoint at `source` (named by the env var `setting` in
     errors), downloaded into the weights cache and verified if it is not there yet."""
     local = Path(source).expanduser()
     if local.is_dir():
         return verify_causal_lm(local, source).root
-    remote = parse_hf_url(source) or source.startswith(("http://", "https://"))
-    if not remote and not local.is_file():
-        raise WeightsError(
-            f"{setting}={source!r} is neither hf://org/repo[@revision], an http(s) URL, "
-            f"nor an existing tar or directory."
-        )
+    if problem := source_problem(source):
+        raise WeightsError(f"{setting}={download.shown(source)!r} {problem}.")
     manifest = Manifest(variant="prompt-enhancer")  # nothing known beyond the layout
     check = content_check()
     root_dir = weights_root()
-    entry = root_dir / f"prompt-enhancer-{sha256(source.encode()).hexdigest()[:12]}"
-    root = cache.published(entry, [source], manifest, check)
+    key = download.identity(source)  # as for the video weights: a renewed URL, the same file
+    entry = root_dir / f"prompt-enhancer-{sha256(key.encode()).hexdigest()[:12]}"
+    root = cache.published(entry, [key], manifest, check)
     if root is not None:
         log.info(f"prompt enhancer: using cached {root}")
         return root
     root_dir.mkdir(parents=True, exist_ok=True)
     with cache.locked(root_dir / f".{entry.name}.lock"):
-        root = cache.published(entry, [source], manifest, check, explain=True)
+        root = cache.published(entry, [key], manifest, check, explain=True)
         if root is not None:
             return root
         cache.discard(entry)
@@ -70,7 +79,8 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
 def _fetch(source: str, entry: Path, manifest: Manifest, check: str) -> Path:
     staging = entry.parent / f".{entry.name}.staging"
     started = time.monotonic()
-    log.info(f"prompt enhancer: fetching {source} into {entry}")
+    shown = download.shown(source)
+    log.info(f"prompt enhancer: fetching {shown} into {entry}")
     try:
         if source.startswith("hf://"):
             fetch_hub(source, staging, HF_PATTERNS)
@@ -84,11 +94,12 @@ def _fetch(source: str, entry: Path, manifest: Manifest, check: str) -> Path:
     if check == "sha256":
         for rel, found in verified.files.items():
             found["sha256"] = found["sha256"] or sha256_file(verified.root / rel).hexdigest()
-    marker = {"format": cache.MARKER_FORMAT, "variant": entry.name, "source": source}
+    key = download.identity(source)  # never a presigned URL's signature
+    marker = {"format": cache.MARKER_FORMAT, "variant": entry.name, "source": key}
     marker.update(cache.marker_fields(verified, staging, manifest))
     cache.publish(staging, entry, marker)
     log.info(
-        f"prompt enhancer: {source} ready in {time.monotonic() - started:.1f} s "
+        f"prompt enhancer: {shown} ready in {time.monotonic() - started:.1f} s "
         f"({verified.size / 1e9:.2f} GB; checked: {', '.join(verified.checks)})"
     )
     return entry / verified.root.relative_to(staging)
@@ -98,7 +109,7 @@ def verify_causal_lm(
     directory: Path, source: str, hashes: dict[str, str | None] | None = None
 ) -> Verified:
     """Check a transformers causal-LM checkpoint: config, tokenizer, whole safetensors."""
-    check_contained(directory, source)
+    check_contained(directory, download.shown(source))
     root = _model_root(directory)
     files = {}
     for path in sorted(root.rglob("*")):
@@ -121,7 +132,9 @@ def verify_causal_lm(
             problems += [f"{rel}: {p}" for p in check_shard_index(root / rel)]
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:12])
-        raise BadSource(f"{source} is not a complete transformers checkpoint:\n{shown}")
+        raise BadSource(
+            f"{download.shown(source)} is not a complete transformers checkpoint:\n{shown}"
+        )
     return Verified(root=root, checks=list(CHECKS), files=files)
 
 
