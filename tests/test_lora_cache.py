@@ -270,6 +270,20 @@ def test_http_error_names_the_status(served, cache):
         cache.get(server.url("missing.safetensors"))
 
 
+def test_a_presigned_urls_signature_is_in_no_log_or_error(served, cache, caplog):
+    root, server = served
+    caplog.set_level("INFO", logger="cogvideox_cog")
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    _serve(root, "cut.safetensors", _lora_bytes(1)[:-10])
+    signed = "?X-Amz-Expires=3600&X-Amz-Signature=secret-signature"
+    cache.get(server.url("a.safetensors") + signed)
+    for name in ("cut.safetensors", "missing.safetensors"):
+        with pytest.raises(LoraError) as error:
+            cache.get(server.url(name) + signed)
+        assert "secret-signature" not in str(error.value)
+    assert "a.safetensors" in caplog.text and "secret-signature" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "url",
     [

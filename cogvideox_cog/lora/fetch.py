@@ -68,20 +68,22 @@ def fetch_lora(url: str, staging: Path, cancelled: threading.Event, max_bytes: i
         _fetch_http(url, download_path, cancelled, max_bytes)
     if cancelled.is_set():
         raise LoraError("download cancelled")
-    lora = _lora_file(url, download_path, staging, max_bytes)
+    shown = download.shown(url)  # no presigned URL's signature in errors and logs
+    lora = _lora_file(shown, download_path, staging, max_bytes)
     problems = check_safetensors(lora)
     if problems:
-        raise LoraError(f"the LoRA at {url} is not a valid safetensors file: {problems[0]}")
+        raise LoraError(f"the LoRA at {shown} is not a valid safetensors file: {problems[0]}")
     return lora
 
 
 def _fetch_http(url: str, dest: Path, cancelled: threading.Event, max_bytes: int) -> None:
     hint = "Check the URL and the network, and try again."
+    shown = download.shown(url)
     try:
         with dest.open("wb") as out:
-            download.fetch_capped(url, out, max_bytes, cancelled, f"LoRA {url}", hint)
+            download.fetch_capped(url, out, max_bytes, cancelled, f"LoRA {shown}", hint)
     except download.TooLarge as error:
-        raise _too_big(url, error.size, max_bytes, error.at_least) from None
+        raise _too_big(shown, error.size, max_bytes, error.at_least) from None
     except WeightsError as error:
         raise LoraError(f"could not download the LoRA: {error}") from None
 

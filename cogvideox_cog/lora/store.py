@@ -77,7 +77,7 @@ class LoraCache:
             except FileNotFoundError:  # evicted by another server sharing the folder just now
                 cached = None
         if cached is not None:
-            log.info(f"lora: {url} cached as {cached.stem[:12]}")
+            log.info(f"lora: {download.shown(url)} cached as {cached.stem[:12]}")
             return cached
         for folder in (self.blobs, self.urls, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,9 @@ class LoraCache:
         self._record(url, blob)
         self.evict(keep=blob)
         size = blob.stat().st_size
+        seconds = time.monotonic() - started
         log.info(
-            f"lora: {url} fetched ({download.human(size)}) in {time.monotonic() - started:.1f} s"
+            f"lora: {download.shown(url)} fetched ({download.human(size)}) in {seconds:.1f} s"
             f" as {blob.stem[:12]}"
         )
         return blob
@@ -163,8 +164,9 @@ class LoraCache:
             return download.with_deadline(staged, self.timeout_s, "lora-download")
         except download.DeadlineExceeded:
             raise LoraError(
-                f"downloading the LoRA at {url} took longer than {self.timeout_s:g} s "
-                f"({TIMEOUT_ENV}); check the URL, or host the file closer to the server"
+                f"downloading the LoRA at {download.shown(url)} took longer than "
+                f"{self.timeout_s:g} s ({TIMEOUT_ENV}); check the URL, or host the file closer "
+                f"to the server"
             ) from None
 
     def _fetch(self, url: str, staging: Path, cancelled: threading.Event) -> Path:

@@ -126,7 +126,8 @@ def _download(name: str, url: str, out) -> None:
         # One retry at most, in a row: a URL that fails twice fails the prediction within a
         # second or two, and a body cut short is still resumed where it stopped.
         hint = "Check the URL and try again."
-        download.fetch_capped(url, out, cap, cancelled, f"{name} {url}", hint, retries=1)
+        what = f"{name} {download.shown(url)}"
+        download.fetch_capped(url, out, cap, cancelled, what, hint, retries=1)
 
     try:
         download.with_deadline(fetch, seconds, f"{name}-download")
@@ -134,8 +135,8 @@ def _download(name: str, url: str, out) -> None:
         raise _too_big(name, error.size, cap, error.at_least) from None
     except download.DeadlineExceeded:
         raise InputError(
-            f"downloading {name} from {url} took longer than {seconds:g} s ({TIMEOUT_ENV}); "
-            f"host it closer to the server, or send a smaller file."
+            f"downloading {name} from {download.shown(url)} took longer than {seconds:g} s "
+            f"({TIMEOUT_ENV}); host it closer to the server, or send a smaller file."
         ) from None
     except WeightsError as error:
         raise InputError(f"{name}: {error}") from None
