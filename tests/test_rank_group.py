@@ -36,6 +36,7 @@ def _group_answering(answers: list[tuple[float, object]]) -> group.RankGroup:
         ranks._processes.append(process)
         ranks._conns.append(ours)
     ranks._inbox = group._Inbox(ranks._processes, ranks._conns, ranks._rank_ended)
+    ranks._outbox = group._Outbox()
     return ranks
 
 
@@ -43,8 +44,9 @@ def test_rank_0_working_alone_after_the_others_stopped_is_waited_for_past_the_bo
     """Its decode and encode (a 4x upscaled video) can outlast the cancel bound; the others
     are out of every collective, so it is slow, not stuck."""
     ranks = _group_answering([(3 * BOUND_S, Done(0, None)), (0.0, Canceled(1, 2))])
+    outcomes = {}
     try:
-        outcomes = ranks._outcomes(bound=BOUND_S)
+        ranks._outcomes(outcomes, bound=BOUND_S)
     finally:
         ranks.close(ask=False)
     assert set(outcomes) == {0, 1} and ranks.failure is None
@@ -54,7 +56,7 @@ def test_another_rank_late_past_the_bound_stops_the_group_as_stuck():
     ranks = _group_answering([(0.0, Canceled(0, 2)), (30.0, Canceled(1, 2))])
     try:
         with pytest.raises(RankGroupError, match=r"ranks \[1\] did not finish within 0 s"):
-            ranks._outcomes(bound=BOUND_S)
+            ranks._outcomes({}, bound=BOUND_S)
     finally:
         ranks.close(ask=False)
     assert "stuck" in ranks.failure

@@ -7,6 +7,9 @@ hands each request to all of them, and reports what rank 0 says. It loads no mod
   runs the prediction in, so the prediction carries them as on one GPU.
 - Cancel: Cog raises its CancelationException in that thread; the group sets the ranks'
   shared flag, waits until every rank has stopped (after the same step), and re-raises.
+  The exception may land at any bytecode, so that thread neither writes nor reads a pipe
+  (_Outbox, _Inbox), and keeps every answer it read in a dict the wait after a cancel
+  carries on with.
 - A rank that exits fails the running prediction at once, the other ranks are stopped, and
   healthcheck() fails from then on, so the orchestrator replaces the container.
 """
@@ -18,6 +21,7 @@ import collections
 import contextlib
 import logging
 import multiprocessing
+import queue
 import signal
 import socket
 import threading
@@ -87,6 +91,7 @@ class RankGroup:
             self._conns.append(ours)
         atexit.register(self.close)
         self._inbox = _Inbox(self._processes, self._conns, self._rank_ended)
+        self._outbox = _Outbox()
 
     @classmethod
     def start(cls, mode: Mode, world_size: int) -> RankGroup:
@@ -121,16 +126,17 @@ class RankGroup:
         """VideoGenerator.check, run by rank 0: the checks need its model's settings."""
         if self.failure is not None:
             raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
-        self._conns[0].send(Check(request))
+        command, answers = _Handout(Check(request), self._conns[:1]), {}
         try:
-            answer = self._outcomes(answering=1)[0]
+            self._outbox.send(command)
+            self._outcomes(answers, answering=1)
         except RankGroupError:
             raise
         except BaseException:  # a cancel: read the answer, or the next request takes it
-            self._outcomes(bound=CANCEL_BOUND_S, answering=1)
+            self._await_stop(command, answers, answering=1)
             raise
-        if isinstance(answer, Failed):
-            raise _error(answer)
+        if isinstance(answers[0], Failed):
+            raise _error(answers[0])
 
     def predict(self, request: Request) -> Path:
         """Every rank renders the request; rank 0's mp4 (one kept on disk, as on one GPU)."""
@@ -138,38 +144,47 @@ class RankGroup:
             raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
         request = replace(request, seed=inputs.resolve_seed(request.seed))
         self._cancel.clear()
-        for conn in self._conns:
-            conn.send(Render(request))
+        render, outcomes = _Handout(Render(request), self._conns), {}
         try:
-            outcomes = self._outcomes()
+            self._outbox.send(render)
+            self._outcomes(outcomes)
         except RankGroupError:
             raise
         except BaseException:  # Cog's CancelationException, raised in this thread
             self._cancel.set()
-            self._await_stop()
+            self._await_stop(render, outcomes)
+            if render.sent:
+                steps = sorted({o.step + 1 for o in outcomes.values() if isinstance(o, Canceled)})
+                log.info(f"canceled: {len(outcomes)} ranks stopped, after step {steps}")
             raise
         return _output(outcomes)
 
-    def _await_stop(self) -> None:
-        """Wait until every rank has stopped the canceled request, whatever else Cog raises
-        meanwhile (a second cancel): the next request must find them all idle."""
+    def _await_stop(
+        self, handout: _Handout, outcomes: dict[int, Outcome], answering: int | None = None
+    ) -> None:
+        """After a cancel: once the outbox has sent the handout to every rank or withdrawn it,
+        wait until every rank that got it has answered, whatever else Cog raises meanwhile (a
+        second cancel): the next request must find them all idle. `outcomes` holds what was
+        read before the cancel: a rank that answered then (rank 1 while rank 0 decodes) will
+        not answer again, and waiting for it would take it for stuck."""
         while True:
             try:
-                stopped = self._outcomes(bound=CANCEL_BOUND_S)
-                break
+                if self._outbox.settle(handout):
+                    self._outcomes(outcomes, bound=CANCEL_BOUND_S, answering=answering)
+                return
             except RankGroupError:
                 raise
             except BaseException:
                 continue
-        steps = sorted({o.step + 1 for o in stopped.values() if isinstance(o, Canceled)})
-        log.info(f"canceled: {len(stopped)} ranks stopped, after step {steps}")
 
     def _outcomes(
-        self, bound: float | None = None, answering: int | None = None
-    ) -> dict[int, Outcome]:
-        """Each rank's outcome of the request (of the first `answering` ranks'), relaying
-        rank 0's log lines and metrics."""
-        outcomes: dict[int, Outcome] = {}
+        self,
+        outcomes: dict[int, Outcome],
+        bound: float | None = None,
+        answering: int | None = None,
+    ) -> None:
+        """Each rank's outcome of the request (of the first `answering` ranks') into
+        `outcomes`, relaying rank 0's log lines and metrics."""
         deadline = None if bound is None else time.monotonic() + bound
         answering = answering or self.world_size
         while len(outcomes) < answering:
@@ -194,7 +209,6 @@ class RankGroup:
                     self._cancel.set()
                     bound, deadline = FAILURE_GRACE_S, time.monotonic() + FAILURE_GRACE_S
             self._inbox.done()
-        return outcomes
 
     def healthcheck(self) -> bool:
         """Cog's health check: True, or RankGroupError saying which rank ended and how (Cog
@@ -234,6 +248,7 @@ class RankGroup:
                 process.kill()
                 process.join()
         self._inbox.close()
+        self._outbox.close()
 
 
 def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:
@@ -273,13 +288,86 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Handout:
+    """A command for some ranks: the outbox sends it to every one of them, or to none."""
+
+    def __init__(self, message: Render | Check, conns: list[Connection]):
+        self.message, self.conns = message, conns
+        self.sent: bool | None = None  # None until the outbox has sent or withdrawn it
+        self.error: Exception | None = None
+        self.settled = threading.Event()
+
+
+class _Outbox:
+    """The ranks' commands, sent by a thread of their own.
+
+    Cog cancels by raising CancelationException in the prediction thread at any bytecode
+    (PyThreadState_SetAsyncExc), and no Python code can hold it off there. Had that thread
+    sent a Render rank by rank, a cancel between two sends would leave rank 0 rendering a
+    request the others never got: it would wait for them in its first collective, rank 1
+    would join it there with the next request, and from then on every prediction would
+    return the video of the one before, made of two requests. So the prediction thread only
+    queues a handout, with one call into C (SimpleQueue.put) that the exception cannot
+    split: it is queued or it is not. This thread, which Cog never interrupts, sends it to
+    every rank, each message whole.
+    """
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="rank-outbox", daemon=True).start()
+
+    def send(self, handout: _Handout) -> None:
+        """Queue the handout and wait until every rank it is for has it."""
+        self._queue.put((handout, True))
+        self._wait(handout)
+        if handout.error is not None:
+            raise handout.error
+
+    def settle(self, handout: _Handout) -> bool:
+        """After a cancel in send(): True if every rank the handout is for has it, False if
+        none ever will. Queued behind the handout, if send() queued it, so this thread has
+        sent it by then; if not, it withdraws it."""
+        self._queue.put((handout, False))
+        self._wait(handout)
+        return bool(handout.sent)
+
+    def close(self) -> None:
+        self._queue.put((None, False))
+
+    @staticmethod
+    def _wait(handout: _Handout) -> None:
+        while not handout.settled.wait(POLL_S):  # in slices, so that a cancel lands
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            handout, send = self._queue.get()
+            if handout is None:
+                return
+            if handout.sent is None:
+                handout.sent = send and self._send_all(handout)
+            handout.settled.set()
+
+    @staticmethod
+    def _send_all(handout: _Handout) -> bool:
+        """Whether the ranks have it: a message that does not pickle fails at the first."""
+        try:
+            for conn in handout.conns:
+                with contextlib.suppress(OSError):  # a rank that ended: the inbox reports it
+                    conn.send(handout.message)
+        except Exception as error:
+            handout.error = error
+            return False
+        return True
+
+
 class _Inbox:
     """Every rank's messages and exits, read by one thread into one queue.
 
-    The prediction thread never reads a pipe itself: Cog cancels by raising an exception in
-    that thread at any bytecode, which could cut a message in half. It takes the next item
-    with next(), handles it, then calls done(): a cancel in between handles an item twice
-    (a log line twice) rather than losing it.
+    The prediction thread never reads a pipe itself (nor writes one: _Outbox): Cog cancels
+    by raising an exception in that thread at any bytecode, which could cut a message in
+    half. It takes the next item with next(), handles it, then calls done(): a cancel in
+    between handles an item twice (a log line twice) rather than losing it.
     """
 
     def __init__(
