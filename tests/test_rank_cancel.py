@@ -144,3 +144,45 @@ def test_a_cancel_after_rank_1_answered_and_before_rank_0_did_counts_both(group,
         logging.getLogger("cogvideox_cog").removeHandler(trigger)
     assert isinstance(outcome, CancelationException), outcome
     assert group.healthcheck()
+
+
+class _SecondCancelOnFlag:
+    """The ranks' cancel flag as the worker holds it. When the worker sets it for the first
+    cancel, a second cancel is raised in the same thread: it lands before the wait for the
+    ranks has begun, where no handler catches it (a client sending cancel twice)."""
+
+    def __init__(self, flag, prediction: _Prediction):
+        self.flag, self.prediction, self.fired = flag, prediction, False
+
+    def set(self) -> None:
+        self.flag.set()
+        if not self.fired:
+            self.fired = True
+            self.prediction.cancel()
+
+    def __getattr__(self, name: str):
+        return getattr(self.flag, name)
+
+
+def test_a_second_cancel_before_the_wait_leaves_the_next_prediction_its_own_video(
+    group, reference, monkeypatch, caplog
+):
+    """The second cancel takes the prediction out before the worker waited for the ranks:
+    they may still be rendering the canceled request. The next prediction must stop that
+    first, or it would pair with it and return its video."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")  # rank 0's lines are relayed there
+    prediction = _Prediction(group, replace(REQUEST, prompt="a panda plays drums", seed=7))
+    monkeypatch.setattr(group, "_cancel", _SecondCancelOnFlag(group._cancel, prediction))
+    trigger = _CancelOnLine(prediction, "step 1/")
+    logging.getLogger("cogvideox_cog").addHandler(trigger)
+    try:
+        prediction.start()
+        outcome = prediction.result(ANSWER_S)
+    finally:
+        logging.getLogger("cogvideox_cog").removeHandler(trigger)
+    assert isinstance(outcome, CancelationException), outcome
+    assert group._cancel.fired
+    following = _Prediction(group, REQUEST)
+    following.start()
+    assert np.array_equal(_frames(following.result(CANCEL_BOUND_S + ANSWER_S)), reference)
+    assert group.healthcheck()

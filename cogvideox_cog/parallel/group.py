@@ -92,6 +92,8 @@ class RankGroup:
         atexit.register(self.close)
         self._inbox = _Inbox(self._processes, self._conns, self._rank_ended)
         self._outbox = _Outbox()
+        # The command being answered, until its answers are all in: see _finish_unsettled.
+        self._unsettled: tuple[_Handout, dict[int, Outcome], int | None] | None = None
 
     @classmethod
     def start(cls, mode: Mode, world_size: int) -> RankGroup:
@@ -126,7 +128,9 @@ class RankGroup:
         """VideoGenerator.check, run by rank 0: the checks need its model's settings."""
         if self.failure is not None:
             raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
+        self._finish_unsettled()
         command, answers = _Handout(Check(request), self._conns[:1]), {}
+        self._unsettled = (command, answers, 1)
         try:
             self._outbox.send(command)
             self._outcomes(answers, answering=1)
@@ -134,7 +138,9 @@ class RankGroup:
             raise
         except BaseException:  # a cancel: read the answer, or the next request takes it
             self._await_stop(command, answers, answering=1)
+            self._unsettled = None
             raise
+        self._unsettled = None
         if isinstance(answers[0], Failed):
             raise _error(answers[0])
 
@@ -142,9 +148,11 @@ class RankGroup:
         """Every rank renders the request; rank 0's mp4 (one kept on disk, as on one GPU)."""
         if self.failure is not None:
             raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
+        self._finish_unsettled()
         request = replace(request, seed=inputs.resolve_seed(request.seed))
         self._cancel.clear()
         render, outcomes = _Handout(Render(request), self._conns), {}
+        self._unsettled = (render, outcomes, None)
         try:
             self._outbox.send(render)
             self._outcomes(outcomes)
@@ -153,28 +161,51 @@ class RankGroup:
         except BaseException:  # Cog's CancelationException, raised in this thread
             self._cancel.set()
             self._await_stop(render, outcomes)
+            self._unsettled = None
             if render.sent:
                 steps = sorted({o.step + 1 for o in outcomes.values() if isinstance(o, Canceled)})
                 log.info(f"canceled: {len(outcomes)} ranks stopped, after step {steps}")
             raise
+        self._unsettled = None
         return _output(outcomes)
+
+    def _finish_unsettled(self) -> None:
+        """Stop what an earlier command left running on the ranks, before the next one.
+
+        A second cancel can land after the first one's `except` and before the wait's `try`,
+        where nothing catches it: that command's ranks may still be rendering (or their
+        answers unread), and the next request would pair with them. A cancel of the new
+        prediction that lands during this wait is raised once the ranks are idle.
+        """
+        if self._unsettled is None:
+            return
+        handout, outcomes, answering = self._unsettled
+        log.warning("the ranks still had a canceled request: waiting until they stop it")
+        self._cancel.set()
+        cancel = self._await_stop(handout, outcomes, answering)
+        self._unsettled = None
+        if cancel is not None:
+            raise cancel
 
     def _await_stop(
         self, handout: _Handout, outcomes: dict[int, Outcome], answering: int | None = None
-    ) -> None:
+    ) -> BaseException | None:
         """After a cancel: once the outbox has sent the handout to every rank or withdrawn it,
         wait until every rank that got it has answered, whatever else Cog raises meanwhile (a
         second cancel): the next request must find them all idle. `outcomes` holds what was
         read before the cancel: a rank that answered then (rank 1 while rank 0 decodes) will
-        not answer again, and waiting for it would take it for stuck."""
+        not answer again, and waiting for it would take it for stuck. Returns the last
+        exception it swallowed meanwhile, if any."""
+        swallowed = None
         while True:
             try:
                 if self._outbox.settle(handout):
                     self._outcomes(outcomes, bound=CANCEL_BOUND_S, answering=answering)
-                return
+                return swallowed
             except RankGroupError:
                 raise
-            except BaseException:
+            except BaseException as error:
+                swallowed = error
                 continue
 
     def _outcomes(
