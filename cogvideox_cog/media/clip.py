@@ -7,7 +7,9 @@ clip must last (num_frames - 1) / fps seconds. Of a longer clip only that beginn
 slowed down or looped behind the user's back.
 Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is.
 Its colours are read with the matrix and range the clip is tagged with (BT.601 when untagged,
-as FFmpeg does). HDR is not tone-mapped; the summary says so.
+as FFmpeg does). An HDR clip is tone-mapped to SDR BT.709, and an SDR one with BT.2020
+primaries converted to BT.709 (colour.py), each picked frame before it is scaled, so that every
+clip is scaled in the same SDR signal; the summary says so.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
-from av.video.reformatter import ColorTrc
 from PIL import Image
 
 from ..errors import InputError
+from .colour import conversion, to_sdr
 from .image import MAX_ASPECT_RATIO, fit_image
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,6 @@ MAX_VIDEO_SECONDS = 600.0
 MAX_DECODED_FRAMES = 5_000
 # Timestamps are rounded on the way into a container; this much slack counts as on time.
 _EPSILON = 1e-3
-# The transfer functions of HDR video: PQ (HDR10, Dolby Vision) and HLG (what phones record
-# as HDR). Read into 8-bit RGB without tone mapping, their pictures come out dim and washed out.
-_HDR = {ColorTrc.SMPTE2084: "PQ", ColorTrc.ARIB_STD_B67: "HLG"}
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,13 @@ def load_video(
         source_rate = float(stream.average_rate) if stream.average_rate else None
         targets = [i / fps for i in range(num_frames)]
         rotations: list[int] = []
-        transfers: list[int] = []
+        conversions: list[str | None] = []
 
         def prepare(frame: av.VideoFrame) -> Image.Image:
             rotations.append(_rotation(frame))
-            transfers.append(frame.color_trc)
-            return fit_image(_rgb(frame, rotations[-1]), height, width)
+            conversions.append(conversion(frame))
+            upright = _rgb(frame, rotations[-1], sdr=conversions[-1] is not None)
+            return fit_image(upright, height, width)
 
         picked, decoded, start, last_time, damage = _pick_frames(
             container, stream, targets, source_rate, prepare
@@ -94,12 +94,8 @@ def load_video(
         f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
         f"centre-cropped)"
     )
-    hdr = _HDR.get(transfers[0])
-    if hdr:
-        summary += (
-            f"; it is HDR ({hdr}), read without tone mapping, so its colours come out dim and "
-            f"washed out: convert it to SDR first"
-        )
+    if conversions[0]:
+        summary += f"; {conversions[0]}"
     return VideoClip(picked, summary)
 
 
@@ -305,6 +301,7 @@ def _rotation(frame: av.VideoFrame) -> int:
     return degrees if degrees in _TURNS else 0
 
 
-def _rgb(frame: av.VideoFrame, rotation: int) -> Image.Image:
-    image = frame.to_image().convert("RGB")
+def _rgb(frame: av.VideoFrame, rotation: int, sdr: bool) -> Image.Image:
+    """The frame upright in RGB; with sdr, converted to SDR BT.709 first."""
+    image = to_sdr(frame) if sdr else frame.to_image().convert("RGB")
     return image.transpose(_TURNS[rotation]) if rotation else image
