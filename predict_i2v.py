@@ -27,7 +27,7 @@ class Predictor(BaseRunner):
         # A string, not a Path: Cog would download a Path with no size or time limit.
         image: str = Input(
             description="First frame of the video: an http(s) URL or a data: URI of a JPEG, "
-            "PNG, WebP, ... Scaled to cover the model's resolution and centre-cropped."
+            "PNG, WebP, HEIC, ... Scaled to cover the model's resolution and centre-cropped."
         ),
         prompt: str = Input(
             description="How the scene moves. May be empty.",

@@ -295,7 +295,7 @@ def test_the_offline_wheels_are_the_versions_the_project_runs():
     required = {}
     for name in ("requirements.txt", "requirements-dev.txt"):
         required |= dict(re.findall(r"^([\w-]+)==([\w.]+)", (ROOT / name).read_text(), re.M))
-    assert len(pins) == 10
+    assert len(pins) == 11
     for package, pinned in pins.items():
         if package == "torchao":
             continue

@@ -2,9 +2,12 @@
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 
@@ -104,12 +107,13 @@ def test_greyscale_and_palette_images_become_rgb():
 
 
 def test_a_non_image_file_is_refused_with_the_accepted_formats():
-    with pytest.raises(InputError, match="JPEG, PNG"):
+    with pytest.raises(InputError, match="JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC"):
         open_image(io.BytesIO(b"%PDF-1.4 not a picture"))
 
 
-def test_a_truncated_image_is_refused():
-    data = _encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG").getvalue()
+@pytest.mark.parametrize("fmt", ["PNG", "HEIF"])
+def test_a_truncated_image_is_refused(fmt):
+    data = _encode(Image.effect_noise((64, 64), 50).convert("RGB"), fmt).getvalue()
     with pytest.raises(InputError, match="damaged or truncated"):
         open_image(io.BytesIO(data[: len(data) // 2]))
 
@@ -137,24 +141,26 @@ def test_fit_image_covers_and_centre_crops_without_stretching():
     assert fitted.getpixel((5, 50))[2] > 200  # left edge is blue, not red
 
 
-def _adobe_rgb_profile() -> bytes:
-    """Adobe RGB (1998) as an ICC v2 matrix profile, written by hand: Pillow makes only sRGB."""
+XYZ = tuple[float, float, float]
 
-    def s15(*values: float) -> bytes:
-        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
 
-    white = s15(0.9642, 1.0, 0.82491)  # D50, the profile connection space's white
-    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, 563) + bytes(2)  # 563/256 = 2.2
-    name = b"Adobe RGB (1998)\0"
+def _s15(*values: float) -> bytes:
+    return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+
+def _matrix_profile(name: str, red: XYZ, green: XYZ, blue: XYZ, curve: bytes) -> bytes:
+    """An RGB ICC v2 matrix profile, written by hand: Pillow makes only sRGB."""
+    white = _s15(0.9642, 1.0, 0.82491)  # D50, the profile connection space's white
+    text = name.encode() + b"\0"
     tags = [
-        (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(79)),
+        (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(79)),
         (b"wtpt", b"XYZ " + bytes(4) + white),
-        (b"rXYZ", b"XYZ " + bytes(4) + s15(0.60974, 0.31111, 0.01947)),
-        (b"gXYZ", b"XYZ " + bytes(4) + s15(0.20528, 0.62567, 0.06087)),
-        (b"bXYZ", b"XYZ " + bytes(4) + s15(0.14919, 0.06322, 0.74457)),
-        (b"rTRC", gamma),
-        (b"gTRC", gamma),
-        (b"bTRC", gamma),
+        (b"rXYZ", b"XYZ " + bytes(4) + _s15(*red)),
+        (b"gXYZ", b"XYZ " + bytes(4) + _s15(*green)),
+        (b"bXYZ", b"XYZ " + bytes(4) + _s15(*blue)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
     ]
     table, data = struct.pack(">I", len(tags)), b""
     offset = 128 + 4 + 12 * len(tags)
@@ -174,6 +180,30 @@ def _adobe_rgb_profile() -> bytes:
         + bytes(48)
     )
     return header + table + data
+
+
+def _adobe_rgb_profile() -> bytes:
+    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, 563) + bytes(2)  # 563/256 = 2.2
+    return _matrix_profile(
+        "Adobe RGB (1998)",
+        (0.60974, 0.31111, 0.01947),
+        (0.20528, 0.62567, 0.06087),
+        (0.14919, 0.06322, 0.74457),
+        gamma,
+    )
+
+
+def _display_p3_profile() -> bytes:
+    """Display P3, an iPhone photo's profile: P3 primaries under sRGB's tone curve."""
+    srgb_curve = b"para" + bytes(4) + struct.pack(">HH", 3, 0)
+    srgb_curve += _s15(2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+    return _matrix_profile(
+        "Display P3",
+        (0.515102, 0.241182, -0.001050),
+        (0.291965, 0.692236, 0.041882),
+        (0.157153, 0.066574, 0.784378),
+        srgb_curve,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -199,3 +229,120 @@ def test_an_unusable_colour_profile_leaves_the_colours_as_stored(caplog):
     opened = open_image(_encode(stored, "PNG", icc_profile=b"not a profile" * 20))
     assert opened.getpixel((4, 4)) == (200, 100, 50)
     assert "colour profile could not be used" in caplog.text
+
+
+# HEIC (an iPhone's photos) and AVIF: files written by pillow-heif and Pillow.
+RED, GREEN, BLUE = (200, 30, 30), (30, 160, 60), (30, 30, 200)
+# Both are lossy. Flat colours come back within 1 of what was written (the round trip through
+# YCbCr); a reader that took the pixels as limited range (16-235) or swapped channels would be
+# 12 or more off. 4 leaves room for another encoder version.
+LOSSY_TOLERANCE = 4
+
+
+def _upright() -> Image.Image:
+    """64x32: red top left, blue top right, green below. Any turn or mirror moves a colour."""
+    image = Image.new("RGB", (64, 32), GREEN)
+    image.paste(RED, (0, 0, 32, 16))
+    image.paste(BLUE, (32, 0, 64, 16))
+    return image
+
+
+def _assert_close(pixel: tuple[int, ...], colour: tuple[int, int, int]) -> None:
+    assert np.abs(np.subtract(pixel, colour)).max() <= LOSSY_TOLERANCE, (pixel, colour)
+
+
+def _assert_upright(opened: Image.Image) -> None:
+    assert opened.size == (64, 32)
+    for point, colour in [((8, 8), RED), ((56, 8), BLUE), ((32, 24), GREEN)]:
+        _assert_close(opened.getpixel(point), colour)
+
+
+def test_a_heic_reads_upright_with_its_colours():
+    _assert_upright(open_image(_encode(_upright(), "HEIF", quality=90)))
+
+
+# The transpose that an EXIF orientation undoes, so that the stored picture shows upright.
+STORED_AS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_AS))
+def test_a_heic_rotation_or_mirror_is_applied_once(orientation):
+    # As an iPhone writes it: the turn is both a HEIF transform (irot, imir), which libheif
+    # applies, and the EXIF orientation, which must then not be applied again.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = _upright().transpose(STORED_AS[orientation])
+    heic = _encode(stored, "HEIF", quality=90, exif=exif.tobytes())
+    assert b"irot" in heic.getvalue() or b"imir" in heic.getvalue()
+    _assert_upright(open_image(heic))
+
+
+def test_a_display_p3_heic_is_converted_to_srgb():
+    # Display P3 (200, 100, 50) is (215, 93, 31) in sRGB: 15 off in red when read as sRGB.
+    # Within 2: the round trip's 1 and the conversion's rounding.
+    stored = Image.new("RGB", (16, 16), (200, 100, 50))
+    opened = open_image(_encode(stored, "HEIF", quality=90, icc_profile=_display_p3_profile()))
+    assert np.abs(np.subtract(opened.getpixel((8, 8)), (215, 93, 31))).max() <= 2
+
+
+def test_a_heic_over_the_pixel_limit_is_refused_from_its_header():
+    # A 64x64 picture whose header (the ispe property) says 9000x9000: decoded, it would pass.
+    heic = bytearray(_encode(Image.new("RGB", (64, 64)), "HEIF").getvalue())
+    size = heic.index(b"ispe") + 8  # after the property's type, version and flags
+    heic[size : size + 8] = struct.pack(">II", 9000, 9000)
+    with pytest.raises(InputError, match=r"image is 9000x9000 \(81 MP\); the limit is 64 MP"):
+        open_image(io.BytesIO(bytes(heic)))
+
+
+def test_a_10_bit_heic_is_scaled_to_8_bits():
+    pixels = np.empty((16, 16, 3), np.uint16)
+    pixels[:] = (200 << 8, 100 << 8, 50 << 8)  # clipped instead of scaled: near white
+    heic = io.BytesIO()
+    pillow_heif.from_bytes("RGB;16", (16, 16), pixels.tobytes()).save(heic, quality=90)
+    assert pillow_heif.open_heif(heic, convert_hdr_to_8bit=False).info["bit_depth"] == 10
+    heic.seek(0)
+    _assert_close(open_image(heic).getpixel((8, 8)), (200, 100, 50))
+
+
+def test_a_heic_burst_reads_its_primary_image():
+    red, green, blue = (Image.new("RGB", (16, 16), colour) for colour in (RED, GREEN, BLUE))
+    burst = _encode(red, "HEIF", save_all=True, append_images=[green, blue], primary_index=1)
+    _assert_close(open_image(burst).getpixel((8, 8)), GREEN)
+
+
+def test_a_heif_in_a_codec_that_cannot_be_decoded_is_refused():
+    # An AV1 picture in a file branded HEIC: pillow-heif takes it, and its libheif has no AV1
+    # decoder.
+    avif = _encode(Image.new("RGB", (16, 16)), "AVIF").getvalue()
+    with pytest.raises(InputError, match=r"image could not be decoded \(.*\); send a JPEG"):
+        open_image(io.BytesIO(avif[:8] + b"heic" + avif[12:]))
+
+
+@pytest.mark.parametrize("brand", [b"avif", b"mif1"])
+def test_an_avif_reads_whichever_brand_it_leads_with(brand):
+    # Pillow reads AVIF. pillow-heif takes files branded mif1 too but cannot decode AV1, so it
+    # must not be asked first.
+    avif = _encode(_upright(), "AVIF", quality=90).getvalue()
+    assert avif[8:12] == b"avif"
+    _assert_upright(open_image(io.BytesIO(avif[:8] + brand + avif[12:])))
+
+
+def test_every_other_format_is_tried_in_pillows_own_order_and_heif_last():
+    # Image.open gives a file to the first plugin in Image.ID that accepts it, so reading HEIC
+    # must leave the others' order as Pillow alone has it once it has read a WebP.
+    pillow_alone = (
+        "import io; from PIL import Image; webp = io.BytesIO(); "
+        "Image.new('RGB', (4, 4)).save(webp, 'WEBP'); Image.open(webp); print(*Image.ID)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", pillow_alone], capture_output=True, text=True, check=True
+    )
+    assert [*run.stdout.split(), "HEIF"] == Image.ID

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
@@ -27,6 +28,14 @@ _LIMIT_MP = f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP"
 MAX_ASPECT_RATIO = 4.0
 # What the model's frames are in, and what a browser shows an untagged picture as.
 _SRGB = ImageCms.createProfile("sRGB")
+# HEIC, an iPhone's default photo format, is read by pillow-heif's Pillow plugin (libheif comes
+# in its wheel): Pillow reads AVIF but not HEIC. It is registered after all of Pillow's own
+# plugins, loaded in the order Image.open loads them: every other format is read as before, and
+# an AVIF branded mif1, which pillow-heif also claims but cannot decode, still goes to Pillow.
+Image.preinit()
+Image.init()
+pillow_heif.register_heif_opener()
+_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC"
 
 
 def open_image(path: Path | str) -> Image.Image:
@@ -42,9 +51,7 @@ def open_image(path: Path | str) -> Image.Image:
             f"image {str(path)[:100]!r} is not an http(s) URL or a data: URI of a picture."
         ) from error
     except UnidentifiedImageError as error:
-        raise InputError(
-            "image could not be read as a picture; send a JPEG, PNG, WebP, GIF, BMP or TIFF."
-        ) from error
+        raise InputError(f"image could not be read as a picture; send a {_FORMATS}.") from error
     except Image.DecompressionBombError as error:
         raise InputError(
             f"image is too large to decode safely ({error}); the limit is {_LIMIT_MP}."
@@ -68,6 +75,8 @@ def open_image(path: Path | str) -> Image.Image:
         key = _16_bit_png_key(image)  # before decoding, which forgets the file's layout
         icc = image.info.get("icc_profile")
         try:
+            # A HEIC is decoded upright by libheif (its irot and imir), and pillow-heif sets its
+            # EXIF orientation to 1, so that it is not turned a second time here.
             upright = ImageOps.exif_transpose(image)
             upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
@@ -79,6 +88,8 @@ def open_image(path: Path | str) -> Image.Image:
             raise InputError(
                 f"image is damaged or truncated and could not be decoded: {error}"
             ) from error
+        except RuntimeError as error:  # pillow-heif's, for a HEIF in a codec its libheif lacks
+            raise InputError(f"image could not be decoded ({error}); send a {_FORMATS}.") from error
 
 
 def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
