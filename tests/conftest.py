@@ -3,6 +3,14 @@ and a factory for real Cog servers running our predictors on them."""
 
 from __future__ import annotations
 
+import os
+
+# One CPU thread for torch, here and in every process the tests start (Cog servers, the demo,
+# benchmark scripts): the tiny models run no faster on two, and two pytest workers with two
+# OpenMP threads each on a two-core machine wait on each other's spinning threads, which makes
+# the suite about twice as slow. Set before torch is imported; a given OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
