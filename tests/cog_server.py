@@ -407,10 +407,12 @@ class CogServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 15) -> None:
-        """SIGTERM the server (it stops its worker); SIGKILL the process group if it hangs."""
+        """SIGTERM the server's process group, as tini does in the image: the server, its
+        worker and any rank processes exit at once (SIGTERM to the server alone waits about
+        2 s for its worker to shut down). SIGKILL the process group if it hangs."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
