@@ -2,6 +2,7 @@
 
 Its deployment enables upscale and enhance_prompt (an OpenAI-compatible endpoint on 127.0.0.1)
 but not interpolate, so one server shows both: the enabled inputs working, the other refused.
+It also takes a LoRA (the rest of LoRAs end to end: tests/test_e2e_lora.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import io
 import uuid
 
+import av
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,6 +22,7 @@ from tests.chat_server import rewrite_of
 from tests.cog_server import CogServerError, data_uri, save_data_uri
 from tests.conftest import optional_steps
 from tests.file_server import FileServer
+from tests.lora_files import lora_tensors, save_diffusers_lora
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +50,22 @@ def server(start_server, weights_server, chat_endpoint):
         "1.0-i2v",
         **optional_steps(weights_server, upscale=True, endpoint=chat_endpoint),
     )
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_weights, tmp_path_factory):
+    """A LoRA for the tiny image-to-video transformer, served over HTTP."""
+    folder = tmp_path_factory.mktemp("i2v-lora")
+    tensors = lora_tensors(tiny_weights["1.0-i2v"] / "transformer", 4, seed=4)
+    path = save_diffusers_lora(tensors, folder)
+    files = FileServer(folder)
+    yield files.url(path.name)
+    files.stop()
+
+
+def _frames(response, tmp_path) -> np.ndarray:
+    with av.open(str(_video(response, tmp_path))) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def test_image_is_fitted_to_the_model_resolution(server, tmp_path):
@@ -149,3 +169,11 @@ def test_enhance_prompt_with_an_empty_prompt_is_refused_without_asking_the_endpo
     assert "enhance_prompt needs a prompt to rewrite" in response["error"]
     assert chat.requests == []
     server.wait_idle(timeout=10)
+
+
+def test_image_to_video_takes_a_lora(server, lora, tmp_path):
+    inputs = {**FAST, "image": data_uri(_photo(TINY_W, TINY_H, "PNG"), "image/png")}
+    base = _frames(server.predict(inputs), tmp_path)
+    with_lora = server.predict({**inputs, "lora_url": lora})
+    assert not np.array_equal(_frames(with_lora, tmp_path), base)
+    assert "lora: loaded" in with_lora["logs"]

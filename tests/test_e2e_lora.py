@@ -1,18 +1,19 @@
-"""LoRAs end to end: real Cog servers fetch them from a loopback server by lora_url."""
+"""LoRAs end to end: a real Cog server fetches them from a loopback server by lora_url.
+
+Image-to-video and video-to-video taking a LoRA, each on its own predictor's server:
+tests/test_e2e_i2v.py and test_e2e_v2v.py.
+"""
 
 from __future__ import annotations
 
-import io
 import tarfile
 import uuid
 
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
-from cogvideox_cog.media.mp4 import encode_mp4
-from tests.cog_server import data_uri, save_data_uri
+from tests.cog_server import save_data_uri
 from tests.file_server import FileServer
 from tests.lora_files import lora_tensors, save_diffusers_lora, save_sat_lora
 
@@ -23,8 +24,7 @@ T2V = {"prompt": "a panda plays guitar", "num_inference_steps": 2, "num_frames":
 
 @pytest.fixture(scope="module")
 def loras(tiny_weights, tmp_path_factory) -> FileServer:
-    """A training run's output folder as a tar, a SAT export, a LoRA for a deeper model,
-    and an image-to-video LoRA."""
+    """A training run's output folder as a tar, a SAT export and a LoRA for a deeper model."""
     root = tmp_path_factory.mktemp("e2e-loras")
     t2v = tiny_weights["1.0-t2v"] / "transformer"
     run = root / "run" / "output"
@@ -34,8 +34,6 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
         archive.add(run, arcname="output")
     save_sat_lora(lora_tensors(t2v, 4, seed=2), root / "sat")
     save_diffusers_lora(lora_tensors(t2v, 4, seed=3, num_layers=3), root / "deeper")
-    i2v = tiny_weights["1.0-i2v"] / "transformer"
-    save_diffusers_lora(lora_tensors(i2v, 4, seed=4), root / "i2v")
     server = FileServer(root)
     yield server
     server.stop()
@@ -91,26 +89,3 @@ def test_pickle_lora_url_fails_before_any_download(t2v, loras):
     assert response["status"] == "failed"
     assert "pickle" in response["error"]
     assert len(loras.requests) == requests
-
-
-def test_image_to_video_takes_a_lora(start_server, loras, tmp_path):
-    server = start_server("predict_i2v.py", "cogvideox-5b-i2v", "1.0-i2v")
-    image = Image.linear_gradient("L").resize((80, 48)).convert("RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    inputs = {**T2V, "image": data_uri(buffer.getvalue(), "image/png")}
-    base = _frames(server.predict(inputs), tmp_path)
-    url = loras.url("i2v/pytorch_lora_weights.safetensors")
-    with_lora = _frames(server.predict({**inputs, "lora_url": url}), tmp_path)
-    assert not np.array_equal(with_lora, base)
-
-
-def test_video_to_video_takes_a_lora_on_the_text_to_video_weights(start_server, loras, tmp_path):
-    server = start_server("predict_v2v.py", "cogvideox-5b", "1.0-t2v")
-    pixels = np.random.default_rng(0).integers(0, 256, (12, 48, 80, 3), dtype=np.uint8)
-    clip = encode_mp4(pixels, tmp_path / "clip.mp4", fps=8)
-    inputs = {**T2V, "video": data_uri(clip.read_bytes(), "video/mp4"), "strength": 0.6}
-    base = _frames(server.predict(inputs), tmp_path)
-    with_lora = server.predict({**inputs, "lora_url": loras.url("run.tar")})
-    assert not np.array_equal(_frames(with_lora, tmp_path), base)
-    assert "lora: loaded" in with_lora["logs"]

@@ -2,13 +2,14 @@
 
 Its deployment enables interpolate and enhance_prompt (an OpenAI-compatible endpoint on
 127.0.0.1) but not upscale, so one server shows both: the enabled inputs working, the other
-refused.
+refused. It also takes a LoRA (the rest of LoRAs end to end: tests/test_e2e_lora.py).
 """
 
 from __future__ import annotations
 
 import uuid
 
+import av
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from tests.chat_server import rewrite_of
 from tests.cog_server import data_uri, save_data_uri
 from tests.conftest import optional_steps
 from tests.file_server import FileServer
+from tests.lora_files import lora_tensors, save_diffusers_lora
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +44,24 @@ def server(start_server, weights_server, chat_endpoint):
         "1.0-t2v",
         **optional_steps(weights_server, interpolate=True, endpoint=chat_endpoint),
     )
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_weights, tmp_path_factory):
+    """A LoRA for the tiny text-to-video transformer, served over HTTP."""
+    folder = tmp_path_factory.mktemp("v2v-lora")
+    tensors = lora_tensors(tiny_weights["1.0-t2v"] / "transformer", 4, seed=2)
+    path = save_diffusers_lora(tensors, folder)
+    files = FileServer(folder)
+    yield files.url(path.name)
+    files.stop()
+
+
+def _frames(response, tmp_path) -> np.ndarray:
+    assert response["status"] == "succeeded", response.get("error")
+    path = save_data_uri(response["output"], tmp_path / f"{uuid.uuid4().hex}.mp4")
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def test_strength_is_checked_before_the_clip_is_fetched(server, tmp_path):
@@ -134,3 +154,11 @@ def test_enhance_prompt_asks_the_endpoint_once_with_the_video_to_video_instructi
     (sent,) = chat.bodies()
     assert sent["messages"][0]["content"] == instruction("v2v")
     assert sent["messages"][-1]["content"] == FAST["prompt"]
+
+
+def test_video_to_video_takes_a_lora_on_the_text_to_video_weights(server, lora, tmp_path):
+    inputs = {**FAST, "video": _clip(tmp_path, 9, 8), "strength": 0.5}
+    base = _frames(server.predict(inputs), tmp_path)
+    with_lora = server.predict({**inputs, "lora_url": lora})
+    assert not np.array_equal(_frames(with_lora, tmp_path), base)
+    assert "lora: loaded" in with_lora["logs"]
