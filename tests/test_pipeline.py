@@ -244,12 +244,11 @@ def test_a_pipeline_configured_compiled_has_its_blocks_compiled(tiny_weights):
     )
 
 
-@pytest.mark.parametrize(
-    ("family_task", "variant_id"), [("1.0-t2v", "cogvideox-5b"), ("1.0-i2v", "cogvideox-5b-i2v")]
-)
-def test_setup_warm_up_runs_for_every_mode(tiny_weights, family_task, variant_id):
-    variant = VARIANTS[variant_id]
-    pipe = build_pipeline(variant, tiny_weights[family_task], CPU, "none")
+def test_setup_warm_up_runs_for_image_to_video(tiny_weights):
+    """Text-to-video's warm-up runs in the `warmed_up` fixture below, on compiled blocks as
+    setup runs it; 1.5 image-to-video's in the last test."""
+    variant = VARIANTS["cogvideox-5b-i2v"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-i2v"], CPU, "none")
     VideoGenerator(variant, pipe, CPU).warm_up()
 
 
