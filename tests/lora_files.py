@@ -8,6 +8,8 @@ layout is the same tensors without the prefix, written as export_sat_lora_weight
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +18,8 @@ from diffusers.loaders.lora_base import LoraBaseMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
+
+from tests.file_server import FileServer
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # what the upstream scripts train
 
@@ -78,3 +82,14 @@ def save_renamed(tensors: dict[str, torch.Tensor], path: Path, rename) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path)
     return path
+
+
+@contextmanager
+def served_lora(transformer: Path, folder: Path, seed: int) -> Iterator[str]:
+    """The URL of a rank-4 LoRA for `transformer` (diffusers' layout), served over HTTP."""
+    path = save_diffusers_lora(lora_tensors(transformer, 4, seed=seed), folder)
+    files = FileServer(folder)
+    try:
+        yield files.url(path.name)
+    finally:
+        files.stop()

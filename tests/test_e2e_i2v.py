@@ -22,7 +22,7 @@ from tests.chat_server import rewrite_of
 from tests.cog_server import CogServerError, data_uri, save_data_uri
 from tests.conftest import optional_steps
 from tests.file_server import FileServer
-from tests.lora_files import lora_tensors, save_diffusers_lora
+from tests.lora_files import served_lora
 
 pytestmark = pytest.mark.e2e
 
@@ -55,12 +55,9 @@ def server(start_server, weights_server, chat_endpoint):
 @pytest.fixture(scope="module")
 def lora(tiny_weights, tmp_path_factory):
     """A LoRA for the tiny image-to-video transformer, served over HTTP."""
-    folder = tmp_path_factory.mktemp("i2v-lora")
-    tensors = lora_tensors(tiny_weights["1.0-i2v"] / "transformer", 4, seed=4)
-    path = save_diffusers_lora(tensors, folder)
-    files = FileServer(folder)
-    yield files.url(path.name)
-    files.stop()
+    transformer = tiny_weights["1.0-i2v"] / "transformer"
+    with served_lora(transformer, tmp_path_factory.mktemp("i2v-lora"), seed=4) as url:
+        yield url
 
 
 def _frames(response, tmp_path) -> np.ndarray:
