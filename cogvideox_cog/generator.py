@@ -52,6 +52,7 @@ from .postprocess import Postprocessor, Steps
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .settings import setting
 from .speed import SPEED_MODES, starting_timestep, step_cache
+from .timing import Laps
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import check_settings, load_weights, weights_root
 
@@ -129,7 +130,7 @@ class RenderedVideo:
     progress: _StepProgress
     received: float  # time.monotonic() when the request came in
     decoded: float  # time.monotonic() when the VAE finished
-    postprocessed: float  # time.monotonic() when upscale and interpolate finished
+    postprocessed: float  # time.monotonic() when the last of upscale and interpolate ended
 
 
 @dataclass(frozen=True)
@@ -389,12 +390,16 @@ class VideoGenerator:
                     f"{plan.lora_scale:g}. Try a smaller lora_scale, or check the LoRA."
                 )
             raise RuntimeError("the pipeline returned NaN frames")
+        laps = Laps(decoded)
         frames, fps = self.postprocessor.apply(
-            frames, plan.fps, plan.postprocess, self.record_metric, self.on_postprocess_progress
+            frames,
+            plan.fps,
+            plan.postprocess,
+            self.record_metric,
+            self.on_postprocess_progress,
+            laps,
         )
-        return RenderedVideo(
-            frames, fps, plan.seed, progress, plan.received, decoded, time.monotonic()
-        )
+        return RenderedVideo(frames, fps, plan.seed, progress, plan.received, decoded, laps.last)
 
     def denoise_only(self, request: Request) -> None:
         """render_frames() without the VAE decode, for a rank that does not write the video:

@@ -4,6 +4,7 @@ sizes, tiling, the choices a deployment offers, and how their weights are fetche
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from cogvideox_cog.postprocess import (
     rrdbnet,
 )
 from cogvideox_cog.postprocess.weights import load_model, read_state_dict
+from cogvideox_cog.timing import Laps
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.manifest import sha256_file
 from tests.file_server import FileServer
@@ -125,6 +127,20 @@ def test_both_steps_upscale_then_interpolate(postprocessor):
     frames, fps = postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2))
     assert frames.shape == (3, HEIGHT * 2, WIDTH * 2, 3)
     assert fps == 16
+
+
+def test_step_times_tile_the_postprocessing_even_when_recording_them_is_slow(postprocessor):
+    def slow_record(name: str, seconds: float) -> None:  # a rank sends it to the Cog process
+        recorded[name] = seconds
+        time.sleep(0.05)
+
+    recorded: dict[str, float] = {}
+    laps = Laps()
+    started = laps.last
+    postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2), slow_record, laps=laps)
+    assert set(recorded) == {"upscale_seconds", "interpolate_seconds"}
+    assert recorded["interpolate_seconds"] >= 0.05  # the upscale's recording counts here
+    assert sum(recorded.values()) == pytest.approx(laps.last - started, abs=0.002)
 
 
 def test_a_long_step_logs_where_it_is(postprocessor, monkeypatch, caplog):

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..settings import setting
+from ..timing import Laps
 from ..weights.manifest import SHA256_HEX
 from . import rife, rrdbnet
 from .weights import ModelSource, load_model
@@ -108,22 +109,26 @@ class Postprocessor:
         steps: Steps,
         record_metric: Callable[[str, float], None] | None = None,
         on_progress: Callable[[], None] | None = None,
+        laps: Laps | None = None,
     ) -> tuple[np.ndarray, int]:
         """The frames and fps after the requested steps; unchanged when none is asked for.
 
         record_metric: where the seconds go (Cog's metrics unless given: a rank sends them to
         the Cog process). on_progress: called after each frame or pair (a rank's cancel
-        check, which may raise).
+        check, which may raise). laps: the prediction's clock, started when the frames were
+        decoded; each step's seconds run from the end of the one before.
         """
         record = record_metric or _cog_metric
+        laps = laps or Laps()
         if steps.upscale > 1:
-            frames = self._upscale(frames, steps.upscale, record, on_progress)
+            frames = self._upscale(frames, steps.upscale, record, on_progress, laps)
         if steps.interpolate > 1:
-            frames, fps = self._interpolate(frames, fps, steps.interpolate, record, on_progress)
+            frames, fps = self._interpolate(
+                frames, fps, steps.interpolate, record, on_progress, laps
+            )
         return frames, fps
 
-    def _upscale(self, frames: np.ndarray, factor: int, record, on_progress) -> np.ndarray:
-        started = time.monotonic()
+    def _upscale(self, frames: np.ndarray, factor: int, record, on_progress, laps) -> np.ndarray:
         count, height, width = frames.shape[:3]
         out_h, out_w = rrdbnet.upscaled_size(height, width, factor)
         tiles = rrdbnet.tiles_per_frame(height, width)
@@ -142,13 +147,12 @@ class Postprocessor:
             )
         finally:
             self._release_memory()
-        _record(record, "upscale_seconds", started, f"upscale: {out_w}x{out_h}")
+        _record(record, "upscale_seconds", laps.lap(), f"upscale: {out_w}x{out_h}")
         return frames
 
     def _interpolate(
-        self, frames: np.ndarray, fps: int, factor: int, record, on_progress
+        self, frames: np.ndarray, fps: int, factor: int, record, on_progress, laps
     ) -> tuple[np.ndarray, int]:
-        started = time.monotonic()
         count = rife.interpolated_count(len(frames), factor)
         log.info(
             f"interpolate {factor}x: {len(frames)} -> {count} frames, {fps} -> {fps * factor} fps "
@@ -165,7 +169,7 @@ class Postprocessor:
             )
         finally:
             self._release_memory()
-        _record(record, "interpolate_seconds", started, f"interpolate: {count} frames")
+        _record(record, "interpolate_seconds", laps.lap(), f"interpolate: {count} frames")
         return frames, fps * factor
 
     def _release_memory(self) -> None:
@@ -189,8 +193,7 @@ class _Progress:
             log.info(f"{self.step}: {done}/{total} {self.unit}, {now - self.started:.1f} s elapsed")
 
 
-def _record(record: Callable[[str, float], None], metric: str, started: float, what: str) -> None:
-    seconds = time.monotonic() - started
+def _record(record: Callable[[str, float], None], metric: str, seconds: float, what: str) -> None:
     record(metric, round(seconds, 3))
     log.info(f"{what} in {seconds:.1f} s")
 
