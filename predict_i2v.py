@@ -117,6 +117,13 @@ class Predictor(BaseRunner):
             choices=["none", "2x", "4x"],
             default="none",
         ),
+        convert_colour: bool = Input(
+            description="Convert the image from the colour profile it embeds (a phone's Display "
+            "P3, a camera's Adobe RGB) to sRGB, as a browser shows it. Off: its numbers are read "
+            "as sRGB, as the model's authors read them, so such a photo's colours come out "
+            "duller. Pictures in sRGB or without a profile are the same either way.",
+            default=False,
+        ),
     ) -> Path:
         request = Request(
             prompt=prompt,
@@ -134,6 +141,7 @@ class Predictor(BaseRunner):
             speed_mode=speed_mode,
             interpolate=interpolate,
             upscale=upscale,
+            convert_colour=convert_colour,
         )
         self.generator.check(request)  # before the image is fetched
         with fetched("image", image, "picture") as image_file:

@@ -128,6 +128,13 @@ class Predictor(BaseRunner):
             choices=["none", "2x", "4x"],
             default="none",
         ),
+        convert_colour: bool = Input(
+            description="Tone-map an HDR clip (HLG or PQ, as phones record HDR) and convert "
+            "BT.2020 colours to the SDR BT.709 the model was trained on. Off: read as the model's "
+            "authors read them, so an HDR clip comes out dim and washed out. SDR BT.709 and "
+            "BT.601 clips are the same either way.",
+            default=False,
+        ),
     ) -> Path:
         request = Request(
             strength=strength,
@@ -146,6 +153,7 @@ class Predictor(BaseRunner):
             speed_mode=speed_mode,
             interpolate=interpolate,
             upscale=upscale,
+            convert_colour=convert_colour,
         )
         self.generator.check(request)  # before the video is fetched
         with fetched("video", video, "video") as video_file:

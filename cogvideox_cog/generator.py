@@ -82,6 +82,9 @@ class Request:
     # Video-to-video: the input clip, and how much of it is re-noised (None: DEFAULT_STRENGTH).
     video: Path | None = None
     strength: float | None = None
+    # Convert the image's colour profile, or the clip's HDR or BT.2020 colours, to the SDR
+    # sRGB/BT.709 the model was trained on; off: read as upstream reads them (media/).
+    convert_colour: bool = False
     # A fine-tune's LoRA (see lora/) and its strength; no URL: the base model.
     lora_url: str | None = None
     lora_scale: float = 1.0
@@ -424,9 +427,9 @@ class VideoGenerator:
         """Every input checked, the image or clip read and fitted: a Plan, or an InputError."""
         plan = self._checked(request, time.monotonic())
         if self.mode == "i2v":
-            self._condition_on_image(plan, request.image)
+            self._condition_on_image(plan, request.image, request.convert_colour)
         elif self.mode == "v2v":
-            self._condition_on_clip(plan, request.video)
+            self._condition_on_clip(plan, request.video, request.convert_colour)
         else:
             plan.conditioning["num_frames"] = plan.num_frames
         if request.enhance_prompt:
@@ -495,10 +498,10 @@ class VideoGenerator:
         )
         return inputs.check_prompt(rewrite, required=True)
 
-    def _condition_on_image(self, plan: Plan, path: Path | None) -> None:
+    def _condition_on_image(self, plan: Plan, path: Path | None, convert_colour: bool) -> None:
         if path is None:
             raise InputError("image is required: the first frame of the video.")
-        image = open_image(path)
+        image = open_image(path, convert_colour)
         if self.variant.resolution == "image_aspect":
             plan.height, plan.width = inputs.image_aspect_size(
                 image.size, self.native_size, self.size_multiple
@@ -510,12 +513,18 @@ class VideoGenerator:
             "cropped"
         )
 
-    def _condition_on_clip(self, plan: Plan, path: Path | None) -> None:
+    def _condition_on_clip(self, plan: Plan, path: Path | None, convert_colour: bool) -> None:
         if path is None:
             raise InputError("video is required: the clip to transform.")
         variant = self.variant
         clip = load_video(
-            path, plan.num_frames, variant.fps, plan.height, plan.width, variant.allowed_frames
+            path,
+            plan.num_frames,
+            variant.fps,
+            plan.height,
+            plan.width,
+            variant.allowed_frames,
+            convert_colour,
         )
         log.info(clip.summary)
         # What runs is whole steps: the clip is re-noised to the level of the first one.

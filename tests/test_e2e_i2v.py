@@ -22,6 +22,7 @@ from tests.chat_server import rewrite_of
 from tests.cog_server import CogServerError, data_uri, save_data_uri
 from tests.conftest import optional_steps
 from tests.file_server import FileServer
+from tests.icc_profiles import adobe_rgb_profile
 from tests.lora_files import served_lora
 
 pytestmark = pytest.mark.e2e
@@ -103,6 +104,21 @@ def test_the_other_inputs_are_checked_before_the_image_is_fetched(server, tmp_pa
 def test_empty_prompt_is_allowed_for_image_to_video(server, tmp_path):
     response = server.predict({**FAST, "prompt": "", "image": data_uri(_photo(90, 60))})
     assert probe_mp4(_video(response, tmp_path))["frames"] == 9
+
+
+def test_convert_colour_applies_the_image_profile_that_is_otherwise_left_as_upstream_leaves_it(
+    server, tmp_path
+):
+    buffer = io.BytesIO()
+    Image.new("RGB", (TINY_W, TINY_H), (200, 100, 50)).save(
+        buffer, "PNG", icc_profile=adobe_rgb_profile()
+    )
+    inputs = {**FAST, "image": data_uri(buffer.getvalue(), "image/png")}
+    as_upstream = server.predict(inputs)
+    converted = server.predict({**inputs, "convert_colour": True})
+    assert "'Adobe RGB (1998)' is not applied" in as_upstream["logs"]
+    assert "converted from its colour profile 'Adobe RGB (1998)' to sRGB" in converted["logs"]
+    assert not np.array_equal(_frames(as_upstream, tmp_path), _frames(converted, tmp_path))
 
 
 def test_a_file_that_is_not_an_image_fails_with_the_accepted_formats(server):

@@ -8,16 +8,19 @@ refused. It also takes a LoRA (the rest of LoRAs end to end: tests/test_e2e_lora
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from av.video.reformatter import ColorTrc
 
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 from cogvideox_cog.prompts.instruction import instruction
 from tests.chat_server import rewrite_of
 from tests.cog_server import data_uri, save_data_uri
+from tests.colour_clips import write_clip
 from tests.conftest import optional_steps
 from tests.file_server import FileServer
 from tests.lora_files import served_lora
@@ -93,6 +96,18 @@ def test_a_too_short_clip_fails_with_what_to_do(server, tmp_path):
     assert "too short" in response["error"] and "num_frames=9" in response["error"]
     # coglet marks itself READY a moment after it answers a failed prediction.
     server.wait_idle(timeout=10)
+
+
+def test_convert_colour_tone_maps_an_hdr_clip_that_is_otherwise_read_as_upstream_reads_it(
+    server, tmp_path
+):
+    hlg = write_clip(tmp_path / "hlg.mp4", [(0.75,) * 3, (0.38,) * 3], ColorTrc.ARIB_STD_B67)
+    inputs = {**FAST, "video": data_uri(Path(hlg).read_bytes(), "video/mp4")}
+    as_upstream = server.predict(inputs)
+    converted = server.predict({**inputs, "convert_colour": True})
+    assert "colours read as they are, as upstream reads them" in as_upstream["logs"]
+    assert "; HDR (HLG) tone-mapped to SDR BT.709" in converted["logs"]
+    assert not np.array_equal(_frames(as_upstream, tmp_path), _frames(converted, tmp_path))
 
 
 def test_a_file_that_is_not_a_video_fails_with_the_accepted_formats(server):

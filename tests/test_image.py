@@ -1,6 +1,7 @@
 """The image-to-video image: opened upright and safely, fitted without stretching."""
 
 import io
+import logging
 import struct
 import subprocess
 import sys
@@ -9,10 +10,12 @@ import zlib
 import numpy as np
 import pillow_heif
 import pytest
+from diffusers.utils import load_image
 from PIL import Image
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media.image import fit_image, open_image
+from tests.icc_profiles import adobe_rgb_profile, display_p3_profile
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> io.BytesIO:
@@ -141,92 +144,44 @@ def test_fit_image_covers_and_centre_crops_without_stretching():
     assert fitted.getpixel((5, 50))[2] > 200  # left edge is blue, not red
 
 
-XYZ = tuple[float, float, float]
-
-
-def _s15(*values: float) -> bytes:
-    return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
-
-
-def _matrix_profile(name: str, red: XYZ, green: XYZ, blue: XYZ, curve: bytes) -> bytes:
-    """An RGB ICC v2 matrix profile, written by hand: Pillow makes only sRGB."""
-    white = _s15(0.9642, 1.0, 0.82491)  # D50, the profile connection space's white
-    text = name.encode() + b"\0"
-    tags = [
-        (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(79)),
-        (b"wtpt", b"XYZ " + bytes(4) + white),
-        (b"rXYZ", b"XYZ " + bytes(4) + _s15(*red)),
-        (b"gXYZ", b"XYZ " + bytes(4) + _s15(*green)),
-        (b"bXYZ", b"XYZ " + bytes(4) + _s15(*blue)),
-        (b"rTRC", curve),
-        (b"gTRC", curve),
-        (b"bTRC", curve),
-    ]
-    table, data = struct.pack(">I", len(tags)), b""
-    offset = 128 + 4 + 12 * len(tags)
-    for signature, body in tags:
-        body += bytes(-len(body) % 4)
-        table += signature + struct.pack(">II", offset + len(data), len(body))
-        data += body
-    header = (
-        struct.pack(">I", 128 + len(table) + len(data))
-        + bytes(4)
-        + struct.pack(">I", 0x02100000)
-        + b"mntrRGB XYZ "
-        + bytes(12)
-        + b"acsp"
-        + bytes(28)
-        + white
-        + bytes(48)
-    )
-    return header + table + data
-
-
-def _adobe_rgb_profile() -> bytes:
-    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, 563) + bytes(2)  # 563/256 = 2.2
-    return _matrix_profile(
-        "Adobe RGB (1998)",
-        (0.60974, 0.31111, 0.01947),
-        (0.20528, 0.62567, 0.06087),
-        (0.14919, 0.06322, 0.74457),
-        gamma,
-    )
-
-
-def _display_p3_profile() -> bytes:
-    """Display P3, an iPhone photo's profile: P3 primaries under sRGB's tone curve."""
-    srgb_curve = b"para" + bytes(4) + struct.pack(">HH", 3, 0)
-    srgb_curve += _s15(2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
-    return _matrix_profile(
-        "Display P3",
-        (0.515102, 0.241182, -0.001050),
-        (0.291965, 0.692236, 0.041882),
-        (0.157153, 0.066574, 0.784378),
-        srgb_curve,
-    )
+def _lossless(fmt: str) -> dict:
+    return {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_an_embedded_colour_profile_is_converted_to_srgb(fmt):
+def test_an_embedded_colour_profile_is_converted_to_srgb_when_asked(fmt):
     # Adobe RGB (200, 100, 50) is (227, 100, 42) in sRGB: a camera's orange, read as sRGB,
     # would lose a tenth of its red.
     stored = Image.new("RGB", (8, 8), (200, 100, 50))
-    kwargs = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
-    opened = open_image(_encode(stored, fmt, icc_profile=_adobe_rgb_profile(), **kwargs))
+    adobe = _encode(stored, fmt, icc_profile=adobe_rgb_profile(), **_lossless(fmt))
+    opened = open_image(adobe, convert_colour=True)
     assert np.abs(np.subtract(opened.getpixel((4, 4)), (227, 100, 42))).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_by_default_the_numbers_are_read_as_srgb_as_diffusers_load_image_reads_them(fmt, caplog):
+    stored = Image.new("RGB", (8, 8), (200, 100, 50))
+    adobe = _encode(stored, fmt, icc_profile=adobe_rgb_profile(), **_lossless(fmt))
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(adobe)
+    adobe.seek(0)
+    assert np.array_equal(np.asarray(opened), np.asarray(load_image(Image.open(adobe))))
+    assert np.abs(np.subtract(opened.getpixel((4, 4)), (200, 100, 50))).max() <= 1
+    assert "'Adobe RGB (1998)' is not applied" in caplog.text
+    assert "convert_colour=true" in caplog.text
 
 
 def test_a_transparent_image_with_a_colour_profile_is_still_flattened_onto_white():
     rgba = Image.new("RGBA", (8, 8), (200, 100, 50, 0))
     rgba.putpixel((0, 0), (200, 100, 50, 255))
-    opened = open_image(_encode(rgba, "PNG", icc_profile=_adobe_rgb_profile()))
+    opened = open_image(_encode(rgba, "PNG", icc_profile=adobe_rgb_profile()), True)
     assert opened.getpixel((4, 4)) == (255, 255, 255)
     assert np.abs(np.subtract(opened.getpixel((0, 0)), (227, 100, 42))).max() <= 1
 
 
 def test_an_unusable_colour_profile_leaves_the_colours_as_stored(caplog):
     stored = Image.new("RGB", (8, 8), (200, 100, 50))
-    opened = open_image(_encode(stored, "PNG", icc_profile=b"not a profile" * 20))
+    opened = open_image(_encode(stored, "PNG", icc_profile=b"not a profile" * 20), True)
     assert opened.getpixel((4, 4)) == (200, 100, 50)
     assert "colour profile could not be used" in caplog.text
 
@@ -285,12 +240,14 @@ def test_a_heic_rotation_or_mirror_is_applied_once(orientation):
     _assert_upright(open_image(heic))
 
 
-def test_a_display_p3_heic_is_converted_to_srgb():
+@pytest.mark.parametrize(("convert", "expected"), [(True, (215, 93, 31)), (False, (200, 100, 50))])
+def test_a_display_p3_heic_is_converted_to_srgb_only_when_asked(convert, expected):
     # Display P3 (200, 100, 50) is (215, 93, 31) in sRGB: 15 off in red when read as sRGB.
     # Within 2: the round trip's 1 and the conversion's rounding.
     stored = Image.new("RGB", (16, 16), (200, 100, 50))
-    opened = open_image(_encode(stored, "HEIF", quality=90, icc_profile=_display_p3_profile()))
-    assert np.abs(np.subtract(opened.getpixel((8, 8)), (215, 93, 31))).max() <= 2
+    heic = _encode(stored, "HEIF", quality=90, icc_profile=display_p3_profile())
+    opened = open_image(heic, convert_colour=convert)
+    assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
 
 
 def test_a_heic_over_the_pixel_limit_is_refused_from_its_header():

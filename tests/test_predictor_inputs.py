@@ -27,7 +27,11 @@ SHARED = (
     "interpolate",
     "upscale",
 )
-OWN = {"t2v": {"prompt"}, "i2v": {"prompt", "image"}, "v2v": {"prompt", "video", "strength"}}
+OWN = {
+    "t2v": {"prompt"},
+    "i2v": {"prompt", "image", "convert_colour"},
+    "v2v": {"prompt", "video", "strength", "convert_colour"},
+}
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ clip must last (num_frames - 1) / fps seconds. Of a longer clip only that beginn
 slowed down or looped behind the user's back.
 Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is.
 Its colours are read with the matrix and range the clip is tagged with (BT.601 when untagged,
-as FFmpeg does). An HDR clip is tone-mapped to SDR BT.709, and an SDR one with BT.2020
-primaries converted to BT.709 (colour.py), each picked frame before it is scaled, so that every
-clip is scaled in the same SDR signal; the summary says so.
+as FFmpeg does), and otherwise as they are, as upstream reads them. Asked to convert them, an
+HDR clip is tone-mapped to SDR BT.709, and an SDR one with BT.2020 primaries converted to
+BT.709 (colour.py), each picked frame before it is scaled, so that every clip is scaled in the
+same SDR signal. The summary says which, for such a clip.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def load_video(
     height: int,
     width: int,
     allowed_frames: range | None = None,
+    convert_colour: bool = False,
 ) -> VideoClip:
     """num_frames RGB frames at fps, each height x width, from the start of the clip at `path`.
 
     allowed_frames (the variant's frame rule) only improves the message for a clip too short.
+    convert_colour: an HDR or BT.2020 clip is converted to SDR BT.709, not read as it is.
     """
     container = _open(path)
     with container:
@@ -72,7 +75,7 @@ def load_video(
         def prepare(frame: av.VideoFrame) -> Image.Image:
             rotations.append(_rotation(frame))
             conversions.append(conversion(frame))
-            upright = _rgb(frame, rotations[-1], sdr=conversions[-1] is not None)
+            upright = _rgb(frame, rotations[-1], sdr=convert_colour and bool(conversions[-1]))
             return fit_image(upright, height, width)
 
         picked, decoded, start, last_time, damage = _pick_frames(
@@ -94,8 +97,13 @@ def load_video(
         f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
         f"centre-cropped)"
     )
-    if conversions[0]:
+    if conversions[0] and convert_colour:
         summary += f"; {conversions[0]}"
+    elif conversions[0]:
+        summary += (
+            f"; colours read as they are, as upstream reads them (convert_colour=true: "
+            f"{conversions[0]})"
+        )
     return VideoClip(picked, summary)
 
 

@@ -38,10 +38,12 @@ pillow_heif.register_heif_opener()
 _FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC"
 
 
-def open_image(path: Path | str) -> Image.Image:
-    """Open any common image format upright, on white where it was transparent, as sRGB.
+def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
+    """Open any common image format upright and on white where it was transparent.
 
-    Size and shape are checked from the header, before any pixel is decoded.
+    convert_colour: convert it from the colour profile it embeds to sRGB; without, its numbers
+    are read as sRGB whatever the profile, as upstream reads them (see _colour_profile). Size
+    and shape are checked from the header, before any pixel is decoded.
     """
     try:
         image = Image.open(path)
@@ -83,7 +85,7 @@ def open_image(path: Path | str) -> Image.Image:
                 rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 upright = Image.alpha_composite(background, rgba)
-            return _to_srgb(upright.convert("RGB"), icc)
+            return _apply_profile(upright.convert("RGB"), icc, convert_colour)
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(
                 f"image is damaged or truncated and could not be decoded: {error}"
@@ -92,13 +94,14 @@ def open_image(path: Path | str) -> Image.Image:
             raise InputError(f"image could not be decoded ({error}); send a {_FORMATS}.") from error
 
 
-def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
-    """The RGB image converted to sRGB from the colour profile its file embeds.
+def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Image.Image:
+    """The RGB image converted to sRGB from the colour profile its file embeds, if asked to.
 
     Phones save photos in Display P3 and cameras offer Adobe RGB; read as sRGB, as Pillow's
-    convert() and diffusers' load_image do, their colours come out duller and shifted (a P3
-    green of (60, 170, 80) is (0, 173, 68) in sRGB). Images without a profile, or with an sRGB
-    one, are left as they are; so is one whose profile cannot be used (the log says so).
+    convert() and diffusers' load_image (upstream's reading, hence the default) do, their
+    colours come out duller and shifted (a P3 green of (60, 170, 80) is (0, 173, 68) in sRGB).
+    Images without a profile, or with an sRGB one, are left as they are either way; so is one
+    whose profile cannot be used (the log says so).
     """
     if not icc:
         return image
@@ -106,6 +109,12 @@ def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         name = ImageCms.getProfileDescription(profile).strip()
         if profile.profile.xcolor_space.strip() != "RGB" or "srgb" in name.lower():
+            return image
+        if not convert:
+            log.info(
+                f"image: its colour profile {name[:60]!r} is not applied, the numbers are read "
+                "as sRGB (as upstream reads them); convert_colour=true converts it to sRGB"
+            )
             return image
         converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
     except (OSError, ImageCms.PyCMSError) as error:
