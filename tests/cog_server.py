@@ -213,12 +213,15 @@ class CogServer:
         python: str = sys.executable,
         args: list[str] | None = None,
         launcher: list[str] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         """`args` go to the server's command line, e.g. ["--upload-url", url]; `launcher` runs
-        it, e.g. ["tini", "--"] as the image does (`proc` is then the launcher's process)."""
+        it, e.g. ["tini", "--"] as the image does (`proc` is then the launcher's process).
+        `command`: what starts the server instead, e.g. script/serve, which execs it."""
         self.predictor, self.cwd, self.log_path = predictor, Path(cwd), Path(log_path)
         self.args = list(args or [])
         self.launcher = list(launcher or [])
+        self.command = command
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
@@ -230,7 +233,9 @@ class CogServer:
     def start(self, timeout: float = 600) -> CogServer:
         """Start the server and wait for READY; raise CogServerError with the log tail if not."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [self.python, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args]
+        command = self.command or [
+            *[self.python, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args]
+        ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [*self.launcher, *command],

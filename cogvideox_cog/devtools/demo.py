@@ -7,7 +7,6 @@ one it builds a tiny random CogVideoX model: the code path is the same, the vide
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,27 +16,12 @@ import torch
 from ..generator import Request, VideoGenerator
 from ..logs import setup_logging
 from ..media.mp4 import probe_mp4
-from ..variants import MODEL_ENV
-from ..weights import WEIGHTS_URL_ENV, weights_root
+from .cpu_model import NOTICE, use_tiny_model
 
 PROMPT = (
     "A panda in a small red jacket plays an acoustic guitar on a wooden stool in a sunlit "
     "bamboo forest, other pandas watching and clapping along."
 )
-
-
-def _use_tiny_model() -> None:
-    from .tiny import save_tiny_weights
-
-    tiny = weights_root() / "tiny-demo"
-    if not (tiny / "model_index.json").is_file():
-        staging = tiny.with_name(f".{tiny.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        save_tiny_weights(staging, family="1.0", task="t2v")
-        shutil.rmtree(tiny, ignore_errors=True)
-        staging.rename(tiny)
-    os.environ[MODEL_ENV] = "cogvideox-5b"
-    os.environ[WEIGHTS_URL_ENV] = str(tiny)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
-        print(
-            "No CUDA GPU: rendering with a tiny random CogVideoX model built on the spot. "
-            "The code path is the real one; the video is NOISE, not a panda."
-        )
-        _use_tiny_model()
+        print(NOTICE)
+        use_tiny_model("t2v")
     generator = VideoGenerator.from_env("t2v")
     video = generator.render_mp4(
         Request(

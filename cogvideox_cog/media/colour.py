@@ -4,7 +4,7 @@ An HDR frame (PQ or HLG on BT.2020 primaries: what phones record as HDR) read in
 as it is comes out dim and washed out: reference white at 147 of 255 (PQ) or 190 (HLG), an
 18% grey at 96 instead of 108, every colour duller. An SDR frame with BT.2020 primaries comes
 out duller too. That is how upstream reads them, so it stays the default; a request with
-convert_colour makes each the picture an SDR BT.709 display should show:
+convert_colour converts each to the picture an SDR BT.709 display should show:
 
 1. Read as 16-bit R'G'B' with its tagged matrix and range, so that a 10-bit signal keeps its
    precision into the transfer functions.
