@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+from PIL import Image, ImageCms
+
 XYZ = tuple[float, float, float]
+_D50 = (0.9642, 1.0, 0.82491)  # the profile connection space's white
 
 
 def _s15(*values: float) -> bytes:
     return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
 
 
-def _matrix_profile(name: str, red: XYZ, green: XYZ, blue: XYZ, curve: bytes) -> bytes:
-    """An RGB ICC v2 matrix profile, written by hand: Pillow makes only sRGB."""
-    white = _s15(0.9642, 1.0, 0.82491)  # D50, the profile connection space's white
+def _profile(name: str, kind: bytes, space: bytes, pcs: bytes, tags: list) -> bytes:
+    """An ICC v2 profile of a device kind (mntr, prtr) and colour space, with a description
+    and a white point besides the given tags."""
     text = name.encode() + b"\0"
     tags = [
         (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(79)),
-        (b"wtpt", b"XYZ " + bytes(4) + white),
-        (b"rXYZ", b"XYZ " + bytes(4) + _s15(*red)),
-        (b"gXYZ", b"XYZ " + bytes(4) + _s15(*green)),
-        (b"bXYZ", b"XYZ " + bytes(4) + _s15(*blue)),
-        (b"rTRC", curve),
-        (b"gTRC", curve),
-        (b"bTRC", curve),
+        (b"wtpt", b"XYZ " + bytes(4) + _s15(*_D50)),
+        *tags,
     ]
     table, data = struct.pack(">I", len(tags)), b""
     offset = 128 + 4 + 12 * len(tags)
@@ -35,24 +34,42 @@ def _matrix_profile(name: str, red: XYZ, green: XYZ, blue: XYZ, curve: bytes) ->
         struct.pack(">I", 128 + len(table) + len(data))
         + bytes(4)
         + struct.pack(">I", 0x02100000)
-        + b"mntrRGB XYZ "
+        + kind
+        + space
+        + pcs
         + bytes(12)
         + b"acsp"
         + bytes(28)
-        + white
+        + _s15(*_D50)
         + bytes(48)
     )
     return header + table + data
 
 
+def _gamma(gamma: float) -> bytes:
+    return b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+
+
+def _matrix_profile(name: str, red: XYZ, green: XYZ, blue: XYZ, curve: bytes) -> bytes:
+    """An RGB matrix profile."""
+    tags = [
+        (b"rXYZ", b"XYZ " + bytes(4) + _s15(*red)),
+        (b"gXYZ", b"XYZ " + bytes(4) + _s15(*green)),
+        (b"bXYZ", b"XYZ " + bytes(4) + _s15(*blue)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
+    return _profile(name, b"mntr", b"RGB ", b"XYZ ", tags)
+
+
 def adobe_rgb_profile() -> bytes:
-    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, 563) + bytes(2)  # 563/256 = 2.2
     return _matrix_profile(
         "Adobe RGB (1998)",
         (0.60974, 0.31111, 0.01947),
         (0.20528, 0.62567, 0.06087),
         (0.14919, 0.06322, 0.74457),
-        gamma,
+        _gamma(563 / 256),  # 2.2
     )
 
 
@@ -67,3 +84,47 @@ def display_p3_profile() -> bytes:
         (0.157153, 0.066574, 0.784378),
         srgb_curve,
     )
+
+
+def grey_profile(gamma: float) -> bytes:
+    """A greyscale picture's profile: grey under a pure gamma curve, as Photoshop's "Gray
+    Gamma 1.8" and "Gray Gamma 2.2"."""
+    return _profile(f"Gray Gamma {gamma:g}", b"mntr", b"GRAY", b"XYZ ", [(b"kTRC", _gamma(gamma))])
+
+
+# The sRGB colour of each ink printed alone on white paper, roughly a press's.
+INKS = {
+    "cyan": (0, 174, 239),
+    "magenta": (236, 0, 140),
+    "yellow": (255, 242, 0),
+    "black": (35, 31, 32),
+}
+
+
+def cmyk_profile() -> bytes:
+    """A print profile: CMYK to Lab through a table of the 16 corners of CMYK, each ink a
+    colour of INKS, inks printed over each other multiplying in linear light."""
+    corners = []
+    for c, m, y, k in np.ndindex(2, 2, 2, 2):
+        light = np.ones(3)
+        for on, ink in zip((c, m, y, k), INKS.values(), strict=True):
+            light *= (np.array(ink) / 255) ** 2.2 if on else 1
+        corners.append(np.round(255 * light ** (1 / 2.2)).astype(np.uint8))
+    to_lab = ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB", 5000), "RGB", "LAB"
+    )
+    lab = to_lab.apply(Image.fromarray(np.array([corners], np.uint8)))
+    # Pillow's Lab has a and b as signed bytes; a lut8 table holds them plus 128.
+    table = np.asarray(lab).reshape(-1, 3).astype(np.int16)
+    table[:, 1:] = table[:, 1:].astype(np.int8).astype(np.int16) + 128
+    identity = bytes(range(256))
+    lut = (
+        b"mft1"
+        + bytes(4)
+        + bytes((4, 3, 2, 0))  # in and out channels, grid points
+        + _s15(1, 0, 0, 0, 1, 0, 0, 0, 1)
+        + identity * 4
+        + table.astype(np.uint8).tobytes()
+        + identity * 3
+    )
+    return _profile("Press CMYK", b"prtr", b"CMYK", b"Lab ", [(b"A2B0", lut)])

@@ -15,7 +15,13 @@ from PIL import Image
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media.image import fit_image, open_image
-from tests.icc_profiles import adobe_rgb_profile, display_p3_profile
+from tests.icc_profiles import (
+    INKS,
+    adobe_rgb_profile,
+    cmyk_profile,
+    display_p3_profile,
+    grey_profile,
+)
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> io.BytesIO:
@@ -177,6 +183,49 @@ def test_a_transparent_image_with_a_colour_profile_is_still_flattened_onto_white
     opened = open_image(_encode(rgba, "PNG", icc_profile=adobe_rgb_profile()), True)
     assert opened.getpixel((4, 4)) == (255, 255, 255)
     assert np.abs(np.subtract(opened.getpixel((0, 0)), (227, 100, 42))).max() <= 1
+
+
+def _srgb_of_gamma(level: int, gamma: float) -> float:
+    """The sRGB level showing the light of an 8-bit level under a pure gamma curve."""
+    light = (level / 255) ** gamma
+    return 255 * (1.055 * light ** (1 / 2.4) - 0.055 if light > 0.0031308 else 12.92 * light)
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("L", "PNG"), ("L", "JPEG"), ("LA", "PNG")])
+def test_a_grey_colour_profile_is_converted_to_srgb_when_asked(mode, fmt):
+    # Photoshop's Gray Gamma 1.8: a grey of 100 shows as sRGB's 119; read as sRGB, 19 darker.
+    grey = Image.new(mode, (8, 8), (100, 255) if mode == "LA" else 100)
+    profiled = _encode(grey, fmt, icc_profile=grey_profile(1.8), **_lossless(fmt))
+    opened = open_image(profiled, convert_colour=True)
+    assert np.abs(np.subtract(opened.getpixel((4, 4)), _srgb_of_gamma(100, 1.8))).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_a_cmyk_colour_profile_is_converted_to_srgb_when_asked(fmt):
+    # A print file's full cyan is its press's cyan ink; Pillow's convert() makes it (0, 255, 255).
+    cyan = Image.new("CMYK", (8, 8), (255, 0, 0, 0))
+    profiled = _encode(cyan, fmt, icc_profile=cmyk_profile(), **_lossless(fmt))
+    opened = open_image(profiled, convert_colour=True)
+    assert np.abs(np.subtract(opened.getpixel((4, 4)), INKS["cyan"])).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("picture", "profile", "name"),
+    [
+        (Image.new("L", (8, 8), 100), grey_profile(1.8), "Gray Gamma 1.8"),
+        (Image.new("CMYK", (8, 8), (255, 0, 0, 0)), cmyk_profile(), "Press CMYK"),
+    ],
+    ids=["grey", "cmyk"],
+)
+def test_by_default_grey_and_cmyk_profiles_are_left_out_as_load_image_leaves_them(
+    picture, profile, name, caplog
+):
+    profiled = _encode(picture, "JPEG", icc_profile=profile, quality=100)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(profiled)
+    profiled.seek(0)
+    assert np.array_equal(np.asarray(opened), np.asarray(load_image(Image.open(profiled))))
+    assert f"{name!r} is not applied" in caplog.text
 
 
 def test_an_unusable_colour_profile_leaves_the_colours_as_stored(caplog):

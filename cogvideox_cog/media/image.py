@@ -82,10 +82,13 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             upright = ImageOps.exif_transpose(image)
             upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                grey = upright.mode in ("L", "LA")
                 rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 upright = Image.alpha_composite(background, rgba)
-            return _apply_profile(upright.convert("RGB"), icc, convert_colour)
+                if grey:  # still grey, which a grey colour profile describes
+                    upright = upright.convert("L")
+            return _apply_profile(upright, icc, convert_colour)
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(
                 f"image is damaged or truncated and could not be decoded: {error}"
@@ -95,33 +98,49 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
 
 
 def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Image.Image:
-    """The RGB image converted to sRGB from the colour profile its file embeds, if asked to.
+    """The image in RGB, converted to sRGB from the colour profile its file embeds if asked to.
 
     Phones save photos in Display P3 and cameras offer Adobe RGB; read as sRGB, as Pillow's
     convert() and diffusers' load_image (upstream's reading, hence the default) do, their
     colours come out duller and shifted (a P3 green of (60, 170, 80) is (0, 173, 68) in sRGB).
-    Images without a profile, or with an sRGB one, are left as they are either way; so is one
-    whose profile cannot be used (the log says so).
+    So are a greyscale picture's grey profile and a CMYK one's CMYK profile (a print file's:
+    convert() reads its inks as pure cyan, magenta and yellow). Images without a profile, with
+    an sRGB one, or with one for another kind of picture, are left as they are either way; so
+    is one whose profile cannot be used (the log says so).
     """
+    rgb = image.convert("RGB")
     if not icc:
-        return image
+        return rgb
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         name = ImageCms.getProfileDescription(profile).strip()
-        if profile.profile.xcolor_space.strip() != "RGB" or "srgb" in name.lower():
-            return image
+        source = _described_by(image, rgb, profile.profile.xcolor_space.strip())
+        if source is None or "srgb" in name.lower():
+            return rgb
         if not convert:
             log.info(
                 f"image: its colour profile {name[:60]!r} is not applied, the numbers are read "
                 "as sRGB (as upstream reads them); convert_colour=true converts it to sRGB"
             )
-            return image
-        converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+            return rgb
+        converted = ImageCms.profileToProfile(source, profile, _SRGB, outputMode="RGB")
     except (OSError, ImageCms.PyCMSError) as error:
         log.warning(f"image: its colour profile could not be used ({error}); read as sRGB")
-        return image
+        return rgb
     log.info(f"image: converted from its colour profile {name[:60]!r} to sRGB")
     return converted
+
+
+def _described_by(image: Image.Image, rgb: Image.Image, space: str) -> Image.Image | None:
+    """The picture in the mode that a profile of this colour space describes, or None when
+    the profile is for another kind of picture (a CMYK profile on an RGB JPEG)."""
+    if space == "RGB":
+        return rgb
+    if space == "GRAY" and image.mode in ("1", "L"):
+        return image.convert("L")
+    if space == "CMYK" and image.mode == "CMYK":
+        return image
+    return None
 
 
 def _to_8_bits(image: Image.Image) -> Image.Image:
