@@ -8,6 +8,8 @@ matrix, BT.2100's PQ and HLG, and BT.1886's gamma 2.4 for SDR.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
@@ -165,3 +167,29 @@ def test_by_default_an_hdr_or_bt2020_clip_is_read_as_it_is_as_upstream_reads_it(
 def test_the_summary_says_how_the_colours_were_converted(tmp_path, trc, said):
     path = write_clip(tmp_path / "clip.mp4", [(0.5, 0.5, 0.5)], trc)
     assert _converted(path).summary.endswith(said)
+
+
+@pytest.mark.parametrize(
+    ("convert", "said"),
+    [
+        (True, "; HDR (HLG) tone-mapped to SDR BT.709"),
+        (False, "(convert_colour=true: HDR (HLG) tone-mapped to SDR BT.709)"),
+    ],
+    ids=["converted", "default"],
+)
+def test_the_summary_names_a_conversion_that_starts_after_the_first_frame(tmp_path, convert, said):
+    """A stream spliced from an SDR BT.709 part and an HLG one: its first frame is SDR, the
+    next picked frame HDR."""
+    sdr = write_clip(
+        tmp_path / "sdr.h264",
+        [(0.5, 0.5, 0.5)],
+        ColorTrc.BT709,
+        primaries=ColorPrimaries.BT709,
+        colorspace=Colorspace.ITU709,
+    )
+    hlg = write_clip(tmp_path / "hlg.h264", [(0.5, 0.5, 0.5)], ColorTrc.ARIB_STD_B67)
+    spliced = tmp_path / "spliced.h264"
+    spliced.write_bytes(Path(sdr).read_bytes() + Path(hlg).read_bytes())
+    # A raw stream is read at 25 fps: frame 0 (SDR) at 0 s, frame 12 (HLG) at 0.48 s.
+    clip = load_video(spliced, num_frames=2, fps=2, height=H, width=W, convert_colour=convert)
+    assert clip.summary.endswith(said)

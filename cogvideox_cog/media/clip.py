@@ -97,12 +97,13 @@ def load_video(
         f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
         f"centre-cropped)"
     )
-    if conversions[0] and convert_colour:
-        summary += f"; {conversions[0]}"
-    elif conversions[0]:
+    # Of any frame picked, not only the first: a clip spliced together may start in SDR.
+    converted = next((name for name in conversions if name), None)
+    if converted and convert_colour:
+        summary += f"; {converted}"
+    elif converted:
         summary += (
-            f"; colours read as they are, as upstream reads them (convert_colour=true: "
-            f"{conversions[0]})"
+            f"; colours read as they are, as upstream reads them (convert_colour=true: {converted})"
         )
     return VideoClip(picked, summary)
 
