@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from av.video.reformatter import ColorRange, Colorspace
+from av.video.reformatter import ColorRange, Colorspace, ColorTrc
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media import clip as video_input
@@ -247,3 +247,24 @@ def test_a_clip_is_read_with_the_colour_matrix_and_range_it_is_tagged_with(
     first = np.asarray(load_video(path, num_frames=9, fps=8, height=48, width=64).frames[0])
     centres = [first[24, 16 * index + 8].astype(int) for index in range(len(PATCHES))]
     assert np.abs(np.array(centres) - np.array(PATCHES)).max() <= 3, centres
+
+
+@pytest.mark.parametrize("convert_colour", [False, True], ids=["default", "converted"])
+def test_a_clip_tagged_with_a_matrix_ffmpeg_cannot_convert_is_refused_naming_it(
+    tmp_path, convert_colour
+):
+    """YCgCo (H.273 matrix 8): FFmpeg's libswscale has no conversion of it to RGB, for the
+    plain reading nor for the HDR one (the clip is tagged HLG)."""
+    path = str(tmp_path / "ycgco.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.colorspace = 8
+        stream.codec_context.color_trc = ColorTrc.ARIB_STD_B67
+        for index in range(10):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame.reformat(format="yuv420p")))
+        container.mux(stream.encode())
+    with pytest.raises(InputError, match=r"colour matrix \(YCgCo\).*re-encode it with a BT.709"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W, convert_colour=convert_colour)

@@ -15,6 +15,7 @@ same SDR signal. The summary says which, for such a clip.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,7 +311,30 @@ def _rotation(frame: av.VideoFrame) -> int:
     return degrees if degrees in _TURNS else 0
 
 
+# Colour matrices (H.273 MatrixCoefficients) that FFmpeg's libswscale has no conversion for.
+_MATRIX_NAMES = {
+    8: "YCgCo",
+    10: "BT.2020 constant luminance",
+    11: "SMPTE ST 2085",
+    12: "chromaticity-derived",
+    13: "chromaticity-derived constant luminance",
+    14: "ICtCp",
+}
+
+
 def _rgb(frame: av.VideoFrame, rotation: int, sdr: bool) -> Image.Image:
     """The frame upright in RGB; with sdr, converted to SDR BT.709 first."""
-    image = to_sdr(frame) if sdr else frame.to_image().convert("RGB")
+    try:
+        image = to_sdr(frame) if sdr else frame.to_image().convert("RGB")
+    except av.error.FFmpegError as error:
+        if error.errno != errno.EOPNOTSUPP:
+            raise
+        # Refused, not left to _pick_frames, which takes an FFmpegError for damage in the
+        # file: every frame of such a clip fails alike.
+        matrix = _MATRIX_NAMES.get(frame.colorspace, f"number {frame.colorspace}")
+        raise InputError(
+            f"video is tagged with a colour matrix ({matrix}) whose frames cannot be "
+            f"converted to RGB here ({error.strerror}); re-encode it with a BT.709, BT.601 "
+            f"or BT.2020 matrix."
+        ) from error
     return image.transpose(_TURNS[rotation]) if rotation else image
