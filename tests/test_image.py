@@ -299,6 +299,64 @@ def test_a_display_p3_heic_is_converted_to_srgb_only_when_asked(convert, expecte
     assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
 
 
+def _nclx_heic(primaries: int, transfer: int) -> io.BytesIO:
+    """A HEIC whose colours are declared by H.273 code points (nclx), not an ICC profile."""
+    nclx = {
+        "color_primaries": primaries,
+        "transfer_characteristics": transfer,
+        "matrix_coefficients": 6,
+        "full_range_flag": 1,
+    }
+    stored = Image.new("RGB", (16, 16), (200, 100, 50))
+    heic = _encode(stored, "HEIF", quality=90, nclx_profile=nclx)
+    assert Image.open(heic).info["nclx_profile"]["color_primaries"] == primaries
+    heic.seek(0)
+    return heic
+
+
+# Linear Display P3 to linear sRGB, as published (e.g. in the CSS Color 4 sample code).
+P3_TO_SRGB = np.array([[1.2249, -0.2247, 0.0], [-0.0420, 1.0419, 0.0], [-0.0197, -0.0786, 1.0979]])
+
+
+def _p3_on_bt709_curve_as_srgb(colour) -> tuple[int, ...]:
+    """A BT.709-curve P3 colour in sRGB primaries on the same curve (BT.1886's gamma 2.4)."""
+    light = np.clip(P3_TO_SRGB @ (np.array(colour) / 255) ** 2.4, 0, 1)
+    return tuple(np.round(255 * light ** (1 / 2.4)).astype(int))
+
+
+@pytest.mark.parametrize("transfer", [13, 1], ids=["sRGB-curve", "BT.709-curve"])
+def test_a_heic_declaring_display_p3_without_a_profile_is_converted_when_asked(transfer, caplog):
+    # With the sRGB curve, what LittleCMS makes of Display P3 (200, 100, 50) given as an ICC
+    # profile (above).
+    expected = (215, 93, 31) if transfer == 13 else _p3_on_bt709_curve_as_srgb((200, 100, 50))
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(_nclx_heic(12, transfer), convert_colour=True)
+    assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
+    assert "converted from its declared Display P3 colours to sRGB" in caplog.text
+
+
+def test_by_default_a_heic_declaring_display_p3_is_read_as_srgb_and_the_log_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(_nclx_heic(12, 13))
+    _assert_close(opened.getpixel((8, 8)), (200, 100, 50))
+    assert "declared as Display P3 (not sRGB) and read as sRGB" in caplog.text
+
+
+def test_a_heic_declaring_srgb_primaries_is_read_as_it_is_either_way(caplog):
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(_nclx_heic(1, 13), convert_colour=True)
+    _assert_close(opened.getpixel((8, 8)), (200, 100, 50))
+    assert "image:" not in caplog.text
+
+
+def test_an_hdr_heic_is_read_as_it_is_with_a_warning_that_it_is_not_tone_mapped(caplog):
+    opened = open_image(_nclx_heic(9, 16), convert_colour=True)
+    _assert_close(opened.getpixel((8, 8)), (200, 100, 50))
+    assert "an HDR (PQ) picture on BT.2020 primaries; read as it is, not tone-mapped" in (
+        caplog.text
+    )
+
+
 def test_a_heic_over_the_pixel_limit_is_refused_from_its_header():
     # A 64x64 picture whose header (the ispe property) says 9000x9000: decoded, it would pass.
     heic = bytearray(_encode(Image.new("RGB", (64, 64)), "HEIF").getvalue())

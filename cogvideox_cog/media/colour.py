@@ -179,3 +179,31 @@ def _bt2020_to_bt709() -> np.ndarray:
 # Luminance of linear RGB: Y, the middle row of each matrix.
 _BT709_LUMA = _xyz_matrix(_BT709_XY, _D65_XY)[1].astype(np.float32)
 _BT2020_LUMA = _xyz_matrix(_BT2020_XY, _D65_XY)[1].astype(np.float32)
+
+
+# Still pictures (HEIC) whose colours are declared by ITU-T H.273 code points (an nclx box)
+# instead of an ICC profile: the transfer curves an SDR still may name.
+SRGB_TRANSFER = 13
+BT709_TRANSFERS = frozenset({1, 6, 14, 15})  # BT.709's curve, as BT.601 and BT.2020 give it too
+
+
+def still_primaries_to_srgb(rgb: np.ndarray, primaries_xy, transfer: int) -> np.ndarray:
+    """An 8-bit RGB picture on other primaries (D65 white) as sRGB: made linear with its own
+    curve (sRGB's, or BT.1886's gamma 2.4 for BT.709's), converted to sRGB's primaries (those
+    of BT.709), clipped, and encoded with the same curve. So only the primaries change."""
+    codes = np.arange(256) / 255
+    if transfer == SRGB_TRANSFER:
+        to_light = np.where(codes <= 0.04045, codes / 12.92, ((codes + 0.055) / 1.055) ** 2.4)
+    else:
+        to_light = codes**SDR_GAMMA
+    matrix = np.linalg.inv(_xyz_matrix(_BT709_XY, _D65_XY)) @ _xyz_matrix(primaries_xy, _D65_XY)
+    light = np.clip(to_light[rgb] @ matrix.T, 0, 1)
+    if transfer == SRGB_TRANSFER:
+        signal = np.where(light <= 0.0031308, light * 12.92, 1.055 * light ** (1 / 2.4) - 0.055)
+    else:
+        signal = light ** (1 / SDR_GAMMA)
+    return np.round(signal * 255).astype(np.uint8)
+
+
+def is_d65(white_xy) -> bool:
+    return abs(white_xy[0] - _D65_XY[0]) < 5e-4 and abs(white_xy[1] - _D65_XY[1]) < 5e-4

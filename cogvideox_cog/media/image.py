@@ -15,6 +15,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from .colour import BT709_TRANSFERS, SRGB_TRANSFER, is_d65, still_primaries_to_srgb
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             )
         key = _16_bit_png_key(image)  # before decoding, which forgets the file's layout
         icc = image.info.get("icc_profile")
+        nclx = image.info.get("nclx_profile")  # a HEIC's colours without an ICC profile
         try:
             # A HEIC is decoded upright by libheif (its irot and imir), and pillow-heif sets its
             # EXIF orientation to 1, so that it is not turned a second time here.
@@ -88,6 +90,8 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
                 upright = Image.alpha_composite(background, rgba)
                 if grey:  # still grey, which a grey colour profile describes
                     upright = upright.convert("L")
+            if not icc and nclx:
+                return _apply_nclx(upright.convert("RGB"), nclx, convert_colour)
             return _apply_profile(upright, icc, convert_colour)
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(
@@ -129,6 +133,60 @@ def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Imag
         return rgb
     log.info(f"image: converted from its colour profile {name[:60]!r} to sRGB")
     return converted
+
+
+# H.273 colour primaries that are not sRGB's, by name.
+_PRIMARIES = {
+    4: "BT.470 M",
+    5: "BT.601 625",
+    6: "BT.601 525",
+    7: "SMPTE 240M",
+    8: "film",
+    9: "BT.2020",
+    10: "CIE XYZ",
+    11: "DCI-P3",
+    12: "Display P3",
+    22: "EBU 3213",
+}
+_HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+
+
+def _apply_nclx(rgb: Image.Image, nclx: dict, convert: bool) -> Image.Image:
+    """The image converted to sRGB from the H.273 primaries a HEIC declares instead of an ICC
+    profile, if asked to: Display P3 from a phone, or BT.2020. libheif has already turned its
+    YCbCr into RGB with the declared matrix; only the primaries are left to convert. HDR
+    stills (PQ, HLG) are read as they are: they are not tone-mapped."""
+    primaries, transfer = nclx.get("color_primaries"), nclx.get("transfer_characteristics")
+    if primaries not in _PRIMARIES and transfer not in _HDR_TRANSFERS:
+        return rgb  # BT.709's primaries (sRGB's), or unspecified: read as sRGB
+    name = _PRIMARIES.get(primaries, "BT.709")
+    if transfer in _HDR_TRANSFERS:
+        log.warning(
+            f"image: an HDR ({_HDR_TRANSFERS[transfer]}) picture on {name} primaries; read as "
+            "it is, not tone-mapped, so it comes out dim"
+        )
+        return rgb
+    red, green, blue, white = (
+        (nclx[f"color_primary_{c}_x"], nclx[f"color_primary_{c}_y"])
+        for c in ("red", "green", "blue", "white")
+    )
+    usable = transfer in BT709_TRANSFERS or transfer == SRGB_TRANSFER
+    if not convert:
+        if usable and is_d65(white):
+            log.info(
+                f"image: its colours are declared as {name} (not sRGB) and read as sRGB (as "
+                "upstream reads them); convert_colour=true converts them to sRGB"
+            )
+        return rgb
+    if not usable or not is_d65(white):
+        log.warning(
+            f"image: its {name} colours (transfer {transfer}) cannot be converted here; read "
+            "as sRGB"
+        )
+        return rgb
+    converted = still_primaries_to_srgb(np.asarray(rgb), (red, green, blue), transfer)
+    log.info(f"image: converted from its declared {name} colours to sRGB")
+    return Image.fromarray(converted, "RGB")
 
 
 def _described_by(image: Image.Image, rgb: Image.Image, space: str) -> Image.Image | None:
