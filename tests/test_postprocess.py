@@ -257,6 +257,18 @@ def test_bad_weights_fail_setup_and_leave_nothing_cached(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "postprocess").glob("rife-*/*"))
 
 
+def test_a_url_that_cannot_be_downloaded_fails_setup_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    server = FileServer(tmp_path)
+    try:
+        monkeypatch.setenv(UPSCALE_URL_ENV, server.url("RealESRGAN_x4plus.pth"))  # a 404
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+        with pytest.raises(WeightsError, match=f"404.*{UPSCALE_URL_ENV}"):
+            load_model(source, _build_rrdbnet)
+    finally:
+        server.stop()
+
+
 def test_a_pinned_sha256_that_differs_fails_setup(tmp_path, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))

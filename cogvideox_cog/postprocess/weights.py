@@ -171,6 +171,9 @@ def _fetch(source: ModelSource, dest: Path) -> str:
                 f"{source.name} weights at {source.shown} are {error}, over "
                 f"{download.human(MAX_BYTES)}: not a frame model; check {source.url_env}"
             ) from None
+        except WeightsError as error:  # its message names the URL, not the setting that gave it
+            reason = str(error).rstrip(".")
+            raise type(error)(f"{source.name} weights: {reason}; check {source.url_env}") from error
     else:
         raise WeightsError(
             f"{source.url_env}={source.url!r} is neither an http(s) URL nor an existing file."
