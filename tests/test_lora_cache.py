@@ -301,6 +301,14 @@ def test_unusable_lora_url_is_refused_without_a_download(url):
         check_lora_url(url)
 
 
+def test_a_pickle_named_lora_url_is_refused_without_its_query_string():
+    signed = "https://bucket.example.com/run/adapter_model.bin?X-Amz-Signature=secret-signature"
+    with pytest.raises(LoraError, match=r"names a PyTorch pickle file") as refused:
+        check_lora_url(signed)
+    assert "adapter_model.bin" in str(refused.value)
+    assert "secret-signature" not in str(refused.value)
+
+
 def test_a_lora_url_urllib_cannot_fetch_is_refused_without_echoing_it_whole():
     with pytest.raises(LoraError, match=r"the lora_url is not a valid URL"):
         check_lora_url("http://[::1")

@@ -39,7 +39,7 @@ _PICKLE_HINT = (
 def check_lora_url(url: str) -> str:
     """Refuse what can be refused without a download: the scheme, a pickle's file name."""
     url = url.strip()
-    shown = repr(url) if len(url) <= 200 else f"{url[:200]!r}... ({len(url):,} characters)"
+    shown = _quoted(url)
     scheme = download.scheme_of(url)
     if scheme == "hf":
         if parse_hf_url(url, with_file=True) is None:
@@ -55,8 +55,15 @@ def check_lora_url(url: str) -> str:
     elif problem := download.url_problem(url):
         raise LoraError(f"the lora_url {problem}.")
     if urllib.parse.urlsplit(url).path.lower().endswith(PICKLE_SUFFIXES):
+        # download.shown: no presigned URL's signature in the error
+        shown = _quoted(download.shown(url))
         raise LoraError(f"lora_url={shown} names a PyTorch pickle file: {_PICKLE_HINT}.")
     return url
+
+
+def _quoted(url: str) -> str:
+    """`url` quoted for an error, a long one cut short."""
+    return repr(url) if len(url) <= 200 else f"{url[:200]!r}... ({len(url):,} characters)"
 
 
 def fetch_lora(url: str, staging: Path, cancelled: threading.Event, max_bytes: int) -> Path:
