@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from cogvideox_cog.errors import LoraError
+from cogvideox_cog.lora import store
 from cogvideox_cog.lora.fetch import check_lora_url
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.settings import parse_size
@@ -114,6 +115,25 @@ def test_a_cached_file_cut_short_on_disk_is_fetched_again(served, cache):
     sent = server.bytes_sent
     assert cache.get(server.url("a.safetensors")).read_bytes() == data
     assert server.bytes_sent - sent >= len(data)
+
+
+def test_a_cached_file_evicted_by_another_server_as_it_is_checked_is_fetched_again(
+    served, cache, monkeypatch
+):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    cache.get(server.url("a.safetensors"))
+    check = store.check_safetensors
+
+    def evicted_meanwhile(path: Path) -> list[str]:
+        path.unlink()  # another server sharing the folder evicts it between two lines
+        return check(path)
+
+    monkeypatch.setattr(store, "check_safetensors", evicted_meanwhile)
+    gets = _gets(server, "a.safetensors")
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+    assert _gets(server, "a.safetensors") > gets
 
 
 def test_two_urls_with_the_same_content_share_one_file(served, cache):

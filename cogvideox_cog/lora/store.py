@@ -133,7 +133,10 @@ class LoraCache:
             return None  # evicted: fetch again
         # The header check of every download, again (it reads the header only): a blob cut
         # short on disk would otherwise fail every request for this URL and never be evicted.
-        problems = check_safetensors(blob)
+        try:
+            problems = check_safetensors(blob)
+        except FileNotFoundError:  # evicted by another server sharing the folder just now
+            return None
         if problems:
             log.warning(f"lora: cached {blob.name} is damaged ({problems[0]}): fetching again")
             blob.unlink(missing_ok=True)
