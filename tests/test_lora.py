@@ -298,6 +298,30 @@ def test_compiled_transformer_switches_between_loras_of_one_shape_without_compil
         torch._dynamo.reset()
 
 
+def test_compiled_transformer_takes_any_lora_scale_after_its_second_without_compiling(
+    tiny_weights, loras, tmp_path
+):
+    """The first prediction at a second lora_scale compiles again (dynamo specialises on the
+    first scale, then makes it an input); after that no scale compiles anything."""
+    from torch._dynamo.utils import counters
+
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    compile_transformer(pipe.transformer, GUARDS_BACKEND)
+    generator = VideoGenerator(variant, pipe, CPU)
+    generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
+    try:
+        _frames(generator, _url(loras, "a"), 1.0)
+        _frames(generator, _url(loras, "a"), 0.5)
+        graphs = counters["stats"]["unique_graphs"]
+        for scale in (0.7, -1.0, 2.5):
+            _frames(generator, _url(loras, "a"), scale)
+        _frames(generator, _url(loras, "b"), 0.3)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+
+
 def _live_tensors() -> int:
     gc.collect()
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
