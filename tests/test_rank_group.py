@@ -1,16 +1,24 @@
 """How the worker waits for its rank processes' answers (parallel/group.py), with real
-processes and pipes standing in for ranks that answer late."""
+processes and pipes standing in for ranks that answer late; and what ranks tell each other
+(parallel/ranks.py), over gloo."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
+from datetime import timedelta
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from cogvideox_cog.errors import RankGroupError
+from cogvideox_cog.errors import LoraError, RankGroupError
 from cogvideox_cog.parallel import group
 from cogvideox_cog.parallel.protocol import Canceled, Done
+from cogvideox_cog.parallel.ranks import LoraFetchedOnce
+from tests.cog_server import free_port
 
 BOUND_S = 0.5
 
@@ -60,3 +68,27 @@ def test_another_rank_late_past_the_bound_stops_the_group_as_stuck():
     finally:
         ranks.close(ask=False)
     assert "stuck" in ranks.failure
+
+
+class _FailingLoraCache:
+    def get(self, url: str):
+        raise LoraError("HTTP 403")
+
+
+def _fetch_on_rank(rank: int, port: int, url: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=1))
+    try:
+        LoraFetchedOnce(_FailingLoraCache(), rank, torch.device("cpu")).get(url)
+    except LoraError as error:
+        (out / f"rank-{rank}.txt").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_told_that_rank_0_could_not_fetch_a_lora_quotes_no_signature(tmp_path):
+    url = "https://bucket.example/style.safetensors?X-Amz-Signature=secret-signature"
+    mp.spawn(_fetch_on_rank, args=(free_port(), url, tmp_path), nprocs=2)
+    said = (tmp_path / "rank-1.txt").read_text()
+    assert said.startswith("rank 0 could not fetch lora_url https://bucket.example/style")
+    assert "secret-signature" not in said

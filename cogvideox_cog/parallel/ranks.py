@@ -29,7 +29,7 @@ from ..logs import disable_progress_bars
 from ..lora import store as lora_store
 from ..pipeline import Mode
 from ..prompts.enhance import config_from_env
-from ..weights.download import stop_waiting_when
+from ..weights.download import shown, stop_waiting_when
 from .engine import ContextParallel
 from .lifetime import exit_with_parent
 from .protocol import (
@@ -252,7 +252,7 @@ class LoraFetchedOnce:
             if said == self.CANCELED:
                 raise StepCanceled(-1)
             if said != self.FETCHED:
-                raise LoraError(f"rank 0 could not fetch lora_url {url}: see its error")
+                raise LoraError(f"rank 0 could not fetch lora_url {shown(url)}: see its error")
             return self.cache.get(url)
         try:
             path = self.cache.get(url)
