@@ -7,7 +7,10 @@ makes every answer fail instead: "slow" (answers after `delay` s), "500", "garba
 whose body is not JSON), "empty" (content ""), "cut" (finish_reason "length"), "redirect"
 (302 to another address), "trickle" (headers a byte every 0.2 s), "deep" (JSON nested past
 Python's recursion limit), "long" (a 12,000-character rewrite, max_tokens ignored),
-"invisible" (zero-width spaces), "echo" (401 quoting the request's Authorization header).
+"invisible" (zero-width spaces), "echo" (401 quoting the request's Authorization header);
+quoting it too: "echo-page" (a 200 whose body is an HTML error page, as a proxy's),
+"echo-json" (a 200 with an error instead of choices), "echo-late" (401, the quote straddling
+the 300th character, where our message cuts an error's text).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
-    "echo",
+    "echo", "echo-page", "echo-json", "echo-late",
 )  # fmt: skip
 
 
@@ -57,6 +60,16 @@ class ChatServer:
                     self._send(302, b"", {"Location": "http://127.0.0.1:9/v1/chat/completions"})
                 elif fault == "echo":
                     quoted = json.dumps({"error": f"bad key in {headers['authorization']}"})
+                    self._send(401, quoted.encode())
+                elif fault == "echo-page":
+                    page = f"<html><p>Bad header: {headers['authorization']}</p></html>"
+                    self._send(200, page.encode())
+                elif fault == "echo-json":
+                    quoted = json.dumps({"error": f"bad key in {headers['authorization']}"})
+                    self._send(200, quoted.encode())
+                elif fault == "echo-late":
+                    padding = "x" * (300 - len('{"error": "Bearer ') - 3)
+                    quoted = json.dumps({"error": padding + headers["authorization"]})
                     self._send(401, quoted.encode())
                 elif fault == "deep":
                     self._send(200, b"[" * 100_000 + b"]" * 100_000)

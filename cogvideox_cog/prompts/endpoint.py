@@ -65,13 +65,16 @@ class EndpointRewriter:
         }
         if api_key:
             api_key = check_api_key(api_key, "enhance_prompt_api_key")
-        answer = _choice(self._post(body, api_key or self.api_key))
-        message = answer.get("message")
-        text = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise EnhanceError(
-                f"{self.name} answered with no text (finish_reason {answer.get('finish_reason')!r})"
-            )
+        key = api_key or self.api_key
+        try:
+            answer = _choice(self._post(body, key), key)
+            message = answer.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                reason = answer.get("finish_reason")
+                raise EnhanceError(f"{self.name} answered with no text (finish_reason {reason!r})")
+        except EnhanceError as error:  # whatever part of the answer it quotes
+            raise EnhanceError(_redacted(str(error), key)) from None
         return Reply(text, cut=answer.get("finish_reason") == "length")
 
     def _post(self, body: dict, api_key: str | None) -> dict:
@@ -84,20 +87,22 @@ class EndpointRewriter:
             self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
         )
         try:
-            raw = with_deadline(lambda stop: self._exchange(request, stop), self.timeout, "enhance")
+            raw = with_deadline(
+                lambda stop: self._exchange(request, stop, api_key), self.timeout, "enhance"
+            )
         except DeadlineExceeded:
             raise EnhanceError(f"{self.name} did not answer within {self.timeout:g} s") from None
-        except EnhanceError as error:
-            raise EnhanceError(_redacted(str(error), api_key)) from None
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):
-            shown = raw[:ERROR_BODY_CHARS].decode(errors="replace")
+            shown = _excerpt(raw, api_key)
             raise EnhanceError(
                 f"{self.name} answered with something other than JSON: {shown!r}"
             ) from None
 
-    def _exchange(self, request: urllib.request.Request, stop: threading.Event) -> bytes:
+    def _exchange(
+        self, request: urllib.request.Request, stop: threading.Event, api_key: str | None
+    ) -> bytes:
         try:
             with _OPENER.open(request, timeout=self.timeout) as response:
                 return self._read(response, stop)
@@ -108,7 +113,7 @@ class EndpointRewriter:
                     f"(it would take the key elsewhere): set {BASE_URL_ENV} to the address it "
                     f"redirects to"
                 ) from None
-            detail = error.read(ERROR_BODY_CHARS).decode(errors="replace").strip()
+            detail = _excerpt(error.read(_excerpt_bytes(api_key)), api_key)
             raise EnhanceError(f"{self.name} answered HTTP {error.code}: {detail}") from None
         except TimeoutError:
             raise EnhanceError(f"{self.name} did not answer within {self.timeout:g} s") from None
@@ -139,11 +144,25 @@ def _redacted(text: str, api_key: str | None) -> str:
     return text.replace(api_key, "[the key]") if api_key else text
 
 
-def _choice(answer) -> dict:
+def _excerpt_bytes(api_key: str | None) -> int:
+    """Enough of an answer for an excerpt (UTF-8 takes up to 4 bytes a character), and a key
+    that starts inside it read whole, so that it can be taken out."""
+    return 4 * ERROR_BODY_CHARS + len(api_key or "")
+
+
+def _excerpt(answer: bytes | str, api_key: str | None) -> str:
+    """The start of an answer, for an error message: the key taken out before it is cut,
+    which could otherwise leave the key's first characters at the end."""
+    if isinstance(answer, bytes):
+        answer = answer[: _excerpt_bytes(api_key)].decode(errors="replace")
+    return _redacted(answer.strip(), api_key)[:ERROR_BODY_CHARS]
+
+
+def _choice(answer, api_key: str | None) -> dict:
     """The first choice of a chat-completions answer, or EnhanceError."""
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise EnhanceError(
-            f"the endpoint's answer has no choices: {str(answer)[:ERROR_BODY_CHARS]}"
+            f"the endpoint's answer has no choices: {_excerpt(str(answer), api_key)}"
         )
     return choices[0]
