@@ -471,6 +471,11 @@ class VideoGenerator:
             received=received,
         )
         plan.denoise_steps = plan.steps
+        if request.enhance_prompt and inputs.is_blank(plan.prompt):  # i2v allows it
+            raise InputError(
+                "enhance_prompt needs a prompt to rewrite: the prompt is empty. Describe the "
+                "motion, or send enhance_prompt=false."
+            )
         if self.mode == "v2v":
             strength = inputs.check_strength(request.strength, DEFAULT_STRENGTH, plan.steps)
             plan.conditioning["strength"] = strength
@@ -483,11 +488,6 @@ class VideoGenerator:
         """The language model's rewrite, checked as a user's prompt is (after every other
         input, so a bad one costs no rewrite)."""
         assert self.enhancer is not None
-        if inputs.is_blank(prompt):
-            raise InputError(
-                "enhance_prompt needs a prompt to rewrite: the prompt is empty. Describe the "
-                "motion, or send enhance_prompt=false."
-            )
         rewrite = self.enhancer.enhance(
             prompt,
             task=self.mode,

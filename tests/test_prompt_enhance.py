@@ -10,9 +10,11 @@ import time
 import pytest
 import torch
 
+from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.devtools.tiny_llm import CHAT_TEMPLATE, build_tiny_tokenizer, save_tiny_causal_lm
-from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError
-from cogvideox_cog.generator import VideoGenerator
+from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputError
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.prompts import enhance
 from cogvideox_cog.prompts.endpoint import EndpointRewriter
 from cogvideox_cog.prompts.enhance import (
@@ -24,6 +26,7 @@ from cogvideox_cog.prompts.enhance import (
 )
 from cogvideox_cog.prompts.instruction import messages
 from cogvideox_cog.prompts.local import LocalRewriter
+from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
 from tests.chat_server import ChatServer, rewrite_of
@@ -211,6 +214,41 @@ def test_the_deployments_key_is_checked_in_setup(monkeypatch):
     with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_API_KEY holds a character") as bad:
         config_from_env()
     assert "erator" not in str(bad.value)
+
+
+# Checked with the other inputs
+
+
+@pytest.fixture(scope="module")
+def i2v_generator(chat, tmp_path_factory):
+    """Image-to-video on the tiny 1.0 model, rewriting with the chat server."""
+    variant = VARIANTS["cogvideox-5b-i2v"]
+    weights = save_tiny_weights(tmp_path_factory.mktemp("tiny") / "1.0-i2v", "1.0", "i2v")
+    rewriter = EndpointRewriter(chat.base_url, "writer-1", None, timeout=0.5)
+    pipe = build_pipeline(variant, weights, CPU, "none", mode="i2v")
+    return VideoGenerator(variant, pipe, CPU, "i2v", enhancer=PromptEnhancer(rewriter))
+
+
+def test_enhance_prompt_without_a_prompt_is_refused_before_the_image_is_fetched(
+    i2v_generator, chat
+):
+    """check() is what a predictor runs before it fetches the image: an empty prompt, which
+    image-to-video allows, has nothing to rewrite."""
+    chat.requests.clear()
+    request = Request(
+        prompt="",
+        negative_prompt="",
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        use_dynamic_cfg=None,
+        fps=None,
+        seed=5,
+        enhance_prompt=True,
+    )
+    with pytest.raises(InputError, match="enhance_prompt needs a prompt to rewrite"):
+        i2v_generator.check(request)
+    assert not chat.requests
 
 
 # Choosing the backend
