@@ -8,11 +8,15 @@ AOTAutograd's cache, autotuning results, `torch.compiler.save_cache_artifacts`) 
 into a fresh process's caches (`load_cache_artifacts`). Dynamo still traces the Python on the
 next start; inductor then finds every graph in its cache and compiles none.
 
-The file is named by a digest of what the kernels depend on: the GPU (or "cpu"), torch and
-diffusers versions, variant, mode, attention backend, the number of GPUs a video is split
-over and the warm-up shapes; its first line holds that key in full, and a file whose key
-differs (copied, renamed) is not loaded. A file that fails to load is logged and ignored:
-setup then compiles as if it were not there, and writes it again.
+The file is named by a digest of what the kernels depend on: the GPU (or "cpu") and its
+index, torch and diffusers versions, variant, mode, attention backend, the number of GPUs a
+video is split over and the warm-up shapes; its first line holds that key in full, and a file
+whose key differs (copied, renamed) is not loaded. A file that fails to load is logged and
+ignored: setup then compiles as if it were not there, and writes it again.
+
+The index gives each rank of a multi-GPU group a file of its own: torch's graph keys name the
+inputs' device with its index, so a rank finds only the graphs it compiled itself (on
+cuda:1, rank 1's), and one file shared by the group would keep only its last writer's.
 """
 
 from __future__ import annotations
@@ -46,12 +50,14 @@ def cache_key(
 ) -> dict:
     """What the compiled kernels depend on, beyond the model code torch checks itself.
     warm_up: the warm-up renders (VideoGenerator.warm_up_key). ranks: the GPUs a video is
-    split over (parallel/). Deployments that differ in any of these compile other graphs,
+    split over (parallel/); each rank's device index is in the key too, since torch's graph
+    keys name it. Deployments (or ranks) that differ in any of these compile other graphs,
     and a file holds only the graphs its writer used: sharing one, each start would
     overwrite the other's and compile again."""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cuda = device.type == "cuda"
     return {
-        "gpu": gpu,
+        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "gpu_index": _gpu_index(device) if cuda else None,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "variant": variant_id,
@@ -60,6 +66,11 @@ def cache_key(
         "attention": attention,
         "warm_up": [list(render) for render in warm_up],
     }
+
+
+def _gpu_index(device: torch.device) -> int:
+    """The CUDA device's index; torch.device("cuda") is the current one."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def attention_of(transformer) -> str:

@@ -156,6 +156,20 @@ def test_a_video_split_over_several_gpus_has_a_cache_file_of_its_own(tmp_path):
     )
 
 
+def test_each_gpu_of_a_group_has_a_cache_file_of_its_own(tmp_path, monkeypatch):
+    """torch keys a compiled graph by its inputs' device, index included: what rank 1 compiles
+    on cuda:1 is not found by rank 0 on cuda:0. One file for the group would keep the last
+    writer's graphs only, and every other rank would compile again at each start."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    renders = _key()["warm_up"]
+    keys = [
+        compile_cache.cache_key(torch.device("cuda", rank), VARIANT, "t2v", renders, ranks=2)
+        for rank in (0, 1)
+    ]
+    paths = {compile_cache.artifact_path(tmp_path, key) for key in keys}
+    assert len(paths) == 2
+
+
 @pytest.mark.parametrize(
     "content",
     [
