@@ -47,13 +47,15 @@ def cache_key(
     warm_up: list,
     ranks: int = 1,
     attention: str = DEFAULT_BACKEND,
+    offload: str = "none",
 ) -> dict:
     """What the compiled kernels depend on, beyond the model code torch checks itself.
     warm_up: the warm-up renders (VideoGenerator.warm_up_key). ranks: the GPUs a video is
     split over (parallel/); each rank's device index is in the key too, since torch's graph
-    keys name it. Deployments (or ranks) that differ in any of these compile other graphs,
-    and a file holds only the graphs its writer used: sharing one, each start would
-    overwrite the other's and compile again."""
+    keys name it. offload: where the weights wait between uses (pipeline.py), which changes
+    what the compiled blocks are handed. Deployments (or ranks) that differ in any of these
+    compile other graphs, and a file holds only the graphs its writer used: sharing one, each
+    start would overwrite the other's and compile again."""
     cuda = device.type == "cuda"
     return {
         "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -64,6 +66,7 @@ def cache_key(
         "mode": mode,
         "ranks": ranks,
         "attention": attention,
+        "offload": offload,
         "warm_up": [list(render) for render in warm_up],
     }
 
@@ -159,6 +162,7 @@ def warm_up_with_cache(generator, weights_root: Path) -> int:
         generator.warm_up_key(),
         ranks=generator.engine.world_size if generator.engine is not None else 1,
         attention=attention_of(generator.pipe.transformer),
+        offload=generator.offload,
     )
     path = artifact_path(weights_root, key)
     loaded = load(path, key)

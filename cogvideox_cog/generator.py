@@ -181,6 +181,7 @@ class VideoGenerator:
         self.lora_cache = lora_cache
         self.postprocessor = postprocessor or Postprocessor()
         self.enhancer = enhancer
+        self.offload = "none"  # the policy that placed the weights (from_env sets it)
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine: ContextParallel | None = None  # splits each denoise over ranks
         self.on_step: Callable[[int], None] | None = None  # after each step's log line
@@ -250,6 +251,7 @@ class VideoGenerator:
             ),
         )
         generator.engine = engine
+        generator.offload = offload
         if warm_up:
             generator.compile_warm_up()
         log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)

@@ -120,7 +120,7 @@ def _key() -> dict:
     return compile_cache.cache_key(CPU, VARIANT, "t2v", renders)
 
 
-def test_the_key_names_gpu_torch_variant_mode_attention_and_warm_up(tmp_path):
+def test_the_key_names_gpu_torch_variant_mode_attention_offload_and_warm_up(tmp_path):
     key = _key()
     assert key["gpu"] == "cpu" and key["torch"] == torch.__version__
     path = compile_cache.artifact_path(tmp_path, key)
@@ -131,8 +131,9 @@ def test_the_key_names_gpu_torch_variant_mode_attention_and_warm_up(tmp_path):
         {**key, "mode": "v2v"},
         {**key, "attention": "_native_cudnn"},
         {**key, "warm_up": [[49, 480, 720, 6.0, "default", 2]]},
+        compile_cache.cache_key(CPU, VARIANT, "t2v", key["warm_up"], offload="sequential"),
     ]
-    assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 7
+    assert len({path} | {compile_cache.artifact_path(tmp_path, o) for o in others}) == 8
 
 
 def test_the_key_takes_the_attention_backend_the_model_runs(tiny_weights):
