@@ -15,7 +15,8 @@ approximates a skipped step from the steps before it, and diffusers fails (a Typ
 the very first step falls in its range, as video-to-video's does when its strength starts
 the schedule below 681. Its range then starts after the first step; a schedule that starts
 at 999 (text- and image-to-video) is unchanged. The hooks are attached for one prediction
-and removed after it, so "default" never runs through them.
+and removed after it, and any a cancel left half attached before the next, so "default" never
+runs through them.
 
 With a compiled transformer (COGVIDEOX_COMPILE=1) these modes run each block eagerly and its
 parts compiled (pipeline.compile_transformer): the hooks' Python state would split a compiled
@@ -30,6 +31,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 
 from .pipeline import blocks_run_eagerly, is_compiled
 
@@ -80,13 +84,36 @@ def step_cache(
 ) -> Iterator[None]:
     """The transformer with `mode`'s cache hooks for the duration of one prediction."""
     config = cache_config(mode, pipe, classifier_free_guidance, first_timestep)
+    remove_cache_hooks(pipe.transformer)
     if config is None:
         yield
         return
     compiled = is_compiled(pipe.transformer)
-    pipe.transformer.enable_cache(config)
     try:
+        pipe.transformer.enable_cache(config)
         with blocks_run_eagerly(pipe.transformer) if compiled else nullcontext():
             yield
     finally:
-        pipe.transformer.disable_cache()
+        remove_cache_hooks(pipe.transformer)
+
+
+_CACHE_HOOKS = (
+    _PYRAMID_ATTENTION_BROADCAST_HOOK,
+    _FASTER_CACHE_DENOISER_HOOK,
+    _FASTER_CACHE_BLOCK_HOOK,
+)
+
+
+def remove_cache_hooks(transformer) -> None:
+    """Every speed mode's hook off every module, wherever it got to.
+
+    Not disable_cache(): it removes the hooks of a cache that enable_cache() finished setting
+    up, and Cog raises a cancel wherever the worker is. One landing inside enable_cache() or
+    disable_cache() leaves some blocks hooked, with diffusers taking no cache as enabled: every
+    later "default" prediction would run through them, and every "fast" one fail to hook the
+    blocks again. So each prediction starts by removing them all, by name.
+    """
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    for name in _CACHE_HOOKS:
+        registry.remove_hook(name, recurse=True)
+    transformer._cache_config = None

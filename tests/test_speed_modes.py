@@ -3,9 +3,15 @@ leave no trace on the default path."""
 
 from __future__ import annotations
 
+import cog
 import numpy as np
 import pytest
 import torch
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK as FASTER_HOOK
+from diffusers.hooks.pyramid_attention_broadcast import (
+    _PYRAMID_ATTENTION_BROADCAST_HOOK as PAB_HOOK,
+)
 from PIL import Image
 
 from cogvideox_cog.errors import InputError
@@ -61,6 +67,30 @@ def test_default_after_a_speed_mode_is_the_default_output_exactly(generator, def
     _render(generator, speed_mode=mode)
     np.testing.assert_array_equal(_render(generator), default)
     assert not generator.pipe.transformer._diffusers_hook.hooks
+
+
+@pytest.mark.parametrize(("mode", "hook"), [("fast", PAB_HOOK), ("faster", FASTER_HOOK)])
+def test_a_cancel_inside_the_hooks_set_up_leaves_no_hook_for_the_next_prediction(
+    generator, default, monkeypatch, mode, hook
+):
+    """Cog raises a cancel at the worker's next bytecode: here, after the second block got
+    its hook, before diffusers counts the cache as enabled."""
+    hooked = []
+
+    def hook_then_cancel(self, module_hook, name):
+        register(self, module_hook, name)
+        hooked.append(name)
+        if hooked.count(hook) == 2:
+            raise cog.CancelationException()
+
+    register = HookRegistry.register_hook
+    with monkeypatch.context() as patched:
+        patched.setattr(HookRegistry, "register_hook", hook_then_cancel)
+        with pytest.raises(cog.CancelationException):
+            _render(generator, speed_mode=mode)
+    assert np.array_equal(_render(generator), default)
+    assert not np.array_equal(_render(generator, speed_mode=mode), default)
+    assert np.array_equal(_render(generator), default)
 
 
 @pytest.mark.parametrize("mode", ["fast", "faster"])
