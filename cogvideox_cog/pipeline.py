@@ -209,6 +209,7 @@ def compile_transformer(transformer: torch.nn.Module, backend: str = "inductor")
     transformer._repeated_blocks = ["CogVideoXBlock"]  # diffusers does not set it for CogVideoX
     transformer.compile_repeated_blocks(backend=backend)
     for block in transformer.transformer_blocks:
+        block._compiled_block = block._compiled_call_impl  # for compiled_blocks_back()
         for part in (block.norm1, block.attn1, block.norm2, block.ff):
             part.forward = torch.compile(part.forward, backend=backend)
 
@@ -217,14 +218,20 @@ def compile_transformer(transformer: torch.nn.Module, backend: str = "inductor")
 def blocks_run_eagerly(transformer: torch.nn.Module) -> Iterator[None]:
     """The compiled blocks set aside for a while: each block runs its Python forward, which
     calls its compiled parts (compile_transformer)."""
-    kept = [(block, block._compiled_call_impl) for block in transformer.transformer_blocks]
-    for block, _ in kept:
-        block._compiled_call_impl = None
     try:
+        for block in transformer.transformer_blocks:
+            block._compiled_call_impl = None
         yield
     finally:
-        for block, compiled in kept:
-            block._compiled_call_impl = compiled
+        compiled_blocks_back(transformer)
+
+
+def compiled_blocks_back(transformer: torch.nn.Module) -> None:
+    """Every block's compiled call put back: also those a cancel left set aside, landing in
+    blocks_run_eagerly's loops (Cog raises it at the worker's next bytecode)."""
+    for block in transformer.transformer_blocks:
+        if hasattr(block, "_compiled_block"):
+            block._compiled_call_impl = block._compiled_block
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

@@ -35,7 +35,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
 from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 
-from .pipeline import blocks_run_eagerly, is_compiled
+from .pipeline import blocks_run_eagerly, compiled_blocks_back, is_compiled
 
 SPEED_MODES = ("default", "fast", "faster")
 
@@ -85,6 +85,7 @@ def step_cache(
     """The transformer with `mode`'s cache hooks for the duration of one prediction."""
     config = cache_config(mode, pipe, classifier_free_guidance, first_timestep)
     remove_cache_hooks(pipe.transformer)
+    compiled_blocks_back(pipe.transformer)
     if config is None:
         yield
         return

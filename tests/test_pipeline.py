@@ -308,6 +308,19 @@ def test_after_warm_up_no_speed_mode_compiles_in_a_request(warmed_up):
     assert _graphs() == graphs
 
 
+def test_blocks_a_cancel_left_running_eagerly_are_compiled_again_by_the_next_prediction(
+    warmed_up,
+):
+    """Where a cancel inside blocks_run_eagerly's loops would leave them: set aside."""
+    generator, graphs = warmed_up
+    blocks = generator.pipe.transformer.transformer_blocks
+    for block in blocks[:1]:  # a cancel after blocks_run_eagerly set the first one aside
+        block._compiled_call_impl = None
+    generator.render_frames(_request(num_frames=17, num_inference_steps=1))
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert _graphs() == graphs
+
+
 @pytest.mark.parametrize("mode", ["fast", "faster"])
 def test_on_a_compiled_transformer_speed_modes_give_their_eager_frames(
     warmed_up, tiny_weights, mode
