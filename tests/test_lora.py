@@ -275,6 +275,16 @@ def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
     assert (with_alpha.alpha, with_alpha.alpha_source) == (8.0, "the file's metadata")
 
 
+def _compiled_generator(tiny_weights, tmp_path) -> VideoGenerator:
+    """The tiny model with its blocks compiled (aot_eager: dynamo's guards, as inductor's)."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    compile_transformer(pipe.transformer, GUARDS_BACKEND)
+    generator = VideoGenerator(variant, pipe, CPU)
+    generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
+    return generator
+
+
 def test_compiled_transformer_switches_between_loras_of_one_shape_without_compiling(
     tiny_weights, loras, tmp_path
 ):
@@ -282,11 +292,7 @@ def test_compiled_transformer_switches_between_loras_of_one_shape_without_compil
     on a CPU here; configure_pipeline compiles on CUDA only, the guards are the same)."""
     from torch._dynamo.utils import counters
 
-    variant = VARIANTS["cogvideox-5b"]
-    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
-    compile_transformer(pipe.transformer, GUARDS_BACKEND)
-    generator = VideoGenerator(variant, pipe, CPU)
-    generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
+    generator = _compiled_generator(tiny_weights, tmp_path)
     try:
         first = _frames(generator, _url(loras, "a"))
         graphs = counters["stats"]["unique_graphs"]
@@ -305,11 +311,7 @@ def test_compiled_transformer_takes_any_lora_scale_after_its_second_without_comp
     first scale, then makes it an input); after that no scale compiles anything."""
     from torch._dynamo.utils import counters
 
-    variant = VARIANTS["cogvideox-5b"]
-    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
-    compile_transformer(pipe.transformer, GUARDS_BACKEND)
-    generator = VideoGenerator(variant, pipe, CPU)
-    generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
+    generator = _compiled_generator(tiny_weights, tmp_path)
     try:
         _frames(generator, _url(loras, "a"), 1.0)
         _frames(generator, _url(loras, "a"), 0.5)
