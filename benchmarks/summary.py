@@ -6,7 +6,9 @@
 A record: {gpu, variant, num_frames, height, width, steps, speed_mode, compiled,
 total_seconds, measured} plus offload and the file it came from; `measured` is false for a
 projection (pipeline_speed's 50-step total from fewer steps). Records already in the summary
-stay unless a new one has the same key, so earlier GPU runs are never lost. Reads
+stay unless a new one has the same key, so earlier GPU runs are never lost. The file's name
+is part of the key: each harness names its files apart, so a speed_modes.py render (no mp4
+encode) never replaces pipeline_speed.py's end-to-end total of the same request. Reads
 pipeline_speed.py, compile_setup.py, speed_modes.py and projections.py JSON files; other
 files are skipped.
 """
@@ -81,7 +83,7 @@ def records_of(data: dict, source: str) -> list[dict]:
 
 
 def key_of(record: dict) -> tuple:
-    return (*tuple(record.get(k) for k in KEY), record.get("start"))
+    return (*tuple(record.get(k) for k in KEY), record.get("start"), record.get("source"))
 
 
 def merge(summary: Path, folders: list[Path]) -> list[dict]:

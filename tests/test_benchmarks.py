@@ -336,6 +336,30 @@ def test_summary_skips_a_compiled_start_stopped_before_its_render(tmp_path):
     assert summary.merge(tmp_path / "summary.json", [tmp_path]) == []
 
 
+def test_summary_keeps_an_end_to_end_total_beside_a_speed_modes_render_of_it(tmp_path):
+    """On the GPU of the committed records (an H100), speed_modes.py's default render has
+    every field of pipeline_speed.py's end-to-end record of the same request: both stay."""
+    from benchmarks import summary
+
+    committed = json.loads((ROOT / "benchmarks/results/gpu/summary.json").read_text())
+    end_to_end = next(
+        r
+        for r in committed
+        if (r["variant"], r["offload"], r["steps"], r["compiled"], r["measured"])
+        == ("cogvideox-5b", "none", 50, False, True)
+    )
+    (tmp_path / "summary.json").write_text(json.dumps(committed))
+    render = {"variant": "cogvideox-5b", "size": "full", "steps": 50, "frames": 49}
+    render |= {"resolution": "480x720", "compile": False, "fp8": False}
+    render |= {"environment": {"gpu": end_to_end["gpu"]}}
+    render["results"] = [{"mode": "default", "median_s": 95.0}]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "cogvideox-5b-full-50steps.json").write_text(json.dumps(render))
+    records = summary.merge(tmp_path / "summary.json", [new])
+    assert end_to_end in records and len(records) == len(committed) + 1
+
+
 def test_gpu_run_whose_wheels_do_not_install_still_writes_the_archive(tmp_path):
     """A GPU machine returns only the archive: wheels that fail to install skip every step,
     and the archive still holds pip's reason and the summary."""
