@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu_run.sh OUT                          # full size, CUDA: under 9 minutes
 #   benchmarks/gpu_run.sh --archive FILE.tar.gz OUT    # the same, OUT packed into FILE too
-#                                                      # (outside OUT): one file to carry away
+#                                                      # (outside OUT): one file to carry away,
+#                                                      # packed again after every step
 #   benchmarks/gpu_run.sh --tiny OUT                   # tiny models on a CPU (tests)
 #
 # WHEELS=DIR installs DIR's wheels first, into a scratch folder put first on PYTHONPATH (a GPU
@@ -86,6 +87,14 @@ step() {  # name, then the command; its output goes to $out/<name>.log
     echo "== $name: FAILED after $((SECONDS - started)) s (see $name.log)" | tee -a "$out/run.log"
     failed=1
   fi
+  pack
+}
+# The archive is written again after every step: a command stopped from outside (its own time
+# limit shorter than BUDGET_S) still leaves the steps it finished in it.
+pack() {
+  if [ -n "$archive" ]; then
+    tar -czf "$archive.part" -C "$out" . && mv -f "$archive.part" "$archive"
+  fi
 }
 fresh_inductor() { rm -rf "$scratch/inductor-$1"; echo "$scratch/inductor-$1"; }
 # At tiny size (on a CPU, in CI) the warm start reuses the cold start's inductor folder: from
@@ -114,6 +123,6 @@ step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device
 budget=$((SECONDS + reserve)) reserve=0  # the summary always runs, in the time kept for it
 step summary "$python" benchmarks/summary.py --summary "$summary" "$out"
 if [ -n "$archive" ]; then
-  tar -czf "$archive" -C "$out" . && echo "== archive: $archive" | tee -a "$out/run.log"
+  echo "== archive: $archive" | tee -a "$out/run.log" && pack
 fi
 exit $failed

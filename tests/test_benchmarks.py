@@ -283,6 +283,40 @@ def test_gpu_run_runs_only_the_steps_named_in_only(tmp_path):
     assert log.count("not in ONLY") == 5 and "== summary: done" in log
 
 
+def test_gpu_run_stopped_from_outside_leaves_an_archive_of_the_steps_it_finished(tmp_path):
+    """A GPU machine's command limit can be shorter than BUDGET_S: everything is killed, the
+    summary never runs, and the archive must already hold the steps done before."""
+    import signal
+    import time
+
+    fake = tmp_path / "python"  # the profile is done at once; the next step never ends
+    fake.write_text(
+        '#!/bin/sh\ncase "$1" in *step_profile.py) echo profiled; exit 0 ;; esac\nexec sleep 30\n'
+    )
+    fake.chmod(0o755)
+    out, archive = tmp_path / "out", tmp_path / "run.tar.gz"
+    variables = {name: value for name, value in os.environ.items() if name != "SUMMARY"}
+    variables |= {"PYTHON": str(fake), "SCRATCH": str(tmp_path / "scratch")}
+    variables |= {"SUMMARY": str(tmp_path / "summary.json")}
+    script = ["bash", "benchmarks/gpu_run.sh", "--tiny", "--archive", str(archive), str(out)]
+    run = subprocess.Popen(script, cwd=ROOT, env=variables, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "profile: done" not in _read(out / "run.log") or not archive.exists():
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.2)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    with tarfile.open(archive) as packed:
+        names = {Path(name).name for name in packed.getnames()}
+    assert {"run.log", "profile.log"} <= names and "summary.log" not in names
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def test_the_offline_wheels_are_the_versions_the_project_runs():
     """download_wheels.sh's pins: each one requirements*.txt pins, or the development
     environment has (cog's own dependencies). torchao is for fp8 on a GPU only, not installed
