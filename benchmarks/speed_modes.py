@@ -241,10 +241,18 @@ def quantise_after_reference(renderer: Renderer, args, compiled: bool, warm_up_s
     return frames, seconds
 
 
-def time_modes(renderer: Renderer, modes: list[str], steps: int, warm_up_steps: int, repeats: int):
+def time_modes(
+    renderer: Renderer,
+    modes: list[str],
+    steps: int,
+    warm_up_steps: int,
+    repeats: int,
+    after_each=None,
+):
     """Every mode warmed up untimed, then `repeats` timed renders each, the order rotating by
     one mode a repeat so that drift in the machine's speed does not favour one mode. Returns
-    the seconds of every render, and the last render's frames and work per mode."""
+    the seconds of every render, and the last render's frames and work per mode. after_each:
+    called with those three after every timed render (a partial result to write)."""
     for mode in modes:
         renderer.render(mode, warm_up_steps)
     renderer.peaks.clear()
@@ -257,6 +265,8 @@ def time_modes(renderer: Renderer, modes: list[str], steps: int, warm_up_steps: 
             seconds[mode].append(took)
             outputs[mode], work[mode] = frames_out, counted
             log.info(f"{mode}: {took:.2f} s")
+            if after_each is not None:
+                after_each(seconds, outputs, work)
         free_memory(renderer.device)
     return seconds, outputs, work
 
@@ -364,34 +374,53 @@ def main(argv: list[str] | None = None) -> int:
         unquantised, unquantised_s = quantise_after_reference(
             renderer, args, compiled, warm_up_steps
         )
-    seconds, outputs, work = time_modes(renderer, modes, args.steps, warm_up_steps, args.repeats)
-    renderer.counter.remove()
-
-    reference = outputs["default"] if unquantised is None else unquantised
-    results = [
-        compare_with_default(mode, seconds, outputs, work, reference, renderer.peaks)
-        for mode in modes
-    ]
     height, width_px = generator.native_size
-    record = {
-        "variant": variant.id,
-        "size": args.size,
-        "steps": args.steps,
-        "frames": frames,
-        "resolution": f"{height}x{width_px}",
-        "tokens_per_row": renderer.counter.tokens,
-        "full_size_tokens_per_row": renderer.full_tokens,
-        "repeats": args.repeats,
-        "compile": compiled,
-        "fp8": args.fp8,
-        "warm_up_steps": warm_up_steps,
-        # With --fp8: one render of the unquantised model in "default" mode, the reference.
-        "unquantised_default_s": unquantised_s,
-        "environment": env,
-        "results": results,
-    }
     name = f"{variant.id}-{args.size}-{args.steps}steps"
     name += "-compiled" * compiled + "-fp8" * args.fp8
+
+    def results_of(seconds, outputs, work) -> list[dict]:
+        """Each timed mode against default; before default is timed, each one's seconds."""
+        timed = [mode for mode in modes if seconds[mode]]
+        if not seconds.get("default"):
+            return [
+                {"mode": m, "seconds": seconds[m], "median_s": statistics.median(seconds[m])}
+                for m in timed
+            ]
+        reference = outputs["default"] if unquantised is None else unquantised
+        return [
+            compare_with_default(mode, seconds, outputs, work, reference, renderer.peaks)
+            for mode in timed
+        ]
+
+    def record_of(results: list[dict]) -> dict:
+        return {
+            "variant": variant.id,
+            "size": args.size,
+            "steps": args.steps,
+            "frames": frames,
+            "resolution": f"{height}x{width_px}",
+            "tokens_per_row": renderer.counter.tokens,
+            "full_size_tokens_per_row": renderer.full_tokens,
+            "repeats": args.repeats,
+            "compile": compiled,
+            "fp8": args.fp8,
+            "warm_up_steps": warm_up_steps,
+            # With --fp8: one render of the unquantised model in "default" mode, the reference.
+            "unquantised_default_s": unquantised_s,
+            "environment": env,
+            "results": results,
+        }
+
+    def write_partial(seconds, outputs, work) -> None:
+        # After every timed render: a run stopped by a time limit keeps the renders it timed.
+        partial = record_of(results_of(seconds, outputs, work)) | {"partial": True}
+        write_json(args.out / f"{name}.json", partial)
+
+    seconds, outputs, work = time_modes(
+        renderer, modes, args.steps, warm_up_steps, args.repeats, write_partial
+    )
+    renderer.counter.remove()
+    record = record_of(results_of(seconds, outputs, work))
     write_json(args.out / f"{name}.json", record)
     text = report(record)
     (args.out / f"{name}.md").write_text(text)

@@ -128,6 +128,30 @@ def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
     assert (tmp_path / "cogvideox-5b-tiny-20steps.md").read_text().startswith("# speed_mode")
 
 
+def test_speed_modes_writes_each_timed_render_before_the_next_one(tmp_path, monkeypatch):
+    """A run stopped by a time limit keeps what it timed: after faster's render (before
+    default's) the file already holds faster's seconds, which the summary takes."""
+    from benchmarks import speed_modes, summary
+
+    written = []
+    write_json = speed_modes.write_json
+    monkeypatch.setattr(
+        speed_modes,
+        "write_json",
+        lambda path, data: (written.append(json.loads(json.dumps(data))), write_json(path, data)),
+    )
+    argv = ["--size", "tiny", "--steps", "2", "--warm-up-steps", "1", "--frames", "9"]
+    argv += ["--modes", "faster,default", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert speed_modes.main(argv) == 0
+    first, second, final = written
+    assert first["partial"] and [r["mode"] for r in first["results"]] == ["faster"]
+    assert [r["speed_mode"] for r in summary.records_of(first, "f.json")] == ["faster"]
+    assert second["partial"] and "partial" not in final
+    assert second["results"] == final["results"]
+    assert [r["mode"] for r in final["results"]] == ["faster", "default"]
+
+
 def test_speed_modes_medium_model_renders_at_its_own_size(tmp_path):
     from benchmarks import speed_modes
 
