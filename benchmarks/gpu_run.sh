@@ -2,7 +2,7 @@
 # Every GPU measurement still missing, in priority order, into one folder: raw logs, each
 # harness's JSON, and summary.json (the committed records merged with the new ones).
 #
-#   benchmarks/gpu_run.sh OUT                          # full size, CUDA: under 9 minutes
+#   benchmarks/gpu_run.sh OUT                          # full size, CUDA: 9 minutes at most
 #   benchmarks/gpu_run.sh --archive FILE.tar.gz OUT    # the same, OUT packed into FILE too
 #                                                      # (outside OUT): one file to carry away,
 #                                                      # packed again after every step
@@ -15,20 +15,23 @@
 #
 # Budget at full size (cogvideox-5b, 49 x 480 x 720; estimates from the committed H100 runs:
 # 1.9 s an eager step, 1.5 s a compiled one, 5 s a VAE decode, seconds to build the random
-# models, about 15 s to start a process; regional compile expected well under the 140 s a
-# whole-model graph took):
+# models, about 15 s to start a process). The steps come in the order of what they answer,
+# the cheap eager ones first; what does not fit the budget is the end of the list:
 #   1. step profile, eager: 1 warm-up + 2 steps, op-class breakdown      ~0.5 min
-#   2. speed modes default and faster, 50 steps each after 4 warm-up     ~3.0 min
-#      steps: the two full renders, and faster's fidelity against default
-#   3. cold compiled start: regional compile of the blocks and of their  ~3 min (unknown)
-#      parts, a warm-up of 5 renders (2 default, 1 at guidance 1, 2 faster),
-#      compile cache saved; then 5 steps. The least known: after the
-#      speed modes, so that a long compile cannot cost their figures
-#   4. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.0 min
-#      steps, then 2 compiled steps profiled
-#   5. attention kernels and fused QKV, one step each, no compile         ~1.0 min
+#   2. attention kernels and fused QKV, 4-5 steps each, no compile       ~1.0 min
+#   3. cold compiled start: regional compile of the blocks and of their  ~3 min (unknown:
+#      parts, a warm-up of 5 renders (2 default, 1 at guidance 1, 2       22 graphs to
+#      faster), compile cache saved; then 5 steps, then 2 compiled        compile)
+#      steps profiled (the compiled profile, even if the warm start
+#      does not fit)
+#   4. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.5 min
+#      steps
+#   5. speed modes faster and default, 50 steps each after 4 warm-up     ~3.5 min
+#      steps: the two full renders, and faster's fidelity against default;
+#      written after each render, faster's first (default's eager time is
+#      already measured end to end)
 # Each step is its own process; a failing step is logged and the rest still run. ONLY="NAME..."
-# runs those steps alone (profile, speed-modes, compile-cold, compile-warm, attention; the
+# runs those steps alone (profile, attention, compile-cold, compile-warm, speed-modes; the
 # summary always runs): the same OUT and SCRATCH over two calls split the run in two. The compiled
 # starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new container has, outside OUT (thousands of
 # files), in SCRATCH (a new temporary folder unless given).
@@ -110,16 +113,16 @@ common=(--variant cogvideox-5b --size "$size")
 
 step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" \
   --out "$out"
-step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes default,faster \
-  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
-step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
-  "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
-  "${renders[@]}" --weights "$scratch/weights" --out "$out"
-step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
-  "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
-  "${renders[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
 step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \
   "${frames[@]}" --repeats 3 --no-compile --out "$out"
+step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
+  "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
+  "${renders[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
+step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
+  "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
+  "${renders[@]}" --weights "$scratch/weights" --out "$out"
+step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes faster,default \
+  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
 budget=$((SECONDS + reserve)) reserve=0  # the summary always runs, in the time kept for it
 step summary "$python" benchmarks/summary.py --summary "$summary" "$out"
 if [ -n "$archive" ]; then

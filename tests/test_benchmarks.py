@@ -262,7 +262,7 @@ def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_reco
     cold = json.loads((out / "compile-cogvideox-5b-tiny-cold.json").read_text())
     assert cold["graphs_compiled_in_setup"] > 0
     assert warm["graphs_compiled_in_setup"] == 0 and warm["graphs_compiled_in_request"] == 0
-    for name in ("profile-cogvideox-5b-tiny", "profile-cogvideox-5b-tiny-warm"):
+    for name in ("profile-cogvideox-5b-tiny", "profile-cogvideox-5b-tiny-cold"):
         profile = json.loads((out / f"{name}.json").read_text())
         assert math.isclose(sum(profile["fraction_by_class"].values()), 1, abs_tol=1e-3)
 
