@@ -82,6 +82,12 @@ step() {  # name, then the command; its output goes to $out/<name>.log
     echo "== $name: SKIPPED, ${left} s of the budget left" | tee -a "$out/run.log"
     failed=1; return
   fi
+  # A warm start without the cold start's cache would compile everything again and be
+  # recorded as warm: after a cold start stopped in its warm-up, it is skipped instead.
+  if [ "$name" = compile-warm ] && ! compgen -G "$scratch/weights/compile-cache/*" >/dev/null; then
+    echo "== $name: SKIPPED, no compile cache from a cold start in $scratch" | tee -a "$out/run.log"
+    failed=1; return
+  fi
   echo "== $name: $*" | tee -a "$out/run.log"
   local started=$SECONDS
   if PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" "$@" >"$out/$name.log" 2>&1; then

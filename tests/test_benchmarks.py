@@ -307,6 +307,17 @@ def test_gpu_run_runs_only_the_steps_named_in_only(tmp_path):
     assert log.count("not in ONLY") == 5 and "== summary: done" in log
 
 
+def test_gpu_run_skips_the_warm_start_when_no_cold_start_left_a_compile_cache(tmp_path):
+    """A cold start stopped in its warm-up saves no cache: the warm start would compile it all
+    again and be recorded as warm."""
+    out = tmp_path / "out"
+    summary = tmp_path / "summary.json"
+    done = _gpu_run_tiny(out, tmp_path / "scratch", 120, ONLY="compile-warm", SUMMARY=summary)
+    assert done.returncode == 1
+    assert "compile-warm: SKIPPED, no compile cache" in (out / "run.log").read_text()
+    assert not list(out.glob("compile-*"))
+
+
 def test_gpu_run_stopped_from_outside_leaves_an_archive_of_the_steps_it_finished(tmp_path):
     """A GPU machine's command limit can be shorter than BUDGET_S: everything is killed, the
     summary never runs, and the archive must already hold the steps done before."""
