@@ -389,6 +389,13 @@ class VideoGenerator:
         if len(frames) != plan.num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
         if not np.isfinite(frames).all():  # they would encode as black: say so instead
+            if plan.lora_url and plan.lora_scale == 0:
+                # peft scales the LoRA's own product, which is already infinite: 0 x inf.
+                raise LoraError(
+                    "the video came out as NaN: the LoRA's weights overflow whatever the "
+                    "lora_scale (even at 0). Check the LoRA: its up and down matrices are too "
+                    "large for this model's precision."
+                )
             if plan.lora_url:
                 raise LoraError(
                     f"the video came out as NaN: the LoRA's weights overflow at lora_scale "

@@ -227,6 +227,14 @@ def test_a_lora_that_overflows_fails_instead_of_giving_a_black_video(generator, 
     np.testing.assert_array_equal(_frames(generator), base)
 
 
+def test_a_lora_that_overflows_even_at_scale_0_says_to_check_the_lora(generator, loras, base):
+    """peft multiplies by the scale after the LoRA's own product: at 0 that is 0 x inf."""
+    with pytest.raises(LoraError, match=r"overflow whatever the lora_scale") as refused:
+        _frames(generator, _url(loras, "huge"), scale=0.0)
+    assert "smaller lora_scale" not in str(refused.value)
+    np.testing.assert_array_equal(_frames(generator), base)
+
+
 def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, loras, base):
     """The riskiest predictions one worker can run before it: a LoRA under speed_mode faster
     canceled between steps, guidance 1, dynamic CFG, another seed and negative prompt. Then
