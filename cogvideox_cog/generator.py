@@ -389,18 +389,16 @@ class VideoGenerator:
         if len(frames) != plan.num_frames:
             raise RuntimeError(f"pipeline returned {len(frames)} frames, not {plan.num_frames}")
         if not np.isfinite(frames).all():  # they would encode as black: say so instead
-            if plan.lora_url and plan.lora_scale == 0:
-                # peft scales the LoRA's own product, which is already infinite: 0 x inf.
-                raise LoraError(
-                    "the video came out as NaN: the LoRA's weights overflow whatever the "
-                    "lora_scale (even at 0). Check the LoRA: its up and down matrices are too "
-                    "large for this model's precision."
-                )
             if plan.lora_url:
-                raise LoraError(
-                    f"the video came out as NaN: the LoRA's weights overflow at lora_scale "
-                    f"{plan.lora_scale:g}. Try a smaller lora_scale, or check the LoRA."
+                # peft scales the LoRA's own product: at 0, an infinite one still gives NaN.
+                advice = (
+                    "whatever the lora_scale (even at 0). Check the LoRA: its up and down "
+                    "matrices are too large for this model's precision."
+                    if plan.lora_scale == 0
+                    else f"at lora_scale {plan.lora_scale:g}. Try a smaller lora_scale, or check "
+                    "the LoRA."
                 )
+                raise LoraError(f"the video came out as NaN: the LoRA's weights overflow {advice}")
             raise RuntimeError("the pipeline returned NaN frames")
         laps = Laps(decoded)
         frames, fps = self.postprocessor.apply(

@@ -43,7 +43,7 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
     """Open any common image format upright and on white where it was transparent.
 
     convert_colour: convert it from the colour profile it embeds to sRGB; without, its numbers
-    are read as sRGB whatever the profile, as upstream reads them (see _colour_profile). Size
+    are read as sRGB whatever the profile, as upstream reads them (see _apply_profile). Size
     and shape are checked from the header, before any pixel is decoded.
     """
     try:
