@@ -1362,11 +1362,13 @@ def test_hf_errors_name_the_repository(cache, monkeypatch):
 _FAKE_PGET = """\
 import os, sys, tarfile, urllib.request
 # A stand-in for Replicate's pget binary: `pget -x URL DEST` extracts the tar at URL into
-# DEST and, like pget, refuses an existing DEST without -f.
+# DEST and, like pget, refuses an existing DEST without -f. Like pget 0.8.2 at its default
+# log level, it logs the whole URL it was given.
 with open(os.environ["PGET_LOG"], "a") as log:
     log.write(" ".join(sys.argv[1:]) + "\\n")
 args = [a for a in sys.argv[1:] if not a.startswith("-")]
 url, dest = args
+print(f"2026-11-30T00:00:00Z | INFO  | [ Initiating ] dest={dest} url={url}", file=sys.stderr)
 if os.path.exists(dest) and "-f" not in sys.argv:
     sys.exit(f"destination {dest} exists; use -f to overwrite")
 # A trusted tar; the "data" filter where this Python has it (3.11.4+).
@@ -1402,6 +1404,20 @@ def test_pget_is_used_when_present_and_its_result_is_verified(
     args = fake_pget.read_text().split()
     assert args == ["-x", url, str(staging)]
     assert _same_tree(tiny, root)
+
+
+def test_pget_logs_a_presigned_urls_query_string_hidden(
+    served, cache, tiny, fake_pget, monkeypatch, caplog, capfd
+):
+    """pget logs the URL it fetches: its log is passed on with the query string hidden."""
+    caplog.set_level("INFO", logger="cogvideox_cog")
+    secret = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=0123456789abcdef"
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url(f"model.tar?{secret}"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    out, err = capfd.readouterr()
+    assert "X-Amz" not in caplog.text + out + err
+    assert f"[ Initiating ] dest={cache}" in caplog.text  # its log is still there
+    assert f"url={served.url('model.tar')}?<query hidden>" in caplog.text
 
 
 def test_pget_output_that_fails_verification_is_not_published(

@@ -389,10 +389,24 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     # keeps an earlier attempt's files out. pget does its own retries (no resume across runs).
     cache.discard(staging)
     log.info(f"weights: pget -x {shown}")
-    result = subprocess.run([pget, "-x", url, str(staging)], check=False)
-    if result.returncode != 0:
+    # pget logs the whole URL (a presigned one's signature too): its log is passed on with
+    # the query strings hidden, never straight to the server's.
+    with subprocess.Popen(
+        [pget, "-x", url, str(staging)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as process:
+        try:
+            for line in process.stdout:
+                log.info(f"weights: pget: {download.hide_urls(line.rstrip())}")
+        except BaseException:  # as subprocess.run: no pget left writing into the staging
+            process.kill()
+            raise
+    if process.returncode != 0:
         raise WeightsError(
-            f"pget failed (exit {result.returncode}) fetching {shown}; its log "
+            f"pget failed (exit {process.returncode}) fetching {shown}; its log "
             f"is above. Run setup again, or take pget off PATH to use the built-in downloader."
         )
     check_contained(staging, shown)

@@ -161,6 +161,15 @@ def shown(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) + hidden
 
 
+_URL = re.compile(r"""https?://[^\s"'\\<>]+""", re.IGNORECASE)
+
+
+def hide_urls(text: str) -> str:
+    """`text` with every http(s) URL in it as shown() shows it: for another program's log,
+    such as pget's, which prints the whole URL it fetches (and any it is redirected to)."""
+    return _URL.sub(lambda match: shown(match[0]), text)
+
+
 # Query parameters that sign a URL or bound its life rather than name the file: S3's and
 # GCS's presigned URLs (X-Amz-*, X-Goog-* and the older AWSAccessKeyId, GoogleAccessId,
 # Signature, Expires), CloudFront's (Key-Pair-Id, Policy); Azure's SAS token when it has `sig`.
