@@ -1420,6 +1420,29 @@ def test_pget_logs_a_presigned_urls_query_string_hidden(
     assert f"url={served.url('model.tar')}?<query hidden>" in caplog.text
 
 
+def test_an_earlier_pget_attempts_files_do_not_count_against_the_disk_check(
+    served, cache, tiny, fake_pget, monkeypatch
+):
+    """pget starts again from nothing: what a killed pget left is freed before the check."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    staging = cache / f".{entry.name}.staging"
+    staging.mkdir(parents=True)
+    with (staging / "half-written.safetensors").open("wb") as half:
+        half.truncate(1 << 30)  # sparse: no real disk used
+    size = (Path(served.directory) / "model.tar").stat().st_size
+    capacity = size + cache_module.HEADROOM_BYTES + (100 << 20)  # room for one copy only
+    usage = namedtuple("usage", "total used free")
+
+    def disk_usage(path):
+        used = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        return usage(capacity, used, capacity - used)
+
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", disk_usage)
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
 def test_pget_output_that_fails_verification_is_not_published(
     served, served_dir, cache, tiny, tmp_path, fake_pget, monkeypatch
 ):

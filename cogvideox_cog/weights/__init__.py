@@ -384,10 +384,11 @@ def _fetch_pget(pget: str, url: str, staging: Path) -> None:
     remote, response = download.probe(url)  # the size for the disk check; a clear 404
     if response is not None:
         response.close()
-    cache.check_disk(staging.parent, remote.size, 0, shown)
     # pget refuses an existing destination without -f; a fresh folder rather than -f also
-    # keeps an earlier attempt's files out. pget does its own retries (no resume across runs).
+    # keeps an earlier attempt's files out. pget does its own retries (no resume across runs),
+    # so those files are freed before the disk check, which counts the whole tar.
     cache.discard(staging)
+    cache.check_disk(staging.parent, remote.size, 0, shown)
     log.info(f"weights: pget -x {shown}")
     # pget logs the whole URL (a presigned one's signature too): its log is passed on with
     # the query strings hidden, never straight to the server's.
