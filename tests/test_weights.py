@@ -856,13 +856,43 @@ def test_a_complete_download_that_fails_to_publish_is_not_fetched_again(
     # The marker's temporary file (named after this process and thread) is /dev/full.
     full = staging / f"{COMPLETE_MARKER}.{os.getpid()}-{threading.get_ident()}.tmp"
     full.symlink_to("/dev/full")
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(WeightsError, match="No space left on device"):
         cache_module.publish(staging, entry, {"source": url})
     assert _nothing_published(cache)
     sent = served.bytes_sent
     assert _same_tree(tiny, ensure_weights(VARIANT))
     assert served.bytes_sent - sent == 1  # the probe: published, not downloaded again
     assert not list(cache.rglob(JOURNAL))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_disk_full_while_publishing_fails_setup_naming_the_setting(
+    served, cache, tiny, monkeypatch
+):
+    """Publishing writes too (the marker, and a network volume may report a full disk only at
+    fsync): setup says what to do, as for a disk full mid-download, not a bare OSError."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    verify = weights.verify
+
+    def verify_then_fill_the_disk(staging: Path, *args, **kwargs):
+        verified = verify(staging, *args, **kwargs)
+        # The marker's temporary file (named after this process and thread) is /dev/full.
+        full = staging / f"{COMPLETE_MARKER}.{os.getpid()}-{threading.get_ident()}.tmp"
+        full.symlink_to("/dev/full")
+        monkeypatch.setattr(weights, "verify", verify)  # once
+        return verified
+
+    monkeypatch.setattr(weights, "verify", verify_then_fill_the_disk)
+    expected = (
+        r"could not publish the weights in .*: No space left on device\. Free disk space or "
+        r"set COGVIDEOX_WEIGHTS_DIR to another volume, then run setup again"
+    )
+    with pytest.raises(WeightsError, match=expected):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent - sent == 1  # the probe: published, not downloaded again
 
 
 # Unsafe tars: refused, nothing written outside the staging folder, nothing kept.

@@ -235,17 +235,26 @@ def publish(staging: Path, entry: Path, marker: dict) -> None:
     The journal stays until the rename: a setup killed or failing before it (while the
     files are synced, on a disk full at the marker) leaves a staging folder whose journal
     says it is complete, and the next setup publishes it instead of downloading it again.
+    A write that fails (a disk full at the marker, or reported only by an fsync, as network
+    volumes do) is a WeightsError that says what to do.
     """
-    # On disk before the marker says so: after a power cut the marker must not outlive data.
-    for folder, _, names in os.walk(staging):
-        for name in names:
-            if not os.path.islink(os.path.join(folder, name)):
-                fsync(Path(folder, name))
-        fsync(Path(folder))
-    write_marker(staging, marker)
-    discard(entry)
-    staging.rename(entry)
-    fsync(entry.parent)
+    try:
+        # On disk before the marker says so: after a power cut the marker must not outlive
+        # data.
+        for folder, _, names in os.walk(staging):
+            for name in names:
+                if not os.path.islink(os.path.join(folder, name)):
+                    fsync(Path(folder, name))
+            fsync(Path(folder))
+        write_marker(staging, marker)
+        discard(entry)
+        staging.rename(entry)
+        fsync(entry.parent)
+    except OSError as error:
+        raise WeightsError(
+            f"could not publish the weights in {staging}: {error.strerror or error}. Free "
+            f"disk space or set {WEIGHTS_DIR_ENV} to another volume, then run setup again."
+        ) from error
     (entry / JOURNAL).unlink(missing_ok=True)  # hidden, never listed: harmless if left
 
 
