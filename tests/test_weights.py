@@ -179,6 +179,19 @@ def test_a_missing_url_names_the_url(served, cache, monkeypatch):
     assert _nothing_published(cache)
 
 
+@pytest.mark.parametrize("downloader", ["built-in", "pget"])
+def test_a_url_that_cannot_be_downloaded_names_the_setting(
+    served, cache, tmp_path, monkeypatch, downloader, request
+):
+    """A built-in manifest's URL can 404 too: the error says which setting gives another."""
+    if downloader == "pget":
+        request.getfixturevalue("fake_pget")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("nope.tar"))
+    expected = r"nope.tar: HTTP 404 Not Found\. .*set COGVIDEOX_WEIGHTS_URL to another copy"
+    with pytest.raises(WeightsError, match=expected):
+        ensure_weights(VARIANT)
+
+
 def test_a_local_tar_is_extracted_into_the_cache(served_dir, cache, tiny, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(served_dir / "model.tar"))
     root = ensure_weights(VARIANT)

@@ -295,10 +295,11 @@ def _hash_unhashed(verified) -> None:
             verified.files[rel]["sha256"] = digest
 
 
-def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
+def fetch_tar(source: str, staging: Path, setting: str = WEIGHTS_URL_ENV) -> dict[str, str | None]:
     """Download and extract a tar into `staging`; sha256 of the files hashed on the way.
 
-    Also used for the prompt-enhancement model (weights/causal_lm.py).
+    Also used for the prompt-enhancement model (weights/causal_lm.py). `setting`: the
+    variable that gives the source, named by an error when it cannot be downloaded.
     """
     local = Path(source).expanduser()
     response = None
@@ -311,9 +312,9 @@ def fetch_tar(source: str, staging: Path) -> dict[str, str | None]:
             raise WeightsError(f"the weights URL {shown} {problem}.")
         pget = shutil.which("pget")
         if pget:
-            _fetch_pget(pget, source, staging)
+            _fetch_pget(pget, source, staging, setting)
             return {}
-        remote, response = download.probe(source)
+        remote, response = _probe(source, setting)
         size, validator = remote.size, remote.validator
     else:
         raise WeightsError(
@@ -378,10 +379,21 @@ def _resumable(staging: Path, source: str, size: int | None, validator: str | No
     return journal
 
 
-def _fetch_pget(pget: str, url: str, staging: Path) -> None:
+def _probe(url: str, setting: str):
+    """download.probe(url), its error naming the variable to change: the URL alone does not
+    say where it came from (a built-in manifest's, or COGVIDEOX_WEIGHTS_URL)."""
+    try:
+        return download.probe(url)
+    except WeightsError as error:
+        raise WeightsError(
+            f"{error}. Check the URL and the network, or set {setting} to another copy."
+        ) from error
+
+
+def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
     """pget -x: Replicate's parallel downloader, extracting as it streams."""
     shown = download.shown(url)
-    remote, response = download.probe(url)  # the size for the disk check; a clear 404
+    remote, response = _probe(url, setting)  # the size for the disk check; a clear 404
     if response is not None:
         response.close()
     # pget refuses an existing destination without -f; a fresh folder rather than -f also

@@ -73,10 +73,10 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
         if root is not None:
             return root
         cache.discard(entry)
-        return _fetch(source, entry, manifest, check)
+        return _fetch(source, entry, manifest, check, setting)
 
 
-def _fetch(source: str, entry: Path, manifest: Manifest, check: str) -> Path:
+def _fetch(source: str, entry: Path, manifest: Manifest, check: str, setting: str) -> Path:
     staging = entry.parent / f".{entry.name}.staging"
     started = time.monotonic()
     shown = download.shown(source)
@@ -86,7 +86,7 @@ def _fetch(source: str, entry: Path, manifest: Manifest, check: str) -> Path:
             fetch_hub(source, staging, HF_PATTERNS)
             hashes = {}
         else:
-            hashes = fetch_tar(source, staging)
+            hashes = fetch_tar(source, staging, setting)
         verified = verify_causal_lm(staging, source, hashes)
     except BadSource:
         cache.discard(staging)
