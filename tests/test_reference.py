@@ -7,9 +7,10 @@ CPU generator seeded with the seed. Each test renders the same request through t
 generator and through that call, on the same tiny weights in float32, and asserts the frames
 are identical. A deliberate departure therefore fails here until someone changes the test.
 
-The one documented departure, the image-to-video fit (cover and centre-crop where diffusers
-stretches), is applied to the reference's image first: the reference gets the image the
-predictor makes, and the last test shows that the fit is a real difference.
+The documented departures in what the model is given, the fit of the image and of the clip's
+frames (cover and centre-crop where diffusers stretches) and the clip's frames picked in time,
+are applied to the reference's input first: the reference gets the image or frames the
+predictor makes, and the last tests show that each fit is a real difference.
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ def clip(tmp_path_factory):
     rng = np.random.default_rng(4)
     frames = rng.integers(0, 256, (40, 48, 80, 3), dtype=np.uint8)
     return encode_mp4(frames, tmp_path_factory.mktemp("clip") / "clip.mp4", fps=16)
+
+
+@pytest.fixture(scope="module")
+def square_clip(tmp_path_factory):
+    """A clip of another shape than the model's, with detail everywhere."""
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+    return encode_mp4(frames, tmp_path_factory.mktemp("square") / "square.mp4", fps=16)
 
 
 def test_2b_equals_diffusers_with_ddim_and_constant_guidance(tiny_weights):
@@ -201,4 +210,15 @@ def test_the_image_fit_is_a_real_departure_from_diffusers_stretch(tiny_weights, 
         image=open_image(picture),
         num_frames=9,
     )
+    assert not np.array_equal(ours, stretched)
+
+
+def test_the_clip_fit_is_a_real_departure_from_diffusers_stretch(tiny_weights, square_clip):
+    """The predictor crops each frame of the clip to the video's shape; diffusers would
+    stretch the frames it is given, here the same frames picked in time at their own size."""
+    weights = tiny_weights["1.0-t2v"]
+    ours = _ours("cogvideox-5b", weights, "v2v", num_frames=9, video=square_clip, strength=0.8)
+    frames = load_video(square_clip, 9, fps=8, height=64, width=64).frames
+    stretched = _reference(CogVideoXVideoToVideoPipeline, weights, video=frames, strength=0.8)
+    assert ours.shape == stretched.shape == (9, 48, 80, 3)
     assert not np.array_equal(ours, stretched)
