@@ -184,7 +184,8 @@ class VideoGenerator:
         self.offload = "none"  # the policy that placed the weights (from_env sets it)
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine: ContextParallel | None = None  # splits each denoise over ranks
-        self.on_step: Callable[[int], None] | None = None  # after each step's log line
+        # After each step's log line, with the step and its seconds.
+        self.on_step: Callable[[int, float], None] | None = None
         # After each post-processed frame or pair: rank 0's own cancel check (no other rank
         # takes part in post-processing, so none is agreed with).
         self.on_postprocess_progress: Callable[[], None] | None = None
@@ -695,17 +696,17 @@ def _guidance_schedule(dynamic_cfg: bool, guidance_scale: float) -> str:
 
 
 class _StepProgress:
-    """callback_on_step_end: one log line per denoising step, then `on_step(step)` (a rank's
-    cancel check, which may raise to stop the pipeline)."""
+    """callback_on_step_end: one log line per denoising step, then `on_step(step, seconds)`
+    (a rank's cancel check, which may raise to stop the pipeline)."""
 
-    def __init__(self, total: int, on_step: Callable[[int], None] | None = None):
+    def __init__(self, total: int, on_step: Callable[[int, float], None] | None = None):
         self.total, self.on_step = total, on_step
         self.started = self.last_step = time.monotonic()
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        self.last_step = time.monotonic()
+        previous, self.last_step = self.last_step, time.monotonic()
         elapsed = self.last_step - self.started
         log.info(f"step {step + 1}/{self.total}, {elapsed:.1f} s elapsed")
         if self.on_step is not None:
-            self.on_step(step)
+            self.on_step(step, self.last_step - previous)
         return {}

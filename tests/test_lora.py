@@ -241,7 +241,7 @@ def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, lor
     the base request again: the same frames, bit for bit. (After a LoRA that overflows:
     test_a_lora_that_overflows_fails_instead_of_giving_a_black_video.)"""
 
-    def cancel_at_step_2(step: int) -> None:
+    def cancel_at_step_2(step: int, seconds: float) -> None:
         if step == 2:
             raise cog.CancelationException()
 

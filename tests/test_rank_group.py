@@ -16,29 +16,36 @@ import torch.multiprocessing as mp
 
 from cogvideox_cog.errors import LoraError, RankGroupError
 from cogvideox_cog.parallel import group
-from cogvideox_cog.parallel.protocol import Canceled, Done
+from cogvideox_cog.parallel.protocol import Canceled, Done, StepEnded
 from cogvideox_cog.parallel.ranks import LoraFetchedOnce
 from tests.cog_server import free_port
 
 BOUND_S = 0.5
 
 
-def _answer_after(conn, delay: float, answer) -> None:
+def _answer_after(conn, delay: float, answer, said_first: tuple = ()) -> None:
+    for message in said_first:
+        conn.send(message)
     time.sleep(delay)
     conn.send(answer)
     time.sleep(30)  # stays alive, as a rank does between requests
 
 
-def _group_answering(answers: list[tuple[float, object]]) -> group.RankGroup:
-    """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds."""
+def _group_answering(
+    answers: list[tuple[float, object]], rank_0_first: tuple = ()
+) -> group.RankGroup:
+    """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds; rank 0
+    first sends `rank_0_first` at once."""
     context = multiprocessing.get_context("fork")
     ranks = group.RankGroup.__new__(group.RankGroup)
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
     ranks._cancel = context.Event()
     ranks._processes, ranks._conns = [], []
-    for delay, answer in answers:
+    ranks._steps = group._StepClock()
+    for rank, (delay, answer) in enumerate(answers):
         ours, theirs = context.Pipe()
-        process = context.Process(target=_answer_after, args=(theirs, delay, answer))
+        said_first = rank_0_first if rank == 0 else ()
+        process = context.Process(target=_answer_after, args=(theirs, delay, answer, said_first))
         process.start()
         theirs.close()
         ranks._processes.append(process)
@@ -63,7 +70,33 @@ def test_rank_0_working_alone_after_the_others_stopped_is_waited_for_past_the_bo
 def test_another_rank_late_past_the_bound_stops_the_group_as_stuck():
     ranks = _group_answering([(0.0, Canceled(0, 2)), (30.0, Canceled(1, 2))])
     try:
-        with pytest.raises(RankGroupError, match=r"ranks \[1\] did not finish within 0 s"):
+        with pytest.raises(RankGroupError, match=r"ranks \[1\] did not finish within \d+ s: stuck"):
+            ranks._outcomes({}, bound=BOUND_S)
+    finally:
+        ranks.close(ask=False)
+    assert "stuck" in ranks.failure
+
+
+def test_a_step_slower_than_the_bound_is_waited_for_after_a_cancel():
+    """On slower GPUs, or with offloaded weights, a step of a large video can outlast the
+    bound: the ranks are at work, and stop when that step ends."""
+    step = 3 * BOUND_S
+    answers = [(step, Canceled(0, 1)), (step, Canceled(1, 1))]
+    ranks = _group_answering(answers, rank_0_first=(StepEnded(step),))
+    outcomes = {}
+    try:
+        ranks._outcomes(outcomes, bound=BOUND_S)
+    finally:
+        ranks.close(ask=False)
+    assert set(outcomes) == {0, 1} and ranks.failure is None
+
+
+def test_ranks_silent_past_twice_their_longest_step_are_stuck():
+    ranks = _group_answering(
+        [(30.0, Canceled(0, 1)), (30.0, Canceled(1, 1))], rank_0_first=(StepEnded(BOUND_S),)
+    )
+    try:
+        with pytest.raises(RankGroupError, match=r"ranks \[0, 1\] did not finish"):
             ranks._outcomes({}, bound=BOUND_S)
     finally:
         ranks.close(ask=False)

@@ -52,6 +52,7 @@ from .protocol import (
     Ready,
     Render,
     SetupFailed,
+    StepEnded,
 )
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ relayed = logging.getLogger("cogvideox_cog")  # rank 0's lines, logged as it log
 
 POLL_S = 0.05  # the prediction thread waits in slices this long, so that a cancel lands
 # Every rank stops after its current step; one that does not is stuck (but rank 0 alone, after
-# the others: _working_alone).
+# the others: _working_alone), unless the steps take longer: see _StepClock.
 CANCEL_BOUND_S = 30.0
+STEP_MARGIN = 2.0  # a step may take this many times the longest one before it
 FAILURE_GRACE_S = 10.0  # after one rank fails, the others report too, or are stuck
 STOP_S = 5.0  # a rank asked to stop exits within this, or is killed
 
@@ -94,6 +96,7 @@ class RankGroup:
         self._outbox = _Outbox()
         # The command being answered, until its answers are all in: see _finish_unsettled.
         self._unsettled: tuple[_Handout, dict[int, Outcome], int | None] | None = None
+        self._steps = _StepClock()  # of the command being answered
 
     @classmethod
     def start(cls, mode: Mode, world_size: int) -> RankGroup:
@@ -130,7 +133,7 @@ class RankGroup:
             raise RankGroupError(f"cannot predict: {self.failure}. Restart the server.")
         self._finish_unsettled()
         command, answers = _Handout(Check(request), self._conns[:1]), {}
-        self._unsettled = (command, answers, 1)
+        self._unsettled, self._steps = (command, answers, 1), _StepClock()
         try:
             self._outbox.send(command)
             self._outcomes(answers, answering=1)
@@ -152,7 +155,7 @@ class RankGroup:
         request = replace(request, seed=inputs.resolve_seed(request.seed))
         self._cancel.clear()
         render, outcomes = _Handout(Render(request), self._conns), {}
-        self._unsettled = (render, outcomes, None)
+        self._unsettled, self._steps = (render, outcomes, None), _StepClock()
         try:
             self._outbox.send(render)
             self._outcomes(outcomes)
@@ -215,14 +218,18 @@ class RankGroup:
         answering: int | None = None,
     ) -> None:
         """Each rank's outcome of the request (of the first `answering` ranks') into
-        `outcomes`, relaying rank 0's log lines and metrics."""
-        deadline = None if bound is None else time.monotonic() + bound
+        `outcomes`, relaying rank 0's log lines and metrics. With a `bound`, ranks still
+        at work past it are stuck, unless a step is under way that may still end."""
+        waiting = time.monotonic()
+        deadline = None if bound is None else waiting + bound
         answering = answering or self.world_size
         while len(outcomes) < answering:
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > self._steps.extended(deadline):
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
                 if not _working_alone(missing, outcomes):
-                    self._break(f"ranks {missing} did not finish within {bound:.0f} s: stuck")
+                    waited = now - waiting
+                    self._break(f"ranks {missing} did not finish within {waited:.0f} s: stuck")
             message = self._inbox.next(timeout=POLL_S)
             if message is None:
                 continue
@@ -230,6 +237,8 @@ class RankGroup:
                 relayed.log(message.level, message.text)
             elif isinstance(message, Metric):
                 cog.current_scope().record_metric(message.name, message.value)
+            elif isinstance(message, StepEnded):
+                self._steps.ended(message.seconds)
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
             elif isinstance(message, Done | Canceled | Failed):
@@ -238,7 +247,8 @@ class RankGroup:
                     # The others fail alike on a bad input; if only this one failed, they
                     # wait for it in a collective: stop them, or give up on them.
                     self._cancel.set()
-                    bound, deadline = FAILURE_GRACE_S, time.monotonic() + FAILURE_GRACE_S
+                    waiting = time.monotonic()
+                    deadline = waiting + FAILURE_GRACE_S
             self._inbox.done()
 
     def healthcheck(self) -> bool:
@@ -280,6 +290,26 @@ class RankGroup:
                 process.join()
         self._inbox.close()
         self._outbox.close()
+
+
+class _StepClock:
+    """When the ranks' last denoising step ended and how long the longest took (rank 0's
+    StepEnded), so that a step slower than CANCEL_BOUND_S (a large video on slower GPUs,
+    or offloaded weights) is not taken for stuck ranks."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.longest = 0.0
+
+    def ended(self, seconds: float) -> None:
+        self.last, self.longest = time.monotonic(), max(self.longest, seconds)
+
+    def extended(self, deadline: float) -> float:
+        """`deadline`, or later while the step under way may take STEP_MARGIN times the
+        longest one so far."""
+        if self.last is None:
+            return deadline
+        return max(deadline, self.last + STEP_MARGIN * self.longest)
 
 
 def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:

@@ -1,8 +1,8 @@
 """What the Cog process and its rank processes say to each other, over one pipe per rank.
 
 Coordinator -> rank: a Render, a Check (rank 0 only), or None to stop. Rank -> coordinator:
-Ready or SetupFailed once; then, per Render, LogLine and Metric messages (rank 0 only) and
-one outcome: Done, Canceled or Failed; per Check, Done or Failed. RankExited is the
+Ready or SetupFailed once; then, per Render, LogLine, Metric and StepEnded messages (rank 0
+only) and one outcome: Done, Canceled or Failed; per Check, Done or Failed. RankExited is the
 coordinator's own note that a rank process ended.
 """
 
@@ -45,6 +45,11 @@ class LogLine:
 class Metric:
     name: str
     value: float
+
+
+@dataclass(frozen=True)
+class StepEnded:
+    seconds: float  # how long that denoising step took on rank 0
 
 
 @dataclass(frozen=True)

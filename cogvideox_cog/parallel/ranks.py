@@ -43,6 +43,7 @@ from .protocol import (
     Ready,
     Render,
     SetupFailed,
+    StepEnded,
 )
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def _set_up(
     if rank == 0:
         generator.record_metric = lambda name, value: sender.send(Metric(name, value))
         generator.on_postprocess_progress = OwnCancel(cancel)
+        generator.on_step = ReportedSteps(generator.on_step, sender)
     return generator
 
 
@@ -187,11 +189,23 @@ class AgreedCancel:
     def __init__(self, flag: Event, device: torch.device):
         self.flag, self.device = flag, device
 
-    def __call__(self, step: int) -> None:
+    def __call__(self, step: int, seconds: float) -> None:
         wanted = torch.tensor([int(self.flag.is_set())], device=self.device)
         dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
         if wanted.item():
             raise StepCanceled(step)
+
+
+class ReportedSteps:
+    """Rank 0's step callback: how long each step took goes to the Cog process, which after a
+    cancel waits for the step under way as long as the steps take; then the agreed cancel."""
+
+    def __init__(self, on_step, sender: _Sender):
+        self.on_step, self.sender = on_step, sender
+
+    def __call__(self, step: int, seconds: float) -> None:
+        self.sender.send(StepEnded(seconds))
+        self.on_step(step, seconds)
 
 
 class OwnCancel:
