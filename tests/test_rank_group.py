@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from cogvideox_cog.errors import LoraError, RankGroupError
 from cogvideox_cog.parallel import group
-from cogvideox_cog.parallel.protocol import Canceled, Done, StepEnded
+from cogvideox_cog.parallel.protocol import Canceled, Done, Failed, StepEnded
 from cogvideox_cog.parallel.ranks import LoraFetchedOnce
 from tests.cog_server import free_port
 
@@ -101,6 +101,24 @@ def test_ranks_silent_past_twice_their_longest_step_are_stuck():
     finally:
         ranks.close(ask=False)
     assert "stuck" in ranks.failure
+
+
+def test_ranks_left_waiting_by_a_rank_that_failed_alone_are_reported_with_its_error(
+    monkeypatch,
+):
+    """An error on one GPU only (out of memory, say) leaves the others in a collective: the
+    prediction's error and the health check say which rank failed and why."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    oom = Failed(0, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    ranks = _group_answering([(0.0, oom), (30.0, Canceled(1, 2))])
+    try:
+        with pytest.raises(RankGroupError) as stopped:
+            ranks._outcomes({})
+    finally:
+        ranks.close(ask=False)
+    said = "after rank 0 failed (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"
+    assert said in str(stopped.value) and said in ranks.failure
+    assert str(stopped.value).startswith("ranks [1] did not finish within")
 
 
 class _FailingLoraCache:

@@ -228,8 +228,8 @@ class RankGroup:
             if deadline is not None and now > self._steps.extended(deadline):
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
                 if not _working_alone(missing, outcomes):
-                    waited = now - waiting
-                    self._break(f"ranks {missing} did not finish within {waited:.0f} s: stuck")
+                    waited = f"within {now - waiting:.0f} s{_after_failure(outcomes)}"
+                    self._break(f"ranks {missing} did not finish {waited}: stuck")
             message = self._inbox.next(timeout=POLL_S)
             if message is None:
                 continue
@@ -317,6 +317,16 @@ def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:
     then it decodes, post-processes or encodes on its own, past every collective, so it is
     slow (a large upscaled video), not stuck, and is waited for as one GPU would be."""
     return missing == [0] and all(isinstance(o, Done | Canceled) for o in outcomes.values())
+
+
+def _after_failure(outcomes: dict[int, Outcome]) -> str:
+    """What the ranks left waiting in a collective were waiting for: the rank that failed
+    alone, and its error (an out-of-memory error on one GPU, say), or nothing."""
+    failed = [outcomes[r] for r in sorted(outcomes) if isinstance(outcomes[r], Failed)]
+    if not failed:
+        return ""
+    error = failed[0].error
+    return f" after rank {failed[0].rank} failed ({type(error).__name__}: {error})"
 
 
 def _output(outcomes: dict[int, Outcome]) -> Path:
