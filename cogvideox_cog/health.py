@@ -27,6 +27,9 @@ ACCEPTING = frozenset({"READY"})
 CHECKS = {"live": ALIVE, "ready": ACCEPTING}
 # Cog gives its worker 10 s to answer the health check it forwards to it; wait a bit longer.
 TIMEOUT_S = 12.0
+# Asked directly, never through an HTTP_PROXY the deployment sets for its downloads: a proxy
+# cannot reach this container's loopback, and the probe would fail a healthy server.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def default_url() -> str:
@@ -36,7 +39,7 @@ def default_url() -> str:
 def server_status(url: str, timeout: float = TIMEOUT_S) -> str:
     """The `status` Cog reports, or UNREACHABLE when it does not answer with one."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _DIRECT.open(url, timeout=timeout) as response:
             return str(json.load(response).get("status", "UNREACHABLE"))
     except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON
         return "UNREACHABLE"

@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from tests.cog_server import TERMINAL, CogServer, WebhookReceiver
+from tests.cog_server import TERMINAL, CogServer, WebhookReceiver, free_port
 from tests.conftest import PROJECT, tiny_server
 
 pytestmark = pytest.mark.e2e
@@ -166,12 +166,13 @@ def test_sigterm_to_the_server_alone_waits_ten_seconds_and_drops_the_final_webho
     print(f"SIGTERM to the server alone: all exited in {seconds:.2f} s")
 
 
-def _probe(check: str, server: CogServer) -> int:
+def _probe(check: str, server: CogServer, env: dict[str, str] | None = None) -> int:
     """Run the probe as Docker and Kubernetes do: a command, judged by its exit code."""
     url = f"{server.url}/health-check"
     return subprocess.run(
         [sys.executable, "-m", "cogvideox_cog.health", check, "--url", url],
         cwd=PROJECT,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         timeout=60,
     ).returncode
@@ -206,6 +207,18 @@ def test_health_probes_pass_ready_and_busy_and_fail_once_the_worker_is_killed(
 
     server.stop()
     assert (_probe("live", server), _probe("ready", server)) == (1, 1)  # no answer at all
+
+
+def test_health_probes_ask_the_server_directly_when_a_download_proxy_is_set(server_factory):
+    """A deployment behind an egress proxy sets HTTP_PROXY for its downloads; without
+    NO_PROXY, urllib sent the probe to the proxy, which cannot reach the container's
+    loopback: the probe failed a healthy server, and Kubernetes would restart it again and
+    again."""
+    server = server_factory()
+    unreachable = f"http://127.0.0.1:{free_port()}"  # a proxy that refuses every connection
+    proxies = {"HTTP_PROXY": unreachable, "http_proxy": unreachable}
+    proxies |= {"NO_PROXY": "", "no_proxy": ""}
+    assert (_probe("live", server, proxies), _probe("ready", server, proxies)) == (0, 0)
 
 
 def test_an_id_is_a_path_and_one_naming_a_file_wedges_the_server(server_factory, tmp_path):
