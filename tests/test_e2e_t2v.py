@@ -12,6 +12,7 @@ import pytest
 from cogvideox_cog.devtools.tiny import TINY
 from cogvideox_cog.media.mp4 import probe_mp4
 from tests.cog_server import CogServerError, WebhookReceiver, save_data_uri
+from tests.http_peers import UploadServer
 
 pytestmark = pytest.mark.e2e
 
@@ -171,3 +172,14 @@ def test_one_process_renders_in_the_worker_itself_with_no_rank_processes(server)
     tasks = Path(f"/proc/{server.worker_pid()}/task").iterdir()
     assert [pid for task in tasks for pid in (task / "children").read_text().split()] == []
     assert "ranks ready" not in server.log_text()
+
+
+def test_a_requests_output_file_prefix_is_ignored_and_the_output_comes_back_inline(server):
+    """Older Cog servers uploaded to a request's `output_file_prefix`; Cog 0.23.1 drops it
+    without a word (docs/http-api.md): only the server's --upload-url uploads."""
+    with UploadServer() as prefix:
+        body = {"input": {**FAST, "num_frames": 9}, "output_file_prefix": prefix.url}
+        response = server.send(body=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["output"].startswith("data:video/mp4;base64,")
+        assert prefix.uploads == []
