@@ -16,7 +16,7 @@ from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputErro
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.prompts import enhance
-from cogvideox_cog.prompts.endpoint import EndpointRewriter
+from cogvideox_cog.prompts.endpoint import BASE_URL_ENV, EndpointRewriter
 from cogvideox_cog.prompts.enhance import (
     PromptEnhancer,
     config_from_env,
@@ -214,6 +214,22 @@ def test_the_deployments_key_is_checked_in_setup(monkeypatch):
     with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_API_KEY holds a character") as bad:
         config_from_env()
     assert "erator" not in str(bad.value)
+
+
+def test_an_endpoint_url_with_a_password_fails_setup_without_showing_it(monkeypatch):
+    """urllib sends no user name or password from a URL; kept, the URL went into setup's log
+    (served by /health-check) and into every user's error, the password with it."""
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, "https://user:s3cret@llm.example.com/v1")
+    with pytest.raises(ConfigError, match=rf"{BASE_URL_ENV}=.*COGVIDEOX_ENHANCE_API_KEY") as bad:
+        config_from_env()
+    assert "s3cret" not in str(bad.value)
+
+
+def test_an_endpoint_is_named_without_its_query_string(chat):
+    """The name goes into setup's log and every error; a query string may carry a token."""
+    rewriter = EndpointRewriter(f"{chat.base_url}?code=t0ken", "writer-1", None, timeout=0.5)
+    assert "t0ken" not in rewriter.name and chat.base_url in rewriter.name
 
 
 # Checked with the other inputs

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 from ..errors import EnhanceError
-from ..weights.download import DeadlineExceeded, with_deadline
+from ..weights.download import DeadlineExceeded, shown, with_deadline
 from .rewriter import Reply
 
 ERROR_BODY_CHARS = 300  # of an endpoint's error answer, in our message
@@ -50,7 +50,7 @@ class EndpointRewriter:
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.name = f"{model} at {base_url}"
+        self.name = f"{model} at {shown(base_url)}"  # in logs and errors: no query string
 
     def rewrite(
         self, chat: list[dict[str, str]], *, seed: int, max_tokens: int, api_key: str | None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,6 +148,14 @@ def config_from_env() -> EnhanceConfig | None:
     base_url = setting(BASE_URL_ENV, DEFAULT_BASE_URL)
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
+    if _has_credentials(base_url):
+        # urllib sends no password from a URL; kept, it would show in logs and errors.
+        raise ConfigError(
+            f"{BASE_URL_ENV}={download.shown(base_url)!r} holds a user name or password, which "
+            f"is not sent: give the endpoint's key in {API_KEY_ENV}."
+        )
+    if problem := download.url_problem(base_url):
+        raise ConfigError(f"{BASE_URL_ENV}={download.shown(base_url)!r} {problem}.")
     model = setting(MODEL_ENV, DEFAULT_MODEL)
     key = setting(API_KEY_ENV) or None
     if key is not None:
@@ -176,6 +185,13 @@ def load_enhancer(
         directory, config.weights, device, video_peak_gib=video_peak_gib, timeout=config.timeout
     )
     return PromptEnhancer(rewriter)
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        return "@" in urllib.parse.urlsplit(url).netloc
+    except ValueError:  # url_problem() says what is wrong with it
+        return False
 
 
 def _timeout() -> float:
