@@ -200,6 +200,18 @@ def test_the_api_docs_list_every_path_the_server_names(server):
     assert "`/docs`" in text
 
 
+def test_a_synchronous_request_whose_client_hangs_up_cancels_the_prediction(server, uploads):
+    """Cog 0.23.1 cancels a synchronous prediction when its connection closes (docs/http-api.md):
+    a client's or a proxy's timeout shorter than the video loses it. 500 steps here take
+    about 50 s; the client waits 3."""
+    server.wait_idle()
+    with pytest.raises(requests.ReadTimeout):
+        server.request({"id": "hangup-1", "input": LONG}, timeout=3)
+    server.wait_idle(timeout=10)  # free long before the 500 steps could have run
+    assert "Prediction cancelled prediction_id=hangup-1" in server.log_text()
+    assert uploads.uploads_for("hangup-1") == []
+
+
 def test_put_with_a_running_id_starts_nothing_and_other_requests_get_409(server, hooks):
     running = _start_long(server, hooks, "idem-1")
     assert running["id"] == "idem-1" and running["status"] == "processing"
