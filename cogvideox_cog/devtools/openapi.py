@@ -58,7 +58,9 @@ def _input_schema(info: _adt.PredictorInfo) -> tuple[dict[str, Any], dict[str, A
             prop.update(field.type.json_type())
         if field.default is not None:
             prop["default"] = field.type.json_encode(field.default)
-        elif not nullable:
+        elif nullable:
+            prop["default"] = None  # the build writes an empty default out: "default": null
+        else:
             required.append(name)
         if nullable:
             prop["nullable"] = True
