@@ -37,7 +37,7 @@ Inputs, as the schema-validating server sees them:
 - A `Path` input given as an http(s) URL or a data: URI is downloaded before run() is
   called, with no bound on size or time (requests, 10 s per read); any other string reaches
   run() as it is, a plain str, so a bare path names a file on the server. The predictors
-  here take their files as strings and fetch them themselves (cogvideox_cog/input_files.py).
+  here take their files as strings and fetch them themselves (cogvideox_cog/media/fetch.py).
 - A request body over 100 MiB gets 413 "Failed to buffer the request body: length limit
   exceeded".
 - Errors raised in run() come back as failed predictions with
@@ -58,6 +58,8 @@ Async, uploads and cancel:
   cannot be reached: 13 attempts in all, 0.2 s apart and twice as long each time (at most
   102.4 s), about 7 minutes. A 4xx answer ends it. Other events are sent once. The server is
   READY while it retries.
+- A synchronous request whose connection closes before the answer (a client timeout)
+  cancels its prediction, as a cancel request would.
 - `POST /predictions/{id}/cancel` answers 200 `{}`, or 404 `{}` for an id that is not
   running. The worker raises CancelationException at its next bytecode; the health turns
   READY again about 0.3 s later.
@@ -65,7 +67,8 @@ Async, uploads and cancel:
   the Path run() returned) with `Content-Type` (from the extension) and `X-Prediction-Id`
   headers. The output becomes the response's `Location` header (else the PUT URL) without
   its query string. A non-2xx answer fails the prediction with "Failed to upload output:
-  upload returned status ...". Without an upload URL the output is a data URI.
+  upload returned status ...". Without an upload URL the output is a data URI. A request's
+  `output_file_prefix` is ignored.
 - For every prediction the server makes `/tmp/coglet/predictions/<id>/{inputs,outputs}`
   (a fixed path) and never removes them: three empty directories per prediction.
 """

@@ -1,7 +1,7 @@
 """The served OpenAPI document, and a real fuzzer (schemathesis) run against it.
 
 The server is the real Cog server on a tiny text-to-video model, serving the document
-cogvideox_cog/openapi.py generated. schemathesis reads /openapi.json, so it finds every
+cogvideox_cog/devtools/openapi.py generated. schemathesis reads /openapi.json, so it finds every
 operation the document lists, and sends schema-valid and schema-breaking requests to each
 (valid ones with few denoising steps: see tests/schemathesis_hooks.py).
 """
