@@ -9,6 +9,7 @@ test that uses it kills one of its ranks: the server is of no use after it, by d
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -47,6 +48,11 @@ LAYOUTS = {6.0: "CFG-2", 1.0: "Ulysses-2"}
 READY_AFTER_CANCEL_S = 3.0
 # A dead rank fails the prediction as soon as it is seen, not at a timeout.
 FAILED_AFTER_KILL_S = 3.0
+# The split sums in another order: float frames within 1e-5 of one process's
+# (tests/test_parallel_engine.py), but a pixel may round the other way, and H.264 then codes
+# its block differently. Through the mp4 the same video is above this; another seed's, about
+# 15 dB, is far below (tested).
+SAME_VIDEO_PSNR_DB = 40.0
 IDLE_TICKS = 5  # of CPU time in half a second (100 ticks a second on Linux)
 
 
@@ -101,7 +107,14 @@ def _frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def _one_process_frames(weights: Path, guidance: float, speed_mode="default") -> np.ndarray:
+def _psnr_db(frames: np.ndarray, expected: np.ndarray) -> float:
+    mean_square = np.mean((frames.astype(float) - expected.astype(float)) ** 2)
+    return math.inf if mean_square == 0 else 10 * math.log10(255**2 / mean_square)
+
+
+def _one_process_frames(
+    weights: Path, guidance: float, speed_mode="default", seed=SEED
+) -> np.ndarray:
     """The same request rendered by today's path: one VideoGenerator, in this process."""
     cpu = torch.device("cpu")
     variant = VARIANTS["cogvideox-5b"]
@@ -115,7 +128,7 @@ def _one_process_frames(weights: Path, guidance: float, speed_mode="default") ->
         guidance,
         None,
         None,
-        SEED,
+        seed,
         speed_mode=speed_mode,
     )
     return _frames(generator.render_mp4(request))
@@ -166,8 +179,14 @@ def test_two_ranks_give_the_frames_of_one_process_in_each_layout(
     served = _frames(save_data_uri(response["output"], tmp_path / "two-ranks.mp4"))
     expected = _one_process_frames(tiny_weights["1.0-t2v"], guidance)
     assert served.shape == expected.shape == (QUICK["num_frames"], HEIGHT, WIDTH, 3)
-    difference = np.abs(served.astype(int) - expected.astype(int))
-    assert difference.max() == 0, f"max {difference.max()}, mean {difference.mean():.4f}"
+    assert _psnr_db(served, expected) >= SAME_VIDEO_PSNR_DB
+
+
+def test_the_same_video_bound_tells_another_seed_apart(tiny_weights):
+    """What the layout tests' PSNR bound lets through: not another video of the request."""
+    frames = _one_process_frames(tiny_weights["1.0-t2v"], 1.0)
+    other = _one_process_frames(tiny_weights["1.0-t2v"], 1.0, seed=SEED + 1)
+    assert _psnr_db(other, frames) < SAME_VIDEO_PSNR_DB - 10
 
 
 def test_the_prediction_logs_each_step_once_with_the_metrics_of_one_process(quick_prediction):
@@ -211,7 +230,7 @@ def test_faster_with_guidance_runs_on_two_ranks_as_on_one_process(server, tiny_w
     assert "layout: Ulysses-2" in response["logs"]
     frames = _frames(save_data_uri(response["output"], tmp_path / "faster.mp4"))
     expected = _one_process_frames(tiny_weights["1.0-t2v"], 6.0, speed_mode="faster")
-    assert np.array_equal(frames, expected)
+    assert _psnr_db(frames, expected) >= SAME_VIDEO_PSNR_DB
 
 
 def test_a_bad_input_fails_with_the_input_error_of_one_process(server):
