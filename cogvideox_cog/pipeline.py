@@ -166,6 +166,7 @@ def configure_pipeline(
         f"VAE tiling {'on' if vae_tiling else 'off'}"
     )
     use_dispatching_attention(pipe.transformer, attention)
+    hold_every_image_shape(pipe.transformer, variant)
     pipe.scheduler = SCHEDULERS[variant.scheduler].from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )
@@ -186,6 +187,26 @@ def configure_pipeline(
     if compiled:
         compile_transformer(pipe.transformer)
     return pipe
+
+
+def hold_every_image_shape(transformer: torch.nn.Module, variant: Variant) -> None:
+    """Square the rotary bound of a model that follows the image's shape (1.5-I2V).
+
+    Its authors say it makes portrait videos too (zai-org/CogVideo issue 758), but a config
+    holding the training size as its bound (96 x 170 latents, reported there) limits
+    diffusers' sliced rotary grid to landscape: a portrait video failed inside the pipeline
+    with a tensor-size error. The grid's positions count from 0 whatever the bound, so a
+    square bound of the longer side gives the same tables for every size the old one held.
+    """
+    config = transformer.config
+    if variant.resolution != "image_aspect" or config.sample_height == config.sample_width:
+        return
+    side = max(config.sample_height, config.sample_width)
+    log.info(
+        f"pipeline: rotary bound {config.sample_height}x{config.sample_width} latents squared "
+        f"to {side}x{side}, for portrait images"
+    )
+    transformer.register_to_config(sample_height=side, sample_width=side)
 
 
 def compile_transformer(transformer: torch.nn.Module, backend: str = "inductor") -> None:

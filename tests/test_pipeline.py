@@ -17,7 +17,9 @@ from cogvideox_cog.pipeline import (
     choose_offload,
     choose_vae_tiling,
     compile_transformer,
+    configure_pipeline,
     is_compiled,
+    load_pipeline,
     offload_for_free_memory,
     tiling_for_free_memory,
 )
@@ -331,6 +333,37 @@ def test_on_a_compiled_transformer_speed_modes_give_their_eager_frames(
     eager = VideoGenerator(variant, pipe, CPU).render_frames(request).frames
     compiled = warmed_up[0].render_frames(request).frames
     np.testing.assert_allclose(compiled, eager, atol=1e-5)
+
+
+def _1_5_image_to_video(weights, bound_latents: tuple[int, int] | None = None) -> VideoGenerator:
+    """The tiny 1.5-I2V; bound_latents: its config's sample_height x sample_width instead."""
+    variant = VARIANTS["cogvideox1.5-5b-i2v"]
+    pipe = load_pipeline(variant, weights, CPU, "i2v")
+    if bound_latents:
+        pipe.transformer.register_to_config(
+            sample_height=bound_latents[0], sample_width=bound_latents[1]
+        )
+    pipe = configure_pipeline(pipe, variant, CPU, "none")
+    return VideoGenerator(variant, pipe, CPU, "i2v", resolution="48x80")
+
+
+def test_1_5_image_to_video_makes_portrait_videos_on_a_landscape_rotary_bound(
+    tiny_weights, tmp_path
+):
+    """A config bounding the rotary grid at the training size (48x80 px here, 768x1360 on the
+    real model) still renders a portrait image, and a landscape one as before."""
+    landscape_bound = _1_5_image_to_video(tiny_weights["1.5-i2v"], bound_latents=(6, 10))
+    square_bound = _1_5_image_to_video(tiny_weights["1.5-i2v"])
+    portrait, landscape = tmp_path / "portrait.png", tmp_path / "landscape.png"
+    Image.new("RGB", (60, 90), (90, 120, 30)).save(portrait)
+    Image.new("RGB", (90, 60), (30, 60, 200)).save(landscape)
+    quick = {"num_frames": 17, "num_inference_steps": 1}
+    video = landscape_bound.render_frames(_request(**quick, image=portrait)).frames
+    assert video.shape == (17, 64, 48, 3)  # portrait: the image's 2:3, on the 16 px grid
+    np.testing.assert_array_equal(
+        landscape_bound.render_frames(_request(**quick, image=landscape)).frames,
+        square_bound.render_frames(_request(**quick, image=landscape)).frames,
+    )
 
 
 def test_after_warm_up_no_image_shape_compiles_again_on_1_5_image_to_video(

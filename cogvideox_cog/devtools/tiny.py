@@ -29,8 +29,9 @@ Family = Literal["1.0", "1.5"]
 
 _VAE_SCALE = 8  # the real VAE's spatial compression (and 4 in time), so size rules hold
 # 1.5 transformers are converted with sample_height = sample_width = 300 latents: a square
-# upper bound for the sliced 3D rotary grid, not the training resolution (768 x 1360). The
-# tiny 1.5 models keep that shape: a square bound that holds landscape and portrait sizes.
+# upper bound for the sliced 3D rotary grid, not the training resolution (768 x 1360; some
+# published configs hold that instead, which setup squares for 1.5-I2V). The tiny 1.5
+# models keep the square shape: a bound that holds landscape and portrait sizes.
 _MAX_LATENT_15 = 12
 _LATENT_CHANNELS = 4  # the real VAE has 16; only the ratio to the transformer's input matters
 _TEXT_DIM = 32  # T5 d_model, fed to the transformer's text_embed_dim (4096 for T5-XXL)
