@@ -19,8 +19,8 @@ import os
 import sys
 import urllib.request
 
-# STARTING covers setup(), which downloads the weights on a first start (minutes); a setup
-# that hangs is the startup probe's business, not liveness's.
+# STARTING covers setup(), which downloads the weights on a first start (minutes): liveness
+# passes, and a stalled download fails setup by itself (docs/operations.md, Kubernetes).
 ALIVE = frozenset({"STARTING", "READY", "BUSY"})
 # One prediction at a time: a BUSY server answers 409 to the next one.
 ACCEPTING = frozenset({"READY"})
