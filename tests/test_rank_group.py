@@ -143,3 +143,28 @@ def test_a_rank_told_that_rank_0_could_not_fetch_a_lora_quotes_no_signature(tmp_
     said = (tmp_path / "rank-1.txt").read_text()
     assert said.startswith("rank 0 could not fetch lora_url https://bucket.example/style")
     assert "secret-signature" not in said
+
+
+def test_a_cancel_while_rank_0_post_processes_alone_is_logged_after_the_last_step():
+    """Rank 1 finished its steps; rank 0 stopped between upscaled frames: not "after step
+    [0]", which reads as a cancel before any step."""
+    outcomes = {0: Canceled(0, -1), 1: Done(1, None)}
+    said = group._where_stopped(outcomes)
+    assert said == "after the last step, while rank 0 post-processed the video"
+
+
+def test_a_cancel_before_the_first_step_is_logged_as_such():
+    """Every rank stopped at rank 0's LoRA download or prompt rewrite."""
+    assert group._where_stopped({0: Canceled(0, -1), 1: Canceled(1, -1)}) == (
+        "before the first step"
+    )
+
+
+def test_a_cancel_after_a_step_names_the_step_every_rank_stopped_after():
+    assert group._where_stopped({0: Canceled(0, 3), 1: Canceled(1, 3)}) == "after step [4]"
+
+
+def test_a_cancel_that_came_after_the_video_was_done_says_so():
+    assert group._where_stopped({0: Done(0, None), 1: Done(1, None)}) == (
+        "after the video was done"
+    )

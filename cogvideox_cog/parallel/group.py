@@ -166,8 +166,7 @@ class RankGroup:
             self._await_stop(render, outcomes)
             self._unsettled = None
             if render.sent:
-                steps = sorted({o.step + 1 for o in outcomes.values() if isinstance(o, Canceled)})
-                log.info(f"canceled: {len(outcomes)} ranks stopped, after step {steps}")
+                log.info(f"canceled: {len(outcomes)} ranks stopped, {_where_stopped(outcomes)}")
             raise
         self._unsettled = None
         return _output(outcomes)
@@ -317,6 +316,21 @@ def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:
     then it decodes, post-processes or encodes on its own, past every collective, so it is
     slow (a large upscaled video), not stuck, and is waited for as one GPU would be."""
     return missing == [0] and all(isinstance(o, Done | Canceled) for o in outcomes.values())
+
+
+def _where_stopped(outcomes: dict[int, Outcome]) -> str:
+    """Where a canceled render stopped, for its log line: after a step (every rank agreed on
+    it), before the first one (rank 0's LoRA download or prompt rewrite), after the last one
+    (rank 0 post-processing alone, the others done), or not at all (the video was done)."""
+    steps = sorted({o.step + 1 for o in outcomes.values() if isinstance(o, Canceled)})
+    failed = sorted(rank for rank, o in outcomes.items() if isinstance(o, Failed))
+    if failed:
+        return f"after rank {failed[0]} failed"
+    if steps != [0]:
+        return f"after step {steps}" if steps else "after the video was done"
+    if all(isinstance(o, Canceled) for o in outcomes.values()):
+        return "before the first step"
+    return "after the last step, while rank 0 post-processed the video"
 
 
 def _after_failure(outcomes: dict[int, Outcome]) -> str:

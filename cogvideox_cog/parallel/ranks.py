@@ -58,7 +58,7 @@ class StepCanceled(BaseException):
 
     def __init__(self, step: int):
         super().__init__(f"canceled after step {step + 1}" if step >= 0 else "canceled")
-        self.step = step  # -1: while post-processing, after the last step
+        self.step = step  # -1: before the first step, or rank 0 post-processing after the last
 
 
 def serve(
