@@ -20,7 +20,7 @@ from PIL import Image
 
 from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.parallel.engine import SequenceShards
-from cogvideox_cog.parallel.layout import Layout, choose_layout
+from cogvideox_cog.parallel.layout import Layout, choose_layout, replica_warnings
 from tests.lora_files import lora_tensors, save_diffusers_lora
 from tests.parallel_ranks import Case, Rendered, render, run_ranks
 
@@ -62,10 +62,29 @@ def test_ulysses_never_splits_heads_unevenly():
     assert choose_layout(4, classifier_free_guidance=False, heads=30) == Layout(1, 2)
 
 
-def test_other_counts_take_the_largest_layout_that_divides_them(caplog):
+def test_other_counts_take_the_largest_layout_that_divides_them():
     assert choose_layout(6, classifier_free_guidance=True, heads=48) == Layout(2, 3)
     assert choose_layout(7, classifier_free_guidance=True, heads=48) == Layout(1, 1)
-    assert "the other 6 compute the same video as replicas" in caplog.text
+
+
+def test_ranks_left_over_by_a_layout_are_reported_as_replicas():
+    [warning] = replica_warnings(7, [choose_layout(7, classifier_free_guidance=True, heads=48)])
+    assert "the other 6 compute the same video as replicas" in warning
+
+
+def test_replicas_are_reported_once_when_both_guidance_layouts_are_the_same():
+    """3 ranks on a 2-head model run one process's layout with guidance and without: one
+    warning, not one per layout (the engine chooses both at setup)."""
+    layouts = [choose_layout(3, guidance, heads=2) for guidance in (True, False)]
+    assert replica_warnings(3, layouts) == [
+        "3 ranks: layout single process uses 1; the other 2 compute the same video as "
+        "replicas, no faster"
+    ]
+
+
+def test_layouts_that_use_every_rank_give_no_replica_warning():
+    layouts = [choose_layout(4, guidance, heads=48) for guidance in (True, False)]
+    assert replica_warnings(4, layouts) == []
 
 
 def test_a_layout_names_its_splits():

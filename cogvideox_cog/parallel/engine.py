@@ -44,7 +44,7 @@ from ..attention import (
     use_dispatching_attention,
 )
 from ..errors import InputError
-from .layout import Layout, choose_layout
+from .layout import Layout, choose_layout, replica_warnings
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,9 @@ class ContextParallel:
         self.layouts = {
             guidance: choose_layout(self.world_size, guidance, heads) for guidance in (True, False)
         }
+        if self.rank == 0:  # every rank chose the same layouts: one warning for the group
+            for warning in replica_warnings(self.world_size, self.layouts.values()):
+                log.warning(warning)
         nccl = dist.get_backend() == "nccl"
         device_type = "cuda" if nccl else "cpu"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")

@@ -8,10 +8,8 @@ factor splits the token sequence (Ulysses attention: four all-to-alls per attent
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,9 @@ def choose_layout(
 
     1 -> single; 2 -> CFG-2 (Ulysses-2 without guidance); 4 -> CFG-2 x Ulysses-2;
     8 -> CFG-2 x Ulysses-4. Other counts get the largest layout whose size divides them; the
-    remaining ranks repeat the same work (replicas, logged). `heads`, the transformer's
-    attention heads, bounds Ulysses: each rank computes whole heads, so the degree must
-    divide it (2B has 30).
+    remaining ranks repeat the same work (replicas, which replica_warnings reports). `heads`,
+    the transformer's attention heads, bounds Ulysses: each rank computes whole heads, so the
+    degree must divide it (2B has 30).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, not {world_size}")
@@ -52,11 +50,15 @@ def choose_layout(
         if world_size % (cfg * ulysses) == 0 and (heads is None or heads % ulysses == 0)
     ]
     # The most ranks at work; among equals, the CFG split (the cheaper communication).
-    best = max(candidates, key=lambda layout: (layout.world_size, layout.cfg))
-    if best.world_size < world_size:
-        spare = world_size - best.world_size
-        log.warning(
-            f"{world_size} ranks: layout {best} uses {best.world_size}; the other {spare} "
-            "compute the same video as replicas, no faster"
-        )
-    return best
+    return max(candidates, key=lambda layout: (layout.world_size, layout.cfg))
+
+
+def replica_warnings(world_size: int, layouts: Iterable[Layout]) -> list[str]:
+    """What to tell the operator, once per distinct layout, about ranks that only repeat
+    its work: the two guidance layouts are often the same one."""
+    return [
+        f"{world_size} ranks: layout {layout} uses {layout.world_size}; the other "
+        f"{world_size - layout.world_size} compute the same video as replicas, no faster"
+        for layout in dict.fromkeys(layouts)
+        if layout.world_size < world_size
+    ]
