@@ -246,6 +246,49 @@ def test_a_renewed_presigned_url_reuses_the_cached_file_and_logs_no_signature(
     assert "sig-one" not in caplog.text
 
 
+def _failing_once(build):
+    """build, but its first call fails as a copy with bit rot does."""
+    calls = []
+
+    def failing_once(state):
+        calls.append(state)
+        if len(calls) == 1:
+            raise ValueError("bit rot")
+        return build(state)
+
+    return failing_once
+
+
+def test_a_rank_whose_cached_copy_failed_keeps_the_copy_another_rank_fetched_again(
+    tmp_path, monkeypatch
+):
+    """Several GPUs load the same cached file at once. Rank A finds it bad, discards it and
+    fetches it again; rank B, which read the same bad copy, must leave A's new one alone: it
+    would delete it (maybe while A reads it) and fetch the file once more."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    host = tmp_path / "host"
+    host.mkdir()
+    save_tiny_realesrgan(host / "x4.pth")
+    server = FileServer(host)
+    try:
+        monkeypatch.setenv(UPSCALE_URL_ENV, server.url("x4.pth"))
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+        load_model(source, _build_rrdbnet)
+        one_fetch = len(server.requests)
+        rank_a = []
+
+        def rank_b(state):
+            if not rank_a:  # rank A heals the cache while rank B reads the bad copy
+                rank_a.append(load_model(source, _failing_once(_build_rrdbnet)))
+                raise ValueError("bit rot")
+            return _build_rrdbnet(state)
+
+        assert load_model(source, rank_b).scale == 4
+        assert len(server.requests) == 2 * one_fetch  # rank A's fetch, and no other
+    finally:
+        server.stop()
+
+
 def test_bad_weights_fail_setup_and_leave_nothing_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
     bad = tmp_path / "flownet.pkl"

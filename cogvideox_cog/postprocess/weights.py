@@ -4,7 +4,8 @@ The same rules as the CogVideoX weights (weights/): a download goes to a staging
 checked (its sha256 when the deployment pins one; in any case that it reads as a plain state
 dict the network accepts), fsynced, marked complete and renamed into place under the entry's
 lock. A cached entry is used when its marker matches the source and the file's size (and
-sha256 with COGVIDEOX_WEIGHTS_CHECK=sha256); one that fails to load is fetched again, once.
+sha256 with COGVIDEOX_WEIGHTS_CHECK=sha256); one that fails to load is fetched again, once,
+and discarded under the lock only if no other process (a rank) has replaced it meanwhile.
 
 Files are read as data only: safetensors, or torch.load(weights_only=True), which refuses
 anything but tensors and plain containers, so a crafted pickle cannot run code.
@@ -60,19 +61,19 @@ class ModelSource:
 
 def load_model(source: ModelSource, build: Callable[[dict[str, torch.Tensor]], M]) -> M:
     """build(state dict of the cached file); fetched first if needed, again once if it fails."""
-    path, fresh = _ensure(source)
+    path, fresh, seen = _ensure(source)
     try:
         return build(read_state_dict(path))
     except Exception as error:
-        cache.discard(path.parent)
+        _discard_unchanged(path.parent, seen)
         if fresh:
             raise _bad(source, error) from error
         log.warning(f"{source.name}: the cached {path} failed to load ({error!r}): fetching again")
-    path, _ = _ensure(source)
+    path, _, seen = _ensure(source)
     try:
         return build(read_state_dict(path))
     except Exception as error:
-        cache.discard(path.parent)
+        _discard_unchanged(path.parent, seen)
         raise _bad(source, error) from error
 
 
@@ -105,19 +106,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def _ensure(source: ModelSource) -> tuple[Path, bool]:
-    """(the cached file, whether it was fetched just now)."""
+def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
+    """(the cached file, whether it was fetched just now, its entry's _identity)."""
     name = Path(source.url.split("?")[0]).name or "model"
     digest = hashlib.sha256(f"{source.key} {source.sha256}".encode()).hexdigest()[:12]
     root = weights_root() / FOLDER
     entry = root / f"{source.name.lower()}-{digest}"
-    if _published(entry, name, source):
+    seen = _identity(entry)  # before the check: a copy published after it is not this one
+    if seen is not None and _published(entry, name, source):
         log.info(f"{source.name}: using cached {entry / name}")
-        return entry / name, False
+        return entry / name, False, seen
     root.mkdir(parents=True, exist_ok=True)
-    with cache.locked(root / f".{entry.name}.lock"):
-        if _published(entry, name, source):
-            return entry / name, False
+    with cache.locked(_lock(entry)):
+        seen = _identity(entry)
+        if seen is not None and _published(entry, name, source):
+            return entry / name, False, seen
         cache.discard(entry)
         staging = root / f".{entry.name}.staging"
         cache.discard(staging)
@@ -135,11 +138,34 @@ def _ensure(source: ModelSource) -> tuple[Path, bool]:
             "files": {name: {"size": size, "sha256": found}},
         }
         cache.publish(staging, entry, marker)
+        seen = _identity(entry)
         log.info(
             f"{source.name}: {download.human(size)} from {source.shown} ready in "
             f"{time.monotonic() - started:.1f} s (sha256 {found})"
         )
-    return entry / name, True
+    return entry / name, True, seen
+
+
+def _lock(entry: Path) -> Path:
+    return entry.parent / f".{entry.name}.lock"
+
+
+def _identity(entry: Path) -> tuple[int, int] | None:
+    """Which copy the entry is: its marker's inode and mtime, None without one. A copy fetched
+    again has the same marker text (same source, size and sha256), but a new file."""
+    try:
+        stat = (entry / cache.COMPLETE_MARKER).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _discard_unchanged(entry: Path, seen: tuple[int, int] | None) -> None:
+    """Discard the copy that failed to load, unless another process (a rank on another GPU)
+    replaced it meanwhile: that one is a fresh download, and may be loading now."""
+    with cache.locked(_lock(entry)):
+        if _identity(entry) == seen:
+            cache.discard(entry)
 
 
 def _published(entry: Path, name: str, source: ModelSource) -> bool:
