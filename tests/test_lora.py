@@ -114,6 +114,22 @@ def _weights(transformer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in transformer.state_dict().items()}
 
 
+def _raise_at_call(monkeypatch, owner, name: str, error: BaseException, call: int) -> None:
+    """owner.name raises `error` on its `call`-th call (and runs as before on the others): a
+    cancel, which Cog raises at whatever bytecode the worker is on, landing there."""
+    original = getattr(owner, name)
+    calls = 0
+
+    def cut_short(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, cut_short)
+
+
 def test_lora_at_scale_zero_gives_the_base_output_exactly(generator, loras, base):
     np.testing.assert_array_equal(_frames(generator, _url(loras, "a"), 0.0), base)
 
@@ -174,6 +190,17 @@ def test_fifty_switches_leave_adapters_and_parameters_unchanged(generator, loras
     assert _peft_layers(transformer) == layers
     generator.lora.use(None, 1.0)
     assert not getattr(transformer, "peft_config", None) and _peft_layers(transformer) == 0
+
+
+def test_a_lora_whose_unload_was_canceled_is_loaded_again_in_full(generator, loras, monkeypatch):
+    """The cancel lands after diffusers put back 2 of the LoRA's base layers: asked for the
+    same LoRA next, the slot loads it again instead of rescaling the layers left."""
+    full = _frames(generator, _url(loras, "a"))
+    with monkeypatch.context() as patch:
+        _raise_at_call(patch, BaseTunerLayer, "get_base_layer", cog.CancelationException(), 3)
+        with pytest.raises(cog.CancelationException):
+            _frames(generator)
+    np.testing.assert_array_equal(_frames(generator, _url(loras, "a")), full)
 
 
 @pytest.mark.parametrize(

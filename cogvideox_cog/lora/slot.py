@@ -74,9 +74,14 @@ class LoraSlot:
         )
 
     def clear(self) -> None:
-        """Back to the plain base layers (diffusers removes the peft layers entirely)."""
+        """Back to the plain base layers (diffusers removes the peft layers entirely).
+
+        The LoRA is forgotten before its layers go: a cancel can land in the middle of the
+        unload, and the next request for the same LoRA must load it again, not rescale the
+        layers left.
+        """
+        loaded, self.loaded = self.loaded, None
         if getattr(self.pipe.transformer, "peft_config", None):
             self.pipe.unload_lora_weights()
-            if self.loaded is not None:
-                log.info(f"lora: unloaded {self.loaded[:12]}")
-        self.loaded = None
+            if loaded is not None:
+                log.info(f"lora: unloaded {loaded[:12]}")
