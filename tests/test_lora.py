@@ -10,8 +10,10 @@ from pathlib import Path
 
 import cog
 import numpy as np
+import peft
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
@@ -75,6 +77,12 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
     nan = {k: v.clone() for k, v in a.items()}
     next(iter(nan.values()))[0, 0] = float("nan")
     save_renamed(nan, root / "nan" / LORA, lambda k: f"transformer.{k}")
+    rank0 = dict(a)  # the last layer's pair holds no rank: peft refuses it mid-load
+    last = sorted(k for k in a if "lora_A" in k)[-1]
+    rank0[last] = torch.zeros(0, a[last].shape[1])
+    up = last.replace("lora_A", "lora_B")
+    rank0[up] = torch.zeros(a[up].shape[0], 0)
+    save_renamed(rank0, root / "rank0" / LORA, lambda k: f"transformer.{k}")
     (root / "pickle").mkdir()
     (root / "pickle" / LORA).write_bytes(pickle.dumps(_RunsCode(root / "UNPICKLED")))
     torch.save(a, root / "pickle" / "torch-zip.safetensors")
@@ -201,6 +209,66 @@ def test_a_lora_whose_unload_was_canceled_is_loaded_again_in_full(generator, lor
         with pytest.raises(cog.CancelationException):
             _frames(generator)
     np.testing.assert_array_equal(_frames(generator, _url(loras, "a")), full)
+
+
+# Where a cancel or a failure can cut a LoRA's load short: (owner, method, call).
+_LOAD_CUTS = {
+    "injecting": (LoraModel, "_replace_module", 3),  # 2 layers wrapped, none recorded
+    "injected": (LoraModel, "_post_injection_hook", 1),  # all wrapped, none recorded
+    "loading-weights": (peft, "set_peft_model_state_dict", 1),  # recorded, weights unset
+}
+
+
+def _raised_for(error: BaseException) -> type[BaseException]:
+    """A cancel goes through as it is; a failure comes out as the LoRA's error."""
+    return LoraError if isinstance(error, Exception) else type(error)
+
+
+@pytest.mark.parametrize("cut", list(_LOAD_CUTS))
+@pytest.mark.parametrize(
+    "error", [cog.CancelationException(), RuntimeError("CUDA out of memory")], ids=repr
+)
+def test_a_lora_load_cut_short_leaves_no_peft_layer_after_the_next_prediction(
+    generator, loras, base, monkeypatch, cut, error
+):
+    _frames(generator)
+    with monkeypatch.context() as patch:
+        owner, name, call = _LOAD_CUTS[cut]
+        _raise_at_call(patch, owner, name, error, call)
+        with pytest.raises(_raised_for(error)):
+            _frames(generator, _url(loras, "b"))
+    np.testing.assert_array_equal(_frames(generator), base)
+    assert _peft_layers(generator.pipe.transformer) == 0
+
+
+@pytest.mark.parametrize(
+    "error", [cog.CancelationException(), RuntimeError("CUDA out of memory")], ids=repr
+)
+def test_prediction_without_lora_after_two_loads_cut_short_is_the_base_output_exactly(
+    generator, loras, base, monkeypatch, error
+):
+    """The first load stops after wrapping 2 layers; the second is canceled in the first
+    of them, after peft gave it fresh random lora_A and lora_B, before it zeroes lora_B."""
+    _frames(generator)
+    with monkeypatch.context() as patch:
+        _raise_at_call(patch, LoraModel, "_replace_module", error, call=3)
+        with pytest.raises(_raised_for(error)):
+            _frames(generator, _url(loras, "b"))
+    with monkeypatch.context() as patch:
+        cancel = cog.CancelationException()
+        _raise_at_call(patch, LoraLayer, "reset_lora_parameters", cancel, 1)
+        with pytest.raises(cog.CancelationException):
+            _frames(generator, _url(loras, "b"))
+    np.testing.assert_array_equal(_frames(generator), base)
+
+
+def test_a_lora_that_fails_while_loading_leaves_the_base_model(generator, loras, base):
+    """A layer of rank 0 passes the file's checks; peft refuses it after wrapping others."""
+    _frames(generator)
+    with pytest.raises(LoraError, match=r"could not be loaded: .*positive integer"):
+        _frames(generator, _url(loras, "rank0"))
+    assert _peft_layers(generator.pipe.transformer) == 0
+    np.testing.assert_array_equal(_frames(generator), base)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ import logging
 import time
 from pathlib import Path
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from ..errors import LoraError
 from ..pipeline import is_compiled
 from .file import PREFIX, check_fits, linear_layers, read_lora
@@ -78,10 +80,17 @@ class LoraSlot:
 
         The LoRA is forgotten before its layers go: a cancel can land in the middle of the
         unload, and the next request for the same LoRA must load it again, not rescale the
-        layers left.
+        layers left. Any peft layer on the transformer is removed, not only those of a
+        recorded adapter: a load cut short by a cancel or a failure leaves layers that
+        peft_config does not list (peft records it after injecting them, diffusers drops it
+        on a failure), and a cancel inside such a layer's next update leaves its random
+        initial weights active.
         """
         loaded, self.loaded = self.loaded, None
-        if getattr(self.pipe.transformer, "peft_config", None):
+        transformer = self.pipe.transformer
+        if hasattr(transformer, "peft_config") or any(
+            isinstance(module, BaseTunerLayer) for module in transformer.modules()
+        ):
             self.pipe.unload_lora_weights()
             if loaded is not None:
                 log.info(f"lora: unloaded {loaded[:12]}")
