@@ -271,6 +271,39 @@ def test_a_lora_that_fails_while_loading_leaves_the_base_model(generator, loras,
     np.testing.assert_array_equal(_frames(generator), base)
 
 
+def _offload_hooks(pipe) -> dict[str, str | None]:
+    return {
+        name: type(getattr(component, "_hf_hook", None)).__name__
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+    }
+
+
+@pytest.mark.parametrize(
+    "error", [cog.CancelationException(), RuntimeError("CUDA out of memory")], ids=repr
+)
+def test_the_prediction_after_a_lora_load_cut_short_runs_offloaded_as_placed(
+    tiny_weights, loras, tmp_path, monkeypatch, error
+):
+    """diffusers takes the offload hooks off to load a LoRA and puts them back only after a
+    load that succeeds. Without them the next prediction ran where the weights lay: on the
+    CPU, with model offload on a GPU machine. (Sequential offload cannot run on a CPU.)"""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model")
+    generator = VideoGenerator(variant, pipe, CPU)
+    generator.lora_cache = LoraCache(tmp_path, 1 << 30, 1 << 30, 60)
+    placed = _offload_hooks(pipe)
+    base = _frames(generator)
+    with monkeypatch.context() as patch:
+        _raise_at_call(patch, LoraModel, "_replace_module", error, call=3)
+        with pytest.raises(_raised_for(error)):
+            _frames(generator, _url(loras, "a"))
+    during_steps = []
+    generator.on_step = lambda step, seconds: during_steps.append(_offload_hooks(pipe))
+    np.testing.assert_array_equal(_frames(generator), base)
+    assert during_steps == [placed, placed]
+
+
 @pytest.mark.parametrize(
     ("folder", "message"),
     [

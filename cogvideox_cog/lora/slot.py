@@ -1,9 +1,10 @@
 """Keeping exactly one LoRA (or none) on the transformer, as requests ask.
 
 Loading goes through diffusers (peft layers beside the frozen base weights, never merged into
-them), which also takes offload hooks off and puts them back; unloading restores the plain
-layers, so a prediction without a LoRA is the base model's exactly. A LoRA repeated by the
-next request stays loaded; only its scale is set again.
+them), which also takes offload hooks off and puts them back (after a load that succeeds;
+_offload_back does otherwise); unloading restores the plain layers, so a prediction without
+a LoRA is the base model's exactly. A LoRA repeated by the next request stays loaded; only
+its scale is set again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+from accelerate.hooks import CpuOffload
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..errors import LoraError
@@ -33,9 +36,11 @@ class LoraSlot:
         self.loaded: str | None = None  # the digest of the LoRA on the transformer
         self.trained_scale = 1.0  # its alpha / rank (alpha / sqrt(rank) for rsLoRA)
         self.trained_rule = "alpha/rank"
+        self.offload = _offload_policy(pipe)  # as configure_pipeline placed the weights
 
     def use(self, path: Path | None, scale: float) -> None:
         """Put the LoRA in `path` on the transformer at `scale` (None: no LoRA)."""
+        self._offload_back()
         if path is None:
             self.clear()
             return
@@ -55,6 +60,7 @@ class LoraSlot:
                 )
             except Exception as error:
                 self.clear()
+                self._offload_back()
                 raise LoraError(f"the LoRA could not be loaded: {error}") from error
             self.loaded = lora.digest
             self.trained_scale = lora.trained_scale
@@ -75,6 +81,21 @@ class LoraSlot:
             f"{self.trained_scale:.6g} = {scale * self.trained_scale:.6g}"
         )
 
+    def _offload_back(self) -> None:
+        """Offload as it was placed. diffusers takes the offload hooks off to load a LoRA and
+        puts them back only when the load succeeds: after a failed or canceled one, the next
+        prediction ran where the weights lay, on the CPU with model offload (diffusers puts
+        model offload back at the end of that prediction, sequential offload never)."""
+        modules = [c for c in self.pipe.components.values() if isinstance(c, torch.nn.Module)]
+        if self.offload is None or all(hasattr(module, "_hf_hook") for module in modules):
+            return
+        log.warning(f"lora: {self.offload} offload put back after a LoRA load cut short")
+        device = self.pipe._offload_device
+        if self.offload == "model":
+            self.pipe.enable_model_cpu_offload(device=device)
+        else:
+            self.pipe.enable_sequential_cpu_offload(device=device)
+
     def clear(self) -> None:
         """Back to the plain base layers (diffusers removes the peft layers entirely).
 
@@ -94,3 +115,12 @@ class LoraSlot:
             self.pipe.unload_lora_weights()
             if loaded is not None:
                 log.info(f"lora: unloaded {loaded[:12]}")
+
+
+def _offload_policy(pipe) -> str | None:
+    """The offload policy whose accelerate hooks are on the pipeline: model, sequential or
+    None."""
+    hook = getattr(pipe.transformer, "_hf_hook", None)
+    if hook is None:
+        return None
+    return "model" if isinstance(hook, CpuOffload) else "sequential"
