@@ -117,7 +117,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
         log.info(f"{source.name}: using cached {entry / name}")
         return entry / name, False, seen
     root.mkdir(parents=True, exist_ok=True)
-    with cache.locked(_lock(entry)):
+    with cache.entry_lock(entry):
         seen = _identity(entry)
         if seen is not None and _published(entry, name, source):
             return entry / name, False, seen
@@ -146,10 +146,6 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
     return entry / name, True, seen
 
 
-def _lock(entry: Path) -> Path:
-    return entry.parent / f".{entry.name}.lock"
-
-
 def _identity(entry: Path) -> tuple[int, int] | None:
     """Which copy the entry is: its marker's inode and mtime, None without one. A copy fetched
     again has the same marker text (same source, size and sha256), but a new file."""
@@ -163,7 +159,7 @@ def _identity(entry: Path) -> tuple[int, int] | None:
 def _discard_unchanged(entry: Path, seen: tuple[int, int] | None) -> None:
     """Discard the copy that failed to load, unless another process (a rank on another GPU)
     replaced it meanwhile: that one is a fresh download, and may be loading now."""
-    with cache.locked(_lock(entry)):
+    with cache.entry_lock(entry):
         if _identity(entry) == seen:
             cache.discard(entry)
 

@@ -134,7 +134,7 @@ def _keep_if_not_the_files(resolved: _Resolved, error: Exception) -> None:
 def _discard_unchanged(resolved: _Resolved) -> None:
     """Discard the entry that failed to load, unless another setup replaced it meanwhile."""
     assert resolved.entry is not None
-    with cache.locked(resolved.entry.parent / f".{resolved.entry.name}.lock"):
+    with cache.entry_lock(resolved.entry):
         try:
             marker = (resolved.entry / COMPLETE_MARKER).read_text()
         except OSError:
@@ -193,7 +193,7 @@ def _ensure(variant: Variant) -> _Resolved:
             f"set {cache.WEIGHTS_DIR_ENV} to a writable folder."
         )
     cache_root.mkdir(parents=True, exist_ok=True)
-    with cache.locked(cache_root / f".{entry.name}.lock"):
+    with cache.entry_lock(entry):
         root = cache.published(entry, keys, manifest, check, hashed, explain=True)
         if root is not None:
             log.info(f"weights: using {root}, completed by another process while we waited")

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path
@@ -283,6 +283,11 @@ def discard(path: Path) -> None:
     trash = path.with_name(f".{path.name.lstrip('.')}.trash-{os.getpid()}-{time.time_ns()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def entry_lock(entry: Path) -> AbstractContextManager[None]:
+    """locked() on the entry's lock file, beside it: the one every fetcher of it takes."""
+    return locked(entry.parent / f".{entry.name}.lock")
 
 
 @contextmanager

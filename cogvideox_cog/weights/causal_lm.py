@@ -68,7 +68,7 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
         log.info(f"prompt enhancer: using cached {root}")
         return root
     root_dir.mkdir(parents=True, exist_ok=True)
-    with cache.locked(root_dir / f".{entry.name}.lock"):
+    with cache.entry_lock(entry):
         root = cache.published(entry, [key], manifest, check, explain=True)
         if root is not None:
             return root
