@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -220,27 +221,31 @@ def test_setup_caches_the_file_and_reuses_it(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "postprocess").glob("*/x4.pth"))) == 1
 
 
-def test_a_renewed_presigned_url_reuses_the_cached_file_and_logs_no_signature(
-    tmp_path, monkeypatch, caplog
-):
-    """A presigned URL expires (S3's within 7 days); renewed, it names the same file."""
-    caplog.set_level(logging.INFO, logger="cogvideox_cog")
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+@pytest.fixture
+def x4_server(tmp_path) -> Iterator[FileServer]:
+    """A tiny Real-ESRGAN x4 file over loopback HTTP."""
     host = tmp_path / "host"
     host.mkdir()
     save_tiny_realesrgan(host / "x4.pth")
     server = FileServer(host)
-    try:
-        signed = server.url("x4.pth") + "?X-Amz-Expires=604800&X-Amz-Signature="
-        monkeypatch.setenv(UPSCALE_URL_ENV, signed + "sig-one")
-        load_model(_source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused"), _build_rrdbnet)
-        fetched = len(server.requests)
-        monkeypatch.setenv(UPSCALE_URL_ENV, signed + "sig-two")
-        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused")
-        assert load_model(source, _build_rrdbnet).scale == 4
-        assert len(server.requests) == fetched  # from the cache
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+def test_a_renewed_presigned_url_reuses_the_cached_file_and_logs_no_signature(
+    x4_server, tmp_path, monkeypatch, caplog
+):
+    """A presigned URL expires (S3's within 7 days); renewed, it names the same file."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    signed = x4_server.url("x4.pth") + "?X-Amz-Expires=604800&X-Amz-Signature="
+    monkeypatch.setenv(UPSCALE_URL_ENV, signed + "sig-one")
+    load_model(_source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused"), _build_rrdbnet)
+    fetched = len(x4_server.requests)
+    monkeypatch.setenv(UPSCALE_URL_ENV, signed + "sig-two")
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused")
+    assert load_model(source, _build_rrdbnet).scale == 4
+    assert len(x4_server.requests) == fetched  # from the cache
     [entry] = (tmp_path / "cache" / "postprocess").glob("real-esrgan-*")
     assert "X-Amz-Signature" not in (entry / COMPLETE_MARKER).read_text()
     assert "sig-one" not in caplog.text
@@ -260,33 +265,26 @@ def _failing_once(build):
 
 
 def test_a_rank_whose_cached_copy_failed_keeps_the_copy_another_rank_fetched_again(
-    tmp_path, monkeypatch
+    x4_server, tmp_path, monkeypatch
 ):
     """Several GPUs load the same cached file at once. Rank A finds it bad, discards it and
     fetches it again; rank B, which read the same bad copy, must leave A's new one alone: it
     would delete it (maybe while A reads it) and fetch the file once more."""
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
-    host = tmp_path / "host"
-    host.mkdir()
-    save_tiny_realesrgan(host / "x4.pth")
-    server = FileServer(host)
-    try:
-        monkeypatch.setenv(UPSCALE_URL_ENV, server.url("x4.pth"))
-        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
-        load_model(source, _build_rrdbnet)
-        one_fetch = len(server.requests)
-        rank_a = []
+    monkeypatch.setenv(UPSCALE_URL_ENV, x4_server.url("x4.pth"))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    one_fetch = len(x4_server.requests)
+    rank_a = []
 
-        def rank_b(state):
-            if not rank_a:  # rank A heals the cache while rank B reads the bad copy
-                rank_a.append(load_model(source, _failing_once(_build_rrdbnet)))
-                raise ValueError("bit rot")
-            return _build_rrdbnet(state)
+    def rank_b(state):
+        if not rank_a:  # rank A heals the cache while rank B reads the bad copy
+            rank_a.append(load_model(source, _failing_once(_build_rrdbnet)))
+            raise ValueError("bit rot")
+        return _build_rrdbnet(state)
 
-        assert load_model(source, rank_b).scale == 4
-        assert len(server.requests) == 2 * one_fetch  # rank A's fetch, and no other
-    finally:
-        server.stop()
+    assert load_model(source, rank_b).scale == 4
+    assert len(x4_server.requests) == 2 * one_fetch  # rank A's fetch, and no other
 
 
 def test_bad_weights_fail_setup_and_leave_nothing_cached(tmp_path, monkeypatch):

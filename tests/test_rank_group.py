@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -31,11 +33,12 @@ def _answer_after(conn, delay: float, answer, said_first: tuple = ()) -> None:
     time.sleep(30)  # stays alive, as a rank does between requests
 
 
+@contextmanager
 def _group_answering(
     answers: list[tuple[float, object]], rank_0_first: tuple = ()
-) -> group.RankGroup:
+) -> Iterator[group.RankGroup]:
     """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds; rank 0
-    first sends `rank_0_first` at once."""
+    first sends `rank_0_first` at once. Its processes are stopped on the way out."""
     context = multiprocessing.get_context("fork")
     ranks = group.RankGroup.__new__(group.RankGroup)
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
@@ -52,28 +55,26 @@ def _group_answering(
         ranks._conns.append(ours)
     ranks._inbox = group._Inbox(ranks._processes, ranks._conns, ranks._rank_ended)
     ranks._outbox = group._Outbox()
-    return ranks
+    try:
+        yield ranks
+    finally:
+        ranks.close(ask=False)
 
 
 def test_rank_0_working_alone_after_the_others_stopped_is_waited_for_past_the_bound():
     """Its decode and encode (a 4x upscaled video) can outlast the cancel bound; the others
     are out of every collective, so it is slow, not stuck."""
-    ranks = _group_answering([(3 * BOUND_S, Done(0, None)), (0.0, Canceled(1, 2))])
     outcomes = {}
-    try:
+    with _group_answering([(3 * BOUND_S, Done(0, None)), (0.0, Canceled(1, 2))]) as ranks:
         ranks._outcomes(outcomes, bound=BOUND_S)
-    finally:
-        ranks.close(ask=False)
     assert set(outcomes) == {0, 1} and ranks.failure is None
 
 
 def test_another_rank_late_past_the_bound_stops_the_group_as_stuck():
-    ranks = _group_answering([(0.0, Canceled(0, 2)), (30.0, Canceled(1, 2))])
-    try:
-        with pytest.raises(RankGroupError, match=r"ranks \[1\] did not finish within \d+ s: stuck"):
-            ranks._outcomes({}, bound=BOUND_S)
-    finally:
-        ranks.close(ask=False)
+    answers = [(0.0, Canceled(0, 2)), (30.0, Canceled(1, 2))]
+    stuck = r"ranks \[1\] did not finish within \d+ s: stuck"
+    with _group_answering(answers) as ranks, pytest.raises(RankGroupError, match=stuck):
+        ranks._outcomes({}, bound=BOUND_S)
     assert "stuck" in ranks.failure
 
 
@@ -82,24 +83,20 @@ def test_a_step_slower_than_the_bound_is_waited_for_after_a_cancel():
     bound: the ranks are at work, and stop when that step ends."""
     step = 3 * BOUND_S
     answers = [(step, Canceled(0, 1)), (step, Canceled(1, 1))]
-    ranks = _group_answering(answers, rank_0_first=(StepEnded(step),))
     outcomes = {}
-    try:
+    with _group_answering(answers, rank_0_first=(StepEnded(step),)) as ranks:
         ranks._outcomes(outcomes, bound=BOUND_S)
-    finally:
-        ranks.close(ask=False)
     assert set(outcomes) == {0, 1} and ranks.failure is None
 
 
 def test_ranks_silent_past_twice_their_longest_step_are_stuck():
-    ranks = _group_answering(
-        [(30.0, Canceled(0, 1)), (30.0, Canceled(1, 1))], rank_0_first=(StepEnded(BOUND_S),)
-    )
-    try:
-        with pytest.raises(RankGroupError, match=r"ranks \[0, 1\] did not finish"):
-            ranks._outcomes({}, bound=BOUND_S)
-    finally:
-        ranks.close(ask=False)
+    answers = [(30.0, Canceled(0, 1)), (30.0, Canceled(1, 1))]
+    stuck = r"ranks \[0, 1\] did not finish"
+    with (
+        _group_answering(answers, rank_0_first=(StepEnded(BOUND_S),)) as ranks,
+        pytest.raises(RankGroupError, match=stuck),
+    ):
+        ranks._outcomes({}, bound=BOUND_S)
     assert "stuck" in ranks.failure
 
 
@@ -110,12 +107,9 @@ def test_ranks_left_waiting_by_a_rank_that_failed_alone_are_reported_with_its_er
     prediction's error and the health check say which rank failed and why."""
     monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
     oom = Failed(0, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    ranks = _group_answering([(0.0, oom), (30.0, Canceled(1, 2))])
-    try:
-        with pytest.raises(RankGroupError) as stopped:
-            ranks._outcomes({})
-    finally:
-        ranks.close(ask=False)
+    answers = [(0.0, oom), (30.0, Canceled(1, 2))]
+    with _group_answering(answers) as ranks, pytest.raises(RankGroupError) as stopped:
+        ranks._outcomes({})
     said = "after rank 0 failed (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"
     assert said in str(stopped.value) and said in ranks.failure
     assert str(stopped.value).startswith("ranks [1] did not finish within")

@@ -1433,14 +1433,19 @@ def fake_pget(tmp_path, monkeypatch):
     return tmp_path / "pget.log"
 
 
+def _staging_for(cache: Path, url: str) -> Path:
+    """Where setup downloads cogvideox-5b's weights from `url` before publishing them."""
+    entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    return cache / f".{entry.name}.staging"
+
+
 def test_pget_is_used_when_present_and_its_result_is_verified(
     served, cache, tiny, fake_pget, monkeypatch
 ):
     url = served.url("model.tar")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
     # An earlier attempt's staging folder: pget would refuse it as its destination.
-    entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
-    staging = cache / f".{entry.name}.staging"
+    staging = _staging_for(cache, url)
     staging.mkdir(parents=True)
     (staging / "leftover").write_text("x")
     root = ensure_weights(VARIANT)
@@ -1469,8 +1474,7 @@ def test_an_earlier_pget_attempts_files_do_not_count_against_the_disk_check(
     """pget starts again from nothing: what a killed pget left is freed before the check."""
     url = served.url("model.tar")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
-    entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
-    staging = cache / f".{entry.name}.staging"
+    staging = _staging_for(cache, url)
     staging.mkdir(parents=True)
     with (staging / "half-written.safetensors").open("wb") as half:
         half.truncate(1 << 30)  # sparse: no real disk used
