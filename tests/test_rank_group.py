@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ import torch.multiprocessing as mp
 from cogvideox_cog.errors import LoraError, RankGroupError
 from cogvideox_cog.parallel import group
 from cogvideox_cog.parallel.protocol import Canceled, Done, Failed, StepEnded
-from cogvideox_cog.parallel.ranks import LoraFetchedOnce
+from cogvideox_cog.parallel.ranks import LoraFetchedOnce, rendezvous_store
 from tests.cog_server import free_port
 
 BOUND_S = 0.5
@@ -162,3 +164,37 @@ def test_a_cancel_that_came_after_the_video_was_done_says_so():
     assert group._where_stopped({0: Done(0, None), 1: Done(1, None)}) == (
         "after the video was done"
     )
+
+
+def _listening_on(port: int) -> list[str]:
+    """The local addresses (as Linux's /proc/net tables write them) of the sockets that
+    listen on `port`: "0100007F" is 127.0.0.1, all zeros is every interface."""
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addresses.append(address)
+    return addresses
+
+
+def test_the_ranks_rendezvous_listens_on_loopback_only():
+    """TCPStore's own server would take the port on every interface, where anyone on the
+    network could write the ranks' keys."""
+    store = rendezvous_store()
+    assert _listening_on(store.port) == ["0100007F"]
+
+
+def test_the_ranks_rendezvous_port_is_held_before_any_rank_starts():
+    """No other program can take it between choosing it and the ranks meeting on it."""
+    store = rendezvous_store()
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind(("127.0.0.1", store.port))
+
+
+def test_the_ranks_rendezvous_port_is_released_with_the_store():
+    store = rendezvous_store()
+    port = store.port
+    del store
+    assert _listening_on(port) == []

@@ -23,7 +23,6 @@ import logging
 import multiprocessing
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -79,12 +78,14 @@ class RankGroup:
         self._cancel = context.Event()
         self._processes: list[multiprocessing.Process] = []
         self._conns: list[Connection] = []
-        port = _free_port()
+        # Held here from the start, so that no other program can take the port before the
+        # ranks meet on it (as with a port picked, released, then bound by rank 0).
+        self._rendezvous = ranks.rendezvous_store()
         for rank in range(world_size):
             ours, theirs = context.Pipe()
             process = context.Process(
                 target=ranks.serve,
-                args=(rank, world_size, mode, port, theirs, self._cancel),
+                args=(rank, world_size, mode, self._rendezvous.port, theirs, self._cancel),
                 name=f"cogvideox-rank-{rank}",
             )
             process.start()
@@ -289,6 +290,7 @@ class RankGroup:
                 process.join()
         self._inbox.close()
         self._outbox.close()
+        self._rendezvous = None  # its server stops with the last reference
 
 
 class _StepClock:
@@ -365,12 +367,6 @@ def _exit_text(exited: RankExited) -> str:
     if code is not None and code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Handout:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pickle
+import socket
 import sys
 import threading
 from datetime import timedelta
@@ -48,6 +49,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
+RENDEZVOUS_HOST = "127.0.0.1"  # the ranks and the Cog process share one machine
 COLLECTIVE_TIMEOUT_FLOOR = timedelta(minutes=30)  # gloo's default
 COLLECTIVE_TIMEOUT_MARGIN = timedelta(minutes=5)  # rank 0's checks around the download
 
@@ -105,15 +107,10 @@ def _set_up(
         torch.cuda.set_device(device)
     else:  # N ranks share the machine's cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-    )
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
+        store=dist.TCPStore(RENDEZVOUS_HOST, port, is_master=False, timeout=collective_timeout()),
         rank=rank,
         world_size=world_size,
         device_id=device if cuda else None,
@@ -136,6 +133,25 @@ def _set_up(
         generator.on_postprocess_progress = OwnCancel(cancel)
         generator.on_step = ReportedSteps(generator.on_step, sender)
     return generator
+
+
+def rendezvous_store() -> dist.TCPStore:
+    """The store the ranks meet on (torch.distributed's rendezvous), served by the Cog
+    process from a socket bound here: on loopback only (TCPStore's own binds every
+    interface, open to the network) and from the start (picking a free port, releasing it
+    and binding it again in rank 0 let another program take it meanwhile). Its server lives
+    as long as the returned object, which owns the socket."""
+    listener = socket.socket()
+    listener.bind((RENDEZVOUS_HOST, 0))
+    listener.listen(socket.SOMAXCONN)
+    port = listener.getsockname()[1]
+    return dist.TCPStore(
+        RENDEZVOUS_HOST,
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
+    )
 
 
 def collective_timeout() -> timedelta:
