@@ -50,7 +50,7 @@ class ChatServer:
                 with peer._lock:
                     peer.requests.append({"path": self.path, "headers": headers, "body": raw})
                     fault = peer.fault
-                if self.path != "/v1/chat/completions":
+                if self.path.partition("?")[0] != "/v1/chat/completions":
                     self._send(404, b'{"error": {"message": "no such route"}}')
                 elif fault == "500":
                     self._send(500, b'{"error": {"message": "the model crashed"}}')

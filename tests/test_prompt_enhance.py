@@ -232,6 +232,14 @@ def test_an_endpoint_is_named_without_its_query_string(chat):
     assert "t0ken" not in rewriter.name and chat.base_url in rewriter.name
 
 
+def test_a_query_string_in_the_endpoint_url_stays_after_the_route(endpoint, chat):
+    """An Azure Function, say, takes its key as `?code=`: the route goes into the path."""
+    rewriter = EndpointRewriter(f"{chat.base_url}/?code=t0ken", "writer-1", None, timeout=0.5)
+    reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)
+    assert chat.requests[-1]["path"] == "/v1/chat/completions?code=t0ken"
+    assert reply.text == rewrite_of(PROMPT)
+
+
 # Checked with the other inputs
 
 

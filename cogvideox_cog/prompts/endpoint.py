@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from ..errors import EnhanceError
@@ -48,7 +49,7 @@ class EndpointRewriter:
     """One model behind an OpenAI-compatible endpoint; `api_key` may be None (no auth)."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = _chat_url(base_url)
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.name = f"{model} at {shown(base_url)}"  # in logs and errors: no query string
 
@@ -137,6 +138,14 @@ class EndpointRewriter:
             if stop.is_set():
                 return b""
         return raw
+
+
+def _chat_url(base_url: str) -> str:
+    """`base_url` with /chat/completions appended to its path: a query string (an Azure
+    Function's `?code=`, say) stays at the end, where it is read, not in front of the route."""
+    parts = urllib.parse.urlsplit(base_url)
+    path = parts.path.rstrip("/") + "/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path, fragment=""))
 
 
 def _redacted(text: str, api_key: str | None) -> str:
