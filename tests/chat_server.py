@@ -10,7 +10,9 @@ Python's recursion limit), "long" (a 12,000-character rewrite, max_tokens ignore
 "invisible" (zero-width spaces), "echo" (401 quoting the request's Authorization header);
 quoting it too: "echo-page" (a 200 whose body is an HTML error page, as a proxy's),
 "echo-json" (a 200 with an error instead of choices), "echo-late" (401, the quote straddling
-the 300th character, where our message cuts an error's text).
+the 300th character, where our message cuts an error's text); "refuse" (an apology where the
+caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "verbatim"
+(the user's prompt as it came, as a model that finds it detailed enough may answer).
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from typing import Any
 
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
-    "echo", "echo-page", "echo-json", "echo-late",
+    "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal",
+    "verbatim",
 )  # fmt: skip
+
+
+REFUSAL = "I'm sorry, but I can't help with that request."
 
 
 def rewrite_of(prompt: str) -> str:
@@ -117,8 +123,15 @@ class ChatServer:
             content = (rewrite_of(prompt) + " ") * 100
         elif fault == "invisible":
             content = "\u200b\u200b"
+        elif fault == "refuse":
+            content = REFUSAL
+        elif fault == "verbatim":
+            content = prompt
         if fault == "cut":
             content += " Then the cat turns its head toward the"
+        message = {"role": "assistant", "content": content}
+        if fault == "refusal":
+            message = {"role": "assistant", "content": None, "refusal": REFUSAL}
         return {
             "id": "chatcmpl-test",
             "object": "chat.completion",
@@ -127,7 +140,7 @@ class ChatServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
+                    "message": message,
                     "finish_reason": "length" if fault == "cut" else "stop",
                 }
             ],

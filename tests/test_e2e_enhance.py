@@ -97,6 +97,7 @@ def test_without_enhance_prompt_the_endpoint_is_not_asked(server, chat):
         ("500", "answered HTTP 500"),
         ("garbage", "something other than JSON"),
         ("empty", "answered with no text"),
+        ("refuse", "refused to rewrite the prompt"),
     ],
 )
 def test_a_failing_endpoint_fails_the_prediction_before_denoising(server, chat, fault, message):

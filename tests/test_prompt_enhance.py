@@ -29,7 +29,7 @@ from cogvideox_cog.prompts.local import LocalRewriter
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
-from tests.chat_server import ChatServer, rewrite_of
+from tests.chat_server import REFUSAL, ChatServer, rewrite_of
 from tests.file_server import FileServer
 
 PROMPT = "a cat playing piano"
@@ -176,6 +176,47 @@ def test_an_unusable_answer_is_the_endpoints_fault_not_the_users(endpoint, chat,
     chat.fault = fault
     with pytest.raises(EnhanceError, match=problem):
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+@pytest.mark.parametrize("fault", ["refuse", "refusal"])
+def test_a_refusal_fails_quoting_it_instead_of_becoming_the_prompt(endpoint, chat, fault):
+    """In the text, as chat models decline, or in OpenAI's `refusal` field."""
+    chat.fault = fault
+    with pytest.raises(EnhanceError, match="refused to rewrite the prompt") as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert REFUSAL in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        "Sorry-looking, a wet beagle sits on a porch as rain falls.",
+        "I-beams rise from a building site at dawn while a crane turns slowly.",
+        "A clown says I'm sorry with a sign, bowing as the crowd laughs.",
+    ],
+)
+def test_a_caption_with_an_apology_in_it_is_not_a_refusal(rewrite):
+    assert not enhance.is_refusal(rewrite)
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        "Sorry, but I can't create that video.",
+        "I apologize, but this request goes against my guidelines.",
+        "Unfortunately, I am not able to help with this.",
+        "I\u2019m unable to describe that scene.",
+        "As an AI, I do not make such content.",
+    ],
+)
+def test_the_usual_ways_of_declining_are_refusals(rewrite):
+    assert enhance.is_refusal(rewrite)
+
+
+def test_a_rewrite_that_opens_as_the_users_prompt_does_is_not_a_refusal(endpoint, chat):
+    chat.fault = "verbatim"
+    prompt = "I can't stop dancing: a girl in a red coat spins under a streetlight at night."
+    assert endpoint.enhance(prompt, task="t2v", seed=1, max_tokens=226) == prompt
 
 
 def test_an_error_that_quotes_the_key_does_not_show_it(endpoint, chat):

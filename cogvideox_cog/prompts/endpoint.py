@@ -15,7 +15,7 @@ import urllib.request
 
 from ..errors import EnhanceError
 from ..weights.download import DeadlineExceeded, shown, with_deadline
-from .rewriter import Reply
+from .rewriter import Reply, refused
 
 ERROR_BODY_CHARS = 300  # of an endpoint's error answer, in our message
 BASE_URL_ENV = "COGVIDEOX_ENHANCE_BASE_URL"  # where the endpoint is (read in enhance.py)
@@ -70,7 +70,11 @@ class EndpointRewriter:
         try:
             answer = _choice(self._post(body, key), key)
             message = answer.get("message")
-            text = message.get("content") if isinstance(message, dict) else None
+            message = message if isinstance(message, dict) else {}
+            refusal = message.get("refusal")  # OpenAI's, in place of the content
+            if isinstance(refusal, str) and refusal.strip():
+                raise EnhanceError(refused(self.name, refusal))
+            text = message.get("content")
             if not isinstance(text, str) or not text.strip():
                 reason = answer.get("finish_reason")
                 raise EnhanceError(f"{self.name} answered with no text (finish_reason {reason!r})")

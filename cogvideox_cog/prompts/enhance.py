@@ -29,7 +29,7 @@ from ..weights.causal_lm import ensure_causal_lm, source_problem
 from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
 from .instruction import messages
 from .local import WEIGHTS_ENV, LocalRewriter
-from .rewriter import Rewriter
+from .rewriter import Rewriter, refused
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ API_KEY_ENV = "COGVIDEOX_ENHANCE_API_KEY"
 TIMEOUT_ENV = "COGVIDEOX_ENHANCE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
 LOGGED_CHARS = 300  # of the rewrite in its log line; the metric holds all of it
+# How a chat model declines, where the caption should begin. A caption starts with the scene,
+# never like this, so the video is not made from the apology.
+_REFUSAL = re.compile(
+    r"(I['\u2019]m|I am) (sorry|unable|not able)\b"
+    r"|I apologi[sz]e\b"
+    r"|(Sorry|Unfortunately)\b[^.!?]{0,20}\bI\b"
+    r"|I (can['\u2019]t|cannot|can not|won['\u2019]t|will not)\b"
+    r"|As an AI\b"
+)
 
 
 class PromptEnhancer:
@@ -77,6 +86,8 @@ class PromptEnhancer:
             )
         if is_blank(text):
             raise EnhanceError(f"{self.rewriter.name} gave an empty rewrite")
+        if is_refusal(text) and not is_refusal(tidy(prompt)):  # not the user's own words
+            raise EnhanceError(refused(self.rewriter.name, text))
         if len(text) > MAX_PROMPT_CHARS:
             raise EnhanceError(
                 f"{self.rewriter.name} gave a rewrite of {len(text):,} characters, over the "
@@ -93,6 +104,11 @@ class PromptEnhancer:
         record("enhanced_prompt", text)
         record("enhance_seconds", round(seconds, 3))
         return text
+
+
+def is_refusal(text: str) -> bool:
+    """Whether a tidied rewrite opens as a refusal ("I'm sorry, but I can't ...")."""
+    return _REFUSAL.match(text) is not None
 
 
 def tidy(text: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+REFUSAL_CHARS = 300  # of a refusal, in the error that quotes it
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -24,3 +26,14 @@ class Rewriter(Protocol):
     def rewrite(
         self, chat: list[dict[str, str]], *, seed: int, max_tokens: int, api_key: str | None
     ) -> Reply: ...
+
+
+def refused(name: str, refusal: str) -> str:
+    """The error for a model that declined to rewrite: its words, and what the user can do."""
+    refusal = " ".join(refusal.split())
+    if len(refusal) > REFUSAL_CHARS:
+        refusal = refusal[:REFUSAL_CHARS] + "..."
+    return (
+        f"{name} refused to rewrite the prompt: {refusal!r}. Rephrase the prompt, or send "
+        f"enhance_prompt=false to make the video from it as it is."
+    )
