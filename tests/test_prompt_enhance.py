@@ -5,6 +5,7 @@ random Qwen2 fetched through the weights cache, and the rewrite's bounds."""
 from __future__ import annotations
 
 import tarfile
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.devtools.tiny_llm import CHAT_TEMPLATE, build_tiny_tokenizer, save_tiny_causal_lm
 from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputError
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.prompts import enhance
 from cogvideox_cog.prompts.endpoint import BASE_URL_ENV, EndpointRewriter
@@ -29,6 +31,7 @@ from cogvideox_cog.prompts.local import LocalRewriter
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
+from cogvideox_cog.weights.download import stop_waiting_when
 from tests.chat_server import REFUSAL, ChatServer, rewrite_of
 from tests.file_server import FileServer
 
@@ -442,3 +445,12 @@ def test_the_local_rewrite_stops_at_the_token_cap(local):
     reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
     assert reply.cut
     assert len(rewriter.tokenizer(reply.text, add_special_tokens=False).input_ids) <= 5
+
+
+def test_a_ranks_cancel_stops_the_local_rewrite_at_the_next_token(local):
+    """On a rank a cancel is a flag no exception carries: the rewrite checks it after each
+    token, as the endpoint's wait does, instead of running on to its cap or its timeout."""
+    canceled = threading.Event()
+    canceled.set()
+    with stop_waiting_when(OwnCancel(canceled)), pytest.raises(StepCanceled):
+        local.rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)

@@ -16,9 +16,16 @@ from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from ..errors import ConfigError, EnhanceError
+from ..weights.download import waiting_check
 from .instruction import messages
 from .rewriter import Reply
 
@@ -83,12 +90,14 @@ class LocalRewriter:
         inputs = self.tokenizer.apply_chat_template(
             chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        check = waiting_check()
         started = time.monotonic()
         with self._on_device(), torch.inference_mode():
             output = self.model.generate(
                 **{k: v.to(self.device) for k, v in inputs.items()},
                 max_new_tokens=max_tokens,
                 max_time=self.timeout,
+                stopping_criteria=StoppingCriteriaList([_Checked(check)] if check else []),
             )
         new = output[0, inputs["input_ids"].shape[1] :].tolist()
         finished = bool(new) and new[-1] in _ids(self.model.generation_config.eos_token_id)
@@ -108,6 +117,19 @@ class LocalRewriter:
         finally:
             self.model.to("cpu")
             torch.cuda.empty_cache()
+
+
+class _Checked(StoppingCriteria):
+    """A rank's cancel check after each token: its cancel is a flag that no exception carries,
+    so without this the rewrite would run on to its cap or timeout while the other ranks, and
+    the worker waiting for them to stop, wait."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.check()  # raises to stop
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _check_chat_template(tokenizer, name: str) -> None:

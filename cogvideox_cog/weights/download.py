@@ -791,6 +791,12 @@ def stop_waiting_when(check: Callable[[], None]) -> Iterator[None]:
         _waiting.check = previous
 
 
+def waiting_check() -> Callable[[], None] | None:
+    """The check stop_waiting_when set in this thread, if any: for work that waits otherwise
+    than through with_deadline (a local model's generate loop)."""
+    return getattr(_waiting, "check", None)
+
+
 def with_deadline(work: Callable[[threading.Event], object], seconds: float, name: str):
     """work(cancelled) in a thread; DeadlineExceeded once it runs past `seconds`.
 
