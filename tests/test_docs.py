@@ -238,6 +238,56 @@ def test_the_docs_run_models_with_cog_run_not_the_deprecated_cog_predict():
     assert not problems, _report(problems)
 
 
+# `cog run` gives setup() 300 s (its --setup-timeout default), then gives up. A first run
+# downloads 20+ GB in setup(); with pget, which resumes nothing, every retry starts again from
+# byte 0. So every `cog run` a page shows for copying says how long setup may take.
+COG_SETUP_TIMEOUT_S = 300
+_COG_RUN = re.compile(r"\bcog\s+(?:-f\s+\S+\s+)?run\b(.*)")
+_SETUP_TIMEOUT = re.compile(r"--setup-timeout[\s=](\d+)")
+
+
+def code_commands(markdown: str) -> list[tuple[int, str]]:
+    """(first line, command) of each command in the fenced code blocks, with its backslash
+    continuations joined; comment lines are not commands."""
+    commands: list[tuple[int, str]] = []
+    fence, pending = None, None
+    for number, line in enumerate(markdown.split("\n"), 1):
+        marker = _FENCE.match(line)
+        if fence is None or (marker and marker[1][0] == fence[0] and len(marker[1]) >= len(fence)):
+            fence = marker[1] if fence is None and marker else None
+            pending = None
+            continue
+        if pending is None and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        first, text = pending or (number, "")
+        text += line.rstrip().removesuffix("\\")
+        pending = (first, text + " ") if line.rstrip().endswith("\\") else None
+        if pending is None:
+            commands.append((first, text.strip()))
+    return commands
+
+
+def short_setup_commands(source: Path, root: Path = ROOT) -> list[Problem]:
+    """Every `cog run` in a page's code blocks that leaves setup Cog's default 300 s."""
+    problems = []
+    for number, command in code_commands(source.read_text(encoding="utf-8")):
+        match = _COG_RUN.search(command)
+        if not match:
+            continue
+        timeout = _SETUP_TIMEOUT.search(match[1])
+        if not timeout or int(timeout[1]) <= COG_SETUP_TIMEOUT_S:
+            where = f"{source.relative_to(root)}:{number}"
+            why = "a first run downloads the weights: give --setup-timeout 3600"
+            problems.append(Problem("cog", where, command[:60], why))
+    return problems
+
+
+def test_every_cog_run_in_the_docs_gives_setup_time_to_download_the_weights():
+    pages = [p for p in doc_files() if p.name != "CHANGELOG.md"]
+    problems = [p for page in pages for p in short_setup_commands(page)]
+    assert not problems, _report(problems)
+
+
 # The inputs tables against the predictors' declarations.
 
 INPUT_TABLES = ("docs/inputs.md", "README.md")
@@ -444,6 +494,18 @@ def test_cog_predict_is_reported_in_prose_and_code_but_cog_run_is_not(tmp_path):
     [page] = _tree(tmp_path, {"page.md": text})
     problems = deprecated_cog_commands(page, tmp_path)
     assert [p.where for p in problems] == ["page.md:1", "page.md:3"]
+
+
+def test_a_cog_run_without_a_long_setup_timeout_is_reported_in_code_but_not_in_prose(tmp_path):
+    text = (
+        "Run `cog run -i x=1`.\n```bash\n# cog run in a comment\ncog run -i x=1\n"
+        "cog -f cog-i2v.yaml run \\\n  --setup-timeout 300 -i x=1\n"
+        "cog run --setup-timeout 3600 -i x=1\ncog -f cog-v2v.yaml run --setup-timeout=900 \\\n"
+        "  -i x=1\n```\n"
+    )
+    [page] = _tree(tmp_path, {"page.md": text})
+    problems = short_setup_commands(page, tmp_path)
+    assert [p.where for p in problems] == ["page.md:4", "page.md:5"]
 
 
 def test_a_paragraph_written_right_under_a_table_is_reported(tmp_path):
