@@ -1,17 +1,29 @@
 """Every manifest under deploy/ validates against the Kubernetes schemas, strictly (an unknown
-or misspelt field is an error), with kubernetes-validate's bundled schemas: no network."""
+or misspelt field is an error), with kubernetes-validate's bundled schemas: no network.
+
+The deployment examples (the manifests, and the `docker run` with a health check in
+docs/operations.md) agree with the code: the COGVIDEOX_* names they set are settings, the
+weights cache they name is on the volume they mount, and each probe is given longer than the
+probe command waits for Cog.
+"""
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import itertools
+import re
+import shlex
+from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from cogvideox_cog.health import CHECKS
+from cogvideox_cog import settings
+from cogvideox_cog.health import CHECKS, TIMEOUT_S
+from cogvideox_cog.weights.cache import WEIGHTS_DIR_ENV
 from tests.conftest import PROJECT
+from tests.test_docs import code_commands
 
 KUBERNETES_VERSION = "1.33.0"
 MANIFESTS = sorted((PROJECT / "deploy").rglob("*.yaml"))
@@ -65,3 +77,102 @@ def test_the_deployment_probes_run_the_health_command_and_allow_cogs_stop_time()
         mounts = {m["name"] for m in container["volumeMounts"]}
         claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         assert mounts & claims, "the weights cache is not on a persistent volume"
+
+
+# In a Cog image the project is /src, so the cache is /src/weights unless the setting moves it.
+IMAGE_WEIGHTS_DIR = PurePosixPath("/src/weights")
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+
+
+def _setting_problems(names: list[str]) -> list[str]:
+    """COGVIDEOX_* names that are not settings: setup only warns, and the value is ignored."""
+    return [
+        f"{name} is not a setting: it would be ignored"
+        for name in names
+        if name.startswith(settings.PREFIX) and name not in settings.NAMES
+    ]
+
+
+def _cache_problems(cache: str | None, volumes: list[str]) -> list[str]:
+    folder = PurePosixPath(cache) if cache else IMAGE_WEIGHTS_DIR
+    mounts = [PurePosixPath(v) for v in volumes]
+    if any(folder == m or m in folder.parents for m in mounts):
+        return []
+    return [f"{WEIGHTS_DIR_ENV}: the cache {folder} is on no volume: each container downloads"]
+
+
+def deployment_problems(deployment: dict) -> list[str]:
+    """What in a Deployment disagrees with the code (see the module docstring)."""
+    pod = deployment["spec"]["template"]["spec"]
+    claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+    problems = []
+    for container in pod["containers"]:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        problems += _setting_problems(list(env))
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in claims]
+        problems += _cache_problems(env.get(WEIGHTS_DIR_ENV), mounts)
+        for probe in PROBES:
+            seconds = container.get(probe, {}).get("timeoutSeconds", 1)  # Kubernetes' default
+            if probe in container and seconds <= TIMEOUT_S:
+                problems.append(
+                    f"{probe}: timeoutSeconds {seconds} cuts short the probe's {TIMEOUT_S:g} s wait"
+                )
+    return problems
+
+
+def docker_run_problems(command: str) -> list[str]:
+    """The same checks for a `docker run` command line."""
+    words = shlex.split(command)
+
+    def values(flag: str) -> list[str]:
+        return [value for word, value in itertools.pairwise(words) if word == flag]
+
+    env = dict(v.partition("=")[::2] for v in values("-e"))
+    problems = _setting_problems(list(env))
+    problems += _cache_problems(env.get(WEIGHTS_DIR_ENV), [v.split(":")[1] for v in values("-v")])
+    for timeout in values("--health-timeout"):
+        if float(timeout.removesuffix("s")) <= TIMEOUT_S:
+            problems.append(f"--health-timeout {timeout} cuts short the probe's {TIMEOUT_S:g} s")
+    return problems
+
+
+def _deployments() -> list[dict]:
+    return [r for path in MANIFESTS for r in _resources(path) if r["kind"] == "Deployment"]
+
+
+def test_the_deployments_keep_the_cache_on_their_volume_and_wait_for_the_probe():
+    problems = [p for deployment in _deployments() for p in deployment_problems(deployment)]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_deployment_whose_cache_is_off_its_volume_or_probe_too_short_is_reported():
+    broken = copy.deepcopy(_deployments()[0])
+    (container,) = broken["spec"]["template"]["spec"]["containers"]
+    container["volumeMounts"][0]["mountPath"] = "/cache"
+    container["livenessProbe"]["timeoutSeconds"] = 5
+    container["env"].append({"name": "COGVIDEOX_OFLOAD", "value": "none"})
+    assert [p.split(" ")[0] for p in deployment_problems(broken)] == [
+        "COGVIDEOX_OFLOAD",
+        "COGVIDEOX_WEIGHTS_DIR:",
+        "livenessProbe:",
+    ]
+
+
+def operations_docker_runs() -> list[str]:
+    commands = code_commands((PROJECT / "docs" / "operations.md").read_text())
+    return [c for _, c in commands if re.match(r"docker run\b.*--health-cmd", c)]
+
+
+def test_the_documented_docker_run_keeps_the_cache_on_its_volume_and_waits_for_the_probe():
+    runs = operations_docker_runs()
+    assert runs, "no docker run with --health-cmd in docs/operations.md"
+    problems = [p for run in runs for p in docker_run_problems(run)]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_docker_run_without_the_cache_on_its_volume_is_reported():
+    command = "docker run -v /srv/w:/weights -e COGVIDEOX_WEIGHTS_DIR=/data --health-timeout 10s x"
+    assert [p.split(" ")[0] for p in docker_run_problems(command)] == [
+        "COGVIDEOX_WEIGHTS_DIR:",
+        "--health-timeout",
+    ]
