@@ -17,9 +17,10 @@ Cog commands: no page but the changelog says `cog predict`, which Cog 0.20 depre
 `cog run`.
 
 Inputs: every input a predictor declares has a row in docs/inputs.md's table, and every row of
-an inputs table (there and in README.md: a table whose first header cell is `input`) names a
-declared input and states its bounds (`ge`-`le`, or `ge` to `le`) and choices. The predictors
-are read as source, as `cog build` reads them, so torch is not imported.
+an inputs table (on any page: a table whose first header cell is `input`) names a declared
+input and states its bounds (`ge`-`le`, or `ge` to `le`), choices and, in a `default` column,
+its literal default. The predictors are read as source, as `cog build` reads them, so torch is
+not imported.
 """
 
 from __future__ import annotations
@@ -290,7 +291,12 @@ def test_every_cog_run_in_the_docs_gives_setup_time_to_download_the_weights():
 
 # The inputs tables against the predictors' declarations.
 
-INPUT_TABLES = ("docs/inputs.md", "README.md")
+# Every page with a table headed `input`: found, not listed, so a new one is checked too.
+INPUT_TABLES = tuple(
+    p.relative_to(ROOT).as_posix()
+    for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    if re.search(r"^ {0,3}\|\s*input\s*\|", p.read_text(encoding="utf-8"), re.MULTILINE)
+)
 _INPUT_HEADER = re.compile(r"^ {0,3}\|\s*input\s*\|")
 _INPUT_NAME = re.compile(r"`([a-z_]+)`")
 
@@ -305,11 +311,13 @@ def declared_inputs(sources: list[str]) -> dict[str, dict]:
             arguments = node.args.args[len(node.args.args) - len(node.args.defaults) :]
             for argument, default in zip(arguments, node.args.defaults, strict=True):
                 if isinstance(default, ast.Call) and getattr(default.func, "id", "") == "Input":
-                    declared[argument.arg] = {
-                        k.arg: ast.literal_eval(k.value)
-                        for k in default.keywords
-                        if k.arg in ("ge", "le", "choices")
-                    }
+                    rules = declared.setdefault(argument.arg, {})
+                    for keyword in default.keywords:
+                        if keyword.arg in ("ge", "le", "choices"):
+                            rules[keyword.arg] = ast.literal_eval(keyword.value)
+                        elif keyword.arg == "default":  # per predictor: prompt's differs
+                            value = ast.literal_eval(keyword.value)
+                            rules.setdefault("defaults", []).append(value)
     return declared
 
 
@@ -317,18 +325,37 @@ def predictor_inputs(root: Path = ROOT) -> dict[str, dict]:
     return declared_inputs([p.read_text() for p in sorted(root.glob("predict_*.py"))])
 
 
+def _cells(row: str) -> list[str]:
+    return [cell.strip() for cell in _CELL_BORDER.split(row.strip().strip("|"))]
+
+
 def input_rows(markdown: str) -> dict[str, str]:
     """Input name -> its row, from every table whose first header cell is `input`."""
-    rows: dict[str, str] = {}
-    in_table = False
+    return {name: row for name, (row, _) in _input_table_rows(markdown).items()}
+
+
+def input_default_cells(markdown: str) -> dict[str, str]:
+    """Input name -> its row's `default` cell, in the input tables that have that column."""
+    return {
+        name: _cells(row)[column]
+        for name, (row, column) in _input_table_rows(markdown).items()
+        if column is not None
+    }
+
+
+def _input_table_rows(markdown: str) -> dict[str, tuple[str, int | None]]:
+    rows: dict[str, tuple[str, int | None]] = {}
+    in_table, column = False, None
     for line, visible in zip(markdown.split("\n"), prose(markdown).split("\n"), strict=True):
         if _INPUT_HEADER.match(visible):
             in_table = True
+            headers = _cells(line)
+            column = headers.index("default") if "default" in headers else None
         elif not visible.strip():
             in_table = False
         elif in_table and not _TABLE_DELIMITER.match(visible):
-            first_cell = line.strip().removeprefix("|").split("|")[0]
-            rows.update((name, line) for name in _INPUT_NAME.findall(first_cell))
+            first_cell = _cells(line)[0]
+            rows.update((name, (line, column)) for name in _INPUT_NAME.findall(first_cell))
     return rows
 
 
@@ -358,6 +385,35 @@ def choice_problems(declared: dict[str, dict], rows: dict[str, str]) -> list[str
     ]
 
 
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+
+
+def _written(value) -> str:
+    """A default as a table writes it: `false`, `""`, `none`, 6 (or 6.0), 0.8."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return _number(value)
+
+
+def _states(cell: str, value) -> bool:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return any(float(number) == value for number in _NUMBER.findall(cell))
+    return re.search(rf"(?<!\w){re.escape(_written(value))}(?!\w)", cell) is not None
+
+
+def default_problems(declared: dict[str, dict], cells: dict[str, str]) -> list[str]:
+    """Default cells that leave out a literal default a predictor declares. An input whose
+    default is None (the variant's, a random seed, empty) is described in words, not checked."""
+    return [
+        f"{name}: the default cell does not say {_written(value)}: {cell}"
+        for name, cell in cells.items()
+        for value in dict.fromkeys(declared.get(name, {}).get("defaults", []))
+        if value is not None and not _states(cell, value)
+    ]
+
+
 def _input_rows_of(page: str) -> dict[str, str]:
     return input_rows((ROOT / page).read_text(encoding="utf-8"))
 
@@ -382,6 +438,17 @@ def test_every_input_row_states_the_bounds_the_predictors_declare(page):
 @pytest.mark.parametrize("page", INPUT_TABLES)
 def test_every_input_row_lists_the_choices_the_predictors_declare(page):
     problems = choice_problems(predictor_inputs(), _input_rows_of(page))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_input_tables_are_found_on_every_page_that_has_one():
+    assert {"README.md", "docs/inputs.md", "docs/lora.md"} <= set(INPUT_TABLES)
+
+
+@pytest.mark.parametrize("page", INPUT_TABLES)
+def test_every_input_row_states_the_defaults_the_predictors_declare(page):
+    cells = input_default_cells((ROOT / page).read_text(encoding="utf-8"))
+    problems = default_problems(predictor_inputs(), cells)
     assert not problems, "\n".join(problems)
 
 
@@ -534,13 +601,23 @@ class Predictor:
 """
 
 
-def test_inputs_are_read_from_the_predictor_source_with_their_bounds_and_choices():
+def test_inputs_are_read_from_the_predictor_source_with_their_bounds_choices_and_defaults():
     assert declared_inputs([_PREDICTOR]) == {
-        "steps": {"ge": 1, "le": 500},
-        "scale": {"ge": -1.0, "le": 0.5},
-        "mode": {"choices": ["slow", "fast"]},
+        "steps": {"ge": 1, "le": 500, "defaults": [50]},
+        "scale": {"ge": -1.0, "le": 0.5, "defaults": [0.0]},
+        "mode": {"choices": ["slow", "fast"], "defaults": ["slow"]},
         "prompt": {},
     }
+
+
+def test_an_input_row_with_another_default_is_reported():
+    table = (
+        "| input | type | default |\n|---|---|---|\n| `steps` | int 1-500 | 500 |\n"
+        "| `scale` | float | 0.0 |\n| `mode` | `slow`, `fast` | `fast` |\n"
+        "| `prompt` | string | required |\n"
+    )
+    problems = default_problems(declared_inputs([_PREDICTOR]), input_default_cells(table))
+    assert [p.split(":")[0] for p in problems] == ["steps", "mode"]
 
 
 def test_an_input_row_with_other_bounds_is_reported():
