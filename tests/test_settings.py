@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cogvideox_cog import settings
+from cogvideox_cog import postprocess, settings
 from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
 from cogvideox_cog.errors import ConfigError
 from cogvideox_cog.generator import VideoGenerator
@@ -17,8 +17,16 @@ from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
 from cogvideox_cog.parallel.gpus import gpus_from_env, start_generator
 from cogvideox_cog.pipeline import COMPILE_ENV, OFFLOAD_ENV, VAE_TILING_ENV
+from cogvideox_cog.prompts import enhance
 from cogvideox_cog.variants import MODEL_ENV, VARIANTS
-from cogvideox_cog.weights import WEIGHTS_URL_ENV, cache, download, ensure_weights, weights_root
+from cogvideox_cog.weights import (
+    WEIGHTS_URL_ENV,
+    cache,
+    content_check,
+    download,
+    ensure_weights,
+    weights_root,
+)
 
 SECONDS = [
     (download.TIMEOUT_ENV, download.timeout_s),
@@ -92,6 +100,63 @@ def test_spaces_around_a_cache_folder_are_not_part_of_its_name(monkeypatch, tmp_
 def documented_settings() -> list[str]:
     table = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     return re.findall(r"^\| `(COGVIDEOX_[A-Z0-9_]+)` \|", table, flags=re.MULTILINE)
+
+
+def documented_defaults() -> list[tuple[str, str, str]]:
+    """(page, setting, default) for each settings row of docs/*.md whose `default` cell holds
+    code: the span's text. configuration.md lists them all; other pages repeat some."""
+    found = []
+    for page in sorted((Path(__file__).parent.parent / "docs").glob("*.md")):
+        rows = re.findall(
+            r"^\| `(COGVIDEOX_[A-Z0-9_]+)` \| ([^|]*) \|", page.read_text(), flags=re.MULTILINE
+        )
+        for name, cell in rows:
+            if span := re.search(r"`([^`]*)`", cell):
+                found.append((page.name, name, span[1]))
+    return found
+
+
+def _lora(field: str):
+    return lambda: getattr(lora_store.LoraCache.from_env(), field)
+
+
+def _seconds(text: str) -> float:
+    return float(text)
+
+
+def _size(text: str) -> int:
+    return settings.parse_size(text, "the docs")
+
+
+def _on(text: str) -> bool:
+    return text == "1"
+
+
+# What each setting is when unset, read by the code that uses it, and how its docs cell reads.
+READ_WHEN_UNSET = [
+    (download.TIMEOUT_ENV, download.timeout_s, _seconds),
+    (download.CONNECTIONS_ENV, download.connections, int),
+    (fetch.TIMEOUT_ENV, fetch.timeout_s, _seconds),
+    (fetch.MAX_SIZE_ENV, fetch.max_bytes, _size),
+    (lora_store.TIMEOUT_ENV, lora_store.timeout_s, _seconds),
+    (lora_store.MAX_SIZE_ENV, _lora("max_file_bytes"), _size),
+    (lora_store.CACHE_SIZE_ENV, _lora("max_cache_bytes"), _size),
+    (enhance.TIMEOUT_ENV, enhance._timeout, _seconds),
+    (cache.CHECK_ENV, content_check, str),
+    (cache.FSYNC_ENV, cache.durable, _on),
+    (postprocess.UPSCALE_ENV, lambda: postprocess._enabled(postprocess.UPSCALE_ENV), _on),
+    (postprocess.INTERPOLATE_ENV, lambda: postprocess._enabled(postprocess.INTERPOLATE_ENV), _on),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "read", "parse"), READ_WHEN_UNSET, ids=[env for env, _, _ in READ_WHEN_UNSET]
+)
+def test_the_documented_default_is_what_the_code_reads_when_unset(monkeypatch, env, read, parse):
+    monkeypatch.delenv(env, raising=False)
+    documented = [(page, parse(text)) for page, name, text in documented_defaults() if name == env]
+    assert "configuration.md" in {page for page, _ in documented}
+    assert documented == [(page, read()) for page, _ in documented]
 
 
 def test_every_setting_left_blank_is_its_default(monkeypatch, tiny_weights, tmp_path):
