@@ -452,6 +452,23 @@ def test_every_input_row_states_the_defaults_the_predictors_declare(page):
     assert not problems, "\n".join(problems)
 
 
+def undocumented_modules(markdown: str, package: Path) -> list[str]:
+    """Modules of `package` whose file name the page's code blocks (its map) do not mention."""
+    code = "\n".join(c for _, c in code_commands(markdown))
+    return [
+        path.relative_to(package).as_posix()
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "__init__.py"
+        and not re.search(rf"(?<![\w.]){re.escape(path.name)}(?!\w)", code)
+    ]
+
+
+def test_the_architecture_map_names_every_module_of_the_package():
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = undocumented_modules(page, ROOT / "cogvideox_cog")
+    assert not missing, f"not in docs/architecture.md's map: {missing}"
+
+
 def test_the_readme_stays_a_short_read():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move details to docs/"
@@ -573,6 +590,14 @@ def test_a_cog_run_without_a_long_setup_timeout_is_reported_in_code_but_not_in_p
     [page] = _tree(tmp_path, {"page.md": text})
     problems = short_setup_commands(page, tmp_path)
     assert [p.where for p in problems] == ["page.md:4", "page.md:5"]
+
+
+def test_a_module_missing_from_the_map_is_reported(tmp_path):
+    _tree(
+        tmp_path, {"pkg/a.py": "", "pkg/sub/b.py": "", "pkg/sub/__init__.py": "", "pkg/ab.py": ""}
+    )
+    page = "`ab.py` in prose\n```\npkg/\n  a.py  the first\n  sub/  b.py (the second)\n```\n"
+    assert undocumented_modules(page, tmp_path / "pkg") == ["ab.py"]
 
 
 def test_a_paragraph_written_right_under_a_table_is_reported(tmp_path):
