@@ -452,6 +452,69 @@ def test_every_input_row_states_the_defaults_the_predictors_declare(page):
     assert not problems, "\n".join(problems)
 
 
+# The README's variants table against cogvideox_cog.variants (no torch in that module).
+_DTYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16"}
+_VARIANT_ID = re.compile(r"`([a-z0-9_.-]+)`")
+
+
+def variant_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """Variant id -> {header: cell} from the table whose first header cell is
+    `COGVIDEOX_MODEL`."""
+    rows: dict[str, dict[str, str]] = {}
+    headers: list[str] | None = None
+    for line, visible in zip(markdown.split("\n"), prose(markdown).split("\n"), strict=True):
+        cells = _cells(line) if "|" in visible else []
+        if cells and cells[0] == "`COGVIDEOX_MODEL`":
+            headers = cells
+        elif headers is None or _TABLE_DELIMITER.match(visible):
+            continue
+        elif not cells:
+            headers = None
+        else:
+            rows[_VARIANT_ID.findall(cells[0])[0]] = dict(zip(headers, cells, strict=True))
+    return rows
+
+
+def variant_problems(rows: dict[str, dict[str, str]], variants: dict) -> list[str]:
+    """Rows that say otherwise than the variant's definition, and variants without a row."""
+    problems = [f"{v}: no row" for v in variants if v not in rows]
+    for name, row in rows.items():
+        variant = variants.get(name)
+        if variant is None:
+            problems.append(f"{name}: no such variant")
+            continue
+        expected = {
+            "predictor": variant.task,
+            "fps": str(variant.fps),
+            "dtype": _DTYPE_NAMES[variant.dtype],
+            "dynamic CFG": "on" if variant.dynamic_cfg else "off",
+        }
+        problems += [
+            f"{name}: {column} says {row.get(column)!r}, the variant {value!r}"
+            for column, value in expected.items()
+            if row.get(column) != value
+        ]
+        frames, cell = f"{variant.frame_step}N+1, up to {variant.max_frames}", row.get("frames", "")
+        if not cell.startswith(frames):
+            problems.append(f"{name}: frames says {cell!r}, not {frames}")
+        if (
+            variant.default_frames != variant.max_frames
+            and f"({variant.default_frames})" not in cell
+        ):
+            problems.append(f"{name}: frames does not give the default {variant.default_frames}")
+        if not row.get("scheduler", "").lower().startswith(variant.scheduler):
+            problems.append(f"{name}: scheduler says {row.get('scheduler')!r}")
+    return problems
+
+
+def test_the_readmes_variants_table_says_what_each_variant_runs_with():
+    from cogvideox_cog.variants import VARIANTS
+
+    rows = variant_rows((ROOT / "README.md").read_text(encoding="utf-8"))
+    problems = variant_problems(rows, VARIANTS)
+    assert not problems, "\n".join(problems)
+
+
 def undocumented_modules(markdown: str, package: Path) -> list[str]:
     """Modules of `package` whose file name the page's code blocks (its map) do not mention."""
     code = "\n".join(c for _, c in code_commands(markdown))
@@ -590,6 +653,25 @@ def test_a_cog_run_without_a_long_setup_timeout_is_reported_in_code_but_not_in_p
     [page] = _tree(tmp_path, {"page.md": text})
     problems = short_setup_commands(page, tmp_path)
     assert [p.where for p in problems] == ["page.md:4", "page.md:5"]
+
+
+def test_a_variant_row_that_differs_from_the_variant_is_reported():
+    from cogvideox_cog.variants import VARIANTS
+
+    table = (
+        "| `COGVIDEOX_MODEL` | predictor | frames | fps | dtype | scheduler | dynamic CFG |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| `cogvideox-2b` | t2v | 8N+1, up to 49 | 8 | bf16 | DDIM | off |\n"
+        "| `cogvideox1.5-5b` | t2v | 16N+1, up to 161 | 16 | bf16 | DPM | on |\n"
+    )
+    problems = variant_problems(variant_rows(table), VARIANTS)
+    assert [p.split(":")[0] for p in problems] == [
+        "cogvideox-5b",
+        "cogvideox-5b-i2v",
+        "cogvideox1.5-5b-i2v",
+        "cogvideox-2b",
+        "cogvideox1.5-5b",
+    ]
 
 
 def test_a_module_missing_from_the_map_is_reported(tmp_path):
