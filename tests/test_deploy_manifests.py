@@ -158,6 +158,37 @@ def test_a_deployment_whose_cache_is_off_its_volume_or_probe_too_short_is_report
     ]
 
 
+def service_link_problems(resources: list[dict]) -> list[str]:
+    """Services whose link variables (NAME_SERVICE_HOST, NAME_PORT, ...: Kubernetes sets them
+    in every pod of the namespace unless its spec says enableServiceLinks: false) would start
+    with COGVIDEOX_, which setup then warns about as unknown settings."""
+    linked = [
+        r["metadata"]["name"]
+        for r in resources
+        if r["kind"] == "Deployment"
+        and r["spec"]["template"]["spec"].get("enableServiceLinks", True)
+    ]
+    return [
+        f"{deployment}: Service {name} sets {variable}_SERVICE_HOST, ..."
+        for deployment in linked
+        for name in (r["metadata"]["name"] for r in resources if r["kind"] == "Service")
+        if (variable := name.upper().replace("-", "_")).startswith(settings.PREFIX)
+    ]
+
+
+def test_no_service_gives_the_pods_variables_that_look_like_settings():
+    problems = [p for path in MANIFESTS for p in service_link_problems(_resources(path))]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_service_whose_link_variables_look_like_settings_is_reported():
+    resources = copy.deepcopy(_resources(MANIFESTS[0]))
+    for resource in resources:
+        if resource["kind"] == "Deployment":
+            resource["spec"]["template"]["spec"].pop("enableServiceLinks", None)
+    assert [p.split(" ")[2] for p in service_link_problems(resources)] == ["cogvideox-5b"]
+
+
 def operations_docker_runs() -> list[str]:
     commands = code_commands((PROJECT / "docs" / "operations.md").read_text())
     return [c for _, c in commands if re.match(r"docker run\b.*--health-cmd", c)]
