@@ -49,12 +49,13 @@ def folder_from_env(env: str, default: os.PathLike | str) -> Path:
     return Path(setting(env) or default)
 
 
-def seconds_from_env(env: str, default: float) -> float:
-    """A positive number of seconds from `env`, else a ConfigError naming it."""
+def seconds_from_env(env: str, default: float, most: float = math.inf) -> float:
+    """A positive number of seconds (at most `most`) from `env`, else a ConfigError naming it."""
     raw = setting(env, f"{default:g}")
     seconds = float(raw) if _SECONDS.fullmatch(raw) else math.nan
-    if not 0 < seconds < math.inf:
-        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0")
+    if not 0 < seconds < math.inf or seconds > most:
+        limit = f" and at most {most:g}" if most < math.inf else ""
+        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0{limit}")
     return seconds
 
 

@@ -32,6 +32,7 @@ SECONDS = [
     (download.TIMEOUT_ENV, download.timeout_s),
     (fetch.TIMEOUT_ENV, fetch.timeout_s),
     (lora_store.TIMEOUT_ENV, lora_store.timeout_s),
+    (enhance.TIMEOUT_ENV, enhance._timeout),
 ]
 
 
@@ -51,6 +52,14 @@ def test_an_unset_or_empty_timeout_is_the_default_and_a_given_one_is_taken(monke
     default = read()
     monkeypatch.setenv(env, " 2.5 ")
     assert default > 0 and read() == 2.5
+
+
+def test_a_prompt_rewrite_may_take_at_most_600_seconds(monkeypatch):
+    monkeypatch.setenv(enhance.TIMEOUT_ENV, "600")
+    assert enhance._timeout() == 600
+    monkeypatch.setenv(enhance.TIMEOUT_ENV, "601")
+    with pytest.raises(ConfigError, match=f"{enhance.TIMEOUT_ENV}='601': .* at most 600"):
+        enhance._timeout()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "65", "1_6", "+2", "\uff18"])

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError, EnhanceError
 from ..inputs import MAX_PROMPT_CHARS, is_blank
-from ..settings import setting
+from ..settings import seconds_from_env, setting
 from ..weights import download
 from ..weights.causal_lm import ensure_causal_lm, source_problem
 from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
@@ -43,6 +43,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 API_KEY_ENV = "COGVIDEOX_ENHANCE_API_KEY"
 TIMEOUT_ENV = "COGVIDEOX_ENHANCE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 600.0
 LOGGED_CHARS = 300  # of the rewrite in its log line; the metric holds all of it
 # How a chat model declines, where the caption should begin. A caption starts with the scene,
 # never like this, so the video is not made from the apology.
@@ -211,11 +212,4 @@ def _has_credentials(url: str) -> bool:
 
 
 def _timeout() -> float:
-    raw = setting(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
-    try:
-        timeout = float(raw)
-    except ValueError:
-        timeout = 0.0
-    if not 0 < timeout <= 600:
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: give seconds, above 0 and at most 600.")
-    return timeout
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, most=MAX_TIMEOUT_S)
