@@ -1577,3 +1577,29 @@ def test_a_compressed_tar_is_refused_saying_so(tiny, tmp_path, cache, monkeypatc
     with pytest.raises(BadSource, match=rf"is {name}-compressed, not a plain tar.*Decompress"):
         ensure_weights(VARIANT)
     assert _nothing_published(cache)
+
+
+def _documented_command(page: str, heading: str) -> str:
+    """The first bash block under `heading` in docs/`page`, as a user would paste it."""
+    text = (PROJECT / "docs" / page).read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_documented_pre_seeding_command_fills_the_volume_and_shows_progress(tiny, tmp_path):
+    """A 20 GB download takes minutes: the command must say how it goes, not sit silent."""
+    volume = tmp_path / "volume"
+    command = _documented_command("weights.md", "## Pre-seeding a volume")
+    command = command.replace("/srv/cogvideox-weights", str(volume))
+    command = command.replace(".venv/bin/python", sys.executable)
+    source = _tar(tmp_path / "weights.tar", tiny)  # in place of the public tar
+    env = {**os.environ, weights.WEIGHTS_URL_ENV: str(source)}
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    entry = Path(done.stdout.strip().splitlines()[-1])
+    assert entry.parent == volume and (entry / weights.COMPLETE_MARKER).is_file()
+    assert "weights: fetching cogvideox-5b from" in done.stdout
+    assert "weights: cogvideox-5b ready in" in done.stdout
