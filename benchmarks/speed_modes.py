@@ -2,8 +2,8 @@
 
 One pipeline is built (full size with random weights, or the tiny test model) and configured
 by the predictor's own code; every mode then renders the same request with the same seed
-through `VideoGenerator.render` (the prediction minus the mp4 encode, which does not depend on
-the mode), in rotating order, `--repeats` times. Reported per mode:
+through `VideoGenerator.render_frames` (the prediction minus the mp4 encode, which does not
+depend on the mode), in rotating order, `--repeats` times. Reported per mode:
 
 - seconds (median over repeats) and the ratio to "default", measured in this one run;
 - work counted with forward hooks on the pipeline's own modules: the batch rows each block's
@@ -85,31 +85,41 @@ WARM_UP_STEPS = 10
 
 
 class WorkCounter:
-    """Batch rows through each block's attention and through the transformer, per render."""
+    """Batch rows through the blocks' attention (all blocks together) and through the
+    transformer, per render.
+
+    A compiled block traces the hooks inside it, and dynamo compiles the block again for
+    any Python value a hook reads that differs between blocks: each block's index, or a
+    running count. So the attention rows add up in a tensor on the model's device, which the
+    compiled block takes as an input like its weights; otherwise each block compiled anew,
+    and past dynamo's recompile limit (8; 5B has 42 blocks) the rest ran uncompiled, so
+    `--compile` timed something the predictors never run."""
 
     def __init__(self, transformer):
-        self.attention_rows = [0] * len(transformer.transformer_blocks)
+        self.blocks = len(transformer.transformer_blocks)
+        self._attention_rows = torch.zeros((), dtype=torch.int64, device=transformer.device)
         self.transformer_rows = 0
         self.tokens = None
         self.handles = [
-            block.attn1.to_q.register_forward_pre_hook(self._attention(i))
-            for i, block in enumerate(transformer.transformer_blocks)
+            block.attn1.to_q.register_forward_pre_hook(self._attention)
+            for block in transformer.transformer_blocks
         ]
         # Inside the transformer's forward, after FasterCache has dropped a reused half.
         self.handles.append(transformer.patch_embed.register_forward_pre_hook(self._transformer))
 
-    def _attention(self, index: int):
-        def hook(module, args):
-            self.attention_rows[index] += args[0].shape[0]
-            self.tokens = args[0].shape[1]
+    @property
+    def attention_rows(self) -> int:
+        return int(self._attention_rows)
 
-        return hook
+    def _attention(self, module, args):
+        self._attention_rows.add_(args[0].shape[0])
+        self.tokens = args[0].shape[1]
 
     def _transformer(self, module, args):
         self.transformer_rows += args[0].shape[0]  # the text embeddings, one row per branch
 
     def reset(self) -> None:
-        self.attention_rows = [0] * len(self.attention_rows)
+        self._attention_rows.zero_()
         self.transformer_rows = 0
 
     def remove(self) -> None:
@@ -123,8 +133,7 @@ class WorkCounter:
         n = tokens or self.tokens
         attention = 8 * n * width**2 + 4 * n**2 * width
         feed_forward = 16 * n * width**2
-        blocks = len(self.attention_rows)
-        return sum(self.attention_rows) * attention + self.transformer_rows * blocks * feed_forward
+        return self.attention_rows * attention + self.transformer_rows * self.blocks * feed_forward
 
 
 def medium_components(variant, device: torch.device, dtype: torch.dtype) -> dict:
@@ -204,7 +213,7 @@ class Renderer:
         self.peaks: dict[str, float] = {}
 
     def render(self, mode: str, steps: int):
-        """Seconds, the frames, and the work: (attention rows per block, transformer rows,
+        """Seconds, the frames, and the work: (attention rows of all blocks, transformer rows,
         FLOPs at this run's size, FLOPs at full size)."""
         request = Request(**request_fields(PROMPT, self.frames, steps, 42, speed_mode=mode))
         self.counter.reset()
@@ -219,7 +228,7 @@ class Renderer:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.peaks[mode] = max(self.peaks.get(mode, 0.0), peak)
         work = (
-            list(self.counter.attention_rows),
+            self.counter.attention_rows,
             self.counter.transformer_rows,
             self.counter.compute(self.width),
             self.counter.compute(self.full_width, self.full_tokens),
@@ -280,8 +289,8 @@ def compare_with_default(mode: str, seconds, outputs, work, reference, peaks) ->
         "seconds": seconds[mode],
         "median_s": statistics.median(seconds[mode]),
         "speedup": statistics.median(seconds["default"]) / statistics.median(seconds[mode]),
-        "attention_rows": sum(attention_rows),
-        "attention_rows_fraction": sum(attention_rows) / sum(work["default"][0]),
+        "attention_rows": attention_rows,
+        "attention_rows_fraction": attention_rows / work["default"][0],
         "transformer_rows": transformer_rows,
         "transformer_rows_fraction": transformer_rows / work["default"][1],
         "projected_compute_fraction": flops / work["default"][2],

@@ -152,6 +152,44 @@ def test_speed_modes_writes_each_timed_render_before_the_next_one(tmp_path, monk
     assert [r["mode"] for r in final["results"]] == ["faster", "default"]
 
 
+def _graphs_of_one_compiled_render(count_work: bool) -> tuple[int, int | None]:
+    """(graphs dynamo built, attention rows counted) for one render of a freshly compiled
+    tiny transformer, with speed_modes.py's work counter on it or not."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from benchmarks import speed_modes
+    from cogvideox_cog.generator import Request, VideoGenerator
+    from cogvideox_cog.pipeline import PIPELINES, compile_transformer, configure_pipeline
+    from cogvideox_cog.variants import VARIANTS
+    from tests.markers import GUARDS_BACKEND
+
+    variant, cpu = VARIANTS["cogvideox-5b"], torch.device("cpu")
+    components = pipeline_speed.tiny_components(variant, cpu, torch.float32)
+    pipe = configure_pipeline(PIPELINES["t2v"](**components), variant, cpu, "none")
+    compile_transformer(pipe.transformer, GUARDS_BACKEND)
+    counter = speed_modes.WorkCounter(pipe.transformer) if count_work else None
+    request = Request(**speed_modes.request_fields("a cat", 9, 2, 42))
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    try:
+        VideoGenerator(variant, pipe, cpu).render_frames(request)
+        return counters["stats"]["unique_graphs"] - before, counter and counter.attention_rows
+    finally:
+        torch._dynamo.reset()
+
+
+def test_speed_modes_work_counter_makes_a_compiled_transformer_compile_nothing_more():
+    """--compile measures the blocks as the predictors compile them: one graph for every
+    block. A counting hook that reads a Python value differing between blocks (the block's
+    index, a running count) makes dynamo compile the block again for each, and past its
+    recompile limit (8; 5B has 42 blocks) run the rest uncompiled."""
+    graphs, _ = _graphs_of_one_compiled_render(count_work=False)
+    counted_graphs, rows = _graphs_of_one_compiled_render(count_work=True)
+    assert counted_graphs == graphs
+    assert rows == 2 * 2 * 2  # 2 blocks, 2 steps, a guidance batch of 2
+
+
 def test_speed_modes_medium_model_renders_at_its_own_size(tmp_path):
     from benchmarks import speed_modes
 
