@@ -7,9 +7,10 @@ Each start is meant to be its own process with its own empty TORCHINDUCTOR_CACHE
 container has; gpu_run.sh does this), so "warm" can only find what the compile cache file
 holds. A start builds the random-weight models (pipeline_speed's full or tiny components),
 configures them as setup does (regional compile where compiled), runs setup's warm-up with the
-compile cache (compile_cache.warm_up_with_cache; uncompiled starts skip it, as setup does),
-then renders one request of --steps steps. Writes DIR/compile-<variant>-<size>-<start>.json:
-first with the setup figures alone ("render_s": null), then whole once the render is done.
+compile cache (compile_cache.warm_up_with_cache; uncompiled starts skip it, as setup does,
+and a cold one saves it without loading what an earlier start left), then renders one
+request of --steps steps. Writes DIR/compile-<variant>-<size>-<start>.json: first with the
+setup figures alone ("render_s": null), then whole once the render is done.
 With --profile-steps N, N more transformer steps at the request's shape run under the profiler
 (step_profile.py's classes): DIR/profile-<variant>-<size>-<start>.json and .txt, the profile
 of the step exactly as that start runs it (compiled, for cold and warm).
@@ -86,7 +87,11 @@ def start(args, device: torch.device) -> tuple[VideoGenerator, dict]:
         generator.warm_up_renders = lambda: renders
     if args.start != "uncompiled":
         compile_transformer(pipe.transformer)  # what configure_pipeline(compiled=True) does
-        compiled = compile_cache.warm_up_with_cache(generator, args.weights or args.out / "weights")
+        # Cold compiles from nothing even where an earlier start (a rerun with the same
+        # --weights, as gpu_run.sh's SCRATCH is) left a compile cache.
+        compiled = compile_cache.warm_up_with_cache(
+            generator, args.weights or args.out / "weights", load_saved=args.start == "warm"
+        )
     synchronize(device)
     ready = time.perf_counter()
     times = {

@@ -152,9 +152,11 @@ def compiled_graphs() -> int:
     return counters["inductor"]["fxgraph_cache_miss"]
 
 
-def warm_up_with_cache(generator, weights_root: Path) -> int:
+def warm_up_with_cache(generator, weights_root: Path, load_saved: bool = True) -> int:
     """generator.warm_up() with the compile cache: load it first; save it if the warm-up had
-    to compile anything. Returns the number of graphs compiled (0: all were loaded)."""
+    to compile anything. Returns the number of graphs compiled (0: all were loaded).
+    load_saved: False compiles whatever the folder holds, and saves (a benchmark's cold
+    start, which a file left by an earlier start would make a warm one)."""
     key = cache_key(
         generator.device,
         generator.variant.id,
@@ -165,7 +167,11 @@ def warm_up_with_cache(generator, weights_root: Path) -> int:
         offload=generator.offload,
     )
     path = artifact_path(weights_root, key)
-    loaded = load(path, key)
+    if load_saved:
+        loaded = load(path, key)
+    else:
+        log.info(f"compile cache: compiling from nothing; {path.name} is not loaded")
+        loaded = False
     before = compiled_graphs()
     generator.warm_up()
     compiled = compiled_graphs() - before

@@ -431,6 +431,35 @@ def test_projected_times_are_summary_records_marked_not_measured(tmp_path):
     assert seconds["faster", True] < seconds["fast", True] < seconds["default", True]
 
 
+@needs_cpp_compiler
+def test_compile_setup_cold_start_does_not_load_a_compile_cache_left_in_its_folder(
+    tmp_path, caplog
+):
+    """A cold start measures compiling from nothing. A compile cache an earlier start left in
+    the same --weights folder (gpu_run.sh keeps its SCRATCH over split calls) made it a warm
+    start, recorded as cold."""
+    import logging
+
+    import torch
+
+    from benchmarks import compile_setup
+
+    argv = ["--start", "cold", "--size", "tiny", "--warm-up-renders", "0"]
+    args = compile_setup.parse_args(
+        [*argv, "--weights", str(tmp_path / "w"), "--out", str(tmp_path)]
+    )
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))  # something to save
+        compile_setup.start(args, torch.device("cpu"))
+        assert list((tmp_path / "w" / "compile-cache").iterdir())
+        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+            compile_setup.start(args, torch.device("cpu"))
+    finally:
+        torch._dynamo.reset()
+    assert "compiling from nothing" in caplog.text
+    assert "compile cache: loaded" not in caplog.text
+
+
 def test_summary_skips_a_compiled_start_stopped_before_its_render(tmp_path):
     """compile_setup.py writes its setup figures before rendering: a start stopped by the time
     limit leaves that file, which has no total for the summary."""
