@@ -214,6 +214,23 @@ def test_a_song_with_cover_art_is_refused_as_having_no_video_track(tmp_path):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_a_clip_whose_title_is_not_utf8_is_read(tmp_path):
+    """Older cameras and tools write tags in Latin-1: 'café' as caf\\xe9."""
+    path = tmp_path / "titled.mp4"
+    with av.open(str(path), "w") as container:
+        container.metadata["title"] = "cafe\u00e9"
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(10):
+            rgb = np.full((48, 64, 3), 100, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    data = path.read_bytes()
+    assert data.count("cafe\u00e9".encode()) == 1
+    path.write_bytes(data.replace("cafe\u00e9".encode(), b"cafe\xe9 "))  # same length
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+
+
 # Saturated colours tell the matrices apart (by up to 25 of 255 levels); greys do not.
 PATCHES = [(200, 30, 30), (30, 180, 40), (40, 60, 220), (250, 220, 20)]
 

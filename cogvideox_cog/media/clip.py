@@ -111,7 +111,9 @@ def load_video(
 
 def _open(path: Path | str):
     try:
-        return av.open(str(path), options={"format_whitelist": DEMUXERS})
+        # Tags are not used; a title in Latin-1, as older cameras and tools write it, would
+        # otherwise fail the whole clip on PyAV's strict UTF-8 decoding of them.
+        return av.open(str(path), options={"format_whitelist": DEMUXERS}, metadata_errors="replace")
     except (FileNotFoundError, IsADirectoryError) as error:
         raise InputError(
             f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
