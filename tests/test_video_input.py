@@ -214,6 +214,15 @@ def test_a_song_with_cover_art_is_refused_as_having_no_video_track(tmp_path):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_a_clip_in_a_codec_without_a_decoder_is_refused_asking_for_h264(tmp_path):
+    """FFmpeg has no decoder for some cameras' raw formats (Blackmagic RAW: 'braw')."""
+    data = Path(_write_clip(tmp_path / "clip.mov", frames=10, fps=8)).read_bytes()
+    assert data.count(b"avc1") == 1  # the sample entry's format
+    (tmp_path / "raw.mov").write_bytes(data.replace(b"avc1", b"braw"))
+    with pytest.raises(InputError, match=r"cannot be decoded here; re-encode it as H\.264"):
+        load_video(tmp_path / "raw.mov", num_frames=9, fps=8, height=H, width=W)
+
+
 def test_a_clip_whose_title_is_not_utf8_is_read(tmp_path):
     """Older cameras and tools write tags in Latin-1: 'café' as caf\\xe9."""
     path = tmp_path / "titled.mp4"

@@ -163,6 +163,11 @@ def _checked_stream(container, num_frames: int, fps: int):
         cover = " (only a cover picture)" if container.streams.video else ""
         raise InputError(f"video has no video track{cover}; send an {FORMATS} file.")
     stream = tracks[0]
+    if stream.codec_context is None:  # a codec FFmpeg does not know, e.g. a camera's raw
+        raise InputError(
+            f"video is coded in a format that cannot be decoded here; re-encode it as H.264 "
+            f"(or send another {FORMATS} file)."
+        )
     stream.thread_type = "AUTO"
     source_width, source_height = stream.codec_context.width, stream.codec_context.height
     if source_width * source_height > MAX_VIDEO_PIXELS:
