@@ -76,6 +76,25 @@ def test_a_clip_that_lasts_exactly_long_enough_is_taken(tmp_path):
     assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
 
 
+def test_a_last_frame_held_for_seconds_counts_for_as_long_as_it_is_shown(tmp_path):
+    """Screen recordings and GIFs hold a frame until the picture changes: here 10 frames at
+    10 fps, then the eleventh for 3 s, 4 s in all, as the track's header says."""
+    path = tmp_path / "screen.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.max_b_frames = 0  # the held frame's packet is muxed last
+        for index in range(11):
+            rgb = np.full((48, 64, 3), 5 * index, np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = index
+            for packet in [*stream.encode(frame), *(stream.encode() if index == 10 else [])]:
+                packet.duration = 30 if packet.pts == 10 else 1
+                container.mux(packet)
+    clip = load_video(path, num_frames=17, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+    assert _levels(clip) == [0, 1, 2, 3, 5, 6, 7, 8] + [10] * 9
+
+
 def test_a_too_short_clip_is_refused_with_the_frames_it_can_give(tmp_path):
     path = _write_clip(tmp_path / "clip.mp4", frames=20, fps=8)  # 2.5 s
     with pytest.raises(InputError, match=r"too short.*need at least 6.00 s.*num_frames=17"):

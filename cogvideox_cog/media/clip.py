@@ -79,18 +79,18 @@ def load_video(
             upright = _rgb(frame, rotations[-1], sdr=convert_colour and bool(conversions[-1]))
             return fit_image(upright, height, width)
 
-        picked, decoded, start, last_time, damage = _pick_frames(
+        picked, decoded, start, end, damage = _pick_frames(
             container, stream, targets, source_rate, prepare
         )
         header_seconds = _header_duration(container, stream)
     if len(picked) < num_frames:
-        _refuse_short(stream, decoded, start, last_time, damage, num_frames, fps, allowed_frames)
+        _refuse_short(stream, decoded, start, end, damage, num_frames, fps, allowed_frames)
     source_width, source_height = stream.codec_context.width, stream.codec_context.height
     rotation = rotations[0]
     if rotation in (90, 270):
         source_width, source_height = source_height, source_width
     turned = f", turned {rotation} degrees as its display matrix says" if rotation else ""
-    shown = header_seconds if header_seconds is not None else last_time - start
+    shown = header_seconds if header_seconds is not None else end - start
     rate = f"{source_rate:g} fps" if source_rate else "variable fps"
     summary = (
         f"video: {shown:.1f} s at {rate}, {decoded} frames decoded -> {num_frames} frames at "
@@ -192,16 +192,13 @@ def _checked_stream(container, num_frames: int, fps: int):
     return stream
 
 
-def _refuse_short(
-    stream, decoded, start, last_time, damage, num_frames, fps, allowed_frames
-) -> None:
+def _refuse_short(stream, decoded, start, end, damage, num_frames, fps, allowed_frames) -> None:
     """Fewer frames than asked for: a damaged file, or a clip too short (say which)."""
     if decoded == 0:
         raise InputError(f"video has no frames that could be decoded; send an {FORMATS} file.")
     source_rate = float(stream.average_rate) if stream.average_rate else None
-    # The clip shows its last frame until last_time plus one source frame.
     frame_time = 1 / source_rate if source_rate else 0.0
-    span = last_time - start + frame_time
+    span = end - start
     # Frames missing that the video track's header promises: a cut-off upload, not a
     # short clip (the container's duration may be an audio track's, so not that).
     promised = _track_duration(stream)
@@ -220,13 +217,13 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
     (once per frame, so only model-sized pictures are held, not full source frames); decoding
     stops when done.
 
-    Returns (frames picked, frames decoded, time of the first frame, time of the last decoded,
-    the decoding error that stopped it early or None).
+    Returns (frames picked, frames decoded, time of the first frame, time the last decoded
+    one leaves the screen, the decoding error that stopped it early or None).
     """
     picked: list[Image.Image] = []
     damage: str | None = None
     decoded = 0
-    start = last_time = 0.0
+    start = last_time = last_shown = 0.0
     previous: av.VideoFrame | None = None
     previous_image: Image.Image | None = None
 
@@ -258,6 +255,7 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
                 else:
                     break
             previous, previous_image, last_time = frame, None, time + start
+            last_shown = _on_screen(frame, source_rate)
             if len(picked) == len(targets):
                 break
     except av.error.FFmpegError as error:
@@ -268,12 +266,20 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
         log.warning(f"video: decoding stopped after {decoded} frames: {error}")
         damage = str(error)
     if previous is not None and len(picked) < len(targets):
-        # The last decoded frame is on screen for one source frame after its time.
+        # The last decoded frame stays on screen for its duration after its time.
         # A target at the very end of the clip (a 1 s clip for 9 frames at 8 fps) takes it too.
-        end = last_time - start + (1 / source_rate if source_rate else 0.0)
+        end = last_time - start + last_shown
         while len(picked) < len(targets) and targets[len(picked)] < end + _EPSILON:
             picked.append(shown())
-    return picked, decoded, start, last_time, damage
+    return picked, decoded, start, last_time + last_shown, damage
+
+
+def _on_screen(frame: av.VideoFrame, source_rate: float | None) -> float:
+    """Seconds the frame stays on screen: its own duration where the file gives one (a GIF
+    often holds its last frame for seconds), else one frame at the clip's average rate."""
+    if frame.duration and frame.time_base:
+        return float(frame.duration * frame.time_base)
+    return 1 / source_rate if source_rate else 0.0
 
 
 def _too_short(decoded: int, span: float, num_frames: int, fps: int, allowed: range | None) -> str:
