@@ -146,6 +146,41 @@ def test_a_huge_frame_is_refused_before_decoding(tmp_path, monkeypatch):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def _write_growing_clip(path, width: int, height: int) -> str:
+    """An MJPEG clip whose header and first 2 frames are 64x48, and whose other 18 frames are
+    width x height: each JPEG gives its own size."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        larger = av.CodecContext.create("mjpeg", "w")
+        larger.width, larger.height, larger.pix_fmt = width, height, "yuvj420p"
+        larger.time_base = Fraction(1, 8)
+        for index in range(20):
+            encoder = stream if index < 2 else larger
+            rgb = np.full((encoder.height, encoder.width, 3), 100, np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+            frame.pts, frame.time_base = index, Fraction(1, 8)
+            for packet in encoder.encode(frame):
+                packet.stream, packet.pts, packet.dts = stream, index, index
+                container.mux(packet)
+    return str(path)
+
+
+def test_a_frame_over_the_limit_after_a_small_first_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_input, "MAX_VIDEO_PIXELS", 64 * 48)
+    path = _write_growing_clip(tmp_path / "grows.mkv", width=72, height=48)
+    with pytest.raises(InputError, match=r"frame 3 is 72x48 .*, larger than its first"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
+def test_a_frame_far_over_the_limit_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """A JPEG may declare up to 65535x65535 (13 GB of RGB) in a few megabytes."""
+    monkeypatch.setattr(video_input, "MAX_VIDEO_PIXELS", 64 * 48)
+    path = _write_growing_clip(tmp_path / "bomb.mkv", width=640, height=480)
+    with pytest.raises(InputError, match=r"frame 3 is far larger than its first"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
 def test_a_clip_longer_than_4_to_1_is_refused_as_images_are(tmp_path):
     """Its centre crop at the model's shape would be a sliver stretched over the frame."""
     path = _write_clip(tmp_path / "strip.mp4", frames=12, fps=8, width=256, height=16)

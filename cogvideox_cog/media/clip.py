@@ -169,6 +169,10 @@ def _checked_stream(container, num_frames: int, fps: int):
             f"(or send another {FORMATS} file)."
         )
     stream.thread_type = "AUTO"
+    # The header gives the first frame's size, but a stream may change size at any keyframe.
+    # The decoder refuses a far larger frame before it allocates it (twice the limit leaves
+    # room for the padding it adds to each row), _pick_frames one over the limit.
+    stream.codec_context.options = {"max_pixels": str(2 * MAX_VIDEO_PIXELS)}
     source_width, source_height = stream.codec_context.width, stream.codec_context.height
     if source_width * source_height > MAX_VIDEO_PIXELS:
         raise InputError(
@@ -242,6 +246,12 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
             if decoded == 0:
                 start = time
             decoded += 1
+            if frame.width * frame.height > MAX_VIDEO_PIXELS:
+                raise InputError(
+                    f"video's frame {decoded} is {frame.width}x{frame.height} "
+                    f"({frame.width * frame.height / 1e6:.0f} MP), larger than its first; the "
+                    f"limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it first."
+                )
             if decoded > MAX_DECODED_FRAMES:
                 raise InputError(
                     f"video needs more than {MAX_DECODED_FRAMES} decoded frames to cover "
@@ -262,6 +272,12 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
         if decoded == 0:
             raise InputError(
                 f"video could not be decoded ({error}); send an {FORMATS} file."
+            ) from error
+        if error.errno == errno.EINVAL:  # max_pixels, or a size no decoder takes
+            raise InputError(
+                f"video's frame {decoded + 1} is far larger than its first, or of an invalid "
+                f"size; the limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it "
+                f"first."
             ) from error
         log.warning(f"video: decoding stopped after {decoded} frames: {error}")
         damage = str(error)
