@@ -39,6 +39,22 @@ def test_exif_orientation_is_applied():
     assert opened.size == (40, 60)
 
 
+def test_exif_orientation_is_applied_when_another_tag_has_an_unexpected_type():
+    """Pillow cannot write back a WhitePoint (a rational) stored as text, as some cameras and
+    editors store such tags; only the orientation is read here, so the photo still opens."""
+    entries = [
+        struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0),  # Orientation, a short: 6
+        struct.pack("<HHI", 0x013E, 2, 4) + b"Cam\x00",  # WhitePoint, as ASCII
+    ]
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, len(entries))
+    exif += b"".join(entries) + struct.pack("<I", 0)
+    landscape = Image.new("RGB", (60, 40))
+    landscape.paste((255, 255, 255), (0, 0, 15, 40))  # white on the left
+    opened = open_image(_encode(landscape, "JPEG", exif=exif, quality=95))
+    rows = np.asarray(opened).mean(axis=(1, 2))
+    assert opened.size == (40, 60) and rows[:10].min() > 200 and rows[20:].max() < 50
+
+
 def test_transparent_pixels_become_white():
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     opened = open_image(_encode(rgba, "PNG"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 from .colour import BT709_TRANSFERS, SRGB_TRANSFER, is_d65, still_primaries_to_srgb
@@ -81,7 +81,7 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
         try:
             # A HEIC is decoded upright by libheif (its irot and imir), and pillow-heif sets its
             # EXIF orientation to 1, so that it is not turned a second time here.
-            upright = ImageOps.exif_transpose(image)
+            upright = _upright(image)
             upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 grey = upright.mode in ("L", "LA")
@@ -99,6 +99,27 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             ) from error
         except RuntimeError as error:  # pillow-heif's, for a HEIF in a codec its libheif lacks
             raise InputError(f"image could not be decoded ({error}); send a {_FORMATS}.") from error
+
+
+# How to undo each EXIF orientation, as ImageOps.exif_transpose does.
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Not ImageOps.exif_transpose: it also
+    writes the EXIF back without the orientation, which fails (TypeError, struct.error) on a
+    tag stored with another type than Pillow expects, as some cameras and editors write."""
+    image.load()  # as exif_transpose does: some formats store their EXIF after the pixels
+    method = _ORIENTATIONS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    return image.transpose(method) if method is not None else image
 
 
 def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Image.Image:
