@@ -150,6 +150,27 @@ def test_an_image_with_a_damaged_header_is_refused_as_damaged():
         open_image(io.BytesIO(bytes(bmp)))
 
 
+def test_an_avif_with_a_damaged_header_is_refused_as_damaged():
+    avif = _encode(Image.new("RGB", (16, 16)), "AVIF").getvalue()
+    assert avif.count(b"iinf") == 1
+    damaged = avif.replace(b"iinf", b"iin\x06")  # the box listing the items: unreadable
+    with pytest.raises(InputError, match="image is damaged"):
+        open_image(io.BytesIO(damaged))
+
+
+def test_a_heic_whose_picture_data_stops_short_is_refused_as_damaged():
+    heic = bytearray(_encode(Image.effect_noise((64, 64), 50).convert("RGB"), "HEIF").getvalue())
+    # iloc: version and flags, field sizes (4-byte offsets, lengths and base offsets), item
+    # count, then the picture's ID, data reference, base offset, extent count, offset, length.
+    iloc = heic.index(b"iloc") + 4
+    assert heic[iloc + 4 : iloc + 6] == b"\x44\x40"
+    length = iloc + 22
+    extent = struct.unpack(">I", heic[length : length + 4])[0]
+    heic[length : length + 4] = struct.pack(">I", extent // 2)
+    with pytest.raises(InputError, match="damaged or truncated"):
+        open_image(io.BytesIO(bytes(heic)))
+
+
 @pytest.mark.parametrize("side", [9000, 20000])
 def test_a_huge_declared_size_is_refused_before_decoding(side):
     # A small file whose header claims side x side pixels (a decompression bomb).

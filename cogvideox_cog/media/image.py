@@ -59,7 +59,8 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
         raise InputError(
             f"image is too large to decode safely ({error}); the limit is {_LIMIT_MP}."
         ) from error
-    except (OSError, ValueError, SyntaxError) as error:  # a header Pillow cannot parse
+    # A header Pillow cannot parse; RuntimeError is its AVIF reader's (libavif's) for one.
+    except (OSError, ValueError, SyntaxError, RuntimeError) as error:
         raise InputError(f"image is damaged and could not be read: {error}") from error
     with image:  # closes the file also when the image is refused
         width, height = image.size
@@ -93,7 +94,8 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             if not icc and nclx:
                 return _apply_nclx(upright.convert("RGB"), nclx, convert_colour)
             return _apply_profile(upright, icc, convert_colour)
-        except (OSError, SyntaxError, ValueError) as error:
+        # EOFError: pillow-heif's for a HEIC whose picture data stops short.
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise InputError(
                 f"image is damaged or truncated and could not be decoded: {error}"
             ) from error
