@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 dir=${1:-.whl}
 version=${PYTHON_VERSION:-3.12}
 PINNED=(
-  diffusers==0.42.1 av==18.1.0 peft==0.21.2 torchao==0.18.0 pillow-heif==1.1.1
+  diffusers==0.42.1 av==18.1.0 peft==0.21.2 torchao==0.18.0 pillow-heif==1.8.1
   cog==0.23.1 coglet==0.23.1 structlog==26.1.0
   requests==2.34.2 urllib3==2.8.0 charset_normalizer==3.5.3
 )

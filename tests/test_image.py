@@ -427,6 +427,22 @@ def test_a_heif_in_a_codec_that_cannot_be_decoded_is_refused():
         open_image(io.BytesIO(avif[:8] + b"heic" + avif[12:]))
 
 
+def test_a_heic_whose_metadata_item_type_is_not_ascii_does_not_crash_the_process(tmp_path):
+    """libheif 1.20 (pillow-heif 1.1.1) crashed the whole process on it (a segmentation
+    fault): the worker, not one prediction. So the test reads it in a process of its own."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    heic = _encode(Image.new("RGB", (16, 16)), "HEIF", exif=exif.tobytes()).getvalue()
+    # The Exif item's entry: version 2 and flags, item ID, protection index, type "Exif".
+    entry = heic.index(b"\x00\x00Exif\x00", heic.index(b"iinf"))
+    assert heic[entry - 10 : entry - 5] == b"infe\x02"
+    path = tmp_path / "damaged.heic"
+    path.write_bytes(heic[: entry + 3] + b"\x88" + heic[entry + 4 :])  # "Exif" -> "E\x88if"
+    code = "import sys; from cogvideox_cog.media.image import open_image; open_image(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-300:]
+
+
 @pytest.mark.parametrize("brand", [b"avif", b"mif1"])
 def test_an_avif_reads_whichever_brand_it_leads_with(brand):
     # Pillow reads AVIF. pillow-heif takes files branded mif1 too but cannot decode AV1, so it
