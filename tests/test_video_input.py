@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -99,6 +102,30 @@ def test_a_too_short_clip_is_refused_with_the_frames_it_can_give(tmp_path):
     path = _write_clip(tmp_path / "clip.mp4", frames=20, fps=8)  # 2.5 s
     with pytest.raises(InputError, match=r"too short.*need at least 6.00 s.*num_frames=17"):
         load_video(path, num_frames=49, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+
+
+def test_a_too_short_clip_is_measured_while_its_file_is_open(tmp_path):
+    """A stream's duration and rate live in memory that closing the file frees: read after,
+    they may be anything ("damaged ... of the 6148914691236516864.00 s its header gives").
+    glibc overwrites memory as it is freed with MALLOC_PERTURB_ (and its per-thread cache
+    off, which skips that), so such a read shows."""
+    path = _write_clip(tmp_path / "clip.mp4", frames=12, fps=8)  # 1.5 s
+    code = (
+        "import sys; from cogvideox_cog.media.clip import load_video; "
+        "load_video(sys.argv[1], num_frames=17, fps=8, height=48, width=80)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, path],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={
+            **os.environ,
+            "MALLOC_PERTURB_": "85",
+            "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
+        },
+    )
+    assert "InputError: video is too short: 1.50 s (12 frames)" in run.stderr, run.stderr[-300:]
 
 
 def test_a_cut_off_upload_is_refused_as_truncated_not_as_too_short(tmp_path):

@@ -83,9 +83,10 @@ def load_video(
             container, stream, targets, source_rate, prepare
         )
         header_seconds = _header_duration(container, stream)
-    if len(picked) < num_frames:
-        _refuse_short(stream, decoded, start, end, damage, num_frames, fps, allowed_frames)
-    source_width, source_height = stream.codec_context.width, stream.codec_context.height
+        # Within the block: closing the container frees the stream's fields that these read.
+        if len(picked) < num_frames:
+            _refuse_short(stream, decoded, start, end, damage, num_frames, fps, allowed_frames)
+        source_width, source_height = stream.codec_context.width, stream.codec_context.height
     rotation = rotations[0]
     if rotation in (90, 270):
         source_width, source_height = source_height, source_width
