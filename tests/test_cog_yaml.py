@@ -27,3 +27,14 @@ def test_each_cog_yaml_runs_its_predictor_under_the_run_key(task, name):
     config = _config(name)
     assert config["run"] == f"predict_{task}.py:Predictor"
     assert "predict" not in config  # deprecated since Cog 0.20 in favour of run:
+
+
+def test_the_image_installs_the_cog_sdk_the_tests_run():
+    """Without build.sdk_version, `cog build` installs the latest Cog SDK from PyPI, which
+    the server tests have not run."""
+    pins = dict(
+        line.split("#")[0].strip().split("==")
+        for line in (PROJECT / "requirements-dev.txt").read_text().splitlines()
+        if "==" in line
+    )
+    assert _config("cog.yaml")["build"]["sdk_version"] == pins["cog"]
