@@ -44,9 +44,7 @@ def check_fps(variant: Variant, fps: int | None) -> int:
 
 def check_strength(strength: float | None, default: float, steps: int) -> float:
     """Video-to-video strength: (0, 1], and at least one denoising step at `steps`."""
-    if strength is None:
-        return default
-    strength = float(strength)
+    strength = float(default if strength is None else strength)
     if not 0.0 < strength <= 1.0:
         raise InputError(f"strength={strength:g} must be above 0 and at most 1.")
     if int(steps * strength) < 1:

@@ -73,6 +73,7 @@ def test_the_log_gives_the_strength_that_whole_steps_make(tiny_weights, clip, ca
     ("overrides", "message"),
     [
         ({"strength": 0.1, "num_inference_steps": 4}, "leaves no denoising step"),
+        ({"strength": None, "num_inference_steps": 1}, "strength=0.8 .* leaves no denoising"),
         ({"strength": 1.5}, "at most 1"),
         ({"video": None}, "video is required"),
         ({"num_frames": 49}, "too short"),
