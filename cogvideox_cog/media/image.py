@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 # with a message instead of decoding a decompression bomb.
 MAX_IMAGE_PIXELS = 64_000_000
 _LIMIT_MP = f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP"
-# The video keeps a centre crop of the image at its own shape (3:2 for 1.0, up to 16:9 for 1.5).
-# At 4:1 that crop still holds over a third of the picture; a 100:1 panorama would leave a
-# sliver stretched over the whole frame, so longer shapes are refused: the user crops instead.
+# The video keeps a centre crop of the image at its own shape (3:2 landscape for 1.0; the image's
+# orientation up to 16:9 for 1.5-I2V). At 4:1 that crop still holds over a third of a landscape
+# picture (a sixth of a 1:4 portrait on 1.0); a 100:1 panorama would leave a sliver stretched
+# over the whole frame, so longer shapes are refused: the user crops instead.
 MAX_ASPECT_RATIO = 4.0
 # What the model's frames are in, and what a browser shows an untagged picture as.
 _SRGB = ImageCms.createProfile("sRGB")
