@@ -604,6 +604,11 @@ class VideoGenerator:
                 output = self._decode(output[:, : -plan.padding_latents], output_type)
             return output[0]
         finally:
+            # What diffusers does at the end of a call that completes: with model offload, every
+            # model back on the CPU. A cancel or failure mid-call skips it (and the padded
+            # clip's decode comes after it), and the model left on the GPU stayed there through
+            # the next prediction's text encoding: no hook offloads a model before the first.
+            self.pipe.maybe_free_model_hooks()
             self.release_memory()
 
     @torch.no_grad()

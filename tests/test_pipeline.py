@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import cog
 import numpy as np
 import pytest
 import torch
+from accelerate.hooks import CpuOffload
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
@@ -190,6 +192,38 @@ def test_model_offload_renders_the_placed_models_frames_prediction_after_predict
     ):
         expected = generator.render_frames(request).frames
         np.testing.assert_allclose(offloaded.render_frames(request).frames, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "error", [cog.CancelationException(), RuntimeError("CUDA out of memory")], ids=repr
+)
+def test_model_offload_puts_the_transformer_back_on_the_cpu_after_a_call_cut_short(
+    tiny_weights, monkeypatch, error
+):
+    """diffusers offloads every model at the end of a call that completes. Cut short in the
+    denoise, the transformer stayed on the GPU through the next prediction's text encoding,
+    beside the text encoder: over model offload's peak (no hook offloads before the first
+    model). The offload hooks' init_hook is what moves a model to the CPU."""
+    variant = VARIANTS["cogvideox-5b"]
+    offloaded = VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model"), CPU
+    )
+    offloaded_modules = []
+    init_hook = CpuOffload.init_hook
+
+    def recording_init_hook(self, module):
+        offloaded_modules.append(module)
+        return init_hook(self, module)
+
+    def cut_short(step, seconds):
+        offloaded_modules.clear()  # the transformer has run: it is on the execution device
+        raise error
+
+    monkeypatch.setattr(CpuOffload, "init_hook", recording_init_hook)
+    offloaded.on_step = cut_short
+    with pytest.raises(type(error)):
+        offloaded.render_frames(_request())
+    assert any(module is offloaded.pipe.transformer for module in offloaded_modules)
 
 
 def test_unknown_offload_policy_is_refused():
