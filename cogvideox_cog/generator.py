@@ -47,6 +47,7 @@ from .pipeline import (
     configure_pipeline,
     is_compiled,
     load_pipeline,
+    no_offload_peak_gib,
 )
 from .postprocess import Postprocessor, Steps
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
@@ -218,9 +219,9 @@ class VideoGenerator:
         check_settings(variant)
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        offload = choose_offload(setting(OFFLOAD_ENV, "auto"), variant, device)
-        compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
         vae_tiling = choose_vae_tiling(setting(VAE_TILING_ENV, "on"), variant, device)
+        offload = choose_offload(setting(OFFLOAD_ENV, "auto"), variant, device, vae_tiling)
+        compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
         attention = attention_backend(setting(ATTENTION_BACKEND_ENV))
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
@@ -248,7 +249,7 @@ class VideoGenerator:
             enhancer=load_enhancer(
                 enhance if rewrites_prompts else None,
                 device,
-                variant.vram_no_offload_gib if offload == "none" else None,
+                no_offload_peak_gib(variant, vae_tiling) if offload == "none" else None,
             ),
         )
         generator.engine = engine

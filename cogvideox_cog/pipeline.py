@@ -46,8 +46,11 @@ PIPELINES: dict[Mode, type] = {
 MODE_TASK: dict[Mode, Task] = {"t2v": "t2v", "i2v": "i2v", "v2v": "t2v"}
 
 
-def choose_offload(requested: str, variant: Variant, device: torch.device) -> str:
-    """Resolve COGVIDEOX_OFFLOAD: `auto` keeps everything on the GPU when it fits."""
+def choose_offload(
+    requested: str, variant: Variant, device: torch.device, vae_tiling: bool = True
+) -> str:
+    """Resolve COGVIDEOX_OFFLOAD: `auto` keeps everything on the GPU when it fits, the VAE's
+    decode as choose_vae_tiling() resolved it included."""
     if requested not in OFFLOAD_POLICIES:
         raise ConfigError(
             f"{OFFLOAD_ENV}={requested!r} is not one of {', '.join(OFFLOAD_POLICIES)}"
@@ -58,16 +61,25 @@ def choose_offload(requested: str, variant: Variant, device: torch.device) -> st
         return "none"
     if requested != "auto":
         return requested
-    return offload_for_free_memory(variant, torch.cuda.mem_get_info(device)[0] / 2**30)
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+    return offload_for_free_memory(variant, free_gib, vae_tiling)
 
 
-def offload_for_free_memory(variant: Variant, free_gib: float) -> str:
+def offload_for_free_memory(variant: Variant, free_gib: float, vae_tiling: bool = True) -> str:
     """The fastest policy whose measured peak fits: none, then model, then sequential."""
-    if free_gib >= variant.vram_no_offload_gib:
+    if free_gib >= no_offload_peak_gib(variant, vae_tiling):
         return "none"
     if free_gib >= variant.vram_model_offload_gib:
         return "model"
     return "sequential"
+
+
+def no_offload_peak_gib(variant: Variant, vae_tiling: bool) -> float:
+    """The GPU memory the pipeline needs without offload: the measured peak, which decodes in
+    tiles, plus what decoding whole frames adds where that was measured (the VAE decodes
+    beside the whole model then, so the extra comes on top)."""
+    untiled_extra = 0.0 if vae_tiling else variant.vae_untiled_extra_gib or 0.0
+    return variant.vram_no_offload_gib + untiled_extra
 
 
 def choose_vae_tiling(requested: str, variant: Variant, device: torch.device) -> bool:
@@ -91,8 +103,9 @@ def choose_vae_tiling(requested: str, variant: Variant, device: torch.device) ->
 
 def tiling_for_free_memory(variant: Variant, free_gib: float) -> bool:
     """`auto`: tiles unless the untiled peak was measured and fits beside the whole model."""
-    extra = variant.vae_untiled_extra_gib
-    return extra is None or free_gib < variant.vram_no_offload_gib + extra
+    if variant.vae_untiled_extra_gib is None:
+        return True
+    return free_gib < no_offload_peak_gib(variant, vae_tiling=False)
 
 
 def choose_compile(requested: str, device: torch.device) -> bool:

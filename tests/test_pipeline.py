@@ -22,6 +22,7 @@ from cogvideox_cog.pipeline import (
     configure_pipeline,
     is_compiled,
     load_pipeline,
+    no_offload_peak_gib,
     offload_for_free_memory,
     tiling_for_free_memory,
 )
@@ -251,6 +252,32 @@ def test_auto_offload_picks_the_fastest_policy_that_fits_the_measured_peaks(
     variant_id, free_gib, policy
 ):
     assert offload_for_free_memory(VARIANTS[variant_id], free_gib) == policy
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "free_gib", "policy"),
+    [
+        ("cogvideox-5b", 32.0, "model"),  # 28.5 GiB fit the denoise, not the whole-frame decode
+        ("cogvideox-5b", 39.5, "none"),
+        ("cogvideox-2b", 23.5, "model"),
+    ],
+)
+def test_auto_offload_counts_the_whole_frame_decode_when_vae_tiling_is_off(
+    variant_id, free_gib, policy
+):
+    assert offload_for_free_memory(VARIANTS[variant_id], free_gib, vae_tiling=False) == policy
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "vae_tiling", "peak_gib"),
+    [
+        ("cogvideox-5b", True, 28.5),
+        ("cogvideox-5b", False, 39.5),  # what auto untiles at, and a resident enhancer's room
+        ("cogvideox1.5-5b", False, 34.0),  # the untiled 1.5 decode was never measured
+    ],
+)
+def test_the_no_offload_peak_includes_the_whole_frame_decode(variant_id, vae_tiling, peak_gib):
+    assert no_offload_peak_gib(VARIANTS[variant_id], vae_tiling) == peak_gib
 
 
 def test_compile_is_skipped_on_cpu_with_a_warning(caplog):

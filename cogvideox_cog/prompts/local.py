@@ -58,8 +58,8 @@ class LocalRewriter:
         timeout: float,
     ) -> LocalRewriter:
         """Load from `directory`. On a GPU it stays resident when the video model runs
-        without offload (`video_peak_gib`: its measured peak, the variant's
-        vram_no_offload_gib) and the GPU still has that peak's room beside it."""
+        without offload (`video_peak_gib`: its measured peak, pipeline.no_offload_peak_gib)
+        and the GPU still has that peak's room beside it."""
         started = time.monotonic()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(directory)
