@@ -370,17 +370,19 @@ class VideoGenerator:
         # predictions of one seed shared a name as often as not, one upload replacing the other.
         output_dir = leftovers.claim(Path(tempfile.gettempdir()), OUTPUT_PREFIX)
         output = output_dir / f"{self.variant.id}-{video.seed}-{secrets.token_hex(8)}.mp4"
+        # Until predict() holds the path, nothing else would remove the folder: a cancel (Cog
+        # raises it at any bytecode) in the metrics or the log line would leave it for good.
         try:
             encode_mp4(video.frames, output, fps=video.fps)
+            finished = time.monotonic()
+            _record_timings(video, finished, self.record_metric)
+            log.info(
+                f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
+                f"{finished - video.received:.1f} s"
+            )
         except BaseException:  # including a cancel
             leftovers.release(output_dir)
             raise
-        finished = time.monotonic()
-        _record_timings(video, finished, self.record_metric)
-        log.info(
-            f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
-            f"{finished - video.received:.1f} s"
-        )
         return output
 
     def render_frames(self, request: Request) -> RenderedVideo:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import cog
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
 from cogvideox_cog.errors import ConfigError, InputError
-from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.generator import OUTPUT_PREFIX, Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
     build_pipeline,
@@ -139,6 +141,21 @@ def test_two_predictions_never_share_an_output_path(generator):
     assert first != second
     assert first.exists() and second.exists()
     assert probe_mp4(first)["frames"] == probe_mp4(second)["frames"] == 9
+
+
+def test_a_cancel_after_the_encode_leaves_no_output_folder(generator, monkeypatch, tmp_path):
+    """Cog raises a cancel at whatever bytecode the worker is at, here while the timings are
+    recorded: the mp4 is written but not yet returned, so no later prediction removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def canceled_at_the_total(name, value):
+        if name == "total_seconds":
+            raise cog.CancelationException()
+
+    monkeypatch.setattr(generator, "record_metric", canceled_at_the_total)
+    with pytest.raises(cog.CancelationException):
+        generator.render_mp4(_request(num_inference_steps=1))
+    assert list(tmp_path.glob(f"{OUTPUT_PREFIX}*")) == []
 
 
 def test_whole_number_floats_from_json_are_accepted_as_ints(generator):
