@@ -219,7 +219,10 @@ class VideoGenerator:
         check_settings(variant)
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        vae_tiling = choose_vae_tiling(setting(VAE_TILING_ENV, "on"), variant, device)
+        resolution = setting(inputs.RESOLUTION_ENV) or None
+        vae_tiling = choose_vae_tiling(
+            setting(VAE_TILING_ENV, "on"), variant, device, resized=resolution is not None
+        )
         offload = choose_offload(setting(OFFLOAD_ENV, "auto"), variant, device, vae_tiling)
         compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
         attention = attention_backend(setting(ATTENTION_BACKEND_ENV))
@@ -243,7 +246,7 @@ class VideoGenerator:
             pipe,
             device,
             mode,
-            resolution=setting(inputs.RESOLUTION_ENV) or None,
+            resolution=resolution,
             lora_cache=lora_cache,
             postprocessor=postprocessor,
             enhancer=load_enhancer(

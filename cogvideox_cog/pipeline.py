@@ -82,13 +82,16 @@ def no_offload_peak_gib(variant: Variant, vae_tiling: bool) -> float:
     return variant.vram_no_offload_gib + untiled_extra
 
 
-def choose_vae_tiling(requested: str, variant: Variant, device: torch.device) -> bool:
+def choose_vae_tiling(
+    requested: str, variant: Variant, device: torch.device, resized: bool = False
+) -> bool:
     """Resolve COGVIDEOX_VAE_TILING: whether the VAE decodes in tiles.
 
     `on` is upstream's choice (cli_demo.py tiles) and the default, so the frames are the
     reference ones. Decoding whole frames is faster (5B: 2.34 s against 3.46 s on an H100)
     but needs 11 GiB more, and the frames differ slightly where the tiles were blended, so
     `auto` untiles only where that peak was measured and fits the free memory.
+    resized: the deployment sets its own COGVIDEOX_RESOLUTION.
     """
     if requested not in VAE_TILING_POLICIES:
         raise ConfigError(
@@ -98,12 +101,18 @@ def choose_vae_tiling(requested: str, variant: Variant, device: torch.device) ->
         return requested == "on"
     if device.type != "cuda":
         return True
-    return tiling_for_free_memory(variant, torch.cuda.mem_get_info(device)[0] / 2**30)
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+    return tiling_for_free_memory(variant, free_gib, resized)
 
 
-def tiling_for_free_memory(variant: Variant, free_gib: float) -> bool:
-    """`auto`: tiles unless the untiled peak was measured and fits beside the whole model."""
-    if variant.vae_untiled_extra_gib is None:
+def tiling_for_free_memory(variant: Variant, free_gib: float, resized: bool = False) -> bool:
+    """`auto`: tiles unless the untiled peak was measured and fits beside the whole model.
+
+    It was measured at the variant's own size: a whole-frame decode's memory grows with the
+    pixels it decodes (768x1360 on 5B: three times 480x720's), so under a deployment's
+    resolution it was not measured, and the frames stay tiled.
+    """
+    if variant.vae_untiled_extra_gib is None or resized:
         return True
     return free_gib < no_offload_peak_gib(variant, vae_tiling=False)
 

@@ -102,6 +102,12 @@ def test_auto_vae_tiling_untiles_only_where_the_measured_peak_fits(variant_id, f
     assert tiling_for_free_memory(VARIANTS[variant_id], free_gib) is tiled
 
 
+def test_auto_vae_tiling_keeps_tiles_at_a_deployments_own_resolution():
+    """The untiled peak was measured at 480x720; a whole-frame decode's memory grows with
+    the pixels (768x1360 has three times as many), so no free memory is known to hold it."""
+    assert tiling_for_free_memory(VARIANTS["cogvideox-5b"], 79.0, resized=True) is True
+
+
 def test_untiled_decode_departs_from_the_reference_tiled_frames(generator):
     """Why `on` stays the default: untiled frames are not the ones upstream renders."""
     vae = generator.pipe.vae
