@@ -8,6 +8,7 @@ import tarfile
 import threading
 import time
 
+import cog
 import pytest
 import torch
 
@@ -454,3 +455,30 @@ def test_a_ranks_cancel_stops_the_local_rewrite_at_the_next_token(local):
     canceled.set()
     with stop_waiting_when(OwnCancel(canceled)), pytest.raises(StepCanceled):
         local.rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)
+
+
+class _MoveCutShort(torch.nn.Module):
+    """A model whose move to the GPU is cut short (a cancel, or out of memory part way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        if str(device) != "cpu":
+            raise cog.CancelationException()
+        return self
+
+
+def test_a_local_model_whose_move_to_the_gpu_is_cut_short_is_moved_back():
+    """What had reached the GPU before the cut would otherwise stay there beside the video
+    model, under offload, until the next rewrite."""
+    model = _MoveCutShort()
+    tokenizer = build_tiny_tokenizer()
+    rewriter = LocalRewriter(
+        model, tokenizer, "tiny", torch.device("cuda"), resident=False, timeout=5
+    )
+    with pytest.raises(cog.CancelationException):
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert model.moves == ["cuda", "cpu"]

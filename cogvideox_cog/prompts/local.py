@@ -111,8 +111,8 @@ class LocalRewriter:
         if self.resident or self.device.type == "cpu":
             yield
             return
-        self.model.to(self.device)
-        try:
+        try:  # a cancel or out-of-memory error can cut the move short: move back what went
+            self.model.to(self.device)
             yield
         finally:
             self.model.to("cpu")
