@@ -275,14 +275,22 @@ def full_components(variant: Variant, device: torch.device, dtype: torch.dtype) 
     return {"tokenizer": full_tokenizer(), "scheduler": scheduler, **models}
 
 
+def _family(variant: Variant) -> str:
+    return "1.5" if variant.id.startswith("cogvideox1.5") else "1.0"
+
+
+def tiny_resolution(variant: Variant) -> str | None:
+    """The size a tiny model renders at, as COGVIDEOX_RESOLUTION writes it: the 1.5 variants
+    generate at 768 x 1360 unless told otherwise, and the tiny 1.5 model's rotary grid
+    bounds it to its own native size. None: the variant's own."""
+    if _family(variant) == "1.0":
+        return None
+    spec = TINY[("1.5", "t2v")]
+    return f"{spec.height}x{spec.width}"
+
+
 def tiny_components(variant: Variant, device: torch.device, dtype: torch.dtype) -> dict:
-    family = "1.5" if variant.id.startswith("cogvideox1.5") else "1.0"
-    if family == "1.5":
-        # The 1.5 variants generate at 768 x 1360 unless told otherwise; the tiny 1.5 model's
-        # rotary grid bounds it to its own native size.
-        spec = TINY[(family, "t2v")]
-        os.environ.setdefault(RESOLUTION_ENV, f"{spec.height}x{spec.width}")
-    components = build_tiny_pipeline(family, "t2v").components
+    components = build_tiny_pipeline(_family(variant), "t2v").components
     for component in components.values():
         if isinstance(component, torch.nn.Module) and (device.type, dtype) != (
             "cpu",
@@ -531,7 +539,10 @@ def set_up(args, variant: Variant, offload: str, device: torch.device, record: d
     compiled = choose_compile("1" if args.compile else "0", device)  # the predictors' rule
     pipe = configure_pipeline(pipe, variant, device, offload, compiled=compiled)
     set_tiling(pipe, args.tiling[0])
-    generator = VideoGenerator(variant, pipe, device, resolution=os.environ.get(RESOLUTION_ENV))
+    resolution = os.environ.get(RESOLUTION_ENV)
+    if resolution is None and args.size != "full":
+        resolution = tiny_resolution(variant)
+    generator = VideoGenerator(variant, pipe, device, resolution=resolution)
     height, width = generator.native_size
     record.update(height=height, width=width)
     record["setup_seconds"] = time.perf_counter() - setup_started

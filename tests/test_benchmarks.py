@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import pipeline_speed
+from cogvideox_cog.inputs import RESOLUTION_ENV
 from tests.markers import needs_cpp_compiler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -543,3 +544,18 @@ def test_soak_full_mix_sends_every_failure_cancel_and_probe_kind(task, count):
         assert {i[media] for i in valid} == {"media:data", "media:url"}
     for inputs in valid:  # video-to-video: at least one denoising step
         assert int(inputs["num_inference_steps"] * inputs.get("strength", 1.0)) >= 1
+
+
+def test_a_tiny_1_5_run_renders_at_the_tiny_size_and_leaves_the_environment_alone(
+    tmp_path, monkeypatch
+):
+    """The size goes to the generator, not into COGVIDEOX_RESOLUTION, which every later Cog
+    server this test process starts would inherit."""
+    monkeypatch.delenv(RESOLUTION_ENV, raising=False)
+    argv = ["--size", "tiny", "--variant", "cogvideox1.5-5b", "--steps", "1", "--frames", "17"]
+    argv += ["--offload", "none", "--tiling", "on", "--device", "cpu", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert pipeline_speed.main(argv) == 0
+    record = json.loads((tmp_path / "cogvideox1.5-5b-tiny-none.json").read_text())
+    assert (record["height"], record["width"]) == (48, 80)
+    assert RESOLUTION_ENV not in os.environ
