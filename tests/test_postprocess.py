@@ -207,7 +207,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, capsys):
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     state = read_state_dict(save_tiny_rife(tmp_path / "flownet.pkl"))
-    with pytest.raises(KeyError, match="conv_first.weight"):
+    with pytest.raises(KeyError, match=r"conv_first\.weight"):
         _build_rrdbnet(state)
 
 
