@@ -6,7 +6,8 @@ case as the process model will: every rank runs the pipeline, rank 0 alone decod
 is the same rendering on one process without the engine: the reference.
 
 Besides the frames, each rank reports the last step's latents (to show that all ranks agree)
-and the shapes its first attention layer was given (to show that the work was split).
+and the shapes its first attention layer was given (to show that the work was split). Rank 0
+has its Progress hooks on the blocks, as in the rank processes, and counts what they sent.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch._dynamo.utils import counters
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.lora.slot import LoraSlot
 from cogvideox_cog.parallel.engine import ContextParallel
+from cogvideox_cog.parallel.ranks import ReportedProgress
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.speed import step_cache
 from cogvideox_cog.variants import VARIANTS
@@ -62,6 +64,15 @@ class Rendered:
     attention_inputs: list[tuple[int, int, int]]  # (batch, video tokens, text tokens)
     refusal: str | None = None  # an InputError's message, where the case was refused
     graph_breaks: int = 0  # dynamo's, this process so far (compiled cases)
+    graphs: int = 0  # dynamo's graphs, this process so far (compiled cases)
+    progress: int = 0  # Progress messages rank 0's hooks sent during this case
+
+
+class _Sent(list):
+    """Rank 0's messages, kept here instead of going down a pipe."""
+
+    def send(self, message) -> None:
+        self.append(message)
 
 
 def render(case: Case, world_size: int | None = None, decode: bool = True) -> Rendered:
@@ -75,6 +86,9 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
     )
     if case.compiled:
         compile_transformer(pipe.transformer, GUARDS_BACKEND)
+    sent = _Sent()
+    if world_size and decode:  # rank 0
+        ReportedProgress(sent).install(pipe.transformer)
     if case.lora is not None:
         LoraSlot(pipe, variant.id).use(case.lora, 0.8)
     seen = []
@@ -99,8 +113,16 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
                 **case.call,
             )
     frames = output.frames[0] if decode else None
-    breaks = sum(counters["graph_break"].values())
-    return Rendered(frames, last["latents"].numpy(), str(layout), seen, graph_breaks=breaks)
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    return Rendered(
+        frames,
+        last["latents"].numpy(),
+        str(layout),
+        seen,
+        graph_breaks=breaks,
+        graphs=graphs,
+        progress=len(sent),
+    )
 
 
 def _token_counts(kwargs: dict) -> tuple[int, int, int]:
@@ -138,6 +160,8 @@ def _write(stem: Path, rendered: Rendered) -> None:
         "attention_inputs": rendered.attention_inputs,
         "refusal": rendered.refusal,
         "graph_breaks": rendered.graph_breaks,
+        "graphs": rendered.graphs,
+        "progress": rendered.progress,
     }
     _beside(stem, ".json").write_text(json.dumps(facts))
 
@@ -152,6 +176,8 @@ def _read(stem: Path) -> Rendered:
         attention_inputs=[tuple(shape) for shape in facts["attention_inputs"]],
         refusal=facts["refusal"],
         graph_breaks=facts["graph_breaks"],
+        graphs=facts["graphs"],
+        progress=facts["progress"],
     )
 
 

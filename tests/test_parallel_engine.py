@@ -282,6 +282,20 @@ def test_compiled_blocks_take_the_engine_hooks_without_a_graph_break(two_ranks):
     assert [rank.graph_breaks for rank in two_ranks["5b-unguided-compiled"]] == [0, 0]
 
 
+def test_rank_0_reports_progress_from_its_blocks_during_a_render(two_ranks):
+    """Its hooks send Progress as the blocks run (the frames are the other tests'); the other
+    ranks have none."""
+    assert [rank.progress > 0 for rank in two_ranks["5b"]] == [True, False]
+
+
+def test_compiled_blocks_run_rank_0_progress_hooks_without_a_graph_more(two_ranks):
+    """The hooks run before each block's compiled forward, outside its graph: rank 0, with
+    them, compiled as many graphs as rank 1, without, and none broke."""
+    rank_0, rank_1 = two_ranks["5b-unguided-compiled"]
+    assert rank_0.progress > 0 and rank_1.progress == 0
+    assert (rank_0.graphs, rank_0.graph_breaks) == (rank_1.graphs, 0)
+
+
 def test_with_model_offload_the_split_outlasts_the_first_render(two_ranks, one_process):
     """diffusers takes accelerate's offload hooks off and puts them back after every render
     (and around a LoRA load, which on a CPU it cannot: it asks for an accelerator), and

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from cog import CancelationException
 from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.generator import Request
 from cogvideox_cog.parallel.group import CANCEL_BOUND_S, RankGroup
+from cogvideox_cog.parallel.ranks import PROGRESS_EVERY_S
 
 REQUEST = Request("a panda plays guitar", "", 9, 2, 6.0, None, None, seed=5)
 ANSWER_S = 60.0  # a two-step tiny render, with room for a loaded machine
@@ -186,3 +188,13 @@ def test_a_second_cancel_before_the_wait_leaves_the_next_prediction_its_own_vide
     following.start()
     assert np.array_equal(_frames(following.result(CANCEL_BOUND_S + ANSWER_S)), reference)
     assert group.healthcheck()
+
+
+def test_rank_0_reports_progress_to_the_worker_during_a_prediction(group, reference):
+    """Its block hooks, put in by the rank process's setup, send Progress while the steps
+    run (the worker's sign that the ranks are alive after a cancel); the video is the same.
+    They send one a second at most: the reference's, just before, would hold this one back."""
+    time.sleep(PROGRESS_EVERY_S)
+    video = group.predict(REQUEST)
+    assert group._progressed is not None
+    assert np.array_equal(_frames(video), reference)

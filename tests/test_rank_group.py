@@ -20,16 +20,23 @@ import torch.multiprocessing as mp
 
 from cogvideox_cog.errors import LoraError, RankGroupError
 from cogvideox_cog.parallel import group
-from cogvideox_cog.parallel.protocol import Canceled, Done, Failed, StepEnded
+from cogvideox_cog.parallel.protocol import Canceled, Done, Failed, Progress, StepEnded
 from cogvideox_cog.parallel.ranks import LoraFetchedOnce, rendezvous_store
 from tests.cog_server import free_port
 
 BOUND_S = 0.5
+PROGRESS_EVERY_S = 0.1
 
 
-def _answer_after(conn, delay: float, answer, said_first: tuple = ()) -> None:
+def _answer_after(
+    conn, delay: float, answer, said_first: tuple = (), progress_s: float = 0.0
+) -> None:
     for message in said_first:
         conn.send(message)
+    working_until = time.monotonic() + progress_s
+    while time.monotonic() < working_until:  # inside a step, as rank 0's block hooks
+        conn.send(Progress())
+        time.sleep(PROGRESS_EVERY_S)
     time.sleep(delay)
     conn.send(answer)
     time.sleep(30)  # stays alive, as a rank does between requests
@@ -37,20 +44,24 @@ def _answer_after(conn, delay: float, answer, said_first: tuple = ()) -> None:
 
 @contextmanager
 def _group_answering(
-    answers: list[tuple[float, object]], rank_0_first: tuple = ()
+    answers: list[tuple[float, object]], rank_0_first: tuple = (), rank_0_progress_s: float = 0.0
 ) -> Iterator[group.RankGroup]:
     """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds; rank 0
-    first sends `rank_0_first` at once. Its processes are stopped on the way out."""
+    first sends `rank_0_first` at once, then Progress every PROGRESS_EVERY_S for
+    `rank_0_progress_s` (its delay counts from then). Its processes are stopped on the way
+    out."""
     context = multiprocessing.get_context("fork")
     ranks = group.RankGroup.__new__(group.RankGroup)
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
     ranks._cancel = context.Event()
     ranks._processes, ranks._conns = [], []
-    ranks._steps = group._StepClock()
+    ranks._steps, ranks._progressed = group._StepClock(), None
     for rank, (delay, answer) in enumerate(answers):
         ours, theirs = context.Pipe()
-        said_first = rank_0_first if rank == 0 else ()
-        process = context.Process(target=_answer_after, args=(theirs, delay, answer, said_first))
+        said_first, progress_s = (rank_0_first, rank_0_progress_s) if rank == 0 else ((), 0.0)
+        process = context.Process(
+            target=_answer_after, args=(theirs, delay, answer, said_first, progress_s)
+        )
         process.start()
         theirs.close()
         ranks._processes.append(process)
@@ -96,6 +107,31 @@ def test_ranks_silent_past_twice_their_longest_step_are_stuck():
     stuck = r"ranks \[0, 1\] did not finish"
     with (
         _group_answering(answers, rank_0_first=(StepEnded(BOUND_S),)) as ranks,
+        pytest.raises(RankGroupError, match=stuck),
+    ):
+        ranks._outcomes({}, bound=BOUND_S)
+    assert "stuck" in ranks.failure
+
+
+def test_a_first_step_slower_than_the_bound_is_waited_for_while_rank_0_reports_progress():
+    """A cancel soon after the request was sent: no step has ended yet to say how long one
+    takes, and the first step of a large video (or with offloaded weights) can outlast the
+    bound. Rank 0 says it is still at work as the step goes on."""
+    step = 3 * BOUND_S
+    answers = [(0.0, Canceled(0, 0)), (step, Canceled(1, 0))]
+    outcomes = {}
+    with _group_answering(answers, rank_0_progress_s=step) as ranks:
+        ranks._outcomes(outcomes, bound=BOUND_S)
+    assert set(outcomes) == {0, 1} and ranks.failure is None
+
+
+def test_ranks_silent_past_the_bound_after_rank_0_last_reported_progress_are_stuck():
+    """Ranks stuck in a collective make no progress: rank 0's Progress stops, and the wait
+    ends the bound after the last one."""
+    answers = [(30.0, Canceled(0, 0)), (30.0, Canceled(1, 0))]
+    stuck = r"ranks \[0, 1\] did not finish within \d+ s: stuck"
+    with (
+        _group_answering(answers, rank_0_progress_s=2 * BOUND_S) as ranks,
         pytest.raises(RankGroupError, match=stuck),
     ):
         ranks._outcomes({}, bound=BOUND_S)

@@ -47,6 +47,7 @@ from .protocol import (
     LogLine,
     Metric,
     Outcome,
+    Progress,
     RankExited,
     Ready,
     Render,
@@ -59,7 +60,8 @@ relayed = logging.getLogger("cogvideox_cog")  # rank 0's lines, logged as it log
 
 POLL_S = 0.05  # the prediction thread waits in slices this long, so that a cancel lands
 # Every rank stops after its current step; one that does not is stuck (but rank 0 alone, after
-# the others: _working_alone), unless the steps take longer: see _StepClock.
+# the others: _working_alone), unless the steps take longer (_StepClock) or rank 0 is still
+# reporting Progress within one: stuck ranks are silent this long.
 CANCEL_BOUND_S = 30.0
 STEP_MARGIN = 2.0  # a step may take this many times the longest one before it
 FAILURE_GRACE_S = 10.0  # after one rank fails, the others report too, or are stuck
@@ -98,6 +100,7 @@ class RankGroup:
         # The command being answered, until its answers are all in: see _finish_unsettled.
         self._unsettled: tuple[_Handout, dict[int, Outcome], int | None] | None = None
         self._steps = _StepClock()  # of the command being answered
+        self._progressed: float | None = None  # rank 0's last Progress in that command
 
     @classmethod
     def start(cls, mode: Mode, world_size: int) -> RankGroup:
@@ -135,6 +138,7 @@ class RankGroup:
         self._finish_unsettled()
         command, answers = _Handout(Check(request), self._conns[:1]), {}
         self._unsettled, self._steps = (command, answers, 1), _StepClock()
+        self._progressed = None
         try:
             self._outbox.send(command)
             self._outcomes(answers, answering=1)
@@ -157,6 +161,7 @@ class RankGroup:
         self._cancel.clear()
         render, outcomes = _Handout(Render(request), self._conns), {}
         self._unsettled, self._steps = (render, outcomes, None), _StepClock()
+        self._progressed = None
         try:
             self._outbox.send(render)
             self._outcomes(outcomes)
@@ -219,13 +224,14 @@ class RankGroup:
     ) -> None:
         """Each rank's outcome of the request (of the first `answering` ranks') into
         `outcomes`, relaying rank 0's log lines and metrics. With a `bound`, ranks still
-        at work past it are stuck, unless a step is under way that may still end."""
+        at work past it are stuck, unless a step is under way that may still end, or rank 0
+        reported Progress within the last `bound` seconds."""
         waiting = time.monotonic()
         deadline = None if bound is None else waiting + bound
         answering = answering or self.world_size
         while len(outcomes) < answering:
             now = time.monotonic()
-            if deadline is not None and now > self._steps.extended(deadline):
+            if deadline is not None and now > self._extended(deadline, bound):
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
                 if not _working_alone(missing, outcomes):
                     waited = f"within {now - waiting:.0f} s{_after_failure(outcomes)}"
@@ -239,6 +245,8 @@ class RankGroup:
                 cog.current_scope().record_metric(message.name, message.value)
             elif isinstance(message, StepEnded):
                 self._steps.ended(message.seconds)
+            elif isinstance(message, Progress):
+                self._progressed = time.monotonic()
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
             elif isinstance(message, Done | Canceled | Failed):
@@ -247,9 +255,17 @@ class RankGroup:
                     # The others fail alike on a bad input; if only this one failed, they
                     # wait for it in a collective: stop them, or give up on them.
                     self._cancel.set()
-                    waiting = time.monotonic()
-                    deadline = waiting + FAILURE_GRACE_S
+                    waiting, bound = time.monotonic(), FAILURE_GRACE_S
+                    deadline = waiting + bound
             self._inbox.done()
+
+    def _extended(self, deadline: float, bound: float) -> float:
+        """`deadline`, or later while a step may still be under way (_StepClock) or rank 0
+        reported Progress less than `bound` ago: ranks stuck in a collective report none."""
+        extended = self._steps.extended(deadline)
+        if self._progressed is None:
+            return extended
+        return max(extended, self._progressed + bound)
 
     def healthcheck(self) -> bool:
         """Cog's health check: True, or RankGroupError saying which rank ended and how (Cog

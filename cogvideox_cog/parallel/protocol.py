@@ -1,9 +1,9 @@
 """What the Cog process and its rank processes say to each other, over one pipe per rank.
 
 Coordinator -> rank: a Render, a Check (rank 0 only), or None to stop. Rank -> coordinator:
-Ready or SetupFailed once; then, per Render, LogLine, Metric and StepEnded messages (rank 0
-only) and one outcome: Done, Canceled or Failed; per Check, Done or Failed. RankExited is the
-coordinator's own note that a rank process ended.
+Ready or SetupFailed once; then, per Render, LogLine, Metric, Progress and StepEnded messages
+(rank 0 only) and one outcome: Done, Canceled or Failed; per Check, Done or Failed.
+RankExited is the coordinator's own note that a rank process ended.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class LogLine:
 class Metric:
     name: str
     value: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Rank 0 is computing a denoising step (sent at most every second while it does)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import pickle
 import socket
 import sys
 import threading
+import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
@@ -41,6 +42,7 @@ from .protocol import (
     LogLine,
     Metric,
     Outcome,
+    Progress,
     Ready,
     Render,
     SetupFailed,
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 RENDEZVOUS_HOST = "127.0.0.1"  # the ranks and the Cog process share one machine
 COLLECTIVE_TIMEOUT_FLOOR = timedelta(minutes=30)  # gloo's default
 COLLECTIVE_TIMEOUT_MARGIN = timedelta(minutes=5)  # rank 0's checks around the download
+PROGRESS_EVERY_S = 1.0  # rank 0's Progress messages, at most one in this long
 
 
 class StepCanceled(BaseException):
@@ -132,6 +135,7 @@ def _set_up(
         generator.record_metric = lambda name, value: sender.send(Metric(name, value))
         generator.on_postprocess_progress = OwnCancel(cancel)
         generator.on_step = ReportedSteps(generator.on_step, sender)
+        ReportedProgress(sender).install(generator.pipe.transformer)
     return generator
 
 
@@ -222,6 +226,30 @@ class ReportedSteps:
     def __call__(self, step: int, seconds: float) -> None:
         self.sender.send(StepEnded(seconds))
         self.on_step(step, seconds)
+
+
+class ReportedProgress:
+    """Rank 0's sign of life within a step: a Progress, at most every PROGRESS_EVERY_S, as
+    a transformer block starts. After a cancel the worker waits while these come, so a step
+    under way that outlasts CANCEL_BOUND_S (the first of a large video, offloaded weights)
+    is not taken for stuck ranks; ranks stuck in a collective reach no further block.
+
+    A forward pre-hook on each block: Module.__call__ runs it before the block's compiled
+    forward, outside the graph, and dynamo is told to leave the hook itself uncompiled."""
+
+    def __init__(self, sender: _Sender):
+        self.sender, self.last = sender, float("-inf")
+
+    def install(self, transformer: torch.nn.Module) -> None:
+        hook = torch.compiler.disable(self._block_starts)
+        for block in transformer.transformer_blocks:
+            block.register_forward_pre_hook(hook)
+
+    def _block_starts(self, block: torch.nn.Module, args: tuple) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self.sender.send(Progress())
 
 
 class OwnCancel:
