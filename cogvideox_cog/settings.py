@@ -36,6 +36,9 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE | re.ASCII)
 # Plain decimals only: int() and float() also take "1_6", "+2", "1e3" and other scripts' digits.
 _COUNT = re.compile(r"\d+", re.ASCII)
 _SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+", re.ASCII)
+# The longest timeout (32 years: "no limit"). Sockets, threads' waits and torch's collectives
+# count in 64-bit nanoseconds and overflow at 292 years, past setup: every connection fails.
+LONGEST_WAIT_S = 10**9
 
 
 def setting(env: str, default: str = "") -> str:
@@ -51,11 +54,11 @@ def folder_from_env(env: str, default: os.PathLike | str) -> Path:
 
 def seconds_from_env(env: str, default: float, most: float = math.inf) -> float:
     """A positive number of seconds (at most `most`) from `env`, else a ConfigError naming it."""
+    most = min(most, LONGEST_WAIT_S)
     raw = setting(env, f"{default:g}")
     seconds = float(raw) if _SECONDS.fullmatch(raw) else math.nan
-    if not 0 < seconds < math.inf or seconds > most:
-        limit = f" and at most {most:g}" if most < math.inf else ""
-        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0{limit}")
+    if not 0 < seconds <= most:
+        raise ConfigError(f"{env}={raw!r}: give a number of seconds above 0 and at most {most:.0f}")
     return seconds
 
 

@@ -5,9 +5,12 @@ around any value are dropped."""
 from __future__ import annotations
 
 import re
+import socket
+import threading
 from pathlib import Path
 
 import pytest
+from torch.distributed import TCPStore
 
 from cogvideox_cog import postprocess, settings
 from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
@@ -16,6 +19,7 @@ from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
 from cogvideox_cog.parallel.gpus import gpus_from_env, start_generator
+from cogvideox_cog.parallel.ranks import collective_timeout
 from cogvideox_cog.pipeline import COMPILE_ENV, OFFLOAD_ENV, VAE_TILING_ENV
 from cogvideox_cog.prompts import enhance
 from cogvideox_cog.variants import MODEL_ENV, VARIANTS
@@ -60,6 +64,31 @@ def test_a_prompt_rewrite_may_take_at_most_600_seconds(monkeypatch):
     monkeypatch.setenv(enhance.TIMEOUT_ENV, "601")
     with pytest.raises(ConfigError, match=f"{enhance.TIMEOUT_ENV}='601': .* at most 600"):
         enhance._timeout()
+
+
+@pytest.mark.parametrize(("env", "read"), SECONDS[:3])
+def test_a_timeout_past_the_longest_wait_is_refused_naming_the_variable(monkeypatch, env, read):
+    """Taken, 1e10 s passed setup, and every download then failed with an OverflowError."""
+    monkeypatch.setenv(env, "10000000000")
+    with pytest.raises(ConfigError, match=f"{env}='10000000000': .* at most 1000000000$"):
+        read()
+
+
+def test_the_longest_timeouts_taken_are_ones_sockets_threads_and_collectives_can_wait_for(
+    monkeypatch,
+):
+    longest = str(settings.LONGEST_WAIT_S)
+    monkeypatch.setenv(download.TIMEOUT_ENV, longest)
+    monkeypatch.setenv(lora_store.TIMEOUT_ENV, longest)
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(enhance.TIMEOUT_ENV, "600")
+    with socket.socket() as connection:
+        connection.settimeout(download.timeout_s())
+    assert threading.Lock().acquire(timeout=lora_store.timeout_s())
+    # The ranks' store waits for the LoRA download and two prompt rewrites, and a margin.
+    store = TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=collective_timeout())
+    store.set("key", "value")
+    assert store.get("key") == b"value"
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "65", "1_6", "+2", "\uff18"])
