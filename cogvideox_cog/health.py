@@ -33,7 +33,10 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def default_url() -> str:
-    return f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/health-check"
+    """Cog's port, as Cog reads PORT: its int() drops surrounding blanks, such as the carriage
+    return an env file with Windows line ends can leave, which in the URL failed a healthy
+    server."""
+    return f"http://127.0.0.1:{os.environ.get('PORT', '5000').strip()}/health-check"
 
 
 def server_status(url: str, timeout: float = TIMEOUT_S) -> str:

@@ -221,6 +221,28 @@ def test_health_probes_ask_the_server_directly_when_a_download_proxy_is_set(serv
     assert (_probe("live", server, proxies), _probe("ready", server, proxies)) == (0, 0)
 
 
+def test_health_probes_ask_the_port_cog_serves_on_when_port_ends_in_a_carriage_return(
+    server_factory,
+):
+    """An env file with Windows line ends can end PORT in a carriage return. Cog 0.23.1 reads
+    it with int() and serves on the port; the probe put the carriage return in its URL and
+    failed a healthy server, which Kubernetes would restart again and again."""
+    server = server_factory()
+    port = f"{server.port}\r"
+    assert int(port) == server.port  # how Cog's server reads PORT
+    probes = [
+        subprocess.run(
+            [sys.executable, "-m", "cogvideox_cog.health", check],
+            cwd=PROJECT,
+            env={**os.environ, "PORT": port},
+            capture_output=True,
+            timeout=60,
+        ).returncode
+        for check in ("live", "ready")
+    ]
+    assert probes == [0, 0]
+
+
 def test_an_id_is_a_path_and_one_naming_a_file_wedges_the_server(server_factory, tmp_path):
     """Cog 0.23.1 makes a folder per prediction id in its predictions folder, joining the id
     in unchecked: `..` in an id climbs out of it, and an id that names a file leaves the slot
