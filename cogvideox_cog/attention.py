@@ -10,8 +10,9 @@ It is installed on every pipeline, so one attention code path serves one GPU and
 
 COGVIDEOX_ATTENTION_BACKEND picks the kernel (a diffusers backend name). Backends other than
 "native" (cuDNN, flash, sage...) are for GPUs and are not measured by this project; an
-unknown name or a backend whose package is missing fails setup, and so does any but "native"
-with several GPUs (`check_splittable`).
+unknown name, a backend whose package is missing or whose kernel cannot run on the device
+and dtype (`check_runs`) fails setup, and so does any but "native" with several GPUs
+(`check_splittable`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .errors import ConfigError
 
 ATTENTION_BACKEND_ENV = "COGVIDEOX_ATTENTION_BACKEND"
 DEFAULT_BACKEND = AttentionBackendName.NATIVE.value
+HEAD_DIM = 64  # every CogVideoX transformer's attention_head_dim
 
 
 def attention_backend(name: str | None) -> AttentionBackendName:
@@ -48,6 +50,31 @@ def attention_backend(name: str | None) -> AttentionBackendName:
             f"{ATTENTION_BACKEND_ENV}={name!r} cannot be used here: {error}"
         ) from None
     return backend
+
+
+def check_runs(
+    backend: AttentionBackendName | None, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Refuse a backend whose kernel cannot run on `device` in `dtype`.
+
+    Its package can be there and the kernel still refuse the device (cuDNN's or the
+    memory-efficient SDPA on a CPU, flash attention before Ampere): setup passed, and every
+    prediction failed once its prompt was encoded. One tiny attention call tells, before the
+    weights are fetched. torch's SDPA ("native") falls back to its math kernel anywhere.
+    """
+    if backend is None or backend.value == DEFAULT_BACKEND:
+        return
+    # (batch, tokens, heads, head_dim). 256 tokens: a shape every kernel takes (cuDNN before
+    # 9.0 wanted 64 or more, a multiple of 64), so only a kernel that cannot run is refused.
+    query = torch.ones(1, 256, 2, HEAD_DIM, device=device, dtype=dtype)  # no RNG draw
+    try:
+        dispatch_attention_fn(query, query, query, backend=backend)
+    except Exception as error:  # whatever the kernel raises where it cannot run
+        raise ConfigError(
+            f"{ATTENTION_BACKEND_ENV}={backend.value!r} cannot run on {device} in {dtype}: "
+            f"{str(error).strip().rstrip('.')}. Leave it unset (torch's SDPA) or pick one that "
+            f"runs there"
+        ) from None
 
 
 def check_splittable(backend: AttentionBackendName | None) -> None:

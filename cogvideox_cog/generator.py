@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from . import compile_cache, inputs, leftovers
-from .attention import ATTENTION_BACKEND_ENV, attention_backend
+from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
 from .errors import InputError, LoraError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
@@ -48,6 +48,7 @@ from .pipeline import (
     is_compiled,
     load_pipeline,
     no_offload_peak_gib,
+    pipeline_dtype,
 )
 from .postprocess import Postprocessor, Steps
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
@@ -226,6 +227,7 @@ class VideoGenerator:
         offload = choose_offload(setting(OFFLOAD_ENV, "auto"), variant, device, vae_tiling)
         compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
         attention = attention_backend(setting(ATTENTION_BACKEND_ENV))
+        check_runs(attention, device, pipeline_dtype(variant, device))
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.

@@ -7,20 +7,27 @@ transformer forward, and the COGVIDEOX_ATTENTION_BACKEND rules.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 from cogvideox_cog.attention import (
+    ATTENTION_BACKEND_ENV,
     AttentionBackendName,
     DispatchingCogVideoXAttnProcessor,
     attention_backend,
+    check_runs,
     check_splittable,
     use_dispatching_attention,
 )
 from cogvideox_cog.devtools.tiny import build_tiny_pipeline
 from cogvideox_cog.errors import ConfigError
+from cogvideox_cog.generator import VideoGenerator
+from cogvideox_cog.weights import WEIGHTS_URL_ENV
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("family", ["1.0", "1.5"])
@@ -60,6 +67,28 @@ def test_an_unknown_backend_fails_setup_naming_the_variable_and_the_choices():
 def test_a_backend_without_its_package_fails_setup_saying_what_to_install():
     with pytest.raises(ConfigError, match=r"COGVIDEOX_ATTENTION_BACKEND='flash' .*flash-attn"):
         attention_backend("flash")
+
+
+@pytest.mark.parametrize("name", ["_native_cudnn", "_native_efficient"])
+def test_a_backend_whose_kernel_cannot_run_on_the_device_is_refused_naming_it(name):
+    """Their packages are torch itself, so only running them tells."""
+    expected = f"{ATTENTION_BACKEND_ENV}='{name}' cannot run on cpu in torch.float32: "
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_runs(attention_backend(name), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("name", [None, "native", "_native_math", "_native_flash"])
+def test_a_backend_whose_kernel_runs_on_the_device_is_taken(name):
+    check_runs(attention_backend(name), CPU, torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cuDNN attention may run on this GPU")
+def test_a_backend_that_cannot_run_here_fails_setup_before_the_weights(monkeypatch):
+    """Setup passed, and every prediction then failed once its prompt was encoded."""
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")  # unreachable
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "_native_cudnn")
+    with pytest.raises(ConfigError, match="'_native_cudnn' cannot run on cpu"):
+        VideoGenerator.from_env("t2v")
 
 
 @pytest.mark.parametrize("name", [None, "native"])
