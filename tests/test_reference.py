@@ -40,10 +40,14 @@ SEED, STEPS, GUIDANCE = 42, 3, 6.0
 TINY_SIZE = "48x80"  # the tiny 1.5 weights bound their rotary grid below 1.5's 768x1360
 
 
-def _ours(variant_id: str, weights, mode: str, resolution=None, **request) -> np.ndarray:
+def _ours(
+    variant_id: str, weights, mode: str, resolution=None, device=CPU, **request
+) -> np.ndarray:
+    """The project's frames; device: the one the generator is told it runs on (the tiny
+    pipeline runs on the CPU)."""
     variant = VARIANTS[variant_id]
     pipe = build_pipeline(variant, weights, CPU, "none", mode=mode)
-    generator = VideoGenerator(variant, pipe, CPU, mode, resolution=resolution)
+    generator = VideoGenerator(variant, pipe, device, mode, resolution=resolution)
     fields = dict(
         prompt=PROMPT,
         negative_prompt="",
@@ -222,3 +226,15 @@ def test_the_clip_fit_is_a_real_departure_from_diffusers_stretch(tiny_weights, s
     stretched = _reference(CogVideoXVideoToVideoPipeline, weights, video=frames, strength=0.8)
     assert ours.shape == stretched.shape == (9, 48, 80, 3)
     assert not np.array_equal(ours, stretched)
+
+
+def test_the_seeds_noise_comes_from_a_cpu_generator_whatever_device_runs_the_model(
+    tiny_weights,
+):
+    """cli_demo.py seeds `torch.Generator()`, a CPU one, so a seed draws the same noise on any
+    GPU; a generator on the GPU draws other noise, which a CPU cannot tell apart in the tests
+    above. Here the generator is told it runs on a GPU while the tiny model stays on the CPU,
+    where a CUDA generator cannot draw: only the CPU one renders the reference frames."""
+    weights = tiny_weights["1.0-t2v"]
+    ours = _ours("cogvideox-5b", weights, "t2v", device=torch.device("cuda"), num_frames=9)
+    assert np.array_equal(ours, _reference(CogVideoXPipeline, weights, num_frames=9))
