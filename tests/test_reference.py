@@ -10,7 +10,8 @@ are identical. A deliberate departure therefore fails here until someone changes
 The documented departures in what the model is given, the fit of the image and of the clip's
 frames (cover and centre-crop where diffusers stretches) and the clip's frames picked in time,
 are applied to the reference's input first: the reference gets the image or frames the
-predictor makes, and the last tests show that each fit is a real difference.
+predictor makes, and the last tests show that each fit is a real difference. An image of the
+video's own shape needs no fit: there the reference reads the file as cli_demo.py does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from diffusers import (
     CogVideoXPipeline,
     CogVideoXVideoToVideoPipeline,
 )
+from diffusers.utils import load_image
 from PIL import Image
 
 from cogvideox_cog.generator import Request, VideoGenerator
@@ -131,6 +133,22 @@ def test_5b_image_to_video_equals_diffusers_on_the_fitted_image(tiny_weights, pi
     image = fit_image(open_image(picture), height, width)
     reference = _reference(
         CogVideoXImageToVideoPipeline, tiny_weights["1.0-i2v"], image=image, num_frames=9
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_an_image_of_the_videos_shape_gives_diffusers_frames_from_the_file_itself(
+    tiny_weights, tmp_path
+):
+    """Nothing to crop: the picture is scaled as diffusers scales it (Lanczos), so the frames
+    are those of cli_demo.py given the file, read by diffusers' load_image."""
+    rng = np.random.default_rng(6)
+    path = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8)).save(path)  # 5:3
+    weights = tiny_weights["1.0-i2v"]
+    ours = _ours("cogvideox-5b-i2v", weights, "i2v", num_frames=9, image=path)
+    reference = _reference(
+        CogVideoXImageToVideoPipeline, weights, image=load_image(str(path)), num_frames=9
     )
     assert np.array_equal(ours, reference)
 
