@@ -449,3 +449,24 @@ def test_safetensors_save_file_is_what_we_call_a_lora_file(tmp_path, served, cac
     root, server = served
     save_file({"x.lora_A.weight": torch.ones(1, 2)}, root / "plain.safetensors")
     assert cache.get(server.url("plain.safetensors")).stat().st_size > 0
+
+
+def test_a_presigned_urls_signature_is_written_to_no_cache_file(served, cache):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    cache.get(server.url("a.safetensors") + "?X-Amz-Signature=secret-signature")
+    files = [p for p in cache.root.rglob("*") if p.is_file()]
+    assert files
+    assert not [p for p in files if b"secret-signature" in p.read_bytes()]
+
+
+def test_a_presigned_url_is_cached_under_its_signature(served, cache):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    signed = server.url("a.safetensors") + "?X-Amz-Signature=secret-signature"
+    cache.get(signed)
+    gets = _gets(server, "a.safetensors")
+    cache.get(signed)
+    assert _gets(server, "a.safetensors") == gets
+    cache.get(server.url("a.safetensors"))  # no proof of access: not served from the cache
+    assert _gets(server, "a.safetensors") > gets

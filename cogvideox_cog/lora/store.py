@@ -3,10 +3,12 @@
 A `lora_url` is downloaded into a private staging file, checked (a safetensors file whose
 header accounts for every byte; a pickle is refused without being read; a tar is searched for
 its LoRA file), hashed, and published as `blobs/<sha256>.safetensors` with one atomic rename,
-so a half-downloaded file is never loaded. `urls/` maps each URL to the hash it gave. URLs
-are taken as immutable, as Replicate's own LoRA caches do: publish new weights under a new
-URL (or add a query string) to fetch them again. When the blobs pass the cache's size bound,
-the least recently used ones are evicted; downloads in progress count against that bound, and
+so a half-downloaded file is never loaded. `urls/` maps each URL to the hash it gave, in a
+file named by the whole URL's sha256 that records the URL as logs show it (download.shown):
+a presigned URL's signature is a credential, never written to the cache volume. URLs are
+taken as immutable, as Replicate's own LoRA caches do: publish new weights under a new URL
+(or add a query string) to fetch them again. When the blobs pass the cache's size bound, the
+least recently used ones are evicted; downloads in progress count against that bound, and
 one a killed process left behind is removed by the next request (leftovers.py).
 
 Downloads reuse the weights downloader (download.py: ranged parallel GETs, retries with
@@ -129,7 +131,7 @@ class LoraCache:
         except (OSError, ValueError):
             return None
         blob = self.blobs / f"{entry.get('sha256')}.safetensors"
-        if entry.get("url") != url or not blob.is_file():
+        if entry.get("url") != download.shown(url) or not blob.is_file():
             return None  # evicted: fetch again
         # The header check of every download, again (it reads the header only): a blob cut
         # short on disk would otherwise fail every request for this URL and never be evicted.
@@ -144,7 +146,7 @@ class LoraCache:
         return blob
 
     def _record(self, url: str, blob: Path) -> None:
-        entry = {"url": url, "sha256": blob.stem, "fetched": time.time()}
+        entry = {"url": download.shown(url), "sha256": blob.stem, "fetched": time.time()}
         replace_atomically(self._index_path(url), json.dumps(entry))
 
     # Fetching -------------------------------------------------------------------------------
