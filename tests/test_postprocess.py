@@ -337,6 +337,14 @@ def test_a_pinned_sha256_that_is_not_one_is_refused(monkeypatch):
         _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
 
 
+def test_a_url_with_a_password_is_refused_without_echoing_it(monkeypatch):
+    monkeypatch.setenv(UPSCALE_URL_ENV, "https://user:hunter2@127.0.0.1/RealESRGAN_x4plus.pth")
+    with pytest.raises(ConfigError, match="holds a user name or password") as refused:
+        _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    assert UPSCALE_URL_ENV in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 def _released_esrgan_layout(scale: int) -> dict[str, tuple[int, ...]]:
     """BasicSR's RRDBNet(num_feat=64, num_block=23, num_grow_ch=32): RealESRGAN_x4plus/x2plus."""
     layout = {"conv_first.weight": (64, 3 * (4 // scale) ** 2, 3, 3), "conv_first.bias": (64,)}

@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError, InputError
 from ..settings import setting
 from ..timing import Laps
+from ..weights import download
 from ..weights.manifest import SHA256_HEX
 from . import rife, rrdbnet
 from .weights import ModelSource, load_model
@@ -224,6 +225,9 @@ def _enabled(env: str) -> bool:
 
 def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
     url = setting(url_env, default)
+    # Before any request: urllib takes a password for a port and quotes it in its error.
+    if download.scheme_of(url) in ("http", "https") and (problem := download.url_problem(url)):
+        raise ConfigError(f"{url_env}={download.shown(url)!r} {problem}.")
     raw = setting(sha256_env)
     if raw and not SHA256_HEX.fullmatch(raw):
         raise ConfigError(f"{sha256_env}={raw!r}: give the file's sha256, 64 hex digits")
