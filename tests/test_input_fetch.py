@@ -58,8 +58,10 @@ def test_a_url_that_keeps_failing_fails_after_one_retry(files, where):
         ("http://127.0.0.1:port/x.png", r"the image URL is not a valid URL"),
         ("http://user:secret@127.0.0.1/x.png", r"the image URL holds a user name or password"),
         ("http:///x.png", r"the image URL has no host"),
+        ("http://127.0.0.1/a b.png?X-Amz-Signature=secret", r"holds a space.*%20"),
+        ("http://127.0.0.1/café.png?X-Amz-Signature=secret", r"a letter outside ASCII.*encode"),
     ],
-    ids=["bracket", "port", "credentials", "no-host"],
+    ids=["bracket", "port", "credentials", "no-host", "space", "non-ascii"],
 )
 def test_a_url_urllib_cannot_fetch_is_refused_before_any_request(url, problem):
     with pytest.raises(InputError, match=problem) as refused, fetched("image", url, "picture"):

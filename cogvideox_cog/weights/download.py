@@ -206,14 +206,23 @@ def identity(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
 
 
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a request line
+
+
 def url_problem(url: str) -> str | None:
     """Why urllib cannot fetch this http(s) URL as written, or None. Said before any request,
-    so that the error names the URL's fault rather than a socket's (and echoes no password)."""
+    so that the error names the URL's fault rather than a socket's (and echoes no password,
+    nor the query string that http.client quotes when it refuses a request line)."""
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (a port that is not a number raises here)
     except ValueError as error:
         return f"is not a valid URL ({error})"
+    if _UNSENDABLE.search(url) or not (parts.path + parts.query).isascii():
+        return (
+            "holds a space, a control character or a letter outside ASCII, which a request "
+            "cannot carry: percent-encode it (a space is %20), as a browser's address bar does"
+        )
     if "@" in parts.netloc:
         return (
             "holds a user name or password, which cannot be sent: use a signed URL instead "
