@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from cogvideox_cog.errors import LoraError
-from cogvideox_cog.lora import store
+from cogvideox_cog.lora import fetch, store
 from cogvideox_cog.lora.fetch import check_lora_url
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.settings import parse_size
@@ -273,6 +273,26 @@ def test_an_oversized_lora_inside_a_compressed_tar_is_refused_by_its_size(served
     assert (root / "run.tar.gz").stat().st_size < 4096 < len(save(zeros))
     cache = LoraCache(tmp_path / "cache", 4096, 1 << 30, timeout_s=30)
     with pytest.raises(LoraError, match=rf"run\.tar\.gz \({LORA}\) is .* over the"):
+        cache.get(server.url("run.tar.gz"))
+
+
+def test_a_compressed_tar_that_expands_past_its_bound_is_refused(served, cache):
+    """A few kB of gzip can hold terabytes: the bound is a few times the size limit."""
+    root, server = served
+    zeros = bytes(fetch.TAR_EXPANSION * cache.max_file_bytes)  # weights never compress so
+    _serve(root, "run.tar.gz", _tar({"output/optimizer.bin": zeros, LORA: _lora_bytes(1)}, "w:gz"))
+    assert (root / "run.tar.gz").stat().st_size < cache.max_file_bytes
+    with pytest.raises(LoraError, match=r"run\.tar\.gz decompresses to more than 4\.2 MB"):
+        cache.get(server.url("run.tar.gz"))
+
+
+def test_a_tar_of_too_many_entries_is_refused(served, tmp_path):
+    """Each entry listed takes memory, and listing millions takes minutes of a CPU core."""
+    root, server = served
+    members = {f"output/{i}.txt": b"" for i in range(fetch.MAX_TAR_MEMBERS)}
+    _serve(root, "run.tar.gz", _tar({**members, LORA: _lora_bytes(1)}, "w:gz"))
+    cache = LoraCache(tmp_path / "cache", 8 << 20, 1 << 30, timeout_s=30)
+    with pytest.raises(LoraError, match=r"run\.tar\.gz holds more than 10,000 entries"):
         cache.get(server.url("run.tar.gz"))
 
 

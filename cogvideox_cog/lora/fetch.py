@@ -9,13 +9,17 @@ without being read, and a web page or a zip gets a message that says what to sen
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import logging
+import lzma
 import os
 import shutil
 import tarfile
 import threading
 import urllib.parse
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import LoraError, WeightsError
@@ -29,6 +33,13 @@ log = logging.getLogger(__name__)
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_SIZE_ENV = "COGVIDEOX_LORA_MAX_SIZE"
+# A compressed tar is decompressed to at most this many times the size cap: weights barely
+# compress, while a few MB of gzip can hold terabytes of zeros or millions of tar headers.
+TAR_EXPANSION = 4
+# Entries of a tar listed at most: a training run's output folder holds hundreds, and each
+# entry listed takes memory until the tar is closed.
+MAX_TAR_MEMBERS = 10_000
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}
 _PICKLE_HINT = (
     "pickle checkpoints can run code when loaded and are refused; convert it with "
     "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')` "
@@ -156,20 +167,57 @@ def _lora_file(url: str, path: Path, staging: Path, max_bytes: int) -> Path:
 def _from_tar(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
     """Copy the LoRA member out of a tar: read as data, never extracted by its name."""
     try:
-        with tarfile.open(path, "r:*") as archive:
-            members = [m for m in archive.getmembers() if m.isfile()]
+        plain = _decompressed(url, path, dest.with_name("download.tar"), max_bytes)
+        with tarfile.open(plain, "r:") as archive:
+            members = [m for m in _members(url, archive) if m.isfile()]
             name = _pick_lora_file([m.name for m in members], url)
             member = next(m for m in members if m.name == name)
             if member.size > max_bytes:
                 raise _too_big(f"{url} ({name})", member.size, max_bytes)
             with archive.extractfile(member) as source, dest.open("wb") as out:
                 shutil.copyfileobj(source, out, download.READ_BYTES)
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise LoraError(f"the tar at {url} cannot be read: {error}") from None
     if sniff(dest) == "pickle":
         raise LoraError(f"{name} in {url} is a PyTorch pickle checkpoint: {_PICKLE_HINT}.")
     log.info(f"lora: using {name} from the tar at {url}")
     return dest
+
+
+def _decompressed(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
+    """The tar itself: `path`, or `dest` holding it decompressed, up to TAR_EXPANSION times
+    `max_bytes` (beyond that, the listing alone would hold a CPU core long after the timeout,
+    and a header in memory per entry)."""
+    with path.open("rb") as file:
+        head = file.read(6)
+    opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+    if opener is None:
+        return path
+    limit, written = TAR_EXPANSION * max_bytes, 0
+    with opener(path) as source, dest.open("wb") as out:
+        while block := source.read(download.READ_BYTES):
+            written += out.write(block)
+            if written > limit:
+                raise LoraError(
+                    f"the tar at {url} decompresses to more than {download.human(limit)}, "
+                    f"{TAR_EXPANSION} times the {download.human(max_bytes)} limit "
+                    f"({MAX_SIZE_ENV}): send the LoRA file itself, or a tar of the run's "
+                    f"output folder without what compresses that well"
+                )
+    return dest
+
+
+def _members(url: str, archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The tar's entries, at most MAX_TAR_MEMBERS."""
+    members = []
+    for member in archive:
+        members.append(member)
+        if len(members) > MAX_TAR_MEMBERS:
+            raise LoraError(
+                f"the tar at {url} holds more than {MAX_TAR_MEMBERS:,} entries: send the "
+                f"LoRA file itself, or a tar of the run's output folder"
+            )
+    return members
 
 
 def _too_big(what: str, size: int, max_bytes: int, at_least: bool = False) -> LoraError:
