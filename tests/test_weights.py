@@ -1027,7 +1027,8 @@ def test_a_symlink_redirected_by_a_later_member_is_refused(tiny, tmp_path, cache
 # Two processes, and a process killed mid-download.
 
 
-def _setup_process(env: dict[str, str]) -> subprocess.Popen:
+def _setup_process(env: dict[str, str], bin_dir: Path | None = None) -> subprocess.Popen:
+    """ensure_weights() in a process of its own; `bin_dir`, where given, first on its PATH."""
     code = textwrap.dedent(
         """
         import logging, sys
@@ -1040,6 +1041,8 @@ def _setup_process(env: dict[str, str]) -> subprocess.Popen:
     path = f"{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin"
     if shutil.which("pget", path=path):
         pytest.skip("pget is installed: these processes would use it")
+    if bin_dir is not None:
+        path = f"{bin_dir}{os.pathsep}{path}"
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=PROJECT,
@@ -1488,6 +1491,44 @@ def test_an_earlier_pget_attempts_files_do_not_count_against_the_disk_check(
 
     monkeypatch.setattr(cache_module.shutil, "disk_usage", disk_usage)
     assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_setup_killed_while_pget_downloads_takes_pget_with_it(served, cache, tmp_path):
+    """pget does not hold the entry's lock: left running, it would go on writing into the
+    staging folder that the next setup (another worker on the volume) empties and fills."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pids = tmp_path / "pget.pid"
+    pget = bin_dir / "pget"  # a download that takes a minute
+    pget.write_text(
+        f"#!{sys.executable}\nimport os, time\n"
+        f"open({str(pids)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    pget.chmod(0o755)
+    env = {"COGVIDEOX_WEIGHTS_URL": served.url("model.tar"), "COGVIDEOX_WEIGHTS_DIR": str(cache)}
+    setup = _setup_process(env, bin_dir)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pids.read_text())
+    setup.send_signal(signal.SIGKILL)
+    setup.communicate()
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not _running(pid)
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_pget_output_that_fails_verification_is_not_published(

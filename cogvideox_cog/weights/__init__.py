@@ -17,10 +17,12 @@ For a source that is not a local directory:
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -57,6 +59,7 @@ CHECKS = ("size", "sha256")
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # the project root's
 # What a hub snapshot needs: the pipeline index and the component folders (no README, media).
 HF_PATTERNS = ("model_index.json", "*/*")
+PR_SET_PDEATHSIG = 1  # prctl(2)
 T = TypeVar("T")
 
 
@@ -410,6 +413,7 @@ def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
+        preexec_fn=_ends_with_this_process(),
     ) as process:
         try:
             for line in process.stdout:
@@ -423,6 +427,28 @@ def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
             f"is above. Run setup again, or take pget off PATH to use the built-in downloader."
         )
     check_contained(staging, shown)
+
+
+def _ends_with_this_process() -> Callable[[], None] | None:
+    """For Popen's preexec_fn: the child is killed when this process dies, SIGKILL included.
+
+    pget does not hold the entry's lock (its descriptor is close-on-exec): orphaned by a
+    setup that the OOM killer took, it would go on writing into the staging folder that the
+    next setup, on another worker sharing the volume, empties and fills with its own pget.
+    prctl(PR_SET_PDEATHSIG) fires when the thread that started the child ends; that thread
+    waits here for pget to end, so it ends only with the process.
+    """
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux only
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
 
 
 def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERNS) -> None:
