@@ -758,9 +758,11 @@ def test_a_urls_identity_drops_only_what_signs_it(url, identity):
         ("http://user:hunter2@{host}/model.tar", "holds a user name or password"),
         ("http://127.0.0.1:99999/model.tar", "is not a valid URL"),
         ("http:///model.tar", "has no host"),
-        ("http://{host}/model tar", "holds a space, a control character"),
+        ("http://{host}/model tar?X-Amz-Signature=hunter2", "holds a space"),
+        ("http://{host}/model.tar?X-Amz-Signature=hunter2\x7f", "a control character"),
+        ("http://{host}/modèle.tar?X-Amz-Signature=hunter2", "a letter outside ASCII"),
     ],
-    ids=["password", "port", "no-host", "space"],
+    ids=["password", "port", "no-host", "space", "control", "non-ascii"],
 )
 def test_a_weights_url_that_cannot_work_fails_at_once(
     served, cache, monkeypatch, caplog, url, problem
