@@ -8,6 +8,7 @@ naming what failed, and no cache entry is ever marked complete when it is not.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -330,6 +331,22 @@ def test_a_lock_file_left_by_another_user_still_locks(tmp_path):
     lock.chmod(0o444)
     with cache_module.locked(lock):
         assert lock.read_text() == "pid 1 on another host"
+
+
+def test_a_cache_volume_without_file_locks_fails_setup_saying_so(served, cache, monkeypatch):
+    """NFS mounted without its lock manager answers flock with ENOLCK, some FUSE volumes
+    with ENOSYS: it stands in here for such a mount."""
+
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(cache_module.fcntl, "flock", flock)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(
+        WeightsError, match=r"cannot lock .*No locks available.*set COGVIDEOX_WEIGHTS_DIR"
+    ):
+        ensure_weights(VARIANT)
+    assert served.requests == []
 
 
 def test_an_unknown_content_check_is_refused(cache, monkeypatch):

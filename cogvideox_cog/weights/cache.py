@@ -317,6 +317,14 @@ def locked(path: Path) -> Iterator[None]:
                     log.info(f"weights: waiting for another setup to finish ({holder})")
                     last_log = now
                 time.sleep(0.2)
+            except OSError as error:  # NFS whose lock service fails (ENOLCK), some FUSE
+                raise WeightsError(
+                    f"cannot lock {path}: {error.strerror or error}. The lock keeps setups "
+                    f"that share the volume from writing the same weights at once. Enable "
+                    f"file locks on that volume (NFS 4 has them built in; NFS 3 needs the "
+                    f"lock service on client and server), or set {WEIGHTS_DIR_ENV} to a "
+                    f"folder on a disk that has them."
+                ) from error
         if writable:
             since = datetime.now(UTC)
             holder = f"pid {os.getpid()} on {socket.gethostname()} since {since:%H:%M:%S}"
