@@ -1026,6 +1026,35 @@ def test_a_member_named_again_replaces_a_hard_link_instead_of_writing_through_it
     assert (root / "extra.txt").read_bytes() == b"not the model index"
 
 
+def test_a_setup_stopped_as_a_member_replaces_a_hard_link_resumes_without_writing_through_it(
+    tiny, tmp_path, cache, monkeypatch
+):
+    """Stopped once the journal names the new extra.txt, before it is written: the next
+    setup must not take the old link's bytes for the new file's and write on into them."""
+    extra = [
+        _member("extra.txt", None, type=tarfile.LNKTYPE, linkname="model_index.json"),
+        _member("extra.txt", b"not the model index"),
+    ]
+    server = _serve_tar(_tar(tmp_path / "relinked.tar", tiny, extra=extra), monkeypatch)
+    write_file = untar._Extractor.write_file
+
+    def stopped_at_extra(self, stream, member, written):
+        if member["name"] == "extra.txt":
+            raise KeyboardInterrupt  # where a SIGKILL would stop it
+        return write_file(self, stream, member, written)
+
+    try:
+        monkeypatch.setattr(untar._Extractor, "write_file", stopped_at_extra)
+        with pytest.raises(KeyboardInterrupt):
+            ensure_weights(VARIANT)
+        monkeypatch.setattr(untar._Extractor, "write_file", write_file)
+        root = ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert (root / "model_index.json").read_bytes() == (tiny / "model_index.json").read_bytes()
+    assert (root / "extra.txt").read_bytes() == b"not the model index"
+
+
 def test_a_symlink_redirected_by_a_later_member_is_refused(tiny, tmp_path, cache, monkeypatch):
     """x is inside when it is extracted (y is deep then); y made '.' afterwards points x
     outside, so the finished extraction is checked too."""

@@ -150,6 +150,12 @@ class _Extractor:
                     return
                 info = _vet(info, self.dest, self.source)
                 if info.isreg():
+                    path = Path(self.dest, info.name)
+                    if os.path.lexists(path):
+                        # A member named again replaces the earlier one, as tar does, and
+                        # before the journal names it: a resume would take the old file's
+                        # bytes for its own, and write on into every name a hard link shares.
+                        _remove(path, info.name, self.source)
                     member = {"name": info.name, "data": s.position, "size": info.size}
                     journal.offset, journal.member = header_at, member
                     journal.global_headers = base64.b64encode(globals_).decode()
@@ -164,9 +170,7 @@ class _Extractor:
         path, name, size = Path(self.dest, member["name"]), member["name"], member["size"]
         path.parent.mkdir(parents=True, exist_ok=True)
         if not written and os.path.lexists(path):
-            # A member named again replaces the earlier one, as tar does; writing into it
-            # would write through a symlink or into every name a hard link shares.
-            _remove(path, name, self.source)
+            _remove(path, name, self.source)  # never write through a link left there
         digest = None
         if self.hash_files:
             digest = sha256_file(path, written) if written else hashlib.sha256()
