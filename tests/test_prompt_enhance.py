@@ -4,6 +4,7 @@ random Qwen2 fetched through the weights cache, and the rewrite's bounds."""
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 import threading
 import time
@@ -413,6 +414,21 @@ def test_a_renewed_presigned_url_reuses_the_cached_model(llm_server, tmp_path, m
     assert ensure_causal_lm(signed + "sig-two", enhance.WEIGHTS_ENV) == first
     assert len(llm_server.requests) == fetches
     assert "X-Amz-Signature" not in (first.parent / COMPLETE_MARKER).read_text()
+
+
+def test_leftovers_of_a_killed_delete_beside_the_model_are_removed(
+    llm_server, tmp_path, monkeypatch
+):
+    """A delete killed between its rename and its rmtree leaves a trash folder as big as the
+    model, never read: the next fetch removes it, as for the video weights."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    url = llm_server.url("llm.tar")
+    entry = f"prompt-enhancer-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    for leftover in (f".{entry}.trash-456", f".{entry}.staging.trash-789"):
+        (tmp_path / leftover / "tiny-qwen2").mkdir(parents=True)
+    root = ensure_causal_lm(url, enhance.WEIGHTS_ENV)
+    assert root.parent == tmp_path / entry
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry, f".{entry}.lock"])
 
 
 def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypatch):

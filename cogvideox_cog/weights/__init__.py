@@ -205,11 +205,7 @@ def _ensure(variant: Variant) -> _Resolved:
         if root is not None:
             return _cached(root, entry)
         cache.discard(entry)
-        # Left by a process killed while deleting, or by the per-process staging folders
-        # of earlier versions: never read, only removed.
-        for leftover in cache_root.glob(f".{entry.name}.*-*"):
-            if leftover.is_dir() and (".trash-" in leftover.name or ".partial-" in leftover.name):
-                shutil.rmtree(leftover, ignore_errors=True)
+        cache.remove_leftovers(entry)
         errors = []
         for number, source in enumerate(sources, 1):
             try:

@@ -285,6 +285,15 @@ def discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def remove_leftovers(entry: Path) -> None:
+    """Delete what killed processes left beside `entry`: the trash of a discard killed before
+    its rmtree ended (of the entry or its staging folder), and the per-process staging folders
+    of earlier versions. Never read, only removed; the caller holds the entry's lock."""
+    for leftover in entry.parent.glob(f".{entry.name}.*-*"):
+        if leftover.is_dir() and (".trash-" in leftover.name or ".partial-" in leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def entry_lock(entry: Path) -> AbstractContextManager[None]:
     """locked() on the entry's lock file, beside it: the one every fetcher of it takes."""
     return locked(entry.parent / f".{entry.name}.lock")

@@ -73,6 +73,7 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
         if root is not None:
             return root
         cache.discard(entry)
+        cache.remove_leftovers(entry)
         return _fetch(source, entry, manifest, check, setting)
 
 
