@@ -4,7 +4,8 @@ Serves the files of one directory over HTTP/1.1 with keep-alive and byte ranges 
 Content-Range, as CDNs do), counts the body bytes it sent, logs each request, and injects the
 faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying
 Content-Length, a flipped byte, a stalled transfer, no Range support, no validators (neither
-ETag nor Last-Modified, as some hosts), or Last-Modified alone. A test changes a served file by
+ETag nor Last-Modified, as some hosts), or Last-Modified alone; bodies can be sent chunked,
+without a Content-Length (as some proxies send them). A test changes a served file by
 replacing it in the directory, or mid-download with `replace_after`.
 
 A fault is keyed by file name and applies to the next `times` responses for that file
@@ -106,7 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = end - start + 1
         lie = owner._take(name, "length")
         self.send_response(206 if ranged else 200)
-        self.send_header("Content-Length", str(length + (lie.delta if lie else 0)))
+        if owner.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(length + (lie.delta if lie else 0)))
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         if owner.ranges:
@@ -139,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
         if flip:
             owner._spend(name, flip)
         position = start
-        if not flip and cut == stop:
+        if not flip and cut == stop and not owner.chunked:
             # Fast path, as a real file server: the kernel copies the file to the socket.
             while position < stop:
                 sent = self.connection.sendfile(source, position, stop - position)
@@ -153,9 +157,14 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytearray(source.read(min(_BLOCK, cut - position)))
             if flip and position <= flip.offset < position + len(data):
                 data[flip.offset - position] ^= 0xFF
-            self.wfile.write(data)
+            if owner.chunked:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self.wfile.write(data)
             position += len(data)
             owner._count(len(data))
+        if owner.chunked and cut == stop:
+            self.wfile.write(b"0\r\n\r\n")
         if cut < stop:
             self.wfile.flush()
             if stall and stall.offset == cut:
@@ -178,9 +187,11 @@ class FileServer:
         ranges: bool = True,
         etag: bool = True,
         last_modified: bool = False,
+        chunked: bool = False,
     ):
         self.directory = Path(directory)
         self.ranges, self.etag, self.last_modified = ranges, etag, last_modified
+        self.chunked = chunked
         self.requests: list[tuple[str, str, str | None]] = []  # (method, name, Range header)
         self._bytes_sent = 0
         self._faults: dict[str, list[_Fault]] = {}

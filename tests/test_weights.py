@@ -807,6 +807,19 @@ def test_a_server_without_range_support(served_dir, cache, tiny, monkeypatch, ca
         server.stop()
 
 
+def test_ranges_sent_chunked_without_a_content_length(served_dir, cache, tiny, monkeypatch):
+    """HTTP/1.1 lets a 206 go chunked, its length in Content-Range alone (some proxies)."""
+    server = FileServer(served_dir, chunked=True)
+    try:
+        size = (served_dir / "model.tar").stat().st_size
+        server.drop_at("model.tar", size // 2)  # and a chunked body cut short resumes
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url("model.tar"))
+        assert _same_tree(tiny, ensure_weights(VARIANT))
+        assert server.requests[-1] == ("GET", "model.tar", f"bytes={size // 2}-{size - 1}")
+    finally:
+        server.stop()
+
+
 def test_parallel_ranges_with_faults_in_several_chunks(served, cache, tiny, monkeypatch):
     monkeypatch.setattr(download, "CHUNK_BYTES", 64 << 10)
     monkeypatch.setattr(download, "READ_BYTES", 16 << 10)

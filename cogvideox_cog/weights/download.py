@@ -546,8 +546,7 @@ class RangedStream(Stream):
                     f"asked for bytes {first}-{last}, got HTTP {response.status} without a "
                     f"range: the server stopped honouring Range requests"
                 )
-            self._check(response, first, last)
-            body_end = chunk.filled + int(response.headers["Content-Length"])
+            body_end = chunk.filled + self._check(response, first, last)
             published = filled = chunk.filled
             try:
                 while filled < body_end and not self._stop.is_set():
@@ -567,8 +566,9 @@ class RangedStream(Stream):
                     self._cond.notify_all()
             return body_end
 
-    def _check(self, response: http.client.HTTPResponse, first: int, last: int) -> None:
-        """A 206 must be for the bytes asked, of the same file, and say its length right."""
+    def _check(self, response: http.client.HTTPResponse, first: int, last: int) -> int:
+        """A 206 must be for the bytes asked, of the same file, and say its length right;
+        returns that length."""
         headers = response.headers
         match = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", ""))
         if not match or int(match[1]) != first or int(match[2]) > last:
@@ -584,10 +584,13 @@ class RangedStream(Stream):
             raise _Changed(changed)
         expected = int(match[2]) - first + 1
         length = headers.get("Content-Length")
+        if length is None and response.chunked:
+            return expected  # HTTP/1.1 allows it: the length is Content-Range's alone
         if length != str(expected):
             raise _Retryable(
                 f"Content-Length {length} for bytes {first}-{match[2]} ({expected:,} bytes)"
             )
+        return expected
 
 
 class SequentialStream(Stream):
@@ -671,10 +674,13 @@ def _read_some(reader, view: memoryview) -> int:
 
     HTTPResponse.readinto waits until the whole view is full, so a timeout or a dropped
     connection would lose the bytes already in it; the BufferedReader under a plain (not
-    chunked) response reads at most once. Our callers count the body's length themselves.
+    chunked) response reads at most once, and a chunked response's readinto1 reads at most
+    one chunk's worth (its read1). Our callers count the body's length themselves.
     """
-    if isinstance(reader, http.client.HTTPResponse) and not reader.chunked and reader.fp:
-        return reader.fp.readinto1(view)
+    if isinstance(reader, http.client.HTTPResponse):
+        if not reader.chunked and reader.fp:
+            return reader.fp.readinto1(view)
+        return reader.readinto1(view)
     return reader.readinto(view)
 
 
