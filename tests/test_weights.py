@@ -1331,6 +1331,16 @@ def test_builtin_manifests_match_the_variants_and_invent_no_hashes():
     assert sorted(p.stem for p in MANIFEST_DIR.glob("*.json")) == sorted(VARIANTS)
 
 
+def test_the_builtin_manifests_name_a_command_that_exists():
+    """Their note says how to fill in sizes and hashes: the module it names must run."""
+    import importlib.util
+
+    for path in sorted(MANIFEST_DIR.glob("*.json")):
+        commands = re.findall(r"python -m ([\w.]+)", json.loads(path.read_text())["note"])
+        assert commands, path.name
+        assert all(importlib.util.find_spec(module) for module in commands), path.name
+
+
 def test_a_manifest_lists_sources_tried_in_order(served, cache, tiny, tmp_path, monkeypatch):
     manifest = tmp_path / "manifest.json"
     data = manifest_of_directory(
