@@ -988,6 +988,30 @@ def test_an_unsafe_tar_is_refused_and_nothing_is_written_outside(
     assert not any(cache.glob(".*.staging"))
 
 
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ([_member("model_index.json/x")], r"'model_index.json/x' cannot be written"),
+        ([_member("a" * 300)], rf"'{'a' * 300}' cannot be written"),
+    ],
+    ids=["file-under-a-file", "name-too-long"],
+)
+def test_a_tar_whose_member_cannot_be_written_is_discarded_not_resumed(
+    tiny, tmp_path, cache, monkeypatch, extra, problem
+):
+    """Such a tar fails the same way on every resume: blamed on the disk and kept, it would
+    fail every setup, asking to free space that is not short."""
+    server = _serve_tar(_tar(tmp_path / "bad.tar", tiny, extra=extra), monkeypatch)
+    try:
+        with pytest.raises(BadSource, match=r"corrupt tar .*" + problem) as failed:
+            ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert "disk space" not in str(failed.value)
+    assert _nothing_published(cache)
+    assert not any(cache.glob(".*.staging"))
+
+
 def _serve_tar(tar: Path, monkeypatch) -> FileServer:
     server = FileServer(tar.parent)
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", server.url(tar.name))

@@ -16,6 +16,7 @@ filter, and there _data_filter below applies the same rules.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -24,7 +25,8 @@ import queue
 import re
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -141,7 +143,8 @@ class _Extractor:
         written = journal.written(self.staging) if member is not None else 0
         with open_stream(journal.resume_at(self.staging)) as s:
             if member is not None:
-                self.write_file(s, member, written)
+                with _writing(member["name"], self.source):
+                    self.write_file(s, member, written)
             globals_ = base64.b64decode(journal.global_headers)
             while True:
                 header_at = s.position
@@ -149,21 +152,26 @@ class _Extractor:
                 if info is None:
                     return
                 info = _vet(info, self.dest, self.source)
-                if info.isreg():
-                    path = Path(self.dest, info.name)
-                    if os.path.lexists(path):
-                        # A member named again replaces the earlier one, as tar does, and
-                        # before the journal names it: a resume would take the old file's
-                        # bytes for its own, and write on into every name a hard link shares.
-                        _remove(path, info.name, self.source)
-                    member = {"name": info.name, "data": s.position, "size": info.size}
-                    journal.offset, journal.member = header_at, member
-                    journal.global_headers = base64.b64encode(globals_).decode()
-                    journal.save(self.staging)
-                    self.write_file(s, member, 0)
-                else:
-                    _skip(s, _padded(info.size) if info.size else 0)
-                    _make_other(info, Path(self.dest, info.name), self.dest, self.source)
+                with _writing(info.name, self.source):
+                    if info.isreg():
+                        self.start_file(s, info, header_at, globals_)
+                    else:
+                        _skip(s, _padded(info.size) if info.size else 0)
+                        _make_other(info, Path(self.dest, info.name), self.dest, self.source)
+
+    def start_file(self, stream: Stream, info: tarfile.TarInfo, header_at: int, globals_: bytes):
+        """Name a regular member in the journal, then write it."""
+        path = Path(self.dest, info.name)
+        if os.path.lexists(path):
+            # A member named again replaces the earlier one, as tar does, and before the
+            # journal names it: a resume would take the old file's bytes for its own, and
+            # write on into every name a hard link shares.
+            _remove(path, info.name, self.source)
+        member = {"name": info.name, "data": stream.position, "size": info.size}
+        self.journal.offset, self.journal.member = header_at, member
+        self.journal.global_headers = base64.b64encode(globals_).decode()
+        self.journal.save(self.staging)
+        self.write_file(stream, member, 0)
 
     def write_file(self, stream: Stream, member: dict, written: int) -> None:
         """Write a member's data from byte `written` on, then record it in the journal."""
@@ -375,6 +383,24 @@ class _Flusher:
                 self._error = error
             finally:
                 os.close(fd)
+
+
+# What writing a member fails with because of its own name or kind, not the disk: the same
+# on every resume, so the tar is corrupt (a file under a file, a name over 255 bytes).
+_THE_TARS_FAULT = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+@contextmanager
+def _writing(name: str, source: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _THE_TARS_FAULT:
+            raise  # the disk's: extract() says to free space, and the next setup resumes
+        raise BadSource(
+            f"corrupt tar {source}: member {name!r} cannot be written ({error.strerror}). "
+            f"The tar must be rebuilt."
+        ) from error
 
 
 def _views(stream: Stream, n: int, name: str):
