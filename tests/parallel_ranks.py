@@ -29,7 +29,7 @@ from torch._dynamo.utils import counters
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.lora.slot import LoraSlot
 from cogvideox_cog.parallel.engine import ContextParallel
-from cogvideox_cog.parallel.ranks import ReportedProgress
+from cogvideox_cog.parallel.ranks import ReportedProgress, agree_on_vae_tiling
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.speed import step_cache
 from cogvideox_cog.variants import VARIANTS
@@ -54,6 +54,9 @@ class Case:
     compiled: bool = False  # the blocks compiled (aot_eager), as setup does
     offload: str = "none"  # "model": accelerate's hooks, on the CPU as on a GPU
     renders: int = 1  # the pipeline renders this many times; the last one is returned
+    # Ranks whose VAE does not tile, as COGVIDEOX_VAE_TILING=auto leaves a GPU with more free
+    # memory than the others; one process tiles.
+    untiled_ranks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -81,9 +84,18 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
     # Set up in setup's order: the engine before the weights are placed, then compiling.
     engine = ContextParallel(world_size) if world_size else None
     installing = engine.install if engine else None
+    tiled = not world_size or dist.get_rank() not in case.untiled_ranks
     pipe = build_pipeline(
-        variant, case.weights, CPU, case.offload, mode=case.mode, before_placing=installing
+        variant,
+        case.weights,
+        CPU,
+        case.offload,
+        mode=case.mode,
+        vae_tiling=tiled,
+        before_placing=installing,
     )
+    if world_size:
+        agree_on_vae_tiling(pipe, CPU)
     if case.compiled:
         compile_transformer(pipe.transformer, GUARDS_BACKEND)
     sent = _Sent()

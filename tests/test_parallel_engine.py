@@ -170,6 +170,13 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
             {"num_frames": 9, "image": picture, **size_15},
         ),
         "v2v": Case("cogvideox-5b", w["1.0-t2v"], "v2v", {"video": clip, "strength": 1.0}),
+        "5b-i2v-untiled-rank-1": Case(
+            "cogvideox-5b-i2v",
+            w["1.0-i2v"],
+            "i2v",
+            {"num_frames": 9, "image": picture},
+            untiled_ranks=(1,),
+        ),
         "lora": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, lora=lora),
         "lora-on-proj-out": replace(unguided, lora=lora_on_proj_out),
         "5b-unguided-offloaded": replace(unguided, offload="model", renders=2),
@@ -188,6 +195,7 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
 TWO_RANKS = (
     "5b",
     "5b-i2v",
+    "5b-i2v-untiled-rank-1",
     "v2v",
     "5b-unguided",
     "5b-unguided-compiled",
@@ -255,6 +263,15 @@ def test_cfg_2_renders_the_5b_frames_of_one_process(two_ranks, one_process):
 
 def test_cfg_2_renders_the_5b_image_to_video_frames_of_one_process(two_ranks, one_process):
     _check(two_ranks["5b-i2v"], one_process("5b-i2v"), Layout(cfg=2, ulysses=1))
+
+
+def test_ranks_that_chose_different_vae_tiling_encode_the_image_as_one_process(
+    two_ranks, one_process
+):
+    """Every rank encodes the image with its VAE, and COGVIDEOX_VAE_TILING=auto chooses by each
+    GPU's free memory: a rank that would encode whole frames tiles as the others do, so both
+    halves of the guidance batch see the latents of one process."""
+    _check(two_ranks["5b-i2v-untiled-rank-1"], one_process("5b-i2v"), Layout(cfg=2, ulysses=1))
 
 
 def test_cfg_2_renders_the_video_to_video_frames_of_one_process(two_ranks, one_process):

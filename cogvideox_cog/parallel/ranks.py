@@ -126,6 +126,7 @@ def _set_up(
         rewrites_prompts=rank == 0,
         engine=ContextParallel(world_size),
     )
+    agree_on_vae_tiling(generator.pipe, device)
     generator.on_step = AgreedCancel(cancel, device)
     generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
     if config_from_env() is not None:  # the same setting on every rank
@@ -137,6 +138,21 @@ def _set_up(
         generator.on_step = ReportedSteps(generator.on_step, sender)
         ReportedProgress(sender).install(generator.pipe.transformer)
     return generator
+
+
+def agree_on_vae_tiling(pipe, device: torch.device) -> None:
+    """Tile on every rank if any rank tiles (a collective).
+
+    Every rank encodes the image-to-video image or the video-to-video clip with its own VAE,
+    and tiled and whole-frame encodes give different latents. COGVIDEOX_VAE_TILING=auto
+    chooses by each GPU's free memory, so GPUs with more or less of it free would condition
+    the halves of one step on different latents: a video no single GPU makes. Tiling needs
+    less memory, so it is the choice every rank can keep."""
+    tiled = torch.tensor([int(pipe.vae.use_tiling)], device=device)
+    dist.all_reduce(tiled, op=dist.ReduceOp.MAX)
+    if tiled.item() and not pipe.vae.use_tiling:
+        pipe.vae.enable_tiling()
+        log.info("VAE tiling on, as on another GPU with less memory free")
 
 
 def rendezvous_store() -> dist.TCPStore:
