@@ -4,6 +4,7 @@ processes and pipes standing in for ranks that answer late; and what ranks tell 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import socket
@@ -20,8 +21,15 @@ import torch.multiprocessing as mp
 
 from cogvideox_cog.errors import LoraError, RankGroupError
 from cogvideox_cog.parallel import group
-from cogvideox_cog.parallel.protocol import Canceled, Done, Failed, Progress, StepEnded
-from cogvideox_cog.parallel.ranks import LoraFetchedOnce, rendezvous_store
+from cogvideox_cog.parallel.protocol import (
+    Canceled,
+    Done,
+    Failed,
+    LogLine,
+    Progress,
+    StepEnded,
+)
+from cogvideox_cog.parallel.ranks import LoraFetchedOnce, _forward_logs, rendezvous_store
 from tests.cog_server import free_port
 
 BOUND_S = 0.5
@@ -175,6 +183,55 @@ def test_a_rank_told_that_rank_0_could_not_fetch_a_lora_quotes_no_signature(tmp_
     said = (tmp_path / "rank-1.txt").read_text()
     assert said.startswith("rank 0 could not fetch lora_url https://bucket.example/style")
     assert "secret-signature" not in said
+
+
+class _Sent(list):
+    """A rank's messages to the worker, kept here instead of going down a pipe."""
+
+    def send(self, message) -> None:
+        self.append(message)
+
+
+@pytest.fixture
+def forwarded_by_rank(monkeypatch) -> Iterator:
+    """forwarded_by_rank(rank): what that rank's log forwarding sends the worker; the
+    package's logger is put back afterwards."""
+    logger = logging.getLogger("cogvideox_cog")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+
+    def forwarded(rank: int) -> _Sent:
+        sent = _Sent()
+        _forward_logs(sent, rank)
+        return sent
+
+    return forwarded
+
+
+def _warn_about_a_long_prompt() -> None:
+    logging.getLogger("cogvideox_cog.generator").warning("prompt is longer than 226 tokens")
+
+
+def test_other_ranks_leave_warnings_about_the_request_to_rank_0(forwarded_by_rank):
+    """Every rank reads the same prompt, image or clip: the prediction's logs say what is
+    wrong with them once, as on one GPU, not once a GPU."""
+    rank_1 = forwarded_by_rank(1)
+    _warn_about_a_long_prompt()
+    logging.getLogger("cogvideox_cog.media.image").warning("its colour profile is broken")
+    assert rank_1 == []
+
+
+def test_rank_0_forwards_warnings_about_the_request(forwarded_by_rank):
+    rank_0 = forwarded_by_rank(0)
+    _warn_about_a_long_prompt()
+    assert rank_0 == [LogLine(logging.WARNING, "prompt is longer than 226 tokens")]
+
+
+def test_other_ranks_forward_their_own_warnings_marked_with_their_rank(forwarded_by_rank):
+    rank_1 = forwarded_by_rank(1)
+    logging.getLogger("cogvideox_cog.lora.slot").warning("lora: offload put back")
+    assert rank_1 == [LogLine(logging.WARNING, "rank 1: lora: offload put back")]
 
 
 def test_a_cancel_while_rank_0_post_processes_alone_is_logged_after_the_last_step():

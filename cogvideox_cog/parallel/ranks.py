@@ -367,11 +367,28 @@ class _ForwardHandler(logging.Handler):
             self.sender.send(LogLine(record.levelno, self.prefix + self.format(record)))
 
 
+# Whose warnings describe the request's own inputs (a prompt past the text encoder's tokens,
+# an image's colour profile, a damaged clip): every rank reads the same inputs and would say
+# the same, so rank 0 says it once.
+REQUEST_LOGGERS = ("cogvideox_cog.generator", "cogvideox_cog.media")
+
+
+def _not_about_the_request(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR:
+        return True
+    return not any(
+        record.name == name or record.name.startswith(name + ".") for name in REQUEST_LOGGERS
+    )
+
+
 def _forward_logs(sender: _Sender, rank: int) -> None:
     """The package's log lines go to the Cog process: all of rank 0's, so that a prediction's
-    logs read as on one GPU; the other ranks' warnings and errors, marked with their rank."""
+    logs read as on one GPU; the other ranks' warnings and errors, marked with their rank,
+    but for warnings about the request, which every rank would repeat: rank 0 gives them."""
     handler = _ForwardHandler(sender, "" if rank == 0 else f"rank {rank}: ")
     handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank != 0:
+        handler.addFilter(_not_about_the_request)
     handler.setFormatter(logging.Formatter("%(message)s"))
     disable_progress_bars()
     logger = logging.getLogger("cogvideox_cog")
