@@ -4,6 +4,7 @@ sizes, tiling, the choices a deployment offers, and how their weights are fetche
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -219,6 +220,22 @@ def test_setup_caches_the_file_and_reuses_it(tmp_path, monkeypatch):
     (tmp_path / "x4.pth").unlink()  # a second setup needs only the cache
     assert load_model(source, _build_rrdbnet).scale == 4
     assert len(list((tmp_path / "cache" / "postprocess").glob("*/x4.pth"))) == 1
+
+
+def test_leftovers_of_a_killed_delete_beside_the_file_are_removed(tmp_path, monkeypatch):
+    """A delete killed between its rename and its rmtree leaves a trash folder, never read:
+    the next fetch removes it, as for the video weights."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    folder = tmp_path / "cache" / "postprocess"
+    [entry] = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    for leftover in (f".{entry.name}.trash-456", f".{entry.name}.staging.trash-789"):
+        (folder / leftover / "x4.pth").parent.mkdir(parents=True)
+    shutil.rmtree(entry)  # fetched again
+    load_model(source, _build_rrdbnet)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([entry.name, f".{entry.name}.lock"])
 
 
 @pytest.fixture

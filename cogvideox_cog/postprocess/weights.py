@@ -122,6 +122,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
         if seen is not None and _published(entry, name, source):
             return entry / name, False, seen
         cache.discard(entry)
+        cache.remove_leftovers(entry)
         staging = root / f".{entry.name}.staging"
         cache.discard(staging)
         staging.mkdir()
