@@ -44,6 +44,8 @@ BACKENDS = {
 def step_inputs(pipe, frames: int, height: int, width: int, device, dtype) -> dict:
     config = pipe.transformer.config
     latent_frames = (frames - 1) // 4 + 1
+    # As the pipeline pads 1.5's latents: its patch embedding takes frames in pairs.
+    latent_frames += -latent_frames % (config.patch_size_t or 1)
     latents = torch.randn(2, latent_frames, config.in_channels, height // 8, width // 8)
     text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim)
     rotary = (

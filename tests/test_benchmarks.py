@@ -224,6 +224,41 @@ def test_transformer_step_harness_times_every_candidate_against_the_baseline(tmp
     assert all("error" in row for row in rows.values() if "step_s" not in row)
 
 
+@pytest.mark.parametrize("variant_id", ["cogvideox-5b", "cogvideox1.5-5b"])
+def test_a_benchmarked_step_gets_the_shapes_the_pipeline_gives_the_transformer(variant_id):
+    """transformer_step.py, step_profile.py and compile_setup.py time one step on these
+    inputs: 1.5's latent frames are padded to whole temporal patches, as the pipeline pads
+    them (unpadded, its patch embedding failed at every 16N+1 frame count)."""
+    import torch
+
+    from benchmarks.transformer_step import step_inputs
+    from cogvideox_cog.pipeline import PIPELINES
+    from cogvideox_cog.variants import VARIANTS
+
+    variant, cpu = VARIANTS[variant_id], torch.device("cpu")
+    pipe = PIPELINES["t2v"](**pipeline_speed.tiny_components(variant, cpu, torch.float32))
+    config = pipe.transformer.config
+    height, width = config.sample_height * 8, config.sample_width * 8
+    frames = variant.allowed_frames[1]
+    given = {}
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: given.update(kwargs), with_kwargs=True
+    )
+    pipe(
+        "a cat",
+        num_frames=frames,
+        height=height,
+        width=width,
+        num_inference_steps=1,
+        output_type="latent",
+    )
+    inputs = step_inputs(pipe, frames, height, width, cpu, torch.float32)
+    for name in ("hidden_states", "encoder_hidden_states", "timestep"):
+        assert inputs[name].shape == given[name].shape, name
+    rotary = given["image_rotary_emb"]
+    assert [t.shape for t in inputs["image_rotary_emb"]] == [t.shape for t in rotary]
+
+
 def test_step_profile_counts_each_gpu_kernel_once_under_the_op_that_launched_it():
     """On a GPU the profiler lists a kernel under its own name and in its op's self device
     time: the classes are summed over the ops, and a kernel no op launched is other."""
