@@ -163,14 +163,19 @@ def quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
 
     Benchmarks only: the predictors do not quantise until this is measured to pay.
     """
-    require_fp8(device)
+    require_fp8(device, transformer.dtype)
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
-def require_fp8(device: torch.device) -> None:
-    """Exit with the reason before any work if --fp8 cannot run here."""
+def require_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    """Exit with the reason before any work if --fp8 cannot run here on a model in `dtype`.
+
+    Per-row scales take bfloat16 weights only: torchao's quantize_ fails on the float16 2B,
+    which on a GPU came after minutes of other measurements."""
+    if dtype != torch.bfloat16:
+        raise SystemExit(f"--fp8 (per-row scales) needs a bfloat16 model, not {dtype}")
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
         raise SystemExit("--fp8 needs a CUDA GPU of compute capability 8.9 or more (Ada, Hopper)")
     try:

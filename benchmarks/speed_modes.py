@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     modes = args.modes.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.fp8:
-        require_fp8(device)
     variant = VARIANTS[args.variant]
+    if args.fp8:
+        require_fp8(device, getattr(torch, variant.dtype))  # the model's dtype on a GPU
     env = environment(device)
     generator, compiled = build_generator(args, variant, device)
     frames = args.frames or variant.default_frames

@@ -191,9 +191,9 @@ class Candidates:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.fp8:
-        require_fp8(device)
     variant = VARIANTS[args.variant]
+    if args.fp8:
+        require_fp8(device, getattr(torch, variant.dtype))  # the model's dtype on a GPU
     transformer, inputs, (frames, height, width) = build_step(args, variant, device)
     result = {
         "variant": variant.id,
