@@ -72,9 +72,13 @@ def count_from_env(env: str, default: int, most: int | None = None) -> int:
     return count
 
 
-def size_from_env(env: str, default: str) -> int:
-    """A size in bytes from `env` (see parse_size)."""
-    return parse_size(setting(env, default), env)
+def size_from_env(env: str, default: str, positive: bool = False) -> int:
+    """A size in bytes from `env` (see parse_size); positive: above 0."""
+    raw = setting(env, default)
+    size = parse_size(raw, env)
+    if positive and size < 1:
+        raise ConfigError(f"{env}={raw!r}: give a size above 0, e.g. 2G, 500M or a byte count")
+    return size
 
 
 def parse_size(text: str, env: str) -> int:
@@ -82,7 +86,10 @@ def parse_size(text: str, env: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if not match:
         raise ConfigError(f"{env}={text!r} is not a size: use e.g. 2G, 500M or a byte count")
-    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+    size = float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " ")
+    if not math.isfinite(size):  # int() of it raises a bare OverflowError
+        raise ConfigError(f"{env}={text!r} is too large a size: use e.g. 2G, 500M or 100T")
+    return int(size)
 
 
 def warn_unknown_settings() -> list[str]:

@@ -127,6 +127,27 @@ def test_lora_settings_are_checked_before_the_weights(monkeypatch):
         VideoGenerator.from_env("t2v")
 
 
+@pytest.mark.parametrize(
+    ("env", "mode"), [(fetch.MAX_SIZE_ENV, "i2v"), (lora_store.MAX_SIZE_ENV, "t2v")]
+)
+@pytest.mark.parametrize("value", ["0", "0.5", "0K"])
+def test_a_largest_download_of_0_bytes_is_refused_at_setup_naming_the_variable(
+    monkeypatch, env, mode, value
+):
+    """Every input or LoRA would be refused as too large, request after request."""
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=f"{env}='{value}': give a size above 0"):
+        VideoGenerator.from_env(mode)
+
+
+def test_a_size_too_large_for_a_float_is_refused_naming_the_variable():
+    with pytest.raises(ConfigError, match=r"^X='9{309}' is too large a size"):
+        settings.parse_size("9" * 309, "X")
+    with pytest.raises(ConfigError, match=r"^X='9{308}T' is too large a size"):
+        settings.parse_size("9" * 308 + "T", "X")
+
+
 def test_spaces_around_a_cache_folder_are_not_part_of_its_name(monkeypatch, tmp_path):
     """A trailing space would name another, empty, cache: 20 GB downloaded again."""
     monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, f" {tmp_path} ")

@@ -63,7 +63,7 @@ class LoraCache:
     def from_env(cls) -> LoraCache:
         return cls(
             folder_from_env(LORA_DIR_ENV, weights_root() / "loras"),
-            size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE),
+            size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE, positive=True),
             size_from_env(CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE),
             timeout_s(),
         )

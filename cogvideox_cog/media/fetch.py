@@ -46,7 +46,7 @@ _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 
 
 def max_bytes() -> int:
-    return size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE)
+    return size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE, positive=True)
 
 
 def timeout_s() -> float:
