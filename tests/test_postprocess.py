@@ -268,6 +268,16 @@ def test_a_renewed_presigned_url_reuses_the_cached_file_and_logs_no_signature(
     assert "sig-one" not in caplog.text
 
 
+def test_a_url_with_its_scheme_in_capitals_is_downloaded(x4_server, tmp_path, monkeypatch):
+    """A scheme is case-insensitive (RFC 3986). Taken for a path, the URL was refused with
+    an error quoting all of it, a presigned URL's signature included."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    url = x4_server.url("x4.pth") + "?X-Amz-Signature=0123456789abcdef"
+    monkeypatch.setenv(UPSCALE_URL_ENV, url.replace("http://", "HTTP://", 1))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused")
+    assert load_model(source, _build_rrdbnet).scale == 4
+
+
 def _failing_once(build):
     """build, but its first call fails as a copy with bit rot does."""
     calls = []

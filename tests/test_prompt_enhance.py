@@ -272,6 +272,16 @@ def test_an_endpoint_url_with_a_password_fails_setup_without_showing_it(monkeypa
     assert "s3cret" not in str(bad.value)
 
 
+def test_an_endpoint_url_with_its_scheme_in_capitals_is_taken(monkeypatch, endpoint, chat):
+    """A scheme is case-insensitive (RFC 3986). Refused, setup's error quoted the whole URL,
+    a token in its query string included."""
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, chat.base_url.replace("http://", "HTTP://", 1) + "?code=t0k")
+    rewriter = config_from_env().endpoint
+    reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)
+    assert reply.text == rewrite_of(PROMPT)
+
+
 def test_an_endpoint_is_named_without_its_query_string(chat):
     """The name goes into setup's log and every error; a query string may carry a token."""
     rewriter = EndpointRewriter(f"{chat.base_url}?code=t0ken", "writer-1", None, timeout=0.5)
@@ -429,6 +439,18 @@ def test_leftovers_of_a_killed_delete_beside_the_model_are_removed(
     root = ensure_causal_lm(url, enhance.WEIGHTS_ENV)
     assert root.parent == tmp_path / entry
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry, f".{entry}.lock"])
+
+
+def test_a_url_with_its_scheme_in_capitals_passes_setup_and_is_downloaded(
+    llm_server, tmp_path, monkeypatch
+):
+    """A scheme is case-insensitive (RFC 3986). Taken for a path, the URL failed setup."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "local")
+    url = llm_server.url("llm.tar?X-Amz-Signature=0123456789abcdef")
+    monkeypatch.setenv(enhance.WEIGHTS_ENV, url.replace("http://", "HTTP://", 1))
+    config = config_from_env()
+    assert (ensure_causal_lm(config.weights, enhance.WEIGHTS_ENV) / "config.json").is_file()
 
 
 def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypatch):

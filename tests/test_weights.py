@@ -725,6 +725,14 @@ def test_a_presigned_urls_query_string_is_never_logged(served, cache, monkeypatc
     assert all(r[1] == "model.tar" for r in served.requests)  # the server saw the whole URL
 
 
+def test_a_url_with_its_scheme_in_capitals_is_downloaded(served, cache, tiny, monkeypatch):
+    """A scheme is case-insensitive (RFC 3986). Taken for a path, the URL was refused with
+    an error quoting all of it, a presigned URL's signature included."""
+    url = served.url("model.tar?X-Amz-Signature=0123456789abcdef")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url.replace("http://", "HTTP://", 1))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
 def test_a_renewed_presigned_url_finds_the_weights_already_fetched(served, cache, monkeypatch):
     """A presigned URL expires (S3's within 7 days); its renewal names the same file."""
     signed = "X-Amz-Date=20261130T000000Z&X-Amz-Expires=604800&X-Amz-Signature={}"

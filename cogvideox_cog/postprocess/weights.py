@@ -183,7 +183,7 @@ def _fetch(source: ModelSource, dest: Path) -> str:
     local = Path(source.url).expanduser()
     if local.is_file():
         shutil.copyfile(local, dest)
-    elif source.url.startswith(("http://", "https://")):
+    elif download.scheme_of(source.url) in ("http", "https"):
         try:
             with dest.open("wb") as out:
                 download.fetch_capped(
