@@ -4,9 +4,11 @@ sizes, tiling, the choices a deployment offers, and how their weights are fetche
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +278,24 @@ def test_a_url_with_its_scheme_in_capitals_is_downloaded(x4_server, tmp_path, mo
     monkeypatch.setenv(UPSCALE_URL_ENV, url.replace("http://", "HTTP://", 1))
     source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused")
     assert load_model(source, _build_rrdbnet).scale == 4
+
+
+def test_a_read_only_cache_that_needs_the_file_says_so_as_for_the_video_weights(
+    x4_server, tmp_path, monkeypatch
+):
+    """As root (the Cog image's user) a read-only mount is the kernel's EROFS, which only
+    os.access reports before a write: it stands in here for such a mount. Before, setup
+    failed with a bare OSError making the cache's folder."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(cache))
+    monkeypatch.setenv(UPSCALE_URL_ENV, x4_server.url("x4.pth"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != cache and real_access(p, mode))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET", "unused")
+    with pytest.raises(WeightsError, match=r"weights cache .* is not writable.*Mount it"):
+        load_model(source, _build_rrdbnet)
+    assert list(cache.iterdir()) == []
 
 
 def _failing_once(build):

@@ -5,9 +5,11 @@ random Qwen2 fetched through the weights cache, and the rewrite's bounds."""
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 import threading
 import time
+from pathlib import Path
 
 import cog
 import pytest
@@ -15,7 +17,7 @@ import torch
 
 from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.devtools.tiny_llm import CHAT_TEMPLATE, build_tiny_tokenizer, save_tiny_causal_lm
-from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputError
+from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputError, WeightsError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
 from cogvideox_cog.pipeline import build_pipeline
@@ -451,6 +453,20 @@ def test_a_url_with_its_scheme_in_capitals_passes_setup_and_is_downloaded(
     monkeypatch.setenv(enhance.WEIGHTS_ENV, url.replace("http://", "HTTP://", 1))
     config = config_from_env()
     assert (ensure_causal_lm(config.weights, enhance.WEIGHTS_ENV) / "config.json").is_file()
+
+
+def test_a_read_only_cache_that_needs_the_model_says_so_as_for_the_video_weights(
+    llm_server, tmp_path, monkeypatch
+):
+    """As root (the Cog image's user) a read-only mount is the kernel's EROFS, which only
+    os.access reports before a write: it stands in here for such a mount. Before, setup
+    failed with a bare OSError on the entry's lock file."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    with pytest.raises(WeightsError, match=r"weights cache .* is not writable.*Mount it"):
+        ensure_causal_lm(llm_server.url("llm.tar"), enhance.WEIGHTS_ENV)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypatch):

@@ -188,7 +188,7 @@ def _ensure(variant: Variant) -> _Resolved:
     if root is not None:
         log.info(f"weights: using cached {root}")
         return _cached(root, entry)
-    if not _writable(cache_root):
+    if not writable(cache_root):
         cache.published(entry, keys, manifest, check, hashed, explain=True)  # logs why
         raise WeightsError(
             f"the weights cache {cache_root} is not writable, and the weights must be fetched "
@@ -219,9 +219,9 @@ def _ensure(variant: Variant) -> _Resolved:
         raise WeightsError("every source failed:\n" + "\n".join(f"- {e}" for e in errors))
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     """Whether `folder` (or the parent it would be made in) can be written: a read-only
-    volume otherwise fails at the lock with a bare PermissionError."""
+    volume otherwise fails at the lock with a bare PermissionError or EROFS."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     return os.access(existing, os.W_OK | os.X_OK)
 
