@@ -24,6 +24,7 @@ from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.settings import parse_size
 from cogvideox_cog.weights import download
 from tests.file_server import FileServer
+from tests.hub_server import SIGNATURE, HubServer
 
 LORA = "pytorch_lora_weights.safetensors"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -397,6 +398,29 @@ def test_hf_url_downloads_that_file_through_huggingface_hub(
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url: Info())
     assert cache.get(url).read_bytes() == data
     assert calls == [(repo, revision, filename or LORA)]
+
+
+def test_a_hub_lora_its_cdn_refuses_fails_without_the_presigned_urls_signature(
+    monkeypatch, tmp_path, cache
+):
+    """huggingface_hub's error quotes the CDN URL it was refused at (an expired signature),
+    which the prediction's error repeated to the user."""
+    from huggingface_hub import constants
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / LORA).write_bytes(_lora_bytes(1))
+    hub = HubServer("org/lora", tmp_path / "repo")
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    hub.cdn.fail_with(LORA, 403, times=None)
+    try:
+        with pytest.raises(LoraError, match=r"could not download the LoRA .*403") as failed:
+            cache.get("hf://org/lora")
+    finally:
+        hub.stop()
+    assert f"{hub.cdn.url(LORA)}?<query hidden>" in str(failed.value)
+    assert SIGNATURE not in str(failed.value)
 
 
 def test_sizes_parse_with_binary_suffixes():

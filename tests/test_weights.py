@@ -22,6 +22,7 @@ import tarfile
 import textwrap
 import threading
 import time
+import traceback
 from collections import namedtuple
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,6 +50,7 @@ from cogvideox_cog.weights.manifest import (
 from cogvideox_cog.weights.untar import JOURNAL
 from cogvideox_cog.weights.verify import verify
 from tests.file_server import FileServer
+from tests.hub_server import SIGNATURE, HubServer
 
 PROJECT = Path(__file__).resolve().parent.parent
 VARIANT = VARIANTS["cogvideox-5b"]
@@ -1506,6 +1508,43 @@ def test_hf_errors_name_the_repository(cache, monkeypatch):
         WeightsError, match=r"could not download hf://THUDM/CogVideoX-5b .*HF_TOKEN"
     ):
         ensure_weights(VARIANT)
+
+
+@pytest.fixture
+def hub(tiny, cache, monkeypatch):
+    """The tiny pipeline as the repository org/tiny of a fake Hub (tests/hub_server.py), its
+    files behind presigned URLs on a CDN; huggingface_hub pointed at it as HF_ENDPOINT does."""
+    from huggingface_hub import constants
+
+    server = HubServer("org/tiny", tiny)
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "hf://org/tiny")
+    yield server
+    server.stop()
+
+
+def test_the_hubs_log_of_a_dropped_download_hides_the_presigned_urls_signature(
+    hub, tiny, cache, caplog
+):
+    """huggingface_hub logs the CDN URL it resumes at WARNING, and its handler writes that
+    into the setup's log."""
+    caplog.set_level("WARNING", logger="huggingface_hub")
+    hub.cdn.drop_at(BIG, (tiny / BIG).stat().st_size // 2)
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert f"Error while downloading from {hub.cdn.url(BIG)}?<query hidden>" in caplog.text
+    assert "X-Amz" not in caplog.text
+
+
+def test_a_hub_download_its_cdn_refuses_fails_without_the_presigned_urls_signature(hub, cache):
+    """huggingface_hub's error quotes the CDN URL it was refused at (an expired signature),
+    which the setup's error and traceback repeated."""
+    hub.cdn.fail_with(BIG, 403, times=None)
+    with pytest.raises(WeightsError, match=r"could not download hf://org/tiny .*403") as failed:
+        ensure_weights(VARIANT)
+    assert f"{hub.cdn.url(BIG)}?<query hidden>" in str(failed.value)
+    assert SIGNATURE not in "".join(traceback.format_exception(failed.value))
 
 
 _FAKE_PGET = """\

@@ -127,8 +127,9 @@ def _fetch_hub(url: str, staging: Path, dest: Path, max_bytes: int) -> None:
     except LoraError:
         raise
     except Exception as error:
+        said = download.hide_urls(str(error))  # a presigned URL of the Hub's CDN, say
         raise LoraError(
-            f"could not download the LoRA {url} from the Hugging Face Hub: {error}. Check "
+            f"could not download the LoRA {url} from the Hugging Face Hub: {said}. Check "
             f"the repository, file and revision, and HF_TOKEN for a private repository."
         ) from None
     os.replace(path, dest)

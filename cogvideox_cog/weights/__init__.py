@@ -481,11 +481,12 @@ def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERN
     except WeightsError:
         raise
     except Exception as error:
+        said = download.hide_urls(str(error))  # a presigned URL of the Hub's CDN, say
         raise WeightsError(
-            f"could not download {source} from the Hugging Face Hub: {error}. Check the "
+            f"could not download {source} from the Hugging Face Hub: {said}. Check the "
             f"repository name and revision, and HF_TOKEN for a gated or private one; the next "
             f"setup resumes."
-        ) from error
+        ) from None  # the error's own text (in a traceback) may hold a presigned URL
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub's own download state
     check_contained(staging, source)
 

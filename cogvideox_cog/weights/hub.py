@@ -1,4 +1,5 @@
-"""The Hugging Face Hub: one parser for hf:// URLs, and the window in which it may be reached.
+"""The Hugging Face Hub: one parser for hf:// URLs, the window in which it may be reached, and
+its log without the signatures of the URLs it downloads from.
 
 Weights name a snapshot (hf://org/repo[@revision], where a revision such as refs/pr/3 may hold
 slashes); a LoRA may also name a file in it (hf://org/repo[@revision]/path/file.safetensors,
@@ -7,11 +8,14 @@ a revision without slashes there, since the file follows it).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from . import download
 
 _REPO = r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
 _SNAPSHOT = re.compile(rf"hf://{_REPO}(?:@(?P<revision>[^\s@]+))?/?")
@@ -68,3 +72,26 @@ class _HubOnline:
 
 
 hub_online = _HubOnline()
+
+
+class _WithoutUrlQueries(logging.Filter):
+    """Hides the query string of every URL in huggingface_hub's log lines.
+
+    A file's bytes come from a presigned URL on the Hub's CDN, which the Hub hands out (for a
+    gated or private repository too): huggingface_hub logs it, signature and all, at WARNING
+    when a download drops and resumes ("Error while downloading from <url>") or a request is
+    retried, and its handler writes that to stderr, into the setup's log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = download.hide_urls(message)
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        return True
+
+
+_WITHOUT_URL_QUERIES = _WithoutUrlQueries()
+# The modules that log URLs (a logger's filter sees only the records of that logger itself).
+for _module in ("file_download", "utils._http", "_snapshot_download"):
+    logging.getLogger(f"huggingface_hub.{_module}").addFilter(_WITHOUT_URL_QUERIES)
