@@ -1547,6 +1547,25 @@ def test_a_hub_download_its_cdn_refuses_fails_without_the_presigned_urls_signatu
     assert SIGNATURE not in "".join(traceback.format_exception(failed.value))
 
 
+def test_a_disk_that_fills_during_a_hub_download_says_to_free_space(cache, monkeypatch):
+    """The free space check passed, then another download on the volume filled it, and
+    huggingface_hub raised its write's ENOSPC: the stand-in raises it where the real
+    download would. Before, the advice was to check the repository name and HF_TOKEN."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, *, dry_run=False, **kwargs):
+        if dry_run:
+            return []
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", "hf://THUDM/CogVideoX-5b")
+    expected = r"No space left on device\. Free disk space or set COGVIDEOX_WEIGHTS_DIR"
+    with pytest.raises(WeightsError, match=expected) as failed:
+        ensure_weights(VARIANT)
+    assert "HF_TOKEN" not in str(failed.value)
+
+
 _FAKE_PGET = """\
 import os, sys, tarfile, urllib.request
 # A stand-in for Replicate's pget binary: `pget -x URL DEST` extracts the tar at URL into

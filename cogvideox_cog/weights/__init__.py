@@ -18,6 +18,7 @@ For a source that is not a local directory:
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib.util
 import logging
 import os
@@ -481,6 +482,14 @@ def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERN
     except WeightsError:
         raise
     except Exception as error:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Not the repository's fault: the disk filled after the check above (another
+            # download on the same volume, or a file whose size the Hub did not say).
+            raise WeightsError(
+                f"could not write the files from {source} into {staging}: {error.strerror}. "
+                f"Free disk space or set {WEIGHTS_DIR_ENV} to another volume; the next setup "
+                f"resumes."
+            ) from None
         said = download.hide_urls(str(error))  # a presigned URL of the Hub's CDN, say
         raise WeightsError(
             f"could not download {source} from the Hugging Face Hub: {said}. Check the "
