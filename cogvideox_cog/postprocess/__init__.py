@@ -65,7 +65,7 @@ class Postprocessor:
     ):
         self.interpolator, self.upscaler = interpolator, upscaler
         self.device = device or torch.device("cpu")
-        # fp16 on a GPU, as both models are run upstream; fp32 on a CPU (no fast fp16 there).
+        # fp16 on a GPU, as upstream's demo runs Real-ESRGAN and vs-rife runs RIFE; fp32 on a CPU.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         for model in (interpolator, upscaler):
             if model is not None:
