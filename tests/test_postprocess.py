@@ -408,13 +408,15 @@ def _released_esrgan_layout(scale: int) -> dict[str, tuple[int, ...]]:
     return layout
 
 
-def _released_rife_layout() -> dict[str, tuple[int, ...]]:
+def _released_rife_layout(
+    widths: tuple[int, ...] = (192, 128, 96, 64, 32),
+) -> dict[str, tuple[int, ...]]:
     """Practical-RIFE v4.25/v4.26 IFNet: a Head of 16 channels giving 4, five IFBlocks."""
     layout = {}
     for i, (cin, cout) in enumerate(((3, 16), (16, 16), (16, 16))):
         layout[f"encode.cnn{i}.weight"], layout[f"encode.cnn{i}.bias"] = (cout, cin, 3, 3), (cout,)
     layout["encode.cnn3.weight"], layout["encode.cnn3.bias"] = (16, 4, 4, 4), (4,)  # transposed
-    for i, (inputs, c) in enumerate(((15, 192), (28, 128), (28, 96), (28, 64), (28, 32))):
+    for i, (inputs, c) in enumerate(zip((15, 28, 28, 28, 28), widths, strict=True)):
         block = f"block{i}"
         layout[f"{block}.conv0.0.0.weight"] = (c // 2, inputs, 3, 3)
         layout[f"{block}.conv0.0.0.bias"] = (c // 2,)
@@ -458,3 +460,12 @@ def test_the_released_rife_layout_is_the_full_size_model():
         model = rife.IFNet(rife.widths_of(state))
     assert _shapes(model) == layout
     assert sum(np.prod(shape) for shape in layout.values()) == 5_664_776
+
+
+def test_rife_lite_weights_are_refused_not_run_at_the_wrong_scales():
+    """v4.25 lite has v4.26's names and shapes but a narrower last block; its blocks work at
+    1/32 ... 1/4 and 1/1, so run at v4.26's scales it would give wrong frames silently."""
+    layout = _released_rife_layout(widths=(192, 128, 96, 64, 24))
+    state = {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
+    with pytest.raises(ValueError, match=r"v4\.25 lite"):
+        _build_ifnet(state)

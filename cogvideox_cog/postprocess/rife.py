@@ -28,6 +28,10 @@ from torch import nn
 
 # The released widths of the five IFBlocks; tests build the same network narrower.
 RELEASE_WIDTHS = (192, 128, 96, 64, 32)
+# v4.25 lite: the same layers, the last block narrower, but its blocks work at 1/32, 1/16,
+# 1/8, 1/4 and 1/1 of a frame padded to 128. Its weights load here and would run at our
+# scales, giving wrong frames without an error, so they are refused.
+LITE_WIDTHS = (192, 128, 96, 64, 24)
 BLOCK_SCALES = (16, 8, 4, 2, 1)  # each block works at 1/scale of the frame
 PAD_MULTIPLE = 64  # 1/16 in block 0, then its two stride-2 convolutions
 HEAD_CHANNELS = 4  # features per frame from the Head
@@ -138,7 +142,13 @@ def _warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 def widths_of(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
     """The IFBlock widths a state dict was trained with (192, 128, ... for the release)."""
-    return tuple(state[f"block{i}.conv0.1.0.weight"].shape[0] for i in range(5))
+    widths = tuple(state[f"block{i}.conv0.1.0.weight"].shape[0] for i in range(5))
+    if widths == LITE_WIDTHS:
+        raise ValueError(
+            "these are RIFE v4.25 lite weights, whose blocks work at other scales than "
+            "v4.25's and v4.26's; use flownet_v4.25.pkl or flownet_v4.26.pkl"
+        )
+    return widths
 
 
 def interpolated_count(frames: int, factor: int) -> int:
