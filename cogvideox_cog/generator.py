@@ -27,7 +27,7 @@ from PIL import Image
 
 from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
-from .errors import InputError, LoraError
+from .errors import EnhanceError, InputError, LoraError
 from .lora.fetch import check_lora_url
 from .lora.slot import LoraSlot
 from .lora.store import LoraCache
@@ -51,6 +51,7 @@ from .pipeline import (
     pipeline_dtype,
 )
 from .postprocess import Postprocessor, Steps
+from .prompts.endpoint import check_api_key
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .settings import setting
 from .speed import SPEED_MODES, starting_timestep, step_cache
@@ -466,6 +467,13 @@ class VideoGenerator:
                 f"model to rewrite prompts ({ENHANCE_ENV} is off). Send enhance_prompt=false, "
                 f"or write the long, detailed prompt yourself."
             )
+        key = request.enhance_prompt_api_key
+        if request.enhance_prompt and key is not None:
+            # What the rewrite would refuse, refused here: before the image or clip is fetched.
+            try:
+                check_api_key(key.get_secret_value(), "enhance_prompt_api_key")
+            except EnhanceError as error:
+                raise InputError(str(error)) from None
         lora_url = (request.lora_url or "").strip()
         dynamic_cfg = request.use_dynamic_cfg
         plan = Plan(

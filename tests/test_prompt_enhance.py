@@ -333,6 +333,31 @@ def test_enhance_prompt_without_a_prompt_is_refused_before_the_image_is_fetched(
     assert not chat.requests
 
 
+@pytest.mark.parametrize("key", ["sk-user\n-9", "sk-us\u00e9r-9"])
+def test_a_users_key_no_header_can_carry_is_refused_before_the_image_is_fetched(
+    i2v_generator, chat, key
+):
+    """A key the endpoint could never be sent is a bad input like any other: refused by
+    check(), not after the image was downloaded and decoded."""
+    chat.requests.clear()
+    request = Request(
+        prompt=PROMPT,
+        negative_prompt="",
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        use_dynamic_cfg=None,
+        fps=None,
+        seed=5,
+        enhance_prompt=True,
+        enhance_prompt_api_key=cog.Secret(key),
+    )
+    with pytest.raises(InputError, match="enhance_prompt_api_key holds a character") as bad:
+        i2v_generator.check(request)
+    assert "sk-" not in str(bad.value)
+    assert not chat.requests
+
+
 # Choosing the backend
 
 
