@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -65,6 +66,16 @@ def test_the_summary_says_what_was_done(tmp_path):
     assert summary.startswith("video: 1.2 s at 30 fps")
     assert "-> 9 frames at 8 fps" in summary
     assert "96x64 -> 80x48" in summary
+
+
+def test_the_summary_quoted_in_the_inputs_page_is_what_its_clip_gives(tmp_path):
+    """docs/inputs.md quotes the log line for a 3.2 s 1280x720 clip at 30 fps made into 9
+    frames: decoding goes one frame past the last one shown at 1.0 s."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "inputs.md").read_text()
+    quoted = " ".join(re.search(r"`(video: 3\.2 s at 30 fps, .*?) \.\.\.`", page, re.S)[1].split())
+    path = _write_clip(tmp_path / "clip.mp4", frames=96, fps=30, width=1280, height=720)
+    summary = load_video(path, num_frames=9, fps=8, height=480, width=720).summary
+    assert summary.startswith(quoted)
 
 
 def test_a_slower_clip_repeats_frames_to_keep_real_time(tmp_path):
