@@ -233,6 +233,15 @@ def test_a_long_clip_is_refused_from_its_header(tmp_path, monkeypatch):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_a_too_long_clip_is_told_the_seconds_that_are_used(tmp_path, monkeypatch):
+    """9 frames at 8 fps take the clip's first 1.0 s (the ninth is the one shown at 1.0 s),
+    not num_frames / fps = 1.1 s."""
+    monkeypatch.setattr(video_input, "MAX_VIDEO_SECONDS", 1.0)
+    path = _write_clip(tmp_path / "clip.mp4", frames=24, fps=8)
+    with pytest.raises(InputError, match=r"Only the first 1\.0 s are used"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
 def test_decoding_stops_once_the_needed_span_is_covered(tmp_path, monkeypatch):
     monkeypatch.setattr(video_input, "MAX_DECODED_FRAMES", 30)
     path = _write_clip(tmp_path / "clip.mp4", frames=200, fps=24)

@@ -192,7 +192,7 @@ def _checked_stream(container, num_frames: int, fps: int):
     if header_seconds is not None and header_seconds > MAX_VIDEO_SECONDS:
         raise InputError(
             f"video is {header_seconds:.0f} s long; the limit is {MAX_VIDEO_SECONDS:.0f} s. "
-            f"Only the first {num_frames / fps:.1f} s are used, so trim it first."
+            f"Only the first {(num_frames - 1) / fps:.1f} s are used, so trim it first."
         )
     return stream
 
