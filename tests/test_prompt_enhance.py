@@ -317,17 +317,7 @@ def test_enhance_prompt_without_a_prompt_is_refused_before_the_image_is_fetched(
     """check() is what a predictor runs before it fetches the image: an empty prompt, which
     image-to-video allows, has nothing to rewrite."""
     chat.requests.clear()
-    request = Request(
-        prompt="",
-        negative_prompt="",
-        num_frames=9,
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        use_dynamic_cfg=None,
-        fps=None,
-        seed=5,
-        enhance_prompt=True,
-    )
+    request = _enhanced_request(prompt="")
     with pytest.raises(InputError, match="enhance_prompt needs a prompt to rewrite"):
         i2v_generator.check(request)
     assert not chat.requests
@@ -340,18 +330,7 @@ def test_a_users_key_no_header_can_carry_is_refused_before_the_image_is_fetched(
     """A key the endpoint could never be sent is a bad input like any other: refused by
     check(), not after the image was downloaded and decoded."""
     chat.requests.clear()
-    request = Request(
-        prompt=PROMPT,
-        negative_prompt="",
-        num_frames=9,
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        use_dynamic_cfg=None,
-        fps=None,
-        seed=5,
-        enhance_prompt=True,
-        enhance_prompt_api_key=cog.Secret(key),
-    )
+    request = _enhanced_request(prompt=PROMPT, enhance_prompt_api_key=cog.Secret(key))
     with pytest.raises(InputError, match="enhance_prompt_api_key holds a character") as bad:
         i2v_generator.check(request)
     assert "sk-" not in str(bad.value)
@@ -561,3 +540,18 @@ def test_a_local_model_whose_move_to_the_gpu_is_cut_short_is_moved_back():
     with pytest.raises(cog.CancelationException):
         rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
     assert model.moves == ["cuda", "cpu"]
+
+
+def _enhanced_request(**fields) -> Request:
+    """A small request that asks for enhance_prompt."""
+    defaults = dict(
+        negative_prompt="",
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        use_dynamic_cfg=None,
+        fps=None,
+        seed=5,
+        enhance_prompt=True,
+    )
+    return Request(**{**defaults, **fields})
