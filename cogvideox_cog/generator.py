@@ -202,6 +202,7 @@ class VideoGenerator:
         warm_up: bool = True,
         rewrites_prompts: bool = True,
         engine: ContextParallel | None = None,
+        postprocessing: Callable[[torch.device], Postprocessor] = Postprocessor.from_env,
     ) -> VideoGenerator:
         """The generator a deployment's environment describes, weights fetched if needed.
 
@@ -211,6 +212,8 @@ class VideoGenerator:
         rewrites_prompts: False loads no enhance_prompt model (a rank that receives rank 0's
         rewrite instead).
         engine: a rank's ContextParallel, installed before the weights are placed.
+        postprocessing: the upscale and interpolate models on `device`, or (on a rank other
+        than 0, which never post-processes) only what they offer.
         """
         started = time.monotonic()
         variant = variant_from_env(MODE_TASK[mode], PREDICTOR_FILES[mode])
@@ -232,7 +235,7 @@ class VideoGenerator:
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
-        postprocessor = Postprocessor.from_env(device)
+        postprocessor = postprocessing(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
         pipe = configure_pipeline(
             pipe,

@@ -26,9 +26,11 @@ import torch
 from PIL import Image
 
 from cogvideox_cog.devtools.tiny import TINY
+from cogvideox_cog.devtools.tiny_postprocess import tiny_ifnet, tiny_rrdbnet
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.postprocess import Postprocessor
 from cogvideox_cog.variants import VARIANTS
 from tests.chat_server import ChatServer, rewrite_of
 from tests.cog_server import CogServer, CogServerError, WebhookReceiver, save_data_uri
@@ -113,13 +115,16 @@ def _psnr_db(frames: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _one_process_frames(
-    weights: Path, guidance: float, speed_mode="default", seed=SEED
+    weights: Path, guidance: float, speed_mode="default", seed=SEED, postprocess="none"
 ) -> np.ndarray:
-    """The same request rendered by today's path: one VideoGenerator, in this process."""
+    """The same request rendered by today's path: one VideoGenerator, in this process, with
+    the tiny models the server's upscale and interpolate load; `postprocess` asks for both."""
     cpu = torch.device("cpu")
     variant = VARIANTS["cogvideox-5b"]
     pipe = build_pipeline(variant, weights, cpu, "none")
-    generator = VideoGenerator(variant, pipe, cpu)
+    postprocessor = Postprocessor(tiny_ifnet(), tiny_rrdbnet(), cpu)
+    generator = VideoGenerator(variant, pipe, cpu, postprocessor=postprocessor)
+    generator.record_metric = lambda name, value: None
     request = Request(
         QUICK["prompt"],
         "",
@@ -130,6 +135,8 @@ def _one_process_frames(
         None,
         seed,
         speed_mode=speed_mode,
+        interpolate=postprocess,
+        upscale=postprocess,
     )
     return _frames(generator.render_mp4(request))
 
@@ -215,12 +222,26 @@ def test_two_ranks_ask_the_endpoint_once_and_render_its_rewrite(server, chat, tm
     )
 
 
-def test_rank_0_upscales_and_interpolates_and_reports_their_seconds(server, tmp_path):
+@pytest.fixture(scope="module")
+def postprocessed(server, tmp_path_factory) -> tuple[dict, Path]:
+    """A short prediction upscaled and interpolated 2x: the response and its mp4."""
     response = server.predict({**QUICK, "seed": SEED, "upscale": "2x", "interpolate": "2x"})
     assert response["status"] == "succeeded", response.get("error")
-    video = probe_mp4(save_data_uri(response["output"], tmp_path / "post.mp4"))
+    return response, save_data_uri(response["output"], tmp_path_factory.mktemp("post") / "a.mp4")
+
+
+def test_rank_0_upscales_and_interpolates_and_reports_their_seconds(postprocessed):
+    response, path = postprocessed
+    video = probe_mp4(path)
     assert (video["frames"], video["width"], video["height"]) == (17, 2 * WIDTH, 2 * HEIGHT)
     assert {"upscale_seconds", "interpolate_seconds"} <= set(response["metrics"])
+
+
+def test_two_ranks_upscale_and_interpolate_the_video_of_one_process(postprocessed, tiny_weights):
+    """Rank 0 alone holds the models; the other rank, checking the request with what rank 0
+    offers, takes its part in the steps, and the video is the one process's."""
+    expected = _one_process_frames(tiny_weights["1.0-t2v"], 6.0, postprocess="2x")
+    assert _psnr_db(_frames(postprocessed[1]), expected) >= SAME_VIDEO_PSNR_DB
 
 
 def test_faster_with_guidance_runs_on_two_ranks_as_on_one_process(server, tiny_weights, tmp_path):
@@ -371,6 +392,19 @@ def test_two_ranks_refuse_a_bad_input_before_the_image_is_fetched(i2v_server, ph
     )
     assert response["status"] == "failed"
     assert "InputError: num_frames=20" in response["error"]
+    assert photo_server.requests == []
+    i2v_server.wait_idle()
+
+
+def test_two_ranks_refuse_a_step_the_deployment_did_not_enable_before_the_fetch(
+    i2v_server, photo_server
+):
+    response = i2v_server.predict(
+        {**QUICK, "upscale": "2x", "image": photo_server.url("photo.png")}
+    )
+    assert response["status"] == "failed"
+    assert "InputError: upscale='2x': this deployment does not offer upscale" in response["error"]
+    assert "COGVIDEOX_UPSCALE=1" in response["error"]
     assert photo_server.requests == []
     i2v_server.wait_idle()
 

@@ -4,6 +4,7 @@ processes and pipes standing in for ranks that answer late; and what ranks tell 
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -14,12 +15,14 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cogvideox_cog.errors import LoraError, RankGroupError
+from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_rrdbnet
+from cogvideox_cog.errors import InputError, LoraError, RankGroupError
 from cogvideox_cog.parallel import group
 from cogvideox_cog.parallel.protocol import (
     Canceled,
@@ -29,7 +32,20 @@ from cogvideox_cog.parallel.protocol import (
     Progress,
     StepEnded,
 )
-from cogvideox_cog.parallel.ranks import LoraFetchedOnce, _forward_logs, rendezvous_store
+from cogvideox_cog.parallel.ranks import (
+    LoraFetchedOnce,
+    _forward_logs,
+    postprocessor_of,
+    rendezvous_store,
+)
+from cogvideox_cog.postprocess import (
+    INTERPOLATE_ENV,
+    UPSCALE_ENV,
+    UPSCALE_URL_ENV,
+    Postprocessor,
+    Steps,
+)
+from cogvideox_cog.weights.cache import WEIGHTS_DIR_ENV
 from tests.cog_server import free_port
 
 BOUND_S = 0.5
@@ -183,6 +199,80 @@ def test_a_rank_told_that_rank_0_could_not_fetch_a_lora_quotes_no_signature(tmp_
     said = (tmp_path / "rank-1.txt").read_text()
     assert said.startswith("rank 0 could not fetch lora_url https://bucket.example/style")
     assert "secret-signature" not in said
+
+
+# What a request may ask of a deployment with upscale enabled (the tiny 4x Real-ESRGAN) and
+# interpolate not: one choice per step accepted, one refused.
+ASKED = (("none", "2x"), ("none", "4x"), ("2x", "none"))
+
+
+def _postprocess_on_rank(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=1))
+    try:
+        postprocessor = postprocessor_of(rank, torch.device("cpu"))
+        checked = {}
+        for interpolate, upscale in ASKED:
+            try:
+                checked[f"{interpolate} {upscale}"] = repr(
+                    postprocessor.check(interpolate, upscale)
+                )
+            except InputError as error:
+                checked[f"{interpolate} {upscale}"] = f"InputError: {error}"
+        models = [postprocessor.interpolator, postprocessor.upscaler]
+        facts = {"models": sum(model is not None for model in models), "checked": checked}
+        (out / f"rank-{rank}.json").write_text(json.dumps(facts))
+        if rank == 0:
+            frames, _ = postprocessor.apply(
+                _decoded(), 8, Steps(upscale=2), record_metric=lambda name, value: None
+            )
+            np.save(out / "upscaled.npy", frames)
+    finally:
+        dist.destroy_process_group()
+
+
+def _decoded() -> np.ndarray:
+    return np.random.default_rng(0).random((2, 16, 24, 3), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def postprocessing_ranks(tmp_path_factory) -> Path:
+    """Two gloo ranks set up post-processing as the rank processes do, upscale enabled with
+    the tiny Real-ESRGAN file and interpolate not: what each holds and checks, and rank 0's
+    upscale of two frames."""
+    out = tmp_path_factory.mktemp("postprocessing-ranks")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(UPSCALE_ENV, "1")
+        env.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(out / "realesrgan.pth")))
+        env.delenv(INTERPOLATE_ENV, raising=False)
+        env.setenv(WEIGHTS_DIR_ENV, str(out / "weights"))
+        mp.spawn(_postprocess_on_rank, args=(free_port(), out), nprocs=2)
+    return out
+
+
+def _rank_facts(out: Path, rank: int) -> dict:
+    return json.loads((out / f"rank-{rank}.json").read_text())
+
+
+def test_only_rank_0_loads_the_postprocessing_models(postprocessing_ranks):
+    assert _rank_facts(postprocessing_ranks, 0)["models"] == 1
+    assert _rank_facts(postprocessing_ranks, 1)["models"] == 0
+
+
+def test_every_rank_checks_upscale_and_interpolate_as_rank_0(postprocessing_ranks):
+    """Rank 0 alone checks a request before it is fetched, every rank once it renders: a
+    step the deployment offers passes on both, one it does not is refused by both alike."""
+    checked = _rank_facts(postprocessing_ranks, 1)["checked"]
+    assert checked == _rank_facts(postprocessing_ranks, 0)["checked"]
+    assert checked["none 4x"] == repr(Steps(upscale=4))
+    assert "COGVIDEOX_INTERPOLATE=1" in checked["2x none"]
+
+
+def test_rank_0_upscales_with_the_model_one_process_loads(postprocessing_ranks):
+    upscaled = np.load(postprocessing_ranks / "upscaled.npy")
+    alone = Postprocessor(upscaler=tiny_rrdbnet(), device=torch.device("cpu"))
+    expected, _ = alone.apply(_decoded(), 8, Steps(upscale=2), lambda name, value: None)
+    np.testing.assert_array_equal(upscaled, expected)
 
 
 class _Sent(list):

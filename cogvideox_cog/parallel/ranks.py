@@ -11,6 +11,7 @@ after the same step and none is left waiting in a collective.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -30,6 +31,7 @@ from ..generator import VideoGenerator
 from ..logs import disable_progress_bars
 from ..lora import store as lora_store
 from ..pipeline import Mode
+from ..postprocess import Offer, Postprocessor
 from ..prompts.enhance import config_from_env
 from ..weights.download import shown, stop_waiting_when
 from .engine import ContextParallel
@@ -125,6 +127,7 @@ def _set_up(
         warm_up=False,
         rewrites_prompts=rank == 0,
         engine=ContextParallel(world_size),
+        postprocessing=functools.partial(postprocessor_of, rank),
     )
     agree_on_vae_tiling(generator.pipe, device)
     generator.on_step = AgreedCancel(cancel, device)
@@ -153,6 +156,20 @@ def agree_on_vae_tiling(pipe, device: torch.device) -> None:
     if tiled.item() and not pipe.vae.use_tiling:
         pipe.vae.enable_tiling()
         log.info("VAE tiling on, as on another GPU with less memory free")
+
+
+def postprocessor_of(rank: int, device: torch.device) -> Postprocessor:
+    """The upscale and interpolate models, fetched and loaded by rank 0 alone: it alone
+    post-processes the decoded frames. Another rank gets what rank 0's models offer and no
+    model, so that it checks a request's upscale and interpolate as rank 0 does. A
+    collective: where rank 0 fails (a bad COGVIDEOX_UPSCALE_URL), its SetupFailed fails
+    setup with its error, and the group stops the ranks waiting here."""
+    offer: list[Offer | None] = [None]
+    if rank == 0:
+        postprocessor = Postprocessor.from_env(device)
+        offer[0] = postprocessor.offer
+    dist.broadcast_object_list(offer, src=0)
+    return postprocessor if rank == 0 else Postprocessor(device=device, offer=offer[0])
 
 
 def rendezvous_store() -> dist.TCPStore:

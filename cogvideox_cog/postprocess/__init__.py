@@ -54,16 +54,29 @@ class Steps:
     upscale: int = 1
 
 
+@dataclass(frozen=True)
+class Offer:
+    """What a deployment offers requests: all that checking a request's choices needs, so a
+    process that holds no model (a rank other than 0) checks them as the one that does."""
+
+    interpolate: bool = False
+    upscale: int | None = None  # the Real-ESRGAN model's scale, the largest factor; None: off
+
+
 class Postprocessor:
-    """The loaded models of the enabled steps (None: not enabled) and where they run."""
+    """The loaded models of the enabled steps (None: not enabled), where they run, and what
+    they offer (`offer`: a rank's copy of rank 0's, with no model of its own)."""
 
     def __init__(
         self,
         interpolator: rife.IFNet | None = None,
         upscaler: rrdbnet.RRDBNet | None = None,
         device: torch.device | None = None,
+        offer: Offer | None = None,
     ):
         self.interpolator, self.upscaler = interpolator, upscaler
+        scale = upscaler.scale if upscaler is not None else None
+        self.offer = offer or Offer(interpolate=interpolator is not None, upscale=scale)
         self.device = device or torch.device("cpu")
         # fp16 on a GPU, as upstream's demo runs Real-ESRGAN and vs-rife runs RIFE; fp32 on a CPU.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -92,14 +105,15 @@ class Postprocessor:
 
     def check(self, interpolate: str, upscale: str) -> Steps:
         """The request's choices as factors; InputError for an unknown or disabled one."""
+        offer = self.offer
         steps = Steps(
-            interpolate=_factor("interpolate", interpolate, self.interpolator, INTERPOLATE_ENV),
-            upscale=_factor("upscale", upscale, self.upscaler, UPSCALE_ENV),
+            interpolate=_factor("interpolate", interpolate, offer.interpolate, INTERPOLATE_ENV),
+            upscale=_factor("upscale", upscale, offer.upscale is not None, UPSCALE_ENV),
         )
-        if self.upscaler is not None and steps.upscale > self.upscaler.scale:
+        if offer.upscale is not None and steps.upscale > offer.upscale:
             raise InputError(
                 f"upscale={upscale!r}: this deployment's Real-ESRGAN model upscales "
-                f"{self.upscaler.scale}x at most."
+                f"{offer.upscale}x at most."
             )
         return steps
 
@@ -203,12 +217,12 @@ def _cog_metric(name: str, value: float) -> None:
     cog.current_scope().record_metric(name, value)
 
 
-def _factor(name: str, value: str, model, env: str) -> int:
+def _factor(name: str, value: str, offered: bool, env: str) -> int:
     if value not in CHOICES:
         raise InputError(f"{name}={value!r} is not one of: {', '.join(CHOICES)}.")
     if value == "none":
         return 1
-    if model is None:
+    if not offered:
         raise InputError(
             f"{name}={value!r}: this deployment does not offer {name}. Its operator enables it "
             f"with {env}=1 (the weights are fetched in setup)."
