@@ -29,6 +29,7 @@ from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
 from .errors import EnhanceError, InputError, LoraError
 from .lora.fetch import check_lora_url
+from .lora.file import adapted_layers
 from .lora.slot import LoraSlot
 from .lora.store import LoraCache
 from .media import fetch
@@ -436,6 +437,9 @@ class VideoGenerator:
         plan = self.prepare(request)
         # The LoRA, fetched (or found in the cache) and checked before it touches the model.
         lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
+        if lora is not None and self.engine is not None:
+            layers = adapted_layers(lora)
+            self.engine.check_lora(layers, plan.guidance_scale > 1, plan.speed_mode)
         self.lora.use(lora, plan.lora_scale)
         return plan, _StepProgress(plan.denoise_steps, self.on_step)
 

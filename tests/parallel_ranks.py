@@ -24,12 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch._dynamo.utils import counters
 
 from cogvideox_cog.errors import InputError
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.slot import LoraSlot
 from cogvideox_cog.parallel.engine import ContextParallel
-from cogvideox_cog.parallel.ranks import ReportedProgress, agree_on_vae_tiling
+from cogvideox_cog.parallel.ranks import LoraFetchedOnce, ReportedProgress, agree_on_vae_tiling
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.speed import step_cache
 from cogvideox_cog.variants import VARIANTS
@@ -201,3 +203,52 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# A request with a LoRA through VideoGenerator, as a rank process serves it: rank 0 gives the
+# file (LoraFetchedOnce), every rank denoises. By guidance scale, since that picks the layout.
+LORA_URL = "https://loras.example/style.safetensors"
+
+
+class _CachedLora:
+    """A LoRA cache that holds the file already: what rank 0 finds or fetches."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def get(self, url: str) -> Path:
+        return self.path
+
+
+def lora_requests(weights: Path, lora: Path, guidances: tuple[float, ...], out: Path) -> dict:
+    """Each rank's outcome of one request per guidance scale, in order, with `lora` as its
+    LoRA: {rank: {guidance: {"refusal": message or None, "peft": whether the transformer
+    had peft layers after it}}}."""
+    mp.spawn(_lora_rank_main, args=(_free_port(), weights, lora, guidances, out), nprocs=2)
+    return {rank: json.loads((out / f"lora-{rank}.json").read_text()) for rank in range(2)}
+
+
+def _lora_rank_main(rank, port, weights, lora, guidances, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=2))
+    try:
+        engine = ContextParallel(2)
+        variant = VARIANTS["cogvideox-5b"]
+        pipe = build_pipeline(variant, weights, CPU, "none", before_placing=engine.install)
+        cache = LoraFetchedOnce(_CachedLora(lora), rank, CPU)
+        generator = VideoGenerator(variant, pipe, CPU, lora_cache=cache)
+        generator.engine = engine
+        outcomes = {}
+        for guidance in guidances:
+            request = Request("a panda", "", 9, 2, guidance, None, None, SEED, lora_url=LORA_URL)
+            refusal = None
+            try:
+                generator.denoise_only(request)
+            except InputError as error:
+                refusal = str(error)
+            peft = any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+            outcomes[str(guidance)] = {"refusal": refusal, "peft": peft}
+        (out / f"lora-{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        dist.destroy_process_group()

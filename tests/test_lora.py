@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from cogvideox_cog.errors import LoraError
 from cogvideox_cog.generator import Request, VideoGenerator
-from cogvideox_cog.lora.file import METADATA_KEY, read_lora
+from cogvideox_cog.lora.file import METADATA_KEY, adapted_layers, read_lora
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.variants import VARIANTS
@@ -409,6 +409,15 @@ def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
         assert (lora.layout, lora.rank, lora.alpha) == (layout, RANK, alpha)
     with_alpha = read_lora(generator.lora_cache.get(_url(loras, "a-alpha8")))
     assert (with_alpha.alpha, with_alpha.alpha_source) == (8.0, "the file's metadata")
+
+
+def test_the_layers_a_lora_adapts_are_read_from_its_header_in_either_layout(tiny_weights, tmp_path):
+    transformer = tiny_weights["1.0-t2v"] / "transformer"
+    tensors = lora_tensors(transformer, RANK, seed=3, targets=["to_q", "proj_out"])
+    layers = {key.split(".lora_")[0] for key in tensors}
+    assert "proj_out" in layers
+    assert adapted_layers(save_diffusers_lora(tensors, tmp_path / "diffusers")) == layers
+    assert adapted_layers(save_sat_lora(tensors, tmp_path / "sat")) == layers
 
 
 def _compiled_generator(tiny_weights, tmp_path) -> VideoGenerator:

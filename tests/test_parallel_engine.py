@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from cogvideox_cog.devtools.tiny import save_tiny_weights
-from cogvideox_cog.parallel.engine import SequenceShards
+from cogvideox_cog.parallel.engine import PROJ_OUT_REFUSAL, SequenceShards
 from cogvideox_cog.parallel.layout import Layout, choose_layout, replica_warnings
 from tests.lora_files import lora_tensors, save_diffusers_lora
-from tests.parallel_ranks import Case, Rendered, render, run_ranks
+from tests.parallel_ranks import Case, Rendered, lora_requests, render, run_ranks
 
 TOLERANCE = 1e-5  # float32 sums in another order
 _FLOAT = torch.zeros(1)
@@ -367,6 +367,26 @@ def test_a_lora_on_proj_out_is_refused_where_the_sequence_is_split(two_ranks):
     for rank in two_ranks["lora-on-proj-out"]:
         assert "this LoRA adapts proj_out" in rank.refusal
         assert "COGVIDEOX_GPUS=1" in rank.refusal
+
+
+@pytest.fixture(scope="module")
+def proj_out_lora_requests(tiny_weights, lora_on_proj_out, tmp_path_factory) -> dict:
+    """Two rank processes' VideoGenerators serve a LoRA on proj_out without guidance (the
+    sequence split), then with it (the guidance batch split)."""
+    out = tmp_path_factory.mktemp("proj-out-requests")
+    return lora_requests(tiny_weights["1.0-t2v"], lora_on_proj_out, (UNGUIDED, GUIDED), out)
+
+
+def test_a_lora_on_proj_out_is_refused_from_its_file_before_any_rank_loads_it(
+    proj_out_lora_requests,
+):
+    for outcomes in proj_out_lora_requests.values():
+        assert outcomes[str(UNGUIDED)] == {"refusal": PROJ_OUT_REFUSAL, "peft": False}
+
+
+def test_a_lora_on_proj_out_runs_where_only_the_guidance_batch_is_split(proj_out_lora_requests):
+    for outcomes in proj_out_lora_requests.values():
+        assert outcomes[str(GUIDED)] == {"refusal": None, "peft": True}
 
 
 def test_ulysses_4_renders_the_frames_of_one_process_from_uneven_text_shards(

@@ -113,6 +113,14 @@ def read_lora(path: Path) -> LoraWeights:
     )
 
 
+def adapted_layers(path: Path) -> set[str]:
+    """The layers a LoRA file adapts, read from its safetensors header alone: what can be
+    refused before the tensors are read or any model is changed."""
+    with safe_open(path, framework="pt") as file:
+        keys = list(file.keys())
+    return {match["module"] for key in keys if (match := _KEY.fullmatch(key.removeprefix(PREFIX)))}
+
+
 def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
     """The LoraConfig diffusers stored in the file, without the `transformer.` prefix."""
     if METADATA_KEY not in metadata:

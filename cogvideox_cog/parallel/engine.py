@@ -49,6 +49,11 @@ from .layout import Layout, choose_layout, replica_warnings
 log = logging.getLogger(__name__)
 
 _HOOK = "cogvideox_cog.parallel"  # the name of every hook this engine registers
+PROJ_OUT_REFUSAL = (
+    "this LoRA adapts proj_out, the layer where the GPUs' shares of the video are put "
+    "together, so it cannot run split across GPUs: use a LoRA that leaves proj_out alone, "
+    "or serve it with COGVIDEOX_GPUS=1"
+)
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,15 @@ class ContextParallel:
             _SequenceGather(self._armed), f"{_HOOK}.gather"
         )
 
+    def check_lora(self, layers: set[str], classifier_free_guidance: bool, speed_mode: str) -> None:
+        """InputError for a LoRA of these layers that the request's layout cannot run: one
+        on proj_out where the sequence is split (run() refuses it too, from the model). Read
+        from the file, so that it is refused before any rank puts it on its model."""
+        # As run() arms it: FasterCache's skipped guidance halves give the sequence all ranks.
+        layout = self.layouts[classifier_free_guidance and speed_mode != "faster"]
+        if layout.ulysses > 1 and "proj_out" in layers:
+            raise InputError(PROJ_OUT_REFUSAL)
+
     @contextmanager
     def run(self, classifier_free_guidance: bool) -> Iterator[Layout]:
         """Arms the layout for one pipe(...) call; every rank's pipe returns the full, identical
@@ -222,11 +236,7 @@ class ContextParallel:
         if layout.ulysses > 1 and hasattr(self.pipe.transformer.proj_out, "base_layer"):
             # peft wraps proj_out: its LoRA branch would see this rank's tokens while the
             # gather hook, on the wrapped layer, has already made the output whole.
-            raise InputError(
-                "this LoRA adapts proj_out, the layer where the GPUs' shares of the video "
-                "are put together, so it cannot run split across GPUs: use a LoRA that "
-                "leaves proj_out alone, or serve it with COGVIDEOX_GPUS=1"
-            )
+            raise InputError(PROJ_OUT_REFUSAL)
         if layout.world_size > 1:
             self._armed.layout, self._armed.mesh = layout, self._meshes[layout]
             self._processor._parallel_config = self._configs[layout]
