@@ -73,8 +73,11 @@ def fetched(name: str, value: str, kind: str) -> Iterator[Path]:
     problem = download.url_problem(value) if scheme != "data" else None
     if problem:
         raise InputError(f"the {name} URL {problem}.")
+    # Named before the claim: the suffix of a large data: URI takes milliseconds, and a cancel
+    # landing between the claim and the try would leave the folder until a restart.
+    file_name = f"{name}{_suffix(value)}"
     folder = leftovers.claim(Path(tempfile.gettempdir()), INPUT_PREFIX)
-    path = folder / f"{name}{_suffix(value)}"
+    path = folder / file_name
     try:
         with path.open("wb") as out:
             if scheme == "data":
