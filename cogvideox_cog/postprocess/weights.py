@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import BadSource, WeightsError
-from ..weights import cache, content_check, download, weights_root, writable
+from ..weights import cache, content_check, download, not_writable, weights_root, writable
 from ..weights.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
         log.info(f"{source.name}: using cached {entry / name}")
         return entry / name, False, seen
     if not writable(root):
-        raise WeightsError(
-            f"the weights cache {root} is not writable, and the {source.name} weights must be "
-            f"fetched into it. Mount it read-write, or set {cache.WEIGHTS_DIR_ENV} to a "
-            f"writable folder."
-        )
+        raise not_writable(root, f"the {source.name} weights")
     root.mkdir(parents=True, exist_ok=True)
     with cache.entry_lock(entry):
         seen = _identity(entry)

@@ -191,11 +191,7 @@ def _ensure(variant: Variant) -> _Resolved:
         return _cached(root, entry)
     if not writable(cache_root):
         cache.published(entry, keys, manifest, check, hashed, explain=True)  # logs why
-        raise WeightsError(
-            f"the weights cache {cache_root} is not writable, and the weights must be fetched "
-            f"into it (the log above says why, if an entry is there). Mount it read-write, or "
-            f"set {cache.WEIGHTS_DIR_ENV} to a writable folder."
-        )
+        raise not_writable(cache_root, "the weights", explained=True)
     cache_root.mkdir(parents=True, exist_ok=True)
     with cache.entry_lock(entry):
         root = cache.published(entry, keys, manifest, check, hashed, explain=True)
@@ -225,6 +221,16 @@ def writable(folder: Path) -> bool:
     volume otherwise fails at the lock with a bare PermissionError or EROFS."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     return os.access(existing, os.W_OK | os.X_OK)
+
+
+def not_writable(folder: Path, what: str, explained: bool = False) -> WeightsError:
+    """The error for a cache `folder` that `what` must be fetched into but cannot be written;
+    explained: the log above says why the cached copy was not taken."""
+    why = " (the log above says why, if an entry is there)" if explained else ""
+    return WeightsError(
+        f"the weights cache {folder} is not writable, and {what} must be fetched into it{why}. "
+        f"Mount it read-write, or set {WEIGHTS_DIR_ENV} to a writable folder."
+    )
 
 
 def weights_root() -> Path:

@@ -16,7 +16,16 @@ from hashlib import sha256
 from pathlib import Path
 
 from ..errors import BadSource, WeightsError
-from . import cache, content_check, download, fetch_hub, fetch_tar, weights_root, writable
+from . import (
+    cache,
+    content_check,
+    download,
+    fetch_hub,
+    fetch_tar,
+    not_writable,
+    weights_root,
+    writable,
+)
 from .hub import parse_hf_url
 from .manifest import Manifest, sha256_file
 from .verify import Verified, check_contained, check_safetensors, check_shard_index
@@ -69,11 +78,7 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
         return root
     if not writable(root_dir):
         cache.published(entry, [key], manifest, check, explain=True)  # logs why
-        raise WeightsError(
-            f"the weights cache {root_dir} is not writable, and the prompt enhancer's model "
-            f"must be fetched into it (the log above says why, if an entry is there). Mount it "
-            f"read-write, or set {cache.WEIGHTS_DIR_ENV} to a writable folder."
-        )
+        raise not_writable(root_dir, "the prompt enhancer's model", explained=True)
     root_dir.mkdir(parents=True, exist_ok=True)
     with cache.entry_lock(entry):
         root = cache.published(entry, [key], manifest, check, explain=True)
