@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, steps in STEPS.items():
         started = time.perf_counter()
-        result, _ = postprocessor.apply(frames, 8, steps)
+        result = postprocessor.apply(frames, 8, steps).array()
         seconds = time.perf_counter() - started
         encode = _encode_seconds(result, args.out / "step.mp4") - base_encode
         rows.append(

@@ -51,12 +51,11 @@ from .pipeline import (
     no_offload_peak_gib,
     pipeline_dtype,
 )
-from .postprocess import Postprocessor, Steps
+from .postprocess import Postprocessed, Postprocessor, Steps
 from .prompts.endpoint import check_api_key
 from .prompts.enhance import ENHANCE_ENV, PromptEnhancer, config_from_env, load_enhancer
 from .settings import setting
 from .speed import SPEED_MODES, starting_timestep, step_cache
-from .timing import Laps
 from .variants import PREDICTOR_FILES, Variant, variant_from_env
 from .weights import check_settings, load_weights, weights_root
 
@@ -131,13 +130,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class RenderedVideo:
-    frames: np.ndarray  # (frames, height, width, 3) floats in [0, 1]
-    fps: int
+    frames: np.ndarray  # decoded: (frames, height, width, 3) floats in [0, 1]
+    output: Postprocessed  # to encode: the frames upscaled and interpolated as asked, and fps
     seed: int
     progress: _StepProgress
     received: float  # time.monotonic() when the request came in
     decoded: float  # time.monotonic() when the VAE finished
-    postprocessed: float  # time.monotonic() when the last of upscale and interpolate ended
 
 
 @dataclass(frozen=True)
@@ -383,11 +381,11 @@ class VideoGenerator:
         # Until predict() holds the path, nothing else would remove the folder: a cancel (Cog
         # raises it at any bytecode) in the metrics or the log line would leave it for good.
         try:
-            encode_mp4(video.frames, output, fps=video.fps)
+            encode_mp4(video.output, output, fps=video.output.fps)
             finished = time.monotonic()
             _record_timings(video, finished, self.record_metric)
             log.info(
-                f"wrote {output.name}: {len(video.frames)} frames at {video.fps} fps in "
+                f"wrote {output.name}: {video.output.count} frames at {video.output.fps} fps in "
                 f"{finished - video.received:.1f} s"
             )
         except BaseException:  # including a cancel
@@ -396,8 +394,8 @@ class VideoGenerator:
         return output
 
     def render_frames(self, request: Request) -> RenderedVideo:
-        """Check the request, denoise and decode, upscale and interpolate if asked: the
-        frames as floats in [0, 1] (uint8 once post-processed)."""
+        """Check the request, denoise and decode: the frames as floats in [0, 1], and the
+        output to encode, upscaled and interpolated as asked while it is read."""
         plan, progress = self._prepare_model(request)
         frames = self.denoise_and_decode(plan, progress)
         decoded = time.monotonic()
@@ -415,16 +413,10 @@ class VideoGenerator:
                 )
                 raise LoraError(f"the video came out as NaN: the LoRA's weights overflow {advice}")
             raise RuntimeError("the pipeline returned NaN frames")
-        laps = Laps(decoded)
-        frames, fps = self.postprocessor.apply(
-            frames,
-            plan.fps,
-            plan.postprocess,
-            self.record_metric,
-            self.on_postprocess_progress,
-            laps,
+        output = self.postprocessor.apply(
+            frames, plan.fps, plan.postprocess, self.record_metric, self.on_postprocess_progress
         )
-        return RenderedVideo(frames, fps, plan.seed, progress, plan.received, decoded, laps.last)
+        return RenderedVideo(frames, output, plan.seed, progress, plan.received, decoded)
 
     def denoise_only(self, request: Request) -> None:
         """render_frames() without the VAE decode, for a rank that does not write the video:
@@ -707,7 +699,8 @@ def _record_timings(
         ("prepare_seconds", started - video.received),  # inputs decoded, LoRA fetched
         ("denoise_seconds", last_step - started),
         ("decode_seconds", video.decoded - last_step),
-        ("encode_seconds", finished - video.postprocessed),
+        # Upscale and interpolate run inside the encode's loop: their seconds are their own.
+        ("encode_seconds", finished - video.decoded - video.output.seconds),
         ("total_seconds", finished - video.received),
     ):
         record(name, round(value, 3))

@@ -1,18 +1,24 @@
-"""Phase times that add up to the whole: each phase ends where the next begins, so the time
-spent recording one phase's metric or logging it is counted in the next, never lost between
-two timers."""
+"""Time spent making frames that are made only as they are read: upscale and interpolate run
+inside the encoder's loop, so their seconds are the sum of the waits for their frames."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-class Laps:
-    def __init__(self, start: float | None = None):
-        self.last = time.monotonic() if start is None else start
+class Timed(Iterator[T]):
+    """An iterable's items, and the seconds spent waiting for them (its sources' included)."""
 
-    def lap(self) -> float:
-        """Seconds since the previous lap ended (or the start); the next lap starts now."""
-        now = time.monotonic()
-        seconds, self.last = now - self.last, now
-        return seconds
+    def __init__(self, items: Iterable[T]):
+        self._items, self.seconds = iter(items), 0.0
+
+    def __next__(self) -> T:
+        started = time.monotonic()
+        try:
+            return next(self._items)
+        finally:
+            self.seconds += time.monotonic() - started

@@ -33,7 +33,6 @@ from cogvideox_cog.postprocess import (
     rrdbnet,
 )
 from cogvideox_cog.postprocess.weights import load_model, read_state_dict
-from cogvideox_cog.timing import Laps
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.manifest import sha256_file
 from tests.file_server import FileServer
@@ -55,22 +54,21 @@ def _frames(count: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
 def test_interpolation_adds_factor_minus_one_frames_between_each_pair(
     postprocessor, factor, expected
 ):
-    frames, _ = postprocessor.apply(_frames(3), 8, Steps(interpolate=factor))
+    frames = postprocessor.apply(_frames(3), 8, Steps(interpolate=factor)).array()
     assert frames.shape == (expected, HEIGHT, WIDTH, 3)
     assert rife.interpolated_count(49, factor) == {2: 97, 4: 193}[factor]
 
 
 @pytest.mark.parametrize("factor", [2, 4])
 def test_interpolation_multiplies_the_fps_so_the_duration_stays(postprocessor, factor):
-    _, fps = postprocessor.apply(_frames(2), 10, Steps(interpolate=factor))
-    assert fps == 10 * factor
+    assert postprocessor.apply(_frames(2), 10, Steps(interpolate=factor)).fps == 10 * factor
 
 
 def test_interpolation_keeps_the_generated_frames_as_the_encoder_would_round_them(
     postprocessor,
 ):
     source = _frames(3)
-    frames, _ = postprocessor.apply(source, 8, Steps(interpolate=4))
+    frames = postprocessor.apply(source, 8, Steps(interpolate=4)).array()
     rounded = np.rint(source * 255).astype(np.uint8)
     np.testing.assert_array_equal(frames[[0, 4, 8]], rounded)
 
@@ -78,20 +76,21 @@ def test_interpolation_keeps_the_generated_frames_as_the_encoder_would_round_the
 def test_interpolation_between_two_equal_still_frames_is_that_frame(postprocessor):
     """Whatever flow the random network estimates, warping a flat image gives it back."""
     still = np.full((2, HEIGHT, WIDTH, 3), 0.4, np.float32)
-    frames, _ = postprocessor.apply(still, 8, Steps(interpolate=2))
+    frames = postprocessor.apply(still, 8, Steps(interpolate=2)).array()
     assert np.abs(frames[1].astype(int) - round(0.4 * 255)).max() <= 1
 
 
 @pytest.mark.parametrize("factor", [2, 4])
 def test_upscale_multiplies_width_and_height(postprocessor, factor):
-    frames, fps = postprocessor.apply(_frames(2), 8, Steps(upscale=factor))
+    output = postprocessor.apply(_frames(2), 8, Steps(upscale=factor))
+    frames = output.array()
     assert frames.shape == (2, HEIGHT * factor, WIDTH * factor, 3)
-    assert (frames.dtype, fps) == (np.uint8, 8)
+    assert (frames.dtype, output.fps) == (np.uint8, 8)
 
 
 def test_upscale_2x_is_the_4x_models_output_area_resized():
     model, frame = tiny_rrdbnet(), _frames(1)
-    two = rrdbnet.upscale(model, frame, 2, CPU, torch.float32)
+    two = np.stack(list(rrdbnet.upscale(model, frame, 2, CPU, torch.float32)))
     with torch.inference_mode():
         four = model(torch.from_numpy(frame).permute(0, 3, 1, 2))
     resized = torch.nn.functional.interpolate(four, scale_factor=0.5, mode="area")
@@ -103,7 +102,7 @@ def test_a_native_2x_model_upscales_2x_and_refuses_4x():
     two = rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=2)
     assert rrdbnet.rrdbnet_for(two.state_dict()).scale == 2
     postprocessor = Postprocessor(upscaler=two.eval(), device=CPU)
-    frames, _ = postprocessor.apply(_frames(1), 8, postprocessor.check("none", "2x"))
+    frames = postprocessor.apply(_frames(1), 8, postprocessor.check("none", "2x")).array()
     assert frames.shape == (1, HEIGHT * 2, WIDTH * 2, 3)
     with pytest.raises(InputError, match="upscales 2x at most"):
         postprocessor.check("none", "4x")
@@ -128,36 +127,63 @@ def test_tiles_without_overlap_show_seams():
 
 
 def test_both_steps_upscale_then_interpolate(postprocessor):
-    frames, fps = postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2))
-    assert frames.shape == (3, HEIGHT * 2, WIDTH * 2, 3)
-    assert fps == 16
+    output = postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2))
+    assert output.array().shape == (3, HEIGHT * 2, WIDTH * 2, 3)
+    assert output.fps == 16
 
 
-def test_step_times_tile_the_postprocessing_even_when_recording_them_is_slow(postprocessor):
-    def slow_record(name: str, seconds: float) -> None:  # a rank sends it to the Cog process
-        recorded[name] = seconds
-        time.sleep(0.05)
-
+def test_step_times_are_each_steps_own_share_of_making_the_frames(postprocessor):
     recorded: dict[str, float] = {}
-    laps = Laps()
-    started = laps.last
-    postprocessor.apply(_frames(2), 8, Steps(interpolate=2, upscale=2), slow_record, laps=laps)
+    output = postprocessor.apply(
+        _frames(2), 8, Steps(interpolate=2, upscale=2), recorded.__setitem__
+    )
+    started = time.monotonic()
+    for _ in output:
+        time.sleep(0.05)  # the encoder's share, not the steps'
+    reading = time.monotonic() - started
     assert set(recorded) == {"upscale_seconds", "interpolate_seconds"}
-    assert recorded["interpolate_seconds"] >= 0.05  # the upscale's recording counts here
-    assert sum(recorded.values()) == pytest.approx(laps.last - started, abs=0.002)
+    assert min(recorded.values()) > 0
+    assert sum(recorded.values()) == pytest.approx(output.seconds, abs=0.002)
+    assert output.seconds <= reading - 3 * 0.05
+
+
+def test_both_steps_make_each_frame_only_when_it_is_read(postprocessor):
+    """As the encoder reads them, so the video is never held whole: 161 frames of 1.5
+    upscaled 4x and interpolated 4x would be 40 GB."""
+    upscaled: list[int] = []
+    hook = postprocessor.upscaler.register_forward_hook(lambda *_: upscaled.append(1))
+    try:
+        output = iter(postprocessor.apply(_frames(9), 8, Steps(interpolate=4, upscale=4)))
+        assert len(upscaled) == 0
+        next(output)  # generated frame 0
+        assert len(upscaled) == 1
+        next(output)  # the first between frames 0 and 1
+        assert len(upscaled) == 2
+        assert sum(1 for _ in output) == 31
+        assert len(upscaled) == 9
+    finally:
+        hook.remove()
+
+
+def test_streamed_frames_equal_each_step_run_on_all_frames(postprocessor):
+    frames = _frames(3)
+    streamed = postprocessor.apply(frames, 8, Steps(interpolate=2, upscale=2)).array()
+    upscaled = postprocessor.apply(frames, 8, Steps(upscale=2)).array()
+    expected = postprocessor.apply(upscaled, 8, Steps(interpolate=2)).array()
+    np.testing.assert_array_equal(streamed, expected)
 
 
 def test_a_long_step_logs_where_it_is(postprocessor, monkeypatch, caplog):
     monkeypatch.setattr(postprocess, "PROGRESS_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
-        postprocessor.apply(_frames(3), 8, Steps(interpolate=2))
+        postprocessor.apply(_frames(3), 8, Steps(interpolate=2)).array()
     assert "interpolate: 1/2 frame pairs, " in caplog.text
 
 
 def test_no_step_leaves_the_frames_untouched(postprocessor):
     source = _frames(2)
-    frames, fps = postprocessor.apply(source, 8, Steps())
-    assert frames is source and fps == 8
+    output = postprocessor.apply(source, 8, Steps())
+    assert output.array() is source and output.fps == 8
 
 
 def test_a_step_the_deployment_did_not_enable_is_refused_naming_its_variable():

@@ -223,9 +223,9 @@ def _postprocess_on_rank(rank: int, port: int, out: Path) -> None:
         facts = {"models": sum(model is not None for model in models), "checked": checked}
         (out / f"rank-{rank}.json").write_text(json.dumps(facts))
         if rank == 0:
-            frames, _ = postprocessor.apply(
+            frames = postprocessor.apply(
                 _decoded(), 8, Steps(upscale=2), record_metric=lambda name, value: None
-            )
+            ).array()
             np.save(out / "upscaled.npy", frames)
     finally:
         dist.destroy_process_group()
@@ -271,7 +271,7 @@ def test_every_rank_checks_upscale_and_interpolate_as_rank_0(postprocessing_rank
 def test_rank_0_upscales_with_the_model_one_process_loads(postprocessing_ranks):
     upscaled = np.load(postprocessing_ranks / "upscaled.npy")
     alone = Postprocessor(upscaler=tiny_rrdbnet(), device=torch.device("cpu"))
-    expected, _ = alone.apply(_decoded(), 8, Steps(upscale=2), lambda name, value: None)
+    expected = alone.apply(_decoded(), 8, Steps(upscale=2), lambda name, value: None).array()
     np.testing.assert_array_equal(upscaled, expected)
 
 

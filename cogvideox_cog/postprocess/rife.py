@@ -19,7 +19,7 @@ read with torch.load(weights_only=True) or from safetensors (weights.py), never 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -158,31 +158,31 @@ def interpolated_count(frames: int, factor: int) -> int:
 
 def interpolate(
     model: IFNet,
-    frames: np.ndarray,
+    frames: Iterable[np.ndarray],
+    count: int,
     factor: int,
     device: torch.device,
     dtype: torch.dtype,
     on_pair: Callable[[int, int], None] = lambda done, total: None,
-) -> np.ndarray:
-    """(F, H, W, 3) frames (uint8, or floats in [0, 1]) -> ((F-1)*factor+1, H, W, 3) uint8.
+) -> Iterator[np.ndarray]:
+    """`count` (H, W, 3) frames (uint8, or floats in [0, 1]) -> (count-1)*factor+1 uint8
+    frames, each made when it is asked for; `frames` is read one frame ahead at most.
 
     The originals are kept as they are; between frames i and i+1 come the frames at
     t = 1/factor ... (factor-1)/factor, all of one pair in one batch. A Cog cancel lands
     between pairs (the loop is Python); on_pair(done, total) reports progress.
     """
-    count, height, width = len(frames), frames.shape[1], frames.shape[2]
-    out = np.empty((interpolated_count(count, factor), height, width, 3), np.uint8)
+    frames = iter(frames)
     times = torch.arange(1, factor, device=device, dtype=dtype) / factor
-    previous = _to_tensor(frames[0], device, dtype)
-    out[0] = _to_uint8(frames[0])
-    for index in range(1, count):
-        current = _to_tensor(frames[index], device, dtype)
-        for position, middle in enumerate(_between(model, previous, current, times), 1):
-            out[(index - 1) * factor + position] = middle
-        out[index * factor] = _to_uint8(frames[index])
-        previous = current
+    first = next(frames)
+    previous = _to_tensor(first, device, dtype)
+    yield _to_uint8(first)
+    for index, frame in enumerate(frames, 1):
+        current = _to_tensor(frame, device, dtype)
+        yield from _between(model, previous, current, times)
         on_pair(index, count - 1)
-    return out
+        yield _to_uint8(frame)
+        previous = current
 
 
 def _between(

@@ -15,7 +15,7 @@ read with torch.load(weights_only=True) or from safetensors (weights.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -112,8 +112,9 @@ def upscale(
     tile: int = TILE,
     overlap: int = TILE_OVERLAP,
     on_frame: Callable[[int, int], None] = lambda done, total: None,
-) -> np.ndarray:
-    """(F, H, W, 3) frames (uint8, or floats in [0, 1]) -> (F, H*factor, W*factor, 3) uint8.
+) -> Iterator[np.ndarray]:
+    """(F, H, W, 3) frames (uint8, or floats in [0, 1]) -> F (H*factor, W*factor, 3) uint8
+    frames, each made when it is asked for.
 
     The model's own scale (4 for RealESRGAN_x4plus) is brought to `factor` by an area resize,
     which averages whole blocks of pixels (no aliasing). Frame by frame, tile by tile: a Cog
@@ -121,7 +122,6 @@ def upscale(
     """
     count, height, width = frames.shape[:3]
     out_h, out_w = upscaled_size(height, width, factor)
-    out = np.empty((count, out_h, out_w, 3), np.uint8)
     for index in range(count):
         image = torch.from_numpy(np.ascontiguousarray(frames[index])).to(device)
         image = image.float() / 255.0 if frames.dtype == np.uint8 else image.float()
@@ -130,9 +130,8 @@ def upscale(
         if result.shape[-2:] != (out_h, out_w):
             result = F.interpolate(result, size=(out_h, out_w), mode="area")
         pixels = torch.round(result.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-        out[index] = pixels[0].permute(1, 2, 0).cpu().numpy()
         on_frame(index + 1, count)
-    return out
+        yield pixels[0].permute(1, 2, 0).cpu().numpy()
 
 
 def upscale_tiled(model: RRDBNet, image: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
