@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from cogvideox_cog.devtools.tiny import save_tiny_weights
-from cogvideox_cog.devtools.tiny_llm import CHAT_TEMPLATE, build_tiny_tokenizer, save_tiny_causal_lm
+from cogvideox_cog.devtools.tiny_llm import (
+    CHAT_TEMPLATE,
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    save_tiny_causal_lm,
+)
 from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputError, WeightsError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
@@ -31,7 +36,7 @@ from cogvideox_cog.prompts.enhance import (
     whole_sentences,
 )
 from cogvideox_cog.prompts.instruction import messages
-from cogvideox_cog.prompts.local import LocalRewriter
+from cogvideox_cog.prompts.local import REWRITE_MARGIN_BYTES, LocalRewriter, visit_fits
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
@@ -529,9 +534,15 @@ class _MoveCutShort(torch.nn.Module):
         return self
 
 
-def test_a_local_model_whose_move_to_the_gpu_is_cut_short_is_moved_back():
+def _gpu_with_free(monkeypatch, free: int) -> None:
+    """A GPU that reports `free` bytes free, for the machines without one that run tests."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+
+
+def test_a_local_model_whose_move_to_the_gpu_is_cut_short_is_moved_back(monkeypatch):
     """What had reached the GPU before the cut would otherwise stay there beside the video
     model, under offload, until the next rewrite."""
+    _gpu_with_free(monkeypatch, 80 * 2**30)
     model = _MoveCutShort()
     tokenizer = build_tiny_tokenizer()
     rewriter = LocalRewriter(
@@ -540,6 +551,26 @@ def test_a_local_model_whose_move_to_the_gpu_is_cut_short_is_moved_back():
     with pytest.raises(cog.CancelationException):
         rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
     assert model.moves == ["cuda", "cpu"]
+
+
+def test_a_visit_needs_room_for_the_weights_and_the_rewrite():
+    weights = 15 * 2**30  # a 7-8B model in bf16
+    assert visit_fits(weights + REWRITE_MARGIN_BYTES, weights)
+    assert not visit_fits(weights + REWRITE_MARGIN_BYTES - 1, weights)
+
+
+def test_a_rewrite_the_gpu_has_no_room_for_fails_before_the_model_moves(monkeypatch):
+    """A move that ran out of memory part way would fail with CUDA's error in the middle of
+    the prediction; the refusal says what it needed and leaves the model whole on the CPU."""
+    _gpu_with_free(monkeypatch, 2**20)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm(len(tokenizer))
+    rewriter = LocalRewriter(
+        model, tokenizer, "tiny", torch.device("cuda"), resident=False, timeout=5
+    )
+    with pytest.raises(EnhanceError, match=r"needs 1\.0 GiB of GPU memory and the GPU has 0\.0"):
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
 def _enhanced_request(**fields) -> Request:

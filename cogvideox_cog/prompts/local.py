@@ -32,6 +32,10 @@ from .rewriter import Reply
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"  # where the checkpoint is (read in enhance.py)
+# What a rewrite needs on the GPU beyond the weights: the KV cache and activations of the
+# longest chat (the instruction and a 10,000-character prompt, about 3,000 tokens, and 226
+# new ones) take a few hundred MB on a 7-9B model; the rest is the allocator's rounding.
+REWRITE_MARGIN_BYTES = 2**30
 
 
 class LocalRewriter:
@@ -111,6 +115,18 @@ class LocalRewriter:
         if self.resident or self.device.type == "cpu":
             yield
             return
+        # What the video model cached from its last run counts as room: the rewrite runs
+        # before its denoising, and the move back empties the cache anyway.
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        weights = _weights_bytes(self.model)
+        if not visit_fits(free, weights):
+            raise EnhanceError(
+                f"{self.name} cannot rewrite the prompt now: it needs "
+                f"{_gib(weights + REWRITE_MARGIN_BYTES)} GiB of GPU memory and the GPU has "
+                f"{_gib(free)} GiB free. Nothing was generated: try again later, or send "
+                f"enhance_prompt=false."
+            )
         try:  # a cancel or out-of-memory error can cut the move short: move back what went
             self.model.to(self.device)
             yield
@@ -151,10 +167,24 @@ def _check_chat_template(tokenizer, name: str) -> None:
 def _fits_beside(model, device: torch.device, video_peak_gib: float) -> bool:
     """Whether the model can stay on the GPU and leave the loaded video model the rest of
     its denoising peak (the peak, minus what it has reserved already)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = _weights_bytes(model)
     free = torch.cuda.mem_get_info(device)[0]
     still_needed = video_peak_gib * 2**30 - torch.cuda.memory_reserved(device)
     return free - weights >= still_needed
+
+
+def visit_fits(free_bytes: int, weights_bytes: int) -> bool:
+    """Whether a model kept in CPU memory can visit a GPU with `free_bytes` free for a
+    rewrite: a move that runs out of memory part way fails in the middle of a prediction."""
+    return free_bytes >= weights_bytes + REWRITE_MARGIN_BYTES
+
+
+def _weights_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f}"
 
 
 def _ids(eos: int | list[int] | None) -> set[int]:
