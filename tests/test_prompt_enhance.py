@@ -573,6 +573,26 @@ def test_a_rewrite_the_gpu_has_no_room_for_fails_before_the_model_moves(monkeypa
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
+def test_a_local_model_the_gpu_never_has_room_for_fails_setup(monkeypatch, tmp_path):
+    """Setup is the best case: under offload the video model is off the GPU, without it
+    only its weights are there, as at every later rewrite."""
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    _gpu_with_free(monkeypatch, 2**20)
+    with pytest.raises(
+        ConfigError, match=f"{enhance.WEIGHTS_ENV}.*every enhance_prompt would fail"
+    ):
+        LocalRewriter.load(model, "tiny", torch.device("cuda"), video_peak_gib=None, timeout=5)
+
+
+def test_setup_without_room_for_the_local_model_suggests_offload_where_it_is_off(
+    monkeypatch, tmp_path
+):
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    _gpu_with_free(monkeypatch, 2**20)
+    with pytest.raises(ConfigError, match="COGVIDEOX_OFFLOAD=model"):
+        LocalRewriter.load(model, "tiny", torch.device("cuda"), video_peak_gib=30.0, timeout=5)
+
+
 def _enhanced_request(**fields) -> Request:
     """A small request that asks for enhance_prompt."""
     defaults = dict(

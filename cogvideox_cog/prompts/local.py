@@ -81,6 +81,8 @@ class LocalRewriter:
         )
         if resident:
             model.to(device)
+        else:
+            _check_room_to_visit(model, name, device, offload=video_peak_gib is None)
         where = f"on {device.type}" if resident else f"in CPU memory, moved to {device.type} to run"
         log.info(
             f"setup: prompt enhancer {name} loaded in {time.monotonic() - started:.1f} s, {where}"
@@ -171,6 +173,24 @@ def _fits_beside(model, device: torch.device, video_peak_gib: float) -> bool:
     free = torch.cuda.mem_get_info(device)[0]
     still_needed = video_peak_gib * 2**30 - torch.cuda.memory_reserved(device)
     return free - weights >= still_needed
+
+
+def _check_room_to_visit(model, name: str, device: torch.device, *, offload: bool) -> None:
+    """ConfigError, in setup, when the GPU has no room for a rewrite now: the model and the
+    video model have just been placed, so no later rewrite would find more."""
+    weights = _weights_bytes(model)
+    free = torch.cuda.mem_get_info(device)[0]
+    if visit_fits(free, weights):
+        return
+    offload_hint = (
+        "" if offload else ", COGVIDEOX_OFFLOAD=model (the video model then waits in CPU memory)"
+    )
+    raise ConfigError(
+        f"{WEIGHTS_ENV}: {name} needs {_gib(weights + REWRITE_MARGIN_BYTES)} GiB of GPU memory "
+        f"to rewrite a prompt (its weights and 1 GiB for the rewrite), and the GPU has "
+        f"{_gib(free)} GiB free beside the video model: every enhance_prompt would fail. Use a "
+        f"smaller model{offload_hint}, or COGVIDEOX_ENHANCE_PROMPT=openai."
+    )
 
 
 def visit_fits(free_bytes: int, weights_bytes: int) -> bool:
