@@ -14,6 +14,7 @@ from pathlib import Path
 import cog
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.devtools.tiny_llm import (
@@ -551,6 +552,37 @@ def test_a_local_model_whose_move_to_the_gpu_is_cut_short_is_moved_back(monkeypa
     with pytest.raises(cog.CancelationException):
         rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
     assert model.moves == ["cuda", "cpu"]
+
+
+class _MoveBackCutShort(torch.nn.Module):
+    """A model whose first move back to the CPU is cut short by a cancel, after a rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves: list[str] = []
+        self.generation_config = GenerationConfig(eos_token_id=0)
+
+    def to(self, device):
+        self.moves.append(str(device))
+        if self.moves == ["cuda", "cpu"]:
+            raise cog.CancelationException()
+        return self
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, torch.zeros_like(input_ids[:, :1])], dim=1)
+
+
+def test_a_cancel_during_the_move_back_still_moves_the_whole_model_back(monkeypatch):
+    """The cancel may land in the move's loop over the parameters: the model must not stay
+    part on the GPU, in the video model's room (and in the next visit's)."""
+    _gpu_with_free(monkeypatch, 80 * 2**30)
+    model = _MoveBackCutShort()
+    rewriter = LocalRewriter(
+        model, build_tiny_tokenizer(), "tiny", torch.device("cuda"), resident=False, timeout=5
+    )
+    with pytest.raises(cog.CancelationException):
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert model.moves == ["cuda", "cpu", "cpu"]
 
 
 def test_a_visit_needs_room_for_the_weights_and_the_rewrite():

@@ -133,8 +133,7 @@ class LocalRewriter:
             self.model.to(self.device)
             yield
         finally:
-            self.model.to("cpu")
-            torch.cuda.empty_cache()
+            _back_to_cpu(self.model)
 
 
 class _Checked(StoppingCriteria):
@@ -148,6 +147,24 @@ class _Checked(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.check()  # raises to stop
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _back_to_cpu(model) -> None:
+    """All of the model moved back to the CPU, also when a cancel cuts the move short (Cog
+    raises it at any bytecode, this move's loop included): the rest is moved, then the cancel
+    raised. Left there, the part on the GPU would take the video model's room."""
+    cut = None
+    while True:
+        try:
+            model.to("cpu")
+            break
+        except BaseException as error:
+            if isinstance(error, Exception):  # the move itself failed: trying again won't do
+                raise
+            cut = cut or error
+    torch.cuda.empty_cache()
+    if cut is not None:
+        raise cut
 
 
 def _check_chat_template(tokenizer, name: str) -> None:
