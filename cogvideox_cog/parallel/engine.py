@@ -218,20 +218,23 @@ class ContextParallel:
         """InputError for a LoRA of these layers that the request's layout cannot run: one
         on proj_out where the sequence is split (run() refuses it too, from the model). Read
         from the file, so that it is refused before any rank puts it on its model."""
-        # As run() arms it: FasterCache's skipped guidance halves give the sequence all ranks.
-        layout = self.layouts[classifier_free_guidance and speed_mode != "faster"]
+        layout = self._layout(classifier_free_guidance, skips_guidance=speed_mode == "faster")
         if layout.ulysses > 1 and "proj_out" in layers:
             raise InputError(PROJ_OUT_REFUSAL)
+
+    def _layout(self, classifier_free_guidance: bool, skips_guidance: bool) -> Layout:
+        """The request's layout. FasterCache computes the negative prompt's half only every
+        few steps (`skips_guidance`): guidance rows would idle then, so the sequence takes
+        all the ranks instead."""
+        return self.layouts[classifier_free_guidance and not skips_guidance]
 
     @contextmanager
     def run(self, classifier_free_guidance: bool) -> Iterator[Layout]:
         """Arms the layout for one pipe(...) call; every rank's pipe returns the full, identical
         result (latents gathered), so rank 0 alone may decode."""
-        layout = self.layouts[classifier_free_guidance]
-        if layout.cfg > 1 and _skips_unconditional_batches(self.pipe.transformer):
-            # FasterCache computes the negative prompt's half only every few steps: the CFG
-            # rows would idle then, so the sequence takes all the ranks instead.
-            layout = self.layouts[False]
+        skips = _skips_unconditional_batches(self.pipe.transformer)
+        layout = self._layout(classifier_free_guidance, skips)
+        if layout != self.layouts[classifier_free_guidance]:
             log.info(f"speed_mode faster skips guidance halves: layout {layout} instead")
         if layout.ulysses > 1 and hasattr(self.pipe.transformer.proj_out, "base_layer"):
             # peft wraps proj_out: its LoRA branch would see this rank's tokens while the
