@@ -219,6 +219,31 @@ def test_a_frame_far_over_the_limit_is_refused_before_it_is_decoded(tmp_path, mo
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_a_first_frame_far_over_the_limit_is_refused_before_the_probe_decodes_it(
+    tmp_path, monkeypatch
+):
+    """Opening a file decodes its first frame where the container does not give the size (a
+    PNG track, a raw H.264 stream): a 4.6 MB mov declaring 64x48 with a 16000x16000 16-bit
+    PNG in it took 7 s of CPU and 1.5 GB there, before the size could be checked."""
+    monkeypatch.setattr(video_input, "MAX_VIDEO_PIXELS", 64 * 48)
+    picture = av.CodecContext.create("png", "w")
+    picture.width, picture.height, picture.pix_fmt = 640, 480, "rgb24"
+    picture.time_base = Fraction(1, 8)
+    frame = av.VideoFrame.from_ndarray(np.zeros((480, 640, 3), np.uint8), format="rgb24")
+    data = b"".join(bytes(packet) for packet in [*picture.encode(frame), *picture.encode()])
+    path = tmp_path / "bomb.mov"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+        for index in range(10):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts = stream, index, index
+            packet.time_base, packet.is_keyframe = Fraction(1, 8), True
+            container.mux(packet)
+    with pytest.raises(InputError, match=r"frame 1 is far larger than its header says"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
 def test_a_clip_longer_than_4_to_1_is_refused_as_images_are(tmp_path):
     """Its centre crop at the model's shape would be a sliver stretched over the frame."""
     path = _write_clip(tmp_path / "strip.mp4", frames=12, fps=8, width=256, height=16)

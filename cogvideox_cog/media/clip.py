@@ -114,7 +114,11 @@ def _open(path: Path | str):
     try:
         # Tags are not used; a title in Latin-1, as older cameras and tools write it, would
         # otherwise fail the whole clip on PyAV's strict UTF-8 decoding of them.
-        return av.open(str(path), options={"format_whitelist": DEMUXERS}, metadata_errors="replace")
+        # Opening decodes a first frame where the container does not give the stream's size
+        # and format (a PNG or raw H.264 track): max_pixels refuses a far larger one there
+        # too, before it is allocated, as _checked_stream does for the frames after it.
+        options = {"format_whitelist": DEMUXERS, "max_pixels": str(2 * MAX_VIDEO_PIXELS)}
+        return av.open(str(path), options=options, metadata_errors="replace")
     except (FileNotFoundError, IsADirectoryError) as error:
         raise InputError(
             f"video {str(path)[:100]!r} is not an http(s) URL or a data: URI of a video."
@@ -270,15 +274,16 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
             if len(picked) == len(targets):
                 break
     except av.error.FFmpegError as error:
+        if error.errno == errno.EINVAL:  # max_pixels, or a size no decoder takes
+            than = "its first" if decoded else "its header says"
+            raise InputError(
+                f"video's frame {decoded + 1} is far larger than {than}, or of an invalid "
+                f"size; the limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it "
+                f"first."
+            ) from error
         if decoded == 0:
             raise InputError(
                 f"video could not be decoded ({error}); send an {FORMATS} file."
-            ) from error
-        if error.errno == errno.EINVAL:  # max_pixels, or a size no decoder takes
-            raise InputError(
-                f"video's frame {decoded + 1} is far larger than its first, or of an invalid "
-                f"size; the limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it "
-                f"first."
             ) from error
         log.warning(f"video: decoding stopped after {decoded} frames: {error}")
         damage = str(error)
