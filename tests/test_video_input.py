@@ -276,6 +276,28 @@ def test_decoding_stops_once_the_needed_span_is_covered(tmp_path, monkeypatch):
         load_video(path, num_frames=17, fps=8, height=H, width=W)
 
 
+def test_decoding_stops_at_a_budget_of_pixels(tmp_path, monkeypatch):
+    """5,000 frames of 16 MP are within the frame and size limits: as 16-bit PNG, a 500 MB
+    clip whose frames took 0.45 s of CPU each to decode, 38 minutes in all. Counted as they
+    are decoded: an mkv's header may give any rate (this one says 2 fps for frames 1/24 s
+    apart; one of variable rate often says 1000)."""
+    monkeypatch.setattr(video_input, "MAX_DECODED_PIXELS", 30 * 64 * 48)
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 24)
+        for index in range(200):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), index, np.uint8), "rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 24)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    # 9 frames at 8 fps need 1 s: 26 frames, with the one after it that shows it is covered.
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+    with pytest.raises(InputError, match=r"to cover 2\.0 s \(31 frames of 64x48 so far\)"):
+        load_video(path, num_frames=17, fps=8, height=H, width=W)
+
+
 def _write_phone_clip(path, rotation: int) -> str:
     """A landscape-stored clip with a display matrix, as phones record portrait video: white
     in the left quarter of the stored frame, black elsewhere."""

@@ -41,6 +41,10 @@ MAX_VIDEO_SECONDS = 600.0
 # Frames decoded before the needed span is covered: 10 s of 161 frames at 16 fps from a
 # 240 fps clip is 2,400; more points at a broken or hostile stream.
 MAX_DECODED_FRAMES = 5_000
+# Pixels decoded before the needed span is covered: 4K UHD at 120 fps (phones' slow motion)
+# over those 10 s is 1,200 frames of 8.3 MP, 10 G; a fifth more is taken. Without it, 5,000
+# frames of 16 MP fit in the limits: 500 MB of 16-bit PNG frames took 0.45 s of CPU each.
+MAX_DECODED_PIXELS = 12_000_000_000
 # Timestamps are rounded on the way into a container; this much slack counts as on time.
 _EPSILON = 1e-3
 
@@ -231,7 +235,7 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
     """
     picked: list[Image.Image] = []
     damage: str | None = None
-    decoded = 0
+    decoded = pixels = 0
     start = last_time = last_shown = 0.0
     previous: av.VideoFrame | None = None
     previous_image: Image.Image | None = None
@@ -261,6 +265,14 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
                 raise InputError(
                     f"video needs more than {MAX_DECODED_FRAMES} decoded frames to cover "
                     f"{targets[-1]:.1f} s; send it at a lower frame rate."
+                )
+            pixels += frame.width * frame.height
+            if pixels > MAX_DECODED_PIXELS:
+                raise InputError(
+                    f"video needs more than {MAX_DECODED_PIXELS / 1e9:g} gigapixels decoded "
+                    f"to cover {targets[-1]:.1f} s ({decoded} frames of "
+                    f"{frame.width}x{frame.height} so far); send it at a lower frame rate or "
+                    f"resolution (4K at 120 fps fits)."
                 )
             time -= start
             # Every target before this frame's time is shown by the previous frame.
