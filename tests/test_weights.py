@@ -47,6 +47,7 @@ from cogvideox_cog.weights.manifest import (
     manifest_of_directory,
     sha256_file,
 )
+from cogvideox_cog.weights.manifest import main as manifest_main
 from cogvideox_cog.weights.untar import JOURNAL
 from cogvideox_cog.weights.verify import verify
 from tests.file_server import FileServer
@@ -1384,6 +1385,40 @@ def test_a_manifest_lists_sources_tried_in_order(served, cache, tiny, tmp_path, 
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
     root = ensure_weights(VARIANT)
     assert json.loads((root / COMPLETE_MARKER).read_text())["source"] == served.url("model.tar")
+
+
+def test_a_manifest_written_of_an_entry_whose_tar_wrapped_the_weights_pins_it_in_place(
+    served, cache, tmp_path, monkeypatch, capsys
+):
+    """The entry holds such weights in the tar's top folder; the manifest listed them under
+    it, so the trusted entry failed verification, was discarded, and every setup failed."""
+    url = served.url("wrapped.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    root = ensure_weights(VARIANT)
+    sent = served.bytes_sent
+    manifest_main([str(root.parent), VARIANT.id, url])
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(capsys.readouterr().out)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    assert ensure_weights(VARIANT) == root
+    assert served.bytes_sent == sent
+
+
+def test_a_manifest_of_a_hub_download_folder_leaves_out_its_hidden_state(
+    tiny, cache, tmp_path, monkeypatch
+):
+    """`hf download --local-dir` keeps its state in .cache/, which verification does not
+    read: a manifest listing it failed the very folder it was written of."""
+    folder = tmp_path / "cogvideox-5b"
+    shutil.copytree(tiny, folder)
+    state = folder / ".cache" / "huggingface" / "download" / "model_index.json.metadata"
+    state.parent.mkdir(parents=True)
+    state.write_text("0123abcd\n1700000000.0\n")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(folder, VARIANT.id, [])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(folder))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    assert ensure_weights(VARIANT) == folder
 
 
 def test_a_manifest_for_another_variant_is_refused(tmp_path, cache, monkeypatch):

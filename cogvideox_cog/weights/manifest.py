@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
@@ -112,15 +113,29 @@ def sha256_file(path: Path, prefix: int | None = None) -> hashlib._Hash:
     return digest
 
 
-def manifest_of_directory(root: Path, variant: str, sources: list[str]) -> dict:
-    """A manifest (as JSON data) with the size and sha256 of every file under `root`."""
+def manifest_of_directory(directory: Path, variant: str, sources: list[str]) -> dict:
+    """A manifest (as JSON data) with the size and sha256 of every file of the weights in
+    `directory`.
+
+    Paths are relative to the model root, as verify() reads them: a cache entry of a tar that
+    wrapped the weights in one top folder holds them there. Hidden files and folders are left
+    out, as verify() leaves them: `hf download --local-dir` keeps its own state in `.cache/`,
+    which no copy fetched from the Hub has.
+    """
+    from .verify import find_model_root  # verify.py imports this module
+
+    root = find_model_root(directory, str(directory))
     files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        files[path.relative_to(root).as_posix()] = {
-            "size": path.stat().st_size,
-            "sha256": sha256_file(path).hexdigest(),
-        }
-    return {"variant": variant, "sources": sources, "files": files}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = Path(folder, name)
+            if path.is_file():
+                files[path.relative_to(root).as_posix()] = {
+                    "size": path.stat().st_size,
+                    "sha256": sha256_file(path).hexdigest(),
+                }
+    return {"variant": variant, "sources": sources, "files": dict(sorted(files.items()))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:
         sys.exit(main.__doc__)
-    data = manifest_of_directory(Path(args[0]), args[1], args[2:])
+    try:
+        data = manifest_of_directory(Path(args[0]), args[1], args[2:])
+    except WeightsError as error:
+        sys.exit(str(error))
     print(json.dumps(data, indent=2))
 
 
