@@ -10,11 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from torch.distributed import TCPStore
 
 from cogvideox_cog import postprocess, settings
 from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
-from cogvideox_cog.errors import ConfigError
+from cogvideox_cog.errors import ConfigError, WeightsError
 from cogvideox_cog.generator import VideoGenerator
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
@@ -275,3 +276,36 @@ def test_known_settings_raise_no_warning(monkeypatch):
     for env in settings.NAMES:
         monkeypatch.setenv(env, "")
     assert settings.warn_unknown_settings() == []
+
+
+def _read_upscale() -> None:
+    postprocess.Postprocessor.from_env(torch.device("cpu"))
+
+
+MISTYPED_URLS = [
+    (
+        WEIGHTS_URL_ENV,
+        "htps://deploy:hunter2@weights.example/cogvideox.tar",
+        lambda: ensure_weights(VARIANTS["cogvideox-5b"]),
+    ),
+    (postprocess.UPSCALE_URL_ENV, "htps://deploy:hunter2@models.example/x4.pth", _read_upscale),
+    (enhance.BASE_URL_ENV, "htps://deploy:hunter2@llm.example/v1", enhance.config_from_env),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "read"), MISTYPED_URLS, ids=[env for env, _, _ in MISTYPED_URLS]
+)
+def test_a_url_setting_with_a_mistyped_scheme_fails_without_showing_its_password(
+    monkeypatch, tmp_path, caplog, env, url, read
+):
+    """Only http(s) URLs lost their user name and password in errors and logs: one letter
+    off the scheme put the password in setup's error, which /health-check serves."""
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(postprocess.UPSCALE_ENV, "1")
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(env, url)
+    with pytest.raises((ConfigError, WeightsError), match="htps://") as failed:
+        read()
+    assert "hunter2" not in str(failed.value)
+    assert "hunter2" not in caplog.text

@@ -201,7 +201,7 @@ def _fetch(source: ModelSource, dest: Path) -> str:
             raise type(error)(f"{source.name} weights: {reason}; check {source.url_env}") from error
     else:
         raise WeightsError(
-            f"{source.url_env}={source.url!r} is neither an http(s) URL nor an existing file."
+            f"{source.url_env}={source.shown!r} is neither an http(s) URL nor an existing file."
         )
     found = sha256_file(dest).hexdigest()
     if source.sha256 and found != source.sha256.lower():

@@ -164,7 +164,7 @@ def config_from_env() -> EnhanceConfig | None:
         return EnhanceConfig(backend, timeout, weights=weights)
     base_url = setting(BASE_URL_ENV, DEFAULT_BASE_URL)
     if download.scheme_of(base_url) not in ("http", "https"):
-        raise ConfigError(f"{BASE_URL_ENV}={base_url!r} is not an http(s) URL.")
+        raise ConfigError(f"{BASE_URL_ENV}={download.shown(base_url)!r} is not an http(s) URL.")
     if _has_credentials(base_url):
         # urllib sends no password from a URL; kept, it would show in logs and errors.
         raise ConfigError(

@@ -324,7 +324,7 @@ def fetch_tar(source: str, staging: Path, setting: str = WEIGHTS_URL_ENV) -> dic
         size, validator = remote.size, remote.validator
     else:
         raise WeightsError(
-            f"{WEIGHTS_URL_ENV}={source!r} is neither an http(s) URL, an hf:// repository nor "
+            f"{WEIGHTS_URL_ENV}={shown!r} is neither an http(s) URL, an hf:// repository nor "
             f"an existing file or directory."
         )
     key = download.identity(source)  # a renewed presigned URL resumes the same download
@@ -460,7 +460,7 @@ def fetch_hub(source: str, staging: Path, patterns: tuple[str, ...] = HF_PATTERN
     ref = parse_hf_url(source)
     if ref is None or ref.file is not None:
         raise WeightsError(
-            f"{WEIGHTS_URL_ENV}={source!r} is not a Hugging Face Hub source: use "
+            f"{WEIGHTS_URL_ENV}={download.shown(source)!r} is not a Hugging Face Hub source: use "
             f"hf://org/repo or hf://org/repo@revision (a branch, tag or commit)"
         )
     repo, revision = ref.repo, ref.revision

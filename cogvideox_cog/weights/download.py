@@ -55,6 +55,7 @@ RESUME_HINT = "Run setup again to resume, or check the URL and the network."
 # The bytes on disk are of the old file, and the next setup's probe sees the new validator.
 RESTART_HINT = "Run setup again: it downloads the new file from the start."
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -149,9 +150,11 @@ def scheme_of(url: str) -> str:
 
 def shown(url: str) -> str:
     """`url` as logs and errors show it: an http(s) URL without its query string (where a
-    presigned URL carries its signature) and without a user name or password."""
+    presigned URL carries its signature) and without a user name or password. Any other URL
+    keeps no user name or password either: a mistyped scheme (`htps://user:key@host`) must
+    not put the key in an error that says the URL is not http(s)."""
     if scheme_of(url) not in ("http", "https"):
-        return url  # a local path, hf://
+        return _USERINFO.sub(r"\1", url, count=1)  # a local path, hf://
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
