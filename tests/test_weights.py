@@ -1560,6 +1560,31 @@ def hub(tiny, cache, monkeypatch):
     server.stop()
 
 
+def test_a_manifest_of_a_hub_download_folder_pins_the_same_repository_fetched_from_the_hub(
+    tiny, cache, tmp_path, monkeypatch
+):
+    """A Hub repository holds a README.md and LICENSE beside model_index.json, which a fetch
+    from the Hub leaves out: a manifest listing them failed every copy fetched from there."""
+    from huggingface_hub import constants
+
+    folder = tmp_path / "cogvideox-5b"
+    shutil.copytree(tiny, folder)
+    (folder / "README.md").write_text("# CogVideoX-5B\n")
+    (folder / "LICENSE").write_text("license text\n")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(folder, VARIANT.id, ["hf://org/tiny"])))
+    server = HubServer("org/tiny", folder)
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    try:
+        root = ensure_weights(VARIANT)
+    finally:
+        server.stop()
+    assert "sha256" in json.loads((root / COMPLETE_MARKER).read_text())["checks"]
+
+
 def test_the_hubs_log_of_a_dropped_download_hides_the_presigned_urls_signature(
     hub, tiny, cache, caplog
 ):

@@ -120,14 +120,17 @@ def manifest_of_directory(directory: Path, variant: str, sources: list[str]) -> 
     Paths are relative to the model root, as verify() reads them: a cache entry of a tar that
     wrapped the weights in one top folder holds them there. Hidden files and folders are left
     out, as verify() leaves them: `hf download --local-dir` keeps its own state in `.cache/`,
-    which no copy fetched from the Hub has.
+    which no copy fetched from the Hub has. The top's other files (a repository's README.md,
+    LICENSE) are left out too: no part of the pipeline, and not fetched from the Hub.
     """
-    from .verify import find_model_root  # verify.py imports this module
+    from .verify import MODEL_INDEX, find_model_root  # verify.py imports this module
 
     root = find_model_root(directory, str(directory))
     files = {}
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if folder == str(root):
+            names = [MODEL_INDEX]
         for name in sorted(n for n in names if not n.startswith(".")):
             path = Path(folder, name)
             if path.is_file():
