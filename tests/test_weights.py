@@ -213,6 +213,23 @@ def test_a_local_directory_is_used_in_place_and_checked(tiny, tmp_path, cache, m
         ensure_weights(VARIANT)
 
 
+def test_a_directory_used_in_place_is_held_to_its_manifests_sha256_when_asked(
+    tiny, tmp_path, cache, monkeypatch
+):
+    """COGVIDEOX_WEIGHTS_CHECK=sha256 checked cached entries only: a pinned directory whose
+    bytes changed at the same size loaded, the operator's check silently skipped."""
+    local = shutil.copytree(tiny, tmp_path / "local")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    assert ensure_weights(VARIANT) == local
+    _flip(local / BIG, (local / BIG).stat().st_size - 1)
+    with pytest.raises(WeightsError, match=rf"{BIG}: sha256 \w+, the manifest says"):
+        ensure_weights(VARIANT)
+
+
 def test_a_directory_that_is_not_a_pipeline_is_refused(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tmp_path))
     with pytest.raises(WeightsError, match=r"no model_index\.json"):

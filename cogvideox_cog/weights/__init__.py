@@ -172,14 +172,16 @@ def _ensure(variant: Variant) -> _Resolved:
             f"layout of {variant.hub_repo} (model_index.json at its root), or pick another "
             f"{MODEL_ENV}."
         )
+    check = content_check()
     local = Path(sources[0]).expanduser()
     if len(sources) == 1 and local.is_dir():
-        # Used in place, never copied: structure and sizes are checked on every setup, file
-        # hashes are not (that would read every byte of the weights on each start).
-        verified = verify(local, manifest, sources[0], hash_missing=False, in_place=True)
+        # Used in place, never copied: structure and sizes are checked on every setup, the
+        # manifest's hashes only with COGVIDEOX_WEIGHTS_CHECK=sha256 (that reads every byte of
+        # the weights on each start, which the operator asked for).
+        hashed = check == "sha256"
+        verified = verify(local, manifest, sources[0], hash_missing=hashed, in_place=True)
         return _Resolved(verified.root)
 
-    check = content_check()
     cache_root = weights_root()
     # The cache knows a source by its identity: a presigned URL renewed is the same file.
     keys = [download.identity(source) for source in sources]
