@@ -43,3 +43,9 @@ class BadSource(WeightsError):
 class RankGroupError(RuntimeError):
     """The rank processes of a multi-GPU predictor cannot serve (one failed in setup, died or
     is stuck); the message names the rank and says why."""
+
+
+class GpuMemoryError(RuntimeError):
+    """The GPU ran out of memory in one prediction, one larger than the memory policy was
+    chosen for (more frames than the default, a large upscale); the message names the phase
+    and the size, and what to change. It fails that prediction only: what it held is freed."""

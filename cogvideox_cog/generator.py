@@ -27,7 +27,8 @@ from PIL import Image
 
 from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
-from .errors import EnhanceError, InputError, LoraError
+from .errors import EnhanceError, GpuMemoryError, InputError, LoraError
+from .gpu_memory import out_of_memory
 from .lora.fetch import check_lora_url
 from .lora.file import adapted_layers
 from .lora.slot import LoraSlot
@@ -69,6 +70,8 @@ OUTPUT_PREFIX = TEMP_PREFIX + "output-"
 WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
 DEFAULT_STRENGTH = 0.8
 LOGGED_TEXT_CHARS = 300  # user text in a log line stays short
+# The offload policy that keeps less on the GPU than each one (sequential keeps the least).
+LESS_MEMORY = {"none": "model", "model": "sequential"}
 
 
 @dataclass(frozen=True)
@@ -591,6 +594,8 @@ class VideoGenerator:
         # (an odd count: see _pad_for_latent_patches).
         padded = plan.padding_latents > 0 and output_type != "latent"
         try:
+            embeddings = self._text_embeddings(plan)
+            progress.phase = "denoising"
             # The cache hooks first: the engine reads them to choose a layout (FasterCache
             # skips the guidance batch's negative half, so it cannot be split by CFG).
             with (
@@ -603,7 +608,7 @@ class VideoGenerator:
                 self._split_over_ranks(plan.guidance_scale > 1),
             ):
                 output = self.pipe(
-                    **self._text_embeddings(plan),
+                    **embeddings,
                     height=plan.height,
                     width=plan.width,
                     num_inference_steps=plan.steps,
@@ -618,6 +623,8 @@ class VideoGenerator:
             if padded:
                 output = self._decode(output[:, : -plan.padding_latents], output_type)
             return output[0]
+        except torch.OutOfMemoryError as error:
+            raise self._out_of_memory(error, plan, progress.phase) from error
         finally:
             # What diffusers does at the end of a call that completes: with model offload, every
             # model back on the CPU. A cancel or failure mid-call skips it (and the padded
@@ -625,6 +632,33 @@ class VideoGenerator:
             # the next prediction's text encoding: no hook offloads a model before the first.
             self.pipe.maybe_free_model_hooks()
             self.release_memory()
+
+    def _out_of_memory(
+        self, error: torch.OutOfMemoryError, plan: Plan, phase: str
+    ) -> GpuMemoryError:
+        """What ran out and at what size, and the smaller request (or, for the operator, the
+        setting) that needs less: setup chose the memory policy for the default size."""
+        what = phase
+        if phase != "encoding the prompt":
+            what = f"{phase} {plan.num_frames} frames at {plan.width}x{plan.height}"
+        advice = []
+        default, allowed = self.variant.default_frames, self.variant.allowed_frames
+        fewer = [n for n in allowed if n < min(plan.num_frames, default + 1)]
+        if fewer and phase != "encoding the prompt":
+            advice.append(f"Ask for fewer frames: num_frames={fewer[-1]} or less.")
+        tiled = getattr(self.pipe.vae, "use_tiling", True)
+        if phase == "decoding" and not tiled:
+            advice.append(
+                f"The deployment's operator can set {VAE_TILING_ENV}=on, which decodes in "
+                f"tiles with less memory."
+            )
+        elif self.offload in LESS_MEMORY:
+            advice.append(
+                f"The deployment's operator can set {OFFLOAD_ENV}={LESS_MEMORY[self.offload]} "
+                f"(it runs with {self.offload}), which keeps less of the model on the GPU."
+            )
+        said = " ".join(advice) or "Its operator needs a GPU with more memory."
+        return out_of_memory(error, what, said)
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, output_type: str):
@@ -724,11 +758,15 @@ class _StepProgress:
     def __init__(self, total: int, on_step: Callable[[int, float], None] | None = None):
         self.total, self.on_step = total, on_step
         self.started = self.last_step = time.monotonic()
+        # Where the call is, for an out-of-memory error: the VAE decodes after the last step.
+        self.phase = "encoding the prompt"
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         previous, self.last_step = self.last_step, time.monotonic()
         elapsed = self.last_step - self.started
         log.info(f"step {step + 1}/{self.total}, {elapsed:.1f} s elapsed")
+        if step + 1 == self.total:
+            self.phase = "decoding"
         if self.on_step is not None:
             self.on_step(step, self.last_step - previous)
         return {}

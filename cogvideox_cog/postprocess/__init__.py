@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..gpu_memory import out_of_memory
 from ..settings import setting
 from ..timing import Timed
 from ..weights import download
@@ -138,8 +139,11 @@ class Postprocessor:
         if steps.upscale > 1:
             made = upscaled = Timed(self._upscale(frames, steps.upscale, on_progress))
         if steps.interpolate > 1:
+            height, width = (side * steps.upscale for side in frames.shape[1:3])
             made = interpolated = Timed(
-                self._interpolate(made, count, fps, steps.interpolate, on_progress)
+                self._interpolate(
+                    made, count, fps, steps, f"{width}x{height}", on_progress=on_progress
+                )
             )
             count, fps = rife.interpolated_count(count, steps.interpolate), fps * steps.interpolate
         recorded = _recorded(made, upscaled, interpolated, record_metric or _cog_metric)
@@ -164,6 +168,10 @@ class Postprocessor:
                 self.dtype,
                 on_frame=_Progress("upscale", "frames", on_progress),
             )
+        except torch.OutOfMemoryError as error:
+            what = f"upscaling {count} frames {factor}x, {width}x{height} to {out_w}x{out_h}"
+            smaller = "upscale='2x' or 'none'" if factor > 2 else "upscale='none'"
+            raise out_of_memory(error, what, f"Ask for {smaller}.") from error
         finally:
             self._release_memory()
 
@@ -172,9 +180,11 @@ class Postprocessor:
         frames: Iterable[np.ndarray],
         count: int,
         fps: int,
-        factor: int,
+        steps: Steps,
+        size: str,
         on_progress: Callable[[], None] | None,
     ) -> Iterator[np.ndarray]:
+        factor = steps.interpolate
         log.info(
             f"interpolate {factor}x: {count} -> {rife.interpolated_count(count, factor)} frames, "
             f"{fps} -> {fps * factor} fps (RIFE)"
@@ -189,6 +199,11 @@ class Postprocessor:
                 self.dtype,
                 on_pair=_Progress("interpolate", "frame pairs", on_progress),
             )
+        except torch.OutOfMemoryError as error:
+            what = f"interpolating {count} frames {factor}x at {size}"
+            smaller = "interpolate='2x' or 'none'" if factor > 2 else "interpolate='none'"
+            also = ", or a smaller upscale" if steps.upscale > 1 else ""
+            raise out_of_memory(error, what, f"Ask for {smaller}{also}.") from error
         finally:
             self._release_memory()
 

@@ -1,0 +1,140 @@
+"""A prediction that runs out of GPU memory, injected into the tiny pipeline's own modules as
+CUDA raises it: the error says what ran out and what to change, and the worker serves on."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from cogvideox_cog.devtools.tiny_postprocess import tiny_ifnet, tiny_rrdbnet
+from cogvideox_cog.errors import GpuMemoryError
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.postprocess import Postprocessor, Steps
+from cogvideox_cog.variants import VARIANTS
+
+CPU = torch.device("cpu")
+CUDA_SAYS = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+    "of which 1.20 GiB is free. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_weights) -> VideoGenerator:
+    variant = VARIANTS["cogvideox-5b"]
+    return VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+
+
+def _request(**overrides) -> Request:
+    fields = {
+        "prompt": "a cat walks",
+        "negative_prompt": "",
+        "num_frames": 25,
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "use_dynamic_cfg": None,
+        "fps": None,
+        "seed": 5,
+    }
+    return Request(**{**fields, **overrides})
+
+
+@contextmanager
+def _out_of_memory(module: torch.nn.Module, seen: list | None = None) -> Iterator[None]:
+    """`module`'s first call raises CUDA's error, as an allocation inside it would; `seen`
+    gets a weak reference to the tensor it was given."""
+
+    def fail(module, args, kwargs):
+        if seen is not None:
+            seen.append(weakref.ref(args[0] if args else kwargs["hidden_states"]))
+        raise torch.OutOfMemoryError(CUDA_SAYS)
+
+    handle = module.register_forward_pre_hook(fail, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("module", "phase"), [("transformer", "denoising"), ("vae", "decoding")], ids=str
+)
+def test_out_of_gpu_memory_names_the_phase_the_size_and_fewer_frames(generator, module, phase):
+    target = generator.pipe.transformer if module == "transformer" else generator.pipe.vae.decoder
+    with _out_of_memory(target), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request())
+    said = str(raised.value)
+    assert said.startswith(f"The GPU ran out of memory while {phase} 25 frames at 80x48.")
+    assert "Ask for fewer frames: num_frames=17 or less." in said
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_out_of_gpu_memory_above_the_default_frame_count_suggests_the_default(tiny_weights):
+    """What setup's memory policy was chosen for: 1.5 takes 161 frames, twice its default."""
+    variant = VARIANTS["cogvideox1.5-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.5-t2v"], CPU, "none")
+    generator = VideoGenerator(variant, pipe, CPU, resolution="48x80")
+    with _out_of_memory(pipe.transformer), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request(num_frames=161))
+    assert "161 frames at 80x48. Ask for fewer frames: num_frames=81 or less." in str(raised.value)
+
+
+def test_out_of_gpu_memory_tells_the_operator_the_offload_policy_that_needs_less(generator):
+    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request(num_frames=9))
+    assert str(raised.value).endswith(
+        "The deployment's operator can set COGVIDEOX_OFFLOAD=model (it runs with none), which "
+        "keeps less of the model on the GPU."
+    )
+
+
+def test_the_render_after_one_out_of_gpu_memory_gives_a_fresh_generators_frames(
+    generator, tiny_weights
+):
+    """The speed mode's cache hooks and the kept negative-prompt embedding survive a call cut
+    short in the middle of a step."""
+    request = _request(num_frames=9, num_inference_steps=6, speed_mode="faster")
+    block = generator.pipe.transformer.transformer_blocks[1]
+    with _out_of_memory(block), pytest.raises(GpuMemoryError):
+        generator.render_frames(request)
+    variant = VARIANTS["cogvideox-5b"]
+    fresh = VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+    np.testing.assert_array_equal(
+        generator.render_frames(request).frames, fresh.render_frames(request).frames
+    )
+
+
+def _postprocessed(steps: Steps) -> np.ndarray:
+    frames = np.random.default_rng(0).random((3, 24, 40, 3), dtype=np.float32)
+    postprocessor = Postprocessor(tiny_ifnet(), tiny_rrdbnet(), CPU)
+    with _out_of_memory(postprocessor.upscaler), _out_of_memory(postprocessor.interpolator):
+        return postprocessor.apply(frames, 8, steps, lambda name, value: None).array()
+
+
+def test_out_of_gpu_memory_in_the_upscale_names_the_sizes_and_a_smaller_upscale():
+    with pytest.raises(GpuMemoryError) as raised:
+        _postprocessed(Steps(upscale=4))
+    assert str(raised.value) == (
+        "The GPU ran out of memory while upscaling 3 frames 4x, 40x24 to 160x96. Ask for "
+        "upscale='2x' or 'none'."
+    )
+
+
+def test_out_of_gpu_memory_in_the_interpolation_names_its_size_and_smaller_choices():
+    with pytest.raises(GpuMemoryError) as raised:
+        _postprocessed(Steps(interpolate=4))
+    assert str(raised.value) == (
+        "The GPU ran out of memory while interpolating 3 frames 4x at 40x24. Ask for "
+        "interpolate='2x' or 'none'."
+    )
