@@ -1,8 +1,11 @@
-"""A prediction that runs out of GPU memory: an error that says what to change."""
+"""A prediction that runs out of GPU memory: an error that says what to change, and none of
+the failed attempt's tensors left on the GPU."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import traceback
 
 import torch
 
@@ -13,7 +16,17 @@ log = logging.getLogger(__name__)
 
 def out_of_memory(error: torch.OutOfMemoryError, what: str, advice: str) -> GpuMemoryError:
     """The error to raise from `error`: the GPU ran out of memory while `what`; `advice` says
-    what to change. torch's own text (how much it tried to allocate, how much was free) is
-    for the operator: it goes to the log."""
-    log.error(f"out of GPU memory while {what}: {error}")
+    what to change.
+
+    Until the error is dropped (Cog holds it while it reports it), its traceback's frames hold
+    the failed attempt's tensors: the latents, the activations of the layer that failed, also
+    through the closures of torch's hook calls, which clearing a frame leaves. So the
+    traceback goes to the log as text, is dropped, and the memory is handed back: the next
+    prediction finds the GPU as the last one left it.
+    """
+    where = "".join(traceback.format_exception(error)).rstrip()
+    log.error(f"out of GPU memory while {what}:\n{where}")
+    error.__traceback__ = None
+    gc.collect()
+    torch.cuda.empty_cache()  # does nothing where CUDA was never used
     return GpuMemoryError(f"The GPU ran out of memory while {what}. {advice}")

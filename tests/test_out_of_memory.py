@@ -3,6 +3,7 @@ CUDA raises it: the error says what ran out and what to change, and the worker s
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,18 @@ def test_out_of_gpu_memory_tells_the_operator_the_offload_policy_that_needs_less
         "The deployment's operator can set COGVIDEOX_OFFLOAD=model (it runs with none), which "
         "keeps less of the model on the GPU."
     )
+
+
+def test_a_render_out_of_gpu_memory_keeps_none_of_its_tensors_while_its_error_is_held(
+    generator,
+):
+    """Cog holds the error while it reports it, and the error its traceback: the failed
+    call's tensors stayed on the GPU with them, out of reach of empty_cache."""
+    seen = []
+    with _out_of_memory(generator.pipe.transformer, seen), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request())
+    gc.collect()
+    assert raised.value is not None and seen and seen[0]() is None
 
 
 def test_the_render_after_one_out_of_gpu_memory_gives_a_fresh_generators_frames(
