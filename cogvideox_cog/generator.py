@@ -28,7 +28,7 @@ from PIL import Image
 from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
 from .errors import EnhanceError, GpuMemoryError, InputError, LoraError
-from .gpu_memory import out_of_memory
+from .gpu_memory import less_offload, out_of_memory
 from .lora.fetch import check_lora_url
 from .lora.file import adapted_layers
 from .lora.slot import LoraSlot
@@ -70,8 +70,6 @@ OUTPUT_PREFIX = TEMP_PREFIX + "output-"
 WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
 DEFAULT_STRENGTH = 0.8
 LOGGED_TEXT_CHARS = 300  # user text in a log line stays short
-# The offload policy that keeps less on the GPU than each one (sequential keeps the least).
-LESS_MEMORY = {"none": "model", "model": "sequential"}
 
 
 @dataclass(frozen=True)
@@ -652,12 +650,9 @@ class VideoGenerator:
                 f"The deployment's operator can set {VAE_TILING_ENV}=on, which decodes in "
                 f"tiles with less memory."
             )
-        elif self.offload in LESS_MEMORY:
-            advice.append(
-                f"The deployment's operator can set {OFFLOAD_ENV}={LESS_MEMORY[self.offload]} "
-                f"(it runs with {self.offload}), which keeps less of the model on the GPU."
-            )
-        said = " ".join(advice) or "Its operator needs a GPU with more memory."
+        else:
+            advice.append(less_offload(self.offload))
+        said = " ".join(a for a in advice if a) or "Its operator needs a GPU with more memory."
         return out_of_memory(error, what, said)
 
     @torch.no_grad()

@@ -10,8 +10,12 @@ import traceback
 import torch
 
 from .errors import GpuMemoryError
+from .pipeline import OFFLOAD_ENV
 
 log = logging.getLogger(__name__)
+
+# The offload policy that keeps less on the GPU than each one (sequential keeps the least).
+LESS_OFFLOAD = {"none": "model", "model": "sequential"}
 
 
 def out_of_memory(error: torch.OutOfMemoryError, what: str, advice: str) -> GpuMemoryError:
@@ -30,3 +34,14 @@ def out_of_memory(error: torch.OutOfMemoryError, what: str, advice: str) -> GpuM
     gc.collect()
     torch.cuda.empty_cache()  # does nothing where CUDA was never used
     return GpuMemoryError(f"The GPU ran out of memory while {what}. {advice}")
+
+
+def less_offload(policy: str) -> str:
+    """For the operator: the COGVIDEOX_OFFLOAD value that needs less GPU memory than
+    `policy`, or nothing where it is the least already."""
+    if policy not in LESS_OFFLOAD:
+        return ""
+    return (
+        f"The deployment's operator can set {OFFLOAD_ENV}={LESS_OFFLOAD[policy]} (it runs "
+        f"with {policy}), which keeps less of the model on the GPU."
+    )

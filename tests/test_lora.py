@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import pickle
+import re
 from pathlib import Path
 
 import cog
@@ -17,7 +18,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from cogvideox_cog.errors import LoraError
+from cogvideox_cog.errors import GpuMemoryError, LoraError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.file import METADATA_KEY, adapted_layers, read_lora
 from cogvideox_cog.lora.store import LoraCache
@@ -259,6 +260,24 @@ def test_prediction_without_lora_after_two_loads_cut_short_is_the_base_output_ex
         _raise_at_call(patch, LoraLayer, "reset_lora_parameters", cancel, 1)
         with pytest.raises(cog.CancelationException):
             _frames(generator, _url(loras, "b"))
+    np.testing.assert_array_equal(_frames(generator), base)
+
+
+def test_a_lora_load_out_of_gpu_memory_blames_the_gpu_not_the_lora(
+    generator, loras, base, monkeypatch
+):
+    """Not a LoraError, which tells the user the file is at fault; the base model serves on."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with monkeypatch.context() as patch:
+        _raise_at_call(patch, LoraModel, "_replace_module", oom, call=3)
+        with pytest.raises(GpuMemoryError) as raised:
+            _frames(generator, _url(loras, "b"))
+    assert re.fullmatch(
+        r"The GPU ran out of memory while loading the LoRA \(rank \d+, \d+ layers\)\. A LoRA "
+        r"of lower rank needs less\. The deployment's operator can set COGVIDEOX_OFFLOAD=model "
+        r"\(it runs with none\), which keeps less of the model on the GPU\.",
+        str(raised.value),
+    )
     np.testing.assert_array_equal(_frames(generator), base)
 
 

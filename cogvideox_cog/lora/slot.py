@@ -18,6 +18,7 @@ from accelerate.hooks import CpuOffload
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..errors import LoraError
+from ..gpu_memory import less_offload, out_of_memory
 from ..pipeline import is_compiled
 from .file import PREFIX, check_fits, linear_layers, read_lora
 
@@ -61,6 +62,12 @@ class LoraSlot:
             except Exception as error:
                 self.clear()
                 self._offload_back()
+                if isinstance(error, torch.OutOfMemoryError):  # the GPU's fault, not the LoRA's
+                    what = f"loading the LoRA (rank {lora.rank}, {len(lora.ranks)} layers)"
+                    advice = (
+                        f"A LoRA of lower rank needs less. {less_offload(self.offload or 'none')}"
+                    )
+                    raise out_of_memory(error, what, advice.strip()) from error
                 raise LoraError(f"the LoRA could not be loaded: {error}") from error
             self.loaded = lora.digest
             self.trained_scale = lora.trained_scale
