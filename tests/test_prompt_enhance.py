@@ -23,7 +23,14 @@ from cogvideox_cog.devtools.tiny_llm import (
     build_tiny_tokenizer,
     save_tiny_causal_lm,
 )
-from cogvideox_cog.errors import BadSource, ConfigError, EnhanceError, InputError, WeightsError
+from cogvideox_cog.errors import (
+    BadSource,
+    ConfigError,
+    EnhanceError,
+    GpuMemoryError,
+    InputError,
+    WeightsError,
+)
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
 from cogvideox_cog.pipeline import build_pipeline
@@ -589,6 +596,22 @@ def test_a_visit_needs_room_for_the_weights_and_the_rewrite():
     weights = 15 * 2**30  # a 7-8B model in bf16
     assert visit_fits(weights + REWRITE_MARGIN_BYTES, weights)
     assert not visit_fits(weights + REWRITE_MARGIN_BYTES - 1, weights)
+
+
+def test_a_rewrite_out_of_gpu_memory_says_what_to_send_instead():
+    """Not torch's raw text: the rewrite's own memory (its chat's KV cache) ran out."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm(len(tokenizer))
+
+    def fail(module, args, kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    model.model.register_forward_pre_hook(fail, with_kwargs=True)
+    rewriter = LocalRewriter(model, tokenizer, "tiny", CPU, resident=True, timeout=5)
+    with pytest.raises(GpuMemoryError, match="tiny was rewriting the prompt") as raised:
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert "enhance_prompt=false" in str(raised.value)
+    assert "CUDA out of memory" not in str(raised.value)
 
 
 def test_a_rewrite_the_gpu_has_no_room_for_fails_before_the_model_moves(monkeypatch):

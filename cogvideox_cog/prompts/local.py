@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from ..errors import ConfigError, EnhanceError
+from ..gpu_memory import out_of_memory
 from ..weights.download import waiting_check
 from .instruction import messages
 from .rewriter import Reply
@@ -98,13 +99,21 @@ class LocalRewriter:
         )
         check = waiting_check()
         started = time.monotonic()
-        with self._on_device(), torch.inference_mode():
-            output = self.model.generate(
-                **{k: v.to(self.device) for k, v in inputs.items()},
-                max_new_tokens=max_tokens,
-                max_time=self.timeout,
-                stopping_criteria=StoppingCriteriaList([_Checked(check)] if check else []),
+        try:
+            with self._on_device(), torch.inference_mode():
+                output = self.model.generate(
+                    **{k: v.to(self.device) for k, v in inputs.items()},
+                    max_new_tokens=max_tokens,
+                    max_time=self.timeout,
+                    stopping_criteria=StoppingCriteriaList([_Checked(check)] if check else []),
+                )
+        except torch.OutOfMemoryError as error:  # after the model went back to the CPU
+            advice = (
+                "Nothing was generated: send enhance_prompt=false, or a shorter prompt. The "
+                "deployment's operator can use a smaller prompt model, or "
+                "COGVIDEOX_ENHANCE_PROMPT=openai."
             )
+            raise out_of_memory(error, f"{self.name} was rewriting the prompt", advice) from error
         new = output[0, inputs["input_ids"].shape[1] :].tolist()
         finished = bool(new) and new[-1] in _ids(self.model.generation_config.eos_token_id)
         if not finished and len(new) < max_tokens and time.monotonic() - started >= self.timeout:
