@@ -69,6 +69,19 @@ def test_a_url_urllib_cannot_fetch_is_refused_before_any_request(url, problem):
     assert "secret" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["htps://user:secret-key@host.example/photo.png", "s3://AKIA:secret-key@bucket/photo.png"],
+)
+def test_a_url_of_another_scheme_is_refused_without_its_password(url):
+    with (
+        pytest.raises(InputError, match=r"is not an http\(s\) URL") as refused,
+        fetched("image", url, "picture"),
+    ):
+        pass
+    assert "secret-key" not in str(refused.value)
+
+
 def test_a_redirect_away_from_http_is_refused_at_once(files):
     files.redirect("photo.png", "ftp://127.0.0.1:9/photo.png")
     started = time.monotonic()

@@ -362,6 +362,27 @@ def test_a_lora_url_urllib_cannot_fetch_is_refused_without_echoing_it_whole():
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "htps://user:secret-key@host.example/lora.safetensors",
+        "s3://AKIA:secret-key@bucket/lora.safetensors",
+        "hf://user:secret-key@org/repo",
+    ],
+)
+def test_a_lora_url_refused_for_its_scheme_echoes_no_password(url):
+    with pytest.raises(LoraError, match=r"lora_url=") as refused:
+        check_lora_url(url)
+    assert "secret-key" not in str(refused.value)
+
+
+def test_a_long_lora_url_of_another_scheme_is_refused_at_once():
+    started = time.monotonic()
+    with pytest.raises(LoraError, match=r"lora_url="):
+        check_lora_url("ftp://" + "a" * 200_000)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
     ("url", "repo", "revision", "filename"),
     [
         ("hf://org/repo", "org/repo", None, None),

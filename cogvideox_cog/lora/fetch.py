@@ -50,7 +50,9 @@ _PICKLE_HINT = (
 def check_lora_url(url: str) -> str:
     """Refuse what can be refused without a download: the scheme, a pickle's file name."""
     url = url.strip()
-    shown = _quoted(url)
+    # download.shown: no password (a mistyped scheme's, `htps://user:key@host`) nor a
+    # presigned URL's signature in the error
+    shown = _quoted(download.shown(url))
     scheme = download.scheme_of(url)
     if scheme == "hf":
         if parse_hf_url(url, with_file=True) is None:
@@ -66,8 +68,6 @@ def check_lora_url(url: str) -> str:
     elif problem := download.url_problem(url):
         raise LoraError(f"the lora_url {problem}.")
     if urllib.parse.urlsplit(url).path.lower().endswith(PICKLE_SUFFIXES):
-        # download.shown: no presigned URL's signature in the error
-        shown = _quoted(download.shown(url))
         raise LoraError(f"lora_url={shown} names a PyTorch pickle file: {_PICKLE_HINT}.")
     return url
 

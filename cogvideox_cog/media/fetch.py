@@ -67,8 +67,10 @@ def fetched(name: str, value: str, kind: str) -> Iterator[Path]:
     value = value.strip()
     scheme = download.scheme_of(value)
     if scheme not in ("http", "https", "data"):
+        # download.shown: no password of a mistyped scheme (`htps://user:key@host`)
         raise InputError(
-            f"{name} {value[:100]!r} is not an http(s) URL or a data: URI of a {kind}."
+            f"{name} {download.shown(value)[:100]!r} is not an http(s) URL or a data: URI of "
+            f"a {kind}."
         )
     problem = download.url_problem(value) if scheme != "data" else None
     if problem:

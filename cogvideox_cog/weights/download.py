@@ -55,7 +55,7 @@ RESUME_HINT = "Run setup again to resume, or check the URL and the network."
 # The bytes on disk are of the old file, and the next setup's probe sees the new validator.
 RESTART_HINT = "Run setup again: it downloads the new file from the start."
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_USERINFO = re.compile(r"\A([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
