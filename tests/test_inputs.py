@@ -26,6 +26,11 @@ def test_frame_counts_off_the_rule_are_refused_listing_allowed_values(variant, f
         inputs.check_num_frames(variant, frames)
 
 
+def test_a_fractional_frame_count_is_refused_not_rounded_down():
+    with pytest.raises(InputError, match=r"num_frames=49.5 is not supported"):
+        inputs.check_num_frames(V10, 49.5)
+
+
 def test_1_5_frame_error_lists_16n_plus_1_values():
     with pytest.raises(InputError, match=r"16\*N\+1 frames, one of 17, 33, 49, 65, 81,"):
         inputs.check_num_frames(V15, 50)
@@ -35,6 +40,28 @@ def test_empty_fps_takes_the_variant_fps():
     assert inputs.check_fps(V10, None) == 8
     assert inputs.check_fps(V15, None) == 16
     assert inputs.check_fps(V15, 24) == 24
+
+
+@pytest.mark.parametrize("fps", [0, 2.5])
+def test_fps_that_is_not_a_whole_number_from_1_is_refused(fps):
+    with pytest.raises(InputError, match=rf"fps={fps} must be a whole number from 1"):
+        inputs.check_fps(V10, fps)
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0001])
+def test_strength_outside_above_0_to_1_is_refused(strength):
+    with pytest.raises(InputError, match="must be above 0 and at most 1"):
+        inputs.check_strength(strength, 0.8, 50)
+
+
+def test_strength_1_redraws_the_whole_clip_and_is_taken():
+    assert inputs.check_strength(1.0, 0.8, 1) == 1.0
+
+
+def test_a_strength_too_small_for_the_steps_is_refused_with_a_step_count_that_runs_one():
+    with pytest.raises(InputError, match=r"leaves no denoising step.*num_inference_steps=4\."):
+        inputs.check_strength(0.3, 0.8, 3)
+    assert inputs.check_strength(0.3, 0.8, 4) == 0.3
 
 
 @pytest.mark.parametrize("blank", ["   \n", "\u200b\u200b", "\ufeff \u2060", "\x00\t"])
@@ -60,6 +87,11 @@ def test_prompt_over_the_character_cap_is_refused_before_tokenizing():
         inputs.check_prompt("a" * 10_001, required=True)
 
 
+def test_a_prompt_of_exactly_the_character_cap_is_taken():
+    """The predictors declare max_length=10000: what Cog's schema lets through must run."""
+    assert len(inputs.check_prompt("a" * 10_000, required=True)) == 10_000
+
+
 def test_negative_prompt_over_the_character_cap_is_refused():
     with pytest.raises(InputError, match="negative_prompt is 20,000 characters"):
         inputs.check_text_length("negative_prompt", "b" * 20_000)
@@ -69,15 +101,20 @@ def test_given_seed_is_used_as_is():
     assert inputs.resolve_seed(1234) == 1234
 
 
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_the_first_and_last_32_bit_seeds_are_used_as_is(seed):
+    assert inputs.resolve_seed(seed) == seed
+
+
 def test_empty_seed_draws_a_32_bit_seed_not_a_16_bit_one():
     seeds = {inputs.resolve_seed(None) for _ in range(200)}
     assert all(0 <= s <= inputs.MAX_SEED for s in seeds)
-    assert max(seeds) >= 2**16  # 200 draws below 2**16 from 32 bits: chance 2**-3200
+    assert max(seeds) >= 2**31  # 200 draws below 2**31 from 32 bits: chance 2**-200
     assert len(seeds) > 190
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32])
-def test_out_of_range_seed_is_refused(seed):
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5])
+def test_out_of_range_or_fractional_seed_is_refused(seed):
     with pytest.raises(InputError, match="seed"):
         inputs.resolve_seed(seed)
 
@@ -89,6 +126,7 @@ def test_out_of_range_seed_is_refused(seed):
         ((1080, 1920), (1360, 768)),  # portrait: same rule, turned
         ((1024, 1024), (768, 768)),  # square: short side on both
         ((1200, 1000), (768, 928)),  # 6:5 -> 921.6 rounded to the 16 grid
+        ((1000, 1200), (928, 768)),  # 5:6 portrait: the same rounding, turned
         ((8000, 500), (768, 1360)),  # extreme panorama is capped, then cropped
     ],
 )
@@ -147,6 +185,12 @@ def test_resolution_override_must_be_on_the_patch_grid():
         inputs.native_resolution(V10, _Config(), 8, "480x700")
 
 
+@pytest.mark.parametrize("override", ["0x720", "480x0", "-16x720"])
+def test_resolution_override_must_have_both_sides_above_0(override):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        inputs.native_resolution(V10, _Config(), 8, override)
+
+
 def test_resolution_override_must_be_height_x_width():
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         inputs.native_resolution(V10, _Config(), 8, "720p")
@@ -162,6 +206,11 @@ def test_1_5_resolution_override_must_fit_the_rotary_bound():
     bound = _Config(sample=(12, 12), patch_size_t=2)
     with pytest.raises(ValueError, match="at most 96x96"):
         inputs.native_resolution(V15, bound, 8, "48x112")
+
+
+def test_1_5_resolution_override_of_exactly_the_rotary_bound_is_taken():
+    bound = _Config(sample=(12, 12), patch_size_t=2)
+    assert inputs.native_resolution(V15, bound, 8, "96x96") == (96, 96)
 
 
 def test_1_5_weights_whose_bound_forbids_the_training_size_fail_naming_the_override():
