@@ -150,7 +150,7 @@ def _parse_resolution(override: str, multiple: int) -> tuple[int, int]:
         ) from None
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ConfigError(
-            f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}"
+            f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}, above 0"
         )
     return height, width
 
