@@ -99,6 +99,12 @@ def test_download_connections_must_be_a_whole_number_from_1_to_64(monkeypatch, v
         download.connections()
 
 
+@pytest.mark.parametrize("value", ["1", "64"])
+def test_download_connections_from_1_to_64_are_taken(monkeypatch, value):
+    monkeypatch.setenv(download.CONNECTIONS_ENV, value)
+    assert download.connections() == int(value)
+
+
 @pytest.mark.parametrize("mode", ["i2v", "v2v"])
 def test_a_predictor_that_fetches_inputs_checks_their_limits_in_setup(monkeypatch, mode):
     monkeypatch.setenv(fetch.TIMEOUT_ENV, "soon")
