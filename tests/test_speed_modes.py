@@ -17,6 +17,7 @@ from PIL import Image
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.speed import cache_config
 from cogvideox_cog.variants import VARIANTS
 
 CPU = torch.device("cpu")
@@ -118,6 +119,25 @@ def test_faster_also_skips_most_unconditional_branches(generator):
 def test_faster_without_guidance_runs(generator):
     frames = _render(generator, speed_mode="faster", guidance_scale=1.0, use_dynamic_cfg=False)
     assert np.isfinite(frames).all()
+
+
+def test_fast_is_pyramid_attention_broadcast_as_diffusers_documents_it_for_cogvideox():
+    """Every second step from timestep 800 to 100, as docs/performance.md describes it."""
+    config = cache_config("fast", object(), True)
+    assert config.spatial_attention_block_skip_range == 2
+    assert config.spatial_attention_timestep_skip_range == (100, 800)
+
+
+def test_faster_is_fastercache_as_diffusers_documents_it_for_cogvideox():
+    """As docs/performance.md describes it: attention every second step below 681, weighted 0.3;
+    the unconditional branch every fifth below 781; latents as batch, frames, channels."""
+    config = cache_config("faster", object(), True)
+    assert config.spatial_attention_block_skip_range == 2
+    assert config.spatial_attention_timestep_skip_range == (-1, 681)
+    assert config.attention_weight_callback(None) == 0.3
+    assert config.unconditional_batch_skip_range == 5
+    assert config.unconditional_batch_timestep_skip_range == (-1, 781)
+    assert config.tensor_format == "BFCHW"
 
 
 def test_unknown_speed_mode_is_refused(generator):
