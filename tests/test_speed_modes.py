@@ -94,6 +94,34 @@ def test_a_cancel_inside_the_hooks_set_up_leaves_no_hook_for_the_next_prediction
     assert np.array_equal(_render(generator), default)
 
 
+@pytest.mark.parametrize(("mode", "hook"), [("fast", PAB_HOOK), ("faster", FASTER_HOOK)])
+def test_a_cancel_inside_the_hooks_removal_leaves_no_hook_for_the_next_prediction(
+    generator, default, monkeypatch, mode, hook
+):
+    """A cancel after the last step lands in the removal of the hooks: here, once the first
+    block's hook is off, so the other blocks keep theirs."""
+    steps_done = []
+
+    def unhook_then_cancel(self, name, recurse=True):
+        hooked = name in self.hooks
+        remove(self, name, recurse)
+        if len(steps_done) == STEPS and hooked and name == hook and not recurse:
+            steps_done.append("canceled")
+            raise cog.CancelationException()
+
+    remove = HookRegistry.remove_hook
+    generator.on_step = lambda step, seconds: steps_done.append(step)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(HookRegistry, "remove_hook", unhook_then_cancel)
+            with pytest.raises(cog.CancelationException):
+                _render(generator, speed_mode=mode)
+    finally:
+        generator.on_step = None
+    assert steps_done[-1] == "canceled"
+    np.testing.assert_array_equal(_render(generator), default)
+
+
 @pytest.mark.parametrize("mode", ["fast", "faster"])
 def test_speed_mode_changes_the_video(generator, default, mode):
     assert np.abs(_render(generator, speed_mode=mode) - default).max() > 1e-4
