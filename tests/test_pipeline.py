@@ -196,6 +196,12 @@ def test_offload_is_none_on_cpu_whatever_is_asked():
         assert choose_offload(policy, VARIANTS["cogvideox-5b"], CPU) == "none"
 
 
+@pytest.mark.parametrize("policy", ["none", "model", "sequential"])
+def test_an_offload_policy_set_on_a_gpu_is_used_whatever_memory_is_free(policy):
+    """Only `auto` reads the GPU's free memory, so this runs on machines without one."""
+    assert choose_offload(policy, VARIANTS["cogvideox-5b"], torch.device("cuda")) == policy
+
+
 def test_model_offload_renders_the_placed_models_frames_prediction_after_prediction(
     generator, tiny_weights
 ):
