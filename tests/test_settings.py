@@ -148,6 +148,12 @@ def test_a_largest_download_of_0_bytes_is_refused_at_setup_naming_the_variable(
         VideoGenerator.from_env(mode)
 
 
+@pytest.mark.parametrize("value", ["\u0665G", "\uff18M", "1_0G", "+2G", "1e3"])
+def test_a_size_that_is_not_plain_decimal_digits_is_refused_naming_the_variable(value):
+    with pytest.raises(ConfigError, match=re.escape(f"X='{value}' is not a size")):
+        settings.parse_size(value, "X")
+
+
 def test_a_size_too_large_for_a_float_is_refused_naming_the_variable():
     with pytest.raises(ConfigError, match=r"^X='9{309}' is too large a size"):
         settings.parse_size("9" * 309, "X")
