@@ -115,6 +115,12 @@ def test_a_too_short_clip_is_refused_with_the_frames_it_can_give(tmp_path):
         load_video(path, num_frames=49, fps=8, height=H, width=W, allowed_frames=ALLOWED)
 
 
+def test_a_too_short_clip_suggests_the_frame_count_it_lasts_exactly_long_enough_for(tmp_path):
+    path = _write_clip(tmp_path / "clip.mp4", frames=16, fps=8)  # 2 s: 17 frames at 8 fps
+    with pytest.raises(InputError, match=r"ask for num_frames=17 or fewer"):
+        load_video(path, num_frames=25, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+
+
 def test_a_too_short_clip_is_measured_while_its_file_is_open(tmp_path):
     """A stream's duration and rate live in memory that closing the file frees: read after,
     they may be anything ("damaged ... of the 6148914691236516864.00 s its header gives").
@@ -249,6 +255,11 @@ def test_a_clip_longer_than_4_to_1_is_refused_as_images_are(tmp_path):
     path = _write_clip(tmp_path / "strip.mp4", frames=12, fps=8, width=256, height=16)
     with pytest.raises(InputError, match=r"256x16, 16\.0:1; the longer side may be at most 4"):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
+def test_a_clip_of_exactly_4_to_1_is_taken_as_images_are(tmp_path):
+    path = _write_clip(tmp_path / "strip.mp4", frames=12, fps=8, width=192, height=48)
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
 
 
 def test_a_long_clip_is_refused_from_its_header(tmp_path, monkeypatch):
