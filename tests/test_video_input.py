@@ -334,6 +334,15 @@ def test_phone_clip_is_turned_upright_as_players_show_it(tmp_path):
     assert "48x96, turned 90 degrees as its display matrix says -> 48x96" in clip.summary
 
 
+def test_phone_clip_turned_the_other_way_is_turned_upright_the_other_way(tmp_path):
+    """Rotation 270: the stored frame's left edge ends up at the top of a portrait picture."""
+    path = _write_phone_clip(tmp_path / "phone.mp4", rotation=270)
+    clip = load_video(path, num_frames=9, fps=8, height=96, width=48)
+    frame = np.asarray(clip.frames[0]).mean(axis=(1, 2))  # brightness per row
+    assert frame[:10].min() > 200 and frame[-60:].max() < 50
+    assert "48x96, turned 270 degrees as its display matrix says -> 48x96" in clip.summary
+
+
 def test_clip_without_rotation_is_left_as_stored(tmp_path):
     path = _write_phone_clip(tmp_path / "flat.mp4", rotation=0)
     clip = load_video(path, num_frames=9, fps=8, height=48, width=96)
