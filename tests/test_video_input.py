@@ -23,8 +23,11 @@ H, W = 48, 80  # the tiny models' resolution
 ALLOWED = range(9, 50, 8)
 
 
-def _write_clip(path, frames: int, fps: int, width: int = 64, height: int = 48) -> str:
-    """A clip whose frame i is a flat grey of level 5 * i: the level says which frame it was."""
+def _write_clip(
+    path, frames: int, fps: int, width: int = 64, height: int = 48, first_pts: int = 0
+) -> str:
+    """A clip whose frame i is a flat grey of level 5 * i: the level says which frame it was.
+    first_pts: the first frame's timestamp, in frames."""
     codec, fmt = {
         ".mp4": ("libx264", "yuv420p"),
         ".webm": ("libvpx-vp9", "yuv420p"),
@@ -39,7 +42,7 @@ def _write_clip(path, frames: int, fps: int, width: int = 64, height: int = 48) 
             level = min(5 * index, 255)
             rgb = np.full((height, width, 3), level, np.uint8)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = index
+            frame.pts = first_pts + index
             frame.time_base = Fraction(1, fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
@@ -76,6 +79,13 @@ def test_the_summary_quoted_in_the_inputs_page_is_what_its_clip_gives(tmp_path):
     path = _write_clip(tmp_path / "clip.mp4", frames=96, fps=30, width=1280, height=720)
     summary = load_video(path, num_frames=9, fps=8, height=480, width=720).summary
     assert summary.startswith(quoted)
+
+
+def test_a_clip_whose_timestamps_start_late_is_timed_from_its_first_frame(tmp_path):
+    """Streams cut from a broadcast or a longer file may start at any time, not 0."""
+    path = _write_clip(tmp_path / "late.webm", frames=12, fps=8, first_pts=8)  # from 1 s
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert _levels(clip) == pytest.approx([0, 1, 2, 3, 4, 5, 6, 7, 8], abs=1)
 
 
 def test_a_slower_clip_repeats_frames_to_keep_real_time(tmp_path):
