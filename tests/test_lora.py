@@ -422,6 +422,34 @@ def test_lora_metadata_of_the_wrong_shape_is_refused(generator, loras, tmp_path,
         read_lora(path)
 
 
+def _pair(layer: str) -> dict[str, torch.Tensor]:
+    return {
+        f"{layer}.lora_A.weight": torch.ones(RANK, 32),
+        f"{layer}.lora_B.weight": torch.ones(32, RANK),
+    }
+
+
+def test_a_lora_mixing_keys_with_and_without_the_transformer_prefix_is_refused(tmp_path):
+    """Its alpha would follow one layout's convention for layers saved in the other."""
+    tensors = {
+        **_pair("transformer.transformer_blocks.0.attn1.to_q"),
+        **_pair("transformer_blocks.0.attn1.to_k"),
+    }
+    save_file(tensors, tmp_path / LORA)
+    with pytest.raises(LoraError, match=r"mixes keys with and without 'transformer\.'"):
+        read_lora(tmp_path / LORA)
+
+
+def test_a_lora_with_text_encoder_layers_is_refused_naming_one(tmp_path):
+    tensors = {
+        **_pair("transformer.transformer_blocks.0.attn1.to_q"),
+        **_pair("text_encoder.encoder.block.0.layer.0.SelfAttention.q"),
+    }
+    save_file(tensors, tmp_path / LORA)
+    with pytest.raises(LoraError, match=r"text-encoder layers \(text_encoder\.encoder\.block"):
+        read_lora(tmp_path / LORA)
+
+
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
     for folder, layout, alpha in [("a", "diffusers", 4.0), ("a-sat", "SAT", 1.0)]:
         lora = read_lora(generator.lora_cache.get(_url(loras, folder)))
