@@ -450,6 +450,13 @@ def test_a_lora_with_text_encoder_layers_is_refused_naming_one(tmp_path):
         read_lora(tmp_path / LORA)
 
 
+def test_a_lora_of_integer_tensors_is_refused_naming_the_dtype(tmp_path):
+    tensors = {k: v.to(torch.int8) for k, v in _pair("transformer.proj_out").items()}
+    save_file(tensors, tmp_path / LORA)
+    with pytest.raises(LoraError, match=r"proj_out\.lora_A is torch\.int8, not float"):
+        read_lora(tmp_path / LORA)
+
+
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
     for folder, layout, alpha in [("a", "diffusers", 4.0), ("a-sat", "SAT", 1.0)]:
         lora = read_lora(generator.lora_cache.get(_url(loras, folder)))
