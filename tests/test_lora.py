@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cogvideox_cog.errors import GpuMemoryError, LoraError
 from cogvideox_cog.generator import Request, VideoGenerator
-from cogvideox_cog.lora.file import METADATA_KEY, adapted_layers, read_lora
+from cogvideox_cog.lora.file import METADATA_KEY, adapted_layers, check_fits, read_lora
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.variants import VARIANTS
@@ -455,6 +455,14 @@ def test_a_lora_of_integer_tensors_is_refused_naming_the_dtype(tmp_path):
     save_file(tensors, tmp_path / LORA)
     with pytest.raises(LoraError, match=r"proj_out\.lora_A is torch\.int8, not float"):
         read_lora(tmp_path / LORA)
+
+
+def test_a_lora_of_the_models_depth_with_unknown_layers_is_not_told_its_depth_differs(tmp_path):
+    save_file(_pair("transformer.transformer_blocks.1.attn1.to_x"), tmp_path / LORA)
+    layers = {f"transformer_blocks.{i}.attn1.to_q": (32, 32) for i in range(2)}
+    with pytest.raises(LoraError, match=r"1 of its 1 layers are not in the model") as refused:
+        check_fits(read_lora(tmp_path / LORA), layers, "cogvideox-5b")
+    assert "transformer blocks" not in str(refused.value)
 
 
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
