@@ -465,6 +465,17 @@ def test_a_lora_of_the_models_depth_with_unknown_layers_is_not_told_its_depth_di
     assert "transformer blocks" not in str(refused.value)
 
 
+@pytest.mark.parametrize(("use_rslora", "trained_scale"), [(False, 2.0), (True, 4.0)])
+def test_the_trained_scale_is_alpha_over_rank_or_its_root_for_rank_stabilised(
+    tmp_path, use_rslora, trained_scale
+):
+    """The log gives it as the scale applied at lora_scale 1 (here alpha 8, rank 4)."""
+    config = {"lora_alpha": 8, "use_rslora": use_rslora}
+    path = tmp_path / LORA
+    save_file(_pair("transformer.proj_out"), path, metadata={METADATA_KEY: json.dumps(config)})
+    assert read_lora(path).trained_scale == trained_scale
+
+
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
     for folder, layout, alpha in [("a", "diffusers", 4.0), ("a-sat", "SAT", 1.0)]:
         lora = read_lora(generator.lora_cache.get(_url(loras, folder)))
