@@ -477,6 +477,25 @@ def test_the_trained_scale_is_alpha_over_rank_or_its_root_for_rank_stabilised(
     assert read_lora(path).trained_scale == trained_scale
 
 
+def test_each_layer_of_a_diffusers_lora_of_mixed_ranks_keeps_its_trained_scale_of_1(tmp_path):
+    """Without metadata diffusers takes alpha = rank, layer by layer."""
+    tensors = {
+        **_pair("transformer.transformer_blocks.0.attn1.to_q"),
+        **_pair("transformer.transformer_blocks.0.attn1.to_k"),
+    }
+    tensors["transformer.proj_out.lora_A.weight"] = torch.ones(2 * RANK, 32)
+    tensors["transformer.proj_out.lora_B.weight"] = torch.ones(32, 2 * RANK)
+    save_file(tensors, tmp_path / LORA)
+    config = {
+        k.removeprefix("transformer."): v
+        for k, v in read_lora(tmp_path / LORA).lora_config().items()
+    }
+    for layer in config["target_modules"]:
+        rank = config["rank_pattern"].get(f"^{layer}", config["r"])
+        alpha = config["alpha_pattern"].get(f"^{layer}", config["lora_alpha"])
+        assert alpha / rank == 1.0, layer
+
+
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
     for folder, layout, alpha in [("a", "diffusers", 4.0), ("a-sat", "SAT", 1.0)]:
         lora = read_lora(generator.lora_cache.get(_url(loras, folder)))
