@@ -430,6 +430,12 @@ def _pair(layer: str) -> dict[str, torch.Tensor]:
     }
 
 
+def test_a_lora_file_without_tensors_is_refused_as_empty(tmp_path):
+    save_file({}, tmp_path / LORA)
+    with pytest.raises(LoraError, match="the LoRA file holds no tensors"):
+        read_lora(tmp_path / LORA)
+
+
 def test_a_lora_mixing_keys_with_and_without_the_transformer_prefix_is_refused(tmp_path):
     """Its alpha would follow one layout's convention for layers saved in the other."""
     tensors = {
