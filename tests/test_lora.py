@@ -436,6 +436,13 @@ def test_a_lora_file_without_tensors_is_refused_as_empty(tmp_path):
         read_lora(tmp_path / LORA)
 
 
+@pytest.mark.parametrize(("text", "problem"), [("{", "not JSON"), ("[1, 2]", "not a JSON object")])
+def test_lora_metadata_that_is_not_a_json_object_is_refused(tmp_path, text, problem):
+    save_file(_pair("transformer.proj_out"), tmp_path / LORA, metadata={METADATA_KEY: text})
+    with pytest.raises(LoraError, match=f"the LoRA's {METADATA_KEY} metadata is {problem}"):
+        read_lora(tmp_path / LORA)
+
+
 def test_a_lora_mixing_keys_with_and_without_the_transformer_prefix_is_refused(tmp_path):
     """Its alpha would follow one layout's convention for layers saved in the other."""
     tensors = {
