@@ -412,8 +412,15 @@ def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, lor
         {"lora_alpha": 4, "alpha_pattern": {"^transformer_blocks.0": "NaN"}},
         {"lora_alpha": 4, "use_rslora": "yes"},
         {"lora_alpha": float("inf")},
+        {"lora_alpha": True},
     ],
-    ids=["pattern-a-list", "pattern-not-a-number", "rslora-not-a-bool", "alpha-infinite"],
+    ids=[
+        "pattern-a-list",
+        "pattern-not-a-number",
+        "rslora-not-a-bool",
+        "alpha-infinite",
+        "alpha-a-bool",
+    ],
 )
 def test_lora_metadata_of_the_wrong_shape_is_refused(generator, loras, tmp_path, config):
     tensors = load_file(generator.lora_cache.get(_url(loras, "a")))
