@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +61,20 @@ def test_a_relative_weights_dir_is_taken_from_the_repository_not_the_server_fold
     served, weights_dir
 ):
     assert (PROJECT / weights_dir / "tiny-1.0-t2v" / "model_index.json").is_file()
+
+
+def test_a_variant_the_predictor_cannot_serve_stops_it_before_a_server_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGVIDEOX_")}
+    env.pop("PYTHON", None)
+    env |= {"COGVIDEOX_MODEL": "cogvideox-5b-i2v", "COGVIDEOX_WEIGHTS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        ["script/serve", "v2v", "--port", str(free_port())],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a server that started would hold it here
+    )
+    assert done.returncode != 0
+    assert "predict_v2v.py (cog-v2v.yaml)" in done.stderr
+    assert "serving" not in done.stdout

@@ -6,7 +6,8 @@ own code path in seconds, and its videos are noise. It is built once into the we
     python -m cogvideox_cog.devtools.cpu_model t2v|i2v|v2v
 
 prints the shell exports that point a server at it, or nothing where a CUDA GPU is present or
-COGVIDEOX_WEIGHTS_URL is already set (the operator's weights win).
+COGVIDEOX_WEIGHTS_URL is already set (the operator's weights win). A COGVIDEOX_MODEL that the
+predictor refuses is its error and exit status 1, GPU or not, so script/serve stops there.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..settings import setting
-from ..variants import MODEL_ENV, variant_from_env
+from ..variants import MODEL_ENV, PREDICTOR_FILES, variant_from_env
 from ..weights import WEIGHTS_URL_ENV, weights_root
 
 NOTICE = (
@@ -34,7 +36,7 @@ def use_tiny_model(task: str) -> Path:
     family and task (video-to-video takes the text-to-video ones), building them if needed."""
     from .tiny import save_tiny_weights
 
-    variant = variant_from_env("i2v" if task == "i2v" else "t2v")
+    variant = variant_from_env("i2v" if task == "i2v" else "t2v", PREDICTOR_FILES[task])
     family = "1.5" if variant.id.startswith("cogvideox1.5") else "1.0"
     tiny = weights_root() / f"tiny-{family}-{variant.task}"
     if not (tiny / "model_index.json").is_file():
@@ -53,10 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0] not in ("t2v", "i2v", "v2v"):
         print("usage: python -m cogvideox_cog.devtools.cpu_model t2v|i2v|v2v", file=sys.stderr)
         return 2
+    task = args[0]
+    try:
+        # First, GPU or not: the server would fail setup with this error, after starting.
+        variant_from_env("i2v" if task == "i2v" else "t2v", PREDICTOR_FILES[task])
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
     if torch.cuda.is_available() or setting(WEIGHTS_URL_ENV):
         return 0
     print(NOTICE, file=sys.stderr)
-    use_tiny_model(args[0])
+    use_tiny_model(task)
     for name in (MODEL_ENV, WEIGHTS_URL_ENV):
         print(f"export {name}={shlex.quote(os.environ[name])}")
     return 0
