@@ -11,7 +11,7 @@ parts of the pipeline by hand. The one exception is labelled: after each predict
 latents are decoded again, once per `--tiling` mode, to compare VAE tiling on and off.
 
     python3 benchmarks/pipeline_speed.py --variant cogvideox-5b --offload none,model,sequential \
-        --tiling on,off --steps 50 --steps-sequential 2 --out results/gpu
+        --tiling on,off --steps 50 --steps-sequential 2 --out benchmarks/results/gpu/cogvideox-5b
 
 `--size tiny` uses the tiny test models of `cogvideox_cog.devtools.tiny` instead, so the
 harness itself runs on a CPU in seconds. Each run writes `<variant>-<size>-<offload>.json` into

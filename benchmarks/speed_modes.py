@@ -24,9 +24,11 @@ to dynamic fp8 (benchmarks/common.py) before the modes run, after one timed rend
 unquantised model in "default" mode: that render is the fidelity reference of every mode,
 so the table shows what fp8 alone and fp8 with each cache cost against the model as trained.
 
-    python3 benchmarks/speed_modes.py --size full --out results/gpu/speed-modes
-    python3 benchmarks/speed_modes.py --size tiny --steps 50 --out results/cpu/speed-modes
-    python3 benchmarks/speed_modes.py --size medium --repeats 4 --out results/cpu/speed-modes
+    python3 benchmarks/speed_modes.py --size full --out benchmarks/results/gpu/speed-modes
+    python3 benchmarks/speed_modes.py --size tiny --steps 50 \
+        --out benchmarks/results/cpu/speed-modes
+    python3 benchmarks/speed_modes.py --size medium --repeats 4 \
+        --out benchmarks/results/cpu/speed-modes
 
 Random weights make noise, not video: the fidelity figures say how far each cache moves the
 output of this network, which on trained weights (smoother between steps) is expected to be
