@@ -215,7 +215,7 @@ class Postprocessor:
 class Postprocessed:
     """The frames to encode and their fps. Upscaled or interpolated frames are made one at a
     time as the encoder reads them, never all held at once: 161 frames of 1.5 upscaled 4x
-    and interpolated 4x would be 40 GB. Read them once.
+    and interpolated 4x would be 32 GB. Read them once.
 
     seconds: the time spent so far making them (0 when no step runs), for the encode's own.
     """
