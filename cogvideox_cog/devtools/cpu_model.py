@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..inputs import RESOLUTION_ENV
 from ..settings import setting
 from ..variants import MODEL_ENV, PREDICTOR_FILES, variant_from_env
 from ..weights import WEIGHTS_URL_ENV, weights_root
@@ -34,7 +35,7 @@ NOTICE = (
 def use_tiny_model(task: str) -> Path:
     """Point this process's COGVIDEOX_WEIGHTS_URL at tiny weights of COGVIDEOX_MODEL's release
     family and task (video-to-video takes the text-to-video ones), building them if needed."""
-    from .tiny import save_tiny_weights
+    from .tiny import TINY, save_tiny_weights
 
     variant = variant_from_env("i2v" if task == "i2v" else "t2v", PREDICTOR_FILES[task])
     family = "1.5" if variant.id.startswith("cogvideox1.5") else "1.0"
@@ -47,6 +48,10 @@ def use_tiny_model(task: str) -> Path:
         staging.rename(tiny)
     os.environ[MODEL_ENV] = variant.id
     os.environ[WEIGHTS_URL_ENV] = str(tiny)
+    if family == "1.5" and not setting(RESOLUTION_ENV):
+        # 1.5 renders at 768x1360 unless told; the tiny model's rotary grid is far smaller.
+        spec = TINY[(family, variant.task)]
+        os.environ[RESOLUTION_ENV] = f"{spec.height}x{spec.width}"
     return tiny
 
 
@@ -66,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(NOTICE, file=sys.stderr)
     use_tiny_model(task)
-    for name in (MODEL_ENV, WEIGHTS_URL_ENV):
-        print(f"export {name}={shlex.quote(os.environ[name])}")
+    for name in (MODEL_ENV, WEIGHTS_URL_ENV, RESOLUTION_ENV):
+        if name in os.environ:
+            print(f"export {name}={shlex.quote(os.environ[name])}")
     return 0
 
 
