@@ -82,6 +82,32 @@ def test_a_url_of_another_scheme_is_refused_without_its_password(url):
     assert "secret-key" not in str(refused.value)
 
 
+@pytest.mark.parametrize("mark", ["/", "?", "#"])
+def test_a_password_holding_a_slash_question_mark_or_hash_is_refused_unseen(mark):
+    """Unencoded, the mark ends the host early: urlsplit read the password's start as a port
+    and quoted it in its error ("Port could not be cast to integer value as 'AKIAsecret')."""
+    url = f"https://user:AKIAsecret{mark}tail@127.0.0.1/photo.png"
+    with (
+        pytest.raises(InputError, match=r"the image URL holds a user name or password") as refused,
+        fetched("image", url, "picture"),
+    ):
+        pass
+    assert "AKIAsecret" not in str(refused.value) and "tail" not in str(refused.value)
+
+
+@pytest.mark.parametrize("mark", ["/", "?", "#"])
+def test_a_mistyped_schemes_password_holding_a_slash_is_not_echoed(mark):
+    url = f"htps://user:AKIAsecret{mark}tail@host.example/photo.png"
+    with (
+        pytest.raises(
+            InputError, match=r"'htps://host.example/photo.png' is not an http"
+        ) as refused,
+        fetched("image", url, "picture"),
+    ):
+        pass
+    assert "AKIAsecret" not in str(refused.value)
+
+
 def test_a_redirect_away_from_http_is_refused_at_once(files):
     files.redirect("photo.png", "ftp://127.0.0.1:9/photo.png")
     started = time.monotonic()

@@ -375,6 +375,19 @@ def test_a_lora_url_refused_for_its_scheme_echoes_no_password(url):
     assert "secret-key" not in str(refused.value)
 
 
+def test_a_lora_url_whose_password_holds_a_slash_is_refused_unseen():
+    with pytest.raises(LoraError, match=r"holds a user name or password") as refused:
+        check_lora_url("https://AKIA:secret/key@127.0.0.1/lora.safetensors")
+    assert "secret" not in str(refused.value)
+
+
+def test_a_hub_revision_after_an_at_sign_is_kept_in_what_is_shown():
+    """What hides a password cut short by a `/` must not take `org/repo@` for one."""
+    assert (
+        download.shown("hf://org/repo@v1/lora.safetensors") == "hf://org/repo@v1/lora.safetensors"
+    )
+
+
 def test_a_long_lora_url_of_another_scheme_is_refused_at_once():
     started = time.monotonic()
     with pytest.raises(LoraError, match=r"lora_url="):

@@ -321,3 +321,27 @@ def test_a_url_setting_with_a_mistyped_scheme_fails_without_showing_its_password
         read()
     assert "hunter2" not in str(failed.value)
     assert "hunter2" not in caplog.text
+
+
+SLASHED_URLS = [
+    (env, url.replace("htps://deploy:hunter2", "https://deploy:hun/ter2"), read)
+    for env, url, read in MISTYPED_URLS
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "read"), SLASHED_URLS, ids=[env for env, _, _ in SLASHED_URLS]
+)
+def test_a_url_setting_whose_password_holds_a_slash_fails_without_showing_it(
+    monkeypatch, tmp_path, caplog, env, url, read
+):
+    """An unencoded `/` ends the host early: the password's start, read as a port, was quoted
+    in urlsplit's error, and the whole URL shown beside it."""
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(postprocess.UPSCALE_ENV, "1")
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(env, url)
+    with pytest.raises((ConfigError, WeightsError), match="user name or password") as failed:
+        read()
+    assert "hun" not in str(failed.value) and "ter2" not in str(failed.value)
+    assert "hun" not in caplog.text

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -165,7 +164,7 @@ def config_from_env() -> EnhanceConfig | None:
     base_url = setting(BASE_URL_ENV, DEFAULT_BASE_URL)
     if download.scheme_of(base_url) not in ("http", "https"):
         raise ConfigError(f"{BASE_URL_ENV}={download.shown(base_url)!r} is not an http(s) URL.")
-    if _has_credentials(base_url):
+    if download.has_userinfo(base_url):
         # urllib sends no password from a URL; kept, it would show in logs and errors.
         raise ConfigError(
             f"{BASE_URL_ENV}={download.shown(base_url)!r} holds a user name or password, which "
@@ -202,13 +201,6 @@ def load_enhancer(
         directory, config.weights, device, video_peak_gib=video_peak_gib, timeout=config.timeout
     )
     return PromptEnhancer(rewriter)
-
-
-def _has_credentials(url: str) -> bool:
-    try:
-        return "@" in urllib.parse.urlsplit(url).netloc
-    except ValueError:  # url_problem() says what is wrong with it
-        return False
 
 
 def _timeout() -> float:

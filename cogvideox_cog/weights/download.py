@@ -55,7 +55,7 @@ RESUME_HINT = "Run setup again to resume, or check the URL and the network."
 # The bytes on disk are of the old file, and the next setup's probe sees the new validator.
 RESTART_HINT = "Run setup again: it downloads the new file from the start."
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_USERINFO = re.compile(r"\A([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_AUTHORITY = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -153,8 +153,9 @@ def shown(url: str) -> str:
     presigned URL carries its signature) and without a user name or password. Any other URL
     keeps no user name or password either: a mistyped scheme (`htps://user:key@host`) must
     not put the key in an error that says the URL is not http(s)."""
+    url = _without_userinfo(url)
     if scheme_of(url) not in ("http", "https"):
-        return _USERINFO.sub(r"\1", url, count=1)  # a local path, hf://
+        return url  # a local path, hf://
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
@@ -162,6 +163,28 @@ def shown(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     hidden = "?<query hidden>" if parts.query else ""
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) + hidden
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether `url` holds a user name or password, as shown() finds them."""
+    return _without_userinfo(url) != url
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` without what comes before the host's `@`. A password holding `/`, `?` or `#`
+    ends the authority early (`https://id:ab/cd@host`: host `id`, port `ab`), so where what
+    follows the authority's `:` is no port number and an `@` comes later, all up to the
+    last `@` is taken for the user name and password."""
+    match = _AUTHORITY.match(url)
+    if match is None:
+        return url
+    authority, rest = match[1], url[match.end(1) :]
+    if "@" in authority:
+        return url[: match.start(1)] + authority.rpartition("@")[2] + rest
+    _, colon, port = authority.rpartition(":")
+    if colon and port and not port.isdigit() and not authority.endswith("]") and "@" in rest:
+        return url[: match.start(1)] + rest.rpartition("@")[2]
+    return url
 
 
 _URL = re.compile(r"""https?://[^\s"'\\<>]+""", re.IGNORECASE)
@@ -216,6 +239,11 @@ def url_problem(url: str) -> str | None:
     """Why urllib cannot fetch this http(s) URL as written, or None. Said before any request,
     so that the error names the URL's fault rather than a socket's (and echoes no password,
     nor the query string that http.client quotes when it refuses a request line)."""
+    if has_userinfo(url):  # before urlsplit, whose port error quotes a password
+        return (
+            "holds a user name or password, which cannot be sent: use a signed URL instead "
+            "(its token in the query string)"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (a port that is not a number raises here)
@@ -225,11 +253,6 @@ def url_problem(url: str) -> str | None:
         return (
             "holds a space, a control character or a letter outside ASCII, which a request "
             "cannot carry: percent-encode it (a space is %20), as a browser's address bar does"
-        )
-    if "@" in parts.netloc:
-        return (
-            "holds a user name or password, which cannot be sent: use a signed URL instead "
-            "(its token in the query string)"
         )
     if not parts.hostname:
         return "has no host"
