@@ -14,6 +14,7 @@ import logging
 import secrets
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -622,7 +623,11 @@ class VideoGenerator:
                 output = self._decode(output[:, : -plan.padding_latents], output_type)
             return output[0]
         except torch.OutOfMemoryError as error:
-            raise self._out_of_memory(error, plan, progress.phase) from error
+            phase = progress.phase
+            if phase == "denoising" and _raised_in(error, self.pipe.vae, "encode"):
+                # The pipeline encodes the image or clip itself, before its first step.
+                phase = "encoding the image" if self.mode == "i2v" else "encoding the video"
+            raise self._out_of_memory(error, plan, phase) from error
         finally:
             # What diffusers does at the end of a call that completes: with model offload, every
             # model back on the CPU. A cancel or failure mid-call skips it (and the padded
@@ -637,18 +642,22 @@ class VideoGenerator:
         """What ran out and at what size, and the smaller request (or, for the operator, the
         setting) that needs less: setup chose the memory policy for the default size."""
         what = phase
-        if phase != "encoding the prompt":
+        if phase == "encoding the image":
+            what = f"{phase} at {plan.width}x{plan.height}"
+        elif phase == "encoding the video":
+            what = f"{phase}'s {plan.num_frames} frames at {plan.width}x{plan.height}"
+        elif phase != "encoding the prompt":
             what = f"{phase} {plan.num_frames} frames at {plan.width}x{plan.height}"
         advice = []
         default, allowed = self.variant.default_frames, self.variant.allowed_frames
         fewer = [n for n in allowed if n < min(plan.num_frames, default + 1)]
-        if fewer and phase != "encoding the prompt":
+        if fewer and phase not in ("encoding the prompt", "encoding the image"):
             advice.append(f"Ask for fewer frames: num_frames={fewer[-1]} or less.")
         tiled = getattr(self.pipe.vae, "use_tiling", True)
-        if phase == "decoding" and not tiled:
+        if phase in ("decoding", "encoding the image", "encoding the video") and not tiled:
             advice.append(
-                f"The deployment's operator can set {VAE_TILING_ENV}=on, which decodes in "
-                f"tiles with less memory."
+                f"The deployment's operator can set {VAE_TILING_ENV}=on, which runs the VAE "
+                f"in tiles with less memory."
             )
         else:
             advice.append(less_offload(self.offload))
@@ -713,6 +722,14 @@ class VideoGenerator:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _raised_in(error: BaseException, module: torch.nn.Module, method: str) -> bool:
+    """Whether `error` was raised inside `module.method` (a frame of its traceback)."""
+    return any(
+        frame.f_code.co_name == method and frame.f_locals.get("self") is module
+        for frame, _ in traceback.walk_tb(error.__traceback__)
+    )
 
 
 def _record_cog_metric(name: str, value: float) -> None:

@@ -15,6 +15,7 @@ import torch
 from cogvideox_cog.devtools.tiny_postprocess import tiny_ifnet, tiny_rrdbnet
 from cogvideox_cog.errors import GpuMemoryError
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.media.mp4 import encode_mp4
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.postprocess import Postprocessor, Steps
 from cogvideox_cog.variants import VARIANTS
@@ -125,6 +126,26 @@ def test_the_render_after_one_out_of_gpu_memory_gives_a_fresh_generators_frames(
     )
     np.testing.assert_array_equal(
         generator.render_frames(request).frames, fresh.render_frames(request).frames
+    )
+
+
+def test_out_of_gpu_memory_encoding_the_input_video_names_that_step_and_vae_tiling(
+    tiny_weights, tmp_path
+):
+    """The pipeline encodes the clip before its first step: that was reported as the
+    denoise, without the VAE tiling that makes the encode smaller too."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", mode="v2v")
+    pipe.vae.disable_tiling()
+    generator = VideoGenerator(variant, pipe, CPU, "v2v")
+    clip = np.random.default_rng(1).integers(0, 256, (24, 48, 80, 3), dtype=np.uint8)
+    video = encode_mp4(clip, tmp_path / "clip.mp4", fps=24)
+    with _out_of_memory(pipe.vae.encoder), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request(num_frames=9, video=video, strength=0.5))
+    assert str(raised.value) == (
+        "The GPU ran out of memory while encoding the video's 9 frames at 80x48. The "
+        "deployment's operator can set COGVIDEOX_VAE_TILING=on, which runs the VAE in tiles "
+        "with less memory."
     )
 
 
