@@ -172,3 +172,26 @@ def test_out_of_gpu_memory_in_the_interpolation_names_its_size_and_smaller_choic
         "The GPU ran out of memory while interpolating 3 frames 4x at 40x24. Ask for "
         "interpolate='2x' or 'none'."
     )
+
+
+def test_an_upscale_out_of_gpu_memory_before_interpolating_keeps_no_frame_while_held():
+    """The error passes through the interpolation's frames on its way to the encoder: their
+    last upscaled frame stayed on the GPU with it while Cog reported it."""
+    frames = np.random.default_rng(0).random((3, 24, 40, 3), dtype=np.float32)
+    postprocessor = Postprocessor(tiny_ifnet(), tiny_rrdbnet(), CPU)
+    calls = []
+
+    def fail_the_second_frame(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError(CUDA_SAYS)
+
+    postprocessor.upscaler.register_forward_pre_hook(fail_the_second_frame)
+    steps = Steps(upscale=2, interpolate=2)
+    with pytest.raises(GpuMemoryError, match="while upscaling") as raised:
+        postprocessor.apply(frames, 8, steps, lambda name, value: None).array()
+    gc.collect()
+    upscaled = [
+        o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == (1, 3, 48, 80)
+    ]
+    assert raised.value is not None and upscaled == []

@@ -174,15 +174,21 @@ def interpolate(
     """
     frames = iter(frames)
     times = torch.arange(1, factor, device=device, dtype=dtype) / factor
-    first = next(frames)
-    previous = _to_tensor(first, device, dtype)
-    yield _to_uint8(first)
-    for index, frame in enumerate(frames, 1):
-        current = _to_tensor(frame, device, dtype)
-        yield from _between(model, previous, current, times)
-        on_pair(index, count - 1)
-        yield _to_uint8(frame)
-        previous = current
+    previous = current = None
+    try:
+        first = next(frames)
+        previous = _to_tensor(first, device, dtype)
+        yield _to_uint8(first)
+        for index, frame in enumerate(frames, 1):
+            current = _to_tensor(frame, device, dtype)
+            yield from _between(model, previous, current, times)
+            on_pair(index, count - 1)
+            yield _to_uint8(frame)
+            previous = current
+    finally:
+        # An error raised while the next frame was made (the upscale out of GPU memory) keeps
+        # this frame in its traceback: the pair would stay on the GPU while it is held.
+        previous = current = times = None
 
 
 def _between(
