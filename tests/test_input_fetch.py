@@ -108,6 +108,21 @@ def test_a_mistyped_schemes_password_holding_a_slash_is_not_echoed(mark):
     assert "AKIAsecret" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https//user:secret-key@host.example/photo.png",
+        "https:/user:secret-key@host.example/photo.png",
+        "user:secret-key@host.example/photo.png",
+    ],
+)
+def test_a_url_with_no_host_after_its_scheme_is_refused_without_its_password(url):
+    """A colon or a slash short: no `scheme://host` says where the user info is."""
+    with pytest.raises(InputError) as refused, fetched("image", url, "picture"):
+        pass
+    assert "secret-key" not in str(refused.value)
+
+
 def test_a_redirect_away_from_http_is_refused_at_once(files):
     files.redirect("photo.png", "ftp://127.0.0.1:9/photo.png")
     started = time.monotonic()

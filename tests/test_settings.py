@@ -345,3 +345,18 @@ def test_a_url_setting_whose_password_holds_a_slash_fails_without_showing_it(
         read()
     assert "hun" not in str(failed.value) and "ter2" not in str(failed.value)
     assert "hun" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https//deploy:hunter2@models.example/x4.pth", "https:/deploy:hunter2@models.example/x4.pth"],
+)
+def test_a_url_setting_with_no_host_after_its_scheme_fails_without_its_password(
+    monkeypatch, caplog, url
+):
+    monkeypatch.setenv(postprocess.UPSCALE_ENV, "1")
+    monkeypatch.setenv(postprocess.UPSCALE_URL_ENV, url)
+    with pytest.raises((ConfigError, WeightsError), match=r"x4\.pth") as failed:
+        _read_upscale()
+    assert "hunter2" not in str(failed.value)
+    assert "hunter2" not in caplog.text

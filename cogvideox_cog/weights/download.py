@@ -56,6 +56,9 @@ RESUME_HINT = "Run setup again to resume, or check the URL and the network."
 RESTART_HINT = "Run setup again: it downloads the new file from the start."
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _AUTHORITY = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
+# `id:key@` at the start or after a `/`, where no `scheme://host` says where user info is.
+# Possessive: linear in the text, however many `:` it holds.
+_LOOSE_USERINFO = re.compile(r"(?:\A|(?<=/))[^/?#@:\s]*+:[^/?#@\s]*+@")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -174,10 +177,11 @@ def _without_userinfo(url: str) -> str:
     """`url` without what comes before the host's `@`. A password holding `/`, `?` or `#`
     ends the authority early (`https://id:ab/cd@host`: host `id`, port `ab`), so where what
     follows the authority's `:` is no port number and an `@` comes later, all up to the
-    last `@` is taken for the user name and password."""
+    last `@` is taken for the user name and password. With no host after the scheme (a
+    mistyped `https//id:key@host` or `https:/id:key@host`), an `id:key@` is."""
     match = _AUTHORITY.match(url)
-    if match is None:
-        return url
+    if match is None or not match[1]:
+        return _LOOSE_USERINFO.sub("", url, count=1)
     authority, rest = match[1], url[match.end(1) :]
     if "@" in authority:
         return url[: match.start(1)] + authority.rpartition("@")[2] + rest
