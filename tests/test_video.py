@@ -174,3 +174,34 @@ def test_no_frames_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no frames"):
         encode_mp4([], tmp_path / "clip.mp4", fps=8)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_x264_is_not_held_to_avx2_where_the_cpu_does_not_report_avx2():
+    """A virtual machine may pass AVX-512 through but hide AVX2: told asm=...AVX2, x264 would
+    run instructions the CPU does not claim; it is left to pick its own there."""
+    assert x264_cpu_options(frozenset({"mmx", "sse2", "avx512f"})) == {}
+
+
+def test_float_frames_are_rounded_to_the_nearest_level_not_truncated(tmp_path):
+    """0.4 of a level below each uint8 value: rounded, the same video; truncated, one level
+    darker everywhere."""
+    video = _clip(9)
+    below = (np.maximum(video.astype(np.float32) - 0.4, 0.0)) / 255.0
+    decoded = {
+        name: _decode(encode_mp4(frames, tmp_path / f"{name}.mp4", fps=8))
+        for name, frames in {"uint8": video, "float": below}.items()
+    }
+    np.testing.assert_array_equal(decoded["float"], decoded["uint8"])
+
+
+def test_a_frame_of_another_width_alone_is_refused_not_rescaled(tmp_path):
+    frames = list(_clip(9))
+    frames[6] = _clip(1, width=WIDTH // 2)[0]
+    with pytest.raises(ValueError, match="frame 6 is 32x48 but frame 0 is 64x48"):
+        encode_mp4(frames, tmp_path / "clip.mp4", fps=8)
+
+
+def test_frames_with_an_alpha_channel_are_refused_naming_their_shape(tmp_path):
+    rgba = np.zeros((3, HEIGHT, WIDTH, 4), np.uint8)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) RGB, got shape \(48, 64, 4\)"):
+        encode_mp4(rgba, tmp_path / "clip.mp4", fps=8)
