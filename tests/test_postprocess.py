@@ -495,3 +495,24 @@ def test_rife_lite_weights_are_refused_not_run_at_the_wrong_scales():
     state = {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
     with pytest.raises(ValueError, match=r"v4\.25 lite"):
         _build_ifnet(state)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_an_rrdbnet_state_dict_gives_the_scale_it_was_trained_at(scale):
+    """Its first convolution's channels say it: 3 (4x), 12 (2x) or 48 (1x, pixel-unshuffled)."""
+    state = rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=scale).state_dict()
+    assert rrdbnet.rrdbnet_for(state).scale == scale
+
+
+def test_a_partial_tile_counts_as_a_whole_one():
+    """A 480x720 frame in 256-pixel tiles is 2x3 tiles, as the log reports it."""
+    assert rrdbnet.tiles_per_frame(480, 720) == 6
+
+
+def test_upscale_reports_each_frame_done_out_of_all():
+    seen = []
+    frames = rrdbnet.upscale(
+        tiny_rrdbnet(), _frames(3), 4, CPU, torch.float32, on_frame=lambda *step: seen.append(step)
+    )
+    assert len(list(frames)) == 3
+    assert seen == [(1, 3), (2, 3), (3, 3)]
