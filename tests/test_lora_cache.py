@@ -548,3 +548,50 @@ def test_a_presigned_url_is_cached_under_its_signature(served, cache):
     assert _gets(server, "a.safetensors") == gets
     cache.get(server.url("a.safetensors"))  # no proof of access: not served from the cache
     assert _gets(server, "a.safetensors") > gets
+
+
+def test_blobs_that_fill_the_cache_to_its_bound_exactly_are_all_kept(tmp_path):
+    """COGVIDEOX_LORA_CACHE_SIZE is what the cache may hold: reaching it evicts nothing."""
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=2000, timeout_s=30)
+    cache.blobs.mkdir(parents=True)
+    for name in ("a", "b"):
+        (cache.blobs / f"{name}.safetensors").write_bytes(bytes(1000))
+    cache.evict()
+    assert _left_over(cache) == ["blobs/a.safetensors", "blobs/b.safetensors"]
+
+
+def _cached(cache: LoraCache, url: str, seed: int) -> Path:
+    """A LoRA in the cache as a past download of `url` left it, without a server."""
+    data = _lora_bytes(seed)
+    for folder in (cache.blobs, cache.urls):
+        folder.mkdir(parents=True, exist_ok=True)
+    blob = cache.blobs / f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    blob.write_bytes(data)
+    cache._record(url, blob)
+    return blob
+
+
+def test_eviction_follows_the_last_use_not_the_download(tmp_path):
+    """Eviction goes by last use, not by download: a LoRA fetched long ago but asked for now
+    stays, and the one untouched since is evicted."""
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=size + size // 2, timeout_s=30)
+    blobs = {}
+    for seed, (name, age) in enumerate((("old", 120), ("recent", 60)), 1):
+        blobs[name] = _cached(cache, f"https://example.com/{name}.safetensors", seed)
+        os.utime(blobs[name], (time.time() - age, time.time() - age))
+    assert cache.get("https://example.com/old.safetensors") == blobs["old"]
+    cache.evict()
+    assert blobs["old"].exists() and not blobs["recent"].exists()
+
+
+def test_a_recent_partial_download_without_an_owner_lock_is_kept(cache):
+    """An older version sharing the folder stages its download without a lock: removed only
+    after a day, not while it may still be downloading."""
+    url = "https://example.com/a.safetensors"
+    _cached(cache, url, 1)
+    recent = cache.partial / "1-2-3"
+    recent.mkdir(parents=True)
+    (recent / "download").write_bytes(b"half")
+    cache.get(url)
+    assert (recent / "download").read_bytes() == b"half"
