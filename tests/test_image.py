@@ -102,8 +102,15 @@ def _png_16_bits(colour_type: int, key: bytes, rows: list[bytes]) -> io.BytesIO:
     [
         (0, struct.pack(">H", 0x1000), struct.pack(">H", 0x8000), (127, 127, 127)),  # grey
         (2, struct.pack(">HHH", 0xFFFF, 0x8000, 0), struct.pack(">HHH", 0, 0, 0xFFFF), (0, 0, 255)),
+        # the key's red, not its green and blue: only a pixel equal in all three is transparent
+        (
+            2,
+            struct.pack(">HHH", 0xFFFF, 0x8000, 0),
+            struct.pack(">HHH", 0xFFFF, 0, 0xFFFF),
+            (255, 0, 255),
+        ),
     ],
-    ids=["grey", "rgb"],
+    ids=["grey", "rgb", "rgb-sharing-a-channel"],
 )
 def test_a_16_bit_png_transparency_colour_key_becomes_white(colour_type, key, other, shown):
     opened = open_image(_png_16_bits(colour_type, key, [key * 4 + other * 4] * 8))
@@ -118,6 +125,7 @@ def test_a_16_bit_png_transparency_colour_key_becomes_white(colour_type, key, ot
         (np.full((8, 8), 0x1000, np.uint16), "PNG", 15),  # a dark one: not clipped to white
         (np.full((8, 8), 40000, np.int32), "TIFF", 155),  # 32-bit integer TIFF, 16-bit values
         (np.full((8, 8), 0.5, np.float32), "TIFF", 127),  # floating point in 0..1
+        (np.full((8, 8), 1.0, np.float32), "TIFF", 255),  # its white, 1.0, is still 0..1
     ],
 )
 def test_deep_greyscale_images_are_scaled_to_8_bits_not_clipped(pixels, fmt, grey):
@@ -185,6 +193,19 @@ def test_fit_image_covers_and_centre_crops_without_stretching():
     fitted = fit_image(image, height=100, width=100)
     assert fitted.size == (100, 100)
     assert fitted.getpixel((5, 50))[2] > 200  # left edge is blue, not red
+
+
+def test_fit_image_gives_width_by_height_for_a_landscape_video():
+    fitted = fit_image(Image.new("RGB", (300, 200)), height=48, width=64)
+    assert fitted.size == (64, 48)
+
+
+def test_fit_image_averages_fine_detail_instead_of_picking_pixels():
+    """A one-pixel checkerboard halved is grey: picking every other pixel (nearest) would
+    give a flat black or white frame, and moire on real pictures."""
+    checkerboard = (np.indices((200, 200)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    fitted = np.asarray(fit_image(Image.fromarray(checkerboard).convert("RGB"), 100, 100))
+    assert np.abs(fitted[10:-10, 10:-10].astype(int) - 127).max() <= 16
 
 
 def _lossless(fmt: str) -> dict:
@@ -324,6 +345,16 @@ def test_a_heic_rotation_or_mirror_is_applied_once(orientation):
     heic = _encode(stored, "HEIF", quality=90, exif=exif.tobytes())
     assert b"irot" in heic.getvalue() or b"imir" in heic.getvalue()
     _assert_upright(open_image(heic))
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_AS))
+def test_every_exif_orientation_of_a_photo_is_undone(orientation):
+    """A camera stores the sensor's pixels and says in EXIF how to turn or mirror them; each
+    of the seven ways must show the picture upright, not only the common rotate-90."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = _upright().transpose(STORED_AS[orientation])
+    _assert_upright(open_image(_encode(stored, "JPEG", quality=95, exif=exif.tobytes())))
 
 
 @pytest.mark.parametrize(("convert", "expected"), [(True, (215, 93, 31)), (False, (200, 100, 50))])
