@@ -494,3 +494,16 @@ def test_every_other_format_is_tried_in_pillows_own_order_and_heif_last():
         [sys.executable, "-c", pillow_alone], capture_output=True, text=True, check=True
     )
     assert [*run.stdout.split(), "HEIF"] == Image.ID
+
+
+def test_a_heic_on_dci_p3_primaries_is_read_as_it_is_as_its_white_is_not_d65(caplog):
+    """DCI-P3's white is greener than D65: converting its primaries as if white were D65, as
+    the conversion here assumes, would tint every colour; it is read as sRGB with a warning."""
+    opened = open_image(_nclx_heic(11, 13), convert_colour=True)
+    _assert_close(opened.getpixel((8, 8)), (200, 100, 50))
+    assert "its DCI-P3 colours (transfer 13) cannot be converted here" in caplog.text
+
+
+def test_an_hdr_heic_on_bt709_primaries_is_also_warned_about(caplog):
+    open_image(_nclx_heic(1, 18), convert_colour=True)
+    assert "an HDR (HLG) picture on BT.709 primaries" in caplog.text
