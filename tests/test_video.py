@@ -205,3 +205,10 @@ def test_frames_with_an_alpha_channel_are_refused_naming_their_shape(tmp_path):
     rgba = np.zeros((3, HEIGHT, WIDTH, 4), np.uint8)
     with pytest.raises(ValueError, match=r"\(H, W, 3\) RGB, got shape \(48, 64, 4\)"):
         encode_mp4(rgba, tmp_path / "clip.mp4", fps=8)
+
+
+def test_the_first_frame_is_shown_at_time_zero(clip_mp4):
+    """A video that starts later shows nothing (or a player's black) for its first moment."""
+    with av.open(str(clip_mp4)) as container:
+        times = [frame.time for frame in container.decode(video=0)]
+    assert times[:3] == [0.0, 0.125, 0.25]
