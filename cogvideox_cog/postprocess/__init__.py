@@ -310,7 +310,7 @@ def _enabled(env: str) -> bool:
 def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
     url = setting(url_env, default)
     # Before any request: urllib takes a password for a port and quotes it in its error.
-    if download.scheme_of(url) in ("http", "https") and (problem := download.url_problem(url)):
+    if download.is_http(url) and (problem := download.url_problem(url)):
         raise ConfigError(f"{url_env}={download.shown(url)!r} {problem}.")
     raw = setting(sha256_env)
     if raw and not SHA256_HEX.fullmatch(raw):

@@ -185,7 +185,7 @@ def _fetch(source: ModelSource, dest: Path) -> str:
     local = Path(source.url).expanduser()
     if local.is_file():
         shutil.copyfile(local, dest)
-    elif download.scheme_of(source.url) in ("http", "https"):
+    elif download.is_http(source.url):
         try:
             with dest.open("wb") as out:
                 download.fetch_capped(

@@ -162,7 +162,7 @@ def config_from_env() -> EnhanceConfig | None:
             raise ConfigError(f"{WEIGHTS_ENV}={download.shown(weights)!r} {problem}.")
         return EnhanceConfig(backend, timeout, weights=weights)
     base_url = setting(BASE_URL_ENV, DEFAULT_BASE_URL)
-    if download.scheme_of(base_url) not in ("http", "https"):
+    if not download.is_http(base_url):
         raise ConfigError(f"{BASE_URL_ENV}={download.shown(base_url)!r} is not an http(s) URL.")
     if download.has_userinfo(base_url):
         # urllib sends no password from a URL; kept, it would show in logs and errors.

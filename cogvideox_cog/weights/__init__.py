@@ -315,7 +315,7 @@ def fetch_tar(source: str, staging: Path, setting: str = WEIGHTS_URL_ENV) -> dic
     if local.is_file():
         stat = local.stat()
         size, validator = stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"
-    elif download.scheme_of(source) in ("http", "https"):
+    elif download.is_http(source):
         if problem := download.url_problem(source):
             raise WeightsError(f"the weights URL {shown} {problem}.")
         pget = shutil.which("pget")

@@ -54,7 +54,7 @@ def source_problem(source: str) -> str | None:
         return None
     if source.startswith("hf://"):
         return None if parse_hf_url(source) else "is not hf://org/repo[@revision]"
-    if download.scheme_of(source) in ("http", "https"):
+    if download.is_http(source):
         return download.url_problem(source)
     return "is neither hf://org/repo[@revision], an http(s) URL, nor an existing tar or directory"
 

@@ -151,13 +151,18 @@ def scheme_of(url: str) -> str:
     return match[1].lower() if match else ""
 
 
+def is_http(url: str) -> bool:
+    """Whether `url` is http(s), in any case of the scheme (`HTTPS://` too)."""
+    return scheme_of(url) in ("http", "https")
+
+
 def shown(url: str) -> str:
     """`url` as logs and errors show it: an http(s) URL without its query string (where a
     presigned URL carries its signature) and without a user name or password. Any other URL
     keeps no user name or password either: a mistyped scheme (`htps://user:key@host`) must
     not put the key in an error that says the URL is not http(s)."""
     url = _without_userinfo(url)
-    if scheme_of(url) not in ("http", "https"):
+    if not is_http(url):
         return url  # a local path, hf://
     try:
         parts = urllib.parse.urlsplit(url)
@@ -218,7 +223,7 @@ def identity(url: str) -> str:
     parameters that sign it. A presigned URL expires (S3's within 7 days) and is renewed with
     a new signature for the same file; keyed on the whole URL, each renewal downloaded the
     weights again beside the old copy. Other URLs are returned unchanged."""
-    if scheme_of(url) not in ("http", "https"):
+    if not is_http(url):
         return url
     try:
         parts = urllib.parse.urlsplit(url)
