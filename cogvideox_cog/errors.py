@@ -48,4 +48,5 @@ class RankGroupError(RuntimeError):
 class GpuMemoryError(RuntimeError):
     """The GPU ran out of memory in one prediction, one larger than the memory policy was
     chosen for (more frames than the default, a large upscale); the message names the phase
-    and the size, and what to change. It fails that prediction only: what it held is freed."""
+    and the size, and what to change. It fails that prediction only: what it held is freed.
+    In setup's compile warm-up it fails setup, and names the settings to change."""

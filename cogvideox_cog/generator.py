@@ -29,7 +29,7 @@ from PIL import Image
 from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
 from .errors import EnhanceError, GpuMemoryError, InputError, LoraError
-from .gpu_memory import less_offload, out_of_memory
+from .gpu_memory import less_offload, less_offload_setting, out_of_memory
 from .lora.fetch import check_lora_url
 from .lora.file import adapted_layers
 from .lora.slot import LoraSlot
@@ -71,6 +71,7 @@ OUTPUT_PREFIX = TEMP_PREFIX + "output-"
 WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
 DEFAULT_STRENGTH = 0.8
 LOGGED_TEXT_CHARS = 300  # user text in a log line stays short
+VAE_PHASES = ("decoding", "encoding the image", "encoding the video")  # VAE tiling shrinks them
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class VideoGenerator:
         self.postprocessor = postprocessor or Postprocessor()
         self.enhancer = enhancer
         self.offload = "none"  # the policy that placed the weights (from_env sets it)
+        self._warming_up = False  # in warm_up(): setup's renders, which no user asked for
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine: ContextParallel | None = None  # splits each denoise over ranks
         # After each step's log line, with the step and its seconds.
@@ -291,6 +293,7 @@ class VideoGenerator:
         the same parts on the guidance batch).
         """
         folder = leftovers.claim(Path(tempfile.gettempdir()), WARM_UP_PREFIX)
+        self._warming_up = True
         try:
             for index, render in enumerate(self.warm_up_renders()):
                 # The VAE is not compiled: one decode loads its kernels, the rest would only
@@ -298,6 +301,7 @@ class VideoGenerator:
                 run = self.render_frames if index == 0 else self.denoise_only
                 run(self._warm_up_request(folder, render))
         finally:
+            self._warming_up = False
             leftovers.release(folder)
 
     def warm_up_renders(self) -> list[WarmUpRender]:
@@ -648,13 +652,16 @@ class VideoGenerator:
             what = f"{phase}'s {plan.num_frames} frames at {plan.width}x{plan.height}"
         elif phase != "encoding the prompt":
             what = f"{phase} {plan.num_frames} frames at {plan.width}x{plan.height}"
+        if self._warming_up:
+            what += f" in setup's compile warm-up ({COMPILE_ENV}=1)"
+            return out_of_memory(error, what, self._warm_up_memory_advice(phase))
         advice = []
         default, allowed = self.variant.default_frames, self.variant.allowed_frames
         fewer = [n for n in allowed if n < min(plan.num_frames, default + 1)]
         if fewer and phase not in ("encoding the prompt", "encoding the image"):
             advice.append(f"Ask for fewer frames: num_frames={fewer[-1]} or less.")
         tiled = getattr(self.pipe.vae, "use_tiling", True)
-        if phase in ("decoding", "encoding the image", "encoding the video") and not tiled:
+        if phase in VAE_PHASES and not tiled:
             advice.append(
                 f"The deployment's operator can set {VAE_TILING_ENV}=on, which runs the VAE "
                 f"in tiles with less memory."
@@ -663,6 +670,24 @@ class VideoGenerator:
             advice.append(less_offload(self.offload))
         said = " ".join(a for a in advice if a) or "Its operator needs a GPU with more memory."
         return out_of_memory(error, what, said)
+
+    def _warm_up_memory_advice(self, phase: str) -> str:
+        """For the operator alone: the warm-up is setup's, at sizes no user chose, so only a
+        setting can change. Compiling off fits the denoise only: the VAE and the text
+        encoder run uncompiled either way."""
+        settings = []
+        if phase in VAE_PHASES and not getattr(self.pipe.vae, "use_tiling", True):
+            settings.append(f"{VAE_TILING_ENV}=on, which runs the VAE in tiles with less memory")
+        else:
+            settings.append(less_offload_setting(self.offload))
+        if phase == "denoising":
+            settings.append(
+                f"{COMPILE_ENV}=0, which skips this warm-up and runs the transformer uncompiled"
+            )
+        settings = [s for s in settings if s]
+        if not settings:
+            return "This model needs a GPU with more memory."
+        return f"Set {', or '.join(settings)}."
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, output_type: str):

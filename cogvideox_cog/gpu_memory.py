@@ -39,9 +39,15 @@ def out_of_memory(error: torch.OutOfMemoryError, what: str, advice: str) -> GpuM
 def less_offload(policy: str) -> str:
     """For the operator: the COGVIDEOX_OFFLOAD value that needs less GPU memory than
     `policy`, or nothing where it is the least already."""
+    setting = less_offload_setting(policy)
+    return f"The deployment's operator can set {setting}." if setting else ""
+
+
+def less_offload_setting(policy: str) -> str:
+    """less_offload() as the setting alone, for a message the operator reads (setup's)."""
     if policy not in LESS_OFFLOAD:
         return ""
     return (
-        f"The deployment's operator can set {OFFLOAD_ENV}={LESS_OFFLOAD[policy]} (it runs "
-        f"with {policy}), which keeps less of the model on the GPU."
+        f"{OFFLOAD_ENV}={LESS_OFFLOAD[policy]} (it runs with {policy}), which keeps less of "
+        "the model on the GPU"
     )

@@ -149,6 +149,66 @@ def test_out_of_gpu_memory_encoding_the_input_video_names_that_step_and_vae_tili
     )
 
 
+def _warm_up_generator(tiny_weights, offload: str) -> VideoGenerator:
+    variant = VARIANTS["cogvideox-5b"]
+    generator = VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+    generator.offload = offload
+    return generator
+
+
+def test_out_of_gpu_memory_in_setups_warm_up_denoise_tells_the_operator_the_settings(
+    tiny_weights,
+):
+    """Setup's warm-up renders sizes no user chose: asking for fewer frames is no advice."""
+    generator = _warm_up_generator(tiny_weights, "model")
+    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError) as raised:
+        generator.warm_up()
+    assert str(raised.value) == (
+        "The GPU ran out of memory while denoising 49 frames at 80x48 in setup's compile "
+        "warm-up (COGVIDEOX_COMPILE=1). Set COGVIDEOX_OFFLOAD=sequential (it runs with model), "
+        "which keeps less of the model on the GPU, or COGVIDEOX_COMPILE=0, which skips this "
+        "warm-up and runs the transformer uncompiled."
+    )
+
+
+def test_out_of_gpu_memory_in_setups_warm_up_decode_tells_the_operator_vae_tiling_alone(
+    tiny_weights,
+):
+    """The VAE is not compiled: compiling off would not make its decode fit."""
+    generator = _warm_up_generator(tiny_weights, "model")
+    generator.pipe.vae.disable_tiling()
+    with _out_of_memory(generator.pipe.vae.decoder), pytest.raises(GpuMemoryError) as raised:
+        generator.warm_up()
+    assert str(raised.value) == (
+        "The GPU ran out of memory while decoding 49 frames at 80x48 in setup's compile "
+        "warm-up (COGVIDEOX_COMPILE=1). Set COGVIDEOX_VAE_TILING=on, which runs the VAE in "
+        "tiles with less memory."
+    )
+
+
+def test_out_of_gpu_memory_in_setups_warm_up_at_the_least_offload_names_compile_alone(
+    tiny_weights,
+):
+    generator = _warm_up_generator(tiny_weights, "sequential")
+    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError) as raised:
+        generator.warm_up()
+    assert str(raised.value).endswith(
+        "Set COGVIDEOX_COMPILE=0, which skips this warm-up and runs the transformer uncompiled."
+    )
+
+
+def test_a_request_after_a_warm_up_out_of_gpu_memory_gets_a_requests_advice(tiny_weights):
+    generator = _warm_up_generator(tiny_weights, "model")
+    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError):
+        generator.warm_up()
+    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request())
+    said = str(raised.value)
+    assert "Ask for fewer frames" in said and "warm-up" not in said
+
+
 def _postprocessed(steps: Steps) -> np.ndarray:
     frames = np.random.default_rng(0).random((3, 24, 40, 3), dtype=np.float32)
     postprocessor = Postprocessor(tiny_ifnet(), tiny_rrdbnet(), CPU)
