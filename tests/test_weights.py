@@ -1421,6 +1421,17 @@ def test_a_manifest_written_of_an_entry_whose_tar_wrapped_the_weights_pins_it_in
     assert served.bytes_sent == sent
 
 
+def test_the_documented_manifest_command_prints_the_manifest_and_no_warning(tiny):
+    """The weights package imports the manifest code: running that module as __main__ made
+    runpy warn that it was already imported, before every manifest written."""
+    argv = [sys.executable, "-m", "cogvideox_cog.weights.manifest"]
+    done = subprocess.run(
+        [*argv, str(tiny), VARIANT.id], cwd=PROJECT, capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout) == manifest_of_directory(tiny, VARIANT.id, [])
+
+
 def test_a_manifest_of_a_hub_download_folder_leaves_out_its_hidden_state(
     tiny, cache, tmp_path, monkeypatch
 ):

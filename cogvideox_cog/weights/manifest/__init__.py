@@ -1,6 +1,6 @@
 """What complete weights are, per variant: where they come from and which files they hold.
 
-The manifests live in `manifests/<variant>.json` beside this module. Each lists the sources
+The manifests live in `manifests/<variant>.json` beside this package. Each lists the sources
 tried in order and the files a complete copy must hold, with size and sha256 where known;
 a file without them is checked for presence and structure only (see verify.py).
 COGVIDEOX_WEIGHTS_MANIFEST replaces the built-in manifest with one of your own, e.g. for a
@@ -18,11 +18,11 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import WeightsError
-from ..settings import setting
+from ...errors import WeightsError
+from ...settings import setting
 
 MANIFEST_ENV = "COGVIDEOX_WEIGHTS_MANIFEST"
-MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
+MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
 HASH_BLOCK = 8 << 20
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")  # a sha256 as written: 64 hex digits
 
@@ -123,7 +123,7 @@ def manifest_of_directory(directory: Path, variant: str, sources: list[str]) -> 
     which no copy fetched from the Hub has. The top's other files (a repository's README.md,
     LICENSE) are left out too: no part of the pipeline, and not fetched from the Hub.
     """
-    from .verify import MODEL_INDEX, find_model_root  # verify.py imports this module
+    from ..verify import MODEL_INDEX, find_model_root  # verify.py imports this module
 
     root = find_model_root(directory, str(directory))
     files = {}
@@ -154,7 +154,3 @@ def main(argv: list[str] | None = None) -> None:
     except WeightsError as error:
         sys.exit(str(error))
     print(json.dumps(data, indent=2))
-
-
-if __name__ == "__main__":
-    main()
