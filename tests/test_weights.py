@@ -41,6 +41,7 @@ from cogvideox_cog.weights import (
     untar,
 )
 from cogvideox_cog.weights import cache as cache_module
+from cogvideox_cog.weights import manifest as manifest_module
 from cogvideox_cog.weights.manifest import (
     MANIFEST_DIR,
     load_manifest,
@@ -267,7 +268,7 @@ def test_leftovers_of_killed_or_older_setups_are_removed(served, cache, tiny, mo
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_FSYNC", "0")  # and the no-fsync path works
     name = f"cogvideox-5b-{hashlib.sha256(served.url('model.tar').encode()).hexdigest()[:12]}"
-    for leftover in (f".{name}.partial-123", f".{name}.trash-456"):
+    for leftover in (f".{name}.partial-123", f".{name}.trash-456", f".{name}.adopting-7-8"):
         (cache / leftover / "transformer").mkdir(parents=True)
     root = ensure_weights(VARIANT)
     assert _same_tree(tiny, root)
@@ -523,6 +524,129 @@ def test_a_new_manifest_reverifies_in_place_without_downloading(
     with pytest.raises(BadSource, match=r"vae/config\.json: sha256 \w+, the manifest says 0+"):
         ensure_weights(VARIANT)
     assert not _markers(cache)
+
+
+def _default_entry(served, tmp_path: Path, monkeypatch) -> Path:
+    """The built-in manifest's entry, fetched: its source is the served tar (the real one's
+    is Replicate's)."""
+    data = json.loads((MANIFEST_DIR / f"{VARIANT.id}.json").read_text())
+    data["sources"] = [served.url("model.tar")]
+    builtin = tmp_path / "built-in manifests"
+    builtin.mkdir()
+    (builtin / f"{VARIANT.id}.json").write_text(json.dumps(data))
+    monkeypatch.setattr(manifest_module, "MANIFEST_DIR", builtin)
+    root = ensure_weights(VARIANT)
+    assert root.name == VARIANT.id
+    return root
+
+
+def _pin(tiny: Path, tmp_path: Path, monkeypatch, source: str) -> Path:
+    """COGVIDEOX_WEIGHTS_MANIFEST: the served files with their sizes and sha256."""
+    manifest = tmp_path / "pinned.json"
+    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [source])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    return manifest
+
+
+@pytest.mark.parametrize("downloader", ["built-in", "pget"])
+def test_a_manifest_pinning_the_default_entrys_files_takes_them_over_without_a_download(
+    served, cache, tiny, tmp_path, monkeypatch, request, downloader
+):
+    """A manifest of one's own names another entry: pinning the 20 GB already on disk
+    downloaded all of it again. The files are linked, not copied, and both entries serve.
+    pget records no sha256: the manifest's alone hold the files then."""
+    if downloader == "pget":
+        request.getfixturevalue("fake_pget")
+    default = _default_entry(served, tmp_path, monkeypatch)
+    sent = served.bytes_sent
+    _pin(tiny, tmp_path, monkeypatch, served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    assert root != default and served.bytes_sent == sent
+    assert _same_tree(tiny, root)
+    assert (root / BIG).stat().st_ino == (default / BIG).stat().st_ino
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    assert "sha256" in marker["checks"] and marker["adopted_from"] == default.name
+    monkeypatch.delenv("COGVIDEOX_WEIGHTS_MANIFEST")
+    assert ensure_weights(VARIANT) == default
+    assert served.bytes_sent == sent
+
+
+def test_the_default_source_set_as_the_weights_url_takes_over_the_default_entry(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """Without a manifest's sha256, the ones recorded when the entry was downloaded."""
+    default = _default_entry(served, tmp_path, monkeypatch)
+    sent = served.bytes_sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    assert root != default and served.bytes_sent == sent
+    assert _same_tree(tiny, root)
+
+
+def test_an_entry_whose_bytes_changed_since_it_was_verified_is_not_taken_over(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """Its sizes still match: only the sha256 recorded when it was downloaded knows."""
+    default = _default_entry(served, tmp_path, monkeypatch)
+    _flip(default / BIG, (default / BIG).stat().st_size - 10)
+    sent = served.bytes_sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    assert served.bytes_sent > sent
+    assert _same_tree(tiny, root)
+
+
+def test_files_no_sha256_vouches_for_are_not_taken_over(
+    served, cache, tiny, fake_pget, tmp_path, monkeypatch
+):
+    """pget recorded none, and a weights URL leaves the built-in manifest's layout only."""
+    _default_entry(served, tmp_path, monkeypatch)
+    sent = served.bytes_sent
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent > sent
+
+
+def test_files_that_fail_the_new_manifest_are_not_taken_over(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """A manifest pinning other weights than the entry holds: the download is checked
+    against it, and fails, as it would have without the entry."""
+    default = _default_entry(served, tmp_path, monkeypatch)
+    manifest = _pin(tiny, tmp_path, monkeypatch, served.url("model.tar"))
+    data = json.loads(manifest.read_text())
+    data["files"]["vae/config.json"]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    sent = served.bytes_sent
+    with pytest.raises(BadSource, match=r"vae/config\.json: sha256 \w+, the manifest says 0+"):
+        ensure_weights(VARIANT)
+    assert served.bytes_sent > sent
+    assert _markers(cache) == [default / COMPLETE_MARKER]
+
+
+def test_a_take_over_cut_short_leaves_nothing_and_the_next_setup_completes_it(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """A cancel (or any error) between two links: no marker, no folder of links left."""
+    default = _default_entry(served, tmp_path, monkeypatch)
+    link, links = os.link, []
+
+    def link_then_stop(source, target):
+        if len(links) == 3:
+            raise KeyboardInterrupt
+        links.append(target)
+        link(source, target)
+
+    sent = served.bytes_sent
+    _pin(tiny, tmp_path, monkeypatch, served.url("model.tar"))
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(os, "link", link_then_stop)
+        ensure_weights(VARIANT)
+    assert len(links) == 3
+    assert _markers(cache) == [default / COMPLETE_MARKER]
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == [VARIANT.id]
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent == sent
 
 
 def _stale_marker(root: Path) -> None:

@@ -205,6 +205,9 @@ def _ensure(variant: Variant) -> _Resolved:
             return _cached(root, entry)
         cache.discard(entry)
         cache.remove_leftovers(entry)
+        root = cache.adopted(entry, variant.id, keys, manifest)
+        if root is not None:
+            return _cached(root, entry)
         errors = []
         for number, source in enumerate(sources, 1):
             try:

@@ -30,7 +30,7 @@ from ..variants import Variant
 from . import download
 from .manifest import Manifest, sha256_file
 from .untar import JOURNAL
-from .verify import verify
+from .verify import HIDDEN_PREFIX, check_contained, verify
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,108 @@ def reverified(
     return verified.root
 
 
+def adopted(entry: Path, variant_id: str, sources: list[str], manifest: Manifest) -> Path | None:
+    """Another complete entry's files of the same source, taken into `entry` when they pass
+    `manifest`: the model directory, or None (the caller downloads).
+
+    A manifest of one's own (or COGVIDEOX_WEIGHTS_URL set to the built-in source) names its
+    entry apart from the built-in one's, and pinning the files already on disk would cost
+    the whole download again. The files are hard-linked (no copy, no space) into a folder of
+    their own, hashed, and held to the sha256 their entry recorded and to the manifest's;
+    each file the manifest lists must meet one of them. The folder is published as a
+    download is, with a fresh marker; anything that fails leaves no trace but the log, and a
+    kill leaves the folder to remove_leftovers(). The other entry stays as it was.
+    """
+    for other in sorted(entry.parent.iterdir()):
+        if other == entry or other.name.startswith(".") or not other.is_dir():
+            continue
+        marker = read_marker(other)
+        if (
+            marker is None
+            or marker.get("format") != MARKER_FORMAT
+            or marker.get("variant") != variant_id
+            or marker.get("source") not in sources
+        ):
+            continue
+        root = _adopt(other, marker, entry, manifest)
+        if root is not None:
+            return root
+    return None
+
+
+def _adopt(other: Path, marker: dict, entry: Path, manifest: Manifest) -> Path | None:
+    started = time.monotonic()
+    root, files = marker.get("root", "."), marker.get("files", {})
+    problem = _changed(other / root, files, "size", None)
+    if problem:
+        log.warning(f"weights: not taking over {other}: it {problem}")
+        return None
+    staging = entry.parent / f".{entry.name}.adopting-{os.getpid()}-{time.time_ns()}"
+    try:
+        _link_tree(other, staging)
+        check_contained(staging, str(other))
+        hashes = _hash_files(staging)
+        recorded = {(Path(root) / rel).as_posix(): f.get("sha256") for rel, f in files.items()}
+        for path, digest in sorted(recorded.items()):
+            if digest and hashes.get(path) != digest:
+                raise WeightsError(f"{path} changed since it was verified")
+        verified = verify(staging, manifest, str(other), hashes)
+        prefix = verified.root.relative_to(staging)
+        for rel, spec in sorted(manifest.files.items()):
+            if not (spec.sha256 or recorded.get((prefix / rel).as_posix())):
+                raise WeightsError(
+                    f"{rel} has no sha256 to hold it to, neither recorded nor in the manifest"
+                )
+        new = {"format": MARKER_FORMAT, "variant": marker["variant"], "source": marker["source"]}
+        new.update(marker_fields(verified, staging, manifest))
+        new["adopted_from"] = other.name
+        new["seconds"] = {"adopt": round(time.monotonic() - started, 3)}
+        publish(staging, entry, new)
+    except (OSError, WeightsError) as error:
+        log.warning(f"weights: cannot take over the files of {other} ({error}): downloading")
+        return None
+    finally:
+        discard(staging)  # gone already where it was published
+    log.info(
+        f"weights: took over the files of {other} into {entry} (hard links, every file hashed "
+        f"and checked) in {time.monotonic() - started:.1f} s"
+    )
+    return entry / prefix
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`source`'s files hard-linked into a new folder `target` (its links copied as links),
+    without our own marker and journal."""
+    target.mkdir()
+    for folder, dirs, names in os.walk(source):
+        here = target / Path(folder).relative_to(source)
+        for name in dirs + names:
+            path, made = Path(folder, name), here / name
+            if path.is_symlink():
+                made.symlink_to(os.readlink(path))
+            elif path.is_dir():
+                made.mkdir()
+            elif not name.startswith(HIDDEN_PREFIX):
+                os.link(path, made)
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    """The sha256 of every file under `folder` (a link's target's, as verify() reads it), by
+    path relative to it."""
+    paths = [
+        Path(top, name)
+        for top, _, names in os.walk(folder)
+        for name in names
+        if os.path.isfile(os.path.join(top, name))
+    ]
+    with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda path: sha256_file(path).hexdigest(), paths)
+        return {
+            path.relative_to(folder).as_posix(): digest
+            for path, digest in zip(paths, digests, strict=True)
+        }
+
+
 def check_disk(folder: Path, total: int | None, done: int, source: str) -> None:
     if total is None:
         log.warning(f"weights: the size of {source} is unknown: free disk space not checked")
@@ -287,10 +389,12 @@ def discard(path: Path) -> None:
 
 def remove_leftovers(entry: Path) -> None:
     """Delete what killed processes left beside `entry`: the trash of a discard killed before
-    its rmtree ended (of the entry or its staging folder), and the per-process staging folders
-    of earlier versions. Never read, only removed; the caller holds the entry's lock."""
+    its rmtree ended (of the entry or its staging folder), the links of an adoption
+    (adopted()), and the per-process staging folders of earlier versions. Never read, only
+    removed; the caller holds the entry's lock."""
+    kinds = (".trash-", ".partial-", ".adopting-")
     for leftover in entry.parent.glob(f".{entry.name}.*-*"):
-        if leftover.is_dir() and (".trash-" in leftover.name or ".partial-" in leftover.name):
+        if leftover.is_dir() and any(kind in leftover.name for kind in kinds):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
