@@ -193,6 +193,39 @@ def test_file_over_the_size_limit_is_refused_before_its_body_is_read(served, tmp
     assert server.bytes_sent <= 1  # the probe's first byte at most
 
 
+def test_a_lora_larger_than_the_whole_cache_is_refused_naming_its_bound(served, tmp_path):
+    """Kept, it would hold the cache over COGVIDEOX_LORA_CACHE_SIZE; the announced length
+    refuses it before its body is read."""
+    root, server = served
+    data = _lora_bytes(1, rank=64)
+    _serve(root, "a.safetensors", data)
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=len(data) // 2, timeout_s=30)
+    with pytest.raises(
+        LoraError,
+        match=r"is 0.0 MB, over the 0.0 MB limit \(COGVIDEOX_LORA_CACHE_SIZE\); the whole LoRA "
+        r"cache's bound: raise COGVIDEOX_LORA_CACHE_SIZE to serve LoRAs this large",
+    ):
+        cache.get(server.url("a.safetensors"))
+    assert server.bytes_sent <= 1  # the probe's first byte at most
+    assert _left_over(cache) == []
+
+
+def test_a_lora_of_unknown_length_is_stopped_once_it_passes_the_whole_cache(tmp_path):
+    """Sent chunked, without ranges (no size known): the download stops past the bound."""
+    root = tmp_path / "served"
+    data = _lora_bytes(1, rank=1024)
+    _serve(root, "a.safetensors", data)
+    server = FileServer(root, ranges=False, chunked=True)
+    try:
+        bound = len(data) // 4
+        cache = LoraCache(tmp_path / "cache", 1 << 30, max_cache_bytes=bound, timeout_s=30)
+        with pytest.raises(LoraError, match=r"more than 0.[0-9] MB.*COGVIDEOX_LORA_CACHE_SIZE"):
+            cache.get(server.url("a.safetensors"))  # "more than": counted as it came
+    finally:
+        server.stop()
+    assert _left_over(cache) == []
+
+
 def test_stalled_download_fails_at_the_timeout(served, tmp_path):
     root, server = served
     data = _lora_bytes(1)

@@ -135,7 +135,12 @@ def test_lora_settings_are_checked_before_the_weights(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("env", "mode"), [(fetch.MAX_SIZE_ENV, "i2v"), (lora_store.MAX_SIZE_ENV, "t2v")]
+    ("env", "mode"),
+    [
+        (fetch.MAX_SIZE_ENV, "i2v"),
+        (lora_store.MAX_SIZE_ENV, "t2v"),
+        (lora_store.CACHE_SIZE_ENV, "t2v"),  # a LoRA larger than the whole cache is refused
+    ],
 )
 @pytest.mark.parametrize("value", ["0", "0.5", "0K"])
 def test_a_largest_download_of_0_bytes_is_refused_at_setup_naming_the_variable(

@@ -21,6 +21,7 @@ import urllib.parse
 import zipfile
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import LoraError, WeightsError
 from ..weights import download
@@ -40,6 +41,17 @@ TAR_EXPANSION = 4
 # entry listed takes memory until the tar is closed.
 MAX_TAR_MEMBERS = 10_000
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}
+
+
+class Cap(NamedTuple):
+    """The most bytes a LoRA download may take, the setting that sets it, and what to do
+    about a LoRA over it (all named in the error)."""
+
+    size: int
+    setting: str = MAX_SIZE_ENV
+    advice: str = "a LoRA for CogVideoX is usually well under 1 GB"
+
+
 _PICKLE_HINT = (
     "pickle checkpoints can run code when loaded and are refused; convert it with "
     "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')` "
@@ -77,36 +89,36 @@ def _quoted(url: str) -> str:
     return repr(url) if len(url) <= 200 else f"{url[:200]!r}... ({len(url):,} characters)"
 
 
-def fetch_lora(url: str, staging: Path, cancelled: threading.Event, max_bytes: int) -> Path:
+def fetch_lora(url: str, staging: Path, cancelled: threading.Event, cap: Cap) -> Path:
     """Download `url` into `staging` and return the checked safetensors LoRA file in it."""
     download_path = staging / "download"
     if url.startswith("hf://"):
-        _fetch_hub(url, staging, download_path, max_bytes)
+        _fetch_hub(url, staging, download_path, cap)
     else:
-        _fetch_http(url, download_path, cancelled, max_bytes)
+        _fetch_http(url, download_path, cancelled, cap)
     if cancelled.is_set():
         raise LoraError("download cancelled")
     shown = download.shown(url)  # no presigned URL's signature in errors and logs
-    lora = _lora_file(shown, download_path, staging, max_bytes)
+    lora = _lora_file(shown, download_path, staging, cap)
     problems = check_safetensors(lora)
     if problems:
         raise LoraError(f"the LoRA at {shown} is not a valid safetensors file: {problems[0]}")
     return lora
 
 
-def _fetch_http(url: str, dest: Path, cancelled: threading.Event, max_bytes: int) -> None:
+def _fetch_http(url: str, dest: Path, cancelled: threading.Event, cap: Cap) -> None:
     hint = "Check the URL and the network, and try again."
     shown = download.shown(url)
     try:
         with dest.open("wb") as out:
-            download.fetch_capped(url, out, max_bytes, cancelled, f"LoRA {shown}", hint)
+            download.fetch_capped(url, out, cap.size, cancelled, f"LoRA {shown}", hint)
     except download.TooLarge as error:
-        raise _too_big(shown, error.size, max_bytes, error.at_least) from None
+        raise _too_big(shown, error.size, cap, error.at_least) from None
     except WeightsError as error:
         raise LoraError(f"could not download the LoRA: {error}") from None
 
 
-def _fetch_hub(url: str, staging: Path, dest: Path, max_bytes: int) -> None:
+def _fetch_hub(url: str, staging: Path, dest: Path, cap: Cap) -> None:
     ref = parse_hf_url(url, with_file=True)
     repo, revision, filename = ref.repo, ref.revision, ref.file
     import huggingface_hub
@@ -119,8 +131,8 @@ def _fetch_hub(url: str, staging: Path, dest: Path, max_bytes: int) -> None:
             info = huggingface_hub.get_hf_file_metadata(
                 huggingface_hub.hf_hub_url(repo, filename, revision=revision)
             )
-            if info.size is not None and info.size > max_bytes:
-                raise _too_big(url, info.size, max_bytes)
+            if info.size is not None and info.size > cap.size:
+                raise _too_big(url, info.size, cap)
             path = huggingface_hub.hf_hub_download(
                 repo, filename, revision=revision, local_dir=staging / "hub"
             )
@@ -135,16 +147,16 @@ def _fetch_hub(url: str, staging: Path, dest: Path, max_bytes: int) -> None:
     os.replace(path, dest)
 
 
-def _lora_file(url: str, path: Path, staging: Path, max_bytes: int) -> Path:
+def _lora_file(url: str, path: Path, staging: Path, cap: Cap) -> Path:
     """The downloaded file itself, or the LoRA file inside a downloaded tar."""
     size = path.stat().st_size
-    if size > max_bytes:
-        raise _too_big(url, size, max_bytes)
+    if size > cap.size:
+        raise _too_big(url, size, cap)
     kind = sniff(path)
     if kind == "safetensors":
         return path
     if kind == "tar":
-        return _from_tar(url, path, staging / "member.safetensors", max_bytes)
+        return _from_tar(url, path, staging / "member.safetensors", cap)
     if kind == "pickle":
         raise LoraError(f"the file at {url} is a PyTorch pickle checkpoint: {_PICKLE_HINT}.")
     if kind == "html":
@@ -165,16 +177,16 @@ def _lora_file(url: str, path: Path, staging: Path, max_bytes: int) -> Path:
     )
 
 
-def _from_tar(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
+def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
     """Copy the LoRA member out of a tar: read as data, never extracted by its name."""
     try:
-        plain = _decompressed(url, path, dest.with_name("download.tar"), max_bytes)
+        plain = _decompressed(url, path, dest.with_name("download.tar"), cap)
         with tarfile.open(plain, "r:") as archive:
             members = [m for m in _members(url, archive) if m.isfile()]
             name = _pick_lora_file([m.name for m in members], url)
             member = next(m for m in members if m.name == name)
-            if member.size > max_bytes:
-                raise _too_big(f"{url} ({name})", member.size, max_bytes)
+            if member.size > cap.size:
+                raise _too_big(f"{url} ({name})", member.size, cap)
             with archive.extractfile(member) as source, dest.open("wb") as out:
                 shutil.copyfileobj(source, out, download.READ_BYTES)
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
@@ -185,24 +197,24 @@ def _from_tar(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
     return dest
 
 
-def _decompressed(url: str, path: Path, dest: Path, max_bytes: int) -> Path:
+def _decompressed(url: str, path: Path, dest: Path, cap: Cap) -> Path:
     """The tar itself: `path`, or `dest` holding it decompressed, up to TAR_EXPANSION times
-    `max_bytes` (beyond that, the listing alone would hold a CPU core long after the timeout,
+    the cap (beyond that, the listing alone would hold a CPU core long after the timeout,
     and a header in memory per entry)."""
     with path.open("rb") as file:
         head = file.read(6)
     opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
     if opener is None:
         return path
-    limit, written = TAR_EXPANSION * max_bytes, 0
+    limit, written = TAR_EXPANSION * cap.size, 0
     with opener(path) as source, dest.open("wb") as out:
         while block := source.read(download.READ_BYTES):
             written += out.write(block)
             if written > limit:
                 raise LoraError(
                     f"the tar at {url} decompresses to more than {download.human(limit)}, "
-                    f"{TAR_EXPANSION} times the {download.human(max_bytes)} limit "
-                    f"({MAX_SIZE_ENV}): send the LoRA file itself, or a tar of the run's "
+                    f"{TAR_EXPANSION} times the {download.human(cap.size)} limit "
+                    f"({cap.setting}): send the LoRA file itself, or a tar of the run's "
                     f"output folder without what compresses that well"
                 )
     return dest
@@ -221,12 +233,11 @@ def _members(url: str, archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return members
 
 
-def _too_big(what: str, size: int, max_bytes: int, at_least: bool = False) -> LoraError:
+def _too_big(what: str, size: int, cap: Cap, at_least: bool = False) -> LoraError:
     more = "more than " if at_least else ""
     return LoraError(
         f"the LoRA at {what} is {more}{download.human(size)}, over the "
-        f"{download.human(max_bytes)} limit ({MAX_SIZE_ENV}); a LoRA for "
-        f"CogVideoX is usually well under 1 GB"
+        f"{download.human(cap.size)} limit ({cap.setting}); {cap.advice}"
     )
 
 

@@ -9,7 +9,9 @@ a presigned URL's signature is a credential, never written to the cache volume. 
 taken as immutable, as Replicate's own LoRA caches do: publish new weights under a new URL
 (or add a query string) to fetch them again. When the blobs pass the cache's size bound, the
 least recently used ones are evicted; downloads in progress count against that bound, and
-one a killed process left behind is removed by the next request (leftovers.py).
+one a killed process left behind is removed by the next request (leftovers.py). A LoRA larger
+than the whole bound is refused, its download stopped there: kept, it would hold the cache
+over its bound; used once and dropped, it would be downloaded again by every request.
 
 Downloads reuse the weights downloader (download.py: ranged parallel GETs, retries with
 backoff, resume) under one overall deadline; hf:// goes through huggingface_hub.
@@ -34,7 +36,7 @@ from ..settings import folder_from_env, seconds_from_env, size_from_env
 from ..weights import cache, download, weights_root
 from ..weights.manifest import sha256_file
 from ..weights.verify import check_safetensors
-from .fetch import MAX_SIZE_ENV, check_lora_url, fetch_lora
+from .fetch import MAX_SIZE_ENV, Cap, check_lora_url, fetch_lora
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class LoraCache:
         return cls(
             folder_from_env(LORA_DIR_ENV, weights_root() / "loras"),
             size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE, positive=True),
-            size_from_env(CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE),
+            size_from_env(CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE, positive=True),
             timeout_s(),
         )
 
@@ -174,8 +176,19 @@ class LoraCache:
                 f"to the server"
             ) from None
 
+    def _cap(self) -> Cap:
+        """The most a download may take: COGVIDEOX_LORA_MAX_SIZE, or the whole cache's bound
+        where that is smaller."""
+        if self.max_cache_bytes >= self.max_file_bytes:
+            return Cap(self.max_file_bytes)
+        return Cap(
+            self.max_cache_bytes,
+            CACHE_SIZE_ENV,
+            f"the whole LoRA cache's bound: raise {CACHE_SIZE_ENV} to serve LoRAs this large",
+        )
+
     def _fetch(self, url: str, staging: Path, cancelled: threading.Event) -> Path:
-        lora = fetch_lora(url, staging, cancelled, self.max_file_bytes)
+        lora = fetch_lora(url, staging, cancelled, self._cap())
         blob = self.blobs / f"{sha256_file(lora).hexdigest()}.safetensors"
         cache.fsync(lora)  # on disk before its name says it is whole
         os.replace(lora, blob)  # the same content from two URLs is the same blob
