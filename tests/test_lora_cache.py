@@ -628,3 +628,35 @@ def test_a_recent_partial_download_without_an_owner_lock_is_kept(cache):
     (recent / "download").write_bytes(b"half")
     cache.get(url)
     assert (recent / "download").read_bytes() == b"half"
+
+
+def _servers_sharing(folder: Path, size: int) -> list[LoraCache]:
+    """Two servers' caches of one folder (a volume, a GPU each) with room for one LoRA."""
+    return [LoraCache(folder, 1 << 20, size + size // 2, timeout_s=30) for _ in range(2)]
+
+
+@pytest.mark.parametrize("how", ["downloaded", "cached"])
+def test_a_lora_one_server_got_is_not_evicted_by_another_before_it_is_read(served, tmp_path, how):
+    """Between get() and the read of the file, another server's download may evict."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    reader, other = _servers_sharing(tmp_path / "cache", len(data))
+    if how == "cached":
+        _cached(reader, server.url("a.safetensors"), 1)
+    got = reader.get(server.url("a.safetensors"))
+    _cached(other, "https://example.com/b.safetensors", 2)  # newer: a is the one to go
+    other.evict()
+    assert got.read_bytes() == data
+
+
+def test_a_lora_is_evictable_again_once_its_server_gets_the_next(tmp_path):
+    size = len(_lora_bytes(1))
+    reader, other = _servers_sharing(tmp_path / "cache", size)
+    a = _cached(reader, "https://example.com/a.safetensors", 1)
+    reader.get("https://example.com/a.safetensors")
+    b = _cached(reader, "https://example.com/b.safetensors", 2)
+    reader.get("https://example.com/b.safetensors")
+    os.utime(a, (time.time() - 60, time.time() - 60))
+    other.evict()
+    assert b.exists() and not a.exists()

@@ -13,12 +13,19 @@ one a killed process left behind is removed by the next request (leftovers.py). 
 than the whole bound is refused, its download stopped there: kept, it would hold the cache
 over its bound; used once and dropped, it would be downloaded again by every request.
 
+Servers may share the folder (one volume, a GPU each). The file get() returns is held open
+under a shared flock until that cache's next get(), and eviction passes over a file so held:
+another server's download cannot remove it between this server's lookup and its read. The
+kernel drops the lock of a process that dies.
+
 Downloads reuse the weights downloader (download.py: ranged parallel GETs, retries with
 backoff, resume) under one overall deadline; hf:// goes through huggingface_hub.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from .. import leftovers
 from ..errors import LoraError
@@ -47,6 +55,7 @@ DEFAULT_MAX_SIZE = "2G"  # a rank-256 LoRA of every linear layer of 5B in float3
 DEFAULT_CACHE_SIZE = "20G"
 DEFAULT_TIMEOUT_S = 600.0
 PARTIAL_MAX_AGE_S = 24 * 3600  # a staging folder without an owner lock (older versions)
+T = TypeVar("T")
 
 
 def timeout_s() -> float:
@@ -60,6 +69,7 @@ class LoraCache:
         self.max_file_bytes, self.max_cache_bytes = max_file_bytes, max_cache_bytes
         self.blobs, self.urls = self.root / "blobs", self.root / "urls"
         self.partial = self.root / "partial"
+        self._held: BinaryIO | None = None  # the file the last get() returned, held open
 
     @classmethod
     def from_env(cls) -> LoraCache:
@@ -76,20 +86,19 @@ class LoraCache:
         self._remove_dead_partials()
         cached = self._lookup(url)
         if cached is not None:
-            try:
-                os.utime(cached)  # now the most recently used: the last one evicted
-            except FileNotFoundError:  # evicted by another server sharing the folder just now
-                cached = None
-        if cached is not None:
-            log.info(f"lora: {download.shown(url)} cached as {cached.stem[:12]}")
-            return cached
+            self._hold(cached)
+            os.utime(cached.fileno())  # now the most recently used: the last one evicted
+            blob = Path(cached.name)
+            log.info(f"lora: {download.shown(url)} cached as {blob.stem[:12]}")
+            return blob
         for folder in (self.blobs, self.urls, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        blob = self._with_deadline(url, lambda staging, stop: self._fetch(url, staging, stop))
+        blob, held = self._with_deadline(url, lambda staging, stop: self._fetch(url, staging, stop))
+        self._hold(held)
         self._record(url, blob)
         self.evict(keep=blob)
-        size = blob.stat().st_size
+        size = os.fstat(held.fileno()).st_size
         seconds = time.monotonic() - started
         log.info(
             f"lora: {download.shown(url)} fetched ({download.human(size)}) in {seconds:.1f} s"
@@ -112,9 +121,8 @@ class LoraCache:
         for _, size, path in sorted(blobs):
             if total <= self.max_cache_bytes:
                 break
-            if path == keep:
+            if path == keep or not _unlink_unless_held(path):
                 continue
-            path.unlink(missing_ok=True)
             total -= size
             downloading = f"; {download.human(partial)} downloading" if partial else ""
             log.info(
@@ -127,25 +135,37 @@ class LoraCache:
     def _index_path(self, url: str) -> Path:
         return self.urls / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
 
-    def _lookup(self, url: str) -> Path | None:
+    def _lookup(self, url: str) -> BinaryIO | None:
+        """The blob `url` gave, opened under a shared lock; None: fetch it."""
         try:
             entry = json.loads(self._index_path(url).read_text())
         except (OSError, ValueError):
             return None
         blob = self.blobs / f"{entry.get('sha256')}.safetensors"
-        if entry.get("url") != download.shown(url) or not blob.is_file():
+        if entry.get("url") != download.shown(url):
+            return None
+        held = _open_shared(blob)
+        if held is None:
             return None  # evicted: fetch again
         # The header check of every download, again (it reads the header only): a blob cut
         # short on disk would otherwise fail every request for this URL and never be evicted.
         try:
             problems = check_safetensors(blob)
-        except FileNotFoundError:  # evicted by another server sharing the folder just now
+        except FileNotFoundError:  # removed regardless of the lock: by an older version
+            held.close()
             return None
         if problems:
+            held.close()
             log.warning(f"lora: cached {blob.name} is damaged ({problems[0]}): fetching again")
             blob.unlink(missing_ok=True)
             return None
-        return blob
+        return held
+
+    def _hold(self, file: BinaryIO) -> None:
+        """Keep `file` from eviction until the next get(), and let the last one go."""
+        previous, self._held = self._held, file
+        if previous is not None:
+            previous.close()
 
     def _record(self, url: str, blob: Path) -> None:
         entry = {"url": download.shown(url), "sha256": blob.stem, "fetched": time.time()}
@@ -153,7 +173,7 @@ class LoraCache:
 
     # Fetching -------------------------------------------------------------------------------
 
-    def _with_deadline(self, url: str, work: Callable[[Path, threading.Event], Path]) -> Path:
+    def _with_deadline(self, url: str, work: Callable[[Path, threading.Event], T]) -> T:
         """Run work(staging, cancelled) under the timeout (download.with_deadline).
 
         The staging folder is the worker's alone and removed whatever happens; if the process
@@ -187,13 +207,17 @@ class LoraCache:
             f"the whole LoRA cache's bound: raise {CACHE_SIZE_ENV} to serve LoRAs this large",
         )
 
-    def _fetch(self, url: str, staging: Path, cancelled: threading.Event) -> Path:
+    def _fetch(self, url: str, staging: Path, cancelled: threading.Event) -> tuple[Path, BinaryIO]:
+        """The published blob, and it opened under a shared lock taken before it was
+        published, so that no eviction comes between (a file object: closed when dropped,
+        as after the deadline)."""
         lora = fetch_lora(url, staging, cancelled, self._cap())
         blob = self.blobs / f"{sha256_file(lora).hexdigest()}.safetensors"
         cache.fsync(lora)  # on disk before its name says it is whole
+        held = _open_shared(lora)  # staging is this process's alone: it is there
         os.replace(lora, blob)  # the same content from two URLs is the same blob
         cache.fsync(self.blobs)
-        return blob
+        return blob, held
 
     def _remove_dead_partials(self) -> None:
         """Downloads whose process died: at once where they hold an owner lock, else (left by
@@ -208,3 +232,44 @@ class LoraCache:
                     shutil.rmtree(leftover, ignore_errors=True)
             except FileNotFoundError:
                 pass
+
+
+def _open_shared(path: Path) -> BinaryIO | None:
+    """`path` opened under a shared flock, which evict() in any process respects; None if it
+    is gone, or was evicted while the lock was awaited."""
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return None
+    with contextlib.suppress(OSError):  # a volume that refuses locks: used unheld, as before
+        fcntl.flock(file, fcntl.LOCK_SH)  # waits only for an eviction under way: one unlink
+    try:
+        if os.path.samestat(os.fstat(file.fileno()), path.stat()):
+            return file
+    except FileNotFoundError:
+        pass
+    file.close()
+    return None
+
+
+def _unlink_unless_held(path: Path) -> bool:
+    """Remove `path` unless a server holds it (get() returned it and its file is being read);
+    True when it is gone."""
+    try:
+        try:
+            file = path.open("r+b")  # NFS's flock takes an exclusive lock only for writing
+        except PermissionError:  # a read-only file: locked where the volume allows it
+            file = path.open("rb")
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError:  # a volume that refuses locks (ENOLCK): removed unheld, as before
+                pass
+            if not os.path.samestat(os.fstat(file.fileno()), path.stat()):
+                return False  # published again meanwhile, and so just now
+            path.unlink()
+    except FileNotFoundError:  # evicted by another server meanwhile
+        pass
+    return True
