@@ -3,6 +3,7 @@ training runs, size and time limits, and the content-addressed LRU cache."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -660,3 +661,36 @@ def test_a_lora_is_evictable_again_once_its_server_gets_the_next(tmp_path):
     os.utime(a, (time.time() - 60, time.time() - 60))
     other.evict()
     assert b.exists() and not a.exists()
+
+
+def test_a_lowered_cache_bound_is_applied_at_setup(monkeypatch, tmp_path):
+    """A restart with a smaller COGVIDEOX_LORA_CACHE_SIZE shrinks the cache then, not at a
+    download that may never come (a deployment serving LoRAs it already holds)."""
+    size = len(_lora_bytes(1))
+    before = LoraCache(tmp_path / "cache", 1 << 20, 1 << 30, timeout_s=30)
+    blobs = [_cached(before, f"https://example.com/{seed}.safetensors", seed) for seed in (1, 2)]
+    os.utime(blobs[0], (time.time() - 60, time.time() - 60))
+    monkeypatch.setenv(store.LORA_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(store.CACHE_SIZE_ENV, str(size + size // 2))
+    LoraCache.from_env()
+    assert not blobs[0].exists() and blobs[1].exists()
+
+
+def test_a_cache_over_its_bound_on_a_read_only_volume_passes_setup_with_a_warning(
+    monkeypatch, tmp_path, caplog
+):
+    """Setup never wrote to the LoRA folder before it applied the bound: a folder it cannot
+    shrink fails no setup (the predictions without a LoRA still run)."""
+    size = len(_lora_bytes(1))
+    before = LoraCache(tmp_path / "cache", 1 << 20, 1 << 30, timeout_s=30)
+    for seed in (1, 2):
+        _cached(before, f"https://example.com/{seed}.safetensors", seed)
+
+    def read_only(path: Path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setenv(store.LORA_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(store.CACHE_SIZE_ENV, str(size + size // 2))
+    LoraCache.from_env()
+    assert "the cache stays over COGVIDEOX_LORA_CACHE_SIZE: [Errno 30]" in caplog.text

@@ -73,12 +73,19 @@ class LoraCache:
 
     @classmethod
     def from_env(cls) -> LoraCache:
-        return cls(
+        """The cache as the settings configure it, within its bound from setup on: a bound
+        lowered since the last start applies now, not at a download that may never come."""
+        lora_cache = cls(
             folder_from_env(LORA_DIR_ENV, weights_root() / "loras"),
             size_from_env(MAX_SIZE_ENV, DEFAULT_MAX_SIZE, positive=True),
             size_from_env(CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE, positive=True),
             timeout_s(),
         )
+        try:
+            lora_cache.evict()
+        except OSError as error:  # a read-only volume of LoRAs put there beforehand, say
+            log.warning(f"lora: the cache stays over {CACHE_SIZE_ENV}: {error}")
+        return lora_cache
 
     def get(self, url: str) -> Path:
         """The verified LoRA file for `url`, from the cache or downloaded now."""
@@ -258,7 +265,7 @@ def _unlink_unless_held(path: Path) -> bool:
     try:
         try:
             file = path.open("r+b")  # NFS's flock takes an exclusive lock only for writing
-        except PermissionError:  # a read-only file: locked where the volume allows it
+        except OSError:  # a read-only file or volume: locked where the volume allows it
             file = path.open("rb")
         with file:
             try:
