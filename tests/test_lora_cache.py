@@ -694,3 +694,54 @@ def test_a_cache_over_its_bound_on_a_read_only_volume_passes_setup_with_a_warnin
     monkeypatch.setenv(store.CACHE_SIZE_ENV, str(size + size // 2))
     LoraCache.from_env()
     assert "the cache stays over COGVIDEOX_LORA_CACHE_SIZE: [Errno 30]" in caplog.text
+
+
+def test_the_urls_of_an_evicted_lora_are_forgotten(served, tmp_path):
+    """Each presigned URL of a LoRA is an entry of the index: its eviction removes them all,
+    and the URLs of the LoRA kept stay hits."""
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    _serve(root, "b.safetensors", _lora_bytes(2))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, size + size // 2, timeout_s=30)
+    for signature in range(3):
+        cache.get(server.url("a.safetensors") + f"?X-Amz-Signature={signature}")
+    b = cache.get(server.url("b.safetensors"))  # evicts a
+    assert [p.name for p in cache.urls.iterdir()] == [
+        cache._index_path(server.url("b.safetensors")).name
+    ]
+    gets = _gets(server, "b.safetensors")
+    assert cache.get(server.url("b.safetensors")) == b
+    assert _gets(server, "b.safetensors") == gets
+
+
+def test_the_url_index_never_holds_more_than_its_bound(served, cache, monkeypatch):
+    """A new signature per request is a new URL each time: the index stays within its bound
+    (one LoRA, one file in blobs/)."""
+    monkeypatch.setattr(store, "MAX_URL_ENTRIES", 5)
+    monkeypatch.setattr(store, "URL_ENTRIES_KEPT", 3)
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    for signature in range(12):
+        cache.get(server.url("a.safetensors") + f"?X-Amz-Signature={signature}")
+        assert len(list(cache.urls.iterdir())) <= 5
+    assert len(list(cache.blobs.iterdir())) == 1
+
+
+def test_a_url_in_use_stays_a_hit_when_the_index_passes_its_bound(served, cache, monkeypatch):
+    """The index forgets the least recently used URLs, not the first fetched: a URL asked for
+    now is still served from the cache after the pass, the untouched ones are forgotten."""
+    monkeypatch.setattr(store, "MAX_URL_ENTRIES", 5)
+    monkeypatch.setattr(store, "URL_ENTRIES_KEPT", 3)
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    urls = [server.url("a.safetensors") + f"?X-Amz-Signature={n}" for n in range(6)]
+    for minutes_ago, url in enumerate(reversed(urls), 1):  # urls[0] fetched first
+        _cached(cache, url, 1)
+        os.utime(cache._index_path(url), (time.time() - 60 * minutes_ago,) * 2)
+    cache.get(urls[0])  # used now
+    cache.evict()
+    assert len(list(cache.urls.iterdir())) == 3
+    assert not cache._index_path(urls[1]).exists()
+    assert cache.get(urls[0]).read_bytes() == _lora_bytes(1)
+    assert _gets(server, "a.safetensors") == 0

@@ -13,6 +13,12 @@ one a killed process left behind is removed by the next request (leftovers.py). 
 than the whole bound is refused, its download stopped there: kept, it would hold the cache
 over its bound; used once and dropped, it would be downloaded again by every request.
 
+The index is bounded too: each presigned URL's new signature is a new entry, so it would
+otherwise grow by one file per request, outside the size bound. An eviction forgets the URLs
+of the blobs it removed; past MAX_URL_ENTRIES the least recently used URLs are forgotten. A
+forgotten URL costs one download again (stored once: the content finds its blob), never a
+wrong file: an entry whose blob is gone was a miss already.
+
 Servers may share the folder (one volume, a GPU each). The file get() returns is held open
 under a shared flock until that cache's next get(), and eviction passes over a file so held:
 another server's download cannot remove it between this server's lookup and its read. The
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -55,6 +62,8 @@ DEFAULT_MAX_SIZE = "2G"  # a rank-256 LoRA of every linear layer of 5B in float3
 DEFAULT_CACHE_SIZE = "20G"
 DEFAULT_TIMEOUT_S = 600.0
 PARTIAL_MAX_AGE_S = 24 * 3600  # a staging folder without an owner lock (older versions)
+MAX_URL_ENTRIES = 10_000  # files in urls/, ~4 KB of disk each
+URL_ENTRIES_KEPT = 9_000  # what a pass past the bound keeps: that pass comes once per 1,000
 T = TypeVar("T")
 
 
@@ -95,6 +104,8 @@ class LoraCache:
         if cached is not None:
             self._hold(cached)
             os.utime(cached.fileno())  # now the most recently used: the last one evicted
+            with contextlib.suppress(OSError):  # forgotten meanwhile by another server
+                os.utime(self._index_path(url))  # so too the last URL the index forgets
             blob = Path(cached.name)
             log.info(f"lora: {download.shown(url)} cached as {blob.stem[:12]}")
             return blob
@@ -115,7 +126,7 @@ class LoraCache:
 
     def evict(self, keep: Path | None = None) -> None:
         """Drop least recently used blobs until they and the downloads in progress fit the
-        cache's bound (never `keep`)."""
+        cache's bound (never `keep`), and the URLs that led to them; then bound the index."""
         blobs = []
         for path in self.blobs.glob("*.safetensors"):
             try:
@@ -125,17 +136,20 @@ class LoraCache:
             blobs.append((stat.st_mtime, stat.st_size, path))
         partial = leftovers.folder_size(self.partial)
         total = partial + sum(size for _, size, _ in blobs)
+        evicted = set()
         for _, size, path in sorted(blobs):
             if total <= self.max_cache_bytes:
                 break
             if path == keep or not _unlink_unless_held(path):
                 continue
             total -= size
+            evicted.add(path.stem)
             downloading = f"; {download.human(partial)} downloading" if partial else ""
             log.info(
                 f"lora: evicted {path.name} ({download.human(size)}), least recently used"
                 + downloading
             )
+        self._prune_index(evicted)
 
     # URL index ------------------------------------------------------------------------------
 
@@ -177,6 +191,47 @@ class LoraCache:
     def _record(self, url: str, blob: Path) -> None:
         entry = {"url": download.shown(url), "sha256": blob.stem, "fetched": time.time()}
         replace_atomically(self._index_path(url), json.dumps(entry))
+
+    def _prune_index(self, evicted: set[str]) -> None:
+        """Forget the URLs of the blobs named in `evicted` that are still gone, and the least
+        recently used URLs past MAX_URL_ENTRIES. Reads at most the bounded index's entries,
+        and only in a pass that evicted a blob."""
+        try:
+            with os.scandir(self.urls) as listing:
+                count = sum(1 for _ in listing)
+        except FileNotFoundError:
+            return
+        if count > MAX_URL_ENTRIES:
+            self._forget_least_recently_used()
+        if not evicted:
+            return
+        for path in self.urls.glob("*.json"):  # not a writer's temporary file
+            try:
+                sha256 = json.loads(path.read_text()).get("sha256")
+            except (OSError, ValueError, AttributeError):
+                continue  # forgotten by another server meanwhile, or not ours
+            if sha256 in evicted and not (self.blobs / f"{sha256}.safetensors").exists():
+                path.unlink(missing_ok=True)
+
+    def _forget_least_recently_used(self) -> None:
+        """Remove all but the URL_ENTRIES_KEPT most recently used files of the index, in one
+        pass that holds no more than those (an older version's index may hold millions)."""
+        kept: list[tuple[float, str]] = []
+        forgotten = 0
+        with os.scandir(self.urls) as listing:
+            for entry in listing:
+                try:
+                    heapq.heappush(kept, (entry.stat().st_mtime, entry.name))
+                except FileNotFoundError:  # forgotten by another server meanwhile
+                    continue
+                if len(kept) > URL_ENTRIES_KEPT:
+                    (self.urls / heapq.heappop(kept)[1]).unlink(missing_ok=True)
+                    forgotten += 1
+        if forgotten:
+            log.info(
+                f"lora: forgot the {forgotten:,} least recently used URLs past "
+                f"{MAX_URL_ENTRIES:,}: they are fetched again if asked for"
+            )
 
     # Fetching -------------------------------------------------------------------------------
 
