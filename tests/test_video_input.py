@@ -88,6 +88,20 @@ def test_a_clip_whose_timestamps_start_late_is_timed_from_its_first_frame(tmp_pa
     assert _levels(clip) == pytest.approx([0, 1, 2, 3, 4, 5, 6, 7, 8], abs=1)
 
 
+def test_a_clip_whose_timestamps_start_late_is_summarised_with_its_own_length(tmp_path):
+    """A WebM's header gives the time its last frame ends, its start included: 3 s of frames
+    from 5 s on are a 3 s clip, not an 8 s one."""
+    path = _write_clip(tmp_path / "late.webm", frames=24, fps=8, first_pts=40)
+    summary = load_video(path, num_frames=9, fps=8, height=H, width=W).summary
+    assert summary.startswith("video: 3.0 s at 8 fps")
+
+
+def test_a_short_clip_whose_timestamps_start_late_is_not_refused_as_too_long(tmp_path):
+    """Cut from a recording at 700 s, 3 s of it is within the 600 s limit."""
+    path = _write_clip(tmp_path / "late.webm", frames=24, fps=8, first_pts=8 * 700)
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+
+
 def test_a_slower_clip_repeats_frames_to_keep_real_time(tmp_path):
     path = _write_clip(tmp_path / "clip.mp4", frames=6, fps=4)
     clip = load_video(path, num_frames=9, fps=8, height=H, width=W)

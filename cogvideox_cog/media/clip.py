@@ -331,9 +331,15 @@ def _too_short(decoded: int, span: float, num_frames: int, fps: int, allowed: ra
 
 
 def _header_duration(container, stream) -> float | None:
+    """The clip's length from its first frame, as its header gives it."""
     seconds = _track_duration(stream)
     if seconds is None and container.duration is not None:
-        return container.duration / av.time_base
+        seconds = container.duration / av.time_base
+        # A Matroska or WebM header gives the time the clip ends, not its length: one cut from
+        # a recording at 700 s, its timestamps kept, would count those 700 s too.
+        start = (container.start_time or 0) / av.time_base
+        if container.format.name.startswith("matroska") and 0 < start < seconds:
+            seconds -= start
     return seconds
 
 
