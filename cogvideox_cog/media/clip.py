@@ -4,7 +4,8 @@ The clip is resampled in time to the model's own frame rate (8 fps for 1.0, 16 f
 i of the result is the frame on screen at i / fps seconds from the start of the clip, so the
 clip must last (num_frames - 1) / fps seconds. Of a longer clip only that beginning is used
 (and decoded); a shorter one is refused with the largest frame count it can give, rather than
-slowed down or looped behind the user's back.
+slowed down or looped behind the user's back. Of a clip whose codec codes each frame on its
+own (ProRes, MJPEG, PNG...), only the frames picked are decoded (_pick_intra_frames).
 Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is.
 Its colours are read with the matrix and range the clip is tagged with (BT.601 when untagged,
 as FFmpeg does), and otherwise as they are, as upstream reads them. Asked to convert them, an
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +85,13 @@ def load_video(
             upright = _rgb(frame, rotations[-1], sdr=convert_colour and bool(conversions[-1]))
             return fit_image(upright, height, width)
 
-        picked, decoded, start, end, damage = _pick_frames(
+        picked, decoded, read, start, end, damage = _pick_frames(
             container, stream, targets, source_rate, prepare
         )
         header_seconds = _header_duration(container, stream)
         # Within the block: closing the container frees the stream's fields that these read.
         if len(picked) < num_frames:
-            _refuse_short(stream, decoded, start, end, damage, num_frames, fps, allowed_frames)
+            _refuse_short(stream, read, start, end, damage, num_frames, fps, allowed_frames)
         source_width, source_height = stream.codec_context.width, stream.codec_context.height
     rotation = rotations[0]
     if rotation in (90, 270):
@@ -97,9 +99,10 @@ def load_video(
     turned = f", turned {rotation} degrees as its display matrix says" if rotation else ""
     shown = header_seconds if header_seconds is not None else end - start
     rate = f"{source_rate:g} fps" if source_rate else "variable fps"
+    of_read = f" of {read}" if read != decoded else ""  # the rest skipped (_pick_intra_frames)
     summary = (
-        f"video: {shown:.1f} s at {rate}, {decoded} frames decoded -> {num_frames} frames at "
-        f"{fps} fps (its first {(num_frames - 1) / fps:.1f} s), "
+        f"video: {shown:.1f} s at {rate}, {decoded}{of_read} frames decoded -> {num_frames} "
+        f"frames at {fps} fps (its first {(num_frames - 1) / fps:.1f} s), "
         f"{source_width}x{source_height}{turned} -> {width}x{height} (scaled to cover, "
         f"centre-cropped)"
     )
@@ -230,9 +233,11 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
     (once per frame, so only model-sized pictures are held, not full source frames); decoding
     stops when done.
 
-    Returns (frames picked, frames decoded, time of the first frame, time the last decoded
-    one leaves the screen, the decoding error that stopped it early or None).
+    Returns (frames picked, frames decoded, frames read, time of the first frame, time the
+    last frame read leaves the screen, the decoding error that stopped it early or None).
     """
+    if _intra_coded(stream.codec_context.codec):
+        return _pick_intra_frames(container, stream, targets, source_rate, prepare)
     picked: list[Image.Image] = []
     damage: str | None = None
     decoded = pixels = 0
@@ -248,32 +253,12 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
 
     try:
         for frame in container.decode(stream):
-            if frame.time is not None:
-                time = float(frame.time)
-            else:
-                time = decoded / source_rate if source_rate else float(decoded)
+            time = _time(frame, decoded, source_rate)
             if decoded == 0:
                 start = time
             decoded += 1
-            if frame.width * frame.height > MAX_VIDEO_PIXELS:
-                raise InputError(
-                    f"video's frame {decoded} is {frame.width}x{frame.height} "
-                    f"({frame.width * frame.height / 1e6:.0f} MP), larger than its first; the "
-                    f"limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it first."
-                )
-            if decoded > MAX_DECODED_FRAMES:
-                raise InputError(
-                    f"video needs more than {MAX_DECODED_FRAMES} decoded frames to cover "
-                    f"{targets[-1]:.1f} s; send it at a lower frame rate."
-                )
             pixels += frame.width * frame.height
-            if pixels > MAX_DECODED_PIXELS:
-                raise InputError(
-                    f"video needs more than {MAX_DECODED_PIXELS / 1e9:g} gigapixels decoded "
-                    f"to cover {targets[-1]:.1f} s ({decoded} frames of "
-                    f"{frame.width}x{frame.height} so far); send it at a lower frame rate or "
-                    f"resolution (4K at 120 fps fits)."
-                )
+            _check_frame(frame, decoded, decoded, pixels, targets[-1])
             time -= start
             # Every target before this frame's time is shown by the previous frame.
             while previous is not None and len(picked) < len(targets):
@@ -286,29 +271,182 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
             if len(picked) == len(targets):
                 break
     except av.error.FFmpegError as error:
-        if error.errno == errno.EINVAL:  # max_pixels, or a size no decoder takes
-            than = "its first" if decoded else "its header says"
-            raise InputError(
-                f"video's frame {decoded + 1} is far larger than {than}, or of an invalid "
-                f"size; the limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it "
-                f"first."
-            ) from error
-        if decoded == 0:
-            raise InputError(
-                f"video could not be decoded ({error}); send an {FORMATS} file."
-            ) from error
-        log.warning(f"video: decoding stopped after {decoded} frames: {error}")
-        damage = str(error)
+        damage = _damage(error, decoded)
     if previous is not None and len(picked) < len(targets):
         # The last decoded frame stays on screen for its duration after its time.
         # A target at the very end of the clip (a 1 s clip for 9 frames at 8 fps) takes it too.
         end = last_time - start + last_shown
         while len(picked) < len(targets) and targets[len(picked)] < end + _EPSILON:
             picked.append(shown())
-    return picked, decoded, start, last_time + last_shown, damage
+    return picked, decoded, decoded, start, last_time + last_shown, damage
 
 
-def _on_screen(frame: av.VideoFrame, source_rate: float | None) -> float:
+def _intra_coded(codec) -> bool:
+    """Whether the stream's frames may be coded each on its own: in every codec FFmpeg calls
+    intra-only (MJPEG, ProRes, DNxHD, JPEG 2000...), and in PNG, whose decoder adds a frame
+    to the one before only when its packet is not marked as a key frame."""
+    return codec.intra_only or codec.name == "png"
+
+
+# Side data that a decoder keeps for the frames after the packet that brings it.
+_KEPT_SIDE_DATA = ("palette", "new_extradata", "param_change")
+
+
+def _needed_later(codec, packet: av.Packet, following: av.Packet) -> bool:
+    """Whether frames after `packet` need it decoded, though its own frame is not picked: a
+    PNG frame that the following one is added to, or a packet bringing a new palette (an AVI
+    of 8-bit pictures brings one where it changes) or new parameters."""
+    if not codec.intra_only and not following.is_keyframe:
+        return True
+    return any(packet.has_sidedata(kind) for kind in _KEPT_SIDE_DATA)
+
+
+@dataclass
+class _Sent:
+    """A frame's packet for the decoder, which gives the frame out a few packets later."""
+
+    number: int  # the frame's place in the clip, from 1
+    before_ends: float  # when the frame before it leaves the screen
+    count: int = 0  # the targets it is picked for; 0 when decoded for the frame after it
+
+
+def _pick_intra_frames(container, stream, targets: list[float], source_rate: float | None, prepare):
+    """_pick_frames for frames coded each on their own: the same frames are picked, but only
+    theirs are decoded (and a PNG frame that a later one is added to). A frame is decoded once
+    the next one's time shows it is on screen at a target time.
+
+    The frames read count against MAX_DECODED_FRAMES, those decoded against the pixels.
+    Damage in a frame not decoded goes unnoticed: it is not in the video made.
+    """
+    context = stream.codec_context
+    picked: list[Image.Image] = []
+    sent: deque[_Sent] = deque()
+    damage: str | None = None
+    read = decoded = pixels = assigned = 0
+    start = last_time = last_shown = 0.0
+    previous: tuple[av.Packet, _Sent] | None = None
+
+    def packets():
+        """The clip's packets, to the end or to damage in the file."""
+        nonlocal damage
+        try:
+            for packet in container.demux(stream):
+                if packet.size:  # not the empty one after the last
+                    yield packet
+        except av.error.FFmpegError as error:
+            damage = _damage(error, read)
+
+    def targets_before(time: float) -> int:
+        """How many targets not yet given to a frame come before `time`."""
+        count = assigned
+        while count < len(targets) and targets[count] < time:
+            count += 1
+        return count - assigned
+
+    def take(frames: list[av.VideoFrame]) -> None:
+        nonlocal decoded, pixels
+        for frame in frames:
+            decoded += 1
+            pixels += frame.width * frame.height
+            _check_frame(frame, sent[0].number, decoded, pixels, targets[-1])
+            if sent[0].count:
+                picked.extend([prepare(frame)] * sent[0].count)
+            sent.popleft()
+
+    def send(packet: av.Packet, entry: _Sent, count: int) -> None:
+        nonlocal assigned
+        entry.count, assigned = count, assigned + count
+        sent.append(entry)
+        take(context.decode(packet))
+
+    try:
+        for packet in packets():
+            if packet.is_discard:  # before an edit list's start: the decoder drops its frame
+                if not context.codec.intra_only:  # but may add a PNG frame after it to it
+                    take(context.decode(packet))
+                continue
+            time = _time(packet, read, source_rate)
+            if read == 0:
+                start = time
+            read += 1
+            _check_count(read, targets[-1])
+            entry = _Sent(read, last_time + last_shown)
+            time -= start
+            # Every target before this frame's time is shown by the previous frame.
+            count = targets_before(time - _EPSILON)
+            if previous and (count or _needed_later(context.codec, previous[0], packet)):
+                send(*previous, count)
+            previous, last_time = (packet, entry), time + start
+            last_shown = _on_screen(packet, source_rate)
+            if assigned == len(targets):
+                break
+        if previous is not None and assigned < len(targets):
+            # The last frame read stays on screen for its duration after its time.
+            count = targets_before(last_time - start + last_shown + _EPSILON)
+            if count:
+                send(*previous, count)
+        take(context.decode(None))
+    except av.error.FFmpegError as error:  # the decoder's, for the first frame not given out
+        first = sent[0] if sent else _Sent(read + 1, last_time + last_shown)
+        damage = _damage(error, first.number - 1)
+        return picked, decoded, first.number - 1, start, first.before_ends, damage
+    return picked, decoded, read, start, last_time + last_shown, damage
+
+
+def _time(frame: av.VideoFrame | av.Packet, before: int, source_rate: float | None) -> float:
+    """When the frame is shown, from the clip's time zero; counted at the clip's rate from the
+    frames before it where it has no timestamp."""
+    if frame.pts is not None and frame.time_base is not None:
+        return float(frame.pts * frame.time_base)
+    return before / source_rate if source_rate else float(before)
+
+
+def _check_count(count: int, cover: float) -> None:
+    if count > MAX_DECODED_FRAMES:
+        raise InputError(
+            f"video needs more than {MAX_DECODED_FRAMES} decoded frames to cover "
+            f"{cover:.1f} s; send it at a lower frame rate."
+        )
+
+
+def _check_frame(frame: av.VideoFrame, number: int, decoded: int, pixels: int, cover: float):
+    """Refuses the clip at its frame `number` past the size limit, or `decoded` frames
+    counting `pixels` past the budget."""
+    if frame.width * frame.height > MAX_VIDEO_PIXELS:
+        raise InputError(
+            f"video's frame {number} is {frame.width}x{frame.height} "
+            f"({frame.width * frame.height / 1e6:.0f} MP), larger than its first; the "
+            f"limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it first."
+        )
+    _check_count(decoded, cover)
+    if pixels > MAX_DECODED_PIXELS:
+        raise InputError(
+            f"video needs more than {MAX_DECODED_PIXELS / 1e9:g} gigapixels decoded "
+            f"to cover {cover:.1f} s ({decoded} frames of "
+            f"{frame.width}x{frame.height} so far); send it at a lower frame rate or "
+            f"resolution (4K at 120 fps fits)."
+        )
+
+
+def _damage(error: av.error.FFmpegError, before: int) -> str:
+    """What stopped decoding after `before` frames; refused if it is the frame's size, or
+    nothing could be decoded."""
+    if error.errno == errno.EINVAL:  # max_pixels, or a size no decoder takes
+        than = "its first" if before else "its header says"
+        raise InputError(
+            f"video's frame {before + 1} is far larger than {than}, or of an invalid "
+            f"size; the limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it "
+            f"first."
+        ) from error
+    if before == 0:
+        raise InputError(
+            f"video could not be decoded ({error}); send an {FORMATS} file."
+        ) from error
+    log.warning(f"video: decoding stopped after {before} frames: {error}")
+    return str(error)
+
+
+def _on_screen(frame: av.VideoFrame | av.Packet, source_rate: float | None) -> float:
     """Seconds the frame stays on screen: its own duration where the file gives one (a GIF
     often holds its last frame for seconds), else one frame at the clip's average rate."""
     if frame.duration and frame.time_base:

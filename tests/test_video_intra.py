@@ -1,0 +1,229 @@
+"""Clips whose frames are each coded on their own (MJPEG, ProRes, PNG...): only the frames
+picked are decoded, and they are the frames that decoding every frame picks."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from cogvideox_cog.errors import InputError
+from cogvideox_cog.media import clip as video_input
+from cogvideox_cog.media.clip import load_video
+
+H, W = 48, 80  # the tiny models' resolution
+ALLOWED = range(9, 50, 8)
+# Frame times in 1/240 s: 24 fps on average, with frames early, late, held and 4 ms apart,
+# and one exactly at a target time (60: 0.25 s).
+IRREGULAR = [0, 10, 19, 31, 40, 50, 52, 60, 61, 95, 100, 110, 118, 130, 140, 150]
+IRREGULAR += [160 + 10 * index + (index % 3) * 3 for index in range(60)]
+
+
+def _write_clip(path, codec, pix_fmt, times, key=None, held=10, time_base=240) -> str:
+    """A clip whose frame i, shown at times[i] / time_base s for 10 / time_base s (its last
+    for held / time_base s), is a flat grey of level 3 * i, coded by `codec`; key(i) False
+    marks frame i's packet as not a key frame."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        stream.codec_context.time_base = Fraction(1, time_base)
+        for index, time in enumerate(times):
+            rgb = np.full((48, 64, 3), (3 * index) % 256, np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = time, Fraction(1, time_base)
+            for packet in stream.encode(frame):
+                packet.duration = held if index == len(times) - 1 else 10
+                if key is not None:
+                    packet.is_keyframe = key(index)
+                container.mux(packet)
+        container.mux(stream.encode())
+    return str(path)
+
+
+def _every_frame_decoded(monkeypatch, *args, **kwargs):
+    """load_video as it reads a clip of an inter-frame codec: every frame decoded in order."""
+    with monkeypatch.context() as patch:
+        patch.setattr(video_input, "_intra_coded", lambda codec: False)
+        return load_video(*args, **kwargs)
+
+
+def _pictures(clip) -> list[bytes]:
+    return [frame.tobytes() for frame in clip.frames]
+
+
+def _decoded(clip) -> str:
+    """The summary's count of frames decoded: "9 of 26" where only the picked ones were."""
+    return re.search(r"(\d+(?: of \d+)?) frames decoded", clip.summary)[1]
+
+
+CLIPS = {
+    "mjpeg.mov": ("mjpeg", "yuvj420p"),
+    "mjpeg.avi": ("mjpeg", "yuvj420p"),
+    "mjpeg.mkv": ("mjpeg", "yuvj420p"),
+    "prores.mov": ("prores_ks", "yuv422p10le"),
+    "png.mov": ("png", "rgb24"),
+    "png-16-bit.mov": ("png", "rgb48be"),
+}
+
+
+@pytest.mark.parametrize("name", CLIPS)
+@pytest.mark.parametrize("num_frames", [9, 17])
+def test_an_intra_coded_clip_gives_the_frames_that_decoding_every_frame_gives(
+    tmp_path, monkeypatch, name, num_frames
+):
+    codec, pix_fmt = CLIPS[name]
+    path = _write_clip(tmp_path / name.replace("-", "."), codec, pix_fmt, IRREGULAR)
+    every = _every_frame_decoded(monkeypatch, path, num_frames, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert " of " in _decoded(clip)
+    assert len(set(_pictures(clip))) > num_frames // 2  # not one picture over and over
+
+
+@pytest.mark.parametrize("name", ["mjpeg.mov", "png.mov"])
+def test_an_intra_coded_clip_whose_last_frame_is_held_gives_the_frames_of_every_frame_decoded(
+    tmp_path, monkeypatch, name
+):
+    """The last frame, from 190 / 240 s, is held for 2 s: it is on screen for the targets
+    from 0.875 s to 2 s, and no frame after it shows that."""
+    codec, pix_fmt = CLIPS[name]
+    path = _write_clip(tmp_path / name, codec, pix_fmt, IRREGULAR[:20], held=480)
+    every = _every_frame_decoded(monkeypatch, path, num_frames=17, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=17, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert " of " in _decoded(clip)
+    assert len(set(_pictures(clip)[7:])) == 1
+
+
+def test_an_intra_coded_clip_decodes_only_the_frames_picked(tmp_path, monkeypatch):
+    path = _write_clip(tmp_path / "clip.mov", "prores_ks", "yuv422p10le", IRREGULAR)
+    every = _every_frame_decoded(monkeypatch, path, num_frames=17, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=17, fps=8, height=H, width=W)
+    # 2 s at 8 fps: frames to 480 of 1/240 s, and the one after, which shows it is covered.
+    read = 1 + sum(time <= 480 for time in IRREGULAR)
+    assert f"{read} frames decoded" in every.summary
+    assert f"17 of {read} frames decoded" in clip.summary
+
+
+def test_a_png_frame_added_to_the_one_before_is_decoded_with_it(tmp_path, monkeypatch):
+    """FFmpeg's PNG decoder adds a frame whose packet is not marked as a key frame to the
+    frame before it, so those before it back to a key frame are decoded too."""
+    path = _write_clip(tmp_path / "clip.mov", "png", "rgb24", IRREGULAR, key=lambda i: i % 7 == 0)
+    every = _every_frame_decoded(monkeypatch, path, num_frames=17, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=17, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert " of " in _decoded(clip)
+
+
+def test_a_png_clip_cut_after_a_key_frame_by_its_edit_list_gives_the_frames_decoded_in_order(
+    tmp_path, monkeypatch
+):
+    """A mov's edit list may start the clip after a key frame: the frames before its start are
+    decoded, for the frames added to them, but not shown (their packets marked discard)."""
+    times, key = [-30, -20, -10, *IRREGULAR], lambda i: i % 7 == 0
+    path = _write_clip(tmp_path / "clip.mov", "png", "rgb24", times, key=key)
+    with av.open(path) as container:
+        assert [p.is_discard for p in container.demux(video=0)][:4] == [True] * 3 + [False]
+    every = _every_frame_decoded(monkeypatch, path, num_frames=17, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=17, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert " of " in _decoded(clip)
+
+
+@pytest.mark.parametrize(
+    "name, codec, pix_fmt, options",
+    [
+        ("h264.mp4", "libx264", "yuv420p", {}),
+        ("h264-every-frame-a-key-frame.mp4", "libx264", "yuv420p", {"x264-params": "keyint=1"}),
+        ("mpeg4-marked-key-frames.avi", "mpeg4", "yuv420p", {}),  # AVI marks every frame key
+        ("hevc.mp4", "libx265", "yuv420p", {}),
+        ("vp9.webm", "libvpx-vp9", "yuv420p", {}),
+        ("gif.gif", "gif", "rgb8", {}),  # a GIF frame may draw only what changed
+        ("ffv1.mkv", "ffv1", "yuv420p", {}),  # keeps its coder's state from frame to frame
+        ("qtrle.mov", "qtrle", "rgb24", {}),  # codes only the lines that changed
+    ],
+)
+def test_a_clip_of_a_codec_whose_frames_depend_on_others_has_every_frame_decoded(
+    tmp_path, name, codec, pix_fmt, options
+):
+    path = tmp_path / name
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=24, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for index in range(40):
+            rgb = np.full((48, 64, 3), 5 * index, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert not video_input._intra_coded(container.streams.video[0].codec_context.codec)
+    assert " of " not in _decoded(load_video(path, num_frames=9, fps=8, height=H, width=W))
+
+
+def test_a_too_short_intra_coded_clip_is_measured_by_its_frames_not_those_decoded(tmp_path):
+    path = _write_clip(tmp_path / "clip.mov", "mjpeg", "yuvj420p", IRREGULAR)
+    with pytest.raises(InputError, match=r"too short: 3\.19 s \(76 frames\).*num_frames=25"):
+        load_video(path, num_frames=33, fps=8, height=H, width=W, allowed_frames=ALLOWED)
+
+
+def test_an_intra_coded_clip_needing_too_many_frames_is_refused_as_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_input, "MAX_DECODED_FRAMES", 30)
+    path = _write_clip(tmp_path / "clip.mov", "mjpeg", "yuvj420p", IRREGULAR)
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+    with pytest.raises(InputError, match=r"more than 30 decoded frames to cover 2\.0 s"):
+        load_video(path, num_frames=17, fps=8, height=H, width=W)
+
+
+def _damaged(tmp_path, number: int) -> str:
+    """A PNG clip whose frame `number` (from 1) has its picture data overwritten."""
+    path = _write_clip(tmp_path / "clip.mov", "png", "rgb24", IRREGULAR)
+    with av.open(path) as container:
+        packets = [packet for packet in container.demux(video=0) if packet.size]
+        data = bytes(packets[number - 1])
+    data_at = data.index(b"IDAT") + 8
+    broken = data[:data_at] + bytes(range(40)) + data[data_at + 40 :]
+    content = Path(path).read_bytes()
+    assert content.count(data) == 1
+    Path(path).write_bytes(content.replace(data, broken))
+    return path
+
+
+def test_damage_in_a_picked_frame_is_refused_as_decoding_every_frame_refuses_it(
+    tmp_path, monkeypatch
+):
+    path = _damaged(tmp_path, number=13)  # from 118 / 240 s: on screen at 0.5 s
+    with pytest.raises(InputError) as every:
+        _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
+    with pytest.raises(InputError) as error:
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert "damaged or truncated: only 12 frames (0.49 s" in str(every.value)
+    assert str(error.value) == str(every.value)
+
+
+def test_damage_in_a_frame_not_picked_goes_unnoticed(tmp_path):
+    path = _damaged(tmp_path, number=12)  # from 110 / 240 s: the next is on screen at 0.5 s
+    assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9
+
+
+def test_a_new_palette_in_a_frame_not_picked_is_still_given_to_the_decoder(tmp_path, monkeypatch):
+    """An AVI of 8-bit palette pictures carries a palette only where it changes (here every
+    fourth frame); the decoder keeps it for the frames after."""
+    path = tmp_path / "palette.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("rawvideo", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "pal8"
+        for index in range(40):
+            palette = np.zeros((256, 4), np.uint8)
+            palette[0] = [20 * (index // 4), 20 * (index // 4), 20 * (index // 4), 255]
+            frame = av.VideoFrame.from_ndarray((np.zeros((48, 64), np.uint8), palette), "pal8")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    every = _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert " of " in _decoded(clip)
+    assert len(set(_pictures(clip))) == 7  # 24 fps -> 8 fps: frames 0, 3, 6, ..., 24
