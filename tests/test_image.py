@@ -367,7 +367,7 @@ def test_a_display_p3_heic_is_converted_to_srgb_only_when_asked(convert, expecte
     assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
 
 
-def _nclx_heic(primaries: int, transfer: int) -> io.BytesIO:
+def _nclx_heic(primaries: int, transfer: int, colour=(200, 100, 50)) -> io.BytesIO:
     """A HEIC whose colours are declared by H.273 code points (nclx), not an ICC profile."""
     nclx = {
         "color_primaries": primaries,
@@ -375,7 +375,7 @@ def _nclx_heic(primaries: int, transfer: int) -> io.BytesIO:
         "matrix_coefficients": 6,
         "full_range_flag": 1,
     }
-    stored = Image.new("RGB", (16, 16), (200, 100, 50))
+    stored = Image.new("RGB", (16, 16), colour)
     heic = _encode(stored, "HEIF", quality=90, nclx_profile=nclx)
     assert Image.open(heic).info["nclx_profile"]["color_primaries"] == primaries
     heic.seek(0)
@@ -401,6 +401,21 @@ def test_a_heic_declaring_display_p3_without_a_profile_is_converted_when_asked(t
         opened = open_image(_nclx_heic(12, transfer), convert_colour=True)
     assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
     assert "converted from its declared Display P3 colours to sRGB" in caplog.text
+
+
+@pytest.mark.parametrize("transfer", [6, 14, 15], ids=["BT.601", "BT.2020-10", "BT.2020-12"])
+def test_a_heic_on_another_code_for_bt709s_curve_is_converted_as_bt709s(transfer):
+    """BT.601 and BT.2020 give BT.709's curve codes of their own (H.273): the same curve."""
+    opened = open_image(_nclx_heic(12, transfer), convert_colour=True)
+    expected = _p3_on_bt709_curve_as_srgb((200, 100, 50))
+    assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
+
+
+def test_a_display_p3_colour_outside_srgb_is_clipped_to_its_nearest_srgb_channels():
+    """Display P3's red is redder than sRGB's: sRGB red 1.22 and slightly negative green and
+    blue, clipped to pure red, never wrapped around past 255."""
+    opened = open_image(_nclx_heic(12, 13, colour=(255, 0, 0)), convert_colour=True)
+    _assert_close(opened.getpixel((8, 8)), (255, 0, 0))
 
 
 def test_by_default_a_heic_declaring_display_p3_is_read_as_srgb_and_the_log_says_so(caplog):

@@ -100,6 +100,39 @@ def test_a_bt2020_colour_inside_bt709_reads_as_its_bt709_value(tmp_path, transfe
     assert np.abs(patches - _sdr_levels(COLOURS)).max() <= 3, patches
 
 
+@pytest.mark.parametrize(
+    ("primaries", "made_on"),
+    [(ColorPrimaries.BT709, "BT.709"), (ColorPrimaries.UNSPECIFIED, "BT.2020")],
+    ids=["tagged-BT.709", "untagged"],
+)
+def test_an_hdr_clip_is_taken_on_bt2020_primaries_unless_tagged_bt709(tmp_path, primaries, made_on):
+    """PQ and HLG are defined on BT.2020's primaries: a clip whose primaries are not tagged
+    is read on them. One tagged BT.709 is read on BT.709's, without the conversion."""
+    signals = [
+        _pq(np.asarray(c) * REFERENCE_WHITE) if made_on == "BT.709" else _signal("PQ", c)
+        for c in COLOURS
+    ]
+    path = write_clip(tmp_path / "hdr.mp4", signals, ColorTrc.SMPTE2084, primaries=primaries)
+    patches = _patches(path)[: len(COLOURS)]
+    assert np.abs(patches - _sdr_levels(COLOURS)).max() <= 3, patches
+
+
+def test_hlgs_system_gamma_weighs_a_saturated_colour_by_its_bt2020_luminance(tmp_path):
+    """BT.2100's OOTF raises the scene light to a power of its luminance, of the BT.2020
+    signal: weighed as BT.709 luminance, a saturated red comes out 2 levels too dark."""
+    red = (0.8, 0.0, 0.0)
+    path = write_clip(tmp_path / "red.mp4", [_signal("HLG", red)], ColorTrc.ARIB_STD_B67)
+    patch = _patches(path)[0]
+    assert abs(patch[0] - _sdr_levels(red)[0]) <= 1, patch
+
+
+@pytest.mark.parametrize("transfer", ["HLG", "PQ"])
+def test_an_hdr_highlight_brighter_than_reference_white_is_full_sdr_white(tmp_path, transfer):
+    """Highlights are clipped at SDR white: the brightest code, 255, not a level below it."""
+    path = write_clip(tmp_path / "highlight.mp4", [(1.0, 1.0, 1.0)], HDR[transfer])
+    assert _patches(path)[0].tolist() == [255, 255, 255]
+
+
 def test_an_hdr_highlight_keeps_its_hue_at_sdr_white(tmp_path):
     """A bright sky at 1.8 times reference white is scaled whole to fit: it stays the same
     blue. Clipped channel by channel, it would turn cyan (green at 245, not 191)."""
