@@ -44,13 +44,15 @@ from cogvideox_cog.weights import cache as cache_module
 from cogvideox_cog.weights import manifest as manifest_module
 from cogvideox_cog.weights.manifest import (
     MANIFEST_DIR,
+    FileSpec,
+    Manifest,
     load_manifest,
     manifest_of_directory,
     sha256_file,
 )
 from cogvideox_cog.weights.manifest import main as manifest_main
 from cogvideox_cog.weights.untar import JOURNAL
-from cogvideox_cog.weights.verify import verify
+from cogvideox_cog.weights.verify import check_contained, check_safetensors, verify
 from tests.file_server import FileServer
 from tests.hub_server import SIGNATURE, HubServer
 
@@ -229,6 +231,30 @@ def test_a_directory_used_in_place_is_held_to_its_manifests_sha256_when_asked(
     _flip(local / BIG, (local / BIG).stat().st_size - 1)
     with pytest.raises(WeightsError, match=rf"{BIG}: sha256 \w+, the manifest says"):
         ensure_weights(VARIANT)
+
+
+def test_a_directory_used_in_place_is_held_to_sizes_only_unless_sha256_is_asked(
+    tiny, tmp_path, cache, monkeypatch
+):
+    """Hashing reads every byte of the weights (20 GB) on each start: only when asked."""
+    local = shutil.copytree(tiny, tmp_path / "local")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _flip(local / BIG, (local / BIG).stat().st_size - 1)
+    assert ensure_weights(VARIANT) == local
+
+
+def test_a_damaged_directory_used_in_place_is_named_to_be_fixed(tiny, tmp_path, cache, monkeypatch):
+    """It is the user's own folder: it is not dropped and fetched again, as a download is."""
+    local = shutil.copytree(tiny, tmp_path / "local")
+    (local / "vae/config.json").unlink()
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
+    with pytest.raises(WeightsError) as failed:
+        ensure_weights(VARIANT)
+    assert f"Fix {local}, or set COGVIDEOX_WEIGHTS_URL" in str(failed.value)
+    assert "not published" not in str(failed.value)
 
 
 def test_a_directory_that_is_not_a_pipeline_is_refused(tmp_path, cache, monkeypatch):
@@ -1489,6 +1515,125 @@ def test_the_intact_tiny_pipeline_passes_and_a_sharded_one_too(tiny, tmp_path):
         )
 
     verify(_broken_copy(tiny, tmp_path, both_shards), load_manifest(VARIANT.id), "test")
+
+
+def test_a_folder_of_several_folders_is_not_taken_for_a_wrapped_pipeline(tiny, tmp_path):
+    """Which of two pipelines is meant cannot be told: neither is picked."""
+    for name in ("a", "b"):
+        shutil.copytree(tiny, tmp_path / "two" / name)
+    with pytest.raises(WeightsError, match=r"nor in a single top folder"):
+        verify(tmp_path / "two", load_manifest(VARIANT.id).layout_only(), "test")
+
+
+def test_a_wrapped_pipeline_is_found_beside_a_hidden_folder(tiny, tmp_path):
+    wrapped = shutil.copytree(tiny, tmp_path / "top" / "model_cache")
+    (tmp_path / "top" / ".cache" / "huggingface").mkdir(parents=True)
+    verified = verify(tmp_path / "top", load_manifest(VARIANT.id).layout_only(), "test")
+    assert verified.root == wrapped
+
+
+def test_a_special_file_among_the_weights_is_refused(tmp_path):
+    """A FIFO among the weights would block the loader's read for good."""
+    (tmp_path / "vae").mkdir()
+    os.mkfifo(tmp_path / "vae" / "config.json")
+    with pytest.raises(BadSource, match=r"vae/config\.json is not a regular file or folder"):
+        check_contained(tmp_path, "test")
+
+
+def _pinned(tiny: Path, rel: str, sha256: str | None = None) -> Manifest:
+    """The built-in manifest's layout, with `rel`'s size and sha256 (its own, or `sha256`)."""
+    spec = FileSpec((tiny / rel).stat().st_size, sha256 or sha256_file(tiny / rel).hexdigest())
+    layout = load_manifest(VARIANT.id).layout_only()
+    return Manifest(VARIANT.id, files={**layout.files, rel: spec})
+
+
+def test_a_hash_computed_while_writing_counts_for_a_file_under_a_wrapping_folder(tiny, tmp_path):
+    """The tar's hashes are by path in the tar: a file under the folder it wraps the pipeline
+    in is held to the hash of the bytes written, not read back and hashed again."""
+    shutil.copytree(tiny, tmp_path / "staging" / "model_cache")
+    written = {f"model_cache/{BIG}": "0" * 64}
+    with pytest.raises(BadSource, match=rf"{BIG}: sha256 0{{64}}, the manifest says"):
+        verify(tmp_path / "staging", _pinned(tiny, BIG), "test", written)
+
+
+def test_a_manifests_sha256_written_in_capitals_matches(tiny):
+    manifest = _pinned(tiny, BIG, sha256_file(tiny / BIG).hexdigest().upper())
+    assert verify(tiny, manifest, "test").files[BIG]["sha256"] is not None
+
+
+def test_a_failed_verification_names_every_problem(tiny, tmp_path):
+    def twice(copy):
+        (copy / "vae/config.json").unlink()
+        (copy / "scheduler/scheduler_config.json").write_text("{")
+
+    with pytest.raises(BadSource) as failed:
+        verify(_broken_copy(tiny, tmp_path, twice), load_manifest(VARIANT.id), "test")
+    assert "vae/config.json: missing" in str(failed.value)
+    assert "scheduler/scheduler_config.json: unreadable" in str(failed.value)
+
+
+def test_a_hidden_folder_is_no_part_of_the_verified_weights(tiny, tmp_path):
+    """`hf download --local-dir` keeps its state in .cache/: not weights, not counted."""
+
+    def hub_state(copy):
+        (copy / ".cache/huggingface/download").mkdir(parents=True)
+        (copy / ".cache/huggingface/download/model_index.json.metadata").write_text("x")
+
+    verified = verify(_broken_copy(tiny, tmp_path, hub_state), load_manifest(VARIANT.id), "t")
+    assert not [rel for rel in verified.files if rel.startswith(".")]
+
+
+def test_a_component_the_model_index_declares_absent_is_not_looked_for(tiny, tmp_path):
+    def optional_component(copy):
+        index = json.loads((copy / "model_index.json").read_text())
+        index["image_encoder"] = [None, None]
+        (copy / "model_index.json").write_text(json.dumps(index))
+
+    copy = _broken_copy(tiny, tmp_path, optional_component)
+    verify(copy, load_manifest(VARIANT.id).layout_only(), "test")
+
+
+def test_a_component_whose_weights_are_a_bin_file_holds_weights(tiny, tmp_path):
+    def as_bin(copy):
+        (copy / BIG).rename(copy / "transformer/diffusion_pytorch_model.bin")
+
+    verify(_broken_copy(tiny, tmp_path, as_bin), load_manifest(VARIANT.id).layout_only(), "t")
+
+
+def _safetensors(path: Path, tensors: dict, data: bytes) -> Path:
+    """A safetensors file written by hand: `tensors` as its header, then `data`."""
+    header = json.dumps(tensors).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+def test_a_safetensors_file_without_tensors_passes_the_structure_check(tmp_path):
+    """Its header fills the file, to the last byte."""
+    assert check_safetensors(_safetensors(tmp_path / "empty.safetensors", {}, b"")) == []
+
+
+def test_a_safetensors_tensor_whose_bytes_do_not_fit_its_shape_and_dtype_is_named(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}
+    path = _safetensors(tmp_path / "w.safetensors", header, bytes(8))
+    assert check_safetensors(path) == ["tensor w: 8 bytes for its shape and dtype"]
+
+
+def test_bytes_past_a_safetensors_files_tensors_are_refused(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    path = _safetensors(tmp_path / "w.safetensors", header, bytes(16))
+    assert check_safetensors(path) == [
+        "the header describes 8 bytes of tensor data, the file holds 16 (truncated or corrupt)"
+    ]
+
+
+def test_a_safetensors_header_listing_tensors_out_of_offset_order_passes(tmp_path):
+    """The format does not order the header: the data ends where its last tensor does."""
+    header = {
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    path = _safetensors(tmp_path / "w.safetensors", header, bytes(16))
+    assert check_safetensors(path) == []
 
 
 # Manifests.
