@@ -7,6 +7,7 @@ import errno
 import hashlib
 import io
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -265,6 +266,7 @@ def test_tar_with_one_safetensors_file_of_another_name_gives_it(served, cache):
         ({"README": b"no weights"}, r"holds no \.safetensors file"),
         ({"adapter_model.bin": b"\x80\x04"}, r"only pickle files.*adapter_model\.bin"),
         ({"a.safetensors": b"", "b.safetensors": b""}, r"several \.safetensors files"),
+        ({f"a/{LORA}": b"", f"b/{LORA}": b""}, rf"several {LORA} at the same depth"),
     ],
 )
 def test_tar_without_one_clear_lora_file_is_refused(served, cache, members, message):
@@ -275,9 +277,14 @@ def test_tar_without_one_clear_lora_file_is_refused(served, cache, members, mess
     assert not list(cache.blobs.iterdir())
 
 
-def test_web_page_instead_of_a_file_gets_a_hint(served, cache):
+@pytest.mark.parametrize(
+    "page",
+    [b"<!DOCTYPE html><html>login</html>", b"\n\n  <!DOCTYPE html><html>login</html>"],
+    ids=["at-once", "after-blank-lines"],
+)
+def test_web_page_instead_of_a_file_gets_a_hint(served, cache, page):
     root, server = served
-    _serve(root, "blob/main/lora.safetensors", b"<!DOCTYPE html><html>login</html>")
+    _serve(root, "blob/main/lora.safetensors", page)
     with pytest.raises(LoraError, match=r"returned a web page.*resolve"):
         cache.get(server.url("blob/main/lora.safetensors"))
 
@@ -331,6 +338,26 @@ def test_a_tar_of_too_many_entries_is_refused(served, tmp_path):
         cache.get(server.url("run.tar.gz"))
 
 
+def test_a_pickle_in_a_tar_is_refused_as_a_pickle_whatever_its_name(served, cache):
+    root, server = served
+    _serve(root, "run.tar", _tar({f"output/{LORA}": pickle.dumps({"lora": 1})}))
+    with pytest.raises(LoraError, match=rf"output/{LORA} in .* is a PyTorch pickle checkpoint"):
+        cache.get(server.url("run.tar"))
+
+
+def test_a_link_in_a_tar_named_like_the_lora_is_not_followed(served, cache):
+    """Only the tar's regular files are candidates: a link could name any file."""
+    root, server = served
+    link = tarfile.TarInfo(LORA)
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/hostname"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.addfile(link)
+    _serve(root, "run.tar", buffer.getvalue())
+    with pytest.raises(LoraError, match=r"holds no \.safetensors file"):
+        cache.get(server.url("run.tar"))
+
+
 def test_truncated_safetensors_file_is_refused(served, cache):
     root, server = served
     _serve(root, "cut.safetensors", _lora_bytes(1)[:-10])
@@ -359,6 +386,21 @@ def test_a_presigned_urls_signature_is_in_no_log_or_error(served, cache, caplog)
     assert "a.safetensors" in caplog.text and "secret-signature" not in caplog.text
 
 
+def test_a_presigned_urls_signature_is_in_no_error_about_what_it_served(served, cache):
+    root, server = served
+    _serve(root, "page.safetensors", b"<!DOCTYPE html><html>login</html>")
+    signed = server.url("page.safetensors") + "?X-Amz-Signature=secret-signature"
+    with pytest.raises(LoraError, match=r"returned a web page") as refused:
+        cache.get(signed)
+    assert "secret-signature" not in str(refused.value)
+
+
+def test_a_lora_url_is_used_without_the_spaces_around_it():
+    """Pasted into a form, a URL often brings a space or a line break with it."""
+    url = "https://host.example/lora.safetensors"
+    assert check_lora_url(f"  {url}\n") == url
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -368,6 +410,7 @@ def test_a_presigned_urls_signature_is_in_no_log_or_error(served, cache, caplog)
         "hf://just-an-org",
         "https://example.com/adapter_model.bin",
         "https://example.com/lora.ckpt?download=1",
+        "https://example.com/LORA.PT",
         "hf://org/repo/lora.pt",
     ],
 )
@@ -489,6 +532,25 @@ def test_a_hub_lora_its_cdn_refuses_fails_without_the_presigned_urls_signature(
         hub.stop()
     assert f"{hub.cdn.url(LORA)}?<query hidden>" in str(failed.value)
     assert SIGNATURE not in str(failed.value)
+
+
+def test_a_hub_lora_over_the_size_limit_is_refused_before_its_download(monkeypatch, tmp_path):
+    """The Hub says a file's size before sending it: a 5 GB file is not fetched to learn it."""
+    from huggingface_hub import constants
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / LORA).write_bytes(_lora_bytes(1))
+    hub = HubServer("org/lora", tmp_path / "repo")
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    cache = LoraCache(tmp_path / "cache", 512, 1 << 30, timeout_s=30)
+    try:
+        with pytest.raises(LoraError, match=r"hf://org/lora is .*, over the .* limit"):
+            cache.get("hf://org/lora")
+    finally:
+        hub.stop()
+    assert _gets(hub.cdn, LORA) == 0
 
 
 def test_sizes_parse_with_binary_suffixes():
