@@ -30,6 +30,7 @@ from cogvideox_cog.parallel.protocol import (
     Failed,
     LogLine,
     Progress,
+    RankExited,
     StepEnded,
 )
 from cogvideox_cog.parallel.ranks import (
@@ -175,6 +176,56 @@ def test_ranks_left_waiting_by_a_rank_that_failed_alone_are_reported_with_its_er
     said = "after rank 0 failed (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"
     assert said in str(stopped.value) and said in ranks.failure
     assert str(stopped.value).startswith("ranks [1] did not finish within")
+
+
+def test_a_rank_failing_alone_asks_the_others_to_stop(monkeypatch):
+    """The others may wait for it in a collective: they are told to stop at their next step."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    answers = [(0.0, Failed(0, RuntimeError("out of memory"))), (0.2, Canceled(1, 2))]
+    with _group_answering(answers) as ranks:
+        ranks._outcomes({})
+        assert ranks._cancel.is_set()
+
+
+def test_a_check_waits_for_rank_0_alone():
+    """Only rank 0 checks a request: the others, never asked, are not waited for."""
+    outcomes = {}
+    with _group_answering([(0.0, Done(0, None)), (30.0, Canceled(1, 0))]) as ranks:
+        ranks._outcomes(outcomes, bound=BOUND_S, answering=1)
+    assert set(outcomes) == {0} and ranks.failure is None
+
+
+def test_rank_0s_log_lines_are_logged_by_the_prediction(caplog):
+    said = (LogLine(logging.INFO, "lora: loaded style.safetensors"),)
+    with (
+        _group_answering([(0.0, Done(0, None))], rank_0_first=said) as ranks,
+        caplog.at_level(logging.INFO, logger="cogvideox_cog"),
+    ):
+        ranks._outcomes({})
+    assert "lora: loaded style.safetensors" in caplog.text
+
+
+def test_the_group_keeps_the_first_reason_it_stopped_for():
+    """A rank killed leaves the others stuck: the health check names the kill, the cause."""
+    with _group_answering([(30.0, Done(0, None))]) as ranks:
+        ranks.failure = "rank 1 was killed by SIGKILL"
+        with pytest.raises(RankGroupError, match="stuck"):
+            ranks._break("ranks [0] did not finish within 30 s: stuck")
+    assert ranks.failure == "rank 1 was killed by SIGKILL"
+
+
+def test_the_health_check_fails_with_the_reason_once_the_group_stopped():
+    ranks = group.RankGroup.__new__(group.RankGroup)
+    ranks.failure = "rank 1 was killed by SIGKILL"
+    with pytest.raises(RankGroupError, match="rank 1 was killed by SIGKILL"):
+        ranks.healthcheck()
+
+
+def test_a_step_is_waited_for_twice_as_long_as_the_longest_so_far():
+    clock = group._StepClock()
+    clock.ended(10.0)
+    clock.ended(1.0)  # a shorter step after it: the longest still counts
+    assert clock.extended(0.0) > time.monotonic() + 19.0
 
 
 class _FailingLoraCache:
@@ -347,6 +398,39 @@ def test_a_cancel_that_came_after_the_video_was_done_says_so():
     assert group._where_stopped({0: Done(0, None), 1: Done(1, None)}) == (
         "after the video was done"
     )
+
+
+def test_a_cancel_after_a_rank_failed_is_logged_as_such():
+    outcomes = {0: Canceled(0, 2), 1: Failed(1, RuntimeError("out of memory"))}
+    assert group._where_stopped(outcomes) == "after rank 1 failed"
+
+
+def test_a_bad_input_found_by_another_rank_is_the_users_error_as_it_is():
+    error = InputError("prompt: too long")
+    with pytest.raises(InputError, match="prompt: too long"):
+        group._output({0: Canceled(0, 0), 1: Failed(1, error)})
+
+
+def test_another_ranks_own_error_is_reported_naming_that_rank():
+    error = group._error(Failed(1, ValueError("bad shape")))
+    assert str(error) == "rank 1: ValueError: bad shape"
+
+
+def test_rank_0s_error_is_reported_as_it_is():
+    error = ValueError("bad shape")
+    assert group._error(Failed(0, error)) is error
+
+
+def test_rank_0_done_without_a_video_is_an_error_not_an_output():
+    with pytest.raises(RuntimeError, match="instead of a video"):
+        group._output({0: Done(0, None), 1: Done(1, None)})
+
+
+@pytest.mark.parametrize(
+    ("exitcode", "said"), [(0, "exited with code 0"), (-9, "was killed by SIGKILL")]
+)
+def test_a_rank_that_ended_is_described_by_its_exit_code_or_signal(exitcode, said):
+    assert group._exit_text(RankExited(1, exitcode)) == said
 
 
 def _listening_on(port: int) -> list[str]:
