@@ -190,7 +190,7 @@ def test_file_over_the_size_limit_is_refused_before_its_body_is_read(served, tmp
     cache = LoraCache(
         tmp_path / "cache", max_file_bytes=4096, max_cache_bytes=1 << 30, timeout_s=30
     )
-    with pytest.raises(LoraError, match=r"over the 0.0 MB limit \(COGVIDEOX_LORA_MAX_SIZE\)"):
+    with pytest.raises(LoraError, match=r"over the 4\.1 kB limit \(COGVIDEOX_LORA_MAX_SIZE\)"):
         cache.get(server.url("a.safetensors"))
     assert server.bytes_sent <= 1  # the probe's first byte at most
 
@@ -204,7 +204,8 @@ def test_a_lora_larger_than_the_whole_cache_is_refused_naming_its_bound(served, 
     cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=len(data) // 2, timeout_s=30)
     with pytest.raises(
         LoraError,
-        match=r"is 0.0 MB, over the 0.0 MB limit \(COGVIDEOX_LORA_CACHE_SIZE\); the whole LoRA "
+        match=rf"is {len(data) / 1e3:.1f} kB, over the {len(data) // 2 / 1e3:.1f} kB limit "
+        r"\(COGVIDEOX_LORA_CACHE_SIZE\); the whole LoRA "
         r"cache's bound: raise COGVIDEOX_LORA_CACHE_SIZE to serve LoRAs this large",
     ):
         cache.get(server.url("a.safetensors"))
@@ -221,7 +222,8 @@ def test_a_lora_of_unknown_length_is_stopped_once_it_passes_the_whole_cache(tmp_
     try:
         bound = len(data) // 4
         cache = LoraCache(tmp_path / "cache", 1 << 30, max_cache_bytes=bound, timeout_s=30)
-        with pytest.raises(LoraError, match=r"more than 0.[0-9] MB.*COGVIDEOX_LORA_CACHE_SIZE"):
+        refused = r"more than [0-9.]+ kB, over the [0-9.]+ kB.*COGVIDEOX_LORA_CACHE_SIZE"
+        with pytest.raises(LoraError, match=refused):
             cache.get(server.url("a.safetensors"))  # "more than": counted as it came
     finally:
         server.stop()

@@ -1023,7 +1023,7 @@ def test_progress_is_logged_with_bytes_rate_and_eta(served, cache, monkeypatch, 
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     caplog.set_level("INFO", logger="cogvideox_cog")
     ensure_weights(VARIANT)
-    assert re.search(r"[\d.]+ MB of [\d.]+ MB \(\d+%\) at \d+ MB/s, ETA \d+ s", caplog.text)
+    assert re.search(r"[\d.]+ [kMG]B of [\d.]+ [kMG]B \(\d+%\) at \d+ MB/s, ETA \d+ s", caplog.text)
     assert "ready in" in caplog.text and "verify" in caplog.text
 
 

@@ -363,7 +363,10 @@ def _retrying(what: str, attempt: Callable, retries: int | None = None):
 
 
 def human(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    """A size for people; small ones (a LoRA of a test's limit) in kB, not as 0.0 MB."""
+    if size >= 1e9:
+        return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
 
 
 class Progress:
