@@ -809,3 +809,35 @@ def test_a_url_in_use_stays_a_hit_when_the_index_passes_its_bound(served, cache,
     assert not cache._index_path(urls[1]).exists()
     assert cache.get(urls[0]).read_bytes() == _lora_bytes(1)
     assert _gets(server, "a.safetensors") == 0
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """As root (the Cog image's user) a read-only mount is the kernel's EROFS, which only
+    os.access reports before a write: it stands in here for such a mount of `folder`."""
+    real_utime, real_access = os.utime, os.access
+
+    def utime(path, *args, **kwargs):
+        if isinstance(path, int) or Path(path).is_relative_to(folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_utime(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "utime", utime)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and real_access(p, mode))
+
+
+def test_a_cached_lora_is_served_from_a_read_only_folder(cache, monkeypatch):
+    """The LoRA folder is in the weights folder, which may be mounted read-only: marking the
+    file used is for eviction, which such a folder never does. Before, the prediction failed
+    with a bare `[Errno 30] Read-only file system`."""
+    url = "https://example.com/a.safetensors"
+    blob = _cached(cache, url, 1)
+    _read_only(monkeypatch, cache.root)
+    assert cache.get(url) == blob
+
+
+def test_a_lora_not_cached_in_a_read_only_folder_names_the_setting(cache, monkeypatch):
+    cache.root.mkdir()
+    _read_only(monkeypatch, cache.root)
+    with pytest.raises(LoraError, match=r"LoRA folder .* is not writable.*COGVIDEOX_LORA_DIR"):
+        cache.get("https://example.com/a.safetensors")
+    assert list(cache.root.iterdir()) == []

@@ -48,7 +48,7 @@ from .. import leftovers
 from ..errors import LoraError
 from ..files import replace_atomically
 from ..settings import folder_from_env, seconds_from_env, size_from_env
-from ..weights import cache, download, weights_root
+from ..weights import cache, download, weights_root, writable
 from ..weights.manifest import sha256_file
 from ..weights.verify import check_safetensors
 from .fetch import MAX_SIZE_ENV, Cap, check_lora_url, fetch_lora
@@ -103,12 +103,22 @@ class LoraCache:
         cached = self._lookup(url)
         if cached is not None:
             self._hold(cached)
-            os.utime(cached.fileno())  # now the most recently used: the last one evicted
-            with contextlib.suppress(OSError):  # forgotten meanwhile by another server
-                os.utime(self._index_path(url))  # so too the last URL the index forgets
+            # Now the most recently used, and so too its URL: the last evicted and forgotten.
+            # Neither is needed to serve it: a read-only folder (the weights volume mounted
+            # read-only, say) evicts nothing, and the URL may be forgotten by another server.
+            with contextlib.suppress(OSError):
+                os.utime(cached.fileno())
+            with contextlib.suppress(OSError):
+                os.utime(self._index_path(url))
             blob = Path(cached.name)
             log.info(f"lora: {download.shown(url)} cached as {blob.stem[:12]}")
             return blob
+        if not writable(self.root):
+            raise LoraError(
+                f"the LoRA at {download.shown(url)} is not cached, and the LoRA folder "
+                f"{self.root} is not writable to download it into: mount it read-write, or "
+                f"set {LORA_DIR_ENV} to a writable folder"
+            )
         for folder in (self.blobs, self.urls, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
