@@ -841,3 +841,36 @@ def test_a_lora_not_cached_in_a_read_only_folder_names_the_setting(cache, monkey
     with pytest.raises(LoraError, match=r"LoRA folder .* is not writable.*COGVIDEOX_LORA_DIR"):
         cache.get("https://example.com/a.safetensors")
     assert list(cache.root.iterdir()) == []
+
+
+def test_a_lora_one_server_got_survives_another_fetching_it_under_a_new_url(served, tmp_path):
+    """A presigned URL's new signature is downloaded again and stored once: the second
+    download must not put a new file in place of the one the first server holds, or the
+    hold no longer keeps that name from eviction."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    _serve(root, "b.safetensors", _lora_bytes(2))
+    reader, other = _servers_sharing(tmp_path / "cache", len(data))
+    got = reader.get(server.url("a.safetensors") + "?X-Amz-Signature=1")
+    assert other.get(server.url("a.safetensors") + "?X-Amz-Signature=2") == got
+    other.get(server.url("b.safetensors"))  # evicts what it can: a is held by the reader
+    assert got.read_bytes() == data
+
+
+def test_a_lora_fetched_again_under_a_new_url_counts_as_just_used(served, tmp_path):
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    _serve(root, "b.safetensors", _lora_bytes(2))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, 3 * len(data), timeout_s=30)
+    a = cache.get(server.url("a.safetensors") + "?X-Amz-Signature=1")
+    os.utime(a, (time.time() - 120,) * 2)
+    b = cache.get(server.url("b.safetensors"))
+    os.utime(b, (time.time() - 60,) * 2)
+    assert cache.get(server.url("a.safetensors") + "?X-Amz-Signature=2") == a
+    _cached(cache, "https://example.com/c.safetensors", 3)
+    cache.get("https://example.com/c.safetensors")  # a is no longer held
+    cache.max_cache_bytes = 2 * len(data) + len(data) // 2
+    cache.evict()
+    assert a.exists() and not b.exists()

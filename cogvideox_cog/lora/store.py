@@ -285,6 +285,17 @@ class LoraCache:
         as after the deadline)."""
         lora = fetch_lora(url, staging, cancelled, self._cap())
         blob = self.blobs / f"{sha256_file(lora).hexdigest()}.safetensors"
+        # The same content from another URL (a presigned URL's new signature): the file
+        # there stays, for another server may hold it, and a new file in its place would
+        # leave that hold on a file the name no longer leads to, evictable under it.
+        existing = _open_shared(blob)
+        if existing is not None:
+            with contextlib.suppress(FileNotFoundError):  # removed by an older version
+                if not check_safetensors(blob):
+                    with contextlib.suppress(OSError):  # as a hit: the most recently used
+                        os.utime(existing.fileno())
+                    return blob, existing
+            existing.close()  # damaged on disk: replaced by the file just checked
         cache.fsync(lora)  # on disk before its name says it is whole
         held = _open_shared(lora)  # staging is this process's alone: it is there
         os.replace(lora, blob)  # the same content from two URLs is the same blob
