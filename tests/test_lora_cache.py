@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
+from cogvideox_cog import leftovers
 from cogvideox_cog.errors import LoraError
 from cogvideox_cog.lora import fetch, store
 from cogvideox_cog.lora.fetch import check_lora_url
@@ -874,3 +875,20 @@ def test_a_lora_fetched_again_under_a_new_url_counts_as_just_used(served, tmp_pa
     cache.max_cache_bytes = 2 * len(data) + len(data) // 2
     cache.evict()
     assert a.exists() and not b.exists()
+
+
+def test_a_download_killed_with_the_last_server_evicts_no_lora_at_setup(monkeypatch, tmp_path):
+    """Setup applies the bound, and a killed download's partial file counts against it only
+    while its process lives: setup removes that file, not the LoRAs that fit the bound."""
+    size = len(_lora_bytes(1))
+    before = LoraCache(tmp_path / "cache", 1 << 20, 1 << 30, timeout_s=30)
+    blobs = [_cached(before, f"https://example.com/{seed}.safetensors", seed) for seed in (1, 2)]
+    killed = before.partial / "123-abc"
+    killed.mkdir(parents=True)
+    (killed / leftovers.LOCK_NAME).touch()  # its owner's lock, let go of by the kill
+    (killed / "download").write_bytes(b"x" * size)
+    monkeypatch.setenv(store.LORA_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(store.CACHE_SIZE_ENV, str(2 * size + size // 2))
+    LoraCache.from_env()
+    assert all(blob.exists() for blob in blobs)
+    assert not killed.exists()

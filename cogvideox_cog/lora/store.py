@@ -91,6 +91,7 @@ class LoraCache:
             timeout_s(),
         )
         try:
+            lora_cache._remove_dead_partials()  # a download killed with the last server
             lora_cache.evict()
         except OSError as error:  # a read-only volume of LoRAs put there beforehand, say
             log.warning(f"lora: the cache stays over {CACHE_SIZE_ENV}: {error}")
