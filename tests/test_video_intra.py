@@ -177,13 +177,15 @@ def test_an_intra_coded_clip_needing_too_many_frames_is_refused_as_before(tmp_pa
         load_video(path, num_frames=17, fps=8, height=H, width=W)
 
 
-def _damaged(tmp_path, number: int) -> str:
-    """A PNG clip whose frame `number` (from 1) has its picture data overwritten."""
-    path = _write_clip(tmp_path / "clip.mov", "png", "rgb24", IRREGULAR)
+def _damaged(tmp_path, number: int, name: str = "png.mov", times=IRREGULAR) -> str:
+    """A clip (PNG unless named) whose frame `number` (from 1) has its picture data
+    overwritten."""
+    codec, pix_fmt = CLIPS[name]
+    path = _write_clip(tmp_path / "clip.mov", codec, pix_fmt, times)
     with av.open(path) as container:
         packets = [packet for packet in container.demux(video=0) if packet.size]
         data = bytes(packets[number - 1])
-    data_at = data.index(b"IDAT") + 8
+    data_at = data.index(b"IDAT") + 8 if codec == "png" else len(data) // 40
     broken = data[:data_at] + bytes(range(40)) + data[data_at + 40 :]
     content = Path(path).read_bytes()
     assert content.count(data) == 1
@@ -201,6 +203,31 @@ def test_damage_in_a_picked_frame_is_refused_as_decoding_every_frame_refuses_it(
         load_video(path, num_frames=9, fps=8, height=H, width=W)
     assert "damaged or truncated: only 12 frames (0.49 s" in str(every.value)
     assert str(error.value) == str(every.value)
+
+
+@pytest.mark.parametrize("name", ["png.mov", "prores.mov"])
+def test_damage_in_the_last_frame_picked_is_refused_as_decoding_every_frame_refuses_it(
+    tmp_path, monkeypatch, name
+):
+    """The frames still in a frame-threaded decoder after the last packet come out together:
+    those before the broken one count, and its error is not lost (PNG's is a zlib error,
+    ProRes's invalid data, which PyAV drops when frames came out before it)."""
+    path = _damaged(tmp_path, number=24, name=name)  # from 236 / 240 s: on screen at 1 s
+    with pytest.raises(InputError) as every:
+        _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
+    with pytest.raises(InputError) as error:
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert "damaged or truncated: only 23 frames (0.97 s" in str(every.value)
+    # The same error, got from sending a packet or from taking a frame.
+    call = r"'avcodec_\w+\(\)'"
+    assert re.sub(call, "", str(error.value)) == re.sub(call, "", str(every.value))
+
+
+def test_a_clip_broken_in_its_last_frame_picked_is_not_called_too_short(tmp_path):
+    """It ends just after that frame: measured to its end, it would be long enough."""
+    path = _damaged(tmp_path, number=24, name="prores.mov", times=IRREGULAR[:25])
+    with pytest.raises(InputError, match=r"damaged or truncated: only 23 frames \(0\.97 s"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
 def test_damage_in_a_frame_not_picked_goes_unnoticed(tmp_path):

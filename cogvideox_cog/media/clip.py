@@ -16,6 +16,7 @@ same SDR signal. The summary says which, for such a clip.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections import deque
@@ -305,6 +306,7 @@ def _needed_later(codec, packet: av.Packet, following: av.Packet) -> bool:
 class _Sent:
     """A frame's packet for the decoder, which gives the frame out a few packets later."""
 
+    packet: av.Packet
     number: int  # the frame's place in the clip, from 1
     before_ends: float  # when the frame before it leaves the screen
     count: int = 0  # the targets it is picked for; 0 when decoded for the frame after it
@@ -324,7 +326,7 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
     damage: str | None = None
     read = decoded = pixels = assigned = 0
     start = last_time = last_shown = 0.0
-    previous: tuple[av.Packet, _Sent] | None = None
+    previous: _Sent | None = None
 
     def packets():
         """The clip's packets, to the end or to damage in the file."""
@@ -353,11 +355,21 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
                 picked.extend([prepare(frame)] * sent[0].count)
             sent.popleft()
 
-    def send(packet: av.Packet, entry: _Sent, count: int) -> None:
+    def send(entry: _Sent, count: int) -> None:
         nonlocal assigned
         entry.count, assigned = count, assigned + count
         sent.append(entry)
-        take(context.decode(packet))
+        take(context.decode(entry.packet))
+
+    def drain() -> None:
+        """Takes the frames left in the decoder, which come out together: PyAV loses those
+        before a broken one with its error (or, for invalid data, drops its error and the
+        frames after it). Frames missing are decoded again one at a time, to find it."""
+        with contextlib.suppress(av.error.FFmpegError):
+            take(context.decode(None))
+        for entry in list(sent):
+            context.flush_buffers()
+            take(context.decode(entry.packet) + context.decode(None))
 
     try:
         for packet in packets():
@@ -370,13 +382,13 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
                 start = time
             read += 1
             _check_count(read, targets[-1])
-            entry = _Sent(read, last_time + last_shown)
+            entry = _Sent(packet, read, last_time + last_shown)
             time -= start
             # Every target before this frame's time is shown by the previous frame.
             count = targets_before(time - _EPSILON)
-            if previous and (count or _needed_later(context.codec, previous[0], packet)):
-                send(*previous, count)
-            previous, last_time = (packet, entry), time + start
+            if previous and (count or _needed_later(context.codec, previous.packet, packet)):
+                send(previous, count)
+            previous, last_time = entry, time + start
             last_shown = _on_screen(packet, source_rate)
             if assigned == len(targets):
                 break
@@ -384,10 +396,10 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
             # The last frame read stays on screen for its duration after its time.
             count = targets_before(last_time - start + last_shown + _EPSILON)
             if count:
-                send(*previous, count)
-        take(context.decode(None))
+                send(previous, count)
+        drain()
     except av.error.FFmpegError as error:  # the decoder's, for the first frame not given out
-        first = sent[0] if sent else _Sent(read + 1, last_time + last_shown)
+        first = sent[0] if sent else _Sent(None, read + 1, last_time + last_shown)
         damage = _damage(error, first.number - 1)
         return picked, decoded, first.number - 1, start, first.before_ends, damage
     return picked, decoded, read, start, last_time + last_shown, damage
