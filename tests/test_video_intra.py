@@ -134,6 +134,54 @@ def test_a_png_clip_cut_after_a_key_frame_by_its_edit_list_gives_the_frames_deco
     assert " of " in _decoded(clip)
 
 
+def _without_quantisation_tables(jpeg: bytes) -> bytes:
+    """The JPEG with its DQT segments left out, to be decoded with the tables last defined."""
+    at, kept = 2, [jpeg[:2]]
+    while jpeg[at + 1] != 0xDA:  # up to the picture data
+        length = int.from_bytes(jpeg[at + 2 : at + 4], "big")
+        if jpeg[at + 1] != 0xDB:
+            kept.append(jpeg[at : at + 2 + length])
+        at += 2 + length
+    return b"".join([*kept, jpeg[at:]])
+
+
+@pytest.mark.parametrize("name", ["mjpeg.mov", "mjpeg.avi"])
+def test_a_jpeg_without_tables_is_decoded_with_those_of_a_frame_not_picked(
+    tmp_path, monkeypatch, name
+):
+    """An MJPEG frame may leave its tables out, as JPEG's abbreviated form allows: FFmpeg
+    decodes it with those last defined. Here only frame 11 (from 110 / 240 s, not on screen
+    at a target time) brings the coarse quantisation of the frames after it."""
+    frames = []
+    for quality in (2, 31):
+        encoder = av.CodecContext.create("mjpeg", "w")
+        encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuvj420p"
+        encoder.time_base, encoder.qmin, encoder.qmax = Fraction(1, 240), quality, quality
+        coded = []
+        for index in range(len(IRREGULAR)):
+            rgb = np.full((48, 64, 3), (3 * index) % 256, np.uint8)
+            rgb[::2, ::3] = 250  # detail, for the quantisation to show
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+            frame.pts = index
+            coded += [bytes(packet) for packet in encoder.encode(frame)]
+        frames.append(coded)
+    path = tmp_path / name
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        stream.codec_context.time_base = Fraction(1, 240)
+        for index, time in enumerate(IRREGULAR):
+            jpeg = frames[index >= 11][index]
+            packet = av.Packet(jpeg if index in (0, 11) else _without_quantisation_tables(jpeg))
+            packet.stream, packet.pts, packet.dts = stream, time, time
+            packet.time_base, packet.duration, packet.is_keyframe = Fraction(1, 240), 10, True
+            container.mux(packet)
+    every = _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert " of " in _decoded(clip)
+
+
 @pytest.mark.parametrize(
     "name, codec, pix_fmt, options",
     [

@@ -295,11 +295,43 @@ _KEPT_SIDE_DATA = ("palette", "new_extradata", "param_change")
 
 def _needed_later(codec, packet: av.Packet, following: av.Packet) -> bool:
     """Whether frames after `packet` need it decoded, though its own frame is not picked: a
-    PNG frame that the following one is added to, or a packet bringing a new palette (an AVI
-    of 8-bit pictures brings one where it changes) or new parameters."""
+    PNG frame that the following one is added to, a packet bringing a new palette (an AVI
+    of 8-bit pictures brings one where it changes) or new parameters, or a JPEG's tables
+    that the following one leaves out."""
     if not codec.intra_only and not following.is_keyframe:
         return True
+    if _jpeg_tables(codec, packet) - _jpeg_tables(codec, following):
+        return True
     return any(packet.has_sidedata(kind) for kind in _KEPT_SIDE_DATA)
+
+
+# Markers of the tables a JPEG may leave out, to be decoded with those last defined: DQT, DHT.
+_JPEG_TABLES = {0xDB, 0xC4}
+
+
+def _jpeg_tables(codec, packet: av.Packet) -> set[int]:
+    """The tables (of _JPEG_TABLES) an MJPEG packet defines before its picture data."""
+    if codec.name != "mjpeg":
+        return set()
+    whole = memoryview(packet)
+    # The tables come first: a prefix holds them but behind large APPn segments (EXIF).
+    for size in (65536, len(whole)):
+        data = bytes(whole[:size])
+        at, found = 0, set()
+        while (at := data.find(b"\xff", at)) != -1 and at + 4 <= len(data):
+            marker = data[at + 1]
+            if marker in (0xDA, 0xD9):  # the picture data, or the end
+                return found
+            if marker == 0xFF:  # a fill byte before a marker
+                at += 1
+            elif marker == 0x00 or 0xD0 <= marker <= 0xD8:  # no length follows: RSTn, SOI
+                at += 2
+            else:
+                found |= {marker} & _JPEG_TABLES
+                at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if len(data) == len(whole):
+            return found
+    return found
 
 
 @dataclass
