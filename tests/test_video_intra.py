@@ -278,6 +278,37 @@ def test_a_clip_broken_in_its_last_frame_picked_is_not_called_too_short(tmp_path
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_a_broken_frame_is_stood_in_for_by_the_one_before_while_that_is_still_shown(
+    tmp_path, monkeypatch
+):
+    """A Matroska block may last past the next one's time. Decoding every frame, the frame
+    before a broken one shows the targets up to its end: here frame 24 (from 230 / 240 s)
+    lasts to 250 and frame 25 (from 236, on screen at 1 s) is broken."""
+    times = [*range(0, 240, 10), 236, 250, 260, 270]
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("prores_ks", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv422p10le"
+        stream.codec_context.time_base = Fraction(1, 240)
+        for index, time in enumerate(times):
+            rgb = np.full((48, 64, 3), 5 * index, np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv422p10le")
+            frame.pts, frame.time_base = time, Fraction(1, 240)
+            for coded in stream.encode(frame):
+                data = bytes(coded)
+                if index == 24:
+                    data = data[: len(data) // 40] + bytes(range(40)) + data[len(data) // 40 + 40 :]
+                packet = av.Packet(data)
+                packet.stream, packet.pts, packet.dts = stream, coded.pts, coded.dts
+                packet.time_base, packet.is_keyframe = coded.time_base, True
+                packet.duration = 20 if index == 23 else 10
+                container.mux(packet)
+    every = _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert "9 of 24 frames decoded" in clip.summary
+
+
 def test_damage_in_a_frame_not_picked_goes_unnoticed(tmp_path):
     path = _damaged(tmp_path, number=12)  # from 110 / 240 s: the next is on screen at 0.5 s
     assert len(load_video(path, num_frames=9, fps=8, height=H, width=W).frames) == 9

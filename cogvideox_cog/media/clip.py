@@ -341,6 +341,7 @@ class _Sent:
     packet: av.Packet
     number: int  # the frame's place in the clip, from 1
     before_ends: float  # when the frame before it leaves the screen
+    before: av.Packet | None  # the packet of the frame before it, for when it is broken
     count: int = 0  # the targets it is picked for; 0 when decoded for the frame after it
 
 
@@ -357,6 +358,7 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
     sent: deque[_Sent] = deque()
     damage: str | None = None
     read = decoded = pixels = assigned = 0
+    last_picked: tuple[int, Image.Image] | None = None  # the last frame picked, prepared
     start = last_time = last_shown = 0.0
     previous: _Sent | None = None
 
@@ -378,14 +380,36 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
         return count - assigned
 
     def take(frames: list[av.VideoFrame]) -> None:
-        nonlocal decoded, pixels
+        nonlocal decoded, pixels, last_picked
         for frame in frames:
             decoded += 1
             pixels += frame.width * frame.height
             _check_frame(frame, sent[0].number, decoded, pixels, targets[-1])
             if sent[0].count:
-                picked.extend([prepare(frame)] * sent[0].count)
+                last_picked = (sent[0].number, prepare(frame))
+                picked.extend([last_picked[1]] * sent[0].count)
             sent.popleft()
+
+    def shown_before(broken: _Sent) -> Image.Image | None:
+        """The frame before a broken one, prepared; None where it cannot be decoded alone (a
+        PNG frame added to the one before it) or is broken too."""
+        if last_picked is not None and last_picked[0] == broken.number - 1:
+            return last_picked[1]
+        packet = broken.before
+        if packet is None or not (context.codec.intra_only or packet.is_keyframe):
+            return None
+        context.flush_buffers()
+        try:
+            frames = context.decode(packet) + context.decode(None)
+        except av.error.FFmpegError:
+            return None
+        if len(frames) != 1:
+            return None
+        nonlocal decoded, pixels
+        decoded += 1
+        pixels += frames[0].width * frames[0].height
+        _check_frame(frames[0], broken.number - 1, decoded, pixels, targets[-1])
+        return prepare(frames[0])
 
     def send(entry: _Sent, count: int) -> None:
         nonlocal assigned
@@ -414,7 +438,7 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
                 start = time
             read += 1
             _check_count(read, targets[-1])
-            entry = _Sent(packet, read, last_time + last_shown)
+            entry = _Sent(packet, read, last_time + last_shown, previous and previous.packet)
             time -= start
             # Every target before this frame's time is shown by the previous frame.
             count = targets_before(time - _EPSILON)
@@ -431,8 +455,15 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
                 send(previous, count)
         drain()
     except av.error.FFmpegError as error:  # the decoder's, for the first frame not given out
-        first = sent[0] if sent else _Sent(None, read + 1, last_time + last_shown)
+        first = sent[0] if sent else _Sent(None, read + 1, last_time + last_shown, None)
         damage = _damage(error, first.number - 1)
+        # As when every frame is decoded: the frame before the broken one stays on screen
+        # for its duration, which may reach past the broken one's time (a Matroska block's).
+        end = first.before_ends - start + _EPSILON
+        if len(picked) < len(targets) and targets[len(picked)] < end:
+            image = shown_before(first)
+            while image is not None and len(picked) < len(targets) and targets[len(picked)] < end:
+                picked.append(image)
         return picked, decoded, first.number - 1, start, first.before_ends, damage
     return picked, decoded, read, start, last_time + last_shown, damage
 
