@@ -514,11 +514,9 @@ def test_hf_url_downloads_that_file_through_huggingface_hub(
     assert calls == [(repo, revision, filename or LORA)]
 
 
-def test_a_hub_lora_its_cdn_refuses_fails_without_the_presigned_urls_signature(
-    monkeypatch, tmp_path, cache
-):
-    """huggingface_hub's error quotes the CDN URL it was refused at (an expired signature),
-    which the prediction's error repeated to the user."""
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback Hub serving hf://org/lora (one LoRA), its CDN on a server of its own."""
     from huggingface_hub import constants
 
     (tmp_path / "repo").mkdir()
@@ -527,32 +525,25 @@ def test_a_hub_lora_its_cdn_refuses_fails_without_the_presigned_urls_signature(
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    yield hub
+    hub.stop()
+
+
+def test_a_hub_lora_its_cdn_refuses_fails_without_the_presigned_urls_signature(hub, cache):
+    """huggingface_hub's error quotes the CDN URL it was refused at (an expired signature),
+    which the prediction's error repeated to the user."""
     hub.cdn.fail_with(LORA, 403, times=None)
-    try:
-        with pytest.raises(LoraError, match=r"could not download the LoRA .*403") as failed:
-            cache.get("hf://org/lora")
-    finally:
-        hub.stop()
+    with pytest.raises(LoraError, match=r"could not download the LoRA .*403") as failed:
+        cache.get("hf://org/lora")
     assert f"{hub.cdn.url(LORA)}?<query hidden>" in str(failed.value)
     assert SIGNATURE not in str(failed.value)
 
 
-def test_a_hub_lora_over_the_size_limit_is_refused_before_its_download(monkeypatch, tmp_path):
+def test_a_hub_lora_over_the_size_limit_is_refused_before_its_download(hub, tmp_path):
     """The Hub says a file's size before sending it: a 5 GB file is not fetched to learn it."""
-    from huggingface_hub import constants
-
-    (tmp_path / "repo").mkdir()
-    (tmp_path / "repo" / LORA).write_bytes(_lora_bytes(1))
-    hub = HubServer("org/lora", tmp_path / "repo")
-    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     cache = LoraCache(tmp_path / "cache", 512, 1 << 30, timeout_s=30)
-    try:
-        with pytest.raises(LoraError, match=r"hf://org/lora is .*, over the .* limit"):
-            cache.get("hf://org/lora")
-    finally:
-        hub.stop()
+    with pytest.raises(LoraError, match=r"hf://org/lora is .*, over the .* limit"):
+        cache.get("hf://org/lora")
     assert _gets(hub.cdn, LORA) == 0
 
 
