@@ -310,6 +310,14 @@ MISTYPED_URLS = [
 ]
 
 
+def _set_url_setting(monkeypatch, tmp_path, env: str, url: str) -> None:
+    """`env` set to `url`, with the settings that make its reader use it."""
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(postprocess.UPSCALE_ENV, "1")
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(env, url)
+
+
 @pytest.mark.parametrize(
     ("env", "url", "read"), MISTYPED_URLS, ids=[env for env, _, _ in MISTYPED_URLS]
 )
@@ -318,10 +326,7 @@ def test_a_url_setting_with_a_mistyped_scheme_fails_without_showing_its_password
 ):
     """Only http(s) URLs lost their user name and password in errors and logs: one letter
     off the scheme put the password in setup's error, which /health-check serves."""
-    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
-    monkeypatch.setenv(postprocess.UPSCALE_ENV, "1")
-    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
-    monkeypatch.setenv(env, url)
+    _set_url_setting(monkeypatch, tmp_path, env, url)
     with pytest.raises((ConfigError, WeightsError), match="htps://") as failed:
         read()
     assert "hunter2" not in str(failed.value)
@@ -342,10 +347,7 @@ def test_a_url_setting_whose_password_holds_a_slash_fails_without_showing_it(
 ):
     """An unencoded `/` ends the host early: the password's start, read as a port, was quoted
     in urlsplit's error, and the whole URL shown beside it."""
-    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(tmp_path))
-    monkeypatch.setenv(postprocess.UPSCALE_ENV, "1")
-    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
-    monkeypatch.setenv(env, url)
+    _set_url_setting(monkeypatch, tmp_path, env, url)
     with pytest.raises((ConfigError, WeightsError), match="user name or password") as failed:
         read()
     assert "hun" not in str(failed.value) and "ter2" not in str(failed.value)
