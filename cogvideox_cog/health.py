@@ -14,6 +14,7 @@ It imports nothing heavy (no torch): a probe runs every few seconds next to the 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -43,9 +44,12 @@ def server_status(url: str, timeout: float = TIMEOUT_S) -> str:
     """The `status` Cog reports, or UNREACHABLE when it does not answer with one."""
     try:
         with _DIRECT.open(url, timeout=timeout) as response:
-            return str(json.load(response).get("status", "UNREACHABLE"))
-    except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON
+            body = json.load(response)
+    # Refused, timed out, an HTTP error, not HTTP at all (another service on the port), not
+    # JSON.
+    except (OSError, ValueError, http.client.HTTPException):
         return "UNREACHABLE"
+    return str(body.get("status", "UNREACHABLE")) if isinstance(body, dict) else "UNREACHABLE"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,70 @@
+"""What the health probe says of answers that are not Cog's: whatever listens on the port,
+the probe prints a verdict and fails, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from cogvideox_cog import health
+
+
+@contextmanager
+def _answering(reply: bytes) -> Iterator[str]:
+    """A loopback port that sends `reply` to every connection and hangs up; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)  # to see `stop` soon: closing does not wake accept()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(5)
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/health-check"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+
+
+def _json(body: bytes) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    return head.encode() + b"\r\nConnection: close\r\n\r\n" + body
+
+
+def test_a_ready_answer_passes_both_checks():
+    with _answering(_json(b'{"status": "READY"}')) as url:
+        assert health.server_status(url, timeout=5) == "READY"
+        assert health.main(["ready", "--url", url]) == 0
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [_json(b'["READY"]'), _json(b'"READY"'), _json(b"null")],
+    ids=["a list", "a string", "null"],
+)
+def test_json_that_is_not_an_object_is_unreachable(reply):
+    with _answering(reply) as url:
+        assert health.server_status(url, timeout=5) == "UNREACHABLE"
+
+
+def test_a_service_that_does_not_speak_http_is_unreachable(capsys):
+    with _answering(b"SSH-2.0-OpenSSH_9.2\r\n") as url:
+        assert health.main(["live", "--url", url]) == 1
+    assert capsys.readouterr().out == "live: UNREACHABLE -> failing\n"
