@@ -12,11 +12,14 @@ quoting it too: "echo-page" (a 200 whose body is an HTML error page, as a proxy'
 "echo-json" (a 200 with an error instead of choices), "echo-late" (401, the quote straddling
 the 300th character, where our message cuts an error's text); "refuse" (an apology where the
 caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "verbatim"
-(the user's prompt as it came, as a model that finds it detailed enough may answer).
+(the user's prompt as it came, as a model that finds it detailed enough may answer);
+broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
+200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -26,7 +29,7 @@ from typing import Any
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
     "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal",
-    "verbatim",
+    "verbatim", "not-http", "cut-body", "cut-error",
 )  # fmt: skip
 
 
@@ -79,6 +82,12 @@ class ChatServer:
                     self._send(401, quoted.encode())
                 elif fault == "deep":
                     self._send(200, b"[" * 100_000 + b"]" * 100_000)
+                elif fault == "not-http":
+                    self._raw(b"SSH-2.0-OpenSSH_9.6\r\n")
+                elif fault in ("cut-body", "cut-error"):
+                    status = "200 OK" if fault == "cut-body" else "500 Internal Server Error"
+                    head = f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    self._raw(head.encode() + b'100\r\n{"choices": [')
                 elif fault == "trickle":
                     self._trickle(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
                 else:
@@ -95,6 +104,12 @@ class ChatServer:
                         self.wfile.flush()
                     except OSError:  # the client gave up
                         return
+
+            def _raw(self, answer: bytes) -> None:
+                """`answer` as it is, then the connection closed."""
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # the client gave up
+                    self.wfile.write(answer)
 
             def _send(self, status: int, body: bytes, extra: dict | None = None) -> None:
                 try:

@@ -169,6 +169,21 @@ def test_an_unreachable_endpoint_fails_saying_so(chat):
         PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
 
 
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("not-http", r"gave a broken HTTP answer: BadStatusLine: SSH-2.0"),
+        ("cut-body", r"gave a broken HTTP answer: IncompleteRead"),
+        ("cut-error", r"answered HTTP 500"),
+    ],
+)
+def test_an_answer_that_breaks_http_is_the_endpoints_fault(endpoint, chat, fault, problem):
+    """http.client's own errors are no OSError: they failed the prediction as a crash."""
+    chat.fault = fault
+    with pytest.raises(EnhanceError, match=rf"writer-1 at .*{problem}"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
 def test_a_redirect_is_not_followed_so_the_key_stays_with_the_endpoint(endpoint, chat):
     chat.fault = "redirect"
     with pytest.raises(EnhanceError, match=r"answered HTTP 302, a redirect, which is not"):

@@ -7,6 +7,7 @@ same; none promises it). urllib, not an SDK: one JSON request needs no new depen
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -118,7 +119,11 @@ class EndpointRewriter:
                     f"(it would take the key elsewhere): set {BASE_URL_ENV} to the address it "
                     f"redirects to"
                 ) from None
-            detail = _excerpt(error.read(_excerpt_bytes(api_key)), api_key)
+            try:
+                body = error.read(_excerpt_bytes(api_key))
+            except (OSError, http.client.HTTPException):  # broken off: the code says enough
+                body = b""
+            detail = _excerpt(body, api_key)
             raise EnhanceError(f"{self.name} answered HTTP {error.code}: {detail}") from None
         except TimeoutError:
             raise EnhanceError(f"{self.name} did not answer within {self.timeout:g} s") from None
@@ -129,8 +134,11 @@ class EndpointRewriter:
                     f"{self.name} did not answer within {self.timeout:g} s"
                 ) from None
             raise EnhanceError(f"{self.name} could not be reached: {reason}") from None
-        except ValueError as error:  # http.client's refusal of a header or URL
+        except (ValueError, http.client.InvalidURL) as error:  # its refusal of a header or URL
             raise EnhanceError(f"{self.name} could not be asked: {error}") from None
+        except http.client.HTTPException as error:  # no OSError: a status line, a cut body
+            detail = _excerpt(f"{type(error).__name__}: {error}", api_key)
+            raise EnhanceError(f"{self.name} gave a broken HTTP answer: {detail}") from None
 
     def _read(self, response, stop: threading.Event) -> bytes:
         """The body, at most MAX_ANSWER_BYTES; stops when the deadline has passed."""
