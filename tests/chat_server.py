@@ -12,7 +12,9 @@ quoting it too: "echo-page" (a 200 whose body is an HTML error page, as a proxy'
 "echo-json" (a 200 with an error instead of choices), "echo-late" (401, the quote straddling
 the 300th character, where our message cuts an error's text); "refuse" (an apology where the
 caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "verbatim"
-(the user's prompt as it came, as a model that finds it detailed enough may answer);
+(the user's prompt as it came, as a model that finds it detailed enough may answer),
+"half-emoji" (an emoji's first UTF-16 half, alone, before the rewrite's last full stop, as
+a gateway that cuts a JavaScript string sends it);
 broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
 200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off).
 """
@@ -29,7 +31,7 @@ from typing import Any
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
     "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal",
-    "verbatim", "not-http", "cut-body", "cut-error",
+    "verbatim", "half-emoji", "not-http", "cut-body", "cut-error",
 )  # fmt: skip
 
 
@@ -142,6 +144,8 @@ class ChatServer:
             content = REFUSAL
         elif fault == "verbatim":
             content = prompt
+        elif fault == "half-emoji":
+            content = content[:-1] + "\ud83d."
         if fault == "cut":
             content += " Then the cat turns its head toward the"
         message = {"role": "assistant", "content": content}

@@ -184,6 +184,13 @@ def test_an_answer_that_breaks_http_is_the_endpoints_fault(endpoint, chat, fault
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
 
 
+def test_half_an_emoji_in_an_answer_is_left_out_of_the_rewrite(endpoint, chat):
+    """JSON can escape one UTF-16 half of an emoji alone; kept, it made the text encoder's
+    tokenizer raise a TypeError after the rewrite: a crash instead of a video."""
+    chat.fault = "half-emoji"
+    assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
+
+
 def test_a_redirect_is_not_followed_so_the_key_stays_with_the_endpoint(endpoint, chat):
     chat.fault = "redirect"
     with pytest.raises(EnhanceError, match=r"answered HTTP 302, a redirect, which is not"):

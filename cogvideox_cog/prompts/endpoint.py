@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import urllib.error
 import urllib.parse
@@ -21,6 +22,10 @@ from .rewriter import Reply, refused
 ERROR_BODY_CHARS = 300  # of an endpoint's error answer, in our message
 BASE_URL_ENV = "COGVIDEOX_ENHANCE_BASE_URL"  # where the endpoint is (read in enhance.py)
 MAX_ANSWER_BYTES = 1 << 20  # a chat answer of a few hundred tokens is a few kB
+# One UTF-16 half of a character: JSON can escape one alone ("\ud83d", half an emoji, as a
+# gateway that cuts a JavaScript string sends), and Python decodes it to a str that no
+# tokenizer and no UTF-8 log takes.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -81,6 +86,7 @@ class EndpointRewriter:
                 raise EnhanceError(f"{self.name} answered with no text (finish_reason {reason!r})")
         except EnhanceError as error:  # whatever part of the answer it quotes
             raise EnhanceError(_redacted(str(error), key)) from None
+        text = _LONE_SURROGATE.sub("", text)
         return Reply(text, cut=answer.get("finish_reason") == "length")
 
     def _post(self, body: dict, api_key: str | None) -> dict:
