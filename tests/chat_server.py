@@ -15,6 +15,8 @@ caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "
 (the user's prompt as it came, as a model that finds it detailed enough may answer),
 "half-emoji" (an emoji's first UTF-16 half, alone, before the rewrite's last full stop, as
 a gateway that cuts a JavaScript string sends it);
+"no-choices" (a 200 whose choice list is empty), "completion" (a choice in the older
+completions shape: `text`, no `message`), "endless" (a 200 whose body never ends);
 broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
 200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off).
 """
@@ -31,7 +33,8 @@ from typing import Any
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
     "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal",
-    "verbatim", "half-emoji", "not-http", "cut-body", "cut-error",
+    "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http", "cut-body",
+    "cut-error",
 )  # fmt: skip
 
 
@@ -84,6 +87,13 @@ class ChatServer:
                     self._send(401, quoted.encode())
                 elif fault == "deep":
                     self._send(200, b"[" * 100_000 + b"]" * 100_000)
+                elif fault == "no-choices":
+                    self._send(200, b'{"id": "chatcmpl-test", "choices": []}')
+                elif fault == "completion":
+                    choice = {"index": 0, "text": "A cat.", "finish_reason": "stop"}
+                    self._send(200, json.dumps({"choices": [choice]}).encode())
+                elif fault == "endless":
+                    self._endless(b" " * (64 << 10))  # blanks, as before a JSON value
                 elif fault == "not-http":
                     self._raw(b"SSH-2.0-OpenSSH_9.6\r\n")
                 elif fault in ("cut-body", "cut-error"):
@@ -106,6 +116,16 @@ class ChatServer:
                         self.wfile.flush()
                     except OSError:  # the client gave up
                         return
+
+            def _endless(self, block: bytes) -> None:
+                """A 200 without a length, `block` after `block` until the client hangs up."""
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the client gave up
+                    while not peer._stopped.is_set():
+                        self.wfile.write(block)
 
             def _raw(self, answer: bytes) -> None:
                 """`answer` as it is, then the connection closed."""

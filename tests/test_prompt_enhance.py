@@ -98,6 +98,10 @@ def test_whole_sentences_drops_an_unfinished_last_sentence():
     assert whole_sentences("A cat sits. It plays the") == "A cat sits."
 
 
+def test_whole_sentences_does_not_end_at_a_decimal_point():
+    assert whole_sentences("A cat sits. It is 2.5 m tall and walks") == "A cat sits."
+
+
 def test_whole_sentences_keeps_text_without_a_full_stop():
     assert whole_sentences("a cat sits on a") == "a cat sits on a"
 
@@ -182,6 +186,33 @@ def test_an_answer_that_breaks_http_is_the_endpoints_fault(endpoint, chat, fault
     chat.fault = fault
     with pytest.raises(EnhanceError, match=rf"writer-1 at .*{problem}"):
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [("no-choices", r"answer has no choices"), ("completion", r"answered with no text")],
+)
+def test_an_answer_without_a_chat_message_is_the_endpoints_fault(endpoint, chat, fault, problem):
+    """An empty choice list, or the older completions API's `text` in place of `message`."""
+    chat.fault = fault
+    with pytest.raises(EnhanceError, match=problem):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_endless_answer_fails_at_its_size_cap_before_the_timeout(endpoint, chat):
+    """Read to the timeout, an answer streamed at loopback speed filled the memory."""
+    chat.fault = "endless"
+    rewriter = EndpointRewriter(chat.base_url, "writer-1", None, timeout=30)
+    started = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"answered with over 1,048,576 bytes"):
+        PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert time.monotonic() - started < 10
+
+
+def test_an_endpoint_without_a_key_is_asked_without_an_authorization_header(endpoint, chat):
+    rewriter = EndpointRewriter(chat.base_url, "writer-1", None, timeout=0.5)
+    rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)
+    assert "authorization" not in chat.requests[-1]["headers"]
 
 
 def test_half_an_emoji_in_an_answer_is_left_out_of_the_rewrite(endpoint, chat):
@@ -283,7 +314,7 @@ def test_a_pasted_key_with_spaces_around_it_is_sent_without_them(endpoint, chat,
     assert chat.requests[-1]["headers"]["authorization"] == "Bearer sk-user-9"
 
 
-@pytest.mark.parametrize("key", ["sk-user\n-9", "sk-us\u00e9r-9"])
+@pytest.mark.parametrize("key", ["sk-user\n-9", "sk-us\u00e9r-9", "sk-user -9"])
 def test_a_key_no_header_can_carry_is_refused_without_showing_it(endpoint, chat, key):
     with pytest.raises(EnhanceError, match=r"enhance_prompt_api_key holds a character") as bad:
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key=key)
@@ -317,6 +348,16 @@ def test_an_endpoint_url_with_its_scheme_in_capitals_is_taken(monkeypatch, endpo
     rewriter = config_from_env().endpoint
     reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)
     assert reply.text == rewrite_of(PROMPT)
+
+
+def test_an_endpoint_url_with_a_space_fails_setup_without_showing_its_query(monkeypatch):
+    """Taken, every rewrite failed with http.client's refusal, which quotes the query string
+    (an Azure Function's `?code=` key)."""
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, "https://llm.example.com/v1 beta?code=t0k")
+    with pytest.raises(ConfigError, match=rf"{BASE_URL_ENV}=.*percent-encode") as bad:
+        config_from_env()
+    assert "t0k" not in str(bad.value)
 
 
 def test_an_endpoint_is_named_without_its_query_string(chat):
