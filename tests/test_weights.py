@@ -675,6 +675,35 @@ def test_a_take_over_cut_short_leaves_nothing_and_the_next_setup_completes_it(
     assert served.bytes_sent == sent
 
 
+def test_a_folder_that_vanishes_during_a_take_over_fails_it_naming_the_folder(
+    served, cache, tiny, tmp_path, monkeypatch, caplog
+):
+    """Another setup discards the entry being taken over (renamed aside, as discard() does)
+    while its files are linked: os.walk skipped the folders it could no longer list, and the
+    take-over failed later on a file it called changed. The folder is named, then the
+    weights are downloaded."""
+    default = _default_entry(served, tmp_path, monkeypatch)
+    link = os.link
+
+    def link_then_discard(source, target):
+        link(source, target)
+        if default.exists():
+            os.rename(default, default.with_name(f".{default.name}.trash-1-2"))
+
+    sent = served.bytes_sent
+    _pin(tiny, tmp_path, monkeypatch, served.url("model.tar"))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "link", link_then_discard)
+        root = ensure_weights(VARIANT)
+    assert _same_tree(tiny, root)
+    assert served.bytes_sent > sent
+    assert re.search(
+        rf"cannot take over the files of {re.escape(str(default))} \(\[Errno 2\] No such file "
+        rf"or directory: '{re.escape(str(default))}/\w+'\): downloading",
+        caplog.text,
+    )
+
+
 def _stale_marker(root: Path) -> None:
     """As a marker written against an earlier manifest looks."""
     marker = json.loads((root / COMPLETE_MARKER).read_text())

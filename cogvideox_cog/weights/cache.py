@@ -271,7 +271,7 @@ def _link_tree(source: Path, target: Path) -> None:
     """`source`'s files hard-linked into a new folder `target` (its links copied as links),
     without our own marker and journal."""
     target.mkdir()
-    for folder, dirs, names in os.walk(source):
+    for folder, dirs, names in _walk(source):
         here = target / Path(folder).relative_to(source)
         for name in dirs + names:
             path, made = Path(folder, name), here / name
@@ -283,12 +283,23 @@ def _link_tree(source: Path, target: Path) -> None:
                 os.link(path, made)
 
 
+def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk that raises on a folder it cannot list (one removed meanwhile, say) rather
+    than passing over it: a take-over then fails naming that folder, not later on a file it
+    calls changed."""
+
+    def fail(error: OSError) -> None:
+        raise error
+
+    return os.walk(folder, onerror=fail)
+
+
 def _hash_files(folder: Path) -> dict[str, str]:
     """The sha256 of every file under `folder` (a link's target's, as verify() reads it), by
     path relative to it."""
     paths = [
         Path(top, name)
-        for top, _, names in os.walk(folder)
+        for top, _, names in _walk(folder)
         for name in names
         if os.path.isfile(os.path.join(top, name))
     ]
