@@ -9,6 +9,7 @@ naming what failed, and no cache entry is ever marked complete when it is not.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -299,6 +300,49 @@ def test_leftovers_of_killed_or_older_setups_are_removed(served, cache, tiny, mo
     root = ensure_weights(VARIANT)
     assert _same_tree(tiny, root)
     assert sorted(p.name for p in cache.iterdir()) == sorted([name, f".{name}.lock"])
+
+
+def _leftovers_of_another_entry(cache: Path, age_s: float) -> list[Path]:
+    """What a setup of another entry killed part way leaves: its lock file, a take-over's
+    folder of links and a discard's trash, last changed `age_s` ago."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / ".cogvideox-2b-0123456789ab.lock").write_text("pid 7 on another-host")
+    folders = [cache / ".cogvideox-2b-0123456789ab.adopting-7-8", cache / ".cogvideox-2b.trash-9-1"]
+    (cache / ".cogvideox-2b.lock").touch()
+    for folder in folders:
+        (folder / "transformer").mkdir(parents=True)
+        os.utime(folder, (time.time() - age_s,) * 2)
+    return folders
+
+
+def test_another_entrys_leftovers_a_day_old_are_removed_when_no_one_holds_it(
+    served, cache, monkeypatch
+):
+    """An entry never set up again (another variant or manifest now) kept them for good."""
+    leftovers = _leftovers_of_another_entry(cache, age_s=25 * 3600)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    ensure_weights(VARIANT)
+    assert not any(folder.exists() for folder in leftovers)
+
+
+def test_another_entrys_leftovers_less_than_a_day_old_are_kept(served, cache, monkeypatch):
+    """On a volume whose locks another machine does not see, the age alone tells a killed
+    setup's folder from one a setup there is still working in."""
+    leftovers = _leftovers_of_another_entry(cache, age_s=23 * 3600)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    ensure_weights(VARIANT)
+    assert all(folder.is_dir() for folder in leftovers)
+
+
+def test_another_entrys_leftovers_are_kept_while_a_setup_holds_its_lock(served, cache, monkeypatch):
+    """A machine sharing the volume may be working in them: its pid means nothing here."""
+    leftovers = _leftovers_of_another_entry(cache, age_s=25 * 3600)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with (cache / ".cogvideox-2b-0123456789ab.lock").open("r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        ensure_weights(VARIANT)
+    assert leftovers[0].is_dir()
+    assert not leftovers[1].exists()  # another entry's, whose lock is free
 
 
 def test_a_damaged_entry_is_replaced_even_beside_trash_left_under_this_pid(

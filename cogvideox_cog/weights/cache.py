@@ -45,6 +45,8 @@ MARKER_FORMAT = 2
 HEADROOM_BYTES = 64 << 20  # free space kept beyond the download itself
 LOCK_LOG_EVERY_S = 30.0
 HASH_THREADS = 4
+# Another entry's leftovers untouched this long, and its lock free, are removed by any setup.
+LEFTOVER_MAX_AGE_S = 24 * 3600
 
 
 def entry_name(variant: Variant, sources: list[str], manifest: Manifest) -> str:
@@ -402,16 +404,81 @@ def remove_leftovers(entry: Path) -> None:
     """Delete what killed processes left beside `entry`: the trash of a discard killed before
     its rmtree ended (of the entry or its staging folder), the links of an adoption
     (adopted()), and the per-process staging folders of earlier versions. Never read, only
-    removed; the caller holds the entry's lock."""
+    removed; the caller holds the entry's lock. The other entries' leftovers go too, once
+    abandoned (_remove_abandoned)."""
+    for leftover in _leftovers(entry.parent, entry.name):
+        shutil.rmtree(leftover, ignore_errors=True)
+    _remove_abandoned(entry)
+
+
+def _leftovers(folder: Path, name: str) -> list[Path]:
     kinds = (".trash-", ".partial-", ".adopting-")
-    for leftover in entry.parent.glob(f".{entry.name}.*-*"):
-        if leftover.is_dir() and any(kind in leftover.name for kind in kinds):
-            shutil.rmtree(leftover, ignore_errors=True)
+    return [
+        leftover
+        for leftover in folder.glob(f".{name}.*-*")
+        if leftover.is_dir() and any(kind in leftover.name for kind in kinds)
+    ]
+
+
+def _remove_abandoned(entry: Path) -> None:
+    """The leftovers of the other entries beside `entry` that nothing has changed for
+    LEFTOVER_MAX_AGE_S, removed under their own entry's lock, taken without waiting.
+
+    An entry that is never set up again (another variant now, another manifest) would keep
+    its leftovers for good, and trash can be a whole entry. Several machines may share the
+    volume: a pid in a name says nothing about another machine's processes, while the lock
+    is held by whoever works on that entry, on any machine whose locks the volume shares
+    (as every setup of one entry already relies on). The age covers a volume whose locks
+    another machine does not see (NFS mounted with local_lock, some FUSE filesystems): a
+    take-over changes its folder within minutes, never a day. An entry without a lock file
+    was never set up by a version that leaves these: its folders are left alone.
+    """
+    cutoff = time.time() - LEFTOVER_MAX_AGE_S
+    for lock in entry.parent.glob(".*.lock"):
+        other = lock.name[1 : -len(".lock")]
+        if other == entry.name:
+            continue
+        try:
+            stale = [
+                leftover
+                for leftover in _leftovers(entry.parent, other)
+                if leftover.stat().st_mtime < cutoff
+            ]
+        except OSError:  # removed meanwhile by a setup of that entry
+            continue
+        if not stale:
+            continue
+        with _taken_now(lock) as taken:
+            if not taken:  # being set up now, or a lock this volume will not give
+                continue
+            for leftover in stale:
+                shutil.rmtree(leftover, ignore_errors=True)
+                log.info(f"weights: removed {leftover.name}, left by a killed setup of {other}")
 
 
 def entry_lock(entry: Path) -> AbstractContextManager[None]:
     """locked() on the entry's lock file, beside it: the one every fetcher of it takes."""
     return locked(entry.parent / f".{entry.name}.lock")
+
+
+@contextmanager
+def _taken_now(path: Path) -> Iterator[bool]:
+    """An exclusive lock on the existing lock file `path` if no one holds it: True while
+    held, False (nothing held) when another process holds it or it cannot be taken."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # NFS locks exclusively only for writing
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held; ENOLCK and the like: unknown, so held
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
 
 
 @contextmanager
