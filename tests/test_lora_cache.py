@@ -805,15 +805,20 @@ def test_a_url_in_use_stays_a_hit_when_the_index_passes_its_bound(served, cache,
 
 def _read_only(monkeypatch, folder: Path) -> None:
     """As root (the Cog image's user) a read-only mount is the kernel's EROFS, which only
-    os.access reports before a write: it stands in here for such a mount of `folder`."""
-    real_utime, real_access = os.utime, os.access
+    os.access reports before a write: it stands in here for such a mount of `folder`, whose
+    files cannot be touched, removed or replaced."""
+    real_access = os.access
 
-    def utime(path, *args, **kwargs):
-        if isinstance(path, int) or Path(path).is_relative_to(folder):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return real_utime(path, *args, **kwargs)
+    def refused(real):
+        def call(path, *args, **kwargs):
+            if isinstance(path, int) or Path(path).is_relative_to(folder):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "utime", utime)
+        return call
+
+    for name in ("utime", "unlink", "replace", "rename"):
+        monkeypatch.setattr(os, name, refused(getattr(os, name)))
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and real_access(p, mode))
 
 
@@ -833,6 +838,25 @@ def test_a_lora_not_cached_in_a_read_only_folder_names_the_setting(cache, monkey
     with pytest.raises(LoraError, match=r"LoRA folder .* is not writable.*COGVIDEOX_LORA_DIR"):
         cache.get("https://example.com/a.safetensors")
     assert list(cache.root.iterdir()) == []
+
+
+def test_a_damaged_lora_in_a_read_only_folder_says_so_and_what_to_do(cache, monkeypatch):
+    """It cannot be removed to fetch it again: before, the prediction failed with a bare
+    `[Errno 30] Read-only file system`. As for a LoRA not cached there, nothing is fetched."""
+    url = "https://example.com/a.safetensors"
+    blob = _cached(cache, url, 1)
+    with blob.open("r+b") as file:
+        file.truncate(blob.stat().st_size // 2)
+    _read_only(monkeypatch, cache.root)
+    with pytest.raises(
+        LoraError,
+        match=rf"the cached LoRA for {url} \({blob}\) is damaged \(.+\), and the LoRA "
+        rf"folder {cache.root} is not writable to fetch it again \(Read-only file system\): "
+        rf"mount it read-write or replace that file, or set COGVIDEOX_LORA_DIR to a writable "
+        rf"folder",
+    ):
+        cache.get(url)
+    assert blob.exists()
 
 
 def test_a_lora_one_server_got_survives_another_fetching_it_under_a_new_url(served, tmp_path):

@@ -188,8 +188,16 @@ class LoraCache:
             return None
         if problems:
             held.close()
+            try:
+                blob.unlink(missing_ok=True)
+            except OSError as error:  # a read-only volume that serves its LoRAs as they are
+                raise LoraError(
+                    f"the cached LoRA for {download.shown(url)} ({blob}) is damaged "
+                    f"({problems[0]}), and the LoRA folder {self.root} is not writable to "
+                    f"fetch it again ({error.strerror or error}): mount it read-write or "
+                    f"replace that file, or set {LORA_DIR_ENV} to a writable folder"
+                ) from None
             log.warning(f"lora: cached {blob.name} is damaged ({problems[0]}): fetching again")
-            blob.unlink(missing_ok=True)
             return None
         return held
 
