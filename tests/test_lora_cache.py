@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -243,14 +244,19 @@ def test_stalled_download_fails_at_the_timeout(served, tmp_path):
     assert time.monotonic() - started < 5
 
 
-def test_tar_of_a_training_run_gives_its_final_lora(served, cache):
+@pytest.mark.parametrize("order", ["checkpoint-first", "final-first"])
+def test_tar_of_a_training_run_gives_its_final_lora(served, cache, order):
+    """Whatever the order of its members: the tar is read once, front to back."""
     root, server = served
     final, checkpoint = _lora_bytes(1), _lora_bytes(2)
     run = {
         f"output/checkpoint-500/{LORA}": checkpoint,
         f"output/{LORA}": final,
         "output/logs.txt": b"step 1000",
+        f"output/checkpoint-1000/{LORA}": checkpoint,
     }
+    if order == "final-first":
+        run = dict(reversed(run.items()))
     _serve(root, "run.tar", _tar(run))
     _serve(root, "run.tar.gz", _tar(run, "w:gz"))
     assert cache.get(server.url("run.tar")).read_bytes() == final
@@ -329,6 +335,30 @@ def test_a_compressed_tar_that_expands_past_its_bound_is_refused(served, cache):
     assert (root / "run.tar.gz").stat().st_size < cache.max_file_bytes
     with pytest.raises(LoraError, match=r"run\.tar\.gz decompresses to more than 4\.2 MB"):
         cache.get(server.url("run.tar.gz"))
+
+
+def test_a_compressed_tar_is_read_without_staging_it_decompressed(served, tmp_path, monkeypatch):
+    """Downloads in progress count against the cache's bound, so what one stages is what
+    another server's eviction makes room for. Before, a compressed tar was staged
+    decompressed (up to 4 times COGVIDEOX_LORA_MAX_SIZE) beside itself and the LoRA copied
+    out of it: 3 MB of zeros beside the LoRA evicted a LoRA from a cache bound of 2 MB."""
+    root, server = served
+    padding = bytes(3 << 20)  # an optimizer state, say: under the 4 MB decompression bound
+    _serve(
+        root, "run.tar.gz", _tar({"output/optimizer.bin": padding, LORA: _lora_bytes(2)}, "w:gz")
+    )
+    fetcher, other = (LoraCache(tmp_path / "cache", 1 << 20, 2 << 20, timeout_s=30) for _ in "ab")
+    kept = _cached(other, "https://example.com/a.safetensors", 1)
+    copy, evictions = shutil.copyfileobj, []
+
+    def evict_then_copy(*args, **kwargs):
+        other.evict()  # another server's download ends while the LoRA is copied out
+        evictions.append(kept.exists())
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfileobj", evict_then_copy)
+    assert fetcher.get(server.url("run.tar.gz")).read_bytes() == _lora_bytes(2)
+    assert evictions and all(evictions)
 
 
 def test_a_tar_of_too_many_entries_is_refused(served, tmp_path):

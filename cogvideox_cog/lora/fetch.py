@@ -10,6 +10,7 @@ without being read, and a web page or a zip gets a message that says what to sen
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import logging
 import lzma
@@ -20,8 +21,9 @@ import threading
 import urllib.parse
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from ..errors import LoraError, WeightsError
 from ..weights import download
@@ -178,17 +180,32 @@ def _lora_file(url: str, path: Path, staging: Path, cap: Cap) -> Path:
 
 
 def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
-    """Copy the LoRA member out of a tar: read as data, never extracted by its name."""
+    """Copy the LoRA member out of a tar: read as data, never extracted by its name.
+
+    The tar is read once, front to back, through its decompressor. Nothing decompressed is
+    staged but the member the pick would take among the names read so far (_Choice): a
+    download stages at most the archive and one LoRA file, and what it stages counts
+    against the cache's bound.
+    """
+    choice, files, copied = _Choice(), [], None
     try:
-        plain = _decompressed(url, path, dest.with_name("download.tar"), cap)
-        with tarfile.open(plain, "r:") as archive:
-            members = [m for m in _members(url, archive) if m.isfile()]
-            name = _pick_lora_file([m.name for m in members], url)
-            member = next(m for m in members if m.name == name)
-            if member.size > cap.size:
-                raise _too_big(f"{url} ({name})", member.size, cap)
-            with archive.extractfile(member) as source, dest.open("wb") as out:
-                shutil.copyfileobj(source, out, download.READ_BYTES)
+        with (
+            _tar_stream(url, path, cap) as stream,
+            tarfile.open(fileobj=stream, mode="r|", bufsize=download.READ_BYTES) as archive,
+        ):
+            for member in _members(url, archive):
+                if not member.isfile():
+                    continue
+                files.append(member)
+                if choice.add(member.name) == member.name and member.size <= cap.size:
+                    with archive.extractfile(member) as source, dest.open("wb") as out:
+                        shutil.copyfileobj(source, out, download.READ_BYTES)
+                    copied = member
+        name = _pick_lora_file([m.name for m in files], url)
+        member = next(m for m in files if m.name == name)
+        if member.size > cap.size:
+            raise _too_big(f"{url} ({name})", member.size, cap)
+        assert copied is member  # the final pick was the choice when it was read
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise LoraError(f"the tar at {url} cannot be read: {error}") from None
     if sniff(dest) == "pickle":
@@ -197,40 +214,72 @@ def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
     return dest
 
 
-def _decompressed(url: str, path: Path, dest: Path, cap: Cap) -> Path:
-    """The tar itself: `path`, or `dest` holding it decompressed, up to TAR_EXPANSION times
-    the cap (beyond that, the listing alone would hold a CPU core long after the timeout,
-    and a header in memory per entry)."""
+class _Choice:
+    """What _pick_lora_file() picks among the names added so far, kept one name at a time:
+    the final pick is the choice at the time its name was added (no name before it wins
+    over it, or it would not be the final pick)."""
+
+    def __init__(self) -> None:
+        self.depth: int | None = None
+        self.named: list[str] = []  # LORA_FILE_NAME at the least depth so far
+        self.others: list[str] = []  # the other .safetensors files
+
+    def add(self, name: str) -> str | None:
+        if name.rsplit("/", 1)[-1] == LORA_FILE_NAME:
+            depth = name.strip("/").count("/")
+            if self.depth is None or depth < self.depth:
+                self.depth, self.named = depth, []
+            if depth == self.depth:
+                self.named.append(name)
+        elif name.lower().endswith(".safetensors"):
+            self.others.append(name)
+        unique = self.named if self.named else self.others
+        return unique[0] if len(unique) == 1 else None
+
+
+@contextlib.contextmanager
+def _tar_stream(url: str, path: Path, cap: Cap) -> Iterator[_Bounded]:
+    """The tar itself, decompressed as it is read where it is compressed, up to
+    TAR_EXPANSION times the cap (beyond that, the listing alone would hold a CPU core long
+    after the timeout, and a header in memory per entry)."""
     with path.open("rb") as file:
         head = file.read(6)
     opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
-    if opener is None:
-        return path
-    limit, written = TAR_EXPANSION * cap.size, 0
-    with opener(path) as source, dest.open("wb") as out:
-        while block := source.read(download.READ_BYTES):
-            written += out.write(block)
-            if written > limit:
-                raise LoraError(
-                    f"the tar at {url} decompresses to more than {download.human(limit)}, "
-                    f"{TAR_EXPANSION} times the {download.human(cap.size)} limit "
-                    f"({cap.setting}): send the LoRA file itself, or a tar of the run's "
-                    f"output folder without what compresses that well"
-                )
-    return dest
+    limit = TAR_EXPANSION * cap.size
+    refusal = LoraError(
+        f"the tar at {url} decompresses to more than {download.human(limit)}, "
+        f"{TAR_EXPANSION} times the {download.human(cap.size)} limit ({cap.setting}): send "
+        f"the LoRA file itself, or a tar of the run's output folder without what compresses "
+        f"that well"
+    )
+    with opener(path) if opener else path.open("rb") as source:
+        yield _Bounded(source, limit, refusal)
 
 
-def _members(url: str, archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+class _Bounded:
+    """A file read front to back that raises `refusal` once more than `limit` bytes are read."""
+
+    def __init__(self, source: BinaryIO, limit: int, refusal: LoraError):
+        self._source, self._limit, self._refusal, self._read = source, limit, refusal, 0
+
+    def read(self, size: int = -1) -> bytes:
+        allowed = self._limit + 1 - self._read  # one byte more: passing the bound shows
+        data = self._source.read(allowed if size < 0 else min(size, allowed))
+        self._read += len(data)
+        if self._read > self._limit:
+            raise self._refusal
+        return data
+
+
+def _members(url: str, archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """The tar's entries, at most MAX_TAR_MEMBERS."""
-    members = []
-    for member in archive:
-        members.append(member)
-        if len(members) > MAX_TAR_MEMBERS:
+    for count, member in enumerate(archive, 1):
+        if count > MAX_TAR_MEMBERS:
             raise LoraError(
                 f"the tar at {url} holds more than {MAX_TAR_MEMBERS:,} entries: send the "
                 f"LoRA file itself, or a tar of the run's output folder"
             )
-    return members
+        yield member
 
 
 def _too_big(what: str, size: int, cap: Cap, at_least: bool = False) -> LoraError:
