@@ -187,6 +187,18 @@ def test_a_rank_failing_alone_asks_the_others_to_stop(monkeypatch):
         assert ranks._cancel.is_set()
 
 
+def test_a_rank_failing_during_a_cancel_wait_leaves_the_others_the_cancel_bound(monkeypatch):
+    """After a cancel every rank is already told to stop, and has the cancel's bound to do it
+    in: one that fails meanwhile does not cut the others' wait to the shorter failure grace
+    (a step under way would be taken for stuck, and the server turned UNHEALTHY)."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    answers = [(0.0, Failed(0, RuntimeError("out of memory"))), (3 * BOUND_S, Canceled(1, 2))]
+    outcomes = {}
+    with _group_answering(answers) as ranks:
+        ranks._outcomes(outcomes, bound=6 * BOUND_S)
+    assert set(outcomes) == {0, 1} and ranks.failure is None
+
+
 def test_a_check_waits_for_rank_0_alone():
     """Only rank 0 checks a request: the others, never asked, are not waited for."""
     outcomes = {}
