@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_rrdbnet
 from cogvideox_cog.errors import InputError, LoraError, RankGroupError
+from cogvideox_cog.generator import Request
 from cogvideox_cog.parallel import group
 from cogvideox_cog.parallel.protocol import (
     Canceled,
@@ -50,12 +51,17 @@ from cogvideox_cog.weights.cache import WEIGHTS_DIR_ENV
 from tests.cog_server import free_port
 
 BOUND_S = 0.5
+REQUEST = Request("a panda plays guitar", "", 9, 2, 6.0, None, None, seed=5)
 PROGRESS_EVERY_S = 0.1
 
 
 def _answer_after(
-    conn, delay: float, answer, said_first: tuple = (), progress_s: float = 0.0
+    conn, delay: float | None, answer, said_first: tuple = (), progress_s: float = 0.0
 ) -> None:
+    if delay is None:  # answers each command it is sent, as a rank does
+        while True:
+            conn.recv()
+            conn.send(answer)
     for message in said_first:
         conn.send(message)
     working_until = time.monotonic() + progress_s
@@ -69,18 +75,21 @@ def _answer_after(
 
 @contextmanager
 def _group_answering(
-    answers: list[tuple[float, object]], rank_0_first: tuple = (), rank_0_progress_s: float = 0.0
+    answers: list[tuple[float | None, object]],
+    rank_0_first: tuple = (),
+    rank_0_progress_s: float = 0.0,
 ) -> Iterator[group.RankGroup]:
-    """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds; rank 0
-    first sends `rank_0_first` at once, then Progress every PROGRESS_EVERY_S for
-    `rank_0_progress_s` (its delay counts from then). Its processes are stopped on the way
-    out."""
+    """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds (None: in
+    answer to each command it gets); rank 0 first sends `rank_0_first` at once, then
+    Progress every PROGRESS_EVERY_S for `rank_0_progress_s` (its delay counts from then).
+    Its processes are stopped on the way out."""
     context = multiprocessing.get_context("fork")
     ranks = group.RankGroup.__new__(group.RankGroup)
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
     ranks._cancel = context.Event()
     ranks._processes, ranks._conns = [], []
     ranks._steps, ranks._progressed = group._StepClock(), None
+    ranks._unsettled = None
     for rank, (delay, answer) in enumerate(answers):
         ours, theirs = context.Pipe()
         said_first, progress_s = (rank_0_first, rank_0_progress_s) if rank == 0 else ((), 0.0)
@@ -201,10 +210,21 @@ def test_a_rank_failing_during_a_cancel_wait_leaves_the_others_the_cancel_bound(
 
 def test_a_check_waits_for_rank_0_alone():
     """Only rank 0 checks a request: the others, never asked, are not waited for."""
-    outcomes = {}
     with _group_answering([(0.0, Done(0, None)), (30.0, Canceled(1, 0))]) as ranks:
-        ranks._outcomes(outcomes, bound=BOUND_S, answering=1)
-    assert set(outcomes) == {0} and ranks.failure is None
+        started = time.monotonic()
+        ranks.check(REQUEST)
+        waited = time.monotonic() - started
+    assert waited < 10.0 and ranks.failure is None
+
+
+def test_a_check_leaves_the_other_ranks_nothing_to_answer_for_the_next_render():
+    """Had rank 1 checked too, its answer would be read as its outcome of the next render:
+    a bad input's error failing the next, good request."""
+    refused = Failed(1, InputError("prompt: too long"))
+    with _group_answering([(0.0, Done(0, None)), (None, refused)]) as ranks:
+        ranks.check(REQUEST)
+        time.sleep(BOUND_S)  # rank 1's answer, had it been asked, is in by then
+        assert ranks._inbox.next(timeout=0) is None
 
 
 def test_rank_0s_log_lines_are_logged_by_the_prediction(caplog):
