@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,6 +209,13 @@ def test_a_rank_failing_during_a_cancel_wait_leaves_the_others_the_cancel_bound(
     assert set(outcomes) == {0, 1} and ranks.failure is None
 
 
+def test_rank_0_left_alone_after_another_rank_failed_is_not_taken_for_working_alone():
+    """Rank 1's failure (out of memory on its GPU) leaves rank 0 waiting for it in a
+    collective: stuck, not decoding on its own, so the wait has its bound."""
+    failed = {1: Failed(1, RuntimeError("CUDA out of memory"))}
+    assert not group._working_alone([0], failed)
+
+
 def test_a_check_waits_for_rank_0_alone():
     """Only rank 0 checks a request: the others, never asked, are not waited for."""
     with _group_answering([(0.0, Done(0, None)), (30.0, Canceled(1, 0))]) as ranks:
@@ -237,12 +245,35 @@ def test_rank_0s_log_lines_are_logged_by_the_prediction(caplog):
     assert "lora: loaded style.safetensors" in caplog.text
 
 
+def test_a_rank_killed_during_a_prediction_fails_it_at_once_naming_the_kill(monkeypatch):
+    """Not once the others are taken for stuck (they fail, or wait in a collective for the
+    dead rank): the prediction's error says what happened."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", 4 * BOUND_S)
+    monkeypatch.setattr(group, "CANCEL_BOUND_S", 4 * BOUND_S)
+    broken = Failed(0, RuntimeError("Connection closed by peer"))
+    with _group_answering([(2 * BOUND_S, broken), (30.0, Done(1, None))]) as ranks:
+        threading.Timer(BOUND_S, ranks._processes[1].kill).start()
+        killed = "rank 1 was killed by SIGKILL during a prediction"
+        with pytest.raises(RankGroupError, match=killed):
+            ranks.predict(REQUEST)
+
+
 def test_the_group_keeps_the_first_reason_it_stopped_for():
     """A rank killed leaves the others stuck: the health check names the kill, the cause."""
     with _group_answering([(30.0, Done(0, None))]) as ranks:
         ranks.failure = "rank 1 was killed by SIGKILL"
         with pytest.raises(RankGroupError, match="stuck"):
             ranks._break("ranks [0] did not finish within 30 s: stuck")
+    assert ranks.failure == "rank 1 was killed by SIGKILL"
+
+
+def test_the_health_check_names_the_first_rank_that_ended():
+    """Rank 1 killed (the OOM killer), then rank 0 ending too, its collective broken: the
+    cause is the kill."""
+    ranks = group.RankGroup.__new__(group.RankGroup)
+    ranks.failure, ranks._closing = None, False
+    ranks._rank_ended(RankExited(1, -9))
+    ranks._rank_ended(RankExited(0, 1))
     assert ranks.failure == "rank 1 was killed by SIGKILL"
 
 
@@ -441,6 +472,16 @@ def test_a_bad_input_found_by_another_rank_is_the_users_error_as_it_is():
     error = InputError("prompt: too long")
     with pytest.raises(InputError, match="prompt: too long"):
         group._output({0: Canceled(0, 0), 1: Failed(1, error)})
+
+
+def test_of_two_failed_ranks_rank_0s_error_is_reported():
+    """Rank 0's own error (out of memory on its GPU), not the one it then caused on the rank
+    waiting for it in a collective."""
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    outcomes = {1: Failed(1, RuntimeError("Connection closed by peer")), 0: Failed(0, oom)}
+    with pytest.raises(RuntimeError) as raised:
+        group._output(outcomes)
+    assert raised.value is oom
 
 
 def test_another_ranks_own_error_is_reported_naming_that_rank():
