@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -275,6 +276,18 @@ def test_the_health_check_names_the_first_rank_that_ended():
     ranks._rank_ended(RankExited(1, -9))
     ranks._rank_ended(RankExited(0, 1))
     assert ranks.failure == "rank 1 was killed by SIGKILL"
+
+
+def test_ranks_that_ignore_sigterm_are_killed_when_the_group_stops():
+    """A rank inherits an ignored SIGTERM from the process that starts it: stopping the
+    group must not leave it running, holding its GPU's memory."""
+    ignored = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _group_answering([(30.0, Done(0, None))]) as ranks:
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, ignored)
+    assert not ranks._processes[0].is_alive()
 
 
 def test_the_health_check_fails_with_the_reason_once_the_group_stopped():
