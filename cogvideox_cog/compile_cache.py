@@ -32,12 +32,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from .attention import DEFAULT_BACKEND
-from .files import replace_atomically
+from .files import remove_abandoned_temporaries, replace_atomically
 
 log = logging.getLogger(__name__)
 
 FOLDER = "compile-cache"  # under the weights cache folder
 MAGIC = b"cogvideox-compile-cache 1\n"
+ABANDONED_AFTER_S = 3600  # a temporary file no write touched for this long: its writer died
 
 
 def cache_key(
@@ -136,6 +137,8 @@ def save(path: Path, key: dict) -> bool:
     data = MAGIC + json.dumps(key, sort_keys=True).encode() + b"\n" + payload
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if remove_abandoned_temporaries(path, ABANDONED_AFTER_S):
+            log.info(f"compile cache: removed what a killed start left half-written of {path}")
         replace_atomically(path, data)
     except OSError as error:  # a read-only or full volume: the next start compiles again
         log.warning(f"compile cache: cannot write {path}: {error}")

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+# Tells this process's temporary files from those of a process with the same pid in another
+# container on the same volume (containers reuse each other's pids: pid 1, pid 7, ...).
+_PROCESS_TOKEN = secrets.token_hex(8)
+
+
+def temporary_name(path: Path) -> Path:
+    """Where replace_atomically() writes `path` before the rename: this writer's alone. The
+    token tells containers apart, the pid a forked child from its parent, the thread one
+    thread from another."""
+    writer = f"{_PROCESS_TOKEN}-{os.getpid()}-{threading.get_ident()}"
+    return path.with_name(f"{path.name}.{writer}.tmp")
 
 
 def replace_atomically(
     path: Path, text: str | bytes, fsync: Callable[[Path], None] | None = None
 ) -> None:
     """Write `text` (str or bytes) to `path` through a temporary file and one rename: readers
-    see the old file or the new one. The temporary name is the writer's own (process and
-    thread), so two writers never share one. fsync, where given, makes the file durable before
-    the rename and the rename durable after it."""
-    temp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    see the old file or the new one. fsync, where given, makes the file durable before the
+    rename and the rename durable after it."""
+    temp = temporary_name(path)
     try:
         if isinstance(text, bytes):
             temp.write_bytes(text)
@@ -29,3 +44,19 @@ def replace_atomically(
         raise
     if fsync is not None:
         fsync(path.parent)
+
+
+def remove_abandoned_temporaries(path: Path, older_than_s: float) -> int:
+    """Remove the temporary files of `path` that no write has touched for `older_than_s`
+    seconds: left by a writer killed mid-write (kill -9, the OOM killer), whose cleanup never
+    ran. A write in progress touches its file as it goes. Returns how many were removed."""
+    removed = 0
+    with contextlib.suppress(OSError):  # no folder yet, or a read-only one: nothing to do
+        for temp in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+            try:
+                if time.time() - temp.lstat().st_mtime > older_than_s:
+                    temp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+    return removed

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,27 @@ def test_an_unwritable_volume_only_costs_the_next_start_a_compile(tmp_path, capl
     finally:
         torch._dynamo.reset()
     assert "cannot write" in caplog.text and not path.exists()
+
+
+@needs_cpp_compiler
+def test_a_file_half_written_by_a_killed_start_is_removed_by_the_next_save(tmp_path, caplog):
+    """A start killed while writing the file (kill -9, the OOM killer) leaves its temporary
+    file, and every such file would hold a compile cache's size for good. One no write has
+    touched for an hour is removed; one another start is writing now is left to it."""
+    path = compile_cache.artifact_path(tmp_path, _key())
+    path.parent.mkdir(parents=True)
+    abandoned = path.with_name(f"{path.name}.0123456789abcdef-7-1.tmp")
+    abandoned.write_bytes(b"half of a compile cache")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(abandoned, (hours_ago, hours_ago))
+    being_written = path.with_name(f"{path.name}.fedcba9876543210-7-1.tmp")
+    being_written.write_bytes(b"another start's, still growing")
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+            assert compile_cache.save(path, _key()) is True
+    finally:
+        torch._dynamo.reset()
+    assert not abandoned.exists() and being_written.exists()
+    assert "half-written" in caplog.text
+    assert compile_cache.load(path, _key())

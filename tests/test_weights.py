@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import time
 import traceback
 from collections import namedtuple
@@ -30,7 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cogvideox_cog import weights
+from cogvideox_cog import files, weights
 from cogvideox_cog.errors import BadSource, ConfigError, WeightsError
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights import (
@@ -1125,9 +1124,9 @@ def test_a_disk_that_fills_up_mid_download_fails_clearly_and_resumes(
         ensure_weights(VARIANT)
     served.clear()
     staging = next(cache.glob(".*.staging"))
-    # The journal's next temporary file (files.replace_atomically names it after this
-    # process and thread) is /dev/full: writing it fails with ENOSPC, as on a full disk.
-    full = staging / f"{JOURNAL}.{os.getpid()}-{threading.get_ident()}.tmp"
+    # The journal's next temporary file is /dev/full: writing it fails with ENOSPC, as on a
+    # full disk.
+    full = files.temporary_name(staging / JOURNAL)
     full.symlink_to("/dev/full")
     with pytest.raises(WeightsError, match=r"No space left on device.*the next setup resumes"):
         ensure_weights(VARIANT)
@@ -1149,8 +1148,8 @@ def test_a_complete_download_that_fails_to_publish_is_not_fetched_again(
     entry = cache / f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
     staging = cache / f".{entry.name}.staging"
     weights.fetch_tar(url, staging)  # what setup downloads and extracts before publishing
-    # The marker's temporary file (named after this process and thread) is /dev/full.
-    full = staging / f"{COMPLETE_MARKER}.{os.getpid()}-{threading.get_ident()}.tmp"
+    # The marker's temporary file is /dev/full.
+    full = files.temporary_name(staging / COMPLETE_MARKER)
     full.symlink_to("/dev/full")
     with pytest.raises(WeightsError, match="No space left on device"):
         cache_module.publish(staging, entry, {"source": url})
@@ -1172,8 +1171,8 @@ def test_a_disk_full_while_publishing_fails_setup_naming_the_setting(
 
     def verify_then_fill_the_disk(staging: Path, *args, **kwargs):
         verified = verify(staging, *args, **kwargs)
-        # The marker's temporary file (named after this process and thread) is /dev/full.
-        full = staging / f"{COMPLETE_MARKER}.{os.getpid()}-{threading.get_ident()}.tmp"
+        # The marker's temporary file is /dev/full.
+        full = files.temporary_name(staging / COMPLETE_MARKER)
         full.symlink_to("/dev/full")
         monkeypatch.setattr(weights, "verify", verify)  # once
         return verified
