@@ -28,20 +28,36 @@ def claim(parent: Path, prefix: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     while True:
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        lock = folder / LOCK_NAME
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:  # removed by remove_dead() before its lock existed
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            ours = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:  # remove_dead() took the lock first and removed the folder
-            ours = False
-        if ours:
+            fd = _lock(folder)
+        except BaseException:
+            # A cancel (Cog raises it in the prediction's thread) before the lock was held:
+            # a folder without a lock file would be left alone by every remove_dead().
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if fd is not None:
             _held[folder] = fd
             return folder
+
+
+def _lock(folder: Path) -> int | None:
+    """The descriptor holding `folder`'s lock; None if remove_dead() removed it first."""
+    lock = folder / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:  # removed by remove_dead() before its lock existed
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.path.samestat(os.fstat(fd), os.stat(lock)):
+            return fd
+    except FileNotFoundError:  # remove_dead() took the lock first and removed the folder
+        pass
+    except BaseException:
         os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def release(folder: Path) -> None:
