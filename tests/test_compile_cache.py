@@ -199,17 +199,22 @@ def test_no_file_yet_means_compiling(tmp_path, caplog):
     assert "none yet" in caplog.text
 
 
+def _compile_then_save(path: Path, caplog) -> bool:
+    """save() after one small compile, so that there are artifacts to save."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+            return compile_cache.save(path, _key())
+    finally:
+        torch._dynamo.reset()
+
+
 @needs_cpp_compiler
 def test_an_unwritable_volume_only_costs_the_next_start_a_compile(tmp_path, caplog):
     blocked = tmp_path / "a file, not a folder"
     blocked.write_text("")
     path = compile_cache.artifact_path(blocked, _key())
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
-        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
-            assert compile_cache.save(path, _key()) is False
-    finally:
-        torch._dynamo.reset()
+    assert _compile_then_save(path, caplog) is False
     assert "cannot write" in caplog.text and not path.exists()
 
 
@@ -226,12 +231,7 @@ def test_a_file_half_written_by_a_killed_start_is_removed_by_the_next_save(tmp_p
     os.utime(abandoned, (hours_ago, hours_ago))
     being_written = path.with_name(f"{path.name}.fedcba9876543210-7-1.tmp")
     being_written.write_bytes(b"another start's, still growing")
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
-        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
-            assert compile_cache.save(path, _key()) is True
-    finally:
-        torch._dynamo.reset()
+    assert _compile_then_save(path, caplog) is True
     assert not abandoned.exists() and being_written.exists()
     assert "half-written" in caplog.text
     assert compile_cache.load(path, _key())
