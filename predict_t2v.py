@@ -82,8 +82,9 @@ class Predictor(BaseRunner):
             default=None,
         ),
         lora_scale: float = Input(
-            description="LoRA strength: 1.0 is the strength it was trained at (alpha/rank), "
-            "0 the base model. Ignored without lora_url.",
+            description="LoRA strength: 1.0 applies the file's alpha/rank, alpha = rank where "
+            "it gives none, as upstream's cli_demo.py does (a SAT export wants 1/rank). 0 is the "
+            "base model. Ignored without lora_url.",
             ge=-1.0,
             le=3.0,
             default=1.0,

@@ -1,8 +1,8 @@
 """Tiny LoRA files as the upstream fine-tuning tools write them.
 
 A LoRA is trained (here: initialised at random by peft) on a copy of the tiny transformer and
-saved with the pipeline's own LoRA saver, keys prefixed `transformer.`; the SAT-exported
-layout is the same tensors without the prefix, written as export_sat_lora_weight.py does.
+saved with the pipeline's own LoRA saver, keys prefixed `transformer.`; a SAT export is the
+same keys without alpha, written as export_sat_lora_weight.py does.
 """
 
 from __future__ import annotations
@@ -66,9 +66,13 @@ def save_diffusers_lora(
 
 
 def save_sat_lora(tensors: dict[str, torch.Tensor], folder: Path) -> Path:
-    """The SAT-exported layout: the same names without `transformer.`."""
+    """A SAT run's LoRA as export_sat_lora_weight.py writes it. SAT names block N's query LoRA
+    `model.diffusion_model.transformer.layers.N.attention.query_key_value.matrix_A.0`; the
+    exporter cuts `model.diffusion_model.`, renames the LoRA's own part to diffusers' and
+    `layers` to `transformer_blocks`: `transformer.transformer_blocks.N.attn1.to_q.lora_A
+    .weight`. It stores no alpha (SAT's is 1)."""
     LoraBaseMixin.write_lora_layers(
-        state_dict=tensors,
+        state_dict={f"transformer.{key}": tensor for key, tensor in tensors.items()},
         save_directory=folder,
         is_main_process=True,
         weight_name=None,

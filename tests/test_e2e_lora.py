@@ -65,11 +65,12 @@ def test_prediction_after_a_lora_one_is_the_base_model_exactly(t2v, loras, tmp_p
     np.testing.assert_array_equal(_frames(t2v.predict(T2V), tmp_path), base)
 
 
-def test_sat_exported_lora_is_applied_at_one_over_rank(t2v, loras, tmp_path):
+def test_sat_exported_lora_is_applied_as_cli_demo_applies_it(t2v, loras, tmp_path):
+    """No alpha in the file: alpha = rank, as for the training run's own LoRA (same tensors)."""
     url = loras.url("sat/pytorch_lora_weights.safetensors")
-    sat = t2v.predict({**T2V, "lora_url": url})
-    assert "SAT layout" in sat["logs"]
-    assert "alpha/rank 0.25 = 0.25" in sat["logs"]
+    sat = t2v.predict({**T2V, "lora_url": url, "lora_scale": 0.25})
+    assert "pipeline layout" in sat["logs"]
+    assert "lora_scale 0.25 x alpha/rank 1 = 0.25" in sat["logs"]
     same = t2v.predict({**T2V, "lora_url": loras.url("run.tar"), "lora_scale": 0.25})
     np.testing.assert_array_equal(_frames(sat, tmp_path), _frames(same, tmp_path))
 

@@ -59,7 +59,9 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
     save_diffusers_lora(b, root / "b")
     save_diffusers_lora(a, root / "a-alpha8", alpha=2 * RANK)
     save_diffusers_lora(a, root / "a-rslora", alpha=2 * RANK, use_rslora=True)
+    save_diffusers_lora(a, root / "a-alpha1", alpha=1)  # SAT's alpha, stored
     save_sat_lora(a, root / "a-sat")
+    save_renamed(a, root / "a-bare" / LORA, lambda k: k)  # a peft state dict, saved as is
     wider = lora_tensors(transformer, RANK, seed=3, attention_head_dim=24)  # 48 wide, not 32
     save_diffusers_lora(wider, root / "wider")
     deeper = lora_tensors(transformer, RANK, seed=3, num_layers=3)
@@ -168,10 +170,17 @@ def test_a_then_b_then_a_reproduces_a_exactly(generator, loras):
     assert np.abs(other - first).max() > 1e-3
 
 
-def test_sat_layout_at_scale_one_equals_diffusers_layout_at_one_over_rank(generator, loras):
-    """SAT trains with alpha 1: its scale 1.0 is 1/rank of the unscaled product."""
-    sat = _frames(generator, _url(loras, "a-sat"), 1.0)
-    np.testing.assert_array_equal(sat, _frames(generator, _url(loras, "a"), 1 / RANK))
+def test_a_sat_export_at_one_over_rank_gets_the_strength_sat_trained_it_with(generator, loras):
+    """The export stores no alpha, so it is taken as rank (what cli_demo.py applies at 1.0);
+    SAT trained with alpha 1, which lora_scale 1/rank gives back, as docs/lora.md says."""
+    sat = _frames(generator, _url(loras, "a-sat"), 1 / RANK)
+    np.testing.assert_array_equal(sat, _frames(generator, _url(loras, "a-alpha1"), 1.0))
+
+
+def test_a_file_without_the_prefix_or_an_alpha_takes_alpha_equal_to_rank(generator, loras):
+    """As diffusers' load_lora_adapter takes a transformer's own save or a peft state dict."""
+    bare = _frames(generator, _url(loras, "a-bare"), 1.0)
+    np.testing.assert_array_equal(bare, _frames(generator, _url(loras, "a"), 1.0))
 
 
 def test_alpha_in_the_files_metadata_sets_the_trained_scale(generator, loras):
@@ -517,20 +526,23 @@ def test_each_layer_of_a_diffusers_lora_of_mixed_ranks_keeps_its_trained_scale_o
 
 
 def test_read_lora_reports_layout_rank_and_alpha(generator, loras):
-    for folder, layout, alpha in [("a", "diffusers", 4.0), ("a-sat", "SAT", 1.0)]:
+    for folder, layout in [("a", "pipeline"), ("a-sat", "pipeline"), ("a-bare", "transformer")]:
         lora = read_lora(generator.lora_cache.get(_url(loras, folder)))
-        assert (lora.layout, lora.rank, lora.alpha) == (layout, RANK, alpha)
+        assert (lora.layout, lora.rank, lora.alpha) == (layout, RANK, RANK)
+        assert lora.alpha_source == "the diffusers convention, alpha = rank"
     with_alpha = read_lora(generator.lora_cache.get(_url(loras, "a-alpha8")))
     assert (with_alpha.alpha, with_alpha.alpha_source) == (8.0, "the file's metadata")
 
 
-def test_the_layers_a_lora_adapts_are_read_from_its_header_in_either_layout(tiny_weights, tmp_path):
+def test_the_layers_a_lora_adapts_are_read_from_its_header_with_or_without_its_prefix(
+    tiny_weights, tmp_path
+):
     transformer = tiny_weights["1.0-t2v"] / "transformer"
     tensors = lora_tensors(transformer, RANK, seed=3, targets=["to_q", "proj_out"])
     layers = {key.split(".lora_")[0] for key in tensors}
     assert "proj_out" in layers
     assert adapted_layers(save_diffusers_lora(tensors, tmp_path / "diffusers")) == layers
-    assert adapted_layers(save_sat_lora(tensors, tmp_path / "sat")) == layers
+    assert adapted_layers(save_renamed(tensors, tmp_path / "bare" / LORA, lambda k: k)) == layers
 
 
 def _compiled_generator(tiny_weights, tmp_path) -> VideoGenerator:

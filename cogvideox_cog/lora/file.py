@@ -1,15 +1,16 @@
 """What a LoRA file holds, and whether it fits the transformer.
 
-The upstream fine-tuning tools write two layouts (both safetensors, peft `lora_A`/`lora_B`):
+Upstream's fine-tuning tools write one layout (safetensors, peft `lora_A`/`lora_B`, keys
+prefixed `transformer.`): diffusers' training scripts through the pipeline's
+save_lora_weights, and SAT runs through `tools/export_sat_lora_weight.py`, which strips SAT's
+`model.diffusion_model.` and keeps `transformer.` (SAT's blocks are `transformer.layers.N`).
+Keys without the prefix are a transformer's own save_lora_adapter or a peft state dict.
 
-- diffusers-trained (`pytorch_lora_weights.safetensors`): keys prefixed `transformer.`. The
-  training scale is alpha / rank; diffusers stores alpha in the file's `lora_adapter_metadata`
-  only when the trainer passed it, and otherwise takes alpha = rank (scale 1.0). We do the
-  same, so lora_scale 1.0 means what training used when alpha was rank (the upstream default).
-- SAT-exported (`tools/export_sat_lora_weight.py`): the same names without the prefix; SAT
-  trains with alpha 1, so the training scale is 1 / rank (upstream's load_cogvideox_lora.py
-  applies it by hand). Unprefixed keys with diffusers metadata (a model's own
-  save_lora_adapter) use the metadata instead.
+The training scale is alpha / rank. diffusers stores alpha in the file's
+`lora_adapter_metadata` only when the trainer passed it, and otherwise takes alpha = rank
+(scale 1.0), whichever the layout; so do we, and so lora_scale 1.0 applies a LoRA as
+upstream's `cli_demo.py` does (`fuse_lora(lora_scale=1.0)`). The file cannot tell a SAT export
+(trained with alpha 1) from a diffusers-trained LoRA: docs/lora.md says what scale to pass.
 
 A LoRA is checked against the transformer's linear layers before anything is changed, so one
 for another variant fails with the mismatch named and the model untouched (slot.py puts it on).
@@ -42,7 +43,7 @@ _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 @dataclass
 class LoraWeights:
     digest: str
-    layout: Literal["diffusers", "SAT"]
+    layout: Literal["pipeline", "transformer"]  # keys with `transformer.`, or without
     tensors: dict[str, torch.Tensor]  # module.lora_A.weight -> tensor, without the prefix
     ranks: dict[str, int]  # module -> rank
     rank: int  # the most common rank
@@ -85,7 +86,7 @@ def read_lora(path: Path) -> LoraWeights:
     if prefixed and len(prefixed) != len(tensors):
         bare = next(k for k in tensors if not k.startswith(PREFIX))
         raise LoraError(f"the LoRA mixes keys with and without '{PREFIX}' (e.g. {bare!r}).")
-    layout = "diffusers" if prefixed else "SAT"
+    layout = "pipeline" if prefixed else "transformer"
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
     unexpected = [k for k in tensors if not _KEY.fullmatch(k)]
@@ -101,12 +102,10 @@ def read_lora(path: Path) -> LoraWeights:
     if config is not None and "lora_alpha" in config:
         alpha, alpha_pattern = float(config["lora_alpha"]), config.get("alpha_pattern") or {}
         source = "the file's metadata"
-    elif layout == "diffusers":
+    else:
         alpha = float(rank)
         alpha_pattern = {f"^{m}": float(r) for m, r in ranks.items() if r != rank}
         source = "the diffusers convention, alpha = rank"
-    else:
-        alpha, alpha_pattern, source = 1.0, {}, "the SAT convention, alpha = 1"
     rslora = bool(config and config.get("use_rslora"))
     return LoraWeights(
         path.stem, layout, tensors, ranks, rank, alpha, alpha_pattern, source, rslora
