@@ -113,8 +113,9 @@ class Predictor(BaseRunner):
         ),
         upscale: str = Input(
             description="Larger, sharper frames: Real-ESRGAN super-resolution to 2x or 4x the "
-            "width and height (720x480 becomes 1440x960 or 2880x1920). Only where the "
-            "deployment enables it.",
+            "width and height (720x480 becomes 1440x960 or 2880x1920; the 1.5 models' 4x, "
+            "5440x3072, is beyond what Firefox on Windows plays). Only where the deployment "
+            "enables it.",
             choices=["none", "2x", "4x"],
             default="none",
         ),

@@ -37,7 +37,7 @@ from .lora.store import LoraCache
 from .media import fetch
 from .media.clip import load_video
 from .media.image import fit_image, open_image
-from .media.mp4 import encode_mp4
+from .media.mp4 import above_level_5_1, encode_mp4
 from .pipeline import (
     COMPILE_ENV,
     MODE_TASK,
@@ -589,6 +589,15 @@ class VideoGenerator:
             f"generating {plan.num_frames} frames at {plan.width}x{plan.height}, {plan.steps} "
             f"steps, guidance {plan.guidance_scale:g}, {schedule}"
         )
+        steps = plan.postprocess
+        level = above_level_5_1(
+            plan.width * steps.upscale, plan.height * steps.upscale, plan.fps * steps.interpolate
+        )
+        if level:
+            log.warning(
+                f"output: {level}. Firefox on Windows and some phones do not play such an mp4; "
+                f"a smaller upscale, interpolate or fps keeps it within level 5.1"
+            )
         if plan.speed_mode != "default":
             log.info(
                 f"speed_mode {plan.speed_mode}: step caching, faster and slightly less faithful"

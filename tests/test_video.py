@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4, x264_cpu_options
+from cogvideox_cog.media.mp4 import above_level_5_1, encode_mp4, probe_mp4, x264_cpu_options
 
 WIDTH, HEIGHT = 64, 48  # small keeps the file fast; multiples of 8 as the models produce
 
@@ -212,3 +212,22 @@ def test_the_first_frame_is_shown_at_time_zero(clip_mp4):
     with av.open(str(clip_mp4)) as container:
         times = [frame.time for frame in container.decode(video=0)]
     assert times[:3] == [0.0, 0.125, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fps"),
+    [(720, 480, 8), (1360, 768, 64), (2880, 1920, 45), (4080, 2304, 16), (4096, 2304, 16)],
+)
+def test_sizes_and_rates_within_h264_level_5_1_are_not_flagged(width, height, fps):
+    assert above_level_5_1(width, height, fps) is None
+
+
+def test_the_15_models_4x_upscale_is_flagged_for_its_frame_size():
+    """5440x3072: 65,280 macroblocks a frame, which x264 writes as level 6.0."""
+    assert "65,280 macroblocks a frame" in above_level_5_1(5440, 3072, 16)
+
+
+def test_a_size_within_level_5_1_at_too_high_a_rate_is_flagged_for_its_rate():
+    """2720x1536 (the 1.5 models' 2x) at 64 fps (16 fps interpolated 4x) is level 5.2."""
+    assert "macroblocks a second" in above_level_5_1(2720, 1536, 64)
+    assert above_level_5_1(2880, 1920, 46) is not None

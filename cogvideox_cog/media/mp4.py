@@ -45,6 +45,12 @@ DEFAULT_PRESET = "medium"
 _X264_UP_TO_AVX2 = "MMX2,SSE2Fast,SSSE3,SSE4.2,AVX,FMA3,BMI2,AVX2"
 _AVX2_AND_BELOW = {"mmx", "sse2", "ssse3", "sse4_2", "avx", "fma", "bmi2", "avx2"}
 
+# H.264 level 5.1 (ITU-T H.264 Table A-1), the highest that Windows' own decoder (which Firefox
+# uses there) and some phones' decode. x264 writes the lowest level a video needs, so a larger
+# or faster one is written as 5.2 or 6.x, which those players refuse.
+_LEVEL_5_1_MACROBLOCKS = 36_864  # a frame's 16x16 blocks
+_LEVEL_5_1_MACROBLOCKS_PER_S = 983_040
+
 Frames = np.ndarray | Sequence[np.ndarray] | Sequence[Image.Image]
 
 
@@ -96,6 +102,22 @@ def encode_mp4(
         temp.unlink(missing_ok=True)
         raise
     return path
+
+
+def above_level_5_1(width: int, height: int, fps: int) -> str | None:
+    """Why an mp4 of this size and frame rate needs an H.264 level above 5.1; None if not."""
+    macroblocks = -(-width // 16) * -(-height // 16)
+    if macroblocks > _LEVEL_5_1_MACROBLOCKS:
+        return (
+            f"{width}x{height} is {macroblocks:,} macroblocks a frame, above H.264 level 5.1's "
+            f"{_LEVEL_5_1_MACROBLOCKS:,}"
+        )
+    if macroblocks * fps > _LEVEL_5_1_MACROBLOCKS_PER_S:
+        return (
+            f"{width}x{height} at {fps} fps is {macroblocks * fps:,} macroblocks a second, "
+            f"above H.264 level 5.1's {_LEVEL_5_1_MACROBLOCKS_PER_S:,}"
+        )
+    return None
 
 
 def _write(
