@@ -3,6 +3,8 @@ leave no trace on the default path."""
 
 from __future__ import annotations
 
+import logging
+
 import cog
 import numpy as np
 import pytest
@@ -147,6 +149,27 @@ def test_faster_also_skips_most_unconditional_branches(generator):
 def test_faster_without_guidance_runs(generator):
     frames = _render(generator, speed_mode="faster", guidance_scale=1.0, use_dynamic_cfg=False)
     assert np.isfinite(frames).all()
+
+
+def test_faster_without_guidance_computes_the_attention_fast_does(generator):
+    """No negative-prompt half to skip: what docs/performance.md says of guidance_scale 1."""
+    no_guidance = dict(guidance_scale=1.0, use_dynamic_cfg=False)
+    faster = _attention_rows(generator, speed_mode="faster", **no_guidance)
+    assert faster == _attention_rows(generator, speed_mode="fast", **no_guidance)
+
+
+def test_a_faster_prediction_logs_no_experimental_feature_notice(generator):
+    """diffusers' notice asks users to report issues: in a prediction's log it reads as a fault."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    notices = logging.getLogger("diffusers.hooks.faster_cache")
+    notices.addHandler(handler)
+    try:
+        _render(generator, speed_mode="faster")
+    finally:
+        notices.removeHandler(handler)
+    assert not [message for message in seen if "experimental" in message]
 
 
 def test_fast_is_pyramid_attention_broadcast_as_diffusers_documents_it_for_cogvideox():
