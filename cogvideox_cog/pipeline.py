@@ -22,11 +22,11 @@ from diffusers import (
 
 from .attention import AttentionBackendName, use_dispatching_attention
 from .errors import ConfigError
-from .logs import drop_diffusers_prompt_echo
+from .logs import drop_diffusers_noise
 from .variants import Task, Variant
 
 log = logging.getLogger(__name__)
-drop_diffusers_prompt_echo()
+drop_diffusers_noise()
 
 OFFLOAD_ENV = "COGVIDEOX_OFFLOAD"
 OFFLOAD_POLICIES = ("auto", "none", "model", "sequential")

@@ -28,7 +28,6 @@ the first "fast" prediction compiled 12 graphs, the first at another frame count
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -40,18 +39,6 @@ from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROAD
 from .pipeline import blocks_run_eagerly, compiled_blocks_back, is_compiled
 
 SPEED_MODES = ("default", "fast", "faster")
-
-
-class _WithoutExperimentalNotice(logging.Filter):
-    """diffusers warns each time FasterCache is put on that it is "purely experimental ...
-    please report any issues": in every `faster` prediction's log, where a user reads it as a
-    fault. Its settings and effects are tested here (tests/test_speed_modes.py)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("FasterCache is a purely experimental")
-
-
-logging.getLogger("diffusers.hooks.faster_cache").addFilter(_WithoutExperimentalNotice())
 
 
 def starting_timestep(scheduler, steps: int, denoise_steps: int) -> int:
