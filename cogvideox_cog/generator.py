@@ -186,7 +186,7 @@ class VideoGenerator:
         self.lora_cache = lora_cache
         self.postprocessor = postprocessor or Postprocessor()
         self.enhancer = enhancer
-        self.offload = "none"  # the policy that placed the weights (from_env sets it)
+        self.offload = self.lora.offload or "none"  # the policy that placed the weights
         self._warming_up = False  # in warm_up(): setup's renders, which no user asked for
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine: ContextParallel | None = None  # splits each denoise over ranks
@@ -265,7 +265,6 @@ class VideoGenerator:
             ),
         )
         generator.engine = engine
-        generator.offload = offload
         if warm_up:
             generator.compile_warm_up()
         log.info("setup: %s ready in %.1f s", variant.id, time.monotonic() - started)
@@ -382,11 +381,13 @@ class VideoGenerator:
         # The file name is unique too: an upload (--upload-url) keeps only the name, and the
         # same seed comes again and again (42, 0). 64 random bits: with 32, two of 77,000
         # predictions of one seed shared a name as often as not, one upload replacing the other.
+        # Named before the claim: until predict() holds the path, nothing else would remove
+        # the folder, so a cancel (Cog raises it at any bytecode) while naming, in the metrics
+        # or in the log line must find the folder released.
+        name = f"{self.variant.id}-{video.seed}-{secrets.token_hex(8)}.mp4"
         output_dir = leftovers.claim(Path(tempfile.gettempdir()), OUTPUT_PREFIX)
-        output = output_dir / f"{self.variant.id}-{video.seed}-{secrets.token_hex(8)}.mp4"
-        # Until predict() holds the path, nothing else would remove the folder: a cancel (Cog
-        # raises it at any bytecode) in the metrics or the log line would leave it for good.
         try:
+            output = output_dir / name
             encode_mp4(video.output, output, fps=video.output.fps)
             finished = time.monotonic()
             _record_timings(video, finished, self.record_metric)
@@ -480,6 +481,10 @@ class VideoGenerator:
             except EnhanceError as error:
                 raise InputError(str(error)) from None
         lora_url = (request.lora_url or "").strip()
+        if lora_url and self.lora_cache is None:
+            raise InputError(
+                "lora_url is not available here: this generator serves the base model."
+            )
         dynamic_cfg = request.use_dynamic_cfg
         plan = Plan(
             prompt=inputs.check_prompt(request.prompt, required=variant.task == "t2v"),

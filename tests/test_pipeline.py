@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 
 import cog
@@ -165,9 +166,40 @@ def test_a_cancel_after_the_encode_leaves_no_output_folder(generator, monkeypatc
     assert list(tmp_path.glob(f"{OUTPUT_PREFIX}*")) == []
 
 
+def test_a_cancel_while_the_output_is_named_leaves_no_output_folder(
+    generator, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_token_hex = secrets.token_hex
+
+    def canceled_at_the_output_name(nbytes):
+        if nbytes == 8:  # the output name's random part
+            raise cog.CancelationException()
+        return real_token_hex(nbytes)
+
+    monkeypatch.setattr(secrets, "token_hex", canceled_at_the_output_name)
+    with pytest.raises(cog.CancelationException):
+        generator.render_mp4(_request(num_inference_steps=1))
+    assert list(tmp_path.glob(f"{OUTPUT_PREFIX}*")) == []
+
+
 def test_whole_number_floats_from_json_are_accepted_as_ints(generator):
     video = generator.render_mp4(_request(num_frames=9.0, num_inference_steps=2.0, seed=5.0))
     assert probe_mp4(video)["frames"] == 9
+
+
+def test_a_generator_without_a_lora_cache_refuses_a_lora_url_as_bad_input(generator):
+    with pytest.raises(InputError, match="serves the base model"):
+        generator.render_frames(_request(lora_url="https://example.com/a.safetensors"))
+
+
+def test_a_generator_knows_the_offload_its_pipeline_was_placed_with(tiny_weights):
+    """Out-of-memory advice names the next policy, so it must start from the one in use."""
+    variant = VARIANTS["cogvideox-5b"]
+    offloaded = VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model"), CPU
+    )
+    assert offloaded.offload == "model"
 
 
 def test_bad_input_is_refused_before_the_pipeline_runs(generator, monkeypatch):
