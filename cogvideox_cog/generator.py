@@ -44,6 +44,7 @@ from .pipeline import (
     OFFLOAD_ENV,
     VAE_TILING_ENV,
     Mode,
+    check_weights_match,
     choose_compile,
     choose_offload,
     choose_vae_tiling,
@@ -240,6 +241,7 @@ class VideoGenerator:
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
         postprocessor = postprocessing(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))
+        check_weights_match(pipe, variant)  # kept if not: they are what the source serves
         pipe = configure_pipeline(
             pipe,
             variant,

@@ -21,9 +21,10 @@ from diffusers import (
 )
 
 from .attention import AttentionBackendName, use_dispatching_attention
-from .errors import ConfigError
+from .errors import ConfigError, VariantError
 from .logs import drop_diffusers_noise
-from .variants import Task, Variant
+from .variants import MODEL_ENV, TASK_NAMES, VARIANTS, Task, Variant
+from .weights import WEIGHTS_URL_ENV
 
 log = logging.getLogger(__name__)
 drop_diffusers_noise()
@@ -146,6 +147,7 @@ def build_pipeline(
 ):
     """mode: the variant's task unless given ("v2v" runs a t2v variant's weights)."""
     pipe = load_pipeline(variant, weights, device, mode)
+    check_weights_match(pipe, variant)
     return configure_pipeline(
         pipe,
         variant,
@@ -166,6 +168,27 @@ def load_pipeline(variant: Variant, weights: Path, device: torch.device, mode: M
     dtype = pipeline_dtype(variant, device)
     log.info(f"pipeline: {variant.id} ({mode}) from {weights}, {dtype} on {device}")
     return PIPELINES[mode].from_pretrained(weights, dtype=dtype)
+
+
+def check_weights_match(pipe, variant: Variant) -> None:
+    """Refuse another variant's weights. Every release has the same files, so they load, and
+    then fail each request on a tensor's shape or render at another release's size.
+
+    What the configs tell apart: image-to-video doubles the transformer's input channels
+    (the image's latents ride along), and 1.5 patches time. 2B and 5B are not told apart:
+    2B's config only lacks rotary embeddings, which the tiny test models all have.
+    """
+    config = pipe.transformer.config
+    task = "i2v" if config.in_channels == 2 * pipe.vae.config.latent_channels else "t2v"
+    family = "1.0" if config.patch_size_t is None else "1.5"
+    if (task, family) == (variant.task, variant.family):
+        return
+    matching = [v.id for v in VARIANTS.values() if (v.task, v.family) == (task, family)]
+    raise VariantError(
+        f"the weights are a CogVideoX {family} {TASK_NAMES[task]} model ({' or '.join(matching)}),"
+        f" but {MODEL_ENV}={variant.id!r}. Set {MODEL_ENV} to the weights' variant, or "
+        f"{WEIGHTS_URL_ENV} to {variant.id}'s weights (hf://{variant.hub_repo})."
+    )
 
 
 def configure_pipeline(

@@ -62,6 +62,11 @@ class Variant:
     vae_untiled_extra_gib: float | None = None
 
     @property
+    def family(self) -> Literal["1.0", "1.5"]:
+        """The release: 1.5 models patch time by 2 and take any resolution up to a bound."""
+        return "1.5" if self.id.startswith("cogvideox1.5") else "1.0"
+
+    @property
     def allowed_frames(self) -> range:
         return range(self.frame_step + 1, self.max_frames + 1, self.frame_step)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import tempfile
 
@@ -13,7 +14,7 @@ from accelerate.hooks import CpuOffload
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
-from cogvideox_cog.errors import ConfigError, InputError
+from cogvideox_cog.errors import ConfigError, InputError, VariantError
 from cogvideox_cog.generator import OUTPUT_PREFIX, Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.pipeline import (
@@ -222,6 +223,22 @@ def test_a_very_long_prompt_logs_only_the_start_of_what_is_ignored(generator, ca
     generator.render_mp4(_request(prompt=long_prompt, num_inference_steps=1))
     line = next(r.message for r in caplog.records if "this part is ignored" in r.message)
     assert len(line) < 600 and line.endswith("characters)'")
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "weights", "named"),
+    [
+        ("cogvideox-5b", "1.0-i2v", "1.0 image-to-video model (cogvideox-5b-i2v)"),
+        ("cogvideox-5b-i2v", "1.0-t2v", "1.0 text-to-video model (cogvideox-2b or cogvideox-5b)"),
+        ("cogvideox-5b", "1.5-t2v", "1.5 text-to-video model (cogvideox1.5-5b)"),
+        ("cogvideox1.5-5b-i2v", "1.0-i2v", "1.0 image-to-video model (cogvideox-5b-i2v)"),
+    ],
+)
+def test_another_variants_weights_are_refused_naming_theirs(
+    tiny_weights, variant_id, weights, named
+):
+    with pytest.raises(VariantError, match=f"the weights are a CogVideoX {re.escape(named)}"):
+        build_pipeline(VARIANTS[variant_id], tiny_weights[weights], CPU, "none")
 
 
 def test_offload_is_none_on_cpu_whatever_is_asked():

@@ -38,19 +38,18 @@ def use_tiny_model(task: str) -> Path:
     from .tiny import TINY, save_tiny_weights
 
     variant = variant_from_env("i2v" if task == "i2v" else "t2v", PREDICTOR_FILES[task])
-    family = "1.5" if variant.id.startswith("cogvideox1.5") else "1.0"
-    tiny = weights_root() / f"tiny-{family}-{variant.task}"
+    tiny = weights_root() / f"tiny-{variant.family}-{variant.task}"
     if not (tiny / "model_index.json").is_file():
         staging = tiny.with_name(f".{tiny.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        save_tiny_weights(staging, family=family, task=variant.task)
+        save_tiny_weights(staging, family=variant.family, task=variant.task)
         shutil.rmtree(tiny, ignore_errors=True)
         staging.rename(tiny)
     os.environ[MODEL_ENV] = variant.id
     os.environ[WEIGHTS_URL_ENV] = str(tiny)
-    if family == "1.5" and not setting(RESOLUTION_ENV):
+    if variant.family == "1.5" and not setting(RESOLUTION_ENV):
         # 1.5 renders at 768x1360 unless told; the tiny model's rotary grid is far smaller.
-        spec = TINY[(family, variant.task)]
+        spec = TINY[(variant.family, variant.task)]
         os.environ[RESOLUTION_ENV] = f"{spec.height}x{spec.width}"
     return tiny
 
