@@ -228,7 +228,7 @@ class VideoGenerator:
         check_settings(variant)
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        resolution = setting(inputs.RESOLUTION_ENV) or None
+        resolution = inputs.resolution_setting()
         vae_tiling = choose_vae_tiling(
             setting(VAE_TILING_ENV, "on"), variant, device, resized=resolution is not None
         )

@@ -11,6 +11,7 @@ import secrets
 import unicodedata
 
 from .errors import ConfigError, InputError
+from .settings import setting
 from .variants import Variant
 
 MAX_SEED = 2**32 - 1
@@ -141,16 +142,32 @@ def native_resolution(
     return size
 
 
-def _parse_resolution(override: str, multiple: int) -> tuple[int, int]:
+def resolution_setting() -> str | None:
+    """COGVIDEOX_RESOLUTION, its form checked before the weights are fetched: a typo should
+    not cost a 20 GB download. native_resolution() checks the size against the weights."""
+    override = setting(RESOLUTION_ENV) or None
+    if override:
+        _height_width(override)
+    return override
+
+
+def _height_width(override: str) -> tuple[int, int]:
     try:
         height, width = (int(part) for part in override.lower().split("x"))
     except ValueError:
         raise ConfigError(
             f"{RESOLUTION_ENV}={override!r} is not HEIGHTxWIDTH, e.g. 768x1360"
         ) from None
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"{RESOLUTION_ENV}={override}: both sides must be above 0")
+    return height, width
+
+
+def _parse_resolution(override: str, multiple: int) -> tuple[int, int]:
+    height, width = _height_width(override)
+    if height % multiple or width % multiple:
         raise ConfigError(
-            f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}, above 0"
+            f"{RESOLUTION_ENV}={override}: both sides must be multiples of {multiple}"
         )
     return height, width
 

@@ -187,7 +187,7 @@ def test_resolution_override_must_be_on_the_patch_grid():
 
 @pytest.mark.parametrize("override", ["0x720", "480x0", "-16x720"])
 def test_resolution_override_must_have_both_sides_above_0(override):
-    with pytest.raises(ValueError, match="multiples of 16, above 0"):
+    with pytest.raises(ValueError, match="both sides must be above 0"):
         inputs.native_resolution(V10, _Config(), 8, override)
 
 

@@ -17,9 +17,10 @@ from cogvideox_cog import postprocess, settings
 from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
 from cogvideox_cog.errors import ConfigError, WeightsError
 from cogvideox_cog.generator import VideoGenerator
+from cogvideox_cog.inputs import RESOLUTION_ENV
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
-from cogvideox_cog.parallel.gpus import gpus_from_env, start_generator
+from cogvideox_cog.parallel.gpus import GPUS_ENV, gpus_from_env, start_generator
 from cogvideox_cog.parallel.ranks import collective_timeout
 from cogvideox_cog.pipeline import COMPILE_ENV, OFFLOAD_ENV, VAE_TILING_ENV
 from cogvideox_cog.prompts import enhance
@@ -132,6 +133,22 @@ def test_lora_settings_are_checked_before_the_weights(monkeypatch):
     monkeypatch.setenv(lora_store.CACHE_SIZE_ENV, "lots")
     with pytest.raises(ConfigError, match=f"{lora_store.CACHE_SIZE_ENV}='lots'"):
         VideoGenerator.from_env("t2v")
+
+
+@pytest.mark.parametrize("value", ["768*1360", "720p", "0x720"])
+def test_a_resolution_that_is_not_height_x_width_fails_before_the_weights(monkeypatch, value):
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")  # unreachable
+    monkeypatch.setenv(RESOLUTION_ENV, value)
+    with pytest.raises(ConfigError, match=f"{RESOLUTION_ENV}='?{re.escape(value)}"):
+        VideoGenerator.from_env("t2v")
+
+
+def test_a_resolution_that_is_not_height_x_width_fails_before_any_rank_starts(monkeypatch):
+    monkeypatch.setenv(GPUS_ENV, "2")
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")  # unreachable
+    monkeypatch.setenv(RESOLUTION_ENV, "720p")
+    with pytest.raises(ConfigError, match=f"{RESOLUTION_ENV}='720p'"):
+        start_generator("t2v")
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import torch
 from ..attention import ATTENTION_BACKEND_ENV, attention_backend, check_splittable
 from ..errors import ConfigError
 from ..generator import VideoGenerator
+from ..inputs import resolution_setting
 from ..pipeline import Mode
 from ..settings import count_from_env, setting, warn_unknown_settings
 
@@ -41,6 +42,7 @@ def start_generator(mode: Mode):
         return VideoGenerator.from_env(mode)
     # Before any rank process starts: each would fail the same way, after loading a model.
     check_splittable(attention_backend(setting(ATTENTION_BACKEND_ENV)))
+    resolution_setting()
     from .group import RankGroup
 
     return RankGroup.start(mode, count)
