@@ -48,8 +48,12 @@ def setting(env: str, default: str = "") -> str:
 
 def folder_from_env(env: str, default: os.PathLike | str) -> Path:
     """A folder from `env`: a trailing space would name another, empty, cache and download
-    everything again."""
-    return Path(setting(env) or default)
+    everything again. A file there is refused at setup: otherwise each download into it fails
+    with NotADirectoryError, long after the deployment looked healthy."""
+    folder = Path(setting(env) or default)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{env}={str(folder)!r} is a file: name a folder (made if missing)")
+    return folder
 
 
 def seconds_from_env(env: str, default: float, most: float = math.inf) -> float:

@@ -183,6 +183,16 @@ def test_a_size_too_large_for_a_float_is_refused_naming_the_variable():
         settings.parse_size("9" * 308 + "T", "X")
 
 
+@pytest.mark.parametrize("env", [cache.WEIGHTS_DIR_ENV, lora_store.LORA_DIR_ENV])
+def test_a_cache_folder_that_names_a_file_is_refused_at_setup(monkeypatch, tmp_path, env):
+    a_file = tmp_path / "adapter.safetensors"
+    a_file.write_bytes(b"{}")
+    monkeypatch.setenv(env, str(a_file))
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")  # unreachable
+    with pytest.raises(ConfigError, match=f"{env}=.*is a file"):
+        VideoGenerator.from_env("t2v")
+
+
 def test_spaces_around_a_cache_folder_are_not_part_of_its_name(monkeypatch, tmp_path):
     """A trailing space would name another, empty, cache: 20 GB downloaded again."""
     monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, f" {tmp_path} ")
