@@ -340,6 +340,15 @@ def test_an_endpoint_url_with_a_password_fails_setup_without_showing_it(monkeypa
     assert "s3cret" not in str(bad.value)
 
 
+@pytest.mark.parametrize("route", ["/chat/completions", "/chat/completions/"])
+def test_an_endpoint_url_that_already_ends_in_the_route_fails_setup(monkeypatch, route):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, f"https://llm.example.com/v1{route}?code=t0k")
+    with pytest.raises(ConfigError, match=rf"{BASE_URL_ENV}=.*ends in /chat/completions") as bad:
+        config_from_env()
+    assert "t0k" not in str(bad.value)
+
+
 def test_an_endpoint_url_with_its_scheme_in_capitals_is_taken(monkeypatch, endpoint, chat):
     """A scheme is case-insensitive (RFC 3986). Refused, setup's error quoted the whole URL,
     a token in its query string included."""

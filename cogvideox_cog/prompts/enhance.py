@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -172,6 +173,12 @@ def config_from_env() -> EnhanceConfig | None:
         )
     if problem := download.url_problem(base_url):
         raise ConfigError(f"{BASE_URL_ENV}={download.shown(base_url)!r} {problem}.")
+    if urllib.parse.urlsplit(base_url).path.rstrip("/").endswith("/chat/completions"):
+        # The route is appended: kept, each rewrite would POST to .../chat/completions twice.
+        raise ConfigError(
+            f"{BASE_URL_ENV}={download.shown(base_url)!r} ends in /chat/completions, which is "
+            f"appended to it: give the part before, as {DEFAULT_BASE_URL}."
+        )
     model = setting(MODEL_ENV, DEFAULT_MODEL)
     key = setting(API_KEY_ENV) or None
     if key is not None:
