@@ -34,6 +34,8 @@ NAMES = frozenset(
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE | re.ASCII)
 # Plain decimals only: int() and float() also take "1_6", "+2", "1e3" and other scripts' digits.
+# What a setting's prefix may be mistyped as: upstream's COGVIDEO_, lower case, a hyphen.
+_PREFIX_OR_NEAR = re.compile(r"cog_?video_?x?[-_]", re.IGNORECASE | re.ASCII)
 _COUNT = re.compile(r"\d+", re.ASCII)
 _SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+", re.ASCII)
 # The longest timeout (32 years: "no limit"). Sockets, threads' waits and torch's collectives
@@ -103,9 +105,12 @@ def warn_unknown_settings() -> list[str]:
     offload on `auto`. A warning, not a failure: a deployment may still carry a variable that
     a later version dropped. Returns the unknown names, sorted.
     """
-    unknown = sorted(name for name in os.environ if name.startswith(PREFIX) and name not in NAMES)
+    unknown = sorted(
+        name for name in os.environ if _PREFIX_OR_NEAR.match(name) and name not in NAMES
+    )
     for name in unknown:
-        close = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.8)
+        respelled = PREFIX + _PREFIX_OR_NEAR.sub("", name, count=1).upper().replace("-", "_")
+        close = difflib.get_close_matches(respelled, NAMES, n=1, cutoff=0.8)
         meant = f" Did you mean {close[0]}?" if close else ""
         log.warning(
             f"{name} is not a setting of these predictors and is ignored.{meant} The settings "

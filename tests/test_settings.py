@@ -316,6 +316,24 @@ def test_a_misspelt_setting_is_named_at_setup_with_the_one_it_may_mean(monkeypat
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("COGVIDEO_MODEL", "COGVIDEOX_MODEL"),  # upstream's name for the project
+        ("cogvideox_offload", "COGVIDEOX_OFFLOAD"),
+        ("COGVIDEOX-GPUS", "COGVIDEOX_GPUS"),
+        ("COGVIDEOX_model", "COGVIDEOX_MODEL"),
+    ],
+)
+def test_a_setting_with_a_mistyped_prefix_or_case_is_named_with_the_one_it_may_mean(
+    monkeypatch, caplog, name, meant
+):
+    monkeypatch.setenv(name, "1")
+    assert name in settings.warn_unknown_settings()
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{name} ")]
+    assert warned and f"Did you mean {meant}?" in warned[0]
+
+
 def test_known_settings_raise_no_warning(monkeypatch):
     for env in settings.NAMES:
         monkeypatch.setenv(env, "")
