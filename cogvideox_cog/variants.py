@@ -179,7 +179,7 @@ def get_variant(variant_id: str, task: Task, predictor: str | None = None) -> Va
         predictor = predictor or PREDICTOR_FILES[task]
         raise VariantError(
             f"{MODEL_ENV}={variant.id!r} is for {TASK_NAMES[variant.task]}, but {predictor} "
-            f"serves {TASK_NAMES[task]}; choose one of: {', '.join(matching)}"
+            f"runs the {TASK_NAMES[task]} variants; choose one of: {', '.join(matching)}"
         )
     return variant
 

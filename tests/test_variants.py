@@ -83,5 +83,6 @@ def test_env_selects_the_variant_case_insensitively(monkeypatch):
 
 
 def test_the_v2v_predictor_names_itself_when_refusing_an_i2v_variant():
-    with pytest.raises(VariantError, match=r"predict_v2v.py \(cog-v2v.yaml\) serves text-to-video"):
+    expected = r"predict_v2v.py \(cog-v2v.yaml\) runs the text-to-video variants"
+    with pytest.raises(VariantError, match=expected):
         get_variant("cogvideox-5b-i2v", "t2v", PREDICTOR_FILES["v2v"])
