@@ -24,6 +24,8 @@ for platform in manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_6
   manylinux2014_x86_64; do
   platforms+=(--platform "$platform")
 done
+# Only these: a second version of a package left from an earlier download fails the install.
+mkdir -p "$dir" && rm -f "$dir"/*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$version" \
   --implementation cp "${platforms[@]}" --platform any -d "$dir" "${PINNED[@]}"
 du -sh "$dir"

@@ -15,35 +15,40 @@
 #
 # Budget at full size (cogvideox-5b, 49 x 480 x 720; estimates from the committed H100 runs:
 # 1.9 s an eager step, 1.5 s a compiled one, 5 s a VAE decode, seconds to build the random
-# models, about 15 s to start a process). The steps come in the order of what they answer,
-# the cheap eager ones first; what does not fit the budget is the end of the list:
+# models, about 15 s to start a process). The steps come in the order of what they answer;
+# what does not fit the budget is the end of the list:
 #   1. step profile, eager: 1 warm-up + 2 steps, op-class breakdown      ~0.5 min
-#   2. attention kernels and fused QKV, 4-5 steps each, no compile       ~1.0 min
-#   3. cold compiled start: regional compile of the blocks and of their  ~3 min (unknown:
-#      parts, a warm-up of 5 renders (2 default, 1 at guidance 1, 2       22 graphs to
-#      faster), compile cache saved; then 5 steps, then 2 compiled        compile)
-#      steps profiled (the compiled profile, even if the warm start
-#      does not fit)
-#   4. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.5 min
-#      steps
-#   5. speed modes faster and default, 50 steps each after 4 warm-up     ~3.5 min
+#   2. speed modes faster and default, 50 steps each after 4 warm-up     ~3.5 min
 #      steps: the two full renders, and faster's fidelity against default;
 #      written after each render, faster's first (default's eager time is
 #      already measured end to end)
+#   3. cold compiled start: regional compile of the blocks and of their  ~3 min (unknown:
+#      parts, a warm-up of 5 renders (2 default, 1 at guidance 1, 2       22 graphs to
+#      faster), compile cache saved; then 5 steps, then 2 compiled        compile; stopped
+#      steps profiled (the compiled profile, even if the warm start       at 4.5 min)
+#      does not fit)
+#   4. warm compiled start (cache loaded, fresh inductor folder), 5       ~1.5 min
+#      steps
+#   5. attention kernels and fused QKV, 4-5 steps each, no compile       ~1.0 min
+#      (measured on an H100 already: last)
+# 4 and 5 rarely fit in one call of 9 minutes: a second call with the same OUT and SCRATCH and
+# ONLY="compile-warm attention" runs them (SCRATCH holds the cold start's compile cache).
 # Each step is its own process; a failing step is logged and the rest still run. ONLY="NAME..."
-# runs those steps alone (profile, attention, compile-cold, compile-warm, speed-modes; the
-# summary always runs): the same OUT and SCRATCH over two calls split the run in two. The compiled
-# starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new container has, outside OUT (thousands of
-# files), in SCRATCH (a new temporary folder unless given).
+# runs those steps alone (profile, speed-modes, compile-cold, compile-warm, attention; the
+# summary always runs). The compiled starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new
+# container has, outside OUT (thousands of files), in SCRATCH (a new temporary folder, removed
+# at the end, unless given).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 size=full steps=5 full_steps=50 warm_up_steps=4 frames=() device=(--device cuda) renders=()
+cold_cap=${COLD_CAP_S:-270}  # a cold start that compiles for longer is itself the finding
 budget=${BUDGET_S:-540} archive="" python=${PYTHON:-python3}
 while [ $# -gt 1 ]; do
   case $1 in
     --tiny) size=tiny steps=2 full_steps=2 warm_up_steps=1 frames=(--frames 9)
             renders=(--warm-up-renders 1)
-            device=(--device cpu) budget=${BUDGET_S:-1100}; shift ;;
+            device=(--device cpu) budget=${BUDGET_S:-1100}
+            cold_cap=${COLD_CAP_S:-}; shift ;;
     --archive) archive=$2; shift 2 ;;
     *) break ;;
   esac
@@ -88,6 +93,8 @@ step() {  # name, then the command; its output goes to $out/<name>.log
     echo "== $name: SKIPPED, no compile cache from a cold start in $scratch" | tee -a "$out/run.log"
     failed=1; return
   fi
+  # A step with a cap of its own (STEP_CAP=seconds) leaves the rest to the steps after it.
+  if [ -n "${STEP_CAP:-}" ] && [ "$left" -gt "$STEP_CAP" ]; then left=$STEP_CAP; fi
   echo "== $name: $*" | tee -a "$out/run.log"
   local started=$SECONDS
   if PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" "$@" >"$out/$name.log" 2>&1; then
@@ -119,16 +126,16 @@ common=(--variant cogvideox-5b --size "$size")
 
 step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" "${frames[@]}" \
   --out "$out"
-step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \
-  "${frames[@]}" --repeats 3 --no-compile --out "$out"
-step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
+step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes faster,default \
+  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
+STEP_CAP=$cold_cap step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
   "${renders[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
 step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
   "${renders[@]}" --weights "$scratch/weights" --out "$out"
-step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes faster,default \
-  --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
+step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \
+  "${frames[@]}" --repeats 3 --no-compile --out "$out"
 budget=$((SECONDS + reserve)) reserve=0  # the summary always runs, in the time kept for it
 step summary "$python" benchmarks/summary.py --summary "$summary" "$out"
 if [ -n "$archive" ]; then

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -434,6 +435,22 @@ def test_gpu_run_stopped_from_outside_leaves_an_archive_of_the_steps_it_finished
     with tarfile.open(archive) as packed:
         names = {Path(name).name for name in packed.getnames()}
     assert {"run.log", "profile.log"} <= names and "summary.log" not in names
+
+
+def test_gpu_run_stops_the_cold_compiled_start_at_its_cap_and_runs_the_steps_after(tmp_path):
+    """A cold start compiling past its cap (COLD_CAP_S; 270 s at full size) would otherwise
+    take the whole budget: the steps after it still run."""
+    fake = tmp_path / "python"  # every step is done at once but the cold start, which hangs
+    fake.write_text('#!/bin/sh\ncase "$*" in *"--start cold"*) exec sleep 60 ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = _gpu_run_tiny(
+        out, tmp_path / "scratch", 60, PYTHON=str(fake), COLD_CAP_S="2", BUDGET_S="100"
+    )
+    log = (out / "run.log").read_text()
+    assert done.returncode == 1
+    assert re.search(r"== compile-cold: FAILED after [23] s", log), log
+    assert "== attention: done" in log and "== summary: done" in log
 
 
 def _read(path: Path) -> str:
