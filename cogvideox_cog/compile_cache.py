@@ -12,7 +12,8 @@ The file is named by a digest of what the kernels depend on: the GPU (or "cpu") 
 index, torch and diffusers versions, variant, mode, attention backend, the number of GPUs a
 video is split over and the warm-up shapes; its first line holds that key in full, and a file
 whose key differs (copied, renamed) is not loaded. A file that fails to load is logged and
-ignored: setup then compiles as if it were not there, and writes it again.
+ignored: setup then compiles as if it were not there, and writes it again. A file no start
+has used for 30 days is removed.
 
 The index gives each rank of a multi-GPU group a file of its own: torch's graph keys name the
 inputs' device with its index, so a rank finds only the graphs it compiled itself (on
@@ -21,9 +22,11 @@ cuda:1, rank 1's), and one file shared by the group would keep only its last wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -32,13 +35,16 @@ import torch
 from torch._dynamo.utils import counters
 
 from .attention import DEFAULT_BACKEND
-from .files import remove_abandoned_temporaries, replace_atomically
+from .files import remove_untouched, replace_atomically
 
 log = logging.getLogger(__name__)
 
 FOLDER = "compile-cache"  # under the weights cache folder
 MAGIC = b"cogvideox-compile-cache 1\n"
 ABANDONED_AFTER_S = 3600  # a temporary file no write touched for this long: its writer died
+# A file no start loaded or wrote for this long is another torch's, diffusers' or setting's:
+# each change of the key leaves its file behind on a volume that outlives upgrades.
+UNUSED_AFTER_S = 30 * 24 * 3600
 
 
 def cache_key(
@@ -120,6 +126,8 @@ def load(path: Path, key: dict) -> bool:
     if info is None:
         log.warning(f"compile cache: {path} holds nothing torch can load; ignored")
         return False
+    with contextlib.suppress(OSError):  # in use: tidy() keeps it (a read-only volume keeps all)
+        os.utime(path)
     log.info(
         f"compile cache: loaded {len(info.inductor_artifacts)} compiled graphs from "
         f"{path.name} in {time.monotonic() - started:.1f} s"
@@ -137,8 +145,6 @@ def save(path: Path, key: dict) -> bool:
     data = MAGIC + json.dumps(key, sort_keys=True).encode() + b"\n" + payload
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if remove_abandoned_temporaries(path, ABANDONED_AFTER_S):
-            log.info(f"compile cache: removed what a killed start left half-written of {path}")
         replace_atomically(path, data)
     except OSError as error:  # a read-only or full volume: the next start compiles again
         log.warning(f"compile cache: cannot write {path}: {error}")
@@ -148,6 +154,16 @@ def save(path: Path, key: dict) -> bool:
         f"({len(data) / 2**20:.1f} MiB)"
     )
     return True
+
+
+def tidy(weights_root: Path) -> None:
+    """Remove what no start will load, on every start (one that loads its file never saves):
+    the files killed starts left half-written, and the files no start used for 30 days."""
+    folder = weights_root / FOLDER
+    if removed := remove_untouched(folder, "*.tmp", ABANDONED_AFTER_S):
+        log.info(f"compile cache: removed {removed} files killed starts left half-written")
+    if removed := remove_untouched(folder, "*.bin", UNUSED_AFTER_S):
+        log.info(f"compile cache: removed {removed} files no start used for 30 days")
 
 
 def compiled_graphs() -> int:
@@ -170,6 +186,7 @@ def warm_up_with_cache(generator, weights_root: Path, load_saved: bool = True) -
         offload=generator.offload,
     )
     path = artifact_path(weights_root, key)
+    tidy(weights_root)
     if load_saved:
         loaded = load(path, key)
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import secrets
 import threading
@@ -46,16 +45,16 @@ def replace_atomically(
         fsync(path.parent)
 
 
-def remove_abandoned_temporaries(path: Path, older_than_s: float) -> int:
-    """Remove the temporary files of `path` that no write has touched for `older_than_s`
-    seconds: left by a writer killed mid-write (kill -9, the OOM killer), whose cleanup never
-    ran. A write in progress touches its file as it goes. Returns how many were removed."""
+def remove_untouched(folder: Path, pattern: str, older_than_s: float) -> int:
+    """Remove the files of `folder` matching `pattern` that no write has touched for
+    `older_than_s` seconds: what a writer killed mid-write (kill -9, the OOM killer) left, or
+    what no reader uses any more. Returns how many were removed."""
     removed = 0
     with contextlib.suppress(OSError):  # no folder yet, or a read-only one: nothing to do
-        for temp in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        for path in folder.glob(pattern):
             try:
-                if time.time() - temp.lstat().st_mtime > older_than_s:
-                    temp.unlink()
+                if time.time() - path.lstat().st_mtime > older_than_s:
+                    path.unlink()
                     removed += 1
             except FileNotFoundError:  # removed by another process meanwhile
                 continue

@@ -44,6 +44,7 @@ from .pipeline import (
     OFFLOAD_ENV,
     VAE_TILING_ENV,
     Mode,
+    check_compiled_if_flex,
     check_weights_match,
     choose_compile,
     choose_offload,
@@ -236,6 +237,7 @@ class VideoGenerator:
         compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
         attention = attention_backend(setting(ATTENTION_BACKEND_ENV))
         check_runs(attention, device, pipeline_dtype(variant, device))
+        check_compiled_if_flex(attention, compiled)
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
         leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.

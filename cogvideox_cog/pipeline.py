@@ -20,7 +20,7 @@ from diffusers import (
     CogVideoXVideoToVideoPipeline,
 )
 
-from .attention import AttentionBackendName, use_dispatching_attention
+from .attention import ATTENTION_BACKEND_ENV, AttentionBackendName, use_dispatching_attention
 from .errors import ConfigError, VariantError
 from .logs import drop_diffusers_noise
 from .variants import MODEL_ENV, TASK_NAMES, VARIANTS, Task, Variant
@@ -127,6 +127,17 @@ def choose_compile(requested: str, device: torch.device) -> bool:
         log.warning(f"{COMPILE_ENV}=1 is for CUDA GPUs; running uncompiled on {device}")
         return False
     return requested == "1"
+
+
+def check_compiled_if_flex(attention: AttentionBackendName | None, compiled: bool) -> None:
+    """Refuse flex attention uncompiled. Eager, torch runs it unfused, holding the whole
+    matrix of scores (for 5B, 2 x 48 heads x 17,776^2 tokens: hundreds of GB), so setup's
+    small check passes and every real request runs out of memory."""
+    if attention is AttentionBackendName.FLEX and not compiled:
+        raise ConfigError(
+            f"{ATTENTION_BACKEND_ENV}='flex' runs only compiled: set {COMPILE_ENV}=1 "
+            f"(CUDA only), or leave the backend unset (torch's SDPA)"
+        )
 
 
 def pipeline_dtype(variant: Variant, device: torch.device) -> torch.dtype:

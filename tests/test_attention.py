@@ -25,6 +25,7 @@ from cogvideox_cog.attention import (
 from cogvideox_cog.devtools.tiny import build_tiny_pipeline
 from cogvideox_cog.errors import ConfigError
 from cogvideox_cog.generator import VideoGenerator
+from cogvideox_cog.pipeline import check_compiled_if_flex
 from cogvideox_cog.weights import WEIGHTS_URL_ENV
 
 CPU = torch.device("cpu")
@@ -89,6 +90,19 @@ def test_a_backend_that_cannot_run_here_fails_setup_before_the_weights(monkeypat
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "_native_cudnn")
     with pytest.raises(ConfigError, match="'_native_cudnn' cannot run on cpu"):
         VideoGenerator.from_env("t2v")
+
+
+def test_flex_attention_uncompiled_fails_setup_before_the_weights(monkeypatch):
+    """Eager, flex attention holds the whole matrix of scores: a tiny call runs, and every
+    real request would run out of memory."""
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")  # unreachable
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "flex")
+    with pytest.raises(ConfigError, match="'flex' runs only compiled: set COGVIDEOX_COMPILE=1"):
+        VideoGenerator.from_env("t2v")
+
+
+def test_flex_attention_compiled_is_taken():
+    check_compiled_if_flex(attention_backend("flex"), compiled=True)
 
 
 @pytest.mark.parametrize("name", [None, "native"])

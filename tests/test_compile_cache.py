@@ -218,20 +218,48 @@ def test_an_unwritable_volume_only_costs_the_next_start_a_compile(tmp_path, capl
     assert "cannot write" in caplog.text and not path.exists()
 
 
-@needs_cpp_compiler
-def test_a_file_half_written_by_a_killed_start_is_removed_by_the_next_save(tmp_path, caplog):
-    """A start killed while writing the file (kill -9, the OOM killer) leaves its temporary
-    file, and every such file would hold a compile cache's size for good. One no write has
-    touched for an hour is removed; one another start is writing now is left to it."""
-    path = compile_cache.artifact_path(tmp_path, _key())
-    path.parent.mkdir(parents=True)
-    abandoned = path.with_name(f"{path.name}.0123456789abcdef-7-1.tmp")
-    abandoned.write_bytes(b"half of a compile cache")
-    hours_ago = time.time() - 2 * 3600
-    os.utime(abandoned, (hours_ago, hours_ago))
-    being_written = path.with_name(f"{path.name}.fedcba9876543210-7-1.tmp")
-    being_written.write_bytes(b"another start's, still growing")
-    assert _compile_then_save(path, caplog) is True
+def test_a_start_removes_files_killed_starts_left_half_written_of_any_key(tmp_path, caplog):
+    """A start killed while writing a file (kill -9, the OOM killer) leaves its temporary
+    file, which would hold a compile cache's size for good: the restart, soon after, finds it
+    recent, and later starts load the file and never save. One no write has touched for an
+    hour is removed by any start; one another start is writing now is left to it."""
+    folder = tmp_path / compile_cache.FOLDER
+    folder.mkdir()
+    abandoned = folder / "cogvideox-5b-t2v-0123.bin.0123456789abcdef-7-1.tmp"
+    being_written = folder / "cogvideox-5b-t2v-4567.bin.fedcba9876543210-7-1.tmp"
+    for path in (abandoned, being_written):
+        path.write_bytes(b"part of a compile cache")
+    _age(abandoned, hours=2)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+        compile_cache.tidy(tmp_path)
     assert not abandoned.exists() and being_written.exists()
     assert "half-written" in caplog.text
+
+
+def test_a_start_removes_cache_files_no_start_used_for_30_days(tmp_path):
+    """Each torch or diffusers upgrade, resolution or offload policy changes the key and
+    leaves the old file on the volume."""
+    folder = tmp_path / compile_cache.FOLDER
+    folder.mkdir()
+    unused, recent = folder / "cogvideox-5b-t2v-0123.bin", folder / "cogvideox-5b-t2v-4567.bin"
+    for path in (unused, recent):
+        path.write_bytes(b"a compile cache")
+    _age(unused, hours=31 * 24)
+    _age(recent, hours=29 * 24)
+    compile_cache.tidy(tmp_path)
+    assert not unused.exists() and recent.exists()
+
+
+@needs_cpp_compiler
+def test_loading_a_cache_file_marks_it_used(tmp_path, caplog):
+    path = compile_cache.artifact_path(tmp_path, _key())
+    assert _compile_then_save(path, caplog) is True
+    _age(path, hours=31 * 24)
     assert compile_cache.load(path, _key())
+    compile_cache.tidy(tmp_path)
+    assert path.exists()
+
+
+def _age(path: Path, hours: float) -> None:
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))

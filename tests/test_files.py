@@ -94,22 +94,18 @@ def test_a_failed_write_leaves_neither_a_temporary_file_nor_a_changed_target(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["marker.json"]
 
 
-def test_only_temporary_files_untouched_for_the_given_time_are_removed(tmp_path):
-    target = tmp_path / "cache.bin"
-    target.write_bytes(b"published")
+def test_only_files_of_the_pattern_untouched_for_the_given_time_are_removed(tmp_path):
     abandoned = tmp_path / "cache.bin.aaaa-1-1.tmp"
     in_progress = tmp_path / "cache.bin.bbbb-1-1.tmp"
-    another_files = tmp_path / "other.bin.cccc-1-1.tmp"
-    for path in (abandoned, in_progress, another_files):
+    published = tmp_path / "cache.bin"
+    for path in (abandoned, in_progress, published):
         path.write_bytes(b"part")
     hours_ago = time.time() - 2 * 3600
-    for path in (abandoned, another_files):
+    for path in (abandoned, published):
         os.utime(path, (hours_ago, hours_ago))
-    assert files.remove_abandoned_temporaries(target, older_than_s=3600) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["cache.bin", in_progress.name, another_files.name]
-    )
+    assert files.remove_untouched(tmp_path, "*.tmp", older_than_s=3600) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([published.name, in_progress.name])
 
 
-def test_removing_abandoned_temporaries_of_a_missing_folder_does_nothing(tmp_path):
-    assert files.remove_abandoned_temporaries(tmp_path / "none" / "cache.bin", 3600) == 0
+def test_removing_untouched_files_of_a_missing_folder_does_nothing(tmp_path):
+    assert files.remove_untouched(tmp_path / "none", "*.tmp", 3600) == 0
