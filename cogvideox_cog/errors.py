@@ -1,7 +1,8 @@
 """Every error the package lets out, each with a message that says what to change.
 
 Who sees them: InputError (and LoraError) and EnhanceError fail one prediction, and the user
-reads the message; the others fail setup, and the operator reads it in the setup log.
+reads the message; DeviceLost fails every prediction and the health check until a restart;
+the others fail setup, and the operator reads it in the setup log.
 Signals that never leave the package (a download over its cap, a deadline) stay beside the
 code that raises them.
 """
@@ -50,3 +51,30 @@ class GpuMemoryError(RuntimeError):
     chosen for (more frames than the default, a large upscale); the message names the phase
     and the size, and what to change. It fails that prediction only: what it held is freed.
     In setup's compile warm-up it fails setup, and names the settings to change."""
+
+
+class DeviceLost(RuntimeError):
+    """The GPU failed in a way its process cannot recover from (an illegal memory access, a
+    device-side assert, an uncorrectable ECC error): CUDA keeps the error, so every later
+    prediction would fail the same way. The health check reports it, so the worker is
+    restarted; until then each prediction fails at once, naming the first error."""
+
+
+# CUDA's sticky errors, as torch words them: after one, the context is lost for good.
+_STICKY_CUDA_ERRORS = (
+    "an illegal memory access was encountered",
+    "unspecified launch failure",
+    "device-side assert triggered",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "hardware stack error",
+    "invalid program counter",
+    "uncorrectable ECC error encountered",
+    "the launch timed out and was terminated",
+)
+
+
+def loses_the_device(error: BaseException) -> bool:
+    """Whether `error` is one of CUDA's sticky errors (out of memory is not)."""
+    text = str(error)
+    return "CUDA error" in text and any(sticky in text for sticky in _STICKY_CUDA_ERRORS)

@@ -28,7 +28,14 @@ from PIL import Image
 
 from . import compile_cache, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
-from .errors import EnhanceError, GpuMemoryError, InputError, LoraError
+from .errors import (
+    DeviceLost,
+    EnhanceError,
+    GpuMemoryError,
+    InputError,
+    LoraError,
+    loses_the_device,
+)
 from .gpu_memory import less_offload, less_offload_setting, out_of_memory
 from .lora.fetch import check_lora_url
 from .lora.file import adapted_layers
@@ -190,6 +197,7 @@ class VideoGenerator:
         self.enhancer = enhancer
         self.offload = self.lora.offload or "none"  # the policy that placed the weights
         self._warming_up = False  # in warm_up(): setup's renders, which no user asked for
+        self.device_lost: str | None = None  # why, once CUDA failed for good (errors.py)
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine: ContextParallel | None = None  # splits each denoise over ranks
         # After each step's log line, with the step and its seconds.
@@ -362,8 +370,10 @@ class VideoGenerator:
         )
 
     def healthcheck(self) -> bool:
-        """Cog's health check. In one process nothing can fail apart from the worker itself,
-        which Cog watches on its own."""
+        """Cog's health check: True, or DeviceLost once the GPU failed for good (Cog then
+        reports UNHEALTHY with its text). The worker itself Cog watches on its own."""
+        if self.device_lost is not None:
+            raise DeviceLost(self.device_lost)
         return True
 
     def predict(self, request: Request) -> Path:
@@ -376,7 +386,19 @@ class VideoGenerator:
         if self._last_output is not None:
             leftovers.release(self._last_output.parent)
             self._last_output = None
-        self._last_output = self.render_mp4(request)
+        if self.device_lost is not None:
+            raise DeviceLost(self.device_lost)
+        try:
+            self._last_output = self.render_mp4(request)
+        except Exception as error:
+            if loses_the_device(error):
+                first_line = str(error).strip().splitlines()[0]
+                self.device_lost = (
+                    f"the GPU failed for good in a prediction ({first_line}); every later "
+                    f"prediction fails until the worker restarts"
+                )
+                log.error(self.device_lost)
+            raise
         return self._last_output
 
     def render_mp4(self, request: Request) -> Path:

@@ -1,0 +1,86 @@
+"""A GPU that fails for good in a prediction (CUDA's sticky errors, injected into the tiny
+pipeline as torch raises them): the health check says so, so the worker is restarted, and
+each prediction until then fails at once instead of running into the same error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cogvideox_cog.errors import DeviceLost, loses_the_device
+from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.variants import VARIANTS
+
+CPU = torch.device("cpu")
+ILLEGAL_ACCESS = (
+    "CUDA error: an illegal memory access was encountered\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call, so the "
+    "stacktrace below might be incorrect."
+)
+REQUEST = Request("a cat walks", "", 9, 1, 6.0, None, None, 5)
+
+
+@pytest.fixture
+def generator(tiny_weights) -> VideoGenerator:
+    variant = VARIANTS["cogvideox-5b"]
+    return VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+
+
+def _fail_transformer(generator: VideoGenerator, error: Exception) -> list[int]:
+    """Every transformer call raises `error`; returns the list its calls are counted in."""
+    calls: list[int] = []
+
+    def fail(module, args, kwargs):
+        calls.append(1)
+        raise error
+
+    generator.pipe.transformer.register_forward_pre_hook(fail, with_kwargs=True)
+    return calls
+
+
+def test_a_sticky_cuda_error_makes_the_health_check_fail_naming_it(generator):
+    _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(torch.AcceleratorError):
+        generator.predict(REQUEST)
+    with pytest.raises(DeviceLost, match="an illegal memory access was encountered"):
+        generator.healthcheck()
+
+
+def test_after_a_sticky_cuda_error_a_prediction_fails_before_touching_the_gpu(generator):
+    calls = _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(torch.AcceleratorError):
+        generator.predict(REQUEST)
+    with pytest.raises(DeviceLost, match="until the worker restarts"):
+        generator.predict(REQUEST)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+        torch.AcceleratorError("CUDA error: invalid argument"),
+    ],
+    ids=["out of memory", "a bug", "a cuda error that is not sticky"],
+)
+def test_other_errors_leave_the_worker_healthy(generator, error):
+    _fail_transformer(generator, error)
+    with pytest.raises(RuntimeError):  # each case's own, or GpuMemoryError for memory
+        generator.predict(REQUEST)
+    assert generator.healthcheck() is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "CUDA error: device-side assert triggered",
+        "CUDA error: unspecified launch failure",
+        "CUDA error: uncorrectable ECC error encountered",
+    ],
+)
+def test_cudas_other_sticky_errors_lose_the_device(text):
+    assert loses_the_device(RuntimeError(text))
