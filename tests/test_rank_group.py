@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import threading
@@ -257,6 +258,26 @@ def test_a_rank_killed_during_a_prediction_fails_it_at_once_naming_the_kill(monk
         killed = "rank 1 was killed by SIGKILL during a prediction"
         with pytest.raises(RankGroupError, match=killed):
             ranks.predict(REQUEST)
+
+
+def test_a_rank_whose_gpu_failed_for_good_stops_the_group_and_fails_the_health_check():
+    """CUDA keeps an illegal memory access for the life of the process: that rank would fail
+    every later request, so the group stops and the worker is restarted."""
+    lost = Failed(1, torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    with _group_answering([(None, Canceled(0, 1)), (None, lost)]) as ranks:
+        said = "rank 1's GPU failed for good (CUDA error: an illegal memory access"
+        with pytest.raises(RankGroupError, match=re.escape(said)):
+            ranks.predict(REQUEST)
+        with pytest.raises(RankGroupError, match=re.escape(said)):
+            ranks.healthcheck()
+
+
+def test_a_rank_out_of_gpu_memory_is_not_taken_for_a_lost_gpu():
+    oom = Failed(1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with _group_answering([(None, Canceled(0, 1)), (None, oom)]) as ranks:
+        with pytest.raises(RuntimeError, match="rank 1: OutOfMemoryError"):
+            ranks.predict(REQUEST)
+        assert ranks.healthcheck() is True
 
 
 def test_the_group_keeps_the_first_reason_it_stopped_for():
