@@ -14,7 +14,6 @@ import logging
 import secrets
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import compile_cache, inputs, leftovers
+from . import compile_cache, gpu_memory, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
 from .errors import (
     DeviceLost,
@@ -36,7 +35,7 @@ from .errors import (
     LoraError,
     loses_the_device,
 )
-from .gpu_memory import less_offload, less_offload_setting, out_of_memory
+from .gpu_memory import out_of_memory
 from .lora.fetch import check_lora_url
 from .lora.file import adapted_layers
 from .lora.slot import LoraSlot
@@ -80,7 +79,6 @@ OUTPUT_PREFIX = TEMP_PREFIX + "output-"
 WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
 DEFAULT_STRENGTH = 0.8
 LOGGED_TEXT_CHARS = 300  # user text in a log line stays short
-VAE_PHASES = ("decoding", "encoding the image", "encoding the video")  # VAE tiling shrinks them
 
 
 @dataclass(frozen=True)
@@ -668,7 +666,7 @@ class VideoGenerator:
             return output[0]
         except torch.OutOfMemoryError as error:
             phase = progress.phase
-            if phase == "denoising" and _raised_in(error, self.pipe.vae, "encode"):
+            if phase == "denoising" and gpu_memory.raised_in(error, self.pipe.vae, "encode"):
                 # The pipeline encodes the image or clip itself, before its first step.
                 phase = "encoding the image" if self.mode == "i2v" else "encoding the video"
             raise self._out_of_memory(error, plan, phase) from error
@@ -683,51 +681,17 @@ class VideoGenerator:
     def _out_of_memory(
         self, error: torch.OutOfMemoryError, plan: Plan, phase: str
     ) -> GpuMemoryError:
-        """What ran out and at what size, and the smaller request (or, for the operator, the
-        setting) that needs less: setup chose the memory policy for the default size."""
-        what = phase
-        if phase == "encoding the image":
-            what = f"{phase} at {plan.width}x{plan.height}"
-        elif phase == "encoding the video":
-            what = f"{phase}'s {plan.num_frames} frames at {plan.width}x{plan.height}"
-        elif phase != "encoding the prompt":
-            what = f"{phase} {plan.num_frames} frames at {plan.width}x{plan.height}"
+        """What ran out and at what size, and what needs less: setup chose the memory policy
+        for the default size."""
+        what = gpu_memory.what_ran_out(phase, plan.num_frames, plan.width, plan.height)
+        tiled = getattr(self.pipe.vae, "use_tiling", True)
         if self._warming_up:
             what += f" in setup's compile warm-up ({COMPILE_ENV}=1)"
-            return out_of_memory(error, what, self._warm_up_memory_advice(phase))
-        advice = []
-        default, allowed = self.variant.default_frames, self.variant.allowed_frames
-        fewer = [n for n in allowed if n < min(plan.num_frames, default + 1)]
-        if fewer and phase not in ("encoding the prompt", "encoding the image"):
-            advice.append(f"Ask for fewer frames: num_frames={fewer[-1]} or less.")
-        tiled = getattr(self.pipe.vae, "use_tiling", True)
-        if phase in VAE_PHASES and not tiled:
-            advice.append(
-                f"The deployment's operator can set {VAE_TILING_ENV}=on, which runs the VAE "
-                f"in tiles with less memory."
-            )
-        else:
-            advice.append(less_offload(self.offload))
-        said = " ".join(a for a in advice if a) or "Its operator needs a GPU with more memory."
-        return out_of_memory(error, what, said)
-
-    def _warm_up_memory_advice(self, phase: str) -> str:
-        """For the operator alone: the warm-up is setup's, at sizes no user chose, so only a
-        setting can change. Compiling off fits the denoise only: the VAE and the text
-        encoder run uncompiled either way."""
-        settings = []
-        if phase in VAE_PHASES and not getattr(self.pipe.vae, "use_tiling", True):
-            settings.append(f"{VAE_TILING_ENV}=on, which runs the VAE in tiles with less memory")
-        else:
-            settings.append(less_offload_setting(self.offload))
-        if phase == "denoising":
-            settings.append(
-                f"{COMPILE_ENV}=0, which skips this warm-up and runs the transformer uncompiled"
-            )
-        settings = [s for s in settings if s]
-        if not settings:
-            return "This model needs a GPU with more memory."
-        return f"Set {', or '.join(settings)}."
+            return out_of_memory(error, what, gpu_memory.setup_advice(phase, tiled, self.offload))
+        advice = gpu_memory.request_advice(
+            self.variant, phase, plan.num_frames, tiled, self.offload
+        )
+        return out_of_memory(error, what, advice)
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, output_type: str):
@@ -787,14 +751,6 @@ class VideoGenerator:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _raised_in(error: BaseException, module: torch.nn.Module, method: str) -> bool:
-    """Whether `error` was raised inside `module.method` (a frame of its traceback)."""
-    return any(
-        frame.f_code.co_name == method and frame.f_locals.get("self") is module
-        for frame, _ in traceback.walk_tb(error.__traceback__)
-    )
 
 
 def _record_cog_metric(name: str, value: float) -> None:
