@@ -2083,6 +2083,23 @@ def test_an_earlier_pget_attempts_files_do_not_count_against_the_disk_check(
     assert _same_tree(tiny, ensure_weights(VARIANT))
 
 
+def test_a_pget_download_that_stops_coming_fails_setup_instead_of_hanging_it(
+    served, cache, fake_pget, monkeypatch
+):
+    """pget times out a connect or a TLS handshake, not a body that stops coming: a server
+    that keeps the connection open and sends nothing left setup STARTING for good."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_TIMEOUT", "0.4")  # stopped after 5 x 0.4 s
+    served.stall_at("model.tar", offset=64 << 10, seconds=60)
+    started = time.monotonic()
+    with pytest.raises(WeightsError, match=r"pget received nothing for 2 s .*was stopped"):
+        ensure_weights(VARIANT)
+    assert time.monotonic() - started < 20
+    entry = _staging_for(cache, url).name.removeprefix(".").removesuffix(".staging")
+    assert not (cache / entry).exists()  # nothing published
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting to be reaped (Linux /proc)."""
     try:

@@ -17,6 +17,7 @@ For a source that is not a local directory:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import importlib.util
@@ -25,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +63,10 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # the pro
 # What a hub snapshot needs: the pipeline index and the component folders (no README, media).
 HF_PATTERNS = ("model_index.json", "*/*")
 PR_SET_PDEATHSIG = 1  # prctl(2)
+# pget gives up on a connect or TLS handshake, not on a body that stops coming: it is stopped
+# once the staging folder stops growing for this many COGVIDEOX_WEIGHTS_TIMEOUTs (5 minutes
+# by default; the built-in downloader retries a connection after one, and gives up after 5).
+PGET_STALL_TIMEOUTS = 5
 T = TypeVar("T")
 
 
@@ -413,6 +419,8 @@ def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
     cache.discard(staging)
     cache.check_disk(staging.parent, remote.size, 0, shown)
     log.info(f"weights: pget -x {shown}")
+    stall_s = PGET_STALL_TIMEOUTS * download.timeout_s()
+    stalled = threading.Event()
     # pget logs the whole URL (a presigned one's signature too): its log is passed on with
     # the query strings hidden, never straight to the server's.
     with subprocess.Popen(
@@ -423,18 +431,59 @@ def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
         errors="replace",
         preexec_fn=_ends_with_this_process(),
     ) as process:
+        watchdog = threading.Thread(
+            target=_stop_when_stalled, args=(process, staging, stall_s, stalled), daemon=True
+        )
+        watchdog.start()
         try:
             for line in process.stdout:
                 log.info(f"weights: pget: {download.hide_urls(line.rstrip())}")
         except BaseException:  # as subprocess.run: no pget left writing into the staging
             process.kill()
             raise
+    if stalled.is_set():
+        raise WeightsError(
+            f"pget received nothing for {stall_s:g} s ({PGET_STALL_TIMEOUTS} x "
+            f"{download.TIMEOUT_ENV}) fetching {shown} and was stopped. Run setup again, or "
+            f"take pget off PATH to use the built-in downloader, which resumes."
+        )
     if process.returncode != 0:
         raise WeightsError(
             f"pget failed (exit {process.returncode}) fetching {shown}; its log "
             f"is above. Run setup again, or take pget off PATH to use the built-in downloader."
         )
     check_contained(staging, shown)
+
+
+def _stop_when_stalled(
+    process: subprocess.Popen, folder: Path, stall_s: float, stalled: threading.Event
+) -> None:
+    """Kill `process` once `folder` has not grown for `stall_s` seconds, and say so in
+    `stalled`: pget extracts as it streams, so its bytes on disk are its progress."""
+    size, grew = -1, time.monotonic()
+    while True:
+        try:
+            process.wait(timeout=min(5.0, stall_s / 5))
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        now = _bytes_under(folder)
+        if now != size:
+            size, grew = now, time.monotonic()
+        elif time.monotonic() - grew > stall_s:
+            log.warning(f"weights: pget received nothing for {stall_s:g} s: stopping it")
+            stalled.set()
+            process.kill()
+            return
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _ends_with_this_process() -> Callable[[], None] | None:
