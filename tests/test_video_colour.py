@@ -223,6 +223,6 @@ def test_the_summary_names_a_conversion_that_starts_after_the_first_frame(tmp_pa
     hlg = write_clip(tmp_path / "hlg.h264", [(0.5, 0.5, 0.5)], ColorTrc.ARIB_STD_B67)
     spliced = tmp_path / "spliced.h264"
     spliced.write_bytes(Path(sdr).read_bytes() + Path(hlg).read_bytes())
-    # A raw stream is read at 25 fps: frame 0 (SDR) at 0 s, frame 12 (HLG) at 0.48 s.
-    clip = load_video(spliced, num_frames=2, fps=2, height=H, width=W, convert_colour=convert)
+    # Read at the stream's own 8 fps: frame 0 (SDR) at 0 s, frame 16 (HLG) at 2 s.
+    clip = load_video(spliced, num_frames=3, fps=1, height=H, width=W, convert_colour=convert)
     assert clip.summary.endswith(said)

@@ -53,6 +53,33 @@ def _levels(clip) -> list[int]:
     return [round(np.asarray(frame).mean() / 5) for frame in clip.frames]
 
 
+def test_frames_decoded_before_an_edit_lists_start_count_against_the_limit(tmp_path, monkeypatch):
+    """They are decoded (the frames after need them) and dropped inside FFmpeg: 6,000 4K
+    frames of 35 bytes each, before the start of a 2.5 s clip, took 77 s."""
+    monkeypatch.setattr(video_input, "MAX_DECODED_FRAMES", 50)
+    path = _write_clip(tmp_path / "clip.mp4", frames=80, fps=8, first_pts=-60)
+    with av.open(path) as container:
+        assert sum(p.is_discard for p in container.demux(video=0)) == 60
+    with pytest.raises(InputError, match="more than 50 decoded frames"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
+@pytest.mark.parametrize("suffix", [".h264", ".hevc"])
+def test_a_raw_stream_is_read_at_its_own_frame_rate_not_its_demuxers_25(tmp_path, suffix):
+    codec = {".h264": "libx264", ".hevc": "libx265"}[suffix]
+    path = tmp_path / f"clip{suffix}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * index, np.uint8), "rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    clip = load_video(str(path), num_frames=9, fps=8, height=H, width=W)
+    assert _levels(clip) == list(range(9))
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mov", ".gif"])
 def test_each_format_is_resampled_to_the_model_fps_from_the_start(tmp_path, suffix):
     path = _write_clip(tmp_path / f"clip{suffix}", frames=40, fps=24)

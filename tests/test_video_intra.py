@@ -182,6 +182,29 @@ def test_a_jpeg_without_tables_is_decoded_with_those_of_a_frame_not_picked(
     assert " of " in _decoded(clip)
 
 
+def test_an_mjpeg_frame_of_too_many_progressive_scans_is_refused_before_it_is_decoded(tmp_path):
+    """Each scan decodes the whole picture again: 10,000 of them made a 4000x4000 frame of
+    593 KB take 5 s."""
+    encoder = av.CodecContext.create("mjpeg", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuvj420p"
+    encoder.time_base = Fraction(1, 8)
+    rgb = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 128, np.uint8), format="rgb24")
+    jpeg = b"".join(bytes(p) for p in encoder.encode(rgb.reformat(format="yuvj420p")))
+    last_scan = jpeg[jpeg.rindex(b"\xff\xda") : -2]
+    bomb = jpeg[:-2] + last_scan * 100 + b"\xff\xd9"  # the scan again, 100 more times
+    path = tmp_path / "clip.mov"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for index in range(12):
+            packet = av.Packet(bomb if index == 3 else jpeg)
+            packet.stream, packet.pts, packet.dts = stream, index, index
+            packet.time_base, packet.duration, packet.is_keyframe = Fraction(1, 8), 1, True
+            container.mux(packet)
+    with pytest.raises(InputError, match="frame 4 is a progressive JPEG of over 100 scans"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
 @pytest.mark.parametrize(
     "name, codec, pix_fmt, options",
     [

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..errors import InputError
 from .colour import conversion, to_sdr
-from .image import MAX_ASPECT_RATIO, fit_image
+from .image import MAX_ASPECT_RATIO, MAX_JPEG_SCANS, fit_image, more_jpeg_scans_than_allowed
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_video(
     container = _open(path)
     with container:
         stream = _checked_stream(container, num_frames, fps)
-        source_rate = float(stream.average_rate) if stream.average_rate else None
+        source_rate = _source_rate(container, stream)
         targets = [i / fps for i in range(num_frames)]
         rotations: list[int] = []
         conversions: list[str | None] = []
@@ -116,6 +116,14 @@ def load_video(
             f"; colours read as they are, as upstream reads them (convert_colour=true: {converted})"
         )
     return VideoClip(picked, summary)
+
+
+def _source_rate(container, stream) -> float | None:
+    """The clip's average frame rate. A raw H.264 or HEVC stream has no timestamps and its
+    demuxer says 25 fps whatever the stream's own rate, which its decoder reads from it."""
+    if container.format.name in ("h264", "hevc") and stream.codec_context.framerate:
+        return float(stream.codec_context.framerate)
+    return float(stream.average_rate) if stream.average_rate else None
 
 
 def _open(path: Path | str):
@@ -252,8 +260,22 @@ def _pick_frames(container, stream, targets: list[float], source_rate: float | N
             previous_image = prepare(previous)
         return previous_image
 
+    fed = fed_pixels = 0
+
+    def frames():
+        """The decoded frames. Every packet fed counts against the limits: one before an edit
+        list's start is decoded too, and its frame dropped inside FFmpeg, unseen here."""
+        nonlocal fed, fed_pixels
+        context = stream.codec_context
+        for packet in container.demux(stream):
+            if packet.size:  # not the empty one that flushes the decoder
+                fed += 1
+                fed_pixels += context.width * context.height
+                _check_budget(fed, fed_pixels, targets[-1], f"{context.width}x{context.height}")
+            yield from packet.decode()
+
     try:
-        for frame in container.decode(stream):
+        for frame in frames():
             time = _time(frame, decoded, source_rate)
             if decoded == 0:
                 start = time
@@ -357,7 +379,7 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
     picked: list[Image.Image] = []
     sent: deque[_Sent] = deque()
     damage: str | None = None
-    read = decoded = pixels = assigned = 0
+    read = decoded = pixels = assigned = discarded = 0
     last_picked: tuple[int, Image.Image] | None = None  # the last frame picked, prepared
     start = last_time = last_shown = 0.0
     previous: _Sent | None = None
@@ -413,6 +435,11 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
 
     def send(entry: _Sent, count: int) -> None:
         nonlocal assigned
+        if context.codec.name == "mjpeg" and more_jpeg_scans_than_allowed(bytes(entry.packet)):
+            raise InputError(
+                f"video's frame {entry.number} is a progressive JPEG of over {MAX_JPEG_SCANS} "
+                f"scans, which would take seconds to decode; re-encode the clip."
+            )
         entry.count, assigned = count, assigned + count
         sent.append(entry)
         take(context.decode(entry.packet))
@@ -431,6 +458,11 @@ def _pick_intra_frames(container, stream, targets: list[float], source_rate: flo
         for packet in packets():
             if packet.is_discard:  # before an edit list's start: the decoder drops its frame
                 if not context.codec.intra_only:  # but may add a PNG frame after it to it
+                    discarded += 1
+                    size = context.width * context.height
+                    cost = pixels + discarded * size
+                    shape = f"{context.width}x{context.height}"
+                    _check_budget(read + discarded, cost, targets[-1], shape)
                     take(context.decode(packet))
                 continue
             time = _time(packet, read, source_rate)
@@ -493,13 +525,17 @@ def _check_frame(frame: av.VideoFrame, number: int, decoded: int, pixels: int, c
             f"({frame.width * frame.height / 1e6:.0f} MP), larger than its first; the "
             f"limit is {MAX_VIDEO_PIXELS / 1e6:.0f} MP a frame. Downscale it first."
         )
+    _check_budget(decoded, pixels, cover, f"{frame.width}x{frame.height}")
+
+
+def _check_budget(decoded: int, pixels: int, cover: float, size: str) -> None:
+    """Refuses the clip once `decoded` frames counting `pixels` are past the budget."""
     _check_count(decoded, cover)
     if pixels > MAX_DECODED_PIXELS:
         raise InputError(
             f"video needs more than {MAX_DECODED_PIXELS / 1e9:g} gigapixels decoded "
-            f"to cover {cover:.1f} s ({decoded} frames of "
-            f"{frame.width}x{frame.height} so far); send it at a lower frame rate or "
-            f"resolution (4K at 120 fps fits)."
+            f"to cover {cover:.1f} s ({decoded} frames of {size} so far); send it at a lower "
+            f"frame rate or resolution (4K at 120 fps fits)."
         )
 
 

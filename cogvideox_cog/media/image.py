@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,15 @@ Image.preinit()
 Image.init()
 pillow_heif.register_heif_opener()
 _FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC"
+# Pillow's names of those formats (MPO, a camera's JPEG, comes through JPEG's). The other ones
+# Pillow reads are not offered: ICO decodes in full before its size is known, EPS needs a
+# Ghostscript the image lacks.
+_PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
+# A progressive JPEG's decode time grows with its scans, and nothing else bounds them: 10,000
+# scans of a 64 MP picture (a 1.4 MB file) took 80 s in one C call a cancel cannot stop.
+# Encoders write about 10 (libjpeg's progression; mozjpeg's about 20), an EXIF thumbnail its own.
+MAX_JPEG_SCANS = 100
+_SOS = b"\xff\xda"  # a scan's start; in coded data 0xFF is followed by 0x00 or a restart
 
 
 def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
@@ -48,7 +59,7 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
     and shape are checked from the header, before any pixel is decoded.
     """
     try:
-        image = Image.open(path)
+        image = Image.open(path, formats=_PILLOW_FORMATS)
     except (FileNotFoundError, IsADirectoryError) as error:
         # Cog passes an input that is neither a URL nor a data URI through as a bare path.
         raise InputError(
@@ -77,7 +88,10 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
                 "video keeps only a centre crop at its own shape (3:2 or 16:9), so crop the "
                 "part you want first."
             )
+        if image.format in ("JPEG", "MPO"):
+            _check_jpeg_scans(path)
         key = _16_bit_png_key(image)  # before decoding, which forgets the file's layout
+        inverted = _16_bit_white_is_zero(image)
         icc = image.info.get("icc_profile")
         nclx = image.info.get("nclx_profile")  # a HEIC's colours without an ICC profile
         try:
@@ -85,6 +99,8 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             # EXIF orientation to 1, so that it is not turned a second time here.
             upright = _upright(image)
             upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
+            if inverted:
+                upright = ImageOps.invert(upright)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 grey = upright.mode in ("L", "LA")
                 rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
@@ -238,6 +254,42 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
         scale = 255.0 if image.getextrema()[1] <= 1.0 else 1.0
         return image.point(lambda v: v * scale).convert("L")
     return image
+
+
+def _check_jpeg_scans(source) -> None:
+    """source: a path, or a file object open_image was given (read, then put back)."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            too_many = more_jpeg_scans_than_allowed(m)
+    else:
+        position = source.tell()
+        source.seek(0)
+        too_many = more_jpeg_scans_than_allowed(source.read())
+        source.seek(position)
+    if too_many:
+        raise InputError(
+            f"image is a progressive JPEG of over {MAX_JPEG_SCANS} scans, which would take "
+            "minutes to decode. Save it again (any editor writes 10 or so), or send a PNG."
+        )
+
+
+def more_jpeg_scans_than_allowed(data) -> bool:
+    """Whether JPEG `data` (bytes, or a file's mmap) holds over MAX_JPEG_SCANS scans."""
+    count, at = 0, data.find(_SOS)
+    while at != -1:
+        count += 1
+        if count > MAX_JPEG_SCANS:
+            return True
+        at = data.find(_SOS, at + 2)
+    return False
+
+
+def _16_bit_white_is_zero(image: Image.Image) -> bool:
+    """A 16-bit greyscale TIFF whose 0 is white (photometric WhiteIsZero): Pillow inverts an
+    8-bit one as it reads it, but reads a 16-bit one as it is stored, a negative."""
+    if image.format != "TIFF" or not image.mode.startswith("I;16"):
+        return False
+    return image.tag_v2.get(262) == 0
 
 
 def _16_bit_png_key(image: Image.Image) -> int | tuple[int, ...] | None:
