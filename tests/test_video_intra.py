@@ -182,6 +182,30 @@ def test_a_jpeg_without_tables_is_decoded_with_those_of_a_frame_not_picked(
     assert " of " in _decoded(clip)
 
 
+@pytest.mark.parametrize(
+    "name, codec, pix_fmt",
+    [("png.mov", "png", "rgba"), ("prores-4444.mov", "prores_ks", "yuva444p10le")],
+)
+def test_a_clips_transparent_parts_are_white_as_an_images_are(tmp_path, name, codec, pix_fmt):
+    """Not the colour the transparent pixels hold: here a keyed-out green screen."""
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 1] = 255  # green, and transparent but for the left half
+    rgba[:, :32] = (200, 100, 50, 255)
+    path = tmp_path / name
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for index in range(12):
+            frame = av.VideoFrame.from_ndarray(rgba, format="rgba")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    clip = load_video(path, num_frames=9, fps=8, height=48, width=64)
+    pixels = np.asarray(clip.frames[4]).astype(int)
+    assert np.abs(pixels[24, 8] - (200, 100, 50)).max() <= 3
+    assert np.abs(pixels[24, 56] - (255, 255, 255)).max() <= 3
+
+
 def test_an_mjpeg_frame_of_too_many_progressive_scans_is_refused_before_it_is_decoded(tmp_path):
     """Each scan decodes the whole picture again: 10,000 of them made a 4000x4000 frame of
     593 KB take 5 s."""

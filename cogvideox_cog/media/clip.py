@@ -624,12 +624,26 @@ _MATRIX_NAMES = {
 }
 
 
+def _on_white(rgba) -> Image.Image:
+    """A frame with alpha (ProRes 4444, PNG) on white where it is transparent, as an image
+    is (image.py): dropping the alpha would show whatever colour the transparent parts hold
+    (a keyed-out green screen)."""
+    picture = Image.fromarray(rgba, "RGBA")
+    white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, picture).convert("RGB")
+
+
 def _rgb(frame: av.VideoFrame, rotation: int, sdr: bool) -> Image.Image:
     """The frame upright in RGB; with sdr, converted to SDR BT.709 first."""
     try:
         # Not to_image(), which copies the picture into PIL row by row in Python, with the GIL
         # held: 21 ms of a 1080p frame's 25; the same pixels.
-        image = to_sdr(frame) if sdr else Image.fromarray(frame.to_ndarray(format="rgb24"))
+        if sdr:
+            image = to_sdr(frame)
+        elif any(component.is_alpha for component in frame.format.components):
+            image = _on_white(frame.to_ndarray(format="rgba"))
+        else:
+            image = Image.fromarray(frame.to_ndarray(format="rgb24"))
     except av.error.FFmpegError as error:
         if error.errno != errno.EOPNOTSUPP:
             raise
