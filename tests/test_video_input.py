@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 from fractions import Fraction
@@ -392,6 +393,42 @@ def test_phone_clip_turned_the_other_way_is_turned_upright_the_other_way(tmp_pat
     frame = np.asarray(clip.frames[0]).mean(axis=(1, 2))  # brightness per row
     assert frame[:10].min() > 200 and frame[-60:].max() < 50
     assert "48x96, turned 270 degrees as its display matrix says -> 48x96" in clip.summary
+
+
+def _with_display_matrix(path: str, matrix: tuple[int, ...]) -> str:
+    """The mp4 with its track header's display matrix replaced (a, b, u, c, d, v, x, y, w),
+    as QuickTime Player's Flip Horizontal and Flip Vertical write it."""
+    data = bytearray(Path(path).read_bytes())
+    at = data.index(b"tkhd") + 4
+    # version and flags, times and track id (wider in version 1), reserved, layer, group,
+    # volume, reserved, then the matrix.
+    at += 4 + (32 if data[at] == 1 else 20) + 8 + 2 + 2 + 2 + 2
+    data[at : at + 36] = struct.pack(">9i", *matrix)
+    Path(path).write_bytes(bytes(data))
+    return path
+
+
+ONE = 1 << 16
+
+
+@pytest.mark.parametrize(
+    ("matrix", "said", "white_at"),
+    [
+        ((-ONE, 0, 0, 0, ONE, 0, 96 * ONE, 0, 1 << 30), "mirrored", "right"),
+        ((ONE, 0, 0, 0, -ONE, 0, 0, 48 * ONE, 1 << 30), "flipped upside down", "bottom"),
+    ],
+    ids=["flip horizontal", "flip vertical"],
+)
+def test_a_mirrored_display_matrix_mirrors_the_clip_as_players_do(tmp_path, matrix, said, white_at):
+    """Its rotation alone reads as 180 degrees (a horizontal flip) or none (a vertical one)."""
+    path = _write_phone_clip(tmp_path / "flipped.mp4", rotation=0)
+    stored = np.zeros((48, 96), np.uint8)
+    stored[:, :24] = 255  # white on the left, as _write_phone_clip stores it
+    clip = load_video(_with_display_matrix(path, matrix), 9, 8, height=48, width=96)
+    frame = np.asarray(clip.frames[0]).mean(axis=2)
+    expected = np.fliplr(stored) if white_at == "right" else np.flipud(stored)
+    assert np.abs(frame - expected).max() < 60
+    assert f"96x48, {said} as its display matrix says" in clip.summary
 
 
 def test_clip_without_rotation_is_left_as_stored(tmp_path):

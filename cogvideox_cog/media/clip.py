@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
+from av.sidedata.sidedata import Type as SideDataType
 from PIL import Image
 
 from ..errors import InputError
@@ -77,13 +79,13 @@ def load_video(
         stream = _checked_stream(container, num_frames, fps)
         source_rate = _source_rate(container, stream)
         targets = [i / fps for i in range(num_frames)]
-        rotations: list[int] = []
+        transforms: list[Image.Transpose | None] = []
         conversions: list[str | None] = []
 
         def prepare(frame: av.VideoFrame) -> Image.Image:
-            rotations.append(_rotation(frame))
+            transforms.append(_display_transform(frame))
             conversions.append(conversion(frame))
-            upright = _rgb(frame, rotations[-1], sdr=convert_colour and bool(conversions[-1]))
+            upright = _rgb(frame, transforms[-1], sdr=convert_colour and bool(conversions[-1]))
             return fit_image(upright, height, width)
 
         picked, decoded, read, start, end, damage = _pick_frames(
@@ -94,10 +96,10 @@ def load_video(
         if len(picked) < num_frames:
             _refuse_short(stream, read, start, end, damage, num_frames, fps, allowed_frames)
         source_width, source_height = stream.codec_context.width, stream.codec_context.height
-    rotation = rotations[0]
-    if rotation in (90, 270):
+    transform = transforms[0]
+    if transform in _SWAPS_SIDES:
         source_width, source_height = source_height, source_width
-    turned = f", turned {rotation} degrees as its display matrix says" if rotation else ""
+    turned = f", {_SAID[transform]} as its display matrix says" if transform is not None else ""
     shown = header_seconds if header_seconds is not None else end - start
     rate = f"{source_rate:g} fps" if source_rate else "variable fps"
     of_read = f" of {read}" if read != decoded else ""  # the rest skipped (_pick_intra_frames)
@@ -598,19 +600,39 @@ def _track_duration(stream) -> float | None:
     return None
 
 
-# Counterclockwise turns, as the display matrix gives them (VideoFrame.rotation).
-_TURNS = {
-    90: Image.Transpose.ROTATE_90,
-    180: Image.Transpose.ROTATE_180,
-    270: Image.Transpose.ROTATE_270,
+_T = Image.Transpose
+_SWAPS_SIDES = {_T.ROTATE_90, _T.ROTATE_270, _T.TRANSPOSE, _T.TRANSVERSE}
+# For the summary; turns are counterclockwise, as VideoFrame.rotation gives them.
+_SAID = {
+    _T.ROTATE_90: "turned 90 degrees",
+    _T.ROTATE_180: "turned 180 degrees",
+    _T.ROTATE_270: "turned 270 degrees",
+    _T.FLIP_LEFT_RIGHT: "mirrored",
+    _T.FLIP_TOP_BOTTOM: "flipped upside down",
+    _T.TRANSPOSE: "turned 90 degrees and mirrored",
+    _T.TRANSVERSE: "turned 270 degrees and mirrored",
 }
 
 
-def _rotation(frame: av.VideoFrame) -> int:
-    """How far a player turns the frame: phones store portrait clips as landscape frames
-    plus a display matrix. Only quarter turns exist in practice; others are ignored."""
-    degrees = round(frame.rotation or 0) % 360
-    return degrees if degrees in _TURNS else 0
+def _display_transform(frame: av.VideoFrame) -> Image.Transpose | None:
+    """How a player shows the frame, as FFmpeg's autorotate turns it: phones store portrait
+    clips as landscape frames plus a display matrix, and an editor's flip (QuickTime's Flip
+    Horizontal) writes a mirrored one, whose rotation alone reads as 180 degrees or none.
+    Only quarter turns, mirrored or not, exist in practice; others are ignored."""
+    degrees = round(frame.rotation or 0) % 360  # counterclockwise
+    matrix = frame.side_data.get(SideDataType.DISPLAYMATRIX)
+    # a, b, u, c, d, v, x, y, w: x' = a x + c y, y' = b x + d y (16.16 fixed point)
+    m = struct.unpack("=9i", bytes(matrix)[:36]) if matrix is not None else (1, 0, 0, 0, 1)
+    if degrees == 270:  # a quarter turn clockwise
+        return _T.TRANSPOSE if m[3] > 0 else _T.ROTATE_270
+    if degrees == 90:
+        return _T.TRANSVERSE if m[3] < 0 else _T.ROTATE_90
+    mirrored, upside_down = m[0] < 0, m[4] < 0
+    if degrees == 180 and mirrored and upside_down:
+        return _T.ROTATE_180
+    if degrees in (0, 180) and mirrored != upside_down:
+        return _T.FLIP_LEFT_RIGHT if mirrored else _T.FLIP_TOP_BOTTOM
+    return None
 
 
 # Colour matrices (H.273 MatrixCoefficients) that FFmpeg's libswscale has no conversion for.
@@ -633,7 +655,7 @@ def _on_white(rgba) -> Image.Image:
     return Image.alpha_composite(white, picture).convert("RGB")
 
 
-def _rgb(frame: av.VideoFrame, rotation: int, sdr: bool) -> Image.Image:
+def _rgb(frame: av.VideoFrame, transform: Image.Transpose | None, sdr: bool) -> Image.Image:
     """The frame upright in RGB; with sdr, converted to SDR BT.709 first."""
     try:
         # Not to_image(), which copies the picture into PIL row by row in Python, with the GIL
@@ -655,4 +677,4 @@ def _rgb(frame: av.VideoFrame, rotation: int, sdr: bool) -> Image.Image:
             f"converted to RGB here ({error.strerror}); re-encode it with a BT.709, BT.601 "
             f"or BT.2020 matrix."
         ) from error
-    return image.transpose(_TURNS[rotation]) if rotation else image
+    return image.transpose(transform) if transform is not None else image
