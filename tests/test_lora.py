@@ -419,6 +419,7 @@ def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, lor
     [
         {"lora_alpha": 4, "alpha_pattern": [1, 2]},
         {"lora_alpha": 4, "alpha_pattern": {"^transformer_blocks.0": "NaN"}},
+        {"lora_alpha": 4, "alpha_pattern": {"(\\w|\\w|\\w)*!": 1.0}},
         {"lora_alpha": 4, "use_rslora": "yes"},
         {"lora_alpha": float("inf")},
         {"lora_alpha": True},
@@ -426,6 +427,7 @@ def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, lor
     ids=[
         "pattern-a-list",
         "pattern-not-a-number",
+        "pattern-a-regex-of-exponential-time",
         "rslora-not-a-bool",
         "alpha-infinite",
         "alpha-a-bool",

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PREFIX = "transformer."
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps LoraConfig
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
+_LAYER_NAME = re.compile(r"\^?[\w.]+", re.ASCII)  # an alpha_pattern key peft matches in linear time
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 
 
@@ -139,6 +140,15 @@ def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
         raise LoraError(
             f"the LoRA's metadata has alpha_pattern={str(pattern)[:200]}: expected a JSON "
             f"object of layer patterns to numbers."
+        )
+    # peft matches each key as a regular expression against every adapted layer's name: a
+    # key like (\w|\w|\w)*! takes 35 s a layer, holding the GIL so a cancel cannot stop it.
+    # diffusers and peft write layer names, `^` in front at most.
+    pattern_key = next((key for key in pattern if not _LAYER_NAME.fullmatch(key)), None)
+    if pattern_key is not None:
+        raise LoraError(
+            f"the LoRA's metadata has alpha_pattern key {pattern_key[:100]!r}, which is not a "
+            f"layer name (e.g. transformer_blocks.0.attn1.to_q); only layer names are taken."
         )
     if not isinstance(config.get("use_rslora", False), bool):
         raise LoraError(f"the LoRA's metadata has use_rslora={config['use_rslora']!r}.")
