@@ -92,6 +92,31 @@ def _left_over(cache: LoraCache) -> list[str]:
     return sorted(str(p.relative_to(cache.root)) for p in cache.root.rglob("*") if p.is_file())
 
 
+def test_a_lora_another_server_publishes_meanwhile_is_kept_not_replaced(served, cache, monkeypatch):
+    """Two servers fetching one new LoRA at once: the one that publishes second (here, while
+    this one makes its download durable) takes the other's file, which the other already
+    holds. Replaced, that hold would be on a file the name no longer leads to, and an
+    eviction could remove the LoRA between its lookup and its load."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    blob = cache.blobs / f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    theirs: list = []
+    real_fsync = store.cache.fsync
+
+    def another_server_publishes(path):
+        real_fsync(path)
+        if not theirs and Path(path).is_file():  # the download, before it is published
+            blob.write_bytes(data)
+            theirs.append(store._open_shared(blob))  # their hold, taken as they publish
+
+    monkeypatch.setattr(store.cache, "fsync", another_server_publishes)
+    assert cache.get(server.url("a.safetensors")) == blob
+    assert os.path.samestat(os.fstat(theirs[0].fileno()), blob.stat())
+    assert os.path.samestat(os.fstat(cache._held.fileno()), blob.stat())
+    theirs[0].close()
+
+
 def test_downloaded_lora_is_stored_under_its_sha256(served, cache):
     root, server = served
     data = _lora_bytes(1)

@@ -31,6 +31,7 @@ backoff, resume) under one overall deadline; hf:// goes through huggingface_hub.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import heapq
@@ -307,7 +308,15 @@ class LoraCache:
             existing.close()  # damaged on disk: replaced by the file just checked
         cache.fsync(lora)  # on disk before its name says it is whole
         held = _open_shared(lora)  # staging is this process's alone: it is there
-        os.replace(lora, blob)  # the same content from two URLs is the same blob
+        if existing is None and not _link(lora, blob):
+            # Another server published the same content since the look above (during the
+            # fsync): theirs stays, as above, for they may hold it already.
+            theirs = _open_shared(blob)
+            if theirs is not None:
+                held.close()
+                return blob, theirs
+        if existing is not None or not blob.exists():
+            os.replace(lora, blob)  # a damaged blob, or one evicted again meanwhile
         cache.fsync(self.blobs)
         return blob, held
 
@@ -324,6 +333,20 @@ class LoraCache:
                     shutil.rmtree(leftover, ignore_errors=True)
             except FileNotFoundError:
                 pass
+
+
+def _link(source: Path, name: Path) -> bool:
+    """Publish `source` as `name` unless a file has that name: False then. A volume without
+    hard links (some network and FUSE ones) publishes with a rename, which replaces."""
+    try:
+        os.link(source, name)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.replace(source, name)
+    return True
 
 
 def _open_shared(path: Path) -> BinaryIO | None:
