@@ -441,6 +441,14 @@ def test_lora_metadata_of_the_wrong_shape_is_refused(generator, loras, tmp_path,
         read_lora(path)
 
 
+def test_a_lora_in_float8_is_refused_naming_the_types_taken(generator, loras, tmp_path):
+    tensors = load_file(generator.lora_cache.get(_url(loras, "a")))
+    tensors = {key: value.to(torch.float8_e4m3fn) for key, value in tensors.items()}
+    save_file(tensors, tmp_path / LORA)
+    with pytest.raises(LoraError, match="float8_e4m3fn; store it in float32, bfloat16"):
+        read_lora(tmp_path / LORA)
+
+
 def _pair(layer: str) -> dict[str, torch.Tensor]:
     return {
         f"{layer}.lora_A.weight": torch.ones(RANK, 32),
@@ -485,7 +493,7 @@ def test_a_lora_with_text_encoder_layers_is_refused_naming_one(tmp_path):
 def test_a_lora_of_integer_tensors_is_refused_naming_the_dtype(tmp_path):
     tensors = {k: v.to(torch.int8) for k, v in _pair("transformer.proj_out").items()}
     save_file(tensors, tmp_path / LORA)
-    with pytest.raises(LoraError, match=r"proj_out\.lora_A is torch\.int8, not float"):
+    with pytest.raises(LoraError, match=r"proj_out\.lora_A is torch\.int8; store it in float32"):
         read_lora(tmp_path / LORA)
 
 

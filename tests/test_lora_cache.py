@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -254,6 +255,39 @@ def test_a_lora_of_unknown_length_is_stopped_once_it_passes_the_whole_cache(tmp_
             cache.get(server.url("a.safetensors"))  # "more than": counted as it came
     finally:
         server.stop()
+    assert _left_over(cache) == []
+
+
+def test_a_lora_of_unknown_length_whose_download_breaks_fails_as_a_lora_error(tmp_path):
+    """Chunked, the body cut off: it was an IncompleteRead that named no LoRA."""
+    root = tmp_path / "served"
+    data = _lora_bytes(1, rank=64)
+    _serve(root, "a.safetensors", data)
+    server = FileServer(root, ranges=False, chunked=True)
+    server.drop_at("a.safetensors", len(data) // 2, times=None)
+    try:
+        cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, timeout_s=30)
+        with pytest.raises(LoraError, match=r"the download broke after [0-9,]+ bytes"):
+            cache.get(server.url("a.safetensors"))
+    finally:
+        server.stop()
+    assert _left_over(cache) == []
+
+
+def test_a_lora_whose_header_safetensors_refuses_is_not_cached(served, cache):
+    """Overlapping tensors pass the header's own checks; safetensors refuses them on load,
+    which failed every request for the URL with a SafetensorError, the file kept."""
+    root, server = served
+    name = "transformer_blocks.0.attn1.to_q"
+    header = {
+        f"{name}.lora_{side}.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+        for side in "AB"
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    _serve(root, "a.safetensors", len(text).to_bytes(8, "little") + text + bytes(8))
+    with pytest.raises(LoraError, match=r"cannot be read as safetensors: .*invalid offset"):
+        cache.get(server.url("a.safetensors"))
     assert _left_over(cache) == []
 
 

@@ -29,6 +29,7 @@ from ..errors import LoraError, WeightsError
 from ..weights import download
 from ..weights.hub import hub_online, parse_hf_url
 from ..weights.verify import check_safetensors
+from .file import adapted_layers
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def fetch_lora(url: str, staging: Path, cancelled: threading.Event, cap: Cap) ->
     problems = check_safetensors(lora)
     if problems:
         raise LoraError(f"the LoRA at {shown} is not a valid safetensors file: {problems[0]}")
+    adapted_layers(lora)  # what safetensors itself refuses in a header: refused, not cached
     return lora
 
 

@@ -23,12 +23,14 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import LoraError
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "transformer."
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps LoraConfig
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
 _LAYER_NAME = re.compile(r"\^?[\w.]+", re.ASCII)  # an alpha_pattern key peft matches in linear time
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
@@ -72,7 +75,7 @@ class LoraWeights:
 
 def read_lora(path: Path) -> LoraWeights:
     """Parse a verified LoRA file (named by its sha256) and settle its layout and alpha."""
-    with safe_open(path, framework="pt") as file:
+    with _opened(path) as file:
         metadata = file.metadata() or {}
         tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     if not tensors:
@@ -116,9 +119,20 @@ def read_lora(path: Path) -> LoraWeights:
 def adapted_layers(path: Path) -> set[str]:
     """The layers a LoRA file adapts, read from its safetensors header alone: what can be
     refused before the tensors are read or any model is changed."""
-    with safe_open(path, framework="pt") as file:
+    with _opened(path) as file:
         keys = list(file.keys())
     return {match["module"] for key in keys if (match := _KEY.fullmatch(key.removeprefix(PREFIX)))}
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator:
+    """safe_open, its refusal of a header (overlapping offsets, an unknown dtype) or of a
+    tensor's bytes a LoraError: check_safetensors passes some files safetensors refuses."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            yield file
+    except SafetensorError as error:
+        raise LoraError(f"the LoRA file cannot be read as safetensors: {error}") from None
 
 
 def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
@@ -181,8 +195,11 @@ def _ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
                 f"expected (rank, in) and (out, rank)."
             )
         for side, tensor in pair.items():
-            if not tensor.is_floating_point():
-                raise LoraError(f"the LoRA's {module}.lora_{side} is {tensor.dtype}, not float.")
+            if tensor.dtype not in _FLOATS:  # float8 too: peft adds it in the model's dtype
+                raise LoraError(
+                    f"the LoRA's {module}.lora_{side} is {tensor.dtype}; store it in float32, "
+                    f"bfloat16 or float16."
+                )
             if not torch.isfinite(tensor).all():
                 raise LoraError(f"the LoRA's {module}.lora_{side} holds NaN or infinite values.")
         ranks[module] = a.shape[0]

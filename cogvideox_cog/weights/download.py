@@ -808,14 +808,22 @@ def fetch_capped(
     if remote.size is None:  # chunked, no length: one streaming read, capped as it goes
         assert response is not None  # probe() hands back the open whole-file response
         written = 0
-        with response as reader:
-            # read1: what has arrived, so a trickle cannot keep this thread past a cancel.
-            while block := reader.read1(READ_BYTES):
-                written += out.write(block)
-                if written > max_bytes:
-                    raise TooLarge(written, at_least=True)
-                if cancelled.is_set():
-                    return
+        try:
+            with response as reader:
+                # read1: what has arrived, so a trickle cannot keep this thread past a cancel.
+                while block := reader.read1(READ_BYTES):
+                    written += out.write(block)
+                    if written > max_bytes:
+                        raise TooLarge(written, at_least=True)
+                    if cancelled.is_set():
+                        return
+        except (OSError, http.client.HTTPException) as error:
+            # Not resumed: without a length the server gave no sign that it takes ranges.
+            _, happened, _ = _describe(error)
+            raise WeightsError(
+                f"{what}: the download broke after {written:,} bytes ({happened}); the server "
+                f"gave no length, so it is not resumed. {hint}"
+            ) from None
         return
     with open_url(remote, response, 0, what, hint, retries) as stream:
         for view in stream.views(remote.size):
