@@ -41,6 +41,17 @@ def temporary_files_under_pytest(tmp_path_factory) -> Iterator[Path]:
     patch.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_under_pytest(tmp_path_factory) -> Iterator[Path]:
+    """A test that sets no weights folder (one meant to fail before any download, say) writes
+    its locks and downloads under pytest's folder, never into the project's weights/."""
+    folder = tmp_path_factory.mktemp("weights")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("COGVIDEOX_WEIGHTS_DIR", str(folder))
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny pipeline per (family, task), keyed "1.0-t2v", "1.5-i2v", ..."""

@@ -449,7 +449,8 @@ def test_gpu_run_stops_the_cold_compiled_start_at_its_cap_and_runs_the_steps_aft
     )
     log = (out / "run.log").read_text()
     assert done.returncode == 1
-    assert re.search(r"== compile-cold: FAILED after [23] s", log), log
+    stopped = re.search(r"== compile-cold: FAILED after (\d+) s", log)
+    assert stopped and int(stopped[1]) < 30, log  # not the hung step's 60 s
     assert "== attention: done" in log and "== summary: done" in log
 
 

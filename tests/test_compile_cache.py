@@ -260,6 +260,23 @@ def test_loading_a_cache_file_marks_it_used(tmp_path, caplog):
     assert path.exists()
 
 
+def test_every_start_tidies_the_compile_cache_before_its_warm_up(tiny_weights, tmp_path):
+    """Also a start that loads its file and never saves (here: nothing compiled to save)."""
+    variant = VARIANTS[VARIANT]
+    generator = VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+    renders = generator.warm_up_renders()[:1]
+    generator.warm_up_renders = lambda: renders
+    folder = tmp_path / compile_cache.FOLDER
+    folder.mkdir()
+    abandoned = folder / "cogvideox-5b-t2v-0123.bin.0123456789abcdef-7-1.tmp"
+    abandoned.write_bytes(b"part of a compile cache")
+    _age(abandoned, hours=2)
+    compile_cache.warm_up_with_cache(generator, tmp_path)
+    assert not abandoned.exists()
+
+
 def _age(path: Path, hours: float) -> None:
     then = time.time() - hours * 3600
     os.utime(path, (then, then))

@@ -241,6 +241,13 @@ def test_another_variants_weights_are_refused_naming_theirs(
         build_pipeline(VARIANTS[variant_id], tiny_weights[weights], CPU, "none")
 
 
+def test_a_setup_given_another_variants_weights_fails_naming_them(tiny_weights, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_MODEL", "cogvideox-5b")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-i2v"]))  # used in place
+    with pytest.raises(VariantError, match="image-to-video model \\(cogvideox-5b-i2v\\)"):
+        VideoGenerator.from_env("t2v")
+
+
 def test_offload_is_none_on_cpu_whatever_is_asked():
     for policy in ("auto", "none", "model", "sequential"):
         assert choose_offload(policy, VARIANTS["cogvideox-5b"], CPU) == "none"
