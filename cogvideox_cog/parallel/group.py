@@ -302,18 +302,21 @@ class RankGroup:
         """Stop the ranks: asked first (unless ask is False), then terminated, then killed."""
         self._closing = True
         for conn, process in zip(self._conns, self._processes, strict=True):
-            if ask and process.is_alive():
+            with self._inbox.reaping:
+                alive = process.is_alive()
+            if ask and alive:
                 with contextlib.suppress(OSError):  # it ended meanwhile
                     conn.send(None)
         deadline = time.monotonic() + (STOP_S if ask else 0.0)
         for process in self._processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.terminate()
-                process.join(1)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            with self._inbox.reaping:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.terminate()
+                    process.join(1)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
         self._inbox.close()
         self._outbox.close()
         self._rendezvous = None  # its server stops with the last reference
@@ -490,6 +493,9 @@ class _Inbox:
         self._watched: dict = {conn: rank for rank, conn in enumerate(conns)}
         self._watched.update({p.sentinel: rank for rank, p in enumerate(processes)})
         self._closed = False
+        # Held while a thread reaps a rank: of two waitpid()s at once, the one that finds the
+        # process already reaped leaves it looking alive (multiprocessing's Popen.poll).
+        self.reaping = threading.Lock()
         self._thread = threading.Thread(target=self._read, name="rank-inbox", daemon=True)
         self._thread.start()
 
@@ -506,8 +512,9 @@ class _Inbox:
                 # What the rank sent before it ended (its SetupFailed, say) comes first.
                 while self._conns[rank] in self._watched and self._conns[rank].poll(0):
                     self._receive(self._conns[rank])
-                self._processes[rank].join(timeout=1)
-                exited = RankExited(rank, self._processes[rank].exitcode)
+                with self.reaping:
+                    self._processes[rank].join(timeout=1)
+                    exited = RankExited(rank, self._processes[rank].exitcode)
                 self._on_exit(exited)
                 self._put(exited)
 
