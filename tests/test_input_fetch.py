@@ -134,6 +134,24 @@ def test_a_redirect_away_from_http_is_refused_at_once(files):
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize(
+    ("location", "said"),
+    [
+        ("s3://bucket/photo.png?X-Amz-Signature=SECRETSIG", "a redirect to s3:, not http(s)"),
+        ("http://alice:SECRETPW@127.0.0.1:9/photo.png", "a user name or password in it"),
+    ],
+    ids=["presigned s3", "user and password"],
+)
+def test_a_redirect_that_is_refused_is_not_quoted(files, location, said):
+    """urllib's refusal of s3: quoted the whole target, its signature too, and http.client's
+    of a user:password@ host quoted the password."""
+    files.redirect("photo.png", location)
+    with pytest.raises(InputError) as refused, fetched("image", files.url("photo.png"), "photo"):
+        pass
+    assert said in str(refused.value)
+    assert "SECRET" not in str(refused.value)
+
+
 def test_an_input_left_by_a_killed_worker_is_removed_by_the_next_setup(tmp_path):
     from cogvideox_cog.generator import TEMP_PREFIX
 

@@ -269,13 +269,27 @@ def url_problem(url: str) -> str | None:
 
 
 class _RedirectsWithinHttp(urllib.request.HTTPRedirectHandler):
-    """urllib also follows a redirect to ftp://, which would hang until the deadline."""
+    """urllib also follows a redirect to ftp://, which would hang until the deadline. What is
+    refused is said without the target: urllib's own refusal (of s3://, say) quotes it whole,
+    a presigned query string too, and http.client's of a user:password@ host quotes those."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise _Fatal(f"HTTP {code}: a redirect to {scheme}:, not http(s)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):
+        _check_redirect(code, headers.get("location") or headers.get("uri") or "")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _check_redirect(code: int, location: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(location)
+        has_userinfo = "@" in parts.netloc
+    except ValueError:
+        raise _Fatal(f"HTTP {code}: a redirect to an invalid URL") from None
+    if parts.scheme and parts.scheme.lower() not in ("http", "https"):
+        raise _Fatal(f"HTTP {code}: a redirect to {parts.scheme.lower()}:, not http(s)")
+    if has_userinfo:
+        raise _Fatal(f"HTTP {code}: a redirect to a URL with a user name or password in it")
 
 
 _OPENER = urllib.request.build_opener(_RedirectsWithinHttp)
