@@ -4,6 +4,7 @@ training runs, size and time limits, and the content-addressed LRU cache."""
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import json
@@ -287,6 +288,16 @@ def test_a_lora_whose_header_safetensors_refuses_is_not_cached(served, cache):
     text += b" " * (-len(text) % 8)
     _serve(root, "a.safetensors", len(text).to_bytes(8, "little") + text + bytes(8))
     with pytest.raises(LoraError, match=r"cannot be read as safetensors: .*invalid offset"):
+        cache.get(server.url("a.safetensors"))
+    assert _left_over(cache) == []
+
+
+def test_a_gzip_compressed_lora_is_told_apart_from_a_broken_tar(served, cache):
+    """As an object stored with Content-Encoding: gzip arrives: it was refused as a tar
+    whose header is invalid."""
+    root, server = served
+    _serve(root, "a.safetensors", gzip.compress(_lora_bytes(1)))
+    with pytest.raises(LoraError, match="is a compressed safetensors file, not a tar"):
         cache.get(server.url("a.safetensors"))
     assert _left_over(cache) == []
 

@@ -209,6 +209,12 @@ def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
             raise _too_big(f"{url} ({name})", member.size, cap)
         assert copied is member  # the final pick was the choice when it was read
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
+        if _compressed_safetensors(path):
+            raise LoraError(
+                f"the file at {url} is a compressed safetensors file, not a tar (an object "
+                f"stored with Content-Encoding: gzip, say): serve the .safetensors file as it "
+                f"is, or a tar of it."
+            ) from None
         raise LoraError(f"the tar at {url} cannot be read: {error}") from None
     if sniff(dest) == "pickle":
         raise LoraError(f"{name} in {url} is a PyTorch pickle checkpoint: {_PICKLE_HINT}.")
@@ -256,6 +262,21 @@ def _tar_stream(url: str, path: Path, cap: Cap) -> Iterator[_Bounded]:
     )
     with opener(path) if opener else path.open("rb") as source:
         yield _Bounded(source, limit, refusal)
+
+
+def _compressed_safetensors(path: Path) -> bool:
+    """Whether a compressed file that is no tar starts, decompressed, as a safetensors file."""
+    with path.open("rb") as file:
+        head = file.read(6)
+    opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+    if opener is None:
+        return False
+    try:
+        with opener(path) as source:
+            start = source.read(9)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError):
+        return False
+    return len(start) == 9 and start[8:9] == b"{"
 
 
 class _Bounded:
