@@ -250,9 +250,7 @@ def _tar_stream(url: str, path: Path, cap: Cap) -> Iterator[_Bounded]:
     """The tar itself, decompressed as it is read where it is compressed, up to
     TAR_EXPANSION times the cap (beyond that, the listing alone would hold a CPU core long
     after the timeout, and a header in memory per entry)."""
-    with path.open("rb") as file:
-        head = file.read(6)
-    opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+    opener = _decompressor(path)
     limit = TAR_EXPANSION * cap.size
     refusal = LoraError(
         f"the tar at {url} decompresses to more than {download.human(limit)}, "
@@ -264,11 +262,16 @@ def _tar_stream(url: str, path: Path, cap: Cap) -> Iterator[_Bounded]:
         yield _Bounded(source, limit, refusal)
 
 
-def _compressed_safetensors(path: Path) -> bool:
-    """Whether a compressed file that is no tar starts, decompressed, as a safetensors file."""
+def _decompressor(path: Path):
+    """The opener of the compressed file at `path` (gzip.open, ...), or None."""
     with path.open("rb") as file:
         head = file.read(6)
-    opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+    return next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+
+
+def _compressed_safetensors(path: Path) -> bool:
+    """Whether a compressed file that is no tar starts, decompressed, as a safetensors file."""
+    opener = _decompressor(path)
     if opener is None:
         return False
     try:

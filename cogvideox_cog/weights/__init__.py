@@ -17,7 +17,6 @@ For a source that is not a local directory:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import importlib.util
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from .. import leftovers
 from ..errors import BadSource, ConfigError, WeightsError
 from ..settings import folder_from_env, setting
 from ..variants import MODEL_ENV, Variant
@@ -467,7 +467,7 @@ def _stop_when_stalled(
             return
         except subprocess.TimeoutExpired:
             pass
-        now = _bytes_under(folder)
+        now = leftovers.folder_size(folder)
         if now != size:
             size, grew = now, time.monotonic()
         elif time.monotonic() - grew > stall_s:
@@ -475,15 +475,6 @@ def _stop_when_stalled(
             stalled.set()
             process.kill()
             return
-
-
-def _bytes_under(folder: Path) -> int:
-    total = 0
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
 
 
 def _ends_with_this_process() -> Callable[[], None] | None:
