@@ -11,7 +11,9 @@ Python's recursion limit), "long" (a 12,000-character rewrite, max_tokens ignore
 quoting it too: "echo-page" (a 200 whose body is an HTML error page, as a proxy's),
 "echo-json" (a 200 with an error instead of choices), "echo-late" (401, the quote straddling
 the 300th character, where our message cuts an error's text); "refuse" (an apology where the
-caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "verbatim"
+caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "echo-refusal" (a
+`refusal` field quoting the Authorization header across its 300th character), "echo-apology"
+(the same quote in an apology where the caption should be), "verbatim"
 (the user's prompt as it came, as a model that finds it detailed enough may answer),
 "half-emoji" (an emoji's first UTF-16 half, alone, before the rewrite's last full stop, as
 a gateway that cuts a JavaScript string sends it);
@@ -32,9 +34,9 @@ from typing import Any
 
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
-    "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal",
-    "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http", "cut-body",
-    "cut-error",
+    "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal", "echo-refusal",
+    "echo-apology", "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http",
+    "cut-body", "cut-error",
 )  # fmt: skip
 
 
@@ -105,7 +107,8 @@ class ChatServer:
                 else:
                     if fault == "slow":
                         peer._stopped.wait(peer.delay)
-                    self._send(200, json.dumps(peer._answer(json.loads(raw), fault)).encode())
+                    answer = peer._answer(json.loads(raw), fault, headers.get("authorization"))
+                    self._send(200, json.dumps(answer).encode())
 
             def _trickle(self, head: bytes) -> None:
                 for byte in head:
@@ -153,7 +156,7 @@ class ChatServer:
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def _answer(self, request: dict, fault: str | None) -> dict:
+    def _answer(self, request: dict, fault: str | None, authorization: str | None) -> dict:
         prompt = [m for m in request["messages"] if m["role"] == "user"][-1]["content"]
         content = "" if fault == "empty" else rewrite_of(prompt)
         if fault == "long":
@@ -171,6 +174,11 @@ class ChatServer:
         message = {"role": "assistant", "content": content}
         if fault == "refusal":
             message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+        elif fault in ("echo-refusal", "echo-apology"):
+            quote = "x" * 289 + f" {authorization}"  # the key from the 298th character
+            message = {"role": "assistant", "content": None, "refusal": quote}
+            if fault == "echo-apology":
+                message = {"role": "assistant", "content": REFUSAL + quote[len(REFUSAL) :]}
         return {
             "id": "chatcmpl-test",
             "object": "chat.completion",

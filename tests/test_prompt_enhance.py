@@ -299,9 +299,12 @@ def test_an_error_that_quotes_the_key_does_not_show_it(endpoint, chat):
     assert "sk-user-9" not in str(failed.value) and "[the key]" in str(failed.value)
 
 
-@pytest.mark.parametrize("fault", ["echo-page", "echo-json", "echo-late"])
+@pytest.mark.parametrize(
+    "fault", ["echo-page", "echo-json", "echo-late", "echo-refusal", "echo-apology"]
+)
 def test_an_answer_that_quotes_the_key_anywhere_does_not_show_any_of_it(endpoint, chat, fault):
-    """A proxy's error page or an error in place of choices, or a quote our message cuts."""
+    """A proxy's error page or an error in place of choices, or a quote our message cuts (in
+    an error's text or in a refusal)."""
     chat.fault = fault
     with pytest.raises(EnhanceError) as failed:
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key="sk-user-9")

@@ -78,15 +78,15 @@ class EndpointRewriter:
             message = answer.get("message")
             message = message if isinstance(message, dict) else {}
             refusal = message.get("refusal")  # OpenAI's, in place of the content
-            if isinstance(refusal, str) and refusal.strip():
-                raise EnhanceError(refused(self.name, refusal))
+            if isinstance(refusal, str) and refusal.strip():  # taken out before it is cut
+                raise EnhanceError(refused(self.name, _redacted(refusal, key)))
             text = message.get("content")
             if not isinstance(text, str) or not text.strip():
                 reason = answer.get("finish_reason")
                 raise EnhanceError(f"{self.name} answered with no text (finish_reason {reason!r})")
         except EnhanceError as error:  # whatever part of the answer it quotes
             raise EnhanceError(_redacted(str(error), key)) from None
-        text = _LONE_SURROGATE.sub("", text)
+        text = _redacted(_LONE_SURROGATE.sub("", text), key)  # it is logged, and may be quoted
         return Reply(text, cut=answer.get("finish_reason") == "length")
 
     def _post(self, body: dict, api_key: str | None) -> dict:
