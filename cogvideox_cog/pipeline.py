@@ -186,19 +186,22 @@ def check_weights_match(pipe, variant: Variant) -> None:
     then fail each request on a tensor's shape or render at another release's size.
 
     What the configs tell apart: image-to-video doubles the transformer's input channels
-    (the image's latents ride along), and 1.5 patches time. 2B and 5B are not told apart:
-    2B's config only lacks rotary embeddings, which the tiny test models all have.
+    (the image's latents ride along), 1.5 patches time, and 2B has no rotary embeddings.
     """
     config = pipe.transformer.config
     task = "i2v" if config.in_channels == 2 * pipe.vae.config.latent_channels else "t2v"
     family = "1.0" if config.patch_size_t is None else "1.5"
-    if (task, family) == (variant.task, variant.family):
+    size = "5b" if config.use_rotary_positional_embeddings else "2b"
+    if (task, family, size) == (variant.task, variant.family, variant.size):
         return
-    matching = [v.id for v in VARIANTS.values() if (v.task, v.family) == (task, family)]
+    matching = [
+        v.id for v in VARIANTS.values() if (v.task, v.family, v.size) == (task, family, size)
+    ]
     raise VariantError(
-        f"the weights are a CogVideoX {family} {TASK_NAMES[task]} model ({' or '.join(matching)}),"
-        f" but {MODEL_ENV}={variant.id!r}. Set {MODEL_ENV} to the weights' variant, or "
-        f"{WEIGHTS_URL_ENV} to {variant.id}'s weights (hf://{variant.hub_repo})."
+        f"the weights are a CogVideoX {family} {size.upper()} {TASK_NAMES[task]} model "
+        f"({' or '.join(matching) or 'no variant served here'}), but {MODEL_ENV}={variant.id!r}. "
+        f"Set {MODEL_ENV} to the weights' variant, or {WEIGHTS_URL_ENV} to {variant.id}'s "
+        f"weights (hf://{variant.hub_repo})."
     )
 
 

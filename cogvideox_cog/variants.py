@@ -14,6 +14,7 @@ from .settings import setting
 
 Task = Literal["t2v", "i2v"]
 SchedulerName = Literal["ddim", "dpm"]
+Size = Literal["2b", "5b"]
 
 MODEL_ENV = "COGVIDEOX_MODEL"
 DEFAULT_VARIANT = {"t2v": "cogvideox-5b", "i2v": "cogvideox-5b-i2v"}
@@ -65,6 +66,11 @@ class Variant:
     def family(self) -> Literal["1.0", "1.5"]:
         """The release: 1.5 models patch time by 2 and take any resolution up to a bound."""
         return "1.5" if self.id.startswith("cogvideox1.5") else "1.0"
+
+    @property
+    def size(self) -> Size:
+        """2B is the one without rotary position embeddings (sine-cosine ones instead)."""
+        return "2b" if self.id == "cogvideox-2b" else "5b"
 
     @property
     def allowed_frames(self) -> range:

@@ -54,12 +54,15 @@ def weights_under_pytest(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> dict[str, Path]:
-    """One saved tiny pipeline per (family, task), keyed "1.0-t2v", "1.5-i2v", ..."""
+    """One saved tiny pipeline per (family, task), keyed "1.0-t2v", "1.5-i2v", ..., and
+    CogVideoX-2b's shape, "1.0-t2v-2b"."""
     root = tmp_path_factory.mktemp("tiny")
-    return {
+    weights = {
         f"{family}-{task}": save_tiny_weights(root / f"{family}-{task}", family, task)
         for family, task in TINY
     }
+    weights["1.0-t2v-2b"] = save_tiny_weights(root / "1.0-t2v-2b", "1.0", "t2v", size="2b")
+    return weights
 
 
 @pytest.fixture(scope="session")

@@ -154,6 +154,9 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
         "5b": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}),
         "5b-unguided": unguided,
         "5b-unguided-compiled": replace(unguided, compiled=True),
+        "2b-unguided": Case(
+            "cogvideox-2b", w["1.0-t2v-2b"], call={"num_frames": 9}, guidance_scale=UNGUIDED
+        ),
         "5b-i2v": Case(
             "cogvideox-5b-i2v", w["1.0-i2v"], "i2v", {"num_frames": 9, "image": picture}
         ),
@@ -199,6 +202,7 @@ TWO_RANKS = (
     "v2v",
     "5b-unguided",
     "5b-unguided-compiled",
+    "2b-unguided",
     "1.5-unguided-even",
     "fast",
     "faster",
@@ -283,6 +287,12 @@ def test_ulysses_2_renders_the_frames_of_one_process_from_an_odd_token_count(
 ):
     # 226 text + 45 video tokens: one token of padding, masked.
     _check(two_ranks["5b-unguided"], one_process("5b-unguided"), Layout(cfg=1, ulysses=2))
+
+
+def test_ulysses_2_renders_the_2b_frames_of_one_process(two_ranks, one_process):
+    """2B adds sine-cosine positions to the patches instead of rotary tables to attention:
+    the split comes after them, so each rank's tokens keep their own positions."""
+    _check(two_ranks["2b-unguided"], one_process("2b-unguided"), Layout(cfg=1, ulysses=2))
 
 
 def test_compiled_blocks_split_the_sequence_and_render_the_frames_of_one_process(

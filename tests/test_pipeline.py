@@ -71,7 +71,7 @@ def test_5b_runs_the_dpm_scheduler_with_trailing_timesteps(generator):
 
 
 def test_2b_runs_the_ddim_scheduler(tiny_weights):
-    pipe = build_pipeline(VARIANTS["cogvideox-2b"], tiny_weights["1.0-t2v"], CPU, "none")
+    pipe = build_pipeline(VARIANTS["cogvideox-2b"], tiny_weights["1.0-t2v-2b"], CPU, "none")
     assert type(pipe.scheduler) is CogVideoXDDIMScheduler
 
 
@@ -228,10 +228,12 @@ def test_a_very_long_prompt_logs_only_the_start_of_what_is_ignored(generator, ca
 @pytest.mark.parametrize(
     ("variant_id", "weights", "named"),
     [
-        ("cogvideox-5b", "1.0-i2v", "1.0 image-to-video model (cogvideox-5b-i2v)"),
-        ("cogvideox-5b-i2v", "1.0-t2v", "1.0 text-to-video model (cogvideox-2b or cogvideox-5b)"),
-        ("cogvideox-5b", "1.5-t2v", "1.5 text-to-video model (cogvideox1.5-5b)"),
-        ("cogvideox1.5-5b-i2v", "1.0-i2v", "1.0 image-to-video model (cogvideox-5b-i2v)"),
+        ("cogvideox-5b", "1.0-i2v", "1.0 5B image-to-video model (cogvideox-5b-i2v)"),
+        ("cogvideox-5b-i2v", "1.0-t2v", "1.0 5B text-to-video model (cogvideox-5b)"),
+        ("cogvideox-5b", "1.5-t2v", "1.5 5B text-to-video model (cogvideox1.5-5b)"),
+        ("cogvideox1.5-5b-i2v", "1.0-i2v", "1.0 5B image-to-video model (cogvideox-5b-i2v)"),
+        ("cogvideox-5b", "1.0-t2v-2b", "1.0 2B text-to-video model (cogvideox-2b)"),
+        ("cogvideox-2b", "1.0-t2v", "1.0 5B text-to-video model (cogvideox-5b)"),
     ],
 )
 def test_another_variants_weights_are_refused_naming_theirs(

@@ -116,8 +116,8 @@ def square_clip(tmp_path_factory):
 
 
 def test_2b_equals_diffusers_with_ddim_and_constant_guidance(tiny_weights):
-    ours = _ours("cogvideox-2b", tiny_weights["1.0-t2v"], "t2v", num_frames=9)
-    reference = _reference(CogVideoXPipeline, tiny_weights["1.0-t2v"], ddim=True, num_frames=9)
+    ours = _ours("cogvideox-2b", tiny_weights["1.0-t2v-2b"], "t2v", num_frames=9)
+    reference = _reference(CogVideoXPipeline, tiny_weights["1.0-t2v-2b"], ddim=True, num_frames=9)
     assert np.array_equal(ours, reference)
 
 

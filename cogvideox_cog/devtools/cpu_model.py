@@ -38,11 +38,12 @@ def use_tiny_model(task: str) -> Path:
     from .tiny import TINY, save_tiny_weights
 
     variant = variant_from_env("i2v" if task == "i2v" else "t2v", PREDICTOR_FILES[task])
-    tiny = weights_root() / f"tiny-{variant.family}-{variant.task}"
+    shape = f"{variant.family}-{variant.task}" + ("-2b" if variant.size == "2b" else "")
+    tiny = weights_root() / f"tiny-{shape}"
     if not (tiny / "model_index.json").is_file():
         staging = tiny.with_name(f".{tiny.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        save_tiny_weights(staging, family=variant.family, task=variant.task)
+        save_tiny_weights(staging, variant.family, variant.task, size=variant.size)
         shutil.rmtree(tiny, ignore_errors=True)
         staging.rename(tiny)
     os.environ[MODEL_ENV] = variant.id

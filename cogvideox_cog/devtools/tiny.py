@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
     CogVideoXDPMScheduler,
     CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
@@ -23,7 +24,7 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from ..variants import Task
+from ..variants import Size, Task
 
 Family = Literal["1.0", "1.5"]
 
@@ -123,7 +124,7 @@ def _text_encoder(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def _vae(family: Family) -> AutoencoderKLCogVideoX:
+def _vae(family: Family, size: Size) -> AutoencoderKLCogVideoX:
     """Four blocks (spatial 8) and temporal_compression_ratio 4, as the real VAE, 8 wide.
 
     sample_height/width only set the tiling thresholds (half of them, as upstream's
@@ -144,19 +145,20 @@ def _vae(family: Family) -> AutoencoderKLCogVideoX:
         temporal_compression_ratio=4,
         sample_height=96,
         sample_width=80,
-        # 0.7 is the 5B and 1.5 value; 1.15258426 the 2B one. Never 1.0, so a code path that
-        # forgets the config's scaling factor changes the output.
-        scaling_factor=0.7,
+        # The real ones' values, never 1.0, so a code path that forgets the config's scaling
+        # factor changes the output.
+        scaling_factor=1.15258426 if size == "2b" else 0.7,
         # Upstream's 1.5 conversion sets this; only the 1.5 I2V pipeline reads it.
         invert_scale_latents=family == "1.5",
     ).eval()
 
 
 def _transformer(
-    family: Family, task: Task, spec: TinySpec, heads: int = 2
+    family: Family, task: Task, size: Size, spec: TinySpec, heads: int = 2
 ) -> CogVideoXTransformer3DModel:
-    """CogVideoX-5b / -5b-I2V / 1.5-5B / 1.5-5B-I2V shaped: same flags, 2 layers, 32 wide
-    (16 per head: more heads, wider).
+    """CogVideoX-2b / -5b / -5b-I2V / 1.5-5B / 1.5-5B-I2V shaped: same flags, 2 layers, 32
+    wide (16 per head: more heads, wider). 2B has no rotary embeddings: sine-cosine position
+    embeddings are added to the patches instead.
 
     attention_head_dim 16 is the smallest the 3D rotary embedding splits evenly
     (t, h, w = 4, 6, 6 of 16, as 16, 24, 24 of 64).
@@ -183,16 +185,18 @@ def _transformer(
         patch_size=2,
         temporal_compression_ratio=4,
         max_text_seq_length=spec.max_sequence_length,
-        use_rotary_positional_embeddings=True,
+        use_rotary_positional_embeddings=size == "5b",
         use_learned_positional_embeddings=family == "1.0" and task == "i2v",
         **sample,
         **extra,
     ).eval()
 
 
-def _scheduler() -> CogVideoXDPMScheduler:
-    """The CogVideoX-5b scheduler config (v-prediction, zero-SNR, trailing spacing)."""
-    return CogVideoXDPMScheduler(
+def _scheduler(size: Size) -> CogVideoXDPMScheduler | CogVideoXDDIMScheduler:
+    """The CogVideoX-2b or -5b scheduler config (v-prediction, zero-SNR, trailing spacing;
+    2B's shifts the SNR by 3)."""
+    scheduler_class = CogVideoXDDIMScheduler if size == "2b" else CogVideoXDPMScheduler
+    return scheduler_class(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -201,46 +205,54 @@ def _scheduler() -> CogVideoXDPMScheduler:
         steps_offset=0,
         prediction_type="v_prediction",
         rescale_betas_zero_snr=True,
-        snr_shift_scale=1.0,
+        snr_shift_scale=3.0 if size == "2b" else 1.0,
         timestep_spacing="trailing",
     )
 
 
 def build_tiny_pipeline(
-    family: Family, task: Task, seed: int = 0, heads: int = 2
+    family: Family, task: Task, seed: int = 0, heads: int = 2, size: Size = "5b"
 ) -> CogVideoXPipeline | CogVideoXImageToVideoPipeline:
     """A float32 tiny random pipeline of the given release family ("1.0" or "1.5") and task.
 
     heads: the transformer's attention heads (sequence parallelism over N ranks needs N).
+    size: "2b" for CogVideoX-2b's shape (1.0 text-to-video only).
 
     The same seed gives the same weights, byte for byte, whatever the global RNG state was
     (it is left untouched), so a saved tiny model is reproducible.
     """
     if (family, task) not in TINY:
         raise ValueError(f"no tiny CogVideoX for family={family!r}, task={task!r}")
+    if size == "2b" and (family, task) != ("1.0", "t2v"):
+        raise ValueError("CogVideoX-2b is a 1.0 text-to-video model only")
     spec = TINY[(family, task)]
     tokenizer = _tokenizer(spec.max_sequence_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae(family)
-        transformer = _transformer(family, task, spec, heads)
+        vae = _vae(family, size)
+        transformer = _transformer(family, task, size, spec, heads)
     pipeline_class = CogVideoXPipeline if task == "t2v" else CogVideoXImageToVideoPipeline
     return pipeline_class(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
-        scheduler=_scheduler(),
+        scheduler=_scheduler(size),
     )
 
 
 def save_tiny_weights(
-    dest_dir: str | Path, family: Family, task: Task, seed: int = 0, heads: int = 2
+    dest_dir: str | Path,
+    family: Family,
+    task: Task,
+    seed: int = 0,
+    heads: int = 2,
+    size: Size = "5b",
 ) -> Path:
     """Write a tiny pipeline as the hub repos are laid out (model_index.json, transformer/,
     vae/, text_encoder/, tokenizer/, scheduler/; safetensors) and return the directory."""
     dest = Path(dest_dir)
-    pipeline = build_tiny_pipeline(family, task, seed, heads)
+    pipeline = build_tiny_pipeline(family, task, seed, heads, size)
     pipeline.save_pretrained(dest, safe_serialization=True)
     return dest
