@@ -16,7 +16,10 @@ caption should be), "refusal" (no content, an OpenAI `refusal` field instead), "
 (the same quote in an apology where the caption should be), "verbatim"
 (the user's prompt as it came, as a model that finds it detailed enough may answer),
 "half-emoji" (an emoji's first UTF-16 half, alone, before the rewrite's last full stop, as
-a gateway that cuts a JavaScript string sends it);
+a gateway that cuts a JavaScript string sends it), "quoted-cut" (the rewrite in quotes, cut by
+the cap before its closing one); a reasoning model served without a reasoning parser: "think"
+(its thoughts in <think> tags before the rewrite, as Qwen3's), "think-open" (only the closing
+tag, the template having opened it, as DeepSeek-R1's), "think-cut" (still thinking at the cap);
 "no-choices" (a 200 whose choice list is empty), "completion" (a choice in the older
 completions shape: `text`, no `message`), "endless" (a 200 whose body never ends);
 broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
@@ -36,11 +39,18 @@ FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
     "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal", "echo-refusal",
     "echo-apology", "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http",
-    "cut-body", "cut-error",
+    "cut-body", "cut-error", "quoted-cut", "think", "think-open", "think-cut",
 )  # fmt: skip
 
 
 REFUSAL = "I'm sorry, but I can't help with that request."
+THOUGHTS = (
+    "Okay, the user wants a detailed caption for a short idea. I should describe the subject, "
+    "the light and the camera."
+)
+
+
+CUT_FAULTS = ("cut", "quoted-cut", "think-cut")  # answered with finish_reason "length"
 
 
 def rewrite_of(prompt: str) -> str:
@@ -169,7 +179,15 @@ class ChatServer:
             content = prompt
         elif fault == "half-emoji":
             content = content[:-1] + "\ud83d."
-        if fault == "cut":
+        elif fault == "think":
+            content = f"<think>\n{THOUGHTS}\n</think>\n\n{content}"
+        elif fault == "think-open":
+            content = f"{THOUGHTS}\n</think>\n\n{content}"
+        elif fault == "think-cut":
+            content = f"<think>\n{THOUGHTS} Then the"
+        elif fault == "quoted-cut":
+            content = f'"{content}'
+        if fault in ("cut", "quoted-cut"):
             content += " Then the cat turns its head toward the"
         message = {"role": "assistant", "content": content}
         if fault == "refusal":
@@ -188,7 +206,7 @@ class ChatServer:
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": "length" if fault == "cut" else "stop",
+                    "finish_reason": "length" if fault in CUT_FAULTS else "stop",
                 }
             ],
         }

@@ -43,7 +43,7 @@ from cogvideox_cog.prompts.enhance import (
     tidy,
     whole_sentences,
 )
-from cogvideox_cog.prompts.instruction import messages
+from cogvideox_cog.prompts.instruction import instruction, messages
 from cogvideox_cog.prompts.local import REWRITE_MARGIN_BYTES, LocalRewriter, visit_fits
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
@@ -118,6 +118,20 @@ def test_image_to_video_asks_for_motion_and_gives_no_example_of_looks():
     assert [m["role"] for m in chat] == ["system", "user"]
 
 
+def test_image_to_video_is_never_asked_how_things_look_which_the_image_decides():
+    """Its own rule says "do not invent how they look": a rule above it that asks for the
+    subject's appearance, clothing and light would contradict it."""
+    system = instruction("i2v")
+    for look in ("appearance", "clothing", "colour, material", "the time of day and the light"):
+        assert look not in system
+
+
+def test_video_to_video_is_never_asked_for_motion_or_camera_moves_which_the_clip_keeps():
+    system = instruction("v2v")
+    for move in ("how the camera frames and moves", "slow pan", "tracking shot", "how it moves"):
+        assert move not in system
+
+
 # The endpoint backend
 
 
@@ -163,6 +177,27 @@ def test_an_empty_answer_fails(endpoint, chat):
 def test_an_answer_cut_at_the_cap_keeps_its_full_sentences(endpoint, chat):
     chat.fault = "cut"
     assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
+
+
+def test_a_quoted_rewrite_cut_at_the_cap_loses_its_unclosed_opening_quote(endpoint, chat):
+    chat.fault = "quoted-cut"
+    assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
+
+
+@pytest.mark.parametrize("fault", ["think", "think-open"])
+def test_a_reasoning_models_thoughts_are_left_out_of_the_rewrite(endpoint, chat, fault):
+    """A reasoning model served without a reasoning parser (vLLM, Ollama) answers with its
+    thoughts before the caption: in <think> tags, or after only a closing tag where its chat
+    template opened them (DeepSeek-R1's). The video is made from the caption alone."""
+    chat.fault = fault
+    assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
+
+
+def test_a_reasoning_model_stopped_at_the_cap_while_thinking_fails_saying_so(endpoint, chat):
+    """Before, the video was made from its thoughts."""
+    chat.fault = "think-cut"
+    with pytest.raises(EnhanceError, match=r"reasoning .*226 tokens.*no caption"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
 
 
 def test_an_unreachable_endpoint_fails_saying_so(chat):
@@ -266,6 +301,8 @@ def test_a_refusal_fails_quoting_it_instead_of_becoming_the_prompt(endpoint, cha
         "Sorry-looking, a wet beagle sits on a porch as rain falls.",
         "I-beams rise from a building site at dawn while a crane turns slowly.",
         "A clown says I'm sorry with a sign, bowing as the crowd laughs.",
+        "Unfortunately for the picnic, dark clouds roll in over the hills at noon.",
+        "Apologetic, a small robot bows to a girl in a yellow raincoat on a wet street.",
     ],
 )
 def test_a_caption_with_an_apology_in_it_is_not_a_refusal(rewrite):
@@ -280,6 +317,17 @@ def test_a_caption_with_an_apology_in_it_is_not_a_refusal(rewrite):
         "Unfortunately, I am not able to help with this.",
         "I\u2019m unable to describe that scene.",
         "As an AI, I do not make such content.",
+        "I'm really sorry, but I can't help with that.",
+        "I'm afraid I can't create that video.",
+        "Apologies, but I can't help with that.",
+        "Sorry, that's not something I can help with.",
+        "I must decline this request.",
+        "I'm not comfortable writing that.",
+        "I don't feel comfortable describing that scene.",
+        "As a language model, I cannot do that.",
+        "I understand the idea, but I can't create that content.",
+        "**I'm sorry**, but I can't help with that.",
+        "\u62b1\u6b49\uff0c\u6211\u65e0\u6cd5\u6ee1\u8db3\u8be5\u8bf7\u6c42\u3002",
     ],
 )
 def test_the_usual_ways_of_declining_are_refusals(rewrite):
@@ -576,6 +624,26 @@ def test_a_checkpoint_whose_chat_template_refuses_a_system_message_fails_setup(t
     tokenizer.save_pretrained(model)
     with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_WEIGHTS_URL: .*System role"):
         LocalRewriter.load(model, "no-system", CPU, video_peak_gib=None, timeout=5)
+
+
+def test_a_local_model_is_asked_with_its_thinking_mode_off(tmp_path):
+    """Qwen3's template opens a reasoning block unless told enable_thinking=false, and the
+    model thinks past the token cap: the rewrite would be its thoughts, cut."""
+    model_dir = save_tiny_causal_lm(tmp_path / "thinking")
+    tokenizer = build_tiny_tokenizer()  # the generation prompt as Qwen3's template ends it:
+    no_thinking = "{% if enable_thinking is defined and enable_thinking is false %}"
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{% endif %}", no_thinking + "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+    )
+    tokenizer.save_pretrained(model_dir)
+    rewriter = LocalRewriter.load(model_dir, "thinking", CPU, video_peak_gib=None, timeout=5)
+    asked = []
+    rewriter.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: asked.append(kwargs["input_ids"][0].tolist()),
+        with_kwargs=True,
+    )
+    rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=1, api_key=None)
+    assert rewriter.tokenizer.decode(asked[0]).endswith("assistant\n<think>\n\n</think>\n\n")
 
 
 def test_the_local_rewrite_is_the_same_whatever_the_random_state(local):

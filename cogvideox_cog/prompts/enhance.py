@@ -45,15 +45,25 @@ TIMEOUT_ENV = "COGVIDEOX_ENHANCE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 600.0
 LOGGED_CHARS = 300  # of the rewrite in its log line; the metric holds all of it
-# How a chat model declines, where the caption should begin. A caption starts with the scene,
-# never like this, so the video is not made from the apology.
+# How a chat model declines, where the caption should begin (after any markdown emphasis).
+# A caption starts with the scene, never like this, so the video is not made from the apology.
 _REFUSAL = re.compile(
-    r"(I['\u2019]m|I am) (sorry|unable|not able)\b"
-    r"|I apologi[sz]e\b"
-    r"|(Sorry|Unfortunately)\b[^.!?]{0,20}\bI\b"
-    r"|I (can['\u2019]t|cannot|can not|won['\u2019]t|will not)\b"
-    r"|As an AI\b"
+    r"[\s*_#>]*"
+    r"(?:(I['\u2019]m|I am) ((really|very|so|truly|terribly) )?"
+    r"(sorry|unable|not able|afraid|not comfortable|not going to)\b"
+    r"|I apologi[sz]e\b|(My a|A)pologies\b"
+    r"|(Sorry|Unfortunately)\b[^.!?]{0,40}\bI\b"
+    r"|I (can['\u2019]t|cannot|can not|won['\u2019]t|will not|must (decline|refuse))\b"
+    r"|I (don['\u2019]t|do not) feel comfortable\b"
+    r"|I understand\b[^.!?]{0,80}\bbut I (can['\u2019]t|cannot|won['\u2019]t|will not|am unable)\b"
+    r"|As an AI\b|As an? (AI )?language model\b"
+    # In Chinese, as the language model may answer a Chinese prompt: sorry, I cannot.
+    r"|\u62b1\u6b49|\u5bf9\u4e0d\u8d77|\u6211\u65e0\u6cd5|\u6211\u4e0d\u80fd)"
 )
+# A reasoning model's thoughts, which it writes before its answer (DeepSeek-R1, Qwen3, ...)
+# where the endpoint has no reasoning parser to take them out, or the local template opened
+# them: everything up to the closing tag is left out.
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
 class PromptEnhancer:
@@ -78,9 +88,9 @@ class PromptEnhancer:
         reply = self.rewriter.rewrite(
             messages(prompt, task), seed=seed, max_tokens=max_tokens, api_key=api_key
         )
-        text = tidy(reply.text)
+        text = tidy(self._answer_of(reply.text, max_tokens))
         if reply.cut:
-            text = whole_sentences(text)
+            text = whole_sentences(_without_unclosed_quote(text))
             log.warning(
                 f"enhanced prompt: the rewrite reached the cap of {max_tokens} tokens (what "
                 f"the text encoder reads); kept up to its last full sentence"
@@ -106,6 +116,21 @@ class PromptEnhancer:
         record("enhance_seconds", round(seconds, 3))
         return text
 
+    def _answer_of(self, reply: str, max_tokens: int) -> str:
+        """The reply without a reasoning model's thoughts; EnhanceError when it is all thought
+        (the token cap came first)."""
+        if _THINK_CLOSE in reply:
+            log.info(f"enhanced prompt: {self.rewriter.name}'s reasoning (<think>) left out")
+            return reply.rpartition(_THINK_CLOSE)[2]
+        if reply.lstrip().startswith(_THINK_OPEN):
+            raise EnhanceError(
+                f"{self.rewriter.name} is a reasoning model: it was still reasoning (<think>) "
+                f"at the cap of {max_tokens} tokens, and wrote no caption. Send "
+                f"enhance_prompt=false; the deployment's operator can use a model without a "
+                f"thinking mode, or serve it with thinking off."
+            )
+        return reply
+
 
 def is_refusal(text: str) -> bool:
     """Whether a tidied rewrite opens as a refusal ("I'm sorry, but I can't ...")."""
@@ -130,6 +155,15 @@ def _wrapped_in(text: str, opening: str, closing: str) -> bool:
     if opening == "'":
         inside = re.sub(r"(?<=\w)'(?=\w)", "", inside)  # apostrophes: "the cat's paw"
     return opening not in inside and closing not in inside
+
+
+def _without_unclosed_quote(text: str) -> str:
+    """A rewrite the cap cut lost the closing quote tidy() would have removed with the opening
+    one: the opening one goes alone (not a quotation's, which closes within the text)."""
+    for opening, closing in ('""', "\u201c\u201d"):
+        if text[:1] == opening and closing not in text[1:]:
+            return text[1:].lstrip()
+    return text
 
 
 def whole_sentences(text: str) -> str:

@@ -13,7 +13,7 @@ video-to-video, the new look of a clip whose motion is kept.
 
 from __future__ import annotations
 
-_COMMON = """\
+_INTRO = """\
 You write prompts for CogVideoX, a model that turns one English paragraph into a short \
 video clip of about six to ten seconds, filmed as one continuous shot. It was trained on \
 long, concrete captions, and it follows them closely.
@@ -21,10 +21,28 @@ long, concrete captions, and it follows them closely.
 Rewrite the user's idea into such a caption. Rules:
 - Keep every detail the user gave: subjects, their number, colours, names, style, setting, \
 actions. Never contradict or drop one. Add only details that fit it.
+"""
+
+# What to be concrete about: all of it where the words alone make the video; only what the
+# image (motion) or the clip (looks) leaves open, so no rule asks for what _TASK forbids.
+_CONCRETE = {
+    "t2v": """\
 - Be concrete and visual: the main subject's appearance (shape, colour, material, \
 clothing), what it does and how it moves over the clip, the surroundings, the time of day \
 and the light, the mood, and how the camera frames and moves (close-up, wide shot, slow \
 pan, tracking shot).
+""",
+    "i2v": """\
+- Be concrete about motion: what each subject does and how it moves over the clip, what \
+else in the scene moves, and how the camera moves (a slow push in, a gentle pan, or none).
+""",
+    "v2v": """\
+- Be concrete about the look: the main subject's appearance (shape, colour, material, \
+clothing), the surroundings, the time of day and the light, the mood and the style.
+""",
+}
+
+_RULES = """\
 - One paragraph of 80 to 150 words, in English, present tense, plain sentences.
 - Describe only what can be seen: no sound, speech, music, smell, thoughts or story \
 before or after the clip, no scene cuts, no on-screen text unless the user asks for it.
@@ -61,7 +79,7 @@ _EXAMPLE_CAPTION = (
 
 def instruction(task: str) -> str:
     """The system message for a predictor's task: "t2v", "i2v" or "v2v"."""
-    return _COMMON + _TASK[task]
+    return _INTRO + _CONCRETE[task] + _RULES + _TASK[task]
 
 
 def messages(prompt: str, task: str) -> list[dict[str, str]]:

@@ -37,6 +37,9 @@ WEIGHTS_ENV = "COGVIDEOX_ENHANCE_WEIGHTS_URL"  # where the checkpoint is (read i
 # longest chat (the instruction and a 10,000-character prompt, about 3,000 tokens, and 226
 # new ones) take a few hundred MB on a 7-9B model; the rest is the allocator's rounding.
 REWRITE_MARGIN_BYTES = 2**30
+# For templates with a thinking mode (Qwen3's: the reply opens with an empty <think> block).
+# Others never read it. Left on, the model reasons past the token cap and writes no caption.
+NO_THINKING = {"enable_thinking": False}
 
 
 class LocalRewriter:
@@ -95,7 +98,7 @@ class LocalRewriter:
     ) -> Reply:
         """Greedy: `seed` changes nothing here, and `api_key` is for endpoints."""
         inputs = self.tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True, **NO_THINKING
         )
         check = waiting_check()
         started = time.monotonic()
@@ -182,7 +185,10 @@ def _check_chat_template(tokenizer, name: str) -> None:
     checkpoints have no template; either would fail every request instead."""
     try:
         tokenizer.apply_chat_template(
-            messages("a cat playing piano", "t2v"), add_generation_prompt=True, tokenize=False
+            messages("a cat playing piano", "t2v"),
+            add_generation_prompt=True,
+            tokenize=False,
+            **NO_THINKING,
         )
     except (TemplateError, ValueError) as error:
         raise ConfigError(
