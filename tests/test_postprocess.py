@@ -234,10 +234,30 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, capsys):
     assert "unpickled" not in capsys.readouterr().out
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path):
-    state = read_state_dict(save_tiny_rife(tmp_path / "flownet.pkl"))
-    with pytest.raises(KeyError, match=r"conv_first\.weight"):
-        _build_rrdbnet(state)
+def test_weights_of_the_other_model_are_refused_saying_what_they_are_not(tmp_path, monkeypatch):
+    """The two files swapped. Before, the message held only a quoted key: "Real-ESRGAN weights
+    from ... are not usable: 'conv_first.weight'."."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_rife(tmp_path / "flownet.pkl")))
+    monkeypatch.setenv("COGVIDEOX_INTERPOLATE_URL", str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    esrgan = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match=r"not an RRDBNet \(Real-ESRGAN\) state dict"):
+        load_model(esrgan, _build_rrdbnet)
+    rife_source = _source("RIFE", "COGVIDEOX_INTERPOLATE_URL", "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match=r"not a RIFE v4\.25/v4\.26 IFNet state dict"):
+        load_model(rife_source, _build_ifnet)
+
+
+def test_a_1x_model_fails_setup_as_it_enlarges_nothing(tmp_path, monkeypatch):
+    """Loaded, it made a deployment that offered upscale and refused both 2x and 4x, in every
+    request, as "upscales 1x at most"."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "x1.pth"
+    torch.save(rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=1).state_dict(), weights)
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(weights))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match=f"1x model.*2x or 4x.*{UPSCALE_URL_ENV}"):
+        load_model(source, _build_rrdbnet)
 
 
 def test_setup_caches_the_file_and_reuses_it(tmp_path, monkeypatch):
@@ -248,6 +268,22 @@ def test_setup_caches_the_file_and_reuses_it(tmp_path, monkeypatch):
     (tmp_path / "x4.pth").unlink()  # a second setup needs only the cache
     assert load_model(source, _build_rrdbnet).scale == 4
     assert len(list((tmp_path / "cache" / "postprocess").glob("*/x4.pth"))) == 1
+
+
+def test_a_local_file_replaced_at_its_path_is_copied_again(tmp_path, monkeypatch, caplog):
+    """New weights baked into an image at the same path, the cache on a volume that outlived
+    the old image: the old copy was used, the new file never read, and nothing said so."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "realesrgan.pth"
+    torch.save(rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=4).state_dict(), weights)
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(weights))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    assert load_model(source, _build_rrdbnet).scale == 4
+    torch.save(rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=2).state_dict(), weights)
+    assert load_model(source, _build_rrdbnet).scale == 2
+    assert "changed since it was cached" in caplog.text
+    assert len(list((tmp_path / "cache" / "postprocess").glob("*/realesrgan.pth"))) == 1
 
 
 def test_leftovers_of_a_killed_delete_beside_the_file_are_removed(tmp_path, monkeypatch):
@@ -294,6 +330,26 @@ def test_a_renewed_presigned_url_reuses_the_cached_file_and_logs_no_signature(
     [entry] = (tmp_path / "cache" / "postprocess").glob("real-esrgan-*")
     assert "X-Amz-Signature" not in (entry / COMPLETE_MARKER).read_text()
     assert "sig-one" not in caplog.text
+
+
+def test_the_default_files_are_pinned_so_a_replaced_release_file_fails_setup(
+    x4_server, tmp_path, monkeypatch
+):
+    """A release asset can be replaced, and a file of the same shapes loaded without a word:
+    the default URLs had no sha256. The default URL is served here by the loopback server."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COGVIDEOX_UPSCALE", "1")
+    for name in ("COGVIDEOX_INTERPOLATE", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(postprocess, "DEFAULT_ESRGAN_URL", x4_server.url("x4.pth"))
+    with pytest.raises(
+        WeightsError, match=f"not the [0-9a-f]{{64}} that the default {UPSCALE_URL_ENV}"
+    ):
+        Postprocessor.from_env(CPU)
+    assert not list((tmp_path / "cache" / "postprocess").glob("real-esrgan-*/x4.pth"))
+    served = sha256_file(x4_server.directory / "x4.pth").hexdigest()
+    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", served)  # the operator pins another file
+    assert Postprocessor.from_env(CPU).offer.upscale == 4
 
 
 def test_a_url_with_its_scheme_in_capitals_is_downloaded(x4_server, tmp_path, monkeypatch):

@@ -45,6 +45,11 @@ PROGRESS_EVERY_S = 2.0  # a progress line at most this often, so the log keeps m
 DEFAULT_ESRGAN_URL = (
     "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
 )
+# The default files' sha256, pinned as the CogVideoX weights' manifests pin theirs: a release
+# asset can be replaced, and a replacement of the same shapes would load without a word.
+# Used only where the URL is the default and no *_SHA256 is set.
+DEFAULT_RIFE_SHA256 = "45c7f74156704769dc9f85cfcaf8552e1e926f9399dcfa3a553dee88fac6f53f"
+DEFAULT_ESRGAN_SHA256 = "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1"
 
 
 @dataclass(frozen=True)
@@ -91,9 +96,21 @@ class Postprocessor:
         # Every setting is read before the first download: a mistyped one fails at once.
         rife = esrgan = None
         if _enabled(INTERPOLATE_ENV):
-            rife = _source("RIFE", INTERPOLATE_URL_ENV, INTERPOLATE_SHA256_ENV, DEFAULT_RIFE_URL)
+            rife = _source(
+                "RIFE",
+                INTERPOLATE_URL_ENV,
+                INTERPOLATE_SHA256_ENV,
+                DEFAULT_RIFE_URL,
+                DEFAULT_RIFE_SHA256,
+            )
         if _enabled(UPSCALE_ENV):
-            esrgan = _source("Real-ESRGAN", UPSCALE_URL_ENV, UPSCALE_SHA256_ENV, DEFAULT_ESRGAN_URL)
+            esrgan = _source(
+                "Real-ESRGAN",
+                UPSCALE_URL_ENV,
+                UPSCALE_SHA256_ENV,
+                DEFAULT_ESRGAN_URL,
+                DEFAULT_ESRGAN_SHA256,
+            )
         if rife:
             interpolator = load_model(rife, _build_ifnet)
             log.info(f"setup: interpolate enabled, RIFE IFNet 4.25/4.26 from {rife.shown}")
@@ -307,7 +324,10 @@ def _enabled(env: str) -> bool:
     return value == "1"
 
 
-def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSource:
+def _source(
+    name: str, url_env: str, sha256_env: str, default: str, default_sha256: str | None = None
+) -> ModelSource:
+    """Where `name`'s weights come from; the default URL is pinned to `default_sha256`."""
     url = setting(url_env, default)
     # Before any request: urllib takes a password for a port and quotes it in its error.
     if download.is_http(url) and (problem := download.url_problem(url)):
@@ -315,6 +335,9 @@ def _source(name: str, url_env: str, sha256_env: str, default: str) -> ModelSour
     raw = setting(sha256_env)
     if raw and not SHA256_HEX.fullmatch(raw):
         raise ConfigError(f"{sha256_env}={raw!r}: give the file's sha256, 64 hex digits")
+    if not raw and url == default and default_sha256:
+        pinned_by = f"the default {url_env} is known by (set {sha256_env} to pin another)"
+        return ModelSource(name, url, default_sha256, url_env, sha256_env, pinned_by)
     return ModelSource(name, url, raw.lower() or None, url_env, sha256_env)
 
 
@@ -326,6 +349,11 @@ def _build_ifnet(state: dict[str, torch.Tensor]) -> rife.IFNet:
 
 def _build_rrdbnet(state: dict[str, torch.Tensor]) -> rrdbnet.RRDBNet:
     model = rrdbnet.rrdbnet_for(state)
+    if model.scale < 2:  # it would be offered, and every upscale choice refused
+        raise ValueError(
+            "it is a 1x model, which cleans frames without enlarging them; upscale needs a 2x "
+            "or 4x one (RealESRGAN_x2plus.pth, RealESRGAN_x4plus.pth)"
+        )
     _load_strict(model, state)
     return model
 

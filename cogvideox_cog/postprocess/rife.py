@@ -142,6 +142,12 @@ def _warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 def widths_of(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
     """The IFBlock widths a state dict was trained with (192, 128, ... for the release)."""
+    for key in (f"block{i}.conv0.1.0.weight" for i in range(5)):
+        if key not in state:
+            raise ValueError(
+                f"it has no {key!r}: not a RIFE v4.25/v4.26 IFNet state dict (RIFE v4.24 "
+                "and earlier have four blocks)"
+            )
     widths = tuple(state[f"block{i}.conv0.1.0.weight"].shape[0] for i in range(5))
     if widths == LITE_WIDTHS:
         raise ValueError(

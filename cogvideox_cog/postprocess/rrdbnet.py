@@ -90,6 +90,9 @@ class RRDBNet(nn.Module):
 
 def rrdbnet_for(state: dict[str, torch.Tensor]) -> RRDBNet:
     """An RRDBNet shaped as the state dict says (features, blocks, growth, scale)."""
+    for key in ("conv_first.weight", "body.0.rdb1.conv1.weight"):
+        if key not in state:
+            raise ValueError(f"it has no {key!r}: not an RRDBNet (Real-ESRGAN) state dict")
     first = state["conv_first.weight"]
     blocks = len({key.split(".")[1] for key in state if key.startswith("body.")})
     scale = {3: 4, 12: 2, 48: 1}.get(first.shape[1])

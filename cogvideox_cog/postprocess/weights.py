@@ -4,7 +4,8 @@ The same rules as the CogVideoX weights (weights/): a download goes to a staging
 checked (its sha256 when the deployment pins one; in any case that it reads as a plain state
 dict the network accepts), fsynced, marked complete and renamed into place under the entry's
 lock. A cached entry is used when its marker matches the source and the file's size (and
-sha256 with COGVIDEOX_WEIGHTS_CHECK=sha256); one that fails to load is fetched again, once,
+sha256 with COGVIDEOX_WEIGHTS_CHECK=sha256) and, for a local file, while that file keeps the
+size and modification time it was copied with; one that fails to load is fetched again, once,
 and discarded under the lock only if no other process (a rank) has replaced it meanwhile.
 
 Files are read as data only: safetensors, or torch.load(weights_only=True), which refuses
@@ -47,6 +48,7 @@ class ModelSource:
     sha256: str | None
     url_env: str
     sha256_env: str
+    pinned_by: str = ""  # who pins `sha256`, for messages; empty: sha256_env
 
     @property
     def shown(self) -> str:
@@ -121,7 +123,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
     root.mkdir(parents=True, exist_ok=True)
     with cache.entry_lock(entry):
         seen = _identity(entry)
-        if seen is not None and _published(entry, name, source):
+        if seen is not None and _published(entry, name, source, explain=True):
             return entry / name, False, seen
         cache.discard(entry)
         cache.remove_leftovers(entry)
@@ -129,6 +131,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
         cache.discard(staging)
         staging.mkdir()
         started = time.monotonic()
+        copied = _local_validator(source)  # before the copy: a change during it shows later
         try:
             found = _fetch(source, staging / name)
         except BaseException:
@@ -140,6 +143,8 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
             "source": source.key,  # never a presigned URL's signature
             "files": {name: {"size": size, "sha256": found}},
         }
+        if copied is not None:
+            marker["validator"] = copied
         cache.publish(staging, entry, marker)
         seen = _identity(entry)
         log.info(
@@ -167,9 +172,16 @@ def _discard_unchanged(entry: Path, seen: tuple[int, int] | None) -> None:
             cache.discard(entry)
 
 
-def _published(entry: Path, name: str, source: ModelSource) -> bool:
+def _published(entry: Path, name: str, source: ModelSource, explain: bool = False) -> bool:
     marker = cache.read_marker(entry)
     if not marker or marker.get("source") != source.key:
+        return False
+    # A local file replaced at the same path (new weights baked into an image, the cache on a
+    # volume that outlives it) is another file: the copy is stale. One removed since is not.
+    current = _local_validator(source)
+    if current is not None and marker.get("validator") != current:
+        if explain:
+            log.info(f"{source.name}: {source.shown} changed since it was cached: copying it")
         return False
     recorded = marker.get("files", {}).get(name, {})
     path = entry / name
@@ -178,6 +190,19 @@ def _published(entry: Path, name: str, source: ModelSource) -> bool:
     if content_check() == "sha256" or source.sha256:
         return sha256_file(path).hexdigest() == (source.sha256 or recorded.get("sha256"))
     return True
+
+
+def _local_validator(source: ModelSource) -> str | None:
+    """A local source file's size and modification time, as fetch_tar keys a local tar; None
+    for a URL, or a local file that is gone."""
+    if download.is_http(source.url):
+        return None
+    local = Path(source.url).expanduser()
+    try:
+        stat = local.stat() if local.is_file() else None
+    except OSError:
+        return None
+    return f"{stat.st_mtime_ns}-{stat.st_size}" if stat is not None else None
 
 
 def _fetch(source: ModelSource, dest: Path) -> str:
@@ -207,6 +232,6 @@ def _fetch(source: ModelSource, dest: Path) -> str:
     if source.sha256 and found != source.sha256.lower():
         raise BadSource(
             f"{source.name} weights from {source.shown} have sha256 {found}, not the "
-            f"{source.sha256} that {source.sha256_env} pins: discarded."
+            f"{source.sha256} that {source.pinned_by or f'{source.sha256_env} pins'}: discarded."
         )
     return found
