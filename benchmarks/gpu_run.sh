@@ -95,6 +95,7 @@ step() {  # name, then the command; its output goes to $out/<name>.log
   fi
   # A step with a cap of its own (STEP_CAP=seconds) leaves the rest to the steps after it.
   if [ -n "${STEP_CAP:-}" ] && [ "$left" -gt "$STEP_CAP" ]; then left=$STEP_CAP; fi
+  if [ -n "${FRESH:-}" ]; then rm -rf "$FRESH"; fi
   echo "== $name: $*" | tee -a "$out/run.log"
   local started=$SECONDS
   if PYTHONUNBUFFERED=1 timeout --kill-after=10 "$left" "$@" >"$out/$name.log" 2>&1; then
@@ -112,15 +113,19 @@ pack() {
     tar -czf "$archive.part" -C "$out" . && mv -f "$archive.part" "$archive"
   fi
 }
-fresh_inductor() { rm -rf "$scratch/inductor-$1"; echo "$scratch/inductor-$1"; }
 # At tiny size (on a CPU, in CI) the warm start reuses the cold start's inductor folder: from
 # the compile cache alone a CPU still rebuilds its C++ kernels, a minute or more, and that the
 # cache alone serves a fresh start is what tests/test_compile_cache.py shows. For the same
 # reason the tiny starts keep the warm-up's first render only, and their request has its
 # frame count (the default): the whole warm-up is tested with dynamo's graphs in
 # tests/test_pipeline.py, its dynamic shapes through the cache in tests/test_compile_cache.py.
+# The folder is emptied by step() (FRESH) when the start runs, not where its command line is
+# expanded: a start skipped (ONLY, the budget) must not empty a folder a later one reuses.
 inductor_for() {
-  if [ "$size" = tiny ] && [ "$1" = warm ]; then echo "$scratch/inductor-cold"; else fresh_inductor "$1"; fi
+  if [ "$size" = tiny ] && [ "$1" = warm ]; then echo "$scratch/inductor-cold"; else echo "$scratch/inductor-$1"; fi
+}
+fresh_for() {  # the folder a start empties first: all but tiny's warm start, which reuses cold's
+  if [ "$size" = tiny ] && [ "$1" = warm ]; then echo ""; else inductor_for "$1"; fi
 }
 common=(--variant cogvideox-5b --size "$size")
 
@@ -128,10 +133,10 @@ step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" 
   --out "$out"
 step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes faster,default \
   --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
-STEP_CAP=$cold_cap step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
+STEP_CAP=$cold_cap FRESH=$(fresh_for cold) step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
   "${renders[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
-step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
+FRESH=$(fresh_for warm) step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
   "${renders[@]}" --weights "$scratch/weights" --out "$out"
 step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \

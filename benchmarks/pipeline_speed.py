@@ -574,6 +574,19 @@ def measure_prediction(pipe, generator: VideoGenerator, device: torch.device, re
     return probe, host, output, finished - started
 
 
+PROJECTION_RULE = (
+    "total minus measured denoising plus the first step and {n} - 1 x the median of the others"
+)
+
+
+def projected_denoise(step_seconds: list[float], steps: int) -> float:
+    """`steps` steps from the measured ones: the first once (its one-time costs: kernels
+    loaded, with offload the transformer moved in), the median of the others for the rest."""
+    if len(step_seconds) == 1:
+        return steps * step_seconds[0]
+    return step_seconds[0] + (steps - 1) * statistics.median(step_seconds[1:])
+
+
 def phase_figures(probe: PhaseProbe, total: float, steps: int, project_steps: int) -> dict:
     """Seconds per phase (the rest as "other") and per denoising step; with a step count other
     than `project_steps`, the total projected to that many steps, labelled as such."""
@@ -598,14 +611,10 @@ def phase_figures(probe: PhaseProbe, total: float, steps: int, project_steps: in
         "total": sum(step_seconds),
     }
     if steps != project_steps and step_seconds:
-        median = figures["steps_s"]["median"]
         figures["projection"] = {
-            "label": (
-                f"PROJECTION, not measured: total minus measured denoising plus "
-                f"{project_steps} x median step"
-            ),
+            "label": f"PROJECTION, not measured: {PROJECTION_RULE.format(n=project_steps)}",
             "steps": project_steps,
-            "total_s": total - phases["denoise_s"] + project_steps * median,
+            "total_s": total - phases["denoise_s"] + projected_denoise(step_seconds, project_steps),
         }
     return figures
 
@@ -778,8 +787,7 @@ def write_results(out: Path) -> str:
         "- 'decode again' decodes the run's final latents once more per VAE tiling mode:",
         "  seconds / GPU peak allocated during that decode (+ above what was allocated before:",
         "  the decode's own memory; with offload the VAE's weights move in within it).",
-        "- 'projected' totals are NOT measured: total minus measured denoising plus",
-        "  N x median step.",
+        f"- 'projected' totals are NOT measured: {PROJECTION_RULE.format(n='N')}.",
         "- 'compile warm-up' (with --compile): setup's warm-up renders, which compile the",
         "  transformer's graphs (default frame count, then dynamic frames); the run after is warm.",
         "",

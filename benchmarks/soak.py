@@ -3,9 +3,9 @@
 Starts `python -m cog.server.http` on a tiny random CogVideoX-5B (1.0) with the schema a built
 image has, then sends a fixed, seeded mix of requests one after the other. After every
 request it checks the response, the server's health, the worker process (same pid, resident
-memory, open descriptors) and what is left on disk: the worker runs with a TMPDIR of its own,
-so every file our predictor or cog writes there is accounted for, and coglet's fixed
-`/tmp/coglet/predictions/<id>` folders are counted for this run's ids.
+memory, open descriptors, threads, child processes) and what is left on disk: the worker runs
+with a TMPDIR of its own, so every file our predictor or cog writes there is accounted for,
+and coglet's fixed `/tmp/coglet/predictions/<id>` folders are counted for this run's ids.
 
 `--mix basic` (the default) is the original mix on text-to-video: valid requests with varied
 inputs (frames, steps, guidance, dynamic CFG, fps, seeds, negative and over-long prompts),
@@ -76,12 +76,19 @@ COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
 # The worker's RSS moves up and down by ~100-200 MiB from one request to the next: glibc keeps
 # freed blocks of the video-sized buffers, which differ with the frame count. A leak shows as
 # a trend, so the bound is on the median of the last WINDOW requests against the median of
-# the WINDOW after the warm-up, with a looser ceiling on any single sample.
+# the WINDOW after the warm-up, with a looser ceiling on any single sample. A run too short for
+# two windows of WINDOW compares two halves of what follows the warm-up: windows that overlap
+# compare samples with themselves (70 requests: both are the same 50, the trend always 0).
 WARM_UP = 20  # requests before the memory baseline: pools grow for each new shape
 WINDOW = 50
 TREND_BOUND_MIB = 64
 CEILING_MIB = 256
 FD_SLACK = 2
+# Threads the worker has after the warm-up, give or take. The bound is on the late window's
+# median, not on every sample: a request refused in milliseconds can be answered while the
+# threads it started (a video decoder's pool) are still exiting, 34-50 of them in one sample
+# and gone by the next. A leak raises the floor.
+THREAD_SLACK = 2
 PROMPTS = [
     "a panda plays an acoustic guitar in a sunlit bamboo forest",
     "a red boat on a calm lake at sunrise, mountains behind",
@@ -576,6 +583,21 @@ def machine() -> dict:
     }
 
 
+def thread_count(pid: int) -> int:
+    """Threads of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Threads line for process {pid}")
+
+
+def child_count(pid: int) -> int:
+    """Child processes of a process, alive or not yet reaped (Linux /proc: each thread lists
+    the children it started)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum(len((task / "children").read_text().split()) for task in tasks.iterdir())
+
+
 def slope_mib_per_100(values: list[float]) -> float:
     """Least-squares slope of RSS (MiB) per 100 predictions."""
     xs = list(range(len(values)))
@@ -689,6 +711,8 @@ def drive(run: Soak) -> dict:
             "seconds": round(time.monotonic() - began, 3),
             "rss_mib": round(rss_bytes(worker) / MIB, 1),
             "fds": fd_count(worker),
+            "threads": thread_count(worker),
+            "children": child_count(worker),
             "output_dirs": disk["output_dirs"],
         }
         if args.mix == "full":
@@ -798,12 +822,13 @@ def memory_figures(rss: list[float]) -> dict:
     """The worker's RSS: the trend after the warm-up (late window's median against the early
     one's), the ceiling any sample reached, and the least-squares slope."""
     settled = rss[WARM_UP:]
-    early = statistics.median(settled[:WINDOW])
-    late = statistics.median(settled[-WINDOW:])
+    window = min(WINDOW, len(settled) // 2)  # the two windows never overlap
+    early = statistics.median(settled[:window])
+    late = statistics.median(settled[-window:])
     return {
         "first_mib": rss[0],
         "warm_up_requests": WARM_UP,
-        "window": WINDOW,
+        "window": window,
         "early_median_mib": early,
         "late_median_mib": late,
         "trend_mib": round(late - early, 1),
@@ -829,11 +854,26 @@ def summarise(run: Soak, samples: list[dict], errors: list[dict], counts, elapse
         "max": max(fds),
         "final": fds[-1],
     }
+    threads = [s["threads"] for s in samples]
+    children = [s["children"] for s in samples]
+    processes = {
+        "threads_first": threads[0],
+        "threads_after_warm_up": threads[WARM_UP],
+        "threads_max": max(threads),
+        "threads_late_median": statistics.median(threads[-memory["window"] :]),
+        "threads_final": threads[-1],
+        "children_max": max(children),
+        "children_final": children[-1],
+    }
     checks = {
         "every_response_correct": not errors,
         "rss_no_upward_trend": memory["trend_mib"] <= TREND_BOUND_MIB,
         "rss_under_ceiling": memory["ceiling_mib"] <= CEILING_MIB,
         "no_fd_leak": max(fds[WARM_UP:]) <= descriptors["after_warm_up"] + FD_SLACK,
+        "no_thread_leak": processes["threads_late_median"] <= threads[WARM_UP] + THREAD_SLACK,
+        # A process the worker started for one request (and a zombie it never reaped) is gone
+        # once the request is: the worker starts none that outlives its request.
+        "no_child_process_left_after_any_request": max(children) == 0,
         "at_most_one_output_dir_at_any_time": max(s["output_dirs"] for s in samples) <= 1,
         "no_other_temp_files": not disk["other_tmp_entries"],
         "no_files_in_coglet_prediction_dirs": disk["coglet_files"] == 0,
@@ -880,6 +920,7 @@ def summarise(run: Soak, samples: list[dict], errors: list[dict], counts, elapse
         "seconds_per_request_median": round(statistics.median(s["seconds"] for s in samples), 3),
         "memory": memory,
         "descriptors": descriptors,
+        "processes": processes,
         "disk_at_end": disk,
         **extra,
         "checks": checks,
@@ -930,6 +971,21 @@ def worker_table(result: dict) -> str:
             "open descriptors first / after warm-up / max / final",
             f"{d['first']} / {d['after_warm_up']} / {d['max']} / {d['final']}",
         ),
+    ]
+    if "processes" in result:
+        t = result["processes"]
+        rows += [
+            (
+                "threads first / after warm-up / max / late median / final",
+                f"{t['threads_first']} / {t['threads_after_warm_up']} / {t['threads_max']} / "
+                f"{t['threads_late_median']} / {t['threads_final']}",
+            ),
+            (
+                "child processes: most after any request / final",
+                f"{t['children_max']} / {t['children_final']}",
+            ),
+        ]
+    rows += [
         (
             "output folders left (cogvideox-output-*)",
             f"{disk['output_dirs']} ({disk['output_bytes']} bytes: the last video)",
@@ -1046,11 +1102,10 @@ def markdown(result: dict) -> str:
         probes = f"\nProbes (request number and kind), every one identical to the first: {ids}.\n"
         if not result["checks"]["probes_identical_all_run"]:
             probes = f"\nProbes: {ids}; see the errors.\n"
-    if result["predictions"] < m["warm_up_requests"] + 2 * m["window"]:
+    if m["window"] < WINDOW:
         probes += (
-            f"\nWith {result['predictions']} requests the early and late windows of "
-            f"{m['window']} overlap, so the trend check compares a window with much of itself: "
-            "read the slope and the samples instead.\n"
+            f"\nWith {result['predictions']} requests there is no room for two windows of "
+            f"{WINDOW} after the warm-up: the trend compares two halves of {m['window']}.\n"
         )
     return f"""{what_ran(result)}
 

@@ -5,7 +5,11 @@
 
 A record: {gpu, variant, num_frames, height, width, steps, speed_mode, compiled,
 total_seconds, measured} plus offload and the file it came from; `measured` is false for a
-projection (pipeline_speed's 50-step total from fewer steps). Records already in the summary
+projection (pipeline_speed's 50-step total from fewer steps). A compiled pipeline_speed.py
+record says whether its total includes the compile (`compile_in_total`: a run without setup's
+warm-up compiled in its first step, so its total is not a warm compiled prediction's), and a
+speed_modes.py record whether the transformer was quantised (`fp8`) and whether the run was
+cut short (`partial`). Records already in the summary
 stay unless a new one has the same key, so earlier GPU runs are never lost. The file's name
 is part of the key: each harness names its files apart, so a speed_modes.py render (no mp4
 encode) never replaces pipeline_speed.py's end-to-end total of the same request. Reads
@@ -50,6 +54,10 @@ def records_of(data: dict, source: str) -> list[dict]:
             "compiled": bool(data.get("compile")),
             "offload": data["offload"],
         }
+        if one["compiled"]:
+            # Setup's warm-up compiles before the measured prediction; a run without one (the
+            # script before it had it) compiled in its first step: a cold total, not a warm one.
+            one["compile_in_total"] = "warm_up_seconds" not in data
         found = [one | {"steps": data["steps"], "total_seconds": data["phases"]["total_s"]}]
         projection = data.get("projection")
         if projection and projection["steps"] != data["steps"]:
@@ -77,6 +85,8 @@ def records_of(data: dict, source: str) -> list[dict]:
             | {"num_frames": data["frames"], "height": height, "width": width}
             | {"steps": data["steps"], "speed_mode": r["mode"], "compiled": data["compile"]}
             | {"offload": "none", "measured": True, "total_seconds": r["median_s"]}
+            | {"fp8": bool(data.get("fp8"))}
+            | ({"partial": True} if data.get("partial") else {})
             for r in data["results"]
         ]
     return []

@@ -71,6 +71,13 @@ def test_writes_one_json_per_run_and_a_markdown_table(run):
     assert "| cogvideox-5b | tiny | none | 2 |" in stdout.strip().splitlines()[-1]
 
 
+def test_a_projection_counts_the_first_steps_one_time_cost_once():
+    """With offload the first step moves the transformer in: 19.3 s of 1.5-5B's, against
+    8.4 s for the others. A median of all four counted it in none of the 50, or in all."""
+    measured = [19.31, 8.36, 8.37, 8.36]
+    assert pipeline_speed.projected_denoise(measured, 50) == pytest.approx(19.31 + 49 * 8.36)
+
+
 def test_every_phase_is_measured_and_finite(run):
     out, _ = run
     record = json.loads((out / "cogvideox-5b-tiny-none.json").read_text())
@@ -626,3 +633,93 @@ def test_a_tiny_1_5_run_renders_at_the_tiny_size_and_leaves_the_environment_alon
     record = json.loads((tmp_path / "cogvideox1.5-5b-tiny-none.json").read_text())
     assert (record["height"], record["width"]) == (48, 80)
     assert RESOLUTION_ENV not in os.environ
+
+
+def test_summary_says_when_a_compiled_total_includes_the_compile():
+    """The committed compiled 5B run predates setup's warm-up in pipeline_speed.py: its first
+    step compiled (140 s of its 223 s). Its record must not read as a warm compiled
+    prediction beside the 81 s projection of one."""
+    from benchmarks import summary
+
+    path = ROOT / "benchmarks/results/gpu/cogvideox-5b-compiled/cogvideox-5b-full-none.json"
+    cold = json.loads(path.read_text())
+    assert "warm_up_seconds" not in cold and cold["steps_s"]["first"] > 100
+    [record] = summary.records_of(cold, path.name)
+    assert record["compiled"] and record["compile_in_total"] is True
+    [warm] = summary.records_of(cold | {"warm_up_seconds": 300.0}, path.name)
+    assert warm["compile_in_total"] is False
+    eager = json.loads((ROOT / "benchmarks/results/gpu/cogvideox-5b/" / path.name).read_text())
+    assert all("compile_in_total" not in r for r in summary.records_of(eager, path.name))
+    committed = json.loads((ROOT / "benchmarks/results/gpu/summary.json").read_text())
+    assert record in committed
+
+
+def test_summary_keeps_an_fp8_render_apart_from_the_bf16_one():
+    """speed_modes.py --fp8 times the quantised transformer: its records say so."""
+    from benchmarks import summary
+
+    render = {"variant": "cogvideox-5b", "size": "full", "steps": 50, "frames": 49}
+    render |= {"resolution": "480x720", "compile": False, "environment": {"gpu": "NVIDIA H200"}}
+    render["results"] = [{"mode": "default", "median_s": 80.0}]
+    [bf16] = summary.records_of(render | {"fp8": False}, "cogvideox-5b-full-50steps.json")
+    [fp8] = summary.records_of(render | {"fp8": True}, "cogvideox-5b-full-50steps-fp8.json")
+    assert bf16["fp8"] is False and fp8["fp8"] is True
+    [cut] = summary.records_of(render | {"fp8": False, "partial": True}, "x.json")
+    assert cut["partial"] is True and "partial" not in bf16
+
+
+def test_soak_trend_compares_windows_that_do_not_overlap():
+    """At 70 requests (the least soak.py takes; the committed i2v run) two windows of 50
+    after a warm-up of 20 were the same 50 samples: the trend was 0 whatever the RSS did."""
+    from benchmarks import soak
+
+    rising = [500.0] * soak.WARM_UP + [500.0 + 4 * i for i in range(50)]  # 4 MiB a request
+    memory = soak.memory_figures(rising)
+    assert memory["window"] == 25
+    assert memory["trend_mib"] == 100.0 > soak.TREND_BOUND_MIB
+    long_run = soak.memory_figures([500.0] * 200)
+    assert long_run["window"] == soak.WINDOW and long_run["trend_mib"] == 0.0
+
+
+def test_soak_counts_the_worker_threads_and_child_processes(tmp_path):
+    import threading
+
+    from benchmarks import soak
+
+    pid = os.getpid()
+    threads, children = soak.thread_count(pid), soak.child_count(pid)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert soak.thread_count(pid) == threads + 1
+        assert soak.child_count(pid) == children + 1
+    finally:
+        stop.set()
+        thread.join()
+        child.kill()
+        child.wait()
+    assert soak.child_count(pid) == children
+
+
+def test_gpu_run_split_keeps_the_inductor_folder_the_tiny_warm_start_reuses(tmp_path):
+    """A second call with ONLY="compile-warm" (a run split over two calls) skips the cold
+    start; its command line must not empty the cold start's inductor folder, which the tiny
+    warm start reuses (without it a CPU rebuilds every C++ kernel, a minute or more)."""
+    scratch = tmp_path / "scratch"
+    kernel = scratch / "inductor-cold" / "kernel.so"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_text("built by the cold start")
+    (scratch / "weights" / "compile-cache").mkdir(parents=True)
+    (scratch / "weights" / "compile-cache" / "cogvideox-5b-none-0.bin").write_text("cache")
+    fake = tmp_path / "python"  # the warm start lists the inductor folder it was given
+    fake.write_text('#!/bin/sh\nls "$TORCHINDUCTOR_CACHE_DIR"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = _gpu_run_tiny(
+        out, scratch, 60, PYTHON=str(fake), ONLY="compile-warm", SUMMARY=tmp_path / "s.json"
+    )
+    assert done.returncode == 0, (out / "run.log").read_text()
+    assert kernel.exists()
+    assert "kernel.so" in (out / "compile-warm.log").read_text()
