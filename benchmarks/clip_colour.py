@@ -2,12 +2,12 @@
 
 For 720x1280 and 1080x1920 frames of a 10-bit clip tagged HLG, PQ or SDR BT.2020, on one CPU
 core: `cogvideox_cog.media.colour.to_sdr` (what load_video runs on each picked frame of such a
-clip), against reading a frame as it is (`VideoFrame.to_image`, what an SDR BT.709 clip costs),
-and against FFmpeg's own conversion, the scale filter with out_transfer=bt709 and
-out_primaries=bt709 through `av.filter.Graph` (libswscale's colour management; the wheel has
-no zscale or libplacebo): its first frame, which builds the filter's tables, and the frames
-after it. CPU time of this process, the least of the repetitions: other work on a shared host
-only adds to it.
+clip), against reading a frame as it is (what an SDR BT.709 clip costs: load_video's own read,
+and PyAV's `VideoFrame.to_image`, which it replaced), and against FFmpeg's own conversion, the
+scale filter with out_transfer=bt709 and out_primaries=bt709 through `av.filter.Graph`
+(libswscale's colour management; the wheel has no zscale or libplacebo): its first frame,
+which builds the filter's tables, and the frames after it. CPU time of this process, the
+least of the repetitions: other work on a shared host only adds to it.
 
     python3 benchmarks/clip_colour.py --out benchmarks/results/cpu/clip-colour
 """
@@ -31,6 +31,7 @@ from av.filter import Graph
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from benchmarks.common import environment, markdown_table, write_json
+from cogvideox_cog.media.clip import _rgb  # load_video's read of one frame, timed as it runs
 from cogvideox_cog.media.colour import to_sdr
 
 SIZES = [(720, 1280), (1080, 1920)]
@@ -86,6 +87,21 @@ def write_clip(path: Path, height: int, width: int, trc: int, frames: int) -> No
         container.mux(stream.encode())
 
 
+def write_sdr_clip(path: Path, height: int, width: int) -> None:
+    """An 8-bit SDR BT.709 clip, the common case: load_video reads its frames as they are."""
+    rgb = np.round(signal(height, width) * 255).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"crf": "12", "preset": "fast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        context = stream.codec_context
+        context.color_trc, context.color_primaries = ColorTrc.BT709, ColorPrimaries.BT709
+        context.colorspace, context.color_range = Colorspace.ITU709, ColorRange.MPEG
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = 0, Fraction(1, 8)
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
 def cpu_ms(work, repeats: int) -> float:
     work()  # tables built, caches warm
     times = []
@@ -126,9 +142,21 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(1)
-    record = {"environment": environment(torch.device("cpu")), "runs": []}
+    record = {"environment": environment(torch.device("cpu")), "runs": [], "sdr_runs": []}
     with tempfile.TemporaryDirectory() as folder:
         for height, width in SIZES:
+            path = Path(folder) / f"{height}-sdr.mp4"
+            write_sdr_clip(path, height, width)
+            with av.open(str(path)) as container:
+                frame = next(container.decode(video=0))
+            record["sdr_runs"].append(
+                {
+                    "size": f"{width}x{height}",
+                    "clip": "SDR BT.709, 8-bit",
+                    "as_it_is_ms": cpu_ms(lambda f=frame: _rgb(f, None, False), args.repeats),
+                    "to_image_ms": cpu_ms(lambda f=frame: f.to_image(), args.repeats),
+                }
+            )
             for name, trc in TRANSFERS.items():
                 path = Path(folder) / f"{height}-{trc}.mp4"
                 write_clip(path, height, width, trc, args.filter_frames)
@@ -140,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         "size": f"{width}x{height}",
                         "clip": name,
                         "to_sdr_ms": cpu_ms(lambda f=frame: to_sdr(f), args.repeats),
+                        "as_it_is_ms": cpu_ms(lambda f=frame: _rgb(f, None, False), args.repeats),
                         "to_image_ms": cpu_ms(lambda f=frame: f.to_image(), args.repeats),
                         "ffmpeg_first_frame_ms": first,
                         "ffmpeg_next_frames_ms": then,
@@ -159,6 +188,7 @@ def report(record: dict) -> str:
             run["size"],
             run["clip"],
             f"{run['to_sdr_ms']:.1f}",
+            f"{run['as_it_is_ms']:.1f}",
             f"{run['to_image_ms']:.1f}",
             f"{run['ffmpeg_first_frame_ms'] / 1000:.2f} s",
             f"{run['ffmpeg_next_frames_ms']:.1f}",
@@ -170,11 +200,19 @@ def report(record: dict) -> str:
             "frame",
             "clip (10-bit, BT.2020)",
             "to_sdr ms",
+            "as it is (load_video) ms",
             "as it is (to_image) ms",
             "FFmpeg scale: first frame",
             "FFmpeg scale: next frames ms",
         ],
         rows,
+    )
+    sdr_table = markdown_table(
+        ["frame", "clip", "load_video ms", "to_image ms"],
+        [
+            [run["size"], run["clip"], f"{run['as_it_is_ms']:.1f}", f"{run['to_image_ms']:.1f}"]
+            for run in record.get("sdr_runs", [])
+        ],
     )
     return (
         "# HDR and BT.2020 clips to SDR BT.709: cost per frame\n\n"
@@ -184,9 +222,13 @@ def report(record: dict) -> str:
         f"- Versions: av {env['versions']['av']}, numpy {env['versions']['numpy']}, "
         f"python {env['versions']['python']}\n"
         "- CPU milliseconds of this process, the least of the repetitions. `to_sdr` is what "
-        "load_video runs per picked frame of such a clip, before scaling it; `to_image` is "
-        "what an SDR BT.709 frame costs instead. FFmpeg's first frame builds its tables.\n\n"
-        f"{table}\n"
+        "load_video runs per picked frame of such a clip, before scaling it; `as it is "
+        "(load_video)` is what it runs on an SDR BT.709 frame instead, and `to_image` PyAV's "
+        "read, which load_video used before. FFmpeg's first frame builds its tables.\n\n"
+        f"{table}\n\n"
+        "An 8-bit SDR BT.709 frame (yuv420p), read as it is: load_video's read against PyAV's "
+        "`to_image`.\n\n"
+        f"{sdr_table}\n"
     )
 
 
