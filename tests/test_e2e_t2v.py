@@ -147,6 +147,17 @@ def test_a_1_5_variant_takes_16n_plus_1_frames_at_16_fps(start_server, tmp_path)
     assert "16*N+1" in refused["error"]
 
 
+def test_a_2b_server_sets_up_on_2b_weights_and_renders_with_constant_guidance(
+    start_server, tmp_path
+):
+    """COGVIDEOX_MODEL=cogvideox-2b on weights without rotary embeddings: setup's download,
+    checks and DDIM swap, then a prediction with 2B's constant guidance by default."""
+    server = start_server("predict_t2v.py", "cogvideox-2b", "1.0-t2v-2b")
+    response = server.predict({**FAST, "num_frames": 9})
+    assert probe_mp4(_video(response, tmp_path))["frames"] == 9
+    assert "guidance 6, constant" in response["logs"]
+
+
 def test_an_i2v_variant_fails_setup_of_the_t2v_predictor(start_server):
     with pytest.raises(CogServerError, match="is for image-to-video"):
         start_server("predict_t2v.py", "cogvideox-5b-i2v", "1.0-i2v")

@@ -154,6 +154,7 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
         "5b": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}),
         "5b-unguided": unguided,
         "5b-unguided-compiled": replace(unguided, compiled=True),
+        "2b": Case("cogvideox-2b", w["1.0-t2v-2b"], call={"num_frames": 9}),
         "2b-unguided": Case(
             "cogvideox-2b", w["1.0-t2v-2b"], call={"num_frames": 9}, guidance_scale=UNGUIDED
         ),
@@ -202,6 +203,7 @@ TWO_RANKS = (
     "v2v",
     "5b-unguided",
     "5b-unguided-compiled",
+    "2b",
     "2b-unguided",
     "1.5-unguided-even",
     "fast",
@@ -287,6 +289,12 @@ def test_ulysses_2_renders_the_frames_of_one_process_from_an_odd_token_count(
 ):
     # 226 text + 45 video tokens: one token of padding, masked.
     _check(two_ranks["5b-unguided"], one_process("5b-unguided"), Layout(cfg=1, ulysses=2))
+
+
+def test_cfg_2_renders_the_2b_frames_of_one_process(two_ranks, one_process):
+    """2B's constant guidance on DDIM: each rank computes one half of the guidance batch, its
+    sine-cosine positions added to both halves alike."""
+    _check(two_ranks["2b"], one_process("2b"), Layout(cfg=2, ulysses=1))
 
 
 def test_ulysses_2_renders_the_2b_frames_of_one_process(two_ranks, one_process):

@@ -30,11 +30,14 @@ from diffusers.utils import load_image
 from PIL import Image
 
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.media.clip import load_video
 from cogvideox_cog.media.image import fit_image, open_image
 from cogvideox_cog.media.mp4 import encode_mp4
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
+from tests.file_server import FileServer
+from tests.lora_files import lora_tensors, save_diffusers_lora
 
 CPU = torch.device("cpu")
 PROMPT = "a panda plays guitar in a bamboo forest"
@@ -43,13 +46,21 @@ TINY_SIZE = "48x80"  # the tiny 1.5 weights bound their rotary grid below 1.5's 
 
 
 def _ours(
-    variant_id: str, weights, mode: str, resolution=None, device=CPU, **request
+    variant_id: str,
+    weights,
+    mode: str,
+    resolution=None,
+    device=CPU,
+    lora_cache: LoraCache | None = None,
+    **request,
 ) -> np.ndarray:
     """The project's frames; device: the one the generator is told it runs on (the tiny
-    pipeline runs on the CPU)."""
+    pipeline runs on the CPU); lora_cache: where a request's lora_url is fetched to."""
     variant = VARIANTS[variant_id]
     pipe = build_pipeline(variant, weights, CPU, "none", mode=mode)
-    generator = VideoGenerator(variant, pipe, device, mode, resolution=resolution)
+    generator = VideoGenerator(
+        variant, pipe, device, mode, resolution=resolution, lora_cache=lora_cache
+    )
     fields = dict(
         prompt=PROMPT,
         negative_prompt="",
@@ -80,14 +91,14 @@ def _reference(pipeline_class, weights, ddim: bool = False, **call) -> np.ndarra
 
 
 def _call_reference(pipe, ddim: bool = False, **call) -> np.ndarray:
+    """`call` may override the output type and the dynamic CFG that goes with the scheduler."""
     return pipe(
         prompt=PROMPT,
         num_videos_per_prompt=1,
         num_inference_steps=STEPS,
-        use_dynamic_cfg=not ddim,
         guidance_scale=GUIDANCE,
         generator=torch.Generator().manual_seed(SEED),
-        **{"output_type": "np", **call},
+        **{"output_type": "np", "use_dynamic_cfg": not ddim, **call},
     ).frames[0]
 
 
@@ -119,6 +130,68 @@ def test_2b_equals_diffusers_with_ddim_and_constant_guidance(tiny_weights):
     ours = _ours("cogvideox-2b", tiny_weights["1.0-t2v-2b"], "t2v", num_frames=9)
     reference = _reference(CogVideoXPipeline, tiny_weights["1.0-t2v-2b"], ddim=True, num_frames=9)
     assert np.array_equal(ours, reference)
+
+
+def test_2b_video_to_video_equals_diffusers_with_ddim_and_constant_guidance(tiny_weights, clip):
+    """The clip's latents scaled by 2B's VAE factor (1.15, not 5B's 0.7) and noised by DDIM on
+    its SNR-shifted schedule, where the 5B test below runs DPM."""
+    weights = tiny_weights["1.0-t2v-2b"]
+    ours = _ours("cogvideox-2b", weights, "v2v", num_frames=9, video=clip, strength=0.8)
+    frames = load_video(clip, 9, fps=8, height=48, width=80).frames
+    reference = _reference(
+        CogVideoXVideoToVideoPipeline, weights, ddim=True, video=frames, strength=0.8
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_2b_with_dynamic_cfg_asked_for_equals_diffusers_ddim_with_dynamic_cfg(tiny_weights):
+    """use_dynamic_cfg=true keeps 2B's DDIM and runs diffusers' dynamic schedule on it: what
+    cli_demo.py renders with the DDIM swap it advises for 2B and its use_dynamic_cfg=True."""
+    weights = tiny_weights["1.0-t2v-2b"]
+    ours = _ours("cogvideox-2b", weights, "t2v", num_frames=9, use_dynamic_cfg=True)
+    reference = _reference(
+        CogVideoXPipeline, weights, ddim=True, num_frames=9, use_dynamic_cfg=True
+    )
+    assert np.array_equal(ours, reference)
+
+
+def test_2b_at_a_deployments_resolution_equals_diffusers_at_that_size(tiny_weights):
+    """2B's sine-cosine positions are computed for the video's own grid (no rotary bound): at
+    a portrait COGVIDEOX_RESOLUTION, as diffusers computes them for that height and width."""
+    weights = tiny_weights["1.0-t2v-2b"]
+    ours = _ours("cogvideox-2b", weights, "t2v", resolution="96x64", num_frames=9)
+    reference = _reference(CogVideoXPipeline, weights, ddim=True, num_frames=9, height=96, width=64)
+    assert ours.shape == (9, 96, 64, 3)
+    assert np.array_equal(ours, reference)
+
+
+@pytest.fixture(scope="module")
+def lora_2b(tiny_weights, tmp_path_factory):
+    """A rank-4 LoRA of the 2B-shaped transformer as diffusers saves one: its folder and URL."""
+    folder = tmp_path_factory.mktemp("lora-2b")
+    tensors = lora_tensors(tiny_weights["1.0-t2v-2b"] / "transformer", 4, seed=1)
+    path = save_diffusers_lora(tensors, folder)
+    server = FileServer(folder)
+    yield folder, server.url(path.name)
+    server.stop()
+
+
+def test_2b_with_a_lora_equals_diffusers_load_lora_weights_at_the_same_scale(
+    tiny_weights, lora_2b, tmp_path
+):
+    """lora_url and lora_scale give diffusers' load_lora_weights and set_adapters at that
+    scale: the LoRA beside the base weights, unfused (cli_demo.py fuses it, which rounds the
+    sums otherwise, within 1e-5 in float32)."""
+    folder, url = lora_2b
+    weights = tiny_weights["1.0-t2v-2b"]
+    cache = LoraCache(tmp_path / "loras", 1 << 30, 1 << 30, 60)
+    ours = _ours(
+        "cogvideox-2b", weights, "t2v", lora_cache=cache, num_frames=9, lora_url=url, lora_scale=0.5
+    )
+    pipe = _reference_pipe(CogVideoXPipeline, weights, ddim=True)
+    pipe.load_lora_weights(folder, weight_name=url.rsplit("/", 1)[1], adapter_name="lora")
+    pipe.set_adapters(["lora"], [0.5])
+    assert np.array_equal(ours, _call_reference(pipe, ddim=True, num_frames=9))
 
 
 def test_5b_equals_diffusers_with_dpm_and_dynamic_cfg(tiny_weights):

@@ -198,7 +198,11 @@ def test_unknown_speed_mode_is_refused(generator):
 
 @pytest.mark.parametrize(
     ("tiny", "variant_id", "num_frames"),
-    [("1.0-i2v", "cogvideox-5b-i2v", 9), ("1.5-t2v", "cogvideox1.5-5b", 17)],
+    [
+        ("1.0-i2v", "cogvideox-5b-i2v", 9),
+        ("1.5-t2v", "cogvideox1.5-5b", 17),
+        ("1.0-t2v-2b", "cogvideox-2b", 9),
+    ],
 )
 def test_faster_runs_on_other_variants_and_leaves_default_exact(
     tiny_weights, tmp_path, tiny, variant_id, num_frames
