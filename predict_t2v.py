@@ -98,8 +98,8 @@ class Predictor(BaseRunner):
         ),
         interpolate: str = Input(
             description="Smoother motion: RIFE adds 1 (2x) or 3 (4x) frames between each pair "
-            "and raises the fps as much, so the video lasts as long: 49 frames at 8 fps become "
-            "97 at 16 fps or 193 at 32 fps. Only where the deployment enables it.",
+            "and raises the fps as much, so the motion spans the same time: 49 frames at 8 fps "
+            "become 97 at 16 fps or 193 at 32 fps. Only where the deployment enables it.",
             choices=["none", "2x", "4x"],
             default="none",
         ),
