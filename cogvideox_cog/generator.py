@@ -456,14 +456,19 @@ class VideoGenerator:
         self.denoise_and_decode(plan, progress, output_type="latent")
 
     def _prepare_model(self, request: Request) -> tuple[Plan, _StepProgress]:
-        """The checked plan, its LoRA on the model, and a progress callback for its steps."""
-        plan = self.prepare(request)
+        """The checked plan, its LoRA on the model, and a progress callback for its steps.
+
+        The LoRA goes on before the prompt is rewritten: the rewrite is a language model's
+        call (on the user's key, where given), which a LoRA that cannot be used (for another
+        model, a URL that fails) would have spent for nothing."""
+        plan = self._conditioned(request)
         # The LoRA, fetched (or found in the cache) and checked before it touches the model.
         lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
         if lora is not None and self.engine is not None:
             layers = adapted_layers(lora)
             self.engine.check_lora(layers, plan.guidance_scale > 1, plan.speed_mode)
         self.lora.use(lora, plan.lora_scale)
+        self._rewrite(plan, request)
         return plan, _StepProgress(plan.denoise_steps, self.on_step)
 
     def check(self, request: Request) -> None:
@@ -473,6 +478,12 @@ class VideoGenerator:
 
     def prepare(self, request: Request) -> Plan:
         """Every input checked, the image or clip read and fitted: a Plan, or an InputError."""
+        plan = self._conditioned(request)
+        self._rewrite(plan, request)
+        return plan
+
+    def _conditioned(self, request: Request) -> Plan:
+        """prepare() but the prompt's rewrite."""
         plan = self._checked(request, time.monotonic())
         if self.mode == "i2v":
             self._condition_on_image(plan, request.image, request.convert_colour)
@@ -480,12 +491,16 @@ class VideoGenerator:
             self._condition_on_clip(plan, request.video, request.convert_colour)
         else:
             plan.conditioning["num_frames"] = plan.num_frames
+        return plan
+
+    def _rewrite(self, plan: Plan, request: Request) -> None:
+        """The prompt rewritten where the request asks, and what the text encoder will not
+        read of it logged."""
         if request.enhance_prompt:
             key = request.enhance_prompt_api_key
             api_key = key.get_secret_value() if key is not None else None
             plan.prompt = self._enhanced_prompt(plan.prompt, plan.seed, api_key)
         self._log_ignored_text(plan)
-        return plan
 
     def _checked(self, request: Request, received: float) -> Plan:
         """The Plan of everything but the image or clip and the rewrite. Cog passes JSON

@@ -7,6 +7,7 @@ import gc
 import json
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import cog
@@ -361,6 +362,34 @@ def test_mismatched_lora_names_the_mismatch_and_leaves_the_model_untouched(
 def test_lora_mismatch_error_says_the_base_model_is_unchanged(generator, loras):
     with pytest.raises(LoraError, match=r"another model.*The base model is unchanged"):
         _frames(generator, _url(loras, "wider"))
+
+
+class _CountedRewrites:
+    """A language model that rewrites every prompt the same way, and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def enhance(self, prompt: str, **_) -> str:
+        self.calls += 1
+        return f"{prompt}, in soft morning light"
+
+
+@pytest.mark.parametrize(("folder", "problem"), [("wider", "another model"), ("nope", "404")])
+def test_a_lora_that_cannot_be_used_fails_before_the_prompt_is_rewritten(
+    generator, loras, monkeypatch, folder, problem
+):
+    """The rewrite is a language model's call, on the user's own key where they give one, and
+    takes seconds: a LoRA that cannot be used (another model's, a URL that fails) is refused
+    without it."""
+    rewrites = _CountedRewrites()
+    monkeypatch.setattr(generator, "enhancer", rewrites)
+    rewritten = Request("a cat walks", "", 9, 2, 6.0, None, None, 5, enhance_prompt=True)
+    with pytest.raises(LoraError, match=problem):
+        generator.render_frames(replace(rewritten, lora_url=_url(loras, folder)))
+    assert rewrites.calls == 0
+    generator.render_frames(rewritten)  # the base model, its prompt rewritten
+    assert rewrites.calls == 1
 
 
 @pytest.mark.parametrize("name", [LORA, "torch-zip.safetensors"])

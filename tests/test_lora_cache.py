@@ -17,6 +17,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1007,3 +1008,70 @@ def test_a_download_killed_with_the_last_server_evicts_no_lora_at_setup(monkeypa
     LoraCache.from_env()
     assert all(blob.exists() for blob in blobs)
     assert not killed.exists()
+
+
+class _SmallVolume:
+    """The cache's folder on a volume of `size` bytes: disk_usage reports what the folder
+    leaves of it, and a download that would pass it fails with ENOSPC, as a full disk's
+    write does (the staging folder is removed as after any failed download)."""
+
+    def __init__(self, monkeypatch, cache: LoraCache, size: int):
+        self.cache, self.size = cache, size
+        monkeypatch.setattr(store.shutil, "disk_usage", self.usage)
+        fetch_http = fetch._fetch_http
+
+        def full_at_the_bound(url, dest, cancelled, cap):
+            fetch_http(url, dest, cancelled, cap)
+            if leftovers.folder_size(cache.root) > size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(fetch, "_fetch_http", full_at_the_bound)
+
+    def usage(self, path):
+        used = leftovers.folder_size(self.cache.root)
+        return SimpleNamespace(total=self.size, used=used, free=max(0, self.size - used))
+
+
+def test_a_full_volume_makes_room_evicting_the_least_recently_used(served, tmp_path, monkeypatch):
+    """A bound larger than the volume holds (the 20 GiB default on a smaller disk, or a disk
+    shared with the weights) fills the disk: the next download fails with ENOSPC. Evicting
+    only after a download succeeds, the cache then never frees a byte, and every new LoRA
+    failed until someone emptied the folder by hand."""
+    root, server = served
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=30)
+    _SmallVolume(monkeypatch, cache, 2 * size + size // 2)
+    a = cache.get(server.url("a.safetensors"))
+    os.utime(a, (time.time() - 60, time.time() - 60))  # a used a minute ago
+    b = cache.get(server.url("b.safetensors"))
+    c = cache.get(server.url("c.safetensors"))  # no room for it: a goes
+    assert b.exists() and c.exists() and not a.exists()
+
+
+def test_a_full_volume_with_no_lora_to_evict_fails_naming_the_folder(served, tmp_path, monkeypatch):
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=1 << 30, timeout_s=30)
+    _SmallVolume(monkeypatch, cache, size // 2)
+    with pytest.raises(LoraError, match=r"no space left") as failed:
+        cache.get(server.url("a.safetensors"))
+    assert str(cache.root) in str(failed.value)
+    assert store.LORA_DIR_ENV in str(failed.value)
+
+
+def test_a_tar_that_fills_the_volume_is_not_called_unreadable(served, cache, monkeypatch):
+    """Running out of disk while the LoRA is copied out of a tar is the disk's fault."""
+    root, server = served
+    _serve(root, "run.tar", _tar({"out/" + LORA: _lora_bytes(1)}))
+
+    def full(source, out, length=0):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fetch.shutil, "copyfileobj", full)
+    with pytest.raises(LoraError) as failed:
+        cache.get(server.url("run.tar"))
+    assert "no space left" in str(failed.value)
+    assert "cannot be read" not in str(failed.value)

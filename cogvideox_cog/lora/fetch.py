@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import errno
 import gzip
 import logging
 import lzma
@@ -209,6 +210,8 @@ def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
             raise _too_big(f"{url} ({name})", member.size, cap)
         assert copied is member  # the final pick was the choice when it was read
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise  # the disk is full, not the tar unreadable: the cache makes room
         if _compressed_safetensors(path):
             raise LoraError(
                 f"the file at {url} is a compressed safetensors file, not a tar (an object "

@@ -124,7 +124,7 @@ class LoraCache:
         for folder in (self.blobs, self.urls, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        blob, held = self._with_deadline(url, lambda staging, stop: self._fetch(url, staging, stop))
+        blob, held = self._fetch_making_room(url, started)
         self._hold(held)
         self._record(url, blob)
         self.evict(keep=blob)
@@ -136,9 +136,10 @@ class LoraCache:
         )
         return blob
 
-    def evict(self, keep: Path | None = None) -> None:
+    def evict(self, keep: Path | None = None, room: int = 0) -> int:
         """Drop least recently used blobs until they and the downloads in progress fit the
-        cache's bound (never `keep`), and the URLs that led to them; then bound the index."""
+        cache's bound (never `keep`), and the volume has `room` bytes free, and the URLs that
+        led to them; then bound the index. Returns how many blobs went."""
         blobs = []
         for path in self.blobs.glob("*.safetensors"):
             try:
@@ -148,13 +149,15 @@ class LoraCache:
             blobs.append((stat.st_mtime, stat.st_size, path))
         partial = leftovers.folder_size(self.partial)
         total = partial + sum(size for _, size, _ in blobs)
+        free = _free_bytes(self.root) if room else None
         evicted = set()
         for _, size, path in sorted(blobs):
-            if total <= self.max_cache_bytes:
+            if total <= self.max_cache_bytes and (free is None or free >= room):
                 break
             if path == keep or not _unlink_unless_held(path):
                 continue
             total -= size
+            free = None if free is None else free + size
             evicted.add(path.stem)
             downloading = f"; {download.human(partial)} downloading" if partial else ""
             log.info(
@@ -162,6 +165,7 @@ class LoraCache:
                 + downloading
             )
         self._prune_index(evicted)
+        return len(evicted)
 
     # URL index ------------------------------------------------------------------------------
 
@@ -255,7 +259,50 @@ class LoraCache:
 
     # Fetching -------------------------------------------------------------------------------
 
-    def _with_deadline(self, url: str, work: Callable[[Path, threading.Event], T]) -> T:
+    def _fetch_making_room(self, url: str, started: float) -> tuple[Path, BinaryIO]:
+        """_fetch under the deadline. A volume that fills up (a bound larger than the disk
+        holds, or a disk shared with the weights) fails the download with ENOSPC, and the
+        cache evicts only after a download succeeds: the least recently used LoRAs are
+        evicted then until one download of the largest size allowed fits, and the download
+        is tried once more in what is left of the timeout."""
+
+        def work(staging: Path, stop: threading.Event) -> tuple[Path, BinaryIO]:
+            return self._fetch(url, staging, stop)
+
+        try:
+            return self._with_deadline(url, work)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            evicted = self.evict(room=self._cap().size)
+            left = self.timeout_s - (time.monotonic() - started)
+            if not evicted or left <= 0:
+                raise self._no_room(url, error) from None
+        log.warning(
+            f"lora: no space left for {download.shown(url)} in {self.root}: evicted {evicted} "
+            f"least recently used LoRAs, downloading again"
+        )
+        try:
+            return self._with_deadline(url, work, left)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise self._no_room(url, error) from None
+
+    def _no_room(self, url: str, error: OSError) -> LoraError:
+        free = _free_bytes(self.root)
+        said = error.strerror or str(error)
+        if free is not None:
+            said += f", {download.human(free)} free"
+        return LoraError(
+            f"no space left to download the LoRA at {download.shown(url)} into {self.root} "
+            f"({said}) after evicting the cached LoRAs it could: free disk space there, or set "
+            f"{LORA_DIR_ENV} to a larger volume and {CACHE_SIZE_ENV} below what it holds"
+        )
+
+    def _with_deadline(
+        self, url: str, work: Callable[[Path, threading.Event], T], seconds: float | None = None
+    ) -> T:
         """Run work(staging, cancelled) under the timeout (download.with_deadline).
 
         The staging folder is the worker's alone and removed whatever happens; if the process
@@ -270,7 +317,8 @@ class LoraCache:
                 leftovers.release(staging)
 
         try:
-            return download.with_deadline(staged, self.timeout_s, "lora-download")
+            seconds = self.timeout_s if seconds is None else seconds
+            return download.with_deadline(staged, seconds, "lora-download")
         except download.DeadlineExceeded:
             raise LoraError(
                 f"downloading the LoRA at {download.shown(url)} took longer than "
@@ -333,6 +381,14 @@ class LoraCache:
                     shutil.rmtree(leftover, ignore_errors=True)
             except FileNotFoundError:
                 pass
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes free on `folder`'s volume; None where that cannot be told."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _link(source: Path, name: Path) -> bool:
