@@ -193,8 +193,8 @@ def _published(entry: Path, name: str, source: ModelSource, explain: bool = Fals
 
 
 def _local_validator(source: ModelSource) -> str | None:
-    """A local source file's size and modification time, as fetch_tar keys a local tar; None
-    for a URL, or a local file that is gone."""
+    """A local source file's version, as fetch_tar keys a local tar; None for a URL, or a
+    local file that is gone."""
     if download.is_http(source.url):
         return None
     local = Path(source.url).expanduser()
@@ -202,7 +202,7 @@ def _local_validator(source: ModelSource) -> str | None:
         stat = local.stat() if local.is_file() else None
     except OSError:
         return None
-    return f"{stat.st_mtime_ns}-{stat.st_size}" if stat is not None else None
+    return download.local_validator(stat) if stat is not None else None
 
 
 def _fetch(source: ModelSource, dest: Path) -> str:

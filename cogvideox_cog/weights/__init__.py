@@ -323,7 +323,7 @@ def fetch_tar(source: str, staging: Path, setting: str = WEIGHTS_URL_ENV) -> dic
     shown = download.shown(source)
     if local.is_file():
         stat = local.stat()
-        size, validator = stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"
+        size, validator = stat.st_size, download.local_validator(stat)
     elif download.is_http(source):
         if problem := download.url_problem(source):
             raise WeightsError(f"the weights URL {shown} {problem}.")

@@ -268,6 +268,11 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def local_validator(stat: os.stat_result) -> str:
+    """A local file's version, as RemoteFile.validator is a URL's: its mtime and size."""
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+
 class _RedirectsWithinHttp(urllib.request.HTTPRedirectHandler):
     """urllib also follows a redirect to ftp://, which would hang until the deadline. What is
     refused is said without the target: urllib's own refusal (of s3://, say) quotes it whole,
