@@ -13,8 +13,6 @@ has its Progress hooks on the blocks, as in the rank processes, and counts what 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,7 +29,12 @@ from cogvideox_cog.errors import InputError
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.slot import LoraSlot
 from cogvideox_cog.parallel.engine import ContextParallel
-from cogvideox_cog.parallel.ranks import LoraFetchedOnce, ReportedProgress, agree_on_vae_tiling
+from cogvideox_cog.parallel.ranks import (
+    LoraFetchedOnce,
+    ReportedProgress,
+    agree_on_vae_tiling,
+    rendezvous_store,
+)
 from cogvideox_cog.pipeline import build_pipeline, compile_transformer
 from cogvideox_cog.speed import step_cache
 from cogvideox_cog.variants import VARIANTS
@@ -146,14 +149,13 @@ def _token_counts(kwargs: dict) -> tuple[int, int, int]:
 
 def run_ranks(world_size: int, cases: dict[str, Case], out: Path) -> dict[str, list[Rendered]]:
     """Render every case on `world_size` rank processes: {name: [Rendered per rank]}."""
-    mp.spawn(_rank_main, args=(world_size, _free_port(), cases, out), nprocs=world_size)
+    spawn_ranks(_rank_main, world_size, world_size, cases, out)
     return {name: [_read(out / f"{name}-{rank}") for rank in range(world_size)] for name in cases}
 
 
-def _rank_main(rank: int, world_size: int, port: int, cases: dict[str, Case], out: Path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank: int, port: int, world_size: int, cases: dict[str, Case], out: Path):
     torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=2))
+    join_ranks(rank, port, world_size)
     try:
         for name, case in cases.items():
             try:
@@ -199,10 +201,19 @@ def _beside(stem: Path, suffix: str) -> Path:
     return stem.parent / (stem.name + suffix)  # case names may hold dots ("1.5-i2v")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def spawn_ranks(main, world_size: int, *args) -> None:
+    """mp.spawn of main(rank, port, *args) on `world_size` processes, which meet on a store
+    this process serves (ranks.rendezvous_store, as the Cog process does): a port picked free
+    and released could be taken by another test's process before rank 0 bound it."""
+    store = rendezvous_store()
+    mp.spawn(main, args=(store.port, *args), nprocs=world_size)
+
+
+def join_ranks(rank: int, port: int, world_size: int, minutes: float = 2) -> None:
+    """In a process spawn_ranks started: the gloo group, met on its parent's store."""
+    timeout = timedelta(minutes=minutes)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 # A request with a LoRA through VideoGenerator, as a rank process serves it: rank 0 gives the
@@ -224,14 +235,13 @@ def lora_requests(weights: Path, lora: Path, guidances: tuple[float, ...], out: 
     """Each rank's outcome of one request per guidance scale, in order, with `lora` as its
     LoRA: {rank: {guidance: {"refusal": message or None, "peft": whether the transformer
     had peft layers after it}}}."""
-    mp.spawn(_lora_rank_main, args=(_free_port(), weights, lora, guidances, out), nprocs=2)
+    spawn_ranks(_lora_rank_main, 2, weights, lora, guidances, out)
     return {rank: json.loads((out / f"lora-{rank}.json").read_text()) for rank in range(2)}
 
 
 def _lora_rank_main(rank, port, weights, lora, guidances, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=2))
+    join_ranks(rank, port, 2)
     try:
         engine = ContextParallel(2)
         variant = VARIANTS["cogvideox-5b"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import re
 import signal
 import socket
@@ -15,14 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_rrdbnet
 from cogvideox_cog.errors import InputError, LoraError, RankGroupError
@@ -51,7 +48,7 @@ from cogvideox_cog.postprocess import (
     Steps,
 )
 from cogvideox_cog.weights.cache import WEIGHTS_DIR_ENV
-from tests.cog_server import free_port
+from tests.parallel_ranks import join_ranks, spawn_ranks
 
 BOUND_S = 0.5
 REQUEST = Request("a panda plays guitar", "", 9, 2, 6.0, None, None, seed=5)
@@ -331,8 +328,7 @@ class _FailingLoraCache:
 
 
 def _fetch_on_rank(rank: int, port: int, url: str, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=1))
+    join_ranks(rank, port, 2, minutes=1)
     try:
         LoraFetchedOnce(_FailingLoraCache(), rank, torch.device("cpu")).get(url)
     except LoraError as error:
@@ -343,7 +339,7 @@ def _fetch_on_rank(rank: int, port: int, url: str, out) -> None:
 
 def test_a_rank_told_that_rank_0_could_not_fetch_a_lora_quotes_no_signature(tmp_path):
     url = "https://bucket.example/style.safetensors?X-Amz-Signature=secret-signature"
-    mp.spawn(_fetch_on_rank, args=(free_port(), url, tmp_path), nprocs=2)
+    spawn_ranks(_fetch_on_rank, 2, url, tmp_path)
     said = (tmp_path / "rank-1.txt").read_text()
     assert said.startswith("rank 0 could not fetch lora_url https://bucket.example/style")
     assert "secret-signature" not in said
@@ -355,8 +351,7 @@ ASKED = (("none", "2x"), ("none", "4x"), ("2x", "none"))
 
 
 def _postprocess_on_rank(rank: int, port: int, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=1))
+    join_ranks(rank, port, 2, minutes=1)
     try:
         postprocessor = postprocessor_of(rank, torch.device("cpu"))
         checked = {}
@@ -394,7 +389,7 @@ def postprocessing_ranks(tmp_path_factory) -> Path:
         env.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(out / "realesrgan.pth")))
         env.delenv(INTERPOLATE_ENV, raising=False)
         env.setenv(WEIGHTS_DIR_ENV, str(out / "weights"))
-        mp.spawn(_postprocess_on_rank, args=(free_port(), out), nprocs=2)
+        spawn_ranks(_postprocess_on_rank, 2, out)
     return out
 
 
