@@ -1012,24 +1012,33 @@ def test_a_download_killed_with_the_last_server_evicts_no_lora_at_setup(monkeypa
 
 class _SmallVolume:
     """The cache's folder on a volume of `size` bytes: disk_usage reports what the folder
-    leaves of it, and a download that would pass it fails with ENOSPC, as a full disk's
-    write does (the staging folder is removed as after any failed download)."""
+    leaves of it, and a download's write past it fails with ENOSPC, as a full disk's does
+    (the staging folder is removed as after any failed download)."""
 
     def __init__(self, monkeypatch, cache: LoraCache, size: int):
         self.cache, self.size = cache, size
         monkeypatch.setattr(store.shutil, "disk_usage", self.usage)
-        fetch_http = fetch._fetch_http
+        fetch_capped = download.fetch_capped
 
-        def full_at_the_bound(url, dest, cancelled, cap):
-            fetch_http(url, dest, cancelled, cap)
-            if leftovers.folder_size(cache.root) > size:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        def on_the_volume(url, out, *args, **kwargs):
+            return fetch_capped(url, _FillingFile(out, self), *args, **kwargs)
 
-        monkeypatch.setattr(fetch, "_fetch_http", full_at_the_bound)
+        monkeypatch.setattr(download, "fetch_capped", on_the_volume)
 
     def usage(self, path):
         used = leftovers.folder_size(self.cache.root)
         return SimpleNamespace(total=self.size, used=used, free=max(0, self.size - used))
+
+
+class _FillingFile:
+    def __init__(self, out, volume: _SmallVolume):
+        self.out, self.volume = out, volume
+
+    def write(self, block) -> int:
+        self.out.flush()
+        if self.volume.usage(None).free < len(block):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.out.write(block)
 
 
 def test_a_full_volume_makes_room_evicting_the_least_recently_used(served, tmp_path, monkeypatch):
@@ -1060,6 +1069,24 @@ def test_a_full_volume_with_no_lora_to_evict_fails_naming_the_folder(served, tmp
         cache.get(server.url("a.safetensors"))
     assert str(cache.root) in str(failed.value)
     assert store.LORA_DIR_ENV in str(failed.value)
+
+
+def test_a_lora_of_unknown_length_that_fills_the_volume_makes_room_too(tmp_path, monkeypatch):
+    """Sent chunked, the download's full disk was reported as a broken download (the write's
+    ENOSPC caught with the read's errors), so nothing was evicted and no retry made."""
+    root = tmp_path / "served"
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
+    size = len(_lora_bytes(1))
+    server = FileServer(root, ranges=False, chunked=True)
+    cache = LoraCache(tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=30)
+    _SmallVolume(monkeypatch, cache, 2 * size + size // 2)
+    try:
+        a, b = (cache.get(server.url(f"{name}.safetensors")) for name in "ab")
+        c = cache.get(server.url("c.safetensors"))  # no room for it: a goes
+    finally:
+        server.stop()
+    assert b.exists() and c.exists() and not a.exists()
 
 
 def test_a_tar_that_fills_the_volume_is_not_called_unreadable(served, cache, monkeypatch):

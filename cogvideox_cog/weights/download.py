@@ -827,28 +827,33 @@ def fetch_capped(
     if remote.size is None:  # chunked, no length: one streaming read, capped as it goes
         assert response is not None  # probe() hands back the open whole-file response
         written = 0
-        try:
-            with response as reader:
-                # read1: what has arrived, so a trickle cannot keep this thread past a cancel.
-                while block := reader.read1(READ_BYTES):
-                    written += out.write(block)
-                    if written > max_bytes:
-                        raise TooLarge(written, at_least=True)
-                    if cancelled.is_set():
-                        return
-        except (OSError, http.client.HTTPException) as error:
-            # Not resumed: without a length the server gave no sign that it takes ranges.
-            _, happened, _ = _describe(error)
-            raise WeightsError(
-                f"{what}: the download broke after {written:,} bytes ({happened}); the server "
-                f"gave no length, so it is not resumed. {hint}"
-            ) from None
+        with response as reader:
+            # read1: what has arrived, so a trickle cannot keep this thread past a cancel.
+            while block := _read_arrived(reader, written, what, hint):
+                written += out.write(block)  # a full disk's OSError is the caller's to handle
+                if written > max_bytes:
+                    raise TooLarge(written, at_least=True)
+                if cancelled.is_set():
+                    return
         return
     with open_url(remote, response, 0, what, hint, retries) as stream:
         for view in stream.views(remote.size):
             out.write(view)
             if cancelled.is_set():
                 return
+
+
+def _read_arrived(reader, written: int, what: str, hint: str) -> bytes:
+    """The next block of a body of unknown length; a broken connection is a WeightsError."""
+    try:
+        return reader.read1(READ_BYTES)
+    except (OSError, http.client.HTTPException) as error:
+        # Not resumed: without a length the server gave no sign that it takes ranges.
+        _, happened, _ = _describe(error)
+        raise WeightsError(
+            f"{what}: the download broke after {written:,} bytes ({happened}); the server "
+            f"gave no length, so it is not resumed. {hint}"
+        ) from None
 
 
 class DeadlineExceeded(Exception):
