@@ -583,12 +583,29 @@ def machine() -> dict:
     }
 
 
+# coglet's Rust runtime in the worker: tokio grows its pool of these under load, so their
+# count rises over the first requests with the request rate. Counted apart from the others.
+RUNTIME_THREAD = "tokio-rt-worker"
+
+
+def thread_names(pid: int) -> list[str]:
+    """The names of a process's threads (Linux /proc)."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return names
+
+
 def thread_count(pid: int) -> int:
-    """Threads of a process (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no Threads line for process {pid}")
+    """Threads of a process, not counting coglet's runtime's (Linux /proc)."""
+    return sum(name != RUNTIME_THREAD for name in thread_names(pid))
+
+
+def runtime_thread_count(pid: int) -> int:
+    return sum(name == RUNTIME_THREAD for name in thread_names(pid))
 
 
 def child_count(pid: int) -> int:
@@ -694,6 +711,7 @@ def drive(run: Soak) -> dict:
     samples, errors = [], []
     counts = {"valid": 0, "invalid": 0, "cancel": 0, "probe": 0}
     started = time.monotonic()
+    stopped = None
     for index, step in enumerate(steps):
         prediction_id = f"{run.prefix}{index:03d}"
         began = time.monotonic()
@@ -701,20 +719,27 @@ def drive(run: Soak) -> dict:
             problem = send(run, step, prediction_id)
         except Exception as error:  # a timeout, a broken connection: recorded, not fatal
             problem = f"{type(error).__name__}: {error}"
-        server.wait_idle(timeout=60)
         counts[step["kind"]] += 1
-        afterwards, disk = check_after(run, worker)
+        try:
+            server.wait_idle(timeout=60)
+            afterwards, disk = check_after(run, worker)
+            sample = {
+                "index": index,
+                "kind": step["kind"],
+                "seconds": round(time.monotonic() - began, 3),
+                "rss_mib": round(rss_bytes(worker) / MIB, 1),
+                "fds": fd_count(worker),
+                "threads": thread_count(worker),
+                "runtime_threads": runtime_thread_count(worker),
+                "children": child_count(worker),
+                "output_dirs": disk["output_dirs"],
+            }
+        except (OSError, RuntimeError) as error:  # the worker died, or is stuck: the run ends
+            stopped = f"after request {index}: {type(error).__name__}: {error}"
+            errors.append({"index": index, "kind": step["kind"], "problem": problem or stopped})
+            print(json.dumps({"index": index, "stopped": stopped, "problem": problem}), flush=True)
+            break
         problem = problem or afterwards
-        sample = {
-            "index": index,
-            "kind": step["kind"],
-            "seconds": round(time.monotonic() - began, 3),
-            "rss_mib": round(rss_bytes(worker) / MIB, 1),
-            "fds": fd_count(worker),
-            "threads": thread_count(worker),
-            "children": child_count(worker),
-            "output_dirs": disk["output_dirs"],
-        }
         if args.mix == "full":
             sample["input_dirs"] = disk["input_dirs"]
         if run.lora_dir is not None:
@@ -733,7 +758,7 @@ def drive(run: Soak) -> dict:
             print(f"{index + 1}/{len(steps)}: rss {sample['rss_mib']} MiB, fds {sample['fds']}")
     elapsed = time.monotonic() - started
     final = disk_state(run.tmpdir, run.prefix, run.lora_dir)
-    return summarise(run, samples, errors, counts, elapsed, final)
+    return summarise(run, samples, errors, counts, elapsed, final, stopped)
 
 
 def features_of(step: dict) -> list[str]:
@@ -842,9 +867,24 @@ def memory_figures(rss: list[float]) -> dict:
     }
 
 
-def summarise(run: Soak, samples: list[dict], errors: list[dict], counts, elapsed, disk) -> dict:
-    """The result: memory, descriptors and disk over the run, and each check passed or not."""
+def summarise(
+    run: Soak, samples: list[dict], errors: list[dict], counts, elapsed, disk, stopped=None
+) -> dict:
+    """The result: memory, descriptors and disk over the run, and each check passed or not.
+    `stopped`: why the run ended early (the worker died or stayed busy), if it did; the
+    figures are then left out when too few requests ran for them."""
     args = run.args
+    if stopped is not None and len(samples) < WARM_UP + 2:
+        return {
+            **_about(run, samples, counts, elapsed),
+            "stopped": stopped,
+            "disk_at_end": disk,
+            **({"lora_cache": {"bound_bytes": run.lora_bound}} if run.lora_dir else {}),
+            "checks": {"ran_every_request": False, "every_response_correct": not errors},
+            "passed": False,
+            "errors": errors,
+            "samples": samples,
+        }
     fds = [s["fds"] for s in samples]
     memory = memory_figures([s["rss_mib"] for s in samples])
     descriptors = {
@@ -865,6 +905,9 @@ def summarise(run: Soak, samples: list[dict], errors: list[dict], counts, elapse
         "children_max": max(children),
         "children_final": children[-1],
     }
+    runtime = [s["runtime_threads"] for s in samples if "runtime_threads" in s]
+    if runtime:
+        processes |= {"runtime_threads_max": max(runtime), "runtime_threads_final": runtime[-1]}
     checks = {
         "every_response_correct": not errors,
         "rss_no_upward_trend": memory["trend_mib"] <= TREND_BOUND_MIB,
@@ -905,19 +948,11 @@ def summarise(run: Soak, samples: list[dict], errors: list[dict], counts, elapse
         extra["probes"] = run.probe_log
     if args.mix == "full":
         extra["feature_counts"] = feature_counts(samples)
-    spec = TINY[run.task.tiny]
+    if stopped is not None:
+        checks["ran_every_request"] = False
+        extra["stopped"] = stopped
     return {
-        "command": command_line(),
-        "machine": machine(),
-        "model": f"tiny random CogVideoX-5B ({' '.join(run.task.tiny)}), "
-        f"{spec.height}x{spec.width}, float32 on CPU",
-        "task": args.task,
-        "mix": args.mix,
-        "worker_env": args.worker_env,
-        "predictions": len(samples),
-        "counts": {k: v for k, v in counts.items() if v or k != "probe"},
-        "seconds": round(elapsed, 1),
-        "seconds_per_request_median": round(statistics.median(s["seconds"] for s in samples), 3),
+        **_about(run, samples, counts, elapsed),
         "memory": memory,
         "descriptors": descriptors,
         "processes": processes,
@@ -927,6 +962,24 @@ def summarise(run: Soak, samples: list[dict], errors: list[dict], counts, elapse
         "passed": all(checks.values()),
         "errors": errors,
         "samples": samples,
+    }
+
+
+def _about(run: Soak, samples: list[dict], counts, elapsed) -> dict:
+    """What ran, where and how long: the result's opening fields."""
+    spec, seconds = TINY[run.task.tiny], [s["seconds"] for s in samples]
+    return {
+        "command": command_line(),
+        "machine": machine(),
+        "model": f"tiny random CogVideoX-5B ({' '.join(run.task.tiny)}), "
+        f"{spec.height}x{spec.width}, float32 on CPU",
+        "task": run.args.task,
+        "mix": run.args.mix,
+        "worker_env": run.args.worker_env,
+        "predictions": len(samples),
+        "counts": {k: v for k, v in counts.items() if v or k != "probe"},
+        "seconds": round(elapsed, 1),
+        "seconds_per_request_median": round(statistics.median(seconds), 3) if seconds else None,
     }
 
 
@@ -985,6 +1038,13 @@ def worker_table(result: dict) -> str:
                 f"{t['children_max']} / {t['children_final']}",
             ),
         ]
+        if "runtime_threads_max" in t:
+            rows.append(
+                (
+                    "coglet's runtime threads (tokio's pool, not counted above): max / final",
+                    f"{t['runtime_threads_max']} / {t['runtime_threads_final']}",
+                )
+            )
     rows += [
         (
             "output folders left (cogvideox-output-*)",
@@ -1088,11 +1148,24 @@ Requests by feature: {features}."""
 
 
 def markdown(result: dict) -> str:
-    m = result["memory"]
     checks = "\n".join(
         f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in result["checks"].items()
     )
     errors = "\n".join(f"- #{e['index']} ({e['kind']}): {e['problem']}" for e in result["errors"])
+    stopped = f"\n\n**The run stopped {result['stopped']}.**" if "stopped" in result else ""
+    if "memory" not in result:
+        return f"""{what_ran(result)}{stopped}
+
+Too few requests ran for the worker's memory, descriptor and thread figures.
+
+| check | passed |
+|---|---|
+{checks}
+
+Errors:
+{errors}
+"""
+    m = result["memory"]
     probes = ""
     if result.get("probes"):
         ids = ", ".join(
@@ -1107,7 +1180,7 @@ def markdown(result: dict) -> str:
             f"\nWith {result['predictions']} requests there is no room for two windows of "
             f"{WINDOW} after the warm-up: the trend compares two halves of {m['window']}.\n"
         )
-    return f"""{what_ran(result)}
+    return f"""{what_ran(result)}{stopped}
 
 | check | passed |
 |---|---|

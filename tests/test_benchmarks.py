@@ -681,6 +681,40 @@ def test_soak_trend_compares_windows_that_do_not_overlap():
     assert long_run["window"] == soak.WINDOW and long_run["trend_mib"] == 0.0
 
 
+def _soak_stopped_after(count: int) -> dict:
+    """soak.py's result for a run whose worker died after `count` requests."""
+    import argparse
+    from types import SimpleNamespace
+
+    from benchmarks import soak
+
+    args = argparse.Namespace(task="t2v", mix="basic", worker_env=[])
+    run = SimpleNamespace(args=args, task=soak.TASKS["t2v"], lora_dir=None, probe_log=[])
+    samples = [
+        {"index": i, "kind": "valid", "seconds": 0.5, "rss_mib": 900.0, "fds": 40}
+        | {"threads": 30, "children": 0, "output_dirs": 1}
+        for i in range(count)
+    ]
+    disk = {"other_tmp_entries": [], "coglet_files": 0, "output_dirs": 1, "output_bytes": 10}
+    disk |= {"coglet_prediction_dirs": count}
+    stopped = f"after request {count}: FileNotFoundError: /proc/123/status"
+    errors = [{"index": count, "kind": "valid", "problem": stopped}]
+    counts = {"valid": count + 1, "invalid": 0, "cancel": 0, "probe": 0}
+    result = soak.summarise(run, samples, errors, counts, 10.0, disk, stopped)
+    result["report"] = soak.markdown(result)
+    return result
+
+
+@pytest.mark.parametrize("count", [3, 30])
+def test_soak_whose_worker_dies_still_reports_and_fails(count):
+    """A worker that died or stayed busy ended the run with a traceback and no report: what
+    ran, and why it stopped, were lost. The figures are left out when too few requests ran."""
+    result = _soak_stopped_after(count)
+    assert result["passed"] is False and result["checks"]["ran_every_request"] is False
+    assert "The run stopped after request" in result["report"]
+    assert ("memory" in result) == (count == 30)
+
+
 def test_soak_counts_the_worker_threads_and_child_processes(tmp_path):
     import threading
 
@@ -701,6 +735,35 @@ def test_soak_counts_the_worker_threads_and_child_processes(tmp_path):
         child.kill()
         child.wait()
     assert soak.child_count(pid) == children
+
+
+def test_soak_counts_coglets_runtime_threads_apart():
+    """coglet's tokio runtime grows its pool over the first requests with the request rate: a
+    fast basic-mix run went from 15 threads at request 20 to 18 and failed the leak check."""
+    import ctypes
+    import threading
+
+    from benchmarks import soak
+
+    pid = os.getpid()
+    threads, runtime = soak.thread_count(pid), soak.runtime_thread_count(pid)
+    named, stop = threading.Event(), threading.Event()
+
+    def like_tokio():
+        pr_set_name = 15
+        ctypes.CDLL(None).prctl(pr_set_name, soak.RUNTIME_THREAD.encode(), 0, 0, 0)
+        named.set()
+        stop.wait()
+
+    thread = threading.Thread(target=like_tokio)
+    thread.start()
+    try:
+        named.wait(10)
+        assert soak.thread_count(pid) == threads
+        assert soak.runtime_thread_count(pid) == runtime + 1
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_gpu_run_split_keeps_the_inductor_folder_the_tiny_warm_start_reuses(tmp_path):
