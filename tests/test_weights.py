@@ -539,6 +539,28 @@ def test_weights_are_kept_when_loading_fails_on_a_missing_package(
     assert len(_markers(cache)) == 1
 
 
+def _runs_out_of_host_memory(root: Path):
+    """A load that asks for more RAM than the machine has: torch's own error, a RuntimeError."""
+    import torch
+
+    torch.empty(1 << 50, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "just-downloaded"])
+def test_weights_without_recorded_hashes_are_kept_when_loading_runs_out_of_memory(
+    served, cache, fake_pget, monkeypatch, cached
+):
+    """pget's and the Hub's entries record no sha256, so any load error discarded them; host
+    RAM running out is a RuntimeError, and an offline volume lost its weights to it."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    if cached:
+        ensure_weights(VARIANT)
+        served.stop()  # offline from here: a discarded entry could not come back
+    with pytest.raises(WeightsError, match=r"They were kept: running out of memory"):
+        weights.load_weights(VARIANT, _runs_out_of_host_memory)
+    assert len(_markers(cache)) == 1
+
+
 def test_setup_removes_the_temporary_folders_of_a_killed_worker(
     served, cache, generator_env, monkeypatch
 ):

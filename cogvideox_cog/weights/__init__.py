@@ -130,6 +130,11 @@ def _keep_if_not_the_files(resolved: _Resolved, error: Exception) -> None:
     assert resolved.entry is not None
     if isinstance(error, ImportError):
         why = "an ImportError is about the installed packages, not the weights"
+    elif _out_of_memory(error):
+        why = (
+            "running out of memory is about the machine, not the weights; give it more RAM or "
+            "stop what else holds it"
+        )
     elif resolved.marker is not None and cache.intact(resolved.entry):
         why = "every file still has the sha256 recorded when it was downloaded"
     else:
@@ -139,6 +144,17 @@ def _keep_if_not_the_files(resolved: _Resolved, error: Exception) -> None:
         f"Check the installed packages, and that the weights are a diffusers pipeline this "
         f"version of diffusers reads."
     ) from error
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """torch reports a failed allocation as a RuntimeError ("DefaultCPUAllocator: can't
+    allocate memory", or its OutOfMemoryError), not as a MemoryError."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOMEM
+    said = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in said or "out of memory" in said
+    )
 
 
 def _discard_unchanged(resolved: _Resolved) -> None:
