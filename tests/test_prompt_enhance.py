@@ -5,6 +5,7 @@ random Qwen2 fetched through the weights cache, and the rewrite's bounds."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 import threading
@@ -555,6 +556,22 @@ def test_the_local_model_is_cached_with_a_completion_marker_and_reused(local, ll
     assert (root.parent / COMPLETE_MARKER).is_file()
     assert (root / "config.json").is_file()
     assert len(llm_server.requests) == fetches  # no download the second time
+
+
+def test_a_local_model_tar_replaced_at_its_path_is_extracted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    tar = tmp_path / "llm.tar"
+    with tarfile.open(tar, "w") as archive:
+        archive.add(model, arcname="tiny-qwen2")
+    root = ensure_causal_lm(str(tar), enhance.WEIGHTS_ENV)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 5000.0}))
+    with tarfile.open(tmp_path / "llm.tar.new", "w") as archive:
+        archive.add(model, arcname="tiny-qwen2")
+    os.replace(tmp_path / "llm.tar.new", tar)
+    assert ensure_causal_lm(str(tar), enhance.WEIGHTS_ENV) == root
+    assert json.loads((root / "config.json").read_text())["rope_theta"] == 5000.0
 
 
 def test_a_renewed_presigned_url_reuses_the_cached_model(llm_server, tmp_path, monkeypatch):

@@ -206,6 +206,23 @@ def test_a_local_tar_is_extracted_into_the_cache(served_dir, cache, tiny, monkey
     assert _same_tree(tiny, root)
 
 
+def test_a_local_tar_replaced_at_its_path_is_extracted_again(tiny, tmp_path, cache, monkeypatch):
+    """New weights baked into an image at the same path (or a cache volume that outlived the
+    old image) were taken for the cached ones: the old weights served, with no sign of it."""
+    tar = _tar(tmp_path / "model.tar", tiny)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    root = ensure_weights(VARIANT)
+    newer = shutil.copytree(tiny, tmp_path / "newer")
+    scheduler = newer / "scheduler/scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "steps_offset": 1}))
+    _tar(tmp_path / "model.tar.new", newer)
+    os.replace(tmp_path / "model.tar.new", tar)
+    assert ensure_weights(VARIANT) == root
+    assert _same_tree(newer, root)
+    tar.unlink()  # gone from its path: the cached copy stands
+    assert ensure_weights(VARIANT) == root
+
+
 def test_a_local_directory_is_used_in_place_and_checked(tiny, tmp_path, cache, monkeypatch):
     local = shutil.copytree(tiny, tmp_path / "local")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))

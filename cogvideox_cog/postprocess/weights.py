@@ -131,7 +131,7 @@ def _ensure(source: ModelSource) -> tuple[Path, bool, tuple[int, int] | None]:
         cache.discard(staging)
         staging.mkdir()
         started = time.monotonic()
-        copied = _local_validator(source)  # before the copy: a change during it shows later
+        copied = download.local_version(source.url)  # before the copy: a change shows later
         try:
             found = _fetch(source, staging / name)
         except BaseException:
@@ -178,7 +178,7 @@ def _published(entry: Path, name: str, source: ModelSource, explain: bool = Fals
         return False
     # A local file replaced at the same path (new weights baked into an image, the cache on a
     # volume that outlives it) is another file: the copy is stale. One removed since is not.
-    current = _local_validator(source)
+    current = download.local_version(source.url)
     if current is not None and marker.get("validator") != current:
         if explain:
             log.info(f"{source.name}: {source.shown} changed since it was cached: copying it")
@@ -190,19 +190,6 @@ def _published(entry: Path, name: str, source: ModelSource, explain: bool = Fals
     if content_check() == "sha256" or source.sha256:
         return sha256_file(path).hexdigest() == (source.sha256 or recorded.get("sha256"))
     return True
-
-
-def _local_validator(source: ModelSource) -> str | None:
-    """A local source file's version, as fetch_tar keys a local tar; None for a URL, or a
-    local file that is gone."""
-    if download.is_http(source.url):
-        return None
-    local = Path(source.url).expanduser()
-    try:
-        stat = local.stat() if local.is_file() else None
-    except OSError:
-        return None
-    return download.local_validator(stat) if stat is not None else None
 
 
 def _fetch(source: ModelSource, dest: Path) -> str:

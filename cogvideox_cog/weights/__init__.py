@@ -284,6 +284,7 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
     started = time.monotonic()
     shown = download.shown(source)
     log.info(f"weights: fetching {variant.id} from {shown} into {entry}")
+    version = download.local_version(source)  # before the copy: a change during it shows later
     try:
         if source.startswith("hf://"):
             fetch_hub(source, staging)
@@ -302,6 +303,8 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
     mark = time.monotonic()
     marker = {"format": cache.MARKER_FORMAT, "variant": variant.id}
     marker["source"] = download.identity(source)  # never a presigned URL's signature
+    if version is not None:
+        marker["local_version"] = version
     marker.update(cache.marker_fields(verified, staging, manifest))
     marker["seconds"] = {k: round(v, 3) for k, v in phases.items()}
     cache.publish(staging, entry, marker)

@@ -99,6 +99,8 @@ def published(
         problem = "was verified against another manifest"
     elif marker.get("source") not in sources:
         problem = f"came from {download.shown(str(marker.get('source')))}"
+    elif replaced(marker):
+        problem = f"came from {marker['source']}, replaced at that path since: extracting it"
     else:
         problem = _changed(root, marker.get("files", {}), check, hashed)
     if problem:
@@ -106,6 +108,14 @@ def published(
             log.warning(f"weights: {entry} {problem}")
         return None
     return root
+
+
+def replaced(marker: dict) -> bool:
+    """Whether the local file the entry came from is another file now (see local_version);
+    an entry whose marker recorded no version (an older one) is taken as it is."""
+    recorded = marker.get("local_version")
+    current = download.local_version(str(marker.get("source")))
+    return recorded is not None and current is not None and current != recorded
 
 
 def _changed(root: Path, files: dict[str, dict], check: str, hashed: dict | None) -> str | None:
@@ -178,7 +188,7 @@ def reverified(
     and its hashes are carried into the new marker.
     """
     marker = read_marker(entry)
-    if marker is None or marker.get("source") not in sources:
+    if marker is None or marker.get("source") not in sources or replaced(marker):
         return None
     if marker.get("format") == MARKER_FORMAT and marker.get("manifest") == manifest.digest:
         return None  # current and failed its file check: replace it
@@ -221,6 +231,7 @@ def adopted(entry: Path, variant_id: str, sources: list[str], manifest: Manifest
             or marker.get("format") != MARKER_FORMAT
             or marker.get("variant") != variant_id
             or marker.get("source") not in sources
+            or replaced(marker)
         ):
             continue
         root = _adopt(other, marker, entry, manifest)
@@ -253,6 +264,8 @@ def _adopt(other: Path, marker: dict, entry: Path, manifest: Manifest) -> Path |
                     f"{rel} has no sha256 to hold it to, neither recorded nor in the manifest"
                 )
         new = {"format": MARKER_FORMAT, "variant": marker["variant"], "source": marker["source"]}
+        if "local_version" in marker:
+            new["local_version"] = marker["local_version"]
         new.update(marker_fields(verified, staging, manifest))
         new["adopted_from"] = other.name
         new["seconds"] = {"adopt": round(time.monotonic() - started, 3)}

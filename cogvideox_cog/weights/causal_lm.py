@@ -94,6 +94,7 @@ def _fetch(source: str, entry: Path, manifest: Manifest, check: str, setting: st
     started = time.monotonic()
     shown = download.shown(source)
     log.info(f"prompt enhancer: fetching {shown} into {entry}")
+    version = download.local_version(source)  # before the copy: a change during it shows later
     try:
         if source.startswith("hf://"):
             fetch_hub(source, staging, HF_PATTERNS)
@@ -109,6 +110,8 @@ def _fetch(source: str, entry: Path, manifest: Manifest, check: str, setting: st
             found["sha256"] = found["sha256"] or sha256_file(verified.root / rel).hexdigest()
     key = download.identity(source)  # never a presigned URL's signature
     marker = {"format": cache.MARKER_FORMAT, "variant": entry.name, "source": key}
+    if version is not None:
+        marker["local_version"] = version
     marker.update(cache.marker_fields(verified, staging, manifest))
     cache.publish(staging, entry, marker)
     log.info(

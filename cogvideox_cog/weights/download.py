@@ -32,6 +32,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from stat import S_ISREG
 
 from ..errors import BadSource, WeightsError
 from ..settings import count_from_env, seconds_from_env
@@ -271,6 +273,19 @@ def url_problem(url: str) -> str | None:
 def local_validator(stat: os.stat_result) -> str:
     """A local file's version, as RemoteFile.validator is a URL's: its mtime and size."""
     return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def local_version(source: str) -> str | None:
+    """The version of the local file `source` names; None for a URL, or a file that is gone
+    (its cached copy then stands). Kept in a cache marker: a file replaced at the same path
+    (new weights baked into an image, a cache on a volume that outlives it) is fetched again."""
+    if is_http(source) or source.startswith("hf://"):
+        return None
+    try:
+        stat = Path(source).expanduser().stat()
+    except (OSError, ValueError):
+        return None
+    return local_validator(stat) if S_ISREG(stat.st_mode) else None
 
 
 class _RedirectsWithinHttp(urllib.request.HTTPRedirectHandler):
