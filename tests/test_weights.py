@@ -634,6 +634,40 @@ def test_a_new_manifest_reverifies_in_place_without_downloading(
     assert not _markers(cache)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_reverified_entry_is_used_when_its_marker_cannot_be_updated(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """A new manifest on a full volume: the files passed, then the marker's write failed
+    setup with a bare OSError, the good weights unused."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    root = ensure_weights(VARIANT)
+    sent, marker = served.bytes_sent, (root / COMPLETE_MARKER).read_text()
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [url])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    full = files.temporary_name(root / COMPLETE_MARKER)
+    full.symlink_to("/dev/full")  # the marker's write fails with ENOSPC, as on a full disk
+    assert ensure_weights(VARIANT) == root
+    assert served.bytes_sent == sent
+    assert (root / COMPLETE_MARKER).read_text() == marker  # verified again next time
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_lock_whose_holder_note_cannot_be_written_does_not_stop_setup(
+    served, cache, tiny, monkeypatch
+):
+    """The note (which process holds the lock) is a hint for a waiting setup's log; on a full
+    volume writing it failed setup with a bare OSError before the disk-space check spoke."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    entry = f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f".{entry}.lock").symlink_to("/dev/full")
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
 def _default_entry(served, tmp_path: Path, monkeypatch) -> Path:
     """The built-in manifest's entry, fetched: its source is the served tar (the real one's
     is Replicate's)."""

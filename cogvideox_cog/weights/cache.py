@@ -9,6 +9,7 @@ first, so a reader never sees it half deleted.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -205,7 +206,14 @@ def reverified(
         log.warning(f"weights: {entry} no longer passes verification, replacing it: {error}")
         return None
     marker.update(marker_fields(verified, entry, manifest))
-    write_marker(entry, marker)
+    try:
+        write_marker(entry, marker)
+    except OSError as error:  # a full volume, say: the files passed, so they are used
+        log.warning(
+            f"weights: re-verified {entry}, but could not update its marker "
+            f"({error.strerror or error}): the next setup verifies it again"
+        )
+        return verified.root
     log.info(f"weights: re-verified {entry} in {time.monotonic() - started:.1f} s")
     return verified.root
 
@@ -532,8 +540,11 @@ def locked(path: Path) -> Iterator[None]:
         if writable:
             since = datetime.now(UTC)
             holder = f"pid {os.getpid()} on {socket.gethostname()} since {since:%H:%M:%S}"
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder.encode(), 0)
+            # Only a hint for a waiting setup's log: a full volume's ENOSPC is left to the
+            # disk-space check that follows, which says what to do.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
