@@ -361,6 +361,44 @@ def test_another_entrys_leftovers_are_kept_while_a_setup_holds_its_lock(served, 
     assert not leftovers[1].exists()  # another entry's, whose lock is free
 
 
+def _abandoned_download(served, cache, monkeypatch, age_s: float, journal_age_s: float) -> Path:
+    """A download of model.tar that broke part way, its staging folder last changed `age_s`
+    ago and its journal `journal_age_s` ago; then the source is changed to mirror.tar."""
+    tar = Path(served.directory) / "model.tar"
+    shutil.copy(tar, Path(served.directory) / "mirror.tar")
+    offset, length = _data_offset(tar, BIG)
+    served.truncate_after("model.tar", offset + length // 2)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    with pytest.raises(WeightsError, match="connection closed"):
+        ensure_weights(VARIANT)
+    staging = next(cache.glob(".*.staging"))
+    os.utime(staging / JOURNAL, (time.time() - journal_age_s,) * 2)
+    os.utime(staging, (time.time() - age_s,) * 2)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("mirror.tar"))
+    return staging
+
+
+def test_an_unfinished_download_of_another_source_a_day_old_is_removed(served, cache, monkeypatch):
+    """Its source changed after a download broke, the staging folder (up to a whole entry's
+    size) was kept for good, and on a volume with room for one copy the next source failed
+    on disk space."""
+    staging = _abandoned_download(
+        served, cache, monkeypatch, age_s=25 * 3600, journal_age_s=25 * 3600
+    )
+    ensure_weights(VARIANT)
+    assert not staging.exists()
+
+
+def test_an_unfinished_download_whose_journal_moved_within_a_day_is_kept(
+    served, cache, monkeypatch
+):
+    """The folder's own time moves only when a member is added at its top; the journal is
+    rewritten as the download goes."""
+    staging = _abandoned_download(served, cache, monkeypatch, age_s=25 * 3600, journal_age_s=3600)
+    ensure_weights(VARIANT)
+    assert staging.is_dir()
+
+
 def test_a_damaged_entry_is_replaced_even_beside_trash_left_under_this_pid(
     served, cache, tiny, monkeypatch
 ):

@@ -445,8 +445,9 @@ def _remove_abandoned(entry: Path) -> None:
     """The leftovers of the other entries beside `entry` that nothing has changed for
     LEFTOVER_MAX_AGE_S, removed under their own entry's lock, taken without waiting.
 
-    An entry that is never set up again (another variant now, another manifest) would keep
-    its leftovers for good, and trash can be a whole entry. Several machines may share the
+    An entry that is never set up again (another variant now, another manifest, another
+    URL after a download broke) would keep its leftovers for good, and trash or an
+    unfinished download can be a whole entry. Several machines may share the
     volume: a pid in a name says nothing about another machine's processes, while the lock
     is held by whoever works on that entry, on any machine whose locks the volume shares
     (as every setup of one entry already relies on). The age covers a volume whose locks
@@ -459,12 +460,11 @@ def _remove_abandoned(entry: Path) -> None:
         other = lock.name[1 : -len(".lock")]
         if other == entry.name:
             continue
+        found = _leftovers(entry.parent, other)
+        if (staging := entry.parent / f".{other}.staging").is_dir():
+            found.append(staging)  # a download left unfinished when its source was changed
         try:
-            stale = [
-                leftover
-                for leftover in _leftovers(entry.parent, other)
-                if leftover.stat().st_mtime < cutoff
-            ]
+            stale = [leftover for leftover in found if _last_change(leftover) < cutoff]
         except OSError:  # removed meanwhile by a setup of that entry
             continue
         if not stale:
@@ -474,7 +474,14 @@ def _remove_abandoned(entry: Path) -> None:
                 continue
             for leftover in stale:
                 shutil.rmtree(leftover, ignore_errors=True)
-                log.info(f"weights: removed {leftover.name}, left by a killed setup of {other}")
+                log.info(f"weights: removed {leftover.name}, left by a setup of {other}")
+
+
+def _last_change(folder: Path) -> float:
+    """When `folder` last changed: a download's journal is rewritten as it goes, while the
+    folder's own time moves only when an entry is added at its top."""
+    journal = folder / JOURNAL
+    return max(folder.stat().st_mtime, journal.stat().st_mtime if journal.exists() else 0.0)
 
 
 def entry_lock(entry: Path) -> AbstractContextManager[None]:
