@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 import threading
 import time
@@ -610,6 +611,25 @@ def test_a_url_with_its_scheme_in_capitals_passes_setup_and_is_downloaded(
     monkeypatch.setenv(enhance.WEIGHTS_ENV, url.replace("http://", "HTTP://", 1))
     config = config_from_env()
     assert (ensure_causal_lm(config.weights, enhance.WEIGHTS_ENV) / "config.json").is_file()
+
+
+def test_a_cached_model_that_fails_to_load_is_fetched_again_once(
+    llm_server, tmp_path, monkeypatch
+):
+    """Bit rot at the same size passes the size check: the video weights' cache healed it,
+    this one failed every setup until someone emptied it by hand."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "local")
+    monkeypatch.setenv(enhance.WEIGHTS_ENV, llm_server.url("llm.tar"))
+    root = ensure_causal_lm(llm_server.url("llm.tar"), enhance.WEIGHTS_ENV)
+    weights = next(root.glob("*.safetensors"))
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = re.sub(rb'"dtype":"\w+"', b'"dtype":"X32"', data[8 : 8 + length], count=1)
+    weights.write_bytes(data[:8] + header + data[8 + length :])  # same size, unreadable
+    fetches = len(llm_server.requests)
+    assert load_enhancer(config_from_env(), CPU, None) is not None
+    assert len(llm_server.requests) > fetches
 
 
 def test_a_read_only_cache_that_needs_the_model_says_so_as_for_the_video_weights(

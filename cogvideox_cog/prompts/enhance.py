@@ -25,7 +25,7 @@ from ..errors import ConfigError, EnhanceError
 from ..inputs import MAX_PROMPT_CHARS, is_blank
 from ..settings import seconds_from_env, setting
 from ..weights import download
-from ..weights.causal_lm import ensure_causal_lm, source_problem
+from ..weights.causal_lm import load_causal_lm, source_problem
 from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
 from .instruction import messages
 from .local import WEIGHTS_ENV, LocalRewriter
@@ -237,9 +237,12 @@ def load_enhancer(
     if config.endpoint is not None:
         log.info(f"setup: prompt enhancer {config.endpoint.name}")
         return PromptEnhancer(config.endpoint)
-    directory = ensure_causal_lm(config.weights, WEIGHTS_ENV)
-    rewriter = LocalRewriter.load(
-        directory, config.weights, device, video_peak_gib=video_peak_gib, timeout=config.timeout
+    rewriter = load_causal_lm(
+        config.weights,
+        WEIGHTS_ENV,
+        lambda directory: LocalRewriter.load(
+            directory, config.weights, device, video_peak_gib=video_peak_gib, timeout=config.timeout
+        ),
     )
     return PromptEnhancer(rewriter)
 

@@ -71,7 +71,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class _Resolved:
+class Resolved:
+    """Weights found or fetched for a load: where they are, and the cache entry they are in."""
+
     root: Path
     entry: Path | None = None  # the cache entry it is in (None: a local directory)
     source: str = ""
@@ -86,7 +88,16 @@ def ensure_weights(variant: Variant) -> Path:
 def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
     """load(ensure_weights(variant)), healing the cache: a marked entry that fails to load
     (bit rot or a bad copy that kept its sizes) is discarded and fetched again, once."""
-    resolved = _ensure(variant)
+    return load_healing(lambda: _ensure(variant), load, WEIGHTS_URL_ENV, f"not {variant.id}")
+
+
+def load_healing(
+    resolve: Callable[[], Resolved], load: Callable[[Path], T], setting: str, expected: str
+) -> T:
+    """load(resolve().root), and once more after a fresh fetch when a cached entry fails to
+    load for a reason its bytes may be (see _keep_if_not_the_files). setting: the env var
+    that names the source; expected: what a bad source may be instead ("not cogvideox-5b")."""
+    resolved = resolve()
     try:
         return load(resolved.root)
     except MemoryError:
@@ -99,14 +110,14 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
         if resolved.marker is None:  # fetched just now: the source itself is bad
             raise WeightsError(
                 f"the weights just downloaded from {download.shown(resolved.source)} failed to "
-                f"load: {error!r}. They were discarded. Check the source, or set "
-                f"{WEIGHTS_URL_ENV} to another copy."
+                f"load: {error!r}. They were discarded. Check the source, or set {setting} to "
+                f"another copy."
             ) from error
         log.warning(
             f"weights: {resolved.entry} passed its cache checks but failed to load "
             f"({error!r}): discarded, fetching it again"
         )
-    resolved = _ensure(variant)
+    resolved = resolve()
     try:
         return load(resolved.root)
     except MemoryError:
@@ -117,11 +128,11 @@ def load_weights(variant: Variant, load: Callable[[Path], T]) -> T:
         raise WeightsError(
             f"the weights from {download.shown(resolved.source)} failed to load again after a "
             f"fresh download: {error!r}. They were discarded. The source itself is bad or is "
-            f"not {variant.id}: check it, or set {WEIGHTS_URL_ENV} to another copy."
+            f"{expected}: check it, or set {setting} to another copy."
         ) from error
 
 
-def _keep_if_not_the_files(resolved: _Resolved, error: Exception) -> None:
+def _keep_if_not_the_files(resolved: Resolved, error: Exception) -> None:
     """Raise, keeping the entry, when the load failed for a reason other than its bytes.
 
     Discarding a 20 GB entry that is fine costs a download, and on a volume seeded for an
@@ -141,8 +152,8 @@ def _keep_if_not_the_files(resolved: _Resolved, error: Exception) -> None:
         return
     raise WeightsError(
         f"the weights in {resolved.entry} failed to load: {error!r}. They were kept: {why}. "
-        f"Check the installed packages, and that the weights are a diffusers pipeline this "
-        f"version of diffusers reads."
+        f"Check the installed packages, and that the weights are a model the installed "
+        f"diffusers and transformers read."
     ) from error
 
 
@@ -157,7 +168,7 @@ def _out_of_memory(error: Exception) -> bool:
     )
 
 
-def _discard_unchanged(resolved: _Resolved) -> None:
+def _discard_unchanged(resolved: Resolved) -> None:
     """Discard the entry that failed to load, unless another setup replaced it meanwhile."""
     assert resolved.entry is not None
     with cache.entry_lock(resolved.entry):
@@ -180,7 +191,7 @@ def check_settings(variant: Variant) -> Manifest:
     return load_manifest(variant.id)
 
 
-def _ensure(variant: Variant) -> _Resolved:
+def _ensure(variant: Variant) -> Resolved:
     manifest = check_settings(variant)
     url = setting(WEIGHTS_URL_ENV)
     if url and manifest.origin == "built-in":
@@ -202,7 +213,7 @@ def _ensure(variant: Variant) -> _Resolved:
         # the weights on each start, which the operator asked for).
         hashed = check == "sha256"
         verified = verify(local, manifest, sources[0], hash_missing=hashed, in_place=True)
-        return _Resolved(verified.root)
+        return Resolved(verified.root)
 
     cache_root = weights_root()
     # The cache knows a source by its identity: a presigned URL renewed is the same file.
@@ -212,7 +223,7 @@ def _ensure(variant: Variant) -> _Resolved:
     root = cache.published(entry, keys, manifest, check, hashed)
     if root is not None:
         log.info(f"weights: using cached {root}")
-        return _cached(root, entry)
+        return from_cache(root, entry)
     if not writable(cache_root):
         cache.published(entry, keys, manifest, check, hashed, explain=True)  # logs why
         raise not_writable(cache_root, "the weights", explained=True)
@@ -221,19 +232,19 @@ def _ensure(variant: Variant) -> _Resolved:
         root = cache.published(entry, keys, manifest, check, hashed, explain=True)
         if root is not None:
             log.info(f"weights: using {root}, completed by another process while we waited")
-            return _cached(root, entry)
+            return from_cache(root, entry)
         root = cache.reverified(entry, keys, manifest, check)
         if root is not None:
-            return _cached(root, entry)
+            return from_cache(root, entry)
         cache.discard(entry)
         cache.remove_leftovers(entry)
         root = cache.adopted(entry, variant.id, keys, manifest)
         if root is not None:
-            return _cached(root, entry)
+            return from_cache(root, entry)
         errors = []
         for number, source in enumerate(sources, 1):
             try:
-                return _Resolved(_fetch(variant, source, entry, manifest, check), entry, source)
+                return Resolved(_fetch(variant, source, entry, manifest, check), entry, source)
             except WeightsError as error:
                 errors.append(error)
                 if number < len(sources):
@@ -272,10 +283,11 @@ def content_check() -> str:
     return value
 
 
-def _cached(root: Path, entry: Path) -> _Resolved:
+def from_cache(root: Path, entry: Path) -> Resolved:
+    """A published entry, with its marker as it was when found (see _discard_unchanged)."""
     marker = cache.read_marker(entry) or {}
     text = (entry / COMPLETE_MARKER).read_text()
-    return _Resolved(root, entry, marker.get("source", ""), text)
+    return Resolved(root, entry, marker.get("source", ""), text)
 
 
 def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check: str) -> Path:

@@ -12,16 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
 
 from ..errors import BadSource, WeightsError
 from . import (
+    Resolved,
+    T,
     cache,
     content_check,
     download,
     fetch_hub,
     fetch_tar,
+    from_cache,
+    load_healing,
     not_writable,
     weights_root,
     writable,
@@ -62,9 +67,19 @@ def source_problem(source: str) -> str | None:
 def ensure_causal_lm(source: str, setting: str) -> Path:
     """A directory holding the checkpoint at `source` (named by the env var `setting` in
     errors), downloaded into the weights cache and verified if it is not there yet."""
+    return _resolve(source, setting).root
+
+
+def load_causal_lm(source: str, setting: str, load: Callable[[Path], T]) -> T:
+    """load(ensure_causal_lm(...)), healing the cache as the video weights' is: a cached
+    checkpoint that fails to load is discarded and fetched again, once."""
+    return load_healing(lambda: _resolve(source, setting), load, setting, "not a causal LM")
+
+
+def _resolve(source: str, setting: str) -> Resolved:
     local = Path(source).expanduser()
     if local.is_dir():
-        return verify_causal_lm(local, source).root
+        return Resolved(verify_causal_lm(local, source).root)
     if problem := source_problem(source):
         raise WeightsError(f"{setting}={download.shown(source)!r} {problem}.")
     manifest = Manifest(variant="prompt-enhancer")  # nothing known beyond the layout
@@ -75,7 +90,7 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
     root = cache.published(entry, [key], manifest, check)
     if root is not None:
         log.info(f"prompt enhancer: using cached {root}")
-        return root
+        return from_cache(root, entry)
     if not writable(root_dir):
         cache.published(entry, [key], manifest, check, explain=True)  # logs why
         raise not_writable(root_dir, "the prompt enhancer's model", explained=True)
@@ -83,10 +98,10 @@ def ensure_causal_lm(source: str, setting: str) -> Path:
     with cache.entry_lock(entry):
         root = cache.published(entry, [key], manifest, check, explain=True)
         if root is not None:
-            return root
+            return from_cache(root, entry)
         cache.discard(entry)
         cache.remove_leftovers(entry)
-        return _fetch(source, entry, manifest, check, setting)
+        return Resolved(_fetch(source, entry, manifest, check, setting), entry, source)
 
 
 def _fetch(source: str, entry: Path, manifest: Manifest, check: str, setting: str) -> Path:
