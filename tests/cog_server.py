@@ -225,16 +225,34 @@ class CogServer:
         self.args = list(args or [])
         self.launcher = list(launcher or [])
         self.command = command
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
         self.env = {"LOG_FORMAT": "console", "NO_COLOR": "1", **os.environ, **(env or {})}
         self.env["PATH"] = os.pathsep.join([str(Path(python).parent), self.env.get("PATH", "")])
-        self.env.update(COG_PREDICT_TYPE_STUB=predictor, PORT=str(self.port))
+        self.env.update(COG_PREDICT_TYPE_STUB=predictor)
+        self.port_given = port is not None
+        self._listen_on(port or free_port())
         self.proc: subprocess.Popen | None = None
 
+    def _listen_on(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env["PORT"] = str(port)
+
     def start(self, timeout: float = 600) -> CogServer:
-        """Start the server and wait for READY; raise CogServerError with the log tail if not."""
+        """Start the server and wait for READY; raise CogServerError with the log tail if not.
+        A port picked here that another process took meanwhile (free_port() lets it go before
+        the server binds it) is picked again."""
+        for _ in range(4):
+            try:
+                return self._start(timeout)
+            except CogServerError as error:
+                taken = "Address already in use" in str(error)
+                if not taken or self.port_given or self.command is not None:
+                    raise
+            self._listen_on(free_port())
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> CogServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.command or [
             *[self.python, "-m", "cog.server.http", "--host", "127.0.0.1", *self.args]
