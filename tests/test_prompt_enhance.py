@@ -613,9 +613,7 @@ def test_a_url_with_its_scheme_in_capitals_passes_setup_and_is_downloaded(
     assert (ensure_causal_lm(config.weights, enhance.WEIGHTS_ENV) / "config.json").is_file()
 
 
-def test_a_cached_model_that_fails_to_load_is_fetched_again_once(
-    llm_server, tmp_path, monkeypatch
-):
+def test_a_cached_model_that_fails_to_load_is_fetched_again_once(llm_server, tmp_path, monkeypatch):
     """Bit rot at the same size passes the size check: the video weights' cache healed it,
     this one failed every setup until someone emptied it by hand."""
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
