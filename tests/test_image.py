@@ -166,10 +166,34 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding():
         open_image(io.BytesIO(_with_scans(jpeg.getvalue(), 100)))
 
 
+def test_a_motion_photo_whose_video_holds_scan_markers_is_read():
+    """Phones append the video to the picture (Samsung's and Google's motion photos); its
+    compressed bytes hold a scan's marker about every 64 KiB, and counting every one refused
+    a one-scan photo with a video of over 6 MB as a scan bomb."""
+    jpeg = _encode(Image.new("RGB", (64, 64), (200, 100, 50)), "JPEG").getvalue()
+    video = b"".join(b"\xff\xda" + bytes(range(i % 7, 200, 3)) for i in range(150))
+    photo = jpeg + b"MotionPhoto_Data" + video
+    _assert_close(open_image(io.BytesIO(photo)).getpixel((8, 8)), (200, 100, 50))
+
+
 def test_a_progressive_jpeg_as_encoders_write_it_is_read():
     jpeg = _encode(Image.new("RGB", (64, 64), (200, 100, 50)), "JPEG", progressive=True)
     assert 5 < jpeg.getvalue().count(b"\xff\xda") < 100
     _assert_close(open_image(jpeg).getpixel((8, 8)), (200, 100, 50))
+
+
+def test_a_grey_tiff_with_premultiplied_alpha_is_put_on_white():
+    """Pillow opens a grey TIFF whose alpha is associated (premultiplied) in mode "La", which
+    it cannot convert to RGB: the picture was refused as damaged."""
+    grey = Image.new("LA", (8, 8), (100, 0))
+    grey.putpixel((0, 0), (50, 255))
+    data = _encode(grey, "TIFF").getvalue()
+    unassociated = b"\x52\x01\x03\x00\x01\x00\x00\x00\x02\x00"  # ExtraSamples = 2
+    data = data.replace(unassociated, unassociated[:8] + b"\x01\x00")
+    assert Image.open(io.BytesIO(data)).mode == "La"
+    image = open_image(io.BytesIO(data))
+    assert image.getpixel((0, 0)) == (50, 50, 50)
+    assert image.getpixel((4, 4)) == (255, 255, 255)
 
 
 def test_a_16_bit_tiff_whose_zero_is_white_is_read_as_a_positive():

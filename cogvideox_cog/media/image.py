@@ -48,7 +48,8 @@ _PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 # scans of a 64 MP picture (a 1.4 MB file) took 80 s in one C call a cancel cannot stop.
 # Encoders write about 10 (libjpeg's progression; mozjpeg's about 20), an EXIF thumbnail its own.
 MAX_JPEG_SCANS = 100
-_SOS = b"\xff\xda"  # a scan's start; in coded data 0xFF is followed by 0x00 or a restart
+_SOI, _SOS, _EOI = b"\xff\xd8", 0xDA, 0xD9  # a JPEG's start; the markers of a scan and its end
+_STANDALONE = frozenset({0x00, 0x01, 0xD8, *range(0xD0, 0xD8)})  # markers without a length
 
 
 def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
@@ -101,6 +102,8 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             upright = _to_8_bits(upright) if key is None else _key_as_alpha(upright, key)
             if inverted:
                 upright = ImageOps.invert(upright)
+            if upright.mode in _PREMULTIPLIED:  # a TIFF's associated alpha: grey in "La"
+                upright = upright.convert(_PREMULTIPLIED[upright.mode])
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 grey = upright.mode in ("L", "LA")
                 rgba = upright.convert("RGBA")  # also applies a PNG's tRNS colour key
@@ -119,6 +122,10 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
         except RuntimeError as error:  # pillow-heif's, for a HEIF in a codec its libheif lacks
             raise InputError(f"image could not be decoded ({error}); send a {_FORMATS}.") from error
 
+
+# Pillow's modes of colours premultiplied by their alpha, and how to read them with it apart
+# (convert("RGB") of "La" fails).
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
 
 # How to undo each EXIF orientation, as ImageOps.exif_transpose does.
 _ORIENTATIONS = {
@@ -274,14 +281,50 @@ def _check_jpeg_scans(source) -> None:
 
 
 def more_jpeg_scans_than_allowed(data) -> bool:
-    """Whether JPEG `data` (bytes, or a file's mmap) holds over MAX_JPEG_SCANS scans."""
-    count, at = 0, data.find(_SOS)
-    while at != -1:
-        count += 1
-        if count > MAX_JPEG_SCANS:
-            return True
-        at = data.find(_SOS, at + 2)
+    """Whether JPEG `data` (bytes, or a file's mmap) holds over MAX_JPEG_SCANS scans.
+
+    The markers are walked, as a decoder reads them, up to the end of the picture: what
+    follows it (the video of a phone's motion photo) and what metadata segments hold are never
+    decoded, and compressed data there holds the bytes of a scan's marker about every 64 KiB.
+    Written here because Pillow stops reading markers at the first scan.
+    """
+    at, size, count = data.find(_SOI), len(data), 0
+    if at == -1:
+        return False
+    at += 2
+    while at + 4 <= size:
+        if data[at] != 0xFF:  # stray bytes between segments, skipped as decoders do
+            at = data.find(b"\xff", at)
+            if at == -1:
+                return False
+            continue
+        if data[at + 1] == 0xFF:  # fill before a marker
+            at += 1
+            continue
+        marker = data[at + 1]
+        if marker == _EOI:
+            return False
+        if marker in _STANDALONE:
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == _SOS:
+            count += 1
+            if count > MAX_JPEG_SCANS:
+                return True
+            at = _after_coded_data(data, at)
     return False
+
+
+def _after_coded_data(data, at: int) -> int:
+    """Where a scan's coded data ends: the first 0xFF followed by neither 0x00 (a 0xFF byte
+    of data) nor a restart marker."""
+    while (at := data.find(b"\xff", at)) != -1 and at + 1 < len(data):
+        follower = data[at + 1]
+        if follower != 0x00 and not 0xD0 <= follower <= 0xD7:
+            return at
+        at += 2
+    return len(data)
 
 
 def _16_bit_white_is_zero(image: Image.Image) -> bool:
