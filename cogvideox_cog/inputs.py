@@ -75,9 +75,17 @@ def check_prompt(prompt: str, *, required: bool) -> str:
     return prompt
 
 
+# Letters and symbols drawn as nothing: the Hangul fillers and the blank Braille pattern.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def is_blank(text: str) -> bool:
-    """Nothing a reader would see: spaces, and invisible characters such as U+200B."""
-    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+    """Nothing a reader would see: spaces, invisible characters such as U+200B, marks with
+    nothing to mark (a variation selector, U+034F), and the blank glyphs above."""
+    return all(
+        c.isspace() or c in _BLANK_GLYPHS or unicodedata.category(c) in ("Cc", "Cf", "Mn")
+        for c in text
+    )
 
 
 def check_text_length(name: str, text: str) -> str:

@@ -70,8 +70,17 @@ def test_blank_prompt_is_refused_for_text_to_video(blank):
         inputs.check_prompt(blank, required=True)
 
 
-def test_a_prompt_of_any_visible_script_is_not_blank():
-    assert inputs.check_prompt("\u732b", required=True) == "\u732b"
+@pytest.mark.parametrize("blank", ["\u3164", "\u2800\u2800", "\ufe0f", "\u115f\u1160", "\uffa0"])
+def test_a_prompt_of_blank_glyphs_or_lone_marks_is_refused_too(blank):
+    """Hangul fillers and the blank Braille pattern are letters and symbols drawn as nothing,
+    and a variation selector marks nothing on its own: each rendered a video of no prompt."""
+    with pytest.raises(InputError, match="prompt is empty"):
+        inputs.check_prompt(blank, required=True)
+
+
+@pytest.mark.parametrize("prompt", ["\u732b", "e\u0301", "\u2764\ufe0f", "\ud55c\uae00"])
+def test_a_prompt_of_any_visible_script_is_not_blank(prompt):
+    assert inputs.check_prompt(prompt, required=True) == prompt
 
 
 def test_blank_prompt_is_allowed_for_image_to_video():
