@@ -139,21 +139,22 @@ def _keep_if_not_the_files(resolved: Resolved, error: Exception) -> None:
     offline machine the weights themselves, for an error a new copy cannot fix.
     """
     assert resolved.entry is not None
+    advice = (
+        "Check the installed packages, and that the weights are a model the installed "
+        "diffusers and transformers read."
+    )
     if isinstance(error, ImportError):
         why = "an ImportError is about the installed packages, not the weights"
     elif _out_of_memory(error):
-        why = (
-            "running out of memory is about the machine, not the weights; give it more RAM or "
-            "stop what else holds it"
-        )
+        why = "running out of memory is about the machine, not the weights"
+        advice = "Give the machine more memory, or stop what else holds it."
     elif resolved.marker is not None and cache.intact(resolved.entry):
         why = "every file still has the sha256 recorded when it was downloaded"
     else:
         return
     raise WeightsError(
         f"the weights in {resolved.entry} failed to load: {error!r}. They were kept: {why}. "
-        f"Check the installed packages, and that the weights are a model the installed "
-        f"diffusers and transformers read."
+        f"{advice}"
     ) from error
 
 
