@@ -317,7 +317,7 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
     marker = {"format": cache.MARKER_FORMAT, "variant": variant.id}
     marker["source"] = download.identity(source)  # never a presigned URL's signature
     if version is not None:
-        marker["local_version"] = version
+        marker["validator"] = version
     marker.update(cache.marker_fields(verified, staging, manifest))
     marker["seconds"] = {k: round(v, 3) for k, v in phases.items()}
     cache.publish(staging, entry, marker)

@@ -114,7 +114,7 @@ def published(
 def replaced(marker: dict) -> bool:
     """Whether the local file the entry came from is another file now (see local_version);
     an entry whose marker recorded no version (an older one) is taken as it is."""
-    recorded = marker.get("local_version")
+    recorded = marker.get("validator")
     current = download.local_version(str(marker.get("source")))
     return recorded is not None and current is not None and current != recorded
 
@@ -272,8 +272,8 @@ def _adopt(other: Path, marker: dict, entry: Path, manifest: Manifest) -> Path |
                     f"{rel} has no sha256 to hold it to, neither recorded nor in the manifest"
                 )
         new = {"format": MARKER_FORMAT, "variant": marker["variant"], "source": marker["source"]}
-        if "local_version" in marker:
-            new["local_version"] = marker["local_version"]
+        if "validator" in marker:
+            new["validator"] = marker["validator"]
         new.update(marker_fields(verified, staging, manifest))
         new["adopted_from"] = other.name
         new["seconds"] = {"adopt": round(time.monotonic() - started, 3)}

@@ -126,7 +126,7 @@ def _fetch(source: str, entry: Path, manifest: Manifest, check: str, setting: st
     key = download.identity(source)  # never a presigned URL's signature
     marker = {"format": cache.MARKER_FORMAT, "variant": entry.name, "source": key}
     if version is not None:
-        marker["local_version"] = version
+        marker["validator"] = version
     marker.update(cache.marker_fields(verified, staging, manifest))
     cache.publish(staging, entry, marker)
     log.info(
