@@ -75,6 +75,12 @@ _STICKY_CUDA_ERRORS = (
 
 
 def loses_the_device(error: BaseException) -> bool:
-    """Whether `error` is one of CUDA's sticky errors (out of memory is not)."""
+    """Whether `error` is one of CUDA's sticky errors (out of memory is not). Only the error
+    torch raises for a failed CUDA call is read: any other's text may quote what a user sent
+    (a lora_url, an endpoint's reply), and one request must not take the server down."""
+    import torch  # here: the package's errors are imported where torch is not needed
+
+    if not isinstance(error, torch.AcceleratorError):
+        return False
     text = str(error)
     return "CUDA error" in text and any(sticky in text for sticky in _STICKY_CUDA_ERRORS)

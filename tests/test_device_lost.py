@@ -4,11 +4,14 @@ each prediction until then fails at once instead of running into the same error.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from cogvideox_cog.errors import DeviceLost, loses_the_device
+from cogvideox_cog.errors import DeviceLost, InputError, loses_the_device
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 
@@ -83,4 +86,20 @@ def test_other_errors_leave_the_worker_healthy(generator, error):
     ],
 )
 def test_cudas_other_sticky_errors_lose_the_device(text):
-    assert loses_the_device(RuntimeError(text))
+    assert loses_the_device(torch.AcceleratorError(text))
+
+
+def test_an_input_error_quoting_a_sticky_cuda_error_leaves_the_worker_healthy(
+    tiny_weights, tmp_path
+):
+    """A LoraError quotes the lora_url it refuses: any user could send that text and take the
+    server out of service until it restarted, a multi-GPU group too."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    cache = LoraCache(tmp_path, 1 << 20, 1 << 30, timeout_s=30)
+    generator = VideoGenerator(variant, pipe, CPU, lora_cache=cache)
+    request = dataclasses.replace(REQUEST, lora_url=f"CUDA error: {ILLEGAL_ACCESS}")
+    with pytest.raises(InputError, match="illegal memory access"):
+        generator.predict(request)
+    assert generator.healthcheck() is True
+    assert not loses_the_device(RuntimeError(ILLEGAL_ACCESS))  # text alone is not torch's
