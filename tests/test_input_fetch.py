@@ -51,6 +51,22 @@ def test_a_url_that_keeps_failing_fails_after_one_retry(files, where):
     assert time.monotonic() - started < 5
 
 
+def test_a_users_download_is_not_logged_as_the_weights(tmp_path, caplog):
+    """A prediction's log is the user's: its image's retries and its server without ranges
+    were told as the model weights'."""
+    (tmp_path / "photo.png").write_bytes(DATA)
+    server = FileServer(tmp_path, ranges=False)
+    server.drop_at("photo.png", len(DATA) // 2)
+    caplog.set_level("INFO", logger="cogvideox_cog")
+    try:
+        with fetched("image", server.url("photo.png"), "picture") as path:
+            assert path.read_bytes() == DATA
+    finally:
+        server.stop()
+    assert "does not support Range requests" in caplog.text and "retry 1/1" in caplog.text
+    assert "weights:" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [

@@ -381,7 +381,8 @@ class _Retries:
             raise WeightsError(message(f"{text}{tries}")) from error
         delay = _backoff(self.failures, asked)
         log.warning(
-            f"weights: {where}: {text}; retry {self.failures}/{self.budget} in {delay:.1f} s" + note
+            f"download: {where}: {text}; retry {self.failures}/{self.budget} in {delay:.1f} s"
+            + note
         )
         self.wait(delay)
 
@@ -419,7 +420,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
-            log.info(f"weights: {self.what}: {self.line()}")
+            log.info(f"download: {self.what}: {self.line()}")
 
     @property
     def seconds(self) -> float:
@@ -773,7 +774,7 @@ def open_url(
     if remote.ranges:
         return RangedStream(remote, start, what, hint, retries)
     log.warning(
-        f"weights: {remote.shown} does not support Range requests: one connection, no resume"
+        f"download: {remote.shown} does not support Range requests: one connection, no resume"
     )
 
     def opener(position: int):
