@@ -196,6 +196,33 @@ def test_a_grey_tiff_with_premultiplied_alpha_is_put_on_white():
     assert image.getpixel((4, 4)) == (255, 255, 255)
 
 
+def _16_bit_grey_alpha_tiff(width: int = 8, height: int = 8) -> bytes:
+    """A little-endian, uncompressed TIFF of 16-bit grey and alpha, which Pillow cannot read
+    (and does not write): header, one IFD of 10 entries, then the pixels."""
+    pixels_at = 8 + 2 + 10 * 12 + 4
+    entries = [  # (tag, type: 3 SHORT or 4 LONG, count, value or two SHORTs)
+        (256, 3, 1, width),
+        (257, 3, 1, height),
+        (258, 3, 2, 16 | 16 << 16),  # BitsPerSample 16, 16
+        (259, 3, 1, 1),  # no compression
+        (262, 3, 1, 1),  # BlackIsZero
+        (273, 4, 1, pixels_at),
+        (277, 3, 1, 2),  # SamplesPerPixel
+        (278, 3, 1, height),
+        (279, 4, 1, width * height * 4),
+        (338, 3, 1, 2),  # ExtraSamples: unassociated alpha
+    ]
+    ifd = struct.pack("<H", len(entries))
+    ifd += b"".join(struct.pack("<HHII", *entry) for entry in entries) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + bytes(width * height * 4)
+
+
+def test_a_tiff_of_a_layout_the_reader_lacks_is_refused_saying_so():
+    """It was told to send one of the formats, TIFF among them."""
+    with pytest.raises(InputError, match=r"a TIFF of a layout that cannot be read.*RGB TIFF"):
+        open_image(io.BytesIO(_16_bit_grey_alpha_tiff()))
+
+
 def test_a_16_bit_tiff_whose_zero_is_white_is_read_as_a_positive():
     """Pillow inverts an 8-bit WhiteIsZero TIFF as it reads it, not a 16-bit one."""
     grey = Image.fromarray(np.full((8, 8), 16384, np.uint16))  # a quarter of the way to black

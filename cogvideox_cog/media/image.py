@@ -52,6 +52,22 @@ _SOI, _SOS, _EOI = b"\xff\xd8", 0xDA, 0xD9  # a JPEG's start; the markers of a s
 _STANDALONE = frozenset({0x00, 0x01, 0xD8, *range(0xD0, 0xD8)})  # markers without a length
 
 
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")  # little- and big-endian
+
+
+def _starts_with(source, signatures: tuple[bytes, ...]) -> bool:
+    """source: a path, or a file object open_image was given (put back where it was)."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as file:
+            head = file.read(4)
+    else:
+        position = source.tell()
+        source.seek(0)
+        head = source.read(4)
+        source.seek(position)
+    return head.startswith(signatures)
+
+
 def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
     """Open any common image format upright and on white where it was transparent.
 
@@ -67,6 +83,12 @@ def open_image(path: Path | str, convert_colour: bool = False) -> Image.Image:
             f"image {str(path)[:100]!r} is not an http(s) URL or a data: URI of a picture."
         ) from error
     except UnidentifiedImageError as error:
+        if _starts_with(path, _TIFF_SIGNATURES):
+            raise InputError(
+                "image is a TIFF of a layout that cannot be read (such as 16-bit grey with "
+                "alpha, floating-point colour, or CMYK with alpha); save it as an 8- or 16-bit "
+                "RGB TIFF, or send a PNG."
+            ) from error
         raise InputError(f"image could not be read as a picture; send a {_FORMATS}.") from error
     except Image.DecompressionBombError as error:
         raise InputError(
