@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import re
 import signal
 import socket
@@ -100,7 +101,7 @@ def _group_answering(
         theirs.close()
         ranks._processes.append(process)
         ranks._conns.append(ours)
-    ranks._inbox = group._Inbox(ranks._processes, ranks._conns, ranks._rank_ended)
+    ranks._inbox = group._Inbox(ranks._processes, ranks._conns, ranks._rank_ended, ranks._failed)
     ranks._outbox = group._Outbox()
     try:
         yield ranks
@@ -255,6 +256,40 @@ def test_a_rank_killed_during_a_prediction_fails_it_at_once_naming_the_kill(monk
         killed = "rank 1 was killed by SIGKILL during a prediction"
         with pytest.raises(RankGroupError, match=killed):
             ranks.predict(REQUEST)
+
+
+def test_a_rank_killed_by_a_signal_without_a_name_fails_the_group_at_once():
+    """Python names only the first and last real-time signals: describing signal 35 raised
+    in the thread that reads the ranks, which ended, and the next prediction waited forever
+    while the health check passed."""
+    with _group_answering([(None, Done(0, None)), (None, Done(1, None))]) as ranks:
+        os.kill(ranks._processes[1].pid, 35)
+        deadline = time.monotonic() + 10
+        while ranks.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RankGroupError, match="rank 1 was killed by signal 35"):
+            ranks.healthcheck()
+        with pytest.raises(RankGroupError, match="rank 1 was killed by signal 35"):
+            ranks.predict(REQUEST)
+
+
+class _Unreadable:
+    """Sent by a rank, it fails to unpickle in the parent."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+def _refuse_to_unpickle():
+    raise ValueError("this message cannot be read")
+
+
+def test_a_message_that_cannot_be_read_fails_the_prediction_instead_of_hanging_it():
+    with _group_answering([(0.0, _Unreadable()), (30.0, Done(1, None))]) as ranks:
+        with pytest.raises(RankGroupError, match="the thread reading the ranks failed"):
+            ranks.predict(REQUEST)
+        with pytest.raises(RankGroupError, match="cannot be read"):
+            ranks.healthcheck()
 
 
 def test_a_rank_whose_gpu_failed_for_good_stops_the_group_and_fails_the_health_check():
@@ -529,7 +564,8 @@ def test_rank_0_done_without_a_video_is_an_error_not_an_output():
 
 
 @pytest.mark.parametrize(
-    ("exitcode", "said"), [(0, "exited with code 0"), (-9, "was killed by SIGKILL")]
+    ("exitcode", "said"),
+    [(0, "exited with code 0"), (-9, "was killed by SIGKILL"), (-35, "was killed by signal 35")],
 )
 def test_a_rank_that_ended_is_described_by_its_exit_code_or_signal(exitcode, said):
     assert group._exit_text(RankExited(1, exitcode)) == said

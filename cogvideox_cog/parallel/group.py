@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class RankGroup:
             self._processes.append(process)
             self._conns.append(ours)
         atexit.register(self.close)
-        self._inbox = _Inbox(self._processes, self._conns, self._rank_ended)
+        self._inbox = _Inbox(self._processes, self._conns, self._rank_ended, self._failed)
         self._outbox = _Outbox()
         # The command being answered, until its answers are all in: see _finish_unsettled.
         self._unsettled: tuple[_Handout, dict[int, Outcome], int | None] | None = None
@@ -129,6 +129,8 @@ class RankGroup:
                 self._break(f"rank {message.rank} failed in setup: {message.error}")
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during setup")
+            elif isinstance(message, _InboxFailed):
+                self._break(message.failure)
             self._inbox.done()
 
     def check(self, request: Request) -> None:
@@ -259,6 +261,8 @@ class RankGroup:
                 self._progressed = time.monotonic()
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
+            elif isinstance(message, _InboxFailed):
+                self._break(message.failure)
             elif isinstance(message, Done | Canceled | Failed):
                 outcomes[message.rank] = message
                 if isinstance(message, Failed) and deadline is None and len(outcomes) < answering:
@@ -287,8 +291,11 @@ class RankGroup:
     def _rank_ended(self, exited: RankExited) -> None:
         """From the inbox's thread, whenever a rank process ends: idle or busy, the group
         cannot serve without it."""
+        self._failed(f"rank {exited.rank} {_exit_text(exited)}")
+
+    def _failed(self, failure: str) -> None:
         if self.failure is None and not self._closing:
-            self.failure = f"rank {exited.rank} {_exit_text(exited)}"
+            self.failure = failure
 
     def _break(self, failure: str) -> None:
         """The group cannot serve any more: stop every rank and say why."""
@@ -394,8 +401,19 @@ def _error(failed: Failed) -> Exception:
 def _exit_text(exited: RankExited) -> str:
     code = exited.exitcode
     if code is not None and code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # the real-time signals but the first and last have no name
+            name = f"signal {-code}"
+        return f"was killed by {name}"
     return f"exited with code {code}"
+
+
+@dataclass(frozen=True)
+class _InboxFailed:
+    """The inbox's thread failed: nothing more will be read from the ranks."""
+
+    failure: str
 
 
 class _Handout:
@@ -485,8 +503,9 @@ class _Inbox:
         processes: list[multiprocessing.Process],
         conns: list[Connection],
         on_exit: Callable[[RankExited], None],
+        on_failure: Callable[[str], None],
     ):
-        self._on_exit = on_exit
+        self._on_exit, self._on_failure = on_exit, on_failure
         self._items: collections.deque = collections.deque()
         self._arrived = threading.Event()
         self._processes, self._conns = processes, conns
@@ -500,6 +519,18 @@ class _Inbox:
         self._thread.start()
 
     def _read(self) -> None:
+        """Everything the ranks send, and their ends, until closed. Should it fail, the group
+        is told and a waiting prediction woken: otherwise it would wait forever, and the
+        health check pass."""
+        try:
+            self._read_until_closed()
+        except Exception as error:
+            failure = f"the thread reading the ranks failed ({error!r})"
+            log.exception(failure)
+            self._on_failure(failure)
+            self._put(_InboxFailed(failure))
+
+    def _read_until_closed(self) -> None:
         while self._watched and not self._closed:
             for source in wait(list(self._watched), timeout=0.5):
                 if source not in self._watched:  # a pipe already drained below
