@@ -203,6 +203,7 @@ class VideoGenerator:
         # After each post-processed frame or pair: rank 0's own cancel check (no other rank
         # takes part in post-processing, so none is agreed with).
         self.on_postprocess_progress: Callable[[], None] | None = None
+        self.on_inputs_read: Callable[[], None] | None = None  # after the image or clip
         self.record_metric: Callable[[str, float], None] = _record_cog_metric
 
     @classmethod
@@ -462,6 +463,8 @@ class VideoGenerator:
         call (on the user's key, where given), which a LoRA that cannot be used (for another
         model, a URL that fails) would have spent for nothing."""
         plan = self._conditioned(request)
+        if self.on_inputs_read is not None:
+            self.on_inputs_read()
         # The LoRA, fetched (or found in the cache) and checked before it touches the model.
         lora = self.lora_cache.get(plan.lora_url) if plan.lora_url else None
         if lora is not None and self.engine is not None:

@@ -33,6 +33,8 @@ from cogvideox_cog.parallel.protocol import (
     LogLine,
     Progress,
     RankExited,
+    Read,
+    Reading,
     StepEnded,
 )
 from cogvideox_cog.parallel.ranks import (
@@ -89,7 +91,7 @@ def _group_answering(
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
     ranks._cancel = context.Event()
     ranks._processes, ranks._conns = [], []
-    ranks._steps, ranks._progressed = group._StepClock(), None
+    ranks._steps, ranks._progressed, ranks._reading = group._StepClock(), None, set()
     ranks._unsettled = None
     for rank, (delay, answer) in enumerate(answers):
         ours, theirs = context.Pipe()
@@ -186,6 +188,30 @@ def test_ranks_left_waiting_by_a_rank_that_failed_alone_are_reported_with_its_er
     said = "after rank 0 failed (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"
     assert said in str(stopped.value) and said in ranks.failure
     assert str(stopped.value).startswith("ranks [1] did not finish within")
+
+
+def test_a_rank_still_reading_a_long_clip_after_another_refused_it_is_waited_for(monkeypatch):
+    """Rank 1 refused the clip (too short) while rank 0 was still decoding it, which the decode
+    limits let take longer than the failure's grace: rank 0 was taken for stuck and the group
+    stopped, for an input every rank refuses alike."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    short = InputError("video is too short")
+    answers = [(3 * BOUND_S, Failed(0, short)), (0.0, Failed(1, short))]
+    outcomes = {}
+    with _group_answering(answers, rank_0_first=(Reading(0),)) as ranks:
+        ranks._outcomes(outcomes)
+    assert set(outcomes) == {0, 1} and ranks.failure is None
+
+
+def test_a_rank_past_its_inputs_is_held_to_the_failures_grace(monkeypatch):
+    """Once it has read them it meets the others in collectives, where it can be stuck."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    answers = [(30.0, Done(0, None)), (0.0, Failed(1, RuntimeError("out of memory")))]
+    with (
+        _group_answering(answers, rank_0_first=(Reading(0), Read(0))) as ranks,
+        pytest.raises(RankGroupError, match=r"ranks \[0\] did not finish"),
+    ):
+        ranks._outcomes({})
 
 
 def test_a_rank_failing_alone_asks_the_others_to_stop(monkeypatch):

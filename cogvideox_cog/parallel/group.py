@@ -49,6 +49,8 @@ from .protocol import (
     Outcome,
     Progress,
     RankExited,
+    Read,
+    Reading,
     Ready,
     Render,
     SetupFailed,
@@ -101,6 +103,7 @@ class RankGroup:
         self._unsettled: tuple[_Handout, dict[int, Outcome], int | None] | None = None
         self._steps = _StepClock()  # of the command being answered
         self._progressed: float | None = None  # rank 0's last Progress in that command
+        self._reading: set[int] = set()  # the ranks reading that command's inputs
 
     @classmethod
     def start(cls, mode: Mode, world_size: int) -> RankGroup:
@@ -163,7 +166,7 @@ class RankGroup:
         self._cancel.clear()
         render, outcomes = _Handout(Render(request), self._conns), {}
         self._unsettled, self._steps = (render, outcomes, None), _StepClock()
-        self._progressed = None
+        self._progressed, self._reading = None, set()
         try:
             self._outbox.send(render)
             self._outcomes(outcomes)
@@ -245,7 +248,9 @@ class RankGroup:
             now = time.monotonic()
             if deadline is not None and now > self._extended(deadline, bound):
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
-                if not _working_alone(missing, outcomes):
+                # A rank still reading a long clip is slow, not stuck: it fails as the others
+                # did, or reaches the collectives, where it is held to the bound.
+                if not _working_alone(missing, outcomes) and not self._reading >= set(missing):
                     waited = f"within {now - waiting:.0f} s{_after_failure(outcomes)}"
                     self._break(f"ranks {missing} did not finish {waited}: stuck")
             message = self._inbox.next(timeout=POLL_S)
@@ -259,6 +264,10 @@ class RankGroup:
                 self._steps.ended(message.seconds)
             elif isinstance(message, Progress):
                 self._progressed = time.monotonic()
+            elif isinstance(message, Reading):
+                self._reading.add(message.rank)
+            elif isinstance(message, Read):
+                self._reading.discard(message.rank)
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
             elif isinstance(message, _InboxFailed):

@@ -53,6 +53,21 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """The rank is reading the request's inputs (an image, a clip: seconds for a long one),
+    before any collective: slow, never stuck waiting for another rank."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """The rank has read the inputs; from here it meets the others in collectives."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
 class StepEnded:
     seconds: float  # how long that denoising step took on rank 0
 

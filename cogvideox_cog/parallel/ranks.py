@@ -45,6 +45,8 @@ from .protocol import (
     Metric,
     Outcome,
     Progress,
+    Read,
+    Reading,
     Ready,
     Render,
     SetupFailed,
@@ -94,6 +96,7 @@ def serve(
         if isinstance(command, Check):
             sender.send(_check(generator, rank, command))
         else:
+            sender.send(Reading(rank))
             sender.send(_render(generator, rank, command, cancel))
 
 
@@ -132,6 +135,7 @@ def _set_up(
     agree_on_vae_tiling(generator.pipe, device)
     generator.on_step = AgreedCancel(cancel, device)
     generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
+    generator.on_inputs_read = lambda: sender.send(Read(rank))
     if config_from_env() is not None:  # the same setting on every rank
         generator.enhancer = RewrittenOnce(generator.enhancer, rank)
     generator.compile_warm_up()  # with the engine in place: it compiles the split model
