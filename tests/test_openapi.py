@@ -5,6 +5,8 @@ with `ast` and compares every literal bound, default and choice with the schema.
 """
 
 import ast
+import subprocess
+import sys
 
 import pytest
 
@@ -93,3 +95,16 @@ def test_the_picture_or_clip_is_a_required_string_not_a_file(source_file, name):
 def test_output_is_a_single_file_uri():
     output = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["components"]["schemas"]
     assert output["Output"] == {"title": "Output", "type": "string", "format": "uri"}
+
+
+def test_the_schema_writer_answers_help_with_its_usage(tmp_path):
+    """--help was taken for a predictor reference: a traceback, no usage."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cogvideox_cog.devtools.openapi", "--help"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Usage: python -m cogvideox_cog.devtools.openapi" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -230,6 +230,6 @@ def write_schema(predictor_ref: str, output: Path = SCHEMA_PATH) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
+    if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     print(write_schema(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) == 3 else SCHEMA_PATH))
