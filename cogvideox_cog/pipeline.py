@@ -23,7 +23,7 @@ from diffusers import (
 from .attention import ATTENTION_BACKEND_ENV, AttentionBackendName, use_dispatching_attention
 from .errors import ConfigError, VariantError
 from .logs import drop_diffusers_noise
-from .variants import MODEL_ENV, TASK_NAMES, VARIANTS, Task, Variant
+from .variants import MODEL_ENV, PREDICTOR_FILES, TASK_NAMES, VARIANTS, Task, Variant
 from .weights import WEIGHTS_URL_ENV
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,24 @@ def check_weights_match(pipe, variant: Variant) -> None:
     matching = [
         v.id for v in VARIANTS.values() if (v.task, v.family, v.size) == (task, family, size)
     ]
+    # Another task's variant is refused by this predictor: only the weights can change here.
+    use = (
+        f"Set {MODEL_ENV} to the weights' variant, or"
+        if task == variant.task
+        else f"They are for {' or '.join(_TASK_PREDICTORS[task])}; here, set"
+    )
     raise VariantError(
         f"the weights are a CogVideoX {family} {size.upper()} {TASK_NAMES[task]} model "
         f"({' or '.join(matching) or 'no variant served here'}), but {MODEL_ENV}={variant.id!r}. "
-        f"Set {MODEL_ENV} to the weights' variant, or {WEIGHTS_URL_ENV} to {variant.id}'s "
-        f"weights (hf://{variant.hub_repo})."
+        f"{use} {WEIGHTS_URL_ENV} to {variant.id}'s weights (hf://{variant.hub_repo})."
     )
+
+
+# The predictors that serve a task's weights (video-to-video runs text-to-video weights).
+_TASK_PREDICTORS: dict[Task, tuple[str, ...]] = {
+    "t2v": (PREDICTOR_FILES["t2v"], PREDICTOR_FILES["v2v"]),
+    "i2v": (PREDICTOR_FILES["i2v"],),
+}
 
 
 def configure_pipeline(

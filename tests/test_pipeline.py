@@ -243,6 +243,18 @@ def test_another_variants_weights_are_refused_naming_theirs(
         build_pipeline(VARIANTS[variant_id], tiny_weights[weights], CPU, "none")
 
 
+def test_another_tasks_weights_are_refused_without_advising_a_variant_this_predictor_refuses(
+    tiny_weights,
+):
+    """Image-to-video weights under a text-to-video variant: setting COGVIDEOX_MODEL to
+    theirs would only get the predictor's refusal of an image-to-video variant."""
+    with pytest.raises(VariantError) as raised:
+        build_pipeline(VARIANTS["cogvideox-5b"], tiny_weights["1.0-i2v"], CPU, "none")
+    message = str(raised.value)
+    assert "Set COGVIDEOX_MODEL to the weights' variant" not in message
+    assert "They are for predict_i2v.py (cog-i2v.yaml); here, set COGVIDEOX_WEIGHTS_URL" in message
+
+
 def test_a_setup_given_another_variants_weights_fails_naming_them(tiny_weights, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_MODEL", "cogvideox-5b")
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-i2v"]))  # used in place
