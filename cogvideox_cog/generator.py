@@ -613,8 +613,10 @@ class VideoGenerator:
         plan.conditioning["video"], plan.padding_latents = self._pad_for_latent_patches(clip.frames)
 
     def _log_ignored_text(self, plan: Plan) -> None:
-        """Say which words the text encoder will not see (it reads max_prompt_tokens)."""
-        for name in ("prompt", "negative_prompt"):
+        """Say which words the text encoder will not see (it reads max_prompt_tokens). The
+        negative prompt is not encoded at all without guidance, so no part of it is named."""
+        names = ("prompt", "negative_prompt") if plan.guidance_scale > 1 else ("prompt",)
+        for name in names:
             text = getattr(plan, name)
             tail = inputs.truncated_prompt_tail(self.pipe.tokenizer, text, self.max_prompt_tokens)
             if tail:

@@ -225,6 +225,16 @@ def test_a_very_long_prompt_logs_only_the_start_of_what_is_ignored(generator, ca
     assert len(line) < 600 and line.endswith("characters)'")
 
 
+def test_a_long_negative_prompt_is_not_called_truncated_without_guidance(generator, caplog):
+    """At guidance_scale 1 the negative prompt is not encoded: no part of it is "ignored"
+    for its length, and a warning saying so would blame the wrong thing."""
+    long_negative = " ".join(["blurry, low quality"] * 120)
+    generator.render_mp4(
+        _request(negative_prompt=long_negative, guidance_scale=1, num_inference_steps=1)
+    )
+    assert "negative_prompt is longer" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("variant_id", "weights", "named"),
     [
