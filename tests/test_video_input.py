@@ -439,6 +439,32 @@ def test_clip_without_rotation_is_left_as_stored(tmp_path):
     assert "turned" not in clip.summary
 
 
+def _write_anamorphic_clip(path, pixel_aspect: Fraction, width: int = 40, height: int = 48) -> str:
+    """A clip whose pixels are shown pixel_aspect times as wide as high, as a DVD's or an HDV
+    camera's are (720x480 shown at 16:9, 1440x1080 shown at 1920x1080): white in the top
+    quarter of the frame, black below."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = pixel_aspect
+        rgb = np.zeros((height, width, 3), np.uint8)
+        rgb[: height // 4] = 255
+        for _ in range(10):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def test_a_clip_of_non_square_pixels_is_taken_at_the_shape_players_show(tmp_path):
+    """40x48 of pixels twice as wide as high is shown 80x48, the model's own shape: nothing is
+    cropped. Read as 40x48, scaling it to cover 80x48 would crop the white top quarter away."""
+    path = _write_anamorphic_clip(tmp_path / "dvd.mp4", Fraction(2))
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    rows = np.asarray(clip.frames[0]).mean(axis=(1, 2))  # brightness per row
+    assert rows[:10].min() > 200 and rows[-30:].max() < 50
+    assert "40x48, its pixels shown 2:1 -> 80x48" in clip.summary
+
+
 def test_a_playlist_naming_other_files_is_not_read_as_a_video(tmp_path):
     """FFmpeg's concat demuxer would decode the clip the upload names, from the server's disk."""
     _write_clip(tmp_path / "on-the-server.mp4", frames=12, fps=8)

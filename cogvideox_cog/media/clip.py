@@ -6,7 +6,8 @@ clip must last (num_frames - 1) / fps seconds. Of a longer clip only that beginn
 (and decoded); a shorter one is refused with the largest frame count it can give, rather than
 slowed down or looped behind the user's back. Of a clip whose codec codes each frame on its
 own (ProRes, MJPEG, PNG...), only the frames picked are decoded (_pick_intra_frames).
-Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is.
+Each frame is scaled to cover the model's resolution and centre-cropped, as the I2V image is,
+at the shape players show it: stretched by its pixel aspect ratio (a DVD's 720x480 at 16:9).
 Its colours are read with the matrix and range the clip is tagged with (BT.601 when untagged,
 as FFmpeg does), and otherwise as they are, as upstream reads them. Asked to convert them, an
 HDR clip is tone-mapped to SDR BT.709, and an SDR one with BT.2020 primaries converted to
@@ -22,6 +23,7 @@ import logging
 import struct
 from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -77,6 +79,7 @@ def load_video(
     container = _open(path)
     with container:
         stream = _checked_stream(container, num_frames, fps)
+        pixel_aspect = _pixel_aspect(stream)
         source_rate = _source_rate(container, stream)
         targets = [i / fps for i in range(num_frames)]
         transforms: list[Image.Transpose | None] = []
@@ -86,7 +89,8 @@ def load_video(
             transforms.append(_display_transform(frame))
             conversions.append(conversion(frame))
             upright = _rgb(frame, transforms[-1], sdr=convert_colour and bool(conversions[-1]))
-            return fit_image(upright, height, width)
+            turned = transforms[-1] in _SWAPS_SIDES
+            return _fit_shown(upright, height, width, 1 / pixel_aspect if turned else pixel_aspect)
 
         picked, decoded, read, start, end, damage = _pick_frames(
             container, stream, targets, source_rate, prepare
@@ -100,6 +104,8 @@ def load_video(
     if transform in _SWAPS_SIDES:
         source_width, source_height = source_height, source_width
     turned = f", {_SAID[transform]} as its display matrix says" if transform is not None else ""
+    if pixel_aspect != 1:
+        turned += f", its pixels shown {pixel_aspect.numerator}:{pixel_aspect.denominator}"
     shown = header_seconds if header_seconds is not None else end - start
     rate = f"{source_rate:g} fps" if source_rate else "variable fps"
     of_read = f" of {read}" if read != decoded else ""  # the rest skipped (_pick_intra_frames)
@@ -126,6 +132,27 @@ def _source_rate(container, stream) -> float | None:
     if container.format.name in ("h264", "hevc") and stream.codec_context.framerate:
         return float(stream.codec_context.framerate)
     return float(stream.average_rate) if stream.average_rate else None
+
+
+def _pixel_aspect(stream) -> Fraction:
+    """How many times as wide as high the clip's pixels are shown, as its container or stream
+    says (a DVD's 720x480 at 16:9: 32:27, an HDV camera's 1440x1080 at 1920x1080: 4:3); 1
+    where it says nothing."""
+    ratio = stream.sample_aspect_ratio
+    return Fraction(ratio) if ratio and ratio > 0 else Fraction(1)
+
+
+def _fit_shown(image: Image.Image, height: int, width: int, pixel_aspect: Fraction):
+    """fit_image on the picture as players show it, its pixels pixel_aspect times as wide as
+    high: scaled and cropped in one step, so a stretched copy is never made."""
+    if pixel_aspect == 1:
+        return fit_image(image, height, width)
+    shown_width = image.width * pixel_aspect
+    scale = max(width / shown_width, height / image.height)
+    crop_width, crop_height = float(width / scale / pixel_aspect), height / scale
+    left, top = (image.width - crop_width) / 2, (image.height - crop_height) / 2
+    box = (left, top, left + crop_width, top + crop_height)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def _open(path: Path | str):
