@@ -496,6 +496,23 @@ def test_a_song_with_cover_art_is_refused_as_having_no_video_track(tmp_path):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
+@pytest.mark.parametrize("suffix, codec", [(".mp3", "libmp3lame"), (".wav", "pcm_s16le")])
+def test_an_audio_file_is_refused_as_having_no_video_track(tmp_path, suffix, codec):
+    """Not as a file that could not be read: a song sent by mistake is told what it lacks."""
+    path = tmp_path / f"song{suffix}"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream(codec, rate=8000)
+        for index in range(16):  # 2 s of silence
+            samples = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1024), np.int16), format="s16", layout="mono"
+            )
+            samples.sample_rate, samples.pts = 8000, index * 1024
+            container.mux(audio.encode(samples))
+        container.mux(audio.encode())
+    with pytest.raises(InputError, match=r"video has no video track; send an mp4"):
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+
+
 def test_a_clip_in_a_codec_without_a_decoder_is_refused_asking_for_h264(tmp_path):
     """FFmpeg has no decoder for some cameras' raw formats (Blackmagic RAW: 'braw')."""
     data = Path(_write_clip(tmp_path / "clip.mov", frames=10, fps=8)).read_bytes()

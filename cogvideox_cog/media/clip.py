@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 FORMATS = "mp4, webm, mov or gif"
 # The container formats FFmpeg may read a clip as. Not every one it knows: its playlist and
-# list demuxers (ffconcat, HLS) open further files named inside the upload.
-DEMUXERS = "mov,mp4,matroska,webm,gif,avi,flv,mpegts,mpeg,ogg,asf,m4v,h264,hevc,mjpeg"
+# list demuxers (ffconcat, HLS) open further files named inside the upload. Audio files
+# (mp3, wav, flac, aac) are read too, to be refused as having no video track.
+DEMUXERS = (
+    "mov,mp4,matroska,webm,gif,avi,flv,mpegts,mpeg,ogg,asf,m4v,h264,hevc,mjpeg,mp3,wav,flac,aac"
+)
 # A frame larger than 4K UHD (8.3 MP) with room to spare; bigger ones would cost seconds per
 # frame to decode and scale, for a video generated at 0.35-1 MP.
 MAX_VIDEO_PIXELS = 16_000_000
