@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 from av.video.reformatter import ColorRange, Colorspace, ColorTrc
+from PIL import Image
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media import clip as video_input
@@ -463,6 +464,24 @@ def test_a_clip_of_non_square_pixels_is_taken_at_the_shape_players_show(tmp_path
     rows = np.asarray(clip.frames[0]).mean(axis=(1, 2))  # brightness per row
     assert rows[:10].min() > 200 and rows[-30:].max() < 50
     assert "40x48, its pixels shown 2:1 -> 80x48" in clip.summary
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP", "BMP"])
+def test_a_still_image_is_refused_pointing_to_the_image_to_video_predictor(tmp_path, image_format):
+    path = tmp_path / "photo"
+    Image.new("RGB", (W, H), "red").save(path, image_format)
+    with pytest.raises(InputError, match=f"video is a {image_format} image, not a video") as raised:
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert "use the image-to-video predictor" in str(raised.value)
+
+
+def test_an_animated_webp_is_refused_as_an_image_not_a_picture(tmp_path):
+    path = tmp_path / "animation.webp"
+    frames = [Image.new("RGB", (W, H), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(path, "WEBP", save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(InputError, match="video is an animated WEBP image") as raised:
+        load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert "image-to-video" not in str(raised.value)
 
 
 def test_a_playlist_naming_other_files_is_not_read_as_a_video(tmp_path):

@@ -180,7 +180,28 @@ def _open(path: Path | str):
                 f"so its end, with the index of its frames, is missing. Send the whole file "
                 f"again."
             ) from error
+        picture = _image_format(path)
+        if picture is not None and not picture[1]:
+            raise InputError(
+                f"video is a {picture[0]} image, not a video. A single picture is an image: "
+                f"use the image-to-video predictor."
+            ) from error
+        if picture is not None:
+            raise InputError(
+                f"video is an animated {picture[0]} image, which is not read as a video; send "
+                f"an {FORMATS} file."
+            ) from error
         raise InputError(f"video could not be read as a video; send an {FORMATS} file.") from error
+
+
+def _image_format(path: Path | str) -> tuple[str, bool] | None:
+    """(format, animated) of an image FFmpeg's video demuxers refused (a JPEG, PNG, WebP...)
+    as Pillow reads it from the header; None when Pillow cannot name it either."""
+    try:
+        with Image.open(path) as image:
+            return image.format or "unknown", getattr(image, "n_frames", 1) > 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def _mp4_cut_off_at(path: Path | str) -> int | None:
