@@ -157,8 +157,9 @@ def save(path: Path, key: dict) -> bool:
 
 
 def tidy(weights_root: Path) -> None:
-    """Remove what no start will load, on every start (one that loads its file never saves):
-    the files killed starts left half-written, and the files no start used for 30 days."""
+    """Remove what no start will load, on every start (one that loads its file never saves),
+    after its warm-up: the files killed starts left half-written, and the files no start used
+    for 30 days."""
     folder = weights_root / FOLDER
     if removed := remove_untouched(folder, "*.tmp", ABANDONED_AFTER_S):
         log.info(f"compile cache: removed {removed} files killed starts left half-written")
@@ -186,14 +187,19 @@ def warm_up_with_cache(generator, weights_root: Path, load_saved: bool = True) -
         offload=generator.offload,
     )
     path = artifact_path(weights_root, key)
-    tidy(weights_root)
     if load_saved:
         loaded = load(path, key)
     else:
         log.info(f"compile cache: compiling from nothing; {path.name} is not loaded")
         loaded = False
     before = compiled_graphs()
-    generator.warm_up()
+    try:
+        generator.warm_up()
+    finally:
+        # Not before: this start's file, a month unused, would go just before its load, and
+        # so would the other ranks' of a group, which load theirs before their warm-up (whose
+        # steps wait for every rank). By now each has loaded its own, marking it used.
+        tidy(weights_root)
     compiled = compiled_graphs() - before
     log.info(f"compile cache: warm-up compiled {compiled} graphs")
     if compiled or not loaded:

@@ -260,7 +260,7 @@ def test_loading_a_cache_file_marks_it_used(tmp_path, caplog):
     assert path.exists()
 
 
-def test_every_start_tidies_the_compile_cache_before_its_warm_up(tiny_weights, tmp_path):
+def test_every_start_tidies_the_compile_cache(tiny_weights, tmp_path):
     """Also a start that loads its file and never saves (here: nothing compiled to save)."""
     variant = VARIANTS[VARIANT]
     generator = VideoGenerator(
@@ -275,6 +275,47 @@ def test_every_start_tidies_the_compile_cache_before_its_warm_up(tiny_weights, t
     _age(abandoned, hours=2)
     compile_cache.warm_up_with_cache(generator, tmp_path)
     assert not abandoned.exists()
+
+
+def _tiny_generator(tiny_weights) -> VideoGenerator:
+    variant = VARIANTS[VARIANT]
+    return VideoGenerator(
+        variant, build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none"), CPU
+    )
+
+
+@needs_cpp_compiler
+def test_a_start_loads_its_own_file_however_long_no_start_used_it(tiny_weights, tmp_path, caplog):
+    """A worker that served for a month without a restart, or a deployment scaled to zero for
+    one, finds its file untouched for 30 days: its own start removed it before loading it,
+    and compiled everything again."""
+    generator = _tiny_generator(tiny_weights)
+    generator.warm_up = lambda: torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    try:
+        compile_cache.warm_up_with_cache(generator, tmp_path)
+        (saved,) = (tmp_path / compile_cache.FOLDER).glob("*.bin")
+        _age(saved, hours=31 * 24)
+        with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+            compile_cache.warm_up_with_cache(generator, tmp_path)
+    finally:
+        torch._dynamo.reset()
+    assert "compile cache: loaded" in caplog.text and "none yet" not in caplog.text
+
+
+def test_a_start_removes_no_unused_file_before_its_warm_up_is_done(tiny_weights, tmp_path):
+    """The ranks of a group start together, and their files are as old as each other: rank 0
+    removed rank 1's file, a month unused, before rank 1 loaded it. Each rank loads its file
+    before its warm-up, whose steps wait for every rank."""
+    generator = _tiny_generator(tiny_weights)
+    folder = tmp_path / compile_cache.FOLDER
+    folder.mkdir()
+    other_rank = folder / "cogvideox-5b-t2v-0123.bin"
+    other_rank.write_bytes(b"a compile cache")
+    _age(other_rank, hours=31 * 24)
+    seen = []
+    generator.warm_up = lambda: seen.append(other_rank.exists())
+    compile_cache.warm_up_with_cache(generator, tmp_path)
+    assert seen == [True] and not other_rank.exists()
 
 
 def _age(path: Path, hours: float) -> None:
