@@ -9,11 +9,12 @@ into a fresh process's caches (`load_cache_artifacts`). Dynamo still traces the 
 next start; inductor then finds every graph in its cache and compiles none.
 
 The file is named by a digest of what the kernels depend on: the GPU (or "cpu") and its
-index, torch and diffusers versions, variant, mode, attention backend, the number of GPUs a
-video is split over and the warm-up shapes; its first line holds that key in full, and a file
-whose key differs (copied, renamed) is not loaded. A file that fails to load is logged and
-ignored: setup then compiles as if it were not there, and writes it again. A file no start
-has used for 30 days is removed.
+index, torch and diffusers versions, variant, mode, attention backend, offload policy, the
+number of GPUs a video is split over and the warm-up shapes; its second line (after a
+format line) holds that key in full, and a file whose key differs (copied, renamed) is not
+loaded. A file that fails to load is logged and ignored: setup then compiles as if it were
+not there, and writes it again. A file no start has used for 30 days is removed, after the
+warm-up (which loads this start's own).
 
 The index gives each rank of a multi-GPU group a file of its own: torch's graph keys name the
 inputs' device with its index, so a rank finds only the graphs it compiled itself (on
