@@ -14,6 +14,7 @@ from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
+from tests.lora_files import served_lora
 
 CPU = torch.device("cpu")
 ILLEGAL_ACCESS = (
@@ -87,6 +88,30 @@ def test_other_errors_leave_the_worker_healthy(generator, error):
 )
 def test_cudas_other_sticky_errors_lose_the_device(text):
     assert loses_the_device(torch.AcceleratorError(text))
+
+
+def test_a_sticky_cuda_error_while_loading_a_lora_makes_the_health_check_fail(
+    tiny_weights, tmp_path, monkeypatch
+):
+    """The LoRA's load is often a prediction's first GPU work: an error CUDA kept from before
+    surfaces there, and taken for the LoRA's fault it failed each request for that LoRA."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, timeout_s=30)
+    generator = VideoGenerator(variant, pipe, CPU, lora_cache=cache)
+
+    def fail(*args, **kwargs):
+        raise torch.AcceleratorError(ILLEGAL_ACCESS)
+
+    monkeypatch.setattr(pipe, "load_lora_into_transformer", fail)
+    transformer = tiny_weights["1.0-t2v"] / "transformer"
+    with (
+        served_lora(transformer, tmp_path / "lora", seed=1) as url,
+        pytest.raises(torch.AcceleratorError),
+    ):
+        generator.predict(dataclasses.replace(REQUEST, lora_url=url))
+    with pytest.raises(DeviceLost, match="an illegal memory access was encountered"):
+        generator.healthcheck()
 
 
 def test_an_input_error_quoting_a_sticky_cuda_error_leaves_the_worker_healthy(

@@ -17,7 +17,7 @@ import torch
 from accelerate.hooks import CpuOffload
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..errors import LoraError
+from ..errors import LoraError, loses_the_device
 from ..gpu_memory import less_offload, out_of_memory
 from ..pipeline import is_compiled
 from .file import PREFIX, check_fits, linear_layers, read_lora
@@ -68,6 +68,8 @@ class LoraSlot:
                         f"A LoRA of lower rank needs less. {less_offload(self.offload or 'none')}"
                     )
                     raise out_of_memory(error, what, advice.strip()) from error
+                if loses_the_device(error):  # CUDA's, kept from before: the GPU is lost
+                    raise
                 raise LoraError(f"the LoRA could not be loaded: {error}") from error
             self.loaded = lora.digest
             self.trained_scale = lora.trained_scale
