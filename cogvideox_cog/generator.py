@@ -476,7 +476,10 @@ class VideoGenerator:
 
     def check(self, request: Request) -> None:
         """The checks that need neither the image or clip nor a language model: InputError,
-        before a predictor spends up to COGVIDEOX_INPUT_TIMEOUT fetching either."""
+        before a predictor spends up to COGVIDEOX_INPUT_TIMEOUT fetching either; DeviceLost
+        once the GPU failed for good."""
+        if self.device_lost is not None:
+            raise DeviceLost(self.device_lost)
         self._checked(request, time.monotonic())
 
     def prepare(self, request: Request) -> Plan:

@@ -62,6 +62,16 @@ def test_after_a_sticky_cuda_error_a_prediction_fails_before_touching_the_gpu(ge
     assert len(calls) == 1
 
 
+def test_after_a_sticky_cuda_error_the_check_before_an_input_is_fetched_fails(generator):
+    """The image and video predictors check a request before they fetch its input (up to
+    COGVIDEOX_INPUT_TIMEOUT): a lost GPU fails it there, as a multi-GPU group's does."""
+    _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(torch.AcceleratorError):
+        generator.predict(REQUEST)
+    with pytest.raises(DeviceLost, match="until the worker restarts"):
+        generator.check(REQUEST)
+
+
 @pytest.mark.parametrize(
     "error",
     [
