@@ -74,13 +74,22 @@ _STICKY_CUDA_ERRORS = (
 )
 
 
+# How Triton's launcher (the kernels of a compiled transformer) words a failed CUDA call, in a
+# plain RuntimeError.
+_TRITON_CUDA_ERROR = "Triton Error [CUDA]: "
+
+
 def loses_the_device(error: BaseException) -> bool:
     """Whether `error` is one of CUDA's sticky errors (out of memory is not). Only the error
-    torch raises for a failed CUDA call is read: any other's text may quote what a user sent
-    (a lora_url, an endpoint's reply), and one request must not take the server down."""
+    torch raises for a failed CUDA call is read, or the one Triton's launcher raises: any
+    other's text may quote what a user sent (a lora_url, an endpoint's reply), and one
+    request must not take the server down."""
     import torch  # here: the package's errors are imported where torch is not needed
 
-    if not isinstance(error, torch.AcceleratorError):
-        return False
     text = str(error)
-    return "CUDA error" in text and any(sticky in text for sticky in _STICKY_CUDA_ERRORS)
+    if isinstance(error, torch.AcceleratorError):
+        if "CUDA error" not in text:
+            return False
+    elif type(error) is not RuntimeError or not text.startswith(_TRITON_CUDA_ERROR):
+        return False
+    return any(sticky in text for sticky in _STICKY_CUDA_ERRORS)

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from cogvideox_cog.errors import DeviceLost, InputError, loses_the_device
+from cogvideox_cog.errors import DeviceLost, EnhanceError, InputError, loses_the_device
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.store import LoraCache
 from cogvideox_cog.pipeline import build_pipeline
@@ -122,6 +122,21 @@ def test_a_sticky_cuda_error_while_loading_a_lora_makes_the_health_check_fail(
         generator.predict(dataclasses.replace(REQUEST, lora_url=url))
     with pytest.raises(DeviceLost, match="an illegal memory access was encountered"):
         generator.healthcheck()
+
+
+def test_a_sticky_cuda_error_a_compiled_kernels_launch_reports_loses_the_device():
+    """With COGVIDEOX_COMPILE=1 the transformer runs Triton's kernels, and Triton's launcher
+    reports the error CUDA kept as a plain RuntimeError of its own wording."""
+    assert loses_the_device(
+        RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+    )
+
+
+def test_an_error_of_the_package_quoting_tritons_words_leaves_the_worker_healthy():
+    """An EnhanceError (a RuntimeError) quotes the endpoint's reply, which anyone can word."""
+    text = "Triton Error [CUDA]: an illegal memory access was encountered"
+    assert not loses_the_device(EnhanceError(text))
+    assert not loses_the_device(RuntimeError(f"the endpoint said: {text}"))
 
 
 def test_an_input_error_quoting_a_sticky_cuda_error_leaves_the_worker_healthy(
