@@ -58,4 +58,6 @@ def remove_untouched(folder: Path, pattern: str, older_than_s: float) -> int:
                     removed += 1
             except FileNotFoundError:  # removed by another process meanwhile
                 continue
+            except PermissionError:  # another user's, in a shared folder: the rest still go
+                continue
     return removed

@@ -109,3 +109,24 @@ def test_only_files_of_the_pattern_untouched_for_the_given_time_are_removed(tmp_
 
 def test_removing_untouched_files_of_a_missing_folder_does_nothing(tmp_path):
     assert files.remove_untouched(tmp_path / "none", "*.tmp", 3600) == 0
+
+
+def test_a_file_that_cannot_be_removed_leaves_the_others_to_be_removed(tmp_path, monkeypatch):
+    """On a shared volume another container's file may be refused (a sticky folder, another
+    user's): the files this one can remove still go."""
+    hours_ago = time.time() - 2 * 3600
+    for name in ("a.bin.1.tmp", "b.bin.2.tmp", "c.bin.3.tmp"):
+        (tmp_path / name).write_bytes(b"part")
+        os.utime(tmp_path / name, (hours_ago, hours_ago))
+    refused: list[str] = []
+    unlink = Path.unlink
+
+    def refuse_the_first(path: Path, missing_ok: bool = False) -> None:
+        if not refused:
+            refused.append(path.name)
+            raise PermissionError(1, "Operation not permitted", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_the_first)
+    assert files.remove_untouched(tmp_path, "*.tmp", older_than_s=3600) == 2
+    assert [p.name for p in tmp_path.iterdir()] == refused
