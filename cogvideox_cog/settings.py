@@ -51,10 +51,16 @@ def setting(env: str, default: str = "") -> str:
 def folder_from_env(env: str, default: os.PathLike | str) -> Path:
     """A folder from `env`: a trailing space would name another, empty, cache and download
     everything again. A file there is refused at setup: otherwise each download into it fails
-    with NotADirectoryError, long after the deployment looked healthy."""
+    with NotADirectoryError, long after the deployment looked healthy. So is a link to
+    nothing (a volume not mounted), which no mkdir can make: FileExistsError."""
     folder = Path(setting(env) or default)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{env}={str(folder)!r} is a file: name a folder (made if missing)")
+    if folder.is_symlink() and not folder.exists():
+        raise ConfigError(
+            f"{env}={str(folder)!r} links to {os.readlink(folder)!r}, which does not exist: "
+            "mount or make that folder, or name another"
+        )
     return folder
 
 

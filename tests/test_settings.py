@@ -193,6 +193,20 @@ def test_a_cache_folder_that_names_a_file_is_refused_at_setup(monkeypatch, tmp_p
         VideoGenerator.from_env("t2v")
 
 
+@pytest.mark.parametrize("env", [cache.WEIGHTS_DIR_ENV, lora_store.LORA_DIR_ENV])
+def test_a_cache_folder_that_links_to_nothing_is_refused_naming_the_variable(
+    monkeypatch, tmp_path, env
+):
+    """A link to a volume that is not mounted: making the folder failed with "[Errno 17] File
+    exists", naming neither the folder nor the setting."""
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "unmounted" / "cache")
+    monkeypatch.setenv(env, str(link))
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://127.0.0.1:9/cogvideox-5b.tar")  # unreachable
+    with pytest.raises(ConfigError, match=f"{env}=.*links to .*unmounted/cache"):
+        VideoGenerator.from_env("t2v")
+
+
 def test_spaces_around_a_cache_folder_are_not_part_of_its_name(monkeypatch, tmp_path):
     """A trailing space would name another, empty, cache: 20 GB downloaded again."""
     monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, f" {tmp_path} ")
