@@ -35,7 +35,7 @@ def gpus_from_env(visible_cuda: int) -> int:
 
 def start_generator(mode: Mode):
     """What a predictor's setup() keeps: a VideoGenerator, or a RankGroup over several GPUs.
-    Both have predict(request) -> Path and healthy() -> bool."""
+    Both have predict(request) -> Path and healthcheck() -> bool."""
     warn_unknown_settings()
     count = gpus_from_env(torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if count == 1:
