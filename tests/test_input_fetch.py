@@ -198,3 +198,24 @@ def test_a_data_uri_in_url_safe_base64_without_padding_is_decoded():
     assert "-" in payload and "_" in payload and len(payload) % 4
     with fetched("image", f"data:image/png;base64,{payload}", "picture") as path:
         assert path.read_bytes() == data
+
+
+def test_a_data_uri_broken_by_percent_encoded_line_breaks_is_measured_by_its_data(monkeypatch):
+    """RFC 2397's URIs percent-encode a line break (%0D%0A): six characters of no data each
+    76 were counted as data, so a picture under the cap was refused as over it."""
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", "1M")
+    data = bytes(range(256)) * 3900  # 998,400 bytes, under 1 MiB
+    encoded = base64.b64encode(data).decode()
+    lines = [encoded[at : at + 76] for at in range(0, len(encoded), 76)]
+    with fetched("image", "data:image/png;base64," + "%0D%0A".join(lines), "picture") as path:
+        assert path.read_bytes() == data
+
+
+def test_a_data_uri_over_the_cap_is_refused_with_its_decoded_size(monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", "1M")
+    encoded = base64.b64encode(bytes(1_100_000)).decode()
+    with (
+        pytest.raises(InputError, match=r"image is 1\.1 MB, over the 1\.0 MB limit"),
+        fetched("image", f"data:image/png;base64,{encoded}", "picture"),
+    ):
+        pass
