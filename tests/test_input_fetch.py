@@ -76,8 +76,10 @@ def test_a_users_download_is_not_logged_as_the_weights(tmp_path, caplog):
         ("http:///x.png", r"the image URL has no host"),
         ("http://127.0.0.1/a b.png?X-Amz-Signature=secret", r"holds a space.*%20"),
         ("http://127.0.0.1/café.png?X-Amz-Signature=secret", r"a letter outside ASCII.*encode"),
+        ("http://images..example/x.png", r"has a host name with an empty part"),
+        (f"http://{'a' * 64}.example/x.png", r"or one over 63 characters"),
     ],
-    ids=["bracket", "port", "credentials", "no-host", "space", "non-ascii"],
+    ids=["bracket", "port", "credentials", "no-host", "space", "non-ascii", "dots", "label"],
 )
 def test_a_url_urllib_cannot_fetch_is_refused_before_any_request(url, problem):
     with pytest.raises(InputError, match=problem) as refused, fetched("image", url, "picture"):

@@ -267,6 +267,10 @@ def url_problem(url: str) -> str | None:
         )
     if not parts.hostname:
         return "has no host"
+    try:
+        parts.hostname.encode("idna")  # as the socket will: a DNS label is 1 to 63 characters
+    except UnicodeError:
+        return "has a host name with an empty part (two dots in a row) or one over 63 characters"
     return None
 
 
