@@ -493,6 +493,18 @@ def test_a_playlist_naming_other_files_is_not_read_as_a_video(tmp_path):
         load_video(playlist, num_frames=9, fps=8, height=H, width=W)
 
 
+def _mux_silence(container, audio, sample_format: str) -> None:
+    """2 s of mono silence at 8 kHz into `audio`, in the sample format its codec takes."""
+    dtype = np.float32 if sample_format == "fltp" else np.int16
+    for index in range(16):
+        samples = av.AudioFrame.from_ndarray(
+            np.zeros((1, 1024), dtype), format=sample_format, layout="mono"
+        )
+        samples.sample_rate, samples.pts = 8000, index * 1024
+        container.mux(audio.encode(samples))
+    container.mux(audio.encode())
+
+
 def test_a_song_with_cover_art_is_refused_as_having_no_video_track(tmp_path):
     """An m4a's artwork is a one-frame video stream (attached picture), not a clip."""
     path = tmp_path / "song.m4a"
@@ -501,13 +513,7 @@ def test_a_song_with_cover_art_is_refused_as_having_no_video_track(tmp_path):
         cover = container.add_stream("mjpeg", rate=1)
         cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
         cover.disposition = av.stream.Disposition.attached_pic
-        for index in range(16):  # 2 s of silence
-            samples = av.AudioFrame.from_ndarray(
-                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
-            )
-            samples.sample_rate, samples.pts = 8000, index * 1024
-            container.mux(audio.encode(samples))
-        container.mux(audio.encode())
+        _mux_silence(container, audio, "fltp")
         picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 99, np.uint8), format="rgb24")
         container.mux(cover.encode(picture))
         container.mux(cover.encode())
@@ -521,13 +527,7 @@ def test_an_audio_file_is_refused_as_having_no_video_track(tmp_path, suffix, cod
     path = tmp_path / f"song{suffix}"
     with av.open(str(path), "w") as container:
         audio = container.add_stream(codec, rate=8000)
-        for index in range(16):  # 2 s of silence
-            samples = av.AudioFrame.from_ndarray(
-                np.zeros((1, 1024), np.int16), format="s16", layout="mono"
-            )
-            samples.sample_rate, samples.pts = 8000, index * 1024
-            container.mux(audio.encode(samples))
-        container.mux(audio.encode())
+        _mux_silence(container, audio, "s16")
     with pytest.raises(InputError, match=r"video has no video track; send an mp4"):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
