@@ -216,13 +216,31 @@ def _postprocessed(steps: Steps) -> np.ndarray:
         return postprocessor.apply(frames, 8, steps, lambda name, value: None).array()
 
 
-def test_out_of_gpu_memory_in_the_upscale_names_the_sizes_and_a_smaller_upscale():
+def test_out_of_gpu_memory_in_the_upscale_names_the_sizes_and_what_needs_less():
     with pytest.raises(GpuMemoryError) as raised:
         _postprocessed(Steps(upscale=4))
     assert str(raised.value) == (
         "The GPU ran out of memory while upscaling 3 frames 4x, 40x24 to 160x96. Ask for "
-        "upscale='2x' or 'none'."
+        "upscale='none': '2x' runs the same 4x model on the same tiles."
     )
+
+
+def test_out_of_gpu_memory_in_a_4x_upscale_does_not_suggest_2x_which_runs_the_same_tiles():
+    """2x with the 4x model feeds it the tiles 4x feeds it, then shrinks the output: it needs
+    as much GPU memory as 4x, and a little more. The error suggested upscale='2x'."""
+    frames = np.random.default_rng(0).random((1, 24, 40, 3), dtype=np.float32)
+    postprocessor = Postprocessor(upscaler=tiny_rrdbnet(), device=CPU)
+    tiles: dict[int, list[tuple[int, ...]]] = {2: [], 4: []}
+    for factor, shapes in tiles.items():
+        hook = postprocessor.upscaler.register_forward_pre_hook(
+            lambda module, args, shapes=shapes: shapes.append(tuple(args[0].shape))
+        )
+        postprocessor.apply(frames, 8, Steps(upscale=factor), lambda name, value: None).array()
+        hook.remove()
+    assert tiles[2] == tiles[4]
+    with pytest.raises(GpuMemoryError) as raised:
+        _postprocessed(Steps(upscale=4))
+    assert "'2x' or" not in str(raised.value)
 
 
 def test_out_of_gpu_memory_in_the_interpolation_names_its_size_and_smaller_choices():

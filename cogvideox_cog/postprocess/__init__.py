@@ -187,8 +187,11 @@ class Postprocessor:
             )
         except torch.OutOfMemoryError as error:
             what = f"upscaling {count} frames {factor}x, {width}x{height} to {out_w}x{out_h}"
-            smaller = "upscale='2x' or 'none'" if factor > 2 else "upscale='none'"
-            raise out_of_memory(error, what, f"Ask for {smaller}.") from error
+            # Not '2x' after a 4x: the 4x model then runs on the same tiles, and its output is
+            # shrunk after, so 2x needs as much GPU memory as 4x.
+            same = f": '2x' runs the same {self.upscaler.scale}x model on the same tiles"
+            advice = "Ask for upscale='none'" + (same if factor > 2 else "")
+            raise out_of_memory(error, what, f"{advice}.") from error
         finally:
             self._release_memory()
 
