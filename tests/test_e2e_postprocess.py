@@ -90,7 +90,7 @@ def test_cancel_stops_interpolation_between_frame_pairs(t2v, tmp_path):
         assert t2v.cancel("cancel-interpolation")
         final = hooks.wait_for("cancel-interpolation", timeout=60)
     assert final["status"] == "canceled"
-    assert "interpolate: 193 frames in" not in (final.get("logs") or "")
+    assert "interpolate in " not in (final.get("logs") or "")  # its line once all are made
     t2v.wait_idle()
     assert probe_mp4(_video(t2v.predict(FAST), tmp_path))["frames"] == 9
 
