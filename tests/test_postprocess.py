@@ -149,7 +149,7 @@ def test_step_times_are_each_steps_own_share_of_making_the_frames(postprocessor)
 
 def test_both_steps_make_each_frame_only_when_it_is_read(postprocessor):
     """As the encoder reads them, so the video is never held whole: 161 frames of 1.5
-    upscaled 4x and interpolated 4x would be 40 GB."""
+    upscaled 4x and interpolated 4x would be 32 GB."""
     upscaled: list[int] = []
     hook = postprocessor.upscaler.register_forward_hook(lambda *_: upscaled.append(1))
     try:
