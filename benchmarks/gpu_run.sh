@@ -88,8 +88,9 @@ step() {  # name, then the command; its output goes to $out/<name>.log
     failed=1; return
   fi
   # A warm start without the cold start's cache would compile everything again and be
-  # recorded as warm: after a cold start stopped in its warm-up, it is skipped instead.
-  if [ "$name" = compile-warm ] && ! compgen -G "$scratch/weights/compile-cache/*" >/dev/null; then
+  # recorded as warm: after a cold start stopped in its warm-up, it is skipped instead. Only
+  # a whole cache counts: one stopped while saving leaves just its temporary *.tmp file.
+  if [ "$name" = compile-warm ] && ! compgen -G "$scratch/weights/compile-cache/*.bin" >/dev/null; then
     echo "== $name: SKIPPED, no compile cache from a cold start in $scratch" | tee -a "$out/run.log"
     failed=1; return
   fi

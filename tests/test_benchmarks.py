@@ -403,9 +403,15 @@ def test_gpu_run_runs_only_the_steps_named_in_only(tmp_path):
     assert log.count("not in ONLY") == 5 and "== summary: done" in log
 
 
-def test_gpu_run_skips_the_warm_start_when_no_cold_start_left_a_compile_cache(tmp_path):
+@pytest.mark.parametrize("left", [None, "cogvideox-5b-t2v-0123.bin.token-1-2.tmp"])
+def test_gpu_run_skips_the_warm_start_when_no_cold_start_left_a_compile_cache(tmp_path, left):
     """A cold start stopped in its warm-up saves no cache: the warm start would compile it all
-    again and be recorded as warm."""
+    again and be recorded as warm. So does one stopped while writing it, which leaves only
+    the temporary file of compile_cache.save."""
+    if left:
+        folder = tmp_path / "scratch" / "weights" / "compile-cache"
+        folder.mkdir(parents=True)
+        (folder / left).write_bytes(b"half written")
     out = tmp_path / "out"
     summary = tmp_path / "summary.json"
     done = _gpu_run_tiny(out, tmp_path / "scratch", 120, ONLY="compile-warm", SUMMARY=summary)
