@@ -37,7 +37,8 @@
 # runs those steps alone (profile, speed-modes, compile-cold, compile-warm, attention; the
 # summary always runs). The compiled starts get empty TORCHINDUCTOR_CACHE_DIRs, as a new
 # container has, outside OUT (thousands of files), in SCRATCH (a new temporary folder, removed
-# at the end, unless given).
+# at the end, unless given); TRITON_CACHE_DIR is unset, so Triton's kernels go there too and
+# the warm start finds none the cold one left elsewhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 size=full steps=5 full_steps=50 warm_up_steps=4 frames=() device=(--device cuda) renders=()
@@ -134,10 +135,12 @@ step profile "$python" benchmarks/step_profile.py "${common[@]}" "${device[@]}" 
   --out "$out"
 step speed-modes "$python" benchmarks/speed_modes.py "${common[@]}" --modes faster,default \
   --steps "$full_steps" --warm-up-steps "$warm_up_steps" "${frames[@]}" --out "$out"
-STEP_CAP=$cold_cap FRESH=$(fresh_for cold) step compile-cold env TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
+STEP_CAP=$cold_cap FRESH=$(fresh_for cold) step compile-cold \
+  env -u TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR="$(inductor_for cold)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start cold --steps "$steps" \
   "${renders[@]}" --weights "$scratch/weights" --profile-steps 2 --out "$out"
-FRESH=$(fresh_for warm) step compile-warm env TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
+FRESH=$(fresh_for warm) step compile-warm \
+  env -u TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR="$(inductor_for warm)" \
   "$python" benchmarks/compile_setup.py "${common[@]}" --start warm --steps "$steps" \
   "${renders[@]}" --weights "$scratch/weights" --out "$out"
 step attention "$python" benchmarks/transformer_step.py "${common[@]}" "${device[@]}" \
