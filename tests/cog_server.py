@@ -41,7 +41,9 @@ Inputs, as the schema-validating server sees them:
 - A request body over 100 MiB gets 413 "Failed to buffer the request body: length limit
   exceeded".
 - Errors raised in run() come back as failed predictions with
-  `error = "Prediction failed: Prediction failed: <ExceptionType>: <message>"`.
+  `error = "Prediction failed: Prediction failed: <ExceptionType>: <message>"` and empty
+  `logs`, whatever run() logged first. The server's log has every line the predictor
+  logged, tagged `prediction_id=<id>` (`prediction_log`).
 
 Async, uploads and cancel:
 
@@ -78,6 +80,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -424,6 +427,12 @@ class CogServer:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def prediction_log(self, prediction_id: str) -> str:
+        """The server's log lines tagged with `prediction_id`: what the predictor logged for
+        it, which a failed synchronous prediction does not answer with."""
+        tag = re.compile(rf"\sprediction_id={re.escape(prediction_id)}(\s|$)")
+        return "\n".join(line for line in self.log_text().splitlines() if tag.search(line))
 
     def log_tail(self, lines: int = 60) -> str:
         try:

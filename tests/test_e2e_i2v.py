@@ -152,7 +152,7 @@ def test_interpolate_where_the_deployment_did_not_enable_it_is_refused_naming_th
     response = server.predict({**FAST, "image": image, "interpolate": "2x"})
     assert response["status"] == "failed"
     assert "COGVIDEOX_INTERPOLATE=1" in response["error"]
-    assert "step 1/" not in (response.get("logs") or "")  # refused before any work
+    assert "step 1/" not in server.prediction_log(response["id"])  # refused before any work
     server.wait_idle(timeout=10)
     assert server.status() == "READY"
 

@@ -143,7 +143,7 @@ def test_upscale_where_the_deployment_did_not_enable_it_is_refused_naming_the_va
     response = server.predict({**FAST, "video": _clip(tmp_path, 9, 8), "upscale": "4x"})
     assert response["status"] == "failed"
     assert "COGVIDEOX_UPSCALE=1" in response["error"]
-    assert "step 1/" not in (response.get("logs") or "")  # refused before any work
+    assert "step 1/" not in server.prediction_log(response["id"])  # refused before any work
     server.wait_idle(timeout=10)
     assert server.status() == "READY"
 
