@@ -498,6 +498,24 @@ def test_lora_metadata_that_is_not_a_json_object_is_refused(tmp_path, text, prob
         read_lora(tmp_path / LORA)
 
 
+def test_lora_metadata_with_a_null_lora_alpha_is_refused_as_not_a_number(tmp_path):
+    metadata = {METADATA_KEY: json.dumps({"transformer.lora_alpha": None})}
+    save_file(_pair("transformer.proj_out"), tmp_path / LORA, metadata=metadata)
+    with pytest.raises(LoraError, match="the LoRA's metadata has lora_alpha=None, not a number"):
+        read_lora(tmp_path / LORA)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"lora_alpha": 10**400}, {"lora_alpha": 4, "alpha_pattern": {"proj_out": 10**400}}],
+    ids=["alpha", "pattern"],
+)
+def test_lora_metadata_with_an_integer_past_the_range_of_floats_is_refused(tmp_path, config):
+    save_file(_pair("proj_out"), tmp_path / LORA, metadata={METADATA_KEY: json.dumps(config)})
+    with pytest.raises(LoraError, match="the LoRA's metadata has "):
+        read_lora(tmp_path / LORA)
+
+
 def test_a_lora_mixing_keys_with_and_without_the_transformer_prefix_is_refused(tmp_path):
     """Its alpha would follow one layout's convention for layers saved in the other."""
     tensors = {

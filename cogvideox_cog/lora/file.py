@@ -147,8 +147,8 @@ def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
         raise LoraError(f"the LoRA's {METADATA_KEY} metadata is not a JSON object.")
     config = {k.removeprefix(PREFIX): v for k, v in stored.items()}
     alpha = config.get("lora_alpha")
-    if alpha is not None and not _finite(alpha):
-        raise LoraError(f"the LoRA's metadata has lora_alpha={alpha!r}, not a number.")
+    if "lora_alpha" in config and not _finite(alpha):  # null too: read_lora takes it as given
+        raise LoraError(f"the LoRA's metadata has lora_alpha={str(alpha)[:100]}, not a number.")
     pattern = config.get("alpha_pattern") or {}
     if not isinstance(pattern, dict) or not all(_finite(v) for v in pattern.values()):
         raise LoraError(
@@ -170,7 +170,12 @@ def _adapter_metadata(metadata: dict[str, str]) -> dict | None:
 
 
 def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer past float's range
+        return False
 
 
 def _ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
