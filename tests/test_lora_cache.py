@@ -187,7 +187,8 @@ def test_cache_evicts_the_least_recently_used_past_its_bound(served, tmp_path):
     )
     a = cache.get(server.url("a.safetensors"))
     b = cache.get(server.url("b.safetensors"))
-    os.utime(b, (time.time() - 60, time.time() - 60))  # b used a minute ago
+    os.utime(a, (time.time() - 120, time.time() - 120))  # a fetched first, two minutes ago
+    os.utime(b, (time.time() - 60, time.time() - 60))  # b a minute ago
     assert cache.get(server.url("a.safetensors")) == a  # a used now
     c = cache.get(server.url("c.safetensors"))
     assert a.exists() and c.exists() and not b.exists()
@@ -766,12 +767,16 @@ def test_eviction_follows_the_last_use_not_the_download(tmp_path):
     """Eviction goes by last use, not by download: a LoRA fetched long ago but asked for now
     stays, and the one untouched since is evicted."""
     size = len(_lora_bytes(1))
-    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=size + size // 2, timeout_s=30)
+    bound = 2 * size + size // 2
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=bound, timeout_s=30)
     blobs = {}
     for seed, (name, age) in enumerate((("old", 120), ("recent", 60)), 1):
         blobs[name] = _cached(cache, f"https://example.com/{name}.safetensors", seed)
         os.utime(blobs[name], (time.time() - age, time.time() - age))
     assert cache.get("https://example.com/old.safetensors") == blobs["old"]
+    # The next get() lets go of old: the hold, not its last use, would keep it otherwise.
+    _cached(cache, "https://example.com/new.safetensors", 3)
+    cache.get("https://example.com/new.safetensors")
     cache.evict()
     assert blobs["old"].exists() and not blobs["recent"].exists()
 
