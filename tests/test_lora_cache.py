@@ -203,6 +203,9 @@ def test_interrupted_download_resumes_and_gives_the_whole_file(served, cache):
     _serve(root, "a.safetensors", data)
     server.drop_at("a.safetensors", len(data) // 2)
     assert cache.get(server.url("a.safetensors")).read_bytes() == data
+    assert server.bytes_sent == len(data) + 1  # every byte once (and the 1-byte probe)
+    resumed = ("GET", "a.safetensors", f"bytes={len(data) // 2}-{len(data) - 1}")
+    assert server.requests[-1] == resumed  # from where the connection dropped
 
 
 def test_truncated_download_is_never_published(served, cache):
