@@ -897,12 +897,15 @@ def test_reverifying_replaces_an_entry_that_changed_since_its_old_marker(
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda m: m.update(files=[]),
-        lambda m: m["files"].update({"model_index.json": 7}),
-        lambda m: m["files"]["model_index.json"].update(size="7"),
-        lambda m: m.update(root="/"),
+        lambda m, entry, outside: m.update(files=[]),
+        lambda m, entry, outside: m["files"].update({"model_index.json": 7}),
+        lambda m, entry, outside: m["files"]["model_index.json"].update(size="7"),
+        # Roots naming a folder outside the entry that holds every recorded file at its size:
+        # only the marker's shape check keeps setup from loading that folder.
+        lambda m, entry, outside: m.update(root=str(outside)),
+        lambda m, entry, outside: m.update(root=os.path.relpath(outside, entry)),
     ],
-    ids=["files-a-list", "entry-a-number", "size-a-string", "absolute-root"],
+    ids=["files-a-list", "entry-a-number", "size-a-string", "absolute-root", "root-up-and-out"],
 )
 def test_a_marker_of_the_wrong_shape_is_replaced_like_a_missing_one(
     served, cache, tiny, monkeypatch, damage
@@ -910,7 +913,7 @@ def test_a_marker_of_the_wrong_shape_is_replaced_like_a_missing_one(
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     root = ensure_weights(VARIANT)
     marker = json.loads((root / COMPLETE_MARKER).read_text())
-    damage(marker)
+    damage(marker, root, tiny)
     (root / COMPLETE_MARKER).write_text(json.dumps(marker))
     sent = served.bytes_sent
     assert _same_tree(tiny, ensure_weights(VARIANT))
