@@ -581,6 +581,32 @@ def test_an_intact_cached_entry_that_fails_to_load_is_kept(served, cache, monkey
     assert _markers(cache) == [root / COMPLETE_MARKER]
 
 
+def test_an_entry_another_setup_replaced_while_this_one_failed_to_load_is_not_discarded(
+    served, cache, monkeypatch
+):
+    """Its marker changed between this setup's look and its failed load: the entry is the
+    other setup's fresh copy (pget's here, with no sha256 recorded), loaded as it is."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    loads = []
+
+    def replaced_meanwhile(loaded: Path) -> Path:
+        loads.append(loaded)
+        if len(loads) == 1:
+            marker = json.loads((root / COMPLETE_MARKER).read_text())
+            for file in marker["files"].values():
+                file["sha256"] = None
+            (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+            raise KeyError("norm")
+        return loaded
+
+    sent = served.bytes_sent
+    assert weights.load_weights(VARIANT, replaced_meanwhile) == root
+    assert loads == [root, root]
+    assert served.bytes_sent == sent
+    assert _markers(cache) == [root / COMPLETE_MARKER]
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "just-downloaded"])
 def test_weights_are_kept_when_loading_fails_on_a_missing_package(
     served, cache, monkeypatch, cached
