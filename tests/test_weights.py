@@ -289,8 +289,12 @@ def test_a_variant_without_public_tar_says_how_to_supply_weights(cache):
 def test_a_changed_source_does_not_reuse_another_sources_cache(served, cache, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     first = ensure_weights(VARIANT)
+    sent = served.bytes_sent
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("wrapped.tar"))
-    assert ensure_weights(VARIANT) != first
+    second = ensure_weights(VARIANT)
+    assert second != first
+    # The new source's own files, fetched: not the other entry's, taken over or in place.
+    assert second.name == "model_cache" and served.bytes_sent > sent
 
 
 # A cache that never lies.
