@@ -586,7 +586,7 @@ def test_an_intact_cached_entry_that_fails_to_load_is_kept(served, cache, monkey
 
 
 def test_an_entry_another_setup_replaced_while_this_one_failed_to_load_is_not_discarded(
-    served, cache, monkeypatch
+    served, cache, monkeypatch, caplog
 ):
     """Its marker changed between this setup's look and its failed load: the entry is the
     other setup's fresh copy (pget's here, with no sha256 recorded), loaded as it is."""
@@ -609,6 +609,8 @@ def test_an_entry_another_setup_replaced_while_this_one_failed_to_load_is_not_di
     assert loads == [root, root]
     assert served.bytes_sent == sent
     assert _markers(cache) == [root / COMPLETE_MARKER]
+    assert "another setup replaced it meanwhile: loading its copy" in caplog.text
+    assert "discarded, fetching it again" not in caplog.text
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "just-downloaded"])

@@ -106,16 +106,21 @@ def load_healing(
         if resolved.entry is None:
             raise  # the user's own folder, used in place: nothing to fetch again
         _keep_if_not_the_files(resolved, error)
-        _discard_unchanged(resolved)
+        discarded = _discard_unchanged(resolved)
         if resolved.marker is None:  # fetched just now: the source itself is bad
             raise WeightsError(
                 f"the weights just downloaded from {download.shown(resolved.source)} failed to "
                 f"load: {error!r}. They were discarded. Check the source, or set {setting} to "
                 f"another copy."
             ) from error
+        done = (
+            "discarded, fetching it again"
+            if discarded
+            else "another setup replaced it meanwhile: loading its copy"
+        )
         log.warning(
             f"weights: {resolved.entry} passed its cache checks but failed to load "
-            f"({error!r}): discarded, fetching it again"
+            f"({error!r}): {done}"
         )
     resolved = resolve()
     try:
@@ -169,8 +174,9 @@ def _out_of_memory(error: Exception) -> bool:
     )
 
 
-def _discard_unchanged(resolved: Resolved) -> None:
-    """Discard the entry that failed to load, unless another setup replaced it meanwhile."""
+def _discard_unchanged(resolved: Resolved) -> bool:
+    """Discard the entry that failed to load, unless another setup replaced it meanwhile;
+    whether it was discarded."""
     assert resolved.entry is not None
     with cache.entry_lock(resolved.entry):
         try:
@@ -179,6 +185,8 @@ def _discard_unchanged(resolved: Resolved) -> None:
             marker = None
         if resolved.marker is None or marker == resolved.marker:
             cache.discard(resolved.entry)
+            return True
+    return False
 
 
 def check_settings(variant: Variant) -> Manifest:
