@@ -73,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner: FileServer = self.server.owner
         name = unquote(urlsplit(self.path).path).lstrip("/")
         path = owner.directory / name
-        owner._log(self.command, name, self.headers.get("Range"))
+        owner._log(self.command, name, self.headers.get("Range"), urlsplit(self.path).query)
         if not name or ".." in Path(name).parts or not path.is_file():
             self._error(404)
             return
@@ -193,6 +193,7 @@ class FileServer:
         self.ranges, self.etag, self.last_modified = ranges, etag, last_modified
         self.chunked = chunked
         self.requests: list[tuple[str, str, str | None]] = []  # (method, name, Range header)
+        self.queries: list[str] = []  # each request's query string, in the same order
         self._bytes_sent = 0
         self._faults: dict[str, list[_Fault]] = {}
         self._replace_after: dict[str, int] = {}
@@ -307,9 +308,10 @@ class FileServer:
         with self._lock:
             self._bytes_sent += sent
 
-    def _log(self, method: str, name: str, byte_range: str | None) -> None:
+    def _log(self, method: str, name: str, byte_range: str | None, query: str) -> None:
         with self._lock:
             self.requests.append((method, name, byte_range))
+            self.queries.append(query)
 
 
 def main() -> None:

@@ -1110,7 +1110,8 @@ def test_a_presigned_urls_query_string_is_never_logged(served, cache, monkeypatc
     assert f"fetching cogvideox-5b from {shown}" in caplog.text
     assert "retry 1/3" in caplog.text
     assert "X-Amz" not in caplog.text + str(failed.value)
-    assert all(r[1] == "model.tar" for r in served.requests)  # the server saw the whole URL
+    assert all(r[1] == "model.tar" for r in served.requests)
+    assert served.queries and set(served.queries) == {secret}  # the server saw the whole URL
 
 
 def test_a_url_with_its_scheme_in_capitals_is_downloaded(served, cache, tiny, monkeypatch):
