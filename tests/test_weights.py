@@ -1135,6 +1135,7 @@ def test_a_renewed_presigned_url_finds_the_weights_already_fetched(served, cache
     assert served.bytes_sent == sent
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url(f"model.tar?v=3&{signed.format('bb')}"))
     assert ensure_weights(VARIANT) != first  # another query names another file
+    assert served.bytes_sent > sent  # fetched from it, not taken over from the other entry
 
 
 @pytest.mark.parametrize(
