@@ -56,8 +56,8 @@ def remove_untouched(folder: Path, pattern: str, older_than_s: float) -> int:
                 if time.time() - path.lstat().st_mtime > older_than_s:
                     path.unlink()
                     removed += 1
-            except FileNotFoundError:  # removed by another process meanwhile
-                continue
-            except PermissionError:  # another user's, in a shared folder: the rest still go
+            # Removed by another process meanwhile, or another user's in a shared folder: the
+            # rest still go.
+            except (FileNotFoundError, PermissionError):
                 continue
     return removed

@@ -201,7 +201,7 @@ def check_weights_match(pipe, variant: Variant) -> None:
     use = (
         f"Set {MODEL_ENV} to the weights' variant, or"
         if task == variant.task
-        else f"They are for {' or '.join(_TASK_PREDICTORS[task])}; here, set"
+        else f"They are for {' or '.join(_predictors_of(task))}; here, set"
     )
     raise VariantError(
         f"the weights are a CogVideoX {family} {size.upper()} {TASK_NAMES[task]} model "
@@ -210,11 +210,9 @@ def check_weights_match(pipe, variant: Variant) -> None:
     )
 
 
-# The predictors that serve a task's weights (video-to-video runs text-to-video weights).
-_TASK_PREDICTORS: dict[Task, tuple[str, ...]] = {
-    "t2v": (PREDICTOR_FILES["t2v"], PREDICTOR_FILES["v2v"]),
-    "i2v": (PREDICTOR_FILES["i2v"],),
-}
+def _predictors_of(task: Task) -> list[str]:
+    """The predictors that serve a task's weights (video-to-video runs text-to-video's)."""
+    return [PREDICTOR_FILES[mode] for mode, served in MODE_TASK.items() if served == task]
 
 
 def configure_pipeline(

@@ -93,7 +93,7 @@ def load_video(
             conversions.append(conversion(frame))
             upright = _rgb(frame, transforms[-1], sdr=convert_colour and bool(conversions[-1]))
             turned = transforms[-1] in _SWAPS_SIDES
-            return _fit_shown(upright, height, width, 1 / pixel_aspect if turned else pixel_aspect)
+            return fit_image(upright, height, width, 1 / pixel_aspect if turned else pixel_aspect)
 
         picked, decoded, read, start, end, damage = _pick_frames(
             container, stream, targets, source_rate, prepare
@@ -143,19 +143,6 @@ def _pixel_aspect(stream) -> Fraction:
     where it says nothing."""
     ratio = stream.sample_aspect_ratio
     return Fraction(ratio) if ratio and ratio > 0 else Fraction(1)
-
-
-def _fit_shown(image: Image.Image, height: int, width: int, pixel_aspect: Fraction):
-    """fit_image on the picture as players show it, its pixels pixel_aspect times as wide as
-    high: scaled and cropped in one step, so a stretched copy is never made."""
-    if pixel_aspect == 1:
-        return fit_image(image, height, width)
-    shown_width = image.width * pixel_aspect
-    scale = max(width / shown_width, height / image.height)
-    crop_width, crop_height = float(width / scale / pixel_aspect), height / scale
-    left, top = (image.width - crop_width) / 2, (image.height - crop_height) / 2
-    box = (left, top, left + crop_width, top + crop_height)
-    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def _open(path: Path | str):

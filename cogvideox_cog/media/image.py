@@ -10,6 +10,7 @@ import io
 import logging
 import mmap
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,16 @@ def _key_as_alpha(image: Image.Image, key: int | tuple[int, ...]) -> Image.Image
     return coloured
 
 
-def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale to cover (height, width) and crop the centre: no stretching, no borders."""
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+def fit_image(
+    image: Image.Image, height: int, width: int, pixel_aspect: Fraction | int = 1
+) -> Image.Image:
+    """Scale to cover (height, width) and crop the centre: no stretching, no borders.
+    pixel_aspect: how many times as wide as high a pixel is shown (a video's, 1 for images);
+    the picture is fitted at that shape in one resize, so a stretched copy is never made."""
+    if pixel_aspect == 1:
+        return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    scale = max(width / (image.width * pixel_aspect), height / image.height)
+    crop_width, crop_height = float(width / scale / pixel_aspect), height / scale
+    left, top = (image.width - crop_width) / 2, (image.height - crop_height) / 2
+    box = (left, top, left + crop_width, top + crop_height)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
