@@ -20,8 +20,10 @@ a gateway that cuts a JavaScript string sends it), "quoted-cut" (the rewrite in 
 the cap before its closing one); a reasoning model served without a reasoning parser: "think"
 (its thoughts in <think> tags before the rewrite, as Qwen3's), "think-open" (only the closing
 tag, the template having opened it, as DeepSeek-R1's), "think-cut" (still thinking at the cap);
-"no-choices" (a 200 whose choice list is empty), "completion" (a choice in the older
-completions shape: `text`, no `message`), "endless" (a 200 whose body never ends);
+"filtered" (the rewrite cut short by the provider's content filter: finish_reason
+"content_filter", as Azure OpenAI answers); "no-choices" (a 200 whose choice list is empty),
+"completion" (a choice in the older completions shape: `text`, no `message`), "endless" (a
+200 whose body never ends);
 broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
 200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off).
 """
@@ -39,7 +41,7 @@ FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
     "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal", "echo-refusal",
     "echo-apology", "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http",
-    "cut-body", "cut-error", "quoted-cut", "think", "think-open", "think-cut",
+    "cut-body", "cut-error", "quoted-cut", "think", "think-open", "think-cut", "filtered",
 )  # fmt: skip
 
 
@@ -50,7 +52,13 @@ THOUGHTS = (
 )
 
 
-CUT_FAULTS = ("cut", "quoted-cut", "think-cut")  # answered with finish_reason "length"
+# Answered with another finish_reason than "stop": the cap's, or the content filter's.
+FINISH_REASONS = {
+    "cut": "length",
+    "quoted-cut": "length",
+    "think-cut": "length",
+    "filtered": "content_filter",
+}
 
 
 def rewrite_of(prompt: str) -> str:
@@ -187,7 +195,7 @@ class ChatServer:
             content = f"<think>\n{THOUGHTS} Then the"
         elif fault == "quoted-cut":
             content = f'"{content}'
-        if fault in ("cut", "quoted-cut"):
+        if fault in ("cut", "quoted-cut", "filtered"):
             content += " Then the cat turns its head toward the"
         message = {"role": "assistant", "content": content}
         if fault == "refusal":
@@ -206,7 +214,7 @@ class ChatServer:
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": "length" if fault in CUT_FAULTS else "stop",
+                    "finish_reason": FINISH_REASONS.get(fault, "stop"),
                 }
             ],
         }

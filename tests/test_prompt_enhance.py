@@ -297,6 +297,17 @@ def test_a_refusal_fails_quoting_it_instead_of_becoming_the_prompt(endpoint, cha
     assert REFUSAL in str(failed.value)
 
 
+def test_a_rewrite_the_content_filter_cut_short_fails_instead_of_becoming_the_prompt(
+    endpoint, chat
+):
+    """finish_reason "content_filter" (Azure OpenAI's filter, say): what text came back is a
+    part of the caption, not a caption cut at the cap."""
+    chat.fault = "filtered"
+    with pytest.raises(EnhanceError, match=r"content filter stopped the rewrite") as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert "enhance_prompt=false" in str(failed.value)
+
+
 @pytest.mark.parametrize(
     "rewrite",
     [

@@ -80,14 +80,20 @@ class EndpointRewriter:
             refusal = message.get("refusal")  # OpenAI's, in place of the content
             if isinstance(refusal, str) and refusal.strip():  # taken out before it is cut
                 raise EnhanceError(refused(self.name, _redacted(refusal, key)))
+            reason = answer.get("finish_reason")
+            if reason == "content_filter":  # what text there is, the filter cut short
+                raise EnhanceError(
+                    f"{self.name}'s content filter stopped the rewrite (finish_reason "
+                    f"'content_filter'): the caption was cut short or withheld. Rephrase the "
+                    f"prompt, or send enhance_prompt=false to make the video from it as it is."
+                )
             text = message.get("content")
             if not isinstance(text, str) or not text.strip():
-                reason = answer.get("finish_reason")
                 raise EnhanceError(f"{self.name} answered with no text (finish_reason {reason!r})")
         except EnhanceError as error:  # whatever part of the answer it quotes
             raise EnhanceError(_redacted(str(error), key)) from None
         text = _redacted(_LONE_SURROGATE.sub("", text), key)  # it is logged, and may be quoted
-        return Reply(text, cut=answer.get("finish_reason") == "length")
+        return Reply(text, cut=reason == "length")
 
     def _post(self, body: dict, api_key: str | None) -> dict:
         """The endpoint's JSON answer, all of it within the timeout (connecting, headers and
