@@ -104,6 +104,22 @@ def test_whole_sentences_does_not_end_at_a_decimal_point():
     assert whole_sentences("A cat sits. It is 2.5 m tall and walks") == "A cat sits."
 
 
+@pytest.mark.parametrize(
+    ("cut", "kept"),
+    [
+        ('A sign reads "Open." A cat walks toward the', 'A sign reads "Open."'),
+        (
+            "A cat sits. A sign says \u201cOpen!\u201d It walks",
+            "A cat sits. A sign says \u201cOpen!\u201d",
+        ),
+        ("A cat naps (a tabby.) It", "A cat naps (a tabby.)"),
+    ],
+)
+def test_whole_sentences_keeps_a_sentence_that_ends_inside_quotes_or_brackets(cut, kept):
+    """American style puts the full stop inside the closing quote: `reads "Open."`."""
+    assert whole_sentences(cut) == kept
+
+
 def test_whole_sentences_keeps_text_without_a_full_stop():
     assert whole_sentences("a cat sits on a") == "a cat sits on a"
 

@@ -167,8 +167,9 @@ def _without_unclosed_quote(text: str) -> str:
 
 
 def whole_sentences(text: str) -> str:
-    """`text` up to its last full stop, question or exclamation mark; all of it if none."""
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    """`text` up to its last full stop, question or exclamation mark (with the quotes or
+    brackets that close after it: `reads "Open."`); all of it if none."""
+    ends = [m.end() for m in re.finditer(r"[.!?][\"'\u201d\u2019)\]]*(?=\s|$)", text)]
     return text[: ends[-1]] if ends else text
 
 
