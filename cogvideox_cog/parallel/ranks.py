@@ -200,8 +200,9 @@ def collective_timeout() -> timedelta:
 
     The longest wait that is not a fault: the other ranks at rank 0's broadcast while it
     downloads a LoRA (COGVIDEOX_LORA_TIMEOUT) and rewrites the prompt
-    (COGVIDEOX_ENHANCE_TIMEOUT, twice: an endpoint's connection and its answer each have
-    it). NCCL's default, 10 minutes, is the LoRA download's own default, so NCCL's watchdog
+    (COGVIDEOX_ENHANCE_TIMEOUT, which bounds an endpoint's whole exchange or a local model's
+    generation; counted twice, for what lies outside it, such as a local model's move to the
+    GPU). NCCL's default, 10 minutes, is the LoRA download's own default, so NCCL's watchdog
     would kill the waiting ranks before rank 0 reported a slow URL; gloo's 30 minutes is
     kept as the floor. A rank that dies is noticed at once anyway (its process ends).
     """
