@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ from tests.parallel_ranks import join_ranks, spawn_ranks
 BOUND_S = 0.5
 REQUEST = Request("a panda plays guitar", "", 9, 2, 6.0, None, None, seed=5)
 PROGRESS_EVERY_S = 0.1
+HUNG_S = 20 * BOUND_S  # when a hung rank answers: past every bound here
 
 
 def _answer_after(
@@ -81,21 +83,24 @@ def _group_answering(
     answers: list[tuple[float | None, object]],
     rank_0_first: tuple = (),
     rank_0_progress_s: float = 0.0,
+    reading: tuple[int, ...] = (),
 ) -> Iterator[group.RankGroup]:
     """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds (None: in
-    answer to each command it gets); rank 0 first sends `rank_0_first` at once, then
-    Progress every PROGRESS_EVERY_S for `rank_0_progress_s` (its delay counts from then).
-    Its processes are stopped on the way out."""
+    answer to each command it gets); the `reading` ranks first say Reading, and rank 0 then
+    sends `rank_0_first` at once, then Progress every PROGRESS_EVERY_S for
+    `rank_0_progress_s` (its delay counts from then). Its processes are stopped on the way
+    out."""
     context = multiprocessing.get_context("fork")
     ranks = group.RankGroup.__new__(group.RankGroup)
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
     ranks._cancel = context.Event()
     ranks._processes, ranks._conns = [], []
-    ranks._steps, ranks._progressed, ranks._reading = group._StepClock(), None, set()
+    ranks._steps, ranks._progressed, ranks._reading = group._StepClock(), None, {}
     ranks._unsettled = None
     for rank, (delay, answer) in enumerate(answers):
         ours, theirs = context.Pipe()
         said_first, progress_s = (rank_0_first, rank_0_progress_s) if rank == 0 else ((), 0.0)
+        said_first = ((Reading(rank),) if rank in reading else ()) + said_first
         process = context.Process(
             target=_answer_after, args=(theirs, delay, answer, said_first, progress_s)
         )
@@ -212,6 +217,47 @@ def test_a_rank_past_its_inputs_is_held_to_the_failures_grace(monkeypatch):
         pytest.raises(RankGroupError, match=r"ranks \[0\] did not finish"),
     ):
         ranks._outcomes({})
+
+
+def test_ranks_hung_reading_their_inputs_after_a_cancel_are_stuck(monkeypatch):
+    """A clip that hangs the decoder (or a file whose read blocks) holds every rank before its
+    first step, where the cancel flag would be read. A read longer than a collective may wait
+    has hung: the cancel ends and the health check fails, rather than the server staying
+    busy for good."""
+    monkeypatch.setattr(group, "collective_timeout", lambda: timedelta(seconds=BOUND_S))
+    answers = [(HUNG_S, Canceled(0, 0)), (HUNG_S, Canceled(1, 0))]
+    stuck = r"ranks \[0, 1\] did not finish reading the inputs within \d+ s: stuck"
+    with (
+        _group_answering(answers, reading=(0, 1)) as ranks,
+        pytest.raises(RankGroupError, match=stuck),
+    ):
+        ranks._outcomes({}, bound=BOUND_S)
+    assert "stuck" in ranks.failure
+
+
+def test_a_rank_hung_reading_its_inputs_after_another_refused_them_is_stuck(monkeypatch):
+    """Rank 1 refused the clip; rank 0, reading it for longer than a collective may wait, has
+    hung and will never refuse it."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    monkeypatch.setattr(group, "collective_timeout", lambda: timedelta(seconds=BOUND_S))
+    short = InputError("video is too short")
+    answers = [(HUNG_S, Failed(0, short)), (0.0, Failed(1, short))]
+    stuck = r"ranks \[0\] did not finish reading the inputs within \d+ s: stuck"
+    with (
+        _group_answering(answers, reading=(0,)) as ranks,
+        pytest.raises(RankGroupError, match=stuck),
+    ):
+        ranks._outcomes({})
+
+
+def test_a_rank_still_reading_a_long_clip_after_a_cancel_is_waited_for_past_the_bound():
+    """The ranks read the cancel flag after a step, past the inputs: one reading a long clip
+    then stops after its first step, as the others do."""
+    answers = [(3 * BOUND_S, Canceled(0, 0)), (3 * BOUND_S, Canceled(1, 0))]
+    outcomes = {}
+    with _group_answering(answers, reading=(0, 1)) as ranks:
+        ranks._outcomes(outcomes, bound=BOUND_S)
+    assert set(outcomes) == {0, 1} and ranks.failure is None
 
 
 def test_a_rank_failing_alone_asks_the_others_to_stop(monkeypatch):

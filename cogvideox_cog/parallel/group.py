@@ -56,6 +56,7 @@ from .protocol import (
     SetupFailed,
     StepEnded,
 )
+from .ranks import collective_timeout
 
 log = logging.getLogger(__name__)
 relayed = logging.getLogger("cogvideox_cog")  # rank 0's lines, logged as it logged them
@@ -103,7 +104,7 @@ class RankGroup:
         self._unsettled: tuple[_Handout, dict[int, Outcome], int | None] | None = None
         self._steps = _StepClock()  # of the command being answered
         self._progressed: float | None = None  # rank 0's last Progress in that command
-        self._reading: set[int] = set()  # the ranks reading that command's inputs
+        self._reading: dict[int, float] = {}  # rank: when it began reading that command's inputs
 
     @classmethod
     def start(cls, mode: Mode, world_size: int) -> RankGroup:
@@ -166,7 +167,7 @@ class RankGroup:
         self._cancel.clear()
         render, outcomes = _Handout(Render(request), self._conns), {}
         self._unsettled, self._steps = (render, outcomes, None), _StepClock()
-        self._progressed, self._reading = None, set()
+        self._progressed, self._reading = None, {}
         try:
             self._outbox.send(render)
             self._outcomes(outcomes)
@@ -239,8 +240,9 @@ class RankGroup:
     ) -> None:
         """Each rank's outcome of the request (of the first `answering` ranks') into
         `outcomes`, relaying rank 0's log lines and metrics. With a `bound`, ranks still
-        at work past it are stuck, unless a step is under way that may still end, or rank 0
-        reported Progress within the last `bound` seconds."""
+        at work past it are stuck, unless a step is under way that may still end, rank 0
+        reported Progress within the last `bound` seconds, or they are all still reading the
+        inputs."""
         waiting = time.monotonic()
         deadline = None if bound is None else waiting + bound
         answering = answering or self.world_size
@@ -249,8 +251,13 @@ class RankGroup:
             if deadline is not None and now > self._extended(deadline, bound):
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
                 # A rank still reading a long clip is slow, not stuck: it fails as the others
-                # did, or reaches the collectives, where it is held to the bound.
-                if not _working_alone(missing, outcomes) and not self._reading >= set(missing):
+                # did, or reaches the collectives, where it is held to the bound. Unless it
+                # reads for longer than a collective may wait: then it has hung (_reading_s).
+                reading_s = self._reading_s(missing, now)
+                if reading_s is not None and reading_s > collective_timeout().total_seconds():
+                    read = f"reading the inputs within {reading_s:.0f} s"
+                    self._break(f"ranks {missing} did not finish {read}: stuck")
+                if not _working_alone(missing, outcomes) and reading_s is None:
                     waited = f"within {now - waiting:.0f} s{_after_failure(outcomes)}"
                     self._break(f"ranks {missing} did not finish {waited}: stuck")
             message = self._inbox.next(timeout=POLL_S)
@@ -265,9 +272,9 @@ class RankGroup:
             elif isinstance(message, Progress):
                 self._progressed = time.monotonic()
             elif isinstance(message, Reading):
-                self._reading.add(message.rank)
+                self._reading[message.rank] = time.monotonic()
             elif isinstance(message, Read):
-                self._reading.discard(message.rank)
+                self._reading.pop(message.rank, None)
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
             elif isinstance(message, _InboxFailed):
@@ -281,6 +288,16 @@ class RankGroup:
                     waiting, bound = time.monotonic(), FAILURE_GRACE_S
                     deadline = waiting + bound
             self._inbox.done()
+
+    def _reading_s(self, missing: list[int], now: float) -> float | None:
+        """How long the `missing` ranks have been reading the inputs (since the first of them
+        began), if all of them still are; else None. One that reads for longer than a
+        collective may wait (ranks.collective_timeout) has hung (a decoder's endless loop, a
+        read that blocks): no input the limits accept takes that long, and the other ranks,
+        waiting for it in their first collective, would time out."""
+        if not self._reading.keys() >= set(missing):
+            return None
+        return now - min(self._reading[rank] for rank in missing)
 
     def _extended(self, deadline: float, bound: float) -> float:
         """`deadline`, or later while a step may still be under way (_StepClock) or rank 0
