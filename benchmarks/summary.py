@@ -12,7 +12,9 @@ speed_modes.py record whether the transformer was quantised (`fp8`) and whether 
 cut short (`partial`). Records already in the summary
 stay unless a new one has the same key, so earlier GPU runs are never lost. The file's name
 is part of the key: each harness names its files apart, so a speed_modes.py render (no mp4
-encode) never replaces pipeline_speed.py's end-to-end total of the same request. Reads
+encode) never replaces pipeline_speed.py's end-to-end total of the same request. So is
+`compile_in_total`: a warm compiled prediction, written under the same file name, never
+replaces the total of one that compiled in its first step. Reads
 pipeline_speed.py, compile_setup.py, speed_modes.py and projections.py JSON files; other
 files are skipped.
 """
@@ -93,7 +95,8 @@ def records_of(data: dict, source: str) -> list[dict]:
 
 
 def key_of(record: dict) -> tuple:
-    return (*tuple(record.get(k) for k in KEY), record.get("start"), record.get("source"))
+    extra = ("start", "source", "compile_in_total")
+    return (*tuple(record.get(k) for k in KEY), *tuple(record.get(k) for k in extra))
 
 
 def merge(summary: Path, folders: list[Path]) -> list[dict]:

@@ -660,6 +660,26 @@ def test_summary_says_when_a_compiled_total_includes_the_compile():
     assert record in committed
 
 
+def test_summary_keeps_a_cold_compiled_total_beside_a_warm_one_of_the_same_file(tmp_path):
+    """pipeline_speed.py --compile now warms up before the measured prediction and writes
+    the same file name as the committed run that compiled in its first step (223 s): the
+    warm total is another figure, and must not take the cold one's place."""
+    from benchmarks import summary
+
+    folder = "benchmarks/results/gpu/cogvideox-5b-compiled"
+    cold = json.loads((ROOT / folder / "cogvideox-5b-full-none.json").read_text())
+    committed = json.loads((ROOT / "benchmarks/results/gpu/summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps(committed))
+    warm = cold | {"warm_up_seconds": 300.0, "phases": cold["phases"] | {"total_s": 81.5}}
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "cogvideox-5b-full-none.json").write_text(json.dumps(warm))
+    records = summary.merge(tmp_path / "summary.json", [new])
+    compiled = {r["total_seconds"] for r in records if r.get("compile_in_total") is not None}
+    assert compiled == {cold["phases"]["total_s"], 81.5}
+    assert len(records) == len(committed) + 1
+
+
 def test_summary_keeps_an_fp8_render_apart_from_the_bf16_one():
     """speed_modes.py --fp8 times the quantised transformer: its records say so."""
     from benchmarks import summary
