@@ -547,6 +547,8 @@ def set_up(args, variant: Variant, offload: str, device: torch.device, record: d
     record.update(height=height, width=width)
     record["setup_seconds"] = time.perf_counter() - setup_started
     if compiled:
+        # Which compile the steps were timed with: projections.py names it in its basis.
+        record["compiled_as"] = "regional" if pipe.transformer._repeated_blocks else "whole-model"
         # As VideoGenerator.from_env: the compiling happens in setup, so the run is warm.
         warm_up_started = time.perf_counter()
         generator.warm_up()

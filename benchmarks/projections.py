@@ -16,6 +16,10 @@ The speed modes are projected from the eager step, and with COGVIDEOX_COMPILE=1 
 compiled step: a bound, not an estimate, since they run each block's parts compiled, without
 the fusion across parts that the compiled step has (cogvideox_cog/speed.py). The records
 carry `measured: false` and their basis; summary.py merges them into summary.json.
+
+The basis names how the compiled run compiled (pipeline_speed.py's `compiled_as`): the
+committed run predates regional compilation and compiled the whole transformer as one graph,
+which COGVIDEOX_COMPILE=1 no longer does.
 """
 
 from __future__ import annotations
@@ -35,12 +39,19 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def compiled_as(run: dict) -> str:
+    """How a compiled pipeline_speed.py run compiled the transformer; a run that does not say
+    came before regional compilation, when COGVIDEOX_COMPILE=1 compiled it whole."""
+    return run.get("compiled_as", "whole-model")
+
+
 def projections(eager: dict, compiled: dict, counts: dict) -> list[dict]:
     """One record per (speed_mode, compiled) not measured end to end at 50 steps."""
     steps = eager["steps"]
     rest = eager["phases"]["total_s"] - eager["phases"]["denoise_s"]
     eager_step = eager["steps_s"]["median_after_first"]
     compiled_step = compiled["steps_s"]["median_after_first"]
+    measured_compiled = f"measured {compiled_as(compiled)} compiled step"
     gpu = eager["environment"]["gpu"]
     base = {
         "gpu": gpu,
@@ -59,7 +70,7 @@ def projections(eager: dict, compiled: dict, counts: dict) -> list[dict]:
             "compiled": True,
             "total_seconds": round(rest + steps * compiled_step, 1),
             "basis": f"{rest:.2f} s outside the denoise + {steps} x {compiled_step:.3f} s "
-            "(measured compiled step)",
+            f"({measured_compiled})",
         }
     ]
     for result in counts["results"]:
@@ -68,7 +79,7 @@ def projections(eager: dict, compiled: dict, counts: dict) -> list[dict]:
         fraction = result["projected_compute_fraction_full_size"]
         for compiled_parts, step, which in (
             (False, eager_step, "measured eager step"),
-            (True, compiled_step, "measured compiled step; at best, the parts lack its fusion"),
+            (True, compiled_step, f"{measured_compiled}; at best, the parts lack its fusion"),
         ):
             records.append(
                 base

@@ -512,6 +512,24 @@ def test_projected_times_are_summary_records_marked_not_measured(tmp_path):
     assert seconds["faster", True] < seconds["fast", True] < seconds["default", True]
 
 
+@pytest.mark.parametrize(("run_says", "basis_says"), [(None, "whole-model"), ("regional",) * 2])
+def test_a_compiled_projection_names_the_compile_its_step_was_measured_with(run_says, basis_says):
+    """The committed compiled 5B run compiled the whole transformer, before
+    COGVIDEOX_COMPILE=1 compiled each block: its projections must not read as the
+    per-block compile's, which no GPU has timed."""
+    from benchmarks import projections
+
+    compiled = json.loads(projections.COMPILED.read_text())
+    assert "compiled_as" not in compiled
+    if run_says:
+        compiled["compiled_as"] = run_says
+    eager = json.loads(projections.EAGER.read_text())
+    counts = json.loads(projections.COUNTS.read_text())
+    records = projections.projections(eager, compiled, counts)
+    for record in (r for r in records if r["compiled"]):
+        assert f"measured {basis_says} compiled step" in record["basis"], record
+
+
 @needs_cpp_compiler
 def test_compile_setup_cold_start_does_not_load_a_compile_cache_left_in_its_folder(
     tmp_path, caplog
