@@ -158,8 +158,9 @@ FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with fp8 matmuls
 
 def quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
     """Every Linear of the transformer to torchao's dynamic fp8: float8 weights, activations
-    quantised on the fly, one scale per row; the setting behind diffusers-torchao's published
-    CogVideoX-5B figures (87 s compiled bf16, 75 s compiled fp8 on an H100).
+    quantised on the fly, one scale per row. diffusers-torchao published this setting
+    (`fp8dqrow`) for CogVideoX-5B on an H100 at 76.7 s compiled, against 87.5 s compiled bf16;
+    its 75.3 s row (`fp8`) is another one, torchao's earlier `quantize_to_float8`.
 
     Benchmarks only: the predictors do not quantise until this is measured to pay.
     """
