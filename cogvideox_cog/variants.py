@@ -55,7 +55,8 @@ class Variant:
     # Free GPU memory (GiB) from which `auto` keeps the whole pipeline on the GPU, or else uses
     # model offload; below both, sequential offload. Each is the peak memory the CUDA allocator
     # reserved at the default frame count and resolution, measured on an H100
-    # (benchmarks/results/gpu/), plus 2 GiB for the CUDA context and fragmentation.
+    # (benchmarks/results/gpu/), plus about 2 GiB (to a half GiB) for the CUDA
+    # context and fragmentation.
     vram_no_offload_gib: float = 28.5  # cogvideox-5b: 26.4 GiB reserved without offload
     vram_model_offload_gib: float = 17.0  # cogvideox-5b: 15.1 GiB reserved with model offload
     # What decoding the default video without VAE tiling adds to the GPU peak, for
