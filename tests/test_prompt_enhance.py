@@ -840,8 +840,9 @@ def test_a_local_model_the_gpu_never_has_room_for_fails_setup(monkeypatch, tmp_p
     _gpu_with_free(monkeypatch, 2**20)
     with pytest.raises(
         ConfigError, match=f"{enhance.WEIGHTS_ENV}.*every enhance_prompt would fail"
-    ):
+    ) as refused:
         LocalRewriter.load(model, "tiny", torch.device("cuda"), video_peak_gib=None, timeout=5)
+    assert "COGVIDEOX_OFFLOAD" not in str(refused.value)  # offload is on already
 
 
 def test_setup_without_room_for_the_local_model_suggests_offload_where_it_is_off(
