@@ -54,7 +54,7 @@ def test_without_a_gpu_or_weights_url_it_serves_a_tiny_model_and_says_the_video_
     assert response["status"] == "succeeded", response.get("error")
     info = probe_mp4(save_data_uri(response["output"], tmp_path / "served.mp4"))
     assert (info["frames"], info["codec"]) == (9, "h264")
-    assert "the video is NOISE" in served.log_tail()
+    assert "the video is NOISE" in served.log_text()
 
 
 def test_a_relative_weights_dir_is_taken_from_the_repository_not_the_server_folder(
