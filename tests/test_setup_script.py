@@ -1,0 +1,68 @@
+"""script/setup keeps .venv usable: it rebuilds one that cannot run the pinned requirements.
+
+Each test runs the real script in a copy of the repository whose requirement files pin
+nothing, so a rebuild costs a `python -m venv` and no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PROJECT
+
+# The interpreter this suite's .venv was made from: a 3.11 that script/setup accepts.
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
+EMPTY_REQUIREMENTS = "# nothing pinned: these tests exercise the .venv itself\n"
+
+
+def _repository(tmp_path: Path) -> Path:
+    """A copy of script/setup and requirement files, in a folder whose name has a space."""
+    root = tmp_path / "a clone"
+    (root / "script").mkdir(parents=True)
+    shutil.copy2(PROJECT / "script" / "setup", root / "script" / "setup")
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        (root / name).write_text(EMPTY_REQUIREMENTS)
+    return root
+
+
+def _mark_installed(root: Path) -> None:
+    """Write the stamp a finished install leaves, for the current requirement files."""
+    wanted = hashlib.sha256(2 * EMPTY_REQUIREMENTS.encode()).hexdigest()
+    (root / ".venv" / ".requirements.sha256").write_text(wanted + "\n")
+
+
+def _setup(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": BASE_PYTHON, "PIP_NO_INDEX": "1"}
+    return subprocess.run(
+        ["bash", str(root / "script" / "setup")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_venv_whose_python_no_longer_runs_is_rebuilt(tmp_path):
+    """The interpreter it was made from was uninstalled (pyenv uninstall, a distribution
+    upgrade): its requirements stamp still matches, but nothing in it runs."""
+    root = _repository(tmp_path)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").symlink_to(tmp_path / "uninstalled" / "python3.11")
+    _mark_installed(root)
+
+    result = _setup(root)
+
+    assert result.returncode == 0, result.stderr
+    assert "rebuilding" in result.stderr
+    version = subprocess.run(
+        [str(root / ".venv" / "bin" / "python"), "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert version.stdout.strip() == "(3, 11)"
