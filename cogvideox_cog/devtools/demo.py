@@ -25,7 +25,8 @@ PROMPT = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    # No abbreviations: script/demo rewrites a relative --output, which it must recognise.
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--output", type=Path, default=Path("outputs/demo.mp4"))
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--steps", type=int, help="default: 50 on a GPU, 4 on the tiny model")
