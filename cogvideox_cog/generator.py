@@ -48,18 +48,19 @@ from .pipeline import (
     COMPILE_ENV,
     MODE_TASK,
     OFFLOAD_ENV,
-    VAE_TILING_ENV,
     Mode,
     check_compiled_if_flex,
     check_weights_match,
     choose_compile,
     choose_offload,
     choose_vae_tiling,
+    compile_setting,
     configure_pipeline,
     is_compiled,
     load_pipeline,
     no_offload_peak_gib,
     pipeline_dtype,
+    vae_tiling_setting,
 )
 from .postprocess import Postprocessed, Postprocessor, Steps
 from .prompts.endpoint import check_api_key
@@ -238,10 +239,10 @@ class VideoGenerator:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         resolution = inputs.resolution_setting()
         vae_tiling = choose_vae_tiling(
-            setting(VAE_TILING_ENV, "on"), variant, device, resized=resolution is not None
+            vae_tiling_setting(), variant, device, resized=resolution is not None
         )
         offload = choose_offload(setting(OFFLOAD_ENV, "auto"), variant, device, vae_tiling)
-        compiled = choose_compile(setting(COMPILE_ENV, "0"), device)
+        compiled = choose_compile(compile_setting(), device)
         attention = attention_backend(setting(ATTENTION_BACKEND_ENV))
         check_runs(attention, device, pipeline_dtype(variant, device))
         check_compiled_if_flex(attention, compiled)

@@ -23,6 +23,7 @@ from diffusers import (
 from .attention import ATTENTION_BACKEND_ENV, AttentionBackendName, use_dispatching_attention
 from .errors import ConfigError, VariantError
 from .logs import drop_diffusers_noise
+from .settings import setting
 from .variants import MODEL_ENV, PREDICTOR_FILES, TASK_NAMES, VARIANTS, Task, Variant
 from .weights import WEIGHTS_URL_ENV
 
@@ -83,6 +84,12 @@ def no_offload_peak_gib(variant: Variant, vae_tiling: bool) -> float:
     return variant.vram_no_offload_gib + untiled_extra
 
 
+def vae_tiling_setting() -> str:
+    """COGVIDEOX_VAE_TILING; unset, `on`: upstream decodes in tiles, and whole frames differ
+    from its frames where the tiles are blended."""
+    return setting(VAE_TILING_ENV, "on")
+
+
 def choose_vae_tiling(
     requested: str, variant: Variant, device: torch.device, resized: bool = False
 ) -> bool:
@@ -116,6 +123,12 @@ def tiling_for_free_memory(variant: Variant, free_gib: float, resized: bool = Fa
     if variant.vae_untiled_extra_gib is None or resized:
         return True
     return free_gib < no_offload_peak_gib(variant, vae_tiling=False)
+
+
+def compile_setting() -> str:
+    """COGVIDEOX_COMPILE; unset, `0`: upstream runs the transformer eagerly, and compiled
+    frames have not been compared with the reference at full size."""
+    return setting(COMPILE_ENV, "0")
 
 
 def choose_compile(requested: str, device: torch.device) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed import TCPStore
 
-from cogvideox_cog import postprocess, settings
+from cogvideox_cog import pipeline, postprocess, settings
 from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
 from cogvideox_cog.errors import ConfigError, WeightsError
 from cogvideox_cog.generator import VideoGenerator
@@ -264,6 +264,9 @@ READ_WHEN_UNSET = [
     (cache.FSYNC_ENV, cache.durable, _on),
     (postprocess.UPSCALE_ENV, lambda: postprocess._enabled(postprocess.UPSCALE_ENV), _on),
     (postprocess.INTERPOLATE_ENV, lambda: postprocess._enabled(postprocess.INTERPOLATE_ENV), _on),
+    # Unset, these two run upstream's reference path: tiled VAE decode, eager transformer.
+    (pipeline.VAE_TILING_ENV, pipeline.vae_tiling_setting, str),
+    (pipeline.COMPILE_ENV, pipeline.compile_setting, str),
 ]
 
 
