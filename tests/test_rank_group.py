@@ -431,6 +431,14 @@ def test_a_step_is_waited_for_twice_as_long_as_the_longest_so_far():
     assert before + 20.0 <= clock.extended(0.0) <= after + 20.0
 
 
+def test_ranks_are_waited_for_one_bound_past_rank_0s_last_progress():
+    """Stuck ranks are stopped the bound after rank 0 fell silent, not later."""
+    ranks = group.RankGroup.__new__(group.RankGroup)
+    ranks._steps, ranks._progressed = group._StepClock(), time.monotonic()
+    bound = group.CANCEL_BOUND_S
+    assert ranks._extended(0.0, bound) == ranks._progressed + bound
+
+
 class _FailingLoraCache:
     def get(self, url: str):
         raise LoraError("HTTP 403")
