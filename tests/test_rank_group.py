@@ -357,9 +357,22 @@ def _refuse_to_unpickle():
 
 
 def test_a_message_that_cannot_be_read_fails_the_prediction_instead_of_hanging_it():
-    with _group_answering([(0.0, _Unreadable()), (30.0, Done(1, None))]) as ranks:
-        with pytest.raises(RankGroupError, match="the thread reading the ranks failed"):
+    """Rank 0 answers the render with it, so the prediction is already waiting when the
+    thread reading the ranks fails; it runs on a thread of its own, so that a hang fails."""
+    raised = []
+
+    def predict(ranks: group.RankGroup) -> None:
+        try:
             ranks.predict(REQUEST)
+        except RankGroupError as error:
+            raised.append(error)
+
+    with _group_answering([(None, _Unreadable()), (30.0, Done(1, None))]) as ranks:
+        prediction = threading.Thread(target=predict, args=(ranks,), daemon=True)
+        prediction.start()
+        prediction.join(timeout=10)
+        assert not prediction.is_alive(), "the prediction still waits"
+        assert "the thread reading the ranks failed" in str(raised[0])
         with pytest.raises(RankGroupError, match="cannot be read"):
             ranks.healthcheck()
 
