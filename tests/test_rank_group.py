@@ -377,6 +377,16 @@ def test_a_message_that_cannot_be_read_fails_the_prediction_instead_of_hanging_i
             ranks.healthcheck()
 
 
+def test_a_message_that_cannot_be_read_between_predictions_fails_the_health_check():
+    """No prediction is waiting to be woken: the group itself is told."""
+    with _group_answering([(0.0, _Unreadable())]) as ranks:
+        deadline = time.monotonic() + 10
+        while ranks.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RankGroupError, match="the thread reading the ranks failed"):
+            ranks.healthcheck()
+
+
 def test_a_rank_whose_gpu_failed_for_good_stops_the_group_and_fails_the_health_check():
     """CUDA keeps an illegal memory access for the life of the process: that rank would fail
     every later request, so the group stops and the worker is restarted."""
