@@ -14,8 +14,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import pipeline_speed
+from benchmarks import pipeline_speed, rife_memory
 from cogvideox_cog.inputs import RESOLUTION_ENV
 from tests.markers import needs_cpp_compiler
 
@@ -830,3 +832,57 @@ def test_gpu_run_split_keeps_the_inductor_folder_the_tiny_warm_start_reuses(tmp_
     assert done.returncode == 0, (out / "run.log").read_text()
     assert kernel.exists()
     assert "kernel.so" in (out / "compile-warm.log").read_text()
+
+
+def test_rife_memory_peak_is_the_most_tensor_bytes_alive_at_once():
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        first = torch.empty(4096, dtype=torch.uint8)
+        second = torch.empty(8192, dtype=torch.uint8)
+        del first
+        third = torch.empty(2048, dtype=torch.uint8)
+        del second, third
+    assert rife_memory.allocation_peaks(prof) == (4096 + 8192, 4096 + 8192)
+
+
+def test_rife_memory_counts_an_ops_own_buffers_apart_from_its_output():
+    """A CPU's fp16 convolution unrolls its input (im2col) into a buffer it frees before it
+    returns; a GPU's takes a cuDNN workspace instead, so the tensors' peak leaves it out."""
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).half()
+    image = torch.rand(1, 3, 32, 32, dtype=torch.float16)
+    with (
+        torch.inference_mode(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        out = conv(image)
+    tensors, everything = rife_memory.allocation_peaks(prof)
+    assert tensors == out.nbytes
+    assert everything > tensors
+
+
+def test_rife_memory_fits_each_factor_and_projects_the_predictors_sizes(tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert rife_memory.main(["--sizes", "64x64,64x128", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "rife-memory.json").read_text())
+    assert [(p["width"], p["factor"]) for p in record["pairs"]] == [
+        (64, 2),
+        (64, 4),
+        (128, 2),
+        (128, 4),
+    ]
+    fits = {line["factor"]: line for line in record["fits"]}
+    assert fits[4]["per_padded_pixel_bytes"] > fits[2]["per_padded_pixel_bytes"] > 0
+    assert all(line["largest_misfit"] < 0.01 for line in fits.values())
+    assert all(kept["held_bytes"] > 0 for kept in record["upscale_held"])
+    rows = record["projections"]
+    assert [(row["width"], row["height"]) for row in rows] == [
+        (720, 480),
+        (1440, 960),
+        (2880, 1920),
+        (1360, 768),
+        (2720, 1536),
+        (5440, 3072),
+    ]
+    assert all(row["interpolate_4x_bytes"] > row["interpolate_2x_bytes"] for row in rows)
+    largest = max(rows, key=lambda row: row["interpolate_4x_bytes"])
+    assert (largest["width"], largest["upscale_held_bytes"] > 0) == (5440, True)
+    assert (tmp_path / "rife-memory.md").read_text().startswith("# interpolate's device memory")
