@@ -93,3 +93,33 @@ def loses_the_device(error: BaseException) -> bool:
     elif type(error) is not RuntimeError or not text.startswith(_TRITON_CUDA_ERROR):
         return False
     return any(sticky in text for sticky in _STICKY_CUDA_ERRORS)
+
+
+def device_lost_reason(error: Exception) -> str | None:
+    """Why the GPU is lost for good after `error` failed a prediction, or None.
+
+    A kernel's fault often first surfaces under another name: the next cuBLAS or cuDNN call
+    fails (`CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling ...`, `cuDNN error:
+    CUDNN_STATUS_EXECUTION_FAILED`), a plain RuntimeError that a bad launch on a sound GPU
+    raises too. So the GPU is asked: a synchronize of the current device (the generator's, or
+    a rank's own) raises the error CUDA kept, if it kept one. Not after an error no lost GPU
+    causes (an input, out of memory), nor where CUDA never ran. The first error is named by
+    its type: its text may quote a request, and the reason is shown to every later one."""
+    import torch  # here, as in loses_the_device
+
+    if loses_the_device(error):
+        return _first_line(error)
+    if isinstance(error, InputError | GpuMemoryError | DeviceLost | torch.OutOfMemoryError):
+        return None
+    if not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+    except Exception as probe:
+        if loses_the_device(probe):
+            return f"{type(error).__name__} first, then on synchronizing: {_first_line(probe)}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0]

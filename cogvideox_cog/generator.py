@@ -33,7 +33,7 @@ from .errors import (
     GpuMemoryError,
     InputError,
     LoraError,
-    loses_the_device,
+    device_lost_reason,
 )
 from .gpu_memory import out_of_memory
 from .lora.fetch import check_lora_url
@@ -196,7 +196,8 @@ class VideoGenerator:
         self.enhancer = enhancer
         self.offload = self.lora.offload or "none"  # the policy that placed the weights
         self._warming_up = False  # in warm_up(): setup's renders, which no user asked for
-        self.device_lost: str | None = None  # why, once CUDA failed for good (errors.py)
+        # Why, once CUDA failed for good (errors.device_lost_reason): a rank reports it.
+        self.device_lost: str | None = None
         # What a rank of a multi-GPU group (parallel/) changes; one process leaves them be.
         self.engine: ContextParallel | None = None  # splits each denoise over ranks
         # After each step's log line, with the step and its seconds.
@@ -372,8 +373,7 @@ class VideoGenerator:
     def healthcheck(self) -> bool:
         """Cog's health check: True, or DeviceLost once the GPU failed for good (Cog then
         reports UNHEALTHY with its text). The worker itself Cog watches on its own."""
-        if self.device_lost is not None:
-            raise DeviceLost(self.device_lost)
+        self._fail_if_device_lost()
         return True
 
     def predict(self, request: Request) -> Path:
@@ -386,20 +386,27 @@ class VideoGenerator:
         if self._last_output is not None:
             leftovers.release(self._last_output.parent)
             self._last_output = None
-        if self.device_lost is not None:
-            raise DeviceLost(self.device_lost)
-        try:
+        self._fail_if_device_lost()
+        with self._noting_a_lost_device():
             self._last_output = self.render_mp4(request)
-        except Exception as error:
-            if loses_the_device(error):
-                first_line = str(error).strip().splitlines()[0]
-                self.device_lost = (
-                    f"the GPU failed for good in a prediction ({first_line}); every later "
-                    f"prediction fails until the worker restarts"
-                )
-                log.error(self.device_lost)
-            raise
         return self._last_output
+
+    @contextmanager
+    def _noting_a_lost_device(self) -> Iterator[None]:
+        """Sets device_lost when what runs inside fails and the GPU is lost for good
+        (errors.device_lost_reason); the error goes on as it was."""
+        try:
+            yield
+        except Exception as error:
+            reason = device_lost_reason(error)
+            if reason is not None:
+                self.device_lost = reason
+                log.error(_device_lost_text(reason))
+            raise
+
+    def _fail_if_device_lost(self) -> None:
+        if self.device_lost is not None:
+            raise DeviceLost(_device_lost_text(self.device_lost))
 
     def render_mp4(self, request: Request) -> Path:
         """render_frames(), then the mp4 on a path no other prediction uses."""
@@ -454,8 +461,9 @@ class VideoGenerator:
     def denoise_only(self, request: Request) -> None:
         """render_frames() without the VAE decode, for a rank that does not write the video:
         it takes its part in every step, and rank 0 alone decodes the (identical) latents."""
-        plan, progress = self._prepare_model(request)
-        self.denoise_and_decode(plan, progress, output_type="latent")
+        with self._noting_a_lost_device():
+            plan, progress = self._prepare_model(request)
+            self.denoise_and_decode(plan, progress, output_type="latent")
 
     def _prepare_model(self, request: Request) -> tuple[Plan, _StepProgress]:
         """The checked plan, its LoRA on the model, and a progress callback for its steps.
@@ -479,8 +487,7 @@ class VideoGenerator:
         """The checks that need neither the image or clip nor a language model: InputError,
         before a predictor spends up to COGVIDEOX_INPUT_TIMEOUT fetching either; DeviceLost
         once the GPU failed for good."""
-        if self.device_lost is not None:
-            raise DeviceLost(self.device_lost)
+        self._fail_if_device_lost()
         self._checked(request, time.monotonic())
 
     def prepare(self, request: Request) -> Plan:
@@ -775,6 +782,13 @@ class VideoGenerator:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _device_lost_text(reason: str) -> str:
+    return (
+        f"the GPU failed for good in a prediction ({reason}); every later prediction fails "
+        f"until the worker restarts"
+    )
 
 
 def _record_cog_metric(name: str, value: float) -> None:

@@ -1,17 +1,24 @@
 """A GPU that fails for good in a prediction (CUDA's sticky errors, injected into the tiny
 pipeline as torch raises them): the health check says so, so the worker is restarted, and
-each prediction until then fails at once instead of running into the same error."""
+each prediction until then fails at once instead of running into the same error.
+
+Where the first error is not one of them, the GPU is synchronized and its answer decides;
+CUDA never runs here, so its answer is given at that boundary (torch.cuda's own functions)."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+import cog
 import pytest
 import torch
 
 from cogvideox_cog.errors import DeviceLost, EnhanceError, InputError, loses_the_device
 from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.lora.store import LoraCache
+from cogvideox_cog.parallel.protocol import Failed, Render
+from cogvideox_cog.parallel.ranks import _render
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.lora_files import served_lora
@@ -21,6 +28,13 @@ ILLEGAL_ACCESS = (
     "CUDA error: an illegal memory access was encountered\n"
     "CUDA kernel errors might be asynchronously reported at some other API call, so the "
     "stacktrace below might be incorrect."
+)
+# How torch words a cuBLAS call that failed (TORCH_CUDABLAS_CHECK): a plain RuntimeError,
+# which a kernel's earlier fault and a bad launch alike can cause.
+CUBLAS_FAILED = (
+    "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, opa, opb, "
+    "m, n, k, &falpha, a, CUDA_R_16BF, lda, b, CUDA_R_16BF, ldb, &fbeta, c, CUDA_R_16BF, ldc, "
+    "compute_type, CUBLAS_GEMM_DEFAULT_TENSOR_OP)`"
 )
 REQUEST = Request("a cat walks", "", 9, 1, 6.0, None, None, 5)
 
@@ -43,6 +57,21 @@ def _fail_transformer(generator: VideoGenerator, error: Exception) -> list[int]:
 
     generator.pipe.transformer.register_forward_pre_hook(fail, with_kwargs=True)
     return calls
+
+
+def _gpu_answering(monkeypatch, error: Exception | None) -> list[int]:
+    """CUDA is in use, and synchronizing the GPU raises `error` (None: the GPU is sound);
+    returns the list its synchronizes are counted in."""
+    synchronizes: list[int] = []
+
+    def synchronize(device=None):
+        synchronizes.append(1)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    return synchronizes
 
 
 def test_a_sticky_cuda_error_makes_the_health_check_fail_naming_it(generator):
@@ -153,3 +182,74 @@ def test_an_input_error_quoting_a_sticky_cuda_error_leaves_the_worker_healthy(
         generator.predict(request)
     assert generator.healthcheck() is True
     assert not loses_the_device(RuntimeError(ILLEGAL_ACCESS))  # text alone is not torch's
+
+
+def test_a_failure_after_which_the_gpu_reports_a_sticky_error_makes_the_health_check_fail(
+    generator, monkeypatch
+):
+    """A kernel's fault first surfaces as the next cuBLAS call's failure: synchronizing then
+    raises the error CUDA kept."""
+    _fail_transformer(generator, RuntimeError(CUBLAS_FAILED))
+    _gpu_answering(monkeypatch, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        generator.predict(REQUEST)
+    said = "RuntimeError first, then on synchronizing: CUDA error: an illegal memory access"
+    with pytest.raises(DeviceLost, match=said):
+        generator.healthcheck()
+
+
+def test_a_failure_after_which_the_gpu_synchronizes_leaves_the_worker_healthy(
+    generator, monkeypatch
+):
+    """A cuBLAS failure from a bad launch leaves the GPU sound: its text alone does not decide."""
+    _fail_transformer(generator, RuntimeError(CUBLAS_FAILED))
+    synchronizes = _gpu_answering(monkeypatch, None)
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        generator.predict(REQUEST)
+    assert generator.healthcheck() is True
+    assert len(synchronizes) == 1
+
+
+def test_a_failure_where_cuda_never_ran_does_not_synchronize(generator, monkeypatch):
+    """On the CPU, CUDA is never initialized: a synchronize would start it."""
+    _fail_transformer(generator, RuntimeError(CUBLAS_FAILED))
+    synchronizes = _gpu_answering(monkeypatch, torch.AcceleratorError(ILLEGAL_ACCESS))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        generator.predict(REQUEST)
+    assert synchronizes == []
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."), RuntimeError),
+        (InputError("the video came out as NaN: the LoRA's weights overflow"), InputError),
+        (cog.CancelationException(), cog.CancelationException),
+    ],
+    ids=["out of memory", "an input error", "a cancel"],
+)
+def test_errors_no_lost_gpu_causes_do_not_synchronize(generator, monkeypatch, error, raised):
+    """Out of memory is not sticky, an input is the user's, and a cancel must stay fast."""
+    _fail_transformer(generator, error)
+    synchronizes = _gpu_answering(monkeypatch, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(raised):
+        generator.predict(REQUEST)
+    assert synchronizes == []
+    assert generator.healthcheck() is True
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_reports_its_gpu_lost_when_synchronizing_raises_a_sticky_error(
+    generator, monkeypatch, rank
+):
+    """Only the rank's own process can ask its GPU: its Failed carries the answer to the
+    group (rank 0 renders the video, the others only denoise)."""
+    _fail_transformer(generator, RuntimeError(CUBLAS_FAILED))
+    _gpu_answering(monkeypatch, torch.AcceleratorError(ILLEGAL_ACCESS))
+    outcome = _render(generator, rank, Render(REQUEST), threading.Event())
+    assert isinstance(outcome, Failed)
+    assert outcome.device_lost == (
+        "RuntimeError first, then on synchronizing: CUDA error: an illegal memory access was "
+        "encountered"
+    )

@@ -390,12 +390,27 @@ def test_a_message_that_cannot_be_read_between_predictions_fails_the_health_chec
 def test_a_rank_whose_gpu_failed_for_good_stops_the_group_and_fails_the_health_check():
     """CUDA keeps an illegal memory access for the life of the process: that rank would fail
     every later request, so the group stops and the worker is restarted."""
-    lost = Failed(1, torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    sticky = "CUDA error: an illegal memory access was encountered"
+    lost = Failed(1, torch.AcceleratorError(sticky), device_lost=sticky)
     with _group_answering([(None, Canceled(0, 1)), (None, lost)]) as ranks:
         said = "rank 1's GPU failed for good (CUDA error: an illegal memory access"
         with pytest.raises(RankGroupError, match=re.escape(said)):
             ranks.predict(REQUEST)
         with pytest.raises(RankGroupError, match=re.escape(said)):
+            ranks.healthcheck()
+
+
+def test_a_rank_that_found_its_gpu_lost_after_another_error_stops_the_group():
+    """A kernel's fault first surfaced as a cuBLAS failure; the rank's synchronize then raised
+    the error CUDA kept (errors.device_lost_reason), and its Failed says so."""
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`")
+    reason = "RuntimeError first, then on synchronizing: CUDA error: an illegal memory access"
+    lost = Failed(1, cublas, device_lost=reason)
+    said = re.escape(f"rank 1's GPU failed for good ({reason})")
+    with _group_answering([(None, Canceled(0, 1)), (None, lost)]) as ranks:
+        with pytest.raises(RankGroupError, match=said):
+            ranks.predict(REQUEST)
+        with pytest.raises(RankGroupError, match=said):
             ranks.healthcheck()
 
 

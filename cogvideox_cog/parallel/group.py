@@ -33,7 +33,7 @@ from pathlib import Path
 import cog
 
 from .. import inputs
-from ..errors import InputError, RankGroupError, loses_the_device
+from ..errors import InputError, RankGroupError
 from ..generator import Request
 from ..pipeline import MODE_TASK, Mode
 from ..variants import PREDICTOR_FILES, variant_from_env
@@ -185,13 +185,12 @@ class RankGroup:
         return _output(outcomes)
 
     def _stop_if_a_gpu_is_lost(self, outcomes: dict[int, Outcome]) -> None:
-        """A rank whose GPU failed for good (errors.loses_the_device) would fail every later
+        """A rank whose GPU failed for good (its Failed says why) would fail every later
         request: stop the group, so the health check fails and the worker is restarted."""
         for rank in sorted(outcomes):
             outcome = outcomes[rank]
-            if isinstance(outcome, Failed) and loses_the_device(outcome.error):
-                first_line = str(outcome.error).strip().splitlines()[0]
-                self._break(f"rank {rank}'s GPU failed for good ({first_line})")
+            if isinstance(outcome, Failed) and outcome.device_lost is not None:
+                self._break(f"rank {rank}'s GPU failed for good ({outcome.device_lost})")
 
     def _finish_unsettled(self) -> None:
         """Stop what an earlier command left running on the ranks, before the next one.

@@ -88,6 +88,9 @@ class Canceled:
 class Failed:
     rank: int
     error: Exception  # the exception itself where it pickles, else a RuntimeError saying it
+    # Why the rank's GPU is lost for good (errors.device_lost_reason): only the rank's own
+    # process can ask its GPU. None: it is not.
+    device_lost: str | None = None
 
 
 @dataclass(frozen=True)

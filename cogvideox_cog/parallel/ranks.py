@@ -237,7 +237,7 @@ def _render(generator: VideoGenerator, rank: int, command: Render, cancel: Event
         return Failed(rank, _portable(error))
     except Exception as error:
         log.exception("prediction failed")  # the traceback, into the logs
-        return Failed(rank, _portable(error))
+        return Failed(rank, _portable(error), generator.device_lost)
 
 
 class AgreedCancel:
