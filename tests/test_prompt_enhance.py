@@ -37,7 +37,7 @@ from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.prompts import enhance
-from cogvideox_cog.prompts.endpoint import BASE_URL_ENV, EndpointRewriter
+from cogvideox_cog.prompts.endpoint import BASE_URL_ENV, EndpointRewriter, _redacted
 from cogvideox_cog.prompts.enhance import (
     PromptEnhancer,
     config_from_env,
@@ -386,6 +386,54 @@ def test_an_answer_that_quotes_the_key_anywhere_does_not_show_any_of_it(endpoint
     with pytest.raises(EnhanceError) as failed:
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key="sk-user-9")
     assert "sk-" not in str(failed.value)
+
+
+# A key with the characters a JSON string escapes (and a repr escapes): the echo is escaped.
+ESCAPED_KEY = 'sk-"quoted"\\with/slash-9'
+
+
+@pytest.mark.parametrize("fault", ["echo", "echo-json", "echo-late", "echo-refusal"])
+def test_an_answer_that_quotes_the_key_escaped_does_not_show_any_of_it(endpoint, chat, fault):
+    """A JSON error body spells `"` as `\\"`; our message quotes a parsed answer in its repr."""
+    chat.fault = fault
+    with pytest.raises(EnhanceError) as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key=ESCAPED_KEY)
+    assert "sk-" not in str(failed.value) and "quoted" not in str(failed.value)
+
+
+def test_a_key_echoed_with_its_slashes_escaped_is_taken_out():
+    """PHP's json_encode, among others, writes `/` as `\\/`."""
+    echoed = '{"error": "bad key sk-\\"quoted\\"\\\\with\\/slash-9"}'
+    assert _redacted(echoed, ESCAPED_KEY) == '{"error": "bad key [the key]"}'
+
+
+@pytest.mark.parametrize("key", ["a", "at", "light"])
+def test_a_short_key_leaves_the_message_and_the_rewrite_as_they_are(endpoint, chat, key):
+    """A key of a few letters is inside ordinary words (the rewrite's "morning light"):
+    taking it out would mangle them."""
+    rewrite = endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key=key)
+    assert rewrite == rewrite_of(PROMPT)
+    chat.fault = "500"
+    with pytest.raises(EnhanceError) as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key=key)
+    assert str(failed.value) == (
+        f"writer-1 at {chat.base_url} answered HTTP 500: "
+        '{"error": {"message": "the model crashed"}}'
+    )
+
+
+def test_a_deployment_key_too_short_to_take_out_is_warned_of_in_setup(monkeypatch, caplog):
+    monkeypatch.setenv("COGVIDEOX_ENHANCE_PROMPT", "openai")
+    monkeypatch.setenv("COGVIDEOX_ENHANCE_API_KEY", "sk-1")
+    with caplog.at_level("WARNING"):
+        config_from_env()
+    assert "COGVIDEOX_ENHANCE_API_KEY has 4 characters" in caplog.text
+    assert "sk-1" not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("COGVIDEOX_ENHANCE_API_KEY", "sk-12345")
+    with caplog.at_level("WARNING"):
+        config_from_env()
+    assert "COGVIDEOX_ENHANCE_API_KEY" not in caplog.text
 
 
 @pytest.mark.parametrize("key", ["sk-user-9\n", " sk-user-9 "])

@@ -20,6 +20,8 @@ from ..weights.download import DeadlineExceeded, shown, with_deadline
 from .rewriter import Reply, refused
 
 ERROR_BODY_CHARS = 300  # of an endpoint's error answer, in our message
+# A key this long is never part of a word by chance; a shorter one is left in messages.
+MIN_REDACTED_KEY_CHARS = 8
 BASE_URL_ENV = "COGVIDEOX_ENHANCE_BASE_URL"  # where the endpoint is (read in enhance.py)
 MAX_ANSWER_BYTES = 1 << 20  # a chat answer of a few hundred tokens is a few kB
 # One UTF-16 half of a character: JSON can escape one alone ("\ud83d", half an emoji, as a
@@ -173,14 +175,30 @@ def _chat_url(base_url: str) -> str:
 
 
 def _redacted(text: str, api_key: str | None) -> str:
-    """An endpoint may echo the request's Authorization header in its error."""
-    return text.replace(api_key, "[the key]") if api_key else text
+    """An endpoint may echo the request's Authorization header in its error: as sent, or
+    inside a JSON string (`"` and `\\` escaped, `/` too by some servers), or in our repr of
+    its parsed answer. A key shorter than MIN_REDACTED_KEY_CHARS stays: it is found inside
+    ordinary words ("a", "sk", "local"), which taking it out would mangle, in the message and
+    in the rewrite the video is made from."""
+    if not api_key or len(api_key) < MIN_REDACTED_KEY_CHARS:
+        return text
+    for form in _quoted_forms(api_key):
+        text = text.replace(form, "[the key]")
+    return text
+
+
+def _quoted_forms(api_key: str) -> list[str]:
+    """The ways an answer can spell the key, longest first (one may hold another)."""
+    in_json = json.dumps(api_key)[1:-1]
+    forms = {api_key, in_json, in_json.replace("/", "\\/"), repr(api_key)[1:-1]}
+    return sorted(forms, key=len, reverse=True)
 
 
 def _excerpt_bytes(api_key: str | None) -> int:
     """Enough of an answer for an excerpt (UTF-8 takes up to 4 bytes a character), and a key
-    that starts inside it read whole, so that it can be taken out."""
-    return 4 * ERROR_BODY_CHARS + len(api_key or "")
+    that starts inside it read whole, escaped as it may be, so that it can be taken out."""
+    longest = max(map(len, _quoted_forms(api_key))) if api_key else 0
+    return 4 * ERROR_BODY_CHARS + longest
 
 
 def _excerpt(answer: bytes | str, api_key: str | None) -> str:

@@ -26,7 +26,7 @@ from ..inputs import MAX_PROMPT_CHARS, is_blank
 from ..settings import seconds_from_env, setting
 from ..weights import download
 from ..weights.causal_lm import load_causal_lm, source_problem
-from .endpoint import BASE_URL_ENV, EndpointRewriter, check_api_key
+from .endpoint import BASE_URL_ENV, MIN_REDACTED_KEY_CHARS, EndpointRewriter, check_api_key
 from .instruction import messages
 from .local import WEIGHTS_ENV, LocalRewriter
 from .rewriter import Rewriter, refused
@@ -221,6 +221,13 @@ def config_from_env() -> EnhanceConfig | None:
             check_api_key(key, API_KEY_ENV)
         except EnhanceError as error:
             raise ConfigError(str(error)) from None
+        if len(key) < MIN_REDACTED_KEY_CHARS:
+            log.warning(
+                f"setup: {API_KEY_ENV} has {len(key)} characters, fewer than "
+                f"{MIN_REDACTED_KEY_CHARS}: an error that quotes the endpoint's answer will "
+                f"show it where the answer has it (a key this short is found inside ordinary "
+                f"words, which taking it out would mangle)"
+            )
     endpoint = EndpointRewriter(base_url, model, key, timeout)
     return EnhanceConfig(backend, timeout, endpoint=endpoint)
 
