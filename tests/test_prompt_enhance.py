@@ -845,6 +845,69 @@ def test_a_cancel_during_the_move_back_still_moves_the_whole_model_back(monkeypa
     assert model.moves == ["cuda", "cpu", "cpu"]
 
 
+class _SlowToMove(torch.nn.Module):
+    """The tiny model, whose move to the GPU takes `move_s` (a large model's, over PCIe) and
+    each token `token_s`; it stays on the CPU, where the test runs."""
+
+    def __init__(self, vocab_size: int, move_s: float, token_s: float):
+        super().__init__()
+        self.lm = build_tiny_causal_lm(vocab_size)
+        self.generation_config = self.lm.generation_config
+        self.move_s, self.tokens = move_s, 0
+        self.lm.model.register_forward_pre_hook(lambda module, args: self._token(token_s))
+
+    def _token(self, seconds: float) -> None:
+        self.tokens += 1
+        time.sleep(seconds)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def to(self, device):
+        if str(device) != "cpu":
+            time.sleep(self.move_s)
+        return self
+
+    def generate(self, **kwargs):
+        return self.lm.generate(**kwargs)
+
+
+def _slow_rewriter(monkeypatch, move_s: float, token_s: float, timeout: float) -> LocalRewriter:
+    """Kept in CPU memory and moved to a GPU with room, for each rewrite."""
+    _gpu_with_free(monkeypatch, 80 * 2**30)
+    tokenizer = build_tiny_tokenizer()
+    model = _SlowToMove(len(tokenizer), move_s, token_s)
+    device = torch.device("cuda")
+    return LocalRewriter(model, tokenizer, "tiny", device, resident=False, timeout=timeout)
+
+
+def test_a_local_rewrite_longer_than_the_timeout_with_its_move_fails_at_the_timeout(
+    monkeypatch,
+):
+    """COGVIDEOX_ENHANCE_TIMEOUT bounds the rewrite, not only its generation: a 1 s move and
+    1 s of tokens pass a 1.5 s timeout."""
+    rewriter = _slow_rewriter(monkeypatch, move_s=1.0, token_s=0.2, timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"tiny did not finish within 1\.5 s"):
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert time.monotonic() - started < 1.5 + 2 * 0.2  # stopped at the next token
+
+
+def test_a_move_to_the_gpu_that_takes_the_whole_timeout_fails_before_generating(monkeypatch):
+    rewriter = _slow_rewriter(monkeypatch, move_s=1.0, token_s=0.0, timeout=0.5)
+    with pytest.raises(EnhanceError, match=r"tiny did not finish within 0\.5 s"):
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert rewriter.model.tokens == 0
+
+
+def test_a_local_rewrite_within_the_timeout_with_its_move_succeeds(monkeypatch):
+    rewriter = _slow_rewriter(monkeypatch, move_s=0.3, token_s=0.1, timeout=5)
+    reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert reply.cut and reply.text
+    assert rewriter.model.tokens == 5
+
+
 def test_a_visit_needs_room_for_the_weights_and_the_rewrite():
     weights = 15 * 2**30  # a 7-8B model in bf16
     assert visit_fits(weights + REWRITE_MARGIN_BYTES, weights)

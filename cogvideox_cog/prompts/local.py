@@ -101,14 +101,16 @@ class LocalRewriter:
             chat, add_generation_prompt=True, return_tensors="pt", return_dict=True, **NO_THINKING
         )
         check = waiting_check()
-        started = time.monotonic()
+        deadline = _Deadline(self.timeout)
+        criteria = StoppingCriteriaList([deadline, *([_Checked(check)] if check else [])])
         try:
             with self._on_device(), torch.inference_mode():
+                if deadline.passed():  # the move to the GPU took all of it
+                    raise EnhanceError(self._late())
                 output = self.model.generate(
-                    **{k: v.to(self.device) for k, v in inputs.items()},
+                    **{k: v.to(self.model.device) for k, v in inputs.items()},
                     max_new_tokens=max_tokens,
-                    max_time=self.timeout,
-                    stopping_criteria=StoppingCriteriaList([_Checked(check)] if check else []),
+                    stopping_criteria=criteria,
                 )
         except torch.OutOfMemoryError as error:  # after the model went back to the CPU
             advice = (
@@ -117,12 +119,15 @@ class LocalRewriter:
                 "COGVIDEOX_ENHANCE_PROMPT=openai."
             )
             raise out_of_memory(error, f"{self.name} was rewriting the prompt", advice) from error
+        if deadline.reached:  # generation stopped there, or its last token came after it
+            raise EnhanceError(self._late())
         new = output[0, inputs["input_ids"].shape[1] :].tolist()
         finished = bool(new) and new[-1] in _ids(self.model.generation_config.eos_token_id)
-        if not finished and len(new) < max_tokens and time.monotonic() - started >= self.timeout:
-            raise EnhanceError(f"{self.name} did not finish within {self.timeout:g} s")
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Reply(text, cut=not finished and len(new) >= max_tokens)
+
+    def _late(self) -> str:
+        return f"{self.name} did not finish within {self.timeout:g} s"
 
     @contextmanager
     def _on_device(self) -> Iterator[None]:
@@ -146,6 +151,25 @@ class LocalRewriter:
             yield
         finally:
             _back_to_cpu(self.model)
+
+
+class _Deadline(StoppingCriteria):
+    """COGVIDEOX_ENHANCE_TIMEOUT as one deadline for the whole rewrite, from before the move
+    to the GPU: transformers' `max_time` counts from generate's start, so a slow move came on
+    top of it. Checked after each token; `reached` once a token came after the deadline."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+        self.reached = False
+
+    def passed(self) -> bool:
+        self.reached = self.reached or time.monotonic() >= self.at
+        return self.reached
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.passed(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _Checked(StoppingCriteria):
