@@ -888,10 +888,9 @@ def test_a_local_rewrite_longer_than_the_timeout_with_its_move_fails_at_the_time
     """COGVIDEOX_ENHANCE_TIMEOUT bounds the rewrite, not only its generation: a 1 s move and
     1 s of tokens pass a 1.5 s timeout."""
     rewriter = _slow_rewriter(monkeypatch, move_s=1.0, token_s=0.2, timeout=1.5)
-    started = time.monotonic()
     with pytest.raises(EnhanceError, match=r"tiny did not finish within 1\.5 s"):
         rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
-    assert time.monotonic() - started < 1.5 + 2 * 0.2  # stopped at the next token
+    assert rewriter.model.tokens < 5  # stopped at the deadline, not at the token cap
 
 
 def test_a_move_to_the_gpu_that_takes_the_whole_timeout_fails_before_generating(monkeypatch):
