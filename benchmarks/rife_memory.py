@@ -12,8 +12,9 @@ each factor, and extrapolates to the predictors' sizes, upscaled or not.
 Counted: every tensor the code makes, from the pair's frames on the device to the new frames.
 Reported apart: buffers an op frees before it returns, which belong to the CPU's kernels
 (fp16 convolutions there use im2col); on a GPU, cuDNN's workspace takes their place and is
-not measured here. Also measured: what `upscale` keeps on the device while interpolate works
-on the frame it gave (its last frame's tensors, alive in its generator until the next one).
+not measured here. Also measured: that a longer video's pairs, one after another, peak no
+higher than one pair; and what `upscale` keeps on the device, besides the frame it gave,
+while interpolate works on that frame.
 
     python3 benchmarks/rife_memory.py --out benchmarks/results/cpu/postprocess
 """
@@ -43,6 +44,7 @@ UPSCALES = (1, 2, 4)
 DEFAULT_SIZES = ((128, 192), (240, 360), (320, 576))
 # The predictors' default sizes (docs/variants.md): frames do not change the figures.
 VIDEOS = (("1.0, 49 x 480x720", 480, 720), ("1.5, 81 x 768x1360", 768, 1360))
+FRAME_COUNTS = (2, 5)  # one pair, then four, at the smallest size
 GIB = 1024**3
 
 
@@ -90,9 +92,11 @@ def padded_pixels(height: int, width: int) -> int:
     return (-(-height // multiple) * multiple) * (-(-width // multiple) * multiple)
 
 
-def pair_peak(model: rife.IFNet, height: int, width: int, factor: int) -> dict:
-    """One pair through `rife.interpolate`, 8-bit frames as `upscale` gives them."""
-    frames = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+def pair_peak(model: rife.IFNet, height: int, width: int, factor: int, count: int = 2) -> dict:
+    """`count` frames (one pair by default) through `rife.interpolate`, 8-bit frames as
+    `upscale` gives them, each new frame dropped once read, as the encoder does."""
+    shape = (count, height, width, 3)
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in rife.interpolate(model, frames, len(frames), factor, CPU, DTYPE):
@@ -103,6 +107,7 @@ def pair_peak(model: rife.IFNet, height: int, width: int, factor: int) -> dict:
         "height": height,
         "width": width,
         "factor": factor,
+        "frames": count,
         "padded_pixels": padded_pixels(height, width),
         "tensor_bytes": tensors,
         "with_op_buffers_bytes": everything,
@@ -111,21 +116,23 @@ def pair_peak(model: rife.IFNet, height: int, width: int, factor: int) -> dict:
 
 
 def upscale_held(height: int, width: int, factor: int) -> dict:
-    """Bytes `rrdbnet.upscale` keeps while the frame it gave is interpolated: its last
-    frame's tensors, at the output size whatever the network's depth, so one block shows
-    them."""
+    """Bytes `rrdbnet.upscale` keeps, besides the frame it gave, while that frame is
+    interpolated: tensors at the output size whatever the network's depth, so one block
+    shows them. The frame itself is not counted: on a GPU `.cpu()` copies it to the host,
+    while on a CPU the frame's array is the tensor's own memory."""
     frames = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
     upscaler = rrdbnet.RRDBNet(blocks=1).eval().to(DTYPE)
     made = rrdbnet.upscale(upscaler, frames, factor, CPU, DTYPE)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         frame = next(made)
-    held = sum(size for _, size, _, _ in _allocations(prof))
+    held = sum(size for _, size, _, _ in _allocations(prof)) - frame.nbytes
     made.close()
     return {
         "height": height,
         "width": width,
         "factor": factor,
         "output_pixels": frame.shape[0] * frame.shape[1],
+        "frame_bytes": frame.nbytes,
         "held_bytes": held,
     }
 
@@ -191,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append(pair_peak(model, height, width, factor))
             print(pairs[-1], flush=True)
     smallest = min(args.sizes, key=lambda size: size[0] * size[1])
+    videos = []
+    for factor in FACTORS:
+        for count in FRAME_COUNTS:
+            videos.append(pair_peak(model, *smallest, factor, count))
+            print(videos[-1], flush=True)
     held = {factor: upscale_held(*(side // 4 for side in smallest), factor) for factor in (2, 4)}
     fits = {factor: fit(pairs, factor) for factor in FACTORS}
     record = {
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(CPU),
         "dtype": str(DTYPE),
         "pairs": pairs,
+        "frame_counts": videos,
         "fits": list(fits.values()),
         "upscale_held": list(held.values()),
         "projections": projections(fits, held),
@@ -233,6 +246,16 @@ def report(record: dict) -> str:
         "an output pixel"
         for kept in record["upscale_held"]
     ]
+    counts = [
+        [
+            f"{video['width']}x{video['height']}",
+            f"{video['factor']}x",
+            str(video["frames"]),
+            str(rife.interpolated_count(video["frames"], video["factor"])),
+            f"{video['tensor_bytes'] / 2**20:.2f}",
+        ]
+        for video in record["frame_counts"]
+    ]
     projected = [
         [
             row["video"],
@@ -260,17 +283,25 @@ def report(record: dict) -> str:
         "",
         *fits,
         "",
-        "What `upscale` keeps on the device while interpolate works on the frame it gave "
-        "(its last frame: the network's output in fp32, its 8-bit pixels, its input):",
+        "More frames, one pair after another, each new frame dropped once read as the "
+        "encoder does: the peak is one pair's, whatever the frame count (only the pair being "
+        "interpolated is on the device):",
+        "",
+        markdown_table(
+            ["frames", "interpolate", "frames in", "frames out", "tensors, MiB"], counts
+        ),
+        "",
+        "What `upscale` keeps on the device, besides the frame it gave, while interpolate "
+        "works on that frame (the frame is on the host once given: a GPU's `.cpu()` copies it):",
         "",
         *held,
         "",
         "Extrapolated to the predictors' sizes (GiB; a CPU measurement scaled by pixel count, "
-        "not a GPU measurement). Each column is what the step holds at its peak, the upscale's "
-        "kept frame included; the frame count does not change it:",
+        "not a GPU measurement). Each column is what the step holds at its peak, what the "
+        "upscale keeps included; the frame count does not change it:",
         "",
         markdown_table(
-            ["video", "upscale", "interpolated at", "upscale's kept frame", "2x", "4x"],
+            ["video", "upscale", "interpolated at", "the upscale keeps", "2x", "4x"],
             projected,
         ),
         "",

@@ -872,7 +872,12 @@ def test_rife_memory_fits_each_factor_and_projects_the_predictors_sizes(tmp_path
     fits = {line["factor"]: line for line in record["fits"]}
     assert fits[4]["per_padded_pixel_bytes"] > fits[2]["per_padded_pixel_bytes"] > 0
     assert all(line["largest_misfit"] < 0.01 for line in fits.values())
-    assert all(kept["held_bytes"] > 0 for kept in record["upscale_held"])
+    assert all(kept["held_bytes"] == 0 < kept["frame_bytes"] for kept in record["upscale_held"])
+    peaks = {}
+    for video in record["frame_counts"]:
+        peaks.setdefault(video["factor"], set()).add(video["tensor_bytes"])
+    assert sorted(video["frames"] for video in record["frame_counts"]) == [2, 2, 5, 5]
+    assert all(len(peak) == 1 for peak in peaks.values())
     rows = record["projections"]
     assert [(row["width"], row["height"]) for row in rows] == [
         (720, 480),
@@ -884,5 +889,5 @@ def test_rife_memory_fits_each_factor_and_projects_the_predictors_sizes(tmp_path
     ]
     assert all(row["interpolate_4x_bytes"] > row["interpolate_2x_bytes"] for row in rows)
     largest = max(rows, key=lambda row: row["interpolate_4x_bytes"])
-    assert (largest["width"], largest["upscale_held_bytes"] > 0) == (5440, True)
+    assert (largest["width"], largest["upscale_held_bytes"]) == (5440, 0)
     assert (tmp_path / "rife-memory.md").read_text().startswith("# interpolate's device memory")

@@ -3,6 +3,7 @@ sizes, tiling, the choices a deployment offers, and how their weights are fetche
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -171,6 +172,62 @@ def test_streamed_frames_equal_each_step_run_on_all_frames(postprocessor):
     upscaled = postprocessor.apply(frames, 8, Steps(upscale=2)).array()
     expected = postprocessor.apply(upscaled, 8, Steps(interpolate=2)).array()
     np.testing.assert_array_equal(streamed, expected)
+
+
+class Cancelled(Exception):
+    """A cancel as a rank's progress check raises it."""
+
+
+def _tensors() -> list[torch.Tensor]:
+    gc.collect()
+    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+
+
+def _kept_since(before: list[torch.Tensor], height: int, width: int) -> list[tuple]:
+    """Tensors made since `before` and alive now, but 8-bit (height, width, 3) frames as the
+    encoder gets them: on a GPU `.cpu()` copies those to the host; on a CPU it is the tensor
+    itself, which the frame's array keeps."""
+    seen = {id(o) for o in before}
+    return [
+        (tuple(o.shape), o.dtype)
+        for o in _tensors()
+        if id(o) not in seen and not (o.dtype == torch.uint8 and o.shape[-3:] == (height, width, 3))
+    ]
+
+
+STEPS = [Steps(upscale=2), Steps(interpolate=2), Steps(interpolate=4, upscale=2)]
+
+
+@pytest.mark.parametrize("steps", STEPS, ids=str)
+def test_no_tensor_stays_alive_between_frames_while_the_encoder_has_one(postprocessor, steps):
+    """The encoder reads a frame, encodes it, then asks for the next. Where it fails between
+    (a cancel lands in its loop), its traceback keeps the unread frames' generators while
+    the error is held: the upscale's last frame and RIFE's kept frame stayed on the GPU."""
+    before = _tensors()
+    output = postprocessor.apply(_frames(3), 8, steps, lambda name, value: None)
+    frames = iter(output)
+    for _ in range(len(output)):
+        next(frames)
+        assert _kept_since(before, HEIGHT * steps.upscale, WIDTH * steps.upscale) == []
+
+
+@pytest.mark.parametrize("steps", STEPS, ids=str)
+def test_a_cancel_while_the_frames_are_made_keeps_no_tensor_in_its_traceback(postprocessor, steps):
+    """Until the error is dropped (Cog holds it while it reports it), its traceback's frames
+    hold their locals: the upscaled frame's tensors stayed on the GPU with it."""
+    calls = []
+
+    def cancel_the_second(*_):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Cancelled
+
+    before = _tensors()
+    output = postprocessor.apply(_frames(3), 8, steps, lambda name, value: None, cancel_the_second)
+    with pytest.raises(Cancelled) as raised:
+        output.array()
+    assert raised.value.__traceback__ is not None
+    assert _kept_since(before, HEIGHT * steps.upscale, WIDTH * steps.upscale) == []
 
 
 def test_a_long_step_logs_where_it_is(postprocessor, monkeypatch, caplog):

@@ -177,29 +177,33 @@ def interpolate(
     The originals are kept as they are; between frames i and i+1 come the frames at
     t = 1/factor ... (factor-1)/factor, all of one pair in one batch. A Cog cancel lands
     between pairs (the loop is Python); on_pair(done, total) reports progress.
+
+    Only the pair being interpolated is on the device, and only until its new frames are on
+    the host: the frame kept to pair with the next is the host one, sent again. So while the
+    encoder has a frame (or its error holds these frames unread) no tensor is on the GPU.
     """
     frames = iter(frames)
-    times = torch.arange(1, factor, device=device, dtype=dtype) / factor
-    previous = current = None
-    try:
-        first = next(frames)
-        previous = _to_tensor(first, device, dtype)
-        yield _to_uint8(first)
-        for index, frame in enumerate(frames, 1):
-            current = _to_tensor(frame, device, dtype)
-            yield from _between(model, previous, current, times)
-            on_pair(index, count - 1)
-            yield _to_uint8(frame)
-            previous = current
-    finally:
-        # An error raised while the next frame was made (the upscale out of GPU memory) keeps
-        # this frame in its traceback: the pair would stay on the GPU while it is held.
-        previous = current = times = None
+    previous = next(frames)
+    yield _to_uint8(previous)
+    for index, frame in enumerate(frames, 1):
+        yield from _between(model, previous, frame, factor, device, dtype)
+        on_pair(index, count - 1)
+        yield _to_uint8(frame)
+        previous = frame
 
 
 def _between(
-    model: IFNet, img0: torch.Tensor, img1: torch.Tensor, times: torch.Tensor
-) -> Iterator[np.ndarray]:
+    model: IFNet,
+    frame0: np.ndarray,
+    frame1: np.ndarray,
+    factor: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> np.ndarray:
+    """The factor - 1 uint8 frames between two, on the host; the pair's device tensors are
+    gone on return."""
+    img0, img1 = _to_tensor(frame0, device, dtype), _to_tensor(frame1, device, dtype)
+    times = torch.arange(1, factor, device=device, dtype=dtype) / factor
     _, _, height, width = img0.shape
     # Edge pixels repeated, not zeros as Practical-RIFE pads: a flow that points past the frame
     # then samples its edge, not black, so the edges of a middle frame do not darken.
@@ -211,8 +215,7 @@ def _between(
     with torch.inference_mode():
         middle = model(img0.expand(batch, -1, -1, -1), img1.expand(batch, -1, -1, -1), timestep)
     middle = middle[:, :, :height, :width].float().clamp(0.0, 1.0)
-    pixels = torch.round(middle * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    yield from pixels
+    return torch.round(middle * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _to_tensor(frame: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

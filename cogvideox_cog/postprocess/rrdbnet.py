@@ -124,17 +124,32 @@ def upscale(
     cancel lands between tiles.
     """
     count, height, width = frames.shape[:3]
-    out_h, out_w = upscaled_size(height, width, factor)
+    size = upscaled_size(height, width, factor)
     for index in range(count):
-        image = torch.from_numpy(np.ascontiguousarray(frames[index])).to(device)
-        image = image.float() / 255.0 if frames.dtype == np.uint8 else image.float()
-        image = image.permute(2, 0, 1).unsqueeze(0).to(dtype)
-        result = upscale_tiled(model, image, tile, overlap).float()
-        if result.shape[-2:] != (out_h, out_w):
-            result = F.interpolate(result, size=(out_h, out_w), mode="area")
-        pixels = torch.round(result.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+        upscaled = _upscaled_frame(model, frames[index], size, device, dtype, tile, overlap)
         on_frame(index + 1, count)
-        yield pixels[0].permute(1, 2, 0).cpu().numpy()
+        yield upscaled
+
+
+def _upscaled_frame(
+    model: RRDBNet,
+    frame: np.ndarray,
+    size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    tile: int,
+    overlap: int,
+) -> np.ndarray:
+    """One frame upscaled to `size`, on the host. Its device tensors are gone on return, so
+    none stays on the GPU while the encoder has the frame, nor in a cancel's traceback."""
+    image = torch.from_numpy(np.ascontiguousarray(frame)).to(device)
+    image = image.float() / 255.0 if frame.dtype == np.uint8 else image.float()
+    image = image.permute(2, 0, 1).unsqueeze(0).to(dtype)
+    result = upscale_tiled(model, image, tile, overlap).float()
+    if result.shape[-2:] != size:
+        result = F.interpolate(result, size=size, mode="area")
+    pixels = torch.round(result.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return pixels[0].permute(1, 2, 0).cpu().numpy()
 
 
 def upscale_tiled(model: RRDBNet, image: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
