@@ -2286,6 +2286,32 @@ def test_a_setup_killed_while_pget_downloads_takes_pget_with_it(served, cache, t
             os.kill(pid, signal.SIGKILL)
 
 
+def test_two_concurrent_setups_with_pget_on_one_cache_run_pget_once(served, cache, tiny, tmp_path):
+    """Two ranks, or two servers sharing a volume: the second waits on the entry's lock
+    while pget writes the staging folder, and then uses what the first published."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pget = bin_dir / "pget"
+    # A pget that takes 1.5 s before it writes anything: the other setup starts meanwhile.
+    pget.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(1.5)\n{_FAKE_PGET}")
+    pget.chmod(0o755)
+    env = {
+        "COGVIDEOX_WEIGHTS_URL": served.url("model.tar"),
+        "COGVIDEOX_WEIGHTS_DIR": str(cache),
+        "PGET_LOG": str(tmp_path / "pget.log"),
+    }
+    processes = [_setup_process(env, bin_dir) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], results
+    roots = {out.strip() for out, _ in results}
+    assert len(roots) == 1
+    assert _same_tree(tiny, Path(roots.pop()))
+    assert len((tmp_path / "pget.log").read_text().splitlines()) == 1
+    logs = "".join(err for _, err in results)
+    assert "waiting for another setup to finish" in logs
+    assert "completed by another process" in logs
+
+
 def test_pget_output_that_fails_verification_is_not_published(
     served, served_dir, cache, tiny, tmp_path, fake_pget, monkeypatch
 ):
