@@ -66,3 +66,37 @@ def test_a_venv_whose_python_no_longer_runs_is_rebuilt(tmp_path):
         check=True,
     )
     assert version.stdout.strip() == "(3, 11)"
+
+
+# What script/setup tells someone without a usable 3.11, and docs/development.md repeats.
+HOW_TO_GET_3_11 = [
+    "apt-get install python3.11 python3.11-venv python3.11-dev",  # Debian 12, deadsnakes
+    "add-apt-repository ppa:deadsnakes/ppa",  # Ubuntu: 24.04 has no 3.11, 22.04 an rc
+    "uv python install 3.11",
+    "uv python find 3.11",
+    "pyenv install 3.11",
+]
+
+
+def test_a_refused_python_is_told_how_to_get_3_11_on_ubuntu_too(tmp_path):
+    """Ubuntu's archive has no 3.11.2 or later: `apt-get install python3.11` alone finds
+    nothing on 24.04 and a 3.11.0 release candidate on 22.04, which setup refuses too."""
+    root = _repository(tmp_path)
+    result = subprocess.run(
+        ["bash", str(root / "script" / "setup")],
+        env={**os.environ, "PYTHON": shutil.which("false")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "is not a Python that runs" in result.stderr
+    missing = [command for command in HOW_TO_GET_3_11 if command not in result.stderr]
+    assert not missing, result.stderr
+    assert not (root / ".venv").exists()
+
+
+def test_the_docs_give_the_advice_setup_gives():
+    development = (PROJECT / "docs" / "development.md").read_text()
+    assert [command for command in HOW_TO_GET_3_11 if command not in development] == []
+    assert "deadsnakes" in (PROJECT / "README.md").read_text()
