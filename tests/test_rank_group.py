@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_r
 from cogvideox_cog.errors import InputError, LoraError, RankGroupError
 from cogvideox_cog.generator import Request
 from cogvideox_cog.parallel import group
+from cogvideox_cog.parallel import ranks as rank_processes
 from cogvideox_cog.parallel.protocol import (
     Canceled,
     Done,
@@ -620,6 +622,53 @@ def test_other_ranks_forward_their_own_warnings_marked_with_their_rank(forwarded
     rank_1 = forwarded_by_rank(1)
     logging.getLogger("cogvideox_cog.lora.slot").warning("lora: offload put back")
     assert rank_1 == [LogLine(logging.WARNING, "rank 1: lora: offload put back")]
+
+
+LOST = "Triton Error [CUDA]: an illegal memory access was encountered"  # Triton's launcher
+
+
+def _raise_a_lost_gpu(module, args) -> None:
+    raise RuntimeError(LOST)
+
+
+def _serve_losing_rank_1s_gpu(rank, world_size, mode, port, conn, cancel) -> None:
+    """ranks.serve, but rank 1's transformer fails as a Triton kernel on a lost GPU does:
+    the fault the rank's real code then notes and logs (generator._noting_a_lost_device)."""
+    if rank == 1:
+        set_up = rank_processes._set_up
+
+        def set_up_to_fail(*args):
+            generator = set_up(*args)
+            generator.pipe.transformer.register_forward_pre_hook(_raise_a_lost_gpu)
+            return generator
+
+        rank_processes._set_up = set_up_to_fail
+    rank_processes.serve(rank, world_size, mode, port, conn, cancel)
+
+
+def test_another_ranks_error_about_the_request_reaches_the_log_but_its_warnings_do_not(
+    tiny_weights, monkeypatch, caplog
+):
+    """Two real rank processes: rank 1's GPU is lost in a request whose prompt is too long.
+    Both lines come from the generator's logger. The warning every rank would repeat is
+    logged once, by rank 0; rank 1's error, which rank 0 does not share, is logged marked
+    with its rank: without it the server's log would not say which GPU failed."""
+    monkeypatch.setenv("COGVIDEOX_MODEL", "cogvideox-5b")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-t2v"]))
+    monkeypatch.setattr(rank_processes, "serve", _serve_losing_rank_1s_gpu)
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", 1.0)  # rank 0 waits in a collective
+    long_prompt = replace(REQUEST, prompt=" ".join(["a panda plays guitar"] * 100))
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        lost = group.RankGroup.start("t2v", 2)
+        try:
+            with pytest.raises(RankGroupError):
+                lost.predict(long_prompt)
+        finally:
+            lost.close()
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line for line in lines if "prompt is longer" in line and "rank 1" in line] == []
+    assert len([line for line in lines if line.startswith("prompt is longer")]) == 1
+    assert f"rank 1: the GPU failed for good in a prediction ({LOST}); " in caplog.text
 
 
 def test_a_cancel_while_rank_0_post_processes_alone_is_logged_after_the_last_step():
