@@ -4,6 +4,7 @@ processes and pipes standing in for ranks that answer late; and what ranks tell 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -13,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from cog import CancelationException
 
 from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_rrdbnet
 from cogvideox_cog.errors import InputError, LoraError, RankGroupError
@@ -31,6 +33,7 @@ from cogvideox_cog.parallel import group
 from cogvideox_cog.parallel import ranks as rank_processes
 from cogvideox_cog.parallel.protocol import (
     Canceled,
+    Check,
     Done,
     Failed,
     LogLine,
@@ -86,12 +89,13 @@ def _group_answering(
     rank_0_first: tuple = (),
     rank_0_progress_s: float = 0.0,
     reading: tuple[int, ...] = (),
+    rank_main: Callable | None = None,
 ) -> Iterator[group.RankGroup]:
     """A RankGroup whose rank r sends answers[r][1] after answers[r][0] seconds (None: in
     answer to each command it gets); the `reading` ranks first say Reading, and rank 0 then
     sends `rank_0_first` at once, then Progress every PROGRESS_EVERY_S for
-    `rank_0_progress_s` (its delay counts from then). Its processes are stopped on the way
-    out."""
+    `rank_0_progress_s` (its delay counts from then). With `rank_main`, each rank runs
+    rank_main(conn, rank) instead. Its processes are stopped on the way out."""
     context = multiprocessing.get_context("fork")
     ranks = group.RankGroup.__new__(group.RankGroup)
     ranks.world_size, ranks.failure, ranks._closing = len(answers), None, False
@@ -106,6 +110,8 @@ def _group_answering(
         process = context.Process(
             target=_answer_after, args=(theirs, delay, answer, said_first, progress_s)
         )
+        if rank_main is not None:
+            process = context.Process(target=rank_main, args=(theirs, rank))
         process.start()
         theirs.close()
         ranks._processes.append(process)
@@ -297,6 +303,54 @@ def test_a_check_waits_for_rank_0_alone():
         ranks.check(REQUEST)
         waited = time.monotonic() - started
     assert waited < 10.0 and ranks.failure is None
+
+
+def _refuse_the_clip_then_hang_in_a_check(conn, rank: int) -> None:
+    """A rank that refuses a render's clip while reading it (so it never says Read), and
+    answers a check only after HUNG_S."""
+    while True:
+        command = conn.recv()
+        if isinstance(command, Check):
+            time.sleep(HUNG_S)
+            conn.send(Done(rank, None))
+        else:
+            conn.send(Reading(rank))
+            conn.send(Failed(rank, InputError("video: too short")))
+
+
+def _cancel_in(thread: threading.Thread) -> None:
+    """As Cog cancels a prediction: CancelationException raised in its thread."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(CancelationException)
+    )
+
+
+def test_a_canceled_check_is_held_to_the_bound_whatever_an_earlier_render_read(monkeypatch):
+    """The ranks refused a clip while reading it, so that render left them marked as
+    reading. A check reads no inputs: rank 0, hung in one after a cancel, is stuck once the
+    cancel's bound has passed. Taken for still reading the render's clip, it was waited for
+    as long as a collective may wait (30 minutes or more), then reported as stuck reading."""
+    monkeypatch.setattr(group, "CANCEL_BOUND_S", BOUND_S)
+    monkeypatch.setattr(group, "collective_timeout", lambda: timedelta(seconds=4 * BOUND_S))
+    answers = [(None, None), (None, None)]
+    with _group_answering(answers, rank_main=_refuse_the_clip_then_hang_in_a_check) as ranks:
+        with pytest.raises(InputError, match="too short"):
+            ranks.predict(REQUEST)
+        outcome = []
+
+        def check() -> None:
+            try:
+                ranks.check(REQUEST)
+            except BaseException as error:
+                outcome.append(error)
+
+        checking = threading.Thread(target=check, daemon=True)
+        checking.start()
+        time.sleep(BOUND_S / 5)
+        _cancel_in(checking)
+        checking.join(HUNG_S)
+    assert len(outcome) == 1 and isinstance(outcome[0], RankGroupError)
+    assert re.fullmatch(r"ranks \[[\d, ]+\] did not finish within \d+ s: stuck", str(outcome[0]))
 
 
 def test_a_check_leaves_the_other_ranks_nothing_to_answer_for_the_next_render():

@@ -144,7 +144,7 @@ class RankGroup:
         self._finish_unsettled()
         command, answers = _Handout(Check(request), self._conns[:1]), {}
         self._unsettled, self._steps = (command, answers, 1), _StepClock()
-        self._progressed = None
+        self._progressed, self._reading = None, {}  # a check reads no inputs
         try:
             self._outbox.send(command)
             self._outcomes(answers, answering=1)
