@@ -178,6 +178,34 @@ def test_a_sat_export_at_one_over_rank_gets_the_strength_sat_trained_it_with(gen
     np.testing.assert_array_equal(sat, _frames(generator, _url(loras, "a-alpha1"), 1.0))
 
 
+def _merged_by_hand(weights: Path, tensors: dict[str, torch.Tensor], factor: float):
+    """The tiny model's frames with `factor` x B A added to each layer the LoRA trained: what
+    a LoRA at that strength does, worked out without peft or diffusers' loader."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, weights, CPU, "none")
+    with torch.no_grad():
+        for key, down in tensors.items():
+            if ".lora_A." in key:
+                up = tensors[key.replace(".lora_A.", ".lora_B.")]
+                layer = pipe.transformer.get_submodule(key.split(".lora_A.")[0])
+                layer.weight += factor * (up @ down)
+    return _frames(VideoGenerator(variant, pipe, CPU))
+
+
+@pytest.mark.parametrize("scale", [0.5, 1 / RANK])
+def test_a_sat_export_at_a_scale_adds_that_scale_times_its_weights(
+    generator, loras, tiny_weights, scale
+):
+    """No alpha in a SAT export: alpha is taken as rank, so lora_scale s adds s x B A to each
+    layer, as a diffusers LoRA without alpha at s does (cli_demo.py's fuse_lora). Against
+    the weights merged by hand, so a wrong factor (SAT's alpha 1 / rank, s twice) fails."""
+    weights = tiny_weights["1.0-t2v"]
+    a = lora_tensors(weights / "transformer", RANK, seed=1)  # the tensors of a-sat
+    sat = _frames(generator, _url(loras, "a-sat"), scale)
+    np.testing.assert_allclose(sat, _merged_by_hand(weights, a, scale), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(sat, _frames(generator, _url(loras, "a"), scale))
+
+
 def test_a_file_without_the_prefix_or_an_alpha_takes_alpha_equal_to_rank(generator, loras):
     """As diffusers' load_lora_adapter takes a transformer's own save or a peft state dict."""
     bare = _frames(generator, _url(loras, "a-bare"), 1.0)
