@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from cog import CancelationException
 
+from cogvideox_cog import generator as generator_module
 from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_rrdbnet
 from cogvideox_cog.errors import InputError, LoraError, RankGroupError
 from cogvideox_cog.generator import Request
@@ -698,6 +699,48 @@ def _serve_losing_rank_1s_gpu(rank, world_size, mode, port, conn, cancel) -> Non
 
         rank_processes._set_up = set_up_to_fail
     rank_processes.serve(rank, world_size, mode, port, conn, cancel)
+
+
+COLLECTIVE_S = 5.0  # a setup collective's timeout in the test below (30 minutes or more)
+
+
+def _serve_with_rank_1_hung_in_its_load(rank, world_size, mode, port, conn, cancel) -> None:
+    """ranks.serve with collectives that time out after COLLECTIVE_S, and rank 1's load of
+    the weights never returning (a read from a filesystem that stopped answering)."""
+    rank_processes.COLLECTIVE_TIMEOUT_FLOOR = timedelta(seconds=COLLECTIVE_S)
+    rank_processes.COLLECTIVE_TIMEOUT_MARGIN = timedelta(0)
+    if rank == 1:
+        generator_module.load_weights = lambda *args: time.sleep(HUNG_S * 100)
+    rank_processes.serve(rank, world_size, mode, port, conn, cancel)
+
+
+def test_a_rank_hung_in_setup_fails_setup_when_the_others_collective_times_out(
+    tiny_weights, monkeypatch
+):
+    """No rank reports progress during setup, and a sound one can be silent for many minutes
+    (a load from a slow disk, a compile of 140 s a graph). A rank hung in setup is found by
+    the others instead: each waits for it in setup's collectives (the VAE tiling agreed after
+    the load, the compiled warm-up), which fail after ranks.collective_timeout()."""
+    monkeypatch.setenv("COGVIDEOX_MODEL", "cogvideox-5b")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-t2v"]))
+    monkeypatch.setenv("COGVIDEOX_LORA_TIMEOUT", "1")  # else 10 minutes, in the timeout too
+    monkeypatch.setattr(rank_processes, "serve", _serve_with_rank_1_hung_in_its_load)
+    setting_up = group.RankGroup("t2v", 2)  # as RankGroup.start, the weights a folder
+    failed = []
+
+    def await_ready() -> None:
+        try:
+            setting_up._await_ready()
+        except RankGroupError as error:
+            failed.append(str(error))
+
+    waiting = threading.Thread(target=await_ready, daemon=True)
+    waiting.start()
+    waiting.join(20 * COLLECTIVE_S)
+    setting_up.close(ask=False)
+    assert len(failed) == 1, "setup still waits for the hung rank"
+    assert failed[0].startswith("rank 0 failed in setup: ")
+    assert "timed out" in failed[0].lower()
 
 
 def test_another_ranks_error_about_the_request_reaches_the_log_but_its_warnings_do_not(
