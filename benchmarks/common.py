@@ -11,6 +11,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -113,6 +114,40 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+class HostPeak:
+    """Peak resident memory of this process over a block.
+
+    The kernel's high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs; where that
+    is refused, a psutil sampler every 20 ms.
+    """
+
+    def __enter__(self) -> HostPeak:
+        self.method, self.peak = "VmHWM", 0
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.method = "psutil sampled every 20 ms"
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "VmHWM":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = int(line.split()[1]) * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
 
 
 def request_fields(prompt: str, frames: int, steps: int, seed: int, **extra) -> dict:

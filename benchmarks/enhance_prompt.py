@@ -25,13 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, fmt, markdown_table, write_json
+from benchmarks.common import HostPeak, environment, fmt, markdown_table, write_json
 from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.devtools.tiny_llm import save_tiny_causal_lm
 from cogvideox_cog.generator import Request, VideoGenerator
@@ -115,9 +114,18 @@ def _clocks(run) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def full_size_local_model(tokens: int) -> dict:
-    """Prompt pass and per-token time of a Qwen2.5-1.5B-shaped model, projected to the cap."""
-    config = Qwen2Config(**QWEN25_15B)
+def full_size_local_model(tokens: int, shape: dict = QWEN25_15B) -> dict:
+    """Prompt pass and per-token time of a model of `shape` (Qwen2.5-1.5B's unless told),
+    projected to the cap, and the process's peak RSS from building it to the last token: the
+    prompt pass's activations come and go, so the RSS left at the end can be below the peak."""
+    with HostPeak() as host:
+        result = _time_local_model(tokens, Qwen2Config(**shape))
+    result["peak_rss_gib"] = host.peak / 2**30
+    result["peak_rss_method"] = host.method
+    return result
+
+
+def _time_local_model(tokens: int, config: Qwen2Config) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).eval()
@@ -143,7 +151,6 @@ def full_size_local_model(tokens: int) -> dict:
         result[f"prompt_pass_{suffix}"] = first[clock]
         result[f"per_token_{suffix}"] = per_token
         result[f"projected_rewrite_{suffix}"] = first[clock] + per_token * (CAP_TOKENS - 1)
-    result["peak_rss_gib"] = psutil.Process().memory_info().rss / 2**30
     return result
 
 
@@ -176,7 +183,7 @@ def markdown(tiny: dict | None, full: dict | None) -> str:
             f"{fmt(full['projected_rewrite_s'], 1)} / {fmt(full['projected_rewrite_cpu_s'], 1)}",
             f"{fmt(full['peak_rss_gib'], 1)} GiB",
         ]
-        header = ["prompt pass", "per token", f"{CAP_TOKENS}-token rewrite (projected)", "RSS"]
+        header = ["prompt pass", "per token", f"{CAP_TOKENS}-token rewrite (projected)", "peak RSS"]
         lines += [
             f"Qwen2.5-1.5B-Instruct architecture, random weights, float32, "
             f"{full['params'] / 1e9:.2f} B parameters, a {full['chat_tokens']}-token chat, "

@@ -29,14 +29,12 @@ import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil
 import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
@@ -46,6 +44,7 @@ from diffusers import (
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from benchmarks.common import (
+    HostPeak,
     environment,
     fmt,
     free_memory,
@@ -302,40 +301,6 @@ def tiny_components(variant: Variant, device: torch.device, dtype: torch.dtype) 
 
 # ---------------------------------------------------------------------------------------------
 # Instrumentation
-
-
-class HostPeak:
-    """Peak resident memory of this process over a block.
-
-    The kernel's high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs; where that
-    is refused, a psutil sampler every 20 ms.
-    """
-
-    def __enter__(self) -> HostPeak:
-        self.method, self.peak = "VmHWM", 0
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.method = "psutil sampled every 20 ms"
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.method == "VmHWM":
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = int(line.split()[1]) * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-        self.peak = max(self.peak, psutil.Process().memory_info().rss)
 
 
 class PhaseProbe:

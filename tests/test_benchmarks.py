@@ -891,3 +891,39 @@ def test_rife_memory_fits_each_factor_and_projects_the_predictors_sizes(tmp_path
     largest = max(rows, key=lambda row: row["interpolate_4x_bytes"])
     assert (largest["width"], largest["upscale_held_bytes"]) == (5440, 0)
     assert (tmp_path / "rife-memory.md").read_text().startswith("# interpolate's device memory")
+
+
+def test_enhance_prompt_records_the_peak_rss_of_the_run_not_the_rss_left_at_its_end():
+    """A Qwen2 whose MLP is wide beside everything else: the prompt pass's activations are
+    most of the memory it takes, and are freed before the timing returns."""
+    import threading
+
+    import psutil
+
+    from benchmarks import enhance_prompt
+
+    shape = dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=2**17,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    process, seen, stop = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            seen[0] = max(seen[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = enhance_prompt.full_size_local_model(2, shape)
+    finally:
+        stop.set()
+        sampler.join()
+    activation = enhance_prompt.CHAT_TOKENS * shape["intermediate_size"] * 4  # float32
+    assert seen[0] > process.memory_info().rss + activation  # the run's peak came and went
+    # The kernel sums its RSS counters per CPU, so two readings can differ by a few pages.
+    assert result["peak_rss_gib"] * 2**30 >= seen[0] - 2**20
