@@ -456,7 +456,10 @@ def standalone_decode(pipe, latents: torch.Tensor, mode: str, device: torch.devi
         if cuda:
             torch.cuda.synchronize(device)
             # Weights (and latents) already on the GPU: the peak minus this is the decode's own.
+            # Reserved too: that is what must fit (the allocator's cached blocks with the
+            # tensors), and what COGVIDEOX_VAE_TILING=auto counts.
             result["allocated_before_gib"] = torch.cuda.memory_allocated(device) / GIB
+            result["reserved_before_gib"] = torch.cuda.memory_reserved(device) / GIB
         started = time.perf_counter()
         with torch.no_grad():
             frames = pipe.decode_latents(latents)
@@ -660,11 +663,15 @@ def _decode_cell(record: dict, mode: str) -> str:
         if item["tiling"] == mode:
             if "error" in item:
                 return "error"
-            peak, before = item.get("peak_allocated_gib"), item.get("allocated_before_gib")
-            if peak is None:
+            if item.get("peak_allocated_gib") is None:
                 return fmt(item["seconds"])
-            extra = f" (+{peak - before:.1f})" if before is not None else ""
-            return f"{fmt(item['seconds'])} / {peak:.1f}{extra}"
+            peaks = []
+            for kind in ("allocated", "reserved"):
+                peak, before = item[f"peak_{kind}_gib"], item.get(f"{kind}_before_gib")
+                peaks.append(
+                    f"{peak:.1f}" + (f" (+{peak - before:.1f})" if before is not None else "")
+                )
+            return f"{fmt(item['seconds'])} / " + " / ".join(peaks)
     return "-"
 
 
@@ -752,8 +759,9 @@ def write_results(out: Path) -> str:
         "- Phases are timed inside one `VideoGenerator.render_mp4` call; 'first step' includes",
         "  first-call effects (kernel loading; with offload, moving the transformer in).",
         "- 'decode again' decodes the run's final latents once more per VAE tiling mode:",
-        "  seconds / GPU peak allocated during that decode (+ above what was allocated before:",
-        "  the decode's own memory; with offload the VAE's weights move in within it).",
+        "  seconds / GPU peak allocated / peak reserved during that decode (each + above its",
+        "  level before: the decode's own memory; with offload the VAE's weights move in within",
+        "  it). Reserved, the allocator's cached blocks with the tensors, is what must fit.",
         f"- 'projected' totals are NOT measured: {PROJECTION_RULE.format(n='N')}.",
         "- 'compile warm-up' (with --compile): setup's warm-up renders, which compile the",
         "  transformer's graphs (default frame count, then dynamic frames); the run after is warm.",

@@ -97,8 +97,9 @@ def choose_vae_tiling(
 
     `on` is upstream's choice (cli_demo.py tiles) and the default, so the frames are the
     reference ones. Decoding whole frames is faster (5B: 2.34 s against 3.46 s on an H100)
-    but needs 11 GiB more, and the frames differ slightly where the tiles were blended, so
-    `auto` untiles only where that peak was measured and fits the free memory.
+    but needs 16.5 GiB more reserved (11 GiB more allocated), and the frames differ slightly
+    where the tiles were blended, so `auto` untiles only where that peak was measured and fits
+    the free memory.
     resized: the deployment sets its own COGVIDEOX_RESOLUTION.
     """
     if requested not in VAE_TILING_POLICIES:

@@ -927,3 +927,18 @@ def test_enhance_prompt_records_the_peak_rss_of_the_run_not_the_rss_left_at_its_
     assert seen[0] > process.memory_info().rss + activation  # the run's peak came and went
     # The kernel sums its RSS counters per CPU, so two readings can differ by a few pages.
     assert result["peak_rss_gib"] * 2**30 >= seen[0] - 2**20
+
+
+def test_decode_again_table_shows_the_reserved_peak_beside_the_allocated_one():
+    """What must fit for an untiled decode is the reserved memory (COGVIDEOX_VAE_TILING=auto
+    counts it): the committed 5B record's table cell gives both, and each one's own growth
+    where the level before the decode was recorded."""
+    record = json.loads(
+        (ROOT / "benchmarks/results/gpu/cogvideox-5b/cogvideox-5b-full-none.json").read_text()
+    )
+    assert pipeline_speed._decode_cell(record, "off") == "2.34 / 34.4 / 43.0"
+    measured = {"tiling": "off", "seconds": 2.0, "peak_allocated_gib": 34.4}
+    measured |= {"allocated_before_gib": 23.4, "peak_reserved_gib": 43.0}
+    measured["reserved_before_gib"] = 25.5
+    cell = pipeline_speed._decode_cell({"decode_again": [measured]}, "off")
+    assert cell == "2.00 / 34.4 (+11.0) / 43.0 (+17.5)"
