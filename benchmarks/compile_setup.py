@@ -128,25 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = args.out / f"compile-{args.variant}-{args.size}-{args.start}.json"
     write_json(path, record | {"environment": environment(device)})
-    stamps: list[float] = []
-
-    def step_end(pipe, step, timestep, kwargs):
-        synchronize(device)
-        stamps.append(time.perf_counter())
-        return {}
-
-    def loop_start(*_) -> None:  # the first transformer call: the start of step 1
-        if not stamps:
-            stamps.append(time.perf_counter())
-
-    generator.pipe.transformer.register_forward_pre_hook(loop_start)
     before = compile_cache.compiled_graphs()
-    request = Request(**request_fields("a cat", frames, args.steps, 42))
-    plan = generator.prepare(request)
-    started = time.perf_counter()
-    generator.denoise_and_decode(plan, step_end)
-    total = time.perf_counter() - started
-    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    total, steps = timed_render(generator, frames, args.steps, device)
     record |= {
         "render_s": round(total, 3),
         "step_median_s": round(statistics.median(steps[1:] or steps), 4),
@@ -158,6 +141,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_steps:
         profile(generator, args, frames, (height, width), device)
     return 0
+
+
+def timed_render(
+    generator: VideoGenerator, frames: int, steps: int, device: torch.device
+) -> tuple[float, list[float]]:
+    """Seconds of one render and of each denoising step. The GPU is synchronised before every
+    clock read: unsynchronised, a read times the launches queued so far, and the first step's
+    start would come before the text encoder's queued work is done."""
+    stamps: list[float] = []
+
+    def stamp() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    def step_end(pipe, step, timestep, kwargs):
+        stamps.append(stamp())
+        return {}
+
+    def loop_start(*_) -> None:  # the first transformer call: the start of step 1
+        if not stamps:
+            stamps.append(stamp())
+
+    hook = generator.pipe.transformer.register_forward_pre_hook(loop_start)
+    try:
+        plan = generator.prepare(Request(**request_fields("a cat", frames, steps, 42)))
+        started = stamp()
+        generator.denoise_and_decode(plan, step_end)
+        total = stamp() - started
+    finally:
+        hook.remove()
+    return total, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def profile(generator: VideoGenerator, args, frames: int, size: tuple[int, int], device) -> None:

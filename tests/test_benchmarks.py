@@ -942,3 +942,34 @@ def test_decode_again_table_shows_the_reserved_peak_beside_the_allocated_one():
     measured["reserved_before_gib"] = 25.5
     cell = pipeline_speed._decode_cell({"decode_again": [measured]}, "off")
     assert cell == "2.00 / 34.4 (+11.0) / 43.0 (+17.5)"
+
+
+def test_compile_setup_synchronizes_the_device_before_every_clock_read(tmp_path, monkeypatch):
+    """On a GPU a clock read without a synchronize before it times the launches queued so
+    far: each of the render's clock reads must come right after one, the first step's start
+    (the first transformer call, with the text encoder's work still queued) included."""
+    import time
+    import types
+
+    from benchmarks import compile_setup
+
+    argv = ["--start", "uncompiled", "--size", "tiny", "--out", str(tmp_path)]
+    generator, _ = compile_setup.start(compile_setup.parse_args(argv), torch.device("cpu"))
+    calls: list[str] = []
+    synchronize = compile_setup.synchronize
+
+    def recorded_synchronize(device):
+        calls.append("synchronize")
+        synchronize(device)
+
+    def recorded_clock():
+        calls.append("clock")
+        return time.perf_counter()
+
+    monkeypatch.setattr(compile_setup, "synchronize", recorded_synchronize)
+    monkeypatch.setattr(compile_setup, "time", types.SimpleNamespace(perf_counter=recorded_clock))
+    total, steps = compile_setup.timed_render(generator, 9, 3, torch.device("cpu"))
+    assert len(steps) == 3 and total > sum(steps) > 0
+    reads = [i for i, call in enumerate(calls) if call == "clock"]
+    assert len(reads) == 2 + 1 + 3  # the render's start and end, the loop's start, each step
+    assert all(calls[i - 1] == "synchronize" for i in reads), calls
