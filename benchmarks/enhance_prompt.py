@@ -183,7 +183,9 @@ def markdown(tiny: dict | None, full: dict | None) -> str:
             f"{fmt(full['projected_rewrite_s'], 1)} / {fmt(full['projected_rewrite_cpu_s'], 1)}",
             f"{fmt(full['peak_rss_gib'], 1)} GiB",
         ]
-        header = ["prompt pass", "per token", f"{CAP_TOKENS}-token rewrite (projected)", "peak RSS"]
+        # A record without the method took the RSS left when the timing ended, not the peak.
+        memory = "peak RSS" if "peak_rss_method" in full else "RSS at the end, not the peak"
+        header = ["prompt pass", "per token", f"{CAP_TOKENS}-token rewrite (projected)", memory]
         lines += [
             f"Qwen2.5-1.5B-Instruct architecture, random weights, float32, "
             f"{full['params'] / 1e9:.2f} B parameters, a {full['chat_tokens']}-token chat, "

@@ -973,3 +973,16 @@ def test_compile_setup_synchronizes_the_device_before_every_clock_read(tmp_path,
     reads = [i for i, call in enumerate(calls) if call == "clock"]
     assert len(reads) == 2 + 1 + 3  # the render's start and end, the loop's start, each step
     assert all(calls[i - 1] == "synchronize" for i in reads), calls
+
+
+def test_enhance_prompt_table_does_not_call_an_older_records_end_rss_its_peak():
+    """The committed full-size record predates the peak: its figure is the RSS left when the
+    timing ended, and the table must not label it as the peak when it is rewritten."""
+    from benchmarks import enhance_prompt
+
+    folder, parts = ROOT / "benchmarks/results/cpu/enhance-prompt", ("tiny", "full-size")
+    tiny, full = (json.loads((folder / f"{p}.json").read_text())["results"] for p in parts)
+    assert "RSS at the end, not the peak |" in enhance_prompt.markdown(None, full)
+    peak = full | {"peak_rss_method": "VmHWM"}
+    assert "| peak RSS |" in enhance_prompt.markdown(None, peak)
+    assert enhance_prompt.markdown(tiny, full) == (folder / "results.md").read_text()
