@@ -986,3 +986,18 @@ def test_enhance_prompt_table_does_not_call_an_older_records_end_rss_its_peak():
     peak = full | {"peak_rss_method": "VmHWM"}
     assert "| peak RSS |" in enhance_prompt.markdown(None, peak)
     assert enhance_prompt.markdown(tiny, full) == (folder / "results.md").read_text()
+
+
+def test_performance_docs_cite_the_committed_tiny_compile_starts():
+    """docs/performance.md's tiny compiled-start figures are the committed run's."""
+    folder = ROOT / "benchmarks/results/cpu/compile-setup"
+    cold, warm = (
+        json.loads((folder / f"compile-cogvideox-5b-tiny-{start}.json").read_text())
+        for start in ("cold", "warm")
+    )
+    docs = " ".join((ROOT / "docs/performance.md").read_text().split())
+    assert warm["graphs_compiled_in_setup"] == 0
+    assert (
+        f"compiled {cold['graphs_compiled_in_setup']} graphs in a {cold['warm_up_s']:.0f} s" in docs
+    )
+    assert f"took {cold['warm_up_s']:.0f} s cold and {warm['warm_up_s']:.0f} s warm" in docs
