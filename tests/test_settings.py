@@ -14,17 +14,18 @@ import torch
 from torch.distributed import TCPStore
 
 from cogvideox_cog import pipeline, postprocess, settings
-from cogvideox_cog.attention import ATTENTION_BACKEND_ENV
-from cogvideox_cog.errors import ConfigError, WeightsError
+from cogvideox_cog.attention import ATTENTION_BACKEND_ENV, attention_backend
+from cogvideox_cog.errors import ConfigError, VariantError, WeightsError
 from cogvideox_cog.generator import VideoGenerator
-from cogvideox_cog.inputs import RESOLUTION_ENV
+from cogvideox_cog.inputs import RESOLUTION_ENV, resolution_setting
 from cogvideox_cog.lora import store as lora_store
 from cogvideox_cog.media import fetch
 from cogvideox_cog.parallel.gpus import GPUS_ENV, gpus_from_env, start_generator
 from cogvideox_cog.parallel.ranks import collective_timeout
 from cogvideox_cog.pipeline import COMPILE_ENV, OFFLOAD_ENV, VAE_TILING_ENV
 from cogvideox_cog.prompts import enhance
-from cogvideox_cog.variants import MODEL_ENV, VARIANTS
+from cogvideox_cog.prompts.endpoint import BASE_URL_ENV
+from cogvideox_cog.variants import MODEL_ENV, VARIANTS, variant_from_env
 from cogvideox_cog.weights import (
     WEIGHTS_URL_ENV,
     cache,
@@ -278,6 +279,108 @@ def test_the_documented_default_is_what_the_code_reads_when_unset(monkeypatch, e
     documented = [(page, parse(text)) for page, name, text in documented_defaults() if name == env]
     assert "configuration.md" in {page for page, _ in documented}
     assert documented == [(page, read()) for page, _ in documented]
+
+
+def _variant_of_a_predictor():
+    """COGVIDEOX_MODEL as the predictor whose task it names reads it."""
+    try:
+        return variant_from_env("t2v")
+    except VariantError:
+        return variant_from_env("i2v")
+
+
+_CPU = torch.device("cpu")
+_OPENAI = {enhance.ENHANCE_ENV: "openai"}
+# Each setting whose value has rules, read by the code that uses it (a bad value raises), with
+# what else it needs set to be read at all.
+READ_WHEN_SET = {
+    MODEL_ENV: (_variant_of_a_predictor, {}),
+    OFFLOAD_ENV: (
+        lambda: pipeline.choose_offload(
+            settings.setting(OFFLOAD_ENV, "auto"), VARIANTS["cogvideox-5b"], _CPU
+        ),
+        {},
+    ),
+    VAE_TILING_ENV: (
+        lambda: pipeline.choose_vae_tiling(
+            pipeline.vae_tiling_setting(), VARIANTS["cogvideox-5b"], _CPU
+        ),
+        {},
+    ),
+    COMPILE_ENV: (lambda: pipeline.choose_compile(pipeline.compile_setting(), _CPU), {}),
+    ATTENTION_BACKEND_ENV: (lambda: attention_backend(settings.setting(ATTENTION_BACKEND_ENV)), {}),
+    GPUS_ENV: (lambda: gpus_from_env(visible_cuda=0), {}),
+    RESOLUTION_ENV: (resolution_setting, {}),
+    cache.CHECK_ENV: (content_check, {}),
+    cache.FSYNC_ENV: (cache.durable, {}),
+    postprocess.UPSCALE_ENV: (lambda: postprocess._enabled(postprocess.UPSCALE_ENV), {}),
+    postprocess.INTERPOLATE_ENV: (lambda: postprocess._enabled(postprocess.INTERPOLATE_ENV), {}),
+    enhance.ENHANCE_ENV: (enhance.config_from_env, {}),
+    BASE_URL_ENV: (enhance.config_from_env, _OPENAI),
+    enhance.API_KEY_ENV: (enhance.config_from_env, _OPENAI),
+    **{env: (read, {}) for env, read in SECONDS},
+    download.CONNECTIONS_ENV: (download.connections, {}),
+}
+# `NAME=value` in prose or code; a value with a placeholder (`sk-...`, `$PWD/...`) is skipped.
+_ASSIGNMENT = re.compile(r"\b(COGVIDEOX_[A-Z0-9_]+)=([^\s`'\"),;|]+)")
+
+
+def documented_assignments(text: str) -> list[tuple[str, str]]:
+    """(setting, value) of every `COGVIDEOX_...=value` the text shows, placeholders left out."""
+    return [
+        (name, value.rstrip("."))
+        for name, value in _ASSIGNMENT.findall(text)
+        if not any(mark in value for mark in ("...", "$", "<"))
+    ]
+
+
+def assignment_problems(assignments: list[tuple[str, str]], monkeypatch) -> list[str]:
+    """Each assignment naming no setting, or a value its setting refuses."""
+    problems = []
+    for name, value in assignments:
+        if name not in settings.NAMES:
+            problems.append(f"{name}={value}: no such setting")
+            continue
+        read, context = READ_WHEN_SET.get(name, (None, {}))
+        if read is None:
+            continue
+        with monkeypatch.context() as env:
+            for other, other_value in {**context, name: value}.items():
+                env.setenv(other, other_value)
+            try:
+                read()
+            except ConfigError as error:
+                problems.append(f"{name}={value}: {error}")
+    return problems
+
+
+def test_every_setting_value_the_docs_show_is_one_the_setting_takes(monkeypatch):
+    """What an operator copies from a page must not fail setup."""
+    root = Path(__file__).parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    shown = [
+        (page.name, found) for page in pages for found in documented_assignments(page.read_text())
+    ]
+    assert len({found[0] for _, found in shown} & set(READ_WHEN_SET)) >= 10
+    problems = [
+        f"{page}: {problem}"
+        for page, found in shown
+        for problem in assignment_problems([found], monkeypatch)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_documented_value_a_setting_refuses_is_reported(monkeypatch):
+    text = (
+        "Set `COGVIDEOX_OFFLOAD=cpu`, COGVIDEOX_COMPILE=yes or `COGVIDEOX_OFLOAD=none`; "
+        "`COGVIDEOX_VAE_TILING=off` and `COGVIDEOX_ENHANCE_API_KEY=sk-...` are fine."
+    )
+    problems = assignment_problems(documented_assignments(text), monkeypatch)
+    assert [p.split(":")[0] for p in problems] == [
+        "COGVIDEOX_OFFLOAD=cpu",
+        "COGVIDEOX_COMPILE=yes",
+        "COGVIDEOX_OFLOAD=none",
+    ]
 
 
 def test_every_setting_left_blank_is_its_default(monkeypatch, tiny_weights, tmp_path):
