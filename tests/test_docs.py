@@ -13,6 +13,9 @@ Tables (GitHub's rules): a table runs from its header and `|---|` line to the fi
 line, so a paragraph written right under it becomes a row; every row must have the header's
 number of cells (unescaped `|`, code spans included, split cells).
 
+Names: every repository file, folder or glob a page names from the root in prose or code
+(`tests/test_docs.py`, `deploy/`), and every `python -m cogvideox_cog...` module, exists.
+
 Cog commands: no page but the changelog says `cog predict`, which Cog 0.20 deprecated for
 `cog run`.
 
@@ -532,6 +535,39 @@ def test_the_architecture_map_names_every_module_of_the_package():
     assert not missing, f"not in docs/architecture.md's map: {missing}"
 
 
+# Files and modules the pages name in prose and code (`tests/test_settings.py`, `python -m
+# cogvideox_cog.health`), not as links: a renamed one leaves a page pointing at nothing.
+_REPO_PATH = re.compile(
+    r"(?<![\w./~$-])((?:benchmarks|cogvideox_cog|deploy|docs|script|tests)/[\w./*-]*"
+    r"|predict_[\w*]+\.py|cog(?:-[a-z0-9]+)?\.yaml|requirements(?:-dev)?\.txt)"
+)
+_OUR_MODULE = re.compile(r"\bpython3? -m (cogvideox_cog(?:\.\w+)*)")
+
+
+def missing_names(source: Path, root: Path = ROOT) -> list[Problem]:
+    """Repository paths (a glob must match something) and `python -m` modules of the package
+    that a page names and the repository lacks. Paths from the repository root only; `../`
+    links are the link check's."""
+    problems = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        where = f"{source.relative_to(root)}:{number}"
+        for match in _REPO_PATH.finditer(line):
+            path = match[1].rstrip(".")
+            if not (any(root.glob(path)) if "*" in path else (root / path).exists()):
+                problems.append(Problem("name", where, path, "no such file or folder"))
+        for match in _OUR_MODULE.finditer(line):
+            module = root.joinpath(*match[1].split("."))
+            if not (module.with_suffix(".py").is_file() or (module / "__main__.py").is_file()):
+                problems.append(Problem("name", where, match[1], "no such runnable module"))
+    return problems
+
+
+def test_every_file_and_module_the_docs_name_exists():
+    pages = [p for p in doc_files() if p.name != "CHANGELOG.md"]
+    problems = [p for page in pages for p in missing_names(page)]
+    assert not problems, _report(problems)
+
+
 def test_the_readme_stays_a_short_read():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move details to docs/"
@@ -680,6 +716,23 @@ def test_a_module_missing_from_the_map_is_reported(tmp_path):
     )
     page = "`ab.py` in prose\n```\npkg/\n  a.py  the first\n  sub/  b.py (the second)\n```\n"
     assert undocumented_modules(page, tmp_path / "pkg") == ["ab.py"]
+
+
+def test_a_named_file_glob_or_module_that_is_missing_is_reported(tmp_path):
+    _tree(tmp_path, {"tests/test_a.py": "", "cogvideox_cog/health.py": "", "cog.yaml": ""})
+    text = (
+        "See `tests/test_a.py`, tests/test_b.py and [c](../tests/test_c.py).\n"
+        "```\npython -m cogvideox_cog.health live\npython -m cogvideox_cog.probe\n```\n"
+        "`tests/test_*.py`, `tests/test_e2e_*.py`, `cog.yaml` and `cog-x2v.yaml`.\n"
+    )
+    [page] = _tree(tmp_path, {"docs/page.md": text})
+    problems = missing_names(page, tmp_path)
+    assert [(p.where, p.target) for p in problems] == [
+        ("docs/page.md:1", "tests/test_b.py"),
+        ("docs/page.md:4", "cogvideox_cog.probe"),
+        ("docs/page.md:6", "tests/test_e2e_*.py"),
+        ("docs/page.md:6", "cog-x2v.yaml"),
+    ]
 
 
 def test_a_paragraph_written_right_under_a_table_is_reported(tmp_path):
