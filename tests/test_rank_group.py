@@ -471,6 +471,27 @@ def test_a_rank_that_found_its_gpu_lost_after_another_error_stops_the_group():
             ranks.healthcheck()
 
 
+def test_a_rank_whose_gpu_failed_for_good_while_rank_0_waits_for_it_names_the_lost_gpu(
+    monkeypatch,
+):
+    """Rank 1's kernel faulted while rank 0 waits for it in a collective, past the failure's
+    grace: the group stopped as stuck ranks, quoting rank 1's error as a software hang's
+    cause, and the operator did not read that the GPU needs replacing."""
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)
+    sticky = "Triton Error [CUDA]: an illegal memory access was encountered"
+    lost = Failed(1, RuntimeError(sticky), device_lost=sticky)
+    said = f"rank 1's GPU failed for good ({sticky}); ranks [0] did not finish within "
+    with _group_answering([(HUNG_S, Canceled(0, 1)), (0.0, lost)]) as ranks:
+        with pytest.raises(RankGroupError) as failed:
+            ranks.predict(REQUEST)
+        assert str(failed.value).startswith(said)
+        assert str(failed.value).endswith(" s after rank 1 failed: stuck")
+        with pytest.raises(RankGroupError, match=f"^{re.escape(said)}"):
+            ranks.healthcheck()
+        with pytest.raises(RankGroupError, match=f"^cannot predict: {re.escape(said)}"):
+            ranks.predict(REQUEST)
+
+
 def test_a_rank_out_of_gpu_memory_is_not_taken_for_a_lost_gpu():
     oom = Failed(1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     with _group_answering([(None, Canceled(0, 1)), (None, oom)]) as ranks:
@@ -766,6 +787,29 @@ def test_another_ranks_error_about_the_request_reaches_the_log_but_its_warnings_
     assert [line for line in lines if "prompt is longer" in line and "rank 1" in line] == []
     assert len([line for line in lines if line.startswith("prompt is longer")]) == 1
     assert f"rank 1: the GPU failed for good in a prediction ({LOST}); " in caplog.text
+
+
+def test_two_real_ranks_report_rank_1s_lost_gpu_while_rank_0_waits_in_a_collective(
+    tiny_weights, monkeypatch
+):
+    """Rank 1's Triton kernel fails on a lost GPU before its first step's collective, where
+    rank 0 waits for it: the prediction, the health check and the next prediction name
+    rank 1's GPU."""
+    monkeypatch.setenv("COGVIDEOX_MODEL", "cogvideox-5b")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-t2v"]))
+    monkeypatch.setattr(rank_processes, "serve", _serve_losing_rank_1s_gpu)
+    monkeypatch.setattr(group, "FAILURE_GRACE_S", 1.0)
+    said = re.escape(f"rank 1's GPU failed for good ({LOST}); ranks [0] did not finish")
+    lost = group.RankGroup.start("t2v", 2)
+    try:
+        with pytest.raises(RankGroupError, match=f"^{said}"):
+            lost.predict(REQUEST)
+        with pytest.raises(RankGroupError, match=f"^{said}"):
+            lost.healthcheck()
+        with pytest.raises(RankGroupError, match=f"^cannot predict: {said}"):
+            lost.predict(REQUEST)
+    finally:
+        lost.close()
 
 
 def test_a_cancel_while_rank_0_post_processes_alone_is_logged_after_the_last_step():

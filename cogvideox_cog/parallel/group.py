@@ -187,10 +187,9 @@ class RankGroup:
     def _stop_if_a_gpu_is_lost(self, outcomes: dict[int, Outcome]) -> None:
         """A rank whose GPU failed for good (its Failed says why) would fail every later
         request: stop the group, so the health check fails and the worker is restarted."""
-        for rank in sorted(outcomes):
-            outcome = outcomes[rank]
-            if isinstance(outcome, Failed) and outcome.device_lost is not None:
-                self._break(f"rank {rank}'s GPU failed for good ({outcome.device_lost})")
+        lost = _lost_gpu(outcomes)
+        if lost is not None:
+            self._break(_gpu_lost_text(lost))
 
     def _finish_unsettled(self) -> None:
         """Stop what an earlier command left running on the ranks, before the next one.
@@ -255,10 +254,12 @@ class RankGroup:
                 reading_s = self._reading_s(missing, now)
                 if reading_s is not None and reading_s > collective_timeout().total_seconds():
                     read = f"reading the inputs within {reading_s:.0f} s"
-                    self._break(f"ranks {missing} did not finish {read}: stuck")
+                    self._break(_lost_gpu_first(outcomes, f"ranks {missing} did not finish {read}"))
                 if not _working_alone(missing, outcomes) and reading_s is None:
                     waited = f"within {now - waiting:.0f} s{_after_failure(outcomes)}"
-                    self._break(f"ranks {missing} did not finish {waited}: stuck")
+                    self._break(
+                        _lost_gpu_first(outcomes, f"ranks {missing} did not finish {waited}")
+                    )
             message = self._inbox.next(timeout=POLL_S)
             if message is None:
                 continue
@@ -398,12 +399,36 @@ def _where_stopped(outcomes: dict[int, Outcome]) -> str:
 
 def _after_failure(outcomes: dict[int, Outcome]) -> str:
     """What the ranks left waiting in a collective were waiting for: the rank that failed
-    alone, and its error (an out-of-memory error on one GPU, say), or nothing."""
+    alone, and its error (an out-of-memory error on one GPU, say), or nothing. A rank whose
+    GPU is lost is named alone: its reason leads the group's (_lost_gpu_first)."""
+    lost = _lost_gpu(outcomes)
+    if lost is not None:
+        return f" after rank {lost.rank} failed"
     failed = [outcomes[r] for r in sorted(outcomes) if isinstance(outcomes[r], Failed)]
     if not failed:
         return ""
     error = failed[0].error
     return f" after rank {failed[0].rank} failed ({type(error).__name__}: {error})"
+
+
+def _lost_gpu(outcomes: dict[int, Outcome]) -> Failed | None:
+    """The first rank's answer that says its GPU failed for good, if any."""
+    lost = [o for _, o in sorted(outcomes.items()) if isinstance(o, Failed) and o.device_lost]
+    return lost[0] if lost else None
+
+
+def _gpu_lost_text(lost: Failed) -> str:
+    return f"rank {lost.rank}'s GPU failed for good ({lost.device_lost})"
+
+
+def _lost_gpu_first(outcomes: dict[int, Outcome], unfinished: str) -> str:
+    """Why the group stops for ranks that did not finish: a GPU lost for good first, if a
+    rank's was, since the operator must replace it or restart the machine, whereas stuck
+    ranks alone read as a hang in the software; the ranks it left waiting follow."""
+    lost = _lost_gpu(outcomes)
+    if lost is None:
+        return f"{unfinished}: stuck"
+    return f"{_gpu_lost_text(lost)}; {unfinished}: stuck"
 
 
 def _output(outcomes: dict[int, Outcome]) -> Path:
