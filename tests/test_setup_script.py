@@ -68,6 +68,36 @@ def test_a_venv_whose_python_no_longer_runs_is_rebuilt(tmp_path):
     assert version.stdout.strip() == "(3, 11)"
 
 
+# The tools script/setup runs, each in macOS's /bin or /usr/bin: macOS has no sha256sum
+# (its `shasum -a 256` is a Perl script), nor GNU's options.
+MACOS_TOOLS = ("cat", "dirname", "rm")
+
+
+def test_setup_runs_where_only_the_tools_macos_has_are_on_path(tmp_path):
+    """macOS lacks sha256sum: the requirements stamp was computed with it, so script/setup
+    (and script/test, demo, serve and lint, which run it first) stopped with `sha256sum:
+    command not found` there."""
+    root = _repository(tmp_path)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in MACOS_TOOLS:
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {**os.environ, "PATH": str(tools), "PYTHON": BASE_PYTHON, "PIP_NO_INDEX": "1"}
+
+    for run in ("install", "nothing changed"):
+        result = subprocess.run(
+            [shutil.which("bash"), str(root / "script" / "setup")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"{run}: {result.stderr}"
+
+    stamp = (root / ".venv" / ".requirements.sha256").read_text()
+    assert stamp == hashlib.sha256(2 * EMPTY_REQUIREMENTS.encode()).hexdigest() + "\n"
+
+
 # What script/setup tells someone without a usable 3.11, and docs/development.md repeats.
 HOW_TO_GET_3_11 = [
     "apt-get install python3.11 python3.11-venv python3.11-dev",  # Debian 12, deadsnakes
