@@ -7,8 +7,10 @@
 2. The local model at its real size: Qwen2.5-1.5B-Instruct's architecture from its published
    config (28 layers, 1536 wide, 12 query and 2 key-value heads, MLP 8960, vocabulary
    151936, tied embeddings) with random weights, float32: the prompt pass over a chat of the
-   instruction's length, then greedy tokens, timed with the same GenerationConfig as
-   prompts/local.py. A 226-token rewrite is projected from the measured per-token time.
+   instruction's length, then greedy tokens, with the same GenerationConfig as
+   prompts/local.py. One `generate` call is clocked at every token it hands over: the time
+   to the first token is the prompt pass, the median gap between the later ones the
+   per-token time, and a 226-token rewrite is projected from those two.
 
 Usage: python3 benchmarks/enhance_prompt.py [--part tiny|full-size|both] [--tokens 16]
 [--out DIR] (default DIR: benchmarks/results/cpu/enhance-prompt; one JSON per part, and
@@ -18,15 +20,19 @@ results.md from every JSON there)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -118,14 +124,37 @@ def full_size_local_model(tokens: int, shape: dict = QWEN25_15B) -> dict:
     """Prompt pass and per-token time of a model of `shape` (Qwen2.5-1.5B's unless told),
     projected to the cap, and the process's peak RSS from building it to the last token: the
     prompt pass's activations come and go, so the RSS left at the end can be below the peak."""
+    start = [round(x, 2) for x in os.getloadavg()]
     with HostPeak() as host:
         result = _time_local_model(tokens, Qwen2Config(**shape))
+    result["load_average_start"] = start
+    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["peak_rss_gib"] = host.peak / 2**30
     result["peak_rss_method"] = host.method
     return result
 
 
+class TokenClock(BaseStreamer):
+    """Wall and CPU clocks each time `generate` hands over tokens: once with the prompt, before
+    the prompt pass, then once per new token, right after it is chosen."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, float]] = []
+
+    def put(self, value) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def end(self) -> None:
+        pass
+
+
 def _time_local_model(tokens: int, config: Qwen2Config) -> dict:
+    """Every figure from one `generate` call: the prompt pass is the time to the first token,
+    the per-token time the median of the gaps between the later ones. Two separate runs, one
+    subtracted from the other, left each run's share of other work on the host (and any
+    one-off cost) in the difference: per-token wall times came out below CPU time / cores."""
+    if tokens < 2:
+        raise ValueError("time at least 2 tokens: the per-token time is a gap between two")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).eval()
@@ -133,24 +162,31 @@ def _time_local_model(tokens: int, config: Qwen2Config) -> dict:
     ids = torch.randint(0, config.vocab_size, (1, CHAT_TOKENS))
     eos = config.vocab_size + 1  # never produced: every run makes exactly its tokens
 
-    def generate(new: int, prompt: torch.Tensor = ids) -> tuple[float, float]:
+    def generate(new: int, clock: TokenClock | None = None) -> tuple[float, float]:
         greedy = GenerationConfig(
             do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos
         )
-        mask = torch.ones_like(prompt)
+        run = partial(
+            model.generate, ids, attention_mask=torch.ones_like(ids), generation_config=greedy
+        )
         with torch.inference_mode():
-            return _clocks(
-                lambda: model.generate(prompt, attention_mask=mask, generation_config=greedy)
-            )
+            return _clocks(lambda: run(streamer=clock))
 
-    generate(2, ids[:, :8])  # warm-up, on a short chat
-    first, total = generate(1), generate(tokens)
+    generate(2)  # warm-up at the chat's length: the model has run once, as on a server
+    clock = TokenClock()
+    start = time.perf_counter(), time.process_time()
+    whole = generate(tokens, clock)
+    firsts = clock.marks[1]  # marks[0]: the prompt, handed over before the prompt pass
+    gaps = [[b[i] - a[i] for a, b in itertools.pairwise(clock.marks[1:])] for i in (0, 1)]
     result = {"params": params, "chat_tokens": CHAT_TOKENS, "measured_tokens": tokens}
-    for clock, suffix in ((0, "s"), (1, "cpu_s")):
-        per_token = (total[clock] - first[clock]) / (tokens - 1)
-        result[f"prompt_pass_{suffix}"] = first[clock]
+    result["method"] = "one generate call: first token, then the median gap between tokens"
+    for i, suffix in ((0, "s"), (1, "cpu_s")):
+        per_token = statistics.median(gaps[i])
+        result[f"prompt_pass_{suffix}"] = firsts[i] - start[i]
         result[f"per_token_{suffix}"] = per_token
-        result[f"projected_rewrite_{suffix}"] = first[clock] + per_token * (CAP_TOKENS - 1)
+        result[f"generate_{suffix}"] = whole[i]
+        result[f"token_gaps_{suffix}"] = gaps[i]
+        result[f"projected_rewrite_{suffix}"] = firsts[i] - start[i] + per_token * (CAP_TOKENS - 1)
     return result
 
 
@@ -180,16 +216,24 @@ def markdown(tiny: dict | None, full: dict | None) -> str:
         cells = [
             f"{fmt(full['prompt_pass_s'])} / {fmt(full['prompt_pass_cpu_s'])}",
             f"{fmt(full['per_token_s'], 3)} / {fmt(full['per_token_cpu_s'], 3)}",
+            f"{fmt(full['generate_s'], 1)} / {fmt(full['generate_cpu_s'], 1)}",
             f"{fmt(full['projected_rewrite_s'], 1)} / {fmt(full['projected_rewrite_cpu_s'], 1)}",
             f"{fmt(full['peak_rss_gib'], 1)} GiB",
         ]
-        # A record without the method took the RSS left when the timing ended, not the peak.
-        memory = "peak RSS" if "peak_rss_method" in full else "RSS at the end, not the peak"
-        header = ["prompt pass", "per token", f"{CAP_TOKENS}-token rewrite (projected)", memory]
+        n = full["measured_tokens"]
+        header = ["prompt pass", "per token", f"the {n}-token run"]
+        header += [f"{CAP_TOKENS}-token rewrite (projected)", "peak RSS"]
+        load = ", ".join(
+            f"{' / '.join(f'{x:.2f}' for x in full[f'load_average_{when}'])} at the {when}"
+            for when in ("start", "end")
+        )
         lines += [
             f"Qwen2.5-1.5B-Instruct architecture, random weights, float32, "
             f"{full['params'] / 1e9:.2f} B parameters, a {full['chat_tokens']}-token chat, "
-            f"{full['measured_tokens']} tokens timed, wall / CPU seconds:",
+            f"{n} greedy tokens in one `generate` call after a warm-up one, wall / CPU seconds. "
+            f"The prompt pass is the time to the first token, the per-token time the median of "
+            f"the {n - 1} gaps between the later ones; the projection is the prompt pass plus "
+            f"{CAP_TOKENS - 1} gaps. Host load (1 / 5 / 15 minute averages): {load}.",
             "",
             markdown_table(header, [cells]),
             "",
@@ -206,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part in ("tiny", "both"):
+        env = environment(CPU)  # before the run: its load average is the one the run met
         with tempfile.TemporaryDirectory() as folder:
             tiny = tiny_predictions(Path(folder), args.repeats)
-        write_json(args.out / "tiny.json", {"environment": environment(CPU), "results": tiny})
+        write_json(args.out / "tiny.json", {"environment": env, "results": tiny})
     if args.part in ("full-size", "both"):
+        env = environment(CPU)
         full = full_size_local_model(args.tokens)
-        write_json(args.out / "full-size.json", {"environment": environment(CPU), "results": full})
+        write_json(args.out / "full-size.json", {"environment": env, "results": full})
     # The table is rewritten from every result in the folder, whichever part ran now.
     found = {p.stem: json.loads(p.read_text())["results"] for p in args.out.glob("*.json")}
     text = markdown(found.get("tiny"), found.get("full-size"))
