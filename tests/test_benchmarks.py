@@ -1031,6 +1031,23 @@ def test_enhance_prompt_table_is_the_committed_records():
     assert enhance_prompt.markdown(tiny, full) == (folder / "results.md").read_text()
 
 
+def test_inputs_docs_cite_the_committed_full_size_enhance_prompt_figures():
+    """docs/inputs.md's full-size local rewrite costs are the committed record's, and say it."""
+    record = json.loads((ROOT / "benchmarks/results/cpu/enhance-prompt/full-size.json").read_text())
+    full = record["results"]
+    start, end = full["load_average_start"][0], full["load_average_end"][0]
+    docs = " ".join((ROOT / "docs/inputs.md").read_text().split())
+    assert "`full-size.json` for the last three" in docs
+    assert f"{start:.1f} to {end:.1f} for the full-size ones" in docs
+    first = f"| {full['prompt_pass_s']:.0f} s | {full['prompt_pass_cpu_s']:.0f} s |"
+    token = f"| {full['per_token_s']:.2f} s | {full['per_token_cpu_s']:.2f} s |"
+    rewrite = f"| {full['projected_rewrite_s']:.0f} s | {full['projected_rewrite_cpu_s']:.0f} s |"
+    assert f"a 500-token chat (time to the first token) {first}" in docs
+    gaps = len(full["token_gaps_s"])
+    assert f"{gaps} gaps between {gaps + 1} tokens of one call) {token}" in docs
+    assert f"projected from the two lines above {rewrite}" in docs
+
+
 def test_performance_docs_cite_the_committed_tiny_compile_starts():
     """docs/performance.md's tiny compiled-start figures are the committed run's."""
     folder = ROOT / "benchmarks/results/cpu/compile-setup"
