@@ -396,6 +396,16 @@ def test_phone_clip_turned_the_other_way_is_turned_upright_the_other_way(tmp_pat
     assert "48x96, turned 270 degrees as its display matrix says -> 48x96" in clip.summary
 
 
+def test_a_clip_recorded_upside_down_is_turned_180_degrees_as_players_show_it(tmp_path):
+    """A phone held upside down writes a half turn: the stored frame's left edge ends up on
+    the right of the picture."""
+    path = _write_phone_clip(tmp_path / "phone.mp4", rotation=180)
+    clip = load_video(path, num_frames=9, fps=8, height=48, width=96)
+    columns = np.asarray(clip.frames[0]).mean(axis=(0, 2))  # brightness per column
+    assert columns[-20:].min() > 200 and columns[:66].max() < 50
+    assert "96x48, turned 180 degrees as its display matrix says -> 96x48" in clip.summary
+
+
 def _with_display_matrix(path: str, matrix: tuple[int, ...]) -> str:
     """The mp4 with its track header's display matrix replaced (a, b, u, c, d, v, x, y, w),
     as QuickTime Player's Flip Horizontal and Flip Vertical write it."""
@@ -440,14 +450,18 @@ def test_clip_without_rotation_is_left_as_stored(tmp_path):
     assert "turned" not in clip.summary
 
 
-def _write_anamorphic_clip(path, pixel_aspect: Fraction, width: int = 40, height: int = 48) -> str:
+def _write_anamorphic_clip(
+    path, pixel_aspect: Fraction, width: int = 40, height: int = 48, rotation: int = 0
+) -> str:
     """A clip whose pixels are shown pixel_aspect times as wide as high, as a DVD's or an HDV
     camera's are (720x480 shown at 16:9, 1440x1080 shown at 1920x1080): white in the top
-    quarter of the frame, black below."""
+    quarter of the frame, black below. rotation: a display matrix's, as a phone writes it."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=8)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.sample_aspect_ratio = pixel_aspect
+        if rotation:
+            stream.set_display_rotation(rotation)
         rgb = np.zeros((height, width, 3), np.uint8)
         rgb[: height // 4] = 255
         for _ in range(10):
@@ -464,6 +478,20 @@ def test_a_clip_of_non_square_pixels_is_taken_at_the_shape_players_show(tmp_path
     rows = np.asarray(clip.frames[0]).mean(axis=(1, 2))  # brightness per row
     assert rows[:10].min() > 200 and rows[-30:].max() < 50
     assert "40x48, its pixels shown 2:1 -> 80x48" in clip.summary
+
+
+def test_a_turned_clip_of_non_square_pixels_is_stretched_across_its_stored_width(tmp_path):
+    """Its pixels are wide along the stored frame's rows, which the quarter turn stands up:
+    40x48 at 2:1 is shown 80x48, turned 48x80, the model's shape here, so nothing is cropped
+    and the white top quarter turns into the left quarter. Stretched across the turned
+    width instead, the centre crop would leave only a black strip."""
+    path = _write_anamorphic_clip(tmp_path / "turned.mp4", Fraction(2), rotation=90)
+    clip = load_video(path, num_frames=9, fps=8, height=80, width=48)
+    columns = np.asarray(clip.frames[0]).mean(axis=(0, 2))  # brightness per column
+    assert columns[:10].min() > 200 and columns[-30:].max() < 50
+    assert "48x40, turned 90 degrees as its display matrix says, its pixels shown 2:1" in (
+        clip.summary
+    )
 
 
 @pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP", "BMP"])
