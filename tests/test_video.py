@@ -6,6 +6,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image
 
 from cogvideox_cog.media.mp4 import above_level_5_1, encode_mp4, probe_mp4, x264_cpu_options
@@ -45,6 +46,16 @@ def test_codec_is_h264(clip_mp4):
 
 def test_pixel_format_is_yuv420p(clip_mp4):
     assert probe_mp4(clip_mp4)["pix_fmt"] == "yuv420p"
+
+
+def test_colours_are_tagged_bt709_limited_range_so_browsers_need_not_guess(clip_mp4):
+    """Each of the four tags: an untagged primaries or transfer is left to each browser's
+    guess, and they do not all guess BT.709."""
+    with av.open(str(clip_mp4)) as container:
+        context = container.streams.video[0].codec_context
+        tags = (context.colorspace, context.color_primaries, context.color_trc)
+        assert tags == (Colorspace.ITU709, ColorPrimaries.BT709, ColorTrc.BT709)
+        assert context.color_range == ColorRange.MPEG
 
 
 def test_moov_atom_comes_before_mdat(clip_mp4):
