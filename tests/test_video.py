@@ -242,3 +242,39 @@ def test_a_size_within_level_5_1_at_too_high_a_rate_is_flagged_for_its_rate():
     """2720x1536 (the 1.5 models' 2x) at 64 fps (16 fps interpolated 4x) is level 5.2."""
     assert "macroblocks a second" in above_level_5_1(2720, 1536, 64)
     assert above_level_5_1(2880, 1920, 46) is not None
+
+
+def test_float_frames_beyond_0_to_1_are_clipped_not_wrapped_around(tmp_path):
+    """A decoder's or upscaler's overshoot past white must stay white: cast to bytes as it is,
+    1.02 wraps to a dark 4 and -0.02 to a bright 251."""
+    video = _clip(9)
+    overshoot = video.astype(np.float32) / 255.0
+    overshoot[video == 255] = 1.02
+    overshoot[video == 0] = -0.02
+    decoded = {
+        name: _decode(encode_mp4(frames, tmp_path / f"{name}.mp4", fps=8))
+        for name, frames in {"uint8": video, "float": overshoot}.items()
+    }
+    np.testing.assert_array_equal(decoded["float"], decoded["uint8"])
+
+
+def test_the_video_file_is_readable_as_the_umask_allows_not_only_by_its_owner(tmp_path):
+    """Who may read the video is the umask's choice, as for any file written with open():
+    0o666 less the umask, not a temporary file's 0o600."""
+    previous = os.umask(0o022)
+    try:
+        out = encode_mp4(_clip(3), tmp_path / "clip.mp4", fps=8)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_integer_frames_other_than_uint8_are_refused_not_cast(tmp_path):
+    """int64 levels above 255 would wrap around in a cast; the caller converts knowingly."""
+    with pytest.raises(TypeError, match=r"uint8 or float in \[0, 1\], got dtype int64"):
+        encode_mp4(_clip(3).astype(np.int64), tmp_path / "clip.mp4", fps=8)
+
+
+def test_a_single_frame_array_is_refused_naming_the_four_dimensions_expected(tmp_path):
+    with pytest.raises(ValueError, match=r"\(F, H, W, 3\), got shape \(48, 64, 3\)"):
+        encode_mp4(_clip(1)[0], tmp_path / "clip.mp4", fps=8)
