@@ -230,3 +230,23 @@ def test_1_5_weights_whose_bound_forbids_the_training_size_fail_naming_the_overr
         r"COGVIDEOX_RESOLUTION=HEIGHTxWIDTH",
     ):
         inputs.native_resolution(V15, bound, 8)
+
+
+def test_a_choice_outside_the_list_is_refused_naming_the_choices():
+    """Cog checks choices against the schema; a caller without one gets the same answer."""
+    with pytest.raises(InputError, match=r"speed_mode='turbo' is not one of: default, fast\."):
+        inputs.check_choice("speed_mode", "turbo", ("default", "fast"))
+    assert inputs.check_choice("speed_mode", "fast", ("default", "fast")) == "fast"
+
+
+def test_an_empty_strength_takes_the_default_given():
+    assert inputs.check_strength(None, 0.6, 50) == 0.6
+
+
+def test_a_resolution_setting_of_the_wrong_form_is_refused_before_the_weights(monkeypatch):
+    """Read in setup before the download: a typo must not cost 20 GB first."""
+    monkeypatch.setenv(inputs.RESOLUTION_ENV, "720p")
+    with pytest.raises(ValueError, match=r"COGVIDEOX_RESOLUTION='720p' is not HEIGHTxWIDTH"):
+        inputs.resolution_setting()
+    monkeypatch.setenv(inputs.RESOLUTION_ENV, "480x720")
+    assert inputs.resolution_setting() == "480x720"
