@@ -221,3 +221,36 @@ def test_a_data_uri_over_the_cap_is_refused_with_its_decoded_size(monkeypatch):
         fetched("image", f"data:image/png;base64,{encoded}", "picture"),
     ):
         pass
+
+
+def test_a_url_pasted_with_spaces_or_a_line_break_around_it_is_fetched(files):
+    """A URL copied from a page or a terminal often brings a space or a newline along."""
+    with fetched("image", f"  {files.url('photo.png')}\n", "picture") as path:
+        assert path.read_bytes() == DATA
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "suffix"),
+    [
+        ("video", "clip.H264", ".h264"),
+        ("image", "data:image/png;base64,AAAA", ".png"),
+        ("video", "data:Video/MP4;base64,AAAA", ".mp4"),
+    ],
+    ids=["url", "data-uri", "data-uri-type-in-capitals"],
+)
+def test_the_fetched_file_is_named_with_the_inputs_extension(files, tmp_path, name, value, suffix):
+    """Some formats are recognised by their name, such as a raw H.264 stream's."""
+    (tmp_path / "clip.H264").write_bytes(DATA)
+    url = value if value.startswith("data:") else files.url(value)
+    with fetched(name, url, name) as path:
+        assert path.name == f"{name}{suffix}"
+
+
+def test_a_plain_data_uri_over_the_cap_is_refused_with_its_size(monkeypatch):
+    """Not base64: the data is the URI's own characters, percent-decoded."""
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", "1M")
+    with (
+        pytest.raises(InputError, match=r"image is 1\.1 MB, over the 1\.0 MB limit"),
+        fetched("image", "data:image/svg+xml," + "a" * 1_100_000, "picture"),
+    ):
+        pass
