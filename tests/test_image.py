@@ -126,6 +126,7 @@ def test_a_16_bit_png_transparency_colour_key_becomes_white(colour_type, key, ot
         (np.full((8, 8), 40000, np.int32), "TIFF", 155),  # 32-bit integer TIFF, 16-bit values
         (np.full((8, 8), 0.5, np.float32), "TIFF", 127),  # floating point in 0..1
         (np.full((8, 8), 1.0, np.float32), "TIFF", 255),  # its white, 1.0, is still 0..1
+        (np.full((8, 8), 200.0, np.float32), "TIFF", 200),  # floating point in 0..255
     ],
 )
 def test_deep_greyscale_images_are_scaled_to_8_bits_not_clipped(pixels, fmt, grey):
@@ -164,6 +165,20 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding():
     jpeg = _encode(Image.new("RGB", (64, 64), (200, 100, 50)), "JPEG", progressive=True)
     with pytest.raises(InputError, match="progressive JPEG of over 100 scans"):
         open_image(io.BytesIO(_with_scans(jpeg.getvalue(), 100)))
+
+
+def test_a_multi_picture_jpeg_of_too_many_scans_is_refused_as_a_jpeg_is():
+    """Cameras and phones write a JPEG with a second picture (a preview, a stereo view) in the
+    MPO layout, which Pillow names MPO, not JPEG; its first picture is the one decoded."""
+    pictures = [Image.new("RGB", (64, 64), colour) for colour in ((200, 100, 50), (50, 100, 200))]
+    mpo = _encode(
+        pictures[0], "MPO", save_all=True, append_images=pictures[1:], progressive=True
+    ).getvalue()
+    first_ends = mpo.index(b"\xff\xd9\xff\xd8") + 2
+    bomb = _with_scans(mpo[:first_ends], 100) + mpo[first_ends:]
+    assert Image.open(io.BytesIO(bomb)).format == "MPO"
+    with pytest.raises(InputError, match="progressive JPEG of over 100 scans"):
+        open_image(io.BytesIO(bomb))
 
 
 def test_a_motion_photo_whose_video_holds_scan_markers_is_read():
