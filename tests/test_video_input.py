@@ -110,6 +110,26 @@ def test_the_summary_quoted_in_the_inputs_page_is_what_its_clip_gives(tmp_path):
     assert summary.startswith(quoted)
 
 
+def test_the_limits_the_inputs_page_states_are_those_enforced():
+    """The tests of each limit lower it to keep their clips small, so they hold whatever its
+    value; the page tells users the values."""
+    page = " ".join(
+        (Path(__file__).resolve().parent.parent / "docs" / "inputs.md").read_text().split()
+    )
+    size = re.search(
+        r"At most (\d+) megapixels a frame, 4:1 either way \(as an image\), and (\d+) s", page
+    )
+    decoded = re.search(r"At most ([\d,]+) frames and (\d+) gigapixels decoded", page)
+    assert (int(size[1]) * 10**6, float(size[2])) == (
+        video_input.MAX_VIDEO_PIXELS,
+        video_input.MAX_VIDEO_SECONDS,
+    )
+    assert (int(decoded[1].replace(",", "")), int(decoded[2]) * 10**9) == (
+        video_input.MAX_DECODED_FRAMES,
+        video_input.MAX_DECODED_PIXELS,
+    )
+
+
 def test_a_clip_whose_timestamps_start_late_is_timed_from_its_first_frame(tmp_path):
     """Streams cut from a broadcast or a longer file may start at any time, not 0."""
     path = _write_clip(tmp_path / "late.webm", frames=12, fps=8, first_pts=8)  # from 1 s
