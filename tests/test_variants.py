@@ -20,8 +20,10 @@ def test_registry_covers_all_five_releases():
     ("variant_id", "allowed"),
     [
         ("cogvideox-2b", [9, 17, 25, 33, 41, 49]),
+        ("cogvideox-5b", [9, 17, 25, 33, 41, 49]),
         ("cogvideox-5b-i2v", [9, 17, 25, 33, 41, 49]),
         ("cogvideox1.5-5b", [17, 33, 49, 65, 81, 97, 113, 129, 145, 161]),
+        ("cogvideox1.5-5b-i2v", [17, 33, 49, 65, 81, 97, 113, 129, 145, 161]),
     ],
 )
 def test_frame_rule_lists_exactly_the_counts_upstream_allows(variant_id, allowed):
