@@ -179,9 +179,11 @@ def test_1_0_models_generate_at_the_config_resolution():
     assert inputs.native_resolution(V10, _Config(), 8) == (480, 720)
 
 
-def test_1_5_models_use_the_training_resolution_not_the_config_rotary_bound():
+@pytest.mark.parametrize("variant_id", ["cogvideox1.5-5b", "cogvideox1.5-5b-i2v"])
+def test_1_5_models_use_the_training_resolution_not_the_config_rotary_bound(variant_id):
+    """The image-to-video model too: its short side at 768 is what each image is fitted to."""
     bound = _Config(sample=(300, 300), patch_size_t=2)
-    assert inputs.native_resolution(V15, bound, 8) == (768, 1360)
+    assert inputs.native_resolution(VARIANTS[variant_id], bound, 8) == (768, 1360)
 
 
 def test_resolution_override_is_used_when_the_model_allows_it():
