@@ -184,6 +184,31 @@ def test_a_size_too_large_for_a_float_is_refused_naming_the_variable():
         settings.parse_size("9" * 308 + "T", "X")
 
 
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("2g", 2 << 30), ("500m", 500 << 20), ("1.5gib", 3 << 29), ("2 G", 2 << 30)],
+)
+def test_a_size_is_taken_in_lower_case_and_with_a_space_before_its_suffix(text, size):
+    """`2g` is how docker writes a size (`--memory 2g`): refused, it would fail setup."""
+    assert settings.parse_size(text, "X") == size
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "read", "expected"),
+    [
+        (download.CONNECTIONS_ENV, "65", download.connections, "from 1 to 64"),
+        (GPUS_ENV, "0", lambda: gpus_from_env(visible_cuda=0), "1 or more"),
+    ],
+)
+def test_a_count_out_of_range_is_refused_naming_the_range_it_takes(
+    monkeypatch, env, value, read, expected
+):
+    """Told "1 or more", an operator who set 65 connections would try 100 next."""
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=f"^{env}='{value}': give a whole number {expected}$"):
+        read()
+
+
 @pytest.mark.parametrize("env", [cache.WEIGHTS_DIR_ENV, lora_store.LORA_DIR_ENV])
 def test_a_cache_folder_that_names_a_file_is_refused_at_setup(monkeypatch, tmp_path, env):
     a_file = tmp_path / "adapter.safetensors"
@@ -381,6 +406,33 @@ def test_a_documented_value_a_setting_refuses_is_reported(monkeypatch):
         "COGVIDEOX_COMPILE=yes",
         "COGVIDEOX_OFLOAD=none",
     ]
+
+
+# The prompt enhancer's settings that only the backend using them reads, and what it reads.
+ENHANCE_READ_WHEN_UNSET = [
+    (enhance.WEIGHTS_ENV, "local", lambda config: config.weights),
+    (enhance.MODEL_ENV, "openai", lambda config: config.endpoint.model),
+    (
+        enhance.BASE_URL_ENV,
+        "openai",
+        lambda config: config.endpoint.url.removesuffix("/chat/completions"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "read"),
+    ENHANCE_READ_WHEN_UNSET,
+    ids=[e for e, _, _ in ENHANCE_READ_WHEN_UNSET],
+)
+def test_the_documented_enhance_default_is_what_its_backend_reads_when_unset(
+    monkeypatch, env, backend, read
+):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, backend)
+    monkeypatch.delenv(env, raising=False)
+    documented = [(page, text) for page, name, text in documented_defaults() if name == env]
+    assert "configuration.md" in {page for page, _ in documented}
+    assert documented == [(page, read(enhance.config_from_env())) for page, _ in documented]
 
 
 def test_every_setting_left_blank_is_its_default(monkeypatch, tiny_weights, tmp_path):
