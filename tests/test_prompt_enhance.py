@@ -37,7 +37,14 @@ from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.prompts import enhance
-from cogvideox_cog.prompts.endpoint import BASE_URL_ENV, EndpointRewriter, _redacted
+from cogvideox_cog.prompts.endpoint import (
+    BASE_URL_ENV,
+    ERROR_BODY_CHARS,
+    MIN_REDACTED_KEY_CHARS,
+    EndpointRewriter,
+    _excerpt,
+    _redacted,
+)
 from cogvideox_cog.prompts.enhance import (
     PromptEnhancer,
     config_from_env,
@@ -46,7 +53,13 @@ from cogvideox_cog.prompts.enhance import (
     whole_sentences,
 )
 from cogvideox_cog.prompts.instruction import instruction, messages
-from cogvideox_cog.prompts.local import REWRITE_MARGIN_BYTES, LocalRewriter, visit_fits
+from cogvideox_cog.prompts.local import (
+    REWRITE_MARGIN_BYTES,
+    LocalRewriter,
+    _fits_beside,
+    visit_fits,
+)
+from cogvideox_cog.prompts.rewriter import refused
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
@@ -977,3 +990,73 @@ def _enhanced_request(**fields) -> Request:
         enhance_prompt=True,
     )
     return Request(**{**defaults, **fields})
+
+
+def test_tidy_removes_any_kind_of_quotes_wrapped_around_the_rewrite():
+    for wrapped in ('"A cat sits."', "'A cat sits.'", "\u201cA cat sits.\u201d"):
+        assert tidy(wrapped) == "A cat sits."
+
+
+def test_a_long_rewrite_is_logged_shortened_and_recorded_whole(endpoint, caplog):
+    prompt = "a cat playing a grand piano " * 15  # its rewrite is over 300 characters
+    recorded = {}
+    with caplog.at_level("INFO"):
+        rewrite = endpoint.enhance(
+            prompt, task="t2v", seed=1, max_tokens=226, record_metric=recorded.__setitem__
+        )
+    assert rewrite == rewrite_of(tidy(prompt)) and len(rewrite) > enhance.LOGGED_CHARS
+    assert recorded["enhanced_prompt"] == rewrite
+    assert f"{rewrite[: enhance.LOGGED_CHARS]}... ({len(rewrite):,} characters)" in caplog.text
+    assert rewrite not in caplog.text
+
+
+def test_the_seconds_a_rewrite_took_are_recorded_as_a_metric(endpoint):
+    recorded = {}
+    endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, record_metric=recorded.__setitem__)
+    assert isinstance(recorded["enhance_seconds"], float)
+    assert 0 <= recorded["enhance_seconds"] < 5
+
+
+def test_a_key_of_as_many_characters_as_setup_accepts_without_a_warning_is_taken_out():
+    """Setup warns only of a key shorter than MIN_REDACTED_KEY_CHARS: one that long must not
+    show in an error."""
+    key = "k" * MIN_REDACTED_KEY_CHARS
+    assert _redacted(f"bad key {key}", key) == "bad key [the key]"
+
+
+def test_an_error_quotes_only_the_first_300_characters_of_the_endpoints_answer():
+    assert _excerpt(b"x" * 1000, None) == "x" * ERROR_BODY_CHARS == "x" * 300
+
+
+def test_a_refusal_is_quoted_on_one_line_and_at_most_300_characters():
+    """A chat model may decline at length, over several paragraphs."""
+    message = refused("writer-1", "I'm sorry.\n\nI can't " + "x" * 400)
+    quoted = re.search(r"the prompt: \"(.*)\"\. Rephrase", message)[1]
+    assert "\n" not in message and quoted.startswith("I'm sorry. I can't x")
+    assert quoted.endswith("...") and len(quoted) == 300 + len("...")
+
+
+def test_a_local_model_stays_on_the_gpu_only_if_the_video_models_peak_still_fits(monkeypatch):
+    """Its weights come out of what the video model's denoising would have had: kept
+    where they don't fit, the first video runs out of memory."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm(len(tokenizer))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**30)
+    _gpu_with_free(monkeypatch, 20 * 2**30 + weights)
+    assert _fits_beside(model, torch.device("cuda"), video_peak_gib=21)
+    _gpu_with_free(monkeypatch, 20 * 2**30 + weights - 1)
+    assert not _fits_beside(model, torch.device("cuda"), video_peak_gib=21)
+
+
+@pytest.mark.parametrize("opening", ['"', "\u201c"])
+def test_a_rewrite_cut_at_the_cap_loses_an_unclosed_opening_quote_of_either_kind(opening):
+    assert (
+        enhance._without_unclosed_quote(f"{opening}A cat sits. It plays") == "A cat sits. It plays"
+    )
+
+
+def test_the_backend_is_named_in_any_case(monkeypatch):
+    """`OpenAI`, as the company writes it, is the same backend, not a failed setup."""
+    monkeypatch.setenv(enhance.ENHANCE_ENV, " OpenAI ")
+    assert config_from_env().backend == "openai"
