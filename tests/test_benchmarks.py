@@ -1061,3 +1061,16 @@ def test_performance_docs_cite_the_committed_tiny_compile_starts():
         f"compiled {cold['graphs_compiled_in_setup']} graphs in a {cold['warm_up_s']:.0f} s" in docs
     )
     assert f"took {cold['warm_up_s']:.0f} s cold and {warm['warm_up_s']:.0f} s warm" in docs
+
+
+def test_performance_docs_cite_the_committed_tiny_gpu_run_warm_ups():
+    """docs/performance.md's cost of the tiny script's warm-up renders is the committed runs'."""
+    folder = ROOT / "benchmarks/results/cpu/gpu-run-tiny"
+
+    def both_warm_ups(run: Path) -> int:
+        starts = (run / f"compile-cogvideox-5b-tiny-{start}.json" for start in ("cold", "warm"))
+        return round(sum(json.loads(p.read_text())["warm_up_s"] for p in starts))
+
+    one, two = both_warm_ups(folder), both_warm_ups(folder / "two-renders")
+    docs = " ".join((ROOT / "docs/performance.md").read_text().split())
+    assert f"warm-ups took {two} s with two renders and {one} s with one" in docs
