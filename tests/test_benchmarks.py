@@ -1048,6 +1048,25 @@ def test_inputs_docs_cite_the_committed_full_size_enhance_prompt_figures():
     assert f"projected from the two lines above {rewrite}" in docs
 
 
+def test_inputs_docs_cite_the_committed_tiny_enhance_prompt_figures():
+    """docs/inputs.md's tiny rewrite costs and the host's load are the committed record's."""
+    record = json.loads((ROOT / "benchmarks/results/cpu/enhance-prompt/tiny.json").read_text())
+    tiny, load = record["results"], record["environment"]["load_average"][0]
+    docs = " ".join((ROOT / "docs/inputs.md").read_text().split())
+    assert f"average {load:.1f} for the tiny lines" in docs
+    endpoint, local = tiny["endpoint (loopback)"], tiny["local, tiny Qwen2"]
+    plain = tiny["none"]
+    assert (
+        f"our own overhead | {endpoint['rewrite']:.3f} s | {endpoint['rewrite_cpu']:.3f} s |"
+        in docs
+    )
+    assert (
+        f"overhead of `generate` | {local['rewrite']:.2f} s | {local['rewrite_cpu']:.2f} s |"
+        in docs
+    )
+    assert f"for scale | {plain['prediction']:.2f} s | {plain['prediction_cpu']:.2f} s |" in docs
+
+
 def test_performance_docs_cite_the_committed_tiny_compile_starts():
     """docs/performance.md's tiny compiled-start figures are the committed run's."""
     folder = ROOT / "benchmarks/results/cpu/compile-setup"
