@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tarfile
@@ -21,6 +22,7 @@ from transformers import GenerationConfig
 from cogvideox_cog.devtools.tiny import save_tiny_weights
 from cogvideox_cog.devtools.tiny_llm import (
     CHAT_TEMPLATE,
+    IM_END,
     build_tiny_causal_lm,
     build_tiny_tokenizer,
     save_tiny_causal_lm,
@@ -783,6 +785,70 @@ def test_the_local_rewrite_stops_at_the_token_cap(local):
     reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
     assert reply.cut
     assert len(rewriter.tokenizer(reply.text, add_special_tokens=False).input_ids) <= 5
+
+
+ANSWER_TOKENS = 12  # of the answer a model taught by _ends_its_answer_after writes
+
+
+def _ends_its_answer_after(rewriter: LocalRewriter, chat: list[dict], tokens: int) -> str:
+    """Teach the tiny model, which never stops by itself, to end its turn (<|im_end|>) after
+    `tokens` tokens of its greedy answer to `chat`, which stays the same: that token's output
+    row is set orthogonal to the states before it and aligned with the one after. Returns the
+    answer."""
+    inputs = rewriter.tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        whole = rewriter.model.generate(**inputs, max_new_tokens=tokens, eos_token_id=None)
+        states = []
+        hook = rewriter.model.lm_head.register_forward_pre_hook(lambda m, a: states.append(a[0]))
+        rewriter.model(input_ids=whole)
+        hook.remove()
+        before, after = states[0][0, -tokens - 1 : -1], states[0][0, -1]
+        logits = rewriter.model.lm_head(states[0][0, -tokens - 1 :])
+        assert (logits[:-1].max(dim=-1).values > 0).all()  # so a 0 for the end never wins
+        basis, _ = torch.linalg.qr(before.T)
+        row = after - basis @ (basis.T @ after)
+        row *= (logits[-1].max() + 10) / row.dot(after)
+        end = rewriter.tokenizer.convert_tokens_to_ids(IM_END)
+        rewriter.model.lm_head.weight[end] = row
+    return rewriter.tokenizer.decode(whole[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.fixture(scope="module")
+def ends_its_answer(tmp_path_factory):
+    """The local backend on a tiny model that ends its answer to PROMPT after ANSWER_TOKENS
+    tokens, and that answer."""
+    directory = save_tiny_causal_lm(tmp_path_factory.mktemp("llm") / "ends")
+    rewriter = LocalRewriter.load(directory, "tiny", CPU, video_peak_gib=None, timeout=30)
+    return rewriter, _ends_its_answer_after(rewriter, messages(PROMPT, "t2v"), ANSWER_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("cap", "cut"),
+    [
+        (ANSWER_TOKENS - 1, True),
+        (ANSWER_TOKENS, True),  # the answer fills the cap: whether it ended is not known
+        (ANSWER_TOKENS + 1, False),  # its end is the cap's last token
+        (ANSWER_TOKENS + 2, False),
+    ],
+)
+def test_a_local_rewrite_is_cut_only_when_the_cap_came_before_its_end(ends_its_answer, cap, cut):
+    rewriter, answer = ends_its_answer
+    reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=cap, api_key=None)
+    assert reply.cut is cut
+    assert reply.text == answer[:cap]  # one byte a token
+
+
+@pytest.mark.parametrize(("cap", "warned"), [(ANSWER_TOKENS, True), (ANSWER_TOKENS + 1, False)])
+def test_only_a_local_rewrite_the_cap_cut_is_logged_as_cut(ends_its_answer, caplog, cap, warned):
+    rewriter, answer = ends_its_answer
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        text = PromptEnhancer(rewriter).enhance(
+            PROMPT, task="t2v", seed=1, max_tokens=cap, record_metric=lambda *_: None
+        )
+    assert ("reached the cap of" in caplog.text) is warned
+    assert text == (whole_sentences(tidy(answer)) if warned else tidy(answer))
 
 
 def test_a_ranks_cancel_stops_the_local_rewrite_at_the_next_token(local):
