@@ -61,7 +61,7 @@ from cogvideox_cog.prompts.local import (
     _fits_beside,
     visit_fits,
 )
-from cogvideox_cog.prompts.rewriter import refused
+from cogvideox_cog.prompts.rewriter import Reply, refused
 from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights.cache import COMPLETE_MARKER
 from cogvideox_cog.weights.causal_lm import ensure_causal_lm
@@ -849,6 +849,20 @@ def test_only_a_local_rewrite_the_cap_cut_is_logged_as_cut(ends_its_answer, capl
         )
     assert ("reached the cap of" in caplog.text) is warned
     assert text == (whole_sentences(tidy(answer)) if warned else tidy(answer))
+
+
+def test_a_checkpoint_whose_generation_config_names_no_end_stops_at_its_tokenizers(tmp_path):
+    """The rewrite ran on past the model's end of turn to the cap, and kept what the model
+    wrote after it (the end token itself is a special token, left out of the text)."""
+    directory = save_tiny_causal_lm(tmp_path / "no-eos")
+    (directory / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.eos_token = IM_END  # as Qwen2.5-Instruct's tokenizer names it
+    tokenizer.save_pretrained(directory)
+    rewriter = LocalRewriter.load(directory, "tiny", CPU, video_peak_gib=None, timeout=30)
+    answer = _ends_its_answer_after(rewriter, messages(PROMPT, "t2v"), ANSWER_TOKENS)
+    reply = rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=40, api_key=None)
+    assert reply == Reply(answer, cut=False)
 
 
 def test_a_ranks_cancel_stops_the_local_rewrite_at_the_next_token(local):

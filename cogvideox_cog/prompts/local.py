@@ -77,7 +77,7 @@ class LocalRewriter:
         # otherwise merge in, and warn about, on every call).
         model.generation_config = GenerationConfig(
             do_sample=False,
-            eos_token_id=model.generation_config.eos_token_id,
+            eos_token_id=_ends(model.generation_config.eos_token_id, tokenizer.eos_token_id),
             pad_token_id=tokenizer.pad_token_id,
         )
         resident = device.type == "cpu" or (
@@ -261,6 +261,16 @@ def _weights_bytes(model) -> int:
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.1f}"
+
+
+def _ends(configured: int | list[int] | None, tokenizer_eos: int | None) -> list[int] | None:
+    """The tokens a rewrite ends at: the generation config's, and the tokenizer's end of
+    sequence. A checkpoint whose generation config names none (or not its tokenizer's) would
+    otherwise run on past the end of its answer to the cap, keeping what it wrote after."""
+    ends = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer_eos is not None and tokenizer_eos not in ends:
+        ends.append(tokenizer_eos)
+    return ends or None
 
 
 def _ids(eos: int | list[int] | None) -> set[int]:
