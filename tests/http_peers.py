@@ -1,11 +1,12 @@
-"""HTTP servers on 127.0.0.1 that the Cog server talks to in tests: an upload target, and a
-sender that never finishes a body.
+"""HTTP servers on 127.0.0.1 that the Cog server talks to in tests: an upload target, a
+sender that never finishes a body, and a port where no connection is ever made.
 
 (The webhook receiver lives in tests/cog_server.py; images are served with tests/file_server.py.)
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import uuid
 from dataclasses import dataclass
@@ -158,3 +159,37 @@ class EndlessSender:
         self._stopped.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class NeverAccepts:
+    """A port on 127.0.0.1 where a connection is never made: its listener's queue is full
+    (a backlog of 0 holds one connection, taken here) and it accepts none, so the kernel
+    drops each new SYN and a client's connect waits until its own timeout, as for an
+    address behind a firewall that drops packets."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        self._queued: list[socket.socket] = []
+        while True:  # until a connect times out: the queue is full
+            filler = socket.socket()
+            filler.settimeout(0.5)
+            try:
+                filler.connect(("127.0.0.1", self.port))
+            except TimeoutError:
+                filler.close()
+                break
+            self._queued.append(filler)
+
+    def close(self) -> None:
+        for filler in self._queued:
+            filler.close()
+        self._listener.close()
+
+    def __enter__(self) -> NeverAccepts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

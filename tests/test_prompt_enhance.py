@@ -68,6 +68,7 @@ from cogvideox_cog.weights.causal_lm import ensure_causal_lm
 from cogvideox_cog.weights.download import stop_waiting_when
 from tests.chat_server import REFUSAL, ChatServer, rewrite_of
 from tests.file_server import FileServer
+from tests.http_peers import NeverAccepts
 
 PROMPT = "a cat playing piano"
 CPU = torch.device("cpu")
@@ -239,6 +240,21 @@ def test_an_unreachable_endpoint_fails_saying_so(chat):
     rewriter = EndpointRewriter(gone.base_url, "writer-1", None, timeout=0.5)
     with pytest.raises(EnhanceError, match="could not be reached"):
         PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_endpoint_that_makes_no_connection_fails_as_unreachable_not_as_slow(chat):
+    """A dropped connect (a firewall, a wrong host) said `did not answer within 0.5 s`, as a
+    slow model does, which asks for a longer timeout: no timeout makes the connection."""
+    with NeverAccepts() as port:
+        rewriter = EndpointRewriter(f"http://127.0.0.1:{port.port}/v1", "writer-1", None, 0.5)
+        started = time.monotonic()
+        with pytest.raises(EnhanceError) as error:
+            PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert time.monotonic() - started < 2.5
+    assert str(error.value) == (
+        f"writer-1 at http://127.0.0.1:{port.port}/v1 could not be reached within 0.5 s: no "
+        f"connection was made"
+    )
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,35 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+class _ReportsConnection:
+    """Sets `connected` once the connection (TLS included) is made: a deadline that passes
+    before then is an endpoint that cannot be reached, not a slow one."""
+
+    def __init__(self, connected: threading.Event):
+        super().__init__()
+        self.connected = connected
+
+    def do_open(self, http_class, req, **kwargs):
+        connected = self.connected
+
+        class Connection(http_class):
+            def connect(self) -> None:
+                super().connect()
+                connected.set()
+
+        return super().do_open(Connection, req, **kwargs)
+
+
+class _HTTP(_ReportsConnection, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPS(_ReportsConnection, urllib.request.HTTPSHandler):
+    pass
+
+
+def _opener(connected: threading.Event) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoRedirects, _HTTP(connected), _HTTPS(connected))
 
 
 def check_api_key(key: str, name: str) -> str:
@@ -106,11 +134,16 @@ class EndpointRewriter:
         request = urllib.request.Request(
             self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
         )
+        connected = threading.Event()
         try:
             raw = with_deadline(
-                lambda stop: self._exchange(request, stop, api_key), self.timeout, "enhance"
+                lambda stop: self._exchange(request, stop, api_key, connected),
+                self.timeout,
+                "enhance",
             )
         except DeadlineExceeded:
+            if not connected.is_set():
+                raise EnhanceError(self._unreachable()) from None
             raise EnhanceError(f"{self.name} did not answer within {self.timeout:g} s") from None
         try:
             return json.loads(raw)
@@ -120,11 +153,20 @@ class EndpointRewriter:
                 f"{self.name} answered with something other than JSON: {shown!r}"
             ) from None
 
+    def _unreachable(self) -> str:
+        """A connection not made within the timeout (a firewall that drops it, a host that is
+        down): a longer timeout would not help, unlike for a slow answer."""
+        return f"{self.name} could not be reached within {self.timeout:g} s: no connection was made"
+
     def _exchange(
-        self, request: urllib.request.Request, stop: threading.Event, api_key: str | None
+        self,
+        request: urllib.request.Request,
+        stop: threading.Event,
+        api_key: str | None,
+        connected: threading.Event,
     ) -> bytes:
         try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
+            with _opener(connected).open(request, timeout=self.timeout) as response:
                 return self._read(response, stop)
         except urllib.error.HTTPError as error:
             if 300 <= error.code < 400:
@@ -144,6 +186,8 @@ class EndpointRewriter:
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             if isinstance(reason, TimeoutError):
+                if not connected.is_set():
+                    raise EnhanceError(self._unreachable()) from None
                 raise EnhanceError(
                     f"{self.name} did not answer within {self.timeout:g} s"
                 ) from None
