@@ -73,16 +73,34 @@ def adobe_rgb_profile() -> bytes:
     )
 
 
+def _srgb_curve() -> bytes:
+    return (
+        b"para"
+        + bytes(4)
+        + struct.pack(">HH", 3, 0)
+        + _s15(2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+    )
+
+
 def display_p3_profile() -> bytes:
     """Display P3, an iPhone photo's profile: P3 primaries under sRGB's tone curve."""
-    srgb_curve = b"para" + bytes(4) + struct.pack(">HH", 3, 0)
-    srgb_curve += _s15(2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
     return _matrix_profile(
         "Display P3",
         (0.515102, 0.241182, -0.001050),
         (0.291965, 0.692236, 0.041882),
         (0.157153, 0.066574, 0.784378),
-        srgb_curve,
+        _srgb_curve(),
+    )
+
+
+def srgb_profile(name: str) -> bytes:
+    """sRGB under any name: Facebook's and Instagram's JPEGs carry one named "c2"."""
+    return _matrix_profile(
+        name,
+        (0.436066, 0.222488, 0.013916),
+        (0.385147, 0.716873, 0.097076),
+        (0.143066, 0.060608, 0.714096),
+        _srgb_curve(),
     )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pillow_heif
 import pytest
 from diffusers.utils import load_image
-from PIL import Image
+from PIL import Image, ImageCms
 
 from cogvideox_cog.errors import InputError
 from cogvideox_cog.media.image import fit_image, open_image
@@ -21,6 +21,7 @@ from tests.icc_profiles import (
     cmyk_profile,
     display_p3_profile,
     grey_profile,
+    srgb_profile,
 )
 
 
@@ -385,6 +386,48 @@ def test_by_default_grey_and_cmyk_profiles_are_left_out_as_load_image_leaves_the
     profiled.seek(0)
     assert np.array_equal(np.asarray(opened), np.asarray(load_image(Image.open(profiled))))
     assert f"{name!r} is not applied" in caplog.text
+
+
+def _every_level() -> Image.Image:
+    """Each 8-bit level in each channel, beside each other level in the others."""
+    levels = np.arange(256, dtype=np.uint8)
+    red, green = np.meshgrid(levels, levels)
+    return Image.fromarray(np.stack([red, green, 255 - red], axis=-1), "RGB")
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(),  # "sRGB built-in"
+        srgb_profile("sRGB IEC61966-2.1"),
+        srgb_profile("c2"),
+    ],
+    ids=["pillow", "iec", "c2"],
+)
+@pytest.mark.parametrize("convert", [False, True])
+def test_an_srgb_profile_leaves_the_pixels_and_the_log_as_they_are(profile, convert, caplog):
+    """The log names a profile only where convert_colour changes the picture: "c2", sRGB by
+    another name, was named as left out, and its conversion moved levels by 1."""
+    stored = _every_level()
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(_encode(stored, "PNG", icc_profile=profile), convert_colour=convert)
+    assert np.array_equal(np.asarray(opened), np.asarray(stored))
+    assert "image:" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("convert", "logged"),
+    [
+        (False, "its colour profile 'Display P3' is not applied"),
+        (True, "converted from its colour profile 'Display P3' to sRGB"),
+    ],
+)
+def test_a_profile_that_is_not_srgb_is_named_in_the_log_either_way(convert, logged, caplog):
+    stored = _every_level()
+    profiled = _encode(stored, "PNG", icc_profile=display_p3_profile())
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        open_image(profiled, convert_colour=convert)
+    assert logged in caplog.text
 
 
 def test_an_unusable_colour_profile_leaves_the_colours_as_stored(caplog):

@@ -189,7 +189,7 @@ def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Imag
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         name = ImageCms.getProfileDescription(profile).strip()
         source = _described_by(image, rgb, profile.profile.xcolor_space.strip())
-        if source is None or "srgb" in name.lower():
+        if source is None or "srgb" in name.lower() or _is_srgb(source, profile):
             return rgb
         if not convert:
             log.info(
@@ -203,6 +203,23 @@ def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Imag
         return rgb
     log.info(f"image: converted from its colour profile {name[:60]!r} to sRGB")
     return converted
+
+
+# Colours whose conversion tells an sRGB profile by another name: 16 levels a channel.
+_PROBE = Image.fromarray(
+    np.stack(np.meshgrid(*[np.arange(0, 256, 17, dtype=np.uint8)] * 3), axis=-1).reshape(64, 64, 3)
+)
+
+
+def _is_srgb(source: Image.Image, profile: ImageCms.ImageCmsProfile) -> bool:
+    """Whether an RGB profile converts colours to sRGB within a level: sRGB under a name
+    without it ("c2", in Facebook's and Instagram's JPEGs), which converting would only
+    round, and which the log would name as left out."""
+    if source.mode != "RGB":
+        return False
+    converted = ImageCms.profileToProfile(_PROBE, profile, _SRGB, outputMode="RGB")
+    difference = np.abs(np.asarray(converted, np.int16) - np.asarray(_PROBE, np.int16))
+    return int(difference.max()) <= 1
 
 
 # H.273 colour primaries that are not sRGB's, by name.
