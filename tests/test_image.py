@@ -526,6 +526,75 @@ def _nclx_heic(primaries: int, transfer: int, colour=(200, 100, 50)) -> io.Bytes
     return heic
 
 
+def _boxes(data: bytes, at: int, end: int):
+    """(type, the whole box) of each box from `at` to `end`."""
+    while at < end:
+        size, kind = struct.unpack(">I4s", data[at : at + 8])
+        yield kind, data[at : at + size]
+        at += size
+
+
+def _box(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(body), kind) + body
+
+
+def _with_nclx_beside_icc(heic: bytes, primaries: int, transfer: int) -> bytes:
+    """A HEIC written with an ICC profile, given an nclx colour box beside it, as a camera
+    may write both (pillow-heif writes one): the box added to the item's properties, the
+    picture's offset moved past the bytes added."""
+    nclx = _box(b"colr", b"nclx" + struct.pack(">HHHB", primaries, transfer, 6, 0x80))
+    top = dict(_boxes(heic, 0, len(heic)))
+    assert list(top) == [b"ftyp", b"meta", b"mdat"], list(top)
+    meta = top[b"meta"]
+    children = []
+    for kind, box in _boxes(meta, 12, len(meta)):
+        if kind == b"iprp":
+            parts = dict(_boxes(box, 8, len(box)))
+            ipco, ipma = parts[b"ipco"], parts[b"ipma"]
+            properties = len(list(_boxes(ipco, 8, len(ipco)))) + 1
+            assert ipma[8:16] == bytes(4) + struct.pack(">I", 1)  # version 0, one item
+            count = ipma[18]
+            ipma = _box(b"ipma", ipma[8:18] + bytes([count + 1]) + ipma[19:] + bytes([properties]))
+            box = _box(b"iprp", _box(b"ipco", ipco[8:] + nclx) + ipma)
+        children.append(box)
+    grown = sum(map(len, children)) - (len(meta) - 12)
+    fixed = []
+    for box in children:
+        if box[4:8] == b"iloc":
+            assert box[8:14] == bytes(4) + b"\x44\x40"  # version 0; offsets and base of 4 bytes
+            (items,) = struct.unpack(">H", box[14:16])
+            assert items == 1
+            (base,) = struct.unpack(">I", box[20:24])
+            box = box[:20] + struct.pack(">I", base + grown) + box[24:]
+        fixed.append(box)
+    return top[b"ftyp"] + _box(b"meta", meta[8:12] + b"".join(fixed)) + top[b"mdat"]
+
+
+@pytest.mark.parametrize(
+    ("icc", "primaries", "expected"),
+    [
+        (display_p3_profile(), 1, (215, 93, 31)),
+        (srgb_profile("sRGB IEC61966-2.1"), 12, (200, 100, 50)),
+    ],
+    ids=["p3-profile-bt709-box", "srgb-profile-p3-box"],
+)
+def test_a_heic_with_both_a_profile_and_an_nclx_box_is_read_by_its_profile(
+    icc, primaries, expected, caplog
+):
+    """libheif reports only the ICC profile of a picture that has both: the profile's
+    colours are converted, the box's primaries never."""
+    stored = _encode(
+        Image.new("RGB", (16, 16), (200, 100, 50)), "HEIF", quality=90, icc_profile=icc
+    )
+    both = _with_nclx_beside_icc(stored.getvalue(), primaries, 13)
+    hidden = both.replace(b"colrprof", b"freeprof")  # the profile's box, skipped as padding
+    assert Image.open(io.BytesIO(hidden)).info["nclx_profile"]["color_primaries"] == primaries
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(io.BytesIO(both), convert_colour=True)
+    assert np.abs(np.subtract(opened.getpixel((8, 8)), expected)).max() <= 2
+    assert "declared" not in caplog.text
+
+
 # Linear Display P3 to linear sRGB, as published (e.g. in the CSS Color 4 sample code).
 P3_TO_SRGB = np.array([[1.2249, -0.2247, 0.0], [-0.0420, 1.0419, 0.0], [-0.0197, -0.0786, 1.0979]])
 
