@@ -27,9 +27,6 @@ class Layout:
         return " x ".join(parts) or "single process"
 
 
-SINGLE = Layout(cfg=1, ulysses=1)
-
-
 def choose_layout(
     world_size: int, classifier_free_guidance: bool, heads: int | None = None
 ) -> Layout:
