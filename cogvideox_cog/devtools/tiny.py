@@ -44,21 +44,18 @@ class TinySpec:
 
     # Native pixel size (the real models: 480 x 720 for 1.0, 768 x 1360 for 1.5); not
     # square, to catch height/width swaps. For 1.0 it is also sample_height/width * 8 in the
-    # transformer config; for 1.5, as upstream, the config holds only the square bound below.
+    # transformer config; for 1.5, as upstream, the config holds only the square bound above.
     height: int
     width: int
     # The transformer's max_text_seq_length, 226 as in every real release.
     max_sequence_length: int
-    # Largest height or width the model takes (the 1.5 rotary bound; 2400 on the real ones).
-    max_side: int | None
 
 
-_BOUND_15 = _MAX_LATENT_15 * _VAE_SCALE
 TINY: dict[tuple[Family, Task], TinySpec] = {
-    ("1.0", "t2v"): TinySpec(height=48, width=80, max_sequence_length=226, max_side=None),
-    ("1.0", "i2v"): TinySpec(height=48, width=80, max_sequence_length=226, max_side=None),
-    ("1.5", "t2v"): TinySpec(height=48, width=80, max_sequence_length=226, max_side=_BOUND_15),
-    ("1.5", "i2v"): TinySpec(height=48, width=80, max_sequence_length=226, max_side=_BOUND_15),
+    ("1.0", "t2v"): TinySpec(height=48, width=80, max_sequence_length=226),
+    ("1.0", "i2v"): TinySpec(height=48, width=80, max_sequence_length=226),
+    ("1.5", "t2v"): TinySpec(height=48, width=80, max_sequence_length=226),
+    ("1.5", "i2v"): TinySpec(height=48, width=80, max_sequence_length=226),
 }
 
 # Words of typical prompts, each one token; anything else is spelled out in characters.
