@@ -2,8 +2,9 @@
 
 `VideoGenerator` holds one configured pipeline (pipeline.py) and turns a `Request` into
 frames (`render_frames`), into an mp4 on a path of its own (`render_mp4`), or, for the Cog
-predictors, into the one mp4 kept on disk (`predict`). Every input is checked in `prepare`,
-before the LoRA is fetched or the model runs.
+predictors, into the one mp4 kept on disk (`predict`). Every input is checked first
+(`_checked`, which `check` runs alone before an image or clip is fetched), before the LoRA is
+fetched or the model runs.
 """
 
 from __future__ import annotations
@@ -491,7 +492,8 @@ class VideoGenerator:
         self._checked(request, time.monotonic())
 
     def prepare(self, request: Request) -> Plan:
-        """Every input checked, the image or clip read and fitted: a Plan, or an InputError."""
+        """Every input checked, the image or clip read and fitted, the prompt rewritten where
+        asked: a Plan, or an InputError. No LoRA is put on: render_frames() does that."""
         plan = self._conditioned(request)
         self._rewrite(plan, request)
         return plan
