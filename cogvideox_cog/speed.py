@@ -1,7 +1,7 @@
 """The per-prediction fast paths (`speed_mode`): step caching with diffusers' cache hooks.
 
 Both reuse work from earlier denoising steps instead of recomputing it, so they trade some
-fidelity for speed (README, "Memory and speed", has the measurements):
+fidelity for speed (docs/performance.md, "`speed_mode`", has the measurements):
 
 - "fast": Pyramid Attention Broadcast. In the middle of the schedule (timesteps 800 to 100),
   each block's attention is computed every second step and reused in between.
