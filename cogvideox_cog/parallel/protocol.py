@@ -1,8 +1,9 @@
 """What the Cog process and its rank processes say to each other, over one pipe per rank.
 
 Coordinator -> rank: a Render, a Check (rank 0 only), or None to stop. Rank -> coordinator:
-Ready or SetupFailed once; then, per Render, LogLine, Metric, Progress and StepEnded messages
-(rank 0 only) and one outcome: Done, Canceled or Failed; per Check, Done or Failed.
+LogLine at any time (rank 0's log lines, the warnings of the others); Ready or SetupFailed
+once; then, per Render, Reading and Read (every rank), Metric, Progress and StepEnded (rank 0
+only) and one outcome: Done, Canceled or Failed; per Check, Done or Failed.
 RankExited is the coordinator's own note that a rank process ended.
 """
 
