@@ -20,16 +20,12 @@ MODEL_ENV = "COGVIDEOX_MODEL"
 DEFAULT_VARIANT = {"t2v": "cogvideox-5b", "i2v": "cogvideox-5b-i2v"}
 TASK_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video"}
 
-_REPLICATE_TARS = "https://weights.replicate.delivery/default/THUDM/CogVideo"
-
 
 @dataclass(frozen=True)
 class Variant:
     id: str
     task: Task
     hub_repo: str
-    # The tar the original predictors fetched; None where no public tar exists.
-    weights_url: str | None
     # Trained in bf16: fp16 on the 5B and 1.5 models overflows into NaNs (black videos).
     dtype: Literal["float16", "bfloat16"]
     # The scheduler and dynamic CFG as upstream's inference/cli_demo.py runs the model: DPM with
@@ -88,7 +84,6 @@ VARIANTS: dict[str, Variant] = {
             id="cogvideox-2b",
             task="t2v",
             hub_repo="THUDM/CogVideoX-2b",
-            weights_url=None,
             dtype="float16",
             scheduler="ddim",
             dynamic_cfg=False,
@@ -105,7 +100,6 @@ VARIANTS: dict[str, Variant] = {
             id="cogvideox-5b",
             task="t2v",
             hub_repo="THUDM/CogVideoX-5b",
-            weights_url=f"{_REPLICATE_TARS}/model_cache.tar",
             dtype="bfloat16",
             scheduler="dpm",
             dynamic_cfg=True,
@@ -120,7 +114,6 @@ VARIANTS: dict[str, Variant] = {
             id="cogvideox-5b-i2v",
             task="i2v",
             hub_repo="THUDM/CogVideoX-5b-I2V",
-            weights_url=f"{_REPLICATE_TARS}/model_cache_i2v.tar",
             dtype="bfloat16",
             scheduler="dpm",
             dynamic_cfg=True,
@@ -135,7 +128,6 @@ VARIANTS: dict[str, Variant] = {
             id="cogvideox1.5-5b",
             task="t2v",
             hub_repo="THUDM/CogVideoX1.5-5B",
-            weights_url=None,
             dtype="bfloat16",
             scheduler="dpm",
             dynamic_cfg=True,
@@ -152,7 +144,6 @@ VARIANTS: dict[str, Variant] = {
             id="cogvideox1.5-5b-i2v",
             task="i2v",
             hub_repo="THUDM/CogVideoX1.5-5B-I2V",
-            weights_url=None,
             dtype="bfloat16",
             scheduler="dpm",
             dynamic_cfg=True,

@@ -4,6 +4,9 @@ import pytest
 
 from cogvideox_cog.errors import VariantError
 from cogvideox_cog.variants import PREDICTOR_FILES, VARIANTS, get_variant, variant_from_env
+from cogvideox_cog.weights.manifest import load_manifest
+
+_REPLICATE_TARS = "https://weights.replicate.delivery/default/THUDM/CogVideo"
 
 
 def test_registry_covers_all_five_releases():
@@ -52,8 +55,14 @@ def test_2b_uses_ddim_without_dynamic_cfg_and_5b_uses_dpm_with_it():
 
 
 def test_5b_variants_default_to_the_public_tars_of_the_original_predictors():
-    assert VARIANTS["cogvideox-5b"].weights_url.endswith("/THUDM/CogVideo/model_cache.tar")
-    assert VARIANTS["cogvideox-5b-i2v"].weights_url.endswith("/model_cache_i2v.tar")
+    sources = {variant: load_manifest(variant).sources for variant in VARIANTS}
+    assert sources == {
+        "cogvideox-2b": (),
+        "cogvideox-5b": (f"{_REPLICATE_TARS}/model_cache.tar",),
+        "cogvideox-5b-i2v": (f"{_REPLICATE_TARS}/model_cache_i2v.tar",),
+        "cogvideox1.5-5b": (),
+        "cogvideox1.5-5b-i2v": (),
+    }
 
 
 def test_an_i2v_variant_is_refused_by_the_t2v_predictor_with_the_alternatives():
