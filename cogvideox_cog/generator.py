@@ -76,9 +76,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = "cogvideox-"  # our folders in TMPDIR: outputs, inputs and warm-up inputs
-OUTPUT_PREFIX = TEMP_PREFIX + "output-"
-WARM_UP_PREFIX = TEMP_PREFIX + "warm-up-"
+OUTPUT_PREFIX = leftovers.TEMP_PREFIX + "output-"
+WARM_UP_PREFIX = leftovers.TEMP_PREFIX + "warm-up-"
 DEFAULT_STRENGTH = 0.8
 LOGGED_TEXT_CHARS = 300  # user text in a log line stays short
 
@@ -249,7 +248,7 @@ class VideoGenerator:
         check_runs(attention, device, pipeline_dtype(variant, device))
         check_compiled_if_flex(attention, compiled)
         # Output and warm-up folders of a worker that was killed (they outlive a restart).
-        leftovers.remove_dead(Path(tempfile.gettempdir()), TEMP_PREFIX)
+        leftovers.remove_dead(Path(tempfile.gettempdir()), leftovers.TEMP_PREFIX)
         # First: its weights are small, so a bad URL fails setup in seconds, not after 20 GB.
         postprocessor = postprocessing(device)
         pipe = load_weights(variant, lambda weights: load_pipeline(variant, weights, device, mode))

@@ -19,6 +19,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# Every folder of ours in TMPDIR (outputs, fetched inputs, warm-up inputs) starts with it, so
+# setup's one remove_dead() finds them all.
+TEMP_PREFIX = "cogvideox-"
 LOCK_NAME = ".cogvideox-owner.lock"
 _held: dict[Path, int] = {}  # claimed folder -> the descriptor holding its lock
 

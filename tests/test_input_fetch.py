@@ -171,8 +171,6 @@ def test_a_redirect_that_is_refused_is_not_quoted(files, location, said):
 
 
 def test_an_input_left_by_a_killed_worker_is_removed_by_the_next_setup(tmp_path):
-    from cogvideox_cog.generator import TEMP_PREFIX
-
     code = (
         "import sys, time; from cogvideox_cog.media.fetch import fetched\n"
         "with fetched('image', 'data:image/png;base64,' + 'A' * 400, 'picture') as path:\n"
@@ -189,7 +187,7 @@ def test_an_input_left_by_a_killed_worker_is_removed_by_the_next_setup(tmp_path)
         worker.kill()
         worker.wait()
     # What setup does first (VideoGenerator.from_env).
-    leftovers.remove_dead(tmp_path, TEMP_PREFIX)
+    leftovers.remove_dead(tmp_path, leftovers.TEMP_PREFIX)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_SIZE_ENV = "COGVIDEOX_INPUT_MAX_SIZE"
 TIMEOUT_ENV = "COGVIDEOX_INPUT_TIMEOUT"
-INPUT_PREFIX = "cogvideox-input-"  # a folder in TMPDIR per fetched input
+INPUT_PREFIX = leftovers.TEMP_PREFIX + "input-"  # a folder in TMPDIR per fetched input
 # A 64 MP PNG is at most ~200 MB; a 10-minute 4K clip (the video limits) fits in 1 GB.
 DEFAULT_MAX_SIZE = "1G"
 # 1 GB in 120 s is 8 MB/s; inputs on Replicate come from its own file store, far faster.
