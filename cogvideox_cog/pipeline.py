@@ -1,6 +1,8 @@
-"""The diffusers pipeline as upstream runs it: dtype, scheduler swap, VAE tiling, offload.
+"""The diffusers pipeline as upstream runs it: dtype, scheduler swap, VAE tiling, offload,
+and the attention backend and regional compile this project adds.
 
-Everything here happens in setup; generator.py runs the pipeline per request.
+Everything here happens in setup, but blocks_run_eagerly() and compiled_blocks_back(), which
+speed.py calls per request; generator.py runs the pipeline per request.
 """
 
 from __future__ import annotations
