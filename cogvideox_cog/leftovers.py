@@ -75,11 +75,18 @@ def remove_dead(parent: Path, prefix: str) -> int:
     """Remove the folders under `parent` named `prefix`* whose holder is gone; bytes freed.
 
     A folder without a lock file is left alone: another program's, or one being claimed.
+    A `parent` that cannot be listed (a TMPDIR of mode 1733, which still lets folders be made
+    in it) is left alone too: a cleanup is no reason to fail setup.
     """
     freed = 0
     try:
         folders = [p for p in parent.iterdir() if p.name.startswith(prefix)]
     except FileNotFoundError:
+        return 0
+    except OSError as error:
+        log.warning(
+            f"cannot list {parent} ({error.strerror}): what killed workers left there stays"
+        )
         return 0
     for folder in folders:
         if folder in _held or folder.is_symlink() or not folder.is_dir():

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cogvideox_cog import leftovers
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 class Cancelled(BaseException):
@@ -68,3 +73,65 @@ def test_a_claimed_folder_is_kept_while_held_and_removed_once_released(tmp_path)
     assert folder.is_dir()
     leftovers.release(folder)
     assert not folder.exists()
+
+
+NOBODY = 65534  # the uid and gid a root test drops to: for root, no mode stops anything
+CANNOT_DROP = 77
+# A worker's setup as a user that may create folders in TMPDIR but not list it: the leftovers'
+# cleanup, then an output folder. Entered before dropping to that user, whom pytest's folders
+# above it keep out; so TMPDIR is named relative to the working directory.
+_SETUP_IN_TMPDIR = """
+import logging, os, sys
+from pathlib import Path
+from cogvideox_cog import leftovers
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+os.chdir(sys.argv[1])
+if os.geteuid() == 0:
+    try:
+        os.setgroups([])
+        os.setgid(int(sys.argv[2]))
+        os.setuid(int(sys.argv[2]))
+    except PermissionError:  # a root without CAP_SETUID (a restricted container)
+        sys.exit(CANNOT_DROP)
+tmpdir = Path("tmp")
+print(leftovers.remove_dead(tmpdir, "cogvideox-"))
+leftovers.release(leftovers.claim(tmpdir, "cogvideox-output-"))
+"""
+
+
+def test_a_tmpdir_that_cannot_be_listed_leaves_its_leftovers_and_setup_goes_on(tmp_path):
+    """Only the cleanup needs the listing; folders are still created there, so setup must not
+    fail on it. One line says what is not done and why. For root a mode 1733 TMPDIR, for
+    another user the user's own one without its read bit."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    dead = tmpdir / "cogvideox-output-dead"  # a killed worker's folder, its lock free
+    dead.mkdir()
+    (dead / leftovers.LOCK_NAME).touch()
+    tmp_path.chmod(0o711)
+    tmpdir.chmod(0o1733 if os.geteuid() == 0 else 0o1333)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"CANNOT_DROP = {CANNOT_DROP}\n{_SETUP_IN_TMPDIR}",
+                str(tmp_path),
+                str(NOBODY),
+            ],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        tmpdir.chmod(0o700)
+    if done.returncode == CANNOT_DROP:
+        pytest.skip("root here cannot become another user, and a mode stops no root")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING cannot list tmp (Permission denied): what killed workers left there stays"
+    ]
+    assert [p.name for p in tmpdir.iterdir()] == [dead.name]
