@@ -377,7 +377,23 @@ class VideoGenerator:
         return True
 
     def predict(self, request: Request) -> Path:
-        """render_mp4() for the Cog predictors: one output on disk at a time.
+        """render_kept() for the Cog predictors. A cancel or failure goes on without what
+        its traceback held: Cog reports its type and text alone."""
+        try:
+            return self.render_kept(request)
+        except BaseException as error:
+            self.let_go_of(error)
+            raise
+
+    def let_go_of(self, error: BaseException) -> None:
+        """Drop what `error` holds (the tensors of the frames it passed through), then hand
+        their memory back: the pipeline's own release ran while the error still held them."""
+        gpu_memory.drop_tracebacks(error)
+        if self.device_lost is None:  # else a CUDA call would fail and replace `error`
+            self.release_memory()
+
+    def render_kept(self, request: Request) -> Path:
+        """render_mp4(), one output on disk at a time.
 
         Cog reads an output file (and uploads it, with --upload-url) before the prediction
         completes, and runs one prediction at a time; so the previous prediction's folder is

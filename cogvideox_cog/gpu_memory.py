@@ -38,6 +38,22 @@ def out_of_memory(error: torch.OutOfMemoryError, what: str, advice: str) -> GpuM
     return GpuMemoryError(f"The GPU ran out of memory while {what}. {advice}")
 
 
+def drop_tracebacks(error: BaseException) -> None:
+    """Drop the tracebacks of `error` and of the errors chained to it, and with them the
+    frames they passed through: a cancel or failure inside a forward holds that layer's
+    activations there, and the call's latents, for as long as its error lives. Clearing the
+    frames would not do: torch's Module call keeps the layer's output in a closure's cell,
+    which the function a frame ran keeps past frame.clear()."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        pending += [error.__cause__, error.__context__]
+
+
 def less_offload(policy: str) -> str:
     """For the operator: the COGVIDEOX_OFFLOAD value that needs less GPU memory than
     `policy`, or nothing where it is the least already."""

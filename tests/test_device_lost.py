@@ -91,6 +91,23 @@ def test_after_a_sticky_cuda_error_a_prediction_fails_before_touching_the_gpu(ge
     assert len(calls) == 1
 
 
+def test_after_a_sticky_cuda_error_a_prediction_says_so_without_asking_the_gpu_again(
+    generator, monkeypatch
+):
+    """A failed prediction hands its memory back; on a lost GPU that CUDA call would fail
+    too, and its error would replace the one that says to restart the worker."""
+    _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(torch.AcceleratorError):
+        generator.predict(REQUEST)
+
+    def release_on_a_lost_gpu():
+        raise torch.AcceleratorError(ILLEGAL_ACCESS)
+
+    monkeypatch.setattr(generator, "release_memory", release_on_a_lost_gpu)
+    with pytest.raises(DeviceLost, match="until the worker restarts"):
+        generator.predict(REQUEST)
+
+
 def test_after_a_sticky_cuda_error_the_check_before_an_input_is_fetched_fails(generator):
     """The image and video predictors check a request before they fetch its input (up to
     COGVIDEOX_INPUT_TIMEOUT): a lost GPU fails it there, as a multi-GPU group's does."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import secrets
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import cog
@@ -19,6 +23,8 @@ from PIL import Image
 from cogvideox_cog.errors import ConfigError, InputError, VariantError
 from cogvideox_cog.generator import OUTPUT_PREFIX, Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
+from cogvideox_cog.parallel.protocol import Canceled, Failed, Render
+from cogvideox_cog.parallel.ranks import StepCanceled, _render
 from cogvideox_cog.pipeline import (
     build_pipeline,
     choose_compile,
@@ -201,6 +207,90 @@ def test_a_cancel_while_the_output_is_named_leaves_no_output_folder(
     with pytest.raises(cog.CancelationException):
         generator.render_mp4(_request(num_inference_steps=1))
     assert list(tmp_path.glob(f"{OUTPUT_PREFIX}*")) == []
+
+
+@pytest.mark.parametrize("module", ["transformer", "vae"])
+@pytest.mark.parametrize(
+    "error",
+    [cog.CancelationException(), RuntimeError("CUDA error: unspecified launch failure")],
+    ids=repr,
+)
+def test_a_prediction_stopped_in_a_forward_keeps_none_of_its_tensors_while_its_error_is_held(
+    generator, monkeypatch, module, error
+):
+    """Cog holds a prediction's error while it reports it, and the error held its traceback,
+    whose frames held the forward's locals: the activations of the layer it stopped in. And
+    the pipeline's release of memory ran while they were held, so CUDA's cache kept them."""
+    layer = stop_in_forward(generator, module, error)
+    released_while_alive = record_releases(generator, monkeypatch, layer)
+    try:
+        with pytest.raises(type(error)) as raised:
+            generator.predict(_request())
+    finally:
+        layer.handle.remove()
+    assert layer.output() is None
+    assert released_while_alive[-1] is False
+    assert raised.value is error and str(raised.value) == str(error)  # what Cog reports
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [(StepCanceled(0), Canceled), (RuntimeError("NCCL error: remote process exited"), Failed)],
+    ids=["canceled", "failed"],
+)
+def test_a_rank_stopped_in_a_forward_keeps_none_of_its_tensors_in_its_outcome(
+    generator, monkeypatch, rank, error, outcome
+):
+    """A rank's Failed holds its error until it is sent, and the error its traceback; a
+    canceled rank's memory was released while its cancel still held the activations. Rank 0
+    renders the video, the others only denoise."""
+    logged = io.StringIO()  # as a rank logs: each line formatted and sent, the record dropped
+    package_logger = logging.getLogger("cogvideox_cog")
+    monkeypatch.setattr(package_logger, "handlers", [logging.StreamHandler(logged)])
+    monkeypatch.setattr(package_logger, "propagate", False)
+    layer = stop_in_forward(generator, "transformer", error)
+    released_while_alive = record_releases(generator, monkeypatch, layer)
+    try:
+        told = _render(generator, rank, Render(_request()), threading.Event())
+    finally:
+        layer.handle.remove()
+    assert isinstance(told, outcome)
+    assert layer.output() is None
+    assert released_while_alive[-1] is False
+    if outcome is Failed:  # its traceback is logged first, down to the layer
+        assert "in stop\n" in logged.getvalue()
+
+
+def stop_in_forward(generator: VideoGenerator, module: str, error: BaseException):
+    """A hook that raises `error` inside a transformer block's or the VAE decoder's forward,
+    with a weak reference to the output the forward made, held by its frames alone."""
+    target = (
+        generator.pipe.transformer.transformer_blocks[0]
+        if module == "transformer"
+        else generator.pipe.vae.decoder.conv_in
+    )
+
+    def stop(module, args, output):
+        stop.output = weakref.ref(output[0] if isinstance(output, tuple) else output)
+        stop.handle.remove()  # once: the next forward is another prediction's
+        raise error
+
+    stop.handle = target.register_forward_hook(stop)
+    return stop
+
+
+def record_releases(generator: VideoGenerator, monkeypatch, layer) -> list[bool]:
+    """Whether the stopped layer's output was still alive at each release_memory()."""
+    alive: list[bool] = []
+    release = generator.release_memory
+
+    def recording_release():
+        release()
+        alive.append(hasattr(layer, "output") and layer.output() is not None)
+
+    monkeypatch.setattr(generator, "release_memory", recording_release)
+    return alive
 
 
 def test_whole_number_floats_from_json_are_accepted_as_ints(generator):

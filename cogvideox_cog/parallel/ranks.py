@@ -223,20 +223,24 @@ def _check(generator: VideoGenerator, rank: int, command: Check) -> Outcome:
 
 
 def _render(generator: VideoGenerator, rank: int, command: Render, cancel: Event) -> Outcome:
+    """The rank's outcome; a cancel's or failure's tensors let go of once it is logged."""
     try:
         if rank == 0:
             # Its LoRA download and prompt rewrite, which the others wait for, stop at the
             # cancel as on one GPU: no step would come to stop them until they end.
             with stop_waiting_when(OwnCancel(cancel)):
-                return Done(rank, generator.predict(command.request))
+                return Done(rank, generator.render_kept(command.request))
         generator.denoise_only(command.request)
         return Done(rank, None)
     except StepCanceled as canceled:
+        generator.let_go_of(canceled)
         return Canceled(rank, canceled.step)
     except InputError as error:  # the user's to fix: the message says what
+        generator.let_go_of(error)
         return Failed(rank, _portable(error))
     except Exception as error:
         log.exception("prediction failed")  # the traceback, into the logs
+        generator.let_go_of(error)
         return Failed(rank, _portable(error), generator.device_lost)
 
 
