@@ -60,6 +60,20 @@ class DeviceLost(RuntimeError):
     restarted; until then each prediction fails at once, naming the first error."""
 
 
+# Errors whose message already says what happened and what to do: a traceback would only
+# bury it. Any other error a prediction raises is a fault of its own, whose traceback is
+# what a maintainer needs, and Cog reports only its type and text.
+EXPLAINED = (
+    InputError,
+    EnhanceError,
+    ConfigError,
+    WeightsError,
+    RankGroupError,
+    GpuMemoryError,
+    DeviceLost,
+)
+
+
 # CUDA's sticky errors, as torch words them: after one, the context is lost for good.
 _STICKY_CUDA_ERRORS = (
     "an illegal memory access was encountered",

@@ -15,6 +15,7 @@ import logging
 import secrets
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from PIL import Image
 from . import compile_cache, gpu_memory, inputs, leftovers
 from .attention import ATTENTION_BACKEND_ENV, attention_backend, check_runs
 from .errors import (
+    EXPLAINED,
     DeviceLost,
     EnhanceError,
     GpuMemoryError,
@@ -378,10 +380,15 @@ class VideoGenerator:
 
     def predict(self, request: Request) -> Path:
         """render_kept() for the Cog predictors. A cancel or failure goes on without what
-        its traceback held: Cog reports its type and text alone."""
+        its traceback held: Cog reports its type and text alone, so the traceback of a
+        failure no message explains goes into the prediction's log first."""
         try:
             return self.render_kept(request)
         except BaseException as error:
+            if isinstance(error, Exception) and not isinstance(error, EXPLAINED):
+                # As text: a record's exc_info would hold the frames for as long as a
+                # handler keeps the record.
+                log.error("prediction failed\n%s", "".join(traceback.format_exception(error)))
             self.let_go_of(error)
             raise
 

@@ -20,7 +20,7 @@ from accelerate.hooks import CpuOffload
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
-from cogvideox_cog.errors import ConfigError, InputError, VariantError
+from cogvideox_cog.errors import ConfigError, GpuMemoryError, InputError, VariantError
 from cogvideox_cog.generator import OUTPUT_PREFIX, Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.parallel.protocol import Canceled, Failed, Render
@@ -260,6 +260,34 @@ def test_a_rank_stopped_in_a_forward_keeps_none_of_its_tensors_in_its_outcome(
     assert released_while_alive[-1] is False
     if outcome is Failed:  # its traceback is logged first, down to the layer
         assert "in stop\n" in logged.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("error", "traced"),
+    [
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), True),
+        (InputError("num_frames=10 is not a frame count this model makes"), False),
+        (GpuMemoryError("The GPU ran out of memory while denoising."), False),
+        (cog.CancelationException(), False),
+    ],
+    ids=["fault", "input", "out-of-memory", "cancel"],
+)
+def test_a_failure_no_message_explains_logs_its_traceback_first(generator, caplog, error, traced):
+    """Cog reports a failed prediction's type and text alone, and its traceback is let go of:
+    a fault's traceback, down to where it was raised, is in the prediction's log. An error
+    whose message says what to do, or a cancel, logs none."""
+    layer = stop_in_forward(generator, "transformer", error)
+    try:
+        with caplog.at_level(logging.ERROR, "cogvideox_cog"), pytest.raises(type(error)):
+            generator.predict(_request())
+    finally:
+        layer.handle.remove()
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prediction")]
+    if traced:
+        assert len(failed) == 1 and "Traceback (most recent call last)" in failed[0]
+        assert "in stop\n" in failed[0] and str(error) in failed[0]
+    else:
+        assert failed == []
 
 
 def stop_in_forward(generator: VideoGenerator, module: str, error: BaseException):
