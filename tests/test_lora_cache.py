@@ -169,6 +169,22 @@ def test_a_cached_file_evicted_by_another_server_as_it_is_checked_is_fetched_aga
     assert _gets(server, "a.safetensors") > gets
 
 
+@pytest.mark.parametrize("entry", ["[]", "null", '"abc"', "3"])
+def test_a_url_index_entry_that_is_no_json_object_is_a_miss(served, cache, entry):
+    """An index file that parses but is not the object this cache writes (another tool's,
+    or a damaged write) is fetched again, as one that does not parse is; pruning the index
+    already passes over such files."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    url = server.url("a.safetensors")
+    cache.get(url)
+    cache._index_path(url).write_text(entry)
+    gets = _gets(server, "a.safetensors")
+    assert cache.get(url).read_bytes() == data
+    assert _gets(server, "a.safetensors") > gets
+
+
 def test_two_urls_with_the_same_content_share_one_file(served, cache):
     root, server = served
     _serve(root, "a.safetensors", _lora_bytes(1))

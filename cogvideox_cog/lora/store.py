@@ -178,9 +178,10 @@ class LoraCache:
             entry = json.loads(self._index_path(url).read_text())
         except (OSError, ValueError):
             return None
-        blob = self.blobs / f"{entry.get('sha256')}.safetensors"
-        if entry.get("url") != download.shown(url):
+        # Not an entry of ours (a JSON list, say): a miss, as the index's pruning takes it.
+        if not isinstance(entry, dict) or entry.get("url") != download.shown(url):
             return None
+        blob = self.blobs / f"{entry.get('sha256')}.safetensors"
         held = _open_shared(blob)
         if held is None:
             return None  # evicted: fetch again
