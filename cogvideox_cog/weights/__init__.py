@@ -393,8 +393,8 @@ def fetch_tar(source: str, staging: Path, setting: str = WEIGHTS_URL_ENV) -> dic
                 return download.open_file(local, start, f"extraction of {local}")
             return download.open_url(remote, response, start, f"download of {shown}")
 
-        # Always hashed: the marker records every file's sha256 for COGVIDEOX_WEIGHTS_CHECK.
-        extract(open_stream, staging, journal, shown, hash_files=True, durable=cache.durable())
+        # Hashed as written: the marker records every file's sha256 for COGVIDEOX_WEIGHTS_CHECK.
+        extract(open_stream, staging, journal, shown, durable=cache.durable())
     elif response is not None:
         response.close()
     # Each member was vetted as it came, but a later symlink can redirect an earlier one.

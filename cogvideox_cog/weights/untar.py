@@ -103,14 +103,14 @@ def extract(
     staging: Path,
     journal: Journal,
     source: str,
-    hash_files: bool,
     durable: bool = True,
 ) -> None:
     """Extract the tar that `open_stream(offset)` yields into `staging`, from the journal on.
 
+    Every file is hashed as it is written: the journal records its sha256 for the marker.
     Returns with the journal marked done and, when `durable`, every file on disk.
     """
-    extractor = _Extractor(staging, journal, source, hash_files)
+    extractor = _Extractor(staging, journal, source)
     extractor.flusher.enabled = durable
     try:
         try:
@@ -131,9 +131,8 @@ def extract(
 
 
 class _Extractor:
-    def __init__(self, staging: Path, journal: Journal, source: str, hash_files: bool):
+    def __init__(self, staging: Path, journal: Journal, source: str):
         self.staging, self.journal, self.source = staging, journal, source
-        self.hash_files = hash_files
         self.dest = os.path.realpath(staging)
         self.flusher = _Flusher()
 
@@ -179,17 +178,14 @@ class _Extractor:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not written and os.path.lexists(path):
             _remove(path, name, self.source)  # never write through a link left there
-        digest = None
-        if self.hash_files:
-            digest = sha256_file(path, written) if written else hashlib.sha256()
+        digest = sha256_file(path, written) if written else hashlib.sha256()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, written)
             os.lseek(fd, written, os.SEEK_SET)
             unflushed = 0
             for view in _views(stream, size - written, name):
-                if digest is not None:
-                    digest.update(view)
+                digest.update(view)
                 unflushed += len(view)
                 while view:
                     try:
@@ -207,10 +203,7 @@ class _Extractor:
         finally:
             os.close(fd)
         _skip(stream, _padded(size) - size)
-        self.journal.files[name] = {
-            "size": size,
-            "sha256": digest.hexdigest() if digest is not None else None,
-        }
+        self.journal.files[name] = {"size": size, "sha256": digest.hexdigest()}
         self.journal.offset, self.journal.member = stream.position, None
         self.journal.save(self.staging)
 
