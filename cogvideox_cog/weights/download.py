@@ -14,6 +14,10 @@ pinned dependencies and its streaming reads copy every block once more; urllib b
 redirects and the proxy variables, and the socket fills our buffers in place (_read_some).
 Retries are ours for the same reason (urllib3's Retry comes with urllib3's connection pool,
 another unpinned dependency) and because a retry must resume at the byte where it stopped.
+
+Other URLs the package fetches use it too: fetch_capped and with_deadline bound a LoRA, an
+input image or clip and a post-processing model by size and time, and shown() and
+url_problem() keep every URL's password and signature out of logs and errors.
 """
 
 from __future__ import annotations

@@ -343,7 +343,7 @@ else:  # Python 3.11.0 to 3.11.3
 class _Flusher:
     """Writes extracted data to disk while the download goes on.
 
-    The weights are fsynced before their completion marker is written (weights.py), so
+    The weights are fsynced before their completion marker is written (cache.publish), so
     that a power cut cannot leave a marker over data that never reached the disk. Left to
     the end, that fsync would wait for the whole download to be written out; started as the
     data arrives, the disk works alongside the network instead of after it.

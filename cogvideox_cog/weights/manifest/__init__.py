@@ -4,8 +4,8 @@ The manifests live in `manifests/<variant>.json` beside this package. Each lists
 tried in order and the files a complete copy must hold, with size and sha256 where known;
 a file without them is checked for presence and structure only (see verify.py).
 COGVIDEOX_WEIGHTS_MANIFEST replaces the built-in manifest with one of your own, e.g. for a
-private mirror whose hashes you know: `python -m cogvideox_cog.weights.manifest DIR` writes one
-for a directory of weights you trust.
+private mirror whose hashes you know: `python -m cogvideox_cog.weights.manifest DIR VARIANT`
+writes one for a directory of weights you trust.
 """
 
 from __future__ import annotations
