@@ -311,12 +311,12 @@ class _RedirectsWithinHttp(urllib.request.HTTPRedirectHandler):
 def _check_redirect(code: int, location: str) -> None:
     try:
         parts = urllib.parse.urlsplit(location)
-        has_userinfo = "@" in parts.netloc
+        with_userinfo = "@" in parts.netloc
     except ValueError:
         raise _Fatal(f"HTTP {code}: a redirect to an invalid URL") from None
     if parts.scheme and parts.scheme.lower() not in ("http", "https"):
         raise _Fatal(f"HTTP {code}: a redirect to {parts.scheme.lower()}:, not http(s)")
-    if has_userinfo:
+    if with_userinfo:
         raise _Fatal(f"HTTP {code}: a redirect to a URL with a user name or password in it")
 
 
@@ -914,7 +914,7 @@ def with_deadline(work: Callable[[threading.Event], object], seconds: float, nam
     stop_waiting_when runs). `cancelled` is set when the caller stops waiting, for any
     reason, so the work can stop at its next block.
     """
-    check = getattr(_waiting, "check", None)
+    check = waiting_check()
     cancelled = threading.Event()
     outcome: dict = {}
 
