@@ -69,6 +69,7 @@ from cogvideox_cog.weights.download import stop_waiting_when
 from tests.chat_server import REFUSAL, ChatServer, rewrite_of
 from tests.file_server import FileServer
 from tests.http_peers import NeverAccepts
+from tests.hub_server import HubServer
 
 PROMPT = "a cat playing piano"
 CPU = torch.device("cpu")
@@ -690,6 +691,28 @@ def test_a_renewed_presigned_url_reuses_the_cached_model(llm_server, tmp_path, m
     assert ensure_causal_lm(signed + "sig-two", enhance.WEIGHTS_ENV) == first
     assert len(llm_server.requests) == fetches
     assert "X-Amz-Signature" not in (first.parent / COMPLETE_MARKER).read_text()
+
+
+def test_a_hub_model_fetched_under_the_sha256_check_records_every_files_hash(tmp_path, monkeypatch):
+    """The Hub gives no sha256: with COGVIDEOX_WEIGHTS_CHECK=sha256 the files are read back
+    so that the marker holds every one, as for the video weights."""
+    from huggingface_hub import constants
+
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    server = HubServer("org/tiny-qwen2", model)
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    try:
+        root = ensure_causal_lm("hf://org/tiny-qwen2", enhance.WEIGHTS_ENV)
+    finally:
+        server.stop()
+    files = json.loads((root / COMPLETE_MARKER).read_text())["files"]
+    assert any(name.endswith(".safetensors") for name in files)
+    for name, recorded in files.items():
+        assert recorded["sha256"] == hashlib.sha256((model / name).read_bytes()).hexdigest()
 
 
 def test_leftovers_of_a_killed_delete_beside_the_model_are_removed(

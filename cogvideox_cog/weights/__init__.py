@@ -316,7 +316,7 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
         mark = time.monotonic()
         verified = verify(staging, manifest, shown, hashes)
         if check == "sha256":  # pget and the Hub give no hashes: read the files back
-            _hash_unhashed(verified)
+            hash_unhashed(verified)
         phases["verify"] = time.monotonic() - mark
     except BadSource:
         cache.discard(staging)  # the bytes themselves are wrong: nothing worth resuming
@@ -344,7 +344,9 @@ def _fetch(variant: Variant, source: str, entry: Path, manifest: Manifest, check
     return entry / verified.root.relative_to(staging)
 
 
-def _hash_unhashed(verified) -> None:
+def hash_unhashed(verified) -> None:
+    """Fill in the sha256 of the files `verified` holds none for (pget's and the Hub's),
+    reading them back in parallel: for a marker that COGVIDEOX_WEIGHTS_CHECK=sha256 holds."""
     missing = [rel for rel, f in verified.files.items() if not f["sha256"]]
     with ThreadPoolExecutor(min(cache.HASH_THREADS, os.cpu_count() or 1)) as pool:
         digests = pool.map(lambda rel: sha256_file(verified.root / rel).hexdigest(), missing)

@@ -26,13 +26,14 @@ from . import (
     fetch_hub,
     fetch_tar,
     from_cache,
+    hash_unhashed,
     load_healing,
     not_writable,
     weights_root,
     writable,
 )
 from .hub import parse_hf_url
-from .manifest import Manifest, sha256_file
+from .manifest import Manifest
 from .verify import Verified, check_contained, check_safetensors, check_shard_index
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,8 @@ def _fetch(source: str, entry: Path, manifest: Manifest, check: str, setting: st
     except BadSource:
         cache.discard(staging)
         raise
-    if check == "sha256":
-        for rel, found in verified.files.items():
-            found["sha256"] = found["sha256"] or sha256_file(verified.root / rel).hexdigest()
+    if check == "sha256":  # pget and the Hub give no hashes: read the files back
+        hash_unhashed(verified)
     key = download.identity(source)  # never a presigned URL's signature
     marker = {"format": cache.MARKER_FORMAT, "variant": entry.name, "source": key}
     if version is not None:
