@@ -132,7 +132,7 @@ def _fetch_hub(url: str, staging: Path, dest: Path, cap: Cap) -> None:
         with hub_online():
             api = huggingface_hub.HfApi()
             if filename is None:
-                filename = _pick_lora_file(api.list_repo_files(repo, revision=revision), url)
+                filename = _Choice.among(api.list_repo_files(repo, revision=revision)).pick(url)
             info = huggingface_hub.get_hf_file_metadata(
                 huggingface_hub.hf_hub_url(repo, filename, revision=revision)
             )
@@ -204,7 +204,7 @@ def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
                     with archive.extractfile(member) as source, dest.open("wb") as out:
                         shutil.copyfileobj(source, out, download.READ_BYTES)
                     copied = member
-        name = _pick_lora_file([m.name for m in files], url)
+        name = choice.pick(url)
         member = next(m for m in files if m.name == name)
         if member.size > cap.size:
             raise _too_big(f"{url} ({name})", member.size, cap)
@@ -226,16 +226,30 @@ def _from_tar(url: str, path: Path, dest: Path, cap: Cap) -> Path:
 
 
 class _Choice:
-    """What _pick_lora_file() picks among the names added so far, kept one name at a time:
-    the final pick is the choice at the time its name was added (no name before it wins
-    over it, or it would not be the final pick)."""
+    """Which file of a run's output is its LoRA: pytorch_lora_weights.safetensors nearest
+    the top (the run's final weights, not a checkpoint-N/ copy), else the only .safetensors
+    file.
+
+    Kept one name at a time, so that a tar read once can stage the pick as it goes: the
+    final pick is the choice at the time its name was added (no name before it wins over
+    it, or it would not be the final pick).
+    """
 
     def __init__(self) -> None:
         self.depth: int | None = None
         self.named: list[str] = []  # LORA_FILE_NAME at the least depth so far
         self.others: list[str] = []  # the other .safetensors files
+        self.pickles: list[str] = []  # named for the error when there is no .safetensors
+
+    @classmethod
+    def among(cls, names: list[str]) -> _Choice:
+        choice = cls()
+        for name in names:
+            choice.add(name)
+        return choice
 
     def add(self, name: str) -> str | None:
+        """Take `name` into account; the pick among the names so far, None if none is."""
         if name.rsplit("/", 1)[-1] == LORA_FILE_NAME:
             depth = name.strip("/").count("/")
             if self.depth is None or depth < self.depth:
@@ -244,8 +258,29 @@ class _Choice:
                 self.named.append(name)
         elif name.lower().endswith(".safetensors"):
             self.others.append(name)
+        elif name.lower().endswith(PICKLE_SUFFIXES):
+            self.pickles.append(name)
         unique = self.named if self.named else self.others
         return unique[0] if len(unique) == 1 else None
+
+    def pick(self, url: str) -> str:
+        """The LoRA among every name added; LoraError saying why there is none."""
+        if self.named:
+            if len(self.named) == 1:
+                return self.named[0]
+            raise LoraError(
+                f"{url} holds several {LORA_FILE_NAME} at the same depth: {self.named[:5]}"
+            )
+        if len(self.others) == 1:
+            return self.others[0]
+        if not self.others:
+            pickles = self.pickles[:5]
+            found = f" (only pickle files: {pickles}; {_PICKLE_HINT})" if pickles else ""
+            raise LoraError(f"{url} holds no .safetensors file{found}.")
+        raise LoraError(
+            f"{url} holds several .safetensors files and no {LORA_FILE_NAME}: "
+            f"{self.others[:5]}; name the file in the URL."
+        )
 
 
 @contextlib.contextmanager
@@ -316,29 +351,6 @@ def _too_big(what: str, size: int, cap: Cap, at_least: bool = False) -> LoraErro
     return LoraError(
         f"the LoRA at {what} is {more}{download.human(size)}, over the "
         f"{download.human(cap.size)} limit ({cap.setting}); {cap.advice}"
-    )
-
-
-def _pick_lora_file(names: list[str], url: str) -> str:
-    """pytorch_lora_weights.safetensors nearest the top (a run's final weights, not a
-    checkpoint-N/ copy), else the only .safetensors file."""
-    named = [n for n in names if n.rsplit("/", 1)[-1] == LORA_FILE_NAME]
-    if named:
-        depth = min(n.strip("/").count("/") for n in named)
-        top = [n for n in named if n.strip("/").count("/") == depth]
-        if len(top) == 1:
-            return top[0]
-        raise LoraError(f"{url} holds several {LORA_FILE_NAME} at the same depth: {top[:5]}")
-    candidates = [n for n in names if n.lower().endswith(".safetensors")]
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
-        found = f" (only pickle files: {pickles[:5]}; {_PICKLE_HINT})" if pickles else ""
-        raise LoraError(f"{url} holds no .safetensors file{found}.")
-    raise LoraError(
-        f"{url} holds several .safetensors files and no {LORA_FILE_NAME}: {candidates[:5]}; "
-        f"name the file in the URL."
     )
 
 
