@@ -365,7 +365,7 @@ def sniff(path: Path) -> str:
         return "pickle" if _is_torch_zip(path) else "zip"
     if head[:1] == b"\x80":
         return "pickle"  # a bare pickle stream (torch.save's legacy format)
-    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:262] == b"ustar":
+    if head.startswith(tuple(_COMPRESSED)) or head[257:262] == b"ustar":
         return "tar"  # compressed tars are told apart from other archives when opened
     if head.lstrip()[:1] == b"<":
         return "html"
