@@ -94,9 +94,9 @@ class Postprocessor:
     def from_env(cls, device: torch.device) -> Postprocessor:
         interpolator = upscaler = None
         # Every setting is read before the first download: a mistyped one fails at once.
-        rife = esrgan = None
+        rife_source = esrgan_source = None
         if _enabled(INTERPOLATE_ENV):
-            rife = _source(
+            rife_source = _source(
                 "RIFE",
                 INTERPOLATE_URL_ENV,
                 INTERPOLATE_SHA256_ENV,
@@ -104,20 +104,21 @@ class Postprocessor:
                 DEFAULT_RIFE_SHA256,
             )
         if _enabled(UPSCALE_ENV):
-            esrgan = _source(
+            esrgan_source = _source(
                 "Real-ESRGAN",
                 UPSCALE_URL_ENV,
                 UPSCALE_SHA256_ENV,
                 DEFAULT_ESRGAN_URL,
                 DEFAULT_ESRGAN_SHA256,
             )
-        if rife:
-            interpolator = load_model(rife, _build_ifnet)
-            log.info(f"setup: interpolate enabled, RIFE IFNet 4.25/4.26 from {rife.shown}")
-        if esrgan:
-            upscaler = load_model(esrgan, _build_rrdbnet)
+        if rife_source:
+            interpolator = load_model(rife_source, _build_ifnet)
+            log.info(f"setup: interpolate enabled, RIFE IFNet 4.25/4.26 from {rife_source.shown}")
+        if esrgan_source:
+            upscaler = load_model(esrgan_source, _build_rrdbnet)
             log.info(
-                f"setup: upscale enabled, Real-ESRGAN RRDBNet x{upscaler.scale} from {esrgan.shown}"
+                f"setup: upscale enabled, Real-ESRGAN RRDBNet x{upscaler.scale} from "
+                f"{esrgan_source.shown}"
             )
         return cls(interpolator, upscaler, device)
 
