@@ -1,12 +1,13 @@
 """One post-processing model file in the weights cache: fetched once, verified, then loaded.
 
 The same rules as the CogVideoX weights (weights/): a download goes to a staging folder, is
-checked (its sha256 when the deployment pins one; in any case that it reads as a plain state
-dict the network accepts), fsynced, marked complete and renamed into place under the entry's
-lock. A cached entry is used when its marker matches the source and the file's size (and
-sha256 with COGVIDEOX_WEIGHTS_CHECK=sha256) and, for a local file, while that file keeps the
-size and modification time it was copied with; one that fails to load is fetched again, once,
-and discarded under the lock only if no other process (a rank) has replaced it meanwhile.
+checked against its pinned sha256 where there is one, fsynced, marked complete and renamed
+into place under the entry's lock; then it is loaded, which checks that it reads as a plain
+state dict the network accepts. A cached entry is used when its marker matches the source and
+the file's size (and sha256, when pinned or with COGVIDEOX_WEIGHTS_CHECK=sha256) and, for a
+local file, while that file keeps the size and modification time it was copied with. One that
+fails to load is discarded under the lock, only if no other process (a rank) has replaced it
+meanwhile: a cached one is fetched again, once; a fresh one fails setup.
 
 Files are read as data only: safetensors, or torch.load(weights_only=True), which refuses
 anything but tensors and plain containers, so a crafted pickle cannot run code.
