@@ -326,6 +326,25 @@ def _cancel_in(thread: threading.Thread) -> None:
     )
 
 
+def _canceled_check(ranks: group.RankGroup) -> list[BaseException]:
+    """What ranks.check(REQUEST) raised, canceled as Cog cancels it soon after it began;
+    empty if it still runs HUNG_S later."""
+    outcome = []
+
+    def check() -> None:
+        try:
+            ranks.check(REQUEST)
+        except BaseException as error:
+            outcome.append(error)
+
+    checking = threading.Thread(target=check, daemon=True)
+    checking.start()
+    time.sleep(BOUND_S / 5)
+    _cancel_in(checking)
+    checking.join(HUNG_S)
+    return outcome
+
+
 def test_a_canceled_check_is_held_to_the_bound_whatever_an_earlier_render_read(monkeypatch):
     """The ranks refused a clip while reading it, so that render left them marked as
     reading. A check reads no inputs: rank 0, hung in one after a cancel, is stuck once the
@@ -337,21 +356,21 @@ def test_a_canceled_check_is_held_to_the_bound_whatever_an_earlier_render_read(m
     with _group_answering(answers, rank_main=_refuse_the_clip_then_hang_in_a_check) as ranks:
         with pytest.raises(InputError, match="too short"):
             ranks.predict(REQUEST)
-        outcome = []
-
-        def check() -> None:
-            try:
-                ranks.check(REQUEST)
-            except BaseException as error:
-                outcome.append(error)
-
-        checking = threading.Thread(target=check, daemon=True)
-        checking.start()
-        time.sleep(BOUND_S / 5)
-        _cancel_in(checking)
-        checking.join(HUNG_S)
+        outcome = _canceled_check(ranks)
     assert len(outcome) == 1 and isinstance(outcome[0], RankGroupError)
-    assert re.fullmatch(r"ranks \[[\d, ]+\] did not finish within \d+ s: stuck", str(outcome[0]))
+    assert re.fullmatch(r"ranks \[0\] did not finish within \d+ s: stuck", str(outcome[0]))
+
+
+def test_a_canceled_check_stuck_on_rank_0_names_rank_0_alone(monkeypatch):
+    """Only rank 0 was asked: rank 1, idle, has nothing to finish. The stuck message listed
+    it too, and sent the operator to look at a GPU that was never in the check."""
+    monkeypatch.setattr(group, "CANCEL_BOUND_S", BOUND_S)
+    with _group_answering([(HUNG_S, Done(0, None)), (None, Done(1, None))]) as ranks:
+        outcome = _canceled_check(ranks)
+        assert len(outcome) == 1 and isinstance(outcome[0], RankGroupError)
+        stuck = r"ranks \[0\] did not finish within \d+ s: stuck"
+        assert re.fullmatch(stuck, str(outcome[0]))
+        assert re.fullmatch(stuck, ranks.failure)
 
 
 def test_a_check_leaves_the_other_ranks_nothing_to_answer_for_the_next_render():

@@ -238,16 +238,16 @@ class RankGroup:
     ) -> None:
         """Each rank's outcome of the request (of the first `answering` ranks') into
         `outcomes`, relaying rank 0's log lines and metrics. With a `bound`, ranks still
-        at work past it are stuck, unless a step is under way that may still end, rank 0
-        reported Progress within the last `bound` seconds, or they are all still reading the
-        inputs."""
+        at work past it are stuck (of those asked: a check asks rank 0 alone), unless a step
+        is under way that may still end, rank 0 reported Progress within the last `bound`
+        seconds, or they are all still reading the inputs."""
         waiting = time.monotonic()
         deadline = None if bound is None else waiting + bound
         answering = answering or self.world_size
         while len(outcomes) < answering:
             now = time.monotonic()
             if deadline is not None and now > self._extended(deadline, bound):
-                missing = sorted(set(range(self.world_size)) - set(outcomes))
+                missing = sorted(set(range(answering)) - set(outcomes))
                 # A rank still reading a long clip is slow, not stuck: it fails as the others
                 # did, or reaches the collectives, where it is held to the bound. Unless it
                 # reads for longer than a collective may wait: then it has hung (_reading_s).
@@ -378,8 +378,10 @@ class _StepClock:
 def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:
     """Whether only rank 0 is still at the request, the others done or canceled with it:
     then it decodes, post-processes or encodes on its own, past every collective, so it is
-    slow (a large upscaled video), not stuck, and is waited for as one GPU would be."""
-    return missing == [0] and all(isinstance(o, Done | Canceled) for o in outcomes.values())
+    slow (a large upscaled video), not stuck, and is waited for as one GPU would be. Not
+    when no other rank was asked (a check): then nothing says rank 0 is past its work."""
+    others_stopped = all(isinstance(o, Done | Canceled) for o in outcomes.values())
+    return missing == [0] and bool(outcomes) and others_stopped
 
 
 def _where_stopped(outcomes: dict[int, Outcome]) -> str:
