@@ -5,6 +5,8 @@ processes and pipes standing in for ranks that answer late; and what ranks tell 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
+import functools
 import json
 import logging
 import multiprocessing
@@ -28,7 +30,7 @@ from cog import CancelationException
 
 from cogvideox_cog import generator as generator_module
 from cogvideox_cog.devtools.tiny_postprocess import save_tiny_realesrgan, tiny_rrdbnet
-from cogvideox_cog.errors import InputError, LoraError, RankGroupError
+from cogvideox_cog.errors import InputError, LoraError, RankGroupError, WeightsError
 from cogvideox_cog.generator import Request
 from cogvideox_cog.parallel import group
 from cogvideox_cog.parallel import ranks as rank_processes
@@ -42,6 +44,9 @@ from cogvideox_cog.parallel.protocol import (
     RankExited,
     Read,
     Reading,
+    SettingUp,
+    SetupFailed,
+    SetupStep,
     StepEnded,
 )
 from cogvideox_cog.parallel.ranks import (
@@ -779,8 +784,131 @@ def test_a_rank_hung_in_setup_fails_setup_when_the_others_collective_times_out(
     waiting.join(20 * COLLECTIVE_S)
     setting_up.close(ask=False)
     assert len(failed) == 1, "setup still waits for the hung rank"
-    assert failed[0].startswith("rank 0 failed in setup: ")
+    # The hung rank first: the waiting rank's error alone read as rank 0's fault.
+    said = (
+        "ranks [1] never said ready (rank 1 was loading the model); rank 0 gave up waiting "
+        "for it while agreeing on VAE tiling: RuntimeError: "
+    )
+    assert failed[0].startswith(said)
     assert "timed out" in failed[0].lower()
+
+
+# gloo's error in a collective that waited past the collective timeout.
+GLOO_TIMEOUT = (
+    "RuntimeError: [../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+    "waiting 1800000ms for recv operation to complete"
+)
+ABORT = "abort"  # in _setting_up's messages: the rank ends as NCCL's watchdog ends one
+
+
+def _setting_up(said: dict[int, tuple], conn, rank: int) -> None:
+    """A rank that sends said[rank] (its setup's messages: a SetupFailed after BOUND_S, as
+    a timeout comes after the others' steps), then stays, as one hung in setup does."""
+    for message in said.get(rank, ()):
+        if isinstance(message, SetupFailed):
+            time.sleep(BOUND_S)
+        if message == ABORT:
+            time.sleep(BOUND_S)
+            faulthandler.disable()  # pytest's, inherited: its dump of the stack is noise here
+            os.abort()
+        conn.send(message)
+    time.sleep(30)
+
+
+def _setup_failure(said: dict[int, tuple], world_size: int) -> str:
+    """What the group's setup fails with, its ranks saying `said` (_setting_up)."""
+    answers = [(None, None)] * world_size
+    rank_main = functools.partial(_setting_up, said)
+    with (
+        _group_answering(answers, rank_main=rank_main) as ranks,
+        pytest.raises(RankGroupError) as failed,
+    ):
+        ranks._await_ready()
+    return str(failed.value)
+
+
+def test_of_four_ranks_setup_names_the_one_hung_not_those_waiting_with_the_rank_that_timed_out():
+    """Ranks 0 to 2 wait for rank 3 in the same collective; rank 2's timeout comes first."""
+    waiting = (SettingUp(0, SetupStep.JOINING), SettingUp(0, SetupStep.VAE_TILING))
+    said = {
+        0: waiting,
+        1: waiting,
+        2: (*waiting, SetupFailed(2, GLOO_TIMEOUT, timed_out=True)),
+        3: (SettingUp(3, SetupStep.JOINING), SettingUp(3, SetupStep.LOADING)),
+    }
+    said = {rank: tuple(replace(m, rank=rank) for m in messages) for rank, messages in said.items()}
+    assert _setup_failure(said, 4) == (
+        "ranks [3] never said ready (rank 3 was loading the model); rank 2 gave up waiting "
+        f"for it while agreeing on VAE tiling: {GLOO_TIMEOUT}"
+    )
+
+
+def test_a_rank_that_never_began_its_setup_is_named_when_the_rendezvous_times_out():
+    said = {
+        0: (
+            SettingUp(0, SetupStep.JOINING),
+            SetupFailed(0, "DistStoreError: wait timeout after 1800000ms", timed_out=True),
+        )
+    }
+    assert _setup_failure(said, 2) == (
+        "ranks [1] never said ready (rank 1 was starting); rank 0 gave up waiting for it "
+        "while joining the other ranks: DistStoreError: wait timeout after 1800000ms"
+    )
+
+
+def test_a_rank_that_failed_in_setup_on_its_own_error_names_no_rank_still_loading():
+    """Its error is the cause (a bad COGVIDEOX_UPSCALE_URL on rank 0), not the others: rank
+    1, slower to load, is not hung."""
+    said = {
+        0: (
+            SettingUp(0, SetupStep.LOADING),
+            SettingUp(0, SetupStep.VAE_TILING),
+            SetupFailed(0, "WeightsError: download timed out"),
+        ),
+        1: (SettingUp(1, SetupStep.LOADING),),
+    }
+    assert _setup_failure(said, 2) == "rank 0 failed in setup: WeightsError: download timed out"
+
+
+def test_a_rank_ended_in_setup_names_the_ranks_it_was_waiting_for():
+    """NCCL's watchdog ends a rank that waited past the timeout (no SetupFailed): the rank
+    hung is named after the exit."""
+    said = {
+        0: (SettingUp(0, SetupStep.VAE_TILING), ABORT),
+        1: (SettingUp(1, SetupStep.LOADING),),
+    }
+    assert _setup_failure(said, 2) == (
+        "rank 0 was killed by SIGABRT during setup; "
+        "ranks [1] never said ready (rank 1 was loading the model)"
+    )
+
+
+def test_a_rank_killed_in_setup_names_no_rank_waiting_ahead_of_it():
+    """Rank 1 killed while loading (the OOM killer): rank 0, waiting for it, is not named."""
+    said = {
+        0: (SettingUp(0, SetupStep.VAE_TILING),),
+        1: (SettingUp(1, SetupStep.LOADING), ABORT),
+    }
+    assert _setup_failure(said, 2) == "rank 1 was killed by SIGABRT during setup"
+
+
+def _timed_out_store_read() -> BaseException:
+    """The rendezvous store's own error for a key no rank wrote in time."""
+    server = rendezvous_store()
+    wait = timedelta(seconds=0.1)
+    client = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=wait)
+    with pytest.raises(dist.DistStoreError) as raised:
+        client.get("never-written")
+    return raised.value
+
+
+def test_a_rank_knows_a_distributed_timeout_from_its_own_errors():
+    assert rank_processes._gave_up_waiting(_timed_out_store_read())
+    assert rank_processes._gave_up_waiting(
+        RuntimeError(GLOO_TIMEOUT.removeprefix("RuntimeError: "))
+    )
+    assert not rank_processes._gave_up_waiting(WeightsError("download timed out"))
+    assert not rank_processes._gave_up_waiting(RuntimeError("CUDA out of memory"))
 
 
 def test_another_ranks_error_about_the_request_reaches_the_log_but_its_warnings_do_not(

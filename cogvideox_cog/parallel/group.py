@@ -2,7 +2,8 @@
 hands each request to all of them, and reports what rank 0 says. It loads no model itself.
 
 - Setup: the weights are made ready once here (one download), then each rank loads them
-  from the cache; any rank's failure fails setup with that rank's error.
+  from the cache; any rank's failure fails setup with that rank's error, or, where it
+  timed out waiting for ranks that never came (one hung in its load), names those first.
 - A request: rank 0's log lines and metrics are logged and recorded here, in the thread Cog
   runs the prediction in, so the prediction carries them as on one GPU.
 - Cancel: Cog raises its CancelationException in that thread; the group sets the ranks'
@@ -53,7 +54,9 @@ from .protocol import (
     Reading,
     Ready,
     Render,
+    SettingUp,
     SetupFailed,
+    SetupStep,
     StepEnded,
 )
 from .ranks import collective_timeout
@@ -123,19 +126,37 @@ class RankGroup:
 
     def _await_ready(self) -> None:
         ready: set[int] = set()
+        steps: dict[int, SetupStep] = {}  # rank: the step of its setup it last began
         while len(ready) < self.world_size:
             message = self._inbox.next(timeout=None)
             if isinstance(message, LogLine):
                 relayed.log(message.level, message.text)
+            elif isinstance(message, SettingUp):
+                steps[message.rank] = message.step
             elif isinstance(message, Ready):
                 ready.add(message.rank)
             elif isinstance(message, SetupFailed):
-                self._break(f"rank {message.rank} failed in setup: {message.error}")
+                behind = self._behind(message.rank, steps, ready)
+                self._break(_setup_failed_text(message, steps.get(message.rank), behind))
             elif isinstance(message, RankExited):
-                self._break(f"rank {message.rank} {_exit_text(message)} during setup")
+                ended = f"rank {message.rank} {_exit_text(message)} during setup"
+                behind = self._behind(message.rank, steps, ready)
+                self._break(ended + (f"; {_never_ready_text(behind)}" if behind else ""))
             elif isinstance(message, _InboxFailed):
                 self._break(message.failure)
             self._inbox.done()
+
+    def _behind(
+        self, rank: int, steps: dict[int, SetupStep], ready: set[int]
+    ) -> dict[int, SetupStep | None]:
+        """The ranks not ready and still at an earlier step of setup than `rank` (None: one
+        that has not begun any), with that step: those it waits for in its collective."""
+        at = steps.get(rank)
+        return {
+            other: steps.get(other)
+            for other in range(self.world_size)
+            if other not in ready and at is not None and steps.get(other, -1) < at
+        }
 
     def check(self, request: Request) -> None:
         """VideoGenerator.check, run by rank 0: the checks need its model's settings."""
@@ -373,6 +394,26 @@ class _StepClock:
         if self.last is None:
             return deadline
         return max(deadline, self.last + STEP_MARGIN * self.longest)
+
+
+def _setup_failed_text(
+    failed: SetupFailed, at: SetupStep | None, behind: dict[int, SetupStep | None]
+) -> str:
+    """Why setup failed: the rank's error, or, where it gave up waiting in a collective (at
+    step `at`) for ranks still at an earlier step (one hung loading its weights), those
+    ranks first, its timeout as the cause: its error alone names the rank that waited."""
+    if not (failed.timed_out and behind):
+        return f"rank {failed.rank} failed in setup: {failed.error}"
+    them = "it" if len(behind) == 1 else "them"
+    gave_up = f"rank {failed.rank} gave up waiting for {them} while {at}: {failed.error}"
+    return f"{_never_ready_text(behind)}; {gave_up}"
+
+
+def _never_ready_text(behind: dict[int, SetupStep | None]) -> str:
+    doing = ", ".join(
+        f"rank {rank} was {'starting' if step is None else step}" for rank, step in behind.items()
+    )
+    return f"ranks {sorted(behind)} never said ready ({doing})"
 
 
 def _working_alone(missing: list[int], outcomes: dict[int, Outcome]) -> bool:

@@ -1,14 +1,16 @@
 """What the Cog process and its rank processes say to each other, over one pipe per rank.
 
 Coordinator -> rank: a Render, a Check (rank 0 only), or None to stop. Rank -> coordinator:
-LogLine at any time (rank 0's log lines, the warnings of the others); Ready or SetupFailed
-once; then, per Render, Reading and Read (every rank), Metric, Progress and StepEnded (rank 0
-only) and one outcome: Done, Canceled or Failed; per Check, Done or Failed.
+LogLine at any time (rank 0's log lines, the warnings of the others); SettingUp as each step
+of its setup begins, then Ready or SetupFailed once; then, per Render, Reading and Read
+(every rank), Metric, Progress and StepEnded (rank 0 only) and one outcome: Done, Canceled
+or Failed; per Check, Done or Failed.
 RankExited is the coordinator's own note that a rank process ended.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +32,42 @@ class Ready:
     rank: int
 
 
+class SetupStep(enum.IntEnum):
+    """A rank's setup, step by step, in the order every rank takes them: a rank that gave up
+    waiting for the others in one waited for those still at an earlier one."""
+
+    JOINING = 0  # the other ranks, at the rendezvous
+    POSTPROCESSING = 1  # rank 0 loads the models and tells the others what they offer
+    LOADING = 2  # the model, from the weights cache
+    VAE_TILING = 3  # agreed by every rank
+    WARM_UP = 4  # the compiled model's, split across the ranks
+
+    def __str__(self) -> str:
+        return _DOING[self]
+
+
+_DOING = {
+    SetupStep.JOINING: "joining the other ranks",
+    SetupStep.POSTPROCESSING: "setting up post-processing",
+    SetupStep.LOADING: "loading the model",
+    SetupStep.VAE_TILING: "agreeing on VAE tiling",
+    SetupStep.WARM_UP: "warming up the compiled model",
+}
+
+
+@dataclass(frozen=True)
+class SettingUp:
+    rank: int
+    step: SetupStep  # begins
+
+
 @dataclass(frozen=True)
 class SetupFailed:
     rank: int
     error: str  # "ExceptionType: message"
+    # It gave up waiting for the other ranks in a collective (the collective timeout): the
+    # cause is a rank that did not come, not this one.
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,9 @@ from .protocol import (
     Reading,
     Ready,
     Render,
+    SettingUp,
     SetupFailed,
+    SetupStep,
     StepEnded,
 )
 
@@ -83,7 +85,7 @@ def serve(
         generator = _set_up(rank, world_size, mode, port, cancel, sender)
     except BaseException as error:
         log.exception("setup failed")  # the traceback, into the setup logs
-        sender.send(SetupFailed(rank, _describe(error)))
+        sender.send(SetupFailed(rank, _describe(error), _gave_up_waiting(error)))
         _exit(1)
     sender.send(Ready(rank))
     while True:
@@ -116,6 +118,7 @@ def _set_up(
     else:  # N ranks share the machine's cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    sender.send(SettingUp(rank, SetupStep.JOINING))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         store=dist.TCPStore(RENDEZVOUS_HOST, port, is_master=False, timeout=collective_timeout()),
@@ -130,14 +133,16 @@ def _set_up(
         warm_up=False,
         rewrites_prompts=rank == 0,
         engine=ContextParallel(world_size),
-        postprocessing=functools.partial(postprocessor_of, rank),
+        postprocessing=functools.partial(_postprocessor_then_load, rank, sender),
     )
+    sender.send(SettingUp(rank, SetupStep.VAE_TILING))
     agree_on_vae_tiling(generator.pipe, device)
     generator.on_step = AgreedCancel(cancel, device)
     generator.lora_cache = LoraFetchedOnce(generator.lora_cache, rank, device)
     generator.on_inputs_read = lambda: sender.send(Read(rank))
     if config_from_env() is not None:  # the same setting on every rank
         generator.enhancer = RewrittenOnce(generator.enhancer, rank)
+    sender.send(SettingUp(rank, SetupStep.WARM_UP))
     generator.compile_warm_up()  # with the engine in place: it compiles the split model
     if rank == 0:
         generator.record_metric = lambda name, value: sender.send(Metric(name, value))
@@ -145,6 +150,15 @@ def _set_up(
         generator.on_step = ReportedSteps(generator.on_step, sender)
         ReportedProgress(sender).install(generator.pipe.transformer)
     return generator
+
+
+def _postprocessor_then_load(rank: int, sender: _Sender, device: torch.device) -> Postprocessor:
+    """postprocessor_of, which VideoGenerator.from_env calls just before it loads the model:
+    the worker is told of both steps."""
+    sender.send(SettingUp(rank, SetupStep.POSTPROCESSING))
+    postprocessor = postprocessor_of(rank, device)
+    sender.send(SettingUp(rank, SetupStep.LOADING))
+    return postprocessor
 
 
 def agree_on_vae_tiling(pipe, device: torch.device) -> None:
@@ -425,6 +439,16 @@ def _forward_logs(sender: _Sender, rank: int) -> None:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _gave_up_waiting(error: BaseException) -> bool:
+    """Whether torch.distributed stopped waiting for the other ranks (collective_timeout):
+    gloo's collectives raise a RuntimeError ("Timed out waiting 1800000ms for recv
+    operation"), the rendezvous store a DistStoreError ("wait timeout after ...ms")."""
+    if type(error) is not RuntimeError and not isinstance(error, dist.DistError):
+        return False
+    said = str(error).lower()
+    return "timed out" in said or "timeout" in said
 
 
 def _portable(error: Exception) -> Exception:
