@@ -274,6 +274,29 @@ def test_a_rank_still_reading_a_long_clip_after_a_cancel_is_waited_for_past_the_
     assert set(outcomes) == {0, 1} and ranks.failure is None
 
 
+def test_a_rank_that_read_its_inputs_waits_for_one_still_reading_after_a_cancel():
+    """Rank 0 has read the clip and waits for rank 1 in the first collective; rank 1, slower
+    (its share of the CPUs), still reads it. Neither is stuck: rank 1 reaches the step, and
+    both stop after it. Only ranks all still reading were waited for: the group stopped as
+    `ranks [0, 1] ... stuck`, naming rank 0, which only waited."""
+    answers = [(3 * BOUND_S, Canceled(0, 0)), (3 * BOUND_S, Canceled(1, 0))]
+    outcomes = {}
+    with _group_answering(answers, rank_0_first=(Read(0),), reading=(0, 1)) as ranks:
+        ranks._outcomes(outcomes, bound=BOUND_S)
+    assert set(outcomes) == {0, 1} and ranks.failure is None
+
+
+def test_a_rank_hung_reading_its_inputs_is_named_alone_not_the_rank_waiting_for_it(monkeypatch):
+    monkeypatch.setattr(group, "collective_timeout", lambda: timedelta(seconds=BOUND_S))
+    answers = [(HUNG_S, Canceled(0, 0)), (HUNG_S, Canceled(1, 0))]
+    stuck = r"ranks \[1\] did not finish reading the inputs within \d+ s: stuck"
+    with (
+        _group_answering(answers, rank_0_first=(Read(0),), reading=(0, 1)) as ranks,
+        pytest.raises(RankGroupError, match=stuck),
+    ):
+        ranks._outcomes({}, bound=BOUND_S)
+
+
 def test_a_rank_failing_alone_asks_the_others_to_stop(monkeypatch):
     """The others may wait for it in a collective: they are told to stop at their next step."""
     monkeypatch.setattr(group, "FAILURE_GRACE_S", BOUND_S)

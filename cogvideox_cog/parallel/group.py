@@ -261,7 +261,7 @@ class RankGroup:
         `outcomes`, relaying rank 0's log lines and metrics. With a `bound`, ranks still
         at work past it are stuck (of those asked: a check asks rank 0 alone), unless a step
         is under way that may still end, rank 0 reported Progress within the last `bound`
-        seconds, or they are all still reading the inputs."""
+        seconds, or one of them is still reading the inputs (the others wait for it)."""
         waiting = time.monotonic()
         deadline = None if bound is None else waiting + bound
         answering = answering or self.world_size
@@ -270,12 +270,14 @@ class RankGroup:
             if deadline is not None and now > self._extended(deadline, bound):
                 missing = sorted(set(range(answering)) - set(outcomes))
                 # A rank still reading a long clip is slow, not stuck: it fails as the others
-                # did, or reaches the collectives, where it is held to the bound. Unless it
-                # reads for longer than a collective may wait: then it has hung (_reading_s).
-                reading_s = self._reading_s(missing, now)
+                # did, or reaches the collectives, where it is held to the bound, and those
+                # that have read wait for it there. Unless it reads for longer than a
+                # collective may wait: then it has hung (_reading_s), and it alone is named.
+                readers = [rank for rank in missing if rank in self._reading]
+                reading_s = self._reading_s(readers, now)
                 if reading_s is not None and reading_s > collective_timeout().total_seconds():
                     read = f"reading the inputs within {reading_s:.0f} s"
-                    self._break(_lost_gpu_first(outcomes, f"ranks {missing} did not finish {read}"))
+                    self._break(_lost_gpu_first(outcomes, f"ranks {readers} did not finish {read}"))
                 if not _working_alone(missing, outcomes) and reading_s is None:
                     waited = f"within {now - waiting:.0f} s{_after_failure(outcomes)}"
                     self._break(
@@ -310,15 +312,15 @@ class RankGroup:
                     deadline = waiting + bound
             self._inbox.done()
 
-    def _reading_s(self, missing: list[int], now: float) -> float | None:
-        """How long the `missing` ranks have been reading the inputs (since the first of them
-        began), if all of them still are; else None. One that reads for longer than a
-        collective may wait (ranks.collective_timeout) has hung (a decoder's endless loop, a
-        read that blocks): no input the limits accept takes that long, and the other ranks,
-        waiting for it in their first collective, would time out."""
-        if not self._reading.keys() >= set(missing):
+    def _reading_s(self, readers: list[int], now: float) -> float | None:
+        """How long the `readers` have been reading the inputs (since the first of them
+        began); None if none is. One that reads for longer than a collective may wait
+        (ranks.collective_timeout) has hung (a decoder's endless loop, a read that blocks): no
+        input the limits accept takes that long, and the other ranks, waiting for it in their
+        first collective, would time out."""
+        if not readers:
             return None
-        return now - min(self._reading[rank] for rank in missing)
+        return now - min(self._reading[rank] for rank in readers)
 
     def _extended(self, deadline: float, bound: float) -> float:
         """`deadline`, or later while a step may still be under way (_StepClock) or rank 0
