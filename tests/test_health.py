@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -68,3 +69,41 @@ def test_a_service_that_does_not_speak_http_is_unreachable(capsys):
     with _answering(b"SSH-2.0-OpenSSH_9.2\r\n") as url:
         assert health.main(["live", "--url", url]) == 1
     assert capsys.readouterr().out == "live: UNREACHABLE -> failing\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "live", "ready"),
+    [
+        ("STARTING", 0, 1),  # setup downloads the weights: alive, not yet serving
+        ("READY", 0, 0),
+        ("BUSY", 0, 1),  # alive, but the next prediction would get a 409
+        ("UNHEALTHY", 1, 1),
+        ("SETUP_FAILED", 1, 1),
+        ("DEFUNCT", 1, 1),
+    ],
+)
+def test_each_cog_status_passes_the_checks_operations_md_gives(status, live, ready):
+    with _answering(_json(f'{{"status": "{status}"}}'.encode())) as url:
+        assert [health.main([check, "--url", url]) for check in ("live", "ready")] == [
+            live,
+            ready,
+        ]
+
+
+def test_the_default_url_drops_blanks_around_port_as_cog_does(monkeypatch):
+    monkeypatch.setenv("PORT", " 5001\r")
+    assert health.default_url() == "http://127.0.0.1:5001/health-check"
+
+
+def test_a_deployments_http_proxy_is_not_asked_for_the_loopback(monkeypatch):
+    """A proxy that answers every request UNHEALTHY: a probe through it would fail the
+    server it cannot reach. urlopen() keeps the opener its first call built, from the
+    environment of then: a fresh one reads this test's."""
+    urllib.request.install_opener(None)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with _answering(_json(b'{"status": "UNHEALTHY"}')) as proxy:
+        monkeypatch.setenv("http_proxy", proxy.removesuffix("/health-check"))
+        monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/health-check"))
+        with _answering(_json(b'{"status": "READY"}')) as url:
+            assert health.server_status(url, timeout=5) == "READY"
