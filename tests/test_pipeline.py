@@ -36,6 +36,7 @@ from cogvideox_cog.pipeline import (
     load_pipeline,
     no_offload_peak_gib,
     offload_for_free_memory,
+    pipeline_dtype,
     tiling_for_free_memory,
 )
 from cogvideox_cog.variants import VARIANTS
@@ -153,6 +154,13 @@ def test_untiled_decode_departs_from_the_reference_tiled_frames(generator):
 
 def test_cpu_runs_in_float32_whatever_the_variants_gpu_dtype(generator):
     assert generator.pipe.transformer.dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant_id", sorted(VARIANTS))
+def test_a_gpu_runs_2b_in_fp16_and_the_others_in_bf16_as_upstream(variant_id):
+    """docs/variants.md: fp16 gives the 5B and 1.5 models NaNs; float32 doubles the memory."""
+    expected = torch.float16 if variant_id == "cogvideox-2b" else torch.bfloat16
+    assert pipeline_dtype(VARIANTS[variant_id], torch.device("cuda")) == expected
 
 
 def test_the_negative_prompt_is_encoded_once_while_it_stays_the_same(generator):
