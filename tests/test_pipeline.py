@@ -137,6 +137,14 @@ def test_auto_vae_tiling_keeps_tiles_at_a_deployments_own_resolution():
     assert tiling_for_free_memory(VARIANTS["cogvideox-5b"], 79.0, resized=True) is True
 
 
+def test_vae_tiling_off_places_a_vae_that_decodes_whole_frames(tiny_weights):
+    """COGVIDEOX_VAE_TILING=off (or `auto` where the peak fits): the faster whole-frame decode,
+    still one video at a time."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", vae_tiling=False)
+    assert (pipe.vae.use_tiling, pipe.vae.use_slicing) == (False, True)
+
+
 def test_untiled_decode_departs_from_the_reference_tiled_frames(generator):
     """Why `on` stays the default: untiled frames are not the ones upstream renders."""
     vae = generator.pipe.vae
@@ -415,6 +423,17 @@ def test_a_setup_given_another_variants_weights_fails_naming_them(tiny_weights, 
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-i2v"]))  # used in place
     with pytest.raises(VariantError, match="image-to-video model \\(cogvideox-5b-i2v\\)"):
         VideoGenerator.from_env("t2v")
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "mode"), [("cogvideox-5b", "i2v"), ("cogvideox-5b-i2v", "v2v")]
+)
+def test_a_variant_is_refused_a_mode_of_another_task_before_its_weights_load(
+    tiny_weights, variant_id, mode
+):
+    variant = VARIANTS[variant_id]
+    with pytest.raises(ConfigError, match=f"{variant_id} is a {variant.task} variant and cannot"):
+        load_pipeline(variant, tiny_weights["1.0-t2v"], CPU, mode)
 
 
 def test_offload_is_none_on_cpu_whatever_is_asked():
