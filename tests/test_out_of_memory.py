@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cogvideox_cog.devtools.tiny_postprocess import tiny_ifnet, tiny_rrdbnet
 from cogvideox_cog.errors import GpuMemoryError
@@ -146,6 +147,24 @@ def test_out_of_gpu_memory_encoding_the_input_video_names_that_step_and_vae_tili
         "The GPU ran out of memory while encoding the video's 9 frames at 80x48. The "
         "deployment's operator can set COGVIDEOX_VAE_TILING=on, which runs the VAE in tiles "
         "with less memory."
+    )
+
+
+def test_out_of_gpu_memory_encoding_the_image_names_that_step_and_no_frame_count(
+    tiny_weights, tmp_path
+):
+    """The image is one frame whatever num_frames asks: fewer frames would not help."""
+    variant = VARIANTS["cogvideox-5b-i2v"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-i2v"], CPU, "none")
+    generator = VideoGenerator(variant, pipe, CPU)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (80, 48), (90, 120, 150)).save(image)
+    with _out_of_memory(pipe.vae.encoder), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request(image=image))
+    assert str(raised.value) == (
+        "The GPU ran out of memory while encoding the image at 80x48. The deployment's "
+        "operator can set COGVIDEOX_OFFLOAD=model (it runs with none), which keeps less of the "
+        "model on the GPU."
     )
 
 
