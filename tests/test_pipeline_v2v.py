@@ -124,3 +124,11 @@ def test_faster_starts_its_cache_range_below_a_late_first_step_only():
         -1,
         499,
     )
+
+
+def test_1_5_pads_an_odd_latent_count_with_the_clips_last_frame(tiny_weights):
+    """The padding is denoised beside the clip: a repeat of its last frame continues it,
+    where its first frame would jump back to the start."""
+    generator = _generator(tiny_weights, "cogvideox1.5-5b", "1.5-t2v", resolution="48x80")
+    frames, added = generator._pad_for_latent_patches(list(range(17)))
+    assert (frames, added) == ([*range(17), 16, 16, 16, 16], 1)
