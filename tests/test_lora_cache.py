@@ -360,6 +360,12 @@ def test_tar_with_one_safetensors_file_of_another_name_gives_it(served, cache):
     assert cache.get(server.url("one.tar")).read_bytes() == _lora_bytes(1)
 
 
+def test_tar_whose_only_lora_has_its_suffix_in_capitals_gives_it(served, cache):
+    root, server = served
+    _serve(root, "one.tar", _tar({"output/MyStyle.SafeTensors": _lora_bytes(1)}))
+    assert cache.get(server.url("one.tar")).read_bytes() == _lora_bytes(1)
+
+
 @pytest.mark.parametrize(
     ("members", "message"),
     [
@@ -416,6 +422,27 @@ def test_an_oversized_lora_inside_a_compressed_tar_is_refused_by_its_size(served
     cache = LoraCache(tmp_path / "cache", 4096, 1 << 30, timeout_s=30)
     with pytest.raises(LoraError, match=rf"run\.tar\.gz \({LORA}\) is .* over the"):
         cache.get(server.url("run.tar.gz"))
+
+
+def test_a_tar_member_over_the_size_limit_is_refused_without_being_copied_out(
+    served, tmp_path, monkeypatch
+):
+    """What a download stages counts against the cache's bound: a LoRA over the limit is
+    refused from its tar header, not after its bytes are written to the staging folder."""
+    root, server = served
+    zeros = {"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(64, 32)}
+    _serve(root, "run.tar.gz", _tar({LORA: save(zeros)}, "w:gz"))
+    cache = LoraCache(tmp_path / "cache", 4096, 1 << 30, timeout_s=30)
+    copy, copied = shutil.copyfileobj, []
+
+    def counted_copy(source, out, *args, **kwargs):
+        copied.append(out.name)
+        return copy(source, out, *args, **kwargs)
+
+    monkeypatch.setattr(fetch.shutil, "copyfileobj", counted_copy)
+    with pytest.raises(LoraError, match=rf"run\.tar\.gz \({LORA}\) is .* over the"):
+        cache.get(server.url("run.tar.gz"))
+    assert copied == []
 
 
 def test_a_compressed_tar_that_expands_past_its_bound_is_refused(served, cache):
