@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -695,6 +696,32 @@ def test_a_hub_lora_over_the_size_limit_is_refused_before_its_download(hub, tmp_
     assert _gets(hub.cdn, LORA) == 0
 
 
+def test_a_hub_lora_that_arrives_after_the_timeout_is_not_cached(hub, tmp_path, monkeypatch):
+    """huggingface_hub cannot be stopped mid-download: once the request has failed at the
+    timeout, what the download brings later is dropped, not published."""
+    import huggingface_hub
+
+    real_download = huggingface_hub.hf_hub_download
+    finished = []
+
+    def slow_hub(*args, **kwargs):
+        time.sleep(1.5)  # a slow CDN, past the timeout
+        try:
+            return real_download(*args, **kwargs)
+        finally:
+            finished.append(True)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", slow_hub)
+    cache = LoraCache(tmp_path / "cache", 1 << 20, 1 << 30, timeout_s=0.5)
+    with pytest.raises(LoraError, match=r"longer than 0\.5 s"):
+        cache.get("hf://org/lora")
+    deadline = time.monotonic() + 10
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # what the download does once the file is there
+    assert finished and _left_over(cache) == []
+
+
 def test_sizes_parse_with_binary_suffixes():
     assert parse_size("2G", "X") == 2 << 30
     assert parse_size("500M", "X") == 500 << 20
@@ -1120,6 +1147,63 @@ def test_a_full_volume_with_no_lora_to_evict_fails_naming_the_folder(served, tmp
         cache.get(server.url("a.safetensors"))
     assert str(cache.root) in str(failed.value)
     assert store.LORA_DIR_ENV in str(failed.value)
+
+
+def test_a_full_volume_with_no_lora_to_evict_is_not_downloaded_again(served, tmp_path, monkeypatch):
+    """With nothing evicted the volume is as full as before: a second try would fail the
+    same way, after downloading again."""
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=1 << 30, timeout_s=30)
+    _SmallVolume(monkeypatch, cache, size // 2)
+    with pytest.raises(LoraError, match=r"no space left"):
+        cache.get(server.url("a.safetensors"))
+    probes = [r for r in server.requests if r == ("GET", "a.safetensors", "bytes=0-0")]
+    assert len(probes) == 1
+
+
+def test_a_full_volume_evicts_only_the_loras_one_download_needs(served, tmp_path, monkeypatch):
+    """Room for one download of the largest size allowed, not an emptied cache."""
+    root, server = served
+    for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed, rank=64))
+    size = len(_lora_bytes(1, rank=64))  # the URL index's files are small beside it
+    cache = LoraCache(tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=30)
+    _SmallVolume(monkeypatch, cache, 3 * size + size // 2)
+    a, b, c = (cache.get(server.url(f"{name}.safetensors")) for name in "abc")
+    os.utime(a, (time.time() - 120, time.time() - 120))  # a used two minutes ago
+    os.utime(b, (time.time() - 60, time.time() - 60))  # b a minute ago
+    d = cache.get(server.url("d.safetensors"))  # no room for it: a goes, and only a
+    assert b.exists() and c.exists() and d.exists() and not a.exists()
+
+
+def test_a_download_tried_again_after_a_full_volume_ends_within_the_timeout(
+    served, tmp_path, monkeypatch
+):
+    """COGVIDEOX_LORA_TIMEOUT bounds both tries together: the second gets what is left."""
+    root, server = served
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=3)
+    _SmallVolume(monkeypatch, cache, 2 * size + size // 2)
+    for name in "ab":
+        cache.get(server.url(f"{name}.safetensors"))  # the volume holds no third
+    on_the_volume, waits = download.fetch_capped, [2.5, 1.0]  # the first try, then the second
+
+    def slow(url, out, *args, **kwargs):
+        time.sleep(waits.pop(0))  # a slow network before the volume is found full
+        return on_the_volume(url, out, *args, **kwargs)
+
+    monkeypatch.setattr(download, "fetch_capped", slow)
+    started = time.monotonic()
+    with pytest.raises(LoraError, match=r"longer than 3 s \(COGVIDEOX_LORA_TIMEOUT\)"):
+        cache.get(server.url("c.safetensors"))
+    assert time.monotonic() - started < 3 + 1
+    for thread in threading.enumerate():  # the second try, let go: done before the server stops
+        if thread.name == "lora-download":
+            thread.join(10)
 
 
 def test_a_lora_of_unknown_length_that_fills_the_volume_makes_room_too(tmp_path, monkeypatch):
