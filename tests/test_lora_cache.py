@@ -1119,17 +1119,25 @@ class _FillingFile:
         return self.out.write(block)
 
 
+def _on_a_volume_for_two(served, tmp_path, monkeypatch, timeout_s: float):
+    """A cache of LoRAs a, b and c (served), on a volume with room for two of them."""
+    root, server = served
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(
+        tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=timeout_s
+    )
+    _SmallVolume(monkeypatch, cache, 2 * size + size // 2)
+    return cache, server
+
+
 def test_a_full_volume_makes_room_evicting_the_least_recently_used(served, tmp_path, monkeypatch):
     """A bound larger than the volume holds (the 20 GiB default on a smaller disk, or a disk
     shared with the weights) fills the disk: the next download fails with ENOSPC. Evicting
     only after a download succeeds, the cache then never frees a byte, and every new LoRA
     failed until someone emptied the folder by hand."""
-    root, server = served
-    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
-    size = len(_lora_bytes(1))
-    cache = LoraCache(tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=30)
-    _SmallVolume(monkeypatch, cache, 2 * size + size // 2)
+    cache, server = _on_a_volume_for_two(served, tmp_path, monkeypatch, timeout_s=30)
     a = cache.get(server.url("a.safetensors"))
     os.utime(a, (time.time() - 60, time.time() - 60))  # a used a minute ago
     b = cache.get(server.url("b.safetensors"))
@@ -1182,12 +1190,7 @@ def test_a_download_tried_again_after_a_full_volume_ends_within_the_timeout(
     served, tmp_path, monkeypatch
 ):
     """COGVIDEOX_LORA_TIMEOUT bounds both tries together: the second gets what is left."""
-    root, server = served
-    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        _serve(root, f"{name}.safetensors", _lora_bytes(seed))
-    size = len(_lora_bytes(1))
-    cache = LoraCache(tmp_path / "cache", size + size // 4, max_cache_bytes=1 << 30, timeout_s=3)
-    _SmallVolume(monkeypatch, cache, 2 * size + size // 2)
+    cache, server = _on_a_volume_for_two(served, tmp_path, monkeypatch, timeout_s=3)
     for name in "ab":
         cache.get(server.url(f"{name}.safetensors"))  # the volume holds no third
     on_the_volume, waits = download.fetch_capped, [2.5, 1.0]  # the first try, then the second
