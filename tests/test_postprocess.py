@@ -517,6 +517,93 @@ def test_a_pinned_sha256_in_capitals_is_the_same_pin(tmp_path, monkeypatch):
     assert load_model(source, _build_rrdbnet).scale == 4
 
 
+def test_a_custom_url_without_a_sha256_is_not_held_to_the_default_files_pin(tmp_path, monkeypatch):
+    """The pinned sha256 is the default release file's: another file set by its URL loads
+    unpinned, as docs/postprocessing.md says, and does not fail setup as a replaced release."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source(
+        "Real-ESRGAN",
+        UPSCALE_URL_ENV,
+        "UNSET_SHA256",
+        postprocess.DEFAULT_ESRGAN_URL,
+        postprocess.DEFAULT_ESRGAN_SHA256,
+    )
+    assert source.sha256 is None
+    assert load_model(source, _build_rrdbnet).scale == 4
+
+
+def test_weights_missing_a_parameter_fail_setup_naming_it(tmp_path, monkeypatch):
+    """Loaded, the missing layer would keep its random initial weights: every upscaled frame
+    noise, without an error."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    state = tiny_rrdbnet().state_dict()
+    del state["conv_hr.weight"]
+    torch.save(state, tmp_path / "x4.pth")
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(tmp_path / "x4.pth"))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match=r"1 parameters missing, e\.g\. conv_hr\.weight"):
+        load_model(source, _build_rrdbnet)
+
+
+def test_a_file_with_both_basicsr_wrappers_gives_the_ema_weights(tmp_path):
+    """A BasicSR training checkpoint holds both; Real-ESRGAN's inference takes params_ema."""
+    ema, raw = tiny_rrdbnet(seed=0).state_dict(), tiny_rrdbnet(seed=1).state_dict()
+    torch.save({"params": raw, "params_ema": ema}, tmp_path / "net_g.pth")
+    state = read_state_dict(tmp_path / "net_g.pth")
+    assert torch.equal(state["conv_first.weight"], ema["conv_first.weight"])
+
+
+def test_a_cached_copy_that_differs_from_the_pinned_sha256_is_fetched_again(tmp_path, monkeypatch):
+    """A pinned file is checked on each setup, not only when downloaded: a copy replaced
+    in the cache by other weights of the same size is not loaded."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    weights = save_tiny_realesrgan(tmp_path / "x4.pth")
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(weights))
+    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", sha256_file(weights).hexdigest())
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
+    pinned = load_model(source, _build_rrdbnet).conv_first.weight.detach().clone()
+    (cached,) = (tmp_path / "cache" / "postprocess").glob("*/x4.pth")
+    other = tmp_path / "other" / "x4.pth"  # the same name: torch.save writes it inside
+    other.parent.mkdir()
+    torch.save({"params_ema": tiny_rrdbnet(seed=1).state_dict()}, other)
+    assert other.stat().st_size == cached.stat().st_size
+    shutil.copyfile(other, cached)
+    assert torch.equal(load_model(source, _build_rrdbnet).conv_first.weight, pinned)
+
+
+def test_a_downloaded_file_that_fails_to_load_is_not_downloaded_again(tmp_path, monkeypatch):
+    """Fetched just now, it is what the URL serves: a second download would fail the same."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "x4.pth").write_bytes(b"<html>not found</html>")
+    server = FileServer(tmp_path / "served")
+    try:
+        monkeypatch.setenv(UPSCALE_URL_ENV, server.url("x4.pth"))
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+        with pytest.raises(WeightsError, match=UPSCALE_URL_ENV):
+            load_model(source, _build_rrdbnet)
+    finally:
+        server.stop()
+    probes = [r for r in server.requests if r == ("GET", "x4.pth", "bytes=0-0")]
+    assert len(probes) == 1
+
+
+def test_a_download_that_fails_leaves_no_staging_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    server = FileServer(tmp_path)
+    try:
+        monkeypatch.setenv(UPSCALE_URL_ENV, server.url("RealESRGAN_x4plus.pth"))  # a 404
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+        with pytest.raises(WeightsError):
+            load_model(source, _build_rrdbnet)
+    finally:
+        server.stop()
+    assert not [
+        p.name for p in (tmp_path / "cache" / "postprocess").iterdir() if "staging" in p.name
+    ]
+
+
 def test_a_pinned_sha256_that_is_not_one_is_refused(monkeypatch):
     monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", "abc123")
     with pytest.raises(ConfigError, match=r"COGVIDEOX_UPSCALE_SHA256='abc123': give the file"):
