@@ -604,6 +604,14 @@ def test_a_download_that_fails_leaves_no_staging_folder(tmp_path, monkeypatch):
     ]
 
 
+def test_an_enabling_value_other_than_0_or_1_fails_setup_naming_the_variable(monkeypatch):
+    """COGVIDEOX_UPSCALE=true taken as off would leave a deployment refusing every upscale
+    its operator meant to offer."""
+    monkeypatch.setenv("COGVIDEOX_UPSCALE", "true")
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_UPSCALE='true': use 1 to enable"):
+        Postprocessor.from_env(CPU)
+
+
 def test_a_pinned_sha256_that_is_not_one_is_refused(monkeypatch):
     monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", "abc123")
     with pytest.raises(ConfigError, match=r"COGVIDEOX_UPSCALE_SHA256='abc123': give the file"):
