@@ -2429,3 +2429,106 @@ def test_the_documented_pre_seeding_command_fills_the_volume_and_shows_progress(
     assert entry.parent == volume and (entry / weights.COMPLETE_MARKER).is_file()
     assert "weights: fetching cogvideox-5b from" in done.stdout
     assert "weights: cogvideox-5b ready in" in done.stdout
+
+
+# The cache's own guarantees, each held on its own.
+
+
+def _entry_of(url: str) -> str:
+    return f"cogvideox-5b-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+def test_publishing_syncs_every_file_and_writes_the_marker_before_the_one_rename(
+    served, cache, monkeypatch
+):
+    """After a power cut the marker must not outlive the data, and the entry must never be
+    seen without its marker: every file is synced, then the marker written in the staging
+    folder, then the folder renamed into place."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    entry = cache / _entry_of(url)
+    synced, renames = set(), []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def recording_fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def checking_rename(source, target):
+        if Path(target) == entry:
+            files = {
+                str(p) for p in Path(source).rglob("*") if p.is_file() and p.name != COMPLETE_MARKER
+            }
+            renames.append(((Path(source) / COMPLETE_MARKER).is_file(), files - synced))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", checking_rename)
+    assert ensure_weights(VARIANT) == entry
+    assert renames == [(True, set())]
+
+
+def test_a_delete_killed_part_way_leaves_no_half_entry_under_its_name(
+    served, cache, tiny, monkeypatch
+):
+    """A discarded entry is renamed aside before it is removed: a setup killed while
+    deleting leaves hidden trash, never an entry with some of its files gone."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+
+    def killed_after_one_file(path, ignore_errors=False):
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(cache_module.shutil, "rmtree", killed_after_one_file)
+        cache_module.discard(root)
+    assert not root.exists()
+    assert next(p.name for p in cache.iterdir() if ".trash-" in p.name).startswith(".")
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([root.name, f".{root.name}.lock"])
+
+
+def test_a_file_changed_between_the_two_looks_of_one_setup_is_hashed_again(
+    served, cache, monkeypatch
+):
+    """The look before the lock and the one under it share the sha256 computed: a file
+    another setup rewrote in between (same size, new bytes) must not pass on the first
+    look's hash."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    root = ensure_weights(VARIANT)
+    manifest = weights.check_settings(VARIANT).layout_only()
+    keys, hashed = [download.identity(url)], {}
+    assert cache_module.published(root, keys, manifest, "sha256", hashed) == root
+    _flip(root / BIG, (root / BIG).stat().st_size - 10)
+    later = (root / BIG).stat().st_mtime_ns + 10**9
+    os.utime(root / BIG, ns=(later, later))
+    assert cache_module.published(root, keys, manifest, "sha256", hashed) is None
+
+
+def test_an_entry_with_a_file_of_no_recorded_sha256_is_not_called_intact(
+    served, cache, monkeypatch
+):
+    """Intact means every file still has the sha256 recorded for it: a file with none
+    recorded cannot clear its bytes of a failure to load, so the entry is fetched again."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    assert cache_module.intact(root)
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    marker["files"][BIG]["sha256"] = None
+    (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert not cache_module.intact(root)
+
+
+def test_the_disk_check_counts_what_already_arrived_and_keeps_the_headroom(tmp_path, monkeypatch):
+    """A resumed download needs only what is still to come, plus the headroom."""
+    usage = namedtuple("usage", "total used free")
+    total, done = 10**9, 4 * 10**8
+    need = total - done + cache_module.HEADROOM_BYTES
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(0, 0, need))
+    cache_module.check_disk(tmp_path, total, done, "model.tar")
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(0, 0, need - 1))
+    with pytest.raises(WeightsError, match=r"0\.67 GB needed .*64 MiB headroom"):
+        cache_module.check_disk(tmp_path, total, done, "model.tar")
