@@ -2532,3 +2532,31 @@ def test_the_disk_check_counts_what_already_arrived_and_keeps_the_headroom(tmp_p
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(0, 0, need - 1))
     with pytest.raises(WeightsError, match=r"0\.67 GB needed .*64 MiB headroom"):
         cache_module.check_disk(tmp_path, total, done, "model.tar")
+
+
+# The cache's markers, entries and checks, each held on its own.
+
+
+def test_a_marker_of_an_older_format_is_verified_again_before_use(served, cache, tiny, monkeypatch):
+    """An older version's marker vouches for what that version checked: its entry is
+    verified in place as a new manifest's is, and replaced if the files no longer pass."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    root = ensure_weights(VARIANT)
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    (root / COMPLETE_MARKER).write_text(json.dumps({**marker, "format": 1}))
+    _flip(root / BIG, 0)  # the safetensors header no longer fits the file: same size
+    sent = served.bytes_sent
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert served.bytes_sent > sent
+    assert json.loads((root / COMPLETE_MARKER).read_text())["format"] == marker["format"]
+
+
+def test_a_hash_of_a_file_beside_the_wrapping_folder_is_no_part_of_the_weights(tiny, tmp_path):
+    """A tar may hold a note beside the folder it wraps the pipeline in: its hash, computed
+    while writing, is of no file of the weights, and verifying must not trip over it."""
+    shutil.copytree(tiny, tmp_path / "staging" / "model_cache")
+    (tmp_path / "staging" / "README.md").write_text("the weights are in model_cache/")
+    written = {"README.md": "0" * 64, f"model_cache/{BIG}": sha256_file(tiny / BIG).hexdigest()}
+    verified = verify(tmp_path / "staging", _pinned(tiny, BIG), "test", written)
+    assert "README.md" not in verified.files
+    assert verified.files[BIG]["sha256"] == written[f"model_cache/{BIG}"]
