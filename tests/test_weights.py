@@ -2560,3 +2560,30 @@ def test_a_hash_of_a_file_beside_the_wrapping_folder_is_no_part_of_the_weights(t
     verified = verify(tmp_path / "staging", _pinned(tiny, BIG), "test", written)
     assert "README.md" not in verified.files
     assert verified.files[BIG]["sha256"] == written[f"model_cache/{BIG}"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd by /proc/self/fd")
+def test_every_folder_is_synced_before_the_marker_and_the_cache_after_the_rename(
+    served, cache, monkeypatch
+):
+    """A synced file whose folder is not can lose its name in a power cut, and an entry its
+    rename: the marker would then vouch for files that are gone, or the weights vanish."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    synced, marked = [], []
+    real_fsync, real_write_marker = os.fsync, cache_module.write_marker
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def recording_write_marker(folder, marker):
+        marked.append((Path(folder), len(synced)))
+        real_write_marker(folder, marker)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(cache_module, "write_marker", recording_write_marker)
+    root = ensure_weights(VARIANT)
+    [(staging, before)] = marked
+    folders = {staging / p.relative_to(root) for p in root.rglob("*") if p.is_dir()} | {staging}
+    assert folders <= set(synced[:before])
+    assert cache in synced[before:]
