@@ -2587,3 +2587,13 @@ def test_every_folder_is_synced_before_the_marker_and_the_cache_after_the_rename
     folders = {staging / p.relative_to(root) for p in root.rglob("*") if p.is_dir()} | {staging}
     assert folders <= set(synced[:before])
     assert cache in synced[before:]
+
+
+def test_a_file_the_manifest_lists_is_required_even_where_no_other_check_looks(tiny, tmp_path):
+    """No component check reads a tokenizer's data file: a download that lost it is caught
+    by the manifest listing it, or an incomplete copy would be published as complete."""
+    rel = "tokenizer/tokenizer.json"
+    copy = _broken_copy(tiny, tmp_path, lambda copy: (copy / rel).unlink())
+    assert not verify(copy, load_manifest(VARIANT.id), "test").files.get(rel)
+    with pytest.raises(BadSource, match=rf"{rel}: missing \(the manifest lists it\)"):
+        verify(copy, _pinned(tiny, rel), "test")
