@@ -193,6 +193,18 @@ def test_two_predictions_never_share_an_output_path(generator):
     assert probe_mp4(first)["frames"] == probe_mp4(second)["frames"] == 9
 
 
+def test_the_next_prediction_removes_the_previous_ones_output_folder(
+    generator, monkeypatch, tmp_path
+):
+    """Cog has read and uploaded an output by the time the next prediction starts: kept, the
+    folders of a long-running server would fill the disk."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = generator.render_kept(_request(num_inference_steps=1))
+    second = generator.render_kept(_request(num_inference_steps=1))
+    assert not first.parent.exists() and second.exists()
+    assert list(tmp_path.glob(f"{OUTPUT_PREFIX}*")) == [second.parent]
+
+
 def test_a_cancel_after_the_encode_leaves_no_output_folder(generator, monkeypatch, tmp_path):
     """Cog raises a cancel at whatever bytecode the worker is at, here while the timings are
     recorded: the mp4 is written but not yet returned, so no later prediction removes it."""
@@ -304,6 +316,26 @@ def test_a_failure_no_message_explains_logs_its_traceback_first(generator, caplo
         assert "in stop\n" in failed[0] and str(error) in failed[0]
     else:
         assert failed == []
+
+
+def test_a_completed_render_hands_its_memory_back_after_the_decode(generator, monkeypatch):
+    """The pipeline's latents and activations are freed, and on CUDA its cache emptied, once
+    the call ends: not only after a failure, or every later prediction starts on a full cache."""
+    decoded: list[bool] = []
+    hook = generator.pipe.vae.decoder.register_forward_hook(lambda *_: decoded.append(True))
+    released_after_decode: list[bool] = []
+    release = generator.release_memory
+
+    def recording_release():
+        release()
+        released_after_decode.append(bool(decoded))
+
+    monkeypatch.setattr(generator, "release_memory", recording_release)
+    try:
+        generator.render_frames(_request(num_inference_steps=1))
+    finally:
+        hook.remove()
+    assert released_after_decode[-1:] == [True]
 
 
 def stop_in_forward(generator: VideoGenerator, module: str, error: BaseException):
