@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator, times = start(args, device)
     frames = args.frames or generator.variant.default_frames
-    height, width = generator.native_size
+    height, width = generator.render_size
     record = {
         "variant": args.variant,
         "size": args.size,

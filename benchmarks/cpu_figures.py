@@ -179,7 +179,7 @@ def predictor_and_direct(steps: int, frames: int, workdir: Path):
         PIPELINES["t2v"](**build_tiny_pipeline("1.0", "t2v").components), variant, CPU, "none"
     )
     generator = VideoGenerator(variant, pipe, CPU)
-    height, width = generator.native_size
+    height, width = generator.render_size
     direct = CogVideoXPipeline(**pipe.components)
     direct.set_progress_bar_config(disable=True)
     request = Request(**request_fields(PROMPT, frames, steps, 7))
@@ -230,7 +230,7 @@ def overhead(steps: int, frames: int, repeats: int, workdir: Path) -> dict:
         # render_mp4() ends with release_memory(): gc.collect() (+ empty_cache on a GPU).
         release.call(generator.release_memory)
     median = statistics.median
-    height, width = generator.native_size
+    height, width = generator.render_size
     return {
         "model": "tiny 1.0 text-to-video (cogvideox_cog.devtools.tiny), float32",
         "variant_rules": variant.id,

@@ -511,7 +511,7 @@ def set_up(args, variant: Variant, offload: str, device: torch.device, record: d
     if resolution is None and args.size != "full":
         resolution = tiny_resolution(variant)
     generator = VideoGenerator(variant, pipe, device, resolution=resolution)
-    height, width = generator.native_size
+    height, width = generator.render_size
     record.update(height=height, width=width)
     record["setup_seconds"] = time.perf_counter() - setup_started
     if compiled:

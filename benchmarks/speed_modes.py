@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         unquantised, unquantised_s = quantise_after_reference(
             renderer, args, compiled, warm_up_steps
         )
-    height, width_px = generator.native_size
+    height, width_px = generator.render_size
     name = f"{variant.id}-{args.size}-{args.steps}steps"
     name += "-compiled" * compiled + "-fp8" * args.fp8
 

@@ -187,7 +187,7 @@ class VideoGenerator:
         self.mode: Mode = mode or variant.task
         config = pipe.transformer.config
         scale = pipe.vae_scale_factor_spatial
-        self.native_size = inputs.native_resolution(variant, config, scale, resolution)
+        self.render_size = inputs.choose_render_size(variant, config, scale, resolution)
         self.size_multiple = scale * config.patch_size
         self.max_prompt_tokens = config.max_text_seq_length
         self._last_output: Path | None = None
@@ -333,7 +333,7 @@ class VideoGenerator:
     def warm_up_key(self) -> list[list]:
         """Each warm-up render as [frames, height, width, guidance, speed_mode, steps]: part of
         the compile cache's key."""
-        height, width = self.native_size
+        height, width = self.render_size
         turn = self.mode == "i2v" and self.variant.resolution == "image_aspect"
         return [
             [
@@ -348,7 +348,7 @@ class VideoGenerator:
 
     def _warm_up_request(self, folder: Path, render: WarmUpRender) -> Request:
         num_frames = render.num_frames
-        height, width = self.native_size
+        height, width = self.render_size
         clip = image = None
         if self.mode == "v2v":
             frames = np.full((num_frames, height, width, 3), 128, np.uint8)
@@ -578,8 +578,8 @@ class VideoGenerator:
             lora_url=check_lora_url(lora_url) if lora_url else None,
             lora_scale=float(request.lora_scale),
             postprocess=self.postprocessor.check(request.interpolate, request.upscale),
-            height=self.native_size[0],
-            width=self.native_size[1],
+            height=self.render_size[0],
+            width=self.render_size[1],
             received=received,
         )
         plan.denoise_steps = plan.steps
@@ -616,7 +616,7 @@ class VideoGenerator:
         image = open_image(path, convert_colour)
         if self.variant.resolution == "image_aspect":
             plan.height, plan.width = inputs.image_aspect_size(
-                image.size, self.native_size, self.size_multiple
+                image.size, self.render_size, self.size_multiple
             )
         plan.conditioning["image"] = fit_image(image, plan.height, plan.width)
         plan.conditioning["num_frames"] = plan.num_frames

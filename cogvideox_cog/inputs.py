@@ -117,7 +117,7 @@ def truncated_prompt_tail(tokenizer, prompt: str, max_tokens: int) -> str | None
 RESOLUTION_ENV = "COGVIDEOX_RESOLUTION"
 
 
-def native_resolution(
+def choose_render_size(
     variant: Variant, config, vae_scale: int, override: str | None = None
 ) -> tuple[int, int]:
     """(height, width) to generate at: the variant's or config's, or a deployment's override.
@@ -152,7 +152,7 @@ def native_resolution(
 
 def resolution_setting() -> str | None:
     """COGVIDEOX_RESOLUTION, its form checked before the weights are fetched: a typo should
-    not cost a 20 GB download. native_resolution() checks the size against the weights."""
+    not cost a 20 GB download. choose_render_size() checks the size against the weights."""
     override = setting(RESOLUTION_ENV) or None
     if override:
         _height_width(override)
@@ -181,12 +181,13 @@ def _parse_resolution(override: str, multiple: int) -> tuple[int, int]:
 
 
 def image_aspect_size(
-    image_size: tuple[int, int], native_size: tuple[int, int], multiple: int
+    image_size: tuple[int, int], render_size: tuple[int, int], multiple: int
 ) -> tuple[int, int]:
-    """(height, width) closest to the image's aspect ratio: short side at the native short side,
-    long side a multiple of the patch grid and at most the native long side."""
+    """(height, width) closest to the image's aspect ratio: short side at the render size's
+    short side, long side a multiple of the patch grid and at most the render size's long side
+    (the variant's native size, or COGVIDEOX_RESOLUTION's)."""
     image_w, image_h = image_size
-    short, longest = min(native_size), max(native_size)
+    short, longest = min(render_size), max(render_size)
     if image_w >= image_h:
         long_side = round(short * image_w / image_h / multiple) * multiple
         return short, min(max(long_side, short), longest)

@@ -41,8 +41,9 @@ class Variant:
     default_frames: int
     # "native": only the resolution in the transformer config (learned position embeddings
     # on the 1.0 I2V model, training resolution elsewhere). "image_aspect": any multiple of
-    # the patch grid with the short side at the native short side and the long side at most
-    # the native long side, chosen to match the input image (CogVideoX1.5-5B-I2V).
+    # the patch grid with the short side at the render size's short side and the long side at
+    # most its long side (the native size unless COGVIDEOX_RESOLUTION sets one), chosen to match
+    # the input image (CogVideoX1.5-5B-I2V).
     resolution: Literal["native", "image_aspect"]
     # (height, width) the model was trained at, where its config does not say: the 1.5
     # conversions store sample_height = sample_width = 300 latents, a bound for the rotary

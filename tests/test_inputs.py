@@ -176,52 +176,52 @@ class _Config:
 
 
 def test_1_0_models_generate_at_the_config_resolution():
-    assert inputs.native_resolution(V10, _Config(), 8) == (480, 720)
+    assert inputs.choose_render_size(V10, _Config(), 8) == (480, 720)
 
 
 @pytest.mark.parametrize("variant_id", ["cogvideox1.5-5b", "cogvideox1.5-5b-i2v"])
 def test_1_5_models_use_the_training_resolution_not_the_config_rotary_bound(variant_id):
     """The image-to-video model too: its short side at 768 is what each image is fitted to."""
     bound = _Config(sample=(300, 300), patch_size_t=2)
-    assert inputs.native_resolution(VARIANTS[variant_id], bound, 8) == (768, 1360)
+    assert inputs.choose_render_size(VARIANTS[variant_id], bound, 8) == (768, 1360)
 
 
 def test_resolution_override_is_used_when_the_model_allows_it():
     bound = _Config(sample=(300, 300), patch_size_t=2)
-    assert inputs.native_resolution(V15, bound, 8, "1360x768") == (1360, 768)
+    assert inputs.choose_render_size(V15, bound, 8, "1360x768") == (1360, 768)
 
 
 def test_resolution_override_must_be_on_the_patch_grid():
     with pytest.raises(ValueError, match="multiples of 16"):
-        inputs.native_resolution(V10, _Config(), 8, "480x700")
+        inputs.choose_render_size(V10, _Config(), 8, "480x700")
 
 
 @pytest.mark.parametrize("override", ["0x720", "480x0", "-16x720"])
 def test_resolution_override_must_have_both_sides_above_0(override):
     with pytest.raises(ValueError, match="both sides must be above 0"):
-        inputs.native_resolution(V10, _Config(), 8, override)
+        inputs.choose_render_size(V10, _Config(), 8, override)
 
 
 def test_resolution_override_must_be_height_x_width():
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
-        inputs.native_resolution(V10, _Config(), 8, "720p")
+        inputs.choose_render_size(V10, _Config(), 8, "720p")
 
 
 def test_learned_position_embeddings_allow_only_the_config_resolution():
     i2v = VARIANTS["cogvideox-5b-i2v"]
     with pytest.raises(ValueError, match=r"learned position embeddings.*480x720"):
-        inputs.native_resolution(i2v, _Config(learned=True), 8, "720x480")
+        inputs.choose_render_size(i2v, _Config(learned=True), 8, "720x480")
 
 
 def test_1_5_resolution_override_must_fit_the_rotary_bound():
     bound = _Config(sample=(12, 12), patch_size_t=2)
     with pytest.raises(ValueError, match="at most 96x96"):
-        inputs.native_resolution(V15, bound, 8, "48x112")
+        inputs.choose_render_size(V15, bound, 8, "48x112")
 
 
 def test_1_5_resolution_override_of_exactly_the_rotary_bound_is_taken():
     bound = _Config(sample=(12, 12), patch_size_t=2)
-    assert inputs.native_resolution(V15, bound, 8, "96x96") == (96, 96)
+    assert inputs.choose_render_size(V15, bound, 8, "96x96") == (96, 96)
 
 
 def test_1_5_weights_whose_bound_forbids_the_training_size_fail_naming_the_override():
@@ -231,7 +231,7 @@ def test_1_5_weights_whose_bound_forbids_the_training_size_fail_naming_the_overr
         match=r"768x1360: these weights generate at most 96x96.*"
         r"COGVIDEOX_RESOLUTION=HEIGHTxWIDTH",
     ):
-        inputs.native_resolution(V15, bound, 8)
+        inputs.choose_render_size(V15, bound, 8)
 
 
 def test_a_choice_outside_the_list_is_refused_naming_the_choices():
