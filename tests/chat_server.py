@@ -23,7 +23,15 @@ tag, the template having opened it, as DeepSeek-R1's), "think-cut" (still thinki
 "filtered" (the rewrite cut short by the provider's content filter: finish_reason
 "content_filter", as Azure OpenAI answers); "no-choices" (a 200 whose choice list is empty),
 "completion" (a choice in the older completions shape: `text`, no `message`), "endless" (a
-200 whose body never ends);
+200 whose body never ends), "padded" (the answer padded with blanks to MAX_ANSWER_BYTES, the
+size our client takes), "blank-refusal" (the rewrite beside an empty `refusal` field),
+"echo-finish" (no text, and a finish_reason quoting the Authorization header), "400" (a bad
+request, in the endpoint's words), "redirect-300" and "redirect-308" (as "redirect", with
+that status), "endless-error" (a 500 whose body never ends), "reset-error" (a 500 whose body
+a connection reset breaks off), "wide-echo" (a 500 in four-byte characters, the request's key
+from its 298th), "trickle-body" (a 200 whose body comes a byte every 0.05 s, never in full),
+"stall-body" (a 200 whose body stops after its first byte); `hung_up` is set once the client
+closes the connection of one of these last two;
 broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
 200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off).
 """
@@ -32,17 +40,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from cogvideox_cog.prompts.endpoint import MAX_ANSWER_BYTES
 
 FAULTS = (
     "slow", "500", "garbage", "empty", "cut", "redirect", "trickle", "deep", "long", "invisible",
     "echo", "echo-page", "echo-json", "echo-late", "refuse", "refusal", "echo-refusal",
     "echo-apology", "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http",
     "cut-body", "cut-error", "quoted-cut", "think", "think-open", "think-cut", "filtered",
+    "padded", "blank-refusal", "echo-finish", "400", "redirect-300", "redirect-308",
+    "endless-error", "reset-error", "wide-echo", "trickle-body", "stall-body",
 )  # fmt: skip
+REDIRECTS = {"redirect": 302, "redirect-300": 300, "redirect-308": 308}
+WIDE = "\U0001f600"  # four bytes in UTF-8
 
 
 REFUSAL = "I'm sorry, but I can't help with that request."
@@ -73,6 +90,7 @@ class ChatServer:
     def __init__(self, fault: str | None = None, delay: float = 3.0) -> None:
         self.fault, self.delay = fault, delay
         self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"} per POST
+        self.hung_up = threading.Event()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         peer = self
@@ -90,8 +108,21 @@ class ChatServer:
                     self._send(500, b'{"error": {"message": "the model crashed"}}')
                 elif fault == "garbage":
                     self._send(200, b"<html>502 Bad Gateway</html>")
-                elif fault == "redirect":
-                    self._send(302, b"", {"Location": "http://127.0.0.1:9/v1/chat/completions"})
+                elif fault in REDIRECTS:
+                    elsewhere = {"Location": "http://127.0.0.1:9/v1/chat/completions"}
+                    self._send(REDIRECTS[fault], b"", elsewhere)
+                elif fault == "400":
+                    self._send(400, b'{"error": {"message": "max_tokens is too large"}}')
+                elif fault == "endless-error":
+                    self._endless(b" " * (64 << 10), status=500)
+                elif fault == "reset-error":
+                    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 1000\r\n\r\n"
+                    self._reset_after(head + b'{"error": ')
+                elif fault == "wide-echo":
+                    key = headers.get("authorization", "").removeprefix("Bearer ")
+                    self._send(500, (WIDE * 297 + key + WIDE * 10).encode())
+                elif fault in ("trickle-body", "stall-body"):
+                    self._body_then_wait(every=0.05 if fault == "trickle-body" else None)
                 elif fault == "echo":
                     quoted = json.dumps({"error": f"bad key in {headers['authorization']}"})
                     self._send(401, quoted.encode())
@@ -126,7 +157,8 @@ class ChatServer:
                     if fault == "slow":
                         peer._stopped.wait(peer.delay)
                     answer = peer._answer(json.loads(raw), fault, headers.get("authorization"))
-                    self._send(200, json.dumps(answer).encode())
+                    body = json.dumps(answer).encode()
+                    self._send(200, body.ljust(MAX_ANSWER_BYTES) if fault == "padded" else body)
 
             def _trickle(self, head: bytes) -> None:
                 for byte in head:
@@ -138,15 +170,47 @@ class ChatServer:
                     except OSError:  # the client gave up
                         return
 
-            def _endless(self, block: bytes) -> None:
-                """A 200 without a length, `block` after `block` until the client hangs up."""
+            def _endless(self, block: bytes, status: int = 200) -> None:
+                """`status` without a length, `block` after `block` until the client hangs up."""
                 self.close_connection = True
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 with contextlib.suppress(OSError):  # the client gave up
                     while not peer._stopped.is_set():
                         self.wfile.write(block)
+
+            def _body_then_wait(self, every: float | None) -> None:
+                """A 200 whose body never comes in full: a byte every `every` s, or none after
+                its first (None), until the client hangs up (`peer.hung_up`)."""
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(MAX_ANSWER_BYTES))
+                self.end_headers()
+                try:
+                    self.wfile.write(b"{")
+                    while not peer._stopped.is_set():
+                        closed, _, _ = select.select([self.connection], [], [], every or 0.05)
+                        if closed and not self.connection.recv(1):
+                            break
+                        if every:
+                            self.wfile.write(b" ")
+                    else:
+                        return
+                except OSError:
+                    pass
+                peer.hung_up.set()
+
+            def _reset_after(self, answer: bytes) -> None:
+                """`answer`, then the connection reset (not closed) a moment later."""
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # the client gave up
+                    self.wfile.write(answer)
+                    peer._stopped.wait(0.2)
+                    linger = struct.pack("ii", 1, 0)  # close() then sends a reset
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    self.connection.close()
 
             def _raw(self, answer: bytes) -> None:
                 """`answer` as it is, then the connection closed."""
@@ -200,6 +264,10 @@ class ChatServer:
         message = {"role": "assistant", "content": content}
         if fault == "refusal":
             message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+        elif fault == "blank-refusal":
+            message = {"role": "assistant", "content": content, "refusal": ""}
+        elif fault == "echo-finish":
+            message = {"role": "assistant", "content": None}
         elif fault in ("echo-refusal", "echo-apology"):
             quote = "x" * 289 + f" {authorization}"  # the key from the 298th character
             message = {"role": "assistant", "content": None, "refusal": quote}
@@ -214,7 +282,11 @@ class ChatServer:
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": FINISH_REASONS.get(fault, "stop"),
+                    "finish_reason": (
+                        f"error: bad key in {authorization}"
+                        if fault == "echo-finish"
+                        else FINISH_REASONS.get(fault, "stop")
+                    ),
                 }
             ],
         }

@@ -1,11 +1,13 @@
 """HTTP servers on 127.0.0.1 that the Cog server talks to in tests: an upload target, a
-sender that never finishes a body, and a port where no connection is ever made.
+sender that never finishes a body, a port where no connection is ever made, and one whose TLS
+handshake never ends.
 
 (The webhook receiver lives in tests/cog_server.py; images are served with tests/file_server.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import uuid
@@ -189,6 +191,49 @@ class NeverAccepts:
         self._listener.close()
 
     def __enter__(self) -> NeverAccepts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EndlessHandshake:
+    """A port on 127.0.0.1 that takes connections and never finishes a TLS handshake: it
+    answers with the header of a handshake record, then the record's bytes one every 0.1 s,
+    each well within a client's socket timeout, as an overloaded TLS terminator may."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen()
+        self.port = self._listener.getsockname()[1]
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
+
+    def _trickle(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                connection.sendall(b"\x16\x03\x03\x40\x00")  # a 16 kB handshake record
+                while not self._stopped.wait(0.1):
+                    connection.sendall(b"\x00")
+            except OSError:  # the client gave up
+                return
+
+    def close(self) -> None:
+        self._stopped.set()
+        with contextlib.suppress(OSError):  # wakes the accept, where the kernel allows
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+
+    def __enter__(self) -> EndlessHandshake:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -68,7 +68,7 @@ from cogvideox_cog.weights.causal_lm import ensure_causal_lm
 from cogvideox_cog.weights.download import stop_waiting_when
 from tests.chat_server import REFUSAL, ChatServer, rewrite_of
 from tests.file_server import FileServer
-from tests.http_peers import NeverAccepts
+from tests.http_peers import EndlessHandshake, NeverAccepts
 from tests.hub_server import HubServer
 
 PROMPT = "a cat playing piano"
@@ -85,6 +85,7 @@ def chat():
 def endpoint(chat):
     chat.fault = None
     chat.requests.clear()
+    chat.hung_up.clear()
     return PromptEnhancer(EndpointRewriter(chat.base_url, "writer-1", "sk-test", timeout=0.5))
 
 
@@ -171,14 +172,14 @@ def test_video_to_video_is_never_asked_for_motion_or_camera_moves_which_the_clip
 
 
 def test_the_endpoint_is_asked_deterministically_with_the_seed_and_the_cap(endpoint, chat):
-    rewrite = endpoint.enhance(PROMPT, task="t2v", seed=42, max_tokens=226)
+    rewrite = endpoint.enhance(PROMPT, task="t2v", seed=42, max_tokens=200)
     assert rewrite == rewrite_of(PROMPT)
     (body,) = chat.bodies()
     assert (body["model"], body["temperature"], body["seed"], body["max_tokens"]) == (
         "writer-1",
         0,
         42,
-        226,
+        200,
     )
     assert chat.requests[0]["headers"]["authorization"] == "Bearer sk-test"
 
@@ -307,10 +308,26 @@ def test_half_an_emoji_in_an_answer_is_left_out_of_the_rewrite(endpoint, chat):
     assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
 
 
-def test_a_redirect_is_not_followed_so_the_key_stays_with_the_endpoint(endpoint, chat):
-    chat.fault = "redirect"
-    with pytest.raises(EnhanceError, match=r"answered HTTP 302, a redirect, which is not"):
+@pytest.mark.parametrize(
+    ("fault", "status"), [("redirect", 302), ("redirect-300", 300), ("redirect-308", 308)]
+)
+def test_a_redirect_is_not_followed_so_the_key_stays_with_the_endpoint(
+    endpoint, chat, fault, status
+):
+    chat.fault = fault
+    with pytest.raises(EnhanceError, match=rf"answered HTTP {status}, a redirect, which is not"):
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_a_bad_request_is_not_taken_for_a_redirect(endpoint, chat):
+    """HTTP 400, just past the redirects: the endpoint's own words say what it refused."""
+    chat.fault = "400"
+    with pytest.raises(EnhanceError) as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert str(failed.value) == (
+        f"writer-1 at {chat.base_url} answered HTTP 400: "
+        '{"error": {"message": "max_tokens is too large"}}'
+    )
 
 
 def test_headers_trickled_in_fail_at_the_timeout_in_all(endpoint, chat):
@@ -320,6 +337,69 @@ def test_headers_trickled_in_fail_at_the_timeout_in_all(endpoint, chat):
     with pytest.raises(EnhanceError, match=r"did not answer within 0.5 s"):
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
     assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("fault", ["trickle-body", "stall-body"])
+def test_a_body_not_done_by_the_timeout_is_read_no_further(endpoint, chat, fault):
+    """Read on (a trickle within the socket timeout, or a read with no socket timeout),
+    the connection and its thread outlived the failed prediction, one more each time."""
+    chat.fault = fault
+    with pytest.raises(EnhanceError, match=r"did not answer within 0.5 s"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert chat.hung_up.wait(2.0)
+
+
+def test_an_endpoint_whose_tls_handshake_never_ends_fails_as_unreachable(chat):
+    """A connection is made once TLS is: a handshake that trickles on past the timeout is
+    no slow model, and a longer timeout would not help."""
+    with EndlessHandshake() as peer:
+        url = f"https://127.0.0.1:{peer.port}/v1"
+        rewriter = EndpointRewriter(url, "writer-1", None, timeout=0.5)
+        with pytest.raises(EnhanceError) as error:
+            PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert str(error.value) == (
+        f"writer-1 at {url} could not be reached within 0.5 s: no connection was made"
+    )
+
+
+def test_an_answer_of_exactly_the_size_cap_is_taken(endpoint, chat):
+    chat.fault = "padded"
+    assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
+
+
+def test_an_endless_error_answer_fails_with_its_status_before_the_timeout(endpoint, chat):
+    """Only an excerpt of an error is quoted: all of it was read, for ever or to the timeout."""
+    chat.fault = "endless-error"
+    rewriter = EndpointRewriter(chat.base_url, "writer-1", None, timeout=5)
+    started = time.monotonic()
+    with pytest.raises(EnhanceError, match=r"answered HTTP 500"):
+        PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert time.monotonic() - started < 4
+
+
+def test_an_error_answer_a_connection_reset_breaks_off_is_the_endpoints_fault(endpoint, chat):
+    """The status says enough; the reset's own error escaped as a crash of the prediction."""
+    chat.fault = "reset-error"
+    with pytest.raises(EnhanceError) as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert str(failed.value) == f"writer-1 at {chat.base_url} answered HTTP 500: "
+
+
+def test_an_error_in_four_byte_characters_is_quoted_to_300_characters(endpoint, chat):
+    """UTF-8 takes up to four bytes a character: 300 bytes held 75 of them."""
+    chat.fault = "wide-echo"
+    rewriter = EndpointRewriter(chat.base_url, "writer-1", None, timeout=0.5)
+    with pytest.raises(EnhanceError) as failed:
+        PromptEnhancer(rewriter).enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+    assert str(failed.value).endswith("answered HTTP 500: " + "\U0001f600" * ERROR_BODY_CHARS)
+
+
+def test_a_key_quoted_across_the_end_of_the_bytes_an_excerpt_takes_does_not_show(endpoint, chat):
+    """Cut there, the key's first characters were within the 300 the message quotes."""
+    chat.fault = "wide-echo"
+    with pytest.raises(EnhanceError) as failed:
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key="sk-user-0123456789")
+    assert "sk-" not in str(failed.value)
 
 
 @pytest.mark.parametrize(
@@ -343,6 +423,12 @@ def test_a_refusal_fails_quoting_it_instead_of_becoming_the_prompt(endpoint, cha
     with pytest.raises(EnhanceError, match="refused to rewrite the prompt") as failed:
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
     assert REFUSAL in str(failed.value)
+
+
+def test_an_empty_refusal_field_beside_the_rewrite_is_no_refusal(endpoint, chat):
+    """Some OpenAI-compatible servers send `refusal: ""` with every answer."""
+    chat.fault = "blank-refusal"
+    assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
 
 
 def test_a_rewrite_the_content_filter_cut_short_fails_instead_of_becoming_the_prompt(
@@ -409,11 +495,11 @@ def test_an_error_that_quotes_the_key_does_not_show_it(endpoint, chat):
 
 
 @pytest.mark.parametrize(
-    "fault", ["echo-page", "echo-json", "echo-late", "echo-refusal", "echo-apology"]
+    "fault", ["echo-page", "echo-json", "echo-late", "echo-refusal", "echo-apology", "echo-finish"]
 )
 def test_an_answer_that_quotes_the_key_anywhere_does_not_show_any_of_it(endpoint, chat, fault):
     """A proxy's error page or an error in place of choices, or a quote our message cuts (in
-    an error's text or in a refusal)."""
+    an error's text or in a refusal), or a finish_reason our message quotes."""
     chat.fault = fault
     with pytest.raises(EnhanceError) as failed:
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226, api_key="sk-user-9")
