@@ -876,6 +876,14 @@ def test_a_checkpoint_whose_chat_template_refuses_a_system_message_fails_setup(t
         LocalRewriter.load(model, "no-system", CPU, video_peak_gib=None, timeout=5)
 
 
+def test_a_checkpoint_without_a_chat_template_fails_setup(tmp_path):
+    """transformers refuses it with a ValueError: every rewrite would have failed instead."""
+    model = save_tiny_causal_lm(tmp_path / "no-template")
+    (model / "chat_template.jinja").unlink()  # a base model's checkpoint has none
+    with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_WEIGHTS_URL: .*chat template"):
+        LocalRewriter.load(model, "no-template", CPU, video_peak_gib=None, timeout=5)
+
+
 def test_a_local_model_is_asked_with_its_thinking_mode_off(tmp_path):
     """Qwen3's template opens a reasoning block unless told enable_thinking=false, and the
     model thinks past the token cap: the rewrite would be its thoughts, cut."""
@@ -1063,6 +1071,29 @@ def test_a_cancel_during_the_move_back_still_moves_the_whole_model_back(monkeypa
     assert model.moves == ["cuda", "cpu", "cpu"]
 
 
+class _MoveBackFails(_MoveBackCutShort):
+    """A model whose first move back to the CPU fails (a CUDA error), after a rewrite."""
+
+    def to(self, device):
+        self.moves.append(str(device))
+        if self.moves == ["cuda", "cpu"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self
+
+
+def test_a_move_back_that_fails_is_raised_not_tried_again(monkeypatch):
+    """Only a cancel is worth moving on for: a failed move would fail again, for ever where
+    the fault stays, and the prediction never ended."""
+    _gpu_with_free(monkeypatch, 80 * 2**30)
+    model = _MoveBackFails()
+    rewriter = LocalRewriter(
+        model, build_tiny_tokenizer(), "tiny", torch.device("cuda"), resident=False, timeout=5
+    )
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=5, api_key=None)
+    assert model.moves == ["cuda", "cpu"]
+
+
 class _SlowToMove(torch.nn.Module):
     """The tiny model, whose move to the GPU takes `move_s` (a large model's, over PCIe) and
     each token `token_s`; it stays on the CPU, where the test runs."""
@@ -1171,6 +1202,17 @@ def test_a_local_model_the_gpu_never_has_room_for_fails_setup(monkeypatch, tmp_p
     ) as refused:
         LocalRewriter.load(model, "tiny", torch.device("cuda"), video_peak_gib=None, timeout=5)
     assert "COGVIDEOX_OFFLOAD" not in str(refused.value)  # offload is on already
+
+
+def test_a_local_model_the_gpu_has_room_to_visit_waits_in_cpu_memory(monkeypatch, tmp_path):
+    """Under offload it visits the GPU for each rewrite; setup passes."""
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    _gpu_with_free(monkeypatch, REWRITE_MARGIN_BYTES + 2**30)
+    rewriter = LocalRewriter.load(
+        model, "tiny", torch.device("cuda"), video_peak_gib=None, timeout=5
+    )
+    assert not rewriter.resident
+    assert {p.device.type for p in rewriter.model.parameters()} == {"cpu"}
 
 
 def test_setup_without_room_for_the_local_model_suggests_offload_where_it_is_off(
