@@ -212,15 +212,21 @@ def test_a_local_tar_replaced_at_its_path_is_extracted_again(tiny, tmp_path, cac
     tar = _tar(tmp_path / "model.tar", tiny)
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
     root = ensure_weights(VARIANT)
+    newer = _replace_tar(tar, tiny, tmp_path)
+    assert ensure_weights(VARIANT) == root
+    assert _same_tree(newer, root)
+    tar.unlink()  # gone from its path: the cached copy stands
+    assert ensure_weights(VARIANT) == root
+
+
+def _replace_tar(tar: Path, tiny: Path, tmp_path: Path) -> Path:
+    """Put a tar of other weights (same file sizes) at `tar`'s path; the folder it holds."""
     newer = shutil.copytree(tiny, tmp_path / "newer")
     scheduler = newer / "scheduler/scheduler_config.json"
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "steps_offset": 1}))
     _tar(tmp_path / "model.tar.new", newer)
     os.replace(tmp_path / "model.tar.new", tar)
-    assert ensure_weights(VARIANT) == root
-    assert _same_tree(newer, root)
-    tar.unlink()  # gone from its path: the cached copy stands
-    assert ensure_weights(VARIANT) == root
+    return newer
 
 
 def test_a_local_directory_is_used_in_place_and_checked(tiny, tmp_path, cache, monkeypatch):
@@ -738,11 +744,11 @@ def test_a_lock_whose_holder_note_cannot_be_written_does_not_stop_setup(
     assert _same_tree(tiny, ensure_weights(VARIANT))
 
 
-def _default_entry(served, tmp_path: Path, monkeypatch) -> Path:
-    """The built-in manifest's entry, fetched: its source is the served tar (the real one's
-    is Replicate's)."""
+def _default_entry(served, tmp_path: Path, monkeypatch, source: str | None = None) -> Path:
+    """The built-in manifest's entry, fetched: its source is the served tar, or `source`
+    (the real one's is Replicate's)."""
     data = json.loads((MANIFEST_DIR / f"{VARIANT.id}.json").read_text())
-    data["sources"] = [served.url("model.tar")]
+    data["sources"] = [source or served.url("model.tar")]
     builtin = tmp_path / "built-in manifests"
     builtin.mkdir()
     (builtin / f"{VARIANT.id}.json").write_text(json.dumps(data))
@@ -793,6 +799,43 @@ def test_the_default_source_set_as_the_weights_url_takes_over_the_default_entry(
     root = ensure_weights(VARIANT)
     assert root != default and served.bytes_sent == sent
     assert _same_tree(tiny, root)
+
+
+def test_an_entry_whose_local_tar_was_replaced_since_is_not_taken_over(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """Its files still pass every check: only the tar's date and size say they are old."""
+    tar = _tar(tmp_path / "model.tar", tiny)
+    default = _default_entry(served, tmp_path, monkeypatch, str(tar))
+    newer = _replace_tar(tar, tiny, tmp_path)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    root = ensure_weights(VARIANT)
+    assert root != default
+    assert _same_tree(newer, root)
+    assert "adopted_from" not in json.loads((root / COMPLETE_MARKER).read_text())
+
+
+def test_a_local_tar_replaced_during_a_take_over_is_extracted_instead(
+    served, cache, tiny, tmp_path, monkeypatch, caplog
+):
+    """The tar was checked before the files were linked and hashed, which takes minutes for
+    20 GB: replaced meanwhile, the old weights were served for that setup, and only the next
+    one extracted the new tar."""
+    tar = _tar(tmp_path / "model.tar", tiny)
+    _default_entry(served, tmp_path, monkeypatch, str(tar))
+    link, newer = os.link, []
+
+    def link_while_the_tar_is_replaced(source, target):
+        link(source, target)
+        if not newer:
+            newer.append(_replace_tar(tar, tiny, tmp_path))
+
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tar))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "link", link_while_the_tar_is_replaced)
+        root = ensure_weights(VARIANT)
+    assert _same_tree(newer[0], root)
+    assert "replaced at its path during the take-over" in caplog.text
 
 
 def test_an_entry_whose_bytes_changed_since_it_was_verified_is_not_taken_over(

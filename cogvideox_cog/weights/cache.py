@@ -277,6 +277,10 @@ def _adopt(other: Path, marker: dict, entry: Path, manifest: Manifest) -> Path |
         new.update(marker_fields(verified, staging, manifest))
         new["adopted_from"] = other.name
         new["seconds"] = {"adopt": round(time.monotonic() - started, 3)}
+        # Checked once more after the hashing, which takes minutes: a tar replaced meanwhile
+        # would be marked as its old version and served once before the next setup saw it.
+        if replaced(marker):
+            raise WeightsError(f"{marker['source']} was replaced at its path during the take-over")
         publish(staging, entry, new)
     except (OSError, WeightsError) as error:
         log.warning(f"weights: cannot take over the files of {other} ({error}): downloading")
