@@ -1910,7 +1910,6 @@ def test_a_safetensors_header_listing_tensors_out_of_offset_order_passes(tmp_pat
 def test_builtin_manifests_match_the_variants_and_invent_no_hashes():
     for variant in VARIANTS.values():
         manifest = load_manifest(variant.id)
-        assert manifest.hub_repo == variant.hub_repo
         assert "model_index.json" in manifest.files
         for component in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
             assert any(name.startswith(f"{component}/") for name in manifest.files)

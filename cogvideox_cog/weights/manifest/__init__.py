@@ -36,7 +36,6 @@ class FileSpec:
 @dataclass(frozen=True)
 class Manifest:
     variant: str
-    hub_repo: str | None = None
     sources: tuple[str, ...] = ()
     # Paths relative to the model root (the folder holding model_index.json).
     files: dict[str, FileSpec] = field(default_factory=dict)
@@ -66,7 +65,6 @@ def load_manifest(variant: str) -> Manifest:
             raise ValueError('"sources" must be a list of URLs')
         manifest = Manifest(
             variant=data.get("variant", variant),
-            hub_repo=data.get("hub_repo"),
             sources=tuple(sources),
             files=files,
             origin=str(path) if override else "built-in",
