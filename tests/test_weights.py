@@ -52,7 +52,12 @@ from cogvideox_cog.weights.manifest import (
 )
 from cogvideox_cog.weights.manifest import main as manifest_main
 from cogvideox_cog.weights.untar import JOURNAL
-from cogvideox_cog.weights.verify import check_contained, check_safetensors, verify
+from cogvideox_cog.weights.verify import (
+    check_contained,
+    check_safetensors,
+    check_shard_index,
+    verify,
+)
 from tests.file_server import FileServer
 from tests.hub_server import SIGNATURE, HubServer
 
@@ -1902,6 +1907,126 @@ def test_a_safetensors_header_listing_tensors_out_of_offset_order_passes(tmp_pat
     }
     path = _safetensors(tmp_path / "w.safetensors", header, bytes(16))
     assert check_safetensors(path) == []
+
+
+def test_a_symlink_to_a_folder_outside_the_weights_is_refused(tmp_path):
+    """os.walk lists a link to a folder among the folders, not the files."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "vae").symlink_to(tmp_path / "outside")
+    with pytest.raises(BadSource, match=r"vae links to .*outside, outside the weights folder"):
+        check_contained(tmp_path / "weights", "test")
+
+
+def test_a_link_inside_weights_reached_through_a_symlinked_folder_is_accepted(tmp_path):
+    """A cache on a volume mounted through a link: links resolve to the real path, so the
+    folder they are held to must be resolved too."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    (real / "alias.json").symlink_to("config.json")
+    (tmp_path / "mounted").symlink_to(real)
+    check_contained(tmp_path / "mounted", "test")
+
+
+def test_a_manifest_giving_one_files_size_records_the_size_check(tiny):
+    """The marker's checks say what was verified: a manifest's files, and sizes where any
+    is given."""
+    layout = load_manifest(VARIANT.id).layout_only()
+    assert {"manifest files"} <= set(verify(tiny, layout, "test").checks)
+    assert "sizes" not in verify(tiny, layout, "test").checks
+    sized = FileSpec((tiny / "model_index.json").stat().st_size)
+    manifest = Manifest(VARIANT.id, files={**layout.files, "model_index.json": sized})
+    assert {"manifest files", "sizes"} <= set(verify(tiny, manifest, "test").checks)
+
+
+def test_a_file_of_another_size_than_the_manifests_is_not_hashed_too(tiny):
+    """Its size already condemns it: reading gigabytes to name a second problem is waste."""
+    size = (tiny / BIG).stat().st_size
+    layout = load_manifest(VARIANT.id).layout_only()
+    manifest = Manifest(VARIANT.id, files={**layout.files, BIG: FileSpec(size + 1, "0" * 64)})
+    with pytest.raises(BadSource) as failed:
+        verify(tiny, manifest, "test")
+    assert f"{BIG}: {size:,} bytes, the manifest says {size + 1:,}" in str(failed.value)
+    assert "sha256" not in str(failed.value)
+
+
+def test_a_verification_with_more_than_12_problems_shows_12_and_counts_the_rest(tiny):
+    layout = load_manifest(VARIANT.id).layout_only()
+    absent = {f"extra/file-{n:02}.bin": FileSpec() for n in range(13)}
+    with pytest.raises(BadSource) as failed:
+        verify(tiny, Manifest(VARIANT.id, files={**layout.files, **absent}), "test")
+    said = str(failed.value)
+    assert "extra/file-11.bin: missing" in said and "extra/file-12.bin" not in said
+    assert "\n  ... and 1 more\n" in said
+
+
+@pytest.mark.parametrize(
+    ("component", "cls", "config"),
+    [
+        ("tokenizer", "T5TokenizerFast", None),
+        ("feature_extractor", "CLIPFeatureExtractor", "preprocessor_config.json"),
+    ],
+)
+def test_a_components_config_is_looked_for_under_the_name_its_loader_reads(
+    tiny, tmp_path, component, cls, config
+):
+    """Neither holds a config.json nor weights: asking for them refuses a sound pipeline."""
+
+    def declare(copy):
+        index = json.loads((copy / "model_index.json").read_text())
+        index[component] = ["transformers", cls]
+        (copy / "model_index.json").write_text(json.dumps(index))
+        if config:
+            (copy / component).mkdir()
+            (copy / component / config).write_text("{}")
+
+    copy = _broken_copy(tiny, tmp_path, declare)
+    verify(copy, load_manifest(VARIANT.id).layout_only(), "test")
+
+
+def test_a_components_config_that_cannot_be_read_is_named_not_raised(tiny, tmp_path):
+    def folder_for_a_config(copy):
+        (copy / "vae/config.json").unlink()
+        (copy / "vae/config.json").mkdir()
+
+    copy = _broken_copy(tiny, tmp_path, folder_for_a_config)
+    with pytest.raises(BadSource, match=r"vae/config\.json: unreadable \(\[Errno 21\]"):
+        verify(copy, load_manifest(VARIANT.id).layout_only(), "test")
+
+
+def test_a_safetensors_header_over_the_formats_limit_is_refused_unread(tmp_path):
+    """100 MiB, as the format allows: a garbled length is not read into memory (the file is
+    sparse here, so the length fits it)."""
+    length = (100 << 20) + 1
+    path = tmp_path / "w.safetensors"
+    with path.open("wb") as file:
+        file.write(length.to_bytes(8, "little"))
+        file.truncate(length + 64)
+    size = length + 64
+    assert check_safetensors(path) == [
+        f"header length {length:,} does not fit the file ({size:,} bytes)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "width"),
+    [("BF16", 2), ("F16", 2), ("F8_E4M3", 1), ("BOOL", 1), ("U32", 4), ("I64", 8)],
+)
+def test_a_safetensors_tensor_is_held_to_its_dtypes_width(tmp_path, dtype, width):
+    """The real weights are bfloat16: a wrong width would refuse every file of them."""
+    header = {"w": {"dtype": dtype, "shape": [3], "data_offsets": [0, 3 * width]}}
+    path = _safetensors(tmp_path / "w.safetensors", header, bytes(3 * width))
+    assert check_safetensors(path) == []
+
+
+@pytest.mark.parametrize(
+    "index", [["model.safetensors"], {"weight_map": ["model.safetensors"]}], ids=["list", "map"]
+)
+def test_a_shard_index_of_the_wrong_shape_is_named_not_raised(tmp_path, index):
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    assert check_shard_index(path)[0].startswith("shard index does not parse (")
 
 
 # Manifests.
