@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cogvideox_cog.errors import WeightsError
 from cogvideox_cog.weights import download
 from tests.file_server import FileServer
 
@@ -68,3 +69,32 @@ def test_a_retry_after_is_waited_up_to_the_cap(retry_after, waited):
     policy = download._Retries(3, wait=waits.append)
     policy.failed(_unavailable(retry_after), "blob.bin", lambda reason: reason)
     assert waits == [waited]
+
+
+def test_a_file_whose_size_changed_since_the_probe_fails_saying_to_start_over(tmp_path):
+    """A host without ETag or Last-Modified: the size in Content-Range is all that tells."""
+    (tmp_path / "blob.bin").write_bytes(os.urandom(SIZE))
+    server = FileServer(tmp_path, etag=False)
+    try:
+        remote, _ = download.probe(server.url("blob.bin"))
+        with (tmp_path / "blob.bin").open("ab") as grown:
+            grown.write(b"more")
+        changed = r"changed on the server .*size 300,000, now 300,004"
+        stream = download.open_url(remote, None, 0, "download of blob.bin")
+        with stream, pytest.raises(WeightsError, match=changed):
+            stream.read(SIZE)
+    finally:
+        server.stop()
+
+
+def test_a_file_replaced_on_a_server_without_range_support_is_not_read_on(tmp_path):
+    """Without Range, a retry fetches the whole file again: a new ETag means another file."""
+    (tmp_path / "blob.bin").write_bytes(os.urandom(SIZE))
+    server = FileServer(tmp_path, ranges=False)
+    try:
+        server.drop_at("blob.bin", SIZE // 2)
+        server.replace_after("blob.bin", responses=1)  # the probe's own whole-file answer
+        with pytest.raises(WeightsError, match=r"changed on the server during the download"):
+            _fetch(server)
+    finally:
+        server.stop()
