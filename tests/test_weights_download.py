@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cogvideox_cog.errors import WeightsError
+from cogvideox_cog.errors import BadSource, WeightsError
 from cogvideox_cog.weights import download
 from tests.file_server import FileServer
 
@@ -98,3 +98,12 @@ def test_a_file_replaced_on_a_server_without_range_support_is_not_read_on(tmp_pa
             _fetch(server)
     finally:
         server.stop()
+
+
+def test_a_local_file_read_past_its_end_is_a_truncated_tar(tmp_path):
+    """A truncated tar is the source's fault, not the network's: nothing to resume."""
+    (tmp_path / "short.tar").write_bytes(bytes(1000))
+    stream = download.open_file(tmp_path / "short.tar", 0, "extraction of short.tar")
+    truncated = r"truncated tar: extraction of short.tar ended at byte 1,000"
+    with stream, pytest.raises(BadSource, match=truncated):
+        stream.read(2000)
