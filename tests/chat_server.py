@@ -33,7 +33,10 @@ from its 298th), "trickle-body" (a 200 whose body comes a byte every 0.05 s, nev
 "stall-body" (a 200 whose body stops after its first byte); `hung_up` is set once the client
 closes the connection of one of these last two;
 broken HTTP: "not-http" (a line from another protocol, as a wrong port gives), "cut-body" (a
-200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off).
+200 whose chunked body breaks off), "cut-error" (a 500 whose chunked body breaks off);
+"bare-choice" (a choice that is a bare string, not an object); a reasoning model again:
+"think-twice" (two blocks of thoughts before the rewrite), "blank-think-cut" (as "think-cut",
+after blank lines), "think-done-cut" (its thoughts closed just at the cap, no rewrite after).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ FAULTS = (
     "echo-apology", "verbatim", "half-emoji", "no-choices", "completion", "endless", "not-http",
     "cut-body", "cut-error", "quoted-cut", "think", "think-open", "think-cut", "filtered",
     "padded", "blank-refusal", "echo-finish", "400", "redirect-300", "redirect-308",
-    "endless-error", "reset-error", "wide-echo", "trickle-body", "stall-body",
+    "endless-error", "reset-error", "wide-echo", "trickle-body", "stall-body", "bare-choice",
+    "think-twice", "blank-think-cut", "think-done-cut",
 )  # fmt: skip
 REDIRECTS = {"redirect": 302, "redirect-300": 300, "redirect-308": 308}
 WIDE = "\U0001f600"  # four bytes in UTF-8
@@ -74,6 +78,8 @@ FINISH_REASONS = {
     "cut": "length",
     "quoted-cut": "length",
     "think-cut": "length",
+    "blank-think-cut": "length",
+    "think-done-cut": "length",
     "filtered": "content_filter",
 }
 
@@ -140,6 +146,8 @@ class ChatServer:
                     self._send(200, b"[" * 100_000 + b"]" * 100_000)
                 elif fault == "no-choices":
                     self._send(200, b'{"id": "chatcmpl-test", "choices": []}')
+                elif fault == "bare-choice":
+                    self._send(200, b'{"choices": ["A cat."]}')
                 elif fault == "completion":
                     choice = {"index": 0, "text": "A cat.", "finish_reason": "stop"}
                     self._send(200, json.dumps({"choices": [choice]}).encode())
@@ -255,8 +263,15 @@ class ChatServer:
             content = f"<think>\n{THOUGHTS}\n</think>\n\n{content}"
         elif fault == "think-open":
             content = f"{THOUGHTS}\n</think>\n\n{content}"
+        elif fault == "think-twice":
+            second = "<think>\nOn second thought, the light should be warmer.\n</think>"
+            content = f"<think>\n{THOUGHTS}\n</think>\n{second}\n\n{content}"
         elif fault == "think-cut":
             content = f"<think>\n{THOUGHTS} Then the"
+        elif fault == "blank-think-cut":
+            content = f"\n\n<think>\n{THOUGHTS} Then the"
+        elif fault == "think-done-cut":
+            content = f"<think>\n{THOUGHTS}\n</think>\n\n"
         elif fault == "quoted-cut":
             content = f'"{content}'
         if fault in ("cut", "quoted-cut", "filtered"):

@@ -36,6 +36,7 @@ from cogvideox_cog.errors import (
     WeightsError,
 )
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.inputs import MAX_PROMPT_CHARS
 from cogvideox_cog.parallel.ranks import OwnCancel, StepCanceled
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.prompts import enhance
@@ -220,18 +221,20 @@ def test_a_quoted_rewrite_cut_at_the_cap_loses_its_unclosed_opening_quote(endpoi
     assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
 
 
-@pytest.mark.parametrize("fault", ["think", "think-open"])
+@pytest.mark.parametrize("fault", ["think", "think-open", "think-twice"])
 def test_a_reasoning_models_thoughts_are_left_out_of_the_rewrite(endpoint, chat, fault):
     """A reasoning model served without a reasoning parser (vLLM, Ollama) answers with its
     thoughts before the caption: in <think> tags, or after only a closing tag where its chat
-    template opened them (DeepSeek-R1's). The video is made from the caption alone."""
+    template opened them (DeepSeek-R1's), or in two blocks. The video is made from the
+    caption alone, after the last closing tag."""
     chat.fault = fault
     assert endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226) == rewrite_of(PROMPT)
 
 
-def test_a_reasoning_model_stopped_at_the_cap_while_thinking_fails_saying_so(endpoint, chat):
-    """Before, the video was made from its thoughts."""
-    chat.fault = "think-cut"
+@pytest.mark.parametrize("fault", ["think-cut", "blank-think-cut"])
+def test_a_reasoning_model_stopped_at_the_cap_while_thinking_fails_saying_so(endpoint, chat, fault):
+    """Before, the video was made from its thoughts (blank lines before them included)."""
+    chat.fault = fault
     with pytest.raises(EnhanceError, match=r"reasoning .*226 tokens.*no caption"):
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
 
@@ -276,10 +279,15 @@ def test_an_answer_that_breaks_http_is_the_endpoints_fault(endpoint, chat, fault
 
 @pytest.mark.parametrize(
     ("fault", "problem"),
-    [("no-choices", r"answer has no choices"), ("completion", r"answered with no text")],
+    [
+        ("no-choices", r"answer has no choices"),
+        ("bare-choice", r"answer has no choices"),
+        ("completion", r"answered with no text"),
+    ],
 )
 def test_an_answer_without_a_chat_message_is_the_endpoints_fault(endpoint, chat, fault, problem):
-    """An empty choice list, or the older completions API's `text` in place of `message`."""
+    """An empty choice list, a choice that is no object (it crashed the prediction), or the
+    older completions API's `text` in place of `message`."""
     chat.fault = fault
     with pytest.raises(EnhanceError, match=problem):
         endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
@@ -470,11 +478,20 @@ def test_a_caption_with_an_apology_in_it_is_not_a_refusal(rewrite):
         "Sorry, that's not something I can help with.",
         "I must decline this request.",
         "I'm not comfortable writing that.",
+        "I'm not going to write that scene.",
+        "I apologise, but I can't write that.",
+        "My apologies, but I can't help with that.",
+        "I must refuse this request.",
+        "I won't create that video.",
+        "I will not describe that scene.",
         "I don't feel comfortable describing that scene.",
         "As a language model, I cannot do that.",
         "I understand the idea, but I can't create that content.",
         "**I'm sorry**, but I can't help with that.",
         "\u62b1\u6b49\uff0c\u6211\u65e0\u6cd5\u6ee1\u8db3\u8be5\u8bf7\u6c42\u3002",
+        "\u5bf9\u4e0d\u8d77\uff0c\u8fd9\u4e2a\u8bf7\u6c42\u6211\u505a\u4e0d\u5230\u3002",
+        "\u6211\u65e0\u6cd5\u751f\u6210\u8fd9\u4e2a\u89c6\u9891\u3002",
+        "\u6211\u4e0d\u80fd\u63cf\u8ff0\u8fd9\u4e2a\u573a\u666f\u3002",
     ],
 )
 def test_the_usual_ways_of_declining_are_refusals(rewrite):
@@ -485,6 +502,28 @@ def test_a_rewrite_that_opens_as_the_users_prompt_does_is_not_a_refusal(endpoint
     chat.fault = "verbatim"
     prompt = "I can't stop dancing: a girl in a red coat spins under a streetlight at night."
     assert endpoint.enhance(prompt, task="t2v", seed=1, max_tokens=226) == prompt
+
+
+def test_a_rewrite_of_a_quoted_prompt_that_opens_as_a_refusal_is_not_a_refusal(endpoint, chat):
+    """The user's prompt is compared as the rewrite is, tidied: its wrapping quotes out."""
+    chat.fault = "verbatim"
+    prompt = '"I can\'t stop dancing: a girl in a red coat spins under a streetlight at night."'
+    assert endpoint.enhance(prompt, task="t2v", seed=1, max_tokens=226) == prompt[1:-1]
+
+
+def test_a_rewrite_of_exactly_as_many_characters_as_a_prompt_may_have_is_taken(endpoint, chat):
+    chat.fault = "verbatim"
+    prompt = ("a cat plays piano " * 600)[: MAX_PROMPT_CHARS - 1] + "."
+    assert len(tidy(prompt)) == MAX_PROMPT_CHARS
+    assert endpoint.enhance(prompt, task="t2v", seed=1, max_tokens=226) == prompt
+
+
+def test_a_reasoning_model_that_closed_its_thoughts_at_the_cap_gave_an_empty_rewrite(
+    endpoint, chat
+):
+    chat.fault = "think-done-cut"
+    with pytest.raises(EnhanceError, match="gave an empty rewrite"):
+        endpoint.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
 
 
 def test_an_error_that_quotes_the_key_does_not_show_it(endpoint, chat):
@@ -552,6 +591,46 @@ def test_a_deployment_key_too_short_to_take_out_is_warned_of_in_setup(monkeypatc
     with caplog.at_level("WARNING"):
         config_from_env()
     assert "COGVIDEOX_ENHANCE_API_KEY" not in caplog.text
+
+
+@pytest.mark.parametrize("key", [None, " "])
+def test_a_deployment_without_a_key_is_set_up_without_a_warning(monkeypatch, caplog, key):
+    """No key is no short key: an endpoint without auth (a local vLLM) is not warned of."""
+    monkeypatch.setenv("COGVIDEOX_ENHANCE_PROMPT", "openai")
+    if key is None:
+        monkeypatch.delenv("COGVIDEOX_ENHANCE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("COGVIDEOX_ENHANCE_API_KEY", key)
+    with caplog.at_level("WARNING"):
+        config = config_from_env()
+    assert config.endpoint.api_key is None
+    assert "COGVIDEOX_ENHANCE_API_KEY" not in caplog.text
+
+
+def test_the_deployments_key_is_sent_to_the_endpoint(monkeypatch, endpoint, chat):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, chat.base_url)
+    monkeypatch.setenv(enhance.API_KEY_ENV, "sk-operator-1")
+    rewriter = config_from_env().endpoint
+    rewriter.rewrite(messages(PROMPT, "t2v"), seed=1, max_tokens=226, api_key=None)
+    assert chat.requests[-1]["headers"]["authorization"] == "Bearer sk-operator-1"
+
+
+def test_the_deployments_timeout_bounds_an_endpoint_rewrite(monkeypatch, endpoint, chat):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, chat.base_url)
+    monkeypatch.setenv(enhance.TIMEOUT_ENV, "0.5")
+    chat.fault = "slow"
+    enhancer = load_enhancer(config_from_env(), CPU, None)
+    with pytest.raises(EnhanceError, match=r"did not answer within 0.5 s"):
+        enhancer.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
+def test_an_endpoint_url_that_is_not_http_fails_setup(monkeypatch):
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "openai")
+    monkeypatch.setenv(BASE_URL_ENV, "ftp://llm.example.com/v1")
+    with pytest.raises(ConfigError, match=rf"{BASE_URL_ENV}=.* is not an http\(s\) URL"):
+        config_from_env()
 
 
 @pytest.mark.parametrize("key", ["sk-user-9\n", " sk-user-9 "])
@@ -1204,6 +1283,16 @@ def test_a_local_model_the_gpu_never_has_room_for_fails_setup(monkeypatch, tmp_p
     assert "COGVIDEOX_OFFLOAD" not in str(refused.value)  # offload is on already
 
 
+def test_the_deployments_timeout_bounds_a_local_rewrite(llm_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "local")
+    monkeypatch.setenv(enhance.WEIGHTS_ENV, llm_server.url("llm.tar"))
+    monkeypatch.setenv(enhance.TIMEOUT_ENV, "0.001")
+    enhancer = load_enhancer(config_from_env(), CPU, None)
+    with pytest.raises(EnhanceError, match=r"llm.tar did not finish within 0\.001 s"):
+        enhancer.enhance(PROMPT, task="t2v", seed=1, max_tokens=226)
+
+
 def test_a_local_model_the_gpu_has_room_to_visit_waits_in_cpu_memory(monkeypatch, tmp_path):
     """Under offload it visits the GPU for each rewrite; setup passes."""
     model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
@@ -1237,6 +1326,23 @@ def _enhanced_request(**fields) -> Request:
         enhance_prompt=True,
     )
     return Request(**{**defaults, **fields})
+
+
+def test_tidy_removes_the_spaces_inside_the_quotes_it_removes():
+    assert tidy('" A cat sits. "') == "A cat sits."
+
+
+def test_a_rewrite_cut_at_the_cap_loses_the_space_after_its_unclosed_opening_quote():
+    assert enhance._without_unclosed_quote('" A cat sits. It plays') == "A cat sits. It plays"
+
+
+def test_a_rewrite_of_exactly_the_logged_length_is_logged_whole(endpoint, chat, caplog):
+    chat.fault = "verbatim"
+    prompt = ("a cat plays piano " * 20)[: enhance.LOGGED_CHARS - 1] + "."
+    assert len(prompt) == enhance.LOGGED_CHARS
+    with caplog.at_level("INFO"):
+        endpoint.enhance(prompt, task="t2v", seed=1, max_tokens=226, record_metric=dict().get)
+    assert repr(prompt) in caplog.text and "characters)" not in caplog.text
 
 
 def test_tidy_removes_any_kind_of_quotes_wrapped_around_the_rewrite():
