@@ -93,21 +93,33 @@ def display_p3_profile() -> bytes:
     )
 
 
+# sRGB's primaries (BT.709's) adapted to the profile connection space's D50 white.
+_SRGB_RED = (0.436066, 0.222488, 0.013916)
+_SRGB_GREEN = (0.385147, 0.716873, 0.097076)
+_SRGB_BLUE = (0.143066, 0.060608, 0.714096)
+
+
 def srgb_profile(name: str) -> bytes:
     """sRGB under any name: Facebook's and Instagram's JPEGs carry one named "c2"."""
-    return _matrix_profile(
-        name,
-        (0.436066, 0.222488, 0.013916),
-        (0.385147, 0.716873, 0.097076),
-        (0.143066, 0.060608, 0.714096),
-        _srgb_curve(),
-    )
+    return _matrix_profile(name, _SRGB_RED, _SRGB_GREEN, _SRGB_BLUE, _srgb_curve())
 
 
-def grey_profile(gamma: float) -> bytes:
+def linear_srgb_profile(name: str = "sRGB linear") -> bytes:
+    """sRGB's primaries in linear light (gamma 1), as a renderer's or a scanner's raw output
+    is tagged: "sRGB" in its name, but its numbers are not sRGB's."""
+    return _matrix_profile(name, _SRGB_RED, _SRGB_GREEN, _SRGB_BLUE, _gamma(1.0))
+
+
+def grey_profile(gamma: float, name: str | None = None) -> bytes:
     """A greyscale picture's profile: grey under a pure gamma curve, as Photoshop's "Gray
     Gamma 1.8" and "Gray Gamma 2.2"."""
-    return _profile(f"Gray Gamma {gamma:g}", b"mntr", b"GRAY", b"XYZ ", [(b"kTRC", _gamma(gamma))])
+    name = name or f"Gray Gamma {gamma:g}"
+    return _profile(name, b"mntr", b"GRAY", b"XYZ ", [(b"kTRC", _gamma(gamma))])
+
+
+def srgb_grey_profile(name: str) -> bytes:
+    """Grey under sRGB's tone curve, as GIMP's "GIMP built-in D65 Grayscale with sRGB TRC"."""
+    return _profile(name, b"mntr", b"GRAY", b"XYZ ", [(b"kTRC", _srgb_curve())])
 
 
 # The sRGB colour of each ink printed alone on white paper, roughly a press's.

@@ -21,6 +21,8 @@ from tests.icc_profiles import (
     cmyk_profile,
     display_p3_profile,
     grey_profile,
+    linear_srgb_profile,
+    srgb_grey_profile,
     srgb_profile,
 )
 
@@ -428,6 +430,44 @@ def test_a_profile_that_is_not_srgb_is_named_in_the_log_either_way(convert, logg
     with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
         open_image(profiled, convert_colour=convert)
     assert logged in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("convert", "logged"),
+    [
+        (False, "its colour profile 'sRGB linear' is not applied"),
+        (True, "converted from its colour profile 'sRGB linear' to sRGB"),
+    ],
+)
+def test_a_profile_named_srgb_whose_colours_are_not_is_named_in_the_log_either_way(
+    convert, logged, caplog
+):
+    profiled = _encode(_every_level(), "PNG", icc_profile=linear_srgb_profile())
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        open_image(profiled, convert_colour=convert)
+    assert logged in caplog.text
+
+
+def test_a_linear_light_profile_named_srgb_is_converted_to_srgb_when_asked():
+    # Linear light of 100 / 255 shows as sRGB's 170: its name does not make it sRGB.
+    grey = Image.new("RGB", (8, 8), (100, 100, 100))
+    profiled = _encode(grey, "PNG", icc_profile=linear_srgb_profile())
+    opened = open_image(profiled, convert_colour=True)
+    assert np.abs(np.subtract(opened.getpixel((4, 4)), _srgb_of_gamma(100, 1.0))).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["GIMP built-in D65 Grayscale with sRGB TRC", "sGrey"])
+@pytest.mark.parametrize("convert", [False, True])
+def test_a_grey_profile_with_srgb_greys_leaves_the_pixels_and_the_log_as_they_are(
+    name, convert, caplog
+):
+    """Its greys are sRGB's by its curve, whether its name says so (GIMP's) or not."""
+    stored = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
+    profiled = _encode(stored, "PNG", icc_profile=srgb_grey_profile(name))
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(profiled, convert_colour=convert)
+    assert np.array_equal(np.asarray(opened), np.asarray(stored.convert("RGB")))
+    assert "image:" not in caplog.text
 
 
 def test_an_unusable_colour_profile_leaves_the_colours_as_stored(caplog):

@@ -189,7 +189,7 @@ def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Imag
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         name = ImageCms.getProfileDescription(profile).strip()
         source = _described_by(image, rgb, profile.profile.xcolor_space.strip())
-        if source is None or "srgb" in name.lower() or _is_srgb(source, profile):
+        if source is None or _is_srgb(source, profile):
             return rgb
         if not convert:
             log.info(
@@ -205,20 +205,25 @@ def _apply_profile(image: Image.Image, icc: bytes | None, convert: bool) -> Imag
     return converted
 
 
-# Colours whose conversion tells an sRGB profile by another name: 16 levels a channel.
+# Colours whose conversion tells an sRGB profile, whatever its name: 16 levels a channel, and
+# each grey level for a grey profile.
 _PROBE = Image.fromarray(
     np.stack(np.meshgrid(*[np.arange(0, 256, 17, dtype=np.uint8)] * 3), axis=-1).reshape(64, 64, 3)
 )
+_GREY_PROBE = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
 
 
 def _is_srgb(source: Image.Image, profile: ImageCms.ImageCmsProfile) -> bool:
-    """Whether an RGB profile converts colours to sRGB within a level: sRGB under a name
-    without it ("c2", in Facebook's and Instagram's JPEGs), which converting would only
-    round, and which the log would name as left out."""
-    if source.mode != "RGB":
+    """Whether a profile converts colours to sRGB within a level, which converting would
+    only round, and the log would name as left out. Its colours decide, not its name: "c2"
+    (in Facebook's and Instagram's JPEGs) is sRGB, and GIMP's grey "with sRGB TRC" is sRGB's
+    greys, but "sRGB linear" is not sRGB's numbers at all."""
+    if source.mode not in ("RGB", "L"):
         return False
-    converted = ImageCms.profileToProfile(_PROBE, profile, _SRGB, outputMode="RGB")
-    difference = np.abs(np.asarray(converted, np.int16) - np.asarray(_PROBE, np.int16))
+    probe = _PROBE if source.mode == "RGB" else _GREY_PROBE
+    converted = ImageCms.profileToProfile(probe, profile, _SRGB, outputMode="RGB")
+    expected = np.asarray(probe.convert("RGB"), np.int16)
+    difference = np.abs(np.asarray(converted, np.int16) - expected)
     return int(difference.max()) <= 1
 
 
