@@ -154,6 +154,21 @@ def test_a_bt2020_colour_outside_bt709_keeps_the_channels_bt709_can_show(tmp_pat
     assert np.abs(patch - _sdr_levels(np.clip(in_bt709, 0, 1))).max() <= 3, patch
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_colour_outside_bt709_is_clipped_before_encoding_not_left_negative(tmp_path):
+    """A negative channel left to the encoding table is the root of a negative number, NaN,
+    whose conversion to an index numpy leaves undefined (it warns)."""
+    green = np.array([0.0, 0.5, 0.0])
+    path = write_clip(tmp_path / "green.mp4", [_pq(green * REFERENCE_WHITE)], ColorTrc.SMPTE2084)
+    _patches(path)
+
+
+def test_an_sdr_bt2020_clips_full_white_and_black_read_as_255_and_0(tmp_path):
+    """The top 16-bit codes are SDR's brightest light, not clipped below it."""
+    path = write_clip(tmp_path / "sdr.mp4", [(1.0, 1.0, 1.0), (0.0, 0.0, 0.0)], ColorTrc.BT2020_10)
+    assert _patches(path)[:2].tolist() == [[255, 255, 255], [0, 0, 0]]
+
+
 def _decoded_as_it_is(path, height: int, width: int) -> np.ndarray:
     """The first frame as FFmpeg decodes it to RGB with the clip's matrix and range, fitted."""
     with av.open(path) as container:
