@@ -73,12 +73,13 @@ def adobe_rgb_profile() -> bytes:
     )
 
 
-def _srgb_curve() -> bytes:
+def srgb_curve(exponent: float = 2.4) -> bytes:
+    """sRGB's tone curve, or one like it of another exponent."""
     return (
         b"para"
         + bytes(4)
         + struct.pack(">HH", 3, 0)
-        + _s15(2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+        + _s15(exponent, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
     )
 
 
@@ -89,7 +90,7 @@ def display_p3_profile() -> bytes:
         (0.515102, 0.241182, -0.001050),
         (0.291965, 0.692236, 0.041882),
         (0.157153, 0.066574, 0.784378),
-        _srgb_curve(),
+        srgb_curve(),
     )
 
 
@@ -99,9 +100,10 @@ _SRGB_GREEN = (0.385147, 0.716873, 0.097076)
 _SRGB_BLUE = (0.143066, 0.060608, 0.714096)
 
 
-def srgb_profile(name: str) -> bytes:
-    """sRGB under any name: Facebook's and Instagram's JPEGs carry one named "c2"."""
-    return _matrix_profile(name, _SRGB_RED, _SRGB_GREEN, _SRGB_BLUE, _srgb_curve())
+def srgb_profile(name: str, curve: bytes | None = None) -> bytes:
+    """sRGB under any name: Facebook's and Instagram's JPEGs carry one named "c2". curve:
+    another tone curve (an ICC curv or para tag) on sRGB's primaries."""
+    return _matrix_profile(name, _SRGB_RED, _SRGB_GREEN, _SRGB_BLUE, curve or srgb_curve())
 
 
 def linear_srgb_profile(name: str = "sRGB linear") -> bytes:
@@ -119,7 +121,7 @@ def grey_profile(gamma: float, name: str | None = None) -> bytes:
 
 def srgb_grey_profile(name: str) -> bytes:
     """Grey under sRGB's tone curve, as GIMP's "GIMP built-in D65 Grayscale with sRGB TRC"."""
-    return _profile(name, b"mntr", b"GRAY", b"XYZ ", [(b"kTRC", _srgb_curve())])
+    return _profile(name, b"mntr", b"GRAY", b"XYZ ", [(b"kTRC", srgb_curve())])
 
 
 # The sRGB colour of each ink printed alone on white paper, roughly a press's.

@@ -14,7 +14,7 @@ from diffusers.utils import load_image
 from PIL import Image, ImageCms
 
 from cogvideox_cog.errors import InputError
-from cogvideox_cog.media.image import fit_image, open_image
+from cogvideox_cog.media.image import MAX_JPEG_SCANS, fit_image, open_image
 from tests.icc_profiles import (
     INKS,
     adobe_rgb_profile,
@@ -22,6 +22,7 @@ from tests.icc_profiles import (
     display_p3_profile,
     grey_profile,
     linear_srgb_profile,
+    srgb_curve,
     srgb_grey_profile,
     srgb_profile,
 )
@@ -170,6 +171,23 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding():
         open_image(io.BytesIO(_with_scans(jpeg.getvalue(), 100)))
 
 
+def test_a_progressive_jpeg_of_exactly_the_most_scans_allowed_is_read():
+    jpeg = _encode(Image.new("RGB", (64, 64), (200, 100, 50)), "JPEG", progressive=True)
+    scans = jpeg.getvalue().count(b"\xff\xda")
+    most = _with_scans(jpeg.getvalue(), MAX_JPEG_SCANS - scans)
+    assert most.count(b"\xff\xda") == MAX_JPEG_SCANS
+    _assert_close(open_image(io.BytesIO(most)).getpixel((8, 8)), (200, 100, 50))
+
+
+def test_fill_bytes_before_a_scans_marker_do_not_hide_the_scan_from_the_count():
+    """A marker may follow any number of 0xFF fill bytes; read as a marker of its own, a fill
+    byte took the scan's marker and length for a length that jumped past the scans."""
+    jpeg = _encode(Image.new("RGB", (64, 64), (200, 100, 50)), "JPEG", progressive=True)
+    filled = _with_scans(jpeg.getvalue(), 100).replace(b"\xff\xda", b"\xff\xff\xda")
+    with pytest.raises(InputError, match="progressive JPEG of over 100 scans"):
+        open_image(io.BytesIO(filled))
+
+
 def test_a_multi_picture_jpeg_of_too_many_scans_is_refused_as_a_jpeg_is():
     """Cameras and phones write a JPEG with a second picture (a preview, a stereo view) in the
     MPO layout, which Pillow names MPO, not JPEG; its first picture is the one decoded."""
@@ -182,6 +200,19 @@ def test_a_multi_picture_jpeg_of_too_many_scans_is_refused_as_a_jpeg_is():
     assert Image.open(io.BytesIO(bomb)).format == "MPO"
     with pytest.raises(InputError, match="progressive JPEG of over 100 scans"):
         open_image(io.BytesIO(bomb))
+
+
+def test_a_multi_picture_jpeg_whose_second_picture_has_too_many_scans_is_read():
+    """Only the first picture is decoded: the scans after its end are never counted."""
+    pictures = [Image.new("RGB", (64, 64), colour) for colour in ((200, 100, 50), (50, 100, 200))]
+    mpo = _encode(
+        pictures[0], "MPO", save_all=True, append_images=pictures[1:], progressive=True
+    ).getvalue()
+    first_ends = mpo.index(b"\xff\xd9\xff\xd8") + 2
+    second = _with_scans(mpo[first_ends:], 10_000)
+    assert len(second) > 2**16  # longer than any segment a misread length could skip
+    opened = open_image(io.BytesIO(mpo[:first_ends] + second))
+    _assert_close(opened.getpixel((8, 8)), (200, 100, 50))
 
 
 def test_a_motion_photo_whose_video_holds_scan_markers_is_read():
@@ -467,6 +498,27 @@ def test_a_grey_profile_with_srgb_greys_leaves_the_pixels_and_the_log_as_they_ar
     with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
         opened = open_image(profiled, convert_colour=convert)
     assert np.array_equal(np.asarray(opened), np.asarray(stored.convert("RGB")))
+    assert "image:" not in caplog.text
+
+
+def test_a_profile_two_levels_off_srgb_is_converted_not_taken_as_srgb(caplog):
+    """sRGB within a level is sRGB rounded; a curve of exponent 2.45 instead of 2.4 moves
+    darker colours by 2 levels, a change of its own."""
+    profile = srgb_profile("sRGB 2.45", srgb_curve(2.45))
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        open_image(_encode(_every_level(), "PNG", icc_profile=profile), convert_colour=True)
+    assert "converted from its colour profile 'sRGB 2.45' to sRGB" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "profile", [grey_profile(1.8), cmyk_profile()], ids=["grey-profile", "cmyk-profile"]
+)
+def test_a_profile_for_another_kind_of_picture_leaves_it_and_the_log_as_they_are(profile, caplog):
+    """A grey or CMYK profile on an RGB picture does not describe its colours."""
+    stored = _every_level()
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        opened = open_image(_encode(stored, "PNG", icc_profile=profile), convert_colour=True)
+    assert np.array_equal(np.asarray(opened), np.asarray(stored))
     assert "image:" not in caplog.text
 
 
@@ -770,6 +822,12 @@ def test_a_heic_on_dci_p3_primaries_is_read_as_it_is_as_its_white_is_not_d65(cap
     opened = open_image(_nclx_heic(11, 13), convert_colour=True)
     _assert_close(opened.getpixel((8, 8)), (200, 100, 50))
     assert "its DCI-P3 colours (transfer 13) cannot be converted here" in caplog.text
+
+
+def test_by_default_a_heic_that_cannot_be_converted_does_not_offer_convert_colour(caplog):
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        open_image(_nclx_heic(11, 13))
+    assert "convert_colour" not in caplog.text
 
 
 def test_an_hdr_heic_on_bt709_primaries_is_also_warned_about(caplog):
