@@ -251,6 +251,15 @@ def test_an_empty_or_text_file_is_refused_with_the_formats(tmp_path, content, na
         load_video(tmp_path / name, num_frames=9, fps=8, height=H, width=W)
 
 
+def test_an_mp4_with_a_box_of_an_impossible_size_is_not_called_cut_off(tmp_path):
+    """A box under 8 bytes (its own header) ends the walk over the boxes: what follows is not
+    read as boxes running past the end of the file."""
+    ftyp = b"\x00\x00\x00\x14ftypisom\x00\x00\x02\x00isom"
+    (tmp_path / "odd.mp4").write_bytes(ftyp + b"\x00\x00\x00\x04" + b"\x7f\xff\xff\xffjunk" * 4)
+    with pytest.raises(InputError, match="could not be read as a video"):
+        load_video(tmp_path / "odd.mp4", num_frames=9, fps=8, height=H, width=W)
+
+
 def test_a_missing_file_says_it_is_not_a_url(tmp_path):
     with pytest.raises(InputError, match="not an http"):
         load_video(tmp_path / "nope.mp4", num_frames=9, fps=8, height=H, width=W)
@@ -259,7 +268,7 @@ def test_a_missing_file_says_it_is_not_a_url(tmp_path):
 def test_a_huge_frame_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(video_input, "MAX_VIDEO_PIXELS", 64 * 48 - 1)
     path = _write_clip(tmp_path / "clip.mp4", frames=10, fps=8)
-    with pytest.raises(InputError, match="Downscale it first"):
+    with pytest.raises(InputError, match=r"video is 64x48 \(.* MP a frame\); the limit is"):
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 

@@ -145,13 +145,22 @@ def _without_quantisation_tables(jpeg: bytes) -> bytes:
     return b"".join([*kept, jpeg[at:]])
 
 
-@pytest.mark.parametrize("name", ["mjpeg.mov", "mjpeg.avi"])
+# Two APP1 segments of 40,000 bytes (a camera's EXIF and maker notes), before a JPEG's tables.
+LARGE_METADATA = (b"\xff\xe1" + (40_002).to_bytes(2, "big") + bytes(40_000)) * 2
+
+
+@pytest.mark.parametrize(
+    ("name", "metadata"),
+    [("mjpeg.mov", b""), ("mjpeg.avi", b""), ("mjpeg.mov", LARGE_METADATA)],
+    ids=["mov", "avi", "mov-tables-behind-64-kib-of-metadata"],
+)
 def test_a_jpeg_without_tables_is_decoded_with_those_of_a_frame_not_picked(
-    tmp_path, monkeypatch, name
+    tmp_path, monkeypatch, name, metadata
 ):
     """An MJPEG frame may leave its tables out, as JPEG's abbreviated form allows: FFmpeg
     decodes it with those last defined. Here only frame 11 (from 110 / 240 s, not on screen
-    at a target time) brings the coarse quantisation of the frames after it."""
+    at a target time) brings the coarse quantisation of the frames after it, also where its
+    metadata puts them further in than the first 64 KiB looked at."""
     frames = []
     for quality in (2, 31):
         encoder = av.CodecContext.create("mjpeg", "w")
@@ -172,6 +181,8 @@ def test_a_jpeg_without_tables_is_decoded_with_those_of_a_frame_not_picked(
         stream.codec_context.time_base = Fraction(1, 240)
         for index, time in enumerate(IRREGULAR):
             jpeg = frames[index >= 11][index]
+            if index == 11:
+                jpeg = jpeg[:2] + metadata + jpeg[2:]
             packet = av.Packet(jpeg if index in (0, 11) else _without_quantisation_tables(jpeg))
             packet.stream, packet.pts, packet.dts = stream, time, time
             packet.time_base, packet.duration, packet.is_keyframe = Fraction(1, 240), 10, True
@@ -325,14 +336,9 @@ def test_a_clip_broken_in_its_last_frame_picked_is_not_called_too_short(tmp_path
         load_video(path, num_frames=9, fps=8, height=H, width=W)
 
 
-def test_a_broken_frame_is_stood_in_for_by_the_one_before_while_that_is_still_shown(
-    tmp_path, monkeypatch
-):
-    """A Matroska block may last past the next one's time. Decoding every frame, the frame
-    before a broken one shows the targets up to its end: here frame 24 (from 230 / 240 s)
-    lasts to 250 and frame 25 (from 236, on screen at 1 s) is broken."""
-    times = [*range(0, 240, 10), 236, 250, 260, 270]
-    path = tmp_path / "clip.mkv"
+def _write_mkv_broken_at(path, times, broken: int, durations: dict) -> Path:
+    """A ProRes Matroska clip of frames at times (1/240 s), each shown 10 / 240 s unless
+    durations gives another, with frame `broken` (from 0) damaged."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("prores_ks", rate=24)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv422p10le"
@@ -343,17 +349,39 @@ def test_a_broken_frame_is_stood_in_for_by_the_one_before_while_that_is_still_sh
             frame.pts, frame.time_base = time, Fraction(1, 240)
             for coded in stream.encode(frame):
                 data = bytes(coded)
-                if index == 24:
+                if index == broken:
                     data = data[: len(data) // 40] + bytes(range(40)) + data[len(data) // 40 + 40 :]
                 packet = av.Packet(data)
                 packet.stream, packet.pts, packet.dts = stream, coded.pts, coded.dts
                 packet.time_base, packet.is_keyframe = coded.time_base, True
-                packet.duration = 20 if index == 23 else 10
+                packet.duration = durations.get(index, 10)
                 container.mux(packet)
+    return path
+
+
+def test_a_broken_frame_is_stood_in_for_by_the_one_before_while_that_is_still_shown(
+    tmp_path, monkeypatch
+):
+    """A Matroska block may last past the next one's time. Decoding every frame, the frame
+    before a broken one shows the targets up to its end: here frame 24 (from 230 / 240 s)
+    lasts to 250 and frame 25 (from 236, on screen at 1 s) is broken."""
+    times = [*range(0, 240, 10), 236, 250, 260, 270]
+    path = _write_mkv_broken_at(tmp_path / "clip.mkv", times, broken=24, durations={23: 20})
     every = _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
     clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
     assert _pictures(clip) == _pictures(every)
     assert "9 of 24 frames decoded" in clip.summary
+
+
+def test_a_picked_frame_standing_in_for_a_broken_one_is_not_decoded_again(tmp_path, monkeypatch):
+    """Frame 21 (from 205 / 240 s, lasting to 245) is on screen at 0.875 s and, as frame 22
+    (from 236) is broken, at 1 s too: the picture already made of it is taken again."""
+    times = [*range(0, 200, 10), 205, 236, 250, 260, 270]
+    path = _write_mkv_broken_at(tmp_path / "clip.mkv", times, broken=21, durations={20: 40})
+    every = _every_frame_decoded(monkeypatch, path, num_frames=9, fps=8, height=H, width=W)
+    clip = load_video(path, num_frames=9, fps=8, height=H, width=W)
+    assert _pictures(clip) == _pictures(every)
+    assert "8 of 21 frames decoded" in clip.summary
 
 
 def test_damage_in_a_frame_not_picked_goes_unnoticed(tmp_path):
