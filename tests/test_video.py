@@ -175,6 +175,44 @@ def test_failed_encode_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
 
 
+def test_an_encode_interrupted_mid_way_leaves_no_temp(tmp_path):
+    """A KeyboardInterrupt (or a cancel raised as another BaseException) removes the
+    unfinished file too, not only an error."""
+
+    def frames():
+        yield from _clip(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        encode_mp4(frames(), tmp_path / "clip.mp4", fps=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _top_level_box_at(data: bytes, kind: bytes) -> int:
+    offset = 0
+    while data[offset + 4 : offset + 8] != kind:
+        offset += int.from_bytes(data[offset : offset + 4], "big")
+    return offset
+
+
+def test_probe_reads_a_last_box_of_size_zero_as_running_to_the_end(clip_mp4, tmp_path):
+    """An mp4 box of size 0 runs to the end of the file, as a muxer writing to a pipe
+    leaves mdat."""
+    data = clip_mp4.read_bytes()
+    mdat = _top_level_box_at(data, b"mdat")
+    assert mdat + int.from_bytes(data[mdat : mdat + 4], "big") == len(data)
+    unsized = tmp_path / "unsized.mp4"
+    unsized.write_bytes(data[:mdat] + bytes(4) + data[mdat + 4 :])
+    assert probe_mp4(unsized)["faststart"] is True
+
+
+def test_probe_refuses_a_box_smaller_than_its_own_header(clip_mp4, tmp_path):
+    malformed = tmp_path / "malformed.mp4"
+    malformed.write_bytes(clip_mp4.read_bytes() + b"\x00\x00\x00\x04free")
+    with pytest.raises(ValueError, match="malformed mp4 box header at byte"):
+        probe_mp4(malformed)
+
+
 @pytest.mark.parametrize("fps", [0, -8, 7.5, True])
 def test_fps_must_be_a_positive_integer(tmp_path, fps):
     with pytest.raises(ValueError, match="fps must be a positive integer"):
@@ -227,7 +265,14 @@ def test_the_first_frame_is_shown_at_time_zero(clip_mp4):
 
 @pytest.mark.parametrize(
     ("width", "height", "fps"),
-    [(720, 480, 8), (1360, 768, 64), (2880, 1920, 45), (4080, 2304, 16), (4096, 2304, 16)],
+    [
+        (720, 480, 8),
+        (1360, 768, 64),
+        (2880, 1920, 45),
+        (4080, 2304, 16),
+        (4096, 2304, 16),
+        (4096, 2048, 30),  # 983,040 macroblocks a second: level 5.1's most, allowed
+    ],
 )
 def test_sizes_and_rates_within_h264_level_5_1_are_not_flagged(width, height, fps):
     assert above_level_5_1(width, height, fps) is None
@@ -236,6 +281,11 @@ def test_sizes_and_rates_within_h264_level_5_1_are_not_flagged(width, height, fp
 def test_the_15_models_4x_upscale_is_flagged_for_its_frame_size():
     """5440x3072: 65,280 macroblocks a frame, which x264 writes as level 6.0."""
     assert "65,280 macroblocks a frame" in above_level_5_1(5440, 3072, 16)
+
+
+def test_a_frame_edge_part_way_through_a_macroblock_counts_it_whole():
+    """4096x2312: 145 rows of macroblocks (144.5 filled), 37,120 a frame, above 5.1's most."""
+    assert "37,120 macroblocks a frame" in above_level_5_1(4096, 2312, 16)
 
 
 def test_a_size_within_level_5_1_at_too_high_a_rate_is_flagged_for_its_rate():
