@@ -200,6 +200,14 @@ def test_a_data_uri_in_url_safe_base64_without_padding_is_decoded():
         assert path.read_bytes() == data
 
 
+def test_a_data_uri_marked_base64_in_capitals_is_decoded():
+    """Parameter names in a media type are case-insensitive (RFC 2045): ";BASE64" too."""
+    data = bytes(range(256))
+    encoded = base64.b64encode(data).decode()
+    with fetched("image", f"data:image/png;BASE64,{encoded}", "picture") as path:
+        assert path.read_bytes() == data
+
+
 def test_a_data_uri_broken_by_percent_encoded_line_breaks_is_measured_by_its_data(monkeypatch):
     """RFC 2397's URIs percent-encode a line break (%0D%0A): six characters of no data each
     76 were counted as data, so a picture under the cap was refused as over it."""
@@ -233,13 +241,21 @@ def test_a_url_pasted_with_spaces_or_a_line_break_around_it_is_fetched(files):
         ("video", "clip.H264", ".h264"),
         ("image", "data:image/png;base64,AAAA", ".png"),
         ("video", "data:Video/MP4;base64,AAAA", ".mp4"),
+        ("image", "DATA:image/png;base64,AAAA", ".png"),
+        ("image", "data:image/png ;base64,AAAA", ".png"),
     ],
-    ids=["url", "data-uri", "data-uri-type-in-capitals"],
+    ids=[
+        "url",
+        "data-uri",
+        "data-uri-type-in-capitals",
+        "data-uri-scheme-in-capitals",
+        "data-uri-type-followed-by-a-space",
+    ],
 )
 def test_the_fetched_file_is_named_with_the_inputs_extension(files, tmp_path, name, value, suffix):
     """Some formats are recognised by their name, such as a raw H.264 stream's."""
     (tmp_path / "clip.H264").write_bytes(DATA)
-    url = value if value.startswith("data:") else files.url(value)
+    url = value if value.lower().startswith("data:") else files.url(value)
     with fetched(name, url, name) as path:
         assert path.name == f"{name}{suffix}"
 
