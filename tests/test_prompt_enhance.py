@@ -803,6 +803,10 @@ def llm_server(tmp_path_factory):
     served = tmp_path_factory.mktemp("served-llm")
     with tarfile.open(served / "llm.tar", "w") as archive:
         archive.add(model, arcname="tiny-qwen2")
+    (model / "chat_template.jinja").rename(served / "chat_template.jinja")
+    with tarfile.open(served / "no-template.tar", "w") as archive:
+        archive.add(model, arcname="tiny-qwen2")  # a base model's checkpoint has none
+    (served / "chat_template.jinja").rename(model / "chat_template.jinja")
     with tarfile.open(served / "no-weights.tar", "w") as archive:
         for path in model.iterdir():
             if path.suffix != ".safetensors":
@@ -961,6 +965,22 @@ def test_a_checkpoint_without_a_chat_template_fails_setup(tmp_path):
     (model / "chat_template.jinja").unlink()  # a base model's checkpoint has none
     with pytest.raises(ConfigError, match=r"COGVIDEOX_ENHANCE_WEIGHTS_URL: .*chat template"):
         LocalRewriter.load(model, "no-template", CPU, video_peak_gib=None, timeout=5)
+
+
+def test_a_downloaded_checkpoint_setup_refuses_is_kept_and_not_fetched_again(
+    llm_server, tmp_path, monkeypatch
+):
+    """Its chat template is the setting's fault, not the bytes': the checkpoint was discarded
+    as a bad download and the refusal reported as one, and each setup fetched it again."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv(enhance.ENHANCE_ENV, "local")
+    monkeypatch.setenv(enhance.WEIGHTS_ENV, llm_server.url("no-template.tar"))
+    with pytest.raises(ConfigError, match="chat template"):
+        load_enhancer(config_from_env(), CPU, None)
+    fetches = len(llm_server.requests)
+    with pytest.raises(ConfigError, match="chat template"):
+        load_enhancer(config_from_env(), CPU, None)
+    assert len(llm_server.requests) == fetches
 
 
 def test_a_local_model_is_asked_with_its_thinking_mode_off(tmp_path):

@@ -100,8 +100,8 @@ def load_healing(
     resolved = resolve()
     try:
         return load(resolved.root)
-    except MemoryError:
-        raise
+    except (MemoryError, ConfigError):
+        raise  # the machine's or a setting's fault: a new copy of the same bytes fails alike
     except Exception as error:
         if resolved.entry is None:
             raise  # the user's own folder, used in place: nothing to fetch again
@@ -125,7 +125,7 @@ def load_healing(
     resolved = resolve()
     try:
         return load(resolved.root)
-    except MemoryError:
+    except (MemoryError, ConfigError):
         raise
     except Exception as error:
         _keep_if_not_the_files(resolved, error)
