@@ -36,6 +36,11 @@ def test_a_count_up_to_the_visible_gpus_is_used_as_given(monkeypatch):
     assert gpus_from_env(visible_cuda=8) == 2
 
 
+def test_a_count_of_every_visible_gpu_is_used_as_given(monkeypatch):
+    monkeypatch.setenv(GPUS_ENV, "4")
+    assert gpus_from_env(visible_cuda=4) == 4
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
 def test_anything_but_a_positive_whole_number_is_refused_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv(GPUS_ENV, value)
@@ -60,6 +65,15 @@ def test_several_gpus_refuse_an_attention_backend_that_cannot_split_before_any_r
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "_native_math")
     with pytest.raises(ConfigError, match=r"'_native_math' cannot split attention"):
         start_generator("t2v")
+
+
+def test_several_gpus_start_a_rank_group_of_that_many_ranks(monkeypatch):
+    started = []
+    monkeypatch.setattr(RankGroup, "start", lambda mode, count: started.append((mode, count)))
+    monkeypatch.setenv(GPUS_ENV, "3")
+    monkeypatch.delenv(ATTENTION_BACKEND_ENV, raising=False)
+    start_generator("i2v")
+    assert started == [("i2v", 3)]
 
 
 def test_the_collective_timeout_outlasts_rank_0s_lora_download_and_prompt_rewrite(monkeypatch):

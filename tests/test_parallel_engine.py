@@ -36,6 +36,11 @@ def test_one_rank_runs_alone():
     assert choose_layout(1, classifier_free_guidance=True) == Layout(cfg=1, ulysses=1)
 
 
+def test_no_ranks_is_refused_naming_the_count():
+    with pytest.raises(ValueError, match="world_size must be at least 1, not 0"):
+        choose_layout(0, classifier_free_guidance=True)
+
+
 def test_two_ranks_split_the_guidance_batch():
     assert choose_layout(2, classifier_free_guidance=True) == Layout(cfg=2, ulysses=1)
 
