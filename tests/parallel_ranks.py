@@ -59,6 +59,9 @@ class Case:
     compiled: bool = False  # the blocks compiled (aot_eager), as setup does
     offload: str = "none"  # "model": accelerate's hooks, on the CPU as on a GPU
     renders: int = 1  # the pipeline renders this many times; the last one is returned
+    # Where set, the pipeline first renders at this guidance scale: an earlier request,
+    # maybe in another layout, on the ranks that then render this one.
+    earlier_guidance_scale: float | None = None
     # Ranks whose VAE does not tile, as COGVIDEOX_VAE_TILING=auto leaves a GPU with more free
     # memory than the others; one process tiles.
     untiled_ranks: tuple[int, ...] = ()
@@ -113,8 +116,9 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
         lambda _, args, kwargs: seen.append(_token_counts(kwargs)), with_kwargs=True
     )
     last = {}
-    guidance = case.guidance_scale > 1
-    for _ in range(case.renders):
+    earlier = [] if case.earlier_guidance_scale is None else [case.earlier_guidance_scale]
+    for scale in [*earlier, *[case.guidance_scale] * case.renders]:
+        guidance = scale > 1
         seen.clear()
         running = engine.run(guidance) if engine else nullcontext("single process")
         with step_cache(pipe, case.speed_mode, guidance), running as layout:
@@ -122,7 +126,7 @@ def render(case: Case, world_size: int | None = None, decode: bool = True) -> Re
                 prompt="a panda plays guitar in a bamboo forest",
                 negative_prompt="blurry",
                 num_inference_steps=case.steps,
-                guidance_scale=case.guidance_scale,
+                guidance_scale=scale,
                 use_dynamic_cfg=variant.dynamic_cfg,
                 generator=torch.Generator("cpu").manual_seed(SEED),
                 output_type="np" if decode else "latent",

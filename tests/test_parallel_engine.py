@@ -117,6 +117,14 @@ def test_an_odd_total_pads_the_video_and_masks_only_the_padding():
     assert last.isinf().nonzero().flatten().tolist() == [135]
 
 
+def test_a_rank_given_only_padding_masks_every_key_it_holds():
+    """Few video tokens over many ranks: the last rank's share is all padding, none of it
+    a key, not just its last token."""
+    plan = SequenceShards.plan(text_tokens=3, video_tokens=2, ranks=4)
+    assert (plan.text[3], plan.video[3], plan.padding) == (0, 2, 3)
+    assert plan.key_mask(3, _FLOAT).flatten().isinf().all()
+
+
 # ---- frames on several processes ---------------------------------------------------------
 
 
@@ -189,6 +197,9 @@ def cases(tiny_weights, picture, clip, lora, lora_on_proj_out, four_heads) -> di
         "lora": Case("cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, lora=lora),
         "lora-on-proj-out": replace(unguided, lora=lora_on_proj_out),
         "5b-unguided-offloaded": replace(unguided, offload="model", renders=2),
+        "5b-after-unguided": Case(
+            "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, earlier_guidance_scale=UNGUIDED
+        ),
         "fast": Case(
             "cogvideox-5b", w["1.0-t2v"], call={"num_frames": 9}, steps=4, speed_mode="fast"
         ),
@@ -215,6 +226,7 @@ TWO_RANKS = (
     "faster",
     "lora-on-proj-out",
     "5b-unguided-offloaded",
+    "5b-after-unguided",
 )
 FOUR_RANKS = ("5b", "1.5-i2v", "lora", "5b-unguided", "4-heads-unguided")
 
@@ -344,6 +356,14 @@ def test_with_model_offload_the_split_outlasts_the_first_render(two_ranks, one_p
     after offload, every rank rendered the whole video from the second render on)."""
     name = "5b-unguided-offloaded"
     _check(two_ranks[name], one_process(name), Layout(cfg=1, ulysses=2))
+
+
+def test_a_guided_request_after_an_unguided_one_renders_the_frames_of_one_process(
+    two_ranks, one_process
+):
+    """The ranks keep their pipeline between requests: the key mask of the unguided
+    request's padded sequence (Ulysses-2) does not reach the next request's attention."""
+    _check(two_ranks["5b-after-unguided"], one_process("5b"), Layout(cfg=2, ulysses=1))
 
 
 def test_ulysses_2_renders_the_1_5_frames_of_one_process(two_ranks, one_process):
