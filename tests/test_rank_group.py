@@ -44,6 +44,8 @@ from cogvideox_cog.parallel.protocol import (
     RankExited,
     Read,
     Reading,
+    Ready,
+    Render,
     SettingUp,
     SetupFailed,
     SetupStep,
@@ -600,6 +602,121 @@ def test_ranks_are_waited_for_one_bound_past_rank_0s_last_progress():
     ranks._steps, ranks._progressed = group._StepClock(), time.monotonic()
     bound = group.CANCEL_BOUND_S
     assert ranks._extended(0.0, bound) == ranks._progressed + bound
+
+
+def test_a_rank_ended_before_its_setup_began_fails_setup_naming_its_end():
+    """It began no step (killed as it started): no rank is behind it, and comparing the
+    others' steps with none must not fail the setup's wait itself."""
+    assert _setup_failure({1: (ABORT,)}, 2) == "rank 1 was killed by SIGABRT during setup"
+
+
+def test_a_check_rank_0_refused_raises_its_input_error():
+    refused = Failed(0, InputError("prompt: too long"))
+    with (
+        _group_answering([(None, refused), (None, Done(1, None))]) as ranks,
+        pytest.raises(InputError, match="too long"),
+    ):
+        ranks.check(REQUEST)
+
+
+def _answer_with_the_seed(conn, rank: int) -> None:
+    """A rank that says which seed each render came with, then renders it."""
+    while True:
+        seed = conn.recv().request.seed
+        conn.send(LogLine(logging.INFO, f"rank {rank} seed {seed}"))
+        conn.send(Done(rank, Path("video.mp4") if rank == 0 else None))
+
+
+def test_a_render_without_a_seed_reaches_every_rank_with_the_same_drawn_seed(caplog):
+    """Ranks that each drew their own would split one step over different noise."""
+    with (
+        _group_answering([(None, None)] * 2, rank_main=_answer_with_the_seed) as ranks,
+        caplog.at_level(logging.INFO, logger="cogvideox_cog"),
+    ):
+        ranks.predict(replace(REQUEST, seed=None))
+    said = [r.getMessage().split() for r in caplog.records if " seed " in r.getMessage()]
+    assert sorted(words[1] for words in said) == ["0", "1"]
+    assert len({words[3] for words in said}) == 1 and said[0][3].isdigit()
+
+
+def test_rank_0_and_another_rank_silent_past_the_bound_are_stuck():
+    """Of three ranks only rank 1 stopped: rank 2 has not, so rank 0 is not working alone
+    past every collective, and both are held to the bound."""
+    answers = [(HUNG_S, Canceled(0, 2)), (0.0, Canceled(1, 2)), (HUNG_S, Canceled(2, 2))]
+    stuck = r"ranks \[0, 2\] did not finish within \d+ s: stuck"
+    with _group_answering(answers) as ranks, pytest.raises(RankGroupError, match=stuck):
+        ranks._outcomes({}, bound=BOUND_S)
+
+
+def _exit_when_told_to_stop(conn, rank: int) -> None:
+    """A rank between requests: it ends on its own when told to stop, as ranks.serve does."""
+    while conn.recv() is not None:
+        pass
+    os._exit(0)
+
+
+def test_closing_the_group_asks_each_rank_to_stop_before_terminating_it():
+    with _group_answering([(None, None)] * 2, rank_main=_exit_when_told_to_stop) as ranks:
+        ranks.close()
+        assert [process.exitcode for process in ranks._processes] == [0, 0]
+
+
+def test_ranks_left_waiting_after_two_failed_name_the_lowest_rank_as_the_prediction_does():
+    """The stuck message and the prediction's error (_output) name the same rank."""
+    outcomes = {2: Failed(2, RuntimeError("peer gone")), 1: Failed(1, RuntimeError("oom"))}
+    assert group._after_failure(outcomes) == " after rank 1 failed (RuntimeError: oom)"
+
+
+def test_a_render_reaches_the_ranks_still_running_when_another_just_ended():
+    """The outbox sends every rank its copy; the inbox, not a failed send, reports the end."""
+    with _group_answering([(None, Done(0, None)), (None, Done(1, None))]) as ranks:
+        ranks._processes[0].kill()
+        ranks._processes[0].join()
+        handout = group._Handout(Render(REQUEST), ranks._conns)
+        ranks._outbox.send(handout)
+        answered, deadline = [], time.monotonic() + HUNG_S
+        while Done(1, None) not in answered and time.monotonic() < deadline:
+            answered.append(ranks._inbox.next(timeout=group.POLL_S))
+            if answered[-1] is not None:
+                ranks._inbox.done()
+        assert handout.sent and Done(1, None) in answered
+
+
+def _say_then_ready(conn, rank: int) -> None:
+    conn.send(LogLine(logging.INFO, f"setup: rank {rank} loaded the model"))
+    conn.send(Ready(rank))
+    time.sleep(30)
+
+
+def test_the_ranks_setup_log_lines_are_logged_by_the_worker(caplog):
+    with (
+        _group_answering([(None, None)] * 2, rank_main=_say_then_ready) as ranks,
+        caplog.at_level(logging.INFO, logger="cogvideox_cog"),
+    ):
+        ranks._await_ready()
+    assert "setup: rank 1 loaded the model" in caplog.text
+
+
+def test_the_prediction_after_a_canceled_one_finds_nothing_left_to_stop(caplog):
+    outcome = []
+
+    def predict(ranks: group.RankGroup) -> None:
+        try:
+            ranks.predict(REQUEST)
+        except BaseException as error:
+            outcome.append(error)
+
+    answers = [(BOUND_S, Canceled(0, 1)), (BOUND_S, Canceled(1, 1))]
+    with _group_answering(answers) as ranks:
+        prediction = threading.Thread(target=predict, args=(ranks,), daemon=True)
+        prediction.start()
+        time.sleep(BOUND_S / 5)
+        _cancel_in(prediction)
+        prediction.join(HUNG_S)
+        assert len(outcome) == 1 and isinstance(outcome[0], CancelationException)
+        with caplog.at_level(logging.WARNING, logger=group.__name__):
+            ranks._finish_unsettled()
+    assert "still had a canceled request" not in caplog.text
 
 
 class _FailingLoraCache:
