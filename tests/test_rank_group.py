@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import socket
@@ -862,6 +863,34 @@ def test_other_ranks_forward_their_own_warnings_marked_with_their_rank(forwarded
     rank_1 = forwarded_by_rank(1)
     logging.getLogger("cogvideox_cog.lora.slot").warning("lora: offload put back")
     assert rank_1 == [LogLine(logging.WARNING, "rank 1: lora: offload put back")]
+
+
+def test_other_ranks_leave_their_info_lines_to_rank_0(forwarded_by_rank):
+    """Every rank logs the same steps and loads: rank 0's lines alone are the prediction's."""
+    rank_1 = forwarded_by_rank(1)
+    logging.getLogger("cogvideox_cog.lora.slot").info("lora: loaded style.safetensors")
+    assert rank_1 == []
+
+
+class _UnpicklableError(Exception):
+    """An error holding what no pipe carries (a lock, a decoder's handle)."""
+
+    def __init__(self):
+        super().__init__("the decoder's handle is gone")
+        self.handle = threading.Lock()
+
+
+class _GeneratorRaising:
+    def check(self, request: Request) -> None:
+        raise _UnpicklableError()
+
+
+def test_a_ranks_error_that_cannot_be_pickled_reaches_the_worker_as_its_text():
+    """The answer goes down a pipe: an error that does not pickle would end the rank there."""
+    answer = rank_processes._check(_GeneratorRaising(), 1, Check(REQUEST))
+    carried = pickle.loads(pickle.dumps(answer))
+    assert isinstance(carried.error, RuntimeError)
+    assert str(carried.error) == "_UnpicklableError: the decoder's handle is gone"
 
 
 LOST = "Triton Error [CUDA]: an illegal memory access was encountered"  # Triton's launcher
