@@ -54,6 +54,7 @@ from cogvideox_cog.parallel.protocol import (
 )
 from cogvideox_cog.parallel.ranks import (
     LoraFetchedOnce,
+    ReportedProgress,
     _forward_logs,
     postprocessor_of,
     rendezvous_store,
@@ -870,6 +871,17 @@ def test_other_ranks_leave_their_info_lines_to_rank_0(forwarded_by_rank):
     rank_1 = forwarded_by_rank(1)
     logging.getLogger("cogvideox_cog.lora.slot").info("lora: loaded style.safetensors")
     assert rank_1 == []
+
+
+def test_rank_0_reports_progress_at_most_once_each_interval():
+    """Each block's start may say so; a 42-block step would send 42 messages a step."""
+    sent = _Sent()
+    transformer = torch.nn.Module()
+    transformer.transformer_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
+    ReportedProgress(sent).install(transformer)
+    for block in transformer.transformer_blocks:
+        block(torch.zeros(1))
+    assert sent == [Progress()]
 
 
 class _UnpicklableError(Exception):
