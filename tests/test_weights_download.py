@@ -4,7 +4,9 @@ open_url() from a real server on 127.0.0.1, as the weights tar is."""
 from __future__ import annotations
 
 import email.message
+import io
 import os
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -107,3 +109,140 @@ def test_a_local_file_read_past_its_end_is_a_truncated_tar(tmp_path):
     truncated = r"truncated tar: extraction of short.tar ended at byte 1,000"
     with stream, pytest.raises(BadSource, match=truncated):
         stream.read(2000)
+
+
+def test_a_server_that_stops_honouring_range_mid_download_fails_at_once(served):
+    """A 200 with the whole file to a ranged GET (a CDN edge that drops Range support after
+    the probe) is not the bytes asked for, and the next attempt would be the same."""
+    remote, response = download.probe(served.url("blob.bin"))
+    assert remote.ranges and response is None
+    served.ranges = False
+    requests_before = len(served.requests)
+    stream = download.open_url(remote, None, 0, "download of blob.bin", retries=3)
+    stopped = r"got HTTP 200 without a range: the server stopped honouring Range requests"
+    with stream, pytest.raises(WeightsError, match=stopped):
+        stream.read(SIZE)
+    assert len(served.requests) == requests_before + 1  # not retried
+
+
+def test_a_whole_file_answer_other_than_200_is_not_read_as_the_file(tmp_path, monkeypatch):
+    """Without Range, a retry asks for the whole file again: a 204 (or any 2xx but 200) to
+    it is no file's body, and is refused rather than read as one."""
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    (tmp_path / "blob.bin").write_bytes(os.urandom(SIZE))
+    server = FileServer(tmp_path, ranges=False)
+    try:
+        server.drop_at("blob.bin", SIZE // 2)  # in the probe's own whole-file answer
+        remote, response = download.probe(server.url("blob.bin"))
+        server.fail_with("blob.bin", 204)  # the retry's answer
+        stream = download.open_url(remote, response, 0, "download of blob.bin", retries=3)
+        with stream, pytest.raises(WeightsError, match=r"HTTP 204 for the whole file"):
+            stream.read(SIZE)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["announced size", "chunked, no size"])
+def test_a_body_of_exactly_the_size_cap_is_fetched(tmp_path, monkeypatch, ranges):
+    """The cap is the largest size allowed, not the smallest refused: an announced size and
+    bytes counted as they come are held to it alike."""
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    data = os.urandom(SIZE)
+    (tmp_path / "blob.bin").write_bytes(data)
+    server = FileServer(tmp_path, ranges=ranges, chunked=not ranges)
+    out = tmp_path / "out.bin"
+    try:
+        with out.open("wb") as file:
+            download.fetch_capped(server.url("blob.bin"), file, SIZE, threading.Event(), "blob.bin")
+    finally:
+        server.stop()
+    assert out.read_bytes() == data
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections of this machine to `port` on 127.0.0.1 (Linux /proc)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(
+        1
+        for row in rows
+        if (fields := row.split())[2] == f"0100007F:{port:04X}" and fields[3] == "01"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_a_body_refused_as_too_large_has_its_connection_closed(tmp_path):
+    """A server without Range answers the probe with the whole body: refused for its size, it
+    is hung up at once, not left sending until the refusal's traceback is collected."""
+    (tmp_path / "blob.bin").write_bytes(bytes(32 << 20))  # more than socket buffers hold
+    server = FileServer(tmp_path, ranges=False)
+    port = int(server.url("").rsplit(":", 1)[1].strip("/"))
+    try:
+        with pytest.raises(download.TooLarge) as refused:
+            download.fetch_capped(
+                server.url("blob.bin"), io.BytesIO(), SIZE, threading.Event(), "x"
+            )
+        assert _connections_to(port) == 0
+        del refused
+    finally:
+        server.stop()
+
+
+def test_a_range_is_given_up_after_five_failures_in_a_row_by_default(served):
+    """RETRIES, the budget of a setup's download: five 503s in a row are waited out, the
+    sixth fails it (docs/weights.md: retried with backoff)."""
+    remote, _ = download.probe(served.url("blob.bin"))
+    served.fail_with("blob.bin", 503, times=5)
+    with download.open_url(remote, None, 0, "download of blob.bin") as stream:
+        assert stream.read(SIZE) == _served_bytes(served)
+    served.fail_with("blob.bin", 503, times=6)
+    stream = download.open_url(remote, None, 0, "download of blob.bin")
+    with stream, pytest.raises(WeightsError, match=r"HTTP 503 .*\(6 attempts\)"):
+        stream.read(SIZE)
+
+
+def test_a_local_file_that_cannot_be_read_fails_at_once(tmp_path, caplog):
+    """A local read error is no network's: waiting and trying again cannot help."""
+    (tmp_path / "gone.tar").write_bytes(bytes(1000))
+    stream = download.open_file(tmp_path / "gone.tar", 0, "extraction of gone.tar")
+    (tmp_path / "gone.tar").unlink()
+    with stream, pytest.raises(WeightsError, match=r"No such file") as failed:
+        stream.read(1000)
+    assert "attempts" not in str(failed.value)
+    assert "retry" not in caplog.text
+
+
+def test_a_closed_stream_stops_its_download_threads(served, monkeypatch):
+    """An extraction that stops early (an unsafe member, a full disk) closes the stream:
+    its workers end rather than wait for good, each holding a chunk's buffer."""
+    monkeypatch.setattr(download, "CHUNK_BYTES", 16 << 10)  # many chunks, few read
+    before = set(threading.enumerate())
+    remote, _ = download.probe(served.url("blob.bin"))
+    with download.open_url(remote, None, 0, "download of blob.bin") as stream:
+        stream.read(1000)
+    workers = set(threading.enumerate()) - before
+    for worker in workers:
+        worker.join(5)
+    assert not [worker.name for worker in workers if worker.is_alive()]
+
+
+def test_an_empty_file_is_fetched_as_empty(tmp_path):
+    """An empty file has no byte 0: the probe's 416 `bytes */0` is its size, not an error."""
+    (tmp_path / "empty.bin").write_bytes(b"")
+    server = FileServer(tmp_path)
+    out = io.BytesIO()
+    try:
+        download.fetch_capped(server.url("empty.bin"), out, SIZE, threading.Event(), "x")
+    finally:
+        server.stop()
+    assert out.getvalue() == b""
+
+
+def test_a_capped_fetch_stops_writing_once_cancelled(served, monkeypatch):
+    """with_deadline sets `cancelled` when it stops waiting: the work stops at its next
+    block rather than fetching the rest of the body for no one."""
+    monkeypatch.setattr(download, "CHUNK_BYTES", 16 << 10)
+    cancelled = threading.Event()
+    cancelled.set()
+    out = io.BytesIO()
+    download.fetch_capped(served.url("blob.bin"), out, SIZE, cancelled, "blob.bin")
+    assert 0 < len(out.getvalue()) < SIZE
