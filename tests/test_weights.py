@@ -2483,6 +2483,57 @@ def test_two_concurrent_setups_with_pget_on_one_cache_run_pget_once(served, cach
     assert "completed by another process" in logs
 
 
+def _pget_that(tmp_path, monkeypatch, code: str) -> None:
+    """A pget on PATH (as `shutil.which` finds it) that runs `code` after pget's arguments
+    are parsed into `url` and `dest`."""
+    pget = tmp_path / "bin" / "pget"
+    pget.parent.mkdir(exist_ok=True)
+    parse = "import sys\nurl, dest = [a for a in sys.argv[1:] if not a.startswith('-')]\n"
+    pget.write_text(f"#!{sys.executable}\n{parse}{code}")
+    pget.chmod(0o755)
+    monkeypatch.setattr(weights.shutil, "which", lambda name, **kw: str(pget))
+
+
+def test_a_pget_that_fails_part_way_fails_setup_and_its_files_are_not_kept(
+    served, cache, tiny, tmp_path, fake_pget, monkeypatch
+):
+    """pget's exit status is what says its files are whole: a failure leaves part of the tar
+    extracted, which is neither verified nor published, and the next setup starts afresh."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    _pget_that(
+        tmp_path,
+        monkeypatch,
+        "import os\nos.makedirs(dest)\nopen(os.path.join(dest, 'model_index.json'), 'w')"
+        ".write('{')\nsys.exit('connection reset by peer')\n",
+    )
+    with pytest.raises(WeightsError, match=r"pget failed \(exit 1\) fetching .*its log is above"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+    assert (_staging_for(cache, url) / "model_index.json").exists()  # what it left
+    monkeypatch.setattr(weights.shutil, "which", lambda name, **kw: str(tmp_path / "bin" / "pget"))
+    (tmp_path / "bin" / "pget").write_text(f"#!{sys.executable}\n{_FAKE_PGET}")
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
+def test_a_pget_that_exits_0_with_a_file_cut_short_is_not_published(
+    served, cache, tmp_path, fake_pget, monkeypatch
+):
+    """An exit status of 0 is not taken for whole weights: the files are verified as the
+    built-in downloader's are."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    _pget_that(
+        tmp_path,
+        monkeypatch,
+        f"import os, runpy\nrunpy.run_path({str(tmp_path / 'bin' / 'real-pget')!r})\n"
+        f"big = os.path.join(dest, {BIG!r})\nos.truncate(big, os.path.getsize(big) // 2)\n",
+    )
+    (tmp_path / "bin" / "real-pget").write_text(_FAKE_PGET)
+    with pytest.raises(BadSource, match=BIG):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
 def test_pget_output_that_fails_verification_is_not_published(
     served, served_dir, cache, tiny, tmp_path, fake_pget, monkeypatch
 ):
