@@ -252,3 +252,24 @@ def test_a_resolution_setting_of_the_wrong_form_is_refused_before_the_weights(mo
         inputs.resolution_setting()
     monkeypatch.setenv(inputs.RESOLUTION_ENV, "480x720")
     assert inputs.resolution_setting() == "480x720"
+
+
+def test_a_whole_float_frame_count_is_taken_as_an_int():
+    """A caller without Cog's schema may send 49.0; the pipeline slices and counts with it."""
+    frames = inputs.check_num_frames(V10, 49.0)
+    assert frames == 49 and type(frames) is int
+
+
+def test_learned_position_embeddings_refuse_an_override_that_changes_only_the_width():
+    i2v = VARIANTS["cogvideox-5b-i2v"]
+    with pytest.raises(ValueError, match=r"learned position embeddings.*480x720"):
+        inputs.choose_render_size(i2v, _Config(learned=True), 8, "480x736")
+
+
+def test_a_resolution_override_may_write_its_x_in_upper_case():
+    bound = _Config(sample=(300, 300), patch_size_t=2)
+    assert inputs.choose_render_size(V15, bound, 8, "768X1360") == (768, 1360)
+
+
+def test_an_extreme_portrait_image_is_capped_at_the_long_side():
+    assert inputs.image_aspect_size((500, 8000), (768, 1360), 16) == (1360, 768)
