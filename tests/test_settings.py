@@ -4,6 +4,7 @@ around any value are dropped."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -584,3 +585,25 @@ def test_a_url_setting_with_no_host_after_its_scheme_fails_without_its_password(
         _read_upscale()
     assert "hunter2" not in str(failed.value)
     assert "hunter2" not in caplog.text
+
+
+def test_a_cache_folder_that_names_a_pipe_is_refused_as_a_file(monkeypatch, tmp_path):
+    """Not only a regular file: a pipe or a device (/dev/null) cannot hold a cache either."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    monkeypatch.setenv(cache.WEIGHTS_DIR_ENV, str(pipe))
+    with pytest.raises(ConfigError, match=f"{cache.WEIGHTS_DIR_ENV}=.*is a file"):
+        weights_root()
+
+
+def test_a_timeout_written_without_a_leading_0_is_taken(monkeypatch):
+    monkeypatch.setenv(fetch.TIMEOUT_ENV, ".5")
+    assert fetch.timeout_s() == 0.5
+
+
+def test_unknown_settings_are_returned_sorted(monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_ZZ_UNKNOWN", "1")
+    monkeypatch.setenv("COGVIDEOX_AA_UNKNOWN", "1")
+    unknown = settings.warn_unknown_settings()
+    assert {"COGVIDEOX_ZZ_UNKNOWN", "COGVIDEOX_AA_UNKNOWN"} <= set(unknown)
+    assert unknown == sorted(unknown)
