@@ -114,3 +114,46 @@ def test_torchs_sdpa_can_split_attention_over_several_gpus(name):
 def test_a_backend_that_ignores_ulysses_or_refuses_masks_cannot_split_attention(name):
     with pytest.raises(ConfigError, match=rf"COGVIDEOX_ATTENTION_BACKEND='{name}' cannot split"):
         check_splittable(attention_backend(name))
+
+
+def _transformer_inputs() -> dict:
+    """One forward's inputs for the tiny 1.0 transformer (15 video tokens)."""
+    generator = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(2, 1, 4, 6, 10, generator=generator),
+        encoder_hidden_states=torch.randn(2, 226, 32, generator=generator),
+        timestep=torch.tensor([999, 999]),
+        image_rotary_emb=tuple(torch.randn(15, 16, generator=generator) for _ in range(2)),
+        return_dict=False,
+    )
+
+
+def test_keys_take_the_key_norm_and_queries_the_query_norm():
+    """Fresh norms are all alike; trained ones are not, so each is made distinct here."""
+    transformer = build_tiny_pipeline("1.0", "t2v").transformer
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        theirs = transformer(**_transformer_inputs())[0]
+        use_dispatching_attention(transformer)
+        ours = transformer(**_transformer_inputs())[0]
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cuDNN attention may run on this GPU")
+def test_the_backend_chosen_is_the_one_each_attention_layer_calls():
+    transformer = build_tiny_pipeline("1.0", "t2v").transformer
+    use_dispatching_attention(transformer, attention_backend("_native_cudnn"))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="No viable backend"):
+        transformer(**_transformer_inputs())
+
+
+def test_checking_a_backend_draws_no_random_numbers():
+    """Setup must leave torch's generator where a seeded caller left it."""
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    check_runs(attention_backend("_native_math"), CPU, torch.float32)
+    assert torch.equal(torch.random.get_rng_state(), state)
