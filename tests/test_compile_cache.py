@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -170,6 +171,25 @@ def test_each_gpu_of_a_group_has_a_cache_file_of_its_own(tmp_path, monkeypatch):
     ]
     paths = {compile_cache.artifact_path(tmp_path, key) for key in keys}
     assert len(paths) == 2
+
+
+def test_the_key_names_the_diffusers_version():
+    """diffusers' model code is what torch traces: an upgrade compiles other graphs."""
+    assert _key()["diffusers"] == diffusers.__version__
+
+
+def test_a_gpu_named_without_an_index_is_keyed_as_the_current_one(tmp_path, monkeypatch):
+    """torch.device("cuda") runs on the current GPU, whose index torch's graph keys name: a
+    rank on cuda:1 that calls it "cuda" must find cuda:1's file, not cuda:0's."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    renders = _key()["warm_up"]
+    unnamed = compile_cache.cache_key(torch.device("cuda"), VARIANT, "t2v", renders)
+    named = compile_cache.cache_key(torch.device("cuda", 1), VARIANT, "t2v", renders)
+    assert unnamed["gpu_index"] == 1
+    assert compile_cache.artifact_path(tmp_path, unnamed) == compile_cache.artifact_path(
+        tmp_path, named
+    )
 
 
 @pytest.mark.parametrize(
