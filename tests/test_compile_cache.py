@@ -197,10 +197,11 @@ def test_a_gpu_named_without_an_index_is_keyed_as_the_current_one(tmp_path, monk
     [
         compile_cache.MAGIC + json.dumps(_key(), sort_keys=True).encode() + b"\nnot torch's",
         compile_cache.MAGIC + b'{"gpu": "another"}\n',
+        compile_cache.MAGIC + b"\x80 not text\n",
         b"\x00\x01 truncated",
         b"",
     ],
-    ids=["corrupt payload", "foreign key", "not ours", "empty"],
+    ids=["corrupt payload", "foreign key", "key not text", "not ours", "empty"],
 )
 def test_a_bad_cache_file_is_ignored_with_a_log_line(tmp_path, caplog, content):
     key = _key()
@@ -236,6 +237,58 @@ def test_an_unwritable_volume_only_costs_the_next_start_a_compile(tmp_path, capl
     path = compile_cache.artifact_path(blocked, _key())
     assert _compile_then_save(path, caplog) is False
     assert "cannot write" in caplog.text and not path.exists()
+
+
+def test_a_cache_file_that_cannot_be_read_is_ignored_with_a_log_line(tmp_path, caplog):
+    """A folder in its place (or a volume that fails the read): the start compiles."""
+    key = _key()
+    path = compile_cache.artifact_path(tmp_path, key)
+    path.mkdir(parents=True)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+        assert compile_cache.load(path, key) is False
+    assert "cannot read" in caplog.text
+
+
+@needs_cpp_compiler
+def test_a_cache_file_copied_to_another_keys_name_is_not_loaded(tmp_path, caplog):
+    """Its kernels were compiled for the key on its second line, not for the name's."""
+    path = compile_cache.artifact_path(tmp_path, _key())
+    assert _compile_then_save(path, caplog) is True
+    other_key = {**_key(), "mode": "v2v"}
+    copied = compile_cache.artifact_path(tmp_path, other_key)
+    copied.write_bytes(path.read_bytes())
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
+        assert compile_cache.load(copied, other_key) is False
+    assert "not a compile cache for this key" in caplog.text
+
+
+@needs_cpp_compiler
+def test_a_first_start_creates_the_cache_folder_and_any_folder_above_it(tmp_path, caplog):
+    """The weights root of a benchmark's cold start (or a fresh volume) may not exist yet."""
+    path = compile_cache.artifact_path(tmp_path / "a new volume", _key())
+    assert _compile_then_save(path, caplog) is True
+    assert path.exists()
+
+
+def test_a_start_that_compiled_nothing_writes_no_file(tmp_path):
+    """A process that compiled nothing has no artifacts (torch returns None): an empty file
+    would only be rejected by the next start. A fresh process, as torch's record of what it
+    compiled lasts as long as the process."""
+    script = (
+        "import sys; from pathlib import Path; from cogvideox_cog import compile_cache;"
+        "from tests.test_compile_cache import _key;"
+        "path = compile_cache.artifact_path(Path(sys.argv[1]), _key());"
+        "print(compile_cache.save(path, _key()), path.exists())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False"]
 
 
 def test_a_start_removes_files_killed_starts_left_half_written_of_any_key(tmp_path, caplog):
