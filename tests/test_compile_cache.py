@@ -302,7 +302,7 @@ def test_a_start_removes_files_killed_starts_left_half_written_of_any_key(tmp_pa
     being_written = folder / "cogvideox-5b-t2v-4567.bin.fedcba9876543210-7-1.tmp"
     for path in (abandoned, being_written):
         path.write_bytes(b"part of a compile cache")
-    _age(abandoned, hours=2)
+    _age(abandoned, hours=1.1)
     with caplog.at_level(logging.INFO, logger="cogvideox_cog.compile_cache"):
         compile_cache.tidy(tmp_path)
     assert not abandoned.exists() and being_written.exists()
@@ -317,8 +317,8 @@ def test_a_start_removes_cache_files_no_start_used_for_30_days(tmp_path):
     unused, recent = folder / "cogvideox-5b-t2v-0123.bin", folder / "cogvideox-5b-t2v-4567.bin"
     for path in (unused, recent):
         path.write_bytes(b"a compile cache")
-    _age(unused, hours=31 * 24)
-    _age(recent, hours=29 * 24)
+    _age(unused, hours=30 * 24 + 1)
+    _age(recent, hours=30 * 24 - 1)
     compile_cache.tidy(tmp_path)
     assert not unused.exists() and recent.exists()
 
