@@ -391,6 +391,97 @@ def test_a_start_removes_no_unused_file_before_its_warm_up_is_done(tiny_weights,
     assert seen == [True] and not other_rank.exists()
 
 
+def _warm_up_compiling(generator: VideoGenerator, *functions) -> None:
+    """Make the generator's warm-up compile `functions` (each on a small tensor)."""
+    generator.warm_up = lambda: [torch.compile(f)(torch.ones(3)) for f in functions]
+
+
+@needs_cpp_compiler
+def test_a_start_that_found_its_graphs_in_inductors_own_cache_still_saves(tiny_weights, tmp_path):
+    """A container whose inductor folder holds the graphs compiles none, but the volume has
+    no file yet: without one, the next container compiles them all."""
+    generator = _tiny_generator(tiny_weights)
+    _warm_up_compiling(generator, lambda x: x * 2 + 1)
+    try:
+        generator.warm_up()
+        torch._dynamo.reset()
+        assert compile_cache.warm_up_with_cache(generator, tmp_path) == 0
+    finally:
+        torch._dynamo.reset()
+    assert list((tmp_path / compile_cache.FOLDER).glob("*.bin"))
+
+
+@needs_cpp_compiler
+def test_a_start_that_loaded_its_file_and_compiled_more_saves_it_again(tiny_weights, tmp_path):
+    """A warm-up that compiles a graph the file lacks: the next start would compile it too."""
+    generator = _tiny_generator(tiny_weights)
+    new_constant = time.time_ns() % 10**9 + 3  # a graph no earlier run compiled
+    try:
+        _warm_up_compiling(generator, lambda x: x * 2 + 1)
+        compile_cache.warm_up_with_cache(generator, tmp_path)
+        (path,) = (tmp_path / compile_cache.FOLDER).glob("*.bin")
+        first = path.read_bytes()
+        torch._dynamo.reset()
+        _warm_up_compiling(generator, lambda x: x * 2 + 1, lambda x: x * new_constant)
+        assert compile_cache.warm_up_with_cache(generator, tmp_path) > 0
+    finally:
+        torch._dynamo.reset()
+    assert path.read_bytes() != first
+
+
+def _saved_key(tmp_path) -> dict:
+    (path,) = (tmp_path / compile_cache.FOLDER).glob("*.bin")
+    return json.loads(path.read_bytes().split(b"\n")[1])
+
+
+@needs_cpp_compiler
+def test_a_start_keys_its_file_by_the_attention_backend_the_model_runs(tiny_weights, tmp_path):
+    variant = VARIANTS[VARIANT]
+    math = AttentionBackendName._NATIVE_MATH
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", attention=math)
+    generator = VideoGenerator(variant, pipe, CPU)
+    _warm_up_compiling(generator, lambda x: x * 2 + 1)
+    try:
+        compile_cache.warm_up_with_cache(generator, tmp_path)
+    finally:
+        torch._dynamo.reset()
+    assert _saved_key(tmp_path)["attention"] == "_native_math"
+
+
+@needs_cpp_compiler
+def test_a_start_keys_its_file_by_the_offload_policy_it_placed_the_weights_with(
+    tiny_weights, tmp_path
+):
+    variant = VARIANTS[VARIANT]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model")
+    generator = VideoGenerator(variant, pipe, CPU)
+    _warm_up_compiling(generator, lambda x: x * 2 + 1)
+    try:
+        compile_cache.warm_up_with_cache(generator, tmp_path)
+    finally:
+        torch._dynamo.reset()
+    assert _saved_key(tmp_path)["offload"] == "model"
+
+
+def test_a_start_whose_warm_up_fails_still_tidies(tiny_weights, tmp_path):
+    """A setup that fails (out of memory in the warm-up) is retried by a restart: each one
+    would otherwise leave what killed starts left, for good."""
+    generator = _tiny_generator(tiny_weights)
+    folder = tmp_path / compile_cache.FOLDER
+    folder.mkdir()
+    abandoned = folder / "cogvideox-5b-t2v-0123.bin.0123456789abcdef-7-1.tmp"
+    abandoned.write_bytes(b"part of a compile cache")
+    _age(abandoned, hours=2)
+
+    def fails():
+        raise RuntimeError("out of memory in the warm-up")
+
+    generator.warm_up = fails
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compile_cache.warm_up_with_cache(generator, tmp_path)
+    assert not abandoned.exists()
+
+
 def _age(path: Path, hours: float) -> None:
     then = time.time() - hours * 3600
     os.utime(path, (then, then))
