@@ -429,6 +429,21 @@ def test_a_start_that_loaded_its_file_and_compiled_more_saves_it_again(tiny_weig
     assert path.read_bytes() != first
 
 
+@needs_cpp_compiler
+def test_a_warm_up_counts_only_the_graphs_it_compiled_itself(tiny_weights, tmp_path):
+    """What the process compiled before (a benchmark's earlier start) is not the warm-up's:
+    counted, a start that loaded everything would report compiles and save again."""
+    generator = _tiny_generator(tiny_weights)
+    new_constant = time.time_ns() % 10**9 + 5  # a graph no earlier run compiled
+    generator.warm_up = lambda: None
+    try:
+        torch.compile(lambda x: x * new_constant)(torch.ones(3))
+        assert compile_cache.compiled_graphs() > 0
+        assert compile_cache.warm_up_with_cache(generator, tmp_path) == 0
+    finally:
+        torch._dynamo.reset()
+
+
 def _saved_key(tmp_path) -> dict:
     (path,) = (tmp_path / compile_cache.FOLDER).glob("*.bin")
     return json.loads(path.read_bytes().split(b"\n")[1])
