@@ -450,32 +450,29 @@ def _saved_key(tmp_path) -> dict:
 
 
 @needs_cpp_compiler
-def test_a_start_keys_its_file_by_the_attention_backend_the_model_runs(tiny_weights, tmp_path):
-    variant = VARIANTS[VARIANT]
-    math = AttentionBackendName._NATIVE_MATH
-    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", attention=math)
-    generator = VideoGenerator(variant, pipe, CPU)
-    _warm_up_compiling(generator, lambda x: x * 2 + 1)
-    try:
-        compile_cache.warm_up_with_cache(generator, tmp_path)
-    finally:
-        torch._dynamo.reset()
-    assert _saved_key(tmp_path)["attention"] == "_native_math"
-
-
-@needs_cpp_compiler
-def test_a_start_keys_its_file_by_the_offload_policy_it_placed_the_weights_with(
-    tiny_weights, tmp_path
+@pytest.mark.parametrize(
+    ("field", "offload", "attention", "expected"),
+    [
+        ("attention", "none", AttentionBackendName._NATIVE_MATH, "_native_math"),
+        ("offload", "model", None, "model"),
+    ],
+    ids=["attention-backend", "offload-policy"],
+)
+def test_a_start_keys_its_file_by_how_the_model_was_built(
+    tiny_weights, tmp_path, field, offload, attention, expected
 ):
+    """The attention backend the model runs and the offload policy its weights were placed
+    with change the graphs: a file compiled under others would not fit."""
     variant = VARIANTS[VARIANT]
-    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model")
+    built = {"attention": attention} if attention else {}
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, offload, **built)
     generator = VideoGenerator(variant, pipe, CPU)
     _warm_up_compiling(generator, lambda x: x * 2 + 1)
     try:
         compile_cache.warm_up_with_cache(generator, tmp_path)
     finally:
         torch._dynamo.reset()
-    assert _saved_key(tmp_path)["offload"] == "model"
+    assert _saved_key(tmp_path)[field] == expected
 
 
 def test_a_start_whose_warm_up_fails_still_tidies(tiny_weights, tmp_path):
