@@ -3,10 +3,11 @@
 Serves the files of one directory over HTTP/1.1 with keep-alive and byte ranges (206 with
 Content-Range, as CDNs do), counts the body bytes it sent, logs each request, and injects the
 faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying
-Content-Length, a flipped byte, a stalled transfer, no Range support, no validators (neither
-ETag nor Last-Modified, as some hosts), or Last-Modified alone; bodies can be sent chunked,
-without a Content-Length (as some proxies send them). A test changes a served file by
-replacing it in the directory, or mid-download with `replace_after`.
+Content-Length, a flipped byte, a stalled transfer, a range other than the one asked for, no
+Range support, no validators (neither ETag nor Last-Modified, as some hosts), or
+Last-Modified alone; bodies can be sent chunked, without a Content-Length (as some proxies
+send them). A test changes a served file by replacing it in the directory, or mid-download
+with `replace_after`.
 
 A fault is keyed by file name and applies to the next `times` responses for that file
 (None: to all of them). Offsets are offsets in the file, not in one response's body, so a
@@ -36,7 +37,7 @@ _BLOCK = 256 << 10
 
 @dataclass
 class _Fault:
-    kind: str  # "drop", "status", "length", "flip", "stall", "redirect"
+    kind: str  # "drop", "status", "length", "flip", "stall", "redirect", "shift"
     offset: int = 0
     location: str = ""
     status: int = 0
@@ -104,6 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= size or start > end:
                 self._error(416, size)
                 return
+            shift = owner._take(name, "shift") if start >= owner._shift_of(name) > 0 else None
+            if shift:  # other bytes than asked, their Content-Range saying which
+                start, end = start - shift.delta, end - shift.delta
         length = end - start + 1
         lie = owner._take(name, "length")
         self.send_response(206 if ranged else 200)
@@ -247,6 +251,11 @@ class FileServer:
         """Stop sending before `offset` for `seconds` (or until stop()), then close."""
         self._add(name, _Fault("stall", offset=offset, seconds=seconds, times=times))
 
+    def shift_range(self, name: str, delta: int, times: int | None = 1) -> None:
+        """Answer a range that starts at or past `delta` with the bytes `delta` before it (of
+        the same length), and a Content-Range that says so."""
+        self._add(name, _Fault("shift", delta=delta, times=times))
+
     def replace_after(self, name: str, responses: int) -> None:
         """Re-upload `name` (same bytes, a new modification time: a new ETag and Last-Modified)
         while its `responses`-th response is sent; that response still describes the old one."""
@@ -278,6 +287,11 @@ class FileServer:
                     self._spend_locked(fault)
                     return fault
         return None
+
+    def _shift_of(self, name: str) -> int:
+        with self._lock:
+            shifts = [f for f in self._faults.get(name, []) if f.kind == "shift" and f.times != 0]
+        return shifts[0].delta if shifts else 0
 
     def _peek(self, name: str, kind: str, start: int, stop: int) -> _Fault | None:
         with self._lock:

@@ -246,3 +246,18 @@ def test_a_capped_fetch_stops_writing_once_cancelled(served, monkeypatch):
     out = io.BytesIO()
     download.fetch_capped(served.url("blob.bin"), out, SIZE, cancelled, "blob.bin")
     assert 0 < len(out.getvalue()) < SIZE
+
+
+def test_a_chunked_answer_for_other_bytes_than_asked_is_retried(served, tmp_path):
+    """Without a Content-Length, only the Content-Range's start says the bytes are not the
+    ones asked for: taken, they were written where the asked ones belong."""
+    chunked = FileServer(served.directory, chunked=True)
+    try:
+        chunked.drop_at("blob.bin", 100_000)  # the retry asks for bytes 100,000 on
+        chunked.shift_range("blob.bin", 1_000)
+        remote, _ = download.probe(chunked.url("blob.bin"))
+        with download.open_url(remote, None, 0, "download of blob.bin") as stream:
+            assert stream.read(SIZE) == _served_bytes(served)
+        assert chunked._shift_of("blob.bin") == 0  # the shifted answer was sent, and refused
+    finally:
+        chunked.stop()
