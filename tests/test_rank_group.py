@@ -358,19 +358,26 @@ def _cancel_in(thread: threading.Thread) -> None:
     )
 
 
+def _on_a_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """call() on a thread of its own, as Cog's worker runs a prediction, so that a hang fails
+    the test instead of hanging it; the list gets what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, raised
+
+
 def _canceled_check(ranks: group.RankGroup) -> list[BaseException]:
     """What ranks.check(REQUEST) raised, canceled as Cog cancels it soon after it began;
     empty if it still runs HUNG_S later."""
-    outcome = []
-
-    def check() -> None:
-        try:
-            ranks.check(REQUEST)
-        except BaseException as error:
-            outcome.append(error)
-
-    checking = threading.Thread(target=check, daemon=True)
-    checking.start()
+    checking, outcome = _on_a_thread(lambda: ranks.check(REQUEST))
     time.sleep(BOUND_S / 5)
     _cancel_in(checking)
     checking.join(HUNG_S)
@@ -467,17 +474,8 @@ def _refuse_to_unpickle():
 def test_a_message_that_cannot_be_read_fails_the_prediction_instead_of_hanging_it():
     """Rank 0 answers the render with it, so the prediction is already waiting when the
     thread reading the ranks fails; it runs on a thread of its own, so that a hang fails."""
-    raised = []
-
-    def predict(ranks: group.RankGroup) -> None:
-        try:
-            ranks.predict(REQUEST)
-        except RankGroupError as error:
-            raised.append(error)
-
     with _group_answering([(None, _Unreadable()), (30.0, Done(1, None))]) as ranks:
-        prediction = threading.Thread(target=predict, args=(ranks,), daemon=True)
-        prediction.start()
+        prediction, raised = _on_a_thread(lambda: ranks.predict(REQUEST))
         prediction.join(timeout=10)
         assert not prediction.is_alive(), "the prediction still waits"
         assert "the thread reading the ranks failed" in str(raised[0])
@@ -700,18 +698,9 @@ def test_the_ranks_setup_log_lines_are_logged_by_the_worker(caplog):
 
 
 def test_the_prediction_after_a_canceled_one_finds_nothing_left_to_stop(caplog):
-    outcome = []
-
-    def predict(ranks: group.RankGroup) -> None:
-        try:
-            ranks.predict(REQUEST)
-        except BaseException as error:
-            outcome.append(error)
-
     answers = [(BOUND_S, Canceled(0, 1)), (BOUND_S, Canceled(1, 1))]
     with _group_answering(answers) as ranks:
-        prediction = threading.Thread(target=predict, args=(ranks,), daemon=True)
-        prediction.start()
+        prediction, outcome = _on_a_thread(lambda: ranks.predict(REQUEST))
         time.sleep(BOUND_S / 5)
         _cancel_in(prediction)
         prediction.join(HUNG_S)
