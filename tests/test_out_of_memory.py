@@ -271,6 +271,27 @@ def test_out_of_gpu_memory_in_the_interpolation_names_its_size_and_smaller_choic
     )
 
 
+def test_out_of_gpu_memory_in_a_2x_upscale_asks_for_none_alone():
+    """2x is the smallest upscale: nothing smaller runs the model on less."""
+    with pytest.raises(GpuMemoryError) as raised:
+        _postprocessed(Steps(upscale=2))
+    assert str(raised.value).endswith("40x24 to 80x48. Ask for upscale='none'.")
+
+
+def test_out_of_gpu_memory_interpolating_upscaled_frames_names_their_size_and_less_upscale():
+    """The interpolation runs on the upscaled frames: their size is what ran out, and a
+    smaller upscale needs less; 2x is the smallest interpolation."""
+    frames = np.random.default_rng(0).random((3, 24, 40, 3), dtype=np.float32)
+    postprocessor = Postprocessor(tiny_ifnet(), tiny_rrdbnet(), CPU)
+    steps = Steps(interpolate=2, upscale=2)
+    with _out_of_memory(postprocessor.interpolator), pytest.raises(GpuMemoryError) as raised:
+        postprocessor.apply(frames, 8, steps, lambda name, value: None).array()
+    assert str(raised.value) == (
+        "The GPU ran out of memory while interpolating 3 frames 2x at 80x48. Ask for "
+        "interpolate='none', or a smaller upscale."
+    )
+
+
 def test_an_upscale_out_of_gpu_memory_before_interpolating_keeps_no_frame_while_held():
     """The error passes through the interpolation's frames on its way to the encoder: their
     last upscaled frame stayed on the GPU with it while Cog reported it."""
