@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cogvideox_cog import postprocess
 from cogvideox_cog.devtools.tiny_postprocess import (
+    TINY_RIFE_WIDTHS,
     save_tiny_realesrgan,
     save_tiny_rife,
     tiny_ifnet,
@@ -25,7 +27,11 @@ from cogvideox_cog.devtools.tiny_postprocess import (
 )
 from cogvideox_cog.errors import ConfigError, InputError, WeightsError
 from cogvideox_cog.postprocess import (
+    INTERPOLATE_ENV,
+    INTERPOLATE_URL_ENV,
+    UPSCALE_ENV,
     UPSCALE_URL_ENV,
+    Offer,
     Postprocessor,
     Steps,
     _build_ifnet,
@@ -82,12 +88,146 @@ def test_interpolation_between_two_equal_still_frames_is_that_frame(postprocesso
     assert np.abs(frames[1].astype(int) - round(0.4 * 255)).max() <= 1
 
 
+def _leaky(x):
+    return F.leaky_relu(x, 0.2)
+
+
+def _conv(state, name, x, stride=1):
+    return F.conv2d(x, state[f"{name}.weight"], state[f"{name}.bias"], stride, 1)
+
+
+def _deconv(state, name, x):
+    return F.conv_transpose2d(x, state[f"{name}.weight"], state[f"{name}.bias"], 2, 1)
+
+
+def _rife_head(state, image):
+    for index, stride in ((0, 2), (1, 1), (2, 1)):
+        image = _leaky(_conv(state, f"encode.cnn{index}", image, stride))
+    return _deconv(state, "encode.cnn3", image)
+
+
+def _rife_block(state, index, x, flow, scale):
+    x = F.interpolate(x, scale_factor=1.0 / scale, mode="bilinear")
+    if flow is not None:
+        x = torch.cat(
+            (x, F.interpolate(flow, scale_factor=1.0 / scale, mode="bilinear") / scale), 1
+        )
+    name = f"block{index}"
+    x = _leaky(_conv(state, f"{name}.conv0.0.0", x, 2))
+    x = _leaky(_conv(state, f"{name}.conv0.1.0", x, 2))
+    for k in range(8):
+        res = f"{name}.convblock.{k}"
+        x = _leaky(_conv(state, f"{res}.conv", x) * state[f"{res}.beta"] + x)
+    x = F.pixel_shuffle(_deconv(state, f"{name}.lastconv.0", x), 2)
+    x = F.interpolate(x, scale_factor=scale, mode="bilinear")
+    return x[:, :4] * scale, x[:, 4:5], x[:, 5:]
+
+
+def _rife_warp(image, flow):
+    batch, _, height, width = flow.shape
+    xs = torch.linspace(-1.0, 1.0, width).view(1, 1, 1, width).expand(batch, -1, height, -1)
+    ys = torch.linspace(-1.0, 1.0, height).view(1, 1, height, 1).expand(batch, -1, -1, width)
+    flow = torch.cat(
+        (flow[:, 0:1] / ((width - 1.0) / 2.0), flow[:, 1:2] / ((height - 1.0) / 2.0)), 1
+    )
+    grid = (torch.cat((xs, ys), 1) + flow).permute(0, 2, 3, 1)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _rife_reference(state, img0, img1, timestep):
+    """Practical-RIFE v4.26's IFNet forward, in functional ops on its state dict."""
+    f0, f1 = _rife_head(state, img0), _rife_head(state, img1)
+    warped0, warped1, flow = img0, img1, None
+    for index, scale in enumerate((16, 8, 4, 2, 1)):
+        if flow is None:
+            inputs = torch.cat((img0, img1, f0, f1, timestep), 1)
+            flow, mask, context = _rife_block(state, index, inputs, None, scale)
+        else:
+            features = (_rife_warp(f0, flow[:, :2]), _rife_warp(f1, flow[:, 2:4]))
+            inputs = torch.cat((warped0, warped1, *features, timestep, mask, context), 1)
+            delta, mask, context = _rife_block(state, index, inputs, flow, scale)
+            flow = flow + delta
+        warped0, warped1 = _rife_warp(img0, flow[:, :2]), _rife_warp(img1, flow[:, 2:4])
+    mask = torch.sigmoid(mask)
+    return warped0 * mask + warped1 * (1 - mask)
+
+
+def test_interpolated_frames_are_practical_rifes_ifnet_at_each_timestep():
+    """Against Practical-RIFE v4.26's forward written out on the state dict: each pair's
+    frames at t = 1/4, 2/4, 3/4, its frames padded to 64 by repeating their edges."""
+    model, frames = tiny_ifnet(), _frames(3)
+    with torch.no_grad():  # the random weights barely see the timestep: any would pass
+        model.block0.conv0[0][0].weight[:, -1] *= 50
+    made = Postprocessor(interpolator=model, device=CPU).apply(frames, 8, Steps(interpolate=4))
+    made = made.array()
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    pad = (0, -WIDTH % 64, 0, -HEIGHT % 64)
+    for pair in (0, 1):
+        img0, img1 = (
+            F.pad(torch.from_numpy(frames[i]).permute(2, 0, 1)[None], pad, mode="replicate")
+            for i in (pair, pair + 1)
+        )
+        times = torch.tensor([0.25, 0.5, 0.75]).view(3, 1, 1, 1).expand(3, 1, *img0.shape[2:])
+        with torch.inference_mode():
+            middle = _rife_reference(
+                state, img0.expand(3, -1, -1, -1), img1.expand(3, -1, -1, -1), times
+            )
+        middle = middle[:, :, :HEIGHT, :WIDTH].clamp(0, 1)
+        expected = torch.round(middle * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        got = made[4 * pair + 1 : 4 * pair + 4]
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("steps", [Steps(interpolate=2), Steps(upscale=2)], ids=str)
+def test_8_bit_frames_give_what_their_values_over_255_give(postprocessor, steps):
+    """Upscaled frames reach the interpolation as 8-bit ones; decoded ones come as floats."""
+    frames = np.rint(_frames(2) * 255).astype(np.uint8)
+    as_8_bit = postprocessor.apply(frames, 8, steps).array()
+    as_floats = postprocessor.apply(frames / np.float32(255), 8, steps).array()
+    assert np.abs(as_8_bit.astype(int) - as_floats.astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("factor", [2, 4])
 def test_upscale_multiplies_width_and_height(postprocessor, factor):
     output = postprocessor.apply(_frames(2), 8, Steps(upscale=factor))
     frames = output.array()
     assert frames.shape == (2, HEIGHT * factor, WIDTH * factor, 3)
     assert (frames.dtype, output.fps) == (np.uint8, 8)
+
+
+def _rdb(state, name, x):
+    dense = [x]
+    for conv in range(1, 5):
+        dense.append(_leaky(_conv(state, f"{name}.conv{conv}", torch.cat(dense, 1))))
+    return _conv(state, f"{name}.conv5", torch.cat(dense, 1)) * 0.2 + x
+
+
+def _rrdbnet_reference(state, x, scale):
+    """BasicSR's RRDBNet forward, in functional ops on its state dict."""
+    if scale < 4:
+        x = F.pixel_unshuffle(x, 4 // scale)
+    feat = _conv(state, "conv_first", x)
+    body = feat
+    blocks = len({key.split(".")[1] for key in state if key.startswith("body.")})
+    for block in range(blocks):
+        inner = body
+        for rdb in (1, 2, 3):
+            inner = _rdb(state, f"body.{block}.rdb{rdb}", inner)
+        body = inner * 0.2 + body
+    feat = feat + _conv(state, "conv_body", body)
+    feat = _leaky(_conv(state, "conv_up1", F.interpolate(feat, scale_factor=2, mode="nearest")))
+    feat = _leaky(_conv(state, "conv_up2", F.interpolate(feat, scale_factor=2, mode="nearest")))
+    return _conv(state, "conv_last", _leaky(_conv(state, "conv_hr", feat)))
+
+
+def test_upscaled_frames_are_basicsrs_rrdbnet():
+    model, frames = tiny_rrdbnet(), _frames(2)
+    made = Postprocessor(upscaler=model, device=CPU).apply(frames, 8, Steps(upscale=4)).array()
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    with torch.inference_mode():
+        out = _rrdbnet_reference(state, torch.from_numpy(frames).permute(0, 3, 1, 2), 4)
+    expected = torch.round(out.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(made.astype(int) - expected.astype(int)).max() <= 1
 
 
 def test_upscale_2x_is_the_4x_models_output_area_resized():
@@ -236,6 +376,15 @@ def test_a_long_step_logs_where_it_is(postprocessor, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
         postprocessor.apply(_frames(3), 8, Steps(interpolate=2)).array()
     assert "interpolate: 1/2 frame pairs, " in caplog.text
+
+
+def test_a_long_steps_progress_lines_end_before_its_last_pair(postprocessor, monkeypatch, caplog):
+    """The step's own line says when it is done: a "2/2" before it would say nothing new."""
+    monkeypatch.setattr(postprocess, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        postprocessor.apply(_frames(3), 8, Steps(interpolate=2)).array()
+    assert "interpolate: 1/2 frame pairs" in caplog.text
+    assert "2/2 frame pairs" not in caplog.text
 
 
 def test_no_step_leaves_the_frames_untouched(postprocessor):
@@ -597,11 +746,72 @@ def test_a_downloaded_file_that_fails_to_load_is_not_downloaded_again(tmp_path, 
     assert len(probes) == 1
 
 
+def test_a_cached_copy_that_fails_and_its_fetch_again_too_leaves_nothing_cached(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+
+    def refuse(state):
+        raise ValueError("not this architecture")
+
+    with pytest.raises(WeightsError, match="not this architecture"):
+        load_model(source, refuse)
+    assert not list((tmp_path / "cache" / "postprocess").glob("real-esrgan-*/x4.pth"))
+
+
+def test_a_file_with_entries_other_than_tensors_is_refused(tmp_path):
+    """A training checkpoint's step count or optimizer beside the weights: not a plain state
+    dict, so not a file an operator can be sure is the released one."""
+    state = {**tiny_rrdbnet().state_dict(), "iteration": 400_000}
+    torch.save(state, tmp_path / "net_g.pth")
+    with pytest.raises(ValueError, match="no state dict of tensors"):
+        read_state_dict(tmp_path / "net_g.pth")
+
+
+def test_a_cached_copy_of_another_size_is_fetched_again_not_loaded(tmp_path, monkeypatch):
+    """Unpinned, the size in the marker is what tells the copy from other weights that load
+    as well."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    (cached,) = (tmp_path / "cache" / "postprocess").glob("*/x4.pth")
+    torch.save(rrdbnet.RRDBNet(features=8, blocks=1, growth=4, scale=2).state_dict(), cached)
+    assert load_model(source, _build_rrdbnet).scale == 4
+
+
+def test_a_local_file_unchanged_since_it_was_cached_is_not_copied_again(
+    tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    caplog.clear()
+    load_model(source, _build_rrdbnet)
+    assert "Real-ESRGAN: using cached" in caplog.text
+    assert "ready in" not in caplog.text
+
+
 def test_a_download_that_fails_leaves_no_staging_folder(tmp_path, monkeypatch):
     _load_from_a_url_that_answers_404(tmp_path, monkeypatch)
     assert not [
         p.name for p in (tmp_path / "cache" / "postprocess").iterdir() if "staging" in p.name
     ]
+
+
+def test_interpolate_enabled_loads_rife_from_its_url_and_offers_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(INTERPOLATE_ENV, "1")
+    monkeypatch.setenv(INTERPOLATE_URL_ENV, str(save_tiny_rife(tmp_path / "flownet.pkl")))
+    monkeypatch.delenv(UPSCALE_ENV, raising=False)
+    postprocessor = Postprocessor.from_env(CPU)
+    assert postprocessor.offer == Offer(interpolate=True, upscale=None)
+    assert rife.widths_of(postprocessor.interpolator.state_dict()) == TINY_RIFE_WIDTHS
 
 
 def test_an_enabling_value_other_than_0_or_1_fails_setup_naming_the_variable(monkeypatch):
