@@ -63,6 +63,8 @@ def loras(tiny_weights, tmp_path_factory) -> FileServer:
     save_diffusers_lora(a, root / "a-alpha1", alpha=1)  # SAT's alpha, stored
     save_sat_lora(a, root / "a-sat")
     save_renamed(a, root / "a-bare" / LORA, lambda k: k)  # a peft state dict, saved as is
+    float64 = {k: v.double() for k, v in a.items()}
+    save_renamed(float64, root / "a-float64" / LORA, lambda k: f"transformer.{k}")
     wider = lora_tensors(transformer, RANK, seed=3, attention_head_dim=24)  # 48 wide, not 32
     save_diffusers_lora(wider, root / "wider")
     deeper = lora_tensors(transformer, RANK, seed=3, num_layers=3)
@@ -222,6 +224,27 @@ def test_a_rank_stabilised_lora_is_scaled_by_alpha_over_the_root_of_its_rank(gen
     """peft's use_rslora, as diffusers applies it: alpha 8 at rank 4 is 8 / 2, not 8 / 4."""
     rslora = _frames(generator, _url(loras, "a-rslora"), 1.0)
     np.testing.assert_array_equal(rslora, _frames(generator, _url(loras, "a"), 4.0))
+
+
+def test_an_alpha_pattern_in_the_files_metadata_sets_its_layers_scale(generator, loras, tmp_path):
+    """A trainer's alpha for one layer, recorded by save_lora_weights, is the one peft applies."""
+    tensors = load_file(generator.lora_cache.get(_url(loras, "a")))
+    layer = "transformer_blocks.0.attn1.to_q"
+    config = {"lora_alpha": RANK, "alpha_pattern": {f"^{layer}": 2 * RANK}}
+    path = tmp_path / "alpha-pattern.safetensors"
+    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(config)})
+    transformer = generator.pipe.transformer
+    try:
+        generator.lora.use(path, 1.0)
+        assert transformer.get_submodule(layer).scaling["lora"] == 2.0
+        assert transformer.get_submodule("transformer_blocks.0.attn1.to_k").scaling["lora"] == 1.0
+    finally:
+        generator.lora.use(None, 1.0)
+
+
+def test_a_lora_in_float64_gives_the_frames_of_its_float32_values(generator, loras):
+    float64 = _frames(generator, _url(loras, "a-float64"))
+    np.testing.assert_array_equal(float64, _frames(generator, _url(loras, "a")))
 
 
 def test_fifty_switches_leave_adapters_and_parameters_unchanged(generator, loras):
@@ -392,6 +415,19 @@ def test_lora_mismatch_error_says_the_base_model_is_unchanged(generator, loras):
         _frames(generator, _url(loras, "wider"))
 
 
+def test_a_lora_of_layers_whose_inputs_and_outputs_differ_in_size_fits(
+    generator, tiny_weights, tmp_path
+):
+    transformer = tiny_weights["1.0-t2v"] / "transformer"
+    # 32 -> 16 and 32 -> 128 features in the tiny model
+    tensors = lora_tensors(transformer, RANK, seed=5, targets=["proj_out", "ff.net.0.proj"])
+    path = save_diffusers_lora(tensors, tmp_path)
+    try:
+        generator.lora.use(path, 1.0)
+    finally:
+        generator.lora.use(None, 1.0)
+
+
 class _CountedRewrites:
     """A language model that rewrites every prompt the same way, and counts its calls."""
 
@@ -477,6 +513,7 @@ def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, lor
         {"lora_alpha": 4, "alpha_pattern": [1, 2]},
         {"lora_alpha": 4, "alpha_pattern": {"^transformer_blocks.0": "NaN"}},
         {"lora_alpha": 4, "alpha_pattern": {"(\\w|\\w|\\w)*!": 1.0}},
+        {"lora_alpha": 4, "alpha_pattern": {"transformer_blocks.0.(\\w|\\w|\\w)*!": 1.0}},
         {"lora_alpha": 4, "use_rslora": "yes"},
         {"lora_alpha": float("inf")},
         {"lora_alpha": True},
@@ -485,6 +522,7 @@ def test_a_request_renders_the_same_frames_whatever_ran_before_it(generator, lor
         "pattern-a-list",
         "pattern-not-a-number",
         "pattern-a-regex-of-exponential-time",
+        "pattern-a-layer-name-then-a-regex",
         "rslora-not-a-bool",
         "alpha-infinite",
         "alpha-a-bool",
@@ -578,6 +616,57 @@ def test_a_lora_of_the_models_depth_with_unknown_layers_is_not_told_its_depth_di
     with pytest.raises(LoraError, match=r"1 of its 1 layers are not in the model") as refused:
         check_fits(read_lora(tmp_path / LORA), layers, "cogvideox-5b")
     assert "transformer blocks" not in str(refused.value)
+
+
+def test_a_lora_key_that_only_begins_as_a_peft_weight_is_refused_as_not_one(tmp_path):
+    """A quantizer's `lora_A.weight_scale` beside the weights is not a peft LoRA weight."""
+    tensors = {
+        **_pair("transformer.proj_out"),
+        "transformer.proj_out.lora_A.weight_scale": torch.ones(1),
+    }
+    save_file(tensors, tmp_path / LORA)
+    with pytest.raises(LoraError, match=r"1 keys that are not peft LoRA weights .*weight_scale"):
+        read_lora(tmp_path / LORA)
+
+
+def test_a_lora_layer_without_its_lora_b_is_refused_naming_it(tmp_path):
+    tensors = _pair("transformer.proj_out")
+    del tensors["transformer.proj_out.lora_B.weight"]
+    save_file(tensors, tmp_path / LORA)
+    with pytest.raises(LoraError, match=r"the LoRA has no lora_B weight for proj_out\."):
+        read_lora(tmp_path / LORA)
+
+
+def test_lora_metadata_without_lora_alpha_takes_alpha_equal_to_rank(tmp_path):
+    metadata = {METADATA_KEY: json.dumps({"transformer.r": RANK, "transformer.use_rslora": False})}
+    save_file(_pair("transformer.proj_out"), tmp_path / LORA, metadata=metadata)
+    lora = read_lora(tmp_path / LORA)
+    assert (lora.alpha, lora.alpha_source) == (RANK, "the diffusers convention, alpha = rank")
+
+
+def test_the_trained_scale_of_a_lora_of_mixed_ranks_is_alpha_over_its_most_common_rank(tmp_path):
+    """What the log gives as the scale applied at lora_scale 1 (docs/lora.md)."""
+    tensors = {
+        **_pair("transformer.transformer_blocks.0.attn1.to_q"),
+        **_pair("transformer.transformer_blocks.0.attn1.to_k"),
+        "transformer.proj_out.lora_A.weight": torch.ones(2 * RANK, 32),
+        "transformer.proj_out.lora_B.weight": torch.ones(32, 2 * RANK),
+    }
+    metadata = {METADATA_KEY: json.dumps({"transformer.lora_alpha": 2 * RANK})}
+    save_file(tensors, tmp_path / LORA, metadata=metadata)
+    lora = read_lora(tmp_path / LORA)
+    assert (lora.rank, lora.trained_scale) == (RANK, 2.0)
+
+
+def test_a_lora_whose_layers_fit_under_a_prefix_only_in_part_is_not_told_to_drop_it(tmp_path):
+    tensors = {
+        **_pair("base_model.model.transformer_blocks.0.attn1.to_q"),
+        **_pair("base_model.model.transformer_blocks.0.attn1.to_x"),
+    }
+    save_file(tensors, tmp_path / LORA)
+    layers = {"transformer_blocks.0.attn1.to_q": (32, 32)}
+    with pytest.raises(LoraError, match=r"2 of its 2 layers are not in the model"):
+        check_fits(read_lora(tmp_path / LORA), layers, "cogvideox-5b")
 
 
 @pytest.mark.parametrize(("use_rslora", "trained_scale"), [(False, 2.0), (True, 4.0)])
