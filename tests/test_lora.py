@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import cog
+import diffusers
 import numpy as np
 import peft
 import pytest
 import torch
+from diffusers.loaders import lora_base
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -262,12 +265,57 @@ def test_fifty_switches_leave_adapters_and_parameters_unchanged(generator, loras
     assert not getattr(transformer, "peft_config", None) and _peft_layers(transformer) == 0
 
 
+def test_a_lora_asked_for_again_stays_loaded_and_only_takes_the_new_scale(generator, loras):
+    """Loading costs seconds on the real model; the repeated request keeps the peft layers."""
+    transformer = generator.pipe.transformer
+    path = generator.lora_cache.get(_url(loras, "a"))
+    generator.lora.use(path, 1.0)
+    layer = transformer.get_submodule("transformer_blocks.0.attn1.to_q")
+    generator.lora.use(path, 0.5)
+    assert transformer.get_submodule("transformer_blocks.0.attn1.to_q") is layer
+    assert layer.scaling["lora"] == 0.5
+
+
+def test_the_log_gives_the_scale_applied_as_lora_scale_times_the_trained_scale(
+    generator, loras, caplog
+):
+    """Again for the LoRA already on, whose trained scale is not read again."""
+    path = generator.lora_cache.get(_url(loras, "a-rslora"))
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog.lora.slot"):
+        generator.lora.use(path, 0.5)
+        generator.lora.use(path, 1.0)
+    applied = [r.getMessage() for r in caplog.records if "scale applied" in r.getMessage()]
+    assert applied == [
+        "lora: scale applied = lora_scale 0.5 x alpha/sqrt(rank) 4 = 2",
+        "lora: scale applied = lora_scale 1 x alpha/sqrt(rank) 4 = 4",
+    ]
+
+
 def test_a_lora_whose_unload_was_canceled_is_loaded_again_in_full(generator, loras, monkeypatch):
     """The cancel lands after diffusers put back 2 of the LoRA's base layers: asked for the
     same LoRA next, the slot loads it again instead of rescaling the layers left."""
     full = _frames(generator, _url(loras, "a"))
     with monkeypatch.context() as patch:
         _raise_at_call(patch, BaseTunerLayer, "get_base_layer", cog.CancelationException(), 3)
+        with pytest.raises(cog.CancelationException):
+            _frames(generator)
+    np.testing.assert_array_equal(_frames(generator, _url(loras, "a")), full)
+
+
+def test_a_lora_whose_unload_was_canceled_after_its_layers_went_loads_again(
+    generator, loras, monkeypatch
+):
+    """The cancel lands after diffusers removed the peft layers, before it drops peft_config:
+    the next load must not find the adapter name taken."""
+    full = _frames(generator, _url(loras, "a"))
+    remove = diffusers.utils.recurse_remove_peft_layers
+
+    def remove_then_cancel(model):
+        remove(model)
+        raise cog.CancelationException()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(diffusers.utils, "recurse_remove_peft_layers", remove_then_cancel)
         with pytest.raises(cog.CancelationException):
             _frames(generator)
     np.testing.assert_array_equal(_frames(generator, _url(loras, "a")), full)
@@ -384,6 +432,28 @@ def test_the_prediction_after_a_lora_load_cut_short_runs_offloaded_as_placed(
     assert during_steps == [placed, placed]
 
 
+def test_the_prediction_after_a_cancel_while_the_offload_hooks_came_off_runs_as_placed(
+    tiny_weights, loras, tmp_path, monkeypatch
+):
+    """diffusers takes the hooks off one component at a time: canceled after the first, the
+    others keep theirs, and the first must get its hook back too."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "model")
+    generator = VideoGenerator(variant, pipe, CPU)
+    generator.lora_cache = LoraCache(tmp_path, 1 << 30, 1 << 30, 60)
+    placed = _offload_hooks(pipe)
+    with monkeypatch.context() as patch:
+        cancel = cog.CancelationException()
+        _raise_at_call(patch, lora_base, "remove_hook_from_module", cancel, call=2)
+        with pytest.raises(cog.CancelationException):
+            _frames(generator, _url(loras, "a"))
+    assert _offload_hooks(pipe) != placed
+    during_steps = []
+    generator.on_step = lambda step, seconds: during_steps.append(_offload_hooks(pipe))
+    _frames(generator)
+    assert during_steps == [placed, placed]
+
+
 @pytest.mark.parametrize(
     ("folder", "message"),
     [
@@ -426,6 +496,18 @@ def test_a_lora_of_layers_whose_inputs_and_outputs_differ_in_size_fits(
         generator.lora.use(path, 1.0)
     finally:
         generator.lora.use(None, 1.0)
+
+
+def test_a_lora_that_does_not_fit_leaves_the_lora_on_the_model_in_place(generator, loras):
+    """Refused before anything is changed: the LoRA already on stays on, as it was."""
+    transformer = generator.pipe.transformer
+    _frames(generator, _url(loras, "a"))
+    before = _weights(transformer)
+    with pytest.raises(LoraError, match="does not fit"):
+        _frames(generator, _url(loras, "wider"))
+    after = transformer.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 class _CountedRewrites:
@@ -727,6 +809,16 @@ def _compiled_generator(tiny_weights, tmp_path) -> VideoGenerator:
     generator = VideoGenerator(variant, pipe, CPU)
     generator.lora_cache = LoraCache(tmp_path / "cache", 1 << 30, 1 << 30, 60)
     return generator
+
+
+def test_a_lora_loaded_on_a_compiled_transformer_warns_that_it_compiles_again(
+    tiny_weights, loras, tmp_path, caplog
+):
+    """The first prediction after it takes minutes on the real model: the log says why."""
+    generator = _compiled_generator(tiny_weights, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cogvideox_cog.lora.slot"):
+        generator.lora.use(generator.lora_cache.get(_url(loras, "a")), 1.0)
+    assert "lora: the compiled transformer compiles again" in caplog.text
 
 
 def test_compiled_transformer_switches_between_loras_of_one_shape_without_compiling(
