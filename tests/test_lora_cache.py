@@ -1240,3 +1240,337 @@ def test_a_tar_that_fills_the_volume_is_not_called_unreadable(served, cache, mon
         cache.get(server.url("run.tar"))
     assert "no space left" in str(failed.value)
     assert "cannot be read" not in str(failed.value)
+
+
+def test_a_volume_with_exactly_the_room_asked_for_evicts_nothing(tmp_path, monkeypatch):
+    """Making room stops once the volume has the room one download needs: free bytes equal
+    to it are enough."""
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=1 << 30, timeout_s=30)
+    blobs = [_cached(cache, f"https://example.com/{seed}.safetensors", seed) for seed in (1, 2)]
+    volume = _SmallVolume(monkeypatch, cache, 4 * blobs[0].stat().st_size)
+    assert cache.evict(room=volume.usage(None).free) == 0
+    assert all(blob.exists() for blob in blobs)
+
+
+def test_a_lora_just_downloaded_stays_on_a_volume_that_refuses_locks(served, tmp_path, monkeypatch):
+    """Where flock fails (ENOLCK on some network volumes) nothing is held, and the eviction
+    after a download, with downloads in progress filling the bound, must pass over the LoRA
+    it is about to return."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    cache = LoraCache(tmp_path / "cache", 1 << 20, len(data) + len(data) // 2, timeout_s=30)
+    in_progress = cache.partial / "1-2-3"  # an older version's download: no owner lock
+    in_progress.mkdir(parents=True)
+    (in_progress / "download").write_bytes(bytes(len(data)))
+
+    def refused(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(store, "fcntl", SimpleNamespace(**{**vars(store.fcntl), "flock": refused}))
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+
+
+def test_an_index_at_its_bound_exactly_forgets_no_url(cache, monkeypatch):
+    """MAX_URL_ENTRIES is what the index may hold: reaching it forgets nothing."""
+    monkeypatch.setattr(store, "MAX_URL_ENTRIES", 5)
+    monkeypatch.setattr(store, "URL_ENTRIES_KEPT", 3)
+    for n in range(5):
+        _cached(cache, f"https://example.com/a.safetensors?X-Amz-Signature={n}", 1)
+    cache.evict()
+    assert len(list(cache.urls.iterdir())) == 5
+
+
+def test_the_urls_of_a_lora_published_again_as_it_is_evicted_stay_hits(
+    served, tmp_path, monkeypatch
+):
+    """Another server may fetch a LoRA again between this one's eviction of it and the
+    pruning of the index: the URLs of a file that is there again still lead to it."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    size = len(data)
+    cache, other = _servers_sharing(tmp_path / "cache", size)
+    a = _cached(cache, "https://example.com/a.safetensors", 1)
+    os.utime(a, (time.time() - 60,) * 2)
+    _cached(cache, "https://example.com/b.safetensors", 2)
+    again = server.url("a.safetensors") + "?X-Amz-Signature=2"
+    unlink = store._unlink_unless_held
+
+    def published_again(path: Path) -> bool:
+        gone = unlink(path)
+        if gone and path == a:  # the other server's download of it ends now
+            a.write_bytes(data)
+            other._record(again, a)
+        return gone
+
+    monkeypatch.setattr(store, "_unlink_unless_held", published_again)
+    assert cache.evict() == 1
+    assert cache.get(again) == a
+    assert _gets(server, "a.safetensors") == 0
+
+
+def test_a_url_index_entry_that_records_another_url_is_a_miss(served, cache):
+    """The entry's file is named by the URL's hash, and the entry says which URL it is for:
+    one that names another URL (copied from another folder, say) does not serve its blob."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    url = server.url("a.safetensors")
+    blob = _cached(cache, "https://example.com/other.safetensors", 2)
+    entry = {"url": "https://example.com/other.safetensors", "sha256": blob.stem}
+    cache._index_path(url).write_text(json.dumps(entry))
+    assert cache.get(url).read_bytes() == data
+    assert _gets(server, "a.safetensors") > 0
+
+
+def test_a_damaged_file_of_the_same_content_is_replaced_by_a_new_urls_download(served, cache):
+    """A new URL of a LoRA already stored is stored once, in the file that is there, unless
+    that file is damaged on disk: then the download just checked takes its place."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    blob = _cached(cache, "https://example.com/a.safetensors", 1)
+    with blob.open("r+b") as file:
+        file.truncate(len(data) // 2)
+    assert cache.get(server.url("a.safetensors")) == blob
+    assert blob.read_bytes() == data
+
+
+def test_a_download_is_on_disk_before_its_name_and_its_name_after(served, cache, monkeypatch):
+    """A power cut must leave no blob that a cut-short file is published as, nor lose a
+    published name the index already records: the file is synced before its link, the
+    folder after it."""
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    events, fsync, link = [], store.cache.fsync, os.link
+
+    def synced(path):
+        events.append(("fsync", Path(path)))
+        return fsync(path)
+
+    def linked(source, name):
+        events.append(("link", Path(name)))
+        return link(source, name)
+
+    monkeypatch.setattr(store.cache, "fsync", synced)
+    monkeypatch.setattr(os, "link", linked)
+    blob = cache.get(server.url("a.safetensors"))
+    published = events.index(("link", blob))
+    staged = [path for kind, path in events[:published] if kind == "fsync"]
+    assert [path for path in staged if path.parent.parent == cache.partial]
+    assert ("fsync", cache.blobs) in events[published:]
+
+
+def test_a_download_that_fails_writing_for_another_reason_evicts_no_lora(
+    served, tmp_path, monkeypatch
+):
+    """Only a full volume is made room on: a failing disk (EIO) fails the download as it is,
+    and the LoRAs cached stay, however little room the volume has."""
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=1 << 30, timeout_s=30)
+    kept = _cached(cache, "https://example.com/b.safetensors", 2)
+    _SmallVolume(monkeypatch, cache, 2 * size)
+
+    def failing_disk(url, out, *args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(download, "fetch_capped", failing_disk)
+    with pytest.raises(OSError) as failed:
+        cache.get(server.url("a.safetensors"))
+    assert failed.value.errno == errno.EIO
+    assert kept.exists()
+
+
+def test_a_full_volume_found_at_the_timeout_fails_as_full_without_a_second_try(
+    served, tmp_path, monkeypatch
+):
+    """Making room can take the rest of COGVIDEOX_LORA_TIMEOUT (a slow network volume): with
+    no time left the download is not started again, and the error says why it failed."""
+    cache, server = _on_a_volume_for_two(served, tmp_path, monkeypatch, timeout_s=2)
+    for name in "ab":
+        cache.get(server.url(f"{name}.safetensors"))  # the volume holds no third
+    unlink, on_the_volume = store._unlink_unless_held, download.fetch_capped
+
+    def slow_unlink(path):
+        time.sleep(1.5)
+        return unlink(path)
+
+    def slow_network(url, out, *args, **kwargs):
+        time.sleep(1.0)
+        return on_the_volume(url, out, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_unlink_unless_held", slow_unlink)
+    monkeypatch.setattr(download, "fetch_capped", slow_network)
+    with pytest.raises(LoraError, match=r"no space left"):
+        cache.get(server.url("c.safetensors"))
+    probes = [r for r in server.requests if r == ("GET", "c.safetensors", "bytes=0-0")]
+    assert len(probes) == 1
+
+
+def test_a_lora_another_server_publishes_and_evicts_meanwhile_is_published(
+    served, cache, monkeypatch
+):
+    """Two servers fetching one new LoRA at once: should the other's file be evicted again
+    between its publication and this one's look at it, this download takes the name."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    link = store._link
+
+    def published_and_evicted(source: Path, name: Path) -> bool:
+        name.write_bytes(data)  # the other server publishes it first
+        linked = link(source, name)
+        name.unlink()  # and its eviction removes it before this server opens it
+        return linked
+
+    monkeypatch.setattr(store, "_link", published_and_evicted)
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK])
+def test_a_volume_without_hard_links_publishes_with_a_rename(served, cache, monkeypatch, refusal):
+    """Some network and FUSE volumes refuse link(2), each with an errno of its own."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+
+    def no_hard_links(source, name):
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+
+
+def _flock_with(monkeypatch, before_lock) -> None:
+    """store's flock, calling before_lock(file, operation) first: what another server does
+    while this one waits for the lock."""
+    real = store.fcntl.flock
+
+    def flock(file, operation):
+        before_lock(file, operation)
+        return real(file, operation)
+
+    monkeypatch.setattr(store, "fcntl", SimpleNamespace(**{**vars(store.fcntl), "flock": flock}))
+
+
+def test_a_cached_lora_replaced_while_its_lock_is_awaited_is_held_as_it_is_now(
+    served, tmp_path, monkeypatch
+):
+    """The shared lock waits for an eviction under way, and another server may publish the
+    LoRA again before it is granted: the hold must be on the file the name leads to now, or
+    an eviction can remove that file before it is read."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    url = server.url("a.safetensors")
+    reader, other = _servers_sharing(tmp_path / "cache", len(data))
+    blob = _cached(reader, url, 1)
+    replaced = []
+
+    def evicted_and_published_again(file, operation):
+        if operation == store.fcntl.LOCK_SH and Path(file.name) == blob and not replaced:
+            blob.unlink()
+            blob.write_bytes(data)
+            replaced.append(blob)
+
+    _flock_with(monkeypatch, evicted_and_published_again)
+    got = reader.get(url)
+    _cached(other, "https://example.com/b.safetensors", 2)  # newer: a is the one to go
+    other.evict()
+    assert replaced and got.read_bytes() == data
+
+
+def test_a_lora_published_again_as_its_eviction_locks_it_is_kept(tmp_path, monkeypatch):
+    """Between the eviction's open of a file and its lock, another server may publish the
+    same LoRA again under that name: that new file is just used, not the one to remove."""
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=size + size // 2, timeout_s=30)
+    old = _cached(cache, "https://example.com/a.safetensors", 1)
+    os.utime(old, (time.time() - 60,) * 2)
+    _cached(cache, "https://example.com/b.safetensors", 2)
+
+    def published_again(file, operation):
+        if operation & store.fcntl.LOCK_EX and Path(file.name) == old:
+            again = old.with_suffix(".again")
+            again.write_bytes(_lora_bytes(1))
+            os.replace(again, old)
+
+    _flock_with(monkeypatch, published_again)
+    cache.evict()
+    assert old.read_bytes() == _lora_bytes(1)
+
+
+def test_an_eviction_passes_over_an_index_entry_that_is_no_json_object(tmp_path):
+    """Forgetting the URLs of an evicted LoRA reads every entry: one that is not this cache's
+    (a JSON list, say) is left as it is, as a lookup takes it for a miss."""
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=size + size // 2, timeout_s=30)
+    old = _cached(cache, "https://example.com/a.safetensors", 1)
+    os.utime(old, (time.time() - 60,) * 2)
+    _cached(cache, "https://example.com/b.safetensors", 2)
+    not_ours = cache._index_path("https://example.com/c.safetensors")
+    not_ours.write_text("[]")
+    assert cache.evict() == 1
+    assert not old.exists() and not_ours.read_text() == "[]"
+
+
+def test_a_full_volume_that_cannot_tell_its_free_space_fails_naming_the_folder(
+    served, tmp_path, monkeypatch
+):
+    """statvfs fails on some FUSE volumes: the full volume's error is still the one given."""
+    root, server = served
+    _serve(root, "a.safetensors", _lora_bytes(1))
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", 1 << 20, max_cache_bytes=1 << 30, timeout_s=30)
+    _SmallVolume(monkeypatch, cache, size // 2)
+
+    def unknown_free_space(path):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(store.shutil, "disk_usage", unknown_free_space)
+    with pytest.raises(LoraError, match=r"no space left") as failed:
+        cache.get(server.url("a.safetensors"))
+    assert str(cache.root) in str(failed.value)
+
+
+def test_a_lora_removed_from_the_folder_by_hand_is_fetched_again(served, cache):
+    """Its URL still names it in the index: a miss, not an error."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    url = server.url("a.safetensors")
+    cache.get(url).unlink()
+    gets = _gets(server, "a.safetensors")
+    assert cache.get(url).read_bytes() == data
+    assert _gets(server, "a.safetensors") > gets
+
+
+def test_the_lora_settings_default_to_what_the_configuration_page_says(monkeypatch, tmp_path):
+    documented = {}
+    for line in (PROJECT / "docs" / "configuration.md").read_text().splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        if len(cells) > 1:
+            documented[cells[0]] = cells[1]
+    for name in (store.CACHE_SIZE_ENV, store.MAX_SIZE_ENV, store.TIMEOUT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(store.LORA_DIR_ENV, str(tmp_path / "cache"))
+    cache = LoraCache.from_env()
+    assert cache.max_cache_bytes == parse_size(documented[store.CACHE_SIZE_ENV], "size")
+    assert cache.max_file_bytes == parse_size(documented[store.MAX_SIZE_ENV], "size")
+    assert cache.timeout_s == float(documented[store.TIMEOUT_ENV])
+
+
+def test_a_partial_download_without_an_owner_lock_is_kept_for_a_day(cache):
+    """An older version's download is not known to be dead: a slow one may take hours."""
+    url = "https://example.com/a.safetensors"
+    _cached(cache, url, 1)
+    hours_old = cache.partial / "1-2-3"
+    hours_old.mkdir(parents=True)
+    (hours_old / "download").write_bytes(b"half")
+    old = time.time() - 23 * 3600
+    os.utime(hours_old, (old, old))
+    cache.get(url)
+    assert (hours_old / "download").read_bytes() == b"half"
