@@ -1574,3 +1574,113 @@ def test_a_partial_download_without_an_owner_lock_is_kept_for_a_day(cache):
     os.utime(hours_old, (old, old))
     cache.get(url)
     assert (hours_old / "download").read_bytes() == b"half"
+
+
+def test_a_lora_of_exactly_the_size_limit_is_accepted(served, tmp_path):
+    """COGVIDEOX_LORA_MAX_SIZE is the most a LoRA may be: one of that size is served."""
+    root, server = served
+    data = _lora_bytes(1)
+    _serve(root, "a.safetensors", data)
+    cache = LoraCache(tmp_path / "cache", len(data), max_cache_bytes=1 << 30, timeout_s=30)
+    assert cache.get(server.url("a.safetensors")).read_bytes() == data
+
+
+def test_a_hub_lora_of_exactly_the_size_limit_is_accepted(hub, tmp_path):
+    size = len(_lora_bytes(1))
+    cache = LoraCache(tmp_path / "cache", size, max_cache_bytes=1 << 30, timeout_s=30)
+    assert cache.get("hf://org/lora").read_bytes() == _lora_bytes(1)
+
+
+def test_a_lora_in_a_compressed_tar_of_exactly_the_size_limit_is_accepted(served, tmp_path):
+    root, server = served
+    data = save({"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(64, 32)})  # compresses
+    _serve(root, "run.tar.gz", _tar({f"output/{LORA}": data}, "w:gz"))
+    cache = LoraCache(tmp_path / "cache", len(data), max_cache_bytes=1 << 30, timeout_s=30)
+    assert cache.get(server.url("run.tar.gz")).read_bytes() == data
+
+
+def test_a_tar_whose_first_name_has_a_brace_as_its_ninth_byte_is_read_as_a_tar(served, cache):
+    """A safetensors file starts with its header's length and `{`; a tar starts with its
+    first entry's name, which may hold a `{` there too (a folder named by a template)."""
+    root, server = served
+    _serve(root, "run.tar", _tar({f"outputs/{{lr}}/{LORA}": _lora_bytes(1)}))
+    assert cache.get(server.url("run.tar")).read_bytes() == _lora_bytes(1)
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_a_tar_compressed_each_way_tar_knows_gives_its_lora(served, cache, mode):
+    root, server = served
+    _serve(root, "run.tar", _tar({f"output/{LORA}": _lora_bytes(1)}, mode))
+    assert cache.get(server.url("run.tar")).read_bytes() == _lora_bytes(1)
+
+
+def test_a_compressed_file_that_is_neither_tar_nor_safetensors_is_an_unreadable_tar(served, cache):
+    """Only a compressed file that starts as a safetensors file is called one."""
+    root, server = served
+    _serve(root, "run.tar.gz", gzip.compress(b"training log, not a tar\n" * 40))
+    with pytest.raises(LoraError, match=r"the tar at .* cannot be read"):
+        cache.get(server.url("run.tar.gz"))
+
+
+@pytest.mark.parametrize("name", ["data.pkl", "archive/data.pkl"])
+def test_a_torch_zip_checkpoint_is_refused_as_a_pickle(served, cache, name):
+    root, server = served
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, pickle.dumps({"lora": 1}))
+    _serve(root, "lora.safetensors", buffer.getvalue())
+    with pytest.raises(LoraError, match=r"is a PyTorch pickle checkpoint"):
+        cache.get(server.url("lora.safetensors"))
+
+
+def test_a_file_that_starts_as_a_zip_but_cannot_be_read_as_one_is_refused_as_a_pickle(
+    served, cache
+):
+    """A zip's magic over what no zip reader can list is taken for the checkpoint it may be:
+    its names are not known to be safe."""
+    root, server = served
+    _serve(root, "lora.safetensors", b"PK\x03\x04" + bytes(100))
+    with pytest.raises(LoraError, match=r"is a PyTorch pickle checkpoint"):
+        cache.get(server.url("lora.safetensors"))
+
+
+def test_a_compressed_tar_that_expands_to_its_bound_exactly_is_read(served, tmp_path):
+    """TAR_EXPANSION times the size limit is what a tar may decompress to."""
+    root, server = served
+    data = save({"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(4, 32)})
+    tar = _tar({LORA: data})
+    assert len(tar) % fetch.TAR_EXPANSION == 0
+    _serve(root, "run.tar.gz", gzip.compress(tar))
+    cap = len(tar) // fetch.TAR_EXPANSION
+    cache = LoraCache(tmp_path / "cache", cap, max_cache_bytes=1 << 30, timeout_s=30)
+    assert cache.get(server.url("run.tar.gz")).read_bytes() == data
+
+
+def test_a_tar_of_exactly_as_many_entries_as_allowed_is_read(served, cache, monkeypatch):
+    monkeypatch.setattr(fetch, "MAX_TAR_MEMBERS", 10)
+    root, server = served
+    members = {f"output/{i}.txt": b"" for i in range(fetch.MAX_TAR_MEMBERS - 1)}
+    _serve(root, "run.tar", _tar({**members, LORA: _lora_bytes(1)}))
+    assert cache.get(server.url("run.tar")).read_bytes() == _lora_bytes(1)
+
+
+def test_a_hub_repo_whose_only_safetensors_file_has_another_name_gives_it(hub, cache):
+    """hf://org/repo picks the LoRA among the repository's files, as a tar's are picked."""
+    (hub.directory / LORA).rename(hub.directory / "my-style.safetensors")
+    assert cache.get("hf://org/lora").read_bytes() == _lora_bytes(1)
+
+
+def test_a_hub_lora_refused_for_its_size_is_not_blamed_on_the_repository(hub, tmp_path):
+    """The refusal says what to change (the size limit), not to check the repository."""
+    cache = LoraCache(tmp_path / "cache", 512, 1 << 30, timeout_s=30)
+    with pytest.raises(LoraError, match=r"over the .* limit") as refused:
+        cache.get("hf://org/lora")
+    assert "could not download" not in str(refused.value)
+
+
+def test_a_gzip_file_whose_header_is_damaged_is_refused_as_an_unreadable_tar(served, cache):
+    """gzip reports a damaged header as an OSError (BadGzipFile): a LoraError all the same."""
+    root, server = served
+    _serve(root, "run.tar.gz", b"\x1f\x8b\x09" + bytes(100))  # 9: no compression method
+    with pytest.raises(LoraError, match=r"the tar at .* cannot be read"):
+        cache.get(server.url("run.tar.gz"))
