@@ -1395,11 +1395,11 @@ def test_a_full_volume_found_at_the_timeout_fails_as_full_without_a_second_try(
     unlink, on_the_volume = store._unlink_unless_held, download.fetch_capped
 
     def slow_unlink(path):
-        time.sleep(1.5)
+        time.sleep(2.0)
         return unlink(path)
 
     def slow_network(url, out, *args, **kwargs):
-        time.sleep(1.0)
+        time.sleep(0.5)
         return on_the_volume(url, out, *args, **kwargs)
 
     monkeypatch.setattr(store, "_unlink_unless_held", slow_unlink)
