@@ -2534,6 +2534,45 @@ def test_a_pget_that_exits_0_with_a_file_cut_short_is_not_published(
     assert _nothing_published(cache)
 
 
+def test_a_pget_removed_after_path_found_it_falls_back_to_the_built_in_downloader(
+    served, cache, tiny, tmp_path, monkeypatch, caplog
+):
+    """An image update or a cleanup removing pget between the PATH lookup and its start:
+    pget is absent, so the tar is fetched as it is without pget, not failed with a bare
+    FileNotFoundError."""
+    caplog.set_level("WARNING", logger="cogvideox_cog")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    pget = tmp_path / "bin" / "pget"
+    pget.parent.mkdir()
+    pget.write_text(f"#!{sys.executable}\n{_FAKE_PGET}")
+    pget.chmod(0o755)
+
+    def which_then_removed(name, **kw):
+        """Found on PATH as shutil.which finds it, then removed before it is started."""
+        found = str(pget) if os.access(pget, os.X_OK) else None
+        pget.unlink()
+        return found
+
+    monkeypatch.setattr(weights.shutil, "which", which_then_removed)
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert f"pget ({pget}) is gone since it was found on PATH" in caplog.text
+
+
+def test_a_pget_that_cannot_be_started_fails_setup_naming_it(served, cache, tmp_path, monkeypatch):
+    """A pget on PATH that is not a program this machine runs (a download cut short, another
+    architecture's binary): the error names it and what to do."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    pget = tmp_path / "bin" / "pget"
+    pget.parent.mkdir()
+    pget.write_bytes(b"\x7fELF\x00cut short")
+    pget.chmod(0o755)
+    monkeypatch.setattr(weights.shutil, "which", lambda name, **kw: str(pget))
+    expected = rf"pget \({re.escape(str(pget))}\) could not be started: Exec format error"
+    with pytest.raises(WeightsError, match=expected):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
 def test_pget_output_that_fails_verification_is_not_published(
     served, served_dir, cache, tiny, tmp_path, fake_pget, monkeypatch
 ):

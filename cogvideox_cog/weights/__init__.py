@@ -370,8 +370,7 @@ def fetch_tar(source: str, staging: Path, setting: str = WEIGHTS_URL_ENV) -> dic
         if problem := download.url_problem(source):
             raise WeightsError(f"the weights URL {shown} {problem}.")
         pget = shutil.which("pget")
-        if pget:
-            _fetch_pget(pget, source, staging, setting)
+        if pget and _fetch_pget(pget, source, staging, setting):
             return {}
         remote, response = _probe(source, setting)
         size, validator = remote.size, remote.validator
@@ -449,8 +448,10 @@ def _probe(url: str, setting: str):
         ) from error
 
 
-def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
-    """pget -x: Replicate's parallel downloader, extracting as it streams."""
+def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> bool:
+    """pget -x: Replicate's parallel downloader, extracting as it streams. False when pget
+    left PATH since it was found there: the built-in downloader fetches the tar then, as
+    it does when pget was never there."""
     shown = download.shown(url)
     remote, response = _probe(url, setting)  # the size for the disk check; a clear 404
     if response is not None:
@@ -465,14 +466,27 @@ def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
     stalled = threading.Event()
     # pget logs the whole URL (a presigned one's signature too): its log is passed on with
     # the query strings hidden, never straight to the server's.
-    with subprocess.Popen(
-        [pget, "-x", url, str(staging)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        preexec_fn=_ends_with_this_process(),
-    ) as process:
+    try:
+        process = subprocess.Popen(
+            [pget, "-x", url, str(staging)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            preexec_fn=_ends_with_this_process(),
+        )
+    except FileNotFoundError:
+        log.warning(
+            f"weights: pget ({pget}) is gone since it was found on PATH: using the built-in "
+            f"downloader"
+        )
+        return False
+    except OSError as error:  # not executable after all, or not a program this machine runs
+        raise WeightsError(
+            f"pget ({pget}) could not be started: {error.strerror}. Fix or remove it, or take "
+            f"it off PATH to use the built-in downloader."
+        ) from error
+    with process:
         watchdog = threading.Thread(
             target=_stop_when_stalled, args=(process, staging, stall_s, stalled), daemon=True
         )
@@ -495,6 +509,7 @@ def _fetch_pget(pget: str, url: str, staging: Path, setting: str) -> None:
             f"is above. Run setup again, or take pget off PATH to use the built-in downloader."
         )
     check_contained(staging, shown)
+    return True
 
 
 def _stop_when_stalled(
