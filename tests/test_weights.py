@@ -244,17 +244,19 @@ def test_a_local_directory_is_used_in_place_and_checked(tiny, tmp_path, cache, m
         ensure_weights(VARIANT)
 
 
+@pytest.mark.parametrize("asked", ["sha256", "SHA256"])
 def test_a_directory_used_in_place_is_held_to_its_manifests_sha256_when_asked(
-    tiny, tmp_path, cache, monkeypatch
+    tiny, tmp_path, cache, monkeypatch, asked
 ):
     """COGVIDEOX_WEIGHTS_CHECK=sha256 checked cached entries only: a pinned directory whose
-    bytes changed at the same size loaded, the operator's check silently skipped."""
+    bytes changed at the same size loaded, the operator's check silently skipped. The value
+    is read in any case, as the hash is."""
     local = shutil.copytree(tiny, tmp_path / "local")
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", asked)
     assert ensure_weights(VARIANT) == local
     _flip(local / BIG, (local / BIG).stat().st_size - 1)
     with pytest.raises(WeightsError, match=rf"{BIG}: sha256 \w+, the manifest says"):
@@ -624,6 +626,28 @@ def test_an_entry_another_setup_replaced_while_this_one_failed_to_load_is_not_di
     assert "discarded, fetching it again" not in caplog.text
 
 
+def test_a_replacing_copy_that_fails_to_load_too_names_its_source(served, cache, monkeypatch):
+    """The entry another setup put in place meanwhile failed as well: the error names the
+    source that copy came from (its marker's), the place to look."""
+    url = served.url("model.tar")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
+    root = ensure_weights(VARIANT)
+    loads = []
+
+    def replaced_meanwhile_and_bad_too(loaded: Path) -> Path:
+        loads.append(loaded)
+        if len(loads) == 1:
+            marker = json.loads((root / COMPLETE_MARKER).read_text())
+            for file in marker["files"].values():
+                file["sha256"] = None
+            (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+        raise KeyError("norm")
+
+    with pytest.raises(WeightsError, match=rf"the weights from {re.escape(url)} failed to load"):
+        weights.load_weights(VARIANT, replaced_meanwhile_and_bad_too)
+    assert loads == [root, root]
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "just-downloaded"])
 def test_weights_are_kept_when_loading_fails_on_a_missing_package(
     served, cache, monkeypatch, cached
@@ -644,9 +668,28 @@ def _runs_out_of_host_memory(root: Path):
     torch.empty(1 << 50, dtype=torch.uint8)
 
 
+def _maps_more_than_the_machine_has(root: Path):
+    """A load that maps more than memory allows (safetensors maps its files): mmap's OSError
+    ENOMEM, not a MemoryError."""
+    import mmap
+
+    mmap.mmap(-1, 1 << 50)
+
+
+def _runs_out_of_gpu_memory(root: Path):
+    """A load onto a GPU without room for the weights: torch raises its OutOfMemoryError, a
+    RuntimeError, with this text (no GPU here to run out of)."""
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+
+
+@pytest.mark.parametrize(
+    "load", [_runs_out_of_host_memory, _maps_more_than_the_machine_has, _runs_out_of_gpu_memory]
+)
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "just-downloaded"])
 def test_weights_without_recorded_hashes_are_kept_when_loading_runs_out_of_memory(
-    served, cache, fake_pget, monkeypatch, cached
+    served, cache, fake_pget, monkeypatch, cached, load
 ):
     """pget's and the Hub's entries record no sha256, so any load error discarded them; host
     RAM running out is a RuntimeError, and an offline volume lost its weights to it."""
@@ -655,7 +698,7 @@ def test_weights_without_recorded_hashes_are_kept_when_loading_runs_out_of_memor
         ensure_weights(VARIANT)
         served.stop()  # offline from here: a discarded entry could not come back
     with pytest.raises(WeightsError, match=r"They were kept: running out of memory"):
-        weights.load_weights(VARIANT, _runs_out_of_host_memory)
+        weights.load_weights(VARIANT, load)
     assert len(_markers(cache)) == 1
 
 
