@@ -1338,14 +1338,19 @@ def test_progress_is_logged_with_bytes_rate_and_eta(served, cache, monkeypatch, 
     assert "ready in" in caplog.text and "verify" in caplog.text
 
 
-def test_a_disk_space_shortfall_fails_before_downloading(served, cache, monkeypatch):
+@pytest.mark.parametrize("downloader", ["built-in", "pget"])
+def test_a_disk_space_shortfall_fails_before_downloading(
+    served, cache, monkeypatch, request, downloader
+):
+    if downloader == "pget":
+        request.getfixturevalue("fake_pget")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 5_000))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
     expected = r"not enough disk space in .*: 0\.\d\d GB needed \(0\.00 GB in all.*0\.00 GB free"
     with pytest.raises(WeightsError, match=expected):
         ensure_weights(VARIANT)
-    assert served.bytes_sent <= 1  # the probe only
+    assert served.bytes_sent <= 1  # the probe only: pget never started
     assert _nothing_published(cache)
 
 
@@ -2409,6 +2414,20 @@ def test_pget_is_used_when_present_and_its_result_is_verified(
     assert _same_tree(tiny, root)
 
 
+def test_a_pget_download_under_the_sha256_check_records_every_files_hash(
+    served, cache, tiny, fake_pget, monkeypatch
+):
+    """pget gives no sha256: with COGVIDEOX_WEIGHTS_CHECK=sha256 the files are read back, so
+    that the next setup's content check has a hash for each one to hold it to."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    root = ensure_weights(VARIANT)
+    files = json.loads((root / COMPLETE_MARKER).read_text())["files"]
+    assert BIG in files
+    for name, recorded in files.items():
+        assert recorded["sha256"] == hashlib.sha256((tiny / name).read_bytes()).hexdigest()
+
+
 def test_pget_logs_a_presigned_urls_query_string_hidden(
     served, cache, tiny, fake_pget, monkeypatch, caplog, capfd
 ):
@@ -2614,6 +2633,62 @@ def test_a_pget_that_cannot_be_started_fails_setup_naming_it(served, cache, tmp_
     with pytest.raises(WeightsError, match=expected):
         ensure_weights(VARIANT)
     assert _nothing_published(cache)
+
+
+def test_a_pget_killed_by_a_signal_fails_setup_even_with_every_file_written(
+    served, cache, tmp_path, fake_pget, monkeypatch
+):
+    """A pget the OOM killer took has no exit status of its own (-9): that is a failure too,
+    even where what it wrote happens to pass verification."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    _pget_that(
+        tmp_path,
+        monkeypatch,
+        f"import os, runpy, signal\nrunpy.run_path({str(tmp_path / 'bin' / 'real-pget')!r})\n"
+        f"os.kill(os.getpid(), signal.SIGKILL)\n",
+    )
+    (tmp_path / "bin" / "real-pget").write_text(_FAKE_PGET)
+    with pytest.raises(WeightsError, match=r"pget failed \(exit -9\)"):
+        ensure_weights(VARIANT)
+    assert _nothing_published(cache)
+
+
+def test_a_setup_interrupted_while_pget_downloads_stops_pget(served, cache, tmp_path, monkeypatch):
+    """An interrupt (or a cancel) in a setup that lives on: pget is killed, not left writing
+    into the staging folder the next attempt empties and fills."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    pids = tmp_path / "pget.pid"
+    _pget_that(
+        tmp_path,
+        monkeypatch,
+        f"import os, time\nopen({str(pids)!r}, 'w').write(str(os.getpid()))\n"
+        f"print('started', flush=True)\ntime.sleep(60)\n",
+    )
+
+    def interrupt_once_pget_runs(signum, frame):
+        if pids.exists() and pids.read_text():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt_once_pget_runs)
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            ensure_weights(VARIANT)
+        assert time.monotonic() - started < 30
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(pids.read_text())
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not _running(pid)
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_pget_output_that_fails_verification_is_not_published(
