@@ -2343,6 +2343,37 @@ def test_a_hub_download_its_cdn_refuses_fails_without_the_presigned_urls_signatu
     assert SIGNATURE not in "".join(traceback.format_exception(failed.value))
 
 
+def test_a_hub_download_that_failed_part_way_resumes_without_fetching_its_files_again(
+    hub, tiny, cache, monkeypatch
+):
+    """snapshot_download resumes into the staging folder: an attempt that got every file but
+    one leaves them there, and the next setup fetches only that one, needing room for it
+    alone."""
+    hub.cdn.fail_with(BIG, 403, times=None)
+    with pytest.raises(WeightsError, match=r"could not download hf://org/tiny"):
+        ensure_weights(VARIANT)
+    hub.cdn.clear(BIG)
+    sent = hub.cdn.bytes_sent
+    room = (tiny / BIG).stat().st_size + cache_module.HEADROOM_BYTES
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: usage(10**12, 0, room))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+    assert hub.cdn.bytes_sent - sent == (tiny / BIG).stat().st_size
+
+
+def test_a_hub_download_without_the_disk_space_fails_before_fetching(hub, cache, monkeypatch):
+    """The Hub says every file's size before the download: a volume without room for them
+    fails setup at once, not once it fills part way."""
+    room = cache_module.HEADROOM_BYTES + 1_000  # the headroom, and less than the files
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: usage(10**12, 0, room))
+    with pytest.raises(WeightsError, match=r"^not enough disk space in ") as failed:
+        ensure_weights(VARIANT)
+    assert "HF_TOKEN" not in str(failed.value)  # not the repository's fault
+    assert hub.cdn.bytes_sent == 0
+    assert _nothing_published(cache)
+
+
 def test_a_disk_that_fills_during_a_hub_download_says_to_free_space(cache, monkeypatch):
     """The free space check passed, then another download on the volume filled it, and
     huggingface_hub raised its write's ENOSPC: the stand-in raises it where the real
