@@ -630,6 +630,8 @@ def test_a_long_lora_url_of_another_scheme_is_refused_at_once():
         ("hf://org/repo", "org/repo", None, None),
         ("hf://org/repo/lora.safetensors", "org/repo", None, "lora.safetensors"),
         ("hf://org/repo@v2/sub/x.safetensors", "org/repo", "v2", "sub/x.safetensors"),
+        ("hf://org/repo/", "org/repo", None, None),
+        ("hf://org/repo/sub/x.safetensors/", "org/repo", None, "sub/x.safetensors"),
     ],
 )
 def test_hf_url_downloads_that_file_through_huggingface_hub(

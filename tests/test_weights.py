@@ -2157,6 +2157,65 @@ def test_a_manifest_of_a_hub_download_folder_leaves_out_its_hidden_state(
     assert ensure_weights(VARIANT) == folder
 
 
+def test_a_manifest_leaves_out_hidden_files_another_copy_lacks(tiny, cache, tmp_path, monkeypatch):
+    """A copy made on a Mac holds .DS_Store files beside the weights: a manifest listing them
+    would refuse every other copy, fetched from the tar or the Hub."""
+    folder = shutil.copytree(tiny, tmp_path / "mac-copy")
+    (folder / "transformer" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(folder, VARIANT.id, [])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    assert ensure_weights(VARIANT) == tiny
+
+
+def test_a_manifest_may_pin_an_empty_file_at_size_0(tiny, tmp_path, cache, monkeypatch):
+    """The manifest command records an empty file as size 0: setup must read it back."""
+    local = shutil.copytree(tiny, tmp_path / "local")
+    (local / "tokenizer" / "added_tokens.json").write_bytes(b"")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    assert ensure_weights(VARIANT) == local
+
+
+def test_a_manifest_sha256_left_empty_is_read_as_unknown(tiny, tmp_path, cache, monkeypatch):
+    """A hand-written manifest may leave a hash as "" (as null): that file is checked
+    without one, not refused as a malformed hash."""
+    manifest = tmp_path / "manifest.json"
+    spec = {"model_index.json": {"size": (tiny / "model_index.json").stat().st_size, "sha256": ""}}
+    manifest.write_text(json.dumps({"variant": VARIANT.id, "files": spec}))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    assert ensure_weights(VARIANT) == tiny
+
+
+def test_a_weights_url_is_held_to_the_built_in_manifests_layout_not_its_sizes(
+    served, cache, tiny, tmp_path, monkeypatch
+):
+    """A built-in manifest's sizes and hashes describe its own sources: pinned, they would
+    refuse every other copy of the same model that a COGVIDEOX_WEIGHTS_URL names."""
+    builtin = tmp_path / "manifests"
+    builtin.mkdir()
+    files = manifest_of_directory(tiny, VARIANT.id, [])["files"]
+    pinned = {name: {"size": spec["size"] + 1, "sha256": None} for name, spec in files.items()}
+    (builtin / f"{VARIANT.id}.json").write_text(
+        json.dumps({"variant": VARIANT.id, "sources": ["https://host/w.tar"], "files": pinned})
+    )
+    monkeypatch.setattr(manifest_module, "MANIFEST_DIR", builtin)
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", served.url("model.tar"))
+    assert _same_tree(tiny, ensure_weights(VARIANT))
+
+
+def test_a_manifest_setting_naming_no_file_is_refused(tmp_path, cache, monkeypatch):
+    """A mistyped COGVIDEOX_WEIGHTS_MANIFEST would otherwise check the weights against
+    nothing: no sizes, no hashes, no files required."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(tmp_path / "missing.json"))
+    with pytest.raises(WeightsError, match=r"COGVIDEOX_WEIGHTS_MANIFEST=.*missing\.json: no such"):
+        ensure_weights(VARIANT)
+
+
 def test_a_manifest_for_another_variant_is_refused(tmp_path, cache, monkeypatch):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"variant": "cogvideox-2b", "files": {}}))
@@ -2170,9 +2229,11 @@ def test_a_manifest_for_another_variant_is_refused(tmp_path, cache, monkeypatch)
     [
         ({"files": {"a.json": {"size": "12"}}}, r"a\.json: size '12' is not a number of bytes"),
         ({"files": {"a.json": {"sha256": "abc"}}}, r"a\.json: sha256 'abc' is not 64 hex"),
+        ({"files": {"a.json": {"sha256": "a" * 65}}}, r"a\.json: sha256 'a{65}' is not 64 hex"),
         ({"sources": "https://host/w.tar"}, r'"sources" must be a list of URLs'),
+        ({"files": ["a.json"]}, r"'list' object has no attribute 'items'"),
     ],
-    ids=["size-a-string", "short-sha256", "sources-a-string"],
+    ids=["size-a-string", "short-sha256", "long-sha256", "sources-a-string", "files-a-list"],
 )
 def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(
     tmp_path, cache, monkeypatch, data, problem
@@ -2205,7 +2266,8 @@ def test_hf_urls_parse(url, parsed):
 
 
 @pytest.mark.parametrize(
-    "url", ["hf://THUDM", "hf://a/b/c", "hf://a/b@", "hf:///b", "hf://a/b@x y"]
+    "url",
+    ["hf://THUDM", "hf://a/b/c", "hf://a/b@", "hf:///b", "hf://a/b@x y", "hf://../b", "hf://a/.."],
 )
 def test_bad_hf_urls_say_what_is_expected(url, cache, monkeypatch):
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
