@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tarfile
 import threading
 import time
@@ -947,6 +948,45 @@ def test_a_checkpoint_without_weights_is_refused(llm_server, tmp_path, monkeypat
     with pytest.raises(BadSource, match=r"no weights \(.safetensors\)"):
         ensure_causal_lm(llm_server.url("no-weights.tar"), enhance.WEIGHTS_ENV)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("prompt-enhancer")]
+    assert not list(tmp_path.glob(".prompt-enhancer-*.staging"))  # wrong bytes: no resume
+
+
+def test_a_folder_holding_two_checkpoints_is_refused(tmp_path):
+    """Which of two wrapped checkpoints is meant cannot be told: neither is taken."""
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    both = tmp_path / "both"
+    for name in ("a", "b"):
+        shutil.copytree(model, both / name)
+    with pytest.raises(BadSource, match=r"config\.json: missing"):
+        ensure_causal_lm(str(both), enhance.WEIGHTS_ENV)
+
+
+def test_a_checkpoint_with_only_a_tokenizer_model_passes_the_layout_check(tmp_path):
+    """Llama- and Mistral-style checkpoints ship tokenizer.model, with no tokenizer.json:
+    the layout check must know it for a tokenizer (what the file holds is the loader's)."""
+    model = save_tiny_causal_lm(tmp_path / "sentencepiece")
+    (model / "tokenizer.json").rename(model / "tokenizer.model")
+    assert ensure_causal_lm(str(model), enhance.WEIGHTS_ENV) == model
+
+
+def test_a_checkpoint_whose_shard_index_names_a_missing_shard_is_refused(tmp_path):
+    """A sharded checkpoint copied without one of its shards: refused in setup, naming it."""
+    model = save_tiny_causal_lm(tmp_path / "sharded")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BadSource, match=r"names shard model-00002-of-00002\.safetensors"):
+        ensure_causal_lm(str(model), enhance.WEIGHTS_ENV)
+
+
+def test_a_config_without_a_model_type_is_refused(tmp_path):
+    """A config.json without model_type (a diffusers component's, say) is no transformers
+    checkpoint's: refused in setup, not when transformers cannot load it."""
+    model = save_tiny_causal_lm(tmp_path / "tiny-qwen2")
+    config = json.loads((model / "config.json").read_text())
+    del config["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadSource, match=r"config\.json: no model_type"):
+        ensure_causal_lm(str(model), enhance.WEIGHTS_ENV)
 
 
 def test_a_checkpoint_whose_chat_template_refuses_a_system_message_fails_setup(tmp_path):
