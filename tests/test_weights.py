@@ -276,6 +276,22 @@ def test_a_directory_used_in_place_is_held_to_sizes_only_unless_sha256_is_asked(
     assert ensure_weights(VARIANT) == local
 
 
+def test_a_directory_among_several_sources_is_refused_before_any_download(
+    served, tiny, tmp_path, cache, monkeypatch
+):
+    """Only a sole directory is used in place. One among a manifest's sources was tried as a
+    tar once the sources before it failed, and refused as "neither ... nor an existing file
+    or directory": a fallback that could never work, found only when it was needed."""
+    local = shutil.copytree(tiny, tmp_path / "local")
+    manifest = tmp_path / "manifest.json"
+    sources = [served.url("model.tar"), str(local)]
+    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, sources)))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    with pytest.raises(WeightsError, match=rf"{local} is a directory, one of 2 sources"):
+        ensure_weights(VARIANT)
+    assert served.bytes_sent == 0
+
+
 def test_a_damaged_directory_used_in_place_is_named_to_be_fixed(tiny, tmp_path, cache, monkeypatch):
     """It is the user's own folder: it is not dropped and fetched again, as a download is."""
     local = shutil.copytree(tiny, tmp_path / "local")

@@ -216,6 +216,13 @@ def _ensure(variant: Variant) -> Resolved:
         )
     check = content_check()
     local = Path(sources[0]).expanduser()
+    folders = [source for source in sources if Path(source).expanduser().is_dir()]
+    if len(sources) > 1 and folders:  # before a download that falls back on it
+        raise WeightsError(
+            f"the weights source {folders[0]} is a directory, one of {len(sources)} sources: "
+            f"a directory is used in place only as the one source. Make it the only one "
+            f"({WEIGHTS_URL_ENV}, or the manifest's sources), or list a tar of it."
+        )
     if len(sources) == 1 and local.is_dir():
         # Used in place, never copied: structure and sizes are checked on every setup, the
         # manifest's hashes only with COGVIDEOX_WEIGHTS_CHECK=sha256 (that reads every byte of
