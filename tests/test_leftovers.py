@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,76 @@ def test_a_tmpdir_that_cannot_be_listed_leaves_its_leftovers_and_setup_goes_on(t
         "WARNING cannot list tmp (Permission denied): what killed workers left there stays"
     ]
     assert [p.name for p in tmpdir.iterdir()] == [dead.name]
+
+
+def _dead_folder(parent: Path, name: str, size: int) -> Path:
+    """A folder as a killed worker leaves it: its lock file, let go of by the kill."""
+    folder = parent / name
+    folder.mkdir()
+    (folder / leftovers.LOCK_NAME).touch()
+    (folder / "video.mp4").write_bytes(b"x" * size)
+    return folder
+
+
+def test_a_folder_whose_holder_died_is_removed_and_its_bytes_counted(tmp_path):
+    dead = _dead_folder(tmp_path, "cogvideox-output-dead", 1000)
+    assert leftovers.remove_dead(tmp_path, "cogvideox-") == 1000
+    assert not dead.exists()
+
+
+def test_a_dead_folder_named_without_the_prefix_is_left_alone(tmp_path):
+    """TMPDIR is shared: another program's folder is not ours to remove, whatever is in it."""
+    other = _dead_folder(tmp_path, "another-program-dead", 10)
+    assert leftovers.remove_dead(tmp_path, "cogvideox-") == 0
+    assert other.is_dir()
+
+
+def test_a_link_named_with_the_prefix_is_not_followed(tmp_path):
+    """A link into another folder would have its target's files counted, and left."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = _dead_folder(elsewhere, "cogvideox-output-dead", 10)
+    parent = tmp_path / "tmp"
+    parent.mkdir()
+    (parent / "cogvideox-output-link").symlink_to(target)
+    assert leftovers.remove_dead(parent, "cogvideox-") == 0
+    assert (target / "video.mp4").is_file()
+
+
+def test_a_released_folder_leaves_no_descriptor_open(tmp_path):
+    """One claim per prediction: a descriptor kept per release runs a long-lived worker out."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        leftovers.release(leftovers.claim(tmp_path, "cogvideox-output-"))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _removed_first_by_another_setup(monkeypatch, patched: str) -> None:
+    """Another worker's remove_dead() removes the new folder (its lock file still free) just
+    before this claim opens, or locks, its lock file."""
+    real = os.open if patched == "open" else fcntl.flock
+    removed: list[Path] = []
+
+    def remove_then_call(target, *args, **kwargs):
+        lock = Path(target) if patched == "open" else Path(os.readlink(f"/proc/self/fd/{target}"))
+        if not removed and lock.name == leftovers.LOCK_NAME:
+            removed.append(lock.parent)
+            shutil.rmtree(lock.parent)
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(os if patched == "open" else fcntl, patched, remove_then_call)
+
+
+@pytest.mark.parametrize("patched", ["open", "flock"])
+def test_a_claim_whose_folder_another_setup_removed_claims_a_new_one(
+    tmp_path, monkeypatch, patched
+):
+    _removed_first_by_another_setup(monkeypatch, patched)
+    folder = leftovers.claim(tmp_path, "cogvideox-output-")
+    monkeypatch.undo()
+    try:
+        assert folder.is_dir() and (folder / leftovers.LOCK_NAME).is_file()
+        assert leftovers.remove_dead(tmp_path, "cogvideox-") == 0
+        assert folder.is_dir()
+    finally:
+        leftovers.release(folder)
