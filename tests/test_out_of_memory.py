@@ -313,3 +313,67 @@ def test_an_upscale_out_of_gpu_memory_before_interpolating_keeps_no_frame_while_
         o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == (1, 3, 48, 80)
     ]
     assert raised.value is not None and upscaled == []
+
+
+def test_out_of_gpu_memory_encoding_the_prompt_names_no_size_and_no_frame_count(generator):
+    """The text encoder reads the prompt alone: neither the size nor fewer frames changes it."""
+    with _out_of_memory(generator.pipe.text_encoder), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request())
+    assert str(raised.value) == (
+        "The GPU ran out of memory while encoding the prompt. The deployment's operator can "
+        "set COGVIDEOX_OFFLOAD=model (it runs with none), which keeps less of the model on the "
+        "GPU."
+    )
+
+
+def test_out_of_gpu_memory_with_nothing_left_to_change_says_a_larger_gpu_is_needed(tiny_weights):
+    generator = _warm_up_generator(tiny_weights, "sequential")
+    with _out_of_memory(generator.pipe.text_encoder), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request())
+    assert str(raised.value) == (
+        "The GPU ran out of memory while encoding the prompt. Its operator needs a GPU with "
+        "more memory."
+    )
+
+
+def test_out_of_gpu_memory_encoding_the_image_untiled_names_vae_tiling(tiny_weights, tmp_path):
+    """VAE tiling makes the image's encode smaller too, as it does the clip's."""
+    variant = VARIANTS["cogvideox-5b-i2v"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-i2v"], CPU, "none")
+    pipe.vae.disable_tiling()
+    generator = VideoGenerator(variant, pipe, CPU)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (80, 48), (90, 120, 150)).save(image)
+    with _out_of_memory(pipe.vae.encoder), pytest.raises(GpuMemoryError) as raised:
+        generator.render_frames(_request(image=image))
+    assert str(raised.value) == (
+        "The GPU ran out of memory while encoding the image at 80x48. The deployment's "
+        "operator can set COGVIDEOX_VAE_TILING=on, which runs the VAE in tiles with less "
+        "memory."
+    )
+
+
+def test_out_of_gpu_memory_in_setups_warm_up_with_no_setting_left_says_a_larger_gpu(
+    tiny_weights,
+):
+    """A tiled decode at the least offload: compiling off would not shrink the VAE either."""
+    generator = _warm_up_generator(tiny_weights, "sequential")
+    with _out_of_memory(generator.pipe.vae.decoder), pytest.raises(GpuMemoryError) as raised:
+        generator.warm_up()
+    assert str(raised.value).endswith(
+        "in setup's compile warm-up (COGVIDEOX_COMPILE=1). This model needs a GPU with more memory."
+    )
+
+
+def test_out_of_gpu_memory_encoding_the_prompt_in_setups_warm_up_does_not_name_compile(
+    tiny_weights,
+):
+    """The text encoder runs uncompiled: compiling off would not make it fit."""
+    generator = _warm_up_generator(tiny_weights, "model")
+    with _out_of_memory(generator.pipe.text_encoder), pytest.raises(GpuMemoryError) as raised:
+        generator.warm_up()
+    assert str(raised.value) == (
+        "The GPU ran out of memory while encoding the prompt in setup's compile warm-up "
+        "(COGVIDEOX_COMPILE=1). Set COGVIDEOX_OFFLOAD=sequential (it runs with model), which "
+        "keeps less of the model on the GPU."
+    )
