@@ -21,7 +21,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from PIL import Image
 
 from cogvideox_cog.errors import ConfigError, GpuMemoryError, InputError, VariantError
-from cogvideox_cog.generator import OUTPUT_PREFIX, Request, VideoGenerator
+from cogvideox_cog.generator import OUTPUT_PREFIX, WARM_UP_PREFIX, Request, VideoGenerator
 from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.parallel.protocol import Canceled, Failed, Render
 from cogvideox_cog.parallel.ranks import StepCanceled, _render
@@ -788,3 +788,89 @@ def test_after_warm_up_no_image_shape_compiles_again_on_1_5_image_to_video(
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()
+
+
+def test_without_guidance_the_negative_prompt_is_not_encoded(generator):
+    """At guidance_scale 1 diffusers uses no negative embedding: encoding one costs a text
+    encoder call for nothing."""
+    calls = []
+    hook = generator.pipe.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        generator.render_frames(
+            _request(negative_prompt="never encoded", guidance_scale=1, num_inference_steps=1)
+        )
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the prompt alone
+
+
+def test_the_output_is_named_after_the_variant_and_seed_with_16_random_hex_digits(generator):
+    """docs/http-api.md: an upload keeps only the name, and the same seed comes again and
+    again, so 64 random bits tell two outputs apart."""
+    output = generator.render_mp4(_request(seed=42, num_inference_steps=1))
+    assert re.fullmatch(r"cogvideox-5b-42-[0-9a-f]{16}\.mp4", output.name), output.name
+
+
+def test_a_prompt_a_few_hundred_characters_too_long_logs_only_the_start_of_what_is_ignored(
+    generator, caplog
+):
+    long_prompt = "a panda plays guitar " * 100  # some 900 characters past the 226 tokens
+    generator.render_frames(_request(prompt=long_prompt, num_inference_steps=1))
+    line = next(r.message for r in caplog.records if "this part is ignored" in r.message)
+    assert len(line) < 600 and line.endswith("characters)'")
+
+
+def test_a_warm_up_leaves_no_folder_behind(generator, monkeypatch, tmp_path):
+    """Its folder is claimed like an output's: kept, it would stay in TMPDIR until the
+    worker dies and the next setup removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    renders = generator.warm_up_renders()[:1]
+    monkeypatch.setattr(generator, "warm_up_renders", lambda: renders)
+    generator.warm_up()
+    assert list(tmp_path.glob(f"{WARM_UP_PREFIX}*")) == []
+
+
+def test_the_warm_up_key_gives_each_render_at_the_size_it_renders(generator):
+    """Only an image's aspect (1.5 image-to-video) turns a render portrait: a key that turned
+    a text-to-video one would name shapes its warm-up never compiled."""
+    assert generator.warm_up_key() == [
+        [49, 48, 80, 6.0, "default", 2],
+        [9, 48, 80, 6.0, "default", 2],
+        [9, 48, 80, 1.0, "default", 2],
+        [49, 48, 80, 6.0, "faster", 4],
+        [9, 48, 80, 6.0, "faster", 4],
+    ]
+
+
+def test_a_render_says_its_inputs_were_read_once_and_a_refused_one_never(generator, monkeypatch):
+    """A rank tells the group once it has read its inputs (parallel/ranks.py): until then
+    the group times its reading of the image or clip, which a refused input never finishes."""
+    reads: list[int] = []
+    monkeypatch.setattr(generator, "on_inputs_read", lambda: reads.append(1))
+    with pytest.raises(InputError, match="num_frames=10"):
+        generator.render_frames(_request(num_frames=10))
+    assert reads == []
+    generator.render_frames(_request(num_inference_steps=1))
+    assert reads == [1]
+
+
+def test_a_cancel_while_a_failed_render_hands_its_memory_back_keeps_none_of_its_tensors(
+    generator, monkeypatch
+):
+    """The cancel's error holds the failure it interrupted (its __context__), and with it the
+    failure's traceback and the activations of the layer it stopped in."""
+    layer = stop_in_forward(generator, "transformer", RuntimeError("mat1 and mat2 shapes"))
+    release = generator.release_memory
+
+    def canceled_once():
+        monkeypatch.setattr(generator, "release_memory", release)
+        raise cog.CancelationException()
+
+    monkeypatch.setattr(generator, "release_memory", canceled_once)
+    try:
+        with pytest.raises(cog.CancelationException) as raised:
+            generator.predict(_request())
+    finally:
+        layer.handle.remove()
+    assert isinstance(raised.value.__context__, RuntimeError)
+    assert layer.output() is None

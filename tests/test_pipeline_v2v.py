@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cogvideox_cog.errors import InputError
-from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.generator import Request, VideoGenerator, WarmUpRender
 from cogvideox_cog.media.mp4 import encode_mp4, probe_mp4
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.speed import cache_config, starting_timestep
@@ -132,3 +132,28 @@ def test_1_5_pads_an_odd_latent_count_with_the_clips_last_frame(tiny_weights):
     generator = _generator(tiny_weights, "cogvideox1.5-5b", "1.5-t2v", resolution="48x80")
     frames, added = generator._pad_for_latent_patches(list(range(17)))
     assert (frames, added) == ([*range(17), 16, 16, 16, 16], 1)
+
+
+def test_a_rank_that_writes_no_video_does_not_decode_a_padded_1_5_clip(tiny_weights, clip):
+    """Rank 0 alone decodes; a padded clip's decode on another rank cost it the VAE's time
+    and memory for frames nobody reads."""
+    generator = _generator(tiny_weights, "cogvideox1.5-5b", "1.5-t2v", resolution="48x80")
+    decodes = []
+    hook = generator.pipe.vae.decoder.register_forward_hook(lambda *_: decodes.append(1))
+    try:
+        generator.denoise_only(_request(clip, num_frames=17, num_inference_steps=2))
+    finally:
+        hook.remove()
+    assert decodes == []
+
+
+def test_a_warm_up_render_denoises_every_step_it_asks_for(tiny_weights):
+    """Not the default strength's last 80%: "faster" needs its steps to reach both of its
+    attention's compiled parts."""
+    generator = _generator(tiny_weights, "cogvideox-5b", "1.0-t2v")
+    renders = [WarmUpRender(9, steps=4)]
+    generator.warm_up_renders = lambda: renders
+    steps: list[int] = []
+    generator.on_step = lambda step, seconds: steps.append(step)
+    generator.warm_up()
+    assert steps == [0, 1, 2, 3]
