@@ -8,6 +8,7 @@ CUDA never runs here, so its answer is given at that boundary (torch.cuda's own 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 
 import cog
@@ -82,6 +83,17 @@ def test_a_sticky_cuda_error_makes_the_health_check_fail_naming_it(generator):
         generator.healthcheck()
 
 
+def test_the_health_check_names_the_sticky_errors_first_line_alone(generator):
+    """Every later prediction repeats the reason: CUDA's advice under it is noise there."""
+    _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(torch.AcceleratorError):
+        generator.predict(REQUEST)
+    with pytest.raises(DeviceLost) as raised:
+        generator.healthcheck()
+    assert "(CUDA error: an illegal memory access was encountered);" in str(raised.value)
+    assert "asynchronously" not in str(raised.value)
+
+
 def test_after_a_sticky_cuda_error_a_prediction_fails_before_touching_the_gpu(generator):
     calls = _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
     with pytest.raises(torch.AcceleratorError):
@@ -118,6 +130,18 @@ def test_after_a_sticky_cuda_error_the_check_before_an_input_is_fetched_fails(ge
         generator.check(REQUEST)
 
 
+def test_after_a_sticky_cuda_error_each_prediction_logs_no_traceback_of_its_own(generator, caplog):
+    """DeviceLost's message says what happened and what to do: a traceback per prediction,
+    each the same few frames, would bury the first error's in the log."""
+    _fail_transformer(generator, torch.AcceleratorError(ILLEGAL_ACCESS))
+    with pytest.raises(torch.AcceleratorError):
+        generator.predict(REQUEST)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, "cogvideox_cog"), pytest.raises(DeviceLost):
+        generator.predict(REQUEST)
+    assert [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()] == []
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -140,6 +164,11 @@ def test_other_errors_leave_the_worker_healthy(generator, error):
         "CUDA error: device-side assert triggered",
         "CUDA error: unspecified launch failure",
         "CUDA error: uncorrectable ECC error encountered",
+        "CUDA error: an illegal instruction was encountered",
+        "CUDA error: misaligned address",
+        "CUDA error: hardware stack error",
+        "CUDA error: invalid program counter",
+        "CUDA error: the launch timed out and was terminated",
     ],
 )
 def test_cudas_other_sticky_errors_lose_the_device(text):
@@ -225,6 +254,18 @@ def test_a_failure_after_which_the_gpu_synchronizes_leaves_the_worker_healthy(
         generator.predict(REQUEST)
     assert generator.healthcheck() is True
     assert len(synchronizes) == 1
+
+
+def test_a_failure_after_which_synchronizing_fails_without_a_sticky_error_leaves_it_healthy(
+    generator, monkeypatch
+):
+    """Only CUDA's kept errors lose the GPU: another error on synchronizing says nothing of
+    the device's state."""
+    _fail_transformer(generator, RuntimeError(CUBLAS_FAILED))
+    _gpu_answering(monkeypatch, torch.AcceleratorError("CUDA error: invalid argument"))
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        generator.predict(REQUEST)
+    assert generator.healthcheck() is True
 
 
 def test_a_failure_where_cuda_never_ran_does_not_synchronize(generator, monkeypatch):
