@@ -130,3 +130,29 @@ def test_a_file_that_cannot_be_removed_leaves_the_others_to_be_removed(tmp_path,
     monkeypatch.setattr(Path, "unlink", refuse_the_first)
     assert files.remove_untouched(tmp_path, "*.tmp", older_than_s=3600) == 2
     assert [p.name for p in tmp_path.iterdir()] == refused
+
+
+def test_a_durable_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path):
+    """Synced after the rename, a power cut could leave the new name on a file without its
+    bytes; the folder unsynced, the old file after a restart."""
+    target = tmp_path / "index.json"
+    synced: list[tuple[Path, bool]] = []
+    files.replace_atomically(
+        target, "new", fsync=lambda path: synced.append((path, target.exists()))
+    )
+    assert synced == [(files.temporary_name(target), False), (tmp_path, True)]
+
+
+def test_a_forked_child_writes_through_another_temporary_file_than_its_parent(tmp_path):
+    """A fork keeps the process token and the forking thread's ident: the pid alone differs."""
+    target = tmp_path / "shared.json"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, str(files.temporary_name(target)).encode())
+        os._exit(0)
+    os.close(write_end)
+    child_name = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert child_name and child_name != str(files.temporary_name(target))

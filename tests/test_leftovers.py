@@ -209,3 +209,14 @@ def test_a_claim_whose_folder_another_setup_removed_claims_a_new_one(
         assert folder.is_dir()
     finally:
         leftovers.release(folder)
+
+
+def test_a_folder_whose_lock_file_is_a_link_is_left_alone(tmp_path):
+    """Its lock is not the folder's own: taking the lock of whatever it points to proves
+    nothing about who holds the folder."""
+    folder = tmp_path / "cogvideox-output-linked"
+    folder.mkdir()
+    (tmp_path / "elsewhere.lock").touch()
+    (folder / leftovers.LOCK_NAME).symlink_to(tmp_path / "elsewhere.lock")
+    assert leftovers.remove_dead(tmp_path, "cogvideox-") == 0
+    assert folder.is_dir()
