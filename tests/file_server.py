@@ -2,12 +2,13 @@
 
 Serves the files of one directory over HTTP/1.1 with keep-alive and byte ranges (206 with
 Content-Range, as CDNs do), counts the body bytes it sent, logs each request, and injects the
-faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying
-Content-Length, a flipped byte, a stalled transfer, a range other than the one asked for, no
-Range support, no validators (neither ETag nor Last-Modified, as some hosts), or
-Last-Modified alone; bodies can be sent chunked, without a Content-Length (as some proxies
-send them). A test changes a served file by replacing it in the directory, or mid-download
-with `replace_after`.
+faults a download meets in the wild: a connection dropped mid-body, 5xx answers, a lying,
+missing or non-numeric Content-Length, a flipped byte, a stalled transfer, a range other than
+the one asked for, a range cut short or run on past its asked end, a total size of `*`
+(unknown), no Range support, no validators (neither ETag nor Last-Modified, as some hosts),
+or Last-Modified alone; bodies can be sent chunked, without a Content-Length (as some
+proxies send them). A test changes a served file by replacing it in the directory, or
+mid-download with `replace_after`.
 
 A fault is keyed by file name and applies to the next `times` responses for that file
 (None: to all of them). Offsets are offsets in the file, not in one response's body, so a
@@ -25,6 +26,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,11 +39,14 @@ _BLOCK = 256 << 10
 
 @dataclass
 class _Fault:
-    kind: str  # "drop", "status", "length", "flip", "stall", "redirect", "shift"
+    # "drop", "status", "length", "flip", "stall", "redirect", "shift", "resize", "star",
+    # "header"
+    kind: str
     offset: int = 0
     location: str = ""
     status: int = 0
     delta: int = 0
+    value: str | None = None
     seconds: float = 0.0
     times: int | None = None  # responses left to spoil; None: every one
 
@@ -108,15 +113,25 @@ class _Handler(BaseHTTPRequestHandler):
             shift = owner._take(name, "shift") if start >= owner._shift_of(name) > 0 else None
             if shift:  # other bytes than asked, their Content-Range saying which
                 start, end = start - shift.delta, end - shift.delta
+            resize = owner._take(name, "resize", lambda f: min(start + f.delta, size) - 1 != end)
+            if resize:  # fewer or more bytes than asked, their Content-Range saying which
+                end = min(start + resize.delta, size) - 1
         length = end - start + 1
         lie = owner._take(name, "length")
+        header = owner._take(name, "header")
+        unknown_total = ranged and owner._take(name, "star")
         self.send_response(206 if ranged else 200)
         if owner.chunked:
             self.send_header("Transfer-Encoding", "chunked")
+        elif header:
+            if header.value is not None:
+                self.send_header("Content-Length", header.value)
         else:
             self.send_header("Content-Length", str(length + (lie.delta if lie else 0)))
         if ranged:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header(
+                "Content-Range", f"bytes {start}-{end}/{'*' if unknown_total else size}"
+            )
         if owner.ranges:
             self.send_header("Accept-Ranges", "bytes")
         stat = path.stat()
@@ -130,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        if lie:
+        if lie or header:
             self.close_connection = True  # the body does not match the header: no reuse
         with path.open("rb") as source:
             self._send_body(owner, name, source, start, end + 1)
@@ -256,6 +271,24 @@ class FileServer:
         the same length), and a Content-Range that says so."""
         self._add(name, _Fault("shift", delta=delta, times=times))
 
+    def answer_bytes(self, name: str, length: int, times: int | None = None) -> None:
+        """Answer a range with `length` bytes from its start whatever end it asked for (up to
+        the end of the file), Content-Range and Content-Length saying so: a server that caps
+        a 206's size, or runs on past the asked end. Only answers it changes count to
+        `times`."""
+        self._add(name, _Fault("resize", delta=length, times=times))
+
+    def unknown_total(self, name: str, times: int | None = None) -> None:
+        """Give a range's total size as `*` in its Content-Range (`bytes 0-99/*`): a server
+        that does not know the file's length (RFC 9110 14.4). Whole-file answers keep theirs."""
+        self._add(name, _Fault("star", times=times))
+
+    def send_length(self, name: str, value: str | None, times: int | None = None) -> None:
+        """Send `value` as the Content-Length header whatever the body (None: no header), the
+        true body ended by closing the connection: a proxy that dropped the header, or one
+        that merged two (`"300000, 300000"`)."""
+        self._add(name, _Fault("header", value=value, times=times))
+
     def replace_after(self, name: str, responses: int) -> None:
         """Re-upload `name` (same bytes, a new modification time: a new ETag and Last-Modified)
         while its `responses`-th response is sent; that response still describes the old one."""
@@ -280,10 +313,13 @@ class FileServer:
         with self._lock:
             self._faults.setdefault(name, []).append(fault)
 
-    def _take(self, name: str, kind: str) -> _Fault | None:
+    def _take(
+        self, name: str, kind: str, applies: Callable[[_Fault], bool] = lambda fault: True
+    ) -> _Fault | None:
+        """The first live fault of `kind` that `applies` to this answer, spent."""
         with self._lock:
             for fault in self._faults.get(name, []):
-                if fault.kind == kind and fault.times != 0:
+                if fault.kind == kind and fault.times != 0 and applies(fault):
                     self._spend_locked(fault)
                     return fault
         return None

@@ -261,3 +261,90 @@ def test_a_chunked_answer_for_other_bytes_than_asked_is_retried(served, tmp_path
         assert chunked._shift_of("blob.bin") == 0  # the shifted answer was sent, and refused
     finally:
         chunked.stop()
+
+
+def _probed(server: FileServer) -> download.RemoteFile:
+    """blob.bin probed on the plain server, so that the faults added next are met by the
+    stream's ranges alone."""
+    remote, response = download.probe(server.url("blob.bin"))
+    assert remote.ranges and response is None
+    return remote
+
+
+def _ranges(remote: download.RemoteFile, retries: int) -> download.Stream:
+    return download.open_url(remote, None, 0, "download of blob.bin", retries=retries)
+
+
+def test_a_range_answered_past_its_asked_end_is_asked_again(served, monkeypatch):
+    """Bytes past the asked end belong to the next chunk: such an answer is not the range
+    asked for, and is not read as it (nor its unread rest taken for a cut connection)."""
+    monkeypatch.setattr(download, "CHUNK_BYTES", 16 << 10)
+    chunks = -(-SIZE // download.CHUNK_BYTES)
+    remote = _probed(served)
+    served.answer_bytes("blob.bin", 20_000, times=1)
+    stream = _ranges(remote, retries=2)
+    with stream:
+        assert stream.read(SIZE) == _served_bytes(served)
+    assert len(served.requests) == 1 + chunks + 1  # the long answer's range twice
+
+
+def test_a_range_answered_short_is_completed_by_asking_for_the_rest(served):
+    """A server may cap a 206's size: a shorter answer whose Content-Range and
+    Content-Length agree is good as far as it goes, and the rest is asked for, with no
+    failure counted (retries=0)."""
+    remote = _probed(served)
+    served.answer_bytes("blob.bin", 100_000)
+    stream = _ranges(remote, retries=0)
+    with stream:
+        assert stream.read(SIZE) == _served_bytes(served)
+    assert [r for _, _, r in served.requests[1:]] == [
+        "bytes=0-299999",
+        "bytes=100000-299999",
+        "bytes=200000-299999",
+    ]
+
+
+def test_a_range_of_unknown_total_size_is_taken(served):
+    """RFC 9110 lets a 206 say `*` for a total it does not know: the bytes are still the ones
+    asked for, and the size probed stands."""
+    remote = _probed(served)
+    served.unknown_total("blob.bin")
+    stream = _ranges(remote, retries=1)
+    with stream:
+        assert stream.read(SIZE) == _served_bytes(served)
+
+
+def test_a_range_without_content_length_or_chunks_is_asked_again(served):
+    """A 206 is held to a Content-Length that agrees with its Content-Range (or to chunked
+    framing); one with neither, ended only by the connection's close, is not read but asked
+    for again."""
+    remote = _probed(served)
+    served.send_length("blob.bin", None, times=1)
+    stream = _ranges(remote, retries=2)
+    with stream:
+        assert stream.read(SIZE) == _served_bytes(served)
+    assert [r for _, _, r in served.requests[1:]] == ["bytes=0-299999"] * 2
+
+
+def test_a_probe_answered_with_an_unknown_total_size_streams_the_whole_file(served):
+    """Without a total, chunks cannot be laid out: the file is fetched in one plain GET."""
+    served.unknown_total("blob.bin")
+    remote, response = download.probe(served.url("blob.bin"))
+    assert not remote.ranges and response is not None
+    with download.open_url(remote, response, 0, "download of blob.bin", retries=0) as stream:
+        assert stream.read(SIZE) == _served_bytes(served)
+
+
+def test_a_non_numeric_content_length_is_read_as_no_length(tmp_path):
+    """A proxy that merges a doubled header sends `300000, 300000`: the size is unknown, and
+    the body is read to its end as a chunked one is."""
+    data = os.urandom(SIZE)
+    (tmp_path / "blob.bin").write_bytes(data)
+    server = FileServer(tmp_path, ranges=False)
+    server.send_length("blob.bin", f"{SIZE}, {SIZE}")
+    out = io.BytesIO()
+    try:
+        download.fetch_capped(server.url("blob.bin"), out, SIZE, threading.Event(), "blob.bin")
+    finally:
+        server.stop()
+    assert out.getvalue() == data
