@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.message
 import io
 import os
+import re
 import threading
 import urllib.error
 from pathlib import Path
@@ -348,3 +349,28 @@ def test_a_non_numeric_content_length_is_read_as_no_length(tmp_path):
     finally:
         server.stop()
     assert out.getvalue() == data
+
+
+def test_a_range_cut_at_the_same_byte_every_time_fails_within_its_retries(served):
+    """A body that ends before its Content-Range does counts as a failure: a server that
+    cuts it at the same byte every time fails the download after the retries, rather than
+    being asked again for good."""
+    remote = _probed(served)
+    served.truncate_after("blob.bin", 100_000)
+    stream = _ranges(remote, retries=2)
+    outcome: dict[str, BaseException] = {}
+
+    def read() -> None:
+        try:
+            stream.read(SIZE)
+        except BaseException as error:
+            outcome["error"] = error
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    stream.close()
+    assert not reader.is_alive(), "still asking for the range after 10 s"
+    cut = r"failed after 100,000 of 300,000 bytes: connection closed after 0 of .*3 attempts"
+    assert isinstance(outcome.get("error"), WeightsError)
+    assert re.search(cut, str(outcome["error"]))
