@@ -4,6 +4,7 @@ CUDA raises it: the error says what ran out and what to change, and the worker s
 from __future__ import annotations
 
 import gc
+import operator
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,24 +151,6 @@ def test_out_of_gpu_memory_encoding_the_input_video_names_that_step_and_vae_tili
     )
 
 
-def test_out_of_gpu_memory_encoding_the_image_names_that_step_and_no_frame_count(
-    tiny_weights, tmp_path
-):
-    """The image is one frame whatever num_frames asks: fewer frames would not help."""
-    variant = VARIANTS["cogvideox-5b-i2v"]
-    pipe = build_pipeline(variant, tiny_weights["1.0-i2v"], CPU, "none")
-    generator = VideoGenerator(variant, pipe, CPU)
-    image = tmp_path / "image.png"
-    Image.new("RGB", (80, 48), (90, 120, 150)).save(image)
-    with _out_of_memory(pipe.vae.encoder), pytest.raises(GpuMemoryError) as raised:
-        generator.render_frames(_request(image=image))
-    assert str(raised.value) == (
-        "The GPU ran out of memory while encoding the image at 80x48. The deployment's "
-        "operator can set COGVIDEOX_OFFLOAD=model (it runs with none), which keeps less of the "
-        "model on the GPU."
-    )
-
-
 def _warm_up_generator(tiny_weights, offload: str) -> VideoGenerator:
     variant = VARIANTS["cogvideox-5b"]
     generator = VideoGenerator(
@@ -177,45 +160,61 @@ def _warm_up_generator(tiny_weights, offload: str) -> VideoGenerator:
     return generator
 
 
-def test_out_of_gpu_memory_in_setups_warm_up_denoise_tells_the_operator_the_settings(
-    tiny_weights,
-):
-    """Setup's warm-up renders sizes no user chose: asking for fewer frames is no advice."""
-    generator = _warm_up_generator(tiny_weights, "model")
-    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError) as raised:
-        generator.warm_up()
-    assert str(raised.value) == (
+# Setup's warm-up renders sizes no user chose: its advice names settings, never fewer frames,
+# and only the settings that would make that phase fit.
+WARM_UP_ADVICE = {
+    "denoise-offload-or-compile": (
+        "model",
+        "transformer",
         "The GPU ran out of memory while denoising 49 frames at 80x48 in setup's compile "
         "warm-up (COGVIDEOX_COMPILE=1). Set COGVIDEOX_OFFLOAD=sequential (it runs with model), "
         "which keeps less of the model on the GPU, or COGVIDEOX_COMPILE=0, which skips this "
-        "warm-up and runs the transformer uncompiled."
-    )
-
-
-def test_out_of_gpu_memory_in_setups_warm_up_decode_tells_the_operator_vae_tiling_alone(
-    tiny_weights,
-):
-    """The VAE is not compiled: compiling off would not make its decode fit."""
-    generator = _warm_up_generator(tiny_weights, "model")
-    generator.pipe.vae.disable_tiling()
-    with _out_of_memory(generator.pipe.vae.decoder), pytest.raises(GpuMemoryError) as raised:
-        generator.warm_up()
-    assert str(raised.value) == (
+        "warm-up and runs the transformer uncompiled.",
+    ),
+    # The VAE is not compiled: compiling off would not make its decode fit.
+    "untiled-decode-vae-tiling-alone": (
+        "model",
+        "vae.decoder",
         "The GPU ran out of memory while decoding 49 frames at 80x48 in setup's compile "
         "warm-up (COGVIDEOX_COMPILE=1). Set COGVIDEOX_VAE_TILING=on, which runs the VAE in "
-        "tiles with less memory."
-    )
+        "tiles with less memory.",
+    ),
+    "least-offload-compile-alone": (
+        "sequential",
+        "transformer",
+        "Set COGVIDEOX_COMPILE=0, which skips this warm-up and runs the transformer uncompiled.",
+    ),
+    # A tiled decode at the least offload: compiling off would not shrink the VAE either.
+    "nothing-left-a-larger-gpu": (
+        "sequential",
+        "vae.decoder",
+        "in setup's compile warm-up (COGVIDEOX_COMPILE=1). This model needs a GPU with more "
+        "memory.",
+    ),
+    # The text encoder runs uncompiled: compiling off would not make it fit.
+    "prompt-offload-not-compile": (
+        "model",
+        "text_encoder",
+        "The GPU ran out of memory while encoding the prompt in setup's compile warm-up "
+        "(COGVIDEOX_COMPILE=1). Set COGVIDEOX_OFFLOAD=sequential (it runs with model), which "
+        "keeps less of the model on the GPU.",
+    ),
+}
 
 
-def test_out_of_gpu_memory_in_setups_warm_up_at_the_least_offload_names_compile_alone(
-    tiny_weights,
+@pytest.mark.parametrize(
+    ("offload", "component", "advice"), WARM_UP_ADVICE.values(), ids=WARM_UP_ADVICE.keys()
+)
+def test_out_of_gpu_memory_in_setups_warm_up_advises_the_settings_that_would_fit(
+    tiny_weights, offload, component, advice
 ):
-    generator = _warm_up_generator(tiny_weights, "sequential")
-    with _out_of_memory(generator.pipe.transformer), pytest.raises(GpuMemoryError) as raised:
+    generator = _warm_up_generator(tiny_weights, offload)
+    if component == "vae.decoder" and offload == "model":
+        generator.pipe.vae.disable_tiling()
+    module = operator.attrgetter(component)(generator.pipe)
+    with _out_of_memory(module), pytest.raises(GpuMemoryError) as raised:
         generator.warm_up()
-    assert str(raised.value).endswith(
-        "Set COGVIDEOX_COMPILE=0, which skips this warm-up and runs the transformer uncompiled."
-    )
+    assert str(raised.value).endswith(advice)
 
 
 def test_a_request_after_a_warm_up_out_of_gpu_memory_gets_a_requests_advice(tiny_weights):
@@ -336,11 +335,27 @@ def test_out_of_gpu_memory_with_nothing_left_to_change_says_a_larger_gpu_is_need
     )
 
 
-def test_out_of_gpu_memory_encoding_the_image_untiled_names_vae_tiling(tiny_weights, tmp_path):
-    """VAE tiling makes the image's encode smaller too, as it does the clip's."""
+@pytest.mark.parametrize(
+    ("tiled", "advice"),
+    [
+        (
+            True,
+            "COGVIDEOX_OFFLOAD=model (it runs with none), which keeps less of the model on the "
+            "GPU.",
+        ),
+        (False, "COGVIDEOX_VAE_TILING=on, which runs the VAE in tiles with less memory."),
+    ],
+    ids=["tiled", "untiled"],
+)
+def test_out_of_gpu_memory_encoding_the_image_names_that_step_and_no_frame_count(
+    tiny_weights, tmp_path, tiled, advice
+):
+    """The image is one frame whatever num_frames asks: fewer frames would not help. VAE
+    tiling makes its encode smaller, as it does the clip's."""
     variant = VARIANTS["cogvideox-5b-i2v"]
     pipe = build_pipeline(variant, tiny_weights["1.0-i2v"], CPU, "none")
-    pipe.vae.disable_tiling()
+    if not tiled:
+        pipe.vae.disable_tiling()
     generator = VideoGenerator(variant, pipe, CPU)
     image = tmp_path / "image.png"
     Image.new("RGB", (80, 48), (90, 120, 150)).save(image)
@@ -348,32 +363,5 @@ def test_out_of_gpu_memory_encoding_the_image_untiled_names_vae_tiling(tiny_weig
         generator.render_frames(_request(image=image))
     assert str(raised.value) == (
         "The GPU ran out of memory while encoding the image at 80x48. The deployment's "
-        "operator can set COGVIDEOX_VAE_TILING=on, which runs the VAE in tiles with less "
-        "memory."
-    )
-
-
-def test_out_of_gpu_memory_in_setups_warm_up_with_no_setting_left_says_a_larger_gpu(
-    tiny_weights,
-):
-    """A tiled decode at the least offload: compiling off would not shrink the VAE either."""
-    generator = _warm_up_generator(tiny_weights, "sequential")
-    with _out_of_memory(generator.pipe.vae.decoder), pytest.raises(GpuMemoryError) as raised:
-        generator.warm_up()
-    assert str(raised.value).endswith(
-        "in setup's compile warm-up (COGVIDEOX_COMPILE=1). This model needs a GPU with more memory."
-    )
-
-
-def test_out_of_gpu_memory_encoding_the_prompt_in_setups_warm_up_does_not_name_compile(
-    tiny_weights,
-):
-    """The text encoder runs uncompiled: compiling off would not make it fit."""
-    generator = _warm_up_generator(tiny_weights, "model")
-    with _out_of_memory(generator.pipe.text_encoder), pytest.raises(GpuMemoryError) as raised:
-        generator.warm_up()
-    assert str(raised.value) == (
-        "The GPU ran out of memory while encoding the prompt in setup's compile warm-up "
-        "(COGVIDEOX_COMPILE=1). Set COGVIDEOX_OFFLOAD=sequential (it runs with model), which "
-        "keeps less of the model on the GPU."
+        "operator can set " + advice
     )

@@ -252,10 +252,8 @@ def test_a_directory_used_in_place_is_held_to_its_manifests_sha256_when_asked(
     bytes changed at the same size loaded, the operator's check silently skipped. The value
     is read in any case, as the hash is."""
     local = shutil.copytree(tiny, tmp_path / "local")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(local, tmp_path, monkeypatch)
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", asked)
     assert ensure_weights(VARIANT) == local
     _flip(local / BIG, (local / BIG).stat().st_size - 1)
@@ -268,10 +266,8 @@ def test_a_directory_used_in_place_is_held_to_sizes_only_unless_sha256_is_asked(
 ):
     """Hashing reads every byte of the weights (20 GB) on each start: only when asked."""
     local = shutil.copytree(tiny, tmp_path / "local")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(local, tmp_path, monkeypatch)
     _flip(local / BIG, (local / BIG).stat().st_size - 1)
     assert ensure_weights(VARIANT) == local
 
@@ -283,10 +279,7 @@ def test_a_directory_among_several_sources_is_refused_before_any_download(
     tar once the sources before it failed, and refused as "neither ... nor an existing file
     or directory": a fallback that could never work, found only when it was needed."""
     local = shutil.copytree(tiny, tmp_path / "local")
-    manifest = tmp_path / "manifest.json"
-    sources = [served.url("model.tar"), str(local)]
-    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, sources)))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(local, tmp_path, monkeypatch, served.url("model.tar"), str(local))
     with pytest.raises(WeightsError, match=rf"{local} is a directory, one of 2 sources"):
         ensure_weights(VARIANT)
     assert served.bytes_sent == 0
@@ -614,6 +607,15 @@ def test_an_intact_cached_entry_that_fails_to_load_is_kept(served, cache, monkey
     assert _markers(cache) == [root / COMPLETE_MARKER]
 
 
+def _put_in_place_by_another_setup(root: Path) -> None:
+    """The entry's marker rewritten as another setup's fresh copy would leave it: pget's,
+    with no sha256 recorded."""
+    marker = json.loads((root / COMPLETE_MARKER).read_text())
+    for file in marker["files"].values():
+        file["sha256"] = None
+    (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+
+
 def test_an_entry_another_setup_replaced_while_this_one_failed_to_load_is_not_discarded(
     served, cache, monkeypatch, caplog
 ):
@@ -626,10 +628,7 @@ def test_an_entry_another_setup_replaced_while_this_one_failed_to_load_is_not_di
     def replaced_meanwhile(loaded: Path) -> Path:
         loads.append(loaded)
         if len(loads) == 1:
-            marker = json.loads((root / COMPLETE_MARKER).read_text())
-            for file in marker["files"].values():
-                file["sha256"] = None
-            (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+            _put_in_place_by_another_setup(root)
             raise KeyError("norm")
         return loaded
 
@@ -653,10 +652,7 @@ def test_a_replacing_copy_that_fails_to_load_too_names_its_source(served, cache,
     def replaced_meanwhile_and_bad_too(loaded: Path) -> Path:
         loads.append(loaded)
         if len(loads) == 1:
-            marker = json.loads((root / COMPLETE_MARKER).read_text())
-            for file in marker["files"].values():
-                file["sha256"] = None
-            (root / COMPLETE_MARKER).write_text(json.dumps(marker))
+            _put_in_place_by_another_setup(root)
         raise KeyError("norm")
 
     with pytest.raises(WeightsError, match=rf"the weights from {re.escape(url)} failed to load"):
@@ -759,9 +755,7 @@ def test_a_new_manifest_reverifies_in_place_without_downloading(
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
     root = ensure_weights(VARIANT)
     sent = served.bytes_sent
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [url])))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    manifest = _pin(tiny, tmp_path, monkeypatch, url)
     assert ensure_weights(VARIANT) == root
     assert served.bytes_sent == sent
     assert "sha256" in json.loads((root / COMPLETE_MARKER).read_text())["checks"]
@@ -784,9 +778,7 @@ def test_a_reverified_entry_is_used_when_its_marker_cannot_be_updated(
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", url)
     root = ensure_weights(VARIANT)
     sent, marker = served.bytes_sent, (root / COMPLETE_MARKER).read_text()
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [url])))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(tiny, tmp_path, monkeypatch, url)
     full = files.temporary_name(root / COMPLETE_MARKER)
     full.symlink_to("/dev/full")  # the marker's write fails with ENOSPC, as on a full disk
     assert ensure_weights(VARIANT) == root
@@ -822,10 +814,10 @@ def _default_entry(served, tmp_path: Path, monkeypatch, source: str | None = Non
     return root
 
 
-def _pin(tiny: Path, tmp_path: Path, monkeypatch, source: str) -> Path:
-    """COGVIDEOX_WEIGHTS_MANIFEST: the served files with their sizes and sha256."""
+def _pin(folder: Path, tmp_path: Path, monkeypatch, *sources: str) -> Path:
+    """COGVIDEOX_WEIGHTS_MANIFEST: the files of `folder` with their sizes and sha256."""
     manifest = tmp_path / "pinned.json"
-    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [source])))
+    manifest.write_text(json.dumps(manifest_of_directory(folder, VARIANT.id, list(sources))))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
     return manifest
 
@@ -1136,9 +1128,7 @@ def test_a_flipped_byte_fails_its_sha256_and_is_not_kept(
     offset, length = _data_offset(Path(served.directory) / "model.tar", BIG)
     served.flip_byte("model.tar", offset + length - 10, times=None)  # deep in tensor data
     url = served.url("model.tar")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(tiny, VARIANT.id, [url])))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(tiny, tmp_path, monkeypatch, url)
     expected = rf"{BIG}: sha256 \w+, the manifest says {sha256_file(tiny / BIG).hexdigest()}"
     with pytest.raises(BadSource, match=expected):
         ensure_weights(VARIANT)
@@ -2166,10 +2156,8 @@ def test_a_manifest_of_a_hub_download_folder_leaves_out_its_hidden_state(
     state = folder / ".cache" / "huggingface" / "download" / "model_index.json.metadata"
     state.parent.mkdir(parents=True)
     state.write_text("0123abcd\n1700000000.0\n")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(folder, VARIANT.id, [])))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(folder))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(folder, tmp_path, monkeypatch)
     assert ensure_weights(VARIANT) == folder
 
 
@@ -2178,10 +2166,8 @@ def test_a_manifest_leaves_out_hidden_files_another_copy_lacks(tiny, cache, tmp_
     would refuse every other copy, fetched from the tar or the Hub."""
     folder = shutil.copytree(tiny, tmp_path / "mac-copy")
     (folder / "transformer" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(folder, VARIANT.id, [])))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(folder, tmp_path, monkeypatch)
     assert ensure_weights(VARIANT) == tiny
 
 
@@ -2189,10 +2175,8 @@ def test_a_manifest_may_pin_an_empty_file_at_size_0(tiny, tmp_path, cache, monke
     """The manifest command records an empty file as size 0: setup must read it back."""
     local = shutil.copytree(tiny, tmp_path / "local")
     (local / "tokenizer" / "added_tokens.json").write_bytes(b"")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(manifest_of_directory(local, VARIANT.id, [])))
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_URL", str(local))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_MANIFEST", str(manifest))
+    _pin(local, tmp_path, monkeypatch)
     assert ensure_weights(VARIANT) == local
 
 
