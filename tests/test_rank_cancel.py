@@ -190,6 +190,48 @@ def test_a_second_cancel_before_the_wait_leaves_the_next_prediction_its_own_vide
     assert group.healthcheck()
 
 
+class _SecondCancelBeforeFlag(_SecondCancelOnFlag):
+    """As _SecondCancelOnFlag, but the second cancel lands before the flag is set: the
+    ranks go on rendering the canceled request, told nothing."""
+
+    def set(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self.prediction.cancel()
+            for _ in range(10**8):  # the cancel lands at the loop's first turn
+                pass
+        self.flag.set()
+
+
+LONG_STEPS = 500  # seconds of steps on the tiny model: the ranks are still at them
+
+
+def test_ranks_left_rendering_a_canceled_request_are_stopped_by_the_next_prediction(
+    group, reference, monkeypatch, caplog
+):
+    """A second cancel before the first set the ranks' flag leaves them rendering all of
+    a long request: the next prediction stops them after their step under way instead of
+    waiting for that video (and its decode and encode) first."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")  # rank 0's lines are relayed there
+    long = replace(REQUEST, prompt="a panda plays drums", seed=7, num_inference_steps=LONG_STEPS)
+    prediction = _Prediction(group, long)
+    monkeypatch.setattr(group, "_cancel", _SecondCancelBeforeFlag(group._cancel, prediction))
+    trigger = _CancelOnLine(prediction, "step 1/")
+    logging.getLogger("cogvideox_cog").addHandler(trigger)
+    try:
+        prediction.start()
+        outcome = prediction.result(ANSWER_S)
+    finally:
+        logging.getLogger("cogvideox_cog").removeHandler(trigger)
+    assert isinstance(outcome, CancelationException), outcome
+    assert group._cancel.fired and not group._cancel.is_set()
+    caplog.clear()
+    group._finish_unsettled()
+    assert f"step {LONG_STEPS}/{LONG_STEPS}" not in caplog.text
+    assert "wrote " not in caplog.text
+    assert np.array_equal(_frames(group.predict(REQUEST)), reference)
+
+
 def test_rank_0_reports_progress_to_the_worker_during_a_prediction(group, reference):
     """Its block hooks, put in by the rank process's setup, send Progress while the steps
     run (the worker's sign that the ranks are alive after a cancel); the video is the same.
