@@ -1231,3 +1231,110 @@ def test_the_ranks_rendezvous_port_is_released_with_the_store():
     port = store.port
     del store
     assert _listening_on(port) == []
+
+
+READ_S = 6 * BOUND_S  # how long rank 1 reads each request's inputs below: past the bound
+UPSCALE_FRAME_S = 0.2  # what rank 0 takes to upscale a frame below: 49 frames, seconds
+UPSCALING = "upscaling a frame"
+
+
+def _serve_reading_and_upscaling_slowly(rank, world_size, mode, port, conn, cancel) -> None:
+    """ranks.serve, but rank 1 reads the inputs for READ_S (a long clip on a busy CPU), and
+    rank 0 takes UPSCALE_FRAME_S a frame to upscale, saying so at the first one."""
+    set_up = rank_processes._set_up
+
+    def set_up_slowly(*args):
+        generator = set_up(*args)
+        if rank == 1:
+            conditioned = generator._conditioned
+
+            def read_slowly(request):
+                time.sleep(READ_S)
+                return conditioned(request)
+
+            generator._conditioned = read_slowly
+        else:
+            own_cancel, said = generator.on_postprocess_progress, []
+
+            def upscale_slowly():
+                if not said:
+                    said.append(True)
+                    logging.getLogger("cogvideox_cog").info(UPSCALING)
+                time.sleep(UPSCALE_FRAME_S)
+                if own_cancel is not None:
+                    own_cancel()
+
+            generator.on_postprocess_progress = upscale_slowly
+        return generator
+
+    rank_processes._set_up = set_up_slowly
+    rank_processes.serve(rank, world_size, mode, port, conn, cancel)
+
+
+@pytest.fixture(scope="module")
+def slow_ranks(tiny_weights, tmp_path_factory) -> Iterator[group.RankGroup]:
+    """Two real rank processes on the tiny model, upscale enabled, slow as
+    _serve_reading_and_upscaling_slowly says; the cancel's bound is BOUND_S."""
+    folder = tmp_path_factory.mktemp("slow-ranks")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COGVIDEOX_MODEL", "cogvideox-5b")
+        patch.setenv("COGVIDEOX_WEIGHTS_URL", str(tiny_weights["1.0-t2v"]))
+        patch.setenv(UPSCALE_ENV, "1")
+        patch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(folder / "realesrgan.pth")))
+        patch.delenv(INTERPOLATE_ENV, raising=False)
+        patch.setenv(WEIGHTS_DIR_ENV, str(folder / "weights"))
+        patch.setattr(rank_processes, "serve", _serve_reading_and_upscaling_slowly)
+        patch.setattr(group, "CANCEL_BOUND_S", BOUND_S)
+        ranks = group.RankGroup.start("t2v", 2)
+        try:
+            yield ranks
+        finally:
+            ranks.close()
+
+
+class _CancelOnLine(logging.Handler):
+    """Cancels `thread` as Cog does, once, when the worker relays a line starting `text`."""
+
+    def __init__(self, thread: threading.Thread, text: str):
+        super().__init__()
+        self.thread, self.text, self.fired = thread, text, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and record.getMessage().startswith(self.text):
+            self.fired = True
+            _cancel_in(self.thread)
+
+
+def _canceled_at_line(ranks: group.RankGroup, request: Request, text: str) -> list:
+    """What ranks.predict(request) raised, canceled as the worker relayed rank 0's `text`."""
+    raised: list[BaseException] = []
+
+    def predict() -> None:
+        try:
+            ranks.predict(request)
+        except BaseException as error:
+            raised.append(error)
+
+    predicting = threading.Thread(target=predict, daemon=True)
+    trigger = _CancelOnLine(predicting, text)
+    relayed = logging.getLogger("cogvideox_cog")
+    relayed.addHandler(trigger)
+    try:
+        predicting.start()
+        predicting.join(60 + READ_S)
+    finally:
+        relayed.removeHandler(trigger)
+    return raised
+
+
+def test_a_cancel_while_a_rank_still_reads_the_inputs_waits_for_it_past_the_bound(
+    slow_ranks, caplog
+):
+    """Rank 0 has read them and waits for rank 1 in the first step's collective: neither
+    sends anything past the cancel's bound, but rank 1 said it began reading, so the group
+    waits for it to reach the step, where both stop, rather than stopping as stuck."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    raised = _canceled_at_line(slow_ranks, REQUEST, "seed: ")
+    assert len(raised) == 1 and isinstance(raised[0], CancelationException), raised
+    assert "canceled: 2 ranks stopped, after step [1]" in caplog.text
+    assert slow_ranks.healthcheck()

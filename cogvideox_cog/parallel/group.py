@@ -298,6 +298,8 @@ class RankGroup:
                 self._reading[message.rank] = time.monotonic()
             elif isinstance(message, Read):
                 self._reading.pop(message.rank, None)
+                if deadline is not None:  # it now reaches the collectives: held to the bound
+                    deadline = max(deadline, time.monotonic() + bound)
             elif isinstance(message, RankExited):
                 self._break(f"rank {message.rank} {_exit_text(message)} during a prediction")
             elif isinstance(message, _InboxFailed):
