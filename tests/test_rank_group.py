@@ -1327,6 +1327,18 @@ def _canceled_at_line(ranks: group.RankGroup, request: Request, text: str) -> li
     return raised
 
 
+def test_a_cancel_while_rank_0_upscales_alone_stops_it_between_frames(slow_ranks, caplog):
+    """Rank 1 is done after the last step; rank 0's upscale of a long video can take minutes,
+    and stops at the cancel as on one GPU, rather than writing a video nobody wants."""
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")  # rank 0's lines are relayed there
+    request = replace(REQUEST, num_frames=49, upscale="2x")
+    raised = _canceled_at_line(slow_ranks, request, UPSCALING)
+    assert len(raised) == 1 and isinstance(raised[0], CancelationException), raised
+    stopped = "canceled: 2 ranks stopped, after the last step, while rank 0 post-processed"
+    assert stopped in caplog.text
+    assert "wrote " not in caplog.text and slow_ranks.healthcheck()
+
+
 def test_a_cancel_while_a_rank_still_reads_the_inputs_waits_for_it_past_the_bound(
     slow_ranks, caplog
 ):
