@@ -24,13 +24,16 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from cogvideox_cog import compile_cache
 from cogvideox_cog.attention import AttentionBackendName
 from cogvideox_cog.generator import Request, VideoGenerator
+from cogvideox_cog.parallel.engine import ContextParallel
 from cogvideox_cog.pipeline import build_pipeline
 from cogvideox_cog.variants import VARIANTS
 from tests.markers import needs_cpp_compiler
+from tests.parallel_ranks import join_ranks, spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -497,3 +500,40 @@ def test_a_start_whose_warm_up_fails_still_tidies(tiny_weights, tmp_path):
 def _age(path: Path, hours: float) -> None:
     then = time.time() - hours * 3600
     os.utime(path, (then, then))
+
+
+def _start_as_a_rank(rank: int, port: int, weights: Path, root: Path) -> None:
+    """A rank of a 2-rank group (gloo): its generator has the engine, and starts as setup
+    does, with the compile cache in `root`."""
+    torch.set_num_threads(1)
+    join_ranks(rank, port, 2)
+    try:
+        variant = VARIANTS[VARIANT]
+        engine = ContextParallel(2)
+        pipe = build_pipeline(variant, weights, CPU, "none", before_placing=engine.install)
+        generator = VideoGenerator(variant, pipe, CPU)
+        generator.engine = engine
+        _warm_up_compiling(generator, lambda x: x * 2 + 1)
+        compile_cache.warm_up_with_cache(generator, root)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cpp_compiler
+def test_a_group_of_two_ranks_loads_no_file_a_one_gpu_start_saved(tiny_weights, tmp_path):
+    """Each rank compiles its half of the video's tokens: graphs of other shapes than one
+    GPU's, so a file of the other kind would be loaded for nothing, and its graphs compiled
+    again on the first request, after setup."""
+    root = tmp_path / "weights"
+    generator = _tiny_generator(tiny_weights)
+    _warm_up_compiling(generator, lambda x: x * 2 + 1)
+    try:
+        compile_cache.warm_up_with_cache(generator, root)
+    finally:
+        torch._dynamo.reset()
+    spawn_ranks(_start_as_a_rank, 2, tiny_weights["1.0-t2v"], root)
+    keys = sorted(
+        json.loads(path.read_bytes().split(b"\n")[1])["ranks"]
+        for path in (root / compile_cache.FOLDER).glob("*.bin")
+    )
+    assert keys == [1, 2]
