@@ -25,7 +25,8 @@ from cogvideox_cog.attention import (
 from cogvideox_cog.devtools.tiny import build_tiny_pipeline
 from cogvideox_cog.errors import ConfigError
 from cogvideox_cog.generator import VideoGenerator
-from cogvideox_cog.pipeline import check_compiled_if_flex
+from cogvideox_cog.pipeline import build_pipeline, check_compiled_if_flex
+from cogvideox_cog.variants import VARIANTS
 from cogvideox_cog.weights import WEIGHTS_URL_ENV
 
 CPU = torch.device("cpu")
@@ -149,6 +150,16 @@ def test_the_backend_chosen_is_the_one_each_attention_layer_calls():
     use_dispatching_attention(transformer, attention_backend("_native_cudnn"))
     with torch.no_grad(), pytest.raises(RuntimeError, match="No viable backend"):
         transformer(**_transformer_inputs())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cuDNN attention may run on this GPU")
+def test_a_pipeline_built_with_a_backend_calls_it_in_each_attention_layer(tiny_weights):
+    """COGVIDEOX_ATTENTION_BACKEND reaches the pipeline setup builds, not only the processor."""
+    variant = VARIANTS["cogvideox-5b"]
+    cudnn = attention_backend("_native_cudnn")
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", attention=cudnn)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="No viable backend"):
+        pipe.transformer(**_transformer_inputs())
 
 
 def test_checking_a_backend_draws_no_random_numbers():

@@ -26,6 +26,7 @@ from cogvideox_cog.media.mp4 import probe_mp4
 from cogvideox_cog.parallel.protocol import Canceled, Failed, Render
 from cogvideox_cog.parallel.ranks import StepCanceled, _render
 from cogvideox_cog.pipeline import (
+    blocks_run_eagerly,
     build_pipeline,
     choose_compile,
     choose_offload,
@@ -78,6 +79,16 @@ def test_5b_runs_the_dpm_scheduler_with_trailing_timesteps(generator):
     scheduler = generator.pipe.scheduler
     assert isinstance(scheduler, CogVideoXDPMScheduler)
     assert scheduler.config.timestep_spacing == "trailing"
+
+
+def test_the_scheduler_runs_trailing_timesteps_whatever_the_weights_config_says(tiny_weights):
+    """cli_demo sets `trailing` on the scheduler it swaps in, over the weights' own config."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = load_pipeline(variant, tiny_weights["1.0-t2v"], CPU)
+    config = pipe.scheduler.config
+    pipe.scheduler = type(pipe.scheduler).from_config(config, timestep_spacing="leading")
+    pipe = configure_pipeline(pipe, variant, CPU, "none")
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
 
 
 def test_2b_runs_the_ddim_scheduler(tiny_weights):
@@ -183,6 +194,13 @@ def test_the_negative_prompt_is_encoded_once_while_it_stays_the_same(generator):
     finally:
         hook.remove()
     assert counts == [2, 1, 2, 1]  # prompt and negative, then the prompt alone
+
+
+def test_a_prediction_draws_no_progress_bar(generator, capfd):
+    """Cog puts a prediction's stderr in its log: a bar per step would bury its lines."""
+    capfd.readouterr()
+    generator.render_frames(_request())
+    assert "%|" not in capfd.readouterr().err
 
 
 def test_two_predictions_never_share_an_output_path(generator):
@@ -533,9 +551,65 @@ def test_model_offload_puts_the_transformer_back_on_the_cpu_after_a_call_cut_sho
     assert any(module is offloaded.pipe.transformer for module in offloaded_modules)
 
 
+def test_sequential_offload_keeps_every_weight_off_the_device_until_its_layer_runs(tiny_weights):
+    """`sequential` is the policy for cards model offload does not fit (16 GB for 5B): no
+    whole model is ever placed, only each layer's weights while it runs."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "sequential")
+    assert not isinstance(getattr(pipe.transformer, "_hf_hook", None), CpuOffload)
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"meta"}
+
+
 def test_unknown_offload_policy_is_refused():
     with pytest.raises(ValueError, match="COGVIDEOX_OFFLOAD='fast' is not one of auto, none"):
         choose_offload("fast", VARIANTS["cogvideox-5b"], CPU)
+
+
+@pytest.mark.parametrize("policy", ["model", "sequential"])
+def test_an_offload_policy_asked_without_a_gpu_is_dropped_with_a_warning(caplog, policy):
+    """The operator set it: say that it does nothing here rather than ignore it silently."""
+    with caplog.at_level(logging.WARNING, logger="cogvideox_cog.pipeline"):
+        assert choose_offload(policy, VARIANTS["cogvideox-5b"], CPU) == "none"
+    assert f"COGVIDEOX_OFFLOAD={policy} needs a CUDA GPU; running without offload" in caplog.text
+
+
+@pytest.mark.parametrize("policy", ["auto", "none"])
+def test_an_offload_policy_that_asks_no_offload_logs_no_warning_without_a_gpu(caplog, policy):
+    """`auto` (the default) and `none` get what they ask on a CPU: nothing to warn of."""
+    with caplog.at_level(logging.WARNING, logger="cogvideox_cog.pipeline"):
+        choose_offload(policy, VARIANTS["cogvideox-5b"], CPU)
+    assert not caplog.records
+
+
+def _gpu_with_free_gib(monkeypatch, free_gib: float, total_gib: float = 80.0) -> torch.device:
+    """A CUDA device whose memory query answers `free_gib` free of `total_gib` (bytes, as
+    torch.cuda.mem_get_info gives them): the policies' GPU branch, run without a GPU."""
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2**30, total_gib * 2**30)
+    )
+    return torch.device("cuda")
+
+
+def test_auto_offload_on_a_gpu_goes_by_its_free_memory_not_its_total(monkeypatch):
+    """A 16 GB card's worth free on an 80 GB GPU: what is taken is not there to use."""
+    gpu = _gpu_with_free_gib(monkeypatch, free_gib=15.0, total_gib=80.0)
+    assert choose_offload("auto", VARIANTS["cogvideox-5b"], gpu) == "sequential"
+
+
+def test_auto_offload_on_a_gpu_counts_the_whole_frame_decode_vae_tiling_resolved(monkeypatch):
+    """32 GiB free hold 5B's tiled peak (28.5 GiB), not its whole-frame one (45 GiB)."""
+    gpu = _gpu_with_free_gib(monkeypatch, free_gib=32.0)
+    variant = VARIANTS["cogvideox-5b"]
+    assert choose_offload("auto", variant, gpu, vae_tiling=True) == "none"
+    assert choose_offload("auto", variant, gpu, vae_tiling=False) == "model"
+
+
+def test_auto_vae_tiling_on_a_gpu_keeps_tiles_at_a_deployments_own_resolution(monkeypatch):
+    """79 GiB free untile 5B at its own size; at a resolution the deployment set, never."""
+    gpu = _gpu_with_free_gib(monkeypatch, free_gib=79.0)
+    variant = VARIANTS["cogvideox-5b"]
+    assert choose_vae_tiling("auto", variant, gpu) is False
+    assert choose_vae_tiling("auto", variant, gpu, resized=True) is True
 
 
 def test_frames_match_the_requested_count_for_every_allowed_1_0_value(generator):
@@ -720,6 +794,33 @@ def test_blocks_a_cancel_left_running_eagerly_are_compiled_again_by_the_next_pre
     generator.render_frames(_request(num_frames=17, num_inference_steps=1))
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert _graphs() == graphs
+
+
+@pytest.mark.parametrize("mode", ["fast", "faster"])
+def test_a_speed_mode_runs_the_compiled_blocks_eagerly_while_it_predicts(warmed_up, mode):
+    """Its hooks would split a compiled block into graphs compiled inside requests; eager
+    blocks call the parts setup compiled instead (pipeline.compile_transformer)."""
+    generator, _ = warmed_up
+    blocks = generator.pipe.transformer.transformer_blocks
+    eager_at_steps = []
+    generator.on_step = lambda step, seconds: eager_at_steps.append(
+        all(block._compiled_call_impl is None for block in blocks)
+    )
+    try:
+        generator.render_frames(_request(speed_mode=mode, num_frames=17, num_inference_steps=2))
+    finally:
+        generator.on_step = None
+    assert eager_at_steps == [True, True]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+
+
+def test_blocks_set_aside_for_a_speed_mode_are_compiled_again_when_it_fails(tiny_weights):
+    """A speed mode's prediction that raises (out of memory, a cancel) leaves no block eager."""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none", compiled=True)
+    with pytest.raises(RuntimeError, match="out of memory"), blocks_run_eagerly(pipe.transformer):
+        raise RuntimeError("CUDA out of memory")
+    assert all(b._compiled_call_impl is not None for b in pipe.transformer.transformer_blocks)
 
 
 @pytest.mark.parametrize("mode", ["fast", "faster"])
