@@ -125,6 +125,30 @@ def test_a_cancel_inside_the_hooks_removal_leaves_no_hook_for_the_next_predictio
 
 
 @pytest.mark.parametrize("mode", ["fast", "faster"])
+def test_a_speed_mode_prediction_cut_short_keeps_no_hook_and_no_cache(generator, mode):
+    """The hooks hold the steps' attention they reuse: a prediction that ends in an error
+    takes them off then, not when the next prediction starts."""
+
+    def cut_short(step, seconds):
+        raise cog.CancelationException()
+
+    generator.on_step = cut_short
+    try:
+        with pytest.raises(cog.CancelationException):
+            _render(generator, speed_mode=mode)
+    finally:
+        generator.on_step = None
+    registries = [getattr(m, "_diffusers_hook", None) for m in generator.pipe.transformer.modules()]
+    assert not [r for r in registries if r is not None and r.hooks]
+
+
+def test_an_unknown_speed_mode_has_no_cache_config():
+    """Not the default's None: a mode offered but not wired would run as `default`."""
+    with pytest.raises(ValueError, match="speed_mode='turbo' is not one of default, fast"):
+        cache_config("turbo", object(), True)
+
+
+@pytest.mark.parametrize("mode", ["fast", "faster"])
 def test_speed_mode_changes_the_video(generator, default, mode):
     assert np.abs(_render(generator, speed_mode=mode) - default).max() > 1e-4
 
