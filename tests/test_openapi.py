@@ -15,6 +15,12 @@ from tests.conftest import PROJECT
 
 PREDICTORS = ["predict_t2v.py", "predict_i2v.py", "predict_v2v.py"]
 SCHEMA_KEYS = {"ge": "minimum", "le": "maximum", "default": "default", "choices": "enum"}
+LENGTH_AND_TEXT_KEYS = {
+    "min_length": "minLength",
+    "max_length": "maxLength",
+    "regex": "pattern",
+    "description": "description",
+}
 
 
 def _declared_inputs(source_file: str) -> dict[str, dict]:
@@ -108,3 +114,51 @@ def test_the_schema_writer_answers_help_with_its_usage(tmp_path):
     )
     assert "Usage: python -m cogvideox_cog.devtools.openapi" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("source_file", PREDICTORS)
+def test_every_declared_length_bound_and_description_is_in_the_schema(source_file):
+    """Cog's server validates against the document: a prompt over max_length must be refused."""
+    properties = build_schema(f"{PROJECT / source_file}:Predictor")["components"]["schemas"]
+    properties = properties["Input"]["properties"]
+    declared = _declared_inputs(source_file)
+    assert any("max_length" in keywords for keywords in declared.values())
+    for name, keywords in declared.items():
+        for keyword, schema_key in LENGTH_AND_TEXT_KEYS.items():
+            assert properties[name].get(schema_key) == keywords.get(keyword), (name, keyword)
+
+
+def test_an_inputs_title_is_its_name_in_words_as_cog_build_writes_it():
+    properties = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["components"]["schemas"]
+    assert properties["Input"]["properties"]["negative_prompt"]["title"] == "Negative Prompt"
+
+
+def test_the_document_lists_every_operation_cogs_server_answers():
+    """The fuzzer (tests/test_schema_fuzz.py) and other clients find only what is listed."""
+    paths = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["paths"]
+    operations = {(path, method) for path, item in paths.items() for method in item}
+    assert operations == {
+        ("/", "get"),
+        ("/health-check", "get"),
+        ("/predictions", "post"),
+        ("/predictions/{prediction_id}", "put"),
+        ("/predictions/{prediction_id}/cancel", "post"),
+    }
+
+
+def test_every_prediction_operation_answers_bad_input_with_a_validation_error():
+    paths = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["paths"]
+    for path, method in (("/predictions", "post"), ("/predictions/{prediction_id}", "put")):
+        responses = paths[path][method]["responses"]
+        assert set(responses) == {"200", "422"}, path
+        assert responses["422"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/HTTPValidationError"
+        }
+
+
+def test_a_choice_input_is_validated_against_its_enumeration():
+    """The property refers to its enum component; without the reference any string passes."""
+    schemas = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["components"]["schemas"]
+    speed_mode = schemas["Input"]["properties"]["speed_mode"]
+    assert speed_mode["allOf"] == [{"$ref": "#/components/schemas/speed_mode"}]
+    assert schemas["speed_mode"]["enum"] == ["default", "fast", "faster"]
