@@ -714,6 +714,126 @@ def test_summary_keeps_an_fp8_render_apart_from_the_bf16_one():
     assert cut["partial"] is True and "partial" not in bf16
 
 
+def test_summary_records_a_projected_total_beside_the_measured_one_as_not_measured():
+    """pipeline_speed.py projects 50 steps from a run of fewer (sequential offload): the
+    projection is its own record, at its own steps and total, never read as measured."""
+    from benchmarks import summary
+
+    path = ROOT / "benchmarks/results/gpu/cogvideox-5b/cogvideox-5b-full-sequential.json"
+    run = json.loads(path.read_text())
+    assert run["steps"] == 2 and run["projection"]["steps"] == 50
+    measured, projected = summary.records_of(run, path.name)
+    assert (measured["steps"], measured["total_seconds"], measured["measured"]) == (
+        2,
+        run["phases"]["total_s"],
+        True,
+    )
+    assert (projected["steps"], projected["total_seconds"], projected["measured"]) == (
+        50,
+        run["projection"]["total_s"],
+        False,
+    )
+
+
+def test_summary_adds_no_projection_to_the_steps_the_run_measured():
+    """A projection to the run's own step count is the measured total again, not a record."""
+    from benchmarks import summary
+
+    path = ROOT / "benchmarks/results/gpu/cogvideox-5b/cogvideox-5b-full-none.json"
+    run = json.loads(path.read_text())
+    run["projection"] = {"steps": run["steps"], "total_s": run["phases"]["total_s"] + 1}
+    [record] = summary.records_of(run, path.name)
+    assert record["measured"] is True and record["total_seconds"] == run["phases"]["total_s"]
+
+
+def test_summary_record_of_a_compiled_start_is_its_render_after_setup():
+    """compile_setup.py's end-to-end total is the render once set up; setup's compile is
+    beside it, and the start (cold or warm) is part of what the record says."""
+    from benchmarks import summary
+
+    start = {"variant": "cogvideox-5b", "size": "full", "start": "warm", "compiled": True}
+    start |= {"num_frames": 49, "height": 480, "width": 720, "steps": 5, "setup_s": 90.0}
+    start |= {"render_s": 12.5, "environment": {"gpu": "NVIDIA H200"}}
+    [record] = summary.records_of(start, "compile-cogvideox-5b-full-warm.json")
+    assert record["total_seconds"] == 12.5 and record["setup_seconds"] == 90.0
+    assert (record["start"], record["offload"], record["measured"]) == ("warm", "none", True)
+
+
+def test_summary_record_of_a_speed_modes_render_is_measured_at_its_request():
+    """speed_modes.py writes its resolution as HEIGHTxWIDTH and whether it compiled."""
+    from benchmarks import summary
+
+    render = {"variant": "cogvideox-5b", "size": "full", "steps": 50, "frames": 49}
+    render |= {"resolution": "480x720", "compile": True, "environment": {"gpu": "NVIDIA H200"}}
+    render["results"] = [{"mode": "faster", "median_s": 60.0}]
+    [record] = summary.records_of(render, "cogvideox-5b-full-50steps-compiled.json")
+    assert (record["height"], record["width"]) == (480, 720)
+    assert record["compiled"] is True and record["measured"] is True
+
+
+def test_summary_takes_a_new_runs_total_over_the_earlier_one_of_the_same_request(tmp_path):
+    """Measuring again what the summary holds updates its figure: the new run's file replaces
+    the record the same file gave before, and the record count stays."""
+    from benchmarks import summary
+
+    committed = json.loads((ROOT / "benchmarks/results/gpu/summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps(committed))
+    folder = "benchmarks/results/gpu/cogvideox-2b"
+    run = json.loads((ROOT / folder / "cogvideox-2b-full-none.json").read_text())
+    run["phases"]["total_s"] = 39.0
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "cogvideox-2b-full-none.json").write_text(json.dumps(run))
+    records = summary.merge(tmp_path / "summary.json", [new])
+    totals = [r["total_seconds"] for r in records if r["source"] == "cogvideox-2b-full-none.json"]
+    assert totals == [39.0] and len(records) == len(committed)
+
+
+@pytest.mark.parametrize("text", ['{"phases": {"total_s"', "[1, 2]"], ids=["cut-short", "list"])
+def test_summary_skips_a_json_file_that_is_no_result(tmp_path, text):
+    """A file cut short by a stopped step, or JSON of another shape, is left out, not fatal:
+    the summary of the other files is still written."""
+    from benchmarks import summary
+
+    (tmp_path / "other.json").write_text(text)
+    assert summary.merge(tmp_path / "summary.json", [tmp_path]) == []
+
+
+def test_summary_reads_the_folders_given_not_the_folders_inside_them(tmp_path):
+    """Result folders are named one by one (benchmarks/results/gpu/*/): a folder under one,
+    such as a CPU run's, is not part of the GPU table."""
+    from benchmarks import summary
+
+    inner = tmp_path / "cpu"
+    inner.mkdir()
+    source = ROOT / "benchmarks/results/gpu/cogvideox-2b/cogvideox-2b-full-none.json"
+    (inner / source.name).write_text(source.read_text())
+    assert summary.merge(tmp_path / "summary.json", [tmp_path]) == []
+
+
+def test_summary_is_written_into_a_folder_not_made_yet(tmp_path):
+    """SUMMARY may name a file in a folder that does not exist yet."""
+    from benchmarks import summary
+
+    folder = ROOT / "benchmarks/results/gpu/cogvideox-2b"
+    records = summary.merge(tmp_path / "new" / "summary.json", [folder])
+    assert json.loads((tmp_path / "new" / "summary.json").read_text()) == records != []
+
+
+def test_summary_file_does_not_depend_on_the_order_of_the_folders(tmp_path):
+    """The records are sorted by their key, so that merging the same runs gives the same file
+    and a committed summary.json changes only where a figure did."""
+    from benchmarks import summary
+
+    folders = [
+        ROOT / "benchmarks/results/gpu/cogvideox-2b",
+        ROOT / "benchmarks/results/gpu/cogvideox-5b",
+    ]
+    summary.merge(tmp_path / "a.json", folders)
+    summary.merge(tmp_path / "b.json", folders[::-1])
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
 def test_soak_trend_compares_windows_that_do_not_overlap():
     """At 70 requests (the least soak.py takes; the committed i2v run) two windows of 50
     after a warm-up of 20 were the same 50 samples: the trend was 0 whatever the RSS did."""
