@@ -532,6 +532,58 @@ def test_a_compiled_projection_names_the_compile_its_step_was_measured_with(run_
         assert f"measured {basis_says} compiled step" in record["basis"], record
 
 
+def test_committed_projections_are_what_projections_py_computes_from_the_committed_runs(
+    tmp_path,
+):
+    """The projected rows of the speed table are arithmetic on committed measurements: the
+    committed file is exactly what the script writes from them, figure and basis alike."""
+    from benchmarks import projections
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert projections.main(["--out", str(tmp_path)]) == 0
+    name = "cogvideox-5b-projections.json"
+    committed = ROOT / "benchmarks/results/gpu/projected" / name
+    assert (tmp_path / name).read_text() == committed.read_text()
+
+
+def test_projections_are_of_the_request_the_eager_run_measured():
+    """Every projection is the eager run's request (GPU, variant, size and steps), whatever
+    the CPU count of the speed modes was run at."""
+    from benchmarks import projections
+
+    eager = json.loads(projections.EAGER.read_text())
+    eager |= {"steps": 30, "frames": 81, "height": 768, "width": 1360}
+    eager |= {"variant": "cogvideox1.5-5b", "environment": {"gpu": "NVIDIA H200"}}
+    compiled = json.loads(projections.COMPILED.read_text())
+    counts = json.loads(projections.COUNTS.read_text())
+    request = {
+        (r["gpu"], r["variant"], r["num_frames"], r["height"], r["width"], r["steps"])
+        for r in projections.projections(eager, compiled, counts)
+    }
+    assert request == {("NVIDIA H200", "cogvideox1.5-5b", 81, 768, 1360, 30)}
+
+
+def test_projections_leave_the_first_compiling_step_out_of_the_step_time():
+    """A short run's median counts its first step, which compiles (140 s on the committed
+    compiled run): the projected step is the median of the steps after it."""
+    from benchmarks import projections
+
+    eager = json.loads(projections.EAGER.read_text())
+    compiled = json.loads(projections.COMPILED.read_text())
+    for run, first, step in ((eager, 3.0, 2.0), (compiled, 140.0, 1.5)):
+        run["steps_s"] = {"each": [first, step], "first": first, "median": (first + step) / 2}
+        run["steps_s"] |= {"median_after_first": step, "total": first + step}
+    counts = json.loads(projections.COUNTS.read_text())
+    rest = eager["phases"]["total_s"] - eager["phases"]["denoise_s"]
+    records = projections.projections(eager, compiled, counts)
+    fractions = {r["mode"]: r["projected_compute_fraction_full_size"] for r in counts["results"]}
+    for record in records:
+        step = 1.5 if record["compiled"] else 2.0
+        expected = rest + eager["steps"] * step * fractions[record["speed_mode"]]
+        assert record["total_seconds"] == round(expected, 1), record
+
+
 @needs_cpp_compiler
 def test_compile_setup_cold_start_does_not_load_a_compile_cache_left_in_its_folder(
     tmp_path, caplog
