@@ -1006,6 +1006,91 @@ def test_gpu_run_split_keeps_the_inductor_folder_the_tiny_warm_start_reuses(tmp_
     assert "kernel.so" in (out / "compile-warm.log").read_text()
 
 
+def test_gpu_run_skips_the_steps_the_budget_has_no_time_left_for(tmp_path):
+    """The budget drains as steps run: a step starts only with 20 s left beyond the 30 s kept
+    for the summary, so after a 4 s step of a 53 s budget the rest are skipped."""
+    fake = tmp_path / "python"  # every step takes 4 s
+    fake.write_text("#!/bin/sh\nsleep 4\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    summary = tmp_path / "summary.json"
+    done = _gpu_run_tiny(
+        out, tmp_path / "scratch", 60, PYTHON=str(fake), BUDGET_S="53", SUMMARY=summary
+    )
+    log = (out / "run.log").read_text()
+    assert done.returncode == 1
+    assert "== profile: done" in log and log.count("SKIPPED") == 4, log
+    assert "== summary: done" in log
+
+
+def test_gpu_run_keeps_the_records_of_the_summary_it_is_given(tmp_path):
+    """SUMMARY names a table that already holds records: the committed one is copied only
+    where there is none, never over it."""
+    earlier = {"gpu": "NVIDIA H200", "variant": "cogvideox-5b", "num_frames": 49}
+    earlier |= {"height": 480, "width": 720, "steps": 50, "speed_mode": "default"}
+    earlier |= {"compiled": False, "offload": "none", "measured": True, "total_seconds": 99.5}
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps([earlier]))
+    out = tmp_path / "out"
+    done = _gpu_run_tiny(out, tmp_path / "scratch", 120, ONLY="none-of-them", SUMMARY=summary)
+    assert done.returncode == 0, done.stdout
+    assert json.loads(summary.read_text()) == [earlier]
+
+
+def test_gpu_run_removes_the_scratch_folder_it_made(tmp_path):
+    """Without SCRATCH the compile caches go to a new temporary folder (thousands of files),
+    removed at the end."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    variables = {name: value for name, value in os.environ.items() if name != "SCRATCH"}
+    variables |= {"PYTHON": sys.executable, "TMPDIR": str(temporary), "BUDGET_S": "0"}
+    variables |= {"SUMMARY": str(tmp_path / "summary.json")}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_run.sh", "--tiny", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout
+    assert not list(temporary.iterdir())
+
+
+def test_gpu_run_cold_start_gets_an_empty_inductor_folder(tmp_path):
+    """A cold start compiles from nothing, as in a new container: kernels an earlier call
+    left in its inductor folder (SCRATCH is kept over split calls) are removed first."""
+    scratch = tmp_path / "scratch"
+    stale = scratch / "inductor-cold" / "kernel.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("built by an earlier cold start")
+    fake = tmp_path / "python"  # the cold start lists what its inductor folder holds
+    fake.write_text('#!/bin/sh\nls "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = _gpu_run_tiny(
+        out, scratch, 60, PYTHON=str(fake), ONLY="compile-cold", SUMMARY=tmp_path / "s.json"
+    )
+    assert done.returncode == 0, (out / "run.log").read_text()
+    assert "kernel.so" not in (out / "compile-cold.log").read_text()
+    assert not stale.exists()
+
+
+def test_gpu_run_exits_with_failure_when_a_step_fails(tmp_path):
+    """A step that fails is logged and the rest still run, but the run must not read as
+    complete: its exit status says so."""
+    fake = tmp_path / "python"  # the profile fails, the summary succeeds
+    fake.write_text('#!/bin/sh\ncase "$1" in *step_profile.py) exit 3 ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = _gpu_run_tiny(
+        out, tmp_path / "scratch", 60, PYTHON=str(fake), ONLY="profile", SUMMARY=tmp_path / "s"
+    )
+    log = (out / "run.log").read_text()
+    assert "== profile: FAILED" in log and "== summary: done" in log
+    assert done.returncode == 1
+
+
 def test_rife_memory_peak_is_the_most_tensor_bytes_alive_at_once():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         first = torch.empty(4096, dtype=torch.uint8)
