@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import pipeline_speed, rife_memory
+from benchmarks import common, pipeline_speed, rife_memory
+from cogvideox_cog.devtools.openapi import build_schema
 from cogvideox_cog.inputs import RESOLUTION_ENV
 from tests.markers import needs_cpp_compiler
 
@@ -1350,3 +1351,16 @@ def test_performance_docs_cite_the_committed_tiny_gpu_run_warm_ups():
     one, two = both_warm_ups(folder), both_warm_ups(folder / "two-renders")
     docs = " ".join((ROOT / "docs/performance.md").read_text().split())
     assert f"warm-ups took {two} s with two renders and {one} s with one" in docs
+
+
+def test_the_harnesses_render_the_predictors_defaults_at_the_seed_they_are_given():
+    """A benchmark times the video a user gets by default: a guidance or negative prompt of
+    its own would time another request, and a seed not passed on another video."""
+    schema = build_schema(f"{ROOT}/predict_t2v.py:Predictor")
+    declared = schema["components"]["schemas"]["Input"]["properties"]
+    fields = common.request_fields("a cat", 9, 2, 1234, speed_mode="fast")
+    for name in ("negative_prompt", "guidance_scale", "use_dynamic_cfg", "fps"):
+        assert fields[name] == declared[name].get("default"), name
+    expected = {"prompt": "a cat", "num_frames": 9, "num_inference_steps": 2, "seed": 1234}
+    assert {name: fields[name] for name in expected} == expected
+    assert fields["speed_mode"] == "fast"
