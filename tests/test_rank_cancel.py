@@ -166,6 +166,20 @@ class _SecondCancelOnFlag:
         return getattr(self.flag, name)
 
 
+def _canceled_twice_at_step_1(group, request, second_cancel, monkeypatch):
+    """The outcome of `request`, canceled as rank 0 logs its first step, and again where
+    `second_cancel` (a wrapper of the group's cancel flag) lands it."""
+    prediction = _Prediction(group, request)
+    monkeypatch.setattr(group, "_cancel", second_cancel(group._cancel, prediction))
+    trigger = _CancelOnLine(prediction, "step 1/")
+    logging.getLogger("cogvideox_cog").addHandler(trigger)
+    try:
+        prediction.start()
+        return prediction.result(ANSWER_S)
+    finally:
+        logging.getLogger("cogvideox_cog").removeHandler(trigger)
+
+
 def test_a_second_cancel_before_the_wait_leaves_the_next_prediction_its_own_video(
     group, reference, monkeypatch, caplog
 ):
@@ -173,15 +187,8 @@ def test_a_second_cancel_before_the_wait_leaves_the_next_prediction_its_own_vide
     they may still be rendering the canceled request. The next prediction must stop that
     first, or it would pair with it and return its video."""
     caplog.set_level(logging.INFO, logger="cogvideox_cog")  # rank 0's lines are relayed there
-    prediction = _Prediction(group, replace(REQUEST, prompt="a panda plays drums", seed=7))
-    monkeypatch.setattr(group, "_cancel", _SecondCancelOnFlag(group._cancel, prediction))
-    trigger = _CancelOnLine(prediction, "step 1/")
-    logging.getLogger("cogvideox_cog").addHandler(trigger)
-    try:
-        prediction.start()
-        outcome = prediction.result(ANSWER_S)
-    finally:
-        logging.getLogger("cogvideox_cog").removeHandler(trigger)
+    request = replace(REQUEST, prompt="a panda plays drums", seed=7)
+    outcome = _canceled_twice_at_step_1(group, request, _SecondCancelOnFlag, monkeypatch)
     assert isinstance(outcome, CancelationException), outcome
     assert group._cancel.fired
     following = _Prediction(group, REQUEST)
@@ -214,15 +221,7 @@ def test_ranks_left_rendering_a_canceled_request_are_stopped_by_the_next_predict
     waiting for that video (and its decode and encode) first."""
     caplog.set_level(logging.INFO, logger="cogvideox_cog")  # rank 0's lines are relayed there
     long = replace(REQUEST, prompt="a panda plays drums", seed=7, num_inference_steps=LONG_STEPS)
-    prediction = _Prediction(group, long)
-    monkeypatch.setattr(group, "_cancel", _SecondCancelBeforeFlag(group._cancel, prediction))
-    trigger = _CancelOnLine(prediction, "step 1/")
-    logging.getLogger("cogvideox_cog").addHandler(trigger)
-    try:
-        prediction.start()
-        outcome = prediction.result(ANSWER_S)
-    finally:
-        logging.getLogger("cogvideox_cog").removeHandler(trigger)
+    outcome = _canceled_twice_at_step_1(group, long, _SecondCancelBeforeFlag, monkeypatch)
     assert isinstance(outcome, CancelationException), outcome
     assert group._cancel.fired and not group._cancel.is_set()
     caplog.clear()
