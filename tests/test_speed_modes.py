@@ -142,7 +142,7 @@ def test_a_speed_mode_prediction_cut_short_keeps_no_hook_and_no_cache(generator,
     assert not [r for r in registries if r is not None and r.hooks]
 
 
-def test_an_unknown_speed_mode_has_no_cache_config():
+def test_an_unknown_speed_mode_is_refused_not_run_as_default():
     """Not the default's None: a mode offered but not wired would run as `default`."""
     with pytest.raises(ValueError, match="speed_mode='turbo' is not one of default, fast"):
         cache_config("turbo", object(), True)
