@@ -1,16 +1,24 @@
 """encode_mp4 writes what every browser plays, exactly as asked; probe_mp4 reads it back."""
 
+import logging
 import os
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image
 
+from cogvideox_cog.devtools.tiny_postprocess import tiny_ifnet, tiny_rrdbnet
+from cogvideox_cog.generator import Request, VideoGenerator
 from cogvideox_cog.media.mp4 import above_level_5_1, encode_mp4, probe_mp4, x264_cpu_options
+from cogvideox_cog.pipeline import build_pipeline
+from cogvideox_cog.postprocess import Postprocessor
+from cogvideox_cog.variants import VARIANTS
 
+CPU = torch.device("cpu")
 WIDTH, HEIGHT = 64, 48  # small keeps the file fast; multiples of 8 as the models produce
 
 
@@ -292,6 +300,48 @@ def test_a_size_within_level_5_1_at_too_high_a_rate_is_flagged_for_its_rate():
     """2720x1536 (the 1.5 models' 2x) at 64 fps (16 fps interpolated 4x) is level 5.2."""
     assert "macroblocks a second" in above_level_5_1(2720, 1536, 64)
     assert above_level_5_1(2880, 1920, 46) is not None
+
+
+class _Planned(Exception):
+    """Raised by the transformer's first call: the request was planned, nothing rendered."""
+
+
+def test_a_request_warns_of_the_level_its_upscaled_and_interpolated_output_needs(
+    tiny_weights, caplog
+):
+    """CogVideoX-5B's 720x480 upscaled 4x is 2880x1920, within level 5.1 at 24 fps but not
+    at the 48 fps that 2x interpolation makes: the warning is about the mp4 written. (The
+    tiny model is set to the real size; the request stops before the transformer runs.)"""
+    variant = VARIANTS["cogvideox-5b"]
+    pipe = build_pipeline(variant, tiny_weights["1.0-t2v"], CPU, "none")
+    postprocessor = Postprocessor(tiny_ifnet(), tiny_rrdbnet())
+    generator = VideoGenerator(
+        variant, pipe, CPU, resolution="480x720", postprocessor=postprocessor
+    )
+    request = Request(
+        prompt="a cat walks",
+        negative_prompt="",
+        num_frames=9,
+        num_inference_steps=1,
+        guidance_scale=6.0,
+        use_dynamic_cfg=None,
+        fps=24,
+        seed=5,
+        interpolate="2x",
+        upscale="4x",
+    )
+
+    def stop(module, args, kwargs):
+        raise _Planned
+
+    handle = pipe.transformer.register_forward_pre_hook(stop, with_kwargs=True)
+    caplog.set_level(logging.INFO, logger="cogvideox_cog")
+    try:
+        with pytest.raises(_Planned):
+            generator.render_frames(request)
+    finally:
+        handle.remove()
+    assert "output: 2880x1920 at 48 fps is 1,036,800 macroblocks a second" in caplog.text
 
 
 def test_float_frames_beyond_0_to_1_are_clipped_not_wrapped_around(tmp_path):
