@@ -237,6 +237,19 @@ def test_a_rank_past_its_inputs_is_held_to_the_failures_grace(monkeypatch):
         ranks._outcomes({})
 
 
+@pytest.mark.parametrize(
+    "error",
+    [InputError("prompt: too long"), LoraError("the LoRA changes layers this layout splits")],
+    ids=lambda error: type(error).__name__,
+)
+def test_an_input_another_rank_refuses_reaches_the_user_as_its_own_error(error):
+    """The user's to fix, so shown as it is: not as a failure of rank 1."""
+    answers = [(None, Done(0, None)), (None, Failed(1, error))]
+    with _group_answering(answers) as ranks, pytest.raises(type(error)) as raised:
+        ranks.predict(REQUEST)
+    assert str(raised.value) == str(error)
+
+
 def test_ranks_hung_reading_their_inputs_after_a_cancel_are_stuck(monkeypatch):
     """A clip that hangs the decoder (or a file whose read blocks) holds every rank before its
     first step, where the cancel flag would be read. A read longer than a collective may wait
