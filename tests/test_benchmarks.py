@@ -1325,6 +1325,14 @@ def test_inputs_docs_cite_the_committed_tiny_enhance_prompt_figures():
     assert f"for scale | {plain['prediction']:.2f} s | {plain['prediction_cpu']:.2f} s |" in docs
 
 
+def test_the_readme_cites_the_committed_endpoint_rewrite_overhead():
+    """The README's cost of an endpoint rewrite is tiny.json's, as docs/inputs.md's is."""
+    record = json.loads((ROOT / "benchmarks/results/cpu/enhance-prompt/tiny.json").read_text())
+    overhead_ms = record["results"]["endpoint (loopback)"]["rewrite"] * 1000
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"endpoint: {overhead_ms:.0f} ms of ours" in readme
+
+
 def test_performance_docs_cite_the_committed_tiny_compile_starts():
     """docs/performance.md's tiny compiled-start figures are the committed run's."""
     folder = ROOT / "benchmarks/results/cpu/compile-setup"
