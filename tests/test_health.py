@@ -8,6 +8,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,13 @@ def test_a_deployments_http_proxy_is_not_asked_for_the_loopback(monkeypatch):
         monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/health-check"))
         with _answering(_json(b'{"status": "READY"}')) as url:
             assert health.server_status(url, timeout=5) == "READY"
+
+
+def test_the_probe_waits_as_long_as_operations_md_says():
+    """The wait operations.md gives, longer than the 10 s Cog gives its worker to answer."""
+    page = Path(__file__).resolve().parent.parent / "docs/operations.md"
+    docs = " ".join(page.read_text().split())
+    assert (
+        f"waits up to {health.TIMEOUT_S:g} s for the answer, since Cog gives its worker 10 s"
+        in docs
+    )

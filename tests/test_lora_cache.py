@@ -1686,3 +1686,24 @@ def test_a_gzip_file_whose_header_is_damaged_is_refused_as_an_unreadable_tar(ser
     _serve(root, "run.tar.gz", b"\x1f\x8b\x09" + bytes(100))  # 9: no compression method
     with pytest.raises(LoraError, match=r"the tar at .* cannot be read"):
         cache.get(server.url("run.tar.gz"))
+
+
+def test_the_url_index_bounds_are_those_lora_md_gives():
+    """lora.md: at most 10,000 URLs remembered, the least recently used forgotten to 9,000."""
+    docs = " ".join((PROJECT / "docs/lora.md").read_text().split())
+    assert (
+        f"remembers at most {store.MAX_URL_ENTRIES:,} URLs" in docs
+        and f"least recently used, down to {store.URL_ENTRIES_KEPT:,}." in docs
+    )
+
+
+def test_the_decompressed_tar_bound_is_the_one_lora_md_gives():
+    """lora.md: a compressed tar decompresses to at most 4 times the file limit."""
+    docs = " ".join((PROJECT / "docs/lora.md").read_text().split())
+    assert f"at most {fetch.TAR_EXPANSION} times `COGVIDEOX_LORA_MAX_SIZE`" in docs
+
+
+def test_the_tar_entry_bound_is_the_one_lora_md_gives():
+    """lora.md: a tar holds at most 10,000 entries."""
+    docs = " ".join((PROJECT / "docs/lora.md").read_text().split())
+    assert f"hold at most {fetch.MAX_TAR_MEMBERS:,} entries" in docs

@@ -3065,3 +3065,23 @@ def test_a_file_the_manifest_lists_is_required_even_where_no_other_check_looks(t
     assert not verify(copy, load_manifest(VARIANT.id), "test").files.get(rel)
     with pytest.raises(BadSource, match=rf"{rel}: missing \(the manifest lists it\)"):
         verify(copy, _pinned(tiny, rel), "test")
+
+
+def test_the_files_hashed_at_once_are_as_many_as_weights_md_says():
+    """weights.md: up to 4 files are hashed in parallel."""
+    docs = " ".join((PROJECT / "docs/weights.md").read_text().split())
+    assert f"Up to {cache_module.HASH_THREADS} files are hashed in parallel." in docs
+
+
+def test_the_download_progress_comes_as_often_as_weights_md_says():
+    """weights.md: the downloader logs its progress every 15 s."""
+    docs = " ".join((PROJECT / "docs/weights.md").read_text().split())
+    assert f"logged every {download.PROGRESS_EVERY_S:g} s" in docs
+
+
+def test_a_stalled_pget_is_stopped_after_as_many_timeouts_as_the_docs_say():
+    """weights.md and operations.md: pget is stopped once its folder has not grown for
+    5 x COGVIDEOX_WEIGHTS_TIMEOUT."""
+    for page in ("weights.md", "operations.md"):
+        docs = " ".join((PROJECT / "docs" / page).read_text().split())
+        assert f"for {weights.PGET_STALL_TIMEOUTS} x `COGVIDEOX_WEIGHTS_TIMEOUT`" in docs, page
