@@ -938,3 +938,185 @@ def test_upscale_reports_each_frame_done_out_of_all():
     )
     assert len(list(frames)) == 3
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def _nearest_share(made: np.ndarray, values: torch.Tensor) -> float:
+    """How many of the 8-bit pixels are `values` (floats in [0, 1]) rounded to the nearest."""
+    expected = torch.round(values.clamp(0, 1) * 255).to(torch.uint8).numpy()
+    return float((made == expected).mean())
+
+
+def test_upscaled_pixels_are_rounded_to_the_nearest_8_bit_value():
+    """As the encoder rounds a float frame: truncated, the video darkens by half a level and
+    every test that allows one level of difference still passes."""
+    model, frames = tiny_rrdbnet(), _frames(1)
+    with torch.no_grad():  # random outputs fall mostly outside [0, 1], where both give 0 or 255
+        model.conv_last.weight *= 0.05
+        model.conv_last.bias.fill_(0.5)
+    made = np.stack(list(rrdbnet.upscale(model, frames, 4, CPU, torch.float32)))
+    with torch.inference_mode():
+        out = model(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert _nearest_share(made, out) > 0.99
+
+
+def test_interpolated_pixels_are_rounded_to_the_nearest_8_bit_value():
+    model, frames = tiny_ifnet(), _frames(2)
+    made = Postprocessor(interpolator=model, device=CPU).apply(frames, 8, Steps(interpolate=2))
+    img0, img1 = (
+        F.pad(torch.from_numpy(frames[i]).permute(2, 0, 1)[None], (0, 16, 0, 32), mode="replicate")
+        for i in (0, 1)
+    )
+    with torch.inference_mode():
+        middle = model(img0, img1, torch.full((1, 1, 64, 64), 0.5))
+    middle = middle[:, :, :HEIGHT, :WIDTH].permute(0, 2, 3, 1)
+    assert _nearest_share(made.array()[1:2], middle) > 0.99
+
+
+def test_kept_frames_out_of_range_are_clipped_as_the_encoder_clips_them():
+    """A float frame a little outside [0, 1] is clipped, not wrapped around: -0.02 is black,
+    not 8-bit 251, as encode_mp4 writes it when no step runs."""
+    frames = np.stack([np.full((HEIGHT, WIDTH, 3), -0.02), np.full((HEIGHT, WIDTH, 3), 1.03)])
+    made = Postprocessor(interpolator=tiny_ifnet(), device=CPU).apply(
+        frames.astype(np.float32), 8, Steps(interpolate=2)
+    )
+    kept = made.array()[[0, 2]]
+    assert (kept[0] == 0).all() and (kept[1] == 255).all()
+
+
+def test_a_pair_is_reported_done_only_once_its_frames_are_made():
+    """The progress line's "1/2 frame pairs" and a rank's cancel check come after the pair's
+    work, so a cancel during a pair is seen as soon as it is done."""
+    model, forwards, reported = tiny_ifnet(), [], []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        Postprocessor(interpolator=model, device=CPU).apply(
+            _frames(3),
+            8,
+            Steps(interpolate=2),
+            lambda name, value: None,
+            lambda: reported.append(len(forwards)),
+        ).array()
+    finally:
+        hook.remove()
+    assert reported == [1, 2]
+
+
+def test_an_upscaled_frame_is_reported_done_before_the_encoder_gets_it():
+    """The count says the frames handed over: with the report after the hand-over, the last
+    frame was never reported unless the encoder asked for one more."""
+    seen = []
+    frames = rrdbnet.upscale(
+        tiny_rrdbnet(), _frames(2), 4, CPU, torch.float32, on_frame=lambda *step: seen.append(step)
+    )
+    next(frames)
+    assert seen == [(1, 2)]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_progress_lines_come_at_most_every_progress_interval(monkeypatch, caplog):
+    """One line per PROGRESS_EVERY_S, however many frames are done between: a line per frame
+    once the first interval passed would flood the log of a long upscale."""
+    clock = _Clock()
+    monkeypatch.setattr(postprocess, "time", clock)
+    progress = postprocess._Progress("upscale", "frames")
+    with caplog.at_level(logging.INFO, logger="cogvideox_cog"):
+        for done, now in enumerate((101.0, 102.5, 103.0, 104.0, 104.6, 105.0), 1):
+            clock.now = now
+            progress(done, 10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upscale:")]
+    assert lines == ["upscale: 2/10 frames, 2.5 s elapsed", "upscale: 5/10 frames, 4.6 s elapsed"]
+
+
+def test_a_file_with_basicsrs_params_wrapper_alone_is_read(tmp_path):
+    """BasicSR saves a model trained without EMA under "params" only."""
+    state = tiny_rrdbnet().state_dict()
+    torch.save({"params": state}, tmp_path / "net_g.pth")
+    assert torch.equal(
+        read_state_dict(tmp_path / "net_g.pth")["conv_first.weight"], state["conv_first.weight"]
+    )
+
+
+def test_with_the_sha256_check_an_unpinned_cached_copy_of_other_weights_is_fetched_again(
+    tmp_path, monkeypatch
+):
+    """COGVIDEOX_WEIGHTS_CHECK=sha256 reads the cached copy back against the sha256 it was
+    fetched with, as for the video weights: a copy replaced by weights of the same size is
+    fetched again, not loaded."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    fetched = load_model(source, _build_rrdbnet).conv_first.weight.detach().clone()
+    (cached,) = (tmp_path / "cache" / "postprocess").glob("*/x4.pth")
+    other = tmp_path / "other" / "x4.pth"  # the same name: torch.save writes it inside
+    other.parent.mkdir()
+    torch.save({"params_ema": tiny_rrdbnet(seed=1).state_dict()}, other)
+    assert other.stat().st_size == cached.stat().st_size
+    shutil.copyfile(other, cached)
+    assert torch.equal(load_model(source, _build_rrdbnet).conv_first.weight, fetched)
+
+
+def test_a_local_path_under_the_home_folder_is_read(tmp_path, monkeypatch):
+    """~/ in a *_URL is the user's home, as a shell would read it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    save_tiny_realesrgan(tmp_path / "home" / "x4.pth")
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, "~/x4.pth")
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    assert load_model(source, _build_rrdbnet).scale == 4
+
+
+def test_a_source_neither_a_url_nor_a_file_fails_setup_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(tmp_path / "missing.pth"))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match=f"{UPSCALE_URL_ENV}=.* neither an http"):
+        load_model(source, _build_rrdbnet)
+    assert list((tmp_path / "cache" / "postprocess").glob("*/*")) == []
+
+
+def test_a_file_over_the_size_cap_fails_setup_naming_the_variable(x4_server, tmp_path, monkeypatch):
+    """Anything that large is not a frame model (a video weights file by mistake): the download
+    stops at the cap, and nothing is cached."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(postprocess.weights, "MAX_BYTES", 1000)
+    monkeypatch.setenv(UPSCALE_URL_ENV, x4_server.url("x4.pth"))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    with pytest.raises(WeightsError, match=f"over .*not a frame model; check {UPSCALE_URL_ENV}"):
+        load_model(source, _build_rrdbnet)
+    assert list((tmp_path / "cache" / "postprocess").glob("*/*")) == []
+
+
+def test_every_setting_is_read_before_the_first_download(x4_server, tmp_path, monkeypatch):
+    """A mistyped COGVIDEOX_UPSCALE_SHA256 fails setup at once, not after RIFE's download."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(INTERPOLATE_ENV, "1")
+    monkeypatch.setenv(INTERPOLATE_URL_ENV, x4_server.url("flownet.pkl"))
+    monkeypatch.setenv(UPSCALE_ENV, "1")
+    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", "abc123")
+    with pytest.raises(ConfigError, match="COGVIDEOX_UPSCALE_SHA256='abc123'"):
+        Postprocessor.from_env(CPU)
+    assert x4_server.requests == []
+
+
+def test_a_staging_folder_a_killed_setup_left_is_replaced(tmp_path, monkeypatch):
+    """Killed mid-download, a setup leaves its staging folder; the next one starts it anew."""
+    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
+    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    load_model(source, _build_rrdbnet)
+    folder = tmp_path / "cache" / "postprocess"
+    [entry] = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    shutil.rmtree(entry)
+    (folder / f".{entry.name}.staging").mkdir()
+    (folder / f".{entry.name}.staging" / "x4.pth").write_bytes(b"half a download")
+    assert load_model(source, _build_rrdbnet).scale == 4
+    assert not (folder / f".{entry.name}.staging").exists()
