@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,59 @@ def test_a_relative_output_is_written_where_the_demo_was_run_from(tmp_path, join
         assert not (PROJECT / name).exists()
     finally:
         (PROJECT / name).unlink(missing_ok=True)
+
+
+def _run_demo_module(args: list[str], cwd: Path, env: dict[str, str]):
+    """The demo as script/demo runs it, from `cwd`, with this checkout importable."""
+    return subprocess.run(
+        [sys.executable, "-m", "cogvideox_cog.devtools.demo", *args],
+        cwd=cwd,
+        env=env | {"PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One short demo without --output, run from an empty folder with an empty TMPDIR."""
+    root = tmp_path_factory.mktemp("default-run")
+    (root / "cwd").mkdir()
+    (root / "tmp").mkdir()
+    env = _demo_env(root) | {"TMPDIR": str(root / "tmp")}
+    done = _run_demo_module(["--frames", "9", "--steps", "1"], root / "cwd", env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root / "cwd", root / "tmp"
+
+
+def test_without_output_the_video_goes_to_outputs_demo_mp4_where_the_demo_runs(default_run):
+    cwd, _ = default_run
+    assert probe_mp4(cwd / "outputs" / "demo.mp4")["frames"] == 9
+    assert sorted(p.name for p in cwd.rglob("*")) == ["demo.mp4", "outputs"]
+
+
+def test_the_demo_leaves_nothing_in_the_temporary_folder(default_run):
+    _, tmp = default_run
+    assert list(tmp.iterdir()) == []
+
+
+def test_an_abbreviation_of_output_is_refused_so_script_demo_cannot_miss_it(tmp_path):
+    """script/demo makes only --output relative to the caller; --out would be the repo's."""
+    done = _run_demo_module(["--out", "x.mp4"], tmp_path, _demo_env(tmp_path))
+    assert done.returncode == 2
+    assert "unrecognized arguments: --out x.mp4" in done.stderr
+    assert not (tmp_path / "weights").exists()  # refused before any model is built
+
+
+def test_output_without_a_path_fails_in_the_demos_own_words(tmp_path):
+    done = subprocess.run(
+        ["script/demo", "--output"],
+        cwd=PROJECT,
+        env=_demo_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2
+    assert "argument --output: expected one argument" in done.stderr
