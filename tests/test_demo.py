@@ -116,3 +116,19 @@ def test_output_without_a_path_fails_in_the_demos_own_words(tmp_path):
     )
     assert done.returncode == 2
     assert "argument --output: expected one argument" in done.stderr
+
+
+def test_a_frame_count_the_model_cannot_make_is_refused_in_a_line_before_any_model(tmp_path):
+    """On a GPU the model is a 20+ GB download: a wrong --frames must not wait for it."""
+    done = _run_demo_module(["--frames", "10"], tmp_path, _demo_env(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.startswith("demo: num_frames=10 is not supported by cogvideox-5b")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "weights").exists()
+
+
+def test_a_step_count_the_predictors_refuse_is_refused_before_any_model(tmp_path):
+    done = _run_demo_module(["--steps", "0"], tmp_path, _demo_env(tmp_path))
+    assert done.returncode == 2
+    assert "--steps 0: from 1 to 500" in done.stderr
+    assert not (tmp_path / "weights").exists()
