@@ -470,6 +470,25 @@ def test_gpu_run_stops_the_cold_compiled_start_at_its_cap_and_runs_the_steps_aft
     assert "== attention: done" in log and "== summary: done" in log
 
 
+def test_gpu_run_kills_a_step_that_ignores_the_stop_at_its_time_limit(tmp_path):
+    """A step that ignores SIGTERM (a process stuck in a CUDA call, a handler that waits) is
+    killed 10 s later, so the run still ends within its budget."""
+    fake = tmp_path / "python"  # the cold start ignores SIGTERM; every other step is done at once
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *"--start cold"*) trap "" TERM; sleep 45 ;; esac\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    done = _gpu_run_tiny(
+        out, tmp_path / "scratch", 90, PYTHON=str(fake), COLD_CAP_S="1", BUDGET_S="100"
+    )
+    log = (out / "run.log").read_text()
+    assert done.returncode == 1
+    stopped = re.search(r"== compile-cold: FAILED after (\d+) s", log)
+    assert stopped and int(stopped[1]) < 30, log  # 1 s, then 10 s to stop: not the 45 s
+    assert "== attention: done" in log and "== summary: done" in log
+
+
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
