@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PROJECT
 
 # The interpreter this suite's .venv was made from: a 3.11 that script/setup accepts.
@@ -130,3 +132,141 @@ def test_the_docs_give_the_advice_setup_gives():
     development = (PROJECT / "docs" / "development.md").read_text()
     assert [command for command in HOW_TO_GET_3_11 if command not in development] == []
     assert "deadsnakes" in (PROJECT / "README.md").read_text()
+
+
+def _fake_python(folder: Path, version: str, ensurepip: bool = True) -> Path:
+    """An interpreter that reports `version` (and, with ensurepip=False, has no ensurepip)."""
+    fake = folder / f"python-{version}"
+    refuse = "" if ensurepip else 'case "$2" in *ensurepip*) exit 1 ;; esac\n'
+    fake.write_text(f"#!/bin/sh\n{refuse}echo {version}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("version", ["3.11.0", "3.11.1", "3.12.3", "3.10.14"])
+def test_only_3_11_2_or_a_later_3_11_is_accepted(tmp_path, version):
+    """3.11.0 and 3.11.1 (Ubuntu 22.04's release candidate) and other minor versions: the
+    pins are for 3.11, and Debian 12's 3.11.2 is the oldest the suite runs on."""
+    root = _repository(tmp_path)
+    result = subprocess.run(
+        ["bash", str(root / "script" / "setup")],
+        env={**os.environ, "PYTHON": str(_fake_python(tmp_path, version))},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"3.11.2 or a later 3.11 is required; {tmp_path}/python-{version} is {version}." in (
+        result.stderr
+    )
+    assert not (root / ".venv").exists()
+
+
+def test_a_python_without_ensurepip_is_refused_with_the_package_to_install(tmp_path):
+    """Debian and Ubuntu split venv's ensurepip into python3.11-venv: without it, `python -m
+    venv` fails halfway and leaves a .venv without pip."""
+    root = _repository(tmp_path)
+    fake = _fake_python(tmp_path, "3.11.9", ensurepip=False)
+    result = subprocess.run(
+        ["bash", str(root / "script" / "setup")],
+        env={**os.environ, "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot create virtual environments (no ensurepip)" in result.stderr
+    assert "apt-get install python3.11-venv" in result.stderr
+    assert not (root / ".venv").exists()
+
+
+def test_a_venv_made_by_another_python_is_rebuilt_though_its_stamp_matches(tmp_path):
+    """PYTHON=... picks another 3.11: a .venv of the old one (its compiled wheels built for it)
+    is replaced, even when its requirements are installed."""
+    root = _repository(tmp_path)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy2(_fake_python(tmp_path, "3.11.99"), root / ".venv" / "bin" / "python")
+    _mark_installed(root)
+
+    result = _setup(root)
+
+    assert result.returncode == 0, result.stderr
+    assert ".venv was made with Python 3.11.99; rebuilding it" in result.stderr
+    made_by = subprocess.run(
+        [str(root / ".venv" / "bin" / "python"), "-c", "import sys; print(sys._base_executable)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(made_by.stdout.strip()).resolve() == Path(BASE_PYTHON).resolve()
+
+
+def _venv_with(root: Path, requirements: str) -> None:
+    """A .venv of BASE_PYTHON (no pip: nothing is installed in it) and requirement files."""
+    subprocess.run([BASE_PYTHON, "-m", "venv", "--without-pip", str(root / ".venv")], check=True)
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        (root / name).write_text(requirements)
+
+
+# Nothing offline installs it: any run of pip with it fails.
+NOT_INSTALLABLE = "not-a-package-anywhere==1.0\n"
+
+
+def test_unchanged_requirements_install_nothing(tmp_path):
+    """Re-running script/setup is cheap, and works offline, when its stamp matches."""
+    root = _repository(tmp_path)
+    _venv_with(root, NOT_INSTALLABLE)
+    wanted = hashlib.sha256(2 * NOT_INSTALLABLE.encode()).hexdigest()
+    (root / ".venv" / ".requirements.sha256").write_text(wanted + "\n")
+
+    result = _setup(root)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_a_failed_install_leaves_no_stamp_so_the_next_run_installs_again(tmp_path):
+    root = _repository(tmp_path)
+    _venv_with(root, NOT_INSTALLABLE)
+    (root / "requirements.txt").write_text(EMPTY_REQUIREMENTS)
+
+    for run in ("first", "second"):
+        result = _setup(root)
+        assert result.returncode != 0, run
+        assert not (root / ".venv" / ".requirements.sha256").exists(), run
+
+
+def test_without_python_set_a_working_venv_is_used_where_no_3_11_is_on_path(tmp_path):
+    """A pyenv or uv interpreter the .venv was made from need not be on PATH later."""
+    root = _repository(tmp_path)
+    _venv_with(root, EMPTY_REQUIREMENTS)
+    _mark_installed(root)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in MACOS_TOOLS:
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"PATH": str(tools)}
+
+    result = subprocess.run(
+        [shutil.which("bash"), str(root / "script" / "setup")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_venv_link_to_a_folder_that_is_gone_is_replaced(tmp_path):
+    """.venv as a link to a shared environment that was removed: its Python does not run,
+    and `python -m venv` cannot make a venv through the dangling link."""
+    root = _repository(tmp_path)
+    (root / ".venv").symlink_to(tmp_path / "removed venv")
+
+    result = _setup(root)
+
+    assert result.returncode == 0, result.stderr
+    assert "rebuilding" in result.stderr
+    assert not (root / ".venv").is_symlink()
+    subprocess.run([str(root / ".venv" / "bin" / "python"), "-c", "pass"], check=True)
