@@ -89,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         redirect = owner._take(name, "redirect")
         if redirect is not None:
-            self.send_response(302)
+            self.send_response(redirect.status)
             self.send_header("Location", redirect.location)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -250,9 +250,11 @@ class FileServer:
         """Answer `status` (e.g. 503) with an empty body."""
         self._add(name, _Fault("status", status=status, times=times))
 
-    def redirect(self, name: str, location: str, times: int | None = None) -> None:
-        """Answer 302 to `location`."""
-        self._add(name, _Fault("redirect", location=location, times=times))
+    def redirect(
+        self, name: str, location: str, times: int | None = None, status: int = 302
+    ) -> None:
+        """Answer `status` (302, or 301, 303, 307, 308) to `location`."""
+        self._add(name, _Fault("redirect", location=location, status=status, times=times))
 
     def lie_about_length(self, name: str, delta: int, times: int | None = None) -> None:
         """Send Content-Length off by `delta` with the true body, then close the connection."""

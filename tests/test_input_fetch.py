@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from cogvideox_cog import leftovers
-from cogvideox_cog.errors import InputError
-from cogvideox_cog.media.fetch import fetched
+from cogvideox_cog.errors import ConfigError, InputError
+from cogvideox_cog.media.fetch import check_settings, fetched
 from tests.file_server import FileServer
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -268,3 +268,89 @@ def test_a_plain_data_uri_over_the_cap_is_refused_with_its_size(monkeypatch):
         fetched("image", "data:image/svg+xml," + "a" * 1_100_000, "picture"),
     ):
         pass
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_of_any_kind_away_from_http_is_refused(files, status):
+    files.redirect("photo.png", "ftp://127.0.0.1:9/photo.png", status=status)
+    with (
+        pytest.raises(InputError, match=rf"HTTP {status}: a redirect to ftp:, not http\(s\)"),
+        fetched("image", files.url("photo.png"), "picture"),
+    ):
+        pass
+
+
+def test_an_announced_size_over_the_cap_is_refused_before_the_body(files, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", "100K")
+    with (
+        pytest.raises(InputError, match=r"image is 1\.0 MB, over the 102\.4 kB limit"),
+        fetched("image", files.url("photo.png"), "picture"),
+    ):
+        pass
+    assert files.bytes_sent <= 1  # the probe's first byte
+
+
+def test_a_body_without_a_length_over_the_cap_is_refused_as_more_than_it_read(
+    tmp_path, monkeypatch
+):
+    """Chunked, no Range: the size is known only as the bytes arrive, so the error says
+    "more than" what was read when the cap was passed."""
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", "100K")
+    (tmp_path / "photo.png").write_bytes(DATA)
+    server = FileServer(tmp_path, ranges=False, chunked=True)
+    try:
+        with (
+            pytest.raises(InputError, match=r"image is more than [\d.]+ kB, over the 102\.4 kB"),
+            fetched("image", server.url("photo.png"), "picture"),
+        ):
+            pass
+    finally:
+        server.stop()
+
+
+def test_an_input_is_deleted_when_the_prediction_is_done_with_it():
+    with fetched("image", "data:image/png;base64,AAAA", "picture") as path:
+        assert path.is_file()
+    assert not path.parent.exists()
+
+
+def test_an_input_whose_download_failed_leaves_no_folder(files, tmp_path, monkeypatch):
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temporary))
+    files.fail_with("photo.png", 404)
+    with pytest.raises(InputError, match="HTTP 404"), fetched("image", files.url("photo.png"), "x"):
+        pass
+    assert list(temporary.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["base64", "plain"])
+def test_a_data_uri_of_exactly_the_cap_is_taken(monkeypatch, kind):
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", "3000")
+    data = b"a" * 3000
+    payload = base64.b64encode(data).decode() if kind == "base64" else data.decode()
+    header = "image/png;base64" if kind == "base64" else "image/svg+xml"
+    with fetched("image", f"data:{header},{payload}", "picture") as path:
+        assert path.read_bytes() == data
+
+
+def test_a_data_uri_with_damaged_base64_is_refused_as_damaged():
+    """Five data characters: one left over, which no byte can be decoded from."""
+    with (
+        pytest.raises(InputError, match="whose base64 data is damaged"),
+        fetched("image", "data:image/png;base64,AAAAA", "picture"),
+    ):
+        pass
+
+
+def test_a_plain_data_uri_is_percent_decoded():
+    """RFC 2397: the data of a URI without ;base64 is percent-encoded text."""
+    with fetched("image", "data:image/svg+xml,%3Csvg%20%2F%3E", "picture") as path:
+        assert path.read_bytes() == b"<svg />"
+
+
+@pytest.mark.parametrize("size", ["0", "ten"])
+def test_a_size_cap_that_is_not_a_positive_size_fails_setup(monkeypatch, size):
+    monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", size)
+    with pytest.raises(ConfigError, match="COGVIDEOX_INPUT_MAX_SIZE"):
+        check_settings()
