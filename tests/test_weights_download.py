@@ -53,6 +53,25 @@ def test_a_500_or_429_answer_is_retried(served, status):
     assert _fetch(served, retries=2) == _served_bytes(served)
 
 
+@pytest.mark.parametrize("status", [403, 404, 410])
+@pytest.mark.parametrize("where", ["probe", "range"])
+def test_a_4xx_answer_is_not_retried(served, status, where):
+    """A missing file or an expired signature stays so: retrying it held setup for the whole
+    backoff. Answered once only, so a retry would have got the file."""
+    remote = None
+    if where == "range":
+        remote, _ = download.probe(served.url("blob.bin"), retries=3)
+    served.fail_with("blob.bin", status, times=1)
+    requests_before = len(served.requests)
+    with pytest.raises(WeightsError, match=rf"HTTP {status} ") as failed:
+        if remote is None:
+            remote, _ = download.probe(served.url("blob.bin"), retries=3)
+        with download.open_url(remote, None, 0, "download of blob.bin", retries=3) as stream:
+            stream.read(remote.size)
+    assert "attempts" not in str(failed.value)
+    assert len(served.requests) == requests_before + 1
+
+
 def test_each_retry_waits_twice_as_long_as_the_one_before_up_to_the_cap(monkeypatch):
     monkeypatch.setattr(download, "BACKOFF_S", 1.0)
     for failures, (low, high) in {1: (0.75, 1.0), 2: (1.5, 2.0), 3: (3.0, 4.0)}.items():
