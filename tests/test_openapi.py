@@ -162,3 +162,24 @@ def test_a_choice_input_is_validated_against_its_enumeration():
     speed_mode = schemas["Input"]["properties"]["speed_mode"]
     assert speed_mode["allOf"] == [{"$ref": "#/components/schemas/speed_mode"}]
     assert schemas["speed_mode"]["enum"] == ["default", "fast", "faster"]
+
+
+def test_a_prediction_response_refers_to_the_input_and_output_it_carries():
+    """Cog's server answers a prediction with its input and output: a client that reads the
+    response through the document learns their fields from these references."""
+    schemas = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")["components"]["schemas"]
+    for component in ("PredictionResponse", "PredictionRequest"):
+        properties = schemas[component]["properties"]
+        assert properties["input"] == {"$ref": "#/components/schemas/Input"}, component
+    assert schemas["PredictionResponse"]["properties"]["output"] == {
+        "$ref": "#/components/schemas/Output"
+    }
+
+
+def test_the_document_is_openapi_3_0_whose_nullable_its_inputs_use():
+    """`nullable` is an OpenAPI 3.0 keyword; 3.1 dropped it for JSON Schema's type lists, so
+    a 3.1 reader would take an empty default's `null` as off the schema."""
+    document = build_schema(f"{PROJECT / 'predict_t2v.py'}:Predictor")
+    properties = document["components"]["schemas"]["Input"]["properties"].values()
+    assert any(prop.get("nullable") for prop in properties)
+    assert document["openapi"] == "3.0.2"
