@@ -47,6 +47,7 @@ EXCLUDED_CHECKS = [
     "ensure_resource_availability",
 ]
 MAX_EXAMPLES = 12  # per operation: enough to hit every input, short enough for CI
+JSON_TYPES = {"string": str, "object": dict, "array": list, "integer": int, "boolean": bool}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,23 @@ def test_the_server_serves_the_generated_document_with_every_operation(t2v):
     schemas = served["components"]["schemas"]
     for name in ("Input", "Output", "PredictionRequest", "PredictionResponse", "Status"):
         assert name in schemas
+
+
+def test_a_failed_predictions_answer_has_the_types_the_document_gives(t2v):
+    """The fuzzer's predictions succeed or are refused with 422: it never reads the fields
+    only a failed prediction's answer holds, such as `error`."""
+    served = requests.get(f"{t2v.url}/openapi.json", timeout=10).json()
+    properties = served["components"]["schemas"]["PredictionResponse"]["properties"]
+    answer = t2v.predict({"prompt": "a panda", "num_frames": 20})  # fails before denoising
+    assert answer["status"] == "failed" and answer["error"], answer
+    checked = set()
+    for name, value in answer.items():
+        kind = properties.get(name, {}).get("type")
+        if value is not None and kind in JSON_TYPES:
+            assert isinstance(value, JSON_TYPES[kind]), (name, value, kind)
+            checked.add(name)
+    assert {"error", "status", "logs", "metrics"} <= checked, checked
+    t2v.wait_idle(timeout=120)
 
 
 def test_a_fuzzer_finds_no_server_error_and_no_response_off_the_schema(t2v, tmp_path):
