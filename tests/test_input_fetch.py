@@ -354,3 +354,15 @@ def test_a_size_cap_that_is_not_a_positive_size_fails_setup(monkeypatch, size):
     monkeypatch.setenv("COGVIDEOX_INPUT_MAX_SIZE", size)
     with pytest.raises(ConfigError, match="COGVIDEOX_INPUT_MAX_SIZE"):
         check_settings()
+
+
+def test_a_download_stalled_past_the_deadline_names_the_setting(files, monkeypatch):
+    monkeypatch.setenv("COGVIDEOX_INPUT_TIMEOUT", "1")
+    files.stall_at("photo.png", len(DATA) // 2, seconds=30)
+    started = time.monotonic()
+    with (
+        pytest.raises(InputError, match=r"took longer than 1 s \(COGVIDEOX_INPUT_TIMEOUT\)"),
+        fetched("image", files.url("photo.png"), "picture"),
+    ):
+        pass
+    assert time.monotonic() - started < 5
