@@ -943,6 +943,124 @@ def _soak_stopped_after(count: int) -> dict:
     return result
 
 
+def _soak_run_of(
+    samples: list[dict], errors: list[dict] | None = None, left: tuple[str, ...] = ()
+) -> dict:
+    """soak.py's result for a basic run that ran every request and sampled `samples`."""
+    import argparse
+    from types import SimpleNamespace
+
+    from benchmarks import soak
+
+    args = argparse.Namespace(task="t2v", mix="basic", worker_env=[])
+    run = SimpleNamespace(args=args, task=soak.TASKS["t2v"], lora_dir=None, probe_log=[])
+    disk = {"other_tmp_entries": list(left), "coglet_files": 0, "output_dirs": 1}
+    disk |= {"output_bytes": 10, "coglet_prediction_dirs": len(samples)}
+    counts = {"valid": len(samples), "invalid": 0, "cancel": 0, "probe": 0}
+    result = soak.summarise(run, samples, errors or [], counts, 10.0, disk)
+    result["report"] = soak.markdown(result)
+    return result
+
+
+def _soak_samples(count: int = 60, **at: dict) -> list[dict]:
+    """`count` steady samples; `at={"i": {field: value}}` changes sample i."""
+    samples = [
+        {"index": i, "kind": "valid", "seconds": 0.5, "rss_mib": 900.0, "fds": 40}
+        | {"threads": 30, "children": 0, "output_dirs": 1}
+        for i in range(count)
+    ]
+    for index, change in at.items():
+        samples[int(index.removeprefix("i"))] |= change
+    return samples
+
+
+def test_soak_run_with_one_wrong_answer_fails():
+    steady = _soak_run_of(_soak_samples())
+    assert steady["passed"] is True
+    problem = {"index": 7, "kind": "valid", "problem": "server BUSY"}
+    failed = _soak_run_of(_soak_samples(), [problem])
+    assert failed["checks"]["every_response_correct"] is False and failed["passed"] is False
+    assert "#7 (valid): server BUSY" in failed["report"]
+
+
+def test_soak_fd_check_leaves_the_warm_up_out_and_catches_a_rise_after_it():
+    from benchmarks import soak
+
+    busy_warm_up = {f"i{i}": {"fds": 60} for i in range(soak.WARM_UP)}
+    assert _soak_run_of(_soak_samples(**busy_warm_up))["checks"]["no_fd_leak"] is True
+    rise = {"i59": {"fds": 40 + soak.FD_SLACK + 1}}
+    assert _soak_run_of(_soak_samples(**rise))["checks"]["no_fd_leak"] is False
+
+
+def test_soak_fails_a_child_process_or_second_output_folder_seen_after_any_request():
+    child = _soak_run_of(_soak_samples(i30={"children": 1}))
+    assert child["checks"]["no_child_process_left_after_any_request"] is False
+    assert child["passed"] is False
+    folders = _soak_run_of(_soak_samples(i30={"output_dirs": 2}))
+    assert folders["checks"]["at_most_one_output_dir_at_any_time"] is False
+
+
+def test_soak_fails_one_rss_sample_over_the_ceiling_though_the_trend_is_flat():
+    from benchmarks import soak
+
+    spike = _soak_run_of(_soak_samples(i40={"rss_mib": 900.0 + soak.CEILING_MIB + 1}))
+    assert spike["checks"]["rss_no_upward_trend"] is True
+    assert spike["checks"]["rss_under_ceiling"] is False and spike["passed"] is False
+    assert "**NO**" in spike["report"]
+
+
+def test_soak_fails_an_rss_trend_over_its_bound_and_reports_its_slope_per_100_requests():
+    from benchmarks import soak
+
+    rising = {f"i{i}": {"rss_mib": 900.0 + 4 * (i - soak.WARM_UP)} for i in range(20, 60)}
+    result = _soak_run_of(_soak_samples(**rising))
+    assert result["memory"]["trend_mib"] == 80.0 > soak.TREND_BOUND_MIB
+    assert result["checks"]["rss_no_upward_trend"] is False and result["passed"] is False
+    assert result["checks"]["rss_under_ceiling"] is True
+    assert result["memory"]["slope_mib_per_100_after_warm_up"] == 400.0
+
+
+def test_soak_fails_threads_that_stay_above_the_count_after_the_warm_up():
+    from benchmarks import soak
+
+    more = {f"i{i}": {"threads": 30 + soak.THREAD_SLACK + 1} for i in range(30, 60)}
+    result = _soak_run_of(_soak_samples(**more))
+    assert result["checks"]["no_thread_leak"] is False and result["passed"] is False
+
+
+def test_soak_fails_a_file_left_in_the_workers_temp_folder():
+    result = _soak_run_of(_soak_samples(), left=("tmpabc.mp4",))
+    assert result["checks"]["no_other_temp_files"] is False and result["passed"] is False
+
+
+def test_soak_reports_the_median_seconds_of_a_request():
+    slow = _soak_run_of(_soak_samples(i0={"seconds": 60.5}))
+    assert slow["seconds_per_request_median"] == 0.5
+
+
+@pytest.mark.parametrize("health", ["UNHEALTHY", "SETUP_FAILED", "UNREACHABLE"])
+def test_soak_counts_a_server_that_is_not_ready_after_a_request_as_a_failure(tmp_path, health):
+    """check_after is what turns a server that went bad between requests into an error."""
+    import argparse
+    from types import SimpleNamespace
+
+    from benchmarks import soak
+
+    server = SimpleNamespace(status=lambda: health, worker_pid=lambda: 123)
+    run = SimpleNamespace(
+        args=argparse.Namespace(mix="basic"),
+        server=server,
+        tmpdir=tmp_path,
+        prefix="soak-none-",
+        lora_dir=None,
+    )
+    problem, _ = soak.check_after(run, 123)
+    assert problem == f"server {health}"
+    server.status = lambda: "READY"
+    assert soak.check_after(run, 123)[0] is None
+    assert soak.check_after(run, 456)[0] == "the worker process changed"
+
+
 @pytest.mark.parametrize("count", [3, 30])
 def test_soak_whose_worker_dies_still_reports_and_fails(count):
     """A worker that died or stayed busy ended the run with a traceback and no report: what
@@ -973,6 +1091,35 @@ def test_soak_counts_the_worker_threads_and_child_processes(tmp_path):
         child.kill()
         child.wait()
     assert soak.child_count(pid) == children
+
+
+def test_soak_counts_a_child_process_started_by_any_thread_of_the_worker():
+    """/proc lists a child under the thread that started it: one started off the main thread
+    (a decoder's or encoder's pool) must count too."""
+    import threading
+
+    from benchmarks import soak
+
+    pid = os.getpid()
+    children = soak.child_count(pid)
+    started: list[subprocess.Popen] = []
+    stop = threading.Event()
+
+    def start_child():
+        started.append(subprocess.Popen(["sleep", "30"]))
+        stop.wait()
+
+    thread = threading.Thread(target=start_child)
+    thread.start()
+    try:
+        while not started:
+            stop.wait(0.01)
+        assert soak.child_count(pid) == children + 1
+    finally:
+        started[0].kill()
+        started[0].wait()
+        stop.set()
+        thread.join()
 
 
 def test_soak_counts_coglets_runtime_threads_apart():
