@@ -1538,3 +1538,104 @@ def test_the_harnesses_render_the_predictors_defaults_at_the_seed_they_are_given
     expected = {"prompt": "a cat", "num_frames": 9, "num_inference_steps": 2, "seed": 1234}
     assert {name: fields[name] for name in expected} == expected
     assert fields["speed_mode"] == "fast"
+
+
+@pytest.fixture(scope="module")
+def weights_rounds(tmp_path_factory):
+    """weights_download.py's sides, one round each, on a 3 MB tar served on 127.0.0.1."""
+    from benchmarks import weights_download
+
+    work = tmp_path_factory.mktemp("weights-bench")
+    server, url, manifest, size = weights_download.serve_tar(work, 0.003)
+    try:
+        runs = weights_download.run_rounds(weights_download.sides_for(url, manifest), 1, work)
+    finally:
+        server.terminate()
+        server.wait()
+    return work, url, manifest, size, runs
+
+
+def test_weights_download_runs_every_side_into_a_fresh_folder_and_times_ours_by_phase(
+    weights_rounds,
+):
+    from benchmarks import weights_download
+
+    work, url, _, _, runs = weights_rounds
+    assert [r["side"] for r in runs] == list(weights_download.sides_for(url, work))
+    assert all(r["round"] == 1 and r["seconds"] > 0 for r in runs)
+    fsynced = runs[1]
+    assert fsynced["seconds"] > fsynced["extract_seconds"]
+    for ours in runs[2:]:
+        assert {"download", "verify", "sync and publish"} <= set(ours["phases"])
+    assert not (work / "out").exists()
+
+
+def test_weights_download_manifest_holds_the_size_and_sha256_of_every_file_in_the_tar(
+    weights_rounds,
+):
+    import hashlib
+
+    work, _, manifest, size, _ = weights_rounds
+    files = json.loads(manifest.read_text())["files"]
+    tar = work / "served" / "weights.tar"
+    assert tar.stat().st_size == size
+    with tarfile.open(tar) as archive:
+        members = [m for m in archive.getmembers() if m.isfile()]
+        assert sorted(m.name for m in members) == sorted(files)
+        for member in members:
+            data = archive.extractfile(member).read()
+            assert files[member.name] == {
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            if member.name.endswith(".safetensors"):
+                length = int.from_bytes(data[:8], "little")
+                header = json.loads(data[8 : 8 + length])
+                assert header["weight"]["data_offsets"][1] == len(data) - 8 - length
+
+
+def test_weights_download_stops_when_curl_cannot_fetch_the_tar(weights_rounds, tmp_path):
+    from benchmarks import weights_download
+
+    url = weights_rounds[1].replace("weights.tar", "missing.tar")
+    with pytest.raises(SystemExit, match="curl \\| tar failed"):
+        weights_download.run_curl(url, tmp_path / "out", sync=False)
+
+
+def _weights_runs(seconds: dict[str, list[float]]) -> list[dict]:
+    """Runs of each side taking these seconds, round by round, ours with their phases."""
+    runs = []
+    for side, times in seconds.items():
+        for round_, taken in enumerate(times, 1):
+            run = {"side": side, "round": round_, "seconds": taken}
+            if side.startswith("built-in"):
+                run["phases"] = {"verify": taken / 10, "sync and publish": taken / 4}
+            runs.append(run)
+    return runs
+
+
+def test_weights_download_summary_gives_ours_over_curl_tar_and_megabytes_of_1e6_bytes():
+    from benchmarks import weights_download
+
+    runs = _weights_runs(
+        {
+            "curl | tar -x": [2.0, 2.0, 9.0],
+            "curl | tar -x, then fsync": [3.0, 3.0, 3.0],
+            "built-in, structure checks": [4.0, 4.0, 4.0],
+            "built-in, sha256 manifest": [5.0, 5.0, 1.0],
+            "built-in, structure checks, no fsync": [40.0, 40.0, 40.0],
+        }
+    )
+    summary = weights_download.summarise(runs, 100_000_000)
+    assert summary["median_seconds"]["curl | tar -x"] == 2.0
+    assert summary["median_mb_per_s"]["curl | tar -x"] == 50
+    assert summary["ratio_to_curl_tar"]["built-in, structure checks"] == 2.0
+    overhead = summary["verification_overhead_seconds"]
+    assert overhead["sha256 while writing (sha256 manifest - structure checks)"] == 1.0
+    assert overhead["verify phase (structure, manifest files)"] == 0.4
+    assert overhead["fsync and publish"] == 1.0
+    data = {"summary": summary, "runs": runs, "command": "x", "date": "d"}
+    data["machine"] = {"note": "n"}
+    _, table = weights_download.report(data, 3)
+    structure = next(line for line in table.splitlines() if "built-in, structure checks |" in line)
+    assert "| 4.00 | 25 | 2.00x | 4.00, 4.00, 4.00 |" in structure
