@@ -1639,3 +1639,69 @@ def test_weights_download_summary_gives_ours_over_curl_tar_and_megabytes_of_1e6_
     _, table = weights_download.report(data, 3)
     structure = next(line for line in table.splitlines() if "built-in, structure checks |" in line)
     assert "| 4.00 | 25 | 2.00x | 4.00, 4.00, 4.00 |" in structure
+
+
+def test_cpu_figures_ratios_are_ours_over_diffusers_by_median_and_by_pair():
+    from benchmarks.cpu_figures import Samples, _ratios
+
+    ours = Samples(wall=[4.0, 3.0, 8.0], cpu=[2.0, 2.0, 2.0])
+    theirs = Samples(wall=[1.0, 2.0, 8.0], cpu=[1.0, 1.0, 1.0])
+    assert _ratios(ours, theirs) == {
+        "wall_ratio_of_medians": 2.0,
+        "wall_median_of_paired_ratios": 1.5,
+        "cpu_ratio_of_medians": 2.0,
+    }
+
+
+def test_cpu_figures_counts_the_cpu_seconds_of_the_child_processes_a_call_waits_for():
+    """export_to_video encodes in an ffmpeg process: its CPU time is the side's too."""
+    from benchmarks.cpu_figures import Samples
+
+    busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    samples = Samples()
+    samples.call(subprocess.run, [sys.executable, "-c", busy], check=True)
+    assert samples.cpu[0] >= 0.5 and samples.wall[0] >= 0.5
+    assert samples.cpu[0] < samples.wall[0] + 0.5  # the call's, not the whole process's
+    summary = samples.summary()
+    assert summary["median_cpu_s"] == samples.cpu[0] and summary["min_wall_s"] == samples.wall[0]
+
+
+def test_postprocess_cost_scales_flops_by_pixels_to_49_frames_of_480x720():
+    from benchmarks.postprocess_cost import flops_at_full_size
+    from cogvideox_cog.postprocess.rife import IFNet
+    from cogvideox_cog.postprocess.rrdbnet import RRDBNet
+
+    torch.manual_seed(0)
+    interpolator, upscaler = IFNet(), RRDBNet()
+    small = flops_at_full_size(interpolator, upscaler, 24, 40)
+    large = flops_at_full_size(interpolator, upscaler, 48, 80)
+    for key in ("upscale_tflop_per_frame", "interpolate_tflop_per_new_frame"):
+        assert math.isclose(small[key], large[key], rel_tol=0.02), key
+    assert math.isclose(large["upscale_tflop_49_frames"], 49 * large["upscale_tflop_per_frame"])
+    new_frames = large["interpolate_tflop_per_new_frame"]
+    assert math.isclose(large["interpolate_2x_tflop"], 48 * new_frames)
+    assert math.isclose(large["interpolate_4x_tflop"], 3 * 48 * new_frames)
+    committed = json.loads(_read(ROOT / "benchmarks/results/cpu/postprocess/postprocess_cost.json"))
+    for key, value in committed["projection_full_size"].items():
+        assert math.isclose(large[key], value, rel_tol=1e-9), key
+
+
+def test_postprocess_cost_report_gives_each_steps_added_seconds_over_the_base_prediction():
+    from benchmarks.postprocess_cost import report
+
+    row = {"step": "upscale 2x", "seconds": 3.0, "extra_encode_seconds": 1.0}
+    record = {
+        "command": "c",
+        "base": {"seconds": 2.0, "frames": 9, "height": 48, "width": 80, "steps": 2},
+        "steps": [row | {"frames": 9, "height": 96, "width": 160}],
+        "projection_full_size": dict.fromkeys(
+            [
+                "upscale_tflop_49_frames",
+                "upscale_tflop_per_frame",
+                "interpolate_2x_tflop",
+                "interpolate_4x_tflop",
+            ],
+            1.0,
+        ),
+    }
+    assert "| upscale 2x | 9 x 160x96 | 3.00 | 1.00 | 2.0 |" in report(record)
