@@ -1705,3 +1705,43 @@ def test_postprocess_cost_report_gives_each_steps_added_seconds_over_the_base_pr
         ),
     }
     assert "| upscale 2x | 9 x 160x96 | 3.00 | 1.00 | 2.0 |" in report(record)
+
+
+def test_enhance_prompt_prompt_pass_is_the_timed_calls_time_to_its_first_token():
+    """A stall in the timed call's prompt pass belongs to the prompt pass, none to the tokens;
+    the projection is that pass and the median gap for each token after the first."""
+    import statistics
+    import time
+
+    from benchmarks import enhance_prompt
+
+    shape = dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    chat_passes: list[bool] = []
+
+    def stall_the_timed_prompt_pass(module, args):
+        chat = args and args[0].shape[-1] == enhance_prompt.CHAT_TOKENS
+        if isinstance(module, torch.nn.Embedding) and chat:
+            chat_passes.append(True)
+            if len(chat_passes) == 2:  # the first is the warm-up's
+                time.sleep(0.3)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(stall_the_timed_prompt_pass)
+    try:
+        result = enhance_prompt.full_size_local_model(8, shape)
+    finally:
+        hook.remove()
+    assert len(chat_passes) == 2
+    assert 0.3 <= result["prompt_pass_s"] <= result["generate_s"]
+    assert max(result["token_gaps_s"]) < 0.3
+    for suffix in ("s", "cpu_s"):
+        per_token = result[f"per_token_{suffix}"]
+        assert per_token == statistics.median(result[f"token_gaps_{suffix}"])
+        projected = result[f"prompt_pass_{suffix}"] + per_token * (enhance_prompt.CAP_TOKENS - 1)
+        assert result[f"projected_rewrite_{suffix}"] == pytest.approx(projected, rel=1e-12)
