@@ -1314,7 +1314,11 @@ def test_rife_memory_fits_each_factor_and_projects_the_predictors_sizes(tmp_path
     assert all(row["interpolate_4x_bytes"] > row["interpolate_2x_bytes"] for row in rows)
     largest = max(rows, key=lambda row: row["interpolate_4x_bytes"])
     assert (largest["width"], largest["upscale_held_bytes"]) == (5440, 0)
-    assert (tmp_path / "rife-memory.md").read_text().startswith("# interpolate's device memory")
+    report = (tmp_path / "rife-memory.md").read_text()
+    assert report.startswith("# interpolate's device memory")
+    largest = record["pairs"][-1]
+    mib = f"{largest['tensor_bytes'] / 2**20:.1f}"
+    assert f"| 128x64 | {largest['padded_pixels']} | 4x | {mib} |" in report
 
 
 def test_enhance_prompt_records_the_peak_rss_of_the_run_not_the_rss_left_at_its_end():
