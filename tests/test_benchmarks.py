@@ -8,11 +8,13 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -117,6 +119,47 @@ def test_every_phase_is_measured_and_finite(run):
     assert env["command"] and env["versions"]["torch"] and env["versions"]["diffusers"]
 
 
+def test_denoising_time_is_the_sum_of_the_steps_it_reports(run):
+    """The denoising phase ends where the last step ended (not when the decode started), and
+    the step figures are read from the steps in the order they ran."""
+    out, _ = run
+    record = json.loads((out / "cogvideox-5b-tiny-none.json").read_text())
+    steps = record["steps_s"]
+    assert steps["total"] == pytest.approx(record["phases"]["denoise_s"], rel=1e-9)
+    assert steps["first"] == steps["each"][0]
+    assert steps["median_after_first"] == statistics.median(steps["each"][1:])
+
+
+def test_a_projected_total_replaces_the_measured_denoising_with_the_projected_one(run):
+    out, _ = run
+    record = json.loads((out / "cogvideox-5b-tiny-none.json").read_text())
+    phases, each = record["phases"], record["steps_s"]["each"]
+    expected = phases["total_s"] - phases["denoise_s"] + (each[0] + 49 * each[1])
+    assert record["projection"]["total_s"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_run_records_the_vae_tiling_it_ran_with_the_first_one_given(run):
+    out, _ = run
+    record = json.loads((out / "cogvideox-5b-tiny-none.json").read_text())
+    assert record["tiling_in_run"] == "on"
+
+
+def test_a_projection_from_one_measured_step_repeats_it():
+    assert pipeline_speed.projected_denoise([2.5], 50) == pytest.approx(125.0)
+
+
+def test_a_failed_run_is_recorded_as_an_error_and_fails_the_harness(tmp_path):
+    """A run that raises (here a frame count the variant does not take) is written as an
+    error record and the harness exits 1, so a GPU run cannot read as complete."""
+    argv = ["--size", "tiny", "--steps", "1", "--frames", "10", "--tiling", "on"]
+    argv += ["--device", "cpu", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert pipeline_speed.main(argv) == 1
+    record = json.loads((tmp_path / "cogvideox-5b-tiny-none.json").read_text())
+    assert record["error"] and "phases" not in record
+    assert "error: " in (tmp_path / "results.md").read_text()
+
+
 def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
     from benchmarks import speed_modes
 
@@ -138,6 +181,72 @@ def test_speed_modes_harness_reports_each_mode_against_default(tmp_path):
     assert results["faster"]["transformer_rows_fraction"] < 1
     assert record["full_size_tokens_per_row"] == 226 + 13 * 30 * 45
     assert (tmp_path / "cogvideox-5b-tiny-20steps.md").read_text().startswith("# speed_mode")
+    assert record["warm_up_steps"] == 1
+    for name in ("attention_rows", "transformer_rows", "projected_compute"):
+        assert default[f"{name}_fraction"] == 1.0, name
+    for result in results.values():  # how many times faster than default, from its seconds
+        speedup = statistics.median(default["seconds"]) / statistics.median(result["seconds"])
+        assert result["speedup"] == speedup
+        assert result["psnr_db_worst_frame"] <= result["psnr_db_mean"]
+
+
+def test_speed_modes_psnr_is_of_frames_as_floats_in_zero_to_one():
+    from benchmarks import speed_modes
+
+    frames = np.zeros((2, 4, 4, 3), dtype=np.float32)
+    assert speed_modes.psnr(frames, frames + 0.1) == pytest.approx(20.0)
+    assert speed_modes.psnr(frames, frames) == math.inf
+
+
+def _slow_first_transformer_call(module, seconds: float):
+    """Makes the module's first forward take `seconds` longer, as a first call that loads
+    kernels or compiles does."""
+    import time
+
+    calls = []
+
+    def hook(*_):
+        if not calls:
+            time.sleep(seconds)
+        calls.append(True)
+
+    module.register_forward_hook(hook)
+    return calls
+
+
+def test_speed_modes_times_no_part_of_the_warm_up(tmp_path, monkeypatch):
+    """The first call's one-time costs (kernel loading, autotuning, compiling) fall in the
+    untimed warm-up render, not in a mode's measured seconds."""
+    from benchmarks import speed_modes
+
+    build = speed_modes.build_generator
+
+    def with_a_slow_first_call(*args):
+        generator, compiled = build(*args)
+        _slow_first_transformer_call(generator.pipe.transformer, 2.0)
+        return generator, compiled
+
+    monkeypatch.setattr(speed_modes, "build_generator", with_a_slow_first_call)
+    argv = ["--size", "tiny", "--steps", "2", "--warm-up-steps", "1", "--frames", "9"]
+    argv += ["--modes", "default", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert speed_modes.main(argv) == 0
+    record = json.loads((tmp_path / "cogvideox-5b-tiny-2steps.json").read_text())
+    assert record["results"][0]["median_s"] < 2.0
+
+
+def test_speed_modes_says_uncompiled_where_the_predictors_would_not_compile(tmp_path):
+    """--compile on a CPU runs uncompiled, as a predictor does there: the record and the
+    file name must not say compiled."""
+    from benchmarks import speed_modes
+
+    argv = ["--size", "tiny", "--steps", "1", "--warm-up-steps", "1", "--frames", "9"]
+    argv += ["--modes", "default", "--compile", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert speed_modes.main(argv) == 0
+    [written] = tmp_path.glob("*.json")
+    assert written.name == "cogvideox-5b-tiny-1steps.json"
+    assert json.loads(written.read_text())["compile"] is False
 
 
 def test_speed_modes_writes_each_timed_render_before_the_next_one(tmp_path, monkeypatch):
