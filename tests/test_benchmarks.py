@@ -342,6 +342,135 @@ def test_transformer_step_harness_times_every_candidate_against_the_baseline(tmp
         assert _finite(row["step_s"]) and row["step_s"] > 0
         assert row["rel_l2_vs_default"] < 1e-4, row
     assert all("error" in row for row in rows.values() if "step_s" not in row)
+    attention = [row for row in measured if row["candidate"].startswith("sdpa ")]
+    fastest = min(attention, key=lambda row: row["step_s"])["candidate"]
+    assert all(name.endswith(f" + {fastest}") for name in names if " + " in name), names
+
+
+class _FirstCallsSlow(torch.nn.Module):
+    """A step whose first `slow` calls take 0.6 s longer, as calls that load kernels do."""
+
+    def __init__(self, slow: int):
+        super().__init__()
+        self.slow, self.calls = slow, 0
+
+    def forward(self, hidden_states):
+        import time
+
+        self.calls += 1
+        if self.calls <= self.slow:
+            time.sleep(0.6)
+        return (hidden_states * 2,)
+
+
+def test_transformer_step_times_no_warm_up_step():
+    from benchmarks.transformer_step import time_steps
+
+    step = _FirstCallsSlow(slow=1)
+    inputs = {"hidden_states": torch.ones(4)}
+    seconds, out = time_steps(step, inputs, None, 1, 2, torch.device("cpu"))
+    assert step.calls == 3 and seconds < 0.3
+    assert torch.equal(out, torch.full((4,), 2.0))
+
+
+def test_transformer_step_time_is_the_median_of_the_timed_steps():
+    """One slow step among three (a stall on the host) does not move the figure."""
+    from benchmarks.transformer_step import time_steps
+
+    step = _FirstCallsSlow(slow=1)
+    seconds, _ = time_steps(step, {"hidden_states": torch.ones(4)}, None, 0, 3, torch.device("cpu"))
+    assert seconds < 0.1
+
+
+def test_transformer_step_error_is_relative_to_the_baseline_output():
+    from benchmarks.transformer_step import Candidates
+
+    candidates = Candidates(None, {}, 1, torch.device("cpu"))
+    candidates.reference = torch.full((4,), 2.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        candidates.record("half again", 0.1, torch.full((4,), 3.0))
+    assert candidates.rows[0]["rel_l2_vs_default"] == pytest.approx(0.5)
+
+
+class _Drifting(torch.nn.Module):
+    """A step whose output grows by one with every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, hidden_states):
+        self.calls += 1
+        return (hidden_states + self.calls,)
+
+
+def test_transformer_step_compares_every_candidate_with_the_baseline_output():
+    from benchmarks.transformer_step import Candidates
+
+    candidates = Candidates(_Drifting(), {"hidden_states": torch.zeros(4)}, 1, torch.device("cpu"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        candidates.attention_backends()
+    baseline, *forced = candidates.rows
+    assert baseline["rel_l2_vs_default"] == 0.0
+    assert forced and all(row["rel_l2_vs_default"] > 0 for row in forced if "step_s" in row)
+
+
+def test_transformer_step_drops_the_fused_weights_before_the_next_candidate(tmp_path):
+    """diffusers keeps the fused QKV weights after unfusing (2.4 GB for 5B), which the later
+    candidates' peak memory would count."""
+    from argparse import Namespace
+
+    from benchmarks import transformer_step
+    from cogvideox_cog.variants import VARIANTS
+
+    cpu = torch.device("cpu")
+    args = Namespace(size="tiny", frames=9)
+    transformer, inputs, _ = transformer_step.build_step(args, VARIANTS["cogvideox-5b"], cpu)
+    candidates = transformer_step.Candidates(transformer, inputs, 1, cpu)
+    with contextlib.redirect_stdout(io.StringIO()):
+        candidates.attention_backends()
+        candidates.fused_qkv()
+    assert candidates.rows[-1]["rel_l2_vs_default"] < 1e-4
+    assert not any(hasattr(module, "to_qkv") for module in transformer.modules())
+    _, out = candidates.time(transformer, None)  # the next candidate's model: unfused again
+    assert torch.allclose(out, candidates.reference, atol=1e-5)
+    assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
+
+
+def test_step_profile_profiles_the_steps_after_one_untimed_call():
+    """The first call (kernel loading) runs outside the profiler, and the time by class is
+    per profiled step."""
+    from benchmarks.step_profile import profile_steps
+
+    linear = torch.nn.Linear(64, 64)
+    calls = []
+    linear.register_forward_hook(lambda *_: calls.append(True))
+    seconds, table = profile_steps(linear, {"input": torch.ones(8, 64)}, 3, torch.device("cpu"))
+    assert len(calls) == 4
+    [row] = [line for line in table.splitlines() if line.split()[:1] == ["aten::linear"]]
+    assert row.split()[-1] == "3", table  # the profiler's count of calls
+    assert seconds["matmul"] > 0
+
+
+def test_step_profile_writes_the_eager_profile_of_the_run_it_names(tmp_path):
+    from benchmarks import step_profile
+
+    argv = ["--size", "tiny", "--device", "cpu", "--frames", "9", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert step_profile.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "profile-cogvideox-5b-tiny.json",
+        "profile-cogvideox-5b-tiny.txt",
+    ]
+    record = json.loads((tmp_path / "profile-cogvideox-5b-tiny.json").read_text())
+    assert (record["compiled"], record["time"]) == (False, "cpu")
+    assert record["shape"] == "9x48x80, CFG batch 2"
+    fractions, seconds = record["fraction_by_class"], record["step_s_by_class"]
+    assert math.isclose(sum(fractions.values()), 1, abs_tol=1e-3)
+    total = sum(seconds.values())
+    for label, second in seconds.items():
+        assert fractions[label] == pytest.approx(second / total, abs=1e-3), label
+    assert "Self CPU" in (tmp_path / "profile-cogvideox-5b-tiny.txt").read_text()
 
 
 @pytest.mark.parametrize("variant_id", ["cogvideox-5b", "cogvideox1.5-5b"])
@@ -473,6 +602,7 @@ def test_gpu_run_script_runs_start_to_finish_at_tiny_size_and_keeps_earlier_reco
     for name in ("profile-cogvideox-5b-tiny", "profile-cogvideox-5b-tiny-cold"):
         profile = json.loads((out / f"{name}.json").read_text())
         assert math.isclose(sum(profile["fraction_by_class"].values()), 1, abs_tol=1e-3)
+        assert profile["compiled"] is name.endswith("-cold"), name
 
     records = json.loads(summary.read_text())
     assert earlier in records
