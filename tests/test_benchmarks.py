@@ -1685,6 +1685,80 @@ def test_compile_setup_synchronizes_the_device_before_every_clock_read(tmp_path,
     assert all(calls[i - 1] == "synchronize" for i in reads), calls
 
 
+@pytest.fixture(scope="module")
+def uncompiled_start(tmp_path_factory):
+    """compile_setup.py --start uncompiled at tiny size, 2 steps, the first of which takes
+    2 s longer (as a first call that loads kernels does), then 1 step profiled; every JSON it
+    wrote, in order."""
+    from benchmarks import compile_setup
+
+    out = tmp_path_factory.mktemp("start")
+    written = []
+    start, write_json = compile_setup.start, compile_setup.write_json
+
+    def with_a_slow_first_call(args, device):
+        generator, times = start(args, device)
+        _slow_first_transformer_call(generator.pipe.transformer, 2.0)
+        return generator, times
+
+    def recorded(path, data):
+        written.append((path.name, json.loads(json.dumps(data))))
+        write_json(path, data)
+
+    argv = ["--start", "uncompiled", "--size", "tiny", "--steps", "2", "--frames", "9"]
+    argv += ["--profile-steps", "1"]
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+        patch.setattr(compile_setup, "start", with_a_slow_first_call)
+        patch.setattr(compile_setup, "write_json", recorded)
+        assert compile_setup.main([*argv, "--out", str(out)]) == 0
+    return out, written
+
+
+def test_compile_setup_step_median_leaves_the_first_step_out(uncompiled_start):
+    out, _ = uncompiled_start
+    record = json.loads((out / "compile-cogvideox-5b-tiny-uncompiled.json").read_text())
+    assert record["render_s"] > 2.0 and record["step_median_s"] < 1.0
+
+
+def test_compile_setup_writes_the_setup_figures_before_the_render(uncompiled_start):
+    """A start stopped in its render (the time limit) still leaves its setup figures."""
+    _, written = uncompiled_start
+    (first_name, first), (last_name, last) = written[:2]
+    assert first_name == last_name == "compile-cogvideox-5b-tiny-uncompiled.json"
+    assert first["render_s"] is None and first["setup_s"] == last["setup_s"]
+    assert last["render_s"] > 0
+
+
+def test_compile_setup_setup_time_is_the_build_and_the_warm_up(uncompiled_start):
+    out, _ = uncompiled_start
+    record = json.loads((out / "compile-cogvideox-5b-tiny-uncompiled.json").read_text())
+    assert record["compiled"] is False and record["graphs_compiled_in_setup"] == 0
+    parts = record["build_s"] + record["warm_up_s"]
+    assert record["setup_s"] == pytest.approx(parts, abs=2e-3)
+    assert record["build_s"] > record["warm_up_s"]  # an uncompiled start does no warm-up
+
+
+def test_compile_setup_profiles_the_step_of_the_start_it_names(uncompiled_start):
+    out, _ = uncompiled_start
+    profile = json.loads((out / "profile-cogvideox-5b-tiny-uncompiled.json").read_text())
+    assert profile["compiled"] is False
+    assert profile["after"] == "compile_setup.py --start uncompiled"
+    assert profile["shape"] == "9x48x80, CFG batch 2"
+    assert (out / "profile-cogvideox-5b-tiny-uncompiled.txt").exists()
+
+
+@pytest.mark.parametrize("renders", [0, 1])
+def test_compile_setup_keeps_only_the_first_warm_up_renders_asked_for(tmp_path, renders):
+    from benchmarks import compile_setup
+
+    argv = ["--start", "uncompiled", "--size", "tiny", "--out", str(tmp_path)]
+    argv += ["--warm-up-renders", str(renders)]
+    generator, _ = compile_setup.start(compile_setup.parse_args(argv), torch.device("cpu"))
+    every = type(generator).warm_up_renders(generator)
+    assert len(every) > 1
+    assert generator.warm_up_renders() == every[:renders]
+
+
 def test_enhance_prompt_table_is_the_committed_records():
     """results.md is rewritten from the JSON records: the committed one must be what they give,
     and the full-size record, timed in one call, must carry the peak RSS and the host's load."""
