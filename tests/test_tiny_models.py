@@ -85,6 +85,49 @@ def test_the_tiny_model_of_a_variant_has_its_releases_config_flags(variant_id):
     assert transformer.temporal_compression_ratio == vae.temporal_compression_ratio == 4
 
 
+@pytest.mark.parametrize("variant_id", sorted(RELEASES))
+def test_the_tiny_model_of_a_variant_has_upstreams_timestep_schedule(variant_id):
+    """Zero-SNR betas and trailing spacing, as every release's scheduler config: another
+    schedule would give the reference tests other timesteps than the real models run."""
+    variant = VARIANTS[variant_id]
+    scheduler = build_tiny_pipeline(variant.family, variant.task, size=variant.size).scheduler
+    config = scheduler.config
+    assert (config.rescale_betas_zero_snr, config.timestep_spacing) == (True, "trailing")
+
+
+@pytest.mark.parametrize(("family", "task"), [("1.0", "t2v"), ("1.5", "i2v")])
+def test_the_tiny_model_reads_226_prompt_tokens_as_every_release(family, task):
+    """The generator cuts prompts at the transformer's max_text_seq_length; the tokenizer's
+    own limit is the same, as in the released tokenizer folders."""
+    pipe = build_tiny_pipeline(family, task)
+    assert pipe.transformer.config.max_text_seq_length == 226
+    assert pipe.tokenizer.model_max_length == 226
+
+
+def test_the_tiny_tokenizer_has_t5s_special_token_ids():
+    """<pad>=0, </s>=1, <unk>=2 in the tokenizer and the encoder's config, as T5's: the
+    pipeline pads prompts with id 0 and every prompt ends with </s>."""
+    pipe = build_tiny_pipeline("1.0", "t2v")
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder.config
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert (encoder.pad_token_id, encoder.eos_token_id) == (0, 1)
+    assert tokenizer("a panda").input_ids[-1] == 1
+
+
+@pytest.mark.parametrize(("family", "task"), [("1.0", "i2v"), ("1.5", "t2v"), ("1.5", "i2v")])
+def test_a_2b_tiny_model_is_refused_outside_1_0_text_to_video(family, task):
+    with pytest.raises(ValueError, match=r"CogVideoX-2b is a 1\.0 text-to-video model only"):
+        build_tiny_pipeline(family, task, size="2b")
+
+
+def test_the_tiny_weights_are_saved_as_safetensors_not_pickles(tmp_path):
+    """As the hub repositories hold them: weights checks and mmap loading read safetensors."""
+    saved = save_tiny_weights(tmp_path / "tiny", "1.0", "t2v")
+    for model in ("transformer", "vae", "text_encoder"):
+        assert list((saved / model).glob("*.safetensors")), model
+    assert [p.name for p in saved.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")] == []
+
+
 def test_the_same_seed_builds_the_same_tiny_llm_and_another_seed_another():
     weights = [build_tiny_causal_lm(300, seed).state_dict() for seed in (5, 5, 6)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
