@@ -141,3 +141,11 @@ def test_a_model_folder_a_killed_build_left_unfinished_is_built_again(in_this_pr
     assert use_tiny_model("t2v") == unfinished
     assert (unfinished / "model_index.json").is_file()
     json.loads((unfinished / "transformer" / "config.json").read_text())
+
+
+def test_a_1_5_resolution_already_set_is_kept(in_this_process):
+    """The operator's size wins over the tiny model's own, as the weights do."""
+    os.environ["COGVIDEOX_MODEL"] = "cogvideox1.5-5b"
+    os.environ["COGVIDEOX_RESOLUTION"] = "96x64"
+    use_tiny_model("t2v")
+    assert os.environ["COGVIDEOX_RESOLUTION"] == "96x64"
