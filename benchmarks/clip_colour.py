@@ -47,7 +47,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu/clip-colour"))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--filter-frames", type=int, default=6, help="frames through FFmpeg")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=SIZES,
+        help="HEIGHTxWIDTH,... of the frames (default: the published 720x1280,1080x1920)",
+    )
     return parser.parse_args(argv)
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(side) for side in size.split("x")) for size in text.split(",")]
 
 
 def signal(height: int, width: int) -> np.ndarray:
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     record = {"environment": environment(torch.device("cpu")), "runs": [], "sdr_runs": []}
     with tempfile.TemporaryDirectory() as folder:
-        for height, width in SIZES:
+        for height, width in args.sizes:
             path = Path(folder) / f"{height}-sdr.mp4"
             write_sdr_clip(path, height, width)
             with av.open(str(path)) as container:

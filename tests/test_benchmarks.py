@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -2062,3 +2063,132 @@ def test_enhance_prompt_prompt_pass_is_the_timed_calls_time_to_its_first_token()
         assert per_token == statistics.median(result[f"token_gaps_{suffix}"])
         projected = result[f"prompt_pass_{suffix}"] + per_token * (enhance_prompt.CAP_TOKENS - 1)
         assert result[f"projected_rewrite_{suffix}"] == pytest.approx(projected, rel=1e-12)
+
+
+class _Clock:
+    """process_time readings given in turn: each timed span is the gap between two of them."""
+
+    def __init__(self, spans: list[float]):
+        self.readings = [
+            value for index, span in enumerate(spans) for value in (index, index + span)
+        ]
+
+    def process_time(self) -> float:
+        return self.readings.pop(0)
+
+
+def _burn_cpu(seconds: float) -> None:
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+
+def test_clip_colour_cpu_time_is_the_least_repetition_after_an_untimed_warm_up(monkeypatch):
+    from benchmarks import clip_colour
+
+    calls = []
+    monkeypatch.setattr(clip_colour, "time", _Clock([0.005, 0.002, 0.004]))
+    assert clip_colour.cpu_ms(lambda: calls.append(1), 3) == pytest.approx(2.0)
+    assert len(calls) == 4
+
+
+def test_clip_colour_ffmpeg_times_its_first_frame_apart_from_the_least_of_the_others(
+    tmp_path, monkeypatch
+):
+    from benchmarks import clip_colour
+
+    path = tmp_path / "hlg.mp4"
+    clip_colour.write_clip(path, 16, 32, clip_colour.TRANSFERS["HLG"], 4)
+    clock = _Clock([0.5, 0.003, 0.001, 0.002])
+    monkeypatch.setattr(clip_colour, "time", clock)
+    assert clip_colour.ffmpeg_ms(path) == pytest.approx((500.0, 1.0))
+    assert clock.readings == []  # every frame timed
+
+
+def test_clip_colour_times_each_read_under_its_own_column(tmp_path, monkeypatch):
+    """to_sdr made 60 ms slower and load_video's read 30 ms: each shows in its own column
+    only. One transfer at a tiny size: FFmpeg's first frame alone takes seconds."""
+    from benchmarks import clip_colour
+
+    to_sdr, rgb = clip_colour.to_sdr, clip_colour._rgb
+    monkeypatch.setattr(clip_colour, "to_sdr", lambda frame: (_burn_cpu(0.06), to_sdr(frame))[1])
+    monkeypatch.setattr(clip_colour, "_rgb", lambda *args: (_burn_cpu(0.03), rgb(*args))[1])
+    monkeypatch.setattr(clip_colour, "TRANSFERS", {"HLG": clip_colour.TRANSFERS["HLG"]})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # no re-exec on one core
+    threads = torch.get_num_threads()
+    argv = ["--sizes", "16x32", "--repeats", "2", "--filter-frames", "3", "--out", str(tmp_path)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert clip_colour.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "clip_colour.json").read_text())
+    [run], [sdr] = record["runs"], record["sdr_runs"]
+    assert (run["size"], run["clip"], sdr["size"]) == ("32x16", "HLG", "32x16")
+    assert run["to_sdr_ms"] >= 60 > run["as_it_is_ms"] >= 30 > run["to_image_ms"]
+    assert sdr["as_it_is_ms"] >= 30 > sdr["to_image_ms"]
+    assert run["ffmpeg_first_frame_ms"] > run["ffmpeg_next_frames_ms"]
+    assert (tmp_path / "results.md").read_text() == clip_colour.report(record)
+
+
+@pytest.mark.parametrize(
+    ("script", "folder"), [("clip_colour", "clip-colour"), ("clip_decode", "clip-decode")]
+)
+def test_clip_benchmark_table_is_the_committed_records(script, folder):
+    import importlib
+
+    report = importlib.import_module(f"benchmarks.{script}").report
+    results = ROOT / "benchmarks" / "results" / "cpu" / folder
+    record = json.loads((results / f"{script}.json").read_text())
+    assert report(record) == (results / "results.md").read_text()
+
+
+def test_clip_decode_clip_holds_its_span_and_half_a_second(tmp_path):
+    import av
+
+    from benchmarks import clip_decode
+
+    case = clip_decode.CASES["mjpeg-tiny"]
+    frames = clip_decode.write_clip(tmp_path / "clip.avi", case)
+    assert frames == 150  # (8 / 8 + 0.5) s at 100 fps
+    with av.open(str(tmp_path / "clip.avi")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == frames
+
+
+def test_clip_decode_reads_only_the_picked_frames_or_every_frame_as_asked(tmp_path, monkeypatch):
+    from benchmarks import clip_decode
+    from cogvideox_cog.media import clip
+
+    monkeypatch.setattr(clip, "_intra_coded", clip._intra_coded)  # put back after "every"
+    path = tmp_path / "clip.avi"
+    clip_decode.write_clip(path, clip_decode.CASES["mjpeg-tiny"])
+    picked = clip_decode.run_one("mjpeg-tiny", "picked", str(path))
+    every = clip_decode.run_one("mjpeg-tiny", "every", str(path))
+    assert "9 of 102 frames decoded" in picked["summary"]
+    assert ", 102 frames decoded" in every["summary"]
+    assert (picked["mode"], every["mode"]) == ("picked", "every")
+
+
+def test_clip_decode_peak_rss_is_this_processs_high_water_mark_in_mib():
+    import resource
+
+    from benchmarks import clip_decode
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert abs(clip_decode.peak_rss_mib() - kib / 1024) <= 2
+
+
+def test_clip_decode_runs_each_read_in_a_process_of_its_own_end_to_end(tmp_path):
+    from benchmarks import clip_decode
+
+    argv = ["--cases", "mjpeg-tiny", "--skip-every", "", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert clip_decode.main(argv) == 0
+    record = json.loads((tmp_path / "clip_decode.json").read_text())
+    assert [(run["mode"], run["frames_in_clip"]) for run in record["runs"]] == [
+        ("picked", 150),
+        ("every", 150),
+    ]
+    assert "9 of 102 frames decoded" in record["runs"][0]["summary"]
+    assert all(run["peak_rss_mib"] > 0 and run["file_mb"] >= 0 for run in record["runs"])
+    assert (tmp_path / "results.md").read_text() == clip_decode.report(record)
