@@ -2099,9 +2099,9 @@ def test_clip_colour_ffmpeg_times_its_first_frame_apart_from_the_least_of_the_ot
 
     path = tmp_path / "hlg.mp4"
     clip_colour.write_clip(path, 16, 32, clip_colour.TRANSFERS["HLG"], 4)
-    clock = _Clock([0.5, 0.003, 0.001, 0.002])
+    clock = _Clock([0.0005, 0.003, 0.001, 0.002])  # the first kept apart even as the least
     monkeypatch.setattr(clip_colour, "time", clock)
-    assert clip_colour.ffmpeg_ms(path) == pytest.approx((500.0, 1.0))
+    assert clip_colour.ffmpeg_ms(path) == pytest.approx((0.5, 1.0))
     assert clock.readings == []  # every frame timed
 
 
@@ -2110,12 +2110,22 @@ def test_clip_colour_times_each_read_under_its_own_column(tmp_path, monkeypatch)
     only. One transfer at a tiny size: FFmpeg's first frame alone takes seconds."""
     from benchmarks import clip_colour
 
-    to_sdr, rgb = clip_colour.to_sdr, clip_colour._rgb
-    monkeypatch.setattr(clip_colour, "to_sdr", lambda frame: (_burn_cpu(0.06), to_sdr(frame))[1])
-    monkeypatch.setattr(clip_colour, "_rgb", lambda *args: (_burn_cpu(0.03), rgb(*args))[1])
+    to_sdr, rgb, seen = clip_colour.to_sdr, clip_colour._rgb, set()
+
+    def slower(read, seconds):
+        def timed(frame, *args):
+            seen.add((frame.height, frame.width, torch.get_num_threads()))
+            _burn_cpu(seconds)
+            return read(frame, *args)
+
+        return timed
+
+    monkeypatch.setattr(clip_colour, "to_sdr", slower(to_sdr, 0.06))
+    monkeypatch.setattr(clip_colour, "_rgb", slower(rgb, 0.03))
     monkeypatch.setattr(clip_colour, "TRANSFERS", {"HLG": clip_colour.TRANSFERS["HLG"]})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # no re-exec on one core
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the one thread it runs on is its own doing
     argv = ["--sizes", "16x32", "--repeats", "2", "--filter-frames", "3", "--out", str(tmp_path)]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -2128,6 +2138,7 @@ def test_clip_colour_times_each_read_under_its_own_column(tmp_path, monkeypatch)
     assert run["to_sdr_ms"] >= 60 > run["as_it_is_ms"] >= 30 > run["to_image_ms"]
     assert sdr["as_it_is_ms"] >= 30 > sdr["to_image_ms"]
     assert run["ffmpeg_first_frame_ms"] > run["ffmpeg_next_frames_ms"]
+    assert seen == {(16, 32, 1)}  # frames of the size asked, read on one thread
     assert (tmp_path / "results.md").read_text() == clip_colour.report(record)
 
 
@@ -2167,28 +2178,123 @@ def test_clip_decode_reads_only_the_picked_frames_or_every_frame_as_asked(tmp_pa
     assert "9 of 102 frames decoded" in picked["summary"]
     assert ", 102 frames decoded" in every["summary"]
     assert (picked["mode"], every["mode"]) == ("picked", "every")
+    assert all("64x48 -> 48x32" in run["summary"] for run in (picked, every))
 
 
 def test_clip_decode_peak_rss_is_this_processs_high_water_mark_in_mib():
     import resource
 
+    import numpy as np
+
     from benchmarks import clip_decode
 
+    block = np.ones(2**27, dtype=np.uint8)  # 128 MiB resident, then freed: the peak stays
+    del block
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert abs(clip_decode.peak_rss_mib() - kib / 1024) <= 2
 
 
-def test_clip_decode_runs_each_read_in_a_process_of_its_own_end_to_end(tmp_path):
+@pytest.mark.parametrize(
+    ("skip_every", "modes"), [("", ["picked", "every"]), ("mjpeg-tiny", ["picked"])]
+)
+def test_clip_decode_runs_each_read_in_a_process_of_its_own_end_to_end(tmp_path, skip_every, modes):
     from benchmarks import clip_decode
 
-    argv = ["--cases", "mjpeg-tiny", "--skip-every", "", "--out", str(tmp_path)]
+    argv = ["--cases", "mjpeg-tiny", "--skip-every", skip_every, "--out", str(tmp_path)]
     with contextlib.redirect_stdout(io.StringIO()):
         assert clip_decode.main(argv) == 0
     record = json.loads((tmp_path / "clip_decode.json").read_text())
     assert [(run["mode"], run["frames_in_clip"]) for run in record["runs"]] == [
-        ("picked", 150),
-        ("every", 150),
+        (mode, 150) for mode in modes
     ]
     assert "9 of 102 frames decoded" in record["runs"][0]["summary"]
     assert all(run["peak_rss_mib"] > 0 and run["file_mb"] >= 0 for run in record["runs"])
     assert (tmp_path / "results.md").read_text() == clip_decode.report(record)
+
+
+@pytest.mark.parametrize(
+    ("name", "conversion"),
+    [
+        ("HLG", "HDR (HLG) tone-mapped"),
+        ("PQ", "HDR (PQ) tone-mapped"),
+        ("SDR BT.2020", "BT.2020 primaries converted"),
+    ],
+)
+def test_clip_colour_clip_is_tagged_as_the_transfer_it_is_timed_for(tmp_path, name, conversion):
+    import av
+    from av.video.reformatter import ColorPrimaries, Colorspace
+
+    from benchmarks import clip_colour
+    from cogvideox_cog.media import colour
+
+    path = tmp_path / "clip.mp4"
+    clip_colour.write_clip(path, 16, 32, clip_colour.TRANSFERS[name], 1)
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+    assert conversion in colour.conversion(frame)
+    assert (frame.color_primaries, frame.colorspace) == (ColorPrimaries.BT2020, Colorspace.BT2020)
+
+
+def test_clip_colour_pins_itself_to_one_core_and_starts_again_before_any_work(monkeypatch):
+    """Its BLAS threads start with numpy: pinned afterwards, they would share the one core."""
+    from benchmarks import clip_colour
+
+    pinned, started = [], []
+
+    def execv(path, argv):
+        started.append((path, argv))
+        raise InterruptedError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 1})
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append(cores))
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setattr(clip_colour, "environment", lambda device: pytest.fail("work began"))
+    with pytest.raises(InterruptedError):
+        clip_colour.main(["--sizes", "16x32"])
+    assert pinned == [{1}]
+    assert started == [(sys.executable, [sys.executable, *sys.argv])]
+
+
+def test_clip_decode_times_the_read_alone_cpu_of_user_and_system_apart_from_wall(
+    tmp_path, monkeypatch
+):
+    """A read made to wait 0.3 s and to spend 0.2 s of user and 0.2 s of system CPU."""
+    import resource
+
+    from benchmarks import clip_decode
+    from cogvideox_cog.media import clip
+
+    def system_cpu() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+    def slower_read(*args):
+        time.sleep(0.3)
+        _burn_cpu(0.2)
+        start = system_cpu()
+        with open("/dev/zero", "rb", buffering=0) as zeros:
+            while system_cpu() - start < 0.2:
+                zeros.read(2**22)
+        return read(*args)
+
+    read = clip.load_video
+    monkeypatch.setattr(clip, "load_video", slower_read)
+    path = tmp_path / "clip.avi"
+    clip_decode.write_clip(path, clip_decode.CASES["mjpeg-tiny"])
+    before, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    run = clip_decode.run_one("mjpeg-tiny", "picked", str(path))
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
+    spent = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert 0.4 <= run["cpu_seconds"] <= spent + 0.01
+    assert run["cpu_seconds"] + 0.25 <= run["wall_seconds"] <= wall + 0.01
+
+
+def test_clip_decode_cases_are_the_ones_the_committed_records_measured():
+    from benchmarks import clip_decode
+
+    results = ROOT / "benchmarks" / "results" / "cpu" / "clip-decode" / "clip_decode.json"
+    for run in json.loads(results.read_text())["runs"]:
+        case = clip_decode.CASES[run["case"]]
+        assert f" at {case.rate} fps, " in run["summary"]
+        assert f"-> {case.num_frames} frames at {case.fps} fps " in run["summary"]
+        sizes = f"{case.width}x{case.height} -> {case.size[1]}x{case.size[0]} "
+        assert sizes in run["summary"]
