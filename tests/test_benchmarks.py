@@ -1523,6 +1523,18 @@ def test_rife_memory_counts_an_ops_own_buffers_apart_from_its_output():
     assert everything > tensors
 
 
+def test_rife_memory_misfit_is_each_sizes_own_share_of_its_bytes():
+    """Fitted 15, 20, 25 bytes against 10, 30, 20: the smallest misses by half its own bytes,
+    a sixth of the largest's."""
+    pairs = [
+        {"factor": 2, "padded_pixels": pixels, "tensor_bytes": tensors}
+        for pixels, tensors in [(1, 10), (2, 30), (3, 20)]
+    ]
+    line = rife_memory.fit(pairs, 2)
+    assert (line["per_padded_pixel_bytes"], line["fixed_bytes"]) == pytest.approx((5, 10))
+    assert line["largest_misfit"] == pytest.approx(0.5)
+
+
 def test_rife_memory_fits_each_factor_and_projects_the_predictors_sizes(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert rife_memory.main(["--sizes", "64x64,64x128", "--out", str(tmp_path)]) == 0
@@ -1595,6 +1607,9 @@ def test_enhance_prompt_records_the_peak_rss_of_the_run_not_the_rss_left_at_its_
     assert seen[0] > process.memory_info().rss + activation  # the run's peak came and went
     # The kernel sums its RSS counters per CPU, so two readings can differ by a few pages.
     assert result["peak_rss_gib"] * 2**30 >= seen[0] - 2**20
+    # In GiB: no more than the high-water mark the kernel keeps since the run reset it.
+    high_water = Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]
+    assert result["peak_rss_gib"] * 2**30 <= int(high_water) * 1024
 
 
 def test_enhance_prompt_times_the_prompt_pass_and_each_token_in_the_same_generate_call():
