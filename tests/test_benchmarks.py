@@ -1612,13 +1612,10 @@ def test_enhance_prompt_records_the_peak_rss_of_the_run_not_the_rss_left_at_its_
     assert result["peak_rss_gib"] * 2**30 <= int(high_water) * 1024
 
 
-def test_enhance_prompt_times_the_prompt_pass_and_each_token_in_the_same_generate_call():
-    """Other work on the host stalls one prompt pass over the chat by 0.5 s of wall time and
-    no CPU time. Figures from two runs, one subtracted from the other, carried that stall
-    into the per-token time (below zero here; on the full-size model below CPU time / cores,
-    which two cores cannot give); clocked inside one call, the parts add up to that call."""
-    import time
-
+def _tiny_enhance_run(stalled_pass: int, seconds: float) -> tuple[dict, int]:
+    """enhance_prompt's local-model figures for a tiny Qwen2 of 8 new tokens, its
+    `stalled_pass`-th prompt pass over the chat held up by `seconds` of sleep (other work on
+    the host: wall time, no CPU time); and how many prompt passes over the chat ran."""
     from benchmarks import enhance_prompt
 
     shape = dict(
@@ -1629,20 +1626,30 @@ def test_enhance_prompt_times_the_prompt_pass_and_each_token_in_the_same_generat
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    stalled: list[bool] = []
+    chat_passes = 0
 
-    def stall_one_prompt_pass(module, args):
+    def stall(module, args):
+        nonlocal chat_passes
         chat = args and args[0].shape[-1] == enhance_prompt.CHAT_TOKENS
-        if isinstance(module, torch.nn.Embedding) and chat and not stalled:
-            stalled.append(True)
-            time.sleep(0.5)
+        if isinstance(module, torch.nn.Embedding) and chat:
+            chat_passes += 1
+            if chat_passes == stalled_pass:
+                time.sleep(seconds)
 
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(stall_one_prompt_pass)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(stall)
     try:
-        result = enhance_prompt.full_size_local_model(8, shape)
+        return enhance_prompt.full_size_local_model(8, shape), chat_passes
     finally:
         hook.remove()
-    assert stalled
+
+
+def test_enhance_prompt_times_the_prompt_pass_and_each_token_in_the_same_generate_call():
+    """Other work on the host stalls one prompt pass over the chat by 0.5 s of wall time and
+    no CPU time. Figures from two runs, one subtracted from the other, carried that stall
+    into the per-token time (below zero here; on the full-size model below CPU time / cores,
+    which two cores cannot give); clocked inside one call, the parts add up to that call."""
+    result, chat_passes = _tiny_enhance_run(stalled_pass=1, seconds=0.5)
+    assert chat_passes >= 1
     cores = len(os.sched_getaffinity(0))
     # Each gap's CPU time is at most its wall time on every core, so their medians are too.
     assert 0 < result["per_token_cpu_s"] <= cores * result["per_token_s"] + 1e-3
@@ -2043,34 +2050,10 @@ def test_postprocess_cost_report_gives_each_steps_added_seconds_over_the_base_pr
 def test_enhance_prompt_prompt_pass_is_the_timed_calls_time_to_its_first_token():
     """A stall in the timed call's prompt pass belongs to the prompt pass, none to the tokens;
     the projection is that pass and the median gap for each token after the first."""
-    import statistics
-    import time
-
     from benchmarks import enhance_prompt
 
-    shape = dict(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    chat_passes: list[bool] = []
-
-    def stall_the_timed_prompt_pass(module, args):
-        chat = args and args[0].shape[-1] == enhance_prompt.CHAT_TOKENS
-        if isinstance(module, torch.nn.Embedding) and chat:
-            chat_passes.append(True)
-            if len(chat_passes) == 2:  # the first is the warm-up's
-                time.sleep(0.3)
-
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(stall_the_timed_prompt_pass)
-    try:
-        result = enhance_prompt.full_size_local_model(8, shape)
-    finally:
-        hook.remove()
-    assert len(chat_passes) == 2
+    result, chat_passes = _tiny_enhance_run(stalled_pass=2, seconds=0.3)  # 1: the warm-up's
+    assert chat_passes == 2
     assert 0.3 <= result["prompt_pass_s"] <= result["generate_s"]
     assert max(result["token_gaps_s"]) < 0.3
     for suffix in ("s", "cpu_s"):
