@@ -715,22 +715,31 @@ def test_a_file_with_both_basicsr_wrappers_gives_the_ema_weights(tmp_path):
     assert torch.equal(state["conv_first.weight"], ema["conv_first.weight"])
 
 
-def test_a_cached_copy_that_differs_from_the_pinned_sha256_is_fetched_again(tmp_path, monkeypatch):
-    """A pinned file is checked on each setup, not only when downloaded: a copy replaced
-    in the cache by other weights of the same size is not loaded."""
+@pytest.mark.parametrize("check", ["pinned sha256", "COGVIDEOX_WEIGHTS_CHECK=sha256"])
+def test_a_cached_copy_replaced_by_other_weights_of_its_size_is_fetched_again(
+    tmp_path, monkeypatch, check
+):
+    """A pinned file is checked on each setup, not only when downloaded; with
+    COGVIDEOX_WEIGHTS_CHECK=sha256 an unpinned one is too, against the sha256 it was
+    fetched with, as for the video weights. A copy replaced in the cache by other weights of
+    the same size is not loaded."""
     monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
     weights = save_tiny_realesrgan(tmp_path / "x4.pth")
     monkeypatch.setenv(UPSCALE_URL_ENV, str(weights))
-    monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", sha256_file(weights).hexdigest())
-    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
-    pinned = load_model(source, _build_rrdbnet).conv_first.weight.detach().clone()
+    if check == "pinned sha256":
+        monkeypatch.setenv("COGVIDEOX_UPSCALE_SHA256", sha256_file(weights).hexdigest())
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "COGVIDEOX_UPSCALE_SHA256", "unused")
+    else:
+        monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
+        source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
+    fetched = load_model(source, _build_rrdbnet).conv_first.weight.detach().clone()
     (cached,) = (tmp_path / "cache" / "postprocess").glob("*/x4.pth")
     other = tmp_path / "other" / "x4.pth"  # the same name: torch.save writes it inside
     other.parent.mkdir()
     torch.save({"params_ema": tiny_rrdbnet(seed=1).state_dict()}, other)
     assert other.stat().st_size == cached.stat().st_size
     shutil.copyfile(other, cached)
-    assert torch.equal(load_model(source, _build_rrdbnet).conv_first.weight, pinned)
+    assert torch.equal(load_model(source, _build_rrdbnet).conv_first.weight, fetched)
 
 
 def test_a_downloaded_file_that_fails_to_load_is_not_downloaded_again(tmp_path, monkeypatch):
@@ -1041,26 +1050,6 @@ def test_a_file_with_basicsrs_params_wrapper_alone_is_read(tmp_path):
     assert torch.equal(
         read_state_dict(tmp_path / "net_g.pth")["conv_first.weight"], state["conv_first.weight"]
     )
-
-
-def test_with_the_sha256_check_an_unpinned_cached_copy_of_other_weights_is_fetched_again(
-    tmp_path, monkeypatch
-):
-    """COGVIDEOX_WEIGHTS_CHECK=sha256 reads the cached copy back against the sha256 it was
-    fetched with, as for the video weights: a copy replaced by weights of the same size is
-    fetched again, not loaded."""
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("COGVIDEOX_WEIGHTS_CHECK", "sha256")
-    monkeypatch.setenv(UPSCALE_URL_ENV, str(save_tiny_realesrgan(tmp_path / "x4.pth")))
-    source = _source("Real-ESRGAN", UPSCALE_URL_ENV, "UNSET_SHA256", "unused")
-    fetched = load_model(source, _build_rrdbnet).conv_first.weight.detach().clone()
-    (cached,) = (tmp_path / "cache" / "postprocess").glob("*/x4.pth")
-    other = tmp_path / "other" / "x4.pth"  # the same name: torch.save writes it inside
-    other.parent.mkdir()
-    torch.save({"params_ema": tiny_rrdbnet(seed=1).state_dict()}, other)
-    assert other.stat().st_size == cached.stat().st_size
-    shutil.copyfile(other, cached)
-    assert torch.equal(load_model(source, _build_rrdbnet).conv_first.weight, fetched)
 
 
 def test_a_local_path_under_the_home_folder_is_read(tmp_path, monkeypatch):
