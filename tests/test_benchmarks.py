@@ -469,8 +469,11 @@ def test_step_profile_writes_the_eager_profile_of_the_run_it_names(tmp_path):
     fractions, seconds = record["fraction_by_class"], record["step_s_by_class"]
     assert math.isclose(sum(fractions.values()), 1, abs_tol=1e-3)
     total = sum(seconds.values())
+    # The record rounds seconds to 5 places and fractions to 4: a class of a millisecond
+    # or so on this tiny model is 1% off its exact share, so the bound follows the rounding.
+    rounding = 5e-5 + 1e-5 * len(seconds) / total
     for label, second in seconds.items():
-        assert fractions[label] == pytest.approx(second / total, abs=1e-3), label
+        assert fractions[label] == pytest.approx(second / total, abs=rounding), label
     assert "Self CPU" in (tmp_path / "profile-cogvideox-5b-tiny.txt").read_text()
 
 
