@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import shlex
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from cogvideox_cog import settings
 
 PROJECT = Path(__file__).resolve().parent.parent
 FILES = {"t2v": "cog.yaml", "i2v": "cog-i2v.yaml", "v2v": "cog-v2v.yaml"}
@@ -58,3 +66,93 @@ def test_the_image_cuda_is_the_one_the_pinned_torch_is_built_for():
         "and set build.cuda in the cog*.yaml files to it"
     )
     assert _config("cog.yaml")["build"]["cuda"] == PYPI_TORCH_CUDA[torch]
+
+
+def test_the_image_is_built_for_a_gpu():
+    """Without build.gpu Cog picks a base image without CUDA and runs the model without a GPU."""
+    assert _config("cog.yaml")["build"]["gpu"] is True
+
+
+def test_the_image_python_is_the_one_the_tests_run():
+    """pyproject.toml allows one Python minor (the tested one); the image must build that one."""
+    assert (
+        _config("cog.yaml")["build"]["python_version"]
+        == f"{sys.version_info.major}.{sys.version_info.minor}"
+    )
+
+
+# The pget that tests/test_weights.py's stand-in behaves like, for the x86_64 image Cog builds.
+PGET_URL = "https://github.com/replicate/pget/releases/download/v0.8.2/pget_linux_x86_64"
+
+
+def test_the_image_installs_pget_where_the_weights_download_finds_it():
+    """cogvideox_cog.weights uses `pget` when it is on PATH, else the slower built-in download:
+    the build fetches the stand-in's release, fails on an HTTP error instead of saving the
+    error page, and leaves an executable in /usr/local/bin."""
+    (command,) = _config("cog.yaml")["build"]["run"]
+    words = shlex.split(command)
+    assert words[:2] == ["curl", "-fsSL"]
+    assert words[2:5] == ["-o", "/usr/local/bin/pget", PGET_URL]
+    assert words[5:] == ["&&", "chmod", "+x", "/usr/local/bin/pget"]
+
+
+def _third_party_imports() -> set[str]:
+    """Top-level modules outside the standard library that the predictors and package import."""
+    sources = [*PROJECT.glob("predict_*.py"), *(PROJECT / "cogvideox_cog").rglob("*.py")]
+    modules = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    return modules - set(sys.stdlib_module_names) - {"__future__", "cogvideox_cog"}
+
+
+def _installed_with(names: set[str]) -> set[str]:
+    """`names` and every distribution they require, as installed here (normalised names)."""
+    found, pending = set(), [canonicalize_name(n) for n in names]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for requirement in metadata.requires(name) or []:
+            parsed = Requirement(requirement)
+            if parsed.marker is None or parsed.marker.evaluate({"extra": ""}):
+                pending.append(canonicalize_name(parsed.name))
+    return found
+
+
+def test_the_image_requirements_install_every_module_the_code_imports():
+    """The image gets the build's python_requirements and the Cog SDK (sdk_version) only."""
+    requirements = _config("cog.yaml")["build"]["python_requirements"]
+    installed = _installed_with(set(_pins(requirements)) | {"cog"})
+    distributions = metadata.packages_distributions()
+    missing = {
+        module: distributions.get(module)
+        for module in _third_party_imports()
+        if not {canonicalize_name(d) for d in distributions.get(module, [])} & installed
+    }
+    assert not missing, f"imported, not installed by {requirements}: {missing}"
+
+
+def test_the_image_requirements_pin_the_versions_the_tests_run():
+    """Every line is pinned with ==, to the version installed here (script/setup installs
+    requirements-dev.txt, which includes requirements.txt): the image runs what was tested."""
+    lines = [
+        line.split("#")[0].strip()
+        for line in (PROJECT / "requirements.txt").read_text().splitlines()
+    ]
+    requirements = [line for line in lines if line]
+    assert all("==" in line for line in requirements), requirements
+    for name, version in _pins("requirements.txt").items():
+        assert metadata.version(name).split("+")[0] == version, name
+    assert "-r requirements.txt" in (PROJECT / "requirements-dev.txt").read_text().splitlines()
+
+
+def test_the_image_environment_sets_only_known_settings():
+    """setup warns about an unknown COGVIDEOX_* name and ignores its value."""
+    names = [item.split("=", 1)[0] for item in _config("cog.yaml")["environment"]]
+    unknown = [n for n in names if n.startswith(settings.PREFIX) and n not in settings.NAMES]
+    assert not unknown
