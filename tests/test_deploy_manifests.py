@@ -13,6 +13,7 @@ import copy
 import itertools
 import re
 import shlex
+import urllib.parse
 from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from cogvideox_cog import settings
-from cogvideox_cog.health import CHECKS, TIMEOUT_S
+from cogvideox_cog.health import CHECKS, TIMEOUT_S, default_url
 from cogvideox_cog.weights.cache import WEIGHTS_DIR_ENV
 from tests.conftest import PROJECT
 from tests.test_docs import code_commands
@@ -207,3 +208,94 @@ def test_a_docker_run_without_the_cache_on_its_volume_is_reported():
         "COGVIDEOX_WEIGHTS_DIR:",
         "--health-timeout",
     ]
+
+
+def _kinds(kind: str) -> list[dict]:
+    return [r for path in MANIFESTS for r in _resources(path) if r["kind"] == kind]
+
+
+def test_a_deployment_on_a_read_write_once_volume_replaces_its_pod_by_recreating_it():
+    """A rolling update starts the new pod while the old one holds the volume and the GPU: the
+    new pod never starts."""
+    once = {
+        c["metadata"]["name"]
+        for c in _kinds("PersistentVolumeClaim")
+        if "ReadWriteOnce" in c["spec"]["accessModes"]
+    }
+    for deployment in _deployments():
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in deployment["spec"]["template"]["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        if claims & once:
+            assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_every_claim_a_pod_mounts_is_in_the_manifests():
+    """A claim name with no PersistentVolumeClaim leaves the pod Pending, which no schema sees."""
+    claims = {c["metadata"]["name"] for c in _kinds("PersistentVolumeClaim")}
+    for deployment in _deployments():
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_no_container_requests_more_than_its_limit():
+    """The API server refuses a request above the limit (the schemas do not), and a GPU's
+    request must equal its limit."""
+    for deployment in _deployments():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+            assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+            for name in set(requests) & set(limits):
+                assert _quantity(requests[name]) <= _quantity(limits[name]), name
+
+
+def _quantity(value: str | int) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
+    text = str(value)
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return float(text.removesuffix(unit)) * factor
+    return float(text)
+
+
+def test_the_service_reaches_the_port_cog_listens_on():
+    """The Service selects the Deployment's pods and targets the container port Cog serves
+    (5000, the port the health probe asks too)."""
+    port = urllib.parse.urlsplit(default_url()).port
+    for service in _kinds("Service"):
+        (deployment,) = [
+            d
+            for d in _deployments()
+            if service["spec"]["selector"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for service_port in service["spec"]["ports"]:
+            assert ports[service_port["targetPort"]] == port
+
+
+def test_the_kubernetes_section_of_the_operations_guide_gives_the_manifests_figures():
+    """docs/operations.md describes the manifest setting by setting; these are its numbers."""
+    page = (PROJECT / "docs" / "operations.md").read_text()
+    section = page.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
+    (claim,) = _kinds("PersistentVolumeClaim")
+    (deployment,) = _deployments()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    live, ready = container["livenessProbe"], container["readinessProbe"]
+    resources = container["resources"]
+    stated = {
+        f"({claim['spec']['resources']['requests']['storage'].removesuffix('Gi')} Gi, "
+        f"{claim['spec']['accessModes'][0]})",
+        f"{resources['requests']['cpu']} CPUs and "
+        f"{resources['requests']['memory'].removesuffix('Gi')}-"
+        f"{resources['limits']['memory'].removesuffix('Gi')} Gi of memory",
+        f"live` every {live['periodSeconds']} s, {live['failureThreshold']} failures",
+        f"ready` every {ready['periodSeconds']} s",
+        f"`terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}`",
+    }
+    assert not {s for s in stated if s not in " ".join(section.split())}
