@@ -696,39 +696,32 @@ def test_gpu_run_stopped_from_outside_leaves_an_archive_of_the_steps_it_finished
     assert {"run.log", "profile.log"} <= names and "summary.log" not in names
 
 
-def test_gpu_run_stops_the_cold_compiled_start_at_its_cap_and_runs_the_steps_after(tmp_path):
+# The cold start's stand-in, every other step done at once: one that hangs, and one that
+# ignores SIGTERM (a process stuck in a CUDA call, a handler that waits), killed 10 s later.
+COLD_STARTS = {
+    "hung": ("exec sleep 60", "2", 60),
+    "deaf to SIGTERM": ('trap "" TERM; sleep 45', "1", 90),
+}
+
+
+@pytest.mark.parametrize("cold_start", COLD_STARTS)
+def test_gpu_run_stops_the_cold_compiled_start_at_its_cap_and_runs_the_steps_after(
+    tmp_path, cold_start
+):
     """A cold start compiling past its cap (COLD_CAP_S; 270 s at full size) would otherwise
-    take the whole budget: the steps after it still run."""
-    fake = tmp_path / "python"  # every step is done at once but the cold start, which hangs
-    fake.write_text('#!/bin/sh\ncase "$*" in *"--start cold"*) exec sleep 60 ;; esac\nexit 0\n')
+    take the whole budget: it is stopped, killed if it must be, and the steps after it run."""
+    command, cap, timeout = COLD_STARTS[cold_start]
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *"--start cold"*) {command} ;; esac\nexit 0\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
     done = _gpu_run_tiny(
-        out, tmp_path / "scratch", 60, PYTHON=str(fake), COLD_CAP_S="2", BUDGET_S="100"
+        out, tmp_path / "scratch", timeout, PYTHON=str(fake), COLD_CAP_S=cap, BUDGET_S="100"
     )
     log = (out / "run.log").read_text()
     assert done.returncode == 1
     stopped = re.search(r"== compile-cold: FAILED after (\d+) s", log)
-    assert stopped and int(stopped[1]) < 30, log  # not the hung step's 60 s
-    assert "== attention: done" in log and "== summary: done" in log
-
-
-def test_gpu_run_kills_a_step_that_ignores_the_stop_at_its_time_limit(tmp_path):
-    """A step that ignores SIGTERM (a process stuck in a CUDA call, a handler that waits) is
-    killed 10 s later, so the run still ends within its budget."""
-    fake = tmp_path / "python"  # the cold start ignores SIGTERM; every other step is done at once
-    fake.write_text(
-        '#!/bin/sh\ncase "$*" in *"--start cold"*) trap "" TERM; sleep 45 ;; esac\nexit 0\n'
-    )
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    done = _gpu_run_tiny(
-        out, tmp_path / "scratch", 90, PYTHON=str(fake), COLD_CAP_S="1", BUDGET_S="100"
-    )
-    log = (out / "run.log").read_text()
-    assert done.returncode == 1
-    stopped = re.search(r"== compile-cold: FAILED after (\d+) s", log)
-    assert stopped and int(stopped[1]) < 30, log  # 1 s, then 10 s to stop: not the 45 s
+    assert stopped and int(stopped[1]) < 30, log  # the cap (and 10 s to die), not the 45-60 s
     assert "== attention: done" in log and "== summary: done" in log
 
 
